@@ -1,0 +1,20 @@
+"""hf_quant: post-training quantization for HuggingFace transformers.
+
+`import hf_quant` registers `QuantConfig` and its quantizer with transformers under the
+quant_method "hf_quant", so that `from_pretrained(..., quantization_config=hf_quant.QuantConfig(...))`
+quantizes, and `from_pretrained(path)` reloads an hf_quant checkpoint.
+"""
+
+from transformers.quantizers import register_quantization_config
+
+from .config import FORMAT_VERSION, QUANT_METHOD, LayerSpec, QuantConfig
+from .nn import QuantLinear
+
+__version__ = "0.1.0"
+
+register_quantization_config(QUANT_METHOD)(QuantConfig)
+
+from . import eval, kernels  # noqa: E402
+from .quantizer import HfQuantQuantizer  # noqa: E402
+
+__all__ = ["FORMAT_VERSION", "HfQuantQuantizer", "LayerSpec", "QuantConfig", "QuantLinear", "eval", "kernels", "__version__"]

@@ -1,0 +1,71 @@
+"""Quantization algorithms behind one small interface, and the registry that names them.
+
+An algorithm turns a float weight `W` (out_features x in_features), plus any statistics it needs,
+into integer codes, scales and zeros (`QuantizedWeight`). Adding a method = one file here + one
+`register_method` call in it + its import below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+from ..config import LayerSpec
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer codes and their grid, the result of every algorithm.
+
+    codes: uint8 (out, in), values in [0, maxq]; `W_hat = (codes - zero) * scale` per group.
+    scale: (out, n_groups) in the dtype it will be stored in (codes were rounded against it).
+    zero:  uint8 (out, n_groups) integer zero points, or None for a symmetric grid.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+
+
+class Method(Protocol):
+    name: str
+    needs_calibration: bool
+
+    def quantize(self, W: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype, **stats) -> QuantizedWeight: ...
+
+
+@dataclass(frozen=True)
+class _Registered:
+    name: str
+    needs_calibration: bool
+    quantize: Callable[..., QuantizedWeight]
+
+
+_METHODS: dict[str, _Registered] = {}
+
+
+def register_method(name: str, *, needs_calibration: bool) -> Callable:
+    """Decorator registering `fn(W, spec, scale_dtype, **stats) -> QuantizedWeight` under `name`."""
+
+    def deco(fn: Callable[..., QuantizedWeight]) -> Callable[..., QuantizedWeight]:
+        if name in _METHODS:
+            raise ValueError(f"quantization method {name!r} is already registered")
+        _METHODS[name] = _Registered(name, needs_calibration, fn)
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> _Registered:
+    if name not in _METHODS:
+        raise ValueError(f"unknown quantization method {name!r}; available: {available_methods()}")
+    return _METHODS[name]
+
+
+def available_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+from . import rtn  # noqa: E402,F401  (registers "rtn")

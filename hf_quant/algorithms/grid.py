@@ -1,0 +1,53 @@
+"""The uniform quantization grid shared by all methods (the `Quantizer` of GPTQ's reference code).
+
+Asymmetric: scale = (max - min) / maxq, zero = round(-min / scale)  (min <= 0 <= max).
+Symmetric:  scale = 2 * max|w| / maxq, zero = 2**(bits-1) (implicit, not stored).
+q = clamp(round(w / scale) + zero, 0, maxq);  w_hat = (q - zero) * scale.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import LayerSpec
+
+
+def find_params(Wg: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale and zero for grouped weights `Wg` (..., group), fp32 in.
+
+    The scale is rounded to `scale_dtype` (how it is stored) and returned in fp32, so that codes are
+    computed against exactly the scale that the kernels will use.
+    """
+    maxq = spec.maxq
+    xmin = Wg.amin(-1).clamp(max=0)
+    xmax = Wg.amax(-1).clamp(min=0)
+    if spec.sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(empty, torch.ones_like(xmax), xmax)
+    scale = (xmax - xmin) / maxq
+    # Keep the stored scale finite and non-zero in its dtype (fp16 underflows/overflows easily).
+    finfo = torch.finfo(scale_dtype)
+    scale = scale.clamp(min=finfo.tiny, max=finfo.max).to(scale_dtype).float()
+    if spec.sym:
+        zero = torch.full_like(scale, 2 ** (spec.bits - 1))
+    else:
+        zero = torch.round(-xmin / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def quantize(Wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Integer codes of `Wg` (..., group) on the grid (scale, zero) (..., ), as fp32 integers."""
+    return torch.clamp(torch.round(Wg / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, maxq)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return (q - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
+
+
+def group(W: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+    """View `W` (out, in) as (out, n_groups, group) in fp32."""
+    out_f, in_f = W.shape
+    return W.float().reshape(out_f, spec.groups(in_f), spec.effective_group_size(in_f))

@@ -1,0 +1,20 @@
+"""Round-to-nearest: data-free, each group on its own min/max grid (the baseline of every paper)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import LayerSpec
+from . import QuantizedWeight, grid, register_method
+
+
+@register_method("rtn", needs_calibration=False)
+def quantize_rtn(W: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype) -> QuantizedWeight:
+    Wg = grid.group(W, spec)
+    scale, zero = grid.find_params(Wg, spec, scale_dtype)
+    q = grid.quantize(Wg, scale, zero, spec.maxq)
+    return QuantizedWeight(
+        codes=q.reshape(W.shape).to(torch.uint8),
+        scale=scale.to(scale_dtype),
+        zero=None if spec.sym else zero.to(torch.uint8),
+    )

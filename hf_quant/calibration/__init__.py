@@ -1,0 +1,51 @@
+"""Drives a quantization method over a model's layers.
+
+Data-free methods (RTN) quantize each target layer from its weight alone. Methods that need
+activation statistics plug into the block-wise driver (not part of this release yet).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
+from transformers.utils import logging as hf_logging
+
+from ..algorithms import get_method
+from ..config import LayerSpec, QuantConfig
+from ..nn.convert import linear_weight, set_module
+from ..nn.quant_linear import QuantLinear
+
+logger = logging.getLogger("hf_quant")
+
+
+def quantize_layer(name: str, module: nn.Module, spec: LayerSpec, method: str, **stats) -> QuantLinear:
+    """Quantize one float layer into a QuantLinear; refuses non-finite weights, naming the module."""
+    W = linear_weight(module).detach()
+    if not torch.isfinite(W).all():
+        bad = (~torch.isfinite(W)).sum().item()
+        raise ValueError(
+            f"{name}: weight has {bad} NaN/inf value(s) and cannot be quantized. Fix the checkpoint, "
+            f"or keep the layer in float with QuantConfig(modules_to_not_convert=[{name!r}])."
+        )
+    scale_dtype = W.dtype if W.dtype.is_floating_point else torch.float32
+    qw = get_method(method).quantize(W.float(), spec, scale_dtype, **stats)
+    return QuantLinear.from_quantized(qw, spec, module.bias, from_conv1d=isinstance(module, Conv1D))
+
+
+def quantize_model(model: nn.Module, config: QuantConfig, targets: dict[str, LayerSpec]) -> None:
+    """Replace every target layer of `model` in place. All layers are checked before any is swapped,
+    so a failure leaves the model as it was."""
+    method = get_method(config.method)
+    if method.needs_calibration:
+        raise NotImplementedError(f"method {config.method!r} needs calibration data, which is not supported yet")
+    start = time.perf_counter()
+    new_layers = {}
+    for name in hf_logging.tqdm(list(targets), desc="hf_quant: quantizing", disable=not hf_logging.is_progress_bar_enabled()):
+        new_layers[name] = quantize_layer(name, model.get_submodule(name), targets[name], config.method)
+    for name, layer in new_layers.items():
+        set_module(model, name, layer)
+    logger.info("hf_quant: %s quantized %d layers in %.1f s", config.method, len(targets), time.perf_counter() - start)

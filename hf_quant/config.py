@@ -1,0 +1,198 @@
+"""`QuantConfig`: the user's quantization intent, validated eagerly and JSON round-trippable.
+
+The same object travels in `config.json` as `quantization_config`, so loading a checkpoint
+re-validates it (and refuses one written by a newer, incompatible hf_quant).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+QUANT_METHOD = "hf_quant"
+# Version of the on-disk layout (see README "On-disk format"). Bump on any incompatible change.
+FORMAT_VERSION = 1
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+ON_INCOMPATIBLE = ("error", "skip")
+_OVERRIDABLE = ("bits", "group_size", "sym")
+_SKIP_PREFIX = "-:"
+_MATCH_PREFIX = "+:"
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How one linear layer is quantized: the fields that fix its packed layout."""
+
+    bits: int
+    group_size: int  # -1: one group per output channel
+    sym: bool
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def groups(self, in_features: int) -> int:
+        return 1 if self.group_size == -1 else in_features // self.group_size
+
+    def effective_group_size(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+
+def _check_bits(bits: Any, field: str) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"QuantConfig.{field}={bits!r} is not supported; use one of {list(SUPPORTED_BITS)}.")
+
+
+def _check_group_size(group_size: Any, field: str) -> None:
+    ok = isinstance(group_size, int) and not isinstance(group_size, bool)
+    ok = ok and (group_size == -1 or (group_size >= 16 and group_size & (group_size - 1) == 0))
+    if not ok:
+        raise ValueError(
+            f"QuantConfig.{field}={group_size!r} is not supported; use -1 (one group per output channel) "
+            "or a power of two >= 16 (e.g. 32, 64, 128)."
+        )
+
+
+def _check_bool(value: Any, field: str) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"QuantConfig.{field}={value!r} must be True or False.")
+
+
+class QuantConfig(QuantizationConfigMixin):
+    """Quantization settings for `from_pretrained(..., quantization_config=QuantConfig(...))`.
+
+    Args:
+        method: algorithm name from `hf_quant.algorithms.available_methods()` (e.g. "rtn").
+        bits: code width, one of 2, 3, 4, 8.
+        group_size: input channels sharing one scale/zero; -1 = one group per output channel.
+        sym: symmetric grid (zero fixed at 2**(bits-1), not stored) instead of a per-group zero.
+        modules_to_not_convert: module names (or dotted suffixes) kept in float. `None` keeps the
+            output embeddings / lm_head; tied weights are never quantized.
+        dynamic: per-module overrides, `{regex: {"bits": 8, ...}}`, first `re.search` match wins;
+            a key prefixed with "-:" keeps matching modules in float.
+        on_incompatible: "error" (default) or "skip" (warn and keep in float) for layers whose
+            in_features does not fit the group size.
+        format_version: on-disk layout version; set by hf_quant, checked when loading.
+    """
+
+    def __init__(
+        self,
+        method: str = "rtn",
+        bits: int = 4,
+        group_size: int = 128,
+        sym: bool = False,
+        modules_to_not_convert: list[str] | None = None,
+        dynamic: dict[str, dict[str, Any]] | None = None,
+        on_incompatible: str = "error",
+        format_version: int = FORMAT_VERSION,
+        **kwargs: Any,
+    ) -> None:
+        quant_method = kwargs.pop("quant_method", QUANT_METHOD)
+        if quant_method != QUANT_METHOD:
+            raise ValueError(f"QuantConfig.quant_method must be {QUANT_METHOD!r}, got {quant_method!r}.")
+        if kwargs:
+            raise ValueError(
+                f"QuantConfig got unknown field(s) {sorted(kwargs)}; known fields: "
+                f"{sorted(['method', 'bits', 'group_size', 'sym', 'modules_to_not_convert', 'dynamic', 'on_incompatible', 'format_version'])}."
+            )
+        self.quant_method = QUANT_METHOD
+        self.method = method
+        self.bits = bits
+        self.group_size = group_size
+        self.sym = sym
+        self.modules_to_not_convert = None if modules_to_not_convert is None else list(modules_to_not_convert)
+        self.dynamic = None if dynamic is None else copy.deepcopy(dict(dynamic))
+        self.on_incompatible = on_incompatible
+        self.format_version = format_version
+        self.post_init()
+
+    def post_init(self) -> None:
+        """Validate every field; raise a `ValueError` naming the field and the allowed values."""
+        from .algorithms import available_methods
+
+        fv = self.format_version
+        if isinstance(fv, bool) or not isinstance(fv, int) or fv < 1:
+            raise ValueError(f"QuantConfig.format_version={fv!r} must be a positive integer.")
+        if fv > FORMAT_VERSION:
+            raise ValueError(
+                f"This checkpoint uses hf_quant format_version {fv}, but the installed hf_quant reads "
+                f"format_version <= {FORMAT_VERSION}. Upgrade: pip install -U hf_quant."
+            )
+        if not isinstance(self.method, str) or self.method not in available_methods():
+            raise ValueError(
+                f"QuantConfig.method={self.method!r} is unknown; available methods: {available_methods()}."
+            )
+        _check_bits(self.bits, "bits")
+        _check_group_size(self.group_size, "group_size")
+        _check_bool(self.sym, "sym")
+        if self.on_incompatible not in ON_INCOMPATIBLE:
+            raise ValueError(
+                f"QuantConfig.on_incompatible={self.on_incompatible!r}; use one of {list(ON_INCOMPATIBLE)}."
+            )
+        mods = self.modules_to_not_convert
+        if mods is not None and not all(isinstance(m, str) for m in mods):
+            raise ValueError("QuantConfig.modules_to_not_convert must be a list of module names (strings).")
+        self._compiled_dynamic = self._validate_dynamic(self.dynamic)
+
+    @staticmethod
+    def _validate_dynamic(dynamic: dict | None) -> list[tuple[re.Pattern, dict | None]]:
+        if dynamic is None:
+            return []
+        if not isinstance(dynamic, dict):
+            raise ValueError("QuantConfig.dynamic must be a dict {regex: {field: value}}.")
+        compiled = []
+        for pattern, overrides in dynamic.items():
+            field = f"dynamic[{pattern!r}]"
+            if not isinstance(pattern, str):
+                raise ValueError(f"QuantConfig.{field}: keys must be regex strings.")
+            skip = pattern.startswith(_SKIP_PREFIX)
+            body = pattern[2:] if skip or pattern.startswith(_MATCH_PREFIX) else pattern
+            try:
+                regex = re.compile(body)
+            except re.error as e:
+                raise ValueError(f"QuantConfig.{field}: invalid regex ({e}).") from None
+            if not isinstance(overrides, dict):
+                raise ValueError(f"QuantConfig.{field} must be a dict of overrides (fields {list(_OVERRIDABLE)}).")
+            unknown = set(overrides) - set(_OVERRIDABLE)
+            if unknown:
+                raise ValueError(
+                    f"QuantConfig.{field} overrides unknown field(s) {sorted(unknown)}; allowed: {list(_OVERRIDABLE)}."
+                )
+            if "bits" in overrides:
+                _check_bits(overrides["bits"], f"{field}['bits']")
+            if "group_size" in overrides:
+                _check_group_size(overrides["group_size"], f"{field}['group_size']")
+            if "sym" in overrides:
+                _check_bool(overrides["sym"], f"{field}['sym']")
+            compiled.append((regex, None if skip else dict(overrides)))
+        return compiled
+
+    def layer_spec(self, module_name: str) -> LayerSpec | None:
+        """The spec for one module after `dynamic` overrides; `None` if a "-:" rule keeps it in float."""
+        fields = {"bits": self.bits, "group_size": self.group_size, "sym": self.sym}
+        for regex, overrides in self._compiled_dynamic:
+            if regex.search(module_name):
+                if overrides is None:
+                    return None
+                fields.update(overrides)
+                break
+        return LayerSpec(**fields)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if not k.startswith("_")}
+        d["quant_method"] = QUANT_METHOD
+        return d
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, QuantConfig) and self.to_dict() == other.to_dict()
+
+    def __iter__(self):
+        yield from self.to_dict().items()

@@ -1,0 +1,87 @@
+"""Checks on a checkpoint's safetensors files, run before any weight is read.
+
+Reads only the JSON headers: a truncated file, a pickle checkpoint, or a quantized module whose
+tensors are missing or mis-shaped fails here with a message naming the file or module, instead of
+surfacing later as randomly initialised layers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable
+
+import torch
+
+_ST_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I32": torch.int32, "F16": torch.float16,
+              "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def read_safetensors_header(path: str) -> dict[str, dict]:
+    """Tensor entries of a safetensors file's header; raises ValueError if the file is not whole."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ValueError(f"{path}: truncated safetensors file ({size} bytes). Re-download or re-save it.")
+        (n,) = struct.unpack("<Q", raw)
+        if 8 + n > size:
+            raise ValueError(
+                f"{path}: truncated safetensors file (header says {n} header bytes, file has {size}). "
+                "Re-download or re-save it."
+            )
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: corrupt safetensors header ({e}). Re-download or re-save it.") from None
+    header.pop("__metadata__", None)
+    end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    if 8 + n + end > size:
+        raise ValueError(
+            f"{path}: truncated safetensors file: tensors need {8 + n + end} bytes, the file has {size}. "
+            "Re-download or re-save it."
+        )
+    return header
+
+
+def index_checkpoint(files: Iterable[str]) -> dict[str, dict]:
+    """Merged header entries of all shards; refuses anything that is not safetensors."""
+    entries: dict[str, dict] = {}
+    for path in files:
+        if not str(path).endswith(".safetensors"):
+            raise ValueError(
+                f"{path}: hf_quant loads quantized checkpoints from safetensors only (it never unpickles). "
+                "Re-save the model with save_pretrained(..., safe_serialization=True)."
+            )
+        entries.update(read_safetensors_header(str(path)))
+    return entries
+
+
+def check_module_tensors(
+    entries: dict[str, dict],
+    module_name: str,
+    expected: dict[str, tuple[tuple[int, ...], torch.dtype | None]],
+    prefixes: Iterable[str] = ("",),
+) -> None:
+    """Raise if `module_name`'s quantized tensors are absent or mis-shaped in the checkpoint."""
+    candidates = [p + module_name for p in prefixes]
+    key_prefix = next((c for c in candidates if f"{c}.qweight" in entries), None)
+    for tensor_name, (shape, dtype) in expected.items():
+        key = f"{key_prefix or candidates[0]}.{tensor_name}"
+        entry = entries.get(key)
+        if entry is None:
+            raise ValueError(
+                f"{module_name}: the checkpoint has no '{tensor_name}' tensor ({key}) although its "
+                "quantization_config quantizes this module. The checkpoint is incomplete or was not "
+                "written by hf_quant; re-save it with save_pretrained."
+            )
+        got_shape = tuple(entry["shape"])
+        got_dtype = _ST_DTYPES.get(entry["dtype"])
+        float_ok = dtype is None and got_dtype is not None and got_dtype.is_floating_point
+        if got_shape != shape or not (float_ok or got_dtype == dtype):
+            raise ValueError(
+                f"{module_name}: checkpoint tensor '{tensor_name}' is {entry['dtype']}{list(got_shape)}, "
+                f"expected {dtype or 'float'}{list(shape)} for this module's quantization settings. "
+                "The checkpoint does not match its quantization_config."
+            )

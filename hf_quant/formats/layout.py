@@ -1,0 +1,32 @@
+"""The tensors a quantized linear stores, by name, shape and dtype (format_version 1).
+
+  {module}.qweight  uint8        (out_features, in_features * bits / 8)   packed codes (see packing.py)
+  {module}.scales   model dtype  (out_features, n_groups)
+  {module}.qzeros   uint8        (out_features, n_groups)                  only when sym=False
+  {module}.bias     model dtype  (out_features,)                           only if the layer has one
+n_groups = in_features / group_size, or 1 for group_size=-1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import LayerSpec
+
+
+def packed_in_features(in_features: int, bits: int) -> int:
+    return in_features * bits // 8
+
+
+def buffer_specs(
+    in_features: int, out_features: int, spec: LayerSpec, float_dtype: torch.dtype | None
+) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+    """Name -> (shape, dtype) of the stored quantized tensors (bias excluded); dtype None = any float."""
+    n_groups = spec.groups(in_features)
+    specs = {
+        "qweight": ((out_features, packed_in_features(in_features, spec.bits)), torch.uint8),
+        "scales": ((out_features, n_groups), float_dtype),
+    }
+    if not spec.sym:
+        specs["qzeros"] = ((out_features, n_groups), torch.uint8)
+    return specs

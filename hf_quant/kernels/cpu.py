@@ -1,0 +1,103 @@
+"""CPU fast paths on torch's built-in packed-int matmuls.
+
+int4 (`_weight_int4pack_mm_for_cpu`, tinygemm's layout): w = (q - 8) * scale + zero per group of
+32/64/128/256 input channels. Our codes of 2, 3 and 4 bits fit in it exactly, with
+tinygemm_zero = (8 - z) * scale. Per-channel layers use the largest such group that divides
+in_features, with the scale repeated.
+int8 (`_weight_int8pack_mm`): per-output-channel symmetric int8; an asymmetric zero adds
+(128 - z) * scale * sum(x) to each output.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..formats.packing import unpack_codes
+from .dispatch import Kernel, register_kernel
+from .reference import zero_points
+
+_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_INT4_GROUPS = (256, 128, 64, 32)
+
+
+def _int4_group_size(layer: Any) -> int | None:
+    K = layer.in_features
+    if layer.spec.group_size == -1:
+        return next((g for g in _INT4_GROUPS if K % g == 0), None)
+    return layer.spec.group_size if layer.spec.group_size in _INT4_GROUPS else None
+
+
+def _flatten(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def _finish(layer: Any, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if layer.bias is not None:
+        y = y + layer.bias.to(y.dtype)
+    return y.reshape(*x.shape[:-1], layer.out_features)
+
+
+class Int4CpuKernel(Kernel):
+    name = "cpu_int4"
+    priority = 10
+
+    def supports(self, layer: Any, x: torch.Tensor) -> bool:
+        return (
+            x.device.type == "cpu"
+            and x.dtype in _CPU_DTYPES
+            and layer.spec.bits <= 4
+            and _int4_group_size(layer) is not None
+            and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+        )
+
+    def prepare(self, layer: Any, x: torch.Tensor) -> Any:
+        spec, K = layer.spec, layer.in_features
+        gs = _int4_group_size(layer)
+        codes = unpack_codes(layer.qweight, spec.bits, K).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+        scale = layer.scales.float()
+        zero = (8.0 - zero_points(layer.qzeros, spec, scale)) * scale
+        repeat = K // gs // scale.shape[1]  # > 1 only for per-channel layers
+        scale_zero = torch.stack([scale, zero], dim=-1).repeat_interleave(repeat, dim=1)  # (N, G, 2)
+        return packed, gs, scale_zero.transpose(0, 1).contiguous().to(x.dtype)
+
+    def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
+        packed, gs, scale_zero = prepared
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(_flatten(x), packed, gs, scale_zero)
+        return _finish(layer, y, x)
+
+
+class Int8CpuKernel(Kernel):
+    name = "cpu_int8"
+    priority = 10
+
+    def supports(self, layer: Any, x: torch.Tensor) -> bool:
+        return (
+            x.device.type == "cpu"
+            and x.dtype in _CPU_DTYPES
+            and layer.spec.bits == 8
+            and layer.spec.group_size == -1
+            and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+        )
+
+    def prepare(self, layer: Any, x: torch.Tensor) -> Any:
+        w = (layer.qweight.to(torch.int16) - 128).to(torch.int8).contiguous()
+        scale = layer.scales.float()[:, 0]
+        offset = None
+        if layer.qzeros is not None:
+            offset = (128.0 - layer.qzeros.float()[:, 0]) * scale  # fp32 (N,)
+        return w, scale.to(x.dtype), offset
+
+    def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
+        w, scale, offset = prepared
+        x2 = _flatten(x)
+        y = torch.ops.aten._weight_int8pack_mm(x2, w, scale)
+        if offset is not None:
+            y = (y.float() + x2.float().sum(-1, keepdim=True) * offset).to(x.dtype)
+        return _finish(layer, y, x)
+
+
+register_kernel(Int4CpuKernel())
+register_kernel(Int8CpuKernel())

@@ -1,0 +1,91 @@
+"""Kernel registry and selection by device, dtype, bits and layout.
+
+Each kernel says whether it `supports` a (layer, activation) pair; the highest-priority one that
+does runs. Kernel-specific weight layouts are built on first use by `prepare` and cached on the
+layer (keyed by kernel, device, dtype and the version of the packed buffers), never saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+
+class Kernel:
+    """Base class: override `supports`, `forward`, and `prepare` if the kernel needs its own layout."""
+
+    name: str = ""
+    priority: int = 0
+
+    def supports(self, layer: Any, x: torch.Tensor) -> bool:
+        raise NotImplementedError
+
+    def prepare(self, layer: Any, x: torch.Tensor) -> Any:
+        return None
+
+    def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+
+_KERNELS: dict[str, Kernel] = {}
+_forced = threading.local()
+
+
+def register_kernel(kernel: Kernel) -> Kernel:
+    if kernel.name in _KERNELS:
+        raise ValueError(f"kernel {kernel.name!r} is already registered")
+    _KERNELS[kernel.name] = kernel
+    return kernel
+
+
+def available_kernels() -> list[str]:
+    return [k.name for k in sorted(_KERNELS.values(), key=lambda k: -k.priority)]
+
+
+@contextlib.contextmanager
+def use_kernel(name: str) -> Iterator[None]:
+    """Force one kernel (e.g. "reference") inside the block; errors if it cannot run a layer."""
+    if name not in _KERNELS:
+        raise ValueError(f"unknown kernel {name!r}; available: {available_kernels()}")
+    prev = getattr(_forced, "name", None)
+    _forced.name = name
+    try:
+        yield
+    finally:
+        _forced.name = prev
+
+
+def select_kernel(layer: Any, x: torch.Tensor) -> Kernel:
+    forced = getattr(_forced, "name", None)
+    if forced is not None:
+        kernel = _KERNELS[forced]
+        if not kernel.supports(layer, x):
+            raise ValueError(
+                f"kernel {forced!r} cannot run {layer.extra_repr()} on {x.device.type}/{x.dtype} inputs; "
+                f"use one of {[k for k in available_kernels() if _KERNELS[k].supports(layer, x)]}."
+            )
+        return kernel
+    for kernel in sorted(_KERNELS.values(), key=lambda k: -k.priority):
+        if kernel.supports(layer, x):
+            return kernel
+    raise RuntimeError(f"no kernel supports {layer.extra_repr()} on {x.device.type}/{x.dtype}")
+
+
+def _buffers_version(layer: Any) -> tuple:
+    return tuple((t.data_ptr(), t._version) for t in (layer.qweight, layer.scales, layer.qzeros) if t is not None)
+
+
+def linear(layer: Any, x: torch.Tensor) -> torch.Tensor:
+    """y = x @ W_hat.T + bias through the selected kernel."""
+    kernel = select_kernel(layer, x)
+    key = (kernel.name, x.device, x.dtype)
+    version = _buffers_version(layer)
+    cached = layer._kernel_cache.get(key)
+    if cached is None or cached[0] != version:
+        cached = (version, kernel.prepare(layer, x))
+        layer._kernel_cache[key] = cached
+    return kernel.forward(layer, x, cached[1])

@@ -1,0 +1,114 @@
+"""`QuantLinear`: a linear layer holding packed integer codes, scales and zeros.
+
+It subclasses `nn.Linear` and exposes `weight` as its packed tensor (as bitsandbytes' `Linear4bit`
+does) so that PEFT's standard LoRA layer wraps it. Everywhere in hf_quant, test
+`isinstance(m, QuantLinear)` before `nn.Linear`. No kernel code here: `forward` goes through
+`kernels.linear`, which picks the kernel for the device, dtype and bits.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from ..algorithms import QuantizedWeight
+from ..config import LayerSpec
+from ..formats.layout import buffer_specs
+from ..formats.packing import pack_codes
+
+
+class QuantLinear(nn.Linear):
+    """y = x @ W_hat.T + bias, W_hat = (codes - zero) * scale per group of input channels."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        spec: LayerSpec,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+        from_conv1d: bool = False,
+    ) -> None:
+        nn.Module.__init__(self)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.spec = spec
+        self.from_conv1d = from_conv1d  # restore a transformers Conv1D on dequantize
+        for name, (shape, buf_dtype) in buffer_specs(in_features, out_features, spec, dtype).items():
+            self.register_buffer(name, torch.empty(shape, dtype=buf_dtype, device=device))
+        if spec.sym:
+            self.register_buffer("qzeros", None)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self._kernel_cache: dict = {}
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        """The packed codes (uint8): what PEFT and transformers see as this layer's weight."""
+        return self.qweight
+
+    @classmethod
+    def from_quantized(
+        cls, qw: QuantizedWeight, spec: LayerSpec, bias: torch.Tensor | None, from_conv1d: bool = False
+    ) -> QuantLinear:
+        """Pack an algorithm's result into a new layer (on the codes' device)."""
+        out_features, in_features = qw.codes.shape
+        layer = cls(in_features, out_features, bias is not None, spec, dtype=qw.scale.dtype,
+                    device=qw.codes.device, from_conv1d=from_conv1d)
+        layer.qweight.copy_(pack_codes(qw.codes, spec.bits))
+        layer.scales.copy_(qw.scale)
+        if qw.zero is not None:
+            layer.qzeros.copy_(qw.zero)
+        if bias is not None:
+            layer.bias.data.copy_(bias.detach().to(layer.bias.dtype))
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..kernels import linear
+
+        return linear(self, x)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float weight W_hat (out, in), in the dtype of the scales."""
+        from ..kernels.reference import dequantize_weight
+
+        W = dequantize_weight(self.qweight, self.scales, self.qzeros, self.spec, self.in_features)
+        return W.to(self.scales.dtype)
+
+    def check_buffers(self, name: str) -> None:
+        """Raise if loading left a buffer missing, on meta, or of the wrong shape/dtype."""
+        for buf_name, (shape, dtype) in buffer_specs(self.in_features, self.out_features, self.spec, None).items():
+            t = getattr(self, buf_name)
+            bad = t is None or t.is_meta or tuple(t.shape) != shape
+            bad = bad or (t.dtype != dtype if dtype is not None else not t.is_floating_point())
+            if bad:
+                got = "missing" if t is None else f"{t.dtype}{list(t.shape)} on {t.device}"
+                raise ValueError(f"{name}.{buf_name}: loaded tensor is {got}, expected {dtype or 'float'}{list(shape)}.")
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantLinear:
+        # `.to()`/`.cuda()`/`.half()` move the layer but never cast its quantized state: kernels cast
+        # scales and bias to the activation dtype, so the stored grid stays exactly what was saved.
+        device = fn(torch.empty(0, dtype=self.scales.dtype, device=self.scales.device)).device
+        for name, buf in self._buffers.items():
+            if buf is not None:
+                self._buffers[name] = buf.to(device)
+        if self.bias is not None:
+            self.bias.data = self.bias.data.to(device)
+        self._kernel_cache.clear()
+        return self
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"bits={s.bits}, group_size={s.group_size}, sym={s.sym}")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state = dict(state)
+        state["_kernel_cache"] = {}
+        return state

@@ -1,0 +1,85 @@
+"""transformers glue: the `HfQuantizer` registered under quant_method "hf_quant". No math here.
+
+Not pre-quantized (a float checkpoint + `quantization_config=QuantConfig(...)`): weights load as
+usual, then `_process_model_after_weight_loading` quantizes. Pre-quantized (an hf_quant checkpoint):
+empty `QuantLinear`s replace the targets on the meta device before loading, after the checkpoint's
+headers were checked, and the loader fills their buffers by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers.quantizers import HfQuantizer, register_quantizer
+
+from .calibration import quantize_model
+from .config import QUANT_METHOD, QuantConfig
+from .formats.checkpoint import check_module_tensors, index_checkpoint
+from .formats.layout import buffer_specs
+from .nn.convert import dequantize_model, find_targets, linear_shape, replace_with_empty_quant_linears
+from .nn.quant_linear import QuantLinear
+
+
+@register_quantizer(QUANT_METHOD)
+class HfQuantQuantizer(HfQuantizer):
+    requires_calibration = False
+    quantization_config: QuantConfig
+
+    def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError("hf_quant models cannot be offloaded to disk; use device_map without 'disk' entries.")
+
+    def _resolve_modules_to_not_convert(self, model) -> list[str]:
+        user = self.quantization_config.modules_to_not_convert
+        # `None` -> transformers' defaults (output embeddings, last module, tied weights);
+        # an explicit list is taken as is, plus tied weights, which are never quantized.
+        skip = self.get_modules_to_not_convert(model, user, model._keep_in_fp32_modules)
+        tied = getattr(model, "all_tied_weights_keys", None) or {}
+        skip += [k.removesuffix(".weight") for k in set(tied) | set(tied.values())]
+        return sorted(set(skip))
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs: Any):
+        config = self.quantization_config
+        skip = self._resolve_modules_to_not_convert(model)
+        if config.modules_to_not_convert is None:
+            config.modules_to_not_convert = skip  # saved resolved, so a reload rebuilds the same layers
+        self.targets = find_targets(model, config, skip)
+        if self.pre_quantized:
+            if checkpoint_files:
+                self._check_checkpoint(model, checkpoint_files)
+            replace_with_empty_quant_linears(model, self.targets)
+        return model
+
+    def _check_checkpoint(self, model, checkpoint_files: list[str]) -> None:
+        entries = index_checkpoint(checkpoint_files)
+        prefix = getattr(model, "base_model_prefix", "")
+        prefixes = ["", f"{prefix}."] if prefix else [""]
+        for name, spec in self.targets.items():
+            in_f, out_f = linear_shape(model.get_submodule(name))
+            check_module_tensors(entries, name, buffer_specs(in_f, out_f, spec, None), prefixes)
+
+    def _process_model_after_weight_loading(self, model, **kwargs: Any):
+        if self.pre_quantized:
+            for name, module in model.named_modules():
+                if isinstance(module, QuantLinear):
+                    module.check_buffers(name)
+        else:
+            quantize_model(model, self.quantization_config, self.targets)
+        return model
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs: Any) -> bool:
+        return False
+
+    def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return False
+
+    def _dequantize(self, model, dtype=None):
+        return dequantize_model(model, dtype)
