@@ -28,14 +28,25 @@ def find_params(Wg: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype) -> 
     xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
     xmax = torch.where(empty, torch.ones_like(xmax), xmax)
     scale = (xmax - xmin) / maxq
-    # Keep the stored scale finite and non-zero in its dtype (fp16 underflows/overflows easily).
-    finfo = torch.finfo(scale_dtype)
-    scale = scale.clamp(min=finfo.tiny, max=finfo.max).to(scale_dtype).float()
+    scale = store_scale(scale, scale_dtype)
     if spec.sym:
         zero = torch.full_like(scale, 2 ** (spec.bits - 1))
     else:
         zero = torch.round(-xmin / scale).clamp(0, maxq)
     return scale, zero
+
+
+def store_scale(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    """Round fp32 `scale` *up* to a finite, non-zero value of `scale_dtype`; returned as fp32.
+
+    Rounding up keeps maxq steps spanning the group's range, so no weight is clipped by more than
+    half a step (round-to-nearest could shrink the grid and clip the outliers, which matter most).
+    """
+    finfo = torch.finfo(scale_dtype)
+    scale = scale.clamp(min=finfo.tiny, max=finfo.max)
+    stored = scale.to(scale_dtype)
+    stored = torch.where(stored.float() < scale, torch.nextafter(stored, torch.full_like(stored, float("inf"))), stored)
+    return stored.float()
 
 
 def quantize(Wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:

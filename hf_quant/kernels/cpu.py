@@ -48,6 +48,7 @@ class Int4CpuKernel(Kernel):
             x.device.type == "cpu"
             and x.dtype in _CPU_DTYPES
             and layer.spec.bits <= 4
+            and layer.out_features % 16 == 0  # the op's packing works on tiles of 16 output channels
             and _int4_group_size(layer) is not None
             and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
         )

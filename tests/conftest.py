@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny random Llama / GPT-2 checkpoints and the bundled tiny-llama asset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import hf_quant  # noqa: F401  (registers the quantizer)
+
+ASSETS = Path(__file__).parent / "assets"
+TINY_LLAMA = ASSETS / "tiny-llama"
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+REF_LLAMA = SHARED / "models" / "ref-llama"
+
+
+def tiny_llama_config(**kw) -> LlamaConfig:
+    cfg = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+               tie_word_embeddings=False)
+    cfg.update(kw)
+    return LlamaConfig(**cfg)
+
+
+def tiny_gpt2_config(**kw) -> GPT2Config:
+    cfg = dict(vocab_size=256, n_embd=128, n_layer=2, n_head=4, n_positions=128)
+    cfg.update(kw)
+    return GPT2Config(**cfg)
+
+
+def save_random_model(path: Path, arch: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0, **kw) -> Path:
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(**kw)) if arch == "llama" else GPT2LMHeadModel(tiny_gpt2_config(**kw))
+    model.to(dtype).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Float checkpoints of tiny random models, by name."""
+    root = tmp_path_factory.mktemp("float_models")
+    return {
+        "llama": save_random_model(root / "llama", "llama"),
+        "gpt2": save_random_model(root / "gpt2", "gpt2"),
+        "llama-fp32": save_random_model(root / "llama-fp32", "llama", dtype=torch.float32),
+    }
+
+
+@pytest.fixture()
+def input_ids() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 256, (2, 24), generator=g)

@@ -1,0 +1,58 @@
+import json
+
+import pytest
+
+from hf_quant import FORMAT_VERSION, LayerSpec, QuantConfig
+
+
+def test_defaults_and_json_round_trip():
+    cfg = QuantConfig(method="rtn", bits=3, group_size=64, sym=True,
+                      dynamic={r"down_proj": {"bits": 8}, r"-:o_proj": {}}, modules_to_not_convert=["lm_head"])
+    again = QuantConfig.from_dict(json.loads(cfg.to_json_string()))
+    assert again == cfg
+    assert again.to_dict()["quant_method"] == "hf_quant"
+    assert again.format_version == FORMAT_VERSION
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(bits=5), ["bits=5", "2, 3, 4, 8"]),
+        (dict(bits=True), ["bits=True"]),
+        (dict(group_size=100), ["group_size=100", "power of two"]),
+        (dict(group_size=8), ["group_size=8"]),
+        (dict(group_size=0), ["group_size=0"]),
+        (dict(method="nope"), ["method='nope'", "rtn"]),
+        (dict(sym="yes"), ["sym='yes'"]),
+        (dict(on_incompatible="ignore"), ["on_incompatible", "skip"]),
+        (dict(format_version=FORMAT_VERSION + 1), ["format_version", "pip install -U hf_quant"]),
+        (dict(format_version=0), ["format_version=0"]),
+        (dict(dynamic={"(": {"bits": 8}}), ["dynamic", "regex"]),
+        (dict(dynamic={"down": {"bits": 7}}), ["dynamic['down']['bits']=7"]),
+        (dict(dynamic={"down": {"lr": 1}}), ["unknown field", "lr"]),
+        (dict(modules_to_not_convert=[1]), ["modules_to_not_convert"]),
+        (dict(bogus=1), ["unknown field", "bogus"]),
+        (dict(quant_method="gptq"), ["quant_method"]),
+    ],
+)
+def test_bad_fields_raise_naming_the_field(kwargs, words):
+    with pytest.raises(ValueError) as e:
+        QuantConfig(**kwargs)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_layer_spec_dynamic_overrides_first_match_wins():
+    cfg = QuantConfig(bits=4, group_size=128, sym=False,
+                      dynamic={r"-:layers\.0\.": {}, r"down_proj": {"bits": 8, "group_size": -1}, r"proj": {"bits": 2}})
+    assert cfg.layer_spec("model.layers.0.mlp.down_proj") is None
+    assert cfg.layer_spec("model.layers.1.mlp.down_proj") == LayerSpec(8, -1, False)
+    assert cfg.layer_spec("model.layers.1.mlp.up_proj") == LayerSpec(2, 128, False)
+    assert cfg.layer_spec("model.layers.1.attn.c_attn") == LayerSpec(4, 128, False)
+
+
+def test_layer_spec_groups():
+    s = LayerSpec(4, 128, True)
+    assert (s.maxq, s.groups(512), s.effective_group_size(512)) == (15, 4, 128)
+    s = LayerSpec(3, -1, False)
+    assert (s.maxq, s.groups(512), s.effective_group_size(512)) == (7, 1, 512)

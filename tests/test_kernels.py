@@ -1,0 +1,108 @@
+"""Every fast kernel against the reference (the oracle), on random shapes, bits, groups and dtypes."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hf_quant import kernels
+from hf_quant.algorithms import get_method, grid
+from hf_quant.config import LayerSpec
+from hf_quant.kernels.reference import dequantize_weight
+from hf_quant.nn import QuantLinear
+
+
+def make_layer(out_f, in_f, spec, bias, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(out_f, in_f, generator=g) * 0.05
+    b = torch.randn(out_f, generator=g) if bias else None
+    qw = get_method("rtn").quantize(W, spec, dtype)
+    return QuantLinear.from_quantized(qw, spec, b), qw
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    bits=st.sampled_from([2, 3, 4, 8]),
+    group_size=st.sampled_from([-1, 16, 32, 64, 128, 256]),
+    sym=st.booleans(),
+    bias=st.booleans(),
+    k_mult=st.integers(1, 6),
+    out_f=st.integers(1, 96),
+    m=st.sampled_from([1, 2, 5, 17, 64]),
+    seed=st.integers(0, 1000),
+)
+def test_fast_path_matches_reference_fp32(bits, group_size, sym, bias, k_mult, out_f, m, seed):
+    in_f = k_mult * (256 if group_size == -1 else group_size)
+    layer, _ = make_layer(out_f, in_f, LayerSpec(bits, group_size, sym), bias, seed=seed)
+    x = torch.randn(m, in_f, generator=torch.Generator().manual_seed(seed + 1))
+    with kernels.use_kernel("reference"):
+        ref = layer(x)
+    out = layer(x)
+    assert out.shape == ref.shape == (m, out_f) and out.dtype == torch.float32
+    assert rel_err(out, ref) < 1e-3, kernels.select_kernel(layer, x).name
+
+
+@pytest.mark.parametrize("bits, group_size, kernel", [(4, 128, "cpu_int4"), (3, 64, "cpu_int4"), (2, 32, "cpu_int4"),
+                                                      (4, -1, "cpu_int4"), (8, -1, "cpu_int8")])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sym", [True, False])
+def test_fast_path_half_precision_and_3d_inputs(bits, group_size, kernel, dtype, sym):
+    layer, _ = make_layer(80, 512, LayerSpec(bits, group_size, sym), bias=True, dtype=dtype, seed=bits)
+    x = torch.randn(3, 7, 512, dtype=dtype)
+    assert kernels.select_kernel(layer, x).name == kernel
+    with kernels.use_kernel("reference"):
+        ref = layer(x)
+    out = layer(x)
+    assert out.shape == (3, 7, 80) and out.dtype == dtype
+    assert rel_err(out, ref) < 2e-2
+
+
+@pytest.mark.parametrize("bits, group_size, expected", [
+    (4, 128, "cpu_int4"), (4, -1, "cpu_int4"), (3, 256, "cpu_int4"), (2, 64, "cpu_int4"),
+    (4, 16, "reference"),  # tinygemm needs groups of 32..256
+    (8, -1, "cpu_int8"), (8, 128, "reference"),  # int8pack is per-channel only
+])
+def test_dispatch_choice(bits, group_size, expected):
+    layer, _ = make_layer(32, 512, LayerSpec(bits, group_size, False), bias=False)
+    assert kernels.select_kernel(layer, torch.randn(1, 512)).name == expected
+    with kernels.use_kernel("reference"):
+        assert kernels.select_kernel(layer, torch.randn(1, 512)).name == "reference"
+
+
+def test_forcing_an_unsupported_kernel_errors():
+    layer, _ = make_layer(32, 512, LayerSpec(8, 128, False), bias=False)
+    with kernels.use_kernel("cpu_int4"), pytest.raises(ValueError, match="cannot run"):
+        layer(torch.randn(1, 512))
+    with pytest.raises(ValueError, match="unknown kernel"):
+        with kernels.use_kernel("nope"):
+            pass
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+def test_reference_equals_independent_dequantization(bits, sym):
+    spec = LayerSpec(bits, 64, sym)
+    layer, qw = make_layer(40, 256, spec, bias=False, dtype=torch.float32)
+    zero = qw.zero.float() if qw.zero is not None else torch.full(qw.scale.shape, 2.0 ** (bits - 1))
+    W_hat = grid.dequantize(qw.codes.float().reshape(40, 4, 64), qw.scale.float(), zero).reshape(40, 256)
+    assert torch.equal(dequantize_weight(layer.qweight, layer.scales, layer.qzeros, spec, 256), W_hat)
+    x = torch.randn(5, 256)
+    with kernels.use_kernel("reference"):
+        assert torch.allclose(layer(x), x @ W_hat.t(), rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_cache_follows_buffer_changes():
+    layer, _ = make_layer(64, 256, LayerSpec(4, 128, False), bias=False)
+    x = torch.randn(2, 256)
+    before = layer(x)
+    assert len(layer._kernel_cache) == 1
+    layer.qweight.copy_(torch.randint(0, 256, layer.qweight.shape, dtype=torch.uint8))  # in-place edit
+    after = layer(x)
+    with kernels.use_kernel("reference"):
+        ref = layer(x)
+    assert not torch.allclose(before, after)
+    assert rel_err(after, ref) < 2e-2
