@@ -47,3 +47,23 @@ def perplexity(
         nll += loss.item()
         count += batch[:, 1:].numel()
     return math.exp(nll / count)
+
+
+def quantized_size_on_disk(model: torch.nn.Module, checkpoint_dir: str) -> tuple[int, int]:
+    """(bytes the quantized layers take in `checkpoint_dir`'s safetensors, bytes the same layers'
+    weights take in bf16). Bias is left out of both: it is stored in float either way."""
+    from pathlib import Path
+
+    from .formats.checkpoint import index_checkpoint
+    from .nn import QuantLinear
+
+    entries = index_checkpoint(sorted(str(p) for p in Path(checkpoint_dir).glob("*.safetensors")))
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    packed = 0
+    for key, entry in entries.items():
+        module, _, tensor = key.rpartition(".")
+        if module in layers and tensor in ("qweight", "scales", "qzeros"):
+            start, end = entry["data_offsets"]
+            packed += end - start
+    bf16 = sum(2 * m.in_features * m.out_features for m in layers.values())
+    return packed, bf16
