@@ -216,3 +216,26 @@ def test_loading_without_the_plugin_is_loud(saved_quantized):
     out = res.stdout + res.stderr
     assert "Unknown quantization type, got hf_quant" in out
     assert "LOADED Linear" in out  # float layers with random weights: why README says `import hf_quant` first
+
+
+def test_failed_quantization_leaves_the_model_untouched(tiny_models):
+    from hf_quant.calibration import quantize_model
+    from hf_quant.nn.convert import find_targets
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("inf")  # the last layer to be quantized
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = QuantConfig()
+    with pytest.raises(ValueError, match="model.layers.1.mlp.down_proj: weight has 1 NaN/inf"):
+        quantize_model(model, cfg, find_targets(model, cfg, ["lm_head"]))
+    assert not quant_layers(model)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_load_in_another_dtype(saved_quantized, input_ids):
+    model = AutoModelForCausalLM.from_pretrained(saved_quantized, dtype=torch.float32)
+    layer = model.model.layers[0].mlp.down_proj
+    assert layer.scales.dtype == torch.float32  # widened exactly from the saved bf16
+    assert torch.isfinite(logits(model, input_ids)).all()
