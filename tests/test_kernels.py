@@ -106,3 +106,13 @@ def test_kernel_cache_follows_buffer_changes():
         ref = layer(x)
     assert not torch.allclose(before, after)
     assert rel_err(after, ref) < 2e-2
+
+
+def test_layers_built_under_inference_mode():
+    with torch.inference_mode():
+        layer, _ = make_layer(64, 256, LayerSpec(4, 128, False), bias=True)
+        x = torch.randn(3, 256)
+        out = layer(x)
+        with kernels.use_kernel("reference"):
+            ref = layer(x)
+    assert rel_err(out, ref) < 1e-3

@@ -76,7 +76,12 @@ def select_kernel(layer: Any, x: torch.Tensor) -> Kernel:
 
 
 def _buffers_version(layer: Any) -> tuple:
-    return tuple((t.data_ptr(), t._version) for t in (layer.qweight, layer.scales, layer.qzeros) if t is not None)
+    # Inference tensors (made under torch.inference_mode) carry no version counter: key on storage only.
+    return tuple(
+        (t.data_ptr(), -1 if t.is_inference() else t._version)
+        for t in (layer.qweight, layer.scales, layer.qzeros)
+        if t is not None
+    )
 
 
 def linear(layer: Any, x: torch.Tensor) -> torch.Tensor:
