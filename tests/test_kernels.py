@@ -63,14 +63,43 @@ def test_fast_path_half_precision_and_3d_inputs(bits, group_size, kernel, dtype,
 
 @pytest.mark.parametrize("bits, group_size, expected", [
     (4, 128, "cpu_int4"), (4, -1, "cpu_int4"), (3, 256, "cpu_int4"), (2, 64, "cpu_int4"),
-    (4, 16, "reference"),  # tinygemm needs groups of 32..256
-    (8, -1, "cpu_int8"), (8, 128, "reference"),  # int8pack is per-channel only
+    (4, 16, "dequant_matmul"),  # tinygemm needs groups of 32..256
+    (8, -1, "cpu_int8"), (8, 128, "dequant_matmul"),  # int8pack is per-channel only
 ])
 def test_dispatch_choice(bits, group_size, expected):
     layer, _ = make_layer(32, 512, LayerSpec(bits, group_size, False), bias=False)
-    assert kernels.select_kernel(layer, torch.randn(1, 512)).name == expected
+    assert kernels.select_kernel(layer, torch.randn(1, 512, dtype=torch.bfloat16)).name == expected
     with kernels.use_kernel("reference"):
         assert kernels.select_kernel(layer, torch.randn(1, 512)).name == "reference"
+
+
+@pytest.mark.parametrize("dtype, rows, expected", [
+    (torch.bfloat16, 1, "cpu_int4"), (torch.bfloat16, 384, "cpu_int4"), (torch.bfloat16, 385, "dequant_matmul"),
+    (torch.float32, 4, "cpu_int4"), (torch.float32, 5, "dequant_matmul"),  # torch's packed ops have no fast fp32 path
+])
+def test_dispatch_by_batch_rows(dtype, rows, expected):
+    layer, _ = make_layer(32, 256, LayerSpec(4, 128, False), bias=True)
+    x = torch.randn(rows, 256, dtype=dtype)
+    assert kernels.select_kernel(layer, x).name == expected
+    assert kernels.select_kernel(layer, x.reshape(1, rows, 256)).name == expected  # rows = all leading dims
+    with kernels.use_kernel("reference"):
+        ref = layer(x)
+    assert rel_err(layer(x), ref) < (1e-3 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequant_matmul_matches_reference(bits, dtype):
+    """Dequantizing in the activation dtype equals the fp32 oracle cast to that dtype."""
+    layer, _ = make_layer(48, 256, LayerSpec(bits, 64, bits % 2 == 0), bias=True, dtype=torch.bfloat16, seed=bits)
+    W_ref = dequantize_weight(layer.qweight, layer.scales, layer.qzeros, layer.spec, 256)
+    W = dequantize_weight(layer.qweight, layer.scales, layer.qzeros, layer.spec, 256, dtype)
+    assert W.dtype == dtype and torch.equal(W, W_ref.to(dtype))
+    x = torch.randn(7, 256, dtype=dtype)
+    with kernels.use_kernel("dequant_matmul"):
+        out = layer(x)
+    with kernels.use_kernel("reference"):
+        assert torch.equal(out, layer(x))
 
 
 def test_forcing_an_unsupported_kernel_errors():

@@ -239,3 +239,26 @@ def test_load_in_another_dtype(saved_quantized, input_ids):
     layer = model.model.layers[0].mlp.down_proj
     assert layer.scales.dtype == torch.float32  # widened exactly from the saved bf16
     assert torch.isfinite(logits(model, input_ids)).all()
+
+
+def test_reload_with_device_map(saved_quantized, input_ids):
+    plain = AutoModelForCausalLM.from_pretrained(saved_quantized)
+    mapped = AutoModelForCausalLM.from_pretrained(saved_quantized, device_map="cpu")
+    assert isinstance(mapped.model.layers[0].mlp.down_proj, QuantLinear)
+    assert torch.equal(logits(mapped, input_ids), logits(plain, input_ids))
+
+
+def test_qwen2_with_biased_projections_round_trips(tmp_path, input_ids):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    Qwen2ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "f")
+    q = quantize(tmp_path / "f", bits=4, group_size=64)
+    q_proj = q.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, QuantLinear) and q_proj.bias is not None and q_proj.bias.dtype == torch.bfloat16
+    q.save_pretrained(tmp_path / "q")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert torch.equal(again.model.layers[0].self_attn.q_proj.bias, q_proj.bias)
+    assert torch.equal(logits(again, input_ids), logits(q, input_ids))

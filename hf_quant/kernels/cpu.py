@@ -19,6 +19,17 @@ from .dispatch import Kernel, register_kernel
 from .reference import zero_points
 
 _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Above these many rows, dequantize + F.linear (kernel "dequant_matmul") is faster than the packed
+# ops, which are GEMV-oriented and have no fast fp32 path (benchmarks/bench_cpu.py, 2 cores).
+MAX_ROWS = {torch.float32: 4, torch.bfloat16: 384, torch.float16: 384}
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+def _small_batch(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in _CPU_DTYPES and _rows(x) <= MAX_ROWS[x.dtype]
 _INT4_GROUPS = (256, 128, 64, 32)
 
 
@@ -45,8 +56,7 @@ class Int4CpuKernel(Kernel):
 
     def supports(self, layer: Any, x: torch.Tensor) -> bool:
         return (
-            x.device.type == "cpu"
-            and x.dtype in _CPU_DTYPES
+            _small_batch(x)
             and layer.spec.bits <= 4
             and layer.out_features % 16 == 0  # the op's packing works on tiles of 16 output channels
             and _int4_group_size(layer) is not None
@@ -76,8 +86,7 @@ class Int8CpuKernel(Kernel):
 
     def supports(self, layer: Any, x: torch.Tensor) -> bool:
         return (
-            x.device.type == "cpu"
-            and x.dtype in _CPU_DTYPES
+            _small_batch(x)
             and layer.spec.bits == 8
             and layer.spec.group_size == -1
             and hasattr(torch.ops.aten, "_weight_int8pack_mm")

@@ -20,20 +20,33 @@ def zero_points(qzeros: torch.Tensor | None, spec: LayerSpec, like: torch.Tensor
 
 
 def dequantize_weight(
-    qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None, spec: LayerSpec, in_features: int
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor | None,
+    spec: LayerSpec,
+    in_features: int,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """W_hat = (q - zero) * scale, fp32 (out, in)."""
-    q = unpack_codes(qweight, spec.bits, in_features).float()
+    """W_hat = (q - zero) * scale as `dtype` (out, in).
+
+    Computed in `dtype` directly when the scales are stored in it: q - zero is a small integer, exact
+    in any float type, so the product is rounded once and equals the fp32 result cast to `dtype`.
+    Otherwise computed in fp32 and cast.
+    """
+    compute = dtype if scales.dtype == dtype else torch.float32
+    q = unpack_codes(qweight, spec.bits, in_features)
     out_f = q.shape[0]
     gs = spec.effective_group_size(in_features)
-    z = zero_points(qzeros, spec, scales)
-    W = (q.reshape(out_f, -1, gs) - z.unsqueeze(-1)) * scales.float().unsqueeze(-1)
-    return W.reshape(out_f, in_features)
+    z = zero_points(qzeros, spec, scales).to(compute)
+    W = q.reshape(out_f, -1, gs).to(compute).sub_(z.unsqueeze(-1)).mul_(scales.to(compute).unsqueeze(-1))
+    return W.reshape(out_f, in_features).to(dtype)
 
 
 class ReferenceKernel(Kernel):
+    """The oracle: fp32 dequantization. Never chosen automatically; force it with `use_kernel`."""
+
     name = "reference"
-    priority = 0
+    priority = -1
 
     def supports(self, layer: Any, x: torch.Tensor) -> bool:
         return x.is_floating_point()
@@ -45,3 +58,25 @@ class ReferenceKernel(Kernel):
 
 
 register_kernel(ReferenceKernel())
+
+
+class DequantMatmulKernel(Kernel):
+    """Any device, layout and batch: dequantize into the activation dtype, then one `F.linear`.
+
+    The fallback where no packed kernel applies, and the faster choice for large batches (prefill),
+    where one dequantization is amortised over many rows.
+    """
+
+    name = "dequant_matmul"
+    priority = 0
+
+    def supports(self, layer: Any, x: torch.Tensor) -> bool:
+        return x.is_floating_point()
+
+    def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
+        W = dequantize_weight(layer.qweight, layer.scales, layer.qzeros, layer.spec, layer.in_features, x.dtype)
+        bias = None if layer.bias is None else layer.bias.to(x.dtype)
+        return F.linear(x, W, bias)
+
+
+register_kernel(DequantMatmulKernel())

@@ -77,8 +77,8 @@ class QuantLinear(nn.Linear):
         """The float weight W_hat (out, in), in the dtype of the scales."""
         from ..kernels.reference import dequantize_weight
 
-        W = dequantize_weight(self.qweight, self.scales, self.qzeros, self.spec, self.in_features)
-        return W.to(self.scales.dtype)
+        return dequantize_weight(self.qweight, self.scales, self.qzeros, self.spec, self.in_features,
+                                 self.scales.dtype)
 
     def check_buffers(self, name: str) -> None:
         """Raise if loading left a buffer missing, on meta, or of the wrong shape/dtype."""
