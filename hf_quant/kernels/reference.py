@@ -1,4 +1,8 @@
-"""The oracle: dequantize the whole weight in fp32, then `F.linear`. Runs on any device and layout."""
+"""Dequantize-then-matmul kernels, for any device and layout.
+
+`reference` (fp32 dequantization) is the oracle every kernel is tested against and is only run when
+forced; `dequant_matmul` dequantizes into the activation dtype and is the general fallback.
+"""
 
 from __future__ import annotations
 
