@@ -68,4 +68,4 @@ def available_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-from . import rtn  # noqa: E402,F401  (registers "rtn")
+from . import gptq, rtn  # noqa: E402,F401  (register "gptq", "rtn")

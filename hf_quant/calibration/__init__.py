@@ -41,7 +41,10 @@ def quantize_model(model: nn.Module, config: QuantConfig, targets: dict[str, Lay
     so a failure leaves the model as it was."""
     method = get_method(config.method)
     if method.needs_calibration:
-        raise NotImplementedError(f"method {config.method!r} needs calibration data, which is not supported yet")
+        raise NotImplementedError(
+            f"QuantConfig.method={config.method!r} needs calibration data and the block-wise calibration "
+            "driver, which this release does not have yet; use method='rtn'."
+        )
     start = time.perf_counter()
     new_layers = {}
     for name in hf_logging.tqdm(list(targets), desc="hf_quant: quantizing", disable=not hf_logging.is_progress_bar_enabled()):

@@ -1,0 +1,78 @@
+"""GPTQ (Frantar et al., 2022): quantize one column at a time, pushing each column's error onto the
+columns not yet quantized through the inverse Hessian of the layer's reconstruction loss.
+
+For a layer y = W x with calibration inputs X (in x n), the loss ||W X - W_hat X||^2 has Hessian
+H = 2 X X^T (per output row). Quantizing column q and updating the rest optimally (OBS, eq. 3):
+    err = (w_q - quant(w_q)) / [H^-1]_qq,   W[:, q:] -= err * [H^-1]_{q, q:}
+GPTQ takes the upper Cholesky factor of H^-1 (whose rows give exactly these updates in a fixed
+column order), and applies them lazily in blocks of `block_size` columns (Section 3, "Lazy Batch-Updates").
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import LayerSpec
+from . import QuantizedWeight, grid, register_method
+
+
+def hessian_inverse_cholesky(H: torch.Tensor, damp_percent: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1 (fp32)."""
+    H = H.clone().float()
+    damp = damp_percent * torch.mean(torch.diag(H))
+    H.diagonal().add_(damp)
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.cholesky_inverse(L)
+    return torch.linalg.cholesky(Hinv, upper=True)
+
+
+@register_method("gptq", needs_calibration=True)
+def quantize_gptq(
+    W: torch.Tensor,
+    spec: LayerSpec,
+    scale_dtype: torch.dtype,
+    H: torch.Tensor,
+    block_size: int = 128,
+    damp_percent: float = 0.01,
+) -> QuantizedWeight:
+    """GPTQ of `W` (out, in) given the Hessian `H` (in, in) of its calibration inputs."""
+    W = W.clone().float()
+    H = H.clone().float()
+    out_f, in_f = W.shape
+    dead = torch.diag(H) == 0  # inputs that were always zero: any value works, quantize zeros
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    Hinv = hessian_inverse_cholesky(H, damp_percent)
+
+    gs = spec.effective_group_size(in_f)
+    n_groups = spec.groups(in_f)
+    scale = torch.empty(out_f, n_groups)
+    zero = torch.empty(out_f, n_groups)
+    codes = torch.empty(out_f, in_f)
+
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % gs == 0:  # a new group: its grid from the current (already updated) weights
+                g = col // gs
+                Wg = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
+                scale[:, g], zero[:, g] = grid.find_params(Wg, spec, scale_dtype)
+            g = col // gs
+            w = W1[:, i]
+            q = grid.quantize(w.unsqueeze(-1), scale[:, g], zero[:, g], spec.maxq).squeeze(-1)
+            codes[:, col] = q
+            w_hat = (q - zero[:, g]) * scale[:, g]
+            err = (w - w_hat) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    return QuantizedWeight(
+        codes=codes.to(torch.uint8),
+        scale=scale.to(scale_dtype),
+        zero=None if spec.sym else zero.to(torch.uint8),
+    )
