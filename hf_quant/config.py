@@ -7,6 +7,7 @@ re-validates it (and refuses one written by a newer, incompatible hf_quant).
 from __future__ import annotations
 
 import copy
+import inspect
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -77,6 +78,12 @@ class QuantConfig(QuantizationConfigMixin):
             a key prefixed with "-:" keeps matching modules in float.
         on_incompatible: "error" (default) or "skip" (warn and keep in float) for layers whose
             in_features does not fit the group size.
+        dataset: calibration data for methods that need it (GPTQ): a list of strings, of token-id
+            tensors or of dicts with "input_ids", a `datasets.Dataset`, or None for the packaged
+            public-domain text. Not saved.
+        num_samples, seq_len, seed: calibration windows drawn from `dataset` (without overlap).
+        damp_percent, block_size: GPTQ's Hessian dampening (fraction of its mean diagonal) and
+            lazy-update block width.
         format_version: on-disk layout version; set by hf_quant, checked when loading.
     """
 
@@ -89,6 +96,12 @@ class QuantConfig(QuantizationConfigMixin):
         modules_to_not_convert: list[str] | None = None,
         dynamic: dict[str, dict[str, Any]] | None = None,
         on_incompatible: str = "error",
+        dataset: Any = None,
+        num_samples: int = 128,
+        seq_len: int = 512,
+        seed: int = 0,
+        damp_percent: float = 0.01,
+        block_size: int = 128,
         format_version: int = FORMAT_VERSION,
         **kwargs: Any,
     ) -> None:
@@ -96,10 +109,8 @@ class QuantConfig(QuantizationConfigMixin):
         if quant_method != QUANT_METHOD:
             raise ValueError(f"QuantConfig.quant_method must be {QUANT_METHOD!r}, got {quant_method!r}.")
         if kwargs:
-            raise ValueError(
-                f"QuantConfig got unknown field(s) {sorted(kwargs)}; known fields: "
-                f"{sorted(['method', 'bits', 'group_size', 'sym', 'modules_to_not_convert', 'dynamic', 'on_incompatible', 'format_version'])}."
-            )
+            known = [p for p in inspect.signature(QuantConfig.__init__).parameters if p not in ("self", "kwargs")]
+            raise ValueError(f"QuantConfig got unknown field(s) {sorted(kwargs)}; known fields: {sorted(known)}.")
         self.quant_method = QUANT_METHOD
         self.method = method
         self.bits = bits
@@ -108,6 +119,12 @@ class QuantConfig(QuantizationConfigMixin):
         self.modules_to_not_convert = None if modules_to_not_convert is None else list(modules_to_not_convert)
         self.dynamic = None if dynamic is None else copy.deepcopy(dict(dynamic))
         self.on_incompatible = on_incompatible
+        self.dataset = dataset  # used while calibrating; never serialized
+        self.num_samples = num_samples
+        self.seq_len = seq_len
+        self.seed = seed
+        self.damp_percent = damp_percent
+        self.block_size = block_size
         self.format_version = format_version
         self.post_init()
 
@@ -134,6 +151,15 @@ class QuantConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"QuantConfig.on_incompatible={self.on_incompatible!r}; use one of {list(ON_INCOMPATIBLE)}."
             )
+        for field in ("num_samples", "seq_len", "block_size"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"QuantConfig.{field}={v!r} must be a positive integer.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"QuantConfig.seed={self.seed!r} must be an integer.")
+        dp = self.damp_percent
+        if isinstance(dp, bool) or not isinstance(dp, (int, float)) or not 0 < dp < 1:
+            raise ValueError(f"QuantConfig.damp_percent={dp!r} must be a number in (0, 1), e.g. 0.01.")
         mods = self.modules_to_not_convert
         if mods is not None and not all(isinstance(m, str) for m in mods):
             raise ValueError("QuantConfig.modules_to_not_convert must be a list of module names (strings).")
@@ -184,7 +210,7 @@ class QuantConfig(QuantizationConfigMixin):
         return LayerSpec(**fields)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if not k.startswith("_")}
+        d = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if not k.startswith("_") and k != "dataset"}
         d["quant_method"] = QUANT_METHOD
         return d
 

@@ -61,8 +61,76 @@ def test_dead_inputs_and_determinism():
     assert torch.all(dequant(a, spec, W.shape)[:, 5].abs() <= a.scale.float()[:, 0] / 2 + 1e-6)
 
 
-def test_gptq_in_from_pretrained_says_the_driver_is_missing(tiny_models):
+def _ids(n, seed=0):
+    return [torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(seed + i)) for i in range(n)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_gptq_in_from_pretrained_round_trips(tiny_models, tmp_path, input_ids, arch):
     from transformers import AutoModelForCausalLM
 
-    with pytest.raises(NotImplementedError, match="needs calibration data"):
-        AutoModelForCausalLM.from_pretrained(tiny_models["llama"], quantization_config=QuantConfig(method="gptq"))
+    from hf_quant import QuantLinear
+
+    cfg = QuantConfig(method="gptq", bits=4, group_size=32, dataset=_ids(12), num_samples=8, seq_len=32)
+    q = AutoModelForCausalLM.from_pretrained(tiny_models[arch], quantization_config=cfg)
+    layers = {n: m for n, m in q.named_modules() if isinstance(m, QuantLinear)}
+    assert len(layers) == (14 if arch == "llama" else 8)
+    q.save_pretrained(tmp_path)
+    saved = (tmp_path / "config.json").read_text()
+    assert '"method": "gptq"' in saved and "dataset" not in saved
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(again(input_ids).logits, q(input_ids).logits)
+
+
+def test_gptq_is_deterministic_and_differs_from_rtn(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    def run(method, seed=0):
+        cfg = QuantConfig(method=method, bits=3, group_size=32, dataset=_ids(12), num_samples=8, seq_len=32, seed=seed)
+        return AutoModelForCausalLM.from_pretrained(tiny_models["llama"], quantization_config=cfg).state_dict()
+
+    a, b, r = run("gptq"), run("gptq"), run("rtn")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["model.layers.1.mlp.down_proj.qweight"], r["model.layers.1.mlp.down_proj.qweight"])
+
+
+def test_too_little_calibration_data(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    cfg = QuantConfig(method="gptq", dataset=_ids(2), num_samples=8, seq_len=32)
+    with pytest.raises(ValueError, match=r"has 80 tokens, but num_samples=8 x seq_len=32 needs at least 256"):
+        AutoModelForCausalLM.from_pretrained(tiny_models["llama"], quantization_config=cfg)
+
+
+def test_failed_calibration_restores_the_model(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    from hf_quant import QuantLinear
+    from hf_quant.calibration import quantize_model
+    from hf_quant.nn.convert import find_targets
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    cfg = QuantConfig(method="gptq", dataset=_ids(12), num_samples=8, seq_len=32)
+    with pytest.raises(ValueError, match="model.layers.1.mlp.down_proj: weight has 1 NaN/inf"):
+        quantize_model(model, cfg, find_targets(model, cfg, ["lm_head"]))
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def test_gptq_beats_rtn_on_tiny_llama_packaged_text():
+    """Real trained model, default (packaged) calibration text, 3 bits: GPTQ below RTN."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import hf_quant
+
+    from .conftest import TINY_LLAMA
+
+    tok = AutoTokenizer.from_pretrained(TINY_LLAMA)
+    ppl = {}
+    for method in ("rtn", "gptq"):
+        cfg = QuantConfig(method=method, bits=3, group_size=128, num_samples=32, seq_len=256)
+        model = AutoModelForCausalLM.from_pretrained(TINY_LLAMA, dtype=torch.bfloat16, quantization_config=cfg)
+        ppl[method] = hf_quant.eval.perplexity(model, tok, max_windows=16)
+    assert ppl["gptq"] < ppl["rtn"], ppl

@@ -1,7 +1,7 @@
 """Drives a quantization method over a model's layers.
 
 Data-free methods (RTN) quantize each target layer from its weight alone. Methods that need
-activation statistics plug into the block-wise driver (not part of this release yet).
+activation statistics (GPTQ) run through the block-wise driver in `blockwise.py`.
 """
 
 from __future__ import annotations
@@ -37,18 +37,24 @@ def quantize_layer(name: str, module: nn.Module, spec: LayerSpec, method: str, *
 
 
 def quantize_model(model: nn.Module, config: QuantConfig, targets: dict[str, LayerSpec]) -> None:
-    """Replace every target layer of `model` in place. All layers are checked before any is swapped,
-    so a failure leaves the model as it was."""
+    """Replace every target layer of `model` in place. On any failure the original layers are put
+    back, so the model is left as it was."""
     method = get_method(config.method)
-    if method.needs_calibration:
-        raise NotImplementedError(
-            f"QuantConfig.method={config.method!r} needs calibration data and the block-wise calibration "
-            "driver, which this release does not have yet; use method='rtn'."
-        )
     start = time.perf_counter()
+    originals = {name: model.get_submodule(name) for name in targets}
+    if method.needs_calibration:
+        from .blockwise import quantize_blockwise
+
+        try:
+            quantize_blockwise(model, config, targets)
+        except BaseException:
+            for name, module in originals.items():
+                set_module(model, name, module)
+            raise
+        return
     new_layers = {}
     for name in hf_logging.tqdm(list(targets), desc="hf_quant: quantizing", disable=not hf_logging.is_progress_bar_enabled()):
-        new_layers[name] = quantize_layer(name, model.get_submodule(name), targets[name], config.method)
+        new_layers[name] = quantize_layer(name, originals[name], targets[name], config.method)
     for name, layer in new_layers.items():
         set_module(model, name, layer)
     logger.info("hf_quant: %s quantized %d layers in %.1f s", config.method, len(targets), time.perf_counter() - start)

@@ -1,0 +1,49 @@
+"""Calibration data: whatever the user passes, turned into `num_samples` token windows of `seq_len`."""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+
+import torch
+
+
+def default_calibration_text() -> str:
+    """Public-domain text packaged with hf_quant (see data/README.md); no hub download."""
+    return resources.files("hf_quant").joinpath("data/calibration.txt").read_text(encoding="utf-8")
+
+
+def _token_stream(dataset: Any, tokenizer: Any) -> torch.Tensor:
+    if dataset is None:
+        dataset = [default_calibration_text()]
+    if hasattr(dataset, "column_names"):  # a datasets.Dataset
+        column = "input_ids" if "input_ids" in dataset.column_names else "text"
+        dataset = list(dataset[column])
+    if not isinstance(dataset, (list, tuple)) or not dataset:
+        raise ValueError("QuantConfig.dataset must be a non-empty list of strings, token-id tensors or dicts "
+                         "with 'input_ids', a datasets.Dataset, or None for the packaged text.")
+    pieces = []
+    for item in dataset:
+        if isinstance(item, dict):
+            item = item["input_ids"]
+        if isinstance(item, str):
+            if tokenizer is None:
+                raise ValueError("QuantConfig.dataset holds strings but no tokenizer could be loaded for the model; "
+                                 "pass token ids instead.")
+            item = tokenizer(item, return_tensors="pt").input_ids
+        pieces.append(torch.as_tensor(item, dtype=torch.long).reshape(-1))
+    return torch.cat(pieces)
+
+
+def calibration_windows(dataset: Any, tokenizer: Any, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """(num_samples, seq_len) token windows drawn without overlap, reproducibly from `seed`."""
+    ids = _token_stream(dataset, tokenizer)
+    n_windows = ids.numel() // seq_len
+    if n_windows < num_samples:
+        raise ValueError(
+            f"calibration data has {ids.numel()} tokens, but num_samples={num_samples} x seq_len={seq_len} "
+            f"needs at least {num_samples * seq_len}. Pass more text, or lower num_samples / seq_len."
+        )
+    windows = ids[: n_windows * seq_len].reshape(n_windows, seq_len)
+    g = torch.Generator().manual_seed(seed)
+    return windows[torch.randperm(n_windows, generator=g)[:num_samples].sort().values]
