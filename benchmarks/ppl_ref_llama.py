@@ -1,0 +1,69 @@
+"""Perplexity table on ref-llama: bf16 vs RTN vs GPTQ at several widths, baseline in the same run.
+
+    python benchmarks/ppl_ref_llama.py [--model ../shared/models/ref-llama] [--configs w4g128 w3g128 w2g64]
+
+Calibration: 128 windows x 512 tokens drawn from the first 97% of each file of ../shared/data/corpus
+(the part the model was trained on). Evaluation: held-out text (last 3% of each file, bundled as
+hf_quant/data/heldout.txt) and WikiText-2 test, all 512-token windows. Prints quantization seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import hf_quant
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def calibration_text(corpus: Path) -> list[str]:
+    texts = []
+    for f in sorted(corpus.glob("*.txt")):
+        t = f.read_text(encoding="utf-8")
+        texts.append(t[: int(len(t) * 0.97)])
+    return texts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=str(SHARED / "models" / "ref-llama"))
+    ap.add_argument("--configs", nargs="+", default=["w4g128", "w3g128", "w2g64"])
+    ap.add_argument("--methods", nargs="+", default=["rtn", "gptq"])
+    ap.add_argument("--num-samples", type=int, default=128)
+    args = ap.parse_args()
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    heldout = hf_quant.eval.bundled_text()
+    wiki = (SHARED / "data" / "wikitext-2" / "test.txt").read_text(encoding="utf-8")
+    calib = calibration_text(SHARED / "data" / "corpus")
+
+    def evaluate(model):
+        return hf_quant.eval.perplexity(model, tok, heldout), hf_quant.eval.perplexity(model, tok, wiki)
+
+    base = evaluate(AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16))
+    rows = [("bf16", "-", base, 0.0)]
+    for cfg_name in args.configs:
+        bits, gs = map(int, re.fullmatch(r"w(\d)g(-?\d+)", cfg_name).groups())
+        for method in args.methods:
+            cfg = hf_quant.QuantConfig(method=method, bits=bits, group_size=gs, dataset=calib,
+                                       num_samples=args.num_samples, seq_len=512)
+            start = time.perf_counter()
+            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16, quantization_config=cfg)
+            seconds = time.perf_counter() - start
+            rows.append((method, cfg_name, evaluate(model), seconds))
+            print(rows[-1], flush=True)
+
+    print(f"\n| method | config | held-out ppl | vs bf16 | WikiText-2 test ppl | quantize s |")
+    print("|---|---|---:|---:|---:|---:|")
+    for method, cfg_name, (h, w), s in rows:
+        print(f"| {method} | {cfg_name} | {h:.3f} | {h / base[0] - 1:+.2%} | {w:.2f} | {s:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
