@@ -75,12 +75,12 @@ def _tokenizer_for(model: nn.Module):
 
 
 @torch.no_grad()
-def quantize_blockwise(model: nn.Module, config: QuantConfig, targets: dict[str, LayerSpec]) -> dict[str, nn.Module]:
-    """Quantize `targets` block by block with `config.method`; returns {name: new layer} (already swapped)."""
+def quantize_blockwise(model: nn.Module, config: QuantConfig, targets: dict[str, LayerSpec]) -> None:
+    """Quantize `targets` block by block with `config.method`, swapping each block's layers in place."""
     from . import quantize_layer
 
     prefix, blocks = find_blocks(model)
-    windows = calibration_windows(config.dataset, _tokenizer_for(model) if config.dataset is None or _has_text(config.dataset) else None,
+    windows = calibration_windows(config.dataset, lambda: _tokenizer_for(model),
                                   config.num_samples, config.seq_len, config.seed)
     outside = [n for n in targets if not n.startswith(prefix + ".")]
     if outside:
@@ -90,14 +90,14 @@ def quantize_blockwise(model: nn.Module, config: QuantConfig, targets: dict[str,
         )
     start = time.perf_counter()
     inputs = capture_block_inputs(model, blocks[0], windows)
-    new_layers: dict[str, nn.Module] = {}
     bar = hf_logging.tqdm(range(len(blocks)), desc=f"hf_quant: {config.method}",
                           disable=not hf_logging.is_progress_bar_enabled())
     for idx in bar:
         block = blocks[idx]
         block_start = time.perf_counter()
         names = [n for n in targets if n.startswith(f"{prefix}.{idx}.")]
-        sums = {n: torch.zeros(linear_shape(model.get_submodule(n))[0], linear_shape(model.get_submodule(n))[0]) for n in names}
+        in_features = {n: linear_shape(model.get_submodule(n))[0] for n in names}
+        sums = {n: torch.zeros(k, k) for n, k in in_features.items()}
         rows = dict.fromkeys(names, 0)
 
         def make_hook(name: str):
@@ -119,14 +119,6 @@ def quantize_blockwise(model: nn.Module, config: QuantConfig, targets: dict[str,
             layer = quantize_layer(n, model.get_submodule(n), targets[n], config.method, H=H,
                                    block_size=config.block_size, damp_percent=config.damp_percent)
             set_module(model, n, layer)
-            new_layers[n] = layer
         inputs = [((_first_output(block(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
         logger.info("hf_quant: block %d: %d layers in %.1f s", idx, len(names), time.perf_counter() - block_start)
     logger.info("hf_quant: %s calibrated %d blocks in %.1f s", config.method, len(blocks), time.perf_counter() - start)
-    return new_layers
-
-
-def _has_text(dataset: Any) -> bool:
-    if hasattr(dataset, "column_names"):
-        return "input_ids" not in dataset.column_names
-    return isinstance(dataset, (list, tuple)) and any(isinstance(d, str) for d in dataset)

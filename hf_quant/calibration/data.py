@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from importlib import resources
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -13,7 +13,7 @@ def default_calibration_text() -> str:
     return resources.files("hf_quant").joinpath("data/calibration.txt").read_text(encoding="utf-8")
 
 
-def _token_stream(dataset: Any, tokenizer: Any) -> torch.Tensor:
+def _token_stream(dataset: Any, get_tokenizer: Callable[[], Any]) -> torch.Tensor:
     if dataset is None:
         dataset = [default_calibration_text()]
     if hasattr(dataset, "column_names"):  # a datasets.Dataset
@@ -22,11 +22,13 @@ def _token_stream(dataset: Any, tokenizer: Any) -> torch.Tensor:
     if not isinstance(dataset, (list, tuple)) or not dataset:
         raise ValueError("QuantConfig.dataset must be a non-empty list of strings, token-id tensors or dicts "
                          "with 'input_ids', a datasets.Dataset, or None for the packaged text.")
-    pieces = []
+    pieces, tokenizer, loaded = [], None, False
     for item in dataset:
         if isinstance(item, dict):
             item = item["input_ids"]
         if isinstance(item, str):
+            if not loaded:  # the tokenizer is loaded once, and only when text is met
+                tokenizer, loaded = get_tokenizer(), True
             if tokenizer is None:
                 raise ValueError("QuantConfig.dataset holds strings but no tokenizer could be loaded for the model; "
                                  "pass token ids instead.")
@@ -35,9 +37,14 @@ def _token_stream(dataset: Any, tokenizer: Any) -> torch.Tensor:
     return torch.cat(pieces)
 
 
-def calibration_windows(dataset: Any, tokenizer: Any, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
-    """(num_samples, seq_len) token windows drawn without overlap, reproducibly from `seed`."""
-    ids = _token_stream(dataset, tokenizer)
+def calibration_windows(
+    dataset: Any, get_tokenizer: Callable[[], Any], num_samples: int, seq_len: int, seed: int
+) -> torch.Tensor:
+    """(num_samples, seq_len) token windows drawn without overlap, reproducibly from `seed`.
+
+    `get_tokenizer()` is called only if the data holds text; it may return None (no tokenizer).
+    """
+    ids = _token_stream(dataset, get_tokenizer)
     n_windows = ids.numel() // seq_len
     if n_windows < num_samples:
         raise ValueError(
