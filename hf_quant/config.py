@@ -16,13 +16,15 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 QUANT_METHOD = "hf_quant"
 # Version of the on-disk layout (see README "On-disk format"). Bump on any incompatible change.
-FORMAT_VERSION = 1
+# 1: qweight/scales/qzeros.  2: adds the optional per-layer `g_idx` (act-order GPTQ); 1 still loads.
+FORMAT_VERSION = 2
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 ON_INCOMPATIBLE = ("error", "skip")
 _OVERRIDABLE = ("bits", "group_size", "sym")
 _SKIP_PREFIX = "-:"
 _MATCH_PREFIX = "+:"
+_RUNTIME_ONLY = ("dataset", "calibration_device")  # how to calibrate this run, not what was saved
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,8 @@ class LayerSpec:
     bits: int
     group_size: int  # -1: one group per output channel
     sym: bool
+    g_idx: bool = False  # stores a `g_idx` (group of each input channel): act-order GPTQ
+
 
     @property
     def maxq(self) -> int:
@@ -56,6 +60,16 @@ def _check_group_size(group_size: Any, field: str) -> None:
         raise ValueError(
             f"QuantConfig.{field}={group_size!r} is not supported; use -1 (one group per output channel) "
             "or a power of two >= 16 (e.g. 32, 64, 128)."
+        )
+
+
+def _check_format_version(fv: Any) -> None:
+    if isinstance(fv, bool) or not isinstance(fv, int) or fv < 1:
+        raise ValueError(f"QuantConfig.format_version={fv!r} must be a positive integer.")
+    if fv > FORMAT_VERSION:
+        raise ValueError(
+            f"This checkpoint uses hf_quant format_version {fv}, but the installed hf_quant reads "
+            f"format_version <= {FORMAT_VERSION}. Upgrade: pip install -U hf_quant."
         )
 
 
@@ -84,6 +98,20 @@ class QuantConfig(QuantizationConfigMixin):
         num_samples, seq_len, seed: calibration windows drawn from `dataset` (without overlap).
         damp_percent, block_size: GPTQ's Hessian dampening (fraction of its mean diagonal) and
             lazy-update block width.
+        desc_act: GPTQ's act-order: quantize input channels by decreasing Hessian diagonal. Groups
+            then follow that order, so layers store a `g_idx` (unless `static_groups`).
+        static_groups: with `desc_act`, fix every group's grid from the unquantized weights in the
+            natural channel order first, so no `g_idx` is needed (kernels run as without act-order).
+        true_sequential: inside a block, quantize layers in the order the forward pass reaches them
+            (q/k/v, then o, then gate/up, then down), each calibrated on the outputs of the
+            already-quantized layers before it. False: all from the float block in one pass.
+        mse: search a clipped grid per group (shrink the range in 1% steps down to 20%, keep the one
+            with the least |w - w_hat|^2.4), as GPTQ's reference `mse` option; RTN and GPTQ.
+        block_name_to_quantize: dotted name of the nn.ModuleList of decoder blocks; None finds it
+            (optimum's block patterns, then the ModuleList of num_hidden_layers modules).
+        calibration_device: where each block is calibrated ("cuda", "cuda:1", "cpu"); None = the
+            first GPU if there is one, else the model's device. Blocks move there one at a time,
+            cached activations stay on the model's device. Not saved.
         format_version: on-disk layout version; set by hf_quant, checked when loading.
     """
 
@@ -102,9 +130,16 @@ class QuantConfig(QuantizationConfigMixin):
         seed: int = 0,
         damp_percent: float = 0.01,
         block_size: int = 128,
+        desc_act: bool = False,
+        static_groups: bool = False,
+        true_sequential: bool = True,
+        mse: bool = False,
+        block_name_to_quantize: str | None = None,
+        calibration_device: str | None = None,
         format_version: int = FORMAT_VERSION,
         **kwargs: Any,
     ) -> None:
+        _check_format_version(format_version)  # first: a newer checkpoint may carry fields we do not know
         quant_method = kwargs.pop("quant_method", QUANT_METHOD)
         if quant_method != QUANT_METHOD:
             raise ValueError(f"QuantConfig.quant_method must be {QUANT_METHOD!r}, got {quant_method!r}.")
@@ -125,28 +160,40 @@ class QuantConfig(QuantizationConfigMixin):
         self.seed = seed
         self.damp_percent = damp_percent
         self.block_size = block_size
+        self.desc_act = desc_act
+        self.static_groups = static_groups
+        self.true_sequential = true_sequential
+        self.mse = mse
+        self.block_name_to_quantize = block_name_to_quantize
+        self.calibration_device = calibration_device  # runtime choice; never serialized
         self.format_version = format_version
         self.post_init()
 
     def post_init(self) -> None:
         """Validate every field; raise a `ValueError` naming the field and the allowed values."""
-        from .algorithms import available_methods
+        from .algorithms import available_methods, get_method
 
-        fv = self.format_version
-        if isinstance(fv, bool) or not isinstance(fv, int) or fv < 1:
-            raise ValueError(f"QuantConfig.format_version={fv!r} must be a positive integer.")
-        if fv > FORMAT_VERSION:
-            raise ValueError(
-                f"This checkpoint uses hf_quant format_version {fv}, but the installed hf_quant reads "
-                f"format_version <= {FORMAT_VERSION}. Upgrade: pip install -U hf_quant."
-            )
+        _check_format_version(self.format_version)
         if not isinstance(self.method, str) or self.method not in available_methods():
             raise ValueError(
                 f"QuantConfig.method={self.method!r} is unknown; available methods: {available_methods()}."
             )
+        for field in ("sym", "desc_act", "static_groups", "true_sequential", "mse"):
+            _check_bool(getattr(self, field), field)
+        if (self.desc_act or self.static_groups) and not get_method(self.method).act_order:
+            field = "desc_act" if self.desc_act else "static_groups"
+            users = [m for m in available_methods() if get_method(m).act_order]
+            raise ValueError(
+                f"QuantConfig.{field}=True has no meaning for method={self.method!r}; it applies to {users}."
+            )
         _check_bits(self.bits, "bits")
         _check_group_size(self.group_size, "group_size")
-        _check_bool(self.sym, "sym")
+        if self.block_name_to_quantize is not None and not isinstance(self.block_name_to_quantize, str):
+            raise ValueError(
+                f"QuantConfig.block_name_to_quantize={self.block_name_to_quantize!r} must be a module name "
+                "such as 'model.layers', or None to find it."
+            )
+        self._check_calibration_device()
         if self.on_incompatible not in ON_INCOMPATIBLE:
             raise ValueError(
                 f"QuantConfig.on_incompatible={self.on_incompatible!r}; use one of {list(ON_INCOMPATIBLE)}."
@@ -164,6 +211,19 @@ class QuantConfig(QuantizationConfigMixin):
         if mods is not None and not all(isinstance(m, str) for m in mods):
             raise ValueError("QuantConfig.modules_to_not_convert must be a list of module names (strings).")
         self._compiled_dynamic = self._validate_dynamic(self.dynamic)
+
+    def _check_calibration_device(self) -> None:
+        dev = self.calibration_device
+        if dev is None:
+            return
+        import torch
+
+        try:
+            torch.device(dev)
+        except (RuntimeError, TypeError):
+            raise ValueError(
+                f"QuantConfig.calibration_device={dev!r} is not a device; use e.g. 'cuda', 'cuda:0', 'cpu' or None."
+            ) from None
 
     @staticmethod
     def _validate_dynamic(dynamic: dict | None) -> list[tuple[re.Pattern, dict | None]]:
@@ -207,10 +267,12 @@ class QuantConfig(QuantizationConfigMixin):
                     return None
                 fields.update(overrides)
                 break
+        # act-order regroups channels unless the groups were fixed in natural order first
+        fields["g_idx"] = self.desc_act and not self.static_groups and fields["group_size"] != -1
         return LayerSpec(**fields)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if not k.startswith("_") and k != "dataset"}
+        d = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if not k.startswith("_") and k not in _RUNTIME_ONLY}
         d["quant_method"] = QUANT_METHOD
         return d
 

@@ -62,7 +62,7 @@ def quantized_size_on_disk(model: torch.nn.Module, checkpoint_dir: str) -> tuple
     packed = 0
     for key, entry in entries.items():
         module, _, tensor = key.rpartition(".")
-        if module in layers and tensor in ("qweight", "scales", "qzeros"):
+        if module in layers and tensor in ("qweight", "scales", "qzeros", "g_idx"):
             start, end = entry["data_offsets"]
             packed += end - start
     bf16 = sum(2 * m.in_features * m.out_features for m in layers.values())

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import hf_quant  # noqa: F401  (registers the quantizer)
 
@@ -30,10 +30,22 @@ def tiny_gpt2_config(**kw) -> GPT2Config:
     return GPT2Config(**cfg)
 
 
+def tiny_qwen2_config(**kw) -> Qwen2Config:
+    """Qwen2: Llama-like blocks with biased q/k/v projections."""
+    cfg = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+    cfg.update(kw)
+    return Qwen2Config(**cfg)
+
+
+_ARCHS = {"llama": (LlamaForCausalLM, tiny_llama_config), "gpt2": (GPT2LMHeadModel, tiny_gpt2_config),
+          "qwen2": (Qwen2ForCausalLM, tiny_qwen2_config)}
+
+
 def save_random_model(path: Path, arch: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0, **kw) -> Path:
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config(**kw)) if arch == "llama" else GPT2LMHeadModel(tiny_gpt2_config(**kw))
-    model.to(dtype).save_pretrained(path)
+    cls, config = _ARCHS[arch]
+    cls(config(**kw)).to(dtype).save_pretrained(path)
     return path
 
 
@@ -44,6 +56,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return {
         "llama": save_random_model(root / "llama", "llama"),
         "gpt2": save_random_model(root / "gpt2", "gpt2"),
+        "qwen2": save_random_model(root / "qwen2", "qwen2"),
         "llama-fp32": save_random_model(root / "llama-fp32", "llama", dtype=torch.float32),
     }
 

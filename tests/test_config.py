@@ -33,6 +33,14 @@ def test_defaults_and_json_round_trip():
         (dict(modules_to_not_convert=[1]), ["modules_to_not_convert"]),
         (dict(bogus=1), ["unknown field", "bogus"]),
         (dict(quant_method="gptq"), ["quant_method"]),
+        (dict(method="rtn", desc_act=True), ["desc_act=True", "method='rtn'", "gptq"]),
+        (dict(method="rtn", static_groups=True), ["static_groups=True", "gptq"]),
+        (dict(method="gptq", desc_act="yes"), ["desc_act='yes'"]),
+        (dict(true_sequential=1), ["true_sequential=1"]),
+        (dict(mse=None), ["mse=None"]),
+        (dict(block_name_to_quantize=3), ["block_name_to_quantize=3"]),
+        (dict(calibration_device="gpu0"), ["calibration_device='gpu0'", "cuda"]),
+        (dict(format_version=FORMAT_VERSION + 1, future_field=1), ["format_version", "pip install -U hf_quant"]),
     ],
 )
 def test_bad_fields_raise_naming_the_field(kwargs, words):
@@ -56,3 +64,16 @@ def test_layer_spec_groups():
     assert (s.maxq, s.groups(512), s.effective_group_size(512)) == (15, 4, 128)
     s = LayerSpec(3, -1, False)
     assert (s.maxq, s.groups(512), s.effective_group_size(512)) == (7, 1, 512)
+
+
+def test_act_order_layer_spec_and_runtime_fields_not_saved():
+    cfg = QuantConfig(method="gptq", desc_act=True, group_size=64, calibration_device="cpu", dataset=["x"],
+                      dynamic={"down": {"group_size": -1}})
+    assert cfg.layer_spec("mlp.up_proj") == LayerSpec(4, 64, False, g_idx=True)
+    assert cfg.layer_spec("mlp.down_proj") == LayerSpec(4, -1, False)  # one group: nothing to reorder
+    static = QuantConfig(method="gptq", desc_act=True, static_groups=True)
+    assert not static.layer_spec("mlp.up_proj").g_idx
+    d = cfg.to_dict()
+    assert "calibration_device" not in d and "dataset" not in d
+    assert d["desc_act"] is True and d["true_sequential"] is True and d["mse"] is False
+    assert QuantConfig.from_dict(d).layer_spec("mlp.up_proj").g_idx

@@ -16,7 +16,12 @@ def make_layer(out_f, in_f, spec, bias, dtype=torch.bfloat16, seed=0):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(out_f, in_f, generator=g) * 0.05
     b = torch.randn(out_f, generator=g) if bias else None
-    qw = get_method("rtn").quantize(W, spec, dtype)
+    if spec.g_idx:  # act-order: GPTQ with a Hessian whose diagonal shuffles the channel order
+        H = torch.diag(torch.rand(in_f, generator=g) + 0.5)
+        qw = get_method("gptq").quantize(W, spec, dtype, H=H, desc_act=True)
+        assert not torch.equal(qw.g_idx, torch.arange(in_f) // spec.group_size)
+    else:
+        qw = get_method("rtn").quantize(W, spec, dtype)
     return QuantLinear.from_quantized(qw, spec, b), qw
 
 
@@ -29,15 +34,17 @@ def rel_err(a, b):
     bits=st.sampled_from([2, 3, 4, 8]),
     group_size=st.sampled_from([-1, 16, 32, 64, 128, 256]),
     sym=st.booleans(),
+    act_order=st.booleans(),
     bias=st.booleans(),
     k_mult=st.integers(1, 6),
     out_f=st.integers(1, 96),
     m=st.sampled_from([1, 2, 5, 17, 64]),
     seed=st.integers(0, 1000),
 )
-def test_fast_path_matches_reference_fp32(bits, group_size, sym, bias, k_mult, out_f, m, seed):
+def test_fast_path_matches_reference_fp32(bits, group_size, sym, act_order, bias, k_mult, out_f, m, seed):
     in_f = k_mult * (256 if group_size == -1 else group_size)
-    layer, _ = make_layer(out_f, in_f, LayerSpec(bits, group_size, sym), bias, seed=seed)
+    act_order = act_order and in_f > group_size > 0
+    layer, _ = make_layer(out_f, in_f, LayerSpec(bits, group_size, sym, act_order), bias, seed=seed)
     x = torch.randn(m, in_f, generator=torch.Generator().manual_seed(seed + 1))
     with kernels.use_kernel("reference"):
         ref = layer(x)
@@ -50,8 +57,12 @@ def test_fast_path_matches_reference_fp32(bits, group_size, sym, bias, k_mult, o
                                                       (4, -1, "cpu_int4"), (8, -1, "cpu_int8")])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("sym", [True, False])
-def test_fast_path_half_precision_and_3d_inputs(bits, group_size, kernel, dtype, sym):
-    layer, _ = make_layer(80, 512, LayerSpec(bits, group_size, sym), bias=True, dtype=dtype, seed=bits)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_fast_path_half_precision_and_3d_inputs(bits, group_size, kernel, dtype, sym, act_order):
+    if act_order and group_size == -1:
+        pytest.skip("per-channel layers have one group: act-order stores no g_idx")
+    spec = LayerSpec(bits, group_size, sym, act_order)
+    layer, _ = make_layer(80, 512, spec, bias=True, dtype=dtype, seed=bits)
     x = torch.randn(3, 7, 512, dtype=dtype)
     assert kernels.select_kernel(layer, x).name == kernel
     with kernels.use_kernel("reference"):
@@ -122,6 +133,34 @@ def test_reference_equals_independent_dequantization(bits, sym):
     x = torch.randn(5, 256)
     with kernels.use_kernel("reference"):
         assert torch.allclose(layer(x), x @ W_hat.t(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+def test_act_order_reference_equals_per_channel_lookup(bits, sym):
+    """With g_idx, input channel i is dequantized on the grid of group g_idx[i]."""
+    spec = LayerSpec(bits, 32, sym, g_idx=True)
+    layer, qw = make_layer(24, 128, spec, bias=False, dtype=torch.float32, seed=bits)
+    zero = qw.zero.float() if qw.zero is not None else torch.full(qw.scale.shape, 2.0 ** (bits - 1))
+    W_hat = torch.empty(24, 128)
+    for i in range(128):
+        g = int(qw.g_idx[i])
+        W_hat[:, i] = (qw.codes[:, i].float() - zero[:, g]) * qw.scale[:, g]
+    assert torch.equal(layer.dequantize(), W_hat)
+    assert torch.equal(torch.bincount(qw.g_idx.long()), torch.full((4,), 32))
+    x = torch.randn(3, 128)
+    with kernels.use_kernel("reference"):
+        assert torch.allclose(layer(x), x @ W_hat.t(), rtol=1e-5, atol=1e-6)
+    with kernels.use_kernel("dequant_matmul"):
+        assert torch.allclose(layer(x), x @ W_hat.t(), rtol=1e-5, atol=1e-6)
+
+
+def test_invalid_g_idx_is_refused():
+    spec = LayerSpec(4, 32, False, g_idx=True)
+    layer, qw = make_layer(16, 128, spec, bias=False)
+    qw.g_idx = torch.zeros(128, dtype=torch.int32)  # every channel in group 0
+    with pytest.raises(ValueError, match="g_idx.*group_size=32"):
+        QuantLinear.from_quantized(qw, spec, None)
 
 
 def test_kernel_cache_follows_buffer_changes():

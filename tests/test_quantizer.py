@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 import hf_quant
-from hf_quant import QuantConfig, QuantLinear, kernels
+from hf_quant import FORMAT_VERSION, QuantConfig, QuantLinear, kernels
 
 from .conftest import save_random_model
 
@@ -44,7 +44,7 @@ def test_round_trip_bit_identical(tiny_models, tmp_path, input_ids, arch, bits, 
     before = logits(q, input_ids)
     q.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
-    assert saved["quant_method"] == "hf_quant" and saved["bits"] == bits and saved["format_version"] == 1
+    assert saved["quant_method"] == "hf_quant" and saved["bits"] == bits and saved["format_version"] == FORMAT_VERSION
     again = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert {n: m.spec for n, m in quant_layers(again).items()} == {n: m.spec for n, m in layers.items()}
     assert torch.equal(logits(again, input_ids), before)
@@ -155,6 +155,21 @@ def test_newer_format_version_is_refused(saved_quantized):
         AutoModelForCausalLM.from_pretrained(saved_quantized)
 
 
+def test_format_version_1_checkpoint_still_loads(saved_quantized, input_ids, tmp_path):
+    import shutil
+
+    old = tmp_path / "v1"
+    shutil.copytree(saved_quantized, old)
+    cfg = json.loads((old / "config.json").read_text())
+    q = cfg["quantization_config"]
+    v1_fields = {"quant_method", "method", "bits", "group_size", "sym", "modules_to_not_convert", "dynamic",
+                 "on_incompatible", "num_samples", "seq_len", "seed", "damp_percent", "block_size"}
+    cfg["quantization_config"] = {**{k: v for k, v in q.items() if k in v1_fields}, "format_version": 1}
+    (old / "config.json").write_text(json.dumps(cfg))
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(old), input_ids),
+                       logits(AutoModelForCausalLM.from_pretrained(saved_quantized), input_ids))
+
+
 def test_malformed_quantization_config_is_refused(saved_quantized):
     cfg_path = saved_quantized / "config.json"
     cfg = json.loads(cfg_path.read_text())
@@ -248,14 +263,8 @@ def test_reload_with_device_map(saved_quantized, input_ids):
     assert torch.equal(logits(mapped, input_ids), logits(plain, input_ids))
 
 
-def test_qwen2_with_biased_projections_round_trips(tmp_path, input_ids):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    Qwen2ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "f")
-    q = quantize(tmp_path / "f", bits=4, group_size=64)
+def test_qwen2_with_biased_projections_round_trips(tiny_models, tmp_path, input_ids):
+    q = quantize(tiny_models["qwen2"], bits=4, group_size=64)
     q_proj = q.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, QuantLinear) and q_proj.bias is not None and q_proj.bias.dtype == torch.bfloat16
     q.save_pretrained(tmp_path / "q")

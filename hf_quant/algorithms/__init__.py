@@ -22,11 +22,13 @@ class QuantizedWeight:
     codes: uint8 (out, in), values in [0, maxq]; `W_hat = (codes - zero) * scale` per group.
     scale: (out, n_groups) in the dtype it will be stored in (codes were rounded against it).
     zero:  uint8 (out, n_groups) integer zero points, or None for a symmetric grid.
+    g_idx: int32 (in,) group of each input channel when groups are not contiguous (act-order), else None.
     """
 
     codes: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor | None
+    g_idx: torch.Tensor | None = None
 
 
 class Method(Protocol):
@@ -40,19 +42,32 @@ class Method(Protocol):
 class _Registered:
     name: str
     needs_calibration: bool
+    act_order: bool
+    options: tuple[str, ...]
     quantize: Callable[..., QuantizedWeight]
+
+    def options_from(self, config) -> dict:
+        """The QuantConfig fields this method takes as keyword arguments."""
+        return {k: getattr(config, k) for k in self.options}
 
 
 _METHODS: dict[str, _Registered] = {}
 
 
-def register_method(name: str, *, needs_calibration: bool) -> Callable:
-    """Decorator registering `fn(W, spec, scale_dtype, **stats) -> QuantizedWeight` under `name`."""
+def register_method(
+    name: str, *, needs_calibration: bool, act_order: bool = False, options: tuple[str, ...] = ()
+) -> Callable:
+    """Decorator registering `fn(W, spec, scale_dtype, **stats) -> QuantizedWeight` under `name`.
+
+    needs_calibration: the method takes a Hessian `H` from the block-wise driver.
+    act_order: the method honours `desc_act`/`static_groups` and returns a `g_idx` when `spec.g_idx`.
+    options: names of `QuantConfig` fields passed to `fn` as keyword arguments.
+    """
 
     def deco(fn: Callable[..., QuantizedWeight]) -> Callable[..., QuantizedWeight]:
         if name in _METHODS:
             raise ValueError(f"quantization method {name!r} is already registered")
-        _METHODS[name] = _Registered(name, needs_calibration, fn)
+        _METHODS[name] = _Registered(name, needs_calibration, act_order, tuple(options), fn)
         return fn
 
     return deco

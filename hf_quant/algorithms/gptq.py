@@ -26,7 +26,8 @@ def hessian_inverse_cholesky(H: torch.Tensor, damp_percent: float) -> torch.Tens
     return torch.linalg.cholesky(Hinv, upper=True)
 
 
-@register_method("gptq", needs_calibration=True)
+@register_method("gptq", needs_calibration=True, act_order=True,
+                 options=("block_size", "damp_percent", "desc_act", "static_groups", "mse"))
 def quantize_gptq(
     W: torch.Tensor,
     spec: LayerSpec,
@@ -34,22 +35,45 @@ def quantize_gptq(
     H: torch.Tensor,
     block_size: int = 128,
     damp_percent: float = 0.01,
+    desc_act: bool = False,
+    static_groups: bool = False,
+    mse: bool = False,
 ) -> QuantizedWeight:
-    """GPTQ of `W` (out, in) given the Hessian `H` (in, in) of its calibration inputs."""
+    """GPTQ of `W` (out, in) given the Hessian `H` (in, in) of its calibration inputs.
+
+    desc_act ("act-order", Section 4 of the paper's code release): process input channels by
+    decreasing diag(H), so the channels with the largest activations are quantized first, while the
+    most columns remain to absorb their error. Groups are then formed in that order and returned as
+    `g_idx`, unless `static_groups` fixes each natural-order group's grid from the unquantized W first.
+    """
     W = W.clone().float()
     H = H.clone().float()
     out_f, in_f = W.shape
+    if desc_act and not static_groups and spec.groups(in_f) > 1 and not spec.g_idx:
+        raise ValueError("GPTQ with desc_act regroups channels: the layer spec must store a g_idx "
+                         "(QuantConfig.layer_spec sets it), or use static_groups=True.")
     dead = torch.diag(H) == 0  # inputs that were always zero: any value works, quantize zeros
     H[dead, dead] = 1
     W[:, dead] = 0
-    Hinv = hessian_inverse_cholesky(H, damp_percent)
 
     gs = spec.effective_group_size(in_f)
     n_groups = spec.groups(in_f)
-    scale = torch.empty(out_f, n_groups)
-    zero = torch.empty(out_f, n_groups)
-    codes = torch.empty(out_f, in_f)
+    scale = torch.empty(out_f, n_groups, device=W.device)
+    zero = torch.empty(out_f, n_groups, device=W.device)
+    if static_groups:  # every grid from the original weights, in natural channel order
+        Wg = grid.group(W, spec)
+        scale[:], zero[:] = grid.find_params(Wg, spec, scale_dtype, mse)
 
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if desc_act else None
+    if perm is not None:
+        W = W[:, perm]
+        H = H[perm][:, perm]
+    Hinv = hessian_inverse_cholesky(H, damp_percent)
+    # group of the channel at each processing position
+    natural = torch.arange(in_f, device=W.device)
+    group_of = (perm if perm is not None and static_groups else natural) // gs
+
+    codes = torch.empty(out_f, in_f, device=W.device)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         W1 = W[:, i1:i2].clone()
@@ -57,11 +81,10 @@ def quantize_gptq(
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if col % gs == 0:  # a new group: its grid from the current (already updated) weights
-                g = col // gs
+            g = int(group_of[col])
+            if not static_groups and col % gs == 0:  # a new group: its grid from the updated weights
                 Wg = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
-                scale[:, g], zero[:, g] = grid.find_params(Wg, spec, scale_dtype)
-            g = col // gs
+                scale[:, g], zero[:, g] = grid.find_params(Wg, spec, scale_dtype, mse)
             w = W1[:, i]
             q = grid.quantize(w.unsqueeze(-1), scale[:, g], zero[:, g], spec.maxq).squeeze(-1)
             codes[:, col] = q
@@ -71,8 +94,15 @@ def quantize_gptq(
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
+    g_idx = None
+    if perm is not None:
+        inv = torch.argsort(perm)
+        codes = codes[:, inv]  # back to natural channel order
+        if spec.g_idx:
+            g_idx = group_of[inv].to(torch.int32)  # channel perm[j] was in group j // gs
     return QuantizedWeight(
         codes=codes.to(torch.uint8),
         scale=scale.to(scale_dtype),
         zero=None if spec.sym else zero.to(torch.uint8),
+        g_idx=g_idx,
     )

@@ -12,13 +12,22 @@ import torch
 from ..config import LayerSpec
 
 
-def find_params(Wg: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+# The clipping search of GPTQ's reference quantizer (`mse=True`): shrink factors 1, 0.99, ..., 0.21
+# of the range, error measured as sum |w - w_hat|^2.4 per group.
+MSE_GRID = 100
+MSE_MAX_SHRINK = 0.8
+MSE_NORM = 2.4
+
+
+def find_params(
+    Wg: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype, mse: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row scale and zero for grouped weights `Wg` (..., group), fp32 in.
 
     The scale is rounded to `scale_dtype` (how it is stored) and returned in fp32, so that codes are
-    computed against exactly the scale that the kernels will use.
+    computed against exactly the scale that the kernels will use. With `mse`, the range is shrunk to
+    the factor that minimises the group's |w - w_hat|^2.4 (clipping outliers to refine the rest).
     """
-    maxq = spec.maxq
     xmin = Wg.amin(-1).clamp(max=0)
     xmax = Wg.amax(-1).clamp(min=0)
     if spec.sym:
@@ -27,12 +36,27 @@ def find_params(Wg: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype) -> 
     empty = (xmin == 0) & (xmax == 0)
     xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
     xmax = torch.where(empty, torch.ones_like(xmax), xmax)
-    scale = (xmax - xmin) / maxq
-    scale = store_scale(scale, scale_dtype)
+    scale, zero = _grid(xmin, xmax, spec, scale_dtype)
+    if not mse:
+        return scale, zero
+    best = torch.full_like(scale, float("inf"))
+    for i in range(int(MSE_MAX_SHRINK * MSE_GRID)):
+        p = 1 - i / MSE_GRID
+        s, z = _grid(p * xmin, p * xmax, spec, scale_dtype)
+        err = (dequantize(quantize(Wg, s, z, spec.maxq), s, z) - Wg).abs_().pow_(MSE_NORM).sum(-1)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = torch.where(better, s, scale)
+        zero = torch.where(better, z, zero)
+    return scale, zero
+
+
+def _grid(xmin: torch.Tensor, xmax: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype):
+    scale = store_scale((xmax - xmin) / spec.maxq, scale_dtype)
     if spec.sym:
         zero = torch.full_like(scale, 2 ** (spec.bits - 1))
     else:
-        zero = torch.round(-xmin / scale).clamp(0, maxq)
+        zero = torch.round(-xmin / scale).clamp(0, spec.maxq)
     return scale, zero
 
 

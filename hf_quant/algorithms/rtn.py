@@ -8,10 +8,10 @@ from ..config import LayerSpec
 from . import QuantizedWeight, grid, register_method
 
 
-@register_method("rtn", needs_calibration=False)
-def quantize_rtn(W: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype) -> QuantizedWeight:
+@register_method("rtn", needs_calibration=False, options=("mse",))
+def quantize_rtn(W: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype, mse: bool = False) -> QuantizedWeight:
     Wg = grid.group(W, spec)
-    scale, zero = grid.find_params(Wg, spec, scale_dtype)
+    scale, zero = grid.find_params(Wg, spec, scale_dtype, mse)
     q = grid.quantize(Wg, scale, zero, spec.maxq)
     return QuantizedWeight(
         codes=q.reshape(W.shape).to(torch.uint8),

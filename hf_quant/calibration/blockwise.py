@@ -1,10 +1,14 @@
 """The block-wise calibration driver (DESIGN.md, step 3).
 
 Capture the inputs of decoder block 0 once (hidden states and the keyword arguments the blocks
-need: attention mask, position embeddings/ids, no cache). Then for each block: hook its target
-linears, run the cached inputs through it to accumulate each layer's Hessian H = 2/N sum x x^T,
-quantize the layers, and recompute the block's outputs with the quantized block, so that the
-next block calibrates on the errors it will really see.
+need: attention mask, position embeddings/ids, no cache). Then for each block, moved to the work
+device (`calibration_device`): hook its target linears, run the cached inputs through it to
+accumulate each layer's Hessian H = 2/N sum x x^T, quantize the layers, and recompute the block's
+outputs with the quantized block, so that the next block calibrates on the errors it will really see.
+
+Layers that read the same input tensor (q/k/v; gate/up) share one Hessian. With `true_sequential`
+the groups are quantized in forward order, each calibrated on the outputs of the quantized groups
+before it (one pass over the cached inputs per group).
 """
 
 from __future__ import annotations
@@ -17,30 +21,69 @@ import torch
 import torch.nn as nn
 from transformers.utils import logging as hf_logging
 
+from ..algorithms import get_method
 from ..config import LayerSpec, QuantConfig
 from ..nn.convert import linear_shape, set_module
 from .data import calibration_windows
 
 logger = logging.getLogger("hf_quant")
 
+# Block outputs of at most this many calibration windows are kept in float to measure the
+# quantized block's output error (the per-block summary).
+ERROR_SAMPLES = 16
+
 
 class _StopForward(Exception):
     pass
 
 
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The ModuleList of decoder blocks: the one whose length is the config's number of layers."""
-    n_layers = model.config.get_text_config().num_hidden_layers
-    for name, module in model.named_modules():
+def find_blocks(model: nn.Module, name: str | None = None) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of decoder blocks: `name` if given, else optimum's GPTQ block patterns
+    (`transformer.h`, `model.layers`, `model.decoder.layers`, ...), else the ModuleList holding the
+    config's number of layers."""
+    n_layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    if name is not None:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            module = None
+        if not isinstance(module, nn.ModuleList):
+            raise ValueError(
+                f"QuantConfig.block_name_to_quantize={name!r} is not an nn.ModuleList of {type(model).__name__}; "
+                f"candidates: {[n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]}."
+            )
+        return name, module
+    try:
+        from optimum.gptq.utils import get_block_name_with_pattern
+
+        found = get_block_name_with_pattern(model)
+        module = model.get_submodule(found)
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            return found, module
+    except Exception:  # optimum absent or no pattern fits this model: fall back to the config's depth
+        pass
+    for module_name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == n_layers:
-            return name, module
+            return module_name, module
     raise ValueError(
-        f"{type(model).__name__}: found no nn.ModuleList of {n_layers} decoder blocks to calibrate block by block."
+        f"{type(model).__name__}: found no nn.ModuleList of {n_layers} decoder blocks to calibrate block by block; "
+        "name it with QuantConfig(block_name_to_quantize='...')."
     )
 
 
 def _first_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    """`obj` with every tensor inside (tuples, lists, dicts) moved to `device`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
 
 
 @torch.no_grad()
@@ -53,7 +96,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, windows: torch.Tens
         raise _StopForward
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    device = next(model.parameters()).device
+    device = model.get_input_embeddings().weight.device
     try:
         for window in windows:
             try:
@@ -74,51 +117,172 @@ def _tokenizer_for(model: nn.Module):
         return None
 
 
-@torch.no_grad()
-def quantize_blockwise(model: nn.Module, config: QuantConfig, targets: dict[str, LayerSpec]) -> None:
-    """Quantize `targets` block by block with `config.method`, swapping each block's layers in place."""
-    from . import quantize_layer
+def work_device(config: QuantConfig, model_device: torch.device) -> torch.device:
+    if config.calibration_device is not None:
+        device = torch.device(config.calibration_device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                f"QuantConfig.calibration_device={config.calibration_device!r} but CUDA is not available "
+                "on this machine; use calibration_device=None (picks a GPU when there is one) or 'cpu'."
+            )
+        return device
+    return torch.device("cuda") if torch.cuda.is_available() else model_device
 
-    prefix, blocks = find_blocks(model)
-    windows = calibration_windows(config.dataset, lambda: _tokenizer_for(model),
-                                  config.num_samples, config.seq_len, config.seed)
+
+def _block_device(block: nn.Module) -> torch.device:
+    t = next(iter(block.parameters()), None)
+    return t.device if t is not None else torch.device("cpu")
+
+
+class _BlockRunner:
+    """Runs the cached inputs through one block on the work device; results stay on `store`."""
+
+    def __init__(self, block: nn.Module, inputs: list[tuple[tuple, dict]], device: torch.device):
+        self.block, self.inputs, self.device = block, inputs, device
+
+    def __call__(self, keep: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Run every input; return (outputs, first `keep` outputs as float32 copies)."""
+        outs, kept = [], []
+        for i, (args, kwargs) in enumerate(self.inputs):
+            y = _first_output(self.block(*_to(args, self.device), **_to(kwargs, self.device)))
+            store = args[0].device
+            outs.append(y.to(store))
+            if i < keep:
+                kept.append(y.float().to(store))
+        return outs, kept
+
+
+@torch.no_grad()
+def input_groups(block: nn.Module, prefix: str, names: list[str], runner: _BlockRunner) -> list[list[str]]:
+    """`names` grouped by the input tensor they read, in the order the forward pass reaches them.
+
+    One calibration window is run with hooks; layers called on the same tensor (q/k/v, gate/up)
+    form one group. Layers not reached by that window come last, one per group.
+    """
+    seen: dict[int, list[str]] = {}
+    keep_alive: list[torch.Tensor] = []  # so that ids of inputs are not reused during the pass
+
+    def make_hook(name):
+        def hook(module, args, output):
+            if any(name in g for g in seen.values()):
+                return
+            keep_alive.append(args[0])
+            seen.setdefault(id(args[0]), []).append(name)
+        return hook
+
+    handles = [block.get_submodule(n[len(prefix):]).register_forward_hook(make_hook(n)) for n in names]
+    try:
+        _BlockRunner(block, runner.inputs[:1], runner.device)()
+    finally:
+        for h in handles:
+            h.remove()
+    groups = list(seen.values())
+    reached = {n for g in groups for n in g}
+    return groups + [[n] for n in names if n not in reached]
+
+
+@torch.no_grad()
+def quantize_blockwise(model: nn.Module, config: QuantConfig, targets: dict[str, LayerSpec]) -> list[dict]:
+    """Quantize `targets` block by block with `config.method`, swapping each block's layers in place.
+
+    Returns the per-block summary (also logged at info level): layers, calibration groups, relative
+    output error of the quantized block against the float block on the same inputs, seconds.
+    """
+    prefix, blocks = find_blocks(model, config.block_name_to_quantize)
     outside = [n for n in targets if not n.startswith(prefix + ".")]
     if outside:
         raise ValueError(
             f"{outside[0]}: method {config.method!r} calibrates layers inside the decoder blocks only; "
             "keep it in float with modules_to_not_convert, or use method='rtn'."
         )
+    windows = calibration_windows(config.dataset, lambda: _tokenizer_for(model),
+                                  config.num_samples, config.seq_len, config.seed)
+    method = get_method(config.method)
+    options = method.options_from(config)
+    device = work_device(config, _block_device(blocks[0]))
     start = time.perf_counter()
     inputs = capture_block_inputs(model, blocks[0], windows)
+    report = []
     bar = hf_logging.tqdm(range(len(blocks)), desc=f"hf_quant: {config.method}",
                           disable=not hf_logging.is_progress_bar_enabled())
     for idx in bar:
         block = blocks[idx]
         block_start = time.perf_counter()
-        names = [n for n in targets if n.startswith(f"{prefix}.{idx}.")]
-        in_features = {n: linear_shape(model.get_submodule(n))[0] for n in names}
-        sums = {n: torch.zeros(k, k) for n, k in in_features.items()}
-        rows = dict.fromkeys(names, 0)
-
-        def make_hook(name: str):
-            def hook(module, args, output):
-                x = args[0].reshape(-1, args[0].shape[-1]).float().cpu()
-                sums[name].addmm_(x.t(), x)
-                rows[name] += x.shape[0]
-            return hook
-
-        handles = [model.get_submodule(n).register_forward_hook(make_hook(n)) for n in names]
+        home = _block_device(block)
+        block.to(device)
         try:
-            for args, kwargs in inputs:
-                block(*args, **kwargs)
+            names, groups, error, inputs = _calibrate_block(model, block, f"{prefix}.{idx}.", targets, config,
+                                                            options, inputs, device, home)
+        finally:
+            block.to(home)
+        seconds = time.perf_counter() - block_start
+        report.append({"block": idx, "layers": len(names), "groups": len(groups), "output_error": error,
+                       "seconds": seconds})
+        logger.info("hf_quant: block %d/%d: %d layers in %d groups, output rel. error %.3e, %.1f s",
+                    idx + 1, len(blocks), len(names), len(groups), error, seconds)
+    logger.info("hf_quant: %s calibrated %d blocks on %s in %.1f s", config.method, len(blocks), device,
+                time.perf_counter() - start)
+    return report
+
+
+def _calibrate_block(model, block, block_prefix, targets, config, options, inputs, device, home):
+    """Quantize one block's targets (already on `device`); returns its names, groups, output error
+    and the quantized block's outputs as the next block's inputs."""
+    from . import quantize_layer
+
+    names = [n for n in targets if n.startswith(block_prefix)]
+    runner = _BlockRunner(block, inputs, device)
+    groups = input_groups(block, block_prefix, names, runner) if names else []
+    passes = [[g] for g in groups] if config.true_sequential else [groups]
+    float_out: list[torch.Tensor] | None = None
+    for pass_groups in passes:
+        H, rows, handles = {}, {}, []
+        for group in pass_groups:
+            first = group[0]
+            in_f = linear_shape(model.get_submodule(first))[0]
+            H[first], rows[first] = torch.zeros(in_f, in_f, device=device), 0
+            handles.append(model.get_submodule(first).register_forward_hook(_hessian_hook(H, rows, first)))
+        try:
+            _, kept = runner(keep=ERROR_SAMPLES if float_out is None else 0)
         finally:
             for h in handles:
                 h.remove()
-        for n in names:
-            H = 2 * sums.pop(n) / max(rows[n], 1)
-            layer = quantize_layer(n, model.get_submodule(n), targets[n], config.method, H=H,
-                                   block_size=config.block_size, damp_percent=config.damp_percent)
-            set_module(model, n, layer)
-        inputs = [((_first_output(block(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
-        logger.info("hf_quant: block %d: %d layers in %.1f s", idx, len(names), time.perf_counter() - block_start)
-    logger.info("hf_quant: %s calibrated %d blocks in %.1f s", config.method, len(blocks), time.perf_counter() - start)
+        float_out = kept if float_out is None else float_out
+        for group in pass_groups:
+            first = group[0]
+            for n in group:
+                original = model.get_submodule(n)
+                layer = _quantize_with_hessian(quantize_layer, n, original, targets[n], config, options,
+                                               H[first], rows[first])
+                set_module(model, n, layer)
+                original.to(home)  # kept for rollback, off the work device
+            del H[first]
+    outs, kept = runner(keep=ERROR_SAMPLES)
+    error = _relative_error(kept, float_out) if names else 0.0
+    next_inputs = [((y,) + tuple(args[1:]), kwargs) for y, (args, kwargs) in zip(outs, inputs)]
+    return names, groups, error, next_inputs
+
+
+def _hessian_hook(H: dict, rows: dict, name: str):
+    def hook(module, args, output):
+        x = args[0].reshape(-1, args[0].shape[-1]).float()
+        H[name].addmm_(x.t(), x)
+        rows[name] += x.shape[0]
+    return hook
+
+
+def _quantize_with_hessian(quantize_layer, name, module, spec, config, options, Hsum, rows):
+    if rows == 0:  # never reached by the calibration data (e.g. an unrouted expert)
+        logger.warning("hf_quant: %s received no calibration inputs; quantizing it with RTN instead of %s.",
+                       name, config.method)
+        return quantize_layer(name, module, spec, "rtn", **get_method("rtn").options_from(config))
+    return quantize_layer(name, module, spec, config.method, H=2 * Hsum / rows, **options)
+
+
+def _relative_error(quantized: list[torch.Tensor], reference: list[torch.Tensor] | None) -> float:
+    """||Y_q - Y||^2 / ||Y||^2 over the kept windows."""
+    if not reference:
+        return 0.0
+    num = sum(((q - r) ** 2).sum().item() for q, r in zip(quantized, reference))
+    den = sum((r**2).sum().item() for r in reference)
+    return num / max(den, 1e-30)

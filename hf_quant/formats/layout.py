@@ -1,10 +1,13 @@
-"""The tensors a quantized linear stores, by name, shape and dtype (format_version 1).
+"""The tensors a quantized linear stores, by name, shape and dtype (format_version 2).
 
   {module}.qweight  uint8        (out_features, in_features * bits / 8)   packed codes (see packing.py)
   {module}.scales   model dtype  (out_features, n_groups)
   {module}.qzeros   uint8        (out_features, n_groups)                  only when sym=False
+  {module}.g_idx    int32        (in_features,)                            only for act-order layers
   {module}.bias     model dtype  (out_features,)                           only if the layer has one
-n_groups = in_features / group_size, or 1 for group_size=-1.
+n_groups = in_features / group_size, or 1 for group_size=-1. Without g_idx, input channel i belongs
+to group i // group_size; with it, to group g_idx[i] (format_version 2; every group still has
+group_size channels).
 """
 
 from __future__ import annotations
@@ -29,4 +32,6 @@ def buffer_specs(
     }
     if not spec.sym:
         specs["qzeros"] = ((out_features, n_groups), torch.uint8)
+    if spec.g_idx:
+        specs["g_idx"] = ((in_features,), torch.int32)
     return specs

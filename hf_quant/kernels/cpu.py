@@ -4,6 +4,8 @@ int4 (`_weight_int4pack_mm_for_cpu`, tinygemm's layout): w = (q - 8) * scale + z
 32/64/128/256 input channels. Our codes of 2, 3 and 4 bits fit in it exactly, with
 tinygemm_zero = (8 - z) * scale. Per-channel layers use the largest such group that divides
 in_features, with the scale repeated.
+Act-order layers (g_idx) are run with their input channels sorted by group: the codes once at
+prepare time, the activations on every call.
 int8 (`_weight_int8pack_mm`): per-output-channel symmetric int8; an asymmetric zero adds
 (128 - z) * scale * sum(x) to each output.
 """
@@ -67,16 +69,21 @@ class Int4CpuKernel(Kernel):
         spec, K = layer.spec, layer.in_features
         gs = _int4_group_size(layer)
         codes = unpack_codes(layer.qweight, spec.bits, K).to(torch.int32)
+        perm = None
+        if layer.g_idx is not None:  # act-order: sort channels by group so that groups are contiguous
+            perm = torch.argsort(layer.g_idx, stable=True)
+            codes = codes[:, perm]
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
         scale = layer.scales.float()
         zero = (8.0 - zero_points(layer.qzeros, spec, scale)) * scale
         repeat = K // gs // scale.shape[1]  # > 1 only for per-channel layers
         scale_zero = torch.stack([scale, zero], dim=-1).repeat_interleave(repeat, dim=1)  # (N, G, 2)
-        return packed, gs, scale_zero.transpose(0, 1).contiguous().to(x.dtype)
+        return packed, gs, scale_zero.transpose(0, 1).contiguous().to(x.dtype), perm
 
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
-        packed, gs, scale_zero = prepared
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(_flatten(x), packed, gs, scale_zero)
+        packed, gs, scale_zero, perm = prepared
+        x2 = _flatten(x) if perm is None else _flatten(x).index_select(-1, perm)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, gs, scale_zero)
         return _finish(layer, y, x)
 
 

@@ -79,7 +79,7 @@ def _buffers_version(layer: Any) -> tuple:
     # Inference tensors (made under torch.inference_mode) carry no version counter: key on storage only.
     return tuple(
         (t.data_ptr(), -1 if t.is_inference() else t._version)
-        for t in (layer.qweight, layer.scales, layer.qzeros)
+        for t in (layer.qweight, layer.scales, layer.qzeros, layer.g_idx)
         if t is not None
     )
 

@@ -30,8 +30,9 @@ def dequantize_weight(
     spec: LayerSpec,
     in_features: int,
     dtype: torch.dtype = torch.float32,
+    g_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """W_hat = (q - zero) * scale as `dtype` (out, in).
+    """W_hat = (q - zero) * scale as `dtype` (out, in); channel i uses group g_idx[i] if given.
 
     Computed in `dtype` directly when the scales are stored in it: q - zero is a small integer, exact
     in any float type, so the product is rounded once and equals the fp32 result cast to `dtype`.
@@ -42,6 +43,9 @@ def dequantize_weight(
     out_f = q.shape[0]
     gs = spec.effective_group_size(in_features)
     z = zero_points(qzeros, spec, scales).to(compute)
+    if g_idx is not None:  # act-order: gather each channel's group
+        g = g_idx.long()
+        return q.to(compute).sub_(z[:, g]).mul_(scales.to(compute)[:, g]).to(dtype)
     W = q.reshape(out_f, -1, gs).to(compute).sub_(z.unsqueeze(-1)).mul_(scales.to(compute).unsqueeze(-1))
     return W.reshape(out_f, in_features).to(dtype)
 
@@ -56,7 +60,8 @@ class ReferenceKernel(Kernel):
         return x.is_floating_point()
 
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
-        W = dequantize_weight(layer.qweight, layer.scales, layer.qzeros, layer.spec, layer.in_features)
+        W = dequantize_weight(layer.qweight, layer.scales, layer.qzeros, layer.spec, layer.in_features,
+                              g_idx=layer.g_idx)
         bias = None if layer.bias is None else layer.bias.to(x.dtype)
         return F.linear(x, W.to(x.dtype), bias)
 
@@ -78,7 +83,8 @@ class DequantMatmulKernel(Kernel):
         return x.is_floating_point()
 
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
-        W = dequantize_weight(layer.qweight, layer.scales, layer.qzeros, layer.spec, layer.in_features, x.dtype)
+        W = dequantize_weight(layer.qweight, layer.scales, layer.qzeros, layer.spec, layer.in_features, x.dtype,
+                              layer.g_idx)
         bias = None if layer.bias is None else layer.bias.to(x.dtype)
         return F.linear(x, W, bias)
 

@@ -41,6 +41,8 @@ class QuantLinear(nn.Linear):
             self.register_buffer(name, torch.empty(shape, dtype=buf_dtype, device=device))
         if spec.sym:
             self.register_buffer("qzeros", None)
+        if not spec.g_idx:
+            self.register_buffer("g_idx", None)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
         else:
@@ -64,6 +66,11 @@ class QuantLinear(nn.Linear):
         layer.scales.copy_(qw.scale)
         if qw.zero is not None:
             layer.qzeros.copy_(qw.zero)
+        if spec.g_idx:
+            if qw.g_idx is None:
+                raise ValueError(f"{spec} stores a g_idx but the quantized weight has none")
+            layer.g_idx.copy_(qw.g_idx)
+            layer._check_g_idx("QuantLinear.from_quantized")
         if bias is not None:
             layer.bias.data.copy_(bias.detach().to(layer.bias.dtype))
         return layer
@@ -78,7 +85,7 @@ class QuantLinear(nn.Linear):
         from ..kernels.reference import dequantize_weight
 
         return dequantize_weight(self.qweight, self.scales, self.qzeros, self.spec, self.in_features,
-                                 self.scales.dtype)
+                                 self.scales.dtype, self.g_idx)
 
     def check_buffers(self, name: str) -> None:
         """Raise if loading left a buffer missing, on meta, or of the wrong shape/dtype."""
@@ -89,6 +96,18 @@ class QuantLinear(nn.Linear):
             if bad:
                 got = "missing" if t is None else f"{t.dtype}{list(t.shape)} on {t.device}"
                 raise ValueError(f"{name}.{buf_name}: loaded tensor is {got}, expected {dtype or 'float'}{list(shape)}.")
+        self._check_g_idx(name)
+
+    def _check_g_idx(self, name: str) -> None:
+        """Act-order layers: g_idx must put exactly group_size channels in each group (kernels rely on it)."""
+        if self.g_idx is None:
+            return
+        n_groups = self.spec.groups(self.in_features)
+        g = self.g_idx.long()
+        if g.min() < 0 or g.max() >= n_groups or (torch.bincount(g, minlength=n_groups) != self.spec.group_size).any():
+            raise ValueError(
+                f"{name}.g_idx: every group must hold exactly group_size={self.spec.group_size} input channels, "
+                f"with group indices in [0, {n_groups}); this g_idx does not. Re-quantize or re-save the layer.")
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantLinear:
         # `.to()`/`.cuda()`/`.half()` move the layer but never cast its quantized state: kernels cast
@@ -105,7 +124,7 @@ class QuantLinear(nn.Linear):
     def extra_repr(self) -> str:
         s = self.spec
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"bits={s.bits}, group_size={s.group_size}, sym={s.sym}")
+                f"bits={s.bits}, group_size={s.group_size}, sym={s.sym}" + (", act_order" if s.g_idx else ""))
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
