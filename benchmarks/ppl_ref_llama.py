@@ -1,6 +1,10 @@
-"""Perplexity table on ref-llama: bf16 vs RTN vs GPTQ at several widths, baseline in the same run.
+"""Perplexity table on ref-llama: bf16 vs RTN vs GPTQ (and variants) at several widths, baseline in the same run.
 
     python benchmarks/ppl_ref_llama.py [--model ../shared/models/ref-llama] [--configs w4g128 w3g128 w2g64]
+        [--methods rtn gptq gptq+act]
+
+Methods: a method name plus options joined by "+": act (desc_act), static (static_groups),
+mse (clipping search), nonseq (true_sequential=False), sym. E.g. "gptq+act+static", "rtn+mse".
 
 Calibration: 128 windows x 512 tokens drawn from the first 97% of each file of ../shared/data/corpus
 (the part the model was trained on). Evaluation: held-out text (last 3% of each file, bundled as
@@ -30,11 +34,23 @@ def calibration_text(corpus: Path) -> list[str]:
     return texts
 
 
+OPTIONS = {"act": {"desc_act": True}, "static": {"static_groups": True}, "mse": {"mse": True},
+           "nonseq": {"true_sequential": False}, "sym": {"sym": True}}
+
+
+def method_options(name: str) -> dict:
+    method, *opts = name.split("+")
+    kwargs = {"method": method}
+    for o in opts:
+        kwargs.update(OPTIONS[o])
+    return kwargs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(SHARED / "models" / "ref-llama"))
     ap.add_argument("--configs", nargs="+", default=["w4g128", "w3g128", "w2g64"])
-    ap.add_argument("--methods", nargs="+", default=["rtn", "gptq"])
+    ap.add_argument("--methods", nargs="+", default=["rtn", "gptq", "gptq+act"])
     ap.add_argument("--num-samples", type=int, default=128)
     args = ap.parse_args()
 
@@ -51,18 +67,22 @@ def main() -> None:
     for cfg_name in args.configs:
         bits, gs = map(int, re.fullmatch(r"w(\d)g(-?\d+)", cfg_name).groups())
         for method in args.methods:
-            cfg = hf_quant.QuantConfig(method=method, bits=bits, group_size=gs, dataset=calib,
-                                       num_samples=args.num_samples, seq_len=512)
+            cfg = hf_quant.QuantConfig(bits=bits, group_size=gs, dataset=calib, num_samples=args.num_samples,
+                                       seq_len=512, **method_options(method))
             start = time.perf_counter()
             model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16, quantization_config=cfg)
             seconds = time.perf_counter() - start
             rows.append((method, cfg_name, evaluate(model), seconds))
             print(rows[-1], flush=True)
 
-    print(f"\n| method | config | held-out ppl | vs bf16 | WikiText-2 test ppl | quantize s |")
-    print("|---|---|---:|---:|---:|---:|")
+    rtn = {c: h for m, c, (h, _), _ in rows if m == "rtn"}
+    print(f"\n| method | config | held-out ppl | vs bf16 | of RTN's increase removed | WikiText-2 test ppl | quantize s |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for method, cfg_name, (h, w), s in rows:
-        print(f"| {method} | {cfg_name} | {h:.3f} | {h / base[0] - 1:+.2%} | {w:.2f} | {s:.1f} |")
+        removed = ""
+        if method != "rtn" and cfg_name in rtn and rtn[cfg_name] > base[0]:
+            removed = f"{(rtn[cfg_name] - h) / (rtn[cfg_name] - base[0]):.0%}"
+        print(f"| {method} | {cfg_name} | {h:.3f} | {h / base[0] - 1:+.2%} | {removed} | {w:.2f} | {s:.1f} |")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from .nn.quant_linear import QuantLinear
 class HfQuantQuantizer(HfQuantizer):
     requires_calibration = False
     quantization_config: QuantConfig
+    calibration_report: list[dict] = []
 
     def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
         if isinstance(device_map, dict) and "disk" in device_map.values():
@@ -64,7 +65,8 @@ class HfQuantQuantizer(HfQuantizer):
                 if isinstance(module, QuantLinear):
                     module.check_buffers(name)
         else:
-            quantize_model(model, self.quantization_config, self.targets)
+            # per-block summary of the calibration, readable as `model.hf_quantizer.calibration_report`
+            self.calibration_report = quantize_model(model, self.quantization_config, self.targets)
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs: Any) -> bool:

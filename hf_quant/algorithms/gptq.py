@@ -72,6 +72,7 @@ def quantize_gptq(
     # group of the channel at each processing position
     natural = torch.arange(in_f, device=W.device)
     group_of = (perm if perm is not None and static_groups else natural) // gs
+    groups = group_of.tolist()  # host copy: no device sync per column on GPU
 
     codes = torch.empty(out_f, in_f, device=W.device)
     for i1 in range(0, in_f, block_size):
@@ -81,7 +82,7 @@ def quantize_gptq(
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            g = int(group_of[col])
+            g = groups[col]
             if not static_groups and col % gs == 0:  # a new group: its grid from the updated weights
                 Wg = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
                 scale[:, g], zero[:, g] = grid.find_params(Wg, spec, scale_dtype, mse)

@@ -36,9 +36,10 @@ def quantize_layer(name: str, module: nn.Module, spec: LayerSpec, method: str, *
     return QuantLinear.from_quantized(qw, spec, module.bias, from_conv1d=isinstance(module, Conv1D))
 
 
-def quantize_model(model: nn.Module, config: QuantConfig, targets: dict[str, LayerSpec]) -> None:
+def quantize_model(model: nn.Module, config: QuantConfig, targets: dict[str, LayerSpec]) -> list[dict]:
     """Replace every target layer of `model` in place. On any failure the original layers are put
-    back, so the model is left as it was."""
+    back, so the model is left as it was. Returns the calibration driver's per-block summary
+    (empty for data-free methods)."""
     method = get_method(config.method)
     start = time.perf_counter()
     originals = {name: model.get_submodule(name) for name in targets}
@@ -46,15 +47,15 @@ def quantize_model(model: nn.Module, config: QuantConfig, targets: dict[str, Lay
         from .blockwise import quantize_blockwise
 
         try:
-            quantize_blockwise(model, config, targets)
+            return quantize_blockwise(model, config, targets)
         except BaseException:
             for name, module in originals.items():
                 set_module(model, name, module)
             raise
-        return
     new_layers = {}
     for name in hf_logging.tqdm(list(targets), desc="hf_quant: quantizing", disable=not hf_logging.is_progress_bar_enabled()):
         new_layers[name] = quantize_layer(name, originals[name], targets[name], config.method)
     for name, layer in new_layers.items():
         set_module(model, name, layer)
     logger.info("hf_quant: %s quantized %d layers in %.1f s", config.method, len(targets), time.perf_counter() - start)
+    return []
