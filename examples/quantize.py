@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--sym", action="store_true")
+    ap.add_argument("--desc-act", action="store_true", help="GPTQ act-order")
     ap.add_argument("--text", help="text file for perplexity (default: the bundled held-out text)")
     ap.add_argument("--max-windows", type=int, default=None, help="cap on 512-token windows")
     ap.add_argument("--prompt", default="It is a truth universally acknowledged")
@@ -46,7 +47,8 @@ def main() -> None:
     ppl_base = hf_quant.eval.perplexity(base, tok, text, max_windows=args.max_windows)
     del base
 
-    config = hf_quant.QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym)
+    config = hf_quant.QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
+                                  desc_act=args.desc_act)
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16, quantization_config=config)
     seconds = time.perf_counter() - start

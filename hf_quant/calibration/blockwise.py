@@ -140,13 +140,14 @@ class _BlockRunner:
     def __init__(self, block: nn.Module, inputs: list[tuple[tuple, dict]], device: torch.device):
         self.block, self.inputs, self.device = block, inputs, device
 
-    def __call__(self, keep: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Run every input; return (outputs, first `keep` outputs as float32 copies)."""
+    def __call__(self, keep: int = 0, collect: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Run every input; return (outputs if `collect`, first `keep` outputs as float32 copies)."""
         outs, kept = [], []
         for i, (args, kwargs) in enumerate(self.inputs):
             y = _first_output(self.block(*_to(args, self.device), **_to(kwargs, self.device)))
             store = args[0].device
-            outs.append(y.to(store))
+            if collect:
+                outs.append(y.to(store))
             if i < keep:
                 kept.append(y.float().to(store))
         return outs, kept
@@ -172,7 +173,7 @@ def input_groups(block: nn.Module, prefix: str, names: list[str], runner: _Block
 
     handles = [block.get_submodule(n[len(prefix):]).register_forward_hook(make_hook(n)) for n in names]
     try:
-        _BlockRunner(block, runner.inputs[:1], runner.device)()
+        _BlockRunner(block, runner.inputs[:1], runner.device)(collect=False)
     finally:
         for h in handles:
             h.remove()
@@ -243,7 +244,7 @@ def _calibrate_block(model, block, block_prefix, targets, config, options, input
             H[first], rows[first] = torch.zeros(in_f, in_f, device=device), 0
             handles.append(model.get_submodule(first).register_forward_hook(_hessian_hook(H, rows, first)))
         try:
-            _, kept = runner(keep=ERROR_SAMPLES if float_out is None else 0)
+            _, kept = runner(keep=ERROR_SAMPLES if float_out is None else 0, collect=False)
         finally:
             for h in handles:
                 h.remove()
