@@ -164,6 +164,20 @@ def test_gptq_is_deterministic_and_differs_from_rtn(tiny_models):
     assert not torch.equal(a["model.layers.1.mlp.down_proj.qweight"], r["model.layers.1.mlp.down_proj.qweight"])
 
 
+def test_mse_option_reaches_rtn_and_gptq_in_from_pretrained(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    def run(**kw):
+        cfg = QuantConfig(bits=3, group_size=32, dataset=_ids(12), num_samples=8, seq_len=32, **kw)
+        return AutoModelForCausalLM.from_pretrained(tiny_models["llama"], quantization_config=cfg).state_dict()
+
+    key = "model.layers.0.mlp.up_proj.scales"
+    plain, mse = run(method="rtn"), run(method="rtn", mse=True)
+    assert (mse[key] <= plain[key]).all() and (mse[key] < plain[key]).any()  # clipped grids only shrink
+    plain, mse = run(method="gptq"), run(method="gptq", mse=True)
+    assert not torch.equal(mse[key], plain[key])
+
+
 def test_too_little_calibration_data(tiny_models):
     from transformers import AutoModelForCausalLM
 

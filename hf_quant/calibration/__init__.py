@@ -54,7 +54,8 @@ def quantize_model(model: nn.Module, config: QuantConfig, targets: dict[str, Lay
             raise
     new_layers = {}
     for name in hf_logging.tqdm(list(targets), desc="hf_quant: quantizing", disable=not hf_logging.is_progress_bar_enabled()):
-        new_layers[name] = quantize_layer(name, originals[name], targets[name], config.method)
+        new_layers[name] = quantize_layer(name, originals[name], targets[name], config.method,
+                                          **method.options_from(config))
     for name, layer in new_layers.items():
         set_module(model, name, layer)
     logger.info("hf_quant: %s quantized %d layers in %.1f s", config.method, len(targets), time.perf_counter() - start)
