@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM)
 
 import hf_quant  # noqa: F401  (registers the quantizer)
 
@@ -38,8 +39,16 @@ def tiny_qwen2_config(**kw) -> Qwen2Config:
     return Qwen2Config(**cfg)
 
 
+def tiny_opt_config(**kw) -> OPTConfig:
+    """OPT: blocks under model.decoder.layers, biased projections, fc1/fc2 MLP."""
+    cfg = dict(vocab_size=256, hidden_size=128, ffn_dim=256, num_hidden_layers=2, num_attention_heads=4,
+               max_position_embeddings=128, word_embed_proj_dim=128)
+    cfg.update(kw)
+    return OPTConfig(**cfg)
+
+
 _ARCHS = {"llama": (LlamaForCausalLM, tiny_llama_config), "gpt2": (GPT2LMHeadModel, tiny_gpt2_config),
-          "qwen2": (Qwen2ForCausalLM, tiny_qwen2_config)}
+          "qwen2": (Qwen2ForCausalLM, tiny_qwen2_config), "opt": (OPTForCausalLM, tiny_opt_config)}
 
 
 def save_random_model(path: Path, arch: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0, **kw) -> Path:
@@ -57,6 +66,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
         "llama": save_random_model(root / "llama", "llama"),
         "gpt2": save_random_model(root / "gpt2", "gpt2"),
         "qwen2": save_random_model(root / "qwen2", "qwen2"),
+        "opt": save_random_model(root / "opt", "opt"),
         "llama-fp32": save_random_model(root / "llama-fp32", "llama", dtype=torch.float32),
     }
 

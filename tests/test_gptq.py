@@ -119,11 +119,14 @@ def _ids(n, seed=0):
     return [torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(seed + i)) for i in range(n)]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
-@pytest.mark.parametrize("options", [{}, {"desc_act": True}, {"desc_act": True, "static_groups": True},
-                                     {"true_sequential": False, "mse": True, "sym": True}])
+_OPTIONS = [{}, {"desc_act": True}, {"desc_act": True, "static_groups": True},
+            {"true_sequential": False, "mse": True, "sym": True}]
+
+
+@pytest.mark.parametrize("arch, options", [(a, o) for a in ("llama", "gpt2", "qwen2") for o in _OPTIONS]
+                         + [("opt", {"desc_act": True})])
 def test_gptq_in_from_pretrained_round_trips(tiny_models, tmp_path, input_ids, arch, options):
-    """Llama, GPT-2 (Conv1D) and Qwen2 (biased q/k/v) calibrate unchanged; act-order models store
+    """Llama, GPT-2 (Conv1D), Qwen2 (biased q/k/v) and OPT calibrate unchanged; act-order models store
     g_idx and reload with identical logits."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -134,7 +137,7 @@ def test_gptq_in_from_pretrained_round_trips(tiny_models, tmp_path, input_ids, a
                       calibration_device="cpu", **options)
     q = AutoModelForCausalLM.from_pretrained(tiny_models[arch], quantization_config=cfg)
     layers = {n: m for n, m in q.named_modules() if isinstance(m, QuantLinear)}
-    assert len(layers) == (8 if arch == "gpt2" else 14)
+    assert len(layers) == {"gpt2": 8, "opt": 12}.get(arch, 14)
     act_order = options.get("desc_act", False) and not options.get("static_groups", False)
     assert all((m.g_idx is not None) == act_order for m in layers.values())
     q.save_pretrained(tmp_path)
@@ -308,3 +311,35 @@ def test_calibrate_on_gpu_model_stays_on_cpu(tiny_models, input_ids):
     same = [torch.equal(a, b) for a, b in zip(q.state_dict().values(), cpu.state_dict().values())]
     assert sum(same) / len(same) > 0.5  # float rounding differs between devices; most tensors still match
     assert any(isinstance(m, QuantLinear) for m in q.modules())
+
+
+def test_blocks_called_with_hidden_states_by_keyword():
+    from hf_quant.calibration.blockwise import _BlockRunner, capture_block_inputs
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+
+        def forward(self, hidden_states, scale=1.0):
+            return self.proj(hidden_states) * scale
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(16, 8)
+            self.layers = torch.nn.ModuleList([Block()])
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def forward(self, input_ids, use_cache=False):
+            return self.layers[0](hidden_states=self.embed(input_ids), scale=2.0)
+
+    model = Model()
+    ids = torch.randint(0, 16, (3, 5))
+    inputs = capture_block_inputs(model, model.layers[0], ids)
+    assert len(inputs) == 3 and inputs[0][1] == {"scale": 2.0}
+    outs, _ = _BlockRunner(model.layers[0], inputs, torch.device("cpu"))()
+    with torch.no_grad():
+        assert torch.equal(outs[1], model(ids[1][None]))

@@ -92,7 +92,13 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, windows: torch.Tens
     captured: list[tuple[tuple, dict]] = []
 
     def hook(module, args, kwargs):
-        captured.append((args, dict(kwargs)))
+        kwargs = dict(kwargs)
+        if not args:  # hidden states passed by keyword: make them the first positional argument
+            if "hidden_states" not in kwargs:
+                raise ValueError(f"{type(block).__name__} is called without positional arguments or "
+                                 "'hidden_states'; hf_quant cannot tell which input to calibrate on.")
+            args = (kwargs.pop("hidden_states"),)
+        captured.append((args, kwargs))
         raise _StopForward
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
