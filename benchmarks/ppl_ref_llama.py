@@ -4,7 +4,8 @@
         [--methods rtn gptq gptq+act]
 
 Methods: a method name plus options joined by "+": act (desc_act), static (static_groups),
-mse (clipping search), nonseq (true_sequential=False), sym. E.g. "gptq+act+static", "rtn+mse".
+mse / nomse (clipping search on / off; default: on for GPTQ, off for RTN), nonseq
+(true_sequential=False), sym. E.g. "gptq+act+static", "rtn+mse", "gptq+nomse".
 
 Calibration: 128 windows x 512 tokens drawn from the first 97% of each file of ../shared/data/corpus
 (the part the model was trained on). Evaluation: held-out text (last 3% of each file, bundled as
@@ -34,7 +35,7 @@ def calibration_text(corpus: Path) -> list[str]:
     return texts
 
 
-OPTIONS = {"act": {"desc_act": True}, "static": {"static_groups": True}, "mse": {"mse": True},
+OPTIONS = {"act": {"desc_act": True}, "static": {"static_groups": True}, "mse": {"mse": True}, "nomse": {"mse": False},
            "nonseq": {"true_sequential": False}, "sym": {"sym": True}}
 
 

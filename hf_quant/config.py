@@ -107,6 +107,7 @@ class QuantConfig(QuantizationConfigMixin):
             already-quantized layers before it. False: all from the float block in one pass.
         mse: search a clipped grid per group (shrink the range in 1% steps down to 20%, keep the one
             with the least |w - w_hat|^2.4), as GPTQ's reference `mse` option; RTN and GPTQ.
+            None = the method's default: on for GPTQ, off for RTN (the plain min/max baseline).
         block_name_to_quantize: dotted name of the nn.ModuleList of decoder blocks; None finds it
             (optimum's block patterns, then the ModuleList of num_hidden_layers modules).
         calibration_device: where each block is calibrated ("cuda", "cuda:1", "cpu"); None = the
@@ -133,7 +134,7 @@ class QuantConfig(QuantizationConfigMixin):
         desc_act: bool = False,
         static_groups: bool = False,
         true_sequential: bool = True,
-        mse: bool = False,
+        mse: bool | None = None,
         block_name_to_quantize: str | None = None,
         calibration_device: str | None = None,
         format_version: int = FORMAT_VERSION,
@@ -178,6 +179,8 @@ class QuantConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"QuantConfig.method={self.method!r} is unknown; available methods: {available_methods()}."
             )
+        if self.mse is None:
+            self.mse = get_method(self.method).defaults.get("mse", False)
         for field in ("sym", "desc_act", "static_groups", "true_sequential", "mse"):
             _check_bool(getattr(self, field), field)
         if (self.desc_act or self.static_groups) and not get_method(self.method).act_order:

@@ -37,7 +37,7 @@ def test_defaults_and_json_round_trip():
         (dict(method="rtn", static_groups=True), ["static_groups=True", "gptq"]),
         (dict(method="gptq", desc_act="yes"), ["desc_act='yes'"]),
         (dict(true_sequential=1), ["true_sequential=1"]),
-        (dict(mse=None), ["mse=None"]),
+        (dict(mse="no"), ["mse='no'"]),
         (dict(block_name_to_quantize=3), ["block_name_to_quantize=3"]),
         (dict(calibration_device="gpu0"), ["calibration_device='gpu0'", "cuda"]),
         (dict(format_version=FORMAT_VERSION + 1, future_field=1), ["format_version", "pip install -U hf_quant"]),
@@ -75,5 +75,7 @@ def test_act_order_layer_spec_and_runtime_fields_not_saved():
     assert not static.layer_spec("mlp.up_proj").g_idx
     d = cfg.to_dict()
     assert "calibration_device" not in d and "dataset" not in d
-    assert d["desc_act"] is True and d["true_sequential"] is True and d["mse"] is False
+    assert d["desc_act"] is True and d["true_sequential"] is True
+    assert d["mse"] is True and QuantConfig(method="rtn").mse is False  # None: the method's default, saved resolved
+    assert QuantConfig(method="gptq", mse=False).mse is False
     assert QuantConfig.from_dict(d).layer_spec("mlp.up_proj").g_idx

@@ -44,6 +44,7 @@ class _Registered:
     needs_calibration: bool
     act_order: bool
     options: tuple[str, ...]
+    defaults: dict
     quantize: Callable[..., QuantizedWeight]
 
     def options_from(self, config) -> dict:
@@ -55,19 +56,25 @@ _METHODS: dict[str, _Registered] = {}
 
 
 def register_method(
-    name: str, *, needs_calibration: bool, act_order: bool = False, options: tuple[str, ...] = ()
+    name: str,
+    *,
+    needs_calibration: bool,
+    act_order: bool = False,
+    options: tuple[str, ...] = (),
+    defaults: dict | None = None,
 ) -> Callable:
     """Decorator registering `fn(W, spec, scale_dtype, **stats) -> QuantizedWeight` under `name`.
 
     needs_calibration: the method takes a Hessian `H` from the block-wise driver.
     act_order: the method honours `desc_act`/`static_groups` and returns a `g_idx` when `spec.g_idx`.
     options: names of `QuantConfig` fields passed to `fn` as keyword arguments.
+    defaults: values for `QuantConfig` fields left at `None` ("the method's default"), e.g. `mse`.
     """
 
     def deco(fn: Callable[..., QuantizedWeight]) -> Callable[..., QuantizedWeight]:
         if name in _METHODS:
             raise ValueError(f"quantization method {name!r} is already registered")
-        _METHODS[name] = _Registered(name, needs_calibration, act_order, tuple(options), fn)
+        _METHODS[name] = _Registered(name, needs_calibration, act_order, tuple(options), dict(defaults or {}), fn)
         return fn
 
     return deco
