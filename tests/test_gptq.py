@@ -253,11 +253,37 @@ def test_true_sequential_changes_the_result_and_summary_is_logged(tiny_models, c
         seq = run()
     lines = [r.getMessage() for r in caplog.records if "output rel. error" in r.getMessage()]
     assert len(lines) == 2 and lines[0].startswith("hf_quant: block 1/2: 7 layers in 4 groups")
+    assert "worst layer " in lines[0]
     assert any("calibrated 2 blocks" in r.getMessage() for r in caplog.records)
     par = run(true_sequential=False)
     key = "model.layers.0.self_attn.q_proj.qweight"  # first group: same inputs either way
     assert torch.equal(seq[key], par[key])
     assert not torch.equal(seq["model.layers.0.mlp.down_proj.qweight"], par["model.layers.0.mlp.down_proj.qweight"])
+
+
+def test_layer_error_from_hessian_equals_direct_output_error():
+    from hf_quant.calibration import quantize_layer
+    from hf_quant.calibration.blockwise import _weighted_error
+
+    X = correlated_inputs(64, 300, seed=5)  # (in, n)
+    lin = torch.nn.Linear(64, 24, bias=False)
+    layer = quantize_layer("l", lin, LayerSpec(3, 32, False), "rtn")
+    W, W_hat = lin.weight.detach(), layer.dequantize().float()
+    direct = ((W - W_hat) @ X).pow(2).sum() / (W @ X).pow(2).sum()
+    assert _weighted_error(lin, layer, X @ X.t()) == pytest.approx(direct.item(), rel=1e-4)
+
+
+def test_calibration_report(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    cfg = QuantConfig(method="gptq", bits=3, group_size=32, dataset=_ids(12), num_samples=8, seq_len=32)
+    q = AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"], quantization_config=cfg)
+    report = q.hf_quantizer.calibration_report
+    assert [r["block"] for r in report] == [0, 1] and all(r["layers"] == 7 and r["groups"] == 4 for r in report)
+    assert all(0 < r["output_error"] < 0.5 and r["seconds"] > 0 for r in report)
+    assert set(report[0]["layer_errors"]) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                              "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    assert all(0 < e < 0.5 for r in report for e in r["layer_errors"].values())
 
 
 def test_block_discovery_errors_and_override(tiny_models):

@@ -193,7 +193,8 @@ def quantize_blockwise(model: nn.Module, config: QuantConfig, targets: dict[str,
     """Quantize `targets` block by block with `config.method`, swapping each block's layers in place.
 
     Returns the per-block summary (also logged at info level): layers, calibration groups, relative
-    output error of the quantized block against the float block on the same inputs, seconds.
+    output error of the quantized block against the float block on the same inputs, each layer's
+    relative reconstruction error on its calibration inputs, seconds.
     """
     prefix, blocks = find_blocks(model, config.block_name_to_quantize)
     outside = [n for n in targets if not n.startswith(prefix + ".")]
@@ -218,15 +219,19 @@ def quantize_blockwise(model: nn.Module, config: QuantConfig, targets: dict[str,
         home = _block_device(block)
         block.to(device)
         try:
-            names, groups, error, inputs = _calibrate_block(model, block, f"{prefix}.{idx}.", targets, config,
+            names, groups, error, layer_errors, inputs = _calibrate_block(model, block, f"{prefix}.{idx}.", targets, config,
                                                             options, inputs, device, home)
         finally:
             block.to(home)
         seconds = time.perf_counter() - block_start
         report.append({"block": idx, "layers": len(names), "groups": len(groups), "output_error": error,
-                       "seconds": seconds})
-        logger.info("hf_quant: block %d/%d: %d layers in %d groups, output rel. error %.3e, %.1f s",
-                    idx + 1, len(blocks), len(names), len(groups), error, seconds)
+                       "layer_errors": layer_errors, "seconds": seconds})
+        worst = max(layer_errors, key=layer_errors.get, default="-")
+        logger.info("hf_quant: block %d/%d: %d layers in %d groups, output rel. error %.3e, worst layer %s %.3e, "
+                    "%.1f s", idx + 1, len(blocks), len(names), len(groups), error, worst,
+                    layer_errors.get(worst, 0.0), seconds)
+        for name, err in layer_errors.items():
+            logger.debug("hf_quant:   %s%s rel. error %.3e", f"{prefix}.{idx}.", name, err)
     logger.info("hf_quant: %s calibrated %d blocks on %s in %.1f s", config.method, len(blocks), device,
                 time.perf_counter() - start)
     return report
@@ -242,6 +247,7 @@ def _calibrate_block(model, block, block_prefix, targets, config, options, input
     groups = input_groups(block, block_prefix, names, runner) if names else []
     passes = [[g] for g in groups] if config.true_sequential else [groups]
     float_out: list[torch.Tensor] | None = None
+    layer_errors: dict[str, float] = {}
     for pass_groups in passes:
         H, rows, handles = {}, {}, []
         for group in pass_groups:
@@ -261,13 +267,14 @@ def _calibrate_block(model, block, block_prefix, targets, config, options, input
                 original = model.get_submodule(n)
                 layer = _quantize_with_hessian(quantize_layer, n, original, targets[n], config, options,
                                                H[first], rows[first])
+                layer_errors[n.removeprefix(block_prefix)] = _weighted_error(original, layer, H[first])
                 set_module(model, n, layer)
                 original.to(home)  # kept for rollback, off the work device
             del H[first]
     outs, kept = runner(keep=ERROR_SAMPLES)
     error = _relative_error(kept, float_out) if names else 0.0
     next_inputs = [((y,) + tuple(args[1:]), kwargs) for y, (args, kwargs) in zip(outs, inputs)]
-    return names, groups, error, next_inputs
+    return names, groups, error, layer_errors, next_inputs
 
 
 def _hessian_hook(H: dict, rows: dict, name: str):
@@ -284,6 +291,17 @@ def _quantize_with_hessian(quantize_layer, name, module, spec, config, options, 
                        name, config.method)
         return quantize_layer(name, module, spec, "rtn", **get_method("rtn").options_from(config))
     return quantize_layer(name, module, spec, config.method, H=2 * Hsum / rows, **options)
+
+
+def _weighted_error(original: nn.Module, layer: nn.Module, Hsum: torch.Tensor) -> float:
+    """The layer's relative reconstruction error on its calibration inputs, from their Hessian:
+    ||(W - W_hat) X||^2 / ||W X||^2 = tr(dW H dW^T) / tr(W H W^T)."""
+    from ..nn.convert import linear_weight
+
+    W = linear_weight(original).detach().to(Hsum.device, torch.float32)
+    dW = W - layer.dequantize().to(Hsum.device, torch.float32)
+    den = ((W @ Hsum) * W).sum().item()
+    return ((dW @ Hsum) * dW).sum().item() / den if den > 0 else 0.0
 
 
 def _relative_error(quantized: list[torch.Tensor], reference: list[torch.Tensor] | None) -> float:
