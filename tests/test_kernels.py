@@ -53,14 +53,15 @@ def test_fast_path_matches_reference_fp32(bits, group_size, sym, act_order, bias
     assert rel_err(out, ref) < 1e-3, kernels.select_kernel(layer, x).name
 
 
-@pytest.mark.parametrize("bits, group_size, kernel", [(4, 128, "cpu_int4"), (3, 64, "cpu_int4"), (2, 32, "cpu_int4"),
-                                                      (4, -1, "cpu_int4"), (8, -1, "cpu_int8")])
+_HALF_CASES = [(4, 128, "cpu_int4"), (3, 64, "cpu_int4"), (2, 32, "cpu_int4"), (4, -1, "cpu_int4"), (8, -1, "cpu_int8")]
+
+
+# act-order only where there are several groups (a per-channel layer stores no g_idx)
+@pytest.mark.parametrize("bits, group_size, kernel, act_order",
+                         [c + (False,) for c in _HALF_CASES] + [c + (True,) for c in _HALF_CASES if c[1] != -1])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("sym", [True, False])
-@pytest.mark.parametrize("act_order", [False, True])
-def test_fast_path_half_precision_and_3d_inputs(bits, group_size, kernel, dtype, sym, act_order):
-    if act_order and group_size == -1:
-        pytest.skip("per-channel layers have one group: act-order stores no g_idx")
+def test_fast_path_half_precision_and_3d_inputs(bits, group_size, kernel, act_order, dtype, sym):
     spec = LayerSpec(bits, group_size, sym, act_order)
     layer, _ = make_layer(80, 512, spec, bias=True, dtype=dtype, seed=bits)
     x = torch.randn(3, 7, 512, dtype=dtype)
