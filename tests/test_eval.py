@@ -60,3 +60,23 @@ def test_ref_llama_rtn_w4_g128_within_one_percent():
     ppl = hf_quant.eval.perplexity(q, tok)
     print(f"ref-llama held-out perplexity: bf16 {base:.3f}, RTN w4 g128 {ppl:.3f} ({ppl / base - 1:+.2%})")
     assert ppl <= base * 1.01
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REF_LLAMA.exists(), reason="needs ../shared/models/ref-llama")
+def test_ref_llama_gptq_w3_removes_half_of_rtn_increase():
+    """The issue's protocol at w3 g128, cut to 64 windows of calibration and 40 of evaluation (~3 min)."""
+    from pathlib import Path
+
+    corpus = Path(REF_LLAMA).parents[1] / "data" / "corpus"
+    calib = [t[: int(len(t) * 0.97)] for t in (f.read_text(encoding="utf-8") for f in sorted(corpus.glob("*.txt")))]
+    tok = AutoTokenizer.from_pretrained(REF_LLAMA)
+    base = hf_quant.eval.perplexity(AutoModelForCausalLM.from_pretrained(REF_LLAMA, dtype=torch.bfloat16), tok,
+                                    max_windows=40)
+    ppl = {}
+    for method in ("rtn", "gptq"):
+        cfg = QuantConfig(method=method, bits=3, group_size=128, dataset=calib, num_samples=64, seq_len=512)
+        q = AutoModelForCausalLM.from_pretrained(REF_LLAMA, dtype=torch.bfloat16, quantization_config=cfg)
+        ppl[method] = hf_quant.eval.perplexity(q, tok, max_windows=40)
+    print(f"ref-llama w3 g128: bf16 {base:.3f}, RTN {ppl['rtn']:.3f}, GPTQ {ppl['gptq']:.3f}")
+    assert ppl["gptq"] - base <= 0.5 * (ppl["rtn"] - base)
