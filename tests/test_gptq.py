@@ -167,6 +167,29 @@ def test_gptq_is_deterministic_and_differs_from_rtn(tiny_models):
     assert not torch.equal(a["model.layers.1.mlp.down_proj.qweight"], r["model.layers.1.mlp.down_proj.qweight"])
 
 
+@pytest.mark.parametrize("chunk", [1 << 24, 1000])  # one chunk of shrink factors, or many
+@pytest.mark.parametrize("sym", [True, False])
+def test_batched_mse_search_equals_a_loop_over_shrink_factors(chunk, sym, monkeypatch):
+    monkeypatch.setattr(grid, "MSE_CHUNK_ELEMENTS", chunk)
+    spec = LayerSpec(3, 32, sym)
+    Wg = torch.randn(24, 4, 32, generator=torch.Generator().manual_seed(0))
+    Wg[::3, :, ::5] *= 6
+    scale, zero = grid.find_params(Wg, spec, torch.bfloat16, mse=True)
+    # oracle: the reference quantizer's loop, strict improvement only
+    xmax = torch.maximum(Wg.amin(-1).clamp(max=0).abs(), Wg.amax(-1).clamp(min=0)) if sym else Wg.amax(-1)
+    xmin = -xmax if sym else Wg.amin(-1)
+    best = torch.full(xmin.shape, float("inf"))
+    want_s, want_z = torch.zeros_like(best), torch.zeros_like(best)
+    for i in range(80):
+        p = 1 - i / 100
+        s = grid.store_scale((p * xmax - p * xmin) / spec.maxq, torch.bfloat16)
+        z = torch.full_like(s, 4.0) if sym else torch.round(-p * xmin / s).clamp(0, spec.maxq)
+        err = (grid.dequantize(grid.quantize(Wg, s, z, spec.maxq), s, z) - Wg).abs().pow(2.4).sum(-1)
+        better = err < best
+        best, want_s, want_z = torch.where(better, err, best), torch.where(better, s, want_s), torch.where(better, z, want_z)
+    assert torch.equal(scale, want_s) and torch.equal(zero, want_z)
+
+
 def test_mse_option_reaches_rtn_and_gptq_in_from_pretrained(tiny_models):
     from transformers import AutoModelForCausalLM
 

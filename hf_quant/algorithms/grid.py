@@ -17,6 +17,7 @@ from ..config import LayerSpec
 MSE_GRID = 100
 MSE_MAX_SHRINK = 0.8
 MSE_NORM = 2.4
+MSE_CHUNK_ELEMENTS = 1 << 24
 
 
 def find_params(
@@ -39,15 +40,20 @@ def find_params(
     scale, zero = _grid(xmin, xmax, spec, scale_dtype)
     if not mse:
         return scale, zero
+    # All shrink factors at once, in chunks that keep the temporaries near MSE_CHUNK_ELEMENTS; the
+    # first factor with the least error wins (as a loop over factors with a strict `<` would pick).
+    shrink = 1 - torch.arange(int(MSE_MAX_SHRINK * MSE_GRID), device=Wg.device, dtype=torch.float32) / MSE_GRID
+    chunk = max(1, MSE_CHUNK_ELEMENTS // max(Wg.numel(), 1))
     best = torch.full_like(scale, float("inf"))
-    for i in range(int(MSE_MAX_SHRINK * MSE_GRID)):
-        p = 1 - i / MSE_GRID
-        s, z = _grid(p * xmin, p * xmax, spec, scale_dtype)
+    for p in shrink.split(chunk):
+        p = p.view(-1, *([1] * xmin.dim()))
+        s, z = _grid(p * xmin, p * xmax, spec, scale_dtype)  # (P, ...)
         err = (dequantize(quantize(Wg, s, z, spec.maxq), s, z) - Wg).abs_().pow_(MSE_NORM).sum(-1)
-        better = err < best
-        best = torch.where(better, err, best)
-        scale = torch.where(better, s, scale)
-        zero = torch.where(better, z, zero)
+        err_min, i = err.min(0)
+        better = err_min < best
+        best = torch.where(better, err_min, best)
+        scale = torch.where(better, s.gather(0, i[None]).squeeze(0), scale)
+        zero = torch.where(better, z.gather(0, i[None]).squeeze(0), zero)
     return scale, zero
 
 
