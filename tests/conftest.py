@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # run the Triton kernels' code on CPU tensors (before hf_quant imports Triton)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM)
 

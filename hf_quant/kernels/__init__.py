@@ -3,7 +3,7 @@
 `reference` (dequantize + `F.linear`) is the oracle every other kernel is tested against.
 """
 
-from . import cpu, reference  # noqa: F401  (register the built-in kernels)
+from . import cpu, reference, triton  # noqa: F401  (register the built-in kernels; Triton's if it imports)
 from .dispatch import Kernel, available_kernels, linear, register_kernel, select_kernel, use_kernel
 
 __all__ = ["Kernel", "available_kernels", "linear", "register_kernel", "select_kernel", "use_kernel"]

@@ -1,0 +1,110 @@
+"""Weight-only quantized GEMM in Triton: y = x @ W_hat.T + b, dequantizing W tile by tile.
+
+Load-time layout (built by `prepare`, never saved): the codes of each output channel are repacked
+along K into int32 words of PER = 32 // bits codes, transposed to (ceil(K / PER), N) so that a
+(BLOCK_K, BLOCK_N) tile of codes comes from BLOCK_K / PER rows of words; scales and zero points are
+transposed to (n_groups, N). Act-order layers (g_idx) have their channels sorted by group once, and
+the activations gathered the same way on each call, so groups are contiguous inside the kernel.
+
+This is the correctness-first tensor-core path (`tl.dot` on dequantized tiles); the decode (GEMV /
+split-K) path and autotuning come with the GPU benchmarks of issue 4.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from ...formats.packing import unpack_codes
+from ..dispatch import Kernel, register_kernel
+from ..reference import zero_points
+
+
+@triton.jit
+def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_ym, K: tl.constexpr,
+                  BITS: tl.constexpr, PER: tl.constexpr, GS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        kn_ok = k_ok[:, None] & n_ok[None, :]
+        words = tl.load(w_ptr + (offs_k // PER)[:, None] * N + offs_n[None, :], mask=kn_ok, other=0)
+        q = (words >> ((offs_k % PER) * BITS)[:, None]) & ((1 << BITS) - 1)
+        g = offs_k // GS
+        s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=kn_ok, other=0.0)
+        z = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=kn_ok, other=0.0)
+        w = ((q.to(tl.float32) - z) * s).to(x.dtype)  # W_hat^T tile (BLOCK_K, BLOCK_N), as the reference rounds it
+        acc += tl.dot(x, w)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+def repack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes (N, K) -> int32 words (ceil(K / PER), N), PER = 32 // bits codes per word, low bits first."""
+    per = 32 // bits
+    N, K = codes.shape
+    Kp = -(-K // per) * per
+    c = torch.nn.functional.pad(codes.to(torch.int64), (0, Kp - K)).reshape(N, Kp // per, per)
+    shifts = torch.arange(per, device=codes.device, dtype=torch.int64) * bits
+    words = (c << shifts).sum(-1)  # < 2**32
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return words.t().contiguous()
+
+
+def _block_m(M: int) -> int:
+    return 16 if M <= 16 else 32 if M <= 32 else 64
+
+
+class TritonQGemm(Kernel):
+    name = "triton_qgemm"
+    # Not chosen automatically until it has been compiled and measured on a GPU (issue 4); force it
+    # with `kernels.use_kernel("triton_qgemm")`. Checked against the reference in Triton's interpreter.
+    priority = -1
+
+    def supports(self, layer: Any, x: torch.Tensor) -> bool:
+        return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+
+    def prepare(self, layer: Any, x: torch.Tensor) -> Any:
+        spec, K = layer.spec, layer.in_features
+        codes = unpack_codes(layer.qweight, spec.bits, K)
+        perm = None
+        if layer.g_idx is not None:
+            perm = torch.argsort(layer.g_idx, stable=True)
+            codes = codes[:, perm]
+        words = repack(codes, spec.bits)
+        scales = layer.scales.t().contiguous().to(x.dtype)
+        zeros = zero_points(layer.qzeros, spec, layer.scales).t().contiguous().to(x.dtype)  # small ints: exact
+        return words, scales, zeros, perm
+
+    def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
+        words, scales, zeros, perm = prepared
+        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x2.index_select(-1, perm) if perm is not None else x2.contiguous()
+        M, K = x2.shape
+        N = layer.out_features
+        y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        bias = layer.bias.to(x.dtype) if layer.bias is not None else y  # any pointer when HAS_BIAS is False
+        bm, bn, bk = _block_m(M), 64, 64
+        grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+        _qgemm_kernel[grid](x2, words, scales, zeros, bias, y, M, N, x2.stride(0), y.stride(0), K=K,
+                            BITS=layer.spec.bits, PER=32 // layer.spec.bits,
+                            GS=layer.spec.effective_group_size(K), HAS_BIAS=layer.bias is not None,
+                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+        return y.reshape(*x.shape[:-1], N)
+
+
+register_kernel(TritonQGemm())
