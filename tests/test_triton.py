@@ -15,20 +15,21 @@ pytest.importorskip("triton")
 from hf_quant import kernels  # noqa: E402
 from hf_quant.config import LayerSpec  # noqa: E402
 from hf_quant.formats.packing import unpack_codes  # noqa: E402
-from hf_quant.kernels.triton.qgemm import TritonQGemm, repack  # noqa: E402
+from hf_quant.kernels.triton.qgemm import TritonQGemm, TritonQGemv, repack  # noqa: E402
 
 from .test_kernels import make_layer, rel_err  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-KERNEL = TritonQGemm()
+KERNELS = {"triton_qgemm": TritonQGemm(), "triton_gemv": TritonQGemv()}
 
 
-def run_kernel(layer, x):
+def run_kernel(layer, x, name="triton_qgemm"):
     if CUDA:
-        with kernels.use_kernel("triton_qgemm"):
+        with kernels.use_kernel(name):
             return layer(x)
-    return KERNEL.forward(layer, x, KERNEL.prepare(layer, x))  # interpreter: call the kernel directly
+    kernel = KERNELS[name]
+    return kernel.forward(layer, x, kernel.prepare(layer, x))  # interpreter: call the kernel directly
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -62,9 +63,11 @@ def test_triton_qgemm_matches_reference(bits, group_size, sym, act_order, bias, 
     x = torch.randn(m, in_f, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
     with kernels.use_kernel("reference"):
         ref = layer(x)
-    out = run_kernel(layer, x)
-    assert out.shape == ref.shape and out.dtype == dtype
-    assert rel_err(out, ref) < 1e-2, rel_err(out, ref)
+    names = ["triton_qgemm"] + (["triton_gemv"] if m <= TritonQGemv.MAX_ROWS else [])
+    for name in names:
+        out = run_kernel(layer, x, name)
+        assert out.shape == ref.shape and out.dtype == dtype
+        assert rel_err(out, ref) < 1e-2, (name, rel_err(out, ref))
 
 
 def test_triton_qgemm_3d_input_and_unpacked_codes_untouched():

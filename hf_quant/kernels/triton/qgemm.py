@@ -53,6 +53,36 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, stride_xm, str
              mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, stride_xm, K: tl.constexpr,
+                  BITS: tl.constexpr, PER: tl.constexpr, GS: tl.constexpr, K_PER_SPLIT: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Decode path (few rows): each program dequantizes a (BLOCK_K, BLOCK_N) weight tile once and
+    multiplies every row with it on CUDA cores; K is split over the grid's second axis and the
+    partial sums are added atomically into the fp32 output `y_ptr` (M, N)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    rows = tl.arange(0, BLOCK_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in range(0, K_PER_SPLIT, BLOCK_K):
+        offs_k = pid_k * K_PER_SPLIT + kk + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        kn_ok = k_ok[:, None] & n_ok[None, :]
+        words = tl.load(w_ptr + (offs_k // PER)[:, None] * N + offs_n[None, :], mask=kn_ok, other=0)
+        q = (words >> ((offs_k % PER) * BITS)[:, None]) & ((1 << BITS) - 1)
+        g = offs_k // GS
+        s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=kn_ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=kn_ok, other=0.0).to(tl.float32)
+        w = ((q.to(tl.float32) - z) * s).to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded as the reference
+        for m in tl.static_range(BLOCK_M):
+            x = tl.load(x_ptr + m * stride_xm + offs_k, mask=k_ok & (m < M), other=0.0).to(tl.float32)
+            part = tl.sum(x[:, None] * w, axis=0)
+            acc += tl.where(rows[:, None] == m, part[None, :], 0.0)
+    tl.atomic_add(y_ptr + rows[:, None] * N + offs_n[None, :], acc, mask=(rows[:, None] < M) & n_ok[None, :])
+
+
 def repack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes (N, K) -> int32 words (ceil(K / PER), N), PER = 32 // bits codes per word, low bits first."""
     per = 32 // bits
@@ -107,4 +137,35 @@ class TritonQGemm(Kernel):
         return y.reshape(*x.shape[:-1], N)
 
 
+class TritonQGemv(TritonQGemm):
+    """Few rows (decode): `_qgemv_kernel`, split-K with fp32 atomics. Same load-time layout."""
+
+    name = "triton_gemv"
+    priority = -1  # as triton_qgemm: forced only, until measured on a GPU
+    MAX_ROWS = 8
+
+    def supports(self, layer: Any, x: torch.Tensor) -> bool:
+        return super().supports(layer, x) and x.numel() // max(x.shape[-1], 1) <= self.MAX_ROWS
+
+    def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
+        words, scales, zeros, perm = prepared
+        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x2.index_select(-1, perm) if perm is not None else x2.contiguous()
+        M, K = x2.shape
+        N = layer.out_features
+        block_n, block_k = 64, 64
+        split = max(1, min(K // (4 * block_k), 8))  # more programs for small N, a few K chunks each
+        k_per_split = -(-K // (split * block_k)) * block_k
+        y = torch.zeros(M, N, dtype=torch.float32, device=x.device)
+        grid = (triton.cdiv(N, block_n), triton.cdiv(K, k_per_split))
+        _qgemv_kernel[grid](x2, words, scales, zeros, y, M, N, x2.stride(0), K=K, BITS=layer.spec.bits,
+                            PER=32 // layer.spec.bits, GS=layer.spec.effective_group_size(K),
+                            K_PER_SPLIT=k_per_split, BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n,
+                            BLOCK_K=block_k)
+        if layer.bias is not None:
+            y += layer.bias.float()
+        return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
 register_kernel(TritonQGemm())
+register_kernel(TritonQGemv())
