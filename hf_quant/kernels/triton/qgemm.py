@@ -95,6 +95,13 @@ def repack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return words.t().contiguous()
 
 
+def _operands(prepared: Any, x: torch.Tensor) -> tuple:
+    """(words, scales, zeros, x as contiguous rows in the kernel's channel order)."""
+    words, scales, zeros, perm = prepared
+    x2 = x.reshape(-1, x.shape[-1])
+    return words, scales, zeros, x2.index_select(-1, perm) if perm is not None else x2.contiguous()
+
+
 def _block_m(M: int) -> int:
     return 16 if M <= 16 else 32 if M <= 32 else 64
 
@@ -121,9 +128,7 @@ class TritonQGemm(Kernel):
         return words, scales, zeros, perm
 
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
-        words, scales, zeros, perm = prepared
-        x2 = x.reshape(-1, x.shape[-1])
-        x2 = x2.index_select(-1, perm) if perm is not None else x2.contiguous()
+        words, scales, zeros, x2 = _operands(prepared, x)
         M, K = x2.shape
         N = layer.out_features
         y = torch.empty(M, N, dtype=x.dtype, device=x.device)
@@ -148,9 +153,7 @@ class TritonQGemv(TritonQGemm):
         return super().supports(layer, x) and x.numel() // max(x.shape[-1], 1) <= self.MAX_ROWS
 
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
-        words, scales, zeros, perm = prepared
-        x2 = x.reshape(-1, x.shape[-1])
-        x2 = x2.index_select(-1, perm) if perm is not None else x2.contiguous()
+        words, scales, zeros, x2 = _operands(prepared, x)
         M, K = x2.shape
         N = layer.out_features
         block_n, block_k = 64, 64
