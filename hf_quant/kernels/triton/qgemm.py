@@ -77,7 +77,8 @@ def _qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, stride_xm, K: tl.cons
         z = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=kn_ok, other=0.0).to(tl.float32)
         w = ((q.to(tl.float32) - z) * s).to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded as the reference
         for m in tl.static_range(BLOCK_M):
-            x = tl.load(x_ptr + m * stride_xm + offs_k, mask=k_ok & (m < M), other=0.0).to(tl.float32)
+            row_ok = (offs_k * 0 + m) < M  # as a tensor: some Triton interpreters refuse scalar masks
+            x = tl.load(x_ptr + m * stride_xm + offs_k, mask=k_ok & row_ok, other=0.0).to(tl.float32)
             part = tl.sum(x[:, None] * w, axis=0)
             acc += tl.where(rows[:, None] == m, part[None, :], 0.0)
     tl.atomic_add(y_ptr + rows[:, None] * N + offs_n[None, :], acc, mask=(rows[:, None] < M) & n_ok[None, :])
