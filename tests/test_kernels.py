@@ -114,6 +114,21 @@ def test_dequant_matmul_matches_reference(bits, dtype):
         assert torch.equal(out, layer(x))
 
 
+def test_prefer_kernel_applies_where_supported_only():
+    layer, _ = make_layer(32, 512, LayerSpec(4, 128, False), bias=False)
+    small, large = torch.randn(1, 512, dtype=torch.bfloat16), torch.randn(500, 512, dtype=torch.bfloat16)
+    with kernels.prefer_kernel("reference"):
+        assert kernels.select_kernel(layer, small).name == "reference"
+    with kernels.prefer_kernel("cpu_int4"):
+        assert kernels.select_kernel(layer, large).name == "dequant_matmul"  # too many rows for cpu_int4
+        with kernels.use_kernel("reference"):  # forcing wins over preferring
+            assert kernels.select_kernel(layer, small).name == "reference"
+    assert kernels.select_kernel(layer, small).name == "cpu_int4"
+    with pytest.raises(ValueError, match="unknown kernel"):
+        with kernels.prefer_kernel("nope"):
+            pass
+
+
 def test_forcing_an_unsupported_kernel_errors():
     layer, _ = make_layer(32, 512, LayerSpec(8, 128, False), bias=False)
     with kernels.use_kernel("cpu_int4"), pytest.raises(ValueError, match="cannot run"):

@@ -4,6 +4,6 @@
 """
 
 from . import cpu, reference, triton  # noqa: F401  (register the built-in kernels; Triton's if it imports)
-from .dispatch import Kernel, available_kernels, linear, register_kernel, select_kernel, use_kernel
+from .dispatch import Kernel, available_kernels, linear, prefer_kernel, register_kernel, select_kernel, use_kernel
 
-__all__ = ["Kernel", "available_kernels", "linear", "register_kernel", "select_kernel", "use_kernel"]
+__all__ = ["Kernel", "available_kernels", "linear", "prefer_kernel", "register_kernel", "select_kernel", "use_kernel"]

@@ -59,7 +59,24 @@ def use_kernel(name: str) -> Iterator[None]:
         _forced.name = prev
 
 
+@contextlib.contextmanager
+def prefer_kernel(name: str) -> Iterator[None]:
+    """Inside the block, run kernel `name` wherever it supports the layer and input, and the usual
+    choice elsewhere (e.g. a decode-only kernel during `generate`, whose prompt it cannot run)."""
+    if name not in _KERNELS:
+        raise ValueError(f"unknown kernel {name!r}; available: {available_kernels()}")
+    prev = getattr(_forced, "preferred", None)
+    _forced.preferred = name
+    try:
+        yield
+    finally:
+        _forced.preferred = prev
+
+
 def select_kernel(layer: Any, x: torch.Tensor) -> Kernel:
+    preferred = getattr(_forced, "preferred", None)
+    if preferred is not None and getattr(_forced, "name", None) is None and _KERNELS[preferred].supports(layer, x):
+        return _KERNELS[preferred]
     forced = getattr(_forced, "name", None)
     if forced is not None:
         kernel = _KERNELS[forced]
