@@ -16,9 +16,8 @@ from typing import Any
 
 import torch
 
-from ..formats.packing import unpack_codes
 from .dispatch import Kernel, register_kernel
-from .reference import zero_points
+from .reference import codes_by_group, zero_points
 
 _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Above these many rows, dequantize + F.linear (kernel "dequant_matmul") is faster than the packed
@@ -68,11 +67,8 @@ class Int4CpuKernel(Kernel):
     def prepare(self, layer: Any, x: torch.Tensor) -> Any:
         spec, K = layer.spec, layer.in_features
         gs = _int4_group_size(layer)
-        codes = unpack_codes(layer.qweight, spec.bits, K).to(torch.int32)
-        perm = None
-        if layer.g_idx is not None:  # act-order: sort channels by group so that groups are contiguous
-            perm = torch.argsort(layer.g_idx, stable=True)
-            codes = codes[:, perm]
+        codes, perm = codes_by_group(layer)  # act-order: groups made contiguous
+        codes = codes.to(torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
         scale = layer.scales.float()
         zero = (8.0 - zero_points(layer.qzeros, spec, scale)) * scale

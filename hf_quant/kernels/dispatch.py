@@ -47,30 +47,27 @@ def available_kernels() -> list[str]:
 
 
 @contextlib.contextmanager
-def use_kernel(name: str) -> Iterator[None]:
-    """Force one kernel (e.g. "reference") inside the block; errors if it cannot run a layer."""
+def _thread_setting(attr: str, name: str) -> Iterator[None]:
+    """Set `_forced.<attr>` to kernel `name` for this thread inside the block."""
     if name not in _KERNELS:
         raise ValueError(f"unknown kernel {name!r}; available: {available_kernels()}")
-    prev = getattr(_forced, "name", None)
-    _forced.name = name
+    prev = getattr(_forced, attr, None)
+    setattr(_forced, attr, name)
     try:
         yield
     finally:
-        _forced.name = prev
+        setattr(_forced, attr, prev)
 
 
-@contextlib.contextmanager
-def prefer_kernel(name: str) -> Iterator[None]:
+def use_kernel(name: str) -> contextlib.AbstractContextManager[None]:
+    """Force one kernel (e.g. "reference") inside the block; errors if it cannot run a layer."""
+    return _thread_setting("name", name)
+
+
+def prefer_kernel(name: str) -> contextlib.AbstractContextManager[None]:
     """Inside the block, run kernel `name` wherever it supports the layer and input, and the usual
     choice elsewhere (e.g. a decode-only kernel during `generate`, whose prompt it cannot run)."""
-    if name not in _KERNELS:
-        raise ValueError(f"unknown kernel {name!r}; available: {available_kernels()}")
-    prev = getattr(_forced, "preferred", None)
-    _forced.preferred = name
-    try:
-        yield
-    finally:
-        _forced.preferred = prev
+    return _thread_setting("preferred", name)
 
 
 def select_kernel(layer: Any, x: torch.Tensor) -> Kernel:

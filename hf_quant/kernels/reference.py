@@ -23,6 +23,16 @@ def zero_points(qzeros: torch.Tensor | None, spec: LayerSpec, like: torch.Tensor
     return qzeros.float()
 
 
+def codes_by_group(layer: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The layer's codes (out, in) with act-order channels sorted by group, and that permutation
+    (None without g_idx). Packed kernels apply the same permutation to the activations."""
+    codes = unpack_codes(layer.qweight, layer.spec.bits, layer.in_features)
+    if layer.g_idx is None:
+        return codes, None
+    perm = torch.argsort(layer.g_idx, stable=True)
+    return codes[:, perm], perm
+
+
 def dequantize_weight(
     qweight: torch.Tensor,
     scales: torch.Tensor,

@@ -12,4 +12,4 @@ except ImportError:  # pragma: no cover - Triton is optional
     AVAILABLE = False
 else:
     AVAILABLE = True
-    from . import qgemm  # noqa: F401  (registers "triton_qgemm")
+    from . import qgemm  # noqa: F401  (registers "triton_qgemm" and "triton_gemv")

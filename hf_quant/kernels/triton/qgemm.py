@@ -6,8 +6,9 @@ along K into int32 words of PER = 32 // bits codes, transposed to (ceil(K / PER)
 transposed to (n_groups, N). Act-order layers (g_idx) have their channels sorted by group once, and
 the activations gathered the same way on each call, so groups are contiguous inside the kernel.
 
-This is the correctness-first tensor-core path (`tl.dot` on dequantized tiles); the decode (GEMV /
-split-K) path and autotuning come with the GPU benchmarks of issue 4.
+Two kernels share that layout: `triton_qgemm`, a tensor-core path (`tl.dot` on dequantized tiles),
+and `triton_gemv`, a split-K decode path for a few rows. Both are correctness-first; tuning and
+dispatch by M come with the GPU benchmarks of issue 4.
 """
 
 from __future__ import annotations
@@ -18,9 +19,21 @@ import torch
 import triton
 import triton.language as tl
 
-from ...formats.packing import unpack_codes
 from ..dispatch import Kernel, register_kernel
-from ..reference import zero_points
+from ..reference import codes_by_group, zero_points
+
+
+@triton.jit
+def _dequant_tile(w_ptr, s_ptr, z_ptr, offs_k, offs_n, k_ok, n_ok, N, BITS: tl.constexpr, PER: tl.constexpr,
+                  GS: tl.constexpr):
+    """fp32 W_hat^T tile (len(offs_k), len(offs_n)) from the repacked words, scales and zeros."""
+    kn_ok = k_ok[:, None] & n_ok[None, :]
+    words = tl.load(w_ptr + (offs_k // PER)[:, None] * N + offs_n[None, :], mask=kn_ok, other=0)
+    q = (words >> ((offs_k % PER) * BITS)[:, None]) & ((1 << BITS) - 1)
+    g = offs_k // GS
+    s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=kn_ok, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=kn_ok, other=0.0).to(tl.float32)
+    return (q.to(tl.float32) - z) * s
 
 
 @triton.jit
@@ -39,13 +52,8 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, stride_xm, str
         k_ok = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
                     other=0.0)
-        kn_ok = k_ok[:, None] & n_ok[None, :]
-        words = tl.load(w_ptr + (offs_k // PER)[:, None] * N + offs_n[None, :], mask=kn_ok, other=0)
-        q = (words >> ((offs_k % PER) * BITS)[:, None]) & ((1 << BITS) - 1)
-        g = offs_k // GS
-        s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=kn_ok, other=0.0)
-        z = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=kn_ok, other=0.0)
-        w = ((q.to(tl.float32) - z) * s).to(x.dtype)  # W_hat^T tile (BLOCK_K, BLOCK_N), as the reference rounds it
+        # W_hat^T tile (BLOCK_K, BLOCK_N), rounded to the activation dtype as the reference rounds it
+        w = _dequant_tile(w_ptr, s_ptr, z_ptr, offs_k, offs_n, k_ok, n_ok, N, BITS, PER, GS).to(x.dtype)
         acc += tl.dot(x, w)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -69,13 +77,8 @@ def _qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, stride_xm, K: tl.cons
     for kk in range(0, K_PER_SPLIT, BLOCK_K):
         offs_k = pid_k * K_PER_SPLIT + kk + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
-        kn_ok = k_ok[:, None] & n_ok[None, :]
-        words = tl.load(w_ptr + (offs_k // PER)[:, None] * N + offs_n[None, :], mask=kn_ok, other=0)
-        q = (words >> ((offs_k % PER) * BITS)[:, None]) & ((1 << BITS) - 1)
-        g = offs_k // GS
-        s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=kn_ok, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=kn_ok, other=0.0).to(tl.float32)
-        w = ((q.to(tl.float32) - z) * s).to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded as the reference
+        w = _dequant_tile(w_ptr, s_ptr, z_ptr, offs_k, offs_n, k_ok, n_ok, N, BITS, PER, GS)
+        w = w.to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded as the reference rounds it
         for m in tl.static_range(BLOCK_M):
             row_ok = (offs_k * 0 + m) < M  # as a tensor: some Triton interpreters refuse scalar masks
             x = tl.load(x_ptr + m * stride_xm + offs_k, mask=k_ok & row_ok, other=0.0).to(tl.float32)
@@ -117,12 +120,8 @@ class TritonQGemm(Kernel):
         return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
 
     def prepare(self, layer: Any, x: torch.Tensor) -> Any:
-        spec, K = layer.spec, layer.in_features
-        codes = unpack_codes(layer.qweight, spec.bits, K)
-        perm = None
-        if layer.g_idx is not None:
-            perm = torch.argsort(layer.g_idx, stable=True)
-            codes = codes[:, perm]
+        spec = layer.spec
+        codes, perm = codes_by_group(layer)
         words = repack(codes, spec.bits)
         scales = layer.scales.t().contiguous().to(x.dtype)
         zeros = zero_points(layer.qzeros, spec, layer.scales).t().contiguous().to(x.dtype)  # small ints: exact
