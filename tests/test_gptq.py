@@ -338,7 +338,7 @@ def test_layer_without_calibration_inputs_falls_back_to_rtn(caplog):
     lin = torch.nn.Linear(64, 16, bias=False)
     spec = cfg.layer_spec("x")
     with caplog.at_level(logging.WARNING, logger="hf_quant"):
-        layer = _quantize_with_hessian(quantize_layer, "experts.3.w1", lin, spec, cfg, {}, torch.zeros(64, 64), 0)
+        layer = _quantize_with_hessian("experts.3.w1", lin, spec, cfg, {}, torch.zeros(64, 64), 0)
     assert "experts.3.w1 received no calibration inputs" in caplog.text
     rtn = quantize_layer("experts.3.w1", lin, spec, "rtn", mse=cfg.mse)  # same grid search as the GPTQ layers
     assert torch.equal(layer.qweight, rtn.qweight)

@@ -23,7 +23,8 @@ from transformers.utils import logging as hf_logging
 
 from ..algorithms import get_method
 from ..config import LayerSpec, QuantConfig
-from ..nn.convert import linear_shape, set_module
+from ..nn.convert import linear_shape, linear_weight, set_module
+from . import quantize_layer
 from .data import calibration_windows
 
 logger = logging.getLogger("hf_quant")
@@ -141,7 +142,7 @@ def _block_device(block: nn.Module) -> torch.device:
 
 
 class _BlockRunner:
-    """Runs the cached inputs through one block on the work device; results stay on `store`."""
+    """Runs the cached inputs through one block on the work device; results go back to the inputs' device."""
 
     def __init__(self, block: nn.Module, inputs: list[tuple[tuple, dict]], device: torch.device):
         self.block, self.inputs, self.device = block, inputs, device
@@ -219,8 +220,8 @@ def quantize_blockwise(model: nn.Module, config: QuantConfig, targets: dict[str,
         home = _block_device(block)
         block.to(device)
         try:
-            names, groups, error, layer_errors, inputs = _calibrate_block(model, block, f"{prefix}.{idx}.", targets, config,
-                                                            options, inputs, device, home)
+            names, groups, error, layer_errors, inputs = _calibrate_block(
+                model, block, f"{prefix}.{idx}.", targets, config, options, inputs, device, home)
         finally:
             block.to(home)
         seconds = time.perf_counter() - block_start
@@ -240,8 +241,6 @@ def quantize_blockwise(model: nn.Module, config: QuantConfig, targets: dict[str,
 def _calibrate_block(model, block, block_prefix, targets, config, options, inputs, device, home):
     """Quantize one block's targets (already on `device`); returns its names, groups, output error
     and the quantized block's outputs as the next block's inputs."""
-    from . import quantize_layer
-
     names = [n for n in targets if n.startswith(block_prefix)]
     runner = _BlockRunner(block, inputs, device)
     groups = input_groups(block, block_prefix, names, runner) if names else []
@@ -265,8 +264,7 @@ def _calibrate_block(model, block, block_prefix, targets, config, options, input
             first = group[0]
             for n in group:
                 original = model.get_submodule(n)
-                layer = _quantize_with_hessian(quantize_layer, n, original, targets[n], config, options,
-                                               H[first], rows[first])
+                layer = _quantize_with_hessian(n, original, targets[n], config, options, H[first], rows[first])
                 layer_errors[n.removeprefix(block_prefix)] = _weighted_error(original, layer, H[first])
                 set_module(model, n, layer)
                 original.to(home)  # kept for rollback, off the work device
@@ -285,7 +283,7 @@ def _hessian_hook(H: dict, rows: dict, name: str):
     return hook
 
 
-def _quantize_with_hessian(quantize_layer, name, module, spec, config, options, Hsum, rows):
+def _quantize_with_hessian(name, module, spec, config, options, Hsum, rows):
     if rows == 0:  # never reached by the calibration data (e.g. an unrouted expert)
         logger.warning("hf_quant: %s received no calibration inputs; quantizing it with RTN instead of %s.",
                        name, config.method)
@@ -296,8 +294,6 @@ def _quantize_with_hessian(quantize_layer, name, module, spec, config, options, 
 def _weighted_error(original: nn.Module, layer: nn.Module, Hsum: torch.Tensor) -> float:
     """The layer's relative reconstruction error on its calibration inputs, from their Hessian:
     ||(W - W_hat) X||^2 / ||W X||^2 = tr(dW H dW^T) / tr(W H W^T)."""
-    from ..nn.convert import linear_weight
-
     W = linear_weight(original).detach().to(Hsum.device, torch.float32)
     dW = W - layer.dequantize().to(Hsum.device, torch.float32)
     den = ((W @ Hsum) * W).sum().item()
