@@ -16,7 +16,7 @@ import copy
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from common import random_llama
 
 import hf_quant
 from hf_quant import kernels
@@ -46,17 +46,7 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_generate_gpu.py needs a CUDA device")
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                      num_hidden_layers=args.layers, num_attention_heads=args.hidden // 128,
-                      num_key_value_heads=args.hidden // 128, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
-    model = model.to_empty(device="cuda").to(torch.bfloat16)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.fill_(1.0) if "norm" in name else p.normal_(0, 0.02)
-    model.eval()
+    model = random_llama(args.hidden, args.intermediate, args.layers, "cuda")
     ids = torch.randint(0, 32000, (1, 16), device="cuda")
     base = tokens_per_s(model, ids, args.new_tokens)
 

@@ -19,26 +19,16 @@ import tempfile
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from common import random_llama
+from transformers import AutoModelForCausalLM
 
 import hf_quant
 from hf_quant import kernels
 
 
-def build(path: str, hidden: int, intermediate: int, layers: int, heads: int, vocab: int) -> float:
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                      max_position_embeddings=4096, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-            else:
-                p.normal_(0, 0.02)
+def build(path: str, hidden: int, intermediate: int, layers: int, vocab: int) -> float:
+    """Save a random Llama-shaped model to `path`; returns one block's size in GiB."""
+    model = random_llama(hidden, intermediate, layers, "cpu", vocab)
     model.save_pretrained(path)
     block = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
     return block / 2**30
@@ -57,7 +47,6 @@ def main() -> None:
     args = ap.parse_args()
     if args.small:
         args.hidden, args.intermediate, args.seq_len = 512, 1408, 256
-    heads = max(args.hidden // 128, 1)
     vocab = 32000
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
@@ -66,7 +55,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        block_gib = build(tmp, args.hidden, args.intermediate, args.layers, heads, vocab)
+        block_gib = build(tmp, args.hidden, args.intermediate, args.layers, vocab)
         print(f"built and saved a random {args.layers}-block model in {time.perf_counter() - t:.1f} s "
               f"(one block: {block_gib:.2f} GiB bf16)", flush=True)
         g = torch.Generator().manual_seed(1)

@@ -77,7 +77,7 @@ def main() -> None:
             print(rows[-1], flush=True)
 
     rtn = {c: h for m, c, (h, _), _ in rows if m == "rtn"}
-    print(f"\n| method | config | held-out ppl | vs bf16 | of RTN's increase removed | WikiText-2 test ppl | quantize s |")
+    print("\n| method | config | held-out ppl | vs bf16 | of RTN's increase removed | WikiText-2 test ppl | quantize s |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for method, cfg_name, (h, w), s in rows:
         removed = ""

@@ -8,7 +8,6 @@ from transformers.pytorch_utils import Conv1D
 from hf_quant import kernels
 from hf_quant.calibration import quantize_layer
 from hf_quant.config import LayerSpec
-from hf_quant.nn import QuantLinear
 from hf_quant.nn.convert import dequantize_model
 
 
