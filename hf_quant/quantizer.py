@@ -16,6 +16,7 @@ from .calibration import quantize_model
 from .config import QUANT_METHOD, QuantConfig
 from .formats.checkpoint import check_module_tensors, index_checkpoint
 from .formats.layout import buffer_specs
+from .integrations import peft as peft_integration
 from .nn.convert import dequantize_model, find_targets, linear_shape, replace_with_empty_quant_linears
 from .nn.quant_linear import QuantLinear
 
@@ -60,6 +61,7 @@ class HfQuantQuantizer(HfQuantizer):
             check_module_tensors(entries, name, buffer_specs(in_f, out_f, spec, None), prefixes)
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
+        peft_integration.install()  # clear errors where PEFT would merge into packed weights
         if self.pre_quantized:
             for name, module in model.named_modules():
                 if isinstance(module, QuantLinear):
@@ -85,3 +87,26 @@ class HfQuantQuantizer(HfQuantizer):
 
     def _dequantize(self, model, dtype=None):
         return dequantize_model(model, dtype)
+
+
+def quantize(model, config: QuantConfig):
+    """Quantize a float transformers model already in memory, in place, exactly as
+    `from_pretrained(path, quantization_config=config)` would have; returns the model.
+
+    The result is a regular hf_quant model: `save_pretrained` writes an hf_quant checkpoint, and
+    `model.hf_quantizer.calibration_report` holds the calibration summary.
+    """
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"quantize: config must be an hf_quant.QuantConfig, got {type(config).__name__}")
+    if getattr(model, "hf_quantizer", None) is not None or any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise ValueError("quantize: this model is already quantized; start from a float model "
+                         "(e.g. `model.dequantize()` or `hf_quant.merge_lora(...)` give one).")
+    quantizer = HfQuantQuantizer(config, pre_quantized=False)
+    try:
+        quantizer.preprocess_model(model=model, dtype=getattr(model.config, "dtype", None), device_map=None)
+        model.hf_quantizer = quantizer
+        quantizer.postprocess_model(model)  # the layers are put back if calibration fails
+    except BaseException:
+        quantizer.remove_quantization_config(model)
+        raise
+    return model

@@ -99,7 +99,19 @@ def _buffers_version(layer: Any) -> tuple:
 
 
 def linear(layer: Any, x: torch.Tensor) -> torch.Tensor:
-    """y = x @ W_hat.T + bias through the selected kernel."""
+    """y = x @ W_hat.T + bias through the selected kernel.
+
+    When autograd needs it (LoRA on a quantized base: gradients flow through the frozen layer to
+    the adapters below it), the kernel runs inside `_QuantLinearFunction`, which keeps nothing but
+    the layer for backward and dequantizes W_hat there, one layer at a time: no float copy of the
+    weights stays alive between forward and backward."""
+    bias = layer.bias
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return _QuantLinearFunction.apply(x, bias, layer)
+    return _kernel_forward(layer, x)
+
+
+def _kernel_forward(layer: Any, x: torch.Tensor) -> torch.Tensor:
     kernel = select_kernel(layer, x)
     key = (kernel.name, x.device, x.dtype)
     version = _buffers_version(layer)
@@ -108,3 +120,28 @@ def linear(layer: Any, x: torch.Tensor) -> torch.Tensor:
         cached = (version, kernel.prepare(layer, x))
         layer._kernel_cache[key] = cached
     return kernel.forward(layer, x, cached[1])
+
+
+class _QuantLinearFunction(torch.autograd.Function):
+    """y = kernel(x); dy/dx = dy @ W_hat (dequantized in backward); dy/dbias = sum of dy over rows.
+    The packed weights are frozen: they never get a gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, layer: Any) -> torch.Tensor:
+        ctx.layer = layer
+        with torch.no_grad():
+            return _kernel_forward(layer, x)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        from .reference import dequantize_weight
+
+        layer = ctx.layer
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            W = dequantize_weight(layer.qweight, layer.scales, layer.qzeros, layer.spec, layer.in_features,
+                                  grad_y.dtype, layer.g_idx)
+            grad_x = grad_y @ W
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(layer.bias.dtype)
+        return grad_x, grad_bias, None

@@ -85,20 +85,25 @@ def replace_with_empty_quant_linears(model: nn.Module, targets: dict[str, LayerS
         set_module(model, name, new)
 
 
+def dequantize_layer(module: QuantLinear, dtype: torch.dtype | None = None, as_conv1d: bool | None = None) -> nn.Module:
+    """The float layer a QuantLinear stands for: a transformers Conv1D where it came from one (unless
+    `as_conv1d=False`), else an nn.Linear; in `dtype` (default: the dtype of its scales)."""
+    W = module.dequantize().to(dtype or module.scales.dtype)
+    has_bias = module.bias is not None
+    if module.from_conv1d if as_conv1d is None else as_conv1d:
+        new = Conv1D(module.out_features, module.in_features)
+        new.weight = nn.Parameter(W.t().contiguous())
+    else:
+        new = nn.Linear(module.in_features, module.out_features, bias=has_bias, device="meta")
+        new.weight = nn.Parameter(W)
+    if has_bias:
+        new.bias = nn.Parameter(module.bias.detach().to(W.dtype))
+    return new.to(W.device)
+
+
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every QuantLinear by the float layer it stands for (Conv1D where it came from one)."""
     for name, module in list(model.named_modules()):
-        if not isinstance(module, QuantLinear):
-            continue
-        W = module.dequantize().to(dtype or module.scales.dtype)
-        has_bias = module.bias is not None
-        if module.from_conv1d:
-            new = Conv1D(module.out_features, module.in_features)
-            new.weight = nn.Parameter(W.t().contiguous())
-        else:
-            new = nn.Linear(module.in_features, module.out_features, bias=has_bias, device="meta")
-            new.weight = nn.Parameter(W)
-        if has_bias:
-            new.bias = nn.Parameter(module.bias.detach().to(W.dtype))
-        set_module(model, name, new.to(W.device))
+        if isinstance(module, QuantLinear):
+            set_module(model, name, dequantize_layer(module, dtype))
     return model
