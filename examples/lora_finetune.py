@@ -93,26 +93,28 @@ def texts(args: argparse.Namespace) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-def train(args: argparse.Namespace, model, tokenizer, output_dir: str) -> tuple[PeftModel, list[float], Trainer]:
-    """LoRA on all linears of the quantized `model`, `args.steps` Trainer steps; returns the PEFT
-    model, the training loss of every step, and the trainer."""
+def add_lora(args: argparse.Namespace, model) -> PeftModel:
+    """PEFT's QLoRA recipe on the quantized model: LoRA on every linear layer."""
     model = prepare_model_for_kbit_training(model)  # freezes the base, norms/embeddings to fp32
-    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    return get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
+                                            target_modules="all-linear", task_type="CAUSAL_LM"))
+
+
+def make_trainer(args: argparse.Namespace, model: PeftModel, tokenizer, output_dir: str) -> Trainer:
+    """A plain transformers Trainer: `args.steps` steps with gradient checkpointing; under torchrun /
+    accelerate launch it runs data-parallel (gloo on CPU, nccl on GPUs) with nothing changed."""
     data = TokenWindows(tokenizer, texts(args)[0], args.seq_len)
     targs = TrainingArguments(
         output_dir=output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1,
         gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
         save_strategy="no", report_to=[], seed=args.seed, data_seed=args.seed, use_cpu=not torch.cuda.is_available(),
-        ddp_find_unused_parameters=False,
+        ddp_find_unused_parameters=False, ddp_broadcast_buffers=False,  # packed weights are frozen buffers
         dataloader_drop_last=True, disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=targs, train_dataset=data)
     trainer.remove_callback(PrinterCallback)  # one summary line below instead of a dict per step
-    trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return model, losses, trainer
+    return trainer
 
 
 @torch.no_grad()
@@ -143,8 +145,11 @@ def main(argv: list[str] | None = None) -> None:
         ppl_base = hf_quant.eval.perplexity(model, tok, heldout, max_windows=args.eval_windows)
 
         start = time.perf_counter()
-        peft_model, losses, trainer = train(args, model, tok, str(out / "trainer"))
+        peft_model = add_lora(args, model)
+        trainer = make_trainer(args, peft_model, tok, str(out / "trainer"))
+        trainer.train()
         seconds = time.perf_counter() - start
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         if not trainer.is_world_process_zero():
             return
         head, tail = losses[: max(1, len(losses) // 5)], losses[-max(1, len(losses) // 5):]
