@@ -34,9 +34,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Printe
 from transformers.utils import logging as hf_logging
 
 import hf_quant
-from hf_quant.calibration.data import default_calibration_text
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "tests" / "assets" / "tiny-llama"
+SLICES = 10
 
 
 class TokenWindows(torch.utils.data.Dataset):
@@ -67,8 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=8, help="per process")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--rank", type=int, default=16, help="LoRA rank")
-    ap.add_argument("--text", help="a plain-text file: train on its first 97%%, evaluate on its last 3%% "
-                    "(default: the packaged training text, and the packaged held-out text)")
+    ap.add_argument("--text", nargs="+", help="plain-text files: from each, the part after --skip is split into "
+                    "training text (its first --train-fraction) and held-out text (the rest). Default: the "
+                    "packaged held-out text (which the bundled models never saw), cut in tenths: the even "
+                    "tenths train, the odd ones evaluate")
+    ap.add_argument("--skip", type=float, default=0.0, help="fraction of each --text file to leave out first")
+    ap.add_argument("--train-fraction", type=float, default=0.97)
     ap.add_argument("--eval-windows", type=int, default=None, help="cap on 512-token held-out windows")
     ap.add_argument("--out", help="output directory (default: a temporary one)")
     ap.add_argument("--no-merge", action="store_true", help="skip the merge / re-quantize step")
@@ -86,11 +90,19 @@ def load_quantized(args: argparse.Namespace):
 
 def texts(args: argparse.Namespace) -> tuple[str, str]:
     """(training text, held-out text)."""
-    if args.text is None:
-        return default_calibration_text(), hf_quant.eval.bundled_text()
-    text = Path(args.text).read_text(encoding="utf-8")
-    cut = int(len(text) * 0.97)
-    return text[:cut], text[cut:]
+    if args.text is None:  # text the model never saw: alternate tenths of the packaged held-out text
+        text = hf_quant.eval.bundled_text()
+        n = len(text) // SLICES
+        parts = [text[i * n:(i + 1) * n if i < SLICES - 1 else len(text)] for i in range(SLICES)]
+        return "\n\n".join(parts[0::2]), "\n\n".join(parts[1::2])
+    train, heldout = [], []
+    for path in args.text:
+        text = Path(path).read_text(encoding="utf-8")
+        text = text[int(len(text) * args.skip):]
+        cut = int(len(text) * args.train_fraction)
+        train.append(text[:cut])
+        heldout.append(text[cut:])
+    return "\n\n".join(train), "\n\n".join(heldout)
 
 
 def add_lora(args: argparse.Namespace, model) -> PeftModel:
@@ -134,8 +146,9 @@ def main(argv: list[str] | None = None) -> None:
         out = Path(args.out or tmp)
         start = time.perf_counter()
         model = load_quantized(args)
-        print(f"quantized {Path(args.model).name} ({args.method} w{args.bits} g{args.group_size}) "
-              f"in {time.perf_counter() - start:.1f} s")
+        q = model.config.quantization_config
+        print(f"{Path(args.model).name}: {q.method} w{q.bits} g{q.group_size}, loaded/quantized in "
+              f"{time.perf_counter() - start:.1f} s")
         base_dir = out / "quantized"
         model.save_pretrained(base_dir)
         tok.save_pretrained(base_dir)
@@ -182,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
                 requantize=True)
             ppl_requant = hf_quant.eval.perplexity(requant, tok, heldout, max_windows=args.eval_windows)
             print(f"merged into a float model ({merged.dtype}): perplexity {ppl_merged:.3f}; "
-                  f"re-quantized ({args.method} w{args.bits}): {ppl_requant:.3f}")
+                  f"re-quantized ({q.method} w{q.bits} g{q.group_size}): {ppl_requant:.3f}")
         if not same or not losses or not all(math.isfinite(x) for x in losses):
             raise SystemExit("adapter round trip or training failed")
 

@@ -159,10 +159,12 @@ def test_prepare_model_for_kbit_training_and_trainer(q_llama, input_ids, tmp_pat
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=2,
                              learning_rate=5e-3, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
                              gradient_checkpointing=True, disable_tqdm=True)
+    start = {n: p.detach().clone() for n, p in lora_params(pm).items()}
     trainer = Trainer(model=pm, args=args, train_dataset=data)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 6 and losses[-1] < losses[0]
+    assert all(not torch.equal(p, start[n]) for n, p in lora_params(pm).items())  # checkpointed blocks too
 
 
 def test_trainer_refuses_a_quantized_model_without_adapters(q_llama, tmp_path, input_ids):
@@ -180,6 +182,15 @@ def test_lora_variants_that_need_float_weights_are_refused(q_llama, kw, match):
     with pytest.raises(ValueError, match=match) as err:
         get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], **kw))
     assert "model.layers.0.self_attn.q_proj" in str(err.value)
+
+
+@pytest.mark.parametrize("config", [lambda: peft.LoHaConfig(r=4, target_modules=["q_proj"]),
+                                    lambda: peft.IA3Config(target_modules=["q_proj"], feedforward_modules=[])])
+def test_other_adapter_types_are_refused_on_quantized_layers(q_llama, config):
+    """Their layers read the base weight as a float matrix (LoHa's forward reshapes the delta to it)."""
+    model = AutoModelForCausalLM.from_pretrained(q_llama)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj: PEFT .* adapters cannot wrap"):
+        get_peft_model(model, config())
 
 
 def test_lora_variants_allowed_on_float_modules_of_a_quantized_model(q_llama):

@@ -9,12 +9,15 @@ What PEFT cannot do on packed weights, and what this module does instead:
 - Merging: PEFT adds the LoRA delta into `base_layer.weight.data`, here the packed uint8 codes
   (its safe merge would even cast the delta to uint8 and write it back). `merge_lora` dequantizes
   the wrapped layers, lets PEFT merge into the float weights, and optionally re-quantizes.
-- DoRA and the initialisations that rewrite the base weight (PiSSA, OLoRA, CorDA, MiCA, LoftQ,
-  LoRA-GA) read or write the float weight: refused with an error that names the module.
+- DoRA, the initialisations that rewrite the base weight (PiSSA, OLoRA, CorDA, MiCA, LoftQ,
+  LoRA-GA), and PEFT's other adapter types (LoHa, LoKr, IA3, OFT, ...) read or write the float
+  weight: refused on hf_quant layers with an error that names the module.
 
-`install()` adds those two checks to PEFT's `LoraModel` (wrapping `_check_merge_allowed` and
-`_create_and_replace`); the quantizer calls it whenever an hf_quant model is built, when PEFT is
-installed. Both wrappers defer to PEFT's own code for every model without hf_quant layers.
+`install()` adds those two checks to PEFT (wrapping `BaseTuner._check_merge_allowed`, which every
+tuner's merge runs, and `BaseTuner._check_target_module_compatiblity`, which runs for every target
+module); the quantizer calls it whenever an hf_quant
+model is built, when PEFT is installed. Both wrappers defer to PEFT's own code for every model
+without hf_quant layers.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ def _base_layer(module: nn.Module) -> nn.Module:
     return module.get_base_layer() if hasattr(module, "get_base_layer") else module
 
 
-def _quantized_lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+def _quantized_tuner_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Name -> PEFT tuner layer, for every tuner layer whose base is a QuantLinear."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -50,8 +53,14 @@ def _quantized_lora_layers(model: nn.Module) -> dict[str, nn.Module]:
             if isinstance(m, BaseTunerLayer) and isinstance(_base_layer(m), QuantLinear)}
 
 
-def check_lora_config(config: Any, module_name: str) -> None:
-    """Raise if `config` asks for something a LoRA layer on packed weights cannot do."""
+def check_adapter_config(config: Any, module_name: str) -> None:
+    """Raise if PEFT `config` asks for something an adapter on packed weights cannot do."""
+    kind = str(getattr(getattr(config, "peft_type", None), "value", getattr(config, "peft_type", "")))
+    if kind.upper() != "LORA":
+        raise ValueError(
+            f"{module_name}: PEFT {kind or type(config).__name__} adapters cannot wrap an hf_quant layer (their "
+            "layers read the base weight as a float matrix, which hf_quant stores as packed codes). Use LoRA "
+            "(peft.LoraConfig), or leave hf_quant layers out of target_modules.")
     if getattr(config, "use_dora", False):
         raise ValueError(
             f"{module_name}: LoRA with use_dora=True cannot wrap an hf_quant layer: DoRA needs the float base "
@@ -65,40 +74,43 @@ def check_lora_config(config: Any, module_name: str) -> None:
 
 
 def install() -> None:
-    """Add hf_quant's checks to PEFT's LoraModel (idempotent; a no-op without PEFT)."""
+    """Add hf_quant's checks to PEFT (idempotent; a no-op without PEFT)."""
     if not peft_available():
         return
-    from peft.tuners.lora import LoraModel
+    from peft.tuners.tuners_utils import BaseTuner
 
-    if getattr(LoraModel, "_hf_quant_installed", False):
+    if getattr(BaseTuner, "_hf_quant_installed", False):
         return
 
-    check_merge = getattr(LoraModel, "_check_merge_allowed", None)
+    check_merge = getattr(BaseTuner, "_check_merge_allowed", None)  # LoRA's own check calls this one first
     if check_merge is not None:
         @functools.wraps(check_merge)
         def _check_merge_allowed(self):
-            layers = _quantized_lora_layers(self.model)
+            layers = _quantized_tuner_layers(self.model)
             if layers:
                 first = next(iter(layers))
                 raise ValueError(
-                    f"Cannot merge LoRA into {len(layers)} hf_quant layer(s) (e.g. {first}) in place: their weights "
+                    f"Cannot merge adapters into {len(layers)} hf_quant layer(s) (e.g. {first}) in place: their weights "
                     "are packed integer codes. Use `hf_quant.merge_lora(model)` for a float model with the adapter "
                     "merged, or `hf_quant.merge_lora(model, requantize=True)` to quantize the merged model again.")
             return check_merge(self)
 
-        LoraModel._check_merge_allowed = _check_merge_allowed
+        BaseTuner._check_merge_allowed = _check_merge_allowed
 
-    create = getattr(LoraModel, "_create_and_replace", None)
-    if create is not None:
-        @functools.wraps(create)
-        def _create_and_replace(self, lora_config, adapter_name, target, target_name, parent, current_key, *args,
-                                **kwargs):
+    check_target = getattr(BaseTuner, "_check_target_module_compatiblity", None)  # [sic], PEFT's spelling
+    if check_target is not None:
+        @functools.wraps(check_target)
+        def _check_target_module_compatiblity(self, peft_config, model, target_name):
+            try:
+                target = model.get_submodule(target_name)
+            except AttributeError:
+                target = None
             if isinstance(_base_layer(target), QuantLinear):
-                check_lora_config(lora_config, current_key)
-            return create(self, lora_config, adapter_name, target, target_name, parent, current_key, *args, **kwargs)
+                check_adapter_config(peft_config, target_name)
+            return check_target(self, peft_config, model, target_name)
 
-        LoraModel._create_and_replace = _create_and_replace
-    LoraModel._hf_quant_installed = True
+        BaseTuner._check_target_module_compatiblity = _check_target_module_compatiblity
+    BaseTuner._hf_quant_installed = True
 
 
 def merge_lora(model: nn.Module, requantize: Any = None, *, dtype: torch.dtype | None = None,
@@ -140,7 +152,7 @@ def merge_lora(model: nn.Module, requantize: Any = None, *, dtype: torch.dtype |
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     restore = {}  # name -> came from a Conv1D
-    for name, layer in _quantized_lora_layers(base).items():
+    for name, layer in _quantized_tuner_layers(base).items():
         q = _base_layer(layer)
         restore[name] = q.from_conv1d
         layer.base_layer = dequantize_layer(q, torch.float32, as_conv1d=False)
