@@ -7,7 +7,7 @@ Both checkpoints (random bf16 weights; RTN w4 g128 of the same weights) are writ
 temporary directory first. Each variant then runs in its own fresh process, so peaks do not mix:
 load the checkpoint, LoRA (r=16) on every linear, gradient checkpointing, `--steps` AdamW steps
 on random tokens (`--batch` x `--seq`), the same recipe for both. Reported:
-- CPU: peak resident memory of that process (ru_maxrss) minus its resident memory after imports
+- CPU: peak resident memory of that process (VmHWM) minus its resident memory after imports
   (the libraries are the same in both);
 - CUDA: `torch.cuda.max_memory_allocated()`.
 and the ratio quantized / bf16 (< 1: the quantized base needs less). The checkpoints' size on disk
@@ -32,7 +32,10 @@ def rss_mib() -> float:
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """This process's resident high-water mark (VmHWM). Not ru_maxrss: Linux carries that over from the
+    parent across fork + exec, so every worker would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 def worker(path: str, device: str, steps: int, batch: int, seq: int) -> None:
