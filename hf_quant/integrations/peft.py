@@ -14,8 +14,8 @@ What PEFT cannot do on packed weights, and what this module does instead:
   weight: refused on hf_quant layers with an error that names the module.
 
 `install()` adds those two checks to PEFT (wrapping `BaseTuner._check_merge_allowed`, which every
-tuner's merge runs, and `BaseTuner._check_target_module_compatiblity`, which runs for every target
-module); the quantizer calls it whenever an hf_quant
+tuner's merge runs, `BaseTuner._check_target_module_compatiblity` and `LoraModel._create_and_replace`,
+which run for every target module); the quantizer calls it whenever an hf_quant
 model is built, when PEFT is installed. Both wrappers defer to PEFT's own code for every model
 without hf_quant layers.
 """
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 from typing import Any
 
 import torch
@@ -32,6 +33,8 @@ from transformers.pytorch_utils import Conv1D
 
 from ..nn.convert import dequantize_layer, dequantize_model, set_module
 from ..nn.quant_linear import QuantLinear
+
+logger = logging.getLogger("hf_quant")
 
 # LoRA initialisations that read the base weight as floats and write a modified one back.
 _WEIGHT_REWRITING_INITS = ("pissa", "corda", "olora", "mica", "loftq", "lora_ga")
@@ -53,12 +56,21 @@ def _quantized_tuner_layers(model: nn.Module) -> dict[str, nn.Module]:
             if isinstance(m, BaseTunerLayer) and isinstance(_base_layer(m), QuantLinear)}
 
 
+def _peft_type(config: Any) -> str:
+    kind = getattr(config, "peft_type", None)
+    return str(getattr(kind, "value", kind or type(config).__name__))
+
+
+def _is_lora(config: Any) -> bool:
+    return _peft_type(config).upper() == "LORA"
+
+
 def check_adapter_config(config: Any, module_name: str) -> None:
     """Raise if PEFT `config` asks for something an adapter on packed weights cannot do."""
-    kind = str(getattr(getattr(config, "peft_type", None), "value", getattr(config, "peft_type", "")))
-    if kind.upper() != "LORA":
+    if not _is_lora(config):
+        kind = _peft_type(config)
         raise ValueError(
-            f"{module_name}: PEFT {kind or type(config).__name__} adapters cannot wrap an hf_quant layer (their "
+            f"{module_name}: PEFT {kind} adapters cannot wrap an hf_quant layer (their "
             "layers read the base weight as a float matrix, which hf_quant stores as packed codes). Use LoRA "
             "(peft.LoraConfig), or leave hf_quant layers out of target_modules.")
     if getattr(config, "use_dora", False):
@@ -98,18 +110,29 @@ def install() -> None:
         BaseTuner._check_merge_allowed = _check_merge_allowed
 
     check_target = getattr(BaseTuner, "_check_target_module_compatiblity", None)  # [sic], PEFT's spelling
-    if check_target is not None:
+    if check_target is not None:  # every adapter type, per target; PEFT passes the leaf name only
         @functools.wraps(check_target)
         def _check_target_module_compatiblity(self, peft_config, model, target_name):
-            try:
-                target = model.get_submodule(target_name)
-            except AttributeError:
-                target = None
-            if isinstance(_base_layer(target), QuantLinear):
-                check_adapter_config(peft_config, target_name)
+            if not _is_lora(peft_config):
+                for name, module in model.named_modules():
+                    if isinstance(module, QuantLinear) and name.rpartition(".")[2] == target_name:
+                        check_adapter_config(peft_config, name)
             return check_target(self, peft_config, model, target_name)
 
         BaseTuner._check_target_module_compatiblity = _check_target_module_compatiblity
+
+    from peft.tuners.lora import LoraModel
+
+    create = getattr(LoraModel, "_create_and_replace", None)
+    if create is not None:  # LoRA, per target, with its full name
+        @functools.wraps(create)
+        def _create_and_replace(self, lora_config, adapter_name, target, target_name, parent, current_key, *args,
+                                **kwargs):
+            if isinstance(_base_layer(target), QuantLinear):
+                check_adapter_config(lora_config, current_key)
+            return create(self, lora_config, adapter_name, target, target_name, parent, current_key, *args, **kwargs)
+
+        LoraModel._create_and_replace = _create_and_replace
     BaseTuner._hf_quant_installed = True
 
 
@@ -171,5 +194,10 @@ def merge_lora(model: nn.Module, requantize: Any = None, *, dtype: torch.dtype |
     if quantizer is not None:
         quantizer.remove_quantization_config(merged)
     if requantize is not None:
+        if requantize.method == "rtn" and requantize.bits <= 4:
+            logger.warning(
+                "hf_quant.merge_lora: RTN at %d bits rounds most of a LoRA delta back onto the grid it came from "
+                "(README: merging); keep the adapter unmerged, or re-quantize with method='gptq' or bits=8.",
+                requantize.bits)
         quantize(merged, requantize)
     return merged
