@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -150,8 +151,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{Path(args.model).name}: {q.method} w{q.bits} g{q.group_size}, loaded/quantized in "
               f"{time.perf_counter() - start:.1f} s")
         base_dir = out / "quantized"
-        model.save_pretrained(base_dir)
-        tok.save_pretrained(base_dir)
+        if int(os.environ.get("RANK", "0")) == 0:  # one writer when --out is shared by torchrun's processes
+            model.save_pretrained(base_dir)
+            tok.save_pretrained(base_dir)
         train_text, heldout = texts(args)
         probe = TokenWindows(tok, train_text, args.seq_len, max_windows=32).windows  # fixed training windows
         loss_before = mean_loss(model, probe)
