@@ -12,8 +12,10 @@ Steps:
 1. Quantize `--model` (a float checkpoint) in `from_pretrained`, or load it if it is already an
    hf_quant checkpoint.
 2. `peft.prepare_model_for_kbit_training` + LoRA on all linears; `Trainer` runs `--steps` steps on
-   windows of the packaged training text (`hf_quant/data/calibration.txt`), with gradient checkpointing.
-3. Held-out perplexity of the quantized base and of the adapted model (packaged held-out text).
+   windows of the training text, with gradient checkpointing. By default that is every other tenth
+   of the packaged held-out text (which the bundled models never saw); `--text` takes other files.
+3. Held-out perplexity of the quantized base and of the adapted model, on the other tenths (or the
+   held-out part of the `--text` files).
 4. Saves the adapter, reloads it onto a freshly loaded quantized base, checks identical logits.
 5. `hf_quant.merge_lora`: a float model with the adapter merged, and the same merged model
    re-quantized with the base's config; perplexity of each.
@@ -113,10 +115,10 @@ def add_lora(args: argparse.Namespace, model) -> PeftModel:
                                             target_modules="all-linear", task_type="CAUSAL_LM"))
 
 
-def make_trainer(args: argparse.Namespace, model: PeftModel, tokenizer, output_dir: str) -> Trainer:
-    """A plain transformers Trainer: `args.steps` steps with gradient checkpointing; under torchrun /
-    accelerate launch it runs data-parallel (gloo on CPU, nccl on GPUs) with nothing changed."""
-    data = TokenWindows(tokenizer, texts(args)[0], args.seq_len)
+def make_trainer(args: argparse.Namespace, model: PeftModel, tokenizer, train_text: str, output_dir: str) -> Trainer:
+    """A plain transformers Trainer: `args.steps` steps on `train_text` with gradient checkpointing;
+    under torchrun / accelerate launch it runs data-parallel (gloo on CPU, nccl on GPUs) unchanged."""
+    data = TokenWindows(tokenizer, train_text, args.seq_len)
     targs = TrainingArguments(
         output_dir=output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1,
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
 
         start = time.perf_counter()
         peft_model = add_lora(args, model)
-        trainer = make_trainer(args, peft_model, tok, str(out / "trainer"))
+        trainer = make_trainer(args, peft_model, tok, train_text, str(out / "trainer"))
         trainer.train()
         seconds = time.perf_counter() - start
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -22,7 +22,7 @@ def main(out: Path) -> None:
     tok = AutoTokenizer.from_pretrained(args.model)
     torch.manual_seed(0)
     model = ex.add_lora(args, ex.load_quantized(args))
-    trainer = ex.make_trainer(args, model, tok, str(out / "trainer"))
+    trainer = ex.make_trainer(args, model, tok, ex.texts(args)[0], str(out / "trainer"))
     if trainer.args.process_index == 0:
         save_file(adapter_state(model), out / "adapter_start.safetensors")
     trainer.train()

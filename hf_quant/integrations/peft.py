@@ -13,11 +13,11 @@ What PEFT cannot do on packed weights, and what this module does instead:
   LoRA-GA), and PEFT's other adapter types (LoHa, LoKr, IA3, OFT, ...) read or write the float
   weight: refused on hf_quant layers with an error that names the module.
 
-`install()` adds those two checks to PEFT (wrapping `BaseTuner._check_merge_allowed`, which every
-tuner's merge runs, `BaseTuner._check_target_module_compatiblity` and `LoraModel._create_and_replace`,
-which run for every target module); the quantizer calls it whenever an hf_quant
-model is built, when PEFT is installed. Both wrappers defer to PEFT's own code for every model
-without hf_quant layers.
+`install()` adds these checks to PEFT by wrapping three methods: `BaseTuner._check_merge_allowed`,
+which every tuner's merge runs, and `BaseTuner._check_target_module_compatiblity` and
+`LoraModel._create_and_replace`, which run for every target module. The quantizer calls it whenever
+an hf_quant model is built, when PEFT is installed. Each wrapper defers to PEFT's own code for every
+model without hf_quant layers.
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from transformers.pytorch_utils import Conv1D
 
-from ..nn.convert import dequantize_layer, dequantize_model, set_module
+from ..nn.convert import dequantize_layer, dequantize_model, float_layer, set_module
 from ..nn.quant_linear import QuantLinear
 
 logger = logging.getLogger("hf_quant")
@@ -181,14 +180,9 @@ def merge_lora(model: nn.Module, requantize: Any = None, *, dtype: torch.dtype |
         layer.base_layer = dequantize_layer(q, torch.float32, as_conv1d=False)
     merged = tuner.merge_and_unload(safe_merge=safe_merge, adapter_names=adapter_names)
     for name, from_conv1d in restore.items():
-        layer = merged.get_submodule(name)
         if from_conv1d:  # PEFT merged an (out, in) Linear; the architecture expects a Conv1D
-            conv = Conv1D(layer.out_features, layer.in_features)
-            conv.weight = nn.Parameter(layer.weight.detach().t().contiguous())
-            if layer.bias is not None:
-                conv.bias = nn.Parameter(layer.bias.detach())
-            layer = conv.to(layer.weight.device)
-        set_module(merged, name, layer)
+            layer = merged.get_submodule(name)
+            set_module(merged, name, float_layer(layer.weight.detach(), layer.bias, as_conv1d=True))
     dequantize_model(merged, dtype)  # hf_quant layers the adapters did not target
     merged.to(dtype)  # one dtype throughout (prepare_model_for_kbit_training left norms etc. in fp32)
     if quantizer is not None:

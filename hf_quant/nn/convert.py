@@ -85,20 +85,26 @@ def replace_with_empty_quant_linears(model: nn.Module, targets: dict[str, LayerS
         set_module(model, name, new)
 
 
+def float_layer(W: torch.Tensor, bias: torch.Tensor | None, as_conv1d: bool) -> nn.Module:
+    """A float layer computing x @ W.T + bias for an (out, in) weight `W`: a transformers Conv1D
+    (which stores W transposed) or an nn.Linear, on W's device and in its dtype."""
+    out_features, in_features = W.shape
+    if as_conv1d:
+        new = Conv1D(out_features, in_features)
+        new.weight = nn.Parameter(W.t().contiguous())
+    else:
+        new = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+        new.weight = nn.Parameter(W)
+    if bias is not None:
+        new.bias = nn.Parameter(bias.detach().to(W.dtype))
+    return new.to(W.device)
+
+
 def dequantize_layer(module: QuantLinear, dtype: torch.dtype | None = None, as_conv1d: bool | None = None) -> nn.Module:
     """The float layer a QuantLinear stands for: a transformers Conv1D where it came from one (unless
     `as_conv1d=False`), else an nn.Linear; in `dtype` (default: the dtype of its scales)."""
     W = module.dequantize().to(dtype or module.scales.dtype)
-    has_bias = module.bias is not None
-    if module.from_conv1d if as_conv1d is None else as_conv1d:
-        new = Conv1D(module.out_features, module.in_features)
-        new.weight = nn.Parameter(W.t().contiguous())
-    else:
-        new = nn.Linear(module.in_features, module.out_features, bias=has_bias, device="meta")
-        new.weight = nn.Parameter(W)
-    if has_bias:
-        new.bias = nn.Parameter(module.bias.detach().to(W.dtype))
-    return new.to(W.device)
+    return float_layer(W, module.bias, module.from_conv1d if as_conv1d is None else as_conv1d)
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
