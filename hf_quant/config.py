@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -78,6 +79,19 @@ def _check_bool(value: Any, field: str) -> None:
         raise ValueError(f"QuantConfig.{field}={value!r} must be True or False.")
 
 
+def _check_provenance(provenance: Any) -> None:
+    if provenance is None:
+        return
+    try:
+        ok = isinstance(provenance, dict) and all(isinstance(k, str) for k in provenance)
+        ok = ok and json.loads(json.dumps(provenance)) == provenance
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"QuantConfig.provenance={provenance!r} must be None or a JSON object (dict with string keys "
+                         "of strings, numbers, lists or dicts); hf_quant fills it in when it quantizes.")
+
+
 class QuantConfig(QuantizationConfigMixin):
     """Quantization settings for `from_pretrained(..., quantization_config=QuantConfig(...))`.
 
@@ -114,6 +128,9 @@ class QuantConfig(QuantizationConfigMixin):
             first GPU if there is one, else the model's device. Blocks move there one at a time,
             cached activations stay on the model's device. Not saved.
         format_version: on-disk layout version; set by hf_quant, checked when loading.
+        provenance: set by hf_quant when it quantizes, informational (the model card shows it):
+            base model, calibration data description, hf_quant version, and an `evaluation` entry
+            when `hf-quant quantize --eval` measured perplexity.
     """
 
     def __init__(
@@ -138,6 +155,7 @@ class QuantConfig(QuantizationConfigMixin):
         block_name_to_quantize: str | None = None,
         calibration_device: str | None = None,
         format_version: int = FORMAT_VERSION,
+        provenance: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         _check_format_version(format_version)  # first: a newer checkpoint may carry fields we do not know
@@ -168,6 +186,7 @@ class QuantConfig(QuantizationConfigMixin):
         self.block_name_to_quantize = block_name_to_quantize
         self.calibration_device = calibration_device  # runtime choice; never serialized
         self.format_version = format_version
+        self.provenance = None if provenance is None else copy.deepcopy(dict(provenance))
         self.post_init()
 
     def post_init(self) -> None:
@@ -214,6 +233,7 @@ class QuantConfig(QuantizationConfigMixin):
         if mods is not None and not all(isinstance(m, str) for m in mods):
             raise ValueError("QuantConfig.modules_to_not_convert must be a list of module names (strings).")
         self._compiled_dynamic = self._validate_dynamic(self.dynamic)
+        _check_provenance(self.provenance)
 
     def _check_calibration_device(self) -> None:
         dev = self.calibration_device

@@ -16,6 +16,9 @@ from .calibration import quantize_model
 from .config import QUANT_METHOD, QuantConfig
 from .formats.checkpoint import check_module_tensors, index_checkpoint
 from .formats.layout import buffer_specs
+from .algorithms import get_method
+from .calibration.data import describe_dataset
+from .integrations import hub
 from .integrations import peft as peft_integration
 from .nn.convert import dequantize_model, find_targets, linear_shape, replace_with_empty_quant_linears
 from .nn.quant_linear import QuantLinear
@@ -62,14 +65,26 @@ class HfQuantQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
         peft_integration.install()  # clear errors where PEFT would merge into packed weights
+        config = self.quantization_config
         if self.pre_quantized:
             for name, module in model.named_modules():
                 if isinstance(module, QuantLinear):
                     module.check_buffers(name)
         else:
             # per-block summary of the calibration, readable as `model.hf_quantizer.calibration_report`
-            self.calibration_report = quantize_model(model, self.quantization_config, self.targets)
+            self.calibration_report = quantize_model(model, config, self.targets)
+            config.provenance = self._provenance(model)
+        hub.install(model)  # atomic save_pretrained with a model card; push_to_hub with card and tokenizer
         return model
+
+    def _provenance(self, model) -> dict:
+        from . import __version__
+
+        config = self.quantization_config
+        calibration = ("none: data-free method" if not get_method(config.method).needs_calibration
+                       else describe_dataset(config.dataset, config.num_samples, config.seq_len))
+        return {"base_model": hub.describe_source(getattr(model.config, "_name_or_path", None)), "calibration": calibration,
+                "hf_quant_version": __version__}
 
     def param_needs_quantization(self, model, param_name: str, **kwargs: Any) -> bool:
         return False

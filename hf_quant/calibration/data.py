@@ -54,3 +54,19 @@ def calibration_windows(
     windows = ids[: n_windows * seq_len].reshape(n_windows, seq_len)
     g = torch.Generator().manual_seed(seed)
     return windows[torch.randperm(n_windows, generator=g)[:num_samples].sort().values]
+
+
+def describe_dataset(dataset: Any, num_samples: int, seq_len: int) -> str:
+    """One line saying what calibration data was used, for the model card."""
+    if dataset is None:
+        source = ("hf_quant's packaged public-domain text (Project Gutenberg books and Tiny Shakespeare, "
+                  "see hf_quant/data/README.md)")
+    elif hasattr(dataset, "column_names"):
+        name = getattr(getattr(dataset, "info", None), "dataset_name", None) or getattr(
+            getattr(dataset, "info", None), "builder_name", None)
+        source = f"a datasets.Dataset{f' ({name})' if name else ''} of {len(dataset)} rows"
+    elif isinstance(dataset, (list, tuple)) and dataset and all(isinstance(x, str) for x in dataset):
+        source = f"{len(dataset)} user-supplied text(s)"
+    else:
+        source = f"{len(dataset)} user-supplied token sequence(s)"
+    return f"{source}; {num_samples} windows of {seq_len} tokens"

@@ -1,16 +1,21 @@
-"""Checks on a checkpoint's safetensors files, run before any weight is read.
+"""Checkpoint files: checks run before any weight is read, and all-or-nothing directory writes.
 
-Reads only the JSON headers: a truncated file, a pickle checkpoint, or a quantized module whose
-tensors are missing or mis-shaped fails here with a message naming the file or module, instead of
-surfacing later as randomly initialised layers.
+The checks read only the JSON headers: a truncated file, a pickle checkpoint, or a quantized module
+whose tensors are missing or mis-shaped fails here with a message naming the file or module,
+instead of surfacing later as randomly initialised layers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import json
 import os
+import shutil
 import struct
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import torch
 
@@ -85,3 +90,40 @@ def check_module_tensors(
                 f"expected {dtype or 'float'}{list(shape)} for this module's quantization settings. "
                 "The checkpoint does not match its quantization_config."
             )
+
+
+# Weight files a new save makes stale: left beside the new ones they could be loaded instead.
+WEIGHT_FILE_PATTERNS = ("model*.safetensors", "model.safetensors.index.json")
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """Write a checkpoint directory all-or-nothing.
+
+    Yields an empty temporary directory beside `target` to write into. If the block raises, the
+    temporary directory is deleted and `target` is left exactly as it was. Otherwise a new `target`
+    is created by one rename; an existing one has each written file replaced by an atomic rename,
+    and its weight files that the new save does not contain (old shards, an old index) removed,
+    while its other files (a tokenizer, a README) stay.
+    """
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{target} is a file; pass a directory to save the checkpoint into.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.hf_quant-tmp-", dir=target.parent))
+    try:
+        yield tmp
+        if not target.exists():
+            os.rename(tmp, target)
+            return
+        written = {p.name for p in tmp.iterdir()}
+        for name in written:
+            dest = target / name
+            if dest.is_dir() and not dest.is_symlink():
+                shutil.rmtree(dest)
+            os.replace(tmp / name, dest)
+        for old in target.iterdir():
+            if old.name not in written and any(fnmatch.fnmatch(old.name, pat) for pat in WEIGHT_FILE_PATTERNS):
+                old.unlink()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
