@@ -15,8 +15,9 @@ __version__ = "0.1.0"
 register_quantization_config(QUANT_METHOD)(QuantConfig)
 
 from . import eval, kernels  # noqa: E402
+from .integrations.hub import push_to_hub  # noqa: E402
 from .integrations.peft import merge_lora  # noqa: E402
 from .quantizer import HfQuantQuantizer, quantize  # noqa: E402
 
 __all__ = ["FORMAT_VERSION", "HfQuantQuantizer", "LayerSpec", "QuantConfig", "QuantLinear", "eval", "kernels",
-           "merge_lora", "quantize", "__version__"]
+           "merge_lora", "push_to_hub", "quantize", "__version__"]

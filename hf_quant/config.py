@@ -170,8 +170,11 @@ class QuantConfig(QuantizationConfigMixin):
         self.bits = bits
         self.group_size = group_size
         self.sym = sym
+        if modules_to_not_convert is not None and not isinstance(modules_to_not_convert, (list, tuple)):
+            raise ValueError(f"QuantConfig.modules_to_not_convert={modules_to_not_convert!r} must be a list of module "
+                             "names (strings), e.g. ['lm_head'].")
         self.modules_to_not_convert = None if modules_to_not_convert is None else list(modules_to_not_convert)
-        self.dynamic = None if dynamic is None else copy.deepcopy(dict(dynamic))
+        self.dynamic = None if dynamic is None else copy.deepcopy(dynamic)
         self.on_incompatible = on_incompatible
         self.dataset = dataset  # used while calibrating; never serialized
         self.num_samples = num_samples
@@ -186,7 +189,7 @@ class QuantConfig(QuantizationConfigMixin):
         self.block_name_to_quantize = block_name_to_quantize
         self.calibration_device = calibration_device  # runtime choice; never serialized
         self.format_version = format_version
-        self.provenance = None if provenance is None else copy.deepcopy(dict(provenance))
+        self.provenance = copy.deepcopy(provenance)
         self.post_init()
 
     def post_init(self) -> None:

@@ -216,7 +216,7 @@ def push_to_hub(model_or_dir: Any, repo_id: str, *, tokenizer: Any = None, commi
         return push_to_hub_folder(folder, repo_id, commit_message=commit_message,
                                   commit_description=commit_description, private=private, token=token,
                                   revision=revision, create_pr=create_pr, base_model=base_model,
-                                  evaluation=evaluation, tags=tags, regenerate_card=True)
+                                  evaluation=evaluation, tags=tags)
 
 
 def _source_tokenizer(model: Any) -> Any:
@@ -235,8 +235,7 @@ def _source_tokenizer(model: Any) -> Any:
 def push_to_hub_folder(folder: str | os.PathLike, repo_id: str, *, commit_message: str | None = None,
                        commit_description: str | None = None, private: bool | None = None,
                        token: str | bool | None = None, revision: str | None = None, create_pr: bool = False,
-                       base_model: str | None = None, evaluation: dict | None = None, tags: list[str] | None = None,
-                       regenerate_card: bool = False):
+                       base_model: str | None = None, evaluation: dict | None = None, tags: list[str] | None = None):
     """Upload a saved hf_quant checkpoint directory (see `push_to_hub`)."""
     folder = Path(folder)
     _, qc = _quantization_config(folder)  # refuse anything that is not a loadable hf_quant checkpoint
@@ -246,13 +245,10 @@ def push_to_hub_folder(folder: str | os.PathLike, repo_id: str, *, commit_messag
     index_checkpoint(sorted(str(p) for p in folder.glob("*.safetensors")))  # whole files, before uploading
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    card = None
-    if regenerate_card or not (folder / "README.md").is_file() or base_model or evaluation or tags:
-        if not _keep_existing_card(folder):
-            card = model_card(folder, repo_id, base_model=base_model, evaluation=evaluation)
-            for tag in tags or []:
-                if tag not in card.data.tags:
-                    card.data.tags.append(tag)
+    card = None  # a card a person wrote is uploaded as is; a generated one is regenerated for this repo
+    if not _keep_existing_card(folder):
+        card = model_card(folder, repo_id, base_model=base_model, evaluation=evaluation)
+        card.data.tags = card.data.tags + [t for t in tags or [] if t not in card.data.tags]
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     ops: list = [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
                  for p in files if not (card is not None and p.relative_to(folder).as_posix() == "README.md")]
