@@ -38,7 +38,10 @@ def perplexity(
     windows = ids[: n_windows * seq_len].reshape(n_windows, seq_len)
     device = next(model.parameters()).device
     nll, count = 0.0, 0
-    for batch in windows.split(batch_size):
+    from transformers.utils import logging as hf_logging
+
+    batches = windows.split(batch_size)
+    for batch in hf_logging.tqdm(batches, desc="hf_quant: perplexity", disable=not hf_logging.is_progress_bar_enabled()):
         batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits.float()
         loss = torch.nn.functional.cross_entropy(
