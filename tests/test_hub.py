@@ -185,13 +185,14 @@ def _lay_out_hub_cache(cache: Path, repo_id: str, files: dict[str, bytes], commi
 
 def test_pushed_model_loads_offline_from_the_hub_cache(quantized, tmp_path, monkeypatch, ids):
     hub = FakeHub(monkeypatch)
-    hf_quant.push_to_hub(quantized, REPO)
+    hf_quant.push_to_hub(quantized, REPO, max_shard_size="2MB")  # shards + index: the loader's sharded path
+    assert "model.safetensors.index.json" in hub.commits[0]["added"]
     cache, commit = tmp_path / "hub", "0123456789abcdef0123456789abcdef01234567"
     _lay_out_hub_cache(cache, REPO, hub.commits[0]["added"], commit)
     info = scan_cache_dir(cache)  # huggingface_hub's own reader of the cache accepts the layout
     assert not info.warnings and [r.repo_id for r in info.repos] == [REPO]
-    assert {f.file_name for r in info.repos for rev in r.revisions for f in rev.files} >= {"model.safetensors",
-                                                                                          "config.json"}
+    cached = {f.file_name for r in info.repos for rev in r.revisions for f in rev.files}
+    assert cached == set(hub.commits[0]["added"]) and "model-00002-of-00002.safetensors" in cached
     torch.save(ids, tmp_path / "ids.pt")
     code = (
         "import sys, torch, hf_quant\n"
