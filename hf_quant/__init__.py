@@ -15,9 +15,10 @@ __version__ = "0.1.0"
 register_quantization_config(QUANT_METHOD)(QuantConfig)
 
 from . import eval, kernels  # noqa: E402
+from .integrations.gptq import export_gptq, import_gptq  # noqa: E402
 from .integrations.hub import push_to_hub  # noqa: E402
 from .integrations.peft import merge_lora  # noqa: E402
 from .quantizer import HfQuantQuantizer, quantize  # noqa: E402
 
-__all__ = ["FORMAT_VERSION", "HfQuantQuantizer", "LayerSpec", "QuantConfig", "QuantLinear", "eval", "kernels",
-           "merge_lora", "push_to_hub", "quantize", "__version__"]
+__all__ = ["FORMAT_VERSION", "HfQuantQuantizer", "LayerSpec", "QuantConfig", "QuantLinear", "eval", "export_gptq",
+           "import_gptq", "kernels", "merge_lora", "push_to_hub", "quantize", "__version__"]

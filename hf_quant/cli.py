@@ -153,13 +153,15 @@ def cmd_push(args: argparse.Namespace) -> None:
 
 
 def cmd_export_gptq(args: argparse.Namespace) -> None:
+    import torch
+
     import hf_quant
 
     _stage(f"loading {args.model}")
-    model = _load(args.model, args)
-    _stage(f"writing the GPTQ checkpoint ({args.checkpoint_format}) to {args.out}")
+    model = _load(args.model, argparse.Namespace(dtype="auto", device=args.device))
+    _stage(f"writing the GPTQ checkpoint ({args.checkpoint_format}, {args.dtype}) to {args.out}")
     hf_quant.export_gptq(model, Path(args.out), tokenizer=_tokenizer(args.model),
-                         checkpoint_format=args.checkpoint_format)
+                         checkpoint_format=args.checkpoint_format, dtype=getattr(torch, args.dtype))
     print(json.dumps({"saved": args.out, "checkpoint_format": args.checkpoint_format}))
 
 
@@ -234,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("out")
     x.add_argument("--checkpoint-format", choices=("gptq", "gptq_v2"), default="gptq")
     x.add_argument("--device", default=None)
-    x.add_argument("--dtype", choices=_DTYPES, default="auto")
+    x.add_argument("--dtype", choices=_DTYPES[1:], default="float16",
+                   help="dtype of the scales and float tensors written (GPTQ kernels expect float16)")
     x.set_defaults(func=cmd_export_gptq)
 
     i = sub.add_parser("import-gptq", help="convert a GPTQ checkpoint (directory or Hub repo) to hf_quant")

@@ -108,3 +108,25 @@ def test_the_command_runs_as_a_program(tmp_path):
     assert model.model.layers[0].mlp.up_proj.spec.bits == 8
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_gptq_export_and_import_commands_round_trip(cli_quantized, capsys, tmp_path):
+    out, _ = cli_quantized
+    res = run(capsys, "export-gptq", out, tmp_path / "gptq", "--checkpoint-format", "gptq_v2", "--dtype", "bfloat16")
+    assert res == {"saved": str(tmp_path / "gptq"), "checkpoint_format": "gptq_v2"}
+    qc = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
+    assert (qc["quant_method"], qc["checkpoint_format"], qc["bits"], qc["group_size"], qc["sym"]) == \
+        ("gptq", "gptq_v2", 4, 64, True)
+    assert (tmp_path / "gptq" / "tokenizer.json").exists()
+    assert run(capsys, "import-gptq", tmp_path / "gptq", tmp_path / "back") == {"saved": str(tmp_path / "back")}
+    ids = torch.tensor([[5, 17, 300, 42, 7]])
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "back")(ids).logits,
+                           AutoModelForCausalLM.from_pretrained(out)(ids).logits)
+
+
+def test_quantize_can_write_the_gptq_layout(capsys, tmp_path):
+    res = run(capsys, "quantize", TINY_LLAMA, tmp_path / "g", "--method", "rtn", "--sym", "--format", "gptq")
+    assert res["saved"] == str(tmp_path / "g")
+    cfg = json.loads((tmp_path / "g" / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "gptq" and (tmp_path / "g" / "quantize_config.json").exists()
