@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 _DTYPES = ("auto", "bfloat16", "float16", "float32")
+_quiet = False
 
 
 def _stage(message: str) -> None:
-    print(f"hf-quant: {message}", file=sys.stderr, flush=True)
+    if not _quiet:
+        print(f"hf-quant: {message}", file=sys.stderr, flush=True)
 
 
 def _load(model: str, args: argparse.Namespace, **kwargs: Any):
@@ -183,7 +185,7 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="hf-quant", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-block log lines")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no stage lines, progress bars or per-block log lines")
     sub = ap.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize a float model and save it")
@@ -249,9 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    global _quiet
     args = build_parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
 
+    _quiet = args.quiet
     if args.quiet:
         hf_logging.disable_progress_bar()
     else:
