@@ -138,7 +138,7 @@ def _check_pushed(commit: dict) -> None:
     assert f'from_pretrained("{REPO}"' in card and "import hf_quant" in card and "| Bits | 4 |" in card
 
 
-@pytest.mark.parametrize("how", ["function", "method", "directory"])
+@pytest.mark.parametrize("how", ["function", "method", "directory", "save_pretrained"])
 def test_push_to_hub_sends_one_commit_with_weights_config_tokenizer_and_card(quantized, tmp_path, monkeypatch, how):
     stale = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
     hub = FakeHub(monkeypatch, remote_files=["README.md", ".gitattributes", "notes/model-x.safetensors"] + stale)
@@ -148,10 +148,14 @@ def test_push_to_hub_sends_one_commit_with_weights_config_tokenizer_and_card(qua
     elif how == "method":  # the model's own push_to_hub; the tokenizer comes from the source checkpoint
         quantized.push_to_hub(REPO, private=True, commit_message="w4")
         assert hub.commits[0]["commit_message"] == "w4"
-    else:
+    elif how == "directory":
         quantized.save_pretrained(tmp_path / "q")
         tok.save_pretrained(tmp_path / "q")
         hf_quant.push_to_hub(tmp_path / "q", REPO, private=True)
+    else:  # transformers' save_pretrained(..., push_to_hub=True): saved locally, then the directory uploaded
+        tok.save_pretrained(tmp_path / "q")
+        quantized.save_pretrained(tmp_path / "q", push_to_hub=True, repo_id=REPO, private=True)
+        assert (tmp_path / "q" / "model.safetensors").exists()
     assert hub.created == (REPO, {"private": True, "exist_ok": True})
     assert len(hub.commits) == 1 and hub.commits[0]["repo_id"] == REPO
     _check_pushed(hub.commits[0])
