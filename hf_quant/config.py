@@ -25,6 +25,7 @@ ON_INCOMPATIBLE = ("error", "skip")
 _OVERRIDABLE = ("bits", "group_size", "sym")
 _SKIP_PREFIX = "-:"
 _MATCH_PREFIX = "+:"
+_METHOD_OPTIONS = ("mse", "epochs", "learning_rate")  # None = the method's default
 _RUNTIME_ONLY = ("dataset", "calibration_device")  # how to calibrate this run, not what was saved
 
 
@@ -122,6 +123,9 @@ class QuantConfig(QuantizationConfigMixin):
         mse: search a clipped grid per group (shrink the range in 1% steps down to 20%, keep the one
             with the least |w - w_hat|^2.4), as GPTQ's reference `mse` option; RTN and GPTQ.
             None = the method's default: on for GPTQ, off for RTN (the plain min/max baseline).
+        epochs, learning_rate: OmniQuant's learnable weight clipping: passes over the calibration
+            windows per block, and its AdamW learning rate. None = the method's default (2, 5e-3);
+            other methods refuse a value.
         block_name_to_quantize: dotted name of the nn.ModuleList of decoder blocks; None finds it
             (optimum's block patterns, then the ModuleList of num_hidden_layers modules).
         calibration_device: where each block is calibrated ("cuda", "cuda:1", "cpu"); None = the
@@ -152,6 +156,8 @@ class QuantConfig(QuantizationConfigMixin):
         static_groups: bool = False,
         true_sequential: bool = True,
         mse: bool | None = None,
+        epochs: int | None = None,
+        learning_rate: float | None = None,
         block_name_to_quantize: str | None = None,
         calibration_device: str | None = None,
         format_version: int = FORMAT_VERSION,
@@ -186,6 +192,8 @@ class QuantConfig(QuantizationConfigMixin):
         self.static_groups = static_groups
         self.true_sequential = true_sequential
         self.mse = mse
+        self.epochs = epochs
+        self.learning_rate = learning_rate
         self.block_name_to_quantize = block_name_to_quantize
         self.calibration_device = calibration_device  # runtime choice; never serialized
         self.format_version = format_version
@@ -201,8 +209,21 @@ class QuantConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"QuantConfig.method={self.method!r} is unknown; available methods: {available_methods()}."
             )
-        if self.mse is None:
-            self.mse = get_method(self.method).defaults.get("mse", False)
+        method = get_method(self.method)
+        for field in _METHOD_OPTIONS:  # fields only some methods take: None = that method's default
+            if field not in method.options and field != "mse":
+                if getattr(self, field) is not None:
+                    users = [m for m in available_methods() if field in get_method(m).options]
+                    raise ValueError(f"QuantConfig.{field}={getattr(self, field)!r} has no meaning for "
+                                     f"method={self.method!r}; it applies to {users}.")
+            elif getattr(self, field) is None:
+                setattr(self, field, method.defaults.get(field, False if field == "mse" else None))
+        if self.epochs is not None and (isinstance(self.epochs, bool) or not isinstance(self.epochs, int)
+                                        or self.epochs < 0):
+            raise ValueError(f"QuantConfig.epochs={self.epochs!r} must be a non-negative integer.")
+        lr = self.learning_rate
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < 1):
+            raise ValueError(f"QuantConfig.learning_rate={lr!r} must be a number in (0, 1), e.g. 5e-3.")
         for field in ("sym", "desc_act", "static_groups", "true_sequential", "mse"):
             _check_bool(getattr(self, field), field)
         if (self.desc_act or self.static_groups) and not get_method(self.method).act_order:

@@ -46,6 +46,7 @@ class _Registered:
     options: tuple[str, ...]
     defaults: dict
     quantize: Callable[..., QuantizedWeight]
+    block_stage: str | None = None
 
     def options_from(self, config) -> dict:
         """The QuantConfig fields this method takes as keyword arguments."""
@@ -62,6 +63,7 @@ def register_method(
     act_order: bool = False,
     options: tuple[str, ...] = (),
     defaults: dict | None = None,
+    block_stage: str | None = None,
 ) -> Callable:
     """Decorator registering `fn(W, spec, scale_dtype, **stats) -> QuantizedWeight` under `name`.
 
@@ -69,12 +71,16 @@ def register_method(
     act_order: the method honours `desc_act`/`static_groups` and returns a `g_idx` when `spec.g_idx`.
     options: names of `QuantConfig` fields passed to `fn` as keyword arguments.
     defaults: values for `QuantConfig` fields left at `None` ("the method's default"), e.g. `mse`.
+    block_stage: a stage of the block-wise driver (`hf_quant.calibration.stages`) run on each float
+        block before its layers are quantized (AWQ's scaling, OmniQuant's clipping); what it returns
+        per layer is passed to `fn` as keyword arguments.
     """
 
     def deco(fn: Callable[..., QuantizedWeight]) -> Callable[..., QuantizedWeight]:
         if name in _METHODS:
             raise ValueError(f"quantization method {name!r} is already registered")
-        _METHODS[name] = _Registered(name, needs_calibration, act_order, tuple(options), dict(defaults or {}), fn)
+        _METHODS[name] = _Registered(name, needs_calibration, act_order, tuple(options), dict(defaults or {}), fn,
+                                     block_stage)
         return fn
 
     return deco
@@ -90,4 +96,4 @@ def available_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-from . import gptq, rtn  # noqa: E402,F401  (register "gptq", "rtn")
+from . import awq, gptq, omniquant, rtn  # noqa: E402,F401  (register the methods)

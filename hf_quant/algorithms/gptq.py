@@ -39,6 +39,7 @@ def quantize_gptq(
     desc_act: bool = False,
     static_groups: bool = False,
     mse: bool = False,
+    clip: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> QuantizedWeight:
     """GPTQ of `W` (out, in) given the Hessian `H` (in, in) of its calibration inputs.
 
@@ -46,10 +47,14 @@ def quantize_gptq(
     decreasing diag(H), so the channels with the largest activations are quantized first, while the
     most columns remain to absorb their error. Groups are then formed in that order and returned as
     `g_idx`, unless `static_groups` fixes each natural-order group's grid from the unquantized W first.
+    clip: per (row, group) (low, high) factors shrinking each grid's range (OmniQuant's learned
+    clipping, in natural group order: not with act-order regrouping).
     """
     W = W.clone().float()
     H = H.clone().float()
     out_f, in_f = W.shape
+    if clip is not None and desc_act and not static_groups:
+        raise ValueError("GPTQ with learned clipping keeps natural-order groups: use desc_act=False or static_groups.")
     if desc_act and not static_groups and spec.groups(in_f) > 1 and not spec.g_idx:
         raise ValueError("GPTQ with desc_act regroups channels: the layer spec must store a g_idx "
                          "(QuantConfig.layer_spec sets it), or use static_groups=True.")
@@ -63,7 +68,7 @@ def quantize_gptq(
     zero = torch.empty(out_f, n_groups, device=W.device)
     if static_groups:  # every grid from the original weights, in natural channel order
         Wg = grid.group(W, spec)
-        scale[:], zero[:] = grid.find_params(Wg, spec, scale_dtype, mse)
+        scale[:], zero[:] = grid.find_params(Wg, spec, scale_dtype, mse, clip)
 
     perm = torch.argsort(torch.diag(H), descending=True, stable=True) if desc_act else None
     if perm is not None:
@@ -86,7 +91,8 @@ def quantize_gptq(
             g = groups[col]
             if not static_groups and col % gs == 0:  # a new group: its grid from the updated weights
                 Wg = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
-                scale[:, g], zero[:, g] = grid.find_params(Wg, spec, scale_dtype, mse)
+                scale[:, g], zero[:, g] = grid.find_params(Wg, spec, scale_dtype, mse,
+                                                           None if clip is None else (clip[0][:, g], clip[1][:, g]))
             w = W1[:, i]
             q = grid.quantize(w.unsqueeze(-1), scale[:, g], zero[:, g], spec.maxq).squeeze(-1)
             codes[:, col] = q

@@ -21,16 +21,25 @@ MSE_CHUNK_ELEMENTS = 1 << 24
 
 
 def find_params(
-    Wg: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype, mse: bool = False
+    Wg: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype, mse: bool = False,
+    clip: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row scale and zero for grouped weights `Wg` (..., group), fp32 in.
 
     The scale is rounded to `scale_dtype` (how it is stored) and returned in fp32, so that codes are
     computed against exactly the scale that the kernels will use. With `mse`, the range is shrunk to
     the factor that minimises the group's |w - w_hat|^2.4 (clipping outliers to refine the rest).
+    `clip` = (low, high) factors (...,) in (0, 1] that shrink the group's min and max first (the
+    clipping found by AWQ's search or learned by OmniQuant); symmetric grids use `high`.
     """
     xmin = Wg.amin(-1).clamp(max=0)
     xmax = Wg.amax(-1).clamp(min=0)
+    if clip is not None:
+        if spec.sym:
+            xmax = torch.maximum(xmin.abs(), xmax) * clip[1]
+            xmin = -xmax
+        else:
+            xmin, xmax = xmin * clip[0], xmax * clip[1]
     if spec.sym:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = -xmax
@@ -92,3 +101,11 @@ def group(W: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
     """View `W` (out, in) as (out, n_groups, group) in fp32."""
     out_f, in_f = W.shape
     return W.float().reshape(out_f, spec.groups(in_f), spec.effective_group_size(in_f))
+
+
+def fake_quantize(W: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype,
+                  clip: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """W_hat (out, in) of round-to-nearest on each group's min/max grid (optionally clipped), fp32."""
+    Wg = group(W, spec)
+    scale, zero = find_params(Wg, spec, scale_dtype, clip=clip)
+    return dequantize(quantize(Wg, scale, zero, spec.maxq), scale, zero).reshape(W.shape)

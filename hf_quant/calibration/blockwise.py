@@ -13,6 +13,7 @@ before it (one pass over the cached inputs per group).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any
@@ -24,8 +25,11 @@ from transformers.utils import logging as hf_logging
 from ..algorithms import get_method
 from ..config import LayerSpec, QuantConfig
 from ..nn.convert import linear_shape, linear_weight, set_module
+from transformers.pytorch_utils import Conv1D
+
 from . import quantize_layer
 from .data import calibration_windows
+from .stages import BlockContext, get_stage
 
 logger = logging.getLogger("hf_quant")
 
@@ -212,41 +216,64 @@ def quantize_blockwise(model: nn.Module, config: QuantConfig, targets: dict[str,
     start = time.perf_counter()
     inputs = capture_block_inputs(model, blocks[0], windows)
     report = []
+    undo: list[tuple[torch.Tensor, torch.Tensor]] = []  # float tensors a block stage changed in place
     bar = hf_logging.tqdm(range(len(blocks)), desc=f"hf_quant: {config.method}",
                           disable=not hf_logging.is_progress_bar_enabled())
-    for idx in bar:
-        block = blocks[idx]
-        block_start = time.perf_counter()
-        home = _block_device(block)
-        block.to(device)
-        try:
-            names, groups, error, layer_errors, inputs = _calibrate_block(
-                model, block, f"{prefix}.{idx}.", targets, config, options, inputs, device, home)
-        finally:
-            block.to(home)
-        seconds = time.perf_counter() - block_start
-        report.append({"block": idx, "layers": len(names), "groups": len(groups), "output_error": error,
-                       "layer_errors": layer_errors, "seconds": seconds})
-        worst = max(layer_errors, key=layer_errors.get, default="-")
-        logger.info("hf_quant: block %d/%d: %d layers in %d groups, output rel. error %.3e, worst layer %s %.3e, "
-                    "%.1f s", idx + 1, len(blocks), len(names), len(groups), error, worst,
-                    layer_errors.get(worst, 0.0), seconds)
-        for name, err in layer_errors.items():
-            logger.debug("hf_quant:   %s%s rel. error %.3e", f"{prefix}.{idx}.", name, err)
+    try:
+        for idx in bar:
+            block = blocks[idx]
+            block_start = time.perf_counter()
+            home = _block_device(block)
+            block.to(device)
+            try:
+                names, groups, error, layer_errors, inputs, notes = _calibrate_block(
+                    model, block, f"{prefix}.{idx}.", targets, config, options, inputs, device, home, undo)
+            finally:
+                block.to(home)
+            seconds = time.perf_counter() - block_start
+            report.append({"block": idx, "layers": len(names), "groups": len(groups), "output_error": error,
+                           "layer_errors": layer_errors, "seconds": seconds, "notes": notes})
+            _log_block(report[-1], len(blocks), f"{prefix}.{idx}.")
+            for note in notes:
+                logger.info("hf_quant:   %s", note)
+    except BaseException:
+        with torch.no_grad():
+            for tensor, original in reversed(undo):
+                tensor.copy_(original.to(tensor.device))
+        raise
     logger.info("hf_quant: %s calibrated %d blocks on %s in %.1f s", config.method, len(blocks), device,
                 time.perf_counter() - start)
     return report
 
 
-def _calibrate_block(model, block, block_prefix, targets, config, options, inputs, device, home):
-    """Quantize one block's targets (already on `device`); returns its names, groups, output error
-    and the quantized block's outputs as the next block's inputs."""
+def _log_block(entry: dict, n_blocks: int, block_prefix: str) -> None:
+    errors = entry["layer_errors"]
+    worst = max(errors, key=errors.get, default="-")
+    logger.info("hf_quant: block %d/%d: %d layers in %d groups, output rel. error %.3e, worst layer %s %.3e, %.1f s",
+                entry["block"] + 1, n_blocks, entry["layers"], entry["groups"], entry["output_error"], worst,
+                errors.get(worst, 0.0), entry["seconds"])
+    for name, err in errors.items():
+        logger.debug("hf_quant:   %s%s rel. error %.3e", block_prefix, name, err)
+
+
+def _calibrate_block(model, block, block_prefix, targets, config, options, inputs, device, home, undo):
+    """Quantize one block's targets (already on `device`); returns its names, groups, output error,
+    the quantized block's outputs as the next block's inputs, and the block stage's notes."""
     names = [n for n in targets if n.startswith(block_prefix)]
     runner = _BlockRunner(block, inputs, device)
     groups = input_groups(block, block_prefix, names, runner) if names else []
     passes = [[g] for g in groups] if config.true_sequential else [groups]
     float_out: list[torch.Tensor] | None = None
     layer_errors: dict[str, float] = {}
+    stage_kwargs: dict[str, dict] = {}
+    notes: list[str] = []
+    stage_name = get_method(config.method).block_stage
+    if stage_name and names:
+        _, float_out = runner(keep=ERROR_SAMPLES, collect=False)  # the float block, before the stage changes it
+        ctx = BlockContext(model, block, block_prefix, groups, targets, config, inputs, device,
+                           run=functools.partial(run_block, block, device, block_prefix), undo=undo)
+        stage_kwargs = get_stage(stage_name)(ctx)
+        notes = ctx.notes
     for pass_groups in passes:
         H, rows, handles = {}, {}, []
         for group in pass_groups:
@@ -264,7 +291,8 @@ def _calibrate_block(model, block, block_prefix, targets, config, options, input
             first = group[0]
             for n in group:
                 original = model.get_submodule(n)
-                layer = _quantize_with_hessian(n, original, targets[n], config, options, H[first], rows[first])
+                layer = _quantize_with_hessian(n, original, targets[n], config, {**options, **stage_kwargs.get(n, {})},
+                                               H[first], rows[first])
                 layer_errors[n.removeprefix(block_prefix)] = _weighted_error(original, layer, H[first])
                 set_module(model, n, layer)
                 original.to(home)  # kept for rollback, off the work device
@@ -272,7 +300,26 @@ def _calibrate_block(model, block, block_prefix, targets, config, options, input
     outs, kept = runner(keep=ERROR_SAMPLES)
     error = _relative_error(kept, float_out) if names else 0.0
     next_inputs = [((y,) + tuple(args[1:]), kwargs) for y, (args, kwargs) in zip(outs, inputs)]
-    return names, groups, error, layer_errors, next_inputs
+    return names, groups, error, layer_errors, next_inputs, notes
+
+
+def run_block(default: nn.Module, device: torch.device, prefix: str, inputs: list[tuple[tuple, dict]],
+              block: nn.Module | None = None, overrides: dict[str, torch.Tensor] | None = None,
+              keep_graph: bool = False) -> list[torch.Tensor]:
+    """The block's outputs (on `device`) for cached inputs, optionally with some layers' weights
+    replaced by (out, in) tensors (full names), through `torch.func.functional_call`."""
+    block = default if block is None else block
+    params = {}
+    for name, W in (overrides or {}).items():
+        local = name[len(prefix):]
+        module = block.get_submodule(local)
+        params[f"{local}.weight"] = (W.t() if isinstance(module, Conv1D) else W).to(module.weight.dtype)
+    outs = []
+    for args, kwargs in inputs:
+        args, kwargs = _to(args, device), _to(kwargs, device)
+        y = _first_output(torch.func.functional_call(block, params, args, kwargs) if params else block(*args, **kwargs))
+        outs.append(y if keep_graph else y.detach())
+    return outs
 
 
 def _hessian_hook(H: dict, rows: dict, name: str):

@@ -26,6 +26,12 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.t() if isinstance(module, Conv1D) else module.weight
 
 
+def set_linear_weight(module: nn.Module, W: torch.Tensor) -> None:
+    """Write an (out, in) weight into an nn.Linear or a transformers Conv1D, in place, in its dtype."""
+    with torch.no_grad():
+        module.weight.copy_(W.t() if isinstance(module, Conv1D) else W)
+
+
 def _skipped(name: str, modules_to_not_convert: list[str]) -> bool:
     return any(name == k or name.endswith("." + k) or name.startswith(k + ".") for k in modules_to_not_convert)
 
