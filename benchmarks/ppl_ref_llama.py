@@ -3,7 +3,8 @@
     python benchmarks/ppl_ref_llama.py [--model ../shared/models/ref-llama] [--configs w4g128 w3g128 w2g64]
         [--methods rtn gptq gptq+act]
 
-Methods: a method name plus options joined by "+": act (desc_act), static (static_groups),
+Methods: a method name (rtn, gptq, awq, awq+gptq, omniquant, omniquant+gptq) plus options joined
+by "+": act (desc_act), static (static_groups),
 mse / nomse (clipping search on / off; default: on for GPTQ, off for RTN), nonseq
 (true_sequential=False), sym. E.g. "gptq+act+static", "rtn+mse", "gptq+nomse".
 
@@ -23,6 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_quant
+from hf_quant.algorithms import available_methods
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -40,9 +42,10 @@ OPTIONS = {"act": {"desc_act": True}, "static": {"static_groups": True}, "mse": 
 
 
 def method_options(name: str) -> dict:
-    method, *opts = name.split("+")
-    kwargs = {"method": method}
-    for o in opts:
+    parts = name.split("+")
+    n = max(i for i in range(1, len(parts) + 1) if "+".join(parts[:i]) in available_methods())  # e.g. awq+gptq
+    kwargs = {"method": "+".join(parts[:n])}
+    for o in parts[n:]:
         kwargs.update(OPTIONS[o])
     return kwargs
 

@@ -124,7 +124,7 @@ class QuantConfig(QuantizationConfigMixin):
             with the least |w - w_hat|^2.4), as GPTQ's reference `mse` option; RTN and GPTQ.
             None = the method's default: on for GPTQ, off for RTN (the plain min/max baseline).
         epochs, learning_rate: OmniQuant's learnable weight clipping: passes over the calibration
-            windows per block, and its AdamW learning rate. None = the method's default (2, 5e-3);
+            windows per block, and its AdamW learning rate. None = the method's default (2, 5e-2);
             other methods refuse a value.
         block_name_to_quantize: dotted name of the nn.ModuleList of decoder blocks; None finds it
             (optimum's block patterns, then the ModuleList of num_hidden_layers modules).
@@ -223,7 +223,7 @@ class QuantConfig(QuantizationConfigMixin):
             raise ValueError(f"QuantConfig.epochs={self.epochs!r} must be a non-negative integer.")
         lr = self.learning_rate
         if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < 1):
-            raise ValueError(f"QuantConfig.learning_rate={lr!r} must be a number in (0, 1), e.g. 5e-3.")
+            raise ValueError(f"QuantConfig.learning_rate={lr!r} must be a number in (0, 1), e.g. 5e-2.")
         for field in ("sym", "desc_act", "static_groups", "true_sequential", "mse"):
             _check_bool(getattr(self, field), field)
         if (self.desc_act or self.static_groups) and not get_method(self.method).act_order:

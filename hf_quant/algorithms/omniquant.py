@@ -41,10 +41,10 @@ def lwc_fake_quantize(W: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, 
 
 
 @register_method("omniquant", needs_calibration=True, block_stage="lwc", options=("epochs", "learning_rate"),
-                 defaults={"epochs": 2, "learning_rate": 5e-3})
+                 defaults={"epochs": 2, "learning_rate": 5e-2})
 def quantize_omniquant(W: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype, H: torch.Tensor,
                        clip: tuple[torch.Tensor, torch.Tensor], epochs: int = 2,
-                       learning_rate: float = 5e-3) -> QuantizedWeight:
+                       learning_rate: float = 5e-2) -> QuantizedWeight:
     """Round-to-nearest on the grids clipped by the learned factors `clip` = (low, high) (out, n_groups)."""
     Wg = grid.group(W, spec)
     scale, zero = grid.find_params(Wg, spec, scale_dtype, clip=clip)
@@ -55,9 +55,9 @@ def quantize_omniquant(W: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtyp
 
 @register_method("omniquant+gptq", needs_calibration=True, block_stage="lwc",
                  options=("epochs", "learning_rate", "block_size", "damp_percent", "mse"),
-                 defaults={"epochs": 2, "learning_rate": 5e-3, "mse": False})
+                 defaults={"epochs": 2, "learning_rate": 5e-2, "mse": False})
 def quantize_omniquant_gptq(W: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype, H: torch.Tensor,
-                            clip: tuple[torch.Tensor, torch.Tensor], epochs: int = 2, learning_rate: float = 5e-3,
+                            clip: tuple[torch.Tensor, torch.Tensor], epochs: int = 2, learning_rate: float = 5e-2,
                             block_size: int = 128, damp_percent: float = 0.01, mse: bool = False) -> QuantizedWeight:
     """GPTQ whose group grids are clipped by the learned factors."""
     return quantize_gptq(W, spec, scale_dtype, H, block_size=block_size, damp_percent=damp_percent, mse=mse,
