@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=["w4g128", "w3g128", "w2g64"])
     ap.add_argument("--methods", nargs="+", default=["rtn", "gptq", "gptq+act"])
     ap.add_argument("--num-samples", type=int, default=128)
+    ap.add_argument("--no-wikitext", action="store_true", help="held-out text only (WikiText-2 takes most of the time)")
     args = ap.parse_args()
 
     tok = AutoTokenizer.from_pretrained(args.model)
@@ -64,7 +65,8 @@ def main() -> None:
     calib = calibration_text(SHARED / "data" / "corpus")
 
     def evaluate(model):
-        return hf_quant.eval.perplexity(model, tok, heldout), hf_quant.eval.perplexity(model, tok, wiki)
+        wiki_ppl = float("nan") if args.no_wikitext else hf_quant.eval.perplexity(model, tok, wiki)
+        return hf_quant.eval.perplexity(model, tok, heldout), wiki_ppl
 
     base = evaluate(AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16))
     rows = [("bf16", "-", base, 0.0)]

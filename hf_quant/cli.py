@@ -1,6 +1,7 @@
 """`hf-quant`: quantize, evaluate, share and convert models from the command line.
 
     hf-quant quantize MODEL OUT --method gptq --bits 4 --group-size 128 [--eval] [--push org/name]
+                                (methods: rtn, gptq, awq, awq+gptq, omniquant, omniquant+gptq)
     hf-quant eval MODEL [--text FILE] [--record]
     hf-quant push DIR org/name [--private]
     hf-quant export-gptq MODEL OUT          # to the GPTQ checkpoint layout vLLM / TGI / GPTQModel load
@@ -84,7 +85,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym, desc_act=args.desc_act,
         static_groups=args.static_groups, modules_to_not_convert=args.modules_to_not_convert,
         dataset=_read_texts(args.dataset, "--dataset"), num_samples=args.num_samples, seq_len=args.seq_len,
-        seed=args.seed, calibration_device=args.calibration_device)
+        seed=args.seed, calibration_device=args.calibration_device, epochs=args.epochs,
+        learning_rate=args.learning_rate)
     tokenizer = _tokenizer(args.model, required=args.eval or args.eval_baseline)
     baseline = None
     if args.eval_baseline:
@@ -203,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--num-samples", type=int, default=128)
     q.add_argument("--seq-len", type=int, default=512)
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--epochs", type=int, default=None, help="OmniQuant: clipping training passes per block")
+    q.add_argument("--learning-rate", type=float, default=None, help="OmniQuant: AdamW learning rate")
     q.add_argument("--calibration-device", default=None, help="e.g. cuda; default: a GPU if there is one")
     q.add_argument("--device", default=None, help="where the model is loaded (default: CPU)")
     q.add_argument("--dtype", choices=_DTYPES, default="auto")
