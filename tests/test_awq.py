@@ -138,9 +138,9 @@ def test_awq_and_omniquant_beat_rtn_on_held_out_logits(tiny_llama_eval, bits):
 def test_omniquant_training_lowers_the_block_error(tiny_llama_eval):
     ids, ref = tiny_llama_eval
     untrained, m0 = _error("omniquant", 2, ids, ref, epochs=0)
-    trained, m1 = _error("omniquant", 2, ids, ref, epochs=2)
+    trained, m1 = _error("omniquant", 2, ids, ref, epochs=4)
     block_err = [sum(e["output_error"] for e in m.hf_quantizer.calibration_report) for m in (m0, m1)]
-    assert block_err[1] < 0.9 * block_err[0] and trained < untrained
+    assert block_err[1] < 0.95 * block_err[0] and trained < 0.95 * untrained, (block_err, untrained, trained)
     assert "lwc loss" in m1.hf_quantizer.calibration_report[0]["notes"][0]
 
 
