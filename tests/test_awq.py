@@ -155,6 +155,12 @@ def test_every_method_saves_reloads_and_trains_lora(tiny_models, tmp_path, input
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     assert torch.equal(logits(again, input_ids), logits(model, input_ids))
     assert again.config.quantization_config.method == method
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(again, LoraConfig(r=4, target_modules="all-linear"))
+    peft_model(input_ids, labels=input_ids).loss.backward()
+    grads = [p.grad for n, p in peft_model.named_parameters() if "lora_B" in n]  # B starts at 0: A gets none yet
+    assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
 
 def test_method_options_are_validated():
