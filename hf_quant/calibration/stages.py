@@ -160,6 +160,9 @@ def awq_scales(ctx: BlockContext) -> dict[str, dict]:
     ref = torch.cat([r.float().flatten() for r in reference])
     for group in ctx.groups:
         head = group[0]
+        if head not in x_abs:  # no calibration window reaches it (e.g. an unrouted expert)
+            ctx.notes.append(f"{head[len(ctx.prefix):]}: no scaling (no calibration input reached it)")
+            continue
         local = producers.get(head)
         producer = ctx.block.get_submodule(local) if local else None
         width = linear_shape(ctx.model.get_submodule(head))[0]
