@@ -36,7 +36,10 @@ logger = logging.getLogger("hf_quant")
 CARD_MARKER = "<!-- hf_quant:generated-card (hf_quant rewrites this card on save while this line is here) -->"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
-_METHOD_NAMES = {"rtn": "RTN (round-to-nearest, data-free)", "gptq": "GPTQ"}
+_METHOD_NAMES = {"rtn": "RTN (round-to-nearest, data-free)", "gptq": "GPTQ",
+                 "awq": "AWQ (activation-aware scales folded into the previous op, clipping search)",
+                 "awq+gptq": "AWQ scales, then GPTQ", "omniquant": "OmniQuant learnable weight clipping",
+                 "omniquant+gptq": "OmniQuant learnable weight clipping, then GPTQ"}
 
 
 def describe_source(name: str | None) -> str | None:
@@ -99,7 +102,7 @@ def model_card(directory: str | os.PathLike, repo_id: str | None = None, *, base
     evaluation = evaluation or prov.get("evaluation")
     name = repo_id or Path(directory).name
     method = _METHOD_NAMES.get(qc.method, qc.method)
-    if qc.method == "gptq" and qc.desc_act:
+    if qc.method in ("gptq", "awq+gptq") and qc.desc_act:
         method += " with act-order" + (" (static groups)" if qc.static_groups else "")
     tags = ["hf_quant", qc.method, f"{qc.bits}-bit", "quantized"]
     data = ModelCardData(library_name="transformers", pipeline_tag="text-generation", tags=tags,
