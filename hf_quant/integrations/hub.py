@@ -104,7 +104,7 @@ def model_card(directory: str | os.PathLike, repo_id: str | None = None, *, base
     method = _METHOD_NAMES.get(qc.method, qc.method)
     if qc.method in ("gptq", "awq+gptq") and qc.desc_act:
         method += " with act-order" + (" (static groups)" if qc.static_groups else "")
-    tags = ["hf_quant", qc.method, f"{qc.bits}-bit", "quantized"]
+    tags = ["hf_quant", *qc.method.split("+"), f"{qc.bits}-bit", "quantized"]
     data = ModelCardData(library_name="transformers", pipeline_tag="text-generation", tags=tags,
                          base_model=base if _is_hub_id(base) else None,
                          base_model_relation="quantized" if _is_hub_id(base) else None)
