@@ -23,6 +23,7 @@ import torch
 from ..config import LayerSpec
 from . import QuantizedWeight, grid, register_method
 from .gptq import quantize_gptq
+from .rtn import round_to_nearest
 
 SCALE_GRID = 20  # alpha in {0, 1/20, ..., 19/20}
 CLIP_GRID = 20
@@ -65,11 +66,7 @@ def clip_search(W: torch.Tensor, H: torch.Tensor, spec: LayerSpec, scale_dtype: 
 def quantize_awq(W: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype, H: torch.Tensor) -> QuantizedWeight:
     """Round-to-nearest of the (already AWQ-scaled) W on grids clipped by `clip_search`."""
     p = clip_search(W, H, spec, scale_dtype)
-    Wg = grid.group(W, spec)
-    scale, zero = grid.find_params(Wg, spec, scale_dtype, clip=(p, p))
-    q = grid.quantize(Wg, scale, zero, spec.maxq)
-    return QuantizedWeight(codes=q.reshape(W.shape).to(torch.uint8), scale=scale.to(scale_dtype),
-                           zero=None if spec.sym else zero.to(torch.uint8))
+    return round_to_nearest(W, spec, scale_dtype, clip=(p, p))
 
 
 # AWQ's scaling, then GPTQ on the scaled layers (GPTQ's own options and defaults).

@@ -15,6 +15,7 @@ import torch
 from ..config import LayerSpec
 from . import QuantizedWeight, grid, register_method
 from .gptq import quantize_gptq
+from .rtn import round_to_nearest
 
 LWC_INIT = 4.0  # sigmoid(4) = 0.982: training starts from (nearly) the full range, as in the paper
 
@@ -46,11 +47,7 @@ def quantize_omniquant(W: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtyp
                        clip: tuple[torch.Tensor, torch.Tensor], epochs: int = 2,
                        learning_rate: float = 5e-2) -> QuantizedWeight:
     """Round-to-nearest on the grids clipped by the learned factors `clip` = (low, high) (out, n_groups)."""
-    Wg = grid.group(W, spec)
-    scale, zero = grid.find_params(Wg, spec, scale_dtype, clip=clip)
-    q = grid.quantize(Wg, scale, zero, spec.maxq)
-    return QuantizedWeight(codes=q.reshape(W.shape).to(torch.uint8), scale=scale.to(scale_dtype),
-                           zero=None if spec.sym else zero.to(torch.uint8))
+    return round_to_nearest(W, spec, scale_dtype, clip=clip)
 
 
 @register_method("omniquant+gptq", needs_calibration=True, block_stage="lwc",

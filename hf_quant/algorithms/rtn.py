@@ -8,13 +8,19 @@ from ..config import LayerSpec
 from . import QuantizedWeight, grid, register_method
 
 
-@register_method("rtn", needs_calibration=False, options=("mse",))
-def quantize_rtn(W: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype, mse: bool = False) -> QuantizedWeight:
+def round_to_nearest(W: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype, mse: bool = False,
+                     clip: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantizedWeight:
+    """Each group on its own min/max grid (optionally shrunk by `clip` factors, or by the `mse` search)."""
     Wg = grid.group(W, spec)
-    scale, zero = grid.find_params(Wg, spec, scale_dtype, mse)
+    scale, zero = grid.find_params(Wg, spec, scale_dtype, mse, clip)
     q = grid.quantize(Wg, scale, zero, spec.maxq)
     return QuantizedWeight(
         codes=q.reshape(W.shape).to(torch.uint8),
         scale=scale.to(scale_dtype),
         zero=None if spec.sym else zero.to(torch.uint8),
     )
+
+
+@register_method("rtn", needs_calibration=False, options=("mse",))
+def quantize_rtn(W: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype, mse: bool = False) -> QuantizedWeight:
+    return round_to_nearest(W, spec, scale_dtype, mse)
