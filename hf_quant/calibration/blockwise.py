@@ -20,14 +20,13 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
 from ..algorithms import get_method
 from ..config import LayerSpec, QuantConfig
 from ..nn.convert import linear_shape, linear_weight, set_module
-from transformers.pytorch_utils import Conv1D
-
-from . import quantize_layer
+from . import map_tensors, quantize_layer
 from .data import calibration_windows
 from .stages import BlockContext, get_stage
 
@@ -82,13 +81,7 @@ def _first_output(out: Any) -> torch.Tensor:
 
 def _to(obj: Any, device: torch.device) -> Any:
     """`obj` with every tensor inside (tuples, lists, dicts) moved to `device`."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
+    return map_tensors(obj, lambda t: t.to(device))
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from transformers.pytorch_utils import Conv1D
 from ..algorithms import awq, omniquant
 from ..config import LayerSpec, QuantConfig
 from ..nn.convert import linear_shape, linear_weight, set_linear_weight
+from . import map_tensors
 
 logger = logging.getLogger("hf_quant")
 
@@ -194,13 +195,7 @@ def awq_scales(ctx: BlockContext) -> dict[str, dict]:
 # --- OmniQuant: learnable weight clipping ----------------------------------------------------------
 
 def _float32(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.float() if obj.is_floating_point() else obj
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_float32(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _float32(v) for k, v in obj.items()}
-    return obj
+    return map_tensors(obj, lambda t: t.float() if t.is_floating_point() else t)
 
 
 @register_stage("lwc")
