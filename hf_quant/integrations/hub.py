@@ -200,11 +200,10 @@ def push_to_hub(model_or_dir: Any, repo_id: str, *, tokenizer: Any = None, commi
     Weight files left in the repo by an earlier upload that this one does not overwrite are deleted
     in the same commit, so the repo never mixes two checkpoints. Returns huggingface_hub's CommitInfo.
     """
+    upload = dict(commit_message=commit_message, commit_description=commit_description, private=private, token=token,
+                  revision=revision, create_pr=create_pr, base_model=base_model, evaluation=evaluation, tags=tags)
     if isinstance(model_or_dir, (str, os.PathLike)):
-        return push_to_hub_folder(Path(model_or_dir), repo_id, commit_message=commit_message,
-                                  commit_description=commit_description, private=private, token=token,
-                                  revision=revision, create_pr=create_pr, base_model=base_model,
-                                  evaluation=evaluation, tags=tags)
+        return push_to_hub_folder(Path(model_or_dir), repo_id, **upload)
     model = model_or_dir
     if not _is_hf_quant_model(model):
         raise ValueError("push_to_hub: this model is not an hf_quant model; quantize it with hf_quant first, "
@@ -216,10 +215,7 @@ def push_to_hub(model_or_dir: Any, repo_id: str, *, tokenizer: Any = None, commi
             tokenizer = _source_tokenizer(model)
         if tokenizer:
             tokenizer.save_pretrained(folder)
-        return push_to_hub_folder(folder, repo_id, commit_message=commit_message,
-                                  commit_description=commit_description, private=private, token=token,
-                                  revision=revision, create_pr=create_pr, base_model=base_model,
-                                  evaluation=evaluation, tags=tags)
+        return push_to_hub_folder(folder, repo_id, **upload)
 
 
 def _source_tokenizer(model: Any) -> Any:
@@ -242,10 +238,11 @@ def push_to_hub_folder(folder: str | os.PathLike, repo_id: str, *, commit_messag
     """Upload a saved hf_quant checkpoint directory (see `push_to_hub`)."""
     folder = Path(folder)
     _, qc = _quantization_config(folder)  # refuse anything that is not a loadable hf_quant checkpoint
-    if not list(folder.glob("*.safetensors")):
+    weights = sorted(str(p) for p in folder.glob("*.safetensors"))
+    if not weights:
         raise ValueError(f"{folder}: no .safetensors weights; hf_quant shares safetensors checkpoints only "
                          "(save_pretrained writes them).")
-    index_checkpoint(sorted(str(p) for p in folder.glob("*.safetensors")))  # whole files, before uploading
+    index_checkpoint(weights)  # whole files, before uploading
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     card = None  # a card a person wrote is uploaded as is; a generated one is regenerated for this repo
