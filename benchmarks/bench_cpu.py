@@ -48,8 +48,8 @@ from torch.utils.benchmark import Timer
 
 from hf_quant.calibration import quantize_layer
 from hf_quant.config import LayerSpec
-from hf_quant.kernels import select_kernel, use_kernel
-from hf_quant.nn import QuantLinear
+from hf_quant.runtime.kernels import select_kernel, use_kernel
+from hf_quant.runtime import QuantLinear
 
 DEFAULT_SHAPES = ["4096x4096", "4096x11008", "11008x4096"]  # Llama-7B attention, MLP up, MLP down
 SMALL_SHAPES = ["1024x1024", "1024x2816", "2816x1024"]

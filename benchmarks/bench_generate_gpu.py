@@ -21,7 +21,7 @@ from common import random_llama
 import hf_quant
 from hf_quant import kernels
 from hf_quant.calibration import quantize_model
-from hf_quant.nn.convert import find_targets
+from hf_quant.runtime.convert import find_targets
 
 
 def tokens_per_s(model, ids, new_tokens: int) -> float:

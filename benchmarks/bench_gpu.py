@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from hf_quant import kernels
-from hf_quant.algorithms import get_method
+from hf_quant.methods import get_method
 from hf_quant.config import LayerSpec
-from hf_quant.nn import QuantLinear
+from hf_quant.runtime import QuantLinear
 
 SHAPES = ["4096x4096", "4096x14336", "14336x4096", "8192x8192", "8192x28672"]
 

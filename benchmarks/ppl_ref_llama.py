@@ -24,7 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_quant
-from hf_quant.algorithms import available_methods
+from hf_quant.methods import available_methods
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

@@ -3,22 +3,28 @@
 `import hf_quant` registers `QuantConfig` and its quantizer with transformers under the
 quant_method "hf_quant", so that `from_pretrained(..., quantization_config=hf_quant.QuantConfig(...))`
 quantizes, and `from_pretrained(path)` reloads an hf_quant checkpoint.
+
+Layers (README "Architecture"; tests/test_architecture.py enforces them): core, compat -> methods ->
+config -> runtime -> io -> training -> calibration -> integrations -> this package's API and CLI.
 """
 
 from transformers.quantizers import register_quantization_config
 
-from .config import FORMAT_VERSION, QUANT_METHOD, LayerSpec, QuantConfig
-from .nn import QuantLinear
+from .config import FORMAT_VERSION, QUANT_METHOD, QuantConfig
+from .core import LayerSpec
+from .runtime import QuantLinear, kernels
 
 __version__ = "0.1.0"
 
 register_quantization_config(QUANT_METHOD)(QuantConfig)
 
-from . import eval, kernels  # noqa: E402
-from .integrations.gptq import export_gptq, import_gptq  # noqa: E402
+from . import eval, training  # noqa: E402
 from .integrations.hub import push_to_hub  # noqa: E402
-from .integrations.peft import merge_lora  # noqa: E402
-from .quantizer import HfQuantQuantizer, quantize  # noqa: E402
+from .integrations.lora_merge import merge_lora  # noqa: E402
+from .integrations.peft import register_lora  # noqa: E402
+from .integrations.transformers import HfQuantQuantizer, quantize  # noqa: E402
+from .io.gptq import export_gptq, import_gptq  # noqa: E402
 
 __all__ = ["FORMAT_VERSION", "HfQuantQuantizer", "LayerSpec", "QuantConfig", "QuantLinear", "eval", "export_gptq",
-           "import_gptq", "kernels", "merge_lora", "push_to_hub", "quantize", "__version__"]
+           "import_gptq", "kernels", "merge_lora", "push_to_hub", "quantize", "register_lora", "training",
+           "__version__"]

@@ -1,7 +1,7 @@
 """`hf-quant`: quantize, evaluate, share and convert models from the command line.
 
     hf-quant quantize MODEL OUT --method gptq --bits 4 --group-size 128 [--eval] [--push org/name]
-                                (methods: rtn, gptq, awq, awq+gptq, omniquant, omniquant+gptq)
+                                (methods and their options: hf-quant quantize --help)
     hf-quant eval MODEL [--text FILE] [--record]
     hf-quant push DIR org/name [--private]
     hf-quant export-gptq MODEL OUT          # to the GPTQ checkpoint layout vLLM / TGI / GPTQModel load
@@ -78,15 +78,15 @@ def _evaluate(model, tokenizer, args: argparse.Namespace) -> dict:
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     import hf_quant
-    from .formats.checkpoint import atomic_directory
-    from .integrations.hub import model_card
+    from .io import get_format
+    from .methods import option_fields
 
+    options = {name: getattr(args, name) for name in option_fields() if getattr(args, name) is not None}
     config = hf_quant.QuantConfig(
-        method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym, desc_act=args.desc_act,
-        static_groups=args.static_groups, modules_to_not_convert=args.modules_to_not_convert,
-        dataset=_read_texts(args.dataset, "--dataset"), num_samples=args.num_samples, seq_len=args.seq_len,
-        seed=args.seed, calibration_device=args.calibration_device, epochs=args.epochs,
-        learning_rate=args.learning_rate)
+        method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
+        modules_to_not_convert=args.modules_to_not_convert, dataset=_read_texts(args.dataset, "--dataset"),
+        num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed,
+        calibration_device=args.calibration_device, **options)
     tokenizer = _tokenizer(args.model, required=args.eval or args.eval_baseline)
     baseline = None
     if args.eval_baseline:
@@ -106,14 +106,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         result["perplexity"] = evaluation["perplexity"]
     out = Path(args.out)
     _stage(f"saving to {out} ({args.format} format)")
-    if args.format == "gptq":
-        hf_quant.export_gptq(model, out, tokenizer=tokenizer)
-    else:
-        with atomic_directory(out) as tmp:
-            model.save_pretrained(tmp)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            model_card(tmp, str(out)).save(tmp / "README.md")
+    get_format(args.format).export(model, out, tokenizer=tokenizer)
     result["saved"] = str(out)
     if args.push:
         _stage(f"uploading to {args.push}")
@@ -124,7 +117,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     import hf_quant
-    from .formats.checkpoint import atomic_write_text
+    from .io.checkpoint import atomic_write_text
     from .integrations.hub import CARD_MARKER, model_card
 
     model = _load(args.model, args)
@@ -184,7 +177,23 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
 
 
+def _add_method_options(p: argparse.ArgumentParser) -> None:
+    """One option per method option in the registry (`hf_quant.methods`); unset = the method's default."""
+    from .methods import methods_taking, option_fields
+
+    for name, f in option_fields().items():
+        flag = "--" + name.replace("_", "-")
+        extra = f"{f.metadata['help'] or name} (methods: {', '.join(methods_taking(name))})"
+        if isinstance(f.default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=extra)
+        else:
+            p.add_argument(flag, type=type(f.default), default=None, help=extra)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .io import available_formats, get_format
+    from .methods import available_methods
+
     ap = argparse.ArgumentParser(prog="hf-quant", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-q", "--quiet", action="store_true", help="no stage lines, progress bars or per-block log lines")
@@ -193,25 +202,22 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a float model and save it")
     q.add_argument("model", help="float checkpoint: local directory or Hub repo id")
     q.add_argument("out", help="directory to write the quantized checkpoint to")
-    q.add_argument("--method", default="gptq")
+    q.add_argument("--method", default="gptq", help=f"one of {available_methods()}")
     q.add_argument("--bits", type=int, default=4)
     q.add_argument("--group-size", type=int, default=128)
     q.add_argument("--sym", action="store_true", help="symmetric grid (default: asymmetric)")
-    q.add_argument("--desc-act", action="store_true", help="GPTQ act-order")
-    q.add_argument("--static-groups", action="store_true")
+    _add_method_options(q)
     q.add_argument("--modules-to-not-convert", nargs="+", default=None, metavar="NAME")
     q.add_argument("--dataset", nargs="+", metavar="FILE", help="calibration text files "
                    "(default: hf_quant's packaged text)")
     q.add_argument("--num-samples", type=int, default=128)
     q.add_argument("--seq-len", type=int, default=512)
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--epochs", type=int, default=None, help="OmniQuant: clipping training passes per block")
-    q.add_argument("--learning-rate", type=float, default=None, help="OmniQuant: AdamW learning rate")
     q.add_argument("--calibration-device", default=None, help="e.g. cuda; default: a GPU if there is one")
     q.add_argument("--device", default=None, help="where the model is loaded (default: CPU)")
     q.add_argument("--dtype", choices=_DTYPES, default="auto")
-    q.add_argument("--format", choices=("hf_quant", "gptq"), default="hf_quant",
-                   help="gptq: the GPTQ checkpoint layout other engines load (see export-gptq)")
+    q.add_argument("--format", choices=available_formats(exporting=True), default="hf_quant",
+                   help="; ".join(f"{n}: {get_format(n).description}" for n in available_formats(exporting=True)))
     q.add_argument("--eval", action="store_true", help="measure held-out perplexity; recorded in the card")
     q.add_argument("--eval-baseline", action="store_true", help="--eval, and the float model's perplexity too")
     _add_eval_options(q)

@@ -15,39 +15,20 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .core import SUPPORTED_BITS, LayerSpec
+from .methods.base import check_bool, check_positive_int
+from .methods import available_methods, get_method, methods_taking, option_fields
+
 QUANT_METHOD = "hf_quant"
 # Version of the on-disk layout (see README "On-disk format"). Bump on any incompatible change.
 # 1: qweight/scales/qzeros.  2: adds the optional per-layer `g_idx` (act-order GPTQ); 1 still loads.
 FORMAT_VERSION = 2
 
-SUPPORTED_BITS = (2, 3, 4, 8)
 ON_INCOMPATIBLE = ("error", "skip")
 _OVERRIDABLE = ("bits", "group_size", "sym")
 _SKIP_PREFIX = "-:"
 _MATCH_PREFIX = "+:"
-_METHOD_OPTIONS = ("mse", "epochs", "learning_rate")  # None = the method's default
 _RUNTIME_ONLY = ("dataset", "calibration_device")  # how to calibrate this run, not what was saved
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """How one linear layer is quantized: the fields that fix its packed layout."""
-
-    bits: int
-    group_size: int  # -1: one group per output channel
-    sym: bool
-    g_idx: bool = False  # stores a `g_idx` (group of each input channel): act-order GPTQ
-
-
-    @property
-    def maxq(self) -> int:
-        return 2**self.bits - 1
-
-    def groups(self, in_features: int) -> int:
-        return 1 if self.group_size == -1 else in_features // self.group_size
-
-    def effective_group_size(self, in_features: int) -> int:
-        return in_features if self.group_size == -1 else self.group_size
 
 
 def _check_bits(bits: Any, field: str) -> None:
@@ -76,8 +57,7 @@ def _check_format_version(fv: Any) -> None:
 
 
 def _check_bool(value: Any, field: str) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"QuantConfig.{field}={value!r} must be True or False.")
+    check_bool(field, value)
 
 
 def _check_provenance(provenance: Any) -> None:
@@ -168,9 +148,11 @@ class QuantConfig(QuantizationConfigMixin):
         quant_method = kwargs.pop("quant_method", QUANT_METHOD)
         if quant_method != QUANT_METHOD:
             raise ValueError(f"QuantConfig.quant_method must be {QUANT_METHOD!r}, got {quant_method!r}.")
+        extra = {k: kwargs.pop(k) for k in list(kwargs) if k in option_fields()}  # options of methods added later
         if kwargs:
             known = [p for p in inspect.signature(QuantConfig.__init__).parameters if p not in ("self", "kwargs")]
-            raise ValueError(f"QuantConfig got unknown field(s) {sorted(kwargs)}; known fields: {sorted(known)}.")
+            raise ValueError(f"QuantConfig got unknown field(s) {sorted(kwargs)}; known fields: "
+                             f"{sorted(set(known) | set(option_fields()))}.")
         self.quant_method = QUANT_METHOD
         self.method = method
         self.bits = bits
@@ -198,40 +180,19 @@ class QuantConfig(QuantizationConfigMixin):
         self.calibration_device = calibration_device  # runtime choice; never serialized
         self.format_version = format_version
         self.provenance = copy.deepcopy(provenance)
+        self.__dict__.update(extra)
         self.post_init()
 
     def post_init(self) -> None:
         """Validate every field; raise a `ValueError` naming the field and the allowed values."""
-        from .algorithms import available_methods, get_method
-
         _check_format_version(self.format_version)
         if not isinstance(self.method, str) or self.method not in available_methods():
             raise ValueError(
                 f"QuantConfig.method={self.method!r} is unknown; available methods: {available_methods()}."
             )
-        method = get_method(self.method)
-        for field in _METHOD_OPTIONS:  # fields only some methods take: None = that method's default
-            if field not in method.options and field != "mse":
-                if getattr(self, field) is not None:
-                    users = [m for m in available_methods() if field in get_method(m).options]
-                    raise ValueError(f"QuantConfig.{field}={getattr(self, field)!r} has no meaning for "
-                                     f"method={self.method!r}; it applies to {users}.")
-            elif getattr(self, field) is None:
-                setattr(self, field, method.defaults.get(field, False if field == "mse" else None))
-        if self.epochs is not None and (isinstance(self.epochs, bool) or not isinstance(self.epochs, int)
-                                        or self.epochs < 0):
-            raise ValueError(f"QuantConfig.epochs={self.epochs!r} must be a non-negative integer.")
-        lr = self.learning_rate
-        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < 1):
-            raise ValueError(f"QuantConfig.learning_rate={lr!r} must be a number in (0, 1), e.g. 5e-2.")
-        for field in ("sym", "desc_act", "static_groups", "true_sequential", "mse"):
+        self._resolve_method_options()
+        for field in ("sym", "true_sequential"):
             _check_bool(getattr(self, field), field)
-        if (self.desc_act or self.static_groups) and not get_method(self.method).act_order:
-            field = "desc_act" if self.desc_act else "static_groups"
-            users = [m for m in available_methods() if get_method(m).act_order]
-            raise ValueError(
-                f"QuantConfig.{field}=True has no meaning for method={self.method!r}; it applies to {users}."
-            )
         _check_bits(self.bits, "bits")
         _check_group_size(self.group_size, "group_size")
         if self.block_name_to_quantize is not None and not isinstance(self.block_name_to_quantize, str):
@@ -244,20 +205,34 @@ class QuantConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"QuantConfig.on_incompatible={self.on_incompatible!r}; use one of {list(ON_INCOMPATIBLE)}."
             )
-        for field in ("num_samples", "seq_len", "block_size"):
-            v = getattr(self, field)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"QuantConfig.{field}={v!r} must be a positive integer.")
+        for field in ("num_samples", "seq_len"):
+            check_positive_int(field, getattr(self, field))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"QuantConfig.seed={self.seed!r} must be an integer.")
-        dp = self.damp_percent
-        if isinstance(dp, bool) or not isinstance(dp, (int, float)) or not 0 < dp < 1:
-            raise ValueError(f"QuantConfig.damp_percent={dp!r} must be a number in (0, 1), e.g. 0.01.")
         mods = self.modules_to_not_convert
         if mods is not None and not all(isinstance(m, str) for m in mods):
             raise ValueError("QuantConfig.modules_to_not_convert must be a list of module names (strings).")
         self._compiled_dynamic = self._validate_dynamic(self.dynamic)
         _check_provenance(self.provenance)
+
+    def _resolve_method_options(self) -> None:
+        """Check every method option (each by its own check), fill in the chosen method's defaults
+        where the field is None, and refuse options that have no meaning for the chosen method."""
+        method = get_method(self.method)
+        for name, f in option_fields().items():
+            value = getattr(self, name, None)
+            if value is not None:
+                f.metadata["check"](name, value)
+            unused = f.metadata["unused"]
+            if name in method.option_fields:
+                if value is None:
+                    setattr(self, name, method.default(name))
+            elif value is None:
+                setattr(self, name, unused)
+            elif f.metadata["strict"] and value != unused:
+                raise ValueError(f"QuantConfig.{name}={value!r} has no meaning for method={self.method!r}; "
+                                 f"it applies to {methods_taking(name)}.")
+        method.options_from(self)  # the method's own options dataclass validates the whole set
 
     def _check_calibration_device(self) -> None:
         dev = self.calibration_device

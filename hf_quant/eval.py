@@ -57,16 +57,12 @@ def quantized_size_on_disk(model: torch.nn.Module, checkpoint_dir: str) -> tuple
     weights take in bf16). Bias is left out of both: it is stored in float either way."""
     from pathlib import Path
 
-    from .formats.checkpoint import index_checkpoint
-    from .nn import QuantLinear
+    from .core import packed_bytes
+    from .io.checkpoint import index_checkpoint
+    from .runtime import QuantLinear
 
     entries = index_checkpoint(sorted(str(p) for p in Path(checkpoint_dir).glob("*.safetensors")))
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    packed = 0
-    for key, entry in entries.items():
-        module, _, tensor = key.rpartition(".")
-        if module in layers and tensor in ("qweight", "scales", "qzeros", "g_idx"):
-            start, end = entry["data_offsets"]
-            packed += end - start
+    packed = packed_bytes(entries, set(layers))
     bf16 = sum(2 * m.in_features * m.out_features for m in layers.values())
     return packed, bf16

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from hf_quant.algorithms import available_methods, get_method, grid, register_method
+from hf_quant.core import grid
+from hf_quant.methods import available_methods, get_method, register_method
 from hf_quant.config import LayerSpec
 
 

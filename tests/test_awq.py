@@ -8,8 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_quant
-from hf_quant.algorithms import awq, grid, omniquant
-from hf_quant.calibration import blockwise, stages
+from hf_quant.core import grid
+from hf_quant.methods import awq, omniquant
+from hf_quant.calibration import blockwise
 from hf_quant.config import LayerSpec
 
 from .conftest import TINY_LLAMA
@@ -73,14 +74,12 @@ def _block_context(model, idx=0, n_windows=4):
     for b in range(idx):
         inputs = [((blockwise.run_block(blocks[b], torch.device("cpu"), "", [(a, k)])[0],) + tuple(a[1:]), k)
                   for a, k in inputs]
-    from hf_quant.nn.convert import find_targets
+    from hf_quant.runtime.convert import find_targets
 
     block, bp = blocks[idx], f"{prefix}.{idx}."
     targets = {n: s for n, s in find_targets(model, config, ["lm_head"]).items() if n.startswith(bp)}
-    runner = blockwise._BlockRunner(block, inputs, torch.device("cpu"))
-    groups = blockwise.input_groups(block, bp, list(targets), runner)
-    run = lambda *a, **k: blockwise.run_block(block, torch.device("cpu"), bp, *a, **k)  # noqa: E731
-    return stages.BlockContext(model, block, bp, groups, targets, config, inputs, torch.device("cpu"), run=run)
+    groups = blockwise.input_groups(block, bp, list(targets), inputs, torch.device("cpu"))
+    return blockwise.block_context(model, block, bp, groups, targets, config, inputs, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "opt"])
@@ -89,7 +88,7 @@ def test_folded_scales_keep_the_float_block(tiny_models, arch):
     ctx = _block_context(model, idx=1)
     before = ctx.run(ctx.inputs)
     params = {k: v.clone() for k, v in ctx.block.state_dict().items()}
-    stages.get_stage("awq")(ctx)
+    awq.awq_scales(ctx)
     after = ctx.run(ctx.inputs)
     changed = [k for k, v in ctx.block.state_dict().items() if not torch.equal(v, params[k])]
     assert changed and len(ctx.undo) >= len(changed)
@@ -179,7 +178,7 @@ def test_method_options_are_validated():
 
 def test_failed_awq_leaves_the_model_untouched(tiny_models, monkeypatch):
     from hf_quant.calibration import quantize_model
-    from hf_quant.nn.convert import find_targets
+    from hf_quant.runtime.convert import find_targets
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hf_quant.config import LayerSpec
-from hf_quant.formats import buffer_specs, pack_codes, unpack_codes
-from hf_quant.formats.checkpoint import check_module_tensors, index_checkpoint, read_safetensors_header
+from hf_quant.core import buffer_specs, pack_codes, unpack_codes
+from hf_quant.io.checkpoint import check_module_tensors, index_checkpoint, read_safetensors_header
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)
@@ -88,6 +88,6 @@ def test_module_tensor_check(tmp_path):
     with pytest.raises(ValueError, match=r"^m: the checkpoint has no 'qzeros'"):
         check_module_tensors(missing, "m", expected)
     wrong = dict(entries, **{"m.qweight": dict(entries["m.qweight"], shape=[16, 64])})
-    with pytest.raises(ValueError, match="'qweight' is U8\\[16, 64\\], expected torch.uint8\\[16, 32\\]"):
+    with pytest.raises(ValueError, match="'qweight' is U8\\[16, 64\\], expected U8\\[16, 32\\]"):
         check_module_tensors(wrong, "m", expected)
     json.dumps(entries)  # headers are plain JSON

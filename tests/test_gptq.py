@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from hf_quant import QuantConfig, kernels
-from hf_quant.algorithms import get_method, grid
+from hf_quant.core import grid
+from hf_quant.methods import get_method
 from hf_quant.config import LayerSpec
 
 
@@ -217,7 +218,7 @@ def test_failed_calibration_restores_the_model(tiny_models):
 
     from hf_quant import QuantLinear
     from hf_quant.calibration import quantize_model
-    from hf_quant.nn.convert import find_targets
+    from hf_quant.runtime.convert import find_targets
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
     with torch.no_grad():
@@ -248,7 +249,7 @@ def test_gptq_beats_rtn_on_tiny_llama_packaged_text():
 def test_true_sequential_groups_follow_the_forward_pass(tiny_models):
     from transformers import AutoModelForCausalLM
 
-    from hf_quant.calibration.blockwise import _BlockRunner, capture_block_inputs, find_blocks, input_groups
+    from hf_quant.calibration.blockwise import capture_block_inputs, find_blocks, input_groups
 
     expected = {
         "llama": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
@@ -261,7 +262,7 @@ def test_true_sequential_groups_follow_the_forward_pass(tiny_models):
         assert prefix == {"llama": "model.layers", "gpt2": "transformer.h"}[arch]
         inputs = capture_block_inputs(model, blocks[0], torch.stack(_ids(2)))
         names = [f"{prefix}.0.{n}" for g in reversed(groups) for n in g]  # order must come from the forward pass
-        found = input_groups(blocks[0], f"{prefix}.0.", names, _BlockRunner(blocks[0], inputs, torch.device("cpu")))
+        found = input_groups(blocks[0], f"{prefix}.0.", names, inputs, torch.device("cpu"))
         assert [[n.removeprefix(f"{prefix}.0.") for n in g] for g in found] == groups
 
 
@@ -363,7 +364,7 @@ def test_calibrate_on_gpu_model_stays_on_cpu(tiny_models, input_ids):
 
 
 def test_blocks_called_with_hidden_states_by_keyword():
-    from hf_quant.calibration.blockwise import _BlockRunner, capture_block_inputs
+    from hf_quant.calibration.blockwise import capture_block_inputs, run_block
 
     class Block(torch.nn.Module):
         def __init__(self):
@@ -389,6 +390,6 @@ def test_blocks_called_with_hidden_states_by_keyword():
     ids = torch.randint(0, 16, (3, 5))
     inputs = capture_block_inputs(model, model.layers[0], ids)
     assert len(inputs) == 3 and inputs[0][1] == {"scale": 2.0}
-    outs, _ = _BlockRunner(model.layers[0], inputs, torch.device("cpu"))()
+    outs = run_block(model.layers[0], torch.device("cpu"), "", inputs)
     with torch.no_grad():
         assert torch.equal(outs[1], model(ids[1][None]))

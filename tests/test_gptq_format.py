@@ -16,11 +16,11 @@ from transformers.pytorch_utils import Conv1D
 
 import hf_quant
 from hf_quant import LayerSpec, QuantConfig, QuantLinear, kernels
-from hf_quant.formats import pack_codes, unpack_codes
-from hf_quant.formats.checkpoint import read_safetensors_header
-from hf_quant.formats.gptq import from_gptq, parse_gptq_config, to_gptq
-from hf_quant.integrations.gptq import export_gptq, import_gptq
-from hf_quant.kernels.reference import dequantize_weight
+from hf_quant.core import pack_codes, unpack_codes
+from hf_quant.io.checkpoint import read_safetensors_header
+from hf_quant.io.gptq_codec import from_gptq, parse_gptq_config, to_gptq
+from hf_quant.io.gptq import export_gptq, import_gptq
+from hf_quant.core import dequantize_weight
 
 from .conftest import TINY_LLAMA, save_random_model
 

@@ -6,10 +6,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hf_quant import kernels
-from hf_quant.algorithms import get_method, grid
+from hf_quant.core import grid
+from hf_quant.methods import get_method
 from hf_quant.config import LayerSpec
-from hf_quant.kernels.reference import dequantize_weight
-from hf_quant.nn import QuantLinear
+from hf_quant.core import dequantize_weight
+from hf_quant.runtime import QuantLinear
 
 
 def make_layer(out_f, in_f, spec, bias, dtype=torch.bfloat16, seed=0):
@@ -179,17 +180,59 @@ def test_invalid_g_idx_is_refused():
         QuantLinear.from_quantized(qw, spec, None)
 
 
-def test_kernel_cache_follows_buffer_changes():
-    layer, _ = make_layer(64, 256, LayerSpec(4, 128, False), bias=False)
-    x = torch.randn(2, 256)
-    before = layer(x)
-    assert len(layer._kernel_cache) == 1
-    layer.qweight.copy_(torch.randint(0, 256, layer.qweight.shape, dtype=torch.uint8))  # in-place edit
+def _assert_follows(layer, x, before):
     after = layer(x)
     with kernels.use_kernel("reference"):
         ref = layer(x)
     assert not torch.allclose(before, after)
     assert rel_err(after, ref) < 2e-2
+
+
+def _random_codes(layer):
+    return torch.randint(0, 256, layer.qweight.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(9))
+
+
+def test_kernel_cache_is_dropped_where_buffers_change():
+    """Choices and layouts are cached per (device, dtype, row class) and dropped by load_state_dict,
+    buffer assignment, `.to()` and `invalidate_kernels()` (after an in-place edit); never checked per call."""
+    layer, _ = make_layer(64, 256, LayerSpec(4, 128, False), bias=False)
+    x = torch.randn(2, 256)
+    before = layer(x)
+    assert len(layer._kernel_cache) == 1 and len(layer._prepared) == 1
+    layer(torch.randn(3, 256))  # same row class: no new entry
+    assert len(layer._kernel_cache) == 1
+    layer.qweight.copy_(_random_codes(layer))  # in-place edit: the caller says so
+    layer.invalidate_kernels()
+    _assert_follows(layer, x, before)
+
+    before = layer(x)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state["qweight"] = torch.flip(state["qweight"], dims=[1])
+    layer.load_state_dict(state)
+    assert layer._kernel_cache == {} and layer._prepared == {}
+    _assert_follows(layer, x, before)
+
+    before = layer(x)
+    layer.qweight = _random_codes(layer).flip(0)
+    assert layer._kernel_cache == {}
+    _assert_follows(layer, x, before)
+
+    layer(x)
+    layer.to("cpu")
+    assert layer._kernel_cache == {} and layer._prepared == {}
+
+
+def test_row_classes_follow_kernel_limits():
+    """Inputs whose row counts lie on either side of a kernel's max_rows get separate cache entries."""
+    from hf_quant.runtime.kernels.cpu import MAX_ROWS
+
+    layer, _ = make_layer(64, 256, LayerSpec(4, 128, False), bias=False)
+    limit = MAX_ROWS[torch.bfloat16]
+    small, large = torch.randn(limit, 256, dtype=torch.bfloat16), torch.randn(limit + 1, 256, dtype=torch.bfloat16)
+    assert kernels.row_class(torch.bfloat16, limit) != kernels.row_class(torch.bfloat16, limit + 1)
+    layer(small), layer(large)
+    chosen = {key[2]: fwd.__self__.name for key, (fwd, _) in layer._kernel_cache.items()}
+    assert sorted(chosen.values()) == ["cpu_int4", "dequant_matmul"]
 
 
 def test_layers_built_under_inference_mode():

@@ -17,8 +17,8 @@ from transformers.pytorch_utils import Conv1D
 
 import hf_quant
 from hf_quant.config import LayerSpec
-from hf_quant.kernels.reference import dequantize_weight
-from hf_quant.nn import QuantLinear
+from hf_quant.core import dequantize_weight
+from hf_quant.runtime import QuantLinear
 
 from .conftest import TINY_LLAMA
 from .test_kernels import make_layer

@@ -8,7 +8,7 @@ from transformers.pytorch_utils import Conv1D
 from hf_quant import kernels
 from hf_quant.calibration import quantize_layer
 from hf_quant.config import LayerSpec
-from hf_quant.nn.convert import dequantize_model
+from hf_quant.runtime.convert import dequantize_model
 
 
 def test_from_linear_close_to_float_and_state_dict_layout():

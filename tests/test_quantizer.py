@@ -235,7 +235,7 @@ def test_loading_without_the_plugin_is_loud(saved_quantized):
 
 def test_failed_quantization_leaves_the_model_untouched(tiny_models):
     from hf_quant.calibration import quantize_model
-    from hf_quant.nn.convert import find_targets
+    from hf_quant.runtime.convert import find_targets
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
     with torch.no_grad():

@@ -14,8 +14,8 @@ pytest.importorskip("triton")
 
 from hf_quant import kernels  # noqa: E402
 from hf_quant.config import LayerSpec  # noqa: E402
-from hf_quant.formats.packing import unpack_codes  # noqa: E402
-from hf_quant.kernels.triton.qgemm import TritonQGemm, TritonQGemv, repack  # noqa: E402
+from hf_quant.core import unpack_codes  # noqa: E402
+from hf_quant.runtime.kernels.triton.qgemm import TritonQGemm, TritonQGemv, repack  # noqa: E402
 
 from .test_kernels import make_layer, rel_err  # noqa: E402
 

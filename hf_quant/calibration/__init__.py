@@ -1,37 +1,24 @@
 """Drives a quantization method over a model's layers.
 
 Data-free methods (RTN) quantize each target layer from its weight alone. Methods that need
-activation statistics (GPTQ) run through the block-wise driver in `blockwise.py`.
+activation statistics (GPTQ, AWQ, OmniQuant) run through the block-wise driver in `blockwise.py`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
-from ..algorithms import get_method
 from ..config import LayerSpec, QuantConfig
-from ..nn.convert import linear_weight, set_module
-from ..nn.quant_linear import QuantLinear
+from ..core.layers import is_conv1d, linear_weight, set_module
+from ..methods import get_method
+from ..runtime import QuantLinear
 
 logger = logging.getLogger("hf_quant")
-
-
-def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """`obj` with `fn` applied to every tensor inside (tuples, lists, dicts): cached block inputs."""
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(map_tensors(o, fn) for o in obj)
-    if isinstance(obj, dict):
-        return {k: map_tensors(v, fn) for k, v in obj.items()}
-    return obj
 
 
 def quantize_layer(name: str, module: nn.Module, spec: LayerSpec, method: str, **stats) -> QuantLinear:
@@ -45,7 +32,7 @@ def quantize_layer(name: str, module: nn.Module, spec: LayerSpec, method: str, *
         )
     scale_dtype = W.dtype if W.dtype.is_floating_point else torch.float32
     qw = get_method(method).quantize(W.float(), spec, scale_dtype, **stats)
-    return QuantLinear.from_quantized(qw, spec, module.bias, from_conv1d=isinstance(module, Conv1D))
+    return QuantLinear.from_quantized(qw, spec, module.bias, from_conv1d=is_conv1d(module))
 
 
 def quantize_model(model: nn.Module, config: QuantConfig, targets: dict[str, LayerSpec]) -> list[dict]:

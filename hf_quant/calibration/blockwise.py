@@ -20,21 +20,20 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
-from ..algorithms import get_method
 from ..config import LayerSpec, QuantConfig
-from ..nn.convert import linear_shape, linear_weight, set_module
-from . import map_tensors, quantize_layer
+from ..core.layers import is_conv1d, linear_shape, linear_weight, map_tensors, set_module
+from ..methods import BlockContext, get_method
+from . import quantize_layer
 from .data import calibration_windows
-from .stages import BlockContext, get_stage
 
 logger = logging.getLogger("hf_quant")
 
-# Block outputs of at most this many calibration windows are kept in float to measure the
-# quantized block's output error (the per-block summary).
-ERROR_SAMPLES = 16
+# The float block's outputs on this many calibration windows (the reference pass) are kept in fp32:
+# they measure the quantized block's output error (the per-block summary), and block stages work
+# against them (AWQ's scale search runs on these windows).
+REFERENCE_WINDOWS = 16
 
 
 class _StopForward(Exception):
@@ -138,27 +137,46 @@ def _block_device(block: nn.Module) -> torch.device:
     return t.device if t is not None else torch.device("cpu")
 
 
-class _BlockRunner:
-    """Runs the cached inputs through one block on the work device; results go back to the inputs' device."""
+def iter_block(block: nn.Module, device: torch.device, inputs: list[tuple[tuple, dict]], prefix: str = "",
+               overrides: dict[str, torch.Tensor] | None = None, keep_graph: bool = False):
+    """The block's output (on `device`) for each cached input in turn, optionally with some layers'
+    weights replaced by (out, in) tensors (full names under `prefix`), through
+    `torch.func.functional_call`. The one way hf_quant runs a block on cached inputs."""
+    params = {}
+    for name, W in (overrides or {}).items():
+        local = name[len(prefix):]
+        module = block.get_submodule(local)
+        params[f"{local}.weight"] = (W.t() if is_conv1d(module) else W).to(module.weight.dtype)
+    for args, kwargs in inputs:
+        args, kwargs = _to(args, device), _to(kwargs, device)
+        y = _first_output(torch.func.functional_call(block, params, args, kwargs) if params else block(*args, **kwargs))
+        yield y if keep_graph else y.detach()
 
-    def __init__(self, block: nn.Module, inputs: list[tuple[tuple, dict]], device: torch.device):
-        self.block, self.inputs, self.device = block, inputs, device
 
-    def __call__(self, keep: int = 0, collect: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Run every input; return (outputs if `collect`, first `keep` outputs as float32 copies)."""
-        outs, kept = [], []
-        for i, (args, kwargs) in enumerate(self.inputs):
-            y = _first_output(self.block(*_to(args, self.device), **_to(kwargs, self.device)))
-            store = args[0].device
-            if collect:
-                outs.append(y.to(store))
-            if i < keep:
-                kept.append(y.float().to(store))
-        return outs, kept
+def run_block(default: nn.Module, device: torch.device, prefix: str, inputs: list[tuple[tuple, dict]],
+              block: nn.Module | None = None, overrides: dict[str, torch.Tensor] | None = None,
+              keep_graph: bool = False) -> list[torch.Tensor]:
+    """All outputs of `iter_block` (the `BlockContext.run` that block stages call)."""
+    return list(iter_block(default if block is None else block, device, inputs, prefix, overrides, keep_graph))
+
+
+def _pass(block: nn.Module, inputs: list[tuple[tuple, dict]], device: torch.device, keep: int = 0,
+          collect: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Run every input; return (outputs if `collect`, first `keep` outputs as float32 copies), both
+    moved back to where the inputs are stored."""
+    outs, kept = [], []
+    for i, ((args, _), y) in enumerate(zip(inputs, iter_block(block, device, inputs))):
+        store = args[0].device
+        if collect:
+            outs.append(y.to(store))
+        if i < keep:
+            kept.append(y.float().to(store))
+    return outs, kept
 
 
 @torch.no_grad()
-def input_groups(block: nn.Module, prefix: str, names: list[str], runner: _BlockRunner) -> list[list[str]]:
+def input_groups(block: nn.Module, prefix: str, names: list[str], inputs: list[tuple[tuple, dict]],
+                 device: torch.device) -> list[list[str]]:
     """`names` grouped by the input tensor they read, in the order the forward pass reaches them.
 
     One calibration window is run with hooks; layers called on the same tensor (q/k/v, gate/up)
@@ -177,7 +195,7 @@ def input_groups(block: nn.Module, prefix: str, names: list[str], runner: _Block
 
     handles = [block.get_submodule(n[len(prefix):]).register_forward_hook(make_hook(n)) for n in names]
     try:
-        _BlockRunner(block, runner.inputs[:1], runner.device)(collect=False)
+        _pass(block, inputs[:1], device, collect=False)
     finally:
         for h in handles:
             h.remove()
@@ -253,19 +271,17 @@ def _calibrate_block(model, block, block_prefix, targets, config, options, input
     """Quantize one block's targets (already on `device`); returns its names, groups, output error,
     the quantized block's outputs as the next block's inputs, and the block stage's notes."""
     names = [n for n in targets if n.startswith(block_prefix)]
-    runner = _BlockRunner(block, inputs, device)
-    groups = input_groups(block, block_prefix, names, runner) if names else []
+    groups = input_groups(block, block_prefix, names, inputs, device) if names else []
     passes = [[g] for g in groups] if config.true_sequential else [groups]
     float_out: list[torch.Tensor] | None = None
     layer_errors: dict[str, float] = {}
     stage_kwargs: dict[str, dict] = {}
     notes: list[str] = []
-    stage_name = get_method(config.method).block_stage
-    if stage_name and names:
-        _, float_out = runner(keep=ERROR_SAMPLES, collect=False)  # the float block, before the stage changes it
-        ctx = BlockContext(model, block, block_prefix, groups, targets, config, inputs, device,
-                           run=functools.partial(run_block, block, device, block_prefix), undo=undo)
-        stage_kwargs = get_stage(stage_name)(ctx)
+    method = get_method(config.method)
+    if method.stage is not None and names:
+        ctx = block_context(model, block, block_prefix, groups, targets, config, inputs, device, undo)
+        float_out = ctx.reference  # the float block, before the stage changes it
+        stage_kwargs = method.stage(ctx)
         notes = ctx.notes
     for pass_groups in passes:
         H, rows, handles = {}, {}, []
@@ -275,7 +291,7 @@ def _calibrate_block(model, block, block_prefix, targets, config, options, input
             H[first], rows[first] = torch.zeros(in_f, in_f, device=device), 0
             handles.append(model.get_submodule(first).register_forward_hook(_hessian_hook(H, rows, first)))
         try:
-            _, kept = runner(keep=ERROR_SAMPLES if float_out is None else 0, collect=False)
+            _, kept = _pass(block, inputs, device, keep=REFERENCE_WINDOWS if float_out is None else 0, collect=False)
         finally:
             for h in handles:
                 h.remove()
@@ -290,29 +306,40 @@ def _calibrate_block(model, block, block_prefix, targets, config, options, input
                 set_module(model, n, layer)
                 original.to(home)  # kept for rollback, off the work device
             del H[first]
-    outs, kept = runner(keep=ERROR_SAMPLES)
+    outs, kept = _pass(block, inputs, device, keep=REFERENCE_WINDOWS)
     error = _relative_error(kept, float_out) if names else 0.0
     next_inputs = [((y,) + tuple(args[1:]), kwargs) for y, (args, kwargs) in zip(outs, inputs)]
     return names, groups, error, layer_errors, next_inputs, notes
 
 
-def run_block(default: nn.Module, device: torch.device, prefix: str, inputs: list[tuple[tuple, dict]],
-              block: nn.Module | None = None, overrides: dict[str, torch.Tensor] | None = None,
-              keep_graph: bool = False) -> list[torch.Tensor]:
-    """The block's outputs (on `device`) for cached inputs, optionally with some layers' weights
-    replaced by (out, in) tensors (full names), through `torch.func.functional_call`."""
-    block = default if block is None else block
-    params = {}
-    for name, W in (overrides or {}).items():
-        local = name[len(prefix):]
-        module = block.get_submodule(local)
-        params[f"{local}.weight"] = (W.t() if isinstance(module, Conv1D) else W).to(module.weight.dtype)
-    outs = []
-    for args, kwargs in inputs:
-        args, kwargs = _to(args, device), _to(kwargs, device)
-        y = _first_output(torch.func.functional_call(block, params, args, kwargs) if params else block(*args, **kwargs))
-        outs.append(y if keep_graph else y.detach())
-    return outs
+def block_context(model: nn.Module, block: nn.Module, block_prefix: str, groups: list[list[str]],
+                  targets: dict[str, LayerSpec], config: QuantConfig, inputs: list[tuple[tuple, dict]],
+                  device: torch.device, undo: list | None = None) -> BlockContext:
+    """What `config.method`'s block stage works on: the float block's reference pass (outputs on the
+    first REFERENCE_WINDOWS inputs, with the method's observers on each group) and a block runner."""
+    float_out, observed = _reference_pass(model, block, inputs, device, groups, get_method(config.method).observe)
+    return BlockContext(model, block, block_prefix, groups, targets, config, inputs, device,
+                        run=functools.partial(run_block, block, device, block_prefix), reference=float_out,
+                        observed=observed, undo=[] if undo is None else undo)
+
+
+def _reference_pass(model, block, inputs, device, groups, observe):
+    """The float block's fp32 outputs on the first REFERENCE_WINDOWS inputs, with `observe(values,
+    head, x, n_windows)` called on the input of each group's first layer."""
+    windows = inputs[:REFERENCE_WINDOWS]
+    observed: dict = {}
+    hooks = []
+    if observe is not None:
+        for group in groups:
+            def hook(m, args, out, head=group[0]):
+                observe(observed, head, args[0], len(windows))
+            hooks.append(model.get_submodule(group[0]).register_forward_hook(hook))
+    try:
+        _, kept = _pass(block, windows, device, keep=len(windows), collect=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return kept, observed
 
 
 def _hessian_hook(H: dict, rows: dict, name: str):

@@ -29,17 +29,16 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, Mo
 from huggingface_hub.errors import RevisionNotFoundError
 
 from ..config import QUANT_METHOD, QuantConfig
-from ..formats.checkpoint import WEIGHT_FILE_PATTERNS, atomic_directory, index_checkpoint
+from ..core import packed_bytes
+from ..io.checkpoint import WEIGHT_FILE_PATTERNS, index_checkpoint
+from ..io.native import write_checkpoint
+from ..methods import get_method
 
 logger = logging.getLogger("hf_quant")
 
 CARD_MARKER = "<!-- hf_quant:generated-card (hf_quant rewrites this card on save while this line is here) -->"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
-_METHOD_NAMES = {"rtn": "RTN (round-to-nearest, data-free)", "gptq": "GPTQ",
-                 "awq": "AWQ (activation-aware scales folded into the previous op, clipping search)",
-                 "awq+gptq": "AWQ scales, then GPTQ", "omniquant": "OmniQuant learnable weight clipping",
-                 "omniquant+gptq": "OmniQuant learnable weight clipping, then GPTQ"}
 
 
 def describe_source(name: str | None) -> str | None:
@@ -71,7 +70,7 @@ def checkpoint_summary(directory: str | os.PathLike) -> dict[str, Any]:
     directory = Path(directory)
     config, qc = _quantization_config(directory)
     entries = index_checkpoint(sorted(str(p) for p in directory.glob("*.safetensors")))
-    quantized, packed, bf16 = [], 0, 0
+    quantized, bf16 = [], 0
     for key, entry in entries.items():
         module, _, tensor = key.rpartition(".")
         if tensor == "qweight":
@@ -79,8 +78,7 @@ def checkpoint_summary(directory: str | os.PathLike) -> dict[str, Any]:
             out_f, cols = entry["shape"]
             bits = (qc.layer_spec(module) or qc.layer_spec(module.split(".", 1)[-1])).bits
             bf16 += 2 * out_f * cols * 8 // bits
-        if tensor in ("qweight", "scales", "qzeros", "g_idx"):
-            packed += entry["data_offsets"][1] - entry["data_offsets"][0]
+    packed = packed_bytes(entries)
     files = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
     return {"config": config, "quantization_config": qc, "quantized_layers": quantized, "packed_bytes": packed,
             "bf16_bytes": bf16, "safetensors_bytes": files}
@@ -101,8 +99,8 @@ def model_card(directory: str | os.PathLike, repo_id: str | None = None, *, base
     base = base_model or prov.get("base_model")
     evaluation = evaluation or prov.get("evaluation")
     name = repo_id or Path(directory).name
-    method = _METHOD_NAMES.get(qc.method, qc.method)
-    if qc.method in ("gptq", "awq+gptq") and qc.desc_act:
+    method = get_method(qc.method).description
+    if get_method(qc.method).act_order and qc.desc_act:
         method += " with act-order" + (" (static groups)" if qc.static_groups else "")
     tags = ["hf_quant", *qc.method.split("+"), f"{qc.bits}-bit", "quantized"]
     data = ModelCardData(library_name="transformers", pipeline_tag="text-generation", tags=tags,
@@ -171,19 +169,24 @@ def _is_hf_quant_model(model: Any) -> bool:
 
 
 def save_pretrained(model: Any, save_directory: str | os.PathLike, *args: Any, is_main_process: bool = True,
-                    push_to_hub: bool = False, **kwargs: Any) -> None:
-    """transformers' `save_pretrained`, all-or-nothing, plus a generated model card (see module doc)."""
-    original = type(model).save_pretrained
+                    push_to_hub: bool = False, tokenizer: Any = None, **kwargs: Any) -> None:
+    """transformers' `save_pretrained`, all-or-nothing, plus a generated model card (see module doc)
+    and, if given, the `tokenizer`, in the same transaction."""
     if not _is_hf_quant_model(model) or not is_main_process:
-        return original(model, save_directory, *args, is_main_process=is_main_process, push_to_hub=push_to_hub,
-                        **kwargs)
+        type(model).save_pretrained(model, save_directory, *args, is_main_process=is_main_process,
+                                    push_to_hub=push_to_hub, **kwargs)
+        if tokenizer is not None and is_main_process:
+            tokenizer.save_pretrained(save_directory)
+        return
     hub = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "create_pr", "private", "token", "revision")
            if k in kwargs}
     target = Path(save_directory)
-    with atomic_directory(target) as tmp:
-        original(model, tmp, *args, **kwargs)
+
+    def add_card(tmp: Path) -> None:
         if not _keep_existing_card(target):
             model_card(tmp, hub.get("repo_id") or str(save_directory)).save(tmp / "README.md")
+
+    write_checkpoint(model, target, *args, tokenizer=tokenizer, add_files=add_card, **kwargs)
     if push_to_hub:
         push_to_hub_folder(target, hub.pop("repo_id", target.name), **hub)
 
@@ -219,7 +222,7 @@ def push_to_hub(model_or_dir: Any, repo_id: str, *, tokenizer: Any = None, commi
 
 
 def _source_tokenizer(model: Any) -> Any:
-    source = getattr(model.config, "_name_or_path", None)
+    source = getattr(model.config, "name_or_path", None)
     if not source or not any((Path(source) / f).is_file() for f in _TOKENIZER_FILES):
         return None
     from transformers import AutoTokenizer

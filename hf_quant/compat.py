@@ -1,0 +1,81 @@
+"""Every use of a private attribute of transformers, PEFT or optimum that hf_quant still needs, in one
+place, each with the public alternative or the reason there is none. A leaf: imports nothing of hf_quant.
+
+When a library changes one of these, this is the module to fix.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+
+def keep_in_fp32_modules(model: Any) -> list[str] | None:
+    """Modules the model class keeps in fp32 (e.g. T5's `wo`), which must not be quantized.
+
+    transformers computes this from the private class attribute `_keep_in_fp32_modules` and passes it
+    to quantizers only through `HfQuantizer.preprocess_model` keyword arguments in some releases; the
+    quantizer prefers that keyword (`keep_in_fp32_modules`) where it is given. Outside loading (e.g.
+    `import_gptq` checking a model built from its config) no public accessor exists, so the class
+    attribute is read here.
+    """
+    value = getattr(model, "_keep_in_fp32_modules", None)
+    return list(value) if value else None
+
+
+# --- PEFT --------------------------------------------------------------------------------------------
+# PEFT 0.21 picks a LoRA layer class through a fixed list of dispatchers inside the private
+# `LoraModel._create_new_module`; its only third-party hook, `LoraConfig._register_custom_module`, is
+# experimental, per config and not saved with the adapter, so every user (and every adapter reload)
+# would have to call it. Non-LoRA tuners have no hook at all. hf_quant therefore wraps three private
+# methods, each deferring to PEFT's own code for every module that is not an hf_quant layer.
+
+def patch_peft(create_lora_module: Callable[..., Any], check_target: Callable[..., None],
+               check_merge: Callable[[Any], None]) -> None:
+    """Install hf_quant's hooks in PEFT once (idempotent):
+
+    - `LoraModel._create_new_module` (private staticmethod; no public per-type dispatch):
+      `create_lora_module(lora_config, adapter_name, target, **kwargs)` returns hf_quant's LoRA layer
+      for an hf_quant base, or None to let PEFT dispatch as usual.
+    - `BaseTuner._check_target_module_compatiblity` [sic] (private; the only check every tuner type
+      runs per target): `check_target(peft_config, model, target_name)` may raise.
+    - `BaseTuner._check_merge_allowed` (private; the only check that runs before any layer is
+      merged, so a refusal leaves the model unchanged): `check_merge(tuner)` may raise.
+    """
+    from peft.tuners.lora import LoraModel
+    from peft.tuners.tuners_utils import BaseTuner
+
+    if getattr(BaseTuner, "_hf_quant_installed", False):
+        return
+    create = LoraModel._create_new_module
+
+    def _create_new_module(lora_config, adapter_name, target, **kwargs):
+        new = create_lora_module(lora_config, adapter_name, target, **kwargs)
+        return new if new is not None else create(lora_config, adapter_name, target, **kwargs)
+
+    LoraModel._create_new_module = staticmethod(functools.wraps(create)(_create_new_module))
+
+    check_target_orig = getattr(BaseTuner, "_check_target_module_compatiblity", None)
+    if check_target_orig is not None:
+        @functools.wraps(check_target_orig)
+        def _check_target_module_compatiblity(self, peft_config, model, target_name):
+            check_target(peft_config, model, target_name)
+            return check_target_orig(self, peft_config, model, target_name)
+
+        BaseTuner._check_target_module_compatiblity = _check_target_module_compatiblity
+
+    check_merge_orig = getattr(BaseTuner, "_check_merge_allowed", None)
+    if check_merge_orig is not None:
+        @functools.wraps(check_merge_orig)
+        def _check_merge_allowed(self):
+            check_merge(self)
+            return check_merge_orig(self)
+
+        BaseTuner._check_merge_allowed = _check_merge_allowed
+    BaseTuner._hf_quant_installed = True
+
+
+def register_custom_lora_module(lora_config: Any, mapping: dict) -> Any:
+    """PEFT's documented (experimental) route: `LoraConfig._register_custom_module(mapping)`."""
+    lora_config._register_custom_module(mapping)
+    return lora_config

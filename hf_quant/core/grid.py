@@ -1,0 +1,125 @@
+"""The uniform quantization grid shared by all methods (the `Quantizer` of GPTQ's reference code).
+
+Asymmetric: scale = (max - min) / maxq, zero = round(-min / scale)  (min <= 0 <= max).
+Symmetric:  scale = 2 * max|w| / maxq, zero = 2**(bits-1) (implicit, not stored).
+q = clamp(round(w / scale) + zero, 0, maxq);  w_hat = (q - zero) * scale.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .spec import LayerSpec
+
+
+# The clipping search of GPTQ's reference quantizer (`mse=True`): shrink factors 1, 0.99, ..., 0.21
+# of the range, error measured as sum |w - w_hat|^2.4 per group.
+MSE_GRID = 100
+MSE_MAX_SHRINK = 0.8
+MSE_NORM = 2.4
+MSE_CHUNK_ELEMENTS = 1 << 24
+
+
+def find_params(
+    Wg: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype, mse: bool = False,
+    clip: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale and zero for grouped weights `Wg` (..., group), fp32 in.
+
+    The scale is rounded to `scale_dtype` (how it is stored) and returned in fp32, so that codes are
+    computed against exactly the scale that the kernels will use. With `mse`, the range is shrunk to
+    the factor that minimises the group's |w - w_hat|^2.4 (clipping outliers to refine the rest).
+    `clip` = (low, high) factors (...,) in (0, 1] that shrink the group's min and max first (the
+    clipping found by AWQ's search or learned by OmniQuant); symmetric grids use `high`.
+    """
+    xmin = Wg.amin(-1).clamp(max=0)
+    xmax = Wg.amax(-1).clamp(min=0)
+    if clip is not None:
+        if spec.sym:
+            xmax = torch.maximum(xmin.abs(), xmax) * clip[1]
+            xmin = -xmax
+        else:
+            xmin, xmax = xmin * clip[0], xmax * clip[1]
+    if spec.sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(empty, torch.ones_like(xmax), xmax)
+    scale, zero = _grid(xmin, xmax, spec, scale_dtype)
+    if not mse:
+        return scale, zero
+    # All shrink factors at once, in chunks that keep the temporaries near MSE_CHUNK_ELEMENTS; the
+    # first factor with the least error wins (as a loop over factors with a strict `<` would pick).
+    shrink = 1 - torch.arange(int(MSE_MAX_SHRINK * MSE_GRID), device=Wg.device, dtype=torch.float32) / MSE_GRID
+    chunk = max(1, MSE_CHUNK_ELEMENTS // max(Wg.numel(), 1))
+    best = torch.full_like(scale, float("inf"))
+    for p in shrink.split(chunk):
+        p = p.view(-1, *([1] * xmin.dim()))
+        s, z = _grid(p * xmin, p * xmax, spec, scale_dtype)  # (P, ...)
+        err = (dequantize(quantize(Wg, s, z, spec.maxq), s, z) - Wg).abs_().pow_(MSE_NORM).sum(-1)
+        err_min, i = err.min(0)
+        better = err_min < best
+        best = torch.where(better, err_min, best)
+        scale = torch.where(better, s.gather(0, i[None]).squeeze(0), scale)
+        zero = torch.where(better, z.gather(0, i[None]).squeeze(0), zero)
+    return scale, zero
+
+
+def _grid(xmin: torch.Tensor, xmax: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype):
+    scale = store_scale((xmax - xmin) / spec.maxq, scale_dtype)
+    if spec.sym:
+        zero = torch.full_like(scale, spec.sym_zero)
+    else:
+        zero = torch.round(-xmin / scale).clamp(0, spec.maxq)
+    return scale, zero
+
+
+def store_scale(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    """Round fp32 `scale` *up* to a finite, non-zero value of `scale_dtype`; returned as fp32.
+
+    Rounding up keeps maxq steps spanning the group's range, so no weight is clipped by more than
+    half a step (round-to-nearest could shrink the grid and clip the outliers, which matter most).
+    """
+    finfo = torch.finfo(scale_dtype)
+    scale = scale.clamp(min=finfo.tiny, max=finfo.max)
+    stored = scale.to(scale_dtype)
+    stored = torch.where(stored.float() < scale, torch.nextafter(stored, torch.full_like(stored, float("inf"))), stored)
+    return stored.float()
+
+
+def quantize(Wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Integer codes of `Wg` (..., group) on the grid (scale, zero) (..., ), as fp32 integers."""
+    return torch.clamp(torch.round(Wg / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, maxq)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return (q - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
+
+
+def group(W: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+    """View `W` (out, in) as (out, n_groups, group) in fp32."""
+    out_f, in_f = W.shape
+    return W.float().reshape(out_f, spec.groups(in_f), spec.effective_group_size(in_f))
+
+
+def fake_quantize(W: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype,
+                  clip: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """W_hat (out, in) of round-to-nearest on each group's min/max grid (optionally clipped), fp32."""
+    Wg = group(W, spec)
+    scale, zero = find_params(Wg, spec, scale_dtype, clip=clip)
+    return dequantize(quantize(Wg, scale, zero, spec.maxq), scale, zero).reshape(W.shape)
+
+
+# --- the same grid in differentiable form (straight-through estimator) ----------------------------
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity gradient backward."""
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quantize_ste(Wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """W_hat of `Wg` (..., group) on the grid (scale, zero) (...,), differentiable: gradients pass the
+    rounding unchanged (STE) and reach `Wg`, `scale` and `zero`; clamped codes pass no gradient to `Wg`."""
+    q = torch.clamp(round_ste(Wg / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, maxq)
+    return (q - zero.unsqueeze(-1)) * scale.unsqueeze(-1)

@@ -1,0 +1,50 @@
+"""What one quantized linear is: its layout spec, and the result every method returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How one linear layer is quantized: the fields that fix its packed layout."""
+
+    bits: int
+    group_size: int  # -1: one group per output channel
+    sym: bool
+    g_idx: bool = False  # stores a `g_idx` (group of each input channel): act-order GPTQ
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    @property
+    def sym_zero(self) -> int:
+        """The implicit zero point of a symmetric grid, 2**(bits-1) (the middle code)."""
+        return 2 ** (self.bits - 1)
+
+    def groups(self, in_features: int) -> int:
+        return 1 if self.group_size == -1 else in_features // self.group_size
+
+    def effective_group_size(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer codes and their grid, the result of every method.
+
+    codes: uint8 (out, in), values in [0, maxq]; `W_hat = (codes - zero) * scale` per group.
+    scale: (out, n_groups) in the dtype it will be stored in (codes were rounded against it).
+    zero:  uint8 (out, n_groups) integer zero points, or None for a symmetric grid.
+    g_idx: int32 (in,) group of each input channel when groups are not contiguous (act-order), else None.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    g_idx: torch.Tensor | None = None

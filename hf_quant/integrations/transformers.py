@@ -1,0 +1,139 @@
+"""transformers glue: the `HfQuantizer` registered under quant_method "hf_quant". No math here.
+
+Not pre-quantized (a float checkpoint + `quantization_config=QuantConfig(...)`): weights load as
+usual, then `_process_model_after_weight_loading` quantizes. Pre-quantized (an hf_quant checkpoint):
+empty `QuantLinear`s replace the targets on the meta device before loading, after the checkpoint's
+headers were checked, and the loader fills their buffers by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers.quantizers import HfQuantizer, register_quantizer
+
+from .. import compat
+from ..calibration import quantize_model
+from ..calibration.data import describe_dataset
+from ..config import QUANT_METHOD, QuantConfig
+from ..io.native import check_checkpoint
+from ..methods import get_method
+from ..runtime import QuantLinear
+from ..runtime.convert import (dequantize_model, find_targets, replace_with_empty_quant_linears,
+                               resolve_modules_to_not_convert)
+from ..training import FakeQuantLinear, on_convert
+from . import hub
+from . import peft as peft_integration
+
+
+@register_quantizer(QUANT_METHOD)
+class HfQuantQuantizer(HfQuantizer):
+    requires_calibration = False
+    quantization_config: QuantConfig
+    calibration_report: list[dict] = []
+
+    def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError("hf_quant models cannot be offloaded to disk; use device_map without 'disk' entries.")
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, keep_in_fp32_modules=None,
+                                             **kwargs: Any):
+        config = self.quantization_config
+        # `None` -> transformers' defaults (output embeddings, keep-in-fp32 modules); an explicit list is
+        # taken as is (plus keep-in-fp32 modules); tied weights are never quantized.
+        keep = keep_in_fp32_modules if keep_in_fp32_modules is not None else compat.keep_in_fp32_modules(model)
+        skip = resolve_modules_to_not_convert(model, config.modules_to_not_convert, keep)
+        if config.modules_to_not_convert is None:
+            config.modules_to_not_convert = skip  # saved resolved, so a reload rebuilds the same layers
+        self.targets = find_targets(model, config, skip)
+        if self.pre_quantized:
+            if checkpoint_files:
+                check_checkpoint(model, self.targets, checkpoint_files)
+            replace_with_empty_quant_linears(model, self.targets)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs: Any):
+        peft_integration.install()  # clear errors where PEFT would merge into packed weights
+        config = self.quantization_config
+        if self.pre_quantized:
+            for name, module in model.named_modules():
+                if isinstance(module, QuantLinear):
+                    module.check_buffers(name)
+        else:
+            # per-block summary of the calibration, readable as `model.hf_quantizer.calibration_report`
+            self.calibration_report = quantize_model(model, config, self.targets)
+            config.provenance = self._provenance(model)
+        hub.install(model)  # atomic save_pretrained with a model card; push_to_hub with card and tokenizer
+        return model
+
+    def _provenance(self, model) -> dict:
+        from .. import __version__
+
+        config = self.quantization_config
+        calibration = ("none: data-free method" if not get_method(config.method).needs_calibration
+                       else describe_dataset(config.dataset, config.num_samples, config.seq_len))
+        return {"base_model": hub.describe_source(getattr(model.config, "name_or_path", None)), "calibration": calibration,
+                "hf_quant_version": __version__}
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs: Any) -> bool:
+        return False
+
+    def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return False
+
+    def _dequantize(self, model, dtype=None):
+        return dequantize_model(model, dtype)
+
+
+def quantize(model, config: QuantConfig):
+    """Quantize a float transformers model already in memory, in place, exactly as
+    `from_pretrained(path, quantization_config=config)` would have; returns the model.
+
+    The result is a regular hf_quant model: `save_pretrained` writes an hf_quant checkpoint, and
+    `model.hf_quantizer.calibration_report` holds the calibration summary.
+    """
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"quantize: config must be an hf_quant.QuantConfig, got {type(config).__name__}")
+    if getattr(model, "hf_quantizer", None) is not None or any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise ValueError("quantize: this model is already quantized; start from a float model "
+                         "(e.g. `model.dequantize()` or `hf_quant.merge_lora(...)` give one).")
+    quantizer = HfQuantQuantizer(config, pre_quantized=False)
+    try:
+        quantizer.preprocess_model(model=model, dtype=getattr(model.config, "dtype", None), device_map=None)
+        model.hf_quantizer = quantizer
+        quantizer.postprocess_model(model)  # the layers are put back if calibration fails
+    except BaseException:
+        quantizer.remove_quantization_config(model)
+        raise
+    return model
+
+
+def attach(model, config: QuantConfig):
+    """Make a model whose layers hf_quant has already replaced (e.g. by `hf_quant.training.convert`) a
+    regular hf_quant model: its quantizer, config and the atomic save / push with a model card."""
+    quantizer = HfQuantQuantizer(config, pre_quantized=True)
+    model.hf_quantizer = quantizer
+    model.config.quantization_config = config
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+    peft_integration.install()
+    hub.install(model)
+    return model
+
+
+def _after_training_convert(model, config: QuantConfig | None) -> None:
+    if config is not None and hasattr(model, "config"):
+        if any(isinstance(m, FakeQuantLinear) for m in model.modules()):
+            return
+        attach(model, config)
+
+
+on_convert(_after_training_convert)

@@ -1,0 +1,52 @@
+"""Checkpoint formats: one registry of exporters and importers.
+
+Each format is a pure codec (tensors in, tensors out: `gptq_codec`) plus its file handling
+(`native`, `gptq`), which reads only safetensors, checks headers before reading tensors, and
+writes all-or-nothing (`checkpoint.atomic_directory`). Adding a format = one module here that
+calls `register_format`, imported below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    description: str
+    export: Callable[..., Path] | None = None  # export(model, out_dir, *, tokenizer=None, **options)
+    import_: Callable[..., Path] | None = None  # import_(src, out_dir, **options) -> an hf_quant checkpoint
+
+
+_FORMATS: dict[str, Format] = {}
+
+
+def register_format(fmt: Format) -> Format:
+    if fmt.name in _FORMATS:
+        raise ValueError(f"checkpoint format {fmt.name!r} is already registered")
+    _FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def get_format(name: str) -> Format:
+    if name not in _FORMATS:
+        raise ValueError(f"unknown checkpoint format {name!r}; available: {available_formats()}")
+    return _FORMATS[name]
+
+
+def available_formats(*, exporting: bool = False, importing: bool = False) -> list[str]:
+    return sorted(n for n, f in _FORMATS.items()
+                  if (not exporting or f.export is not None) and (not importing or f.import_ is not None))
+
+
+from . import gptq, native  # noqa: E402
+
+register_format(Format("hf_quant", "hf_quant's own safetensors layout (README: On-disk format)",
+                       export=native.export_native))
+register_format(Format("gptq", "the GPTQ layout vLLM / TGI / GPTQModel / transformers load (v1 or v2)",
+                       export=gptq.export_gptq, import_=gptq.import_gptq))
+
+__all__ = ["Format", "available_formats", "get_format", "register_format"]

@@ -1,0 +1,167 @@
+"""Checkpoint files: checks run before any weight is read, and all-or-nothing directory writes.
+
+The checks read only the JSON headers: a truncated file, a pickle checkpoint, or a quantized module
+whose tensors are missing or mis-shaped fails here with a message naming the file or module,
+instead of surfacing later as randomly initialised layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+_ST_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I32": torch.int32, "I64": torch.int64, "F16": torch.float16,
+              "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def read_safetensors_header(path: str) -> dict[str, dict]:
+    """Tensor entries of a safetensors file's header; raises ValueError if the file is not whole."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ValueError(f"{path}: truncated safetensors file ({size} bytes). Re-download or re-save it.")
+        (n,) = struct.unpack("<Q", raw)
+        if 8 + n > size:
+            raise ValueError(
+                f"{path}: truncated safetensors file (header says {n} header bytes, file has {size}). "
+                "Re-download or re-save it."
+            )
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: corrupt safetensors header ({e}). Re-download or re-save it.") from None
+    header.pop("__metadata__", None)
+    end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    if 8 + n + end > size:
+        raise ValueError(
+            f"{path}: truncated safetensors file: tensors need {8 + n + end} bytes, the file has {size}. "
+            "Re-download or re-save it."
+        )
+    return header
+
+
+def index_checkpoint(files: Iterable[str]) -> dict[str, dict]:
+    """Merged header entries of all shards; refuses anything that is not safetensors."""
+    entries: dict[str, dict] = {}
+    for path in files:
+        if not str(path).endswith(".safetensors"):
+            raise ValueError(
+                f"{path}: hf_quant loads quantized checkpoints from safetensors only (it never unpickles). "
+                "Re-save the model with save_pretrained(..., safe_serialization=True)."
+            )
+        entries.update(read_safetensors_header(str(path)))
+    return entries
+
+
+def _dtype_names(dtypes: tuple[torch.dtype, ...] | None) -> str:
+    if dtypes is None:
+        return "float"
+    names = {v: k for k, v in _ST_DTYPES.items()}
+    return "/".join(names.get(d, str(d)) for d in dtypes)
+
+
+def check_module_tensors(
+    entries: dict[str, dict],
+    module_name: str,
+    expected: dict[str, tuple[tuple[int, ...], torch.dtype | tuple[torch.dtype, ...] | None]],
+    prefixes: Iterable[str] = ("",),
+    *,
+    optional: Iterable[str] = (),
+    context: str = "this module's quantization settings",
+) -> str:
+    """Raise if `module_name`'s tensors are absent or mis-shaped in the checkpoint headers `entries`.
+
+    expected: tensor name -> (shape, dtype), where dtype is one dtype, a tuple of accepted dtypes,
+    or None for any float dtype. Tensors in `optional` may be absent. Returns the key prefix under
+    which the module's tensors were found (one of `prefixes` + module_name).
+    """
+    candidates = [p + module_name for p in prefixes]
+    first = next(iter(expected))
+    key_prefix = next((c for c in candidates if f"{c}.{first}" in entries), candidates[0])
+    for tensor_name, (shape, dtype) in expected.items():
+        key = f"{key_prefix}.{tensor_name}"
+        entry = entries.get(key)
+        if entry is None:
+            if tensor_name in optional:
+                continue
+            raise ValueError(
+                f"{module_name}: the checkpoint has no '{tensor_name}' tensor ({key}) although its "
+                "quantization_config quantizes this module. The checkpoint is incomplete or does not match "
+                "its quantization_config; re-save it with the library that wrote it."
+            )
+        dtypes = None if dtype is None else dtype if isinstance(dtype, tuple) else (dtype,)
+        got_shape = tuple(entry["shape"])
+        got_dtype = _ST_DTYPES.get(entry["dtype"])
+        dtype_ok = (got_dtype is not None and got_dtype.is_floating_point) if dtypes is None else got_dtype in dtypes
+        if got_shape != shape or not dtype_ok:
+            raise ValueError(
+                f"{module_name}: checkpoint tensor '{tensor_name}' is {entry['dtype']}{list(got_shape)}, "
+                f"expected {_dtype_names(dtypes)}{list(shape)} for {context}. "
+                "The checkpoint does not match its quantization_config."
+            )
+    return key_prefix
+
+
+# Weight files a new save makes stale: left beside the new ones they could be loaded instead.
+WEIGHT_FILE_PATTERNS = ("model*.safetensors", "model.safetensors.index.json")
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """Write a checkpoint directory all-or-nothing.
+
+    Yields an empty temporary directory beside `target` to write into. If the block raises, the
+    temporary directory is deleted and `target` is left exactly as it was. Otherwise a new `target`
+    is created by one rename; an existing one has each written file replaced by an atomic rename,
+    and its weight files that the new save does not contain (old shards, an old index) removed,
+    while its other files (a tokenizer, a README) stay.
+    """
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{target} is a file; pass a directory to save the checkpoint into.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.hf_quant-tmp-", dir=target.parent))
+    try:
+        yield tmp
+        if not target.exists():
+            os.rename(tmp, target)
+            return
+        written = {p.name for p in tmp.iterdir()}
+        for name in written:
+            dest = target / name
+            if dest.is_dir() and not dest.is_symlink():
+                shutil.rmtree(dest)
+            os.replace(tmp / name, dest)
+        for old in target.iterdir():
+            if old.name not in written and any(fnmatch.fnmatch(old.name, pat) for pat in WEIGHT_FILE_PATTERNS):
+                old.unlink()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    """config.json style: indented, sorted keys, trailing newline."""
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Replace one file's contents by an atomic rename: readers see the old file or the new one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.hf_quant-tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,203 @@
+"""AWQ (Lin et al., 2023): activation-aware weight quantization.
+
+Salient weights are the input channels with large activations. Scaling channel j of W up by s_j
+and its input down by s_j leaves W x unchanged in float but shrinks channel j's relative rounding
+error (Section 3.2):  Q(W diag(s)) (diag(s)^-1 X) ~ W X.  The scales are s = s_X^alpha, with s_X the
+mean |x| per input channel and alpha in [0, 1) found by grid search (eq. 5); the block-wise driver
+runs that search on the block's output (`awq_scales`, this method's block stage) and folds diag(s)^-1 into
+the operation before (a norm's weight, or the previous linear's rows), so no runtime op remains.
+
+Then each layer's weight range is clipped: per group, the shrink factor of its min/max (1 down to
+0.5) that minimises the layer's output error on the calibration inputs, || (W_hat - W) X ||^2 =
+sum_groups dW_g H_gg dW_g^T, from the diagonal blocks of the Hessian H = 2/N X X^T.
+
+Methods: "awq" (scales + clipping + round-to-nearest) and "awq+gptq" (scales, then GPTQ).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn as nn
+
+from ..core import LayerSpec, QuantizedWeight, grid
+from ..core.layers import FLOAT_LINEARS, linear_shape, linear_weight, set_linear_weight
+from .base import BlockContext, register_method
+from .gptq import GPTQOptions, quantize_gptq
+from .rtn import round_to_nearest
+
+SCALE_GRID = 20  # alpha in {0, 1/20, ..., 19/20}
+CLIP_GRID = 20
+CLIP_MAX_SHRINK = 0.5  # clip factors 1, 0.975, ..., 0.525
+
+
+def candidate_scales(x_abs_mean: torch.Tensor) -> Iterator[tuple[float, torch.Tensor]]:
+    """(alpha, s) for each grid point: s = s_X^alpha, normalised so that max(s) * min(s) = 1."""
+    base = x_abs_mean.float().clamp(min=1e-4)
+    for i in range(SCALE_GRID):
+        alpha = i / SCALE_GRID
+        s = base.pow(alpha)
+        yield alpha, s / (s.max() * s.min()).sqrt()
+
+
+def scaled_fake_quantize(W: torch.Tensor, s: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype) -> torch.Tensor:
+    """Q(W diag(s)) diag(s)^-1: the layer as it acts on the unscaled input once s is folded in."""
+    return grid.fake_quantize(W.float() * s, spec, scale_dtype) / s
+
+
+def clip_search(W: torch.Tensor, H: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype) -> torch.Tensor:
+    """Per (row, group) shrink factor of the weight range minimising the output error dW_g H_gg dW_g^T."""
+    Wg = grid.group(W, spec)  # (out, G, gs)
+    n_groups, gs = Wg.shape[1], Wg.shape[2]
+    Hg = torch.stack([H[g * gs:(g + 1) * gs, g * gs:(g + 1) * gs] for g in range(n_groups)]).float()
+    best_err = torch.full(Wg.shape[:2], float("inf"), device=W.device)
+    best = torch.ones(Wg.shape[:2], device=W.device)
+    for i in range(CLIP_GRID):
+        p = torch.full(Wg.shape[:2], 1 - CLIP_MAX_SHRINK * i / CLIP_GRID, device=W.device)
+        scale, zero = grid.find_params(Wg, spec, scale_dtype, clip=(p, p))
+        dW = grid.dequantize(grid.quantize(Wg, scale, zero, spec.maxq), scale, zero) - Wg
+        err = torch.einsum("ogi,gij,ogj->og", dW, Hg, dW)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, p, best)
+    return best
+
+
+# --- the block stage: per-channel scales searched on the block output, folded into the previous op --
+
+def observe_abs_mean(values: dict, head: str, x: torch.Tensor, n_windows: int) -> None:
+    """s_X: mean |x| per input channel of each group, over the reference pass's windows."""
+    x = x.detach().reshape(-1, x.shape[-1]).abs().float()
+    values[head] = values.get(head, 0) + x.sum(0) / max(n_windows * x.shape[0], 1)
+
+
+def _is_foldable_norm(module: nn.Module, width: int) -> bool:
+    """LayerNorm / RMSNorm computing weight * normalised(x) (+ bias): dividing weight (and bias) by s
+    divides the output by s. Gemma-style norms (x * (1 + weight)) are not of that form."""
+    name = type(module).__name__
+    plain = isinstance(module, nn.LayerNorm) or (name.endswith("RMSNorm") and not name.startswith("Gemma"))
+    w = getattr(module, "weight", None)
+    return plain and isinstance(w, torch.Tensor) and w.shape == (width,)
+
+
+def _producers(ctx: BlockContext) -> dict[str, str]:
+    """For each group (by its first layer), the block module whose output is exactly the group's input."""
+    made: dict[int, str] = {}
+    read: dict[str, int] = {}
+    keep: list[torch.Tensor] = []
+    heads = {g[0]: g for g in ctx.groups}
+    hooks = []
+    for local, module in ctx.block.named_modules():
+        full = ctx.prefix + local
+        def hook(m, args, out, local=local, full=full):
+            if isinstance(out, torch.Tensor):
+                keep.append(out)
+                made.setdefault(id(out), local)
+            if full in heads and args and isinstance(args[0], torch.Tensor):
+                keep.append(args[0])
+                read[full] = id(args[0])
+        if local:
+            hooks.append(module.register_forward_hook(hook))
+    try:
+        ctx.run(ctx.inputs[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return {head: made[i] for head, i in read.items() if i in made}
+
+
+def _linear_producer(ctx: BlockContext, consumer: str) -> tuple[str | None, str]:
+    """The linear whose output rows feed `consumer`'s input channels one to one, or (None, why)."""
+    parent, _, leaf = consumer[len(ctx.prefix):].rpartition(".")
+    sib = (lambda n: f"{parent}.{n}" if parent else n)
+    has = (lambda n: isinstance(_get(ctx.block, sib(n)), FLOAT_LINEARS))
+    width = linear_shape(ctx.block.get_submodule(consumer[len(ctx.prefix):]))[0]
+    if leaf == "down_proj" and has("up_proj") and has("gate_proj"):
+        return sib("up_proj"), ""  # act(gate(x)) * up(x): linear in up's output
+    if leaf in ("o_proj", "out_proj") and has("v_proj"):
+        if linear_shape(ctx.block.get_submodule(sib("v_proj")))[1] == width:
+            return sib("v_proj"), ""  # softmax(QK^T) V is linear in V, head by head
+        return None, "its input mixes v_proj heads shared by several query heads (grouped-query attention)"
+    if leaf == "fc2" and has("fc1"):
+        cfg = ctx.model.config
+        act = getattr(cfg, "activation_function", None) or getattr(cfg, "hidden_act", None)
+        if act == "relu":
+            return sib("fc1"), ""  # relu(x / s) = relu(x) / s for s > 0
+        return None, f"its input comes through the {act} activation, which a scale does not pass through"
+    return None, "no norm or linear feeds its input directly (e.g. a non-linearity or a fused projection)"
+
+
+def _get(module: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _fold(ctx: BlockContext, producer: nn.Module, s: torch.Tensor, is_norm: bool) -> None:
+    """Divide the producer's output channels by s (its weight rows / a norm's weight and bias)."""
+    params = [producer.weight] + ([producer.bias] if getattr(producer, "bias", None) is not None else [])
+    for p in params:
+        ctx.undo.append((p, p.detach().clone()))
+    with torch.no_grad():
+        if is_norm:
+            producer.weight.div_(s.to(producer.weight.dtype))
+        else:
+            W = linear_weight(producer).float() / s.unsqueeze(1)
+            set_linear_weight(producer, W)
+        if getattr(producer, "bias", None) is not None:
+            producer.bias.div_(s.to(producer.bias.dtype))
+
+
+@torch.no_grad()
+def awq_scales(ctx: BlockContext) -> dict[str, dict]:
+    """Search each group's scales on the block output (over the reference windows), and fold them in."""
+    windows = ctx.inputs[:len(ctx.reference)]
+    producers = _producers(ctx)
+    x_abs = ctx.observed
+    ref = torch.cat([r.float().flatten() for r in ctx.reference]).to(ctx.device)
+    for group in ctx.groups:
+        head = group[0]
+        if head not in x_abs:  # no calibration window reaches it (e.g. an unrouted expert)
+            ctx.notes.append(f"{head[len(ctx.prefix):]}: no scaling (no calibration input reached it)")
+            continue
+        local = producers.get(head)
+        producer = ctx.block.get_submodule(local) if local else None
+        width = linear_shape(ctx.model.get_submodule(head))[0]
+        is_norm = producer is not None and _is_foldable_norm(producer, width)
+        if not is_norm:
+            local, why = _linear_producer(ctx, head)
+            if local is None:
+                ctx.notes.append(f"{head[len(ctx.prefix):]}: no scaling ({why})")
+                continue
+            producer = ctx.block.get_submodule(local)
+        layers = {n: ctx.model.get_submodule(n) for n in group}
+        W = {n: linear_weight(m).detach().float() for n, m in layers.items()}
+        best, best_err, best_alpha = None, float("inf"), 0.0
+        for alpha, s in candidate_scales(x_abs[head]):
+            overrides = {n: scaled_fake_quantize(W[n], s, ctx.targets[n], linear_weight(m).dtype)
+                         for n, m in layers.items()}
+            out = ctx.run(windows, overrides=overrides)
+            err = (torch.cat([o.float().flatten() for o in out]) - ref).pow(2).mean().item()
+            if err < best_err:
+                best, best_err, best_alpha = s, err, alpha
+        _fold(ctx, producer, best, is_norm)
+        for n, m in layers.items():
+            ctx.undo.append((m.weight, m.weight.detach().clone()))
+            set_linear_weight(m, W[n] * best)
+        ctx.notes.append(f"{','.join(n.rsplit('.', 1)[-1] for n in group)} <- {local}: alpha={best_alpha:.2f}")
+    return {}
+
+
+@register_method("awq", needs_calibration=True, stage=awq_scales, observe=observe_abs_mean,
+                 description="AWQ (activation-aware scales folded into the previous op, clipping search)")
+def quantize_awq(W: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype, H: torch.Tensor) -> QuantizedWeight:
+    """Round-to-nearest of the (already AWQ-scaled) W on grids clipped by `clip_search`."""
+    p = clip_search(W, H, spec, scale_dtype)
+    return round_to_nearest(W, spec, scale_dtype, clip=(p, p))
+
+
+# AWQ's scaling, then GPTQ on the scaled layers (GPTQ's own options and defaults).
+register_method("awq+gptq", needs_calibration=True, options=GPTQOptions, stage=awq_scales, observe=observe_abs_mean,
+                description="AWQ scales, then GPTQ")(quantize_gptq)

@@ -1,0 +1,175 @@
+"""The method interface and its one registry.
+
+A method turns a float weight `W` (out_features x in_features), plus the statistics it needs, into
+integer codes and their grid (`QuantizedWeight`). It is described once, by `register_method`:
+
+- `options`: a dataclass of the `QuantConfig` fields the method takes, validated when it is built
+  (each field's `check` names the field); `QuantConfig` validates and resolves them through it, the
+  CLI offers them, and the driver passes them to `quantize` as keyword arguments.
+- `needs_calibration`: the block-wise driver collects the layer's Hessian H = 2/N X X^T and passes
+  it as `H`.
+- `stage`: work on the whole float block before its layers are quantized (AWQ's scaling,
+  OmniQuant's clipping training), with `observe` gathering what it needs from the float block's
+  reference pass. What the stage returns per layer is passed to `quantize` as keyword arguments.
+- `description`: how the model card names the method.
+
+Adding a method = one module in this package that calls `register_method`, imported in `__init__`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from ..core import LayerSpec, QuantizedWeight
+
+# --- options: fields of QuantConfig a method takes --------------------------------------------------
+
+def option(default: Any, check: Callable[[str, Any], None], *, unused: Any = None, strict: bool = False,
+           help: str = "") -> Any:
+    """A dataclass field for a method option, i.e. a `QuantConfig` field of the same name.
+
+    check(name, value): raise ValueError naming `QuantConfig.<name>` if the value is malformed.
+    unused: the value `QuantConfig` stores when its method does not take this option and the user
+        left it at None (e.g. `mse` -> False).
+    strict: a value other than `unused` (or None) on a method that does not take the option raises
+        ("has no meaning for method=...").
+    help: one line for the command line's --help.
+    """
+    return field(default=default, metadata={"check": check, "unused": unused, "strict": strict, "help": help})
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"QuantConfig.{name}={value!r} must be True or False.")
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"QuantConfig.{name}={value!r} must be a positive integer.")
+
+
+def check_non_negative_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"QuantConfig.{name}={value!r} must be a non-negative integer.")
+
+
+def check_fraction(example: str) -> Callable[[str, Any], None]:
+    """A number in (0, 1)."""
+    def check(name: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            raise ValueError(f"QuantConfig.{name}={value!r} must be a number in (0, 1), e.g. {example}.")
+    return check
+
+
+class Options:
+    """Base of every method's options dataclass: checks each field when built."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                f.metadata["check"](f.name, value)
+
+
+# --- block stages ----------------------------------------------------------------------------------
+
+@dataclass
+class BlockContext:
+    """What a block stage works on. `reference` holds the float block's fp32 outputs on the first
+    len(reference) cached windows, computed by the driver's reference pass (with the method's
+    `observe` hooks on each group's first layer, whose results are in `observed`)."""
+
+    model: nn.Module
+    block: nn.Module
+    prefix: str  # "model.layers.3."
+    groups: list[list[str]]  # full names of target layers, grouped by shared input, in forward order
+    targets: dict[str, LayerSpec]
+    config: Any  # the QuantConfig
+    inputs: list[tuple[tuple, dict]]
+    device: torch.device
+    run: Callable[..., Any]  # run(inputs, block=None, overrides=None, keep_graph=False) -> block outputs
+    reference: list[torch.Tensor] = field(default_factory=list)
+    observed: dict[str, Any] = field(default_factory=dict)
+    undo: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+# observe(values, head, x, n_windows): accumulate what the stage needs from input x of group `head`
+Observer = Callable[[dict, str, torch.Tensor, int], None]
+
+
+# --- the registry ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    quantize: Callable[..., QuantizedWeight]
+    needs_calibration: bool
+    options: type | None = None
+    description: str = ""
+    stage: Callable[[BlockContext], dict[str, dict]] | None = None
+    observe: Observer | None = None
+
+    @property
+    def option_fields(self) -> dict[str, dataclasses.Field]:
+        return {f.name: f for f in dataclasses.fields(self.options)} if self.options else {}
+
+    @property
+    def act_order(self) -> bool:
+        """The method honours `desc_act`/`static_groups` and returns a `g_idx` when `spec.g_idx`."""
+        return "desc_act" in self.option_fields
+
+    def default(self, name: str) -> Any:
+        return self.option_fields[name].default
+
+    def options_from(self, config: Any) -> dict:
+        """The QuantConfig fields this method takes, validated by its options dataclass, as keyword arguments."""
+        if self.options is None:
+            return {}
+        return dataclasses.asdict(self.options(**{n: getattr(config, n) for n in self.option_fields}))
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, *, needs_calibration: bool, options: type | None = None, description: str = "",
+                    stage: Callable | None = None, observe: Observer | None = None) -> Callable:
+    """Decorator registering `fn(W, spec, scale_dtype, **stats, **options) -> QuantizedWeight` under `name`."""
+
+    def deco(fn: Callable[..., QuantizedWeight]) -> Callable[..., QuantizedWeight]:
+        if name in _METHODS:
+            raise ValueError(f"quantization method {name!r} is already registered")
+        if options is not None and not (dataclasses.is_dataclass(options) and issubclass(options, Options)):
+            raise TypeError(f"method {name!r}: options must be a dataclass deriving from hf_quant.methods.Options")
+        _METHODS[name] = Method(name, fn, needs_calibration, options, description or name, stage, observe)
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> Method:
+    if name not in _METHODS:
+        raise ValueError(f"unknown quantization method {name!r}; available: {available_methods()}")
+    return _METHODS[name]
+
+
+def available_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def option_fields() -> dict[str, dataclasses.Field]:
+    """Every method option by name (the first method that declares it defines its check)."""
+    fields: dict[str, dataclasses.Field] = {}
+    for name in available_methods():
+        for n, f in _METHODS[name].option_fields.items():
+            fields.setdefault(n, f)
+    return fields
+
+
+def methods_taking(option_name: str) -> list[str]:
+    return [m for m in available_methods() if option_name in _METHODS[m].option_fields]

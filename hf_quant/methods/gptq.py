@@ -1,0 +1,138 @@
+"""GPTQ (Frantar et al., 2022): quantize one column at a time, pushing each column's error onto the
+columns not yet quantized through the inverse Hessian of the layer's reconstruction loss.
+
+For a layer y = W x with calibration inputs X (in x n), the loss ||W X - W_hat X||^2 has Hessian
+H = 2 X X^T (per output row). Quantizing column q and updating the rest optimally (OBS, eq. 3):
+    err = (w_q - quant(w_q)) / [H^-1]_qq,   W[:, q:] -= err * [H^-1]_{q, q:}
+GPTQ takes the upper Cholesky factor of H^-1 (whose rows give exactly these updates in a fixed
+column order), and applies them lazily in blocks of `block_size` columns (Section 3, "Lazy Batch-Updates").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..core import LayerSpec, QuantizedWeight, grid
+from .base import Options, check_bool, check_fraction, check_positive_int, option, register_method
+from .rtn import mse_option
+
+
+def block_size_option() -> int:
+    """`QuantConfig.block_size`: lazy-update block width."""
+    return option(128, check_positive_int, help="GPTQ: lazy-update block width (columns)")
+
+
+def damp_percent_option() -> float:
+    """`QuantConfig.damp_percent`: Hessian dampening, a fraction of its mean diagonal."""
+    return option(0.01, check_fraction("0.01"), help="GPTQ: Hessian dampening, fraction of its mean diagonal")
+
+
+@dataclass
+class GPTQOptions(Options):
+    block_size: int = block_size_option()
+    damp_percent: float = damp_percent_option()
+    desc_act: bool = option(False, check_bool, unused=False, strict=True, help="GPTQ act-order")
+    static_groups: bool = option(False, check_bool, unused=False, strict=True,
+                                 help="with --desc-act: group grids fixed in natural order (no g_idx)")
+    # mse on by default: on ref-llama it lowers held-out perplexity at w4, w3 and w2 (benchmarks/README.md)
+    mse: bool = mse_option(True)
+
+
+def hessian_inverse_cholesky(H: torch.Tensor, damp_percent: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1 (fp32)."""
+    H = H.clone().float()
+    damp = damp_percent * torch.mean(torch.diag(H))
+    H.diagonal().add_(damp)
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.cholesky_inverse(L)
+    return torch.linalg.cholesky(Hinv, upper=True)
+
+
+@register_method("gptq", needs_calibration=True, options=GPTQOptions, description="GPTQ")
+def quantize_gptq(
+    W: torch.Tensor,
+    spec: LayerSpec,
+    scale_dtype: torch.dtype,
+    H: torch.Tensor,
+    block_size: int = 128,
+    damp_percent: float = 0.01,
+    desc_act: bool = False,
+    static_groups: bool = False,
+    mse: bool = False,
+    clip: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> QuantizedWeight:
+    """GPTQ of `W` (out, in) given the Hessian `H` (in, in) of its calibration inputs.
+
+    desc_act ("act-order", Section 4 of the paper's code release): process input channels by
+    decreasing diag(H), so the channels with the largest activations are quantized first, while the
+    most columns remain to absorb their error. Groups are then formed in that order and returned as
+    `g_idx`, unless `static_groups` fixes each natural-order group's grid from the unquantized W first.
+    clip: per (row, group) (low, high) factors shrinking each grid's range (OmniQuant's learned
+    clipping, in natural group order: not with act-order regrouping).
+    """
+    W = W.clone().float()
+    H = H.clone().float()
+    out_f, in_f = W.shape
+    if clip is not None and desc_act and not static_groups:
+        raise ValueError("GPTQ with learned clipping keeps natural-order groups: use desc_act=False or static_groups.")
+    if desc_act and not static_groups and spec.groups(in_f) > 1 and not spec.g_idx:
+        raise ValueError("GPTQ with desc_act regroups channels: the layer spec must store a g_idx "
+                         "(QuantConfig.layer_spec sets it), or use static_groups=True.")
+    dead = torch.diag(H) == 0  # inputs that were always zero: any value works, quantize zeros
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    gs = spec.effective_group_size(in_f)
+    n_groups = spec.groups(in_f)
+    scale = torch.empty(out_f, n_groups, device=W.device)
+    zero = torch.empty(out_f, n_groups, device=W.device)
+    if static_groups:  # every grid from the original weights, in natural channel order
+        Wg = grid.group(W, spec)
+        scale[:], zero[:] = grid.find_params(Wg, spec, scale_dtype, mse, clip)
+
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if desc_act else None
+    if perm is not None:
+        W = W[:, perm]
+        H = H[perm][:, perm]
+    Hinv = hessian_inverse_cholesky(H, damp_percent)
+    # group of the channel at each processing position
+    natural = torch.arange(in_f, device=W.device)
+    group_of = (perm if perm is not None and static_groups else natural) // gs
+    groups = group_of.tolist()  # host copy: no device sync per column on GPU
+
+    codes = torch.empty(out_f, in_f, device=W.device)
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            g = groups[col]
+            if not static_groups and col % gs == 0:  # a new group: its grid from the updated weights
+                Wg = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
+                scale[:, g], zero[:, g] = grid.find_params(Wg, spec, scale_dtype, mse,
+                                                           None if clip is None else (clip[0][:, g], clip[1][:, g]))
+            w = W1[:, i]
+            q = grid.quantize(w.unsqueeze(-1), scale[:, g], zero[:, g], spec.maxq).squeeze(-1)
+            codes[:, col] = q
+            w_hat = (q - zero[:, g]) * scale[:, g]
+            err = (w - w_hat) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    g_idx = None
+    if perm is not None:
+        inv = torch.argsort(perm)
+        codes = codes[:, inv]  # back to natural channel order
+        if spec.g_idx:
+            g_idx = group_of[inv].to(torch.int32)  # channel perm[j] was in group j // gs
+    return QuantizedWeight(
+        codes=codes.to(torch.uint8),
+        scale=scale.to(scale_dtype),
+        zero=None if spec.sym else zero.to(torch.uint8),
+        g_idx=g_idx,
+    )

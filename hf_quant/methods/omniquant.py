@@ -1,0 +1,110 @@
+"""OmniQuant's learnable weight clipping (Shao et al., 2023), weight-only.
+
+Each group's grid spans [sigmoid(beta) * min(W_g), sigmoid(gamma) * max(W_g)] (eq. 2), with gamma and
+beta learned per group to minimise the block's output error against the float block (eq. 1), by
+AdamW through a straight-through estimator for the rounding. The training loop is this method's
+block stage (`learnable_clipping`), run by the block-wise driver. The final quantization uses the
+learned factors: "omniquant" (round-to-nearest on the learned grids) and "omniquant+gptq" (GPTQ on them).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from ..core import LayerSpec, QuantizedWeight, grid
+from ..core.layers import linear_weight, map_tensors
+from .base import BlockContext, Options, check_fraction, check_non_negative_int, option, register_method
+from .gptq import block_size_option, damp_percent_option, quantize_gptq
+from .rtn import mse_option, round_to_nearest
+
+LWC_INIT = 4.0  # sigmoid(4) = 0.982: training starts from (nearly) the full range, as in the paper
+
+
+@dataclass
+class LWCOptions(Options):
+    epochs: int = option(2, check_non_negative_int, strict=True,
+                         help="OmniQuant: clipping training passes over the calibration windows per block")
+    learning_rate: float = option(5e-2, check_fraction("5e-2"), strict=True, help="OmniQuant: AdamW learning rate")
+
+
+@dataclass
+class LWCGPTQOptions(LWCOptions):
+    block_size: int = block_size_option()
+    damp_percent: float = damp_percent_option()
+    mse: bool = mse_option(False)
+
+
+def lwc_fake_quantize(W: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+    """W_hat (out, in) on grids clipped by sigmoid(gamma), sigmoid(beta) (out, n_groups); differentiable."""
+    Wg = grid.group(W, spec)
+    hi, lo = torch.sigmoid(gamma), torch.sigmoid(beta)
+    if spec.sym:
+        xmax = hi * Wg.abs().amax(-1)
+        scale = (2 * xmax / spec.maxq).clamp(min=1e-8)
+        zero = torch.full_like(scale, spec.sym_zero)
+    else:
+        xmax, xmin = hi * Wg.amax(-1).clamp(min=0), lo * Wg.amin(-1).clamp(max=0)
+        scale = ((xmax - xmin) / spec.maxq).clamp(min=1e-8)
+        zero = grid.round_ste(-xmin / scale)
+    return grid.fake_quantize_ste(Wg, scale, zero, spec.maxq).reshape(W.shape)
+
+
+def _float32(obj):
+    return map_tensors(obj, lambda t: t.float() if t.is_floating_point() else t)
+
+
+def learnable_clipping(ctx: BlockContext) -> dict[str, dict]:
+    """Learn gamma, beta per (row, group) of every target layer of the block, on the block's output
+    error against the float block (fp32 copy), `config.epochs` passes over the cached windows."""
+    names = [n for g in ctx.groups for n in g]
+    block = copy.deepcopy(ctx.block).float()
+    for p in block.parameters():
+        p.requires_grad_(False)
+    local = {n: n[len(ctx.prefix):] for n in names}
+    W = {n: linear_weight(block.get_submodule(local[n])).detach() for n in names}
+    shapes = {n: (W[n].shape[0], ctx.targets[n].groups(W[n].shape[1])) for n in names}
+    gamma = {n: torch.full(shapes[n], LWC_INIT, device=ctx.device, requires_grad=True) for n in names}
+    beta = {n: torch.full(shapes[n], LWC_INIT, device=ctx.device, requires_grad=True) for n in names}
+    inputs = [(_float32(a), _float32(k)) for a, k in ctx.inputs]
+    with torch.no_grad():
+        targets = ctx.run(inputs, block=block)
+    opt = torch.optim.AdamW(list(gamma.values()) + list(beta.values()), lr=ctx.config.learning_rate, weight_decay=0)
+    first = last = None
+    for _ in range(ctx.config.epochs):
+        total = 0.0
+        for i in range(len(inputs)):
+            with torch.enable_grad():
+                overrides = {n: lwc_fake_quantize(W[n], gamma[n], beta[n], ctx.targets[n]) for n in names}
+                out = ctx.run(inputs[i:i + 1], block=block, overrides=overrides, keep_graph=True)[0]
+                loss = torch.nn.functional.mse_loss(out, targets[i].to(out.device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            opt.step()
+            total += loss.item()
+        first = total / len(inputs) if first is None else first
+        last = total / len(inputs)
+    if first is not None:
+        ctx.notes.append(f"lwc loss {first:.3e} -> {last:.3e} over {ctx.config.epochs} epochs")
+    return {n: {"clip": (torch.sigmoid(beta[n]).detach(), torch.sigmoid(gamma[n]).detach())} for n in names}
+
+
+@register_method("omniquant", needs_calibration=True, options=LWCOptions, stage=learnable_clipping,
+                 description="OmniQuant learnable weight clipping")
+def quantize_omniquant(W: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype, H: torch.Tensor,
+                       clip: tuple[torch.Tensor, torch.Tensor], epochs: int = 2,
+                       learning_rate: float = 5e-2) -> QuantizedWeight:
+    """Round-to-nearest on the grids clipped by the learned factors `clip` = (low, high) (out, n_groups)."""
+    return round_to_nearest(W, spec, scale_dtype, clip=clip)
+
+
+@register_method("omniquant+gptq", needs_calibration=True, options=LWCGPTQOptions, stage=learnable_clipping,
+                 description="OmniQuant learnable weight clipping, then GPTQ")
+def quantize_omniquant_gptq(W: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype, H: torch.Tensor,
+                            clip: tuple[torch.Tensor, torch.Tensor], epochs: int = 2, learning_rate: float = 5e-2,
+                            block_size: int = 128, damp_percent: float = 0.01, mse: bool = False) -> QuantizedWeight:
+    """GPTQ whose group grids are clipped by the learned factors."""
+    return quantize_gptq(W, spec, scale_dtype, H, block_size=block_size, damp_percent=damp_percent, mse=mse,
+                         clip=clip)

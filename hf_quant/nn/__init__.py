@@ -1,3 +1,0 @@
-from .quant_linear import QuantLinear
-
-__all__ = ["QuantLinear"]

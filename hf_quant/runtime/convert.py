@@ -1,0 +1,99 @@
+"""Finding the layers to quantize, and swapping float layers and QuantLinears in a model (no math here)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+
+from ..config import LayerSpec, QuantConfig
+from ..core.layers import FLOAT_LINEARS, float_layer, is_conv1d, linear_shape, set_module
+from .quant_linear import QuantLinear
+
+logger = logging.getLogger("hf_quant")
+
+
+def _skipped(name: str, modules_to_not_convert: list[str]) -> bool:
+    return any(name == k or name.endswith("." + k) or name.startswith(k + ".") for k in modules_to_not_convert)
+
+
+def incompatibility(in_features: int, spec: LayerSpec) -> str | None:
+    """Why a layer with `in_features` cannot take `spec`, or None."""
+    gs = spec.group_size
+    if gs != -1 and gs > in_features:
+        return (f"group_size={gs} is larger than in_features={in_features}; use group_size=-1 "
+                "(per channel) or a smaller power of two that divides in_features")
+    if gs != -1 and in_features % gs:
+        return (f"in_features={in_features} is not divisible by group_size={gs}; use group_size=-1 "
+                "or a power of two that divides in_features")
+    if in_features % 8:
+        return f"in_features={in_features} is not a multiple of 8, which the packed layout needs"
+    return None
+
+
+def find_targets(model: nn.Module, config: QuantConfig, modules_to_not_convert: list[str]) -> dict[str, LayerSpec]:
+    """Module name -> spec of every layer to quantize, after skips and `dynamic` overrides.
+
+    Incompatible layers raise (on_incompatible="error") or are skipped with a warning ("skip").
+    """
+    targets: dict[str, LayerSpec] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear) or not isinstance(module, FLOAT_LINEARS):
+            continue
+        if _skipped(name, modules_to_not_convert):
+            continue
+        spec = config.layer_spec(name)
+        if spec is None:
+            continue
+        in_features, _ = linear_shape(module)
+        why = incompatibility(in_features, spec)
+        if why is not None:
+            if config.on_incompatible == "error":
+                raise ValueError(f"{name}: cannot quantize: {why}, or set QuantConfig(on_incompatible='skip').")
+            logger.warning("hf_quant: keeping %s in float: %s.", name, why)
+            continue
+        targets[name] = spec
+    return targets
+
+
+def replace_with_empty_quant_linears(model: nn.Module, targets: dict[str, LayerSpec]) -> None:
+    """Swap each target for an empty QuantLinear (same device, e.g. meta) for a checkpoint to fill."""
+    for name, spec in targets.items():
+        old = model.get_submodule(name)
+        in_features, out_features = linear_shape(old)
+        new = QuantLinear(in_features, out_features, old.bias is not None, spec, dtype=old.weight.dtype,
+                          device=old.weight.device, from_conv1d=is_conv1d(old))
+        set_module(model, name, new)
+
+
+def dequantize_layer(module: QuantLinear, dtype: torch.dtype | None = None, as_conv1d: bool | None = None) -> nn.Module:
+    """The float layer a QuantLinear stands for: a transformers Conv1D where it came from one (unless
+    `as_conv1d=False`), else an nn.Linear; in `dtype` (default: the dtype of its scales)."""
+    W = module.dequantize().to(dtype or module.scales.dtype)
+    return float_layer(W, module.bias, module.from_conv1d if as_conv1d is None else as_conv1d)
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every QuantLinear by the float layer it stands for (Conv1D where it came from one)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            set_module(model, name, dequantize_layer(module, dtype))
+    return model
+
+
+def resolve_modules_to_not_convert(model: nn.Module, requested: list[str] | None,
+                                   keep_in_fp32: list[str] | None) -> list[str]:
+    """The modules kept in float: `requested` if given, else transformers' defaults (output embeddings,
+    the last module); plus the model's keep-in-fp32 modules and tied weights, which are never quantized."""
+    from transformers.quantizers import HfQuantizer
+
+    skip = HfQuantizer.get_modules_to_not_convert(model, requested, keep_in_fp32)
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    skip += [k.removesuffix(".weight") for k in set(tied) | set(tied.values())]
+    return sorted(set(skip))
+
+
+def quantized_specs(model: nn.Module) -> dict[str, LayerSpec]:
+    """Name -> spec of every QuantLinear in `model`."""
+    return {name: m.spec for name, m in model.named_modules() if isinstance(m, QuantLinear)}

@@ -1,0 +1,120 @@
+"""The hot path of `QuantLinear.forward`: pick (once per shape class) and run a kernel, the
+autograd function for training through a frozen quantized base, and the same computation as one
+`torch.library` custom op for `torch.compile` and CUDA graphs.
+
+Per call in eager mode this does a dict lookup keyed by (device, dtype, row class) and calls the
+cached kernel with its cached weight layout; nothing else (benchmarks/bench_overhead.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import Any
+
+import torch
+
+from ..core import dequantize_weight
+from .kernels.base import forcing, row_class, rows_of, select_kernel
+
+
+def linear(layer: Any, x: torch.Tensor) -> torch.Tensor:
+    """y = x @ W_hat.T + bias through the selected kernel.
+
+    When autograd needs it (LoRA on a quantized base: gradients flow through the frozen layer to
+    the adapters below it), the kernel runs inside `_QuantLinearFunction`, which keeps nothing but
+    the layer for backward and dequantizes W_hat there, one layer at a time: no float copy of the
+    weights stays alive between forward and backward. Under `torch.compile` the layer is one op,
+    `torch.ops.hf_quant.quant_linear`, with the same forward and backward."""
+    bias = layer.bias
+    if torch.compiler.is_compiling():
+        return torch.ops.hf_quant.quant_linear(x, layer.qweight, layer.scales, bias, layer_id(layer))
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return _QuantLinearFunction.apply(x, bias, layer)
+    return run_kernel(layer, x)
+
+
+def run_kernel(layer: Any, x: torch.Tensor) -> torch.Tensor:
+    """Forward through the kernel chosen for this (device, dtype, row class), no autograd."""
+    if forcing():  # use_kernel / prefer_kernel: choose anew on every call, outside the cache
+        kernel = select_kernel(layer, x)
+        return kernel.forward(layer, x, layer.prepared(kernel, x.device, x.dtype))
+    key = (x.device, x.dtype, row_class(x.dtype, rows_of(x)))
+    entry = layer._kernel_cache.get(key)
+    if entry is None:
+        kernel = select_kernel(layer, x)
+        entry = layer._kernel_cache[key] = (kernel.forward, layer.prepared(kernel, x.device, x.dtype))
+    return entry[0](layer, x, entry[1])
+
+
+def grad_input(layer: Any, grad_y: torch.Tensor) -> torch.Tensor:
+    """dy/dx = dy @ W_hat, W_hat dequantized here and dropped after (straight through any
+    activation quantization)."""
+    W = dequantize_weight(layer.qweight, layer.scales, layer.qzeros, layer.spec, layer.in_features, grad_y.dtype,
+                          layer.g_idx)
+    return grad_y @ W
+
+
+def grad_bias(layer: Any, grad_y: torch.Tensor) -> torch.Tensor:
+    return grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(layer.bias.dtype)
+
+
+class _QuantLinearFunction(torch.autograd.Function):
+    """y = kernel(x); dy/dx = dy @ W_hat (dequantized in backward); dy/dbias = sum of dy over rows.
+    The packed weights are frozen: they never get a gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, layer: Any) -> torch.Tensor:
+        ctx.layer = layer
+        with torch.no_grad():
+            return run_kernel(layer, x)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        layer = ctx.layer
+        gx = grad_input(layer, grad_y) if ctx.needs_input_grad[0] else None
+        gb = grad_bias(layer, grad_y) if ctx.needs_input_grad[1] else None
+        return gx, gb, None
+
+
+# --- the custom op: what torch.compile sees -----------------------------------------------------------
+
+_LAYERS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+_ids = itertools.count()
+
+
+def layer_id(layer: Any) -> int:
+    """A process-wide id under which the custom op finds the layer (its prepared kernel layouts)."""
+    key = layer.__dict__.get("_op_id")
+    if key is None:
+        key = layer.__dict__["_op_id"] = next(_ids)
+        _LAYERS[key] = layer
+    return key
+
+
+@torch.library.custom_op("hf_quant::quant_linear", mutates_args=())
+def quant_linear_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                    layer: int) -> torch.Tensor:
+    """x @ W_hat.T + bias for the QuantLinear registered as `layer` (whose packed buffers are
+    `qweight`, `scales`: passed so that the graph depends on them)."""
+    with torch.no_grad():
+        return run_kernel(_LAYERS[layer], x)
+
+
+@quant_linear_op.register_fake
+def _(x, qweight, scales, bias, layer):
+    return x.new_empty((*x.shape[:-1], scales.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.layer = inputs[4]
+
+
+def _backward(ctx, grad_y):
+    layer = _LAYERS[ctx.layer]
+    gx = grad_input(layer, grad_y) if ctx.needs_input_grad[0] else None
+    gb = grad_bias(layer, grad_y) if ctx.needs_input_grad[3] else None
+    return gx, None, None, gb, None
+
+
+quant_linear_op.register_autograd(_backward, setup_context=_setup_context)

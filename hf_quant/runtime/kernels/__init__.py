@@ -1,0 +1,12 @@
+"""Kernels computing `x @ W_hat.T + b` for a `QuantLinear`, registered per scheme, and their selection.
+
+`reference` (dequantize + `F.linear`) is the oracle every other kernel is tested against.
+Importing this package registers the built-in kernels (Triton's where Triton imports).
+"""
+
+from .base import (Kernel, available_kernels, prefer_kernel, register_kernel, row_class, rows_of, select_kernel,
+                   use_kernel)
+from . import cpu, reference, triton  # noqa: E402,F401  (register the built-in kernels)
+
+__all__ = ["Kernel", "available_kernels", "prefer_kernel", "register_kernel", "row_class", "rows_of",
+           "select_kernel", "use_kernel"]

@@ -1,0 +1,129 @@
+"""Kernel registry and selection by device, dtype, scheme and row count.
+
+A kernel states what it runs: `supports(layer, device, dtype)` (bits, group size, device, dtype),
+`activations` (the activation schemes it implements; None = weight-only) and `max_rows(dtype)` (the
+most rows, i.e. tokens, it takes). The highest-priority kernel that runs a call is chosen, and the
+choice is cached on the layer per (device, dtype, row class), where the row classes are cut at
+every kernel's `max_rows`: the same input shape class never selects twice. Kernel-specific weight
+layouts are built once by `prepare` and cached on the layer; the layer drops both caches when its
+buffers change (`QuantLinear.invalidate_kernels`), never checking on each call.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+
+class Kernel:
+    """Base class: override `supports`, `forward`, and `prepare` if the kernel needs its own layout."""
+
+    name: str = ""
+    priority: int = 0
+    activations: tuple[str | None, ...] = (None,)
+
+    def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
+        raise NotImplementedError
+
+    def max_rows(self, dtype: torch.dtype) -> int | None:
+        """The most rows (leading dims flattened) this kernel runs in `dtype`; None = no limit."""
+        return None
+
+    def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
+        return None
+
+    def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def runs(self, layer: Any, device: torch.device, dtype: torch.dtype, rows: int) -> bool:
+        limit = self.max_rows(dtype)
+        return (layer.scheme.activation_name in self.activations and (limit is None or rows <= limit)
+                and self.supports(layer, device, dtype))
+
+
+_KERNELS: dict[str, Kernel] = {}
+_BY_PRIORITY: list[Kernel] = []
+_ROW_CUTS: dict[torch.dtype, list[int]] = {}
+_forced = threading.local()
+
+
+def register_kernel(kernel: Kernel) -> Kernel:
+    if kernel.name in _KERNELS:
+        raise ValueError(f"kernel {kernel.name!r} is already registered")
+    _KERNELS[kernel.name] = kernel
+    _BY_PRIORITY[:] = sorted(_KERNELS.values(), key=lambda k: -k.priority)
+    _ROW_CUTS.clear()
+    return kernel
+
+
+def available_kernels() -> list[str]:
+    return [k.name for k in _BY_PRIORITY]
+
+
+def rows_of(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+def row_class(dtype: torch.dtype, rows: int) -> int:
+    """Index of the row range `rows` falls in, between the kernels' `max_rows` for `dtype`."""
+    cuts = _ROW_CUTS.get(dtype)
+    if cuts is None:
+        cuts = _ROW_CUTS[dtype] = sorted({k.max_rows(dtype) for k in _BY_PRIORITY} - {None})
+    return bisect.bisect_left(cuts, rows)
+
+
+@contextlib.contextmanager
+def _thread_setting(attr: str, name: str) -> Iterator[None]:
+    """Set `_forced.<attr>` to kernel `name` for this thread inside the block."""
+    if name not in _KERNELS:
+        raise ValueError(f"unknown kernel {name!r}; available: {available_kernels()}")
+    prev = getattr(_forced, attr, None)
+    setattr(_forced, attr, name)
+    _forced.any = True
+    try:
+        yield
+    finally:
+        setattr(_forced, attr, prev)
+        _forced.any = getattr(_forced, "name", None) is not None or getattr(_forced, "preferred", None) is not None
+
+
+def use_kernel(name: str) -> contextlib.AbstractContextManager[None]:
+    """Force one kernel (e.g. "reference") inside the block; errors if it cannot run a layer."""
+    return _thread_setting("name", name)
+
+
+def prefer_kernel(name: str) -> contextlib.AbstractContextManager[None]:
+    """Inside the block, run kernel `name` wherever it supports the layer and input, and the usual
+    choice elsewhere (e.g. a decode-only kernel during `generate`, whose prompt it cannot run)."""
+    return _thread_setting("preferred", name)
+
+
+def forcing() -> bool:
+    """Whether `use_kernel` / `prefer_kernel` is active in this thread (the choice cache is bypassed)."""
+    return getattr(_forced, "any", False)
+
+
+def select_kernel(layer: Any, x: torch.Tensor) -> Kernel:
+    """The kernel that runs `layer` on `x`: forced, else preferred where it runs, else by priority."""
+    device, dtype, rows = x.device, x.dtype, rows_of(x)
+    forced = getattr(_forced, "name", None)
+    if forced is not None:
+        kernel = _KERNELS[forced]
+        if not kernel.runs(layer, device, dtype, rows):
+            raise ValueError(
+                f"kernel {forced!r} cannot run {layer.extra_repr()} on {x.device.type}/{x.dtype} inputs; "
+                f"use one of {[k.name for k in _BY_PRIORITY if k.runs(layer, device, dtype, rows)]}."
+            )
+        return kernel
+    preferred = getattr(_forced, "preferred", None)
+    if preferred is not None and _KERNELS[preferred].runs(layer, device, dtype, rows):
+        return _KERNELS[preferred]
+    for kernel in _BY_PRIORITY:
+        if kernel.runs(layer, device, dtype, rows):
+            return kernel
+    raise RuntimeError(f"no kernel supports {layer.extra_repr()} on {x.device.type}/{x.dtype}")

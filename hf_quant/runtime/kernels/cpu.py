@@ -1,0 +1,119 @@
+"""CPU fast paths on torch's built-in packed-int matmuls.
+
+int4 (`_weight_int4pack_mm_for_cpu`, tinygemm's layout): w = (q - 8) * scale + zero per group of
+32/64/128/256 input channels. Our codes of 2, 3 and 4 bits fit in it exactly, with
+tinygemm_zero = (8 - z) * scale. Per-channel layers use the largest such group that divides
+in_features, with the scale repeated.
+Act-order layers (g_idx) are run with their input channels sorted by group: the codes once at
+prepare time, the activations on every call.
+int8 (`_weight_int8pack_mm`): per-output-channel symmetric int8; an asymmetric zero adds
+(128 - z) * scale * sum(x) to each output.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ...core import codes_by_group, zero_points
+from .base import Kernel, register_kernel
+
+_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Above these many rows, dequantize + F.linear (kernel "dequant_matmul") is faster than the packed
+# ops, which are GEMV-oriented and have no fast fp32 path (benchmarks/bench_cpu.py, 2 cores).
+MAX_ROWS = {torch.float32: 4, torch.bfloat16: 384, torch.float16: 384}
+
+
+_INT4_GROUPS = (256, 128, 64, 32)
+
+
+class _CpuPacked(Kernel):
+    priority = 10
+
+    def max_rows(self, dtype: torch.dtype) -> int | None:
+        return MAX_ROWS.get(dtype)
+
+    def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
+        return device.type == "cpu" and dtype in _CPU_DTYPES and self.fits(layer)
+
+    def fits(self, layer: Any) -> bool:
+        raise NotImplementedError
+
+
+def _int4_group_size(layer: Any) -> int | None:
+    K = layer.in_features
+    if layer.spec.group_size == -1:
+        return next((g for g in _INT4_GROUPS if K % g == 0), None)
+    return layer.spec.group_size if layer.spec.group_size in _INT4_GROUPS else None
+
+
+def _flatten(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def _finish(layer: Any, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if layer.bias is not None:
+        y = y + layer.bias.to(y.dtype)
+    return y.reshape(*x.shape[:-1], layer.out_features)
+
+
+class Int4CpuKernel(_CpuPacked):
+    name = "cpu_int4"
+
+    def fits(self, layer: Any) -> bool:
+        return (
+            layer.spec.bits <= 4
+            and layer.out_features % 16 == 0  # the op's packing works on tiles of 16 output channels
+            and _int4_group_size(layer) is not None
+            and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+        )
+
+    def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
+        spec, K = layer.spec, layer.in_features
+        gs = _int4_group_size(layer)
+        codes, perm = codes_by_group(layer.qweight, spec, K, layer.g_idx)  # act-order: groups made contiguous
+        codes = codes.to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+        scale = layer.scales.float()
+        zero = (8.0 - zero_points(layer.qzeros, spec, scale)) * scale
+        repeat = K // gs // scale.shape[1]  # > 1 only for per-channel layers
+        scale_zero = torch.stack([scale, zero], dim=-1).repeat_interleave(repeat, dim=1)  # (N, G, 2)
+        return packed, gs, scale_zero.transpose(0, 1).contiguous().to(dtype), perm
+
+    def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
+        packed, gs, scale_zero, perm = prepared
+        x2 = _flatten(x) if perm is None else _flatten(x).index_select(-1, perm)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, gs, scale_zero)
+        return _finish(layer, y, x)
+
+
+class Int8CpuKernel(_CpuPacked):
+    name = "cpu_int8"
+
+    def fits(self, layer: Any) -> bool:
+        return (
+            layer.spec.bits == 8
+            and layer.spec.group_size == -1
+            and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+        )
+
+    def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
+        w = (layer.qweight.to(torch.int16) - 128).to(torch.int8).contiguous()
+        scale = layer.scales.float()[:, 0]
+        offset = None
+        if layer.qzeros is not None:
+            offset = (128.0 - layer.qzeros.float()[:, 0]) * scale  # fp32 (N,)
+        return w, scale.to(dtype), offset
+
+    def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
+        w, scale, offset = prepared
+        x2 = _flatten(x)
+        y = torch.ops.aten._weight_int8pack_mm(x2, w, scale)
+        if offset is not None:
+            y = (y.float() + x2.float().sum(-1, keepdim=True) * offset).to(x.dtype)
+        return _finish(layer, y, x)
+
+
+register_kernel(Int4CpuKernel())
+register_kernel(Int8CpuKernel())

@@ -1,0 +1,160 @@
+"""`QuantLinear`: a linear layer holding packed integer codes, scales and zeros.
+
+It subclasses `nn.Linear` and exposes `weight` as its packed tensor (as bitsandbytes' `Linear4bit`
+does) so that PEFT's standard LoRA layer wraps it. Everywhere in hf_quant, test
+`isinstance(m, QuantLinear)` before `nn.Linear`. No kernel code here: `forward` goes through
+`dispatch.linear`, which runs the kernel chosen for the device, dtype, scheme and row count.
+
+The chosen kernels and their prepared weight layouts are cached on the layer and dropped wherever
+its buffers change: assigning a buffer, `load_state_dict`, `.to()`/`_apply`. After editing a
+buffer in place (`layer.qweight.copy_(...)`), call `layer.invalidate_kernels()`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from ..core import LayerSpec, QuantizedWeight, buffer_specs, dequantize_weight, pack_codes
+from .dispatch import linear
+from .scheme import ActivationSpec, Scheme
+
+
+def _invalidate_after_load(module: QuantLinear, incompatible_keys: Any) -> None:
+    module.invalidate_kernels()  # load_state_dict copies into the buffers in place
+
+
+class QuantLinear(nn.Linear):
+    """y = x @ W_hat.T + bias, W_hat = (codes - zero) * scale per group of input channels."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        spec: LayerSpec,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+        from_conv1d: bool = False,
+        activation: ActivationSpec | None = None,
+    ) -> None:
+        nn.Module.__init__(self)
+        self._kernel_cache: dict = {}  # (device, dtype, row class) -> (kernel forward, prepared layout)
+        self._prepared: dict = {}  # (kernel name, device, dtype) -> prepared layout
+        self.in_features = in_features
+        self.out_features = out_features
+        self.spec = spec
+        self.scheme = Scheme(spec, activation)
+        self.from_conv1d = from_conv1d  # restore a transformers Conv1D on dequantize
+        for name, (shape, buf_dtype) in buffer_specs(in_features, out_features, spec, dtype).items():
+            self.register_buffer(name, torch.empty(shape, dtype=buf_dtype, device=device))
+        if spec.sym:
+            self.register_buffer("qzeros", None)
+        if not spec.g_idx:
+            self.register_buffer("g_idx", None)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.register_load_state_dict_post_hook(_invalidate_after_load)
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        """The packed codes (uint8): what PEFT and transformers see as this layer's weight."""
+        return self.qweight
+
+    @classmethod
+    def from_quantized(
+        cls, qw: QuantizedWeight, spec: LayerSpec, bias: torch.Tensor | None, from_conv1d: bool = False
+    ) -> QuantLinear:
+        """Pack an algorithm's result into a new layer (on the codes' device)."""
+        out_features, in_features = qw.codes.shape
+        layer = cls(in_features, out_features, bias is not None, spec, dtype=qw.scale.dtype,
+                    device=qw.codes.device, from_conv1d=from_conv1d)
+        layer.qweight.copy_(pack_codes(qw.codes, spec.bits))
+        layer.scales.copy_(qw.scale)
+        if qw.zero is not None:
+            layer.qzeros.copy_(qw.zero)
+        if spec.g_idx:
+            if qw.g_idx is None:
+                raise ValueError(f"{spec} stores a g_idx but the quantized weight has none")
+            layer.g_idx.copy_(qw.g_idx)
+            layer._check_g_idx("QuantLinear.from_quantized")
+        if bias is not None:
+            layer.bias.data.copy_(bias.detach().to(layer.bias.dtype))
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(self, x)
+
+    def prepared(self, kernel: Any, device: torch.device, dtype: torch.dtype) -> Any:
+        """`kernel`'s weight layout for this layer on `device` / `dtype`, built once."""
+        key = (kernel.name, device, dtype)
+        if key not in self._prepared:
+            self._prepared[key] = kernel.prepare(self, device, dtype)
+        return self._prepared[key]
+
+    def invalidate_kernels(self) -> None:
+        """Drop the cached kernel choices and layouts (after the packed buffers changed)."""
+        self._kernel_cache.clear()
+        self._prepared.clear()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in ("qweight", "scales", "qzeros", "g_idx", "bias") and "_prepared" in self.__dict__:
+            self.invalidate_kernels()
+
+    def dequantize(self) -> torch.Tensor:
+        """The float weight W_hat (out, in), in the dtype of the scales."""
+        return dequantize_weight(self.qweight, self.scales, self.qzeros, self.spec, self.in_features,
+                                 self.scales.dtype, self.g_idx)
+
+    def check_buffers(self, name: str) -> None:
+        """Raise if loading left a buffer missing, on meta, or of the wrong shape/dtype."""
+        for buf_name, (shape, dtype) in buffer_specs(self.in_features, self.out_features, self.spec, None).items():
+            t = getattr(self, buf_name)
+            bad = t is None or t.is_meta or tuple(t.shape) != shape
+            bad = bad or (t.dtype != dtype if dtype is not None else not t.is_floating_point())
+            if bad:
+                got = "missing" if t is None else f"{t.dtype}{list(t.shape)} on {t.device}"
+                raise ValueError(f"{name}.{buf_name}: loaded tensor is {got}, expected {dtype or 'float'}{list(shape)}.")
+        self._check_g_idx(name)
+
+    def _check_g_idx(self, name: str) -> None:
+        """Act-order layers: g_idx must put exactly group_size channels in each group (kernels rely on it)."""
+        if self.g_idx is None:
+            return
+        n_groups = self.spec.groups(self.in_features)
+        g = self.g_idx.long()
+        if g.min() < 0 or g.max() >= n_groups or (torch.bincount(g, minlength=n_groups) != self.spec.group_size).any():
+            raise ValueError(
+                f"{name}.g_idx: every group must hold exactly group_size={self.spec.group_size} input channels, "
+                f"with group indices in [0, {n_groups}); this g_idx does not. Re-quantize or re-save the layer.")
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantLinear:
+        # `.to()`/`.cuda()`/`.half()` move the layer but never cast its quantized state: kernels cast
+        # scales and bias to the activation dtype, so the stored grid stays exactly what was saved.
+        device = fn(torch.empty(0, dtype=self.scales.dtype, device=self.scales.device)).device
+        for name, buf in self._buffers.items():
+            if buf is not None:
+                self._buffers[name] = buf.to(device)
+        if self.bias is not None:
+            self.bias.data = self.bias.data.to(device)
+        self.invalidate_kernels()
+        return self
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        act = self.scheme.activation
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"bits={s.bits}, group_size={s.group_size}, sym={s.sym}" + (", act_order" if s.g_idx else "")
+                + (f", activation={act.name}" if act is not None else ""))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state = dict(state)
+        state["_kernel_cache"], state["_prepared"] = {}, {}
+        state.pop("_op_id", None)
+        return state
