@@ -45,11 +45,12 @@ def worker(path: str, device: str, steps: int, batch: int, seq: int) -> None:
     from transformers import AutoModelForCausalLM
 
     import hf_quant  # noqa: F401
+    from hf_quant import compat
 
     base_rss = rss_mib()
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map=device)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    compat.enable_activation_checkpointing(model, use_reentrant=False)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     g = torch.Generator().manual_seed(0)

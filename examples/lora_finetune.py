@@ -37,6 +37,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Printe
 from transformers.utils import logging as hf_logging
 
 import hf_quant
+from hf_quant import compat
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "tests" / "assets" / "tiny-llama"
 SLICES = 10
@@ -122,7 +123,7 @@ def make_trainer(args: argparse.Namespace, model: PeftModel, tokenizer, train_te
     targs = TrainingArguments(
         output_dir=output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1,
-        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+        **compat.activation_checkpointing_arguments(use_reentrant=False),
         save_strategy="no", report_to=[], seed=args.seed, data_seed=args.seed, use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=False, ddp_broadcast_buffers=False,  # packed weights are frozen buffers
         dataloader_drop_last=True, disable_tqdm=True,

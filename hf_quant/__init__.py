@@ -13,8 +13,7 @@ from transformers.quantizers import register_quantization_config
 from .config import FORMAT_VERSION, QUANT_METHOD, QuantConfig
 from .core import LayerSpec
 from .runtime import QuantLinear, kernels
-
-__version__ = "0.1.0"
+from .version import __version__
 
 register_quantization_config(QUANT_METHOD)(QuantConfig)
 

@@ -79,3 +79,28 @@ def register_custom_lora_module(lora_config: Any, mapping: dict) -> Any:
     """PEFT's documented (experimental) route: `LoraConfig._register_custom_module(mapping)`."""
     lora_config._register_custom_module(mapping)
     return lora_config
+
+
+# --- transformers API renames (public names; which ones exist depends on the release) ---------------
+
+def activation_checkpointing_arguments(**checkpoint_kwargs: Any) -> dict[str, Any]:
+    """`TrainingArguments` keywords that turn activation checkpointing on: `activation_checkpointing`
+    (transformers >= 5.24, which deprecates the old name) or `gradient_checkpointing` before it."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    new = "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}
+    name = "activation_checkpointing" if new else "gradient_checkpointing"
+    args: dict[str, Any] = {name: True}
+    if checkpoint_kwargs:
+        args[f"{name}_kwargs"] = dict(checkpoint_kwargs)
+    return args
+
+
+def enable_activation_checkpointing(model: Any, **checkpoint_kwargs: Any) -> None:
+    """`model.activation_checkpointing_enable(...)`, or `gradient_checkpointing_enable(...)` on releases before it."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs or None)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs or None)

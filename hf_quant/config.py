@@ -10,7 +10,6 @@ import copy
 import inspect
 import json
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -29,6 +28,10 @@ _OVERRIDABLE = ("bits", "group_size", "sym")
 _SKIP_PREFIX = "-:"
 _MATCH_PREFIX = "+:"
 _RUNTIME_ONLY = ("dataset", "calibration_device")  # how to calibrate this run, not what was saved
+# __init__ arguments stored as given (the others are copied or checked first)
+_PLAIN_FIELDS = ("method", "bits", "group_size", "sym", "on_incompatible", "dataset", "num_samples", "seq_len", "seed",
+                 "damp_percent", "block_size", "desc_act", "static_groups", "true_sequential", "mse", "epochs",
+                 "learning_rate", "block_name_to_quantize", "calibration_device", "format_version")
 
 
 def _check_bits(bits: Any, field: str) -> None:
@@ -144,6 +147,7 @@ class QuantConfig(QuantizationConfigMixin):
         provenance: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
+        fields = dict(locals())
         _check_format_version(format_version)  # first: a newer checkpoint may carry fields we do not know
         quant_method = kwargs.pop("quant_method", QUANT_METHOD)
         if quant_method != QUANT_METHOD:
@@ -154,31 +158,13 @@ class QuantConfig(QuantizationConfigMixin):
             raise ValueError(f"QuantConfig got unknown field(s) {sorted(kwargs)}; known fields: "
                              f"{sorted(set(known) | set(option_fields()))}.")
         self.quant_method = QUANT_METHOD
-        self.method = method
-        self.bits = bits
-        self.group_size = group_size
-        self.sym = sym
         if modules_to_not_convert is not None and not isinstance(modules_to_not_convert, (list, tuple)):
             raise ValueError(f"QuantConfig.modules_to_not_convert={modules_to_not_convert!r} must be a list of module "
                              "names (strings), e.g. ['lm_head'].")
+        for name in _PLAIN_FIELDS:  # dataset and calibration_device are used while calibrating, never saved
+            setattr(self, name, fields[name])
         self.modules_to_not_convert = None if modules_to_not_convert is None else list(modules_to_not_convert)
         self.dynamic = None if dynamic is None else copy.deepcopy(dynamic)
-        self.on_incompatible = on_incompatible
-        self.dataset = dataset  # used while calibrating; never serialized
-        self.num_samples = num_samples
-        self.seq_len = seq_len
-        self.seed = seed
-        self.damp_percent = damp_percent
-        self.block_size = block_size
-        self.desc_act = desc_act
-        self.static_groups = static_groups
-        self.true_sequential = true_sequential
-        self.mse = mse
-        self.epochs = epochs
-        self.learning_rate = learning_rate
-        self.block_name_to_quantize = block_name_to_quantize
-        self.calibration_device = calibration_device  # runtime choice; never serialized
-        self.format_version = format_version
         self.provenance = copy.deepcopy(provenance)
         self.__dict__.update(extra)
         self.post_init()

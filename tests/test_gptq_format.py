@@ -470,8 +470,8 @@ def test_pickle_checkpoint_is_refused(gptq_dir, tmp_path, monkeypatch):
 
 def test_checkpoint_not_matching_its_config_is_refused(gptq_dir, tmp_path):
     _edit_config(gptq_dir, bits=8)
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj\.qweight: checkpoint tensor is I32\[16, 128\], "
-                                         r"expected I32\[32, 128\] for a 128->128 layer with bits=8"):
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj: checkpoint tensor 'qweight' is "
+                                         r"I32\[16, 128\], expected I32\[32, 128\] for a 128->128 GPTQ layer with bits=8"):
         import_gptq(gptq_dir, tmp_path / "hfq")
     _edit_config(gptq_dir, bits=4, sym=True)
     with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj: the quantization_config says sym=True"):

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 from transformers.pytorch_utils import Conv1D
 
 import hf_quant
+from hf_quant import compat
 from hf_quant.config import LayerSpec
 from hf_quant.core import dequantize_weight
 from hf_quant.runtime import QuantLinear
@@ -138,7 +139,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(q_llama, input_ids, ree
     for checkpointing in (False, True):
         model = AutoModelForCausalLM.from_pretrained(q_llama, dtype=torch.float32)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            compat.enable_activation_checkpointing(model, use_reentrant=reentrant)
             model.enable_input_require_grads()
         pm = lora(model)
         pm.train()
@@ -158,7 +159,7 @@ def test_prepare_model_for_kbit_training_and_trainer(q_llama, input_ids, tmp_pat
     data = [{"input_ids": input_ids[i], "labels": input_ids[i]} for i in range(2)] * 4
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=2,
                              learning_rate=5e-3, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
-                             gradient_checkpointing=True, disable_tqdm=True)
+                             disable_tqdm=True, **compat.activation_checkpointing_arguments())
     start = {n: p.detach().clone() for n, p in lora_params(pm).items()}
     trainer = Trainer(model=pm, args=args, train_dataset=data)
     trainer.train()
@@ -176,12 +177,50 @@ def test_trainer_refuses_a_quantized_model_without_adapters(q_llama, tmp_path, i
 
 @pytest.mark.parametrize("kw,match", [({"use_dora": True}, "use_dora=True"),
                                       ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
-                                      ({"init_lora_weights": "olora"}, "init_lora_weights='olora'")])
+                                      ({"init_lora_weights": "olora"}, "init_lora_weights='olora'"),
+                                      ({"kasa_config": "kasa"}, "kasa_config")])
 def test_lora_variants_that_need_float_weights_are_refused(q_llama, kw, match):
+    """DoRA, KaSA (which would SVD the packed codes and write them back) and weight-rewriting inits."""
+    if kw.get("kasa_config") == "kasa":
+        kw = {"kasa_config": peft.KasaConfig()}
     model = AutoModelForCausalLM.from_pretrained(q_llama)
+    codes = {n: b.clone() for n, b in model.named_buffers()}
     with pytest.raises(ValueError, match=match) as err:
         get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], **kw))
     assert "model.layers.0.self_attn.q_proj" in str(err.value)
+    assert all(torch.equal(b, codes[n]) for n, b in model.named_buffers())
+
+
+def test_a_second_adapter_is_checked_too(q_llama):
+    pm = lora(AutoModelForCausalLM.from_pretrained(q_llama), target_modules=["q_proj"])
+    with pytest.raises(ValueError, match="use_dora=True"):
+        pm.add_adapter("second", LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+
+
+def test_lora_layer_class_and_layer_level_merge_guard(q_llama):
+    """hf_quant layers get PEFT's lora.Linear subclass `QuantLoraLinear` (no registration call); its own
+    merge refuses too, so paths that skip the tuner's check (a direct layer.merge()) cannot write codes."""
+    from hf_quant.integrations.peft_lora import QuantLoraLinear
+
+    pm = lora(AutoModelForCausalLM.from_pretrained(q_llama))
+    layers = [m for m in pm.modules() if isinstance(m, peft.tuners.lora.Linear)]
+    quantized = [m for m in layers if isinstance(m.get_base_layer(), QuantLinear)]
+    assert quantized and all(type(m) is QuantLoraLinear for m in quantized)
+    before = quantized[0].get_base_layer().qweight.clone()
+    for call in (quantized[0].merge, lambda: quantized[0].merge(safe_merge=True), quantized[0].unmerge):
+        with pytest.raises(ValueError, match=r"hf_quant\.merge_lora"):
+            call()
+    assert torch.equal(quantized[0].get_base_layer().qweight, before)
+
+
+def test_register_lora_uses_peft_documented_custom_module_route(q_llama, input_ids):
+    from hf_quant.integrations.peft_lora import QuantLoraLinear
+
+    config = hf_quant.register_lora(LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    assert config._custom_modules == {QuantLinear: QuantLoraLinear}
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(q_llama), config)
+    assert any(type(m) is QuantLoraLinear for m in pm.modules())
+    pm(input_ids=input_ids).logits.sum().backward()
 
 
 @pytest.mark.parametrize("config", [lambda: peft.LoHaConfig(r=4, target_modules=["q_proj"]),

@@ -29,7 +29,7 @@ def run_kernel(layer, x, name="triton_qgemm"):
         with kernels.use_kernel(name):
             return layer(x)
     kernel = KERNELS[name]
-    return kernel.forward(layer, x, kernel.prepare(layer, x))  # interpreter: call the kernel directly
+    return kernel.forward(layer, x, kernel.prepare(layer, x.device, x.dtype))  # interpreter: call the kernel directly
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

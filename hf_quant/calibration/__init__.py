@@ -9,30 +9,16 @@ from __future__ import annotations
 import logging
 import time
 
-import torch
 import torch.nn as nn
 from transformers.utils import logging as hf_logging
 
 from ..config import LayerSpec, QuantConfig
-from ..core.layers import is_conv1d, linear_weight, set_module
+from ..core.layers import set_module
 from ..methods import get_method
-from ..runtime import QuantLinear
+from .blockwise import quantize_blockwise
+from .layer import quantize_layer
 
 logger = logging.getLogger("hf_quant")
-
-
-def quantize_layer(name: str, module: nn.Module, spec: LayerSpec, method: str, **stats) -> QuantLinear:
-    """Quantize one float layer into a QuantLinear; refuses non-finite weights, naming the module."""
-    W = linear_weight(module).detach()
-    if not torch.isfinite(W).all():
-        bad = (~torch.isfinite(W)).sum().item()
-        raise ValueError(
-            f"{name}: weight has {bad} NaN/inf value(s) and cannot be quantized. Fix the checkpoint, "
-            f"or keep the layer in float with QuantConfig(modules_to_not_convert=[{name!r}])."
-        )
-    scale_dtype = W.dtype if W.dtype.is_floating_point else torch.float32
-    qw = get_method(method).quantize(W.float(), spec, scale_dtype, **stats)
-    return QuantLinear.from_quantized(qw, spec, module.bias, from_conv1d=is_conv1d(module))
 
 
 def quantize_model(model: nn.Module, config: QuantConfig, targets: dict[str, LayerSpec]) -> list[dict]:
@@ -43,8 +29,6 @@ def quantize_model(model: nn.Module, config: QuantConfig, targets: dict[str, Lay
     start = time.perf_counter()
     originals = {name: model.get_submodule(name) for name in targets}
     if method.needs_calibration:
-        from .blockwise import quantize_blockwise
-
         try:
             return quantize_blockwise(model, config, targets)
         except BaseException:

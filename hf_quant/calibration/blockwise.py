@@ -25,7 +25,7 @@ from transformers.utils import logging as hf_logging
 from ..config import LayerSpec, QuantConfig
 from ..core.layers import is_conv1d, linear_shape, linear_weight, map_tensors, set_module
 from ..methods import BlockContext, get_method
-from . import quantize_layer
+from .layer import quantize_layer
 from .data import calibration_windows
 
 logger = logging.getLogger("hf_quant")
@@ -56,7 +56,7 @@ def find_blocks(model: nn.Module, name: str | None = None) -> tuple[str, nn.Modu
                 f"candidates: {[n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]}."
             )
         return name, module
-    try:
+    try:  # a public function of optimum.gptq.utils (not re-exported by optimum.gptq, no underscore)
         from optimum.gptq.utils import get_block_name_with_pattern
 
         found = get_block_name_with_pattern(model)

@@ -12,7 +12,7 @@ from typing import Any
 from peft.tuners.lora import Linear as LoraLinear
 
 from ..runtime import QuantLinear
-from .peft import check_adapter_config, merge_refusal
+from .peft_checks import check_adapter_config, merge_refusal
 
 
 class QuantLoraLinear(LoraLinear):

@@ -26,6 +26,14 @@ from . import hub
 from . import peft as peft_integration
 
 
+def provenance(model, calibration: str) -> dict:
+    """What the model card says of where a quantized model came from (no private paths)."""
+    from ..version import __version__
+
+    return {"base_model": hub.describe_source(getattr(model.config, "name_or_path", None)), "calibration": calibration,
+            "hf_quant_version": __version__}
+
+
 @register_quantizer(QUANT_METHOD)
 class HfQuantQuantizer(HfQuantizer):
     requires_calibration = False
@@ -62,18 +70,11 @@ class HfQuantQuantizer(HfQuantizer):
         else:
             # per-block summary of the calibration, readable as `model.hf_quantizer.calibration_report`
             self.calibration_report = quantize_model(model, config, self.targets)
-            config.provenance = self._provenance(model)
+            calibration = ("none: data-free method" if not get_method(config.method).needs_calibration
+                           else describe_dataset(config.dataset, config.num_samples, config.seq_len))
+            config.provenance = provenance(model, calibration)
         hub.install(model)  # atomic save_pretrained with a model card; push_to_hub with card and tokenizer
         return model
-
-    def _provenance(self, model) -> dict:
-        from .. import __version__
-
-        config = self.quantization_config
-        calibration = ("none: data-free method" if not get_method(config.method).needs_calibration
-                       else describe_dataset(config.dataset, config.num_samples, config.seq_len))
-        return {"base_model": hub.describe_source(getattr(model.config, "name_or_path", None)), "calibration": calibration,
-                "hf_quant_version": __version__}
 
     def param_needs_quantization(self, model, param_name: str, **kwargs: Any) -> bool:
         return False
@@ -130,10 +131,10 @@ def attach(model, config: QuantConfig):
 
 
 def _after_training_convert(model, config: QuantConfig | None) -> None:
-    if config is not None and hasattr(model, "config"):
-        if any(isinstance(m, FakeQuantLinear) for m in model.modules()):
-            return
-        attach(model, config)
+    if config is None or not hasattr(model, "config") or any(isinstance(m, FakeQuantLinear) for m in model.modules()):
+        return
+    config.provenance = provenance(model, "quantization-aware training (hf_quant.training), data chosen by the user")
+    attach(model, config)
 
 
 on_convert(_after_training_convert)

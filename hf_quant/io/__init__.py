@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..core.registry import Registry
+
 
 @dataclass(frozen=True)
 class Format:
@@ -21,25 +23,20 @@ class Format:
     import_: Callable[..., Path] | None = None  # import_(src, out_dir, **options) -> an hf_quant checkpoint
 
 
-_FORMATS: dict[str, Format] = {}
+FORMATS: Registry[Format] = Registry("checkpoint format")
 
 
 def register_format(fmt: Format) -> Format:
-    if fmt.name in _FORMATS:
-        raise ValueError(f"checkpoint format {fmt.name!r} is already registered")
-    _FORMATS[fmt.name] = fmt
-    return fmt
+    return FORMATS.register(fmt.name, fmt)
 
 
 def get_format(name: str) -> Format:
-    if name not in _FORMATS:
-        raise ValueError(f"unknown checkpoint format {name!r}; available: {available_formats()}")
-    return _FORMATS[name]
+    return FORMATS.get(name)
 
 
 def available_formats(*, exporting: bool = False, importing: bool = False) -> list[str]:
-    return sorted(n for n, f in _FORMATS.items()
-                  if (not exporting or f.export is not None) and (not importing or f.import_ is not None))
+    return [f.name for f in FORMATS.values()
+            if (not exporting or f.export is not None) and (not importing or f.import_ is not None)]
 
 
 from . import gptq, native  # noqa: E402
@@ -49,4 +46,4 @@ register_format(Format("hf_quant", "hf_quant's own safetensors layout (README: O
 register_format(Format("gptq", "the GPTQ layout vLLM / TGI / GPTQModel / transformers load (v1 or v2)",
                        export=gptq.export_gptq, import_=gptq.import_gptq))
 
-__all__ = ["Format", "available_formats", "get_format", "register_format"]
+__all__ = ["FORMATS", "Format", "available_formats", "get_format", "register_format"]

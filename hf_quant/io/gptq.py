@@ -78,7 +78,7 @@ def export_gptq(
         state.update({f"{name}.{k}": t for k, t in gptq.items()})
     tensors = _cast_floats(state, dtype)
 
-    from .. import __version__
+    from ..version import __version__
 
     gptq_config = gptq_config_dict(qc, {n: m.spec for n, m in layers.items()}, float_linears,
                                    lm_head=lm_head in layers, checkpoint_format=checkpoint_format,

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from ..core import LayerSpec, QuantizedWeight
+from ..core.registry import Registry
 
 # --- options: fields of QuantConfig a method takes --------------------------------------------------
 
@@ -134,7 +135,7 @@ class Method:
         return dataclasses.asdict(self.options(**{n: getattr(config, n) for n in self.option_fields}))
 
 
-_METHODS: dict[str, Method] = {}
+METHODS: Registry[Method] = Registry("quantization method")
 
 
 def register_method(name: str, *, needs_calibration: bool, options: type | None = None, description: str = "",
@@ -142,34 +143,30 @@ def register_method(name: str, *, needs_calibration: bool, options: type | None 
     """Decorator registering `fn(W, spec, scale_dtype, **stats, **options) -> QuantizedWeight` under `name`."""
 
     def deco(fn: Callable[..., QuantizedWeight]) -> Callable[..., QuantizedWeight]:
-        if name in _METHODS:
-            raise ValueError(f"quantization method {name!r} is already registered")
         if options is not None and not (dataclasses.is_dataclass(options) and issubclass(options, Options)):
             raise TypeError(f"method {name!r}: options must be a dataclass deriving from hf_quant.methods.Options")
-        _METHODS[name] = Method(name, fn, needs_calibration, options, description or name, stage, observe)
+        METHODS.register(name, Method(name, fn, needs_calibration, options, description or name, stage, observe))
         return fn
 
     return deco
 
 
 def get_method(name: str) -> Method:
-    if name not in _METHODS:
-        raise ValueError(f"unknown quantization method {name!r}; available: {available_methods()}")
-    return _METHODS[name]
+    return METHODS.get(name)
 
 
 def available_methods() -> list[str]:
-    return sorted(_METHODS)
+    return METHODS.names()
 
 
 def option_fields() -> dict[str, dataclasses.Field]:
     """Every method option by name (the first method that declares it defines its check)."""
     fields: dict[str, dataclasses.Field] = {}
-    for name in available_methods():
-        for n, f in _METHODS[name].option_fields.items():
+    for method in METHODS.values():
+        for n, f in method.option_fields.items():
             fields.setdefault(n, f)
     return fields
 
 
 def methods_taking(option_name: str) -> list[str]:
-    return [m for m in available_methods() if option_name in _METHODS[m].option_fields]
+    return [m.name for m in METHODS.values() if option_name in m.option_fields]

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..core import dequantize_weight
-from .kernels.base import forcing, row_class, rows_of, select_kernel
+from .kernels.base import _forcing_anywhere, row_class, select_kernel
 
 
 def linear(layer: Any, x: torch.Tensor) -> torch.Tensor:
@@ -26,20 +26,22 @@ def linear(layer: Any, x: torch.Tensor) -> torch.Tensor:
     the layer for backward and dequantizes W_hat there, one layer at a time: no float copy of the
     weights stays alive between forward and backward. Under `torch.compile` the layer is one op,
     `torch.ops.hf_quant.quant_linear`, with the same forward and backward."""
-    bias = layer.bias
     if torch.compiler.is_compiling():
-        return torch.ops.hf_quant.quant_linear(x, layer.qweight, layer.scales, bias, layer_id(layer))
-    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-        return _QuantLinearFunction.apply(x, bias, layer)
+        return torch.ops.hf_quant.quant_linear(x, layer.qweight, layer.scales, layer.bias, layer._op_id)
+    if torch.is_grad_enabled():
+        bias = layer.bias
+        if x.requires_grad or (bias is not None and bias.requires_grad):
+            return _QuantLinearFunction.apply(x, bias, layer)
     return run_kernel(layer, x)
 
 
 def run_kernel(layer: Any, x: torch.Tensor) -> torch.Tensor:
     """Forward through the kernel chosen for this (device, dtype, row class), no autograd."""
-    if forcing():  # use_kernel / prefer_kernel: choose anew on every call, outside the cache
+    if _forcing_anywhere[0]:  # use_kernel / prefer_kernel: choose anew on every call, outside the cache
         kernel = select_kernel(layer, x)
         return kernel.forward(layer, x, layer.prepared(kernel, x.device, x.dtype))
-    key = (x.device, x.dtype, row_class(x.dtype, rows_of(x)))
+    dtype = x.dtype
+    key = (x.device, dtype, row_class(dtype, x.numel() // x.shape[-1] if x.shape[-1] else 0))
     entry = layer._kernel_cache.get(key)
     if entry is None:
         kernel = select_kernel(layer, x)
@@ -83,13 +85,16 @@ _LAYERS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 _ids = itertools.count()
 
 
-def layer_id(layer: Any) -> int:
-    """A process-wide id under which the custom op finds the layer (its prepared kernel layouts)."""
-    key = layer.__dict__.get("_op_id")
-    if key is None:
-        key = layer.__dict__["_op_id"] = next(_ids)
-        _LAYERS[key] = layer
+def register_layer(layer: Any) -> int:
+    """A new process-wide id under which the custom op finds `layer` (and its prepared kernel layouts);
+    taken when the layer is built or unpickled, so that compiled code only reads it."""
+    key = next(_ids)
+    _LAYERS[key] = layer
     return key
+
+
+def layer_id(layer: Any) -> int:
+    return layer._op_id
 
 
 @torch.library.custom_op("hf_quant::quant_linear", mutates_args=())
@@ -106,14 +111,29 @@ def _(x, qweight, scales, bias, layer):
     return x.new_empty((*x.shape[:-1], scales.shape[0]))
 
 
+@torch.library.custom_op("hf_quant::quant_linear_grad_input", mutates_args=())
+def quant_linear_grad_input_op(grad_y: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                               layer: int) -> torch.Tensor:
+    """dy/dx of `quant_linear`: grad_y @ W_hat, W_hat dequantized inside the op (and dropped after)."""
+    return grad_input(_LAYERS[layer], grad_y)
+
+
+@quant_linear_grad_input_op.register_fake
+def _(grad_y, qweight, scales, layer):
+    return grad_y.new_empty((*grad_y.shape[:-1], _LAYERS[layer].in_features))
+
+
 def _setup_context(ctx, inputs, output):
-    ctx.layer = inputs[4]
+    x, qweight, scales, bias, layer = inputs
+    ctx.layer = layer
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.save_for_backward(qweight, scales)
 
 
 def _backward(ctx, grad_y):
-    layer = _LAYERS[ctx.layer]
-    gx = grad_input(layer, grad_y) if ctx.needs_input_grad[0] else None
-    gb = grad_bias(layer, grad_y) if ctx.needs_input_grad[3] else None
+    qweight, scales = ctx.saved_tensors
+    gx = quant_linear_grad_input_op(grad_y, qweight, scales, ctx.layer) if ctx.needs_input_grad[0] else None
+    gb = grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[3] else None
     return gx, None, None, gb, None
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..core import LayerSpec, QuantizedWeight, buffer_specs, dequantize_weight, pack_codes
-from .dispatch import linear
+from .dispatch import linear, register_layer
 from .scheme import ActivationSpec, Scheme
 
 
@@ -43,6 +43,7 @@ class QuantLinear(nn.Linear):
         nn.Module.__init__(self)
         self._kernel_cache: dict = {}  # (device, dtype, row class) -> (kernel forward, prepared layout)
         self._prepared: dict = {}  # (kernel name, device, dtype) -> prepared layout
+        self._op_id = register_layer(self)  # how torch.ops.hf_quant.quant_linear finds this layer
         self.in_features = in_features
         self.out_features = out_features
         self.spec = spec
@@ -158,3 +159,7 @@ class QuantLinear(nn.Linear):
         state["_kernel_cache"], state["_prepared"] = {}, {}
         state.pop("_op_id", None)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._op_id = register_layer(self)

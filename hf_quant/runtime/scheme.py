@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from ..core import LayerSpec
+from ..core.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -46,20 +47,15 @@ class ActivationQuantizer:
     fake_quantize: Callable[..., torch.Tensor]
 
 
-_ACTIVATIONS: dict[str, ActivationQuantizer] = {}
+ACTIVATIONS: Registry[ActivationQuantizer] = Registry("activation quantizer")
 
 
 def register_activation(quantizer: ActivationQuantizer) -> ActivationQuantizer:
-    if quantizer.name in _ACTIVATIONS:
-        raise ValueError(f"activation quantizer {quantizer.name!r} is already registered")
-    _ACTIVATIONS[quantizer.name] = quantizer
-    return quantizer
+    return ACTIVATIONS.register(quantizer.name, quantizer)
 
 
 def get_activation(name: str) -> ActivationQuantizer:
-    if name not in _ACTIVATIONS:
-        raise ValueError(f"unknown activation quantizer {name!r}; registered: {sorted(_ACTIVATIONS)}")
-    return _ACTIVATIONS[name]
+    return ACTIVATIONS.get(name)
 
 
 def fake_quantize_input(scheme: Scheme, x: torch.Tensor) -> torch.Tensor:

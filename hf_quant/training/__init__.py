@@ -17,22 +17,21 @@ import torch.nn as nn
 from .. import compat
 from ..config import QuantConfig
 from ..core import LayerSpec
+from ..core.registry import Registry
 from ..core.layers import set_module
 from ..methods import get_method
 from ..runtime import QuantLinear
 from ..runtime.convert import find_targets, resolve_modules_to_not_convert
 from .fake_quant import FakeQuantLinear, rtn_grid_ste
 
-_TRAINABLE: dict[str, Callable[[torch.Tensor, LayerSpec, torch.dtype], torch.Tensor]] = {}
+TRAINABLE: Registry[Callable[[torch.Tensor, LayerSpec, torch.dtype], torch.Tensor]] = Registry("trainable method")
 _ON_CONVERT: list[Callable[[nn.Module, QuantConfig], None]] = []
 
 
 def register_trainable(name: str, fake_quantize: Callable[[torch.Tensor, LayerSpec, torch.dtype], torch.Tensor]):
     """Make method `name` trainable: `fake_quantize(W, spec, scale_dtype)` is its grid in STE form."""
-    if name in _TRAINABLE:
-        raise ValueError(f"trainable method {name!r} is already registered")
     get_method(name)  # the frozen layers are quantized by the registered method of the same name
-    _TRAINABLE[name] = fake_quantize
+    TRAINABLE.register(name, fake_quantize)
 
 
 def on_convert(hook: Callable[[nn.Module, QuantConfig], None]) -> None:
@@ -48,9 +47,9 @@ def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
     """Swap every layer `config` would quantize for a trainable `FakeQuantLinear`, in place."""
     if not isinstance(config, QuantConfig):
         raise TypeError(f"prepare: config must be an hf_quant.QuantConfig, got {type(config).__name__}")
-    if config.method not in _TRAINABLE:
+    if config.method not in TRAINABLE:
         raise ValueError(f"prepare: QuantConfig.method={config.method!r} has no quantization-aware training; "
-                         f"trainable methods: {sorted(_TRAINABLE)}.")
+                         f"trainable methods: {TRAINABLE.names()}.")
     if any(isinstance(m, (QuantLinear, FakeQuantLinear)) for m in model.modules()):
         raise ValueError("prepare: the model already has quantized or fake-quantized layers; start from a float model.")
     requested = config.modules_to_not_convert
@@ -60,7 +59,7 @@ def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
         raise ValueError("prepare: no layer to quantize (every linear is skipped); check modules_to_not_convert.")
     for name, spec in targets.items():
         set_module(model, name, FakeQuantLinear(model.get_submodule(name), spec, config.method,
-                                                _TRAINABLE[config.method]))
+                                                TRAINABLE.get(config.method)))
     if requested is None:
         config.modules_to_not_convert = skip
     model.hf_quant_training_config = config

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from ...core.registry import Registry
+
 
 class Kernel:
     """Base class: override `supports`, `forward`, and `prepare` if the kernel needs its own layout."""
@@ -46,19 +48,28 @@ class Kernel:
                 and self.supports(layer, device, dtype))
 
 
-_KERNELS: dict[str, Kernel] = {}
+KERNELS: Registry[Kernel] = Registry("kernel")
 _BY_PRIORITY: list[Kernel] = []
 _ROW_CUTS: dict[torch.dtype, list[int]] = {}
 _forced = threading.local()
+_forcing_anywhere = [0]  # use_kernel / prefer_kernel blocks open in any thread: the fast path checks only this
 
 
 def register_kernel(kernel: Kernel) -> Kernel:
-    if kernel.name in _KERNELS:
-        raise ValueError(f"kernel {kernel.name!r} is already registered")
-    _KERNELS[kernel.name] = kernel
-    _BY_PRIORITY[:] = sorted(_KERNELS.values(), key=lambda k: -k.priority)
-    _ROW_CUTS.clear()
+    KERNELS.register(kernel.name, kernel)
+    _registry_changed()
     return kernel
+
+
+def unregister_kernel(name: str) -> Kernel:
+    kernel = KERNELS.unregister(name)
+    _registry_changed()
+    return kernel
+
+
+def _registry_changed() -> None:
+    _BY_PRIORITY[:] = sorted(KERNELS.values(), key=lambda k: -k.priority)  # stable: ties by name
+    _ROW_CUTS.clear()
 
 
 def available_kernels() -> list[str]:
@@ -80,16 +91,15 @@ def row_class(dtype: torch.dtype, rows: int) -> int:
 @contextlib.contextmanager
 def _thread_setting(attr: str, name: str) -> Iterator[None]:
     """Set `_forced.<attr>` to kernel `name` for this thread inside the block."""
-    if name not in _KERNELS:
-        raise ValueError(f"unknown kernel {name!r}; available: {available_kernels()}")
+    KERNELS.get(name)  # unknown names raise here
     prev = getattr(_forced, attr, None)
     setattr(_forced, attr, name)
-    _forced.any = True
+    _forcing_anywhere[0] += 1
     try:
         yield
     finally:
         setattr(_forced, attr, prev)
-        _forced.any = getattr(_forced, "name", None) is not None or getattr(_forced, "preferred", None) is not None
+        _forcing_anywhere[0] -= 1
 
 
 def use_kernel(name: str) -> contextlib.AbstractContextManager[None]:
@@ -104,8 +114,9 @@ def prefer_kernel(name: str) -> contextlib.AbstractContextManager[None]:
 
 
 def forcing() -> bool:
-    """Whether `use_kernel` / `prefer_kernel` is active in this thread (the choice cache is bypassed)."""
-    return getattr(_forced, "any", False)
+    """Whether `use_kernel` / `prefer_kernel` may be active (in any thread): the choice cache is then
+    bypassed and `select_kernel` reads this thread's setting."""
+    return _forcing_anywhere[0] > 0
 
 
 def select_kernel(layer: Any, x: torch.Tensor) -> Kernel:
@@ -113,7 +124,7 @@ def select_kernel(layer: Any, x: torch.Tensor) -> Kernel:
     device, dtype, rows = x.device, x.dtype, rows_of(x)
     forced = getattr(_forced, "name", None)
     if forced is not None:
-        kernel = _KERNELS[forced]
+        kernel = KERNELS.get(forced)
         if not kernel.runs(layer, device, dtype, rows):
             raise ValueError(
                 f"kernel {forced!r} cannot run {layer.extra_repr()} on {x.device.type}/{x.dtype} inputs; "
@@ -121,8 +132,8 @@ def select_kernel(layer: Any, x: torch.Tensor) -> Kernel:
             )
         return kernel
     preferred = getattr(_forced, "preferred", None)
-    if preferred is not None and _KERNELS[preferred].runs(layer, device, dtype, rows):
-        return _KERNELS[preferred]
+    if preferred is not None and KERNELS.get(preferred).runs(layer, device, dtype, rows):
+        return KERNELS.get(preferred)
     for kernel in _BY_PRIORITY:
         if kernel.runs(layer, device, dtype, rows):
             return kernel

@@ -1,0 +1,64 @@
+"""Quantization-aware training: prepare -> train -> convert, on RTN's grid in straight-through form."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import hf_quant
+from hf_quant import training
+from hf_quant.core import LayerSpec, grid
+from hf_quant.runtime import QuantLinear
+
+
+def test_ste_grid_is_rtn_forward_and_identity_backward():
+    W = torch.randn(16, 64, requires_grad=True)
+    spec = LayerSpec(3, 32, False)
+    W_hat = training.fake_quant.rtn_grid_ste(W, spec, torch.float32)
+    assert torch.equal(W_hat, grid.fake_quantize(W.detach(), spec, torch.float32))
+    W_hat.sum().backward()
+    assert torch.equal(W.grad, torch.ones_like(W))
+
+
+@pytest.fixture()
+def float_llama(tiny_models):
+    return AutoModelForCausalLM.from_pretrained(tiny_models["llama-fp32"], dtype=torch.float32)
+
+
+def test_prepare_train_convert_keeps_the_trained_function(float_llama, input_ids, tmp_path):
+    cfg = hf_quant.QuantConfig(method="rtn", bits=3, group_size=32)
+    model = training.prepare(float_llama, cfg)
+    fake = [m for m in model.modules() if isinstance(m, training.FakeQuantLinear)]
+    assert len(fake) == 14 and not any(isinstance(m, QuantLinear) for m in model.modules())
+    opt = torch.optim.AdamW([p for m in fake for p in m.parameters()], lr=1e-3)
+    losses = []
+    for _ in range(6):
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    model.eval()
+    with torch.no_grad():
+        trained = model(input_ids=input_ids).logits
+    training.convert(model)
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
+    with torch.no_grad(), hf_quant.kernels.use_kernel("reference"):
+        torch.testing.assert_close(model(input_ids=input_ids).logits, trained, rtol=1e-4, atol=1e-4)
+    # a regular hf_quant model: saves and reloads exactly
+    model.save_pretrained(tmp_path / "qat")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "qat")
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=input_ids).logits, model(input_ids=input_ids).logits)
+
+
+def test_prepare_refuses_clearly(float_llama):
+    with pytest.raises(ValueError, match=r"method='gptq' has no quantization-aware training; trainable methods: \['rtn'\]"):
+        training.prepare(float_llama, hf_quant.QuantConfig(method="gptq"))
+    with pytest.raises(ValueError, match="no fake-quantized layers"):
+        training.convert(float_llama)
+    training.prepare(float_llama, hf_quant.QuantConfig(method="rtn", group_size=32))
+    with pytest.raises(ValueError, match="already has quantized or fake-quantized layers"):
+        training.prepare(float_llama, hf_quant.QuantConfig(method="rtn", group_size=32))
