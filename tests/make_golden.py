@@ -28,13 +28,16 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel  # no
 GOLDEN = HERE / "assets" / "golden"
 TINY_LLAMA = HERE / "assets" / "tiny-llama"
 
-# case -> (float source, QuantConfig kwargs). Calibration is kept small so the test re-runs it fast.
+# case -> (float source, load dtype, QuantConfig kwargs). Calibration is kept small and in fp32 (bf16
+# matmuls are slow on CPUs without AVX-512 bf16) so that the test re-runs it fast.
 CASES = {
-    "llama-rtn-w4g128": ("tiny-llama", dict(method="rtn", bits=4, group_size=128)),
-    "llama-gptq-w3g128-act": ("tiny-llama", dict(method="gptq", bits=3, group_size=128, desc_act=True,
-                                                  num_samples=8, seq_len=128)),
-    "llama-awq-w4g128": ("tiny-llama", dict(method="awq", bits=4, group_size=128, num_samples=8, seq_len=128)),
-    "gpt2-gptq-w4g32": ("gpt2-float", dict(method="gptq", bits=4, group_size=32, num_samples=8, seq_len=64)),
+    "llama-rtn-w4g128": ("tiny-llama", torch.bfloat16, dict(method="rtn", bits=4, group_size=128)),
+    "llama-gptq-w3g128-act": ("tiny-llama", torch.float32, dict(method="gptq", bits=3, group_size=128, desc_act=True,
+                                                                 num_samples=8, seq_len=128)),
+    "llama-awq-w4g128": ("tiny-llama", torch.float32, dict(method="awq", bits=4, group_size=128, num_samples=4,
+                                                            seq_len=128)),
+    "gpt2-gptq-w4g32": ("gpt2-float", torch.bfloat16, dict(method="gptq", bits=4, group_size=32, num_samples=8,
+                                                           seq_len=64)),
 }
 
 
@@ -52,13 +55,14 @@ def source_path(source: str) -> Path:
 
 
 def config_for(case: str) -> hf_quant.QuantConfig:
-    source, kwargs = CASES[case]
+    source, _, kwargs = CASES[case]
     dataset = gpt2_dataset() if source == "gpt2-float" else None
     return hf_quant.QuantConfig(**kwargs, dataset=dataset)
 
 
 def quantize_case(case: str, out: Path) -> None:
-    model = AutoModelForCausalLM.from_pretrained(source_path(CASES[case][0]), quantization_config=config_for(case))
+    source, dtype, _ = CASES[case]
+    model = AutoModelForCausalLM.from_pretrained(source_path(source), dtype=dtype, quantization_config=config_for(case))
     model.save_pretrained(out)
     (out / "README.md").unlink(missing_ok=True)  # the card is not part of the golden bytes
 

@@ -76,6 +76,28 @@ def test_activation_scheme_runs_its_kernel_and_matches_the_reference(activation_
     assert "activation=test_round" in repr(layer)
 
 
+def test_registering_a_kernel_resets_cached_choices():
+    layer = _layer()
+    x = torch.randn(1, 128)
+    layer(x)
+    assert [fwd.__self__.name for fwd, _ in layer._kernel_cache.values()] == ["cpu_int4"]
+
+    class Better(_ActKernel):
+        name, priority, activations = "test_better", 50, (None,)
+
+        def forward(self, layer, x, prepared):
+            return torch.nn.functional.linear(x, layer.dequantize().to(x.dtype), layer.bias)
+
+    kernels.register_kernel(Better())
+    try:
+        layer(x)
+        assert [fwd.__self__.name for fwd, _ in layer._kernel_cache.values()] == ["test_better"]
+    finally:
+        kernel_base.unregister_kernel("test_better")
+    layer(x)
+    assert [fwd.__self__.name for fwd, _ in layer._kernel_cache.values()] == ["cpu_int4"]
+
+
 def test_weight_only_layers_never_pick_an_activation_kernel(activation_scheme):
     layer = _layer()
     assert kernels.select_kernel(layer, torch.randn(1, 128)).name == "cpu_int4"

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..core import dequantize_weight
-from .kernels.base import _forcing_anywhere, row_class, select_kernel
+from .kernels.base import _LISTENERS, _forcing_anywhere, row_class, select_kernel
 
 
 def linear(layer: Any, x: torch.Tensor) -> torch.Tensor:
@@ -95,6 +95,15 @@ def register_layer(layer: Any) -> int:
 
 def layer_id(layer: Any) -> int:
     return layer._op_id
+
+
+def _invalidate_all_layers() -> None:
+    """A kernel was registered or removed: every live layer chooses again on its next call."""
+    for layer in list(_LAYERS.values()):
+        layer.invalidate_kernels()
+
+
+_LISTENERS.append(_invalidate_all_layers)
 
 
 @torch.library.custom_op("hf_quant::quant_linear", mutates_args=())

@@ -67,9 +67,14 @@ def unregister_kernel(name: str) -> Kernel:
     return kernel
 
 
+_LISTENERS: list = []  # called when the set of kernels changes: layers drop their cached choices
+
+
 def _registry_changed() -> None:
     _BY_PRIORITY[:] = sorted(KERNELS.values(), key=lambda k: -k.priority)  # stable: ties by name
     _ROW_CUTS.clear()
+    for listener in _LISTENERS:
+        listener()
 
 
 def available_kernels() -> list[str]:
