@@ -28,14 +28,14 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel  # no
 GOLDEN = HERE / "assets" / "golden"
 TINY_LLAMA = HERE / "assets" / "tiny-llama"
 
-# case -> (float source, load dtype, QuantConfig kwargs). Calibration is kept small and in fp32 (bf16
-# matmuls are slow on CPUs without AVX-512 bf16) so that the test re-runs it fast.
+# case -> (float source, load dtype, QuantConfig kwargs). Calibration is kept small (bf16 matmuls are
+# slow on CPUs without AVX-512 bf16) so that the test re-runs it fast.
 CASES = {
     "llama-rtn-w4g128": ("tiny-llama", torch.bfloat16, dict(method="rtn", bits=4, group_size=128)),
-    "llama-gptq-w3g128-act": ("tiny-llama", torch.float32, dict(method="gptq", bits=3, group_size=128, desc_act=True,
-                                                                 num_samples=8, seq_len=128)),
-    "llama-awq-w4g128": ("tiny-llama", torch.float32, dict(method="awq", bits=4, group_size=128, num_samples=4,
-                                                            seq_len=128)),
+    "llama-gptq-w3g128-act": ("tiny-llama", torch.bfloat16, dict(method="gptq", bits=3, group_size=128,
+                                                                  desc_act=True, num_samples=8, seq_len=64)),
+    "llama-awq-w4g128": ("tiny-llama", torch.bfloat16, dict(method="awq", bits=4, group_size=128, num_samples=4,
+                                                             seq_len=64)),
     "gpt2-gptq-w4g32": ("gpt2-float", torch.bfloat16, dict(method="gptq", bits=4, group_size=32, num_samples=8,
                                                            seq_len=64)),
 }
