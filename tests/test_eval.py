@@ -36,10 +36,10 @@ def test_perplexity_matches_a_direct_computation(bf16_model, tokenizer):
 def test_tiny_llama_w4_g128(bf16_model, tokenizer, tmp_path):
     q = AutoModelForCausalLM.from_pretrained(TINY_LLAMA, dtype=torch.bfloat16,
                                              quantization_config=QuantConfig(bits=4, group_size=128))
-    base = hf_quant.eval.perplexity(bf16_model, tokenizer, max_windows=16)
-    ppl = hf_quant.eval.perplexity(q, tokenizer, max_windows=16)
+    base = hf_quant.eval.perplexity(bf16_model, tokenizer, seq_len=256, max_windows=12)
+    ppl = hf_quant.eval.perplexity(q, tokenizer, seq_len=256, max_windows=12)
     with kernels.use_kernel("reference"):
-        ppl_ref = hf_quant.eval.perplexity(q, tokenizer, max_windows=16)
+        ppl_ref = hf_quant.eval.perplexity(q, tokenizer, seq_len=256, max_windows=12)
     assert ppl == pytest.approx(ppl_ref, rel=5e-3)  # the CPU int4 kernel and the oracle agree
     assert base < ppl < base * 1.05
     q.save_pretrained(tmp_path)

@@ -239,10 +239,10 @@ def test_gptq_beats_rtn_on_tiny_llama_packaged_text():
 
     tok = AutoTokenizer.from_pretrained(TINY_LLAMA)
     ppl = {}
-    for method in ("rtn", "gptq"):
-        cfg = QuantConfig(method=method, bits=3, group_size=128, num_samples=32, seq_len=256)
-        model = AutoModelForCausalLM.from_pretrained(TINY_LLAMA, dtype=torch.bfloat16, quantization_config=cfg)
-        ppl[method] = hf_quant.eval.perplexity(model, tok, max_windows=16)
+    for method in ("rtn", "gptq"):  # fp32: bf16 matmuls are slow on CPUs without AVX-512 bf16
+        cfg = QuantConfig(method=method, bits=3, group_size=128, num_samples=16, seq_len=256)
+        model = AutoModelForCausalLM.from_pretrained(TINY_LLAMA, dtype=torch.float32, quantization_config=cfg)
+        ppl[method] = hf_quant.eval.perplexity(model, tok, seq_len=256, max_windows=16)
     assert ppl["gptq"] < ppl["rtn"], ppl
 
 
