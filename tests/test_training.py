@@ -62,3 +62,17 @@ def test_prepare_refuses_clearly(float_llama):
     training.prepare(float_llama, hf_quant.QuantConfig(method="rtn", group_size=32))
     with pytest.raises(ValueError, match="already has quantized or fake-quantized layers"):
         training.prepare(float_llama, hf_quant.QuantConfig(method="rtn", group_size=32))
+
+
+def test_prepared_model_trains_with_trainer(float_llama, input_ids, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = training.prepare(float_llama, hf_quant.QuantConfig(method="rtn", bits=4, group_size=32))
+    latent = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    data = [{"input_ids": input_ids[i], "labels": input_ids[i]} for i in range(2)] * 2
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-3,
+                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=data).train()
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, latent)  # the latent weights learned
+    training.convert(model)
+    assert isinstance(model.model.layers[0].mlp.up_proj, QuantLinear) and model.hf_quantizer is not None

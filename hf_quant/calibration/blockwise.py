@@ -24,7 +24,7 @@ from transformers.utils import logging as hf_logging
 
 from ..config import LayerSpec, QuantConfig
 from ..core.layers import is_conv1d, linear_shape, linear_weight, map_tensors, set_module
-from ..methods import BlockContext, get_method
+from ..methods import BlockContext, accumulate_hessian, get_method, hessian
 from .layer import quantize_layer
 from .data import calibration_windows
 
@@ -344,9 +344,7 @@ def _reference_pass(model, block, inputs, device, groups, observe):
 
 def _hessian_hook(H: dict, rows: dict, name: str):
     def hook(module, args, output):
-        x = args[0].reshape(-1, args[0].shape[-1]).float()
-        H[name].addmm_(x.t(), x)
-        rows[name] += x.shape[0]
+        rows[name] += accumulate_hessian(H[name], args[0])
     return hook
 
 
@@ -355,7 +353,7 @@ def _quantize_with_hessian(name, module, spec, config, options, Hsum, rows):
         logger.warning("hf_quant: %s received no calibration inputs; quantizing it with RTN instead of %s.",
                        name, config.method)
         return quantize_layer(name, module, spec, "rtn", **get_method("rtn").options_from(config))
-    return quantize_layer(name, module, spec, config.method, H=2 * Hsum / rows, **options)
+    return quantize_layer(name, module, spec, config.method, H=hessian(Hsum, rows), **options)
 
 
 def _weighted_error(original: nn.Module, layer: nn.Module, Hsum: torch.Tensor) -> float:

@@ -1,9 +1,9 @@
 """Quantization methods: one module each, registered in one registry (see `base.py`)."""
 
-from .base import (BlockContext, Method, Options, available_methods, get_method, methods_taking, option,
-                   option_fields, register_method)
+from .base import (BlockContext, Method, Options, accumulate_hessian, available_methods, get_method, hessian,
+                   methods_taking, option, option_fields, register_method)
 
 from . import awq, gptq, omniquant, rtn  # noqa: E402,F401  (register the methods)
 
-__all__ = ["BlockContext", "Method", "Options", "available_methods", "get_method", "methods_taking", "option",
-           "option_fields", "register_method"]
+__all__ = ["BlockContext", "Method", "Options", "accumulate_hessian", "available_methods", "get_method", "hessian",
+           "methods_taking", "option", "option_fields", "register_method"]

@@ -77,6 +77,21 @@ class Options:
                 f.metadata["check"](f.name, value)
 
 
+# --- the statistic every calibrated method takes -----------------------------------------------------
+
+def accumulate_hessian(Hsum: torch.Tensor, x: torch.Tensor) -> int:
+    """Add one batch of a layer's inputs x (..., in) to Hsum = sum x x^T (fp32, in place); returns
+    the number of rows added. H = 2 Hsum / rows is the Hessian of the layer's reconstruction loss
+    ||W X - W_hat X||^2 (GPTQ, eq. 1), which `needs_calibration` methods receive as `H`."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    Hsum.addmm_(x.t(), x)
+    return x.shape[0]
+
+
+def hessian(Hsum: torch.Tensor, rows: int) -> torch.Tensor:
+    return 2 * Hsum / rows
+
+
 # --- block stages ----------------------------------------------------------------------------------
 
 @dataclass
