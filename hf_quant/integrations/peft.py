@@ -25,6 +25,7 @@ from .. import compat
 from ..runtime import QuantLinear
 from .peft_checks import check_adapter_config, is_lora, merge_refusal
 
+
 def peft_available() -> bool:
     return importlib.util.find_spec("peft") is not None
 
