@@ -116,7 +116,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     import hf_quant
-    from .io.checkpoint import atomic_write_text
+    from .io.atomic import atomic_write_text
     from .integrations.hub import CARD_MARKER, model_card
 
     model = _load(args.model, args)

@@ -194,15 +194,14 @@ def _random_codes(layer):
 
 def test_kernel_cache_is_dropped_where_buffers_change():
     """Choices and layouts are cached per (device, dtype, row class) and dropped by load_state_dict,
-    buffer assignment, `.to()` and `invalidate_kernels()` (after an in-place edit); never checked per call."""
+    buffer assignment, `.to()`, in-place edits and `invalidate_kernels()`."""
     layer, _ = make_layer(64, 256, LayerSpec(4, 128, False), bias=False)
     x = torch.randn(2, 256)
     before = layer(x)
     assert len(layer._kernel_cache) == 1 and len(layer._prepared) == 1
     layer(torch.randn(3, 256))  # same row class: no new entry
     assert len(layer._kernel_cache) == 1
-    layer.qweight.copy_(_random_codes(layer))  # in-place edit: the caller says so
-    layer.invalidate_kernels()
+    layer.qweight.copy_(_random_codes(layer))  # in-place edit: seen through the buffers' version counters
     _assert_follows(layer, x, before)
 
     before = layer(x)
@@ -222,6 +221,28 @@ def test_kernel_cache_is_dropped_where_buffers_change():
     assert layer._kernel_cache == {} and layer._prepared == {}
 
 
+@pytest.mark.parametrize("built_in_inference_mode", [False, True])
+def test_in_place_edits_under_inference_mode_are_never_served_stale(built_in_inference_mode):
+    """`scales.mul_(2)` inside torch.inference_mode: the cached cpu_int4 layout must not be reused."""
+    ctx = torch.inference_mode if built_in_inference_mode else torch.no_grad
+    with ctx():
+        layer, _ = make_layer(64, 256, LayerSpec(4, 128, False), bias=False)
+    assert not any(t.is_inference() for t in layer.tracked_buffers())
+    x = torch.randn(1, 256)
+    with torch.inference_mode():
+        before = layer(x)
+        assert kernels.select_kernel(layer, x).name == "cpu_int4"
+        layer.scales.mul_(2)
+        after = layer(x)
+        with kernels.use_kernel("reference"):
+            ref = layer(x)
+    torch.testing.assert_close(after, ref, rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(after, 2 * before, rtol=2e-2, atol=1e-3)
+    with torch.inference_mode():
+        layer.qzeros = torch.zeros_like(layer.qzeros)  # an inference tensor assigned: kept as a normal one
+    assert not layer.qzeros.is_inference()
+
+
 def test_row_classes_follow_kernel_limits():
     """Inputs whose row counts lie on either side of a kernel's max_rows get separate cache entries."""
     from hf_quant.runtime.kernels.cpu import MAX_ROWS
@@ -231,7 +252,7 @@ def test_row_classes_follow_kernel_limits():
     small, large = torch.randn(limit, 256, dtype=torch.bfloat16), torch.randn(limit + 1, 256, dtype=torch.bfloat16)
     assert kernels.row_class(torch.bfloat16, limit) != kernels.row_class(torch.bfloat16, limit + 1)
     layer(small), layer(large)
-    chosen = {key[2]: fwd.__self__.name for key, (fwd, _) in layer._kernel_cache.items()}
+    chosen = {key[2]: entry[0].__self__.name for key, entry in layer._kernel_cache.items()}
     assert sorted(chosen.values()) == ["cpu_int4", "dequant_matmul"]
 
 

@@ -80,7 +80,7 @@ def test_registering_a_kernel_resets_cached_choices():
     layer = _layer()
     x = torch.randn(1, 128)
     layer(x)
-    assert [fwd.__self__.name for fwd, _ in layer._kernel_cache.values()] == ["cpu_int4"]
+    assert [entry[0].__self__.name for entry in layer._kernel_cache.values()] == ["cpu_int4"]
 
     class Better(_ActKernel):
         name, priority, activations = "test_better", 50, (None,)
@@ -91,11 +91,11 @@ def test_registering_a_kernel_resets_cached_choices():
     kernels.register_kernel(Better())
     try:
         layer(x)
-        assert [fwd.__self__.name for fwd, _ in layer._kernel_cache.values()] == ["test_better"]
+        assert [entry[0].__self__.name for entry in layer._kernel_cache.values()] == ["test_better"]
     finally:
         kernel_base.unregister_kernel("test_better")
     layer(x)
-    assert [fwd.__self__.name for fwd, _ in layer._kernel_cache.values()] == ["cpu_int4"]
+    assert [entry[0].__self__.name for entry in layer._kernel_cache.values()] == ["cpu_int4"]
 
 
 def test_weight_only_layers_never_pick_an_activation_kernel(activation_scheme):

@@ -7,17 +7,15 @@ instead of surfacing later as randomly initialised layers.
 
 from __future__ import annotations
 
-import contextlib
-import fnmatch
 import json
 import os
-import shutil
 import struct
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+
+from .atomic import WEIGHT_FILE_PATTERNS, atomic_directory, atomic_write_text  # noqa: F401  (moved to .atomic)
 
 _ST_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I32": torch.int32, "I64": torch.int64, "F16": torch.float16,
               "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
@@ -112,56 +110,6 @@ def check_module_tensors(
     return key_prefix
 
 
-# Weight files a new save makes stale: left beside the new ones they could be loaded instead.
-WEIGHT_FILE_PATTERNS = ("model*.safetensors", "model.safetensors.index.json")
-
-
-@contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
-    """Write a checkpoint directory all-or-nothing.
-
-    Yields an empty temporary directory beside `target` to write into. If the block raises, the
-    temporary directory is deleted and `target` is left exactly as it was. Otherwise a new `target`
-    is created by one rename; an existing one has each written file replaced by an atomic rename,
-    and its weight files that the new save does not contain (old shards, an old index) removed,
-    while its other files (a tokenizer, a README) stay.
-    """
-    target = Path(target)
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"{target} is a file; pass a directory to save the checkpoint into.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.hf_quant-tmp-", dir=target.parent))
-    try:
-        yield tmp
-        if not target.exists():
-            os.rename(tmp, target)
-            return
-        written = {p.name for p in tmp.iterdir()}
-        for name in written:
-            dest = target / name
-            if dest.is_dir() and not dest.is_symlink():
-                shutil.rmtree(dest)
-            os.replace(tmp / name, dest)
-        for old in target.iterdir():
-            if old.name not in written and any(fnmatch.fnmatch(old.name, pat) for pat in WEIGHT_FILE_PATTERNS):
-                old.unlink()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def write_json(path: str | os.PathLike, data: dict) -> None:
     """config.json style: indented, sorted keys, trailing newline."""
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Replace one file's contents by an atomic rename: readers see the old file or the new one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.hf_quant-tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

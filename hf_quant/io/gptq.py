@@ -28,7 +28,8 @@ from ..core import QUANT_BUFFERS
 from ..core.layers import FLOAT_LINEARS, linear_shape
 from ..runtime import QuantLinear
 from ..runtime.convert import find_targets, resolve_modules_to_not_convert
-from .checkpoint import atomic_directory, check_module_tensors, index_checkpoint, write_json
+from .atomic import atomic_directory
+from .checkpoint import check_module_tensors, index_checkpoint, write_json
 from .gptq_codec import (GptqSettings, from_gptq, gptq_config_dict, gptq_shapes, hf_quant_config, is_natural_g_idx,
                          parse_gptq_config, to_gptq)
 

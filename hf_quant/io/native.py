@@ -18,7 +18,8 @@ import torch.nn as nn
 
 from ..core import LayerSpec, buffer_specs
 from ..core.layers import linear_shape
-from .checkpoint import atomic_directory, check_module_tensors, index_checkpoint
+from .atomic import atomic_directory
+from .checkpoint import check_module_tensors, index_checkpoint
 
 
 def check_checkpoint(model: nn.Module, targets: dict[str, LayerSpec], checkpoint_files: list[str]) -> None:

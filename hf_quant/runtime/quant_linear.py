@@ -6,8 +6,9 @@ does) so that PEFT's standard LoRA layer wraps it. Everywhere in hf_quant, test
 `dispatch.linear`, which runs the kernel chosen for the device, dtype, scheme and row count.
 
 The chosen kernels and their prepared weight layouts are cached on the layer and dropped wherever
-its buffers change: assigning a buffer, `load_state_dict`, `.to()`/`_apply`. After editing a
-buffer in place (`layer.qweight.copy_(...)`), call `layer.invalidate_kernels()`.
+its buffers change: assigning a buffer, `load_state_dict`, `.to()`/`_apply`, and in-place edits
+(a layout remembers its buffers' version counters; the buffers are never inference tensors, so
+edits under `torch.inference_mode` count too).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import torch.nn as nn
 from ..core import LayerSpec, QuantizedWeight, buffer_specs, dequantize_weight, pack_codes
 from .dispatch import linear, register_layer
 from .scheme import ActivationSpec, Scheme
+
+
+_PACKED = ("qweight", "scales", "qzeros", "g_idx")
 
 
 def _invalidate_after_load(module: QuantLinear, incompatible_keys: Any) -> None:
@@ -49,8 +53,9 @@ class QuantLinear(nn.Linear):
         self.spec = spec
         self.scheme = Scheme(spec, activation)
         self.from_conv1d = from_conv1d  # restore a transformers Conv1D on dequantize
-        for name, (shape, buf_dtype) in buffer_specs(in_features, out_features, spec, dtype).items():
-            self.register_buffer(name, torch.empty(shape, dtype=buf_dtype, device=device))
+        with torch.inference_mode(False):  # buffers track in-place edits (their version counters), always
+            for name, (shape, buf_dtype) in buffer_specs(in_features, out_features, spec, dtype).items():
+                self.register_buffer(name, torch.empty(shape, dtype=buf_dtype, device=device))
         if spec.sym:
             self.register_buffer("qzeros", None)
         if not spec.g_idx:
@@ -103,9 +108,16 @@ class QuantLinear(nn.Linear):
         self._prepared.clear()
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if name in _PACKED and isinstance(value, torch.Tensor) and value.is_inference():
+            with torch.inference_mode(False):  # a normal tensor: in-place edits stay visible to the caches
+                value = value.clone()
         super().__setattr__(name, value)
-        if name in ("qweight", "scales", "qzeros", "g_idx", "bias") and "_prepared" in self.__dict__:
+        if name in _PACKED + ("bias",) and "_prepared" in self.__dict__:
             self.invalidate_kernels()
+
+    def tracked_buffers(self) -> tuple[torch.Tensor, ...]:
+        """The packed buffers a prepared kernel layout is built from (for staleness checks)."""
+        return tuple(t for t in (self.qweight, self.scales, self.qzeros, self.g_idx) if t is not None)
 
     def dequantize(self) -> torch.Tensor:
         """The float weight W_hat (out, in), in the dtype of the scales."""
@@ -138,9 +150,10 @@ class QuantLinear(nn.Linear):
         # `.to()`/`.cuda()`/`.half()` move the layer but never cast its quantized state: kernels cast
         # scales and bias to the activation dtype, so the stored grid stays exactly what was saved.
         device = fn(torch.empty(0, dtype=self.scales.dtype, device=self.scales.device)).device
-        for name, buf in self._buffers.items():
-            if buf is not None:
-                self._buffers[name] = buf.to(device)
+        with torch.inference_mode(False):
+            for name, buf in self._buffers.items():
+                if buf is not None:
+                    self._buffers[name] = buf.to(device)
         if self.bias is not None:
             self.bias.data = self.bias.data.to(device)
         self.invalidate_kernels()
