@@ -10,6 +10,12 @@
 A thin layer over the library API (`QuantConfig` + `from_pretrained`, `hf_quant.eval`,
 `hf_quant.push_to_hub`, `hf_quant.export_gptq` / `import_gptq`); progress goes to stderr through
 transformers' progress bars and hf_quant's log lines, results to stdout.
+
+The arguments are checked before anything is loaded: a local path that does not exist or is a file,
+an output directory that is, holds or lies inside the source, an existing non-empty output
+directory without --overwrite, a device this machine does not have, a number out of range, and for
+--push / push the Hub token and connection. Each refusal is one line on stderr,
+`hf-quant COMMAND: ARGUMENT: what is wrong and the fix`, with exit status 2.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -26,10 +34,248 @@ _DTYPES = ("auto", "bfloat16", "float16", "float32")
 _quiet = False
 
 
+class CliError(SystemExit):
+    """A refused command line: one line for stderr (`str()` of it), exit status 2 like argparse's."""
+
+    def __init__(self, line: str):
+        super().__init__(2)
+        self.line = " ".join(line.split())  # one line, whatever the message was made of
+
+    def __str__(self) -> str:
+        return self.line
+
+
+def _fail(command: str, argument: str, problem: str) -> CliError:
+    return CliError(f"hf-quant {command}: {argument}: {problem}")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's usage errors, in the same one-line form
+        if message.startswith(("the following arguments are required", "unrecognized arguments")):
+            message += f" (see `{self.prog} --help`)"
+        raise CliError(f"{self.prog}: {message.removeprefix('argument ')}")
+
+
 def _stage(message: str) -> None:
     if not _quiet:
         print(f"hf-quant: {message}", file=sys.stderr, flush=True)
 
+
+# ---------------------------------------------------------------- argument types and checks
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give a positive integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is out of range; give a positive integer (1 or more)")
+    return value
+
+
+def _device(text: str) -> str:
+    """A torch device this machine has: `cpu`, `cuda`, `cuda:1`, `mps`, ..."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use e.g. cpu, cuda or cuda:0") from None
+    if device.type == "cpu":
+        return text
+    if device.type == "mps":
+        count = int(torch.backends.mps.is_available())
+    else:
+        backend = getattr(torch, device.type, None)
+        available = getattr(backend, "is_available", None)
+        count = (backend.device_count() if hasattr(backend, "device_count") else 1) if available and available() else 0
+    if count == 0:
+        raise argparse.ArgumentTypeError(f"{text} is not available: torch sees no {device.type} device on this "
+                                         "machine; use cpu, or leave the option out")
+    if device.index is not None and device.index >= count:
+        have = ", ".join(f"{device.type}:{i}" for i in range(count))
+        raise argparse.ArgumentTypeError(f"{text} does not exist: this machine has {have}; use one of them")
+    return text
+
+
+def _looks_local(value: str) -> bool:
+    """A local path rather than a Hub repo id: starts with `.`, `/` or `~`, has more than one `/`
+    (or the OS's own separator), or exists. A plain `org/name` (or `name`) is a Hub repo id."""
+    return (value.startswith((".", "/", "~")) or value.count("/") > 1 or (os.sep != "/" and os.sep in value)
+            or os.path.isabs(value) or os.path.lexists(value))
+
+
+def _check_repo_id(command: str, argument: str, repo_id: str, source: bool = False) -> None:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        problem = "no such local directory, and not a valid Hub repo id" if source else "not a valid Hub repo id"
+        raise _fail(command, argument, f"{problem}; give " + ("an existing directory or " if source else "")
+                    + "org/name (letters, digits, '-', '_', '.')") from None
+
+
+def _check_directory(command: str, argument: str, value: str) -> Path:
+    path = Path(value)
+    if not path.exists():
+        raise _fail(command, argument, "no such directory; give the directory the checkpoint was saved to")
+    if not path.is_dir():
+        raise _fail(command, argument, "is a file, not a checkpoint directory; give the directory that holds "
+                    "config.json")
+    return path
+
+
+def _check_source(command: str, name: str, args: argparse.Namespace) -> Path | None:
+    """`args.<name>`, a checkpoint: a local directory holding config.json (returned), or a Hub repo id (None)."""
+    value = os.path.expanduser(getattr(args, name))
+    setattr(args, name, value)
+    argument = f"{name.upper()} {value}"
+    if not _looks_local(value):
+        _check_repo_id(command, argument, value, source=True)
+        return None
+    path = Path(value)
+    if not path.exists():
+        raise _fail(command, argument, "no such directory; give a local checkpoint directory, or a Hub repo id "
+                    "as org/name")
+    if not path.is_dir():
+        raise _fail(command, argument, "is a file, not a checkpoint directory; give the directory that holds "
+                    "config.json")
+    if not (path / "config.json").is_file():
+        raise _fail(command, argument, "has no config.json; give a transformers checkpoint directory "
+                    "(as written by save_pretrained)")
+    return path
+
+
+def _hf_quant_config(path: Path) -> dict | None:
+    from .config import QUANT_METHOD
+
+    try:
+        qc = json.loads((path / "config.json").read_text(encoding="utf-8")).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return qc if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD else None
+
+
+def _check_output(command: str, args: argparse.Namespace, sources: list[Path | None]) -> None:
+    """`args.out` may be written: not a file, not the source / inside it / holding it, creatable,
+    and empty unless --overwrite."""
+    value = args.out = os.path.expanduser(args.out)
+    argument = f"OUT {value}"
+    out = Path(value)
+    if out.exists() and not out.is_dir():
+        raise _fail(command, argument, "is a file; give a directory to write the checkpoint into")
+    resolved = out.resolve()
+    for source in sources:
+        if source is None:
+            continue
+        src = source.resolve()
+        if resolved == src:
+            raise _fail(command, argument, f"is the source checkpoint {source}; write to another directory "
+                        "(the source is never overwritten)")
+        if src in resolved.parents:
+            raise _fail(command, argument, f"is inside the source checkpoint {source}; write outside it")
+        if resolved in src.parents:
+            raise _fail(command, argument, f"contains the source checkpoint {source}; write to a directory "
+                        "that does not hold it")
+    existing = resolved
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise _fail(command, argument, f"cannot be created: {existing} is a file; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise _fail(command, argument, f"cannot be written: no write permission in {existing}; choose another path")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise _fail(command, argument, "already exists and is not empty; pass --overwrite to replace the "
+                    "checkpoint in it, or choose a new directory")
+
+
+def _check_text_files(command: str, option: str, files: list[str] | None) -> None:
+    for f in files or []:
+        if not Path(f).exists():
+            raise _fail(command, f"{option} {f}", "no such file; give a UTF-8 text file")
+        if not Path(f).is_file():
+            raise _fail(command, f"{option} {f}", "is not a file; give a UTF-8 text file")
+
+
+def _check_hub_access(command: str, argument: str) -> None:
+    """Refuse an upload that cannot succeed (offline mode, no token, a refused token, no network)
+    before anything is quantized or sent."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    offline = ("Hugging Face offline mode is on (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set); unset it to "
+               "upload")
+    if constants.HF_HUB_OFFLINE:
+        raise _fail(command, argument, offline)
+    token = huggingface_hub.get_token()
+    if token is None:
+        raise _fail(command, argument, "no Hugging Face token; run `hf auth login` or set HF_TOKEN")
+    try:
+        info = huggingface_hub.HfApi().whoami(token=token)
+    except OfflineModeIsEnabled:
+        raise _fail(command, argument, offline) from None
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise _fail(command, argument, "the Hugging Face token was refused (invalid or expired); run "
+                        "`hf auth login --force` or set HF_TOKEN to a valid write token") from None
+        if status == 429:  # whoami's own rate limit: the token and the network were fine a moment ago
+            return
+        raise _fail(command, argument, f"the Hub answered HTTP {status} when checking the token; retry later") \
+            from None
+    except Exception as e:  # noqa: BLE001 (no network: the HTTP client's own error types vary)
+        raise _fail(command, argument, f"cannot reach the Hugging Face Hub ({_one_line(e)}); check the network "
+                    "(and HF_ENDPOINT) and retry") from None
+    role = (((info or {}).get("auth") or {}).get("accessToken") or {}).get("role")
+    if role == "read":
+        raise _fail(command, argument, "the Hugging Face token is read-only; run `hf auth login --force` with a "
+                    "write token, or set HF_TOKEN to one")
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Everything that can be checked before loading: run by `main` before the command."""
+    command = args.command
+    if command == "quantize":
+        source = _check_source(command, "model", args)
+        _check_output(command, args, [source])
+        _check_text_files(command, "--dataset", args.dataset)
+        _check_text_files(command, "--eval-text", [args.eval_text] if args.eval_text else None)
+        if args.push:
+            _check_repo_id(command, f"--push {args.push}", args.push)
+    elif command == "eval":
+        source = _check_source(command, "model", args)
+        _check_text_files(command, "--eval-text", [args.eval_text] if args.eval_text else None)
+        if args.record and (source is None or _hf_quant_config(source) is None):
+            raise _fail(command, "--record", f"{args.model} is not a local hf_quant checkpoint directory, and "
+                        "--record writes into one; give such a directory, or drop --record")
+    elif command == "push":
+        args.directory = os.path.expanduser(args.directory)
+        argument = f"DIRECTORY {args.directory}"
+        _check_directory(command, argument, args.directory)
+        if _hf_quant_config(Path(args.directory)) is None:
+            raise _fail(command, argument, "is not an hf_quant checkpoint (no hf_quant quantization_config in "
+                        "config.json); save one with `hf-quant quantize` or save_pretrained first")
+        _check_repo_id(command, f"REPO_ID {args.repo_id}", args.repo_id)
+    elif command == "export-gptq":
+        source = _check_source(command, "model", args)
+        _check_output(command, args, [source])
+    elif command == "import-gptq":
+        source = _check_source(command, "src", args)
+        if source is not None and args.revision is not None:
+            raise _fail(command, f"--revision {args.revision}", f"applies to Hub repo ids; {args.src} is a local "
+                        "directory (drop --revision)")
+        _check_output(command, args, [source])
+
+
+# ---------------------------------------------------------------- loading
 
 def _load(model: str, args: argparse.Namespace, **kwargs: Any):
     import torch
@@ -38,35 +284,32 @@ def _load(model: str, args: argparse.Namespace, **kwargs: Any):
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     if getattr(args, "device", None):
         kwargs["device_map"] = {"": args.device}
-    return AutoModelForCausalLM.from_pretrained(model, dtype=dtype, **kwargs)
+    try:
+        return AutoModelForCausalLM.from_pretrained(model, dtype=dtype, **kwargs)
+    except OSError as e:  # a Hub repo that does not exist / is not cached offline, a missing weight file
+        raise _fail(args.command, f"MODEL {model}", f"could not be loaded ({_one_line(e)})") from None
 
 
-def _tokenizer(model: str, required: bool = False):
+def _tokenizer(model: str, command: str, required: bool = False):
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(model)
     except (OSError, ValueError) as e:
         if required:
-            raise SystemExit(f"hf-quant: no tokenizer could be loaded from {model} ({e}).") from None
+            raise _fail(command, f"MODEL {model}", f"no tokenizer could be loaded ({_one_line(e)}); perplexity "
+                        "needs one: save the tokenizer beside the model") from None
         return None
 
 
-def _read_texts(files: list[str] | None, option: str) -> list[str] | None:
-    if not files:
-        return None
-    texts = []
-    for f in files:
-        if not Path(f).is_file():
-            raise SystemExit(f"hf-quant: {option} {f}: no such file.")
-        texts.append(Path(f).read_text(encoding="utf-8"))
-    return texts
+def _read_texts(files: list[str] | None) -> list[str] | None:
+    return [Path(f).read_text(encoding="utf-8") for f in files] if files else None
 
 
 def _evaluate(model, tokenizer, args: argparse.Namespace) -> dict:
     from . import eval as hf_eval
 
-    texts = _read_texts([args.eval_text] if args.eval_text else None, "--eval-text")
+    texts = _read_texts([args.eval_text] if args.eval_text else None)
     _stage("measuring perplexity")
     ppl = hf_eval.perplexity(model, tokenizer, texts[0] if texts else None, seq_len=args.eval_seq_len,
                              max_windows=args.max_windows)
@@ -74,6 +317,20 @@ def _evaluate(model, tokenizer, args: argparse.Namespace) -> dict:
     windows = f", first {args.max_windows} windows" if args.max_windows else ""
     return {"perplexity": round(ppl, 4), "text": source + windows, "seq_len": args.eval_seq_len}
 
+
+def _upload(command: str, argument: str, directory: Path, repo_id: str, **kwargs: Any):
+    import hf_quant
+
+    try:
+        return hf_quant.push_to_hub(directory, repo_id, **kwargs)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 (network and Hub errors: reported in one line, the files are kept)
+        raise _fail(command, argument, f"the upload failed ({_one_line(e)}); {directory} is complete: retry with "
+                    f"`hf-quant push {directory} {repo_id}`") from None
+
+
+# ---------------------------------------------------------------- commands
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     import hf_quant
@@ -83,10 +340,12 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     options = {name: getattr(args, name) for name in option_fields() if getattr(args, name) is not None}
     config = hf_quant.QuantConfig(
         method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
-        modules_to_not_convert=args.modules_to_not_convert, dataset=_read_texts(args.dataset, "--dataset"),
+        modules_to_not_convert=args.modules_to_not_convert, dataset=_read_texts(args.dataset),
         num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed,
         calibration_device=args.calibration_device, **options)
-    tokenizer = _tokenizer(args.model, required=args.eval or args.eval_baseline)
+    if args.push:
+        _check_hub_access(args.command, f"--push {args.push}")
+    tokenizer = _tokenizer(args.model, args.command, required=args.eval or args.eval_baseline)
     baseline = None
     if args.eval_baseline:
         _stage(f"loading {args.model} in float for the baseline perplexity")
@@ -105,11 +364,13 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         result["perplexity"] = evaluation["perplexity"]
     out = Path(args.out)
     _stage(f"saving to {out} ({args.format} format)")
-    get_format(args.format).export(model, out, tokenizer=tokenizer)
+    # The card names the Hub repo the model goes to, else only the directory's own name (never the local path).
+    card = {"repo_id": args.push} if args.push and args.format == "hf_quant" else {}
+    get_format(args.format).export(model, out, tokenizer=tokenizer, **card)
     result["saved"] = str(out)
     if args.push:
         _stage(f"uploading to {args.push}")
-        hf_quant.push_to_hub(out, args.push, private=args.private or None)
+        _upload(args.command, f"--push {args.push}", out, args.push, private=args.private or None)
         result["pushed"] = args.push
     print(json.dumps(result))
 
@@ -120,31 +381,31 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .integrations.hub import CARD_MARKER, model_card
 
     model = _load(args.model, args)
-    evaluation = _evaluate(model, _tokenizer(args.model, required=True), args)
+    evaluation = _evaluate(model, _tokenizer(args.model, args.command, required=True), args)
     layers = [m for m in model.modules() if isinstance(m, hf_quant.QuantLinear)]
     result = {"model": args.model, **evaluation, "quantized_layers": len(layers)}
     if args.record:
         directory = Path(args.model)
-        if not layers or not directory.is_dir():
-            raise SystemExit("hf-quant: --record writes into a local hf_quant checkpoint directory; "
-                             f"{args.model} is not one.")
+        if not layers:
+            raise _fail(args.command, "--record", f"{args.model} has no quantized layers, and --record writes into "
+                        "an hf_quant checkpoint; drop --record")
         config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
         config["quantization_config"].setdefault("provenance", {})["evaluation"] = evaluation
         atomic_write_text(directory / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
         readme = directory / "README.md"
         if not readme.exists() or CARD_MARKER in readme.read_text(encoding="utf-8", errors="replace"):
-            atomic_write_text(readme, str(model_card(directory, str(directory))))
+            # named by the directory's own name: a local path means nothing to readers and may be private
+            atomic_write_text(readme, str(model_card(directory, Path(os.path.abspath(directory)).name)))
         result["recorded"] = str(directory)
     print(json.dumps(result))
 
 
 def cmd_push(args: argparse.Namespace) -> None:
-    import hf_quant
-
+    argument = f"REPO_ID {args.repo_id}"
+    _check_hub_access(args.command, argument)
     _stage(f"uploading {args.directory} to {args.repo_id}")
-    info = hf_quant.push_to_hub(Path(args.directory), args.repo_id, private=args.private or None,
-                                revision=args.revision, commit_message=args.commit_message,
-                                create_pr=args.create_pr)
+    info = _upload(args.command, argument, Path(args.directory), args.repo_id, private=args.private or None,
+                   revision=args.revision, commit_message=args.commit_message, create_pr=args.create_pr)
     print(json.dumps({"pushed": args.repo_id, "commit": str(getattr(info, "commit_url", info))}))
 
 
@@ -154,9 +415,9 @@ def cmd_export_gptq(args: argparse.Namespace) -> None:
     import hf_quant
 
     _stage(f"loading {args.model}")
-    model = _load(args.model, argparse.Namespace(dtype="auto", device=args.device))
+    model = _load(args.model, argparse.Namespace(command=args.command, dtype="auto", device=args.device))
     _stage(f"writing the GPTQ checkpoint ({args.checkpoint_format}, {args.dtype}) to {args.out}")
-    hf_quant.export_gptq(model, Path(args.out), tokenizer=_tokenizer(args.model),
+    hf_quant.export_gptq(model, Path(args.out), tokenizer=_tokenizer(args.model, args.command),
                          checkpoint_format=args.checkpoint_format, dtype=getattr(torch, args.dtype))
     print(json.dumps({"saved": args.out, "checkpoint_format": args.checkpoint_format}))
 
@@ -165,15 +426,25 @@ def cmd_import_gptq(args: argparse.Namespace) -> None:
     import hf_quant
 
     _stage(f"converting {args.src} to an hf_quant checkpoint in {args.out}")
-    hf_quant.import_gptq(args.src, Path(args.out), revision=args.revision)
+    try:
+        hf_quant.import_gptq(args.src, Path(args.out), revision=args.revision)
+    except OSError as e:  # a Hub repo that does not exist, or offline and not cached
+        raise _fail(args.command, f"SRC {args.src}", f"could not be read ({_one_line(e)})") from None
     print(json.dumps({"saved": args.out}))
 
+
+# ---------------------------------------------------------------- the parser
 
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-text", "--text", dest="eval_text", help="text file for perplexity "
                    "(default: hf_quant's bundled held-out text)")
-    p.add_argument("--eval-seq-len", "--seq-len-eval", dest="eval_seq_len", type=int, default=512)
-    p.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
+    p.add_argument("--eval-seq-len", "--seq-len-eval", dest="eval_seq_len", type=_positive_int, default=512)
+    p.add_argument("--max-windows", type=_positive_int, default=None, help="score at most this many windows")
+
+
+def _add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="write into OUT even if it is an existing non-empty "
+                   "directory (its checkpoint files are replaced, stale weight shards removed, other files kept)")
 
 
 def _add_method_options(p: argparse.ArgumentParser) -> None:
@@ -193,14 +464,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .io import available_formats, get_format
     from .methods import available_methods
 
-    ap = argparse.ArgumentParser(prog="hf-quant", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _Parser(prog="hf-quant", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-q", "--quiet", action="store_true", help="no stage lines, progress bars or per-block log lines")
     sub = ap.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize a float model and save it")
     q.add_argument("model", help="float checkpoint: local directory or Hub repo id")
-    q.add_argument("out", help="directory to write the quantized checkpoint to")
+    q.add_argument("out", help="directory to write the quantized checkpoint to (not the source, nor inside it)")
+    _add_overwrite(q)
     q.add_argument("--method", default="gptq", help=f"one of {available_methods()}")
     q.add_argument("--bits", type=int, default=4)
     q.add_argument("--group-size", type=int, default=128)
@@ -209,25 +480,27 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--modules-to-not-convert", nargs="+", default=None, metavar="NAME")
     q.add_argument("--dataset", nargs="+", metavar="FILE", help="calibration text files "
                    "(default: hf_quant's packaged text)")
-    q.add_argument("--num-samples", type=int, default=128)
-    q.add_argument("--seq-len", type=int, default=512)
+    q.add_argument("--num-samples", type=_positive_int, default=128)
+    q.add_argument("--seq-len", type=_positive_int, default=512)
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--calibration-device", default=None, help="e.g. cuda; default: a GPU if there is one")
-    q.add_argument("--device", default=None, help="where the model is loaded (default: CPU)")
+    q.add_argument("--calibration-device", type=_device, default=None,
+                   help="e.g. cuda; default: a GPU if there is one")
+    q.add_argument("--device", type=_device, default=None, help="where the model is loaded (default: CPU)")
     q.add_argument("--dtype", choices=_DTYPES, default="auto")
     q.add_argument("--format", choices=available_formats(exporting=True), default="hf_quant",
                    help="; ".join(f"{n}: {get_format(n).description}" for n in available_formats(exporting=True)))
     q.add_argument("--eval", action="store_true", help="measure held-out perplexity; recorded in the card")
     q.add_argument("--eval-baseline", action="store_true", help="--eval, and the float model's perplexity too")
     _add_eval_options(q)
-    q.add_argument("--push", metavar="REPO_ID", help="upload the result to this Hub repo")
+    q.add_argument("--push", metavar="REPO_ID", help="upload the result to this Hub repo (the token and the "
+                   "connection are checked before quantizing)")
     q.add_argument("--private", action="store_true")
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="held-out perplexity of a (quantized) model")
     e.add_argument("model", help="checkpoint: local directory or Hub repo id")
     _add_eval_options(e)
-    e.add_argument("--device", default=None)
+    e.add_argument("--device", type=_device, default=None)
     e.add_argument("--dtype", choices=_DTYPES, default="auto")
     e.add_argument("--record", action="store_true",
                    help="write the result into the checkpoint's config and model card")
@@ -245,8 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export-gptq", help="write an hf_quant GPTQ model in the GPTQ checkpoint layout")
     x.add_argument("model")
     x.add_argument("out")
+    _add_overwrite(x)
     x.add_argument("--checkpoint-format", choices=("gptq", "gptq_v2"), default="gptq")
-    x.add_argument("--device", default=None)
+    x.add_argument("--device", type=_device, default=None)
     x.add_argument("--dtype", choices=_DTYPES[1:], default="float16",
                    help="dtype of the scales and float tensors written (GPTQ kernels expect float16)")
     x.set_defaults(func=cmd_export_gptq)
@@ -254,14 +528,30 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("import-gptq", help="convert a GPTQ checkpoint (directory or Hub repo) to hf_quant")
     i.add_argument("src")
     i.add_argument("out")
+    _add_overwrite(i)
     i.add_argument("--revision", default=None)
     i.set_defaults(func=cmd_import_gptq)
     return ap
 
 
+def _field_option(message: str) -> str | None:
+    """`--bits` for "QuantConfig.bits=5 is not supported ...": the option a library message is about."""
+    m = re.match(r"QuantConfig\.(\w+)=", message)
+    return "--" + m.group(1).replace("_", "-") if m else None
+
+
 def main(argv: list[str] | None = None) -> None:
+    try:
+        _run(argv)
+    except CliError as e:
+        print(e.line, file=sys.stderr, flush=True)
+        raise
+
+
+def _run(argv: list[str] | None) -> None:
     global _quiet
     args = build_parser().parse_args(argv)
+    _check_args(args)  # before anything is loaded, computed or written
     from transformers.utils import logging as hf_logging
 
     _quiet = args.quiet
@@ -278,7 +568,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except ValueError as e:  # hf_quant's errors name the field and the fix: show them without a traceback
-        raise SystemExit(f"hf-quant {args.command}: {e}") from None
+        message = " ".join(str(e).split())
+        option = _field_option(message)
+        raise CliError(f"hf-quant {args.command}: {option + ': ' if option else ''}{message}") from None
 
 
 if __name__ == "__main__":

@@ -9,12 +9,12 @@ from __future__ import annotations
 import copy
 import inspect
 import json
-import re
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .core import SUPPORTED_BITS, LayerSpec
+from .core.patterns import SafePattern
 from .methods.base import check_bool, check_positive_int
 from .methods import available_methods, get_method, methods_taking, option_fields
 
@@ -193,12 +193,13 @@ class QuantConfig(QuantizationConfigMixin):
             )
         for field in ("num_samples", "seq_len"):
             check_positive_int(field, getattr(self, field))
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"QuantConfig.seed={self.seed!r} must be an integer.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"QuantConfig.seed={self.seed!r} must be an integer in [0, 2**63).")
         mods = self.modules_to_not_convert
         if mods is not None and not all(isinstance(m, str) for m in mods):
             raise ValueError("QuantConfig.modules_to_not_convert must be a list of module names (strings).")
         self._compiled_dynamic = self._validate_dynamic(self.dynamic)
+        self._spec_cache: dict[str, LayerSpec | None] = {}
         _check_provenance(self.provenance)
 
     def _resolve_method_options(self) -> None:
@@ -227,14 +228,17 @@ class QuantConfig(QuantizationConfigMixin):
         import torch
 
         try:
-            torch.device(dev)
+            kind = torch.device(dev).type
         except (RuntimeError, TypeError):
+            kind = None
+        if kind not in ("cpu", "cuda", "xpu", "mps"):  # 'meta' would move blocks to a device that holds no data
             raise ValueError(
-                f"QuantConfig.calibration_device={dev!r} is not a device; use e.g. 'cuda', 'cuda:0', 'cpu' or None."
-            ) from None
+                f"QuantConfig.calibration_device={dev!r} is not a device that holds data; use e.g. 'cuda', 'cuda:0', "
+                "'cpu' or None."
+            )
 
     @staticmethod
-    def _validate_dynamic(dynamic: dict | None) -> list[tuple[re.Pattern, dict | None]]:
+    def _validate_dynamic(dynamic: dict | None) -> list[tuple[SafePattern, dict | None]]:
         if dynamic is None:
             return []
         if not isinstance(dynamic, dict):
@@ -246,10 +250,7 @@ class QuantConfig(QuantizationConfigMixin):
                 raise ValueError(f"QuantConfig.{field}: keys must be regex strings.")
             skip = pattern.startswith(_SKIP_PREFIX)
             body = pattern[2:] if skip or pattern.startswith(_MATCH_PREFIX) else pattern
-            try:
-                regex = re.compile(body)
-            except re.error as e:
-                raise ValueError(f"QuantConfig.{field}: invalid regex ({e}).") from None
+            regex = SafePattern(body, f"QuantConfig.{field}")  # untrusted: bounded in length, shape and time
             if not isinstance(overrides, dict):
                 raise ValueError(f"QuantConfig.{field} must be a dict of overrides (fields {list(_OVERRIDABLE)}).")
             unknown = set(overrides) - set(_OVERRIDABLE)
@@ -267,7 +268,14 @@ class QuantConfig(QuantizationConfigMixin):
         return compiled
 
     def layer_spec(self, module_name: str) -> LayerSpec | None:
-        """The spec for one module after `dynamic` overrides; `None` if a "-:" rule keeps it in float."""
+        """The spec for one module after `dynamic` overrides; `None` if a "-:" rule keeps it in float.
+        Each module name is matched once per config (the result is remembered)."""
+        cache = self.__dict__.setdefault("_spec_cache", {})
+        if module_name not in cache:
+            cache[module_name] = self._layer_spec(module_name)
+        return cache[module_name]
+
+    def _layer_spec(self, module_name: str) -> LayerSpec | None:
         fields = {"bits": self.bits, "group_size": self.group_size, "sym": self.sym}
         for regex, overrides in self._compiled_dynamic:
             if regex.search(module_name):

@@ -123,10 +123,11 @@ def _tokenizer_for(model: nn.Module):
 def work_device(config: QuantConfig, model_device: torch.device) -> torch.device:
     if config.calibration_device is not None:
         device = torch.device(config.calibration_device)
-        if device.type == "cuda" and not torch.cuda.is_available():
+        if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
             raise ValueError(
-                f"QuantConfig.calibration_device={config.calibration_device!r} but CUDA is not available "
-                "on this machine; use calibration_device=None (picks a GPU when there is one) or 'cpu'."
+                f"QuantConfig.calibration_device={config.calibration_device!r} but this machine has "
+                f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA device(s); use "
+                "calibration_device=None (picks a GPU when there is one) or 'cpu'."
             )
         return device
     return torch.device("cuda") if torch.cuda.is_available() else model_device
@@ -219,8 +220,8 @@ def quantize_blockwise(model: nn.Module, config: QuantConfig, targets: dict[str,
             f"{outside[0]}: method {config.method!r} calibrates layers inside the decoder blocks only; "
             "keep it in float with modules_to_not_convert, or use method='rtn'."
         )
-    windows = calibration_windows(config.dataset, lambda: _tokenizer_for(model),
-                                  config.num_samples, config.seq_len, config.seed)
+    windows = calibration_windows(config.dataset, lambda: _tokenizer_for(model), config.num_samples, config.seq_len,
+                                  config.seed, model.get_input_embeddings().num_embeddings)
     method = get_method(config.method)
     options = method.options_from(config)
     device = work_device(config, _block_device(blocks[0]))

@@ -25,6 +25,9 @@ def _token_stream(dataset: Any, get_tokenizer: Callable[[], Any]) -> torch.Tenso
     pieces, tokenizer, loaded = [], None, False
     for item in dataset:
         if isinstance(item, dict):
+            if "input_ids" not in item:
+                raise ValueError(f"QuantConfig.dataset: a dict item has no 'input_ids' (keys: {sorted(item)[:5]}); "
+                                 "pass dicts with 'input_ids', strings or token-id tensors.")
             item = item["input_ids"]
         if isinstance(item, str):
             if not loaded:  # the tokenizer is loaded once, and only when text is met
@@ -38,13 +41,19 @@ def _token_stream(dataset: Any, get_tokenizer: Callable[[], Any]) -> torch.Tenso
 
 
 def calibration_windows(
-    dataset: Any, get_tokenizer: Callable[[], Any], num_samples: int, seq_len: int, seed: int
+    dataset: Any, get_tokenizer: Callable[[], Any], num_samples: int, seq_len: int, seed: int,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """(num_samples, seq_len) token windows drawn without overlap, reproducibly from `seed`.
 
     `get_tokenizer()` is called only if the data holds text; it may return None (no tokenizer).
+    Token ids must lie in [0, vocab_size).
     """
     ids = _token_stream(dataset, get_tokenizer)
+    if vocab_size is not None and ids.numel() and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+        raise ValueError(f"QuantConfig.dataset: token id {bad} is outside the model's vocabulary [0, {vocab_size}); "
+                         "tokenize the calibration data with this model's tokenizer.")
     n_windows = ids.numel() // seq_len
     if n_windows < num_samples:
         raise ValueError(

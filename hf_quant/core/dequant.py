@@ -54,3 +54,29 @@ def dequantize_weight(
         return q.to(compute).sub_(z[:, g]).mul_(scales.to(compute)[:, g]).to(dtype)
     W = q.reshape(out_f, -1, gs).to(compute).sub_(z.unsqueeze(-1)).mul_(scales.to(compute).unsqueeze(-1))
     return W.reshape(out_f, in_features).to(dtype)
+
+
+# The largest dequantized weight magnitude a checkpoint may hold: fp16's largest value. No trained
+# LLM weight comes near it, and fp16 kernels could not represent a larger one.
+MAX_WEIGHT = 65504.0
+
+
+def check_values(scales: torch.Tensor, qzeros: torch.Tensor | None, spec: LayerSpec, name: str) -> None:
+    """Refuse stored grids that cannot be a quantized weight: non-finite scales, zero points beyond
+    the code range, or a dequantized range beyond MAX_WEIGHT / the scales' dtype. (Zero points up to
+    2**bits are accepted: GPTQ v1 checkpoints store zero - 1, and some hold a zero of 2**bits.)"""
+    bad = ~torch.isfinite(scales)
+    if bad.any():
+        raise ValueError(f"{name}.scales: {int(bad.sum())} value(s) are NaN or inf; the checkpoint is corrupt. "
+                         "Re-quantize the model or re-download the checkpoint.")
+    zero = zero_points(qzeros, spec, scales)
+    if qzeros is not None and zero.numel() and zero.max() > spec.maxq + 1:
+        raise ValueError(f"{name}.qzeros: a zero point of {int(zero.max())} is outside the {spec.bits}-bit code range "
+                         f"[0, {spec.maxq}]; the checkpoint is corrupt or does not match its quantization_config "
+                         "(bits).")
+    reach = torch.maximum(zero, spec.maxq - zero) * scales.float().abs()
+    limit = min(MAX_WEIGHT, torch.finfo(scales.dtype).max) if scales.dtype.is_floating_point else MAX_WEIGHT
+    if reach.numel() and reach.max() > limit:
+        raise ValueError(f"{name}.scales: the grid reaches weights of magnitude {float(reach.max()):.3g}, beyond "
+                         f"{limit:g} (the scales' dtype, and the largest weight hf_quant accepts); the checkpoint is "
+                         "corrupt or was written with wrong scales.")

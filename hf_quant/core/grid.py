@@ -68,11 +68,21 @@ def find_params(
 
 def _grid(xmin: torch.Tensor, xmax: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype):
     scale = store_scale((xmax - xmin) / spec.maxq, scale_dtype)
-    if spec.sym:
-        zero = torch.full_like(scale, spec.sym_zero)
-    else:
-        zero = torch.round(-xmin / scale).clamp(0, spec.maxq)
+    for _ in range(2):  # keep every code's (q - zero) * scale inside scale_dtype (a no-op on ordinary weights)
+        zero = torch.full_like(scale, spec.sym_zero) if spec.sym else torch.round(-xmin / scale).clamp(0, spec.maxq)
+        scale = _fit_range(scale, zero, spec, scale_dtype)
     return scale, zero
+
+
+def _fit_range(scale: torch.Tensor, zero: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype) -> torch.Tensor:
+    """`scale`, lowered where the extreme code would dequantize beyond `scale_dtype`'s largest value
+    (weights within a step of fp16's 65504: rounding the scale up would make them inf). There the
+    extreme weight is clipped by less than a step. Elsewhere the scale is returned unchanged."""
+    top = torch.finfo(scale_dtype).max
+    steps = torch.maximum(zero, spec.maxq - zero).clamp(min=1)
+    fitted = (top / steps).to(scale_dtype)
+    fitted = torch.where(fitted.float() * steps > top, torch.nextafter(fitted, torch.zeros_like(fitted)), fitted)
+    return torch.where(steps * scale > top, fitted.float(), scale)
 
 
 def store_scale(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:

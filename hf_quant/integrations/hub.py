@@ -49,6 +49,18 @@ def describe_source(name: str | None) -> str | None:
     return name if _is_hub_id(name) else Path(name).name or None
 
 
+def _card_name(name: str | os.PathLike | None) -> str | None:
+    """The name a model card gives its checkpoint in the load snippet and the title: a Hub repo id
+    (`org/name`, or a bare `name`) as is; a local path (absolute, `~`, `./`, `../`, or with more than
+    one `/`) by its last component only, so a card never carries a private local path."""
+    if not name:
+        return None
+    text = os.fspath(name)
+    if re.fullmatch(r"[\w-][\w.-]*(/[\w-][\w.-]*)?", text):
+        return text
+    return Path(os.path.abspath(os.path.expanduser(text))).name or None
+
+
 def _is_hub_id(name: str | None) -> bool:
     return bool(name) and not os.path.exists(name) and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
 
@@ -91,14 +103,15 @@ def model_card(directory: str | os.PathLike, repo_id: str | None = None, *, base
     It names the base model, method, bits, group size and calibration data (from the provenance
     hf_quant records when it quantizes), the measured perplexity when known (`evaluation`, else the
     one recorded in the config by `hf-quant quantize --eval`), and how to load the model — with
-    `import hf_quant` first, which transformers silently needs.
+    `import hf_quant` first, which transformers silently needs. The load snippet and the title name
+    `repo_id` (a local path given there is cut to its last component), else the directory's own name.
     """
     s = checkpoint_summary(directory)
     qc: QuantConfig = s["quantization_config"]
     prov = dict(qc.provenance or {})
     base = base_model or prov.get("base_model")
     evaluation = evaluation or prov.get("evaluation")
-    name = repo_id or Path(directory).name
+    name = _card_name(repo_id) or Path(os.path.abspath(directory)).name
     method = get_method(qc.method).description
     if get_method(qc.method).act_order and qc.desc_act:
         method += " with act-order" + (" (static groups)" if qc.static_groups else "")
@@ -184,7 +197,8 @@ def save_pretrained(model: Any, save_directory: str | os.PathLike, *args: Any, i
 
     def add_card(tmp: Path) -> None:
         if not _keep_existing_card(target):
-            model_card(tmp, hub.get("repo_id") or str(save_directory)).save(tmp / "README.md")
+            # the Hub repo it is for, else the directory's own name: never the full local path
+            model_card(tmp, hub.get("repo_id") or Path(os.path.abspath(save_directory)).name).save(tmp / "README.md")
 
     write_checkpoint(model, target, *args, tokenizer=tokenizer, add_files=add_card, **kwargs)
     if push_to_hub:

@@ -21,36 +21,73 @@ _ST_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I32": torch.int32, "I64": to
               "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
+def _describe(path: str) -> str:
+    """The file as errors name it: symlinks are reported as symlinks, with their target."""
+    return f"{path} (a symlink to {os.path.realpath(path)})" if os.path.islink(path) else str(path)
+
+
+def corrupt(path: str, what: str) -> ValueError:
+    """The one error for a malformed checkpoint file."""
+    return ValueError(f"corrupt checkpoint {_describe(path)}: {what}. Re-download or re-save it.")
+
+
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on the JSON header
+
+
 def read_safetensors_header(path: str) -> dict[str, dict]:
-    """Tensor entries of a safetensors file's header; raises ValueError if the file is not whole."""
+    """Tensor entries of a safetensors file's header, each checked for shape, dtype and offsets inside
+    the file; any malformed structure raises `corrupt checkpoint <file>: <what>`."""
+    if not os.path.isfile(path):
+        raise corrupt(path, "not a regular file")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
-            raise ValueError(f"{path}: truncated safetensors file ({size} bytes). Re-download or re-save it.")
+            raise corrupt(path, f"truncated safetensors file ({size} bytes)")
         (n,) = struct.unpack("<Q", raw)
-        if 8 + n > size:
-            raise ValueError(
-                f"{path}: truncated safetensors file (header says {n} header bytes, file has {size}). "
-                "Re-download or re-save it."
-            )
+        if 8 + n > size or n > MAX_HEADER_BYTES:
+            raise corrupt(path, f"truncated safetensors file (header says {n} header bytes, file has {size})")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: corrupt safetensors header ({e}). Re-download or re-save it.") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise corrupt(path, f"the safetensors header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise corrupt(path, f"the safetensors header is a JSON {type(header).__name__}, not an object")
     header.pop("__metadata__", None)
-    end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    end = 0
+    for key, entry in header.items():
+        ok = isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
+        shape, offsets = (entry.get("shape"), entry.get("data_offsets")) if ok else (None, None)
+        ok = ok and isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                    for d in shape)
+        ok = ok and isinstance(offsets, list) and len(offsets) == 2 and all(
+            isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets) and offsets[0] <= offsets[1]
+        if not ok:
+            raise corrupt(path, f"header entry {key!r} is malformed (needs dtype, shape and two data_offsets)")
+        end = max(end, offsets[1])
     if 8 + n + end > size:
-        raise ValueError(
-            f"{path}: truncated safetensors file: tensors need {8 + n + end} bytes, the file has {size}. "
-            "Re-download or re-save it."
-        )
+        raise corrupt(path, f"truncated safetensors file: tensors need {8 + n + end} bytes, the file has {size}")
     return header
+
+
+def check_shard_paths(files: Iterable[str]) -> None:
+    """Refuse shard paths that leave the checkpoint directory (an index naming `../other/x.safetensors`).
+    Paths are compared as written, not resolved: a Hub cache's snapshot files are symlinks into its blobs."""
+    files = [str(f) for f in files]
+    if not files:
+        return
+    roots = {os.path.dirname(os.path.abspath(f)) for f in files if ".." not in Path(f).parts}
+    for f in files:
+        if ".." in Path(f).parts or os.path.dirname(os.path.abspath(os.path.normpath(f))) not in roots:
+            raise ValueError(f"corrupt checkpoint {f}: the shard index points outside the checkpoint directory; "
+                             "refusing to read it.")
 
 
 def index_checkpoint(files: Iterable[str]) -> dict[str, dict]:
     """Merged header entries of all shards; refuses anything that is not safetensors."""
     entries: dict[str, dict] = {}
+    files = list(files)
+    check_shard_paths(files)
     for path in files:
         if not str(path).endswith(".safetensors"):
             raise ValueError(

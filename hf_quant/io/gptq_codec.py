@@ -31,7 +31,8 @@ from typing import Any
 import torch
 
 from ..config import QuantConfig
-from ..core import SUPPORTED_BITS, LayerSpec, pack_codes, unpack_codes
+from ..core import SUPPORTED_BITS, LayerSpec, check_values, pack_codes, unpack_codes
+from ..core.patterns import SafePattern
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 _BYTE_SHIFTS = torch.tensor([0, 8, 16, 24], dtype=torch.int64)
@@ -203,6 +204,7 @@ def from_gptq(
                              f"channels in each of the {n_groups} groups; this g_idx does not have that, so the "
                              "module cannot be imported.")
         buffers["g_idx"] = g_idx
+    check_values(buffers["scales"], buffers.get("qzeros"), spec, name)
     return LayerSpec(spec.bits, spec.group_size, spec.sym, g_idx=keep), buffers
 
 
@@ -223,14 +225,21 @@ class GptqSettings:
     lm_head: bool = False
     dynamic: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def _pattern(self, rule: str) -> SafePattern:
+        cache = self.__dict__.setdefault("_patterns", {})  # frozen dataclass: a cache outside its fields
+        if rule not in cache:
+            cache[rule] = SafePattern(rule.removeprefix("-:").removeprefix("+:"),
+                                      f"quantization_config.dynamic[{rule!r}]")
+        return cache[rule]
+
     def spec(self, module_name: str) -> LayerSpec | None:
         """Base settings after GPTQModel's `dynamic` rules (re.match, first match wins); None = "-:" (float)."""
         fields = {"bits": self.bits, "group_size": self.group_size, "sym": self.sym}
         for pattern, overrides in self.dynamic.items():
             if pattern.startswith("-:"):
-                if re.match(pattern[2:], module_name):
+                if self._pattern(pattern).match(module_name):
                     return None
-            elif re.match(pattern.removeprefix("+:"), module_name):
+            elif self._pattern(pattern).match(module_name):
                 fields.update({k: v for k, v in overrides.items() if k in fields})
                 break
         return LayerSpec(**fields)
@@ -266,10 +275,7 @@ def parse_gptq_config(qc: Mapping[str, Any]) -> GptqSettings:
     if not isinstance(dynamic, dict) or not all(isinstance(v, dict) for v in dynamic.values()):
         raise ValueError("quantization_config.dynamic must map regex strings to dicts of overrides.")
     for pattern, overrides in dynamic.items():
-        try:
-            re.compile(pattern.removeprefix("-:").removeprefix("+:"))
-        except re.error as e:
-            raise ValueError(f"quantization_config.dynamic[{pattern!r}]: invalid regex ({e}).") from None
+        SafePattern(pattern.removeprefix("-:").removeprefix("+:"), f"quantization_config.dynamic[{pattern!r}]")
         if "bits" in overrides and (isinstance(overrides["bits"], bool) or overrides["bits"] not in SUPPORTED_BITS):
             raise ValueError(f"quantization_config.dynamic[{pattern!r}].bits={overrides['bits']!r}: hf_quant "
                              f"supports {list(SUPPORTED_BITS)} bits.")

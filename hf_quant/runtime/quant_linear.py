@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from ..core import LayerSpec, QuantizedWeight, buffer_specs, dequantize_weight, pack_codes
+from ..core import LayerSpec, QuantizedWeight, buffer_specs, check_values, dequantize_weight, pack_codes
 from .dispatch import linear, register_layer
 from .scheme import ActivationSpec, Scheme
 
@@ -134,6 +134,7 @@ class QuantLinear(nn.Linear):
                 got = "missing" if t is None else f"{t.dtype}{list(t.shape)} on {t.device}"
                 raise ValueError(f"{name}.{buf_name}: loaded tensor is {got}, expected {dtype or 'float'}{list(shape)}.")
         self._check_g_idx(name)
+        check_values(self.scales, self.qzeros, self.spec, name)
 
     def _check_g_idx(self, name: str) -> None:
         """Act-order layers: g_idx must put exactly group_size channels in each group (kernels rely on it)."""
