@@ -393,3 +393,89 @@ def test_blocks_called_with_hidden_states_by_keyword():
     outs = run_block(model.layers[0], torch.device("cpu"), "", inputs)
     with torch.no_grad():
         assert torch.equal(outs[1], model(ids[1][None]))
+
+
+def test_nan_in_a_layernorm_is_refused_naming_the_layer_and_the_model_is_left_as_it_was(tmp_path):
+    """A NaN in a norm weight makes the calibration inputs of the next layers NaN: GPTQ refuses the
+    first such layer by name (a ValueError, not torch's Cholesky error), and nothing is changed."""
+    from transformers import AutoModelForCausalLM
+
+    import hf_quant
+    from hf_quant import QuantLinear
+
+    from .conftest import save_random_model
+
+    model = AutoModelForCausalLM.from_pretrained(save_random_model(tmp_path / "llama", "llama"))
+    with torch.no_grad():
+        model.model.layers[1].input_layernorm.weight[3] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = QuantConfig(method="gptq", dataset=_ids(12), num_samples=8, seq_len=32)
+    with pytest.raises(ValueError) as info:
+        hf_quant.quantize(model, cfg)
+    msg = str(info.value)
+    assert msg.startswith("model.layers.1.self_attn.q_proj: the calibration inputs of model.layers.1.self_attn.q_proj "
+                          "contain NaN/inf"), msg
+    assert "norm" in msg and "modules_to_not_convert=['model.layers.1.self_attn.q_proj']" in msg
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:  # bit for bit, the NaN included
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=0, equal_nan=True, msg=k)
+    assert getattr(model, "hf_quantizer", None) is None
+
+
+def test_non_finite_or_indefinite_hessian_is_a_value_error_naming_the_layer():
+    from hf_quant.calibration.layer import quantize_layer
+
+    lin = torch.nn.Linear(64, 16)
+    spec = LayerSpec(4, 32, False)
+    H = torch.eye(64)
+    H[2, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"^model.layers.0.mlp.up_proj: the calibration inputs of "
+                                         r"model.layers.0.mlp.up_proj contain NaN/inf \(1 non-finite"):
+        quantize_layer("model.layers.0.mlp.up_proj", lin, spec, "gptq", H=H)
+    with pytest.raises(ValueError, match=r"^GPTQ: the Hessian has 1 NaN/inf entries"):  # the method alone
+        get_method("gptq").quantize(lin.weight.detach(), spec, torch.float32, H=H)
+    H = torch.eye(64)
+    H[0, 1] = H[1, 0] = 5.0  # eigenvalues 1 +- 5: not positive-definite, and dampening by 1% cannot fix it
+    with pytest.raises(ValueError, match=r"^model.layers.0.mlp.up_proj: GPTQ: the Hessian .* not positive-definite "
+                                         r"even after dampening with damp_percent=0.01 .* larger "
+                                         r"QuantConfig.damp_percent \(e.g. 0.1\)") as info:
+        quantize_layer("model.layers.0.mlp.up_proj", lin, spec, "gptq", H=H)
+    assert not isinstance(info.value, torch.linalg.LinAlgError)
+
+
+_QUANTIZED_HASHES = """
+import hashlib, json, torch
+import hf_quant
+from transformers import AutoModelForCausalLM
+
+
+def quantized_hashes(path):
+    ids = [torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(i)) for i in range(12)]
+    cfg = hf_quant.QuantConfig(method="gptq", bits=3, group_size=32, desc_act=True, dataset=ids, num_samples=8,
+                               seq_len=32)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg)
+    return {k: hashlib.sha256(v.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+            for k, v in model.state_dict().items()}
+"""
+
+
+def test_gptq_is_bit_identical_across_processes_at_the_same_thread_count(tiny_models):
+    """What the README promises: the same data, seed, machine, torch build and thread count give
+    bit-identical quantized tensors, also in a fresh process. (Across thread counts the codes can
+    differ: torch's CPU Cholesky (MKL) rounds differently with 1 and 2 threads; see the README.)"""
+    import subprocess
+    import sys
+
+    threads = torch.get_num_threads()
+    code = (_QUANTIZED_HASHES + f"torch.set_num_threads({threads})\n"
+            f"print(json.dumps(quantized_hashes({str(tiny_models['llama'])!r})))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    fresh = json.loads(res.stdout.strip().splitlines()[-1])
+    namespace: dict = {}
+    exec(_QUANTIZED_HASHES, namespace)
+    here = namespace["quantized_hashes"](tiny_models["llama"])
+    assert any(k.endswith(".g_idx") for k in here)
+    assert fresh == here, sorted(k for k in here if here[k] != fresh.get(k))

@@ -271,3 +271,42 @@ def test_qwen2_with_biased_projections_round_trips(tiny_models, tmp_path, input_
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     assert torch.equal(again.model.layers[0].self_attn.q_proj.bias, q_proj.bias)
     assert torch.equal(logits(again, input_ids), logits(q, input_ids))
+
+
+def test_dequantize_after_save_pretrained_in_the_readme_order(tiny_models, tmp_path, input_ids):
+    """The README's usage block: quantize, save_pretrained, reload, then dequantize. After a save,
+    `config.dtype` is the string "bfloat16", which transformers passes to `_dequantize` as the dtype."""
+    q = quantize(tiny_models["llama"], method="rtn", bits=4, group_size=128, sym=False)
+    with kernels.use_kernel("reference"):
+        expected = logits(q, input_ids)
+    quantized = logits(q, input_ids)
+    q.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(logits(again, input_ids), quantized)
+    assert q.config.dtype == "bfloat16"  # the case of the bug: a string, not a torch.dtype
+    model = q.dequantize()
+    assert not quant_layers(model) and type(model.model.layers[0].mlp.down_proj) is nn.Linear
+    assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    out = logits(model, input_ids)
+    assert torch.isfinite(out).all() and torch.equal(out, expected)  # the weights the reference kernel uses
+    torch.testing.assert_close(out, quantized, atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("dtype, want", [("bfloat16", torch.bfloat16), ("torch.float32", torch.float32),
+                                         ("float16", torch.float16), ("auto", torch.bfloat16),
+                                         (None, torch.bfloat16), (torch.float32, torch.float32)])
+def test_dequantize_model_takes_a_dtype_or_its_name(tiny_models, dtype, want):
+    from hf_quant.runtime.convert import dequantize_model
+
+    model = dequantize_model(quantize(tiny_models["llama"], bits=4, group_size=32), dtype)
+    assert not quant_layers(model) and model.model.layers[1].self_attn.q_proj.weight.dtype == want
+
+
+@pytest.mark.parametrize("dtype", ["bfloat17", "int8", "Tensor", torch.int8])
+def test_dequantize_model_refuses_an_unknown_dtype_before_changing_anything(tiny_models, dtype):
+    from hf_quant.runtime.convert import dequantize_model
+
+    q = quantize(tiny_models["llama"], bits=4, group_size=32)
+    with pytest.raises(ValueError, match=r"dequantize: dtype=.* is not a floating torch dtype"):
+        dequantize_model(q, dtype)
+    assert len(quant_layers(q)) == 14

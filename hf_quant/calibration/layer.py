@@ -12,14 +12,30 @@ from ..runtime import QuantLinear
 
 
 def quantize_layer(name: str, module: nn.Module, spec: LayerSpec, method: str, **stats) -> QuantLinear:
-    """Quantize one float layer into a QuantLinear; refuses non-finite weights, naming the module."""
+    """Quantize one float layer into a QuantLinear. Refuses non-finite weights and a non-finite
+    Hessian `H` (NaN/inf calibration inputs), naming the module; a ValueError of the method (e.g.
+    GPTQ's Hessian not positive-definite) is re-raised with the module's name."""
     W = linear_weight(module).detach()
+    keep_in_float = f"QuantConfig(modules_to_not_convert=[{name!r}])"
     if not torch.isfinite(W).all():
         bad = (~torch.isfinite(W)).sum().item()
         raise ValueError(
             f"{name}: weight has {bad} NaN/inf value(s) and cannot be quantized. Fix the checkpoint, "
-            f"or keep the layer in float with QuantConfig(modules_to_not_convert=[{name!r}])."
+            f"or keep the layer in float with {keep_in_float}."
+        )
+    H = stats.get("H")
+    if H is not None and not torch.isfinite(H).all():
+        bad = (~torch.isfinite(H)).sum().item()
+        raise ValueError(
+            f"{name}: the calibration inputs of {name} contain NaN/inf ({bad} non-finite Hessian entries): the "
+            "model produces non-finite activations before this layer. Check the checkpoint (e.g. its norm "
+            f"weights) and the calibration data, or keep the layer in float with {keep_in_float}."
         )
     scale_dtype = W.dtype if W.dtype.is_floating_point else torch.float32
-    qw = get_method(method).quantize(W.float(), spec, scale_dtype, **stats)
+    try:
+        qw = get_method(method).quantize(W.float(), spec, scale_dtype, **stats)
+    except ValueError as e:
+        if str(e).startswith(f"{name}:"):
+            raise
+        raise ValueError(f"{name}: {e}") from e
     return QuantLinear.from_quantized(qw, spec, module.bias, from_conv1d=is_conv1d(module))

@@ -8,6 +8,7 @@ headers were checked, and the loader fills their buffers by name.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from transformers.quantizers import HfQuantizer, register_quantizer
@@ -16,6 +17,7 @@ from .. import compat
 from ..calibration import quantize_model
 from ..calibration.data import describe_dataset
 from ..config import QUANT_METHOD, QuantConfig
+from ..io.atomic import recover
 from ..io.native import check_checkpoint
 from ..methods import get_method
 from ..runtime import QuantLinear
@@ -56,6 +58,7 @@ class HfQuantQuantizer(HfQuantizer):
         self.targets = find_targets(model, config, skip)
         if self.pre_quantized:
             if checkpoint_files:
+                recover(Path(checkpoint_files[0]).parent)  # what a killed save left beside it
                 check_checkpoint(model, self.targets, checkpoint_files)
             replace_with_empty_quant_linears(model, self.targets)
         return model

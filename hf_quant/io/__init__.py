@@ -2,7 +2,7 @@
 
 Each format is a pure codec (tensors in, tensors out: `gptq_codec`) plus its file handling
 (`native`, `gptq`), which reads only safetensors, checks headers before reading tensors, and
-writes all-or-nothing (`checkpoint.atomic_directory`). Adding a format = one module here that
+writes all-or-nothing (`atomic.atomic_directory`). Adding a format = one module here that
 calls `register_format`, imported below.
 """
 

@@ -1,4 +1,4 @@
-"""Checkpoint files: checks run before any weight is read, and all-or-nothing directory writes.
+"""Checkpoint files: checks run before any weight is read (all-or-nothing writes live in `atomic.py`).
 
 The checks read only the JSON headers: a truncated file, a pickle checkpoint, or a quantized module
 whose tensors are missing or mis-shaped fails here with a message naming the file or module,

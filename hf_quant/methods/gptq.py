@@ -41,13 +41,32 @@ class GPTQOptions(Options):
 
 
 def hessian_inverse_cholesky(H: torch.Tensor, damp_percent: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1 (fp32)."""
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1 (fp32).
+
+    Raises ValueError (not torch's LinAlgError) when H is not positive-definite even after dampening;
+    `quantize_layer` adds the layer's name. (Non-finite entries are refused before, by `check_hessian`.)
+    """
     H = H.clone().float()
     damp = damp_percent * torch.mean(torch.diag(H))
     H.diagonal().add_(damp)
-    L = torch.linalg.cholesky(H)
-    Hinv = torch.cholesky_inverse(L)
-    return torch.linalg.cholesky(Hinv, upper=True)
+    try:
+        L = torch.linalg.cholesky(H)
+        Hinv = torch.cholesky_inverse(L)
+        return torch.linalg.cholesky(Hinv, upper=True)
+    except torch.linalg.LinAlgError as e:
+        larger = round(min(0.5, damp_percent * 10), 4) if damp_percent < 0.5 else "closer to 1"
+        raise ValueError(
+            f"GPTQ: the Hessian of the calibration inputs is not positive-definite even after dampening "
+            f"with damp_percent={damp_percent} ({e}). Use a larger QuantConfig.damp_percent (e.g. {larger}), "
+            "or more varied calibration data."
+        ) from e
+
+
+def check_hessian(H: torch.Tensor) -> None:
+    """Refuse a Hessian with NaN/inf entries (non-finite calibration inputs), before any factorization."""
+    if not torch.isfinite(H).all():
+        bad = (~torch.isfinite(H)).sum().item()
+        raise ValueError(f"GPTQ: the Hessian has {bad} NaN/inf entries: the calibration inputs contain NaN/inf.")
 
 
 @register_method("gptq", needs_calibration=True, options=GPTQOptions, description="GPTQ")
@@ -74,6 +93,7 @@ def quantize_gptq(
     """
     W = W.clone().float()
     H = H.clone().float()
+    check_hessian(H)
     out_f, in_f = W.shape
     if clip is not None and desc_act and not static_groups:
         raise ValueError("GPTQ with learned clipping keeps natural-order groups: use desc_act=False or static_groups.")

@@ -74,8 +74,24 @@ def dequantize_layer(module: QuantLinear, dtype: torch.dtype | None = None, as_c
     return float_layer(W, module.bias, module.from_conv1d if as_conv1d is None else as_conv1d)
 
 
-def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every QuantLinear by the float layer it stands for (Conv1D where it came from one)."""
+def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -> nn.Module:
+    """Replace every QuantLinear by the float layer it stands for (Conv1D where it came from one).
+
+    dtype: a floating torch dtype, or its name as a config stores it ("bfloat16", "torch.bfloat16":
+    transformers passes `config.dtype`, a string after `save_pretrained`); None or "auto" = each
+    layer's scale dtype (the dtype the model was loaded in)."""
+    if isinstance(dtype, str):
+        dtype_name = dtype.removeprefix("torch.")
+        if dtype_name == "auto":
+            dtype = None
+        else:
+            resolved = getattr(torch, dtype_name, None)
+            if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+                raise ValueError(f"dequantize: dtype={dtype!r} is not a floating torch dtype; use e.g. "
+                                 "torch.bfloat16, 'bfloat16', 'float16', 'float32' or 'auto'.")
+            dtype = resolved
+    elif dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ValueError(f"dequantize: dtype={dtype!r} is not a floating torch dtype; use e.g. torch.bfloat16.")
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantLinear):
             set_module(model, name, dequantize_layer(module, dtype))
