@@ -182,6 +182,10 @@ def awq_scales(ctx: BlockContext) -> dict[str, dict]:
             err = (torch.cat([o.float().flatten() for o in out]) - ref).pow(2).mean().item()
             if err < best_err:
                 best, best_err, best_alpha = s, err, alpha
+        if best is None:  # every candidate gave a NaN/inf block output
+            raise ValueError(f"{head}: AWQ's scale search gets non-finite block outputs for every scale: the model "
+                             "produces NaN/inf activations before this layer (check the checkpoint, e.g. its norm "
+                             f"weights), or keep the layer in float with QuantConfig(modules_to_not_convert=[{head!r}]).")
         _fold(ctx, producer, best, is_norm)
         for n, m in layers.items():
             ctx.undo.append((m.weight, m.weight.detach().clone()))
