@@ -44,19 +44,19 @@ def run_kernel(layer: Any, x: torch.Tensor) -> torch.Tensor:
     dtype = x.dtype
     key = (x.device, dtype, row_class(dtype, x.numel() // x.shape[-1] if x.shape[-1] else 0))
     entry = layer._kernel_cache.get(key)
-    if entry is None or (entry[2] and tuple(map(_VERSION, entry[2])) != entry[3]):
+    if entry is None or (entry[2] and sum(map(_VERSION, entry[2])) != entry[3]):
         if entry is not None:  # a buffer was edited in place since the layout was built
             layer.invalidate_kernels()
         kernel = select_kernel(layer, x)
         prepared = layer.prepared(kernel, x.device, x.dtype)
         guarded = layer.tracked_buffers() if prepared is not None else ()
-        entry = layer._kernel_cache[key] = (kernel.forward, prepared, guarded, tuple(map(_VERSION, guarded)))
+        entry = layer._kernel_cache[key] = (kernel.forward, prepared, guarded, sum(map(_VERSION, guarded)))
     return entry[0](layer, x, entry[1])
 
 
 # A prepared layout is a copy of the buffers it was built from; their version counters (bumped by
 # every in-place op, inference mode included, QuantLinear keeps its buffers out of inference mode)
-# tell when it is stale. Kernels without a layout read the buffers directly and need no check.
+# tell when it is stale. Counters only grow, so their sum changes exactly when one of them does. Kernels without a layout read the buffers directly and need no check.
 _VERSION = operator.attrgetter("_version")
 
 
