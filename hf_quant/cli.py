@@ -77,18 +77,15 @@ def _device(text: str) -> str:
     """A torch device this machine has: `cpu`, `cuda`, `cuda:1`, `mps`, ..."""
     import torch
 
+    from .core.devices import device_count
+
     try:
         device = torch.device(text)
     except (RuntimeError, TypeError, ValueError):
         raise argparse.ArgumentTypeError(f"{text!r} is not a device; use e.g. cpu, cuda or cuda:0") from None
     if device.type == "cpu":
         return text
-    if device.type == "mps":
-        count = int(torch.backends.mps.is_available())
-    else:
-        backend = getattr(torch, device.type, None)
-        available = getattr(backend, "is_available", None)
-        count = (backend.device_count() if hasattr(backend, "device_count") else 1) if available and available() else 0
+    count = device_count(device)
     if count == 0:
         raise argparse.ArgumentTypeError(f"{text} is not available: torch sees no {device.type} device on this "
                                          "machine; use cpu, or leave the option out")

@@ -23,6 +23,7 @@ import torch.nn as nn
 from transformers.utils import logging as hf_logging
 
 from ..config import LayerSpec, QuantConfig
+from ..core.devices import device_count, exists
 from ..core.layers import is_conv1d, linear_shape, linear_weight, map_tensors, set_module
 from ..methods import BlockContext, accumulate_hessian, get_method, hessian
 from .layer import quantize_layer
@@ -123,10 +124,10 @@ def _tokenizer_for(model: nn.Module):
 def work_device(config: QuantConfig, model_device: torch.device) -> torch.device:
     if config.calibration_device is not None:
         device = torch.device(config.calibration_device)
-        if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        if not exists(device):
             raise ValueError(
                 f"QuantConfig.calibration_device={config.calibration_device!r} but this machine has "
-                f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA device(s); use "
+                f"{device_count(device) or 'no'} {device.type.upper()} device(s); use "
                 "calibration_device=None (picks a GPU when there is one) or 'cpu'."
             )
         return device

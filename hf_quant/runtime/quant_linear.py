@@ -18,12 +18,9 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from ..core import LayerSpec, QuantizedWeight, buffer_specs, check_values, dequantize_weight, pack_codes
+from ..core import QUANT_BUFFERS, LayerSpec, QuantizedWeight, buffer_specs, check_values, dequantize_weight, pack_codes
 from .dispatch import linear, register_layer
 from .scheme import ActivationSpec, Scheme
-
-
-_PACKED = ("qweight", "scales", "qzeros", "g_idx")
 
 
 def _invalidate_after_load(module: QuantLinear, incompatible_keys: Any) -> None:
@@ -108,16 +105,16 @@ class QuantLinear(nn.Linear):
         self._prepared.clear()
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in _PACKED and isinstance(value, torch.Tensor) and value.is_inference():
+        if name in QUANT_BUFFERS and isinstance(value, torch.Tensor) and value.is_inference():
             with torch.inference_mode(False):  # a normal tensor: in-place edits stay visible to the caches
                 value = value.clone()
         super().__setattr__(name, value)
-        if name in _PACKED + ("bias",) and "_prepared" in self.__dict__:
+        if name in QUANT_BUFFERS + ("bias",) and "_prepared" in self.__dict__:
             self.invalidate_kernels()
 
     def tracked_buffers(self) -> tuple[torch.Tensor, ...]:
         """The packed buffers a prepared kernel layout is built from (for staleness checks)."""
-        return tuple(t for t in (self.qweight, self.scales, self.qzeros, self.g_idx) if t is not None)
+        return tuple(t for t in (getattr(self, name) for name in QUANT_BUFFERS) if t is not None)
 
     def dequantize(self) -> torch.Tensor:
         """The float weight W_hat (out, in), in the dtype of the scales."""

@@ -1,0 +1,22 @@
+"""Which devices this machine has, asked the same way everywhere (CLI options, calibration_device)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def device_count(device: torch.device) -> int:
+    """How many devices of `device`'s type torch sees on this machine (1 for cpu, 0 if none)."""
+    if device.type == "cpu":
+        return 1
+    if device.type == "mps":
+        return int(torch.backends.mps.is_available())
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if not (available and available()):
+        return 0
+    return backend.device_count() if hasattr(backend, "device_count") else 1
+
+
+def exists(device: torch.device) -> bool:
+    return (device.index or 0) < device_count(device)
