@@ -94,7 +94,7 @@ class QuantLinear(nn.Linear):
 
     def prepared(self, kernel: Any, device: torch.device, dtype: torch.dtype) -> Any:
         """`kernel`'s weight layout for this layer on `device` / `dtype`, built once."""
-        key = (kernel.name, device, dtype)
+        key = (kernel.layout or kernel.name, device, dtype)
         if key not in self._prepared:
             self._prepared[key] = kernel.prepare(self, device, dtype)
         return self._prepared[key]

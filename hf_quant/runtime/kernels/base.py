@@ -4,7 +4,7 @@ A kernel states what it runs: `supports(layer, device, dtype)` (bits, group size
 `activations` (the activation schemes it implements; None = weight-only) and `max_rows(dtype)` (the
 most rows, i.e. tokens, it takes). The highest-priority kernel that runs a call is chosen, and the
 choice is cached on the layer per (device, dtype, row class), where the row classes are cut at
-every kernel's `max_rows`: the same input shape class never selects twice. Kernel-specific weight
+every kernel's `row_cuts` (its `max_rows` by default): the same input shape class never selects twice. Kernel-specific weight
 layouts are built once by `prepare` and cached on the layer; the layer drops both caches when its
 buffers change (`QuantLinear.invalidate_kernels`), never checking on each call.
 """
@@ -26,6 +26,7 @@ class Kernel:
     """Base class: override `supports`, `forward`, and `prepare` if the kernel needs its own layout."""
 
     name: str = ""
+    layout: str = ""  # kernels with the same non-empty layout share one prepared layout per layer
     priority: int = 0
     activations: tuple[str | None, ...] = (None,)
 
@@ -35,6 +36,16 @@ class Kernel:
     def max_rows(self, dtype: torch.dtype) -> int | None:
         """The most rows (leading dims flattened) this kernel runs in `dtype`; None = no limit."""
         return None
+
+    def row_cuts(self, dtype: torch.dtype) -> tuple[int, ...]:
+        """Row counts where this kernel's choice or launch may change (row classes end at them)."""
+        limit = self.max_rows(dtype)
+        return () if limit is None else (limit,)
+
+    def chosen(self, layer: Any, rows: int) -> bool:
+        """Whether automatic selection takes this kernel for `rows` (e.g. by a dispatch table); a
+        kernel that returns False still runs when forced or preferred."""
+        return True
 
     def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
         return None
@@ -89,7 +100,7 @@ def row_class(dtype: torch.dtype, rows: int) -> int:
     """Index of the row range `rows` falls in, between the kernels' `max_rows` for `dtype`."""
     cuts = _ROW_CUTS.get(dtype)
     if cuts is None:
-        cuts = _ROW_CUTS[dtype] = sorted({k.max_rows(dtype) for k in _BY_PRIORITY} - {None})
+        cuts = _ROW_CUTS[dtype] = sorted({cut for k in _BY_PRIORITY for cut in k.row_cuts(dtype)})
     return bisect.bisect_left(cuts, rows)
 
 
@@ -140,6 +151,6 @@ def select_kernel(layer: Any, x: torch.Tensor) -> Kernel:
     if preferred is not None and KERNELS.get(preferred).runs(layer, device, dtype, rows):
         return KERNELS.get(preferred)
     for kernel in _BY_PRIORITY:
-        if kernel.runs(layer, device, dtype, rows):
+        if kernel.runs(layer, device, dtype, rows) and kernel.chosen(layer, rows):
             return kernel
     raise RuntimeError(f"no kernel supports {layer.extra_repr()} on {x.device.type}/{x.dtype}")

@@ -1,174 +1,294 @@
-"""Weight-only quantized GEMM in Triton: y = x @ W_hat.T + b, dequantizing W tile by tile.
+"""Weight-only quantized matmuls in Triton on the block layout of `layout.py`: y = x @ W_hat.T + b.
 
-Load-time layout (built by `prepare`, never saved): the codes of each output channel are repacked
-along K into int32 words of PER = 32 // bits codes, transposed to (ceil(K / PER), N) so that a
-(BLOCK_K, BLOCK_N) tile of codes comes from BLOCK_K / PER rows of words; scales and zero points are
-transposed to (n_groups, N). Act-order layers (g_idx) have their channels sorted by group once, and
-the activations gathered the same way on each call, so groups are contiguous inside the kernel.
+Three kernels, one per row class (dispatch table in `table.py`):
 
-Two kernels share that layout: `triton_qgemm`, a tensor-core path (`tl.dot` on dequantized tiles),
-and `triton_gemv`, a split-K decode path for a few rows. Both are correctness-first; tuning and
-dispatch by M come with the GPU benchmarks of issue 4.
+- `triton_gemv` (decode, few rows): each program streams a BLOCK_N x BW tile of words per block over
+  a short K range. Code j of the tile is one constant shift and an AND-OR away from fp32 (the magic
+  number of `layout.py`); it is multiplied into a partial sum, the scales are applied once per group
+  and the partial sums reduced over the words once per group. Weights are loaded evict-first, the
+  activations evict-last.
+- `triton_splitk` (16-128 rows): the same decode feeds `tl.dot` on the tensor cores, code j of a
+  tile being a BW-deep K slice; the K range is split over the grid so that it fills the SMs.
+- `triton_dequant` (prefill): one kernel dequantizes the whole weight into a reused buffer, then
+  cuBLAS (`F.linear`).
+
+Split-K without a memset or a cast launch: every program of a split writes its fp32 partial tile to
+a workspace and counts itself in on a per-tile counter; the program that arrives last adds the
+partials, the bias, and writes y in the activation dtype, then sets the counter back to zero for
+the next call.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ....core import codes_by_group, zero_points
 from ..base import Kernel, register_kernel
+from . import layout as L
+from . import table
 
 
 @triton.jit
-def _dequant_tile(w_ptr, s_ptr, z_ptr, offs_k, offs_n, k_ok, n_ok, N, BITS: tl.constexpr, PER: tl.constexpr,
-                  GS: tl.constexpr):
-    """fp32 W_hat^T tile (len(offs_k), len(offs_n)) from the repacked words, scales and zeros."""
-    kn_ok = k_ok[:, None] & n_ok[None, :]
-    words = tl.load(w_ptr + (offs_k // PER)[:, None] * N + offs_n[None, :], mask=kn_ok, other=0)
-    q = (words >> ((offs_k % PER) * BITS)[:, None]) & ((1 << BITS) - 1)
-    g = offs_k // GS
-    s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=kn_ok, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=kn_ok, other=0.0).to(tl.float32)
-    return (q.to(tl.float32) - z) * s
+def _code(words, J: tl.constexpr, BITS: tl.constexpr, P: tl.constexpr):
+    """fp32 1 + q * 2**(P - 23) for code J of each word: q moved to mantissa bits [P, P + BITS)."""
+    if BITS * J > P:
+        t = words >> (BITS * J - P)
+    elif BITS * J < P:
+        t = words << (P - BITS * J)
+    else:
+        t = words
+    return ((t & (((1 << BITS) - 1) << P)) | 0x3F800000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_ym, K: tl.constexpr,
-                  BITS: tl.constexpr, PER: tl.constexpr, GS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+def _finish(out, offs_m, offs_n, M, N, Np, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, tile,
+            HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """Write the fp32 tile `out` (BLOCK_M, BLOCK_N) to y, through the split-K workspace if SPLIT > 1."""
     m_ok = offs_m < M
-    n_ok = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                    other=0.0)
-        # W_hat^T tile (BLOCK_K, BLOCK_N), rounded to the activation dtype as the reference rounds it
-        w = _dequant_tile(w_ptr, s_ptr, z_ptr, offs_k, offs_n, k_ok, n_ok, N, BITS, PER, GS).to(x.dtype)
-        acc += tl.dot(x, w)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+    y_mask = m_ok[:, None] & (offs_n < N)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    if SPLIT == 1:
+        if HAS_BIAS:
+            out += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=y_mask)
+    else:
+        ws = ws_ptr + offs_m[:, None] * Np + offs_n[None, :]
+        tl.store(ws + tl.program_id(1) * M * Np, out, mask=m_ok[:, None])
+        tl.debug_barrier()  # every thread's partial is written before the program counts itself in
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT - 1:  # the last program of this tile: add up, write, reset the counter
+            total = tl.zeros(out.shape, dtype=tl.float32)
+            for s in range(SPLIT):
+                total += tl.load(ws + s * M * Np, mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=y_mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
 @triton.jit
-def _qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, stride_xm, K: tl.constexpr,
-                  BITS: tl.constexpr, PER: tl.constexpr, GS: tl.constexpr, K_PER_SPLIT: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Decode path (few rows): each program dequantizes a (BLOCK_K, BLOCK_N) weight tile once and
-    multiplies every row with it on CUDA cores; K is split over the grid's second axis and the
-    partial sums are added atomically into the fp32 output `y_ptr` (M, N)."""
+def _gemv_kernel(x_ptr, w_ptr, sa_ptr, sb_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+                 M, N, K, Np, KW, n_blocks, blocks_per_split, stride_xm, stride_ym,
+                 BITS: tl.constexpr, PER: tl.constexpr, BW: tl.constexpr, GS: tl.constexpr, P: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
+                 HAS_BIAS: tl.constexpr):
+    KB: tl.constexpr = PER * BW
     pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    rows = tl.arange(0, BLOCK_M)
+    offs_w = tl.arange(0, BW)
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    w_ptrs = w_ptr + offs_n[:, None] * KW + offs_w[None, :]
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_w[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kk in range(0, K_PER_SPLIT, BLOCK_K):
-        offs_k = pid_k * K_PER_SPLIT + kk + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        w = _dequant_tile(w_ptr, s_ptr, z_ptr, offs_k, offs_n, k_ok, n_ok, N, BITS, PER, GS)
-        w = w.to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded as the reference rounds it
-        for m in tl.static_range(BLOCK_M):
-            row_ok = (offs_k * 0 + m) < M  # as a tensor: some Triton interpreters refuse scalar masks
-            x = tl.load(x_ptr + m * stride_xm + offs_k, mask=k_ok & row_ok, other=0.0).to(tl.float32)
-            part = tl.sum(x[:, None] * w, axis=0)
-            acc += tl.where(rows[:, None] == m, part[None, :], 0.0)
-    tl.atomic_add(y_ptr + rows[:, None] * N + offs_n[None, :], acc, mask=(rows[:, None] < M) & n_ok[None, :])
+    b0 = tl.program_id(1) * blocks_per_split
+    b1 = tl.minimum(b0 + blocks_per_split, n_blocks)
+    for b in range(b0, b1):
+        words = tl.load(w_ptrs + b * BW, eviction_policy="evict_first")  # (BLOCK_N, BW)
+        part = tl.zeros((BLOCK_M, BLOCK_N, BW), dtype=tl.float32)
+        xs = tl.zeros((BLOCK_M, 1, BW), dtype=tl.float32)
+        for j in tl.static_range(PER):
+            k0 = b * KB + j * BW
+            if EVEN_K:
+                xj = tl.load(x_ptrs + k0, mask=m_ok[:, None], other=0.0, eviction_policy="evict_last")
+            else:
+                xj = tl.load(x_ptrs + k0, mask=m_ok[:, None] & (k0 + offs_w < K)[None, :], other=0.0,
+                             eviction_policy="evict_last")
+            xj = xj.to(tl.float32)[:, None, :]
+            part += _code(words, j, BITS, P)[None, :, :] * xj
+            xs += xj
+            if ((j + 1) * BW) % GS == 0 or j == PER - 1:  # the last slice of a group in this block
+                g = k0 // GS
+                sa = tl.load(sa_ptr + g * Np + offs_n)
+                sb = tl.load(sb_ptr + g * Np + offs_n)
+                acc += tl.sum(part * sa[None, :, None] - xs * sb[None, :, None], axis=2)
+                part = tl.zeros((BLOCK_M, BLOCK_N, BW), dtype=tl.float32)
+                xs = tl.zeros((BLOCK_M, 1, BW), dtype=tl.float32)
+    _finish(acc, offs_m, offs_n, M, N, Np, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, pid_n, HAS_BIAS, SPLIT)
 
 
-def repack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes (N, K) -> int32 words (ceil(K / PER), N), PER = 32 // bits codes per word, low bits first."""
-    per = 32 // bits
-    N, K = codes.shape
-    Kp = -(-K // per) * per
-    c = torch.nn.functional.pad(codes.to(torch.int64), (0, Kp - K)).reshape(N, Kp // per, per)
-    shifts = torch.arange(per, device=codes.device, dtype=torch.int64) * bits
-    words = (c << shifts).sum(-1)  # < 2**32
-    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-    return words.t().contiguous()
+@triton.jit
+def _splitk_kernel(x_ptr, w_ptr, sa_ptr, sb_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+                   M, N, K, Np, KW, n_blocks, blocks_per_split, stride_xm, stride_ym,
+                   BITS: tl.constexpr, PER: tl.constexpr, BW: tl.constexpr, GS: tl.constexpr, P: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr = False):
+    KB: tl.constexpr = PER * BW
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, BW)
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    w_ptrs = w_ptr + offs_n[:, None] * KW + offs_w[None, :]
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_w[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    b0 = tl.program_id(1) * blocks_per_split
+    b1 = tl.minimum(b0 + blocks_per_split, n_blocks)
+    for b in range(b0, b1):
+        words = tl.load(w_ptrs + b * BW, eviction_policy="evict_first")  # (BLOCK_N, BW)
+        for j in tl.static_range(PER):
+            k0 = b * KB + j * BW
+            if (j * BW) % GS == 0:  # the first slice of a group: its scales, once per group
+                g = k0 // GS
+                sa = tl.load(sa_ptr + g * Np + offs_n)[:, None]
+                sb = tl.load(sb_ptr + g * Np + offs_n)[:, None]
+            if EVEN_K:
+                xj = tl.load(x_ptrs + k0, mask=m_ok[:, None], other=0.0, eviction_policy="evict_last")
+            else:
+                xj = tl.load(x_ptrs + k0, mask=m_ok[:, None] & (k0 + offs_w < K)[None, :], other=0.0,
+                             eviction_policy="evict_last")
+            w = (_code(words, j, BITS, P) * sa - sb).to(xj.dtype)  # W_hat slice (BLOCK_N, BW), rounded as the reference
+            if DOT_FP32:  # Triton's interpreter gets bf16 tl.dot wrong: the same products, exact in fp32
+                acc = tl.dot(xj.to(tl.float32), tl.trans(w).to(tl.float32), acc)
+            else:
+                acc = tl.dot(xj, tl.trans(w), acc)
+    _finish(acc, offs_m, offs_n, M, N, Np, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, pid_n, HAS_BIAS, SPLIT)
 
 
-def _operands(prepared: Any, x: torch.Tensor) -> tuple:
-    """(words, scales, zeros, x as contiguous rows in the kernel's channel order)."""
-    words, scales, zeros, perm = prepared
+@triton.jit
+def _dequant_kernel(w_ptr, sa_ptr, sb_ptr, out_ptr, N, K, Np, KW,
+                    BITS: tl.constexpr, PER: tl.constexpr, BW: tl.constexpr, GS: tl.constexpr, P: tl.constexpr,
+                    BLOCK_N: tl.constexpr, EVEN_K: tl.constexpr):
+    """W_hat (N, K), K in the layer's (group-sorted) channel order, into `out_ptr` (row stride K)."""
+    KB: tl.constexpr = PER * BW
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, BW)
+    b = tl.program_id(1)
+    n_ok = (offs_n < N)[:, None]
+    words = tl.load(w_ptr + offs_n[:, None] * KW + b * BW + offs_w[None, :], eviction_policy="evict_first")
+    for j in tl.static_range(PER):
+        k0 = b * KB + j * BW
+        if (j * BW) % GS == 0:
+            g = k0 // GS
+            sa = tl.load(sa_ptr + g * Np + offs_n)[:, None]
+            sb = tl.load(sb_ptr + g * Np + offs_n)[:, None]
+        w = (_code(words, j, BITS, P) * sa - sb).to(out_ptr.dtype.element_ty)
+        ptrs = out_ptr + offs_n[:, None] * K + k0 + offs_w[None, :]
+        if EVEN_K:
+            tl.store(ptrs, w, mask=n_ok)
+        else:
+            tl.store(ptrs, w, mask=n_ok & (k0 + offs_w < K)[None, :])
+
+
+def _rows(blocks: L.Blocks, x: torch.Tensor) -> torch.Tensor:
+    """x as contiguous rows (M, K) in the layout's channel order."""
     x2 = x.reshape(-1, x.shape[-1])
-    return words, scales, zeros, x2.index_select(-1, perm) if perm is not None else x2.contiguous()
+    return x2.index_select(-1, blocks.perm) if blocks.perm is not None else x2.contiguous()
 
 
-def _block_m(M: int) -> int:
-    return 16 if M <= 16 else 32 if M <= 32 else 64
+def _matmul_args(blocks: L.Blocks, x2: torch.Tensor) -> dict:
+    return dict(BITS=blocks.bits, PER=blocks.per, BW=blocks.bw, GS=blocks.gs, P=L.magic_position(blocks.bits),
+                EVEN_K=blocks.K % blocks.kb == 0)
 
 
-class TritonQGemm(Kernel):
-    name = "triton_qgemm"
-    # Not chosen automatically until it has been compiled and measured on a GPU (issue 4); force it
-    # with `kernels.use_kernel("triton_qgemm")`. Checked against the reference in Triton's interpreter.
-    priority = -1
+def launch_matmul(which: str, blocks: L.Blocks, x2: torch.Tensor, bias: torch.Tensor | None,
+                  cfg: table.Launch) -> torch.Tensor:
+    """y (M, N) = x2 @ W_hat.T + bias with kernel `which` ("gemv" or "splitk") and launch config `cfg`."""
+    M, N, Np = x2.shape[0], blocks.N, blocks.padded_rows
+    y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
+    n_tiles = triton.cdiv(N, cfg.block_n)
+    per_split = triton.cdiv(blocks.n_blocks, cfg.split)
+    split = triton.cdiv(blocks.n_blocks, per_split)  # no empty splits
+    ws = torch.empty(split, M, Np, dtype=torch.float32, device=x2.device) if split > 1 else y
+    extra = {}
+    if which == "splitk" and x2.dtype == torch.bfloat16 and _INTERPRET:
+        extra["DOT_FP32"] = True
+    kernel = _gemv_kernel if which == "gemv" else _splitk_kernel
+    kernel[(n_tiles, split)](
+        x2, blocks.words, blocks.sa, blocks.sb, y if bias is None else bias, y, ws, blocks.counters,
+        M, N, blocks.K, Np, blocks.words.shape[1], blocks.n_blocks, per_split, x2.stride(0), y.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=split, HAS_BIAS=bias is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_matmul_args(blocks, x2), **extra)
+    return y
+
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def scratch(numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A buffer of `numel` elements reused by every layer on (device, dtype): one dequantized weight
+    at a time (the calls on one stream are ordered). Grows to the largest layer, never shrinks."""
+    buf = _SCRATCH.get((device, dtype))
+    if buf is None or buf.numel() < numel:
+        buf = _SCRATCH[(device, dtype)] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def dequantize_blocks(blocks: L.Blocks, dtype: torch.dtype, out: torch.Tensor | None = None,
+                      block_n: int = 64, num_warps: int = 4) -> torch.Tensor:
+    """W_hat (N, K) in the layout's channel order, written into `out` (or a new tensor)."""
+    N, K = blocks.N, blocks.K
+    out = torch.empty(N * K, dtype=dtype, device=blocks.words.device) if out is None else out
+    grid = (triton.cdiv(N, block_n), blocks.n_blocks)
+    _dequant_kernel[grid](blocks.words, blocks.sa, blocks.sb, out, N, K, blocks.padded_rows, blocks.words.shape[1],
+                          BITS=blocks.bits, PER=blocks.per, BW=blocks.bw, GS=blocks.gs, P=L.magic_position(blocks.bits),
+                          BLOCK_N=block_n, EVEN_K=K % blocks.kb == 0, num_warps=num_warps)
+    return out.view(N, K)
+
+
+class _TritonBlocks(Kernel):
+    """Shared by the three kernels: CUDA, fp16/bf16, the block layout (built once, shared)."""
+
+    layout = "triton_blocks"
+    priority = 20  # above dequant_matmul on CUDA; which of the three runs is the table's choice
 
     def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
-        return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+        return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and L.fits(layer)
+
+    def row_cuts(self, dtype: torch.dtype) -> tuple[int, ...]:
+        return table.ROW_CUTS
+
+    def chosen(self, layer: Any, rows: int) -> bool:
+        return table.kernel_for(rows, layer.spec.bits) == self.name
 
     def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
-        spec = layer.spec
-        codes, perm = codes_by_group(layer.qweight, spec, layer.in_features, layer.g_idx)
-        words = repack(codes, spec.bits)
-        scales = layer.scales.t().contiguous().to(dtype)
-        zeros = zero_points(layer.qzeros, spec, layer.scales).t().contiguous().to(dtype)  # small ints: exact
-        return words, scales, zeros, perm
+        return L.build(layer, device)
 
-    def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
-        words, scales, zeros, x2 = _operands(prepared, x)
-        M, K = x2.shape
-        N = layer.out_features
-        y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-        bias = layer.bias.to(x.dtype) if layer.bias is not None else y  # any pointer when HAS_BIAS is False
-        bm, bn, bk = _block_m(M), 64, 64
-        grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-        _qgemm_kernel[grid](x2, words, scales, zeros, bias, y, M, N, x2.stride(0), y.stride(0), K=K,
-                            BITS=layer.spec.bits, PER=32 // layer.spec.bits,
-                            GS=layer.spec.effective_group_size(K), HAS_BIAS=layer.bias is not None,
-                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
-        return y.reshape(*x.shape[:-1], N)
+    def bias(self, layer: Any, dtype: torch.dtype) -> torch.Tensor | None:
+        return None if layer.bias is None else layer.bias.to(dtype)
 
 
-class TritonQGemv(TritonQGemm):
-    """Few rows (decode): `_qgemv_kernel`, split-K with fp32 atomics. Same load-time layout."""
-
+class TritonGemv(_TritonBlocks):
     name = "triton_gemv"
-    priority = -1  # as triton_qgemm: forced only, until measured on a GPU
-    MAX_ROWS = 8
 
     def max_rows(self, dtype: torch.dtype) -> int | None:
-        return self.MAX_ROWS
+        return table.GEMV_MAX_ROWS
 
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
-        words, scales, zeros, x2 = _operands(prepared, x)
-        M, K = x2.shape
-        N = layer.out_features
-        block_n, block_k = 64, 64
-        split = max(1, min(K // (4 * block_k), 8))  # more programs for small N, a few K chunks each
-        k_per_split = -(-K // (split * block_k)) * block_k
-        y = torch.zeros(M, N, dtype=torch.float32, device=x.device)
-        grid = (triton.cdiv(N, block_n), triton.cdiv(K, k_per_split))
-        _qgemv_kernel[grid](x2, words, scales, zeros, y, M, N, x2.stride(0), K=K, BITS=layer.spec.bits,
-                            PER=32 // layer.spec.bits, GS=layer.spec.effective_group_size(K),
-                            K_PER_SPLIT=k_per_split, BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n,
-                            BLOCK_K=block_k)
-        if layer.bias is not None:
-            y += layer.bias.float()
-        return y.to(x.dtype).reshape(*x.shape[:-1], N)
+        x2 = _rows(prepared, x)
+        cfg = table.gemv_launch(x2.shape[0], prepared, table.sm_count(x.device))
+        return launch_matmul("gemv", prepared, x2, self.bias(layer, x.dtype), cfg).reshape(*x.shape[:-1], -1)
 
 
-register_kernel(TritonQGemm())
-register_kernel(TritonQGemv())
+class TritonSplitK(_TritonBlocks):
+    name = "triton_splitk"
+
+    def max_rows(self, dtype: torch.dtype) -> int | None:
+        return table.SPLITK_MAX_ROWS
+
+    def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
+        x2 = _rows(prepared, x)
+        cfg = table.splitk_launch(x2.shape[0], prepared, table.sm_count(x.device))
+        return launch_matmul("splitk", prepared, x2, self.bias(layer, x.dtype), cfg).reshape(*x.shape[:-1], -1)
+
+
+class TritonDequant(_TritonBlocks):
+    """Any number of rows: dequantize into the shared scratch buffer, then cuBLAS."""
+
+    name = "triton_dequant"
+
+    def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
+        x2 = _rows(prepared, x)
+        W = dequantize_blocks(prepared, x.dtype, scratch(prepared.N * prepared.K, x.device, x.dtype))
+        return F.linear(x2, W, self.bias(layer, x.dtype)).reshape(*x.shape[:-1], -1)
+
+
+GEMV, SPLITK, DEQUANT = TritonGemv(), TritonSplitK(), TritonDequant()
+for _kernel in (GEMV, SPLITK, DEQUANT):
+    register_kernel(_kernel)
