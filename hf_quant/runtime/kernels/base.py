@@ -150,7 +150,13 @@ def select_kernel(layer: Any, x: torch.Tensor) -> Kernel:
     preferred = getattr(_forced, "preferred", None)
     if preferred is not None and KERNELS.get(preferred).runs(layer, device, dtype, rows):
         return KERNELS.get(preferred)
+    return choose(layer, device, dtype, rows)
+
+
+def choose(layer: Any, device: torch.device, dtype: torch.dtype, rows: int) -> Kernel:
+    """The automatic choice for `rows` rows of `dtype` on `device`: the highest-priority kernel that
+    runs them and takes them (`Kernel.chosen`, e.g. a dispatch table). Needs no tensor on `device`."""
     for kernel in _BY_PRIORITY:
         if kernel.runs(layer, device, dtype, rows) and kernel.chosen(layer, rows):
             return kernel
-    raise RuntimeError(f"no kernel supports {layer.extra_repr()} on {x.device.type}/{x.dtype}")
+    raise RuntimeError(f"no kernel supports {layer.extra_repr()} on {device.type}/{dtype}")

@@ -77,39 +77,52 @@ def _gemv_kernel(x_ptr, w_ptr, sa_ptr, sb_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                  BITS: tl.constexpr, PER: tl.constexpr, BW: tl.constexpr, GS: tl.constexpr, P: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
                  HAS_BIAS: tl.constexpr):
+    """y = sum over groups of SA * sum(v x) - SB * sum(x). The main loop computes the first term: per
+    weight one shift, one AND-OR and one FMA into `part`, scaled into `acc` once per group. Every
+    tensor in it is 3D (rows, outputs, words) from its load on, so that no layout conversion is
+    needed; the sum over the words is taken after the loop. A second, short loop over the groups
+    subtracts SB * sum(x)."""
     KB: tl.constexpr = PER * BW
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_w = tl.arange(0, BW)
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_w = tl.arange(0, BW)[None, None, :]
+    offs_m = tl.arange(0, BLOCK_M)[:, None, None]
     m_ok = offs_m < M
-    w_ptrs = w_ptr + offs_n[:, None] * KW + offs_w[None, :]
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_w[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    n3 = offs_n[None, :, None]
+    w_ptrs = w_ptr + n3 * KW + offs_w  # (1, BLOCK_N, BW)
+    # x as a full (BLOCK_M, BLOCK_N, BW) tile whose rows repeat: its layout is the words', so each
+    # thread loads (from L1) just the activations of its own words
+    x_ptrs = x_ptr + offs_m * stride_xm + offs_w + n3 * 0
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BW), dtype=tl.float32)
     b0 = tl.program_id(1) * blocks_per_split
     b1 = tl.minimum(b0 + blocks_per_split, n_blocks)
     for b in range(b0, b1):
-        words = tl.load(w_ptrs + b * BW, eviction_policy="evict_first")  # (BLOCK_N, BW)
+        words = tl.load(w_ptrs + b * BW, eviction_policy="evict_first")
         part = tl.zeros((BLOCK_M, BLOCK_N, BW), dtype=tl.float32)
-        xs = tl.zeros((BLOCK_M, 1, BW), dtype=tl.float32)
         for j in tl.static_range(PER):
             k0 = b * KB + j * BW
             if EVEN_K:
-                xj = tl.load(x_ptrs + k0, mask=m_ok[:, None], other=0.0, eviction_policy="evict_last")
+                xj = tl.load(x_ptrs + k0, mask=m_ok, other=0.0, eviction_policy="evict_last")
             else:
-                xj = tl.load(x_ptrs + k0, mask=m_ok[:, None] & (k0 + offs_w < K)[None, :], other=0.0,
-                             eviction_policy="evict_last")
-            xj = xj.to(tl.float32)[:, None, :]
-            part += _code(words, j, BITS, P)[None, :, :] * xj
-            xs += xj
+                xj = tl.load(x_ptrs + k0, mask=m_ok & (k0 + offs_w < K), other=0.0, eviction_policy="evict_last")
+            part += _code(words, j, BITS, P) * xj.to(tl.float32)
             if ((j + 1) * BW) % GS == 0 or j == PER - 1:  # the last slice of a group in this block
-                g = k0 // GS
-                sa = tl.load(sa_ptr + g * Np + offs_n)
-                sb = tl.load(sb_ptr + g * Np + offs_n)
-                acc += tl.sum(part * sa[None, :, None] - xs * sb[None, :, None], axis=2)
+                acc += part * tl.load(sa_ptr + (k0 // GS) * Np + n3)
                 part = tl.zeros((BLOCK_M, BLOCK_N, BW), dtype=tl.float32)
-                xs = tl.zeros((BLOCK_M, 1, BW), dtype=tl.float32)
-    _finish(acc, offs_m, offs_n, M, N, Np, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, pid_n, HAS_BIAS, SPLIT)
+    out = tl.sum(acc, axis=2)  # (BLOCK_M, BLOCK_N)
+    # - SB * sum(x) per group: x read once more per block (from L2), a few instructions per group
+    GPB: tl.constexpr = KB // GS if GS < KB else 1  # groups per block
+    GK: tl.constexpr = KB // GPB
+    rows = tl.arange(0, BLOCK_M)
+    offs_gk = tl.arange(0, GK)
+    for b in range(b0, b1):
+        for i in tl.static_range(GPB):
+            k = b * KB + i * GK + offs_gk
+            xg = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=(rows < M)[:, None] & (k < K)[None, :],
+                         other=0.0).to(tl.float32)
+            sb = tl.load(sb_ptr + ((b * KB + i * GK) // GS) * Np + offs_n)
+            out -= tl.sum(xg, axis=1)[:, None] * sb[None, :]
+    _finish(out, rows, offs_n, M, N, Np, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, pid_n, HAS_BIAS, SPLIT)
 
 
 @triton.jit
@@ -131,12 +144,13 @@ def _splitk_kernel(x_ptr, w_ptr, sa_ptr, sb_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     b1 = tl.minimum(b0 + blocks_per_split, n_blocks)
     for b in range(b0, b1):
         words = tl.load(w_ptrs + b * BW, eviction_policy="evict_first")  # (BLOCK_N, BW)
+        sa = tl.load(sa_ptr + (b * KB // GS) * Np + offs_n)[:, None]  # the scales, once per group
+        sb = tl.load(sb_ptr + (b * KB // GS) * Np + offs_n)[:, None]
         for j in tl.static_range(PER):
             k0 = b * KB + j * BW
-            if (j * BW) % GS == 0:  # the first slice of a group: its scales, once per group
-                g = k0 // GS
-                sa = tl.load(sa_ptr + g * Np + offs_n)[:, None]
-                sb = tl.load(sb_ptr + g * Np + offs_n)[:, None]
+            if j > 0 and (j * BW) % GS == 0:  # a block of several groups: the next group starts
+                sa = tl.load(sa_ptr + (k0 // GS) * Np + offs_n)[:, None]
+                sb = tl.load(sb_ptr + (k0 // GS) * Np + offs_n)[:, None]
             if EVEN_K:
                 xj = tl.load(x_ptrs + k0, mask=m_ok[:, None], other=0.0, eviction_policy="evict_last")
             else:
@@ -161,12 +175,13 @@ def _dequant_kernel(w_ptr, sa_ptr, sb_ptr, out_ptr, N, K, Np, KW,
     b = tl.program_id(1)
     n_ok = (offs_n < N)[:, None]
     words = tl.load(w_ptr + offs_n[:, None] * KW + b * BW + offs_w[None, :], eviction_policy="evict_first")
+    sa = tl.load(sa_ptr + (b * KB // GS) * Np + offs_n)[:, None]
+    sb = tl.load(sb_ptr + (b * KB // GS) * Np + offs_n)[:, None]
     for j in tl.static_range(PER):
         k0 = b * KB + j * BW
-        if (j * BW) % GS == 0:
-            g = k0 // GS
-            sa = tl.load(sa_ptr + g * Np + offs_n)[:, None]
-            sb = tl.load(sb_ptr + g * Np + offs_n)[:, None]
+        if j > 0 and (j * BW) % GS == 0:
+            sa = tl.load(sa_ptr + (k0 // GS) * Np + offs_n)[:, None]
+            sb = tl.load(sb_ptr + (k0 // GS) * Np + offs_n)[:, None]
         w = (_code(words, j, BITS, P) * sa - sb).to(out_ptr.dtype.element_ty)
         ptrs = out_ptr + offs_n[:, None] * K + k0 + offs_w[None, :]
         if EVEN_K:

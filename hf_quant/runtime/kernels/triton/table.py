@@ -22,8 +22,11 @@ ROW_CUTS = (1, 2, 4, 8, 16, 32, 64, 128)  # row classes: 1, 2, 3-4, 5-8, 9-16, 1
 KERNELS = ("triton_gemv", "triton_splitk", "triton_dequant")
 
 # (largest M of the class or None for "more", bits) -> kernel name; bits None = any
+# Offline budgets (benchmarks/kernel_budget.py): the GEMV decodes each weight once per row it keeps
+# in registers and converts the activations once per output tile row, so from 2 rows on the split-K
+# GEMM (its decode amortized over up to 16 rows by the tensor cores) issues fewer instructions.
 DISPATCH: dict[tuple[int | None, int | None], str] = {
-    (1, None): "triton_gemv", (2, None): "triton_gemv", (4, None): "triton_gemv", (8, None): "triton_gemv",
+    (1, None): "triton_gemv", (2, None): "triton_splitk", (4, None): "triton_splitk", (8, None): "triton_splitk",
     (16, None): "triton_splitk", (32, None): "triton_splitk", (64, None): "triton_splitk",
     (128, None): "triton_splitk", (None, None): "triton_dequant",
 }
@@ -114,11 +117,11 @@ def _split(n_tiles: int, n_blocks: int, sms: int, waves: float) -> int:
 
 
 def gemv_launch(M: int, blocks, sms: int) -> Launch:
-    """Rows up to 8: BLOCK_M * BLOCK_N * BW / threads <= 64 fp32 partial sums per thread, so that
-    each thread keeps several rows (the activations it converts are reused across them)."""
+    """Rows up to 8: BLOCK_M * BLOCK_N * BW / threads <= 32 words and fp32 partial sums per thread
+    (more spills), with several output rows per thread (the activations it converts are reused)."""
     block_m = max(1, 1 << (M - 1).bit_length())
     warps = 4
-    block_n = max(16, min(128, 64 * 32 * warps // (block_m * blocks.bw)))
+    block_n = max(16, min(128, 32 * 32 * warps // (block_m * blocks.bw)))
     n_tiles = -(-blocks.N // block_n)
     return Launch(block_m, block_n, _split(n_tiles, blocks.n_blocks, sms, 4), warps)
 
