@@ -34,6 +34,7 @@ import warnings
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
+
 GOAL_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (8192, 28672)]  # K x N
 SMS = 132
 # row class label -> the M that stands for it (its largest)
@@ -192,11 +193,15 @@ def ctas(kernel: str, rows: str, bits: int, K: int, N: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", action="store_true", help="print one JSON list on stdout")
+    ap.add_argument("--full", action="store_true", help="with --json: every field (loop mix, CTAs, ...)")
     ap.add_argument("--kernels", nargs="+", default=list(ROW_CLASSES))
     ap.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4, 8])
     ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     ap.add_argument("--rows", nargs="+", help="only these row classes (e.g. 1 9-16)")
     args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("kernel_budget.py compiles kernels: run it without TRITON_INTERPRET=1", file=sys.stderr)
+        return 2
     bin_dir, why = toolchain()
     if bin_dir is None:
         print(f"kernel_budget.py: cannot compile offline: {why}", file=sys.stderr)
@@ -222,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"{row['block_m']}x{row['block_n']} | {waves} | {top} |", flush=True)
     if args.json:
         keys = ("kernel", "bits", "dtype", "rows", "sass_per_element", "smem_bytes", "registers")
-        print(json.dumps([{k: r[k] for k in keys} for r in results]))
+        print(json.dumps(results if args.full else [{k: r[k] for k in keys} for r in results]))
     else:
         print(f"\ngoal shapes (K x N): {', '.join(f'{K}x{N}' for K, N in GOAL_SHAPES)}")
     return 0

@@ -196,10 +196,10 @@ def test_kernel_cache_is_dropped_where_buffers_change():
     """Choices and layouts are cached per (device, dtype, row class) and dropped by load_state_dict,
     buffer assignment, `.to()`, in-place edits and `invalidate_kernels()`."""
     layer, _ = make_layer(64, 256, LayerSpec(4, 128, False), bias=False)
-    x = torch.randn(2, 256)
+    x = torch.randn(3, 256)
     before = layer(x)
     assert len(layer._kernel_cache) == 1 and len(layer._prepared) == 1
-    layer(torch.randn(3, 256))  # same row class: no new entry
+    layer(torch.randn(4, 256))  # same row class: no new entry
     assert len(layer._kernel_cache) == 1
     layer.qweight.copy_(_random_codes(layer))  # in-place edit: seen through the buffers' version counters
     _assert_follows(layer, x, before)

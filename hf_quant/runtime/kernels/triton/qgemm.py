@@ -111,17 +111,18 @@ def _gemv_kernel(x_ptr, w_ptr, sa_ptr, sb_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                 part = tl.zeros((BLOCK_M, BLOCK_N, BW), dtype=tl.float32)
     out = tl.sum(acc, axis=2)  # (BLOCK_M, BLOCK_N)
     # - SB * sum(x) per group: x read once more per block (from L2), a few instructions per group
-    GPB: tl.constexpr = KB // GS if GS < KB else 1  # groups per block
-    GK: tl.constexpr = KB // GPB
     rows = tl.arange(0, BLOCK_M)
-    offs_gk = tl.arange(0, GK)
+    offs_k = tl.arange(0, BW)
     for b in range(b0, b1):
-        for i in tl.static_range(GPB):
-            k = b * KB + i * GK + offs_gk
-            xg = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=(rows < M)[:, None] & (k < K)[None, :],
-                         other=0.0).to(tl.float32)
-            sb = tl.load(sb_ptr + ((b * KB + i * GK) // GS) * Np + offs_n)
-            out -= tl.sum(xg, axis=1)[:, None] * sb[None, :]
+        xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for j in tl.static_range(PER):
+            k = b * KB + j * BW + offs_k
+            xsum += tl.sum(tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :],
+                                   mask=(rows < M)[:, None] & (k < K)[None, :], other=0.0).to(tl.float32), axis=1)
+            if ((j + 1) * BW) % GS == 0 or j == PER - 1:
+                sb = tl.load(sb_ptr + ((b * KB + j * BW) // GS) * Np + offs_n)
+                out -= xsum[:, None] * sb[None, :]
+                xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     _finish(out, rows, offs_n, M, N, Np, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, pid_n, HAS_BIAS, SPLIT)
 
 
