@@ -1,104 +1,98 @@
-"""Quantized linear on the GPU vs fp16 `F.linear` and torch's tinygemm int4 (`_weight_int4pack_mm`).
+"""Quantized linear on the GPU vs fp16 / bf16 `F.linear` and torch's tinygemm int4 (`_weight_int4pack_mm`).
 
-    python benchmarks/bench_gpu.py [--shapes 4096x4096 ...] [--ms 1 16 64 4096] [--bits 4 8 3 2]
+    python benchmarks/bench_gpu.py [--shapes 4096x4096 ...] [--ms 1 4 16 64 256 4096] [--bits 4 8 3 2]
+                                   [--dtypes fp16 bf16] [--group-size 128]
 
-For every shape (K x N = in x out features), batch M and width: first checks each quantized kernel
-against the reference kernel (relative error < 1e-2, else it stops), then times with
-`triton.testing.do_bench` (median): fp16 `F.linear`, tinygemm int4 (bf16 activations, 4 bits
-only), and each hf_quant kernel that supports the layer (the dispatcher's choice is marked *).
-Ratios are against fp16 measured in the same run; "% floor" = the time to read the packed weight,
-scales and zeros once at the copy bandwidth measured in the same run, divided by the kernel's time.
+For every shape (K x N = in x out features), width, batch M and activation dtype: each hf_quant kernel
+that runs the layer at M (`kernels.base.KERNELS.get(name).runs(...)`, forced with `use_kernel`) and the
+dispatcher's own choice ("auto") is checked against the reference kernel (relative error < 1e-2) and
+timed with `triton.testing.do_bench` (median), next to fp16 and bf16 `F.linear` and tinygemm (bf16
+activations, int4 g128, on random codes). A failed check or an exception is recorded and the run goes
+on; the failures are listed at the end and the exit status is 1 if there were any.
+
+Ratios "x fp16" etc. = that baseline's ms / this ms (> 1: faster). "% floor" = the time to read the
+bytes once at the measured read bandwidth, over this time. Bytes: the packed weight at bits/8 bytes
+per weight, an fp16 scale and zero per group and row, x and y. Read bandwidth: a 1 GiB
+device-to-device copy moves 2 GiB (read + write), so bytes read per second is half the copy's
+read+write figure. 8 bits are per-channel (group -1).
+
+The time-capped version of this, with the dispatch tuning, is `gpu_session.py`'s goal_table stage;
+both measure through the same code (`gpu_session.GoalBench`).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
-import torch.nn.functional as F
 
-from hf_quant import kernels
-from hf_quant.methods import get_method
-from hf_quant.config import LayerSpec
-from hf_quant.runtime import QuantLinear
-
-SHAPES = ["4096x4096", "4096x14336", "14336x4096", "8192x8192", "8192x28672"]
+import gpu_session as gs
 
 
-def copy_bandwidth() -> float:
-    """Bytes per ms of a large device-to-device copy (read + write counted)."""
-    import triton.testing
-
-    a = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    ms = triton.testing.do_bench(lambda: b.copy_(a))
-    return 2 * a.numel() / ms
-
-
-def main() -> None:
-    import triton.testing
-
+def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shapes", nargs="+", default=SHAPES)
-    ap.add_argument("--ms", nargs="+", type=int, default=[1, 16, 64, 4096])
-    ap.add_argument("--bits", nargs="+", type=int, default=[4, 8, 3, 2])
-    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--shapes", nargs="+", default=gs.GOAL_SHAPES)
+    ap.add_argument("--ms", nargs="+", type=int, default=gs.GOAL_MS)
+    ap.add_argument("--bits", nargs="+", type=int, default=gs.GOAL_BITS)
+    ap.add_argument("--dtypes", nargs="+", choices=list(gs.DTYPES), default=["fp16", "bf16"])
+    ap.add_argument("--group-size", type=int, default=gs.GROUP)
+    ap.add_argument("--warmup-ms", type=float, default=25)
+    ap.add_argument("--rep-ms", type=float, default=100)
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run of this script (Triton's interpreter, "
+                                                     "perf_counter timings; use tiny --shapes)")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_gpu.py needs a CUDA device")
-    bw = copy_bandwidth()
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; copy bandwidth {bw / 1e9:.0f} GB/s "
-          f"(read+write); kernels: {kernels.available_kernels()}")
-    print("| K x N | M | bits | kernel | ms | vs fp16 | vs tinygemm | % floor | rel err |")
-    print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_gpu.py needs a CUDA device (or --device cpu for a smoke run with tiny shapes)")
+    gs.setup_env(device.type != "cuda")
+    if device.type != "cuda":
+        torch.set_num_threads(1)
+    from hf_quant import kernels
+
+    bw = gs.copy_bandwidth(device)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke run)"
+    print(f"{name}, torch {torch.__version__}; copy {bw['copy_read_plus_write_GB_s']:.0f} GB/s "
+          f"(read + write), read bandwidth for the floor {bw['read_GB_s']:.0f} GB/s; kernels: {kernels.available_kernels()}")
+    print("| K x N | M | bits | act | kernel | ms | x fp16 | x bf16 | x tinygemm | % floor | rel err |")
+    print("|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|")
+    timer = gs.Timer(device.type == "cuda", args.warmup_ms, args.rep_ms)
+    gb = gs.GoalBench(device, timer, bw["read_bytes_per_ms"], group=args.group_size)
+    failures = []
+
+    def f(v, fmt):
+        return "" if v is None else fmt.format(v)
+
     for shape in args.shapes:
-        K, N = map(int, shape.split("x"))
-        W = torch.randn(N, K, device="cuda") * 0.02
-        W16 = W.half()
         for bits in args.bits:
-            gs = -1 if bits == 8 else args.group_size
-            spec = LayerSpec(bits, gs, False)
-            layer = QuantLinear.from_quantized(get_method("rtn").quantize(W, spec, torch.float16), spec, None)
-            n_groups = spec.groups(K)
-            floor_ms = (N * K * bits / 8 + 2 * N * n_groups * 2) / (bw / 2)
-            tiny = None
-            if bits == 4 and hasattr(torch.ops.aten, "_weight_int4pack_mm"):
-                q = torch.randint(0, 16, (N, K), dtype=torch.int32, device="cuda")
-                packed = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
-                try:
-                    tiny_w = torch.ops.aten._convert_weight_to_int4pack(packed, 8)
-                    sz = torch.randn(K // 128, N, 2, device="cuda", dtype=torch.bfloat16)
-                    tiny = (tiny_w, sz)
-                except RuntimeError as e:  # layout differs between torch releases
-                    print(f"tinygemm unavailable: {e}")
             for M in args.ms:
-                x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-                t16 = triton.testing.do_bench(lambda: F.linear(x, W16))
-                t_tiny = None
-                if tiny is not None:
-                    xb = x.bfloat16()
-                    t_tiny = triton.testing.do_bench(lambda: torch.ops.aten._weight_int4pack_mm(xb, tiny[0], 128, tiny[1]))
-                with kernels.use_kernel("reference"):
-                    ref = layer(x)
-                chosen = kernels.select_kernel(layer, x).name
-                print(f"| {shape} | {M} | fp16 | F.linear | {t16:.4f} | 1.00x | | | |")
-                if t_tiny is not None:
-                    print(f"| {shape} | {M} | 4 | tinygemm (bf16) | {t_tiny:.4f} | {t16 / t_tiny:.2f}x | 1.00x | "
-                          f"{100 * floor_ms / t_tiny:.0f}% | |")
-                for name in kernels.available_kernels():
-                    if name == "reference" or not kernels.dispatch._KERNELS[name].supports(layer, x):
+                for dt in args.dtypes:
+                    try:
+                        rows = gb.rows(shape, bits, M, gs.DTYPES[dt])
+                    except Exception as e:  # the layer or the reference itself failed: record, go on
+                        failures.append(f"{shape} M={M} w{bits} {dt}: {type(e).__name__}: {e}")
+                        print(f"| {shape} | {M} | {bits} | {dt} | ERROR {type(e).__name__}: {str(e)[:200]} |", flush=True)
                         continue
-                    with kernels.use_kernel(name):
-                        out = layer(x)
-                        err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-                        if err > 1e-2:
-                            raise SystemExit(f"{name} disagrees with the reference on {shape} M={M} bits={bits}: {err:.2e}")
-                        t = triton.testing.do_bench(lambda: layer(x))
-                    vs_tiny = f"{t_tiny / t:.2f}x" if t_tiny else ""
-                    mark = "*" if name == chosen else ""
-                    print(f"| {shape} | {M} | {bits} | {name}{mark} | {t:.4f} | {t16 / t:.2f}x | {vs_tiny} | "
-                          f"{100 * floor_ms / t:.0f}% | {err:.1e} |", flush=True)
+                    for r in rows:
+                        name = r["kernel"] + (f" -> {r['auto_choice']}" if r.get("auto_choice") else "")
+                        print(f"| {shape} | {M} | {r['bits']} | {r['dtype']} | {name} | {f(r['ms'], '{:.4f}')} | "
+                              f"{f(r['x_fp16'], '{:.2f}x')} | {f(r['x_bf16'], '{:.2f}x')} | {f(r['x_tinygemm'], '{:.2f}x')} | "
+                              f"{f(r['pct_floor'], '{:.0f}%')} | {f(r['rel_err'], '{:.1e}')}"
+                              f"{' FAIL ' + r.get('error', '') if not r['ok'] else ''} |", flush=True)
+                        if not r["ok"] and r["kernel"] not in gs.BASELINES:
+                            failures.append(f"{shape} M={M} w{bits} {r['dtype']} {r['kernel']}: rel err {r['rel_err']} "
+                                            f"{r.get('error', '')}")
+        gb.free()  # the next shape's weights replace this one's
+    if gb.tinygemm_reason:
+        print(f"tinygemm: {gb.tinygemm_reason}")
+    if failures:
+        print(f"\n{len(failures)} failures:")
+        for line in failures:
+            print("  " + line)
+        return 1
+    print("\nno failures")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

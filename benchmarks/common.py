@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
-def random_llama(hidden: int, intermediate: int, layers: int, device: str, vocab: int = 32000) -> LlamaForCausalLM:
+def random_llama(hidden: int, intermediate: int, layers: int, device: str, vocab: int = 32000,
+                 heads: int | None = None, kv_heads: int | None = None) -> LlamaForCausalLM:
     """A Llama-shaped bf16 model with N(0, 0.02) weights and unit norms, built straight on `device`
-    (head dim 128, no grouped KV, untied lm_head), seeded."""
-    heads = max(hidden // 128, 1)
+    (by default head dim 128, no grouped KV, untied lm_head), seeded."""
+    heads = heads or max(hidden // 128, 1)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
                       max_position_embeddings=4096, tie_word_embeddings=False)
     torch.manual_seed(0)
     with torch.device("meta"):
@@ -21,3 +24,39 @@ def random_llama(hidden: int, intermediate: int, layers: int, device: str, vocab
         for name, p in model.named_parameters():
             p.fill_(1.0) if "norm" in name else p.normal_(0, 0.02)
     return model.eval()
+
+
+def cuda_graph_kwargs() -> dict:
+    """`generate` keyword arguments for CUDA graphs: a static KV cache, and transformers compiling the
+    decode step with `torch.compile(mode="reduce-overhead")` (the prompt's forward stays eager)."""
+    try:
+        from transformers import CompileConfig
+    except ImportError:  # pragma: no cover - older transformers
+        from transformers.generation.configuration_utils import CompileConfig
+    return dict(cache_implementation="static", compile_config=CompileConfig(mode="reduce-overhead", fullgraph=False))
+
+
+def tokens_per_s(model, ids: torch.Tensor, new_tokens: int, cuda_graphs: bool = False, runs: int | None = None) -> dict:
+    """Greedy `generate` of exactly `new_tokens` tokens, `runs` times (default 2 eager, 3 with CUDA
+    graphs): the first runs warm up (Triton compiles, layouts, torch.compile, graph capture), the
+    fastest later run counts. Returns {"tokens_per_s", "seconds": every run's wall time}."""
+    pad = model.config.pad_token_id
+    if pad is None:
+        eos = model.config.eos_token_id
+        pad = eos[0] if isinstance(eos, (list, tuple)) else eos
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+    if cuda_graphs:
+        kw.update(cuda_graph_kwargs())
+    runs = runs or (3 if cuda_graphs else 2)
+    cuda = ids.is_cuda
+    seconds = []
+    for _ in range(runs):
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, **kw)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - t)
+    return {"tokens_per_s": new_tokens / min(seconds[1:] or seconds), "seconds": [round(s, 4) for s in seconds]}

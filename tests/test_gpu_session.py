@@ -1,0 +1,96 @@
+"""benchmarks/gpu_session.py's dry run: the GPU session's code paths on CPU (Triton's interpreter,
+tiny shapes), in a subprocess, checked through the results.json it leaves. The GPU numbers themselves
+are measured only on a GPU (benchmarks/README.md)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+from hf_quant.runtime.kernels.triton import table  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["versions", "correctness", "goal_table", "tune", "generate", "gptq"]
+# 55 s: every stage on an idle 2-core machine; on a busy one the later stages record themselves as skipped
+BUDGET_S = "55"
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_session")
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # a dry run even on a GPU machine
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_session.py", "--dry-run", "--out", str(out),
+                           "--budget-s", BUDGET_S], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert (out / "results.json").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, json.loads((out / "results.json").read_text()), proc
+
+
+def test_every_stage_ran_or_says_why_not(session):
+    out, res, proc = session
+    assert res["meta"]["dry_run"] is True
+    for name in STAGES:
+        rec = res["stages"][name]
+        assert rec["status"] in ("ok", "skipped"), (name, rec.get("error"), rec.get("traceback", "")[-2000:],
+                                                   rec.get("errors"))
+        if rec["status"] == "skipped":
+            assert rec.get("reason"), name
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    log = (out / "log.txt").read_text()
+    assert "== summary" in log and "== goal_table" in log
+    assert res["stages"]["versions"]["result"]["read_GB_s"] > 0
+
+
+def test_correctness_stage_checked_kernels_without_failures(session):
+    _, res, _ = session
+    rec = res["stages"]["correctness"]
+    assert rec["status"] == "ok", rec.get("result", {}).get("failures")
+    r = rec["result"]
+    assert r["n_failures"] == 0 and r["n_checks"] > 0
+    assert {c["kernel"] for c in r["checks"]} <= set(table.KERNELS)
+    assert all(c["ok"] and c["rel_err"] < 1e-2 for c in r["checks"])
+
+
+def test_goal_table_rows_have_the_columns(session):
+    _, res, _ = session
+    g = res["stages"]["goal_table"]["result"]
+    rows = g["rows"]
+    assert rows
+    for row in rows:
+        assert set(g["columns"]) <= set(row), set(g["columns"]) - set(row)
+    kernels = {r["kernel"] for r in rows}
+    assert {"F.linear fp16", "F.linear bf16", "auto", "triton_gemv", "triton_splitk", "triton_dequant"} <= kernels
+    quant = [r for r in rows if r["kernel"] in table.KERNELS or r["kernel"] == "auto"]
+    assert all(r["ok"] and r["ms"] > 0 and r["x_fp16"] > 0 and r["pct_floor"] > 0 for r in quant)
+    assert all(r["kernel"] != "triton_gemv" or r["M"] <= table.GEMV_MAX_ROWS for r in rows)
+    skipped = {p["what"] for p in res["stages"]["goal_table"].get("skipped_parts", [])}
+    assert "tinygemm" in skipped  # no CUDA: recorded, with the reason
+
+
+def test_dispatch_loads_and_never_names_the_generic_kernel(session, tmp_path):
+    out, res, _ = session
+    dispatch = res["dispatch"]
+    assert isinstance(dispatch, list) and dispatch
+    assert json.loads((out / "dispatch_table.json").read_text()) == dispatch
+    for entry in dispatch:
+        cls = table.parse_rows(entry["rows"])
+        assert entry["kernel"] in table.KERNELS
+        if cls is not None:  # rows <= 128
+            assert entry["kernel"] != "dequant_matmul"
+    saved = dict(table.DISPATCH)
+    try:
+        table.load_table(str(out / "dispatch_table.json"))
+    finally:
+        table.DISPATCH.clear()
+        table.DISPATCH.update(saved)
+        table._changed()
+
+
+def test_only_the_three_files_are_written(session):
+    out, _, _ = session
+    assert sorted(p.name for p in out.iterdir()) == ["dispatch_table.json", "log.txt", "results.json"]
