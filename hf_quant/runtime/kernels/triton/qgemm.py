@@ -270,28 +270,32 @@ class _TritonBlocks(Kernel):
         return None if layer.bias is None else layer.bias.to(dtype)
 
 
-class TritonGemv(_TritonBlocks):
-    name = "triton_gemv"
+class _TritonMatmul(_TritonBlocks):
+    """A matmul kernel on the layout: `launch_matmul(which, ...)` with the table's launch for the rows."""
+
+    which = ""
+    limit = 0
 
     def max_rows(self, dtype: torch.dtype) -> int | None:
-        return table.GEMV_MAX_ROWS
+        return self.limit
+
+    def launch(self, M: int, blocks: L.Blocks, sms: int) -> table.Launch:
+        raise NotImplementedError
 
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
         x2 = _rows(prepared, x)
-        cfg = table.gemv_launch(x2.shape[0], prepared, table.sm_count(x.device))
-        return launch_matmul("gemv", prepared, x2, self.bias(layer, x.dtype), cfg).reshape(*x.shape[:-1], -1)
+        cfg = self.launch(x2.shape[0], prepared, table.sm_count(x.device))
+        return launch_matmul(self.which, prepared, x2, self.bias(layer, x.dtype), cfg).reshape(*x.shape[:-1], -1)
 
 
-class TritonSplitK(_TritonBlocks):
-    name = "triton_splitk"
+class TritonGemv(_TritonMatmul):
+    name, which, limit = "triton_gemv", "gemv", table.GEMV_MAX_ROWS
+    launch = staticmethod(table.gemv_launch)
 
-    def max_rows(self, dtype: torch.dtype) -> int | None:
-        return table.SPLITK_MAX_ROWS
 
-    def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
-        x2 = _rows(prepared, x)
-        cfg = table.splitk_launch(x2.shape[0], prepared, table.sm_count(x.device))
-        return launch_matmul("splitk", prepared, x2, self.bias(layer, x.dtype), cfg).reshape(*x.shape[:-1], -1)
+class TritonSplitK(_TritonMatmul):
+    name, which, limit = "triton_splitk", "splitk", table.SPLITK_MAX_ROWS
+    launch = staticmethod(table.splitk_launch)
 
 
 class TritonDequant(_TritonBlocks):
