@@ -29,7 +29,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import types
 import warnings
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -61,21 +60,11 @@ def _tool(bin_dir: str, name: str) -> str:
     return path if os.path.exists(path) else shutil.which(name)
 
 
-def _fake_blocks(K: int, N: int, bits: int, group: int | None):
-    from hf_quant.runtime.kernels.triton import layout as L
-    bw = L.block_words(bits, group)
-    per = L.per_word(bits)
-    kb = per * bw
-    Kp = -(-K // kb) * kb
-    return types.SimpleNamespace(N=N, K=K, bw=bw, per=per, kb=kb, n_blocks=Kp // kb, bits=bits,
-                                 gs=Kp if group is None else group)
-
-
 def variant_launch(kernel: str, rows: str, bits: int, K: int = 4096, N: int = 4096):
     """(blocks, launch) that dispatch uses for this kernel, row class, bits and shape."""
     from hf_quant.runtime.kernels.triton import table
-    group = None if bits == 8 else 128
-    blocks = _fake_blocks(K, N, bits, group)
+    from hf_quant.runtime.kernels.triton import layout as L
+    blocks = L.geometry(bits, None if bits == 8 else 128, K, N)
     M = int(rows.split("-")[-1]) if not rows.startswith(">") else 4096
     if kernel == "triton_gemv":
         return blocks, table.gemv_launch(M, blocks, SMS)
@@ -89,11 +78,10 @@ def compile_variant(kernel: str, rows: str, bits: int, dtype: str, bin_dir: str)
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from hf_quant.runtime.kernels.triton import layout as L
     from hf_quant.runtime.kernels.triton import qgemm
 
     blocks, cfg = variant_launch(kernel, rows, bits)
-    common = dict(BITS=bits, PER=blocks.per, BW=blocks.bw, GS=blocks.gs, P=L.magic_position(bits), EVEN_K=True)
+    common = qgemm._layout_args(blocks)  # as a launch on the 4096-wide shape gets them
     if kernel == "triton_dequant":
         fn = qgemm._dequant_kernel
         sig = dict(w_ptr="*i32", sa_ptr="*fp32", sb_ptr="*fp32", out_ptr=f"*{dtype}", N="i32", K="i32", Np="i32",
@@ -185,9 +173,8 @@ def ctas(kernel: str, rows: str, bits: int, K: int, N: int) -> int:
     blocks, cfg = variant_launch(kernel, rows, bits, K, N)
     if kernel == "triton_dequant":
         return -(-N // cfg.block_n) * blocks.n_blocks
-    per_split = -(-blocks.n_blocks // cfg.split)
-    split = -(-blocks.n_blocks // per_split)
-    return -(-N // cfg.block_n) * split
+    from hf_quant.runtime.kernels.triton import table
+    return -(-N // cfg.block_n) * table.split_blocks(blocks.n_blocks, cfg.split)[1]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,7 +108,7 @@ def test_split_k_counters_reset_and_repeated_calls_agree():
     layer.to(DEVICE)
     x = torch.randn(3, 1024, dtype=torch.float16, device=DEVICE)
     blocks = layer.prepared(qgemm.GEMV, x.device, x.dtype)
-    assert table.gemv_launch(1, blocks, 132).split > 1 and table.splitk_launch(3, blocks, 132).split > 1
+    assert table.gemv_launch(1, blocks.geo, 132).split > 1 and table.splitk_launch(3, blocks.geo, 132).split > 1
     first = run_kernel(layer, x[:1], "triton_gemv")
     assert torch.equal(run_kernel(layer, x[:1], "triton_gemv"), first)
     out = run_kernel(layer, x, "triton_splitk")
@@ -184,12 +184,8 @@ def test_dispatch_table_loads_from_json_and_refuses_bad_entries(tmp_path):
 def test_launches_fill_the_sms_on_the_goal_shapes():
     for K, N in [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (8192, 28672)]:
         for bits in (2, 3, 4, 8):
-            group = None if bits == 8 else 128
-            bw = L.block_words(bits, group)
-            kb = L.per_word(bits) * bw
-            blocks = type("B", (), dict(N=N, K=K, bw=bw, n_blocks=-(-K // kb)))()
+            blocks = L.geometry(bits, None if bits == 8 else 128, K, N)
             for M, launch in [(1, table.gemv_launch), (16, table.splitk_launch), (64, table.splitk_launch)]:
                 cfg = launch(M, blocks, 132)
-                per_split = -(-blocks.n_blocks // cfg.split)
-                programs = -(-N // cfg.block_n) * -(-blocks.n_blocks // per_split)
+                programs = -(-N // cfg.block_n) * table.split_blocks(blocks.n_blocks, cfg.split)[1]
                 assert programs >= 132, (K, N, bits, M, programs)

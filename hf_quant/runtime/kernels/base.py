@@ -97,7 +97,7 @@ def rows_of(x: torch.Tensor) -> int:
 
 
 def row_class(dtype: torch.dtype, rows: int) -> int:
-    """Index of the row range `rows` falls in, between the kernels' `max_rows` for `dtype`."""
+    """Index of the row range `rows` falls in, between the kernels' `row_cuts` for `dtype`."""
     cuts = _ROW_CUTS.get(dtype)
     if cuts is None:
         cuts = _ROW_CUTS[dtype] = sorted({cut for k in _BY_PRIORITY for cut in k.row_cuts(dtype)})

@@ -51,19 +51,16 @@ def block_words(bits: int, group: int | None) -> int | None:
     return None
 
 
-class Blocks(NamedTuple):
-    """A layer's weights in the block layout, on one device (see the module docstring)."""
+class Geometry(NamedTuple):
+    """Where a (N, K) weight's codes go in the block layout: what launch configurations and the
+    offline budget need, without the tensors."""
 
-    words: torch.Tensor  # int32 (Np, Kp // PER)
-    sa: torch.Tensor  # fp32 (Kp // GS, Np): scale * 2**(23 - P); zero for padding
-    sb: torch.Tensor  # fp32 (Kp // GS, Np): scale * (2**(23 - P) + zero)
-    perm: torch.Tensor | None  # act-order: input channels sorted by group (gather x with it)
     bits: int
     bw: int
     gs: int  # input channels per group in the kernel (Kp for one group per row)
     K: int
     N: int
-    counters: torch.Tensor  # int32 split-K arrival counters, one per output tile; zero between calls
+    Kp: int  # K padded to whole blocks
 
     @property
     def per(self) -> int:
@@ -75,7 +72,34 @@ class Blocks(NamedTuple):
 
     @property
     def n_blocks(self) -> int:
-        return self.words.shape[1] // self.bw
+        return self.Kp // self.kb
+
+
+def geometry(bits: int, group: int | None, K: int, N: int) -> Geometry | None:
+    """The layout of a (N, K) weight in groups of `group` (None: one per row); None if none fits."""
+    bw = block_words(bits, group) if 2 <= bits <= 8 else None
+    if bw is None:
+        return None
+    kb = per_word(bits) * bw
+    Kp = -(-K // kb) * kb
+    return Geometry(bits, bw, Kp if group is None else group, K, N, Kp)
+
+
+def layer_geometry(layer: Any) -> Geometry | None:
+    spec = layer.spec
+    group = None if spec.group_size == -1 else spec.effective_group_size(layer.in_features)
+    return geometry(spec.bits, group, layer.in_features, layer.out_features)
+
+
+class Blocks(NamedTuple):
+    """A layer's weights in the block layout, on one device (see the module docstring)."""
+
+    words: torch.Tensor  # int32 (Np, Kp // PER)
+    sa: torch.Tensor  # fp32 (Kp // GS, Np): scale * 2**(23 - P); zero for padding
+    sb: torch.Tensor  # fp32 (Kp // GS, Np): scale * (2**(23 - P) + zero)
+    perm: torch.Tensor | None  # act-order: input channels sorted by group (gather x with it)
+    geo: Geometry
+    counters: torch.Tensor  # int32 split-K arrival counters, one per output tile; zero between calls
 
     @property
     def padded_rows(self) -> int:
@@ -83,9 +107,7 @@ class Blocks(NamedTuple):
 
 
 def fits(layer: Any) -> bool:
-    spec = layer.spec
-    group = None if spec.group_size == -1 else spec.effective_group_size(layer.in_features)
-    return 2 <= spec.bits <= 8 and block_words(spec.bits, group) is not None
+    return layer_geometry(layer) is not None
 
 
 def interleave(codes: torch.Tensor, bits: int, bw: int) -> torch.Tensor:
@@ -102,14 +124,11 @@ def interleave(codes: torch.Tensor, bits: int, bw: int) -> torch.Tensor:
 def build(layer: Any, device: torch.device) -> Blocks:
     spec, K, N = layer.spec, layer.in_features, layer.out_features
     bits = spec.bits
-    group = None if spec.group_size == -1 else spec.effective_group_size(K)
-    bw = block_words(bits, group)
-    if bw is None:
+    geo = layer_geometry(layer)
+    if geo is None:
         raise ValueError(f"group size {spec.group_size} of {layer.extra_repr()} does not fit the Triton block layout")
-    kb = per_word(bits) * bw
-    Kp = -(-K // kb) * kb
+    bw, gs, Kp = geo.bw, geo.gs, geo.Kp
     Np = -(-N // N_PAD) * N_PAD
-    gs = Kp if group is None else group
     codes, perm = codes_by_group(layer.qweight.to(device), spec, K, None if layer.g_idx is None else layer.g_idx.to(device))
     codes = torch.nn.functional.pad(codes, (0, Kp - K, 0, Np - N))
     scales = layer.scales.to(device, torch.float32)  # (N, groups)
@@ -123,5 +142,4 @@ def build(layer: Any, device: torch.device) -> Blocks:
         return out.contiguous()
 
     return Blocks(words=interleave(codes, bits, bw), sa=by_group(scales * mult), sb=by_group(scales * (mult + zeros)),
-                  perm=perm, bits=bits, bw=bw, gs=gs, K=K, N=N,
-                  counters=torch.zeros(Np, dtype=torch.int32, device=device))
+                  perm=perm, geo=geo, counters=torch.zeros(Np, dtype=torch.int32, device=device))

@@ -46,6 +46,12 @@ def _code(words, J: tl.constexpr, BITS: tl.constexpr, P: tl.constexpr):
 
 
 @triton.jit
+def _group_scales(sa_ptr, sb_ptr, g, Np, offs_n):
+    """SA and SB of group `g` for the outputs `offs_n`, as (BLOCK_N, 1) columns."""
+    return tl.load(sa_ptr + g * Np + offs_n)[:, None], tl.load(sb_ptr + g * Np + offs_n)[:, None]
+
+
+@triton.jit
 def _finish(out, offs_m, offs_n, M, N, Np, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, tile,
             HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
     """Write the fp32 tile `out` (BLOCK_M, BLOCK_N) to y, through the split-K workspace if SPLIT > 1."""
@@ -72,6 +78,26 @@ def _finish(out, offs_m, offs_n, M, N, Np, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_
 
 
 @triton.jit
+def _gemv_block(acc, b, w_ptrs, x_ptrs, sa_ptr, n3, Np, m_ok, k_left, BITS: tl.constexpr, PER: tl.constexpr,
+                BW: tl.constexpr, GS: tl.constexpr, P: tl.constexpr, MASK_K: tl.constexpr):
+    """acc + SA * sum(v x) over block b (3D tiles); MASK_K: the block runs past K (k_left = K - b * KB)."""
+    KB: tl.constexpr = PER * BW
+    words = tl.load(w_ptrs + b * BW, eviction_policy="evict_first")
+    part = tl.zeros(acc.shape, dtype=tl.float32)
+    for j in tl.static_range(PER):
+        k0 = b * KB + j * BW
+        mask = m_ok
+        if MASK_K:
+            mask = mask & (j * BW + tl.arange(0, BW)[None, None, :] < k_left)
+        xj = tl.load(x_ptrs + k0, mask=mask, other=0.0, eviction_policy="evict_last")
+        part += _code(words, j, BITS, P) * xj.to(tl.float32)
+        if ((j + 1) * BW) % GS == 0 or j == PER - 1:  # the last slice of a group in this block
+            acc += part * tl.load(sa_ptr + (k0 // GS) * Np + n3)
+            part = tl.zeros(acc.shape, dtype=tl.float32)
+    return acc
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, sa_ptr, sb_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                  M, N, K, Np, KW, n_blocks, blocks_per_split, stride_xm, stride_ym,
                  BITS: tl.constexpr, PER: tl.constexpr, BW: tl.constexpr, GS: tl.constexpr, P: tl.constexpr,
@@ -80,8 +106,9 @@ def _gemv_kernel(x_ptr, w_ptr, sa_ptr, sb_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     """y = sum over groups of SA * sum(v x) - SB * sum(x). The main loop computes the first term: per
     weight one shift, one AND-OR and one FMA into `part`, scaled into `acc` once per group. Every
     tensor in it is 3D (rows, outputs, words) from its load on, so that no layout conversion is
-    needed; the sum over the words is taken after the loop. A second, short loop over the groups
-    subtracts SB * sum(x)."""
+    needed; the sum over the words is taken after the loop. The main loop runs the blocks that lie
+    inside K without masks; a block that runs past K (only the last) follows with them. A second,
+    short loop over the groups subtracts SB * sum(x)."""
     KB: tl.constexpr = PER * BW
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -96,19 +123,13 @@ def _gemv_kernel(x_ptr, w_ptr, sa_ptr, sb_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     acc = tl.zeros((BLOCK_M, BLOCK_N, BW), dtype=tl.float32)
     b0 = tl.program_id(1) * blocks_per_split
     b1 = tl.minimum(b0 + blocks_per_split, n_blocks)
-    for b in range(b0, b1):
-        words = tl.load(w_ptrs + b * BW, eviction_policy="evict_first")
-        part = tl.zeros((BLOCK_M, BLOCK_N, BW), dtype=tl.float32)
-        for j in tl.static_range(PER):
-            k0 = b * KB + j * BW
-            if EVEN_K:
-                xj = tl.load(x_ptrs + k0, mask=m_ok, other=0.0, eviction_policy="evict_last")
-            else:
-                xj = tl.load(x_ptrs + k0, mask=m_ok & (k0 + offs_w < K), other=0.0, eviction_policy="evict_last")
-            part += _code(words, j, BITS, P) * xj.to(tl.float32)
-            if ((j + 1) * BW) % GS == 0 or j == PER - 1:  # the last slice of a group in this block
-                acc += part * tl.load(sa_ptr + (k0 // GS) * Np + n3)
-                part = tl.zeros((BLOCK_M, BLOCK_N, BW), dtype=tl.float32)
+    b_full = b1 if EVEN_K else tl.minimum(b1, K // KB)  # blocks wholly inside K
+    for b in range(b0, b_full):
+        acc = _gemv_block(acc, b, w_ptrs, x_ptrs, sa_ptr, n3, Np, m_ok, K, BITS, PER, BW, GS, P, False)
+    if not EVEN_K:
+        if b_full < b1:
+            acc = _gemv_block(acc, b_full, w_ptrs, x_ptrs, sa_ptr, n3, Np, m_ok, K - b_full * KB, BITS, PER, BW,
+                              GS, P, True)
     out = tl.sum(acc, axis=2)  # (BLOCK_M, BLOCK_N)
     # - SB * sum(x) per group: x read once more per block (from L2), a few instructions per group
     rows = tl.arange(0, BLOCK_M)
@@ -127,11 +148,36 @@ def _gemv_kernel(x_ptr, w_ptr, sa_ptr, sb_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
 
 
 @triton.jit
+def _splitk_block(acc, b, w_ptrs, x_ptrs, sa_ptr, sb_ptr, offs_n, Np, m_ok, k_left, BITS: tl.constexpr,
+                  PER: tl.constexpr, BW: tl.constexpr, GS: tl.constexpr, P: tl.constexpr, MASK_K: tl.constexpr,
+                  DOT_FP32: tl.constexpr):
+    """acc + x @ W_hat.T over block b; MASK_K: the block runs past K (k_left = K - b * KB)."""
+    KB: tl.constexpr = PER * BW
+    words = tl.load(w_ptrs + b * BW, eviction_policy="evict_first")  # (BLOCK_N, BW)
+    sa, sb = _group_scales(sa_ptr, sb_ptr, b * KB // GS, Np, offs_n)  # the scales, once per group
+    for j in tl.static_range(PER):
+        k0 = b * KB + j * BW
+        if j > 0 and (j * BW) % GS == 0:  # a block of several groups: the next group starts
+            sa, sb = _group_scales(sa_ptr, sb_ptr, k0 // GS, Np, offs_n)
+        mask = m_ok[:, None]
+        if MASK_K:
+            mask = mask & (j * BW + tl.arange(0, BW) < k_left)[None, :]
+        xj = tl.load(x_ptrs + k0, mask=mask, other=0.0, eviction_policy="evict_last")
+        w = (_code(words, j, BITS, P) * sa - sb).to(xj.dtype)  # W_hat slice (BLOCK_N, BW), rounded as the reference
+        if DOT_FP32:  # Triton's interpreter gets bf16 tl.dot wrong: the same products, exact in fp32
+            acc = tl.dot(xj.to(tl.float32), tl.trans(w).to(tl.float32), acc)
+        else:
+            acc = tl.dot(xj, tl.trans(w), acc)
+    return acc
+
+
+@triton.jit
 def _splitk_kernel(x_ptr, w_ptr, sa_ptr, sb_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                    M, N, K, Np, KW, n_blocks, blocks_per_split, stride_xm, stride_ym,
                    BITS: tl.constexpr, PER: tl.constexpr, BW: tl.constexpr, GS: tl.constexpr, P: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
                    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr = False):
+    """Blocks wholly inside K without masks, then the one that runs past K (if any) with them."""
     KB: tl.constexpr = PER * BW
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -143,25 +189,14 @@ def _splitk_kernel(x_ptr, w_ptr, sa_ptr, sb_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     b0 = tl.program_id(1) * blocks_per_split
     b1 = tl.minimum(b0 + blocks_per_split, n_blocks)
-    for b in range(b0, b1):
-        words = tl.load(w_ptrs + b * BW, eviction_policy="evict_first")  # (BLOCK_N, BW)
-        sa = tl.load(sa_ptr + (b * KB // GS) * Np + offs_n)[:, None]  # the scales, once per group
-        sb = tl.load(sb_ptr + (b * KB // GS) * Np + offs_n)[:, None]
-        for j in tl.static_range(PER):
-            k0 = b * KB + j * BW
-            if j > 0 and (j * BW) % GS == 0:  # a block of several groups: the next group starts
-                sa = tl.load(sa_ptr + (k0 // GS) * Np + offs_n)[:, None]
-                sb = tl.load(sb_ptr + (k0 // GS) * Np + offs_n)[:, None]
-            if EVEN_K:
-                xj = tl.load(x_ptrs + k0, mask=m_ok[:, None], other=0.0, eviction_policy="evict_last")
-            else:
-                xj = tl.load(x_ptrs + k0, mask=m_ok[:, None] & (k0 + offs_w < K)[None, :], other=0.0,
-                             eviction_policy="evict_last")
-            w = (_code(words, j, BITS, P) * sa - sb).to(xj.dtype)  # W_hat slice (BLOCK_N, BW), rounded as the reference
-            if DOT_FP32:  # Triton's interpreter gets bf16 tl.dot wrong: the same products, exact in fp32
-                acc = tl.dot(xj.to(tl.float32), tl.trans(w).to(tl.float32), acc)
-            else:
-                acc = tl.dot(xj, tl.trans(w), acc)
+    b_full = b1 if EVEN_K else tl.minimum(b1, K // KB)
+    for b in range(b0, b_full):
+        acc = _splitk_block(acc, b, w_ptrs, x_ptrs, sa_ptr, sb_ptr, offs_n, Np, m_ok, K, BITS, PER, BW, GS, P, False,
+                            DOT_FP32)
+    if not EVEN_K:
+        if b_full < b1:
+            acc = _splitk_block(acc, b_full, w_ptrs, x_ptrs, sa_ptr, sb_ptr, offs_n, Np, m_ok, K - b_full * KB, BITS,
+                                PER, BW, GS, P, True, DOT_FP32)
     _finish(acc, offs_m, offs_n, M, N, Np, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, pid_n, HAS_BIAS, SPLIT)
 
 
@@ -176,13 +211,11 @@ def _dequant_kernel(w_ptr, sa_ptr, sb_ptr, out_ptr, N, K, Np, KW,
     b = tl.program_id(1)
     n_ok = (offs_n < N)[:, None]
     words = tl.load(w_ptr + offs_n[:, None] * KW + b * BW + offs_w[None, :], eviction_policy="evict_first")
-    sa = tl.load(sa_ptr + (b * KB // GS) * Np + offs_n)[:, None]
-    sb = tl.load(sb_ptr + (b * KB // GS) * Np + offs_n)[:, None]
+    sa, sb = _group_scales(sa_ptr, sb_ptr, b * KB // GS, Np, offs_n)
     for j in tl.static_range(PER):
         k0 = b * KB + j * BW
         if j > 0 and (j * BW) % GS == 0:
-            sa = tl.load(sa_ptr + (k0 // GS) * Np + offs_n)[:, None]
-            sb = tl.load(sb_ptr + (k0 // GS) * Np + offs_n)[:, None]
+            sa, sb = _group_scales(sa_ptr, sb_ptr, k0 // GS, Np, offs_n)
         w = (_code(words, j, BITS, P) * sa - sb).to(out_ptr.dtype.element_ty)
         ptrs = out_ptr + offs_n[:, None] * K + k0 + offs_w[None, :]
         if EVEN_K:
@@ -191,25 +224,29 @@ def _dequant_kernel(w_ptr, sa_ptr, sb_ptr, out_ptr, N, K, Np, KW,
             tl.store(ptrs, w, mask=n_ok & (k0 + offs_w < K)[None, :])
 
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _rows(blocks: L.Blocks, x: torch.Tensor) -> torch.Tensor:
     """x as contiguous rows (M, K) in the layout's channel order."""
     x2 = x.reshape(-1, x.shape[-1])
     return x2.index_select(-1, blocks.perm) if blocks.perm is not None else x2.contiguous()
 
 
-def _matmul_args(blocks: L.Blocks, x2: torch.Tensor) -> dict:
-    return dict(BITS=blocks.bits, PER=blocks.per, BW=blocks.bw, GS=blocks.gs, P=L.magic_position(blocks.bits),
-                EVEN_K=blocks.K % blocks.kb == 0)
+def _layout_args(geo: L.Geometry) -> dict:
+    """The constexprs every kernel takes from the layout."""
+    return dict(BITS=geo.bits, PER=geo.per, BW=geo.bw, GS=geo.gs, P=L.magic_position(geo.bits),
+                EVEN_K=geo.K % geo.kb == 0)
 
 
 def launch_matmul(which: str, blocks: L.Blocks, x2: torch.Tensor, bias: torch.Tensor | None,
                   cfg: table.Launch) -> torch.Tensor:
     """y (M, N) = x2 @ W_hat.T + bias with kernel `which` ("gemv" or "splitk") and launch config `cfg`."""
-    M, N, Np = x2.shape[0], blocks.N, blocks.padded_rows
+    geo = blocks.geo
+    M, N, Np = x2.shape[0], geo.N, blocks.padded_rows
     y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     n_tiles = triton.cdiv(N, cfg.block_n)
-    per_split = triton.cdiv(blocks.n_blocks, cfg.split)
-    split = triton.cdiv(blocks.n_blocks, per_split)  # no empty splits
+    per_split, split = table.split_blocks(geo.n_blocks, cfg.split)
     ws = torch.empty(split, M, Np, dtype=torch.float32, device=x2.device) if split > 1 else y
     extra = {}
     if which == "splitk" and x2.dtype == torch.bfloat16 and _INTERPRET:
@@ -217,13 +254,12 @@ def launch_matmul(which: str, blocks: L.Blocks, x2: torch.Tensor, bias: torch.Te
     kernel = _gemv_kernel if which == "gemv" else _splitk_kernel
     kernel[(n_tiles, split)](
         x2, blocks.words, blocks.sa, blocks.sb, y if bias is None else bias, y, ws, blocks.counters,
-        M, N, blocks.K, Np, blocks.words.shape[1], blocks.n_blocks, per_split, x2.stride(0), y.stride(0),
+        M, N, geo.K, Np, blocks.words.shape[1], geo.n_blocks, per_split, x2.stride(0), y.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=split, HAS_BIAS=bias is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_matmul_args(blocks, x2), **extra)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_layout_args(geo), **extra)
     return y
 
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
@@ -239,12 +275,11 @@ def scratch(numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tenso
 def dequantize_blocks(blocks: L.Blocks, dtype: torch.dtype, out: torch.Tensor | None = None,
                       block_n: int = 64, num_warps: int = 4) -> torch.Tensor:
     """W_hat (N, K) in the layout's channel order, written into `out` (or a new tensor)."""
-    N, K = blocks.N, blocks.K
+    N, K = blocks.geo.N, blocks.geo.K
     out = torch.empty(N * K, dtype=dtype, device=blocks.words.device) if out is None else out
-    grid = (triton.cdiv(N, block_n), blocks.n_blocks)
+    grid = (triton.cdiv(N, block_n), blocks.geo.n_blocks)
     _dequant_kernel[grid](blocks.words, blocks.sa, blocks.sb, out, N, K, blocks.padded_rows, blocks.words.shape[1],
-                          BITS=blocks.bits, PER=blocks.per, BW=blocks.bw, GS=blocks.gs, P=L.magic_position(blocks.bits),
-                          BLOCK_N=block_n, EVEN_K=K % blocks.kb == 0, num_warps=num_warps)
+                          BLOCK_N=block_n, num_warps=num_warps, **_layout_args(blocks.geo))
     return out.view(N, K)
 
 
@@ -279,12 +314,12 @@ class _TritonMatmul(_TritonBlocks):
     def max_rows(self, dtype: torch.dtype) -> int | None:
         return self.limit
 
-    def launch(self, M: int, blocks: L.Blocks, sms: int) -> table.Launch:
+    def launch(self, M: int, geo: L.Geometry, sms: int) -> table.Launch:
         raise NotImplementedError
 
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
         x2 = _rows(prepared, x)
-        cfg = self.launch(x2.shape[0], prepared, table.sm_count(x.device))
+        cfg = self.launch(x2.shape[0], prepared.geo, table.sm_count(x.device))
         return launch_matmul(self.which, prepared, x2, self.bias(layer, x.dtype), cfg).reshape(*x.shape[:-1], -1)
 
 
@@ -305,7 +340,7 @@ class TritonDequant(_TritonBlocks):
 
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
         x2 = _rows(prepared, x)
-        W = dequantize_blocks(prepared, x.dtype, scratch(prepared.N * prepared.K, x.device, x.dtype))
+        W = dequantize_blocks(prepared, x.dtype, scratch(prepared.geo.N * prepared.geo.K, x.device, x.dtype))
         return F.linear(x2, W, self.bias(layer, x.dtype)).reshape(*x.shape[:-1], -1)
 
 

@@ -111,24 +111,30 @@ def sm_count(device: torch.device) -> int:
     return _sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def split_blocks(n_blocks: int, split: int) -> tuple[int, int]:
+    """(blocks per split, splits) for `split` requested: no split left empty."""
+    per_split = -(-n_blocks // split)
+    return per_split, -(-n_blocks // per_split)
+
+
 def _split(n_tiles: int, n_blocks: int, sms: int, waves: float) -> int:
     """K splits so that n_tiles * split programs make about `waves` programs per SM."""
     return max(1, min(n_blocks, round(waves * sms / n_tiles)))
 
 
-def gemv_launch(M: int, blocks, sms: int) -> Launch:
+def gemv_launch(M: int, geo, sms: int) -> Launch:
     """Rows up to 8: BLOCK_M * BLOCK_N * BW / threads <= 32 words and fp32 partial sums per thread
     (more spills), with several output rows per thread (the activations it converts are reused)."""
     block_m = max(1, 1 << (M - 1).bit_length())
     warps = 4
-    block_n = max(16, min(128, 32 * 32 * warps // (block_m * blocks.bw)))
-    n_tiles = -(-blocks.N // block_n)
-    return Launch(block_m, block_n, _split(n_tiles, blocks.n_blocks, sms, 4), warps)
+    block_n = max(16, min(128, 32 * 32 * warps // (block_m * geo.bw)))
+    n_tiles = -(-geo.N // block_n)
+    return Launch(block_m, block_n, _split(n_tiles, geo.n_blocks, sms, 4), warps)
 
 
-def splitk_launch(M: int, blocks, sms: int) -> Launch:
+def splitk_launch(M: int, geo, sms: int) -> Launch:
     block_m = max(16, 1 << (M - 1).bit_length())
     block_n = 64 if block_m <= 64 else 32
     warps = 4
-    n_tiles = -(-blocks.N // block_n)
-    return Launch(block_m, block_n, _split(n_tiles, blocks.n_blocks, sms, 2), warps)
+    n_tiles = -(-geo.N // block_n)
+    return Launch(block_m, block_n, _split(n_tiles, geo.n_blocks, sms, 2), warps)
