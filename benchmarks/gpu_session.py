@@ -142,22 +142,18 @@ def quant_layer(W: torch.Tensor, bits: int, group: int, scale_dtype: torch.dtype
 def kernel_names(layer, dtype: torch.dtype, M: int) -> list[str]:
     """hf_quant kernels that run `layer` on CUDA at M rows (asked with a CUDA device even on CPU: the
     checks read only the device type), by priority; never the reference."""
-    from hf_quant.runtime.kernels.base import KERNELS
+    from hf_quant import kernels
 
     cuda = torch.device("cuda")
-    ks = sorted(KERNELS.values(), key=lambda k: -k.priority)
-    return [k.name for k in ks if k.name != "reference" and k.runs(layer, cuda, dtype, M)]
+    return [name for name in kernels.available_kernels()
+            if name != "reference" and kernels.base.KERNELS.get(name).runs(layer, cuda, dtype, M)]
 
 
 def cuda_choice(layer, dtype: torch.dtype, M: int) -> str:
     """What the dispatcher picks for `layer` at M rows of `dtype` on CUDA (asked without a GPU)."""
     from hf_quant.runtime.kernels import base
 
-    if hasattr(base, "choose"):
-        return base.choose(layer, torch.device("cuda"), dtype, M).name
-    from hf_quant.runtime.kernels.triton import table  # pragma: no cover - before kernels.base.choose
-
-    return table.kernel_for(M, layer.spec.bits)
+    return base.choose(layer, torch.device("cuda"), dtype, M).name
 
 
 def triton_kernel_names() -> tuple[str, ...]:
