@@ -108,7 +108,8 @@ def compile_variant(kernel: str, rows: str, bits: int, dtype: str, bin_dir: str)
         warnings.simplefilter("ignore")
         compiled = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs),
                                   target=GPUTarget("cuda", 90, 32),
-                                  options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                                  options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                               **qgemm.launch_options(cfg)))
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
         with open(cubin, "wb") as f:
@@ -161,12 +162,13 @@ def main_loop(sass: str, expected_loads: float) -> tuple[list[str], int]:
     return best, unroll
 
 
-def mix(loop: list[str], top: int = 8) -> dict[str, int]:
+def mix(loop: list[str]) -> dict[str, int]:
+    """Every opcode of the loop with its count, most frequent first."""
     counts: dict[str, int] = {}
     for insn in loop:
         op = re.sub(r"^@!?U?P[T0-9]\s+", "", insn).split()[0]
         counts[op] = counts.get(op, 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:top])
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def ctas(kernel: str, rows: str, bits: int, K: int, N: int) -> int:

@@ -103,6 +103,23 @@ def test_triton_kernels_match_reference(bits, group_size, sym, act_order, bias, 
     assert int(layer.prepared(qgemm.GEMV, x.device, dtype).counters.abs().sum()) == 0  # split-K left them at zero
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype,scale", [(torch.float16, 1e3), (torch.float16, 1e-5), (torch.bfloat16, 1e13),
+                                         (torch.bfloat16, 1e-15)])
+def test_gemv_denormal_decode_holds_over_the_activation_range(bits, dtype, scale):
+    # the GEMV's codes are fp32 denormals and x is scaled by up to 2**80 (qgemm._gemv_kernel): |x| up
+    # to 2**46 and down to 2**-57 must match the reference (fp16: the largest x whose outputs fit)
+    layer, _ = make_layer(48, 256, LayerSpec(bits, 128 if bits < 8 else -1, False), bias=False, dtype=dtype, seed=bits)
+    layer.to(DEVICE)
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(bits))
+    x = (x / x.abs().max() * scale).to(DEVICE, dtype)
+    with kernels.use_kernel("reference"):
+        ref = layer(x)
+    out = run_kernel(layer, x, "triton_gemv")
+    assert torch.isfinite(out).all() and ref.abs().max() > 0
+    assert rel_err(out, ref) < (1e-2 if dtype == torch.bfloat16 else 3e-3), rel_err(out, ref)
+
+
 def test_split_k_counters_reset_and_repeated_calls_agree():
     layer, _ = make_layer(64, 1024, LayerSpec(4, 128, False), bias=True, dtype=torch.float16)
     layer.to(DEVICE)

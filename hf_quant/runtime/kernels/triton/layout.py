@@ -13,8 +13,9 @@ SA = scale * 2**(23 - P) and SB = scale * (2**(23 - P) + zero),
 
     (q - zero) * scale = v * SA - SB      and      sum_k (q_k - z) s x_k = SA * sum_k v_k x_k - SB * sum_k x_k,
 
-so the kernels need one shift (none for one code of each word), one AND-OR and one FMA per weight,
-and the scales once per group. Rows are padded to a multiple of 128 and K to a multiple of KB (zero
+so the split-K and dequantize kernels need one shift (none for one code of each word), one AND-OR
+and one FMA per weight, and the scales once per group. The GEMV reads the same words as fp32
+denormals instead (see `qgemm._gemv_kernel`): SA and SB - SA = scale * zero serve it unchanged. Rows are padded to a multiple of 128 and K to a multiple of KB (zero
 codes, zero scales), so that weight loads need no masks; K and N stay runtime arguments.
 """
 

@@ -3,11 +3,13 @@
 Three kernels, one per row class (dispatch table in `table.py`):
 
 - `triton_gemv` (decode, few rows): each program streams a BLOCK_N x BW tile of words per block over
-  a short K range. Code j of the tile is one constant shift and an AND-OR away from fp32 (the magic
-  number of `layout.py`); it is multiplied into a partial sum, the scales are applied once per group
-  and the partial sums reduced over the words once per group. Weights are loaded evict-first, the
-  activations evict-last.
-- `triton_splitk` (16-128 rows): the same decode feeds `tl.dot` on the tensor cores, code j of a
+  a short K range. Code j of the tile becomes an fp32 *denormal* q * 2**(pos - 149) with one AND
+  (an immediate mask) and, only for the codes above bit 23, one constant shift; the activations are
+  scaled by 2**(E - pos) so that all products share one scale. The products of the 4 words a thread
+  loads at once are added by one FMA chain across the codes of a group, the group's scale is applied
+  once, and the words reduced once at the end. Weights are loaded evict-first, the activations
+  evict-last.
+- `triton_splitk` (16-128 rows): the magic-number decode of `layout.py` feeds `tl.dot` on the tensor cores, code j of a
   tile being a BW-deep K slice; the K range is split over the grid so that it fills the SMs.
 - `triton_dequant` (prefill): one kernel dequantizes the whole weight into a reused buffer, then
   cuBLAS (`F.linear`).
@@ -45,6 +47,40 @@ def _code(words, J: tl.constexpr, BITS: tl.constexpr, P: tl.constexpr):
     return ((t & (((1 << BITS) - 1) << P)) | 0x3F800000).to(tl.float32, bitcast=True)
 
 
+GEMV_E = 80  # the activations' exponent offset in the GEMV (see _gemv_kernel)
+
+
+@triton.constexpr_function
+def _denormal_position(J, BITS, P):
+    """Where code J lies in `_denormal`: where the word has it, if below bit 23, else at P."""
+    return BITS * J if BITS * J + BITS <= 23 else P
+
+
+@triton.constexpr_function
+def _x_scale(J, BITS, P):
+    """2**(E - position of code J): the activations' factor that puts every code's products at one scale."""
+    return float(2.0 ** (GEMV_E - _denormal_position(J, BITS, P)))
+
+
+@triton.constexpr_function
+def _acc_scale(P):
+    """What turns SA * sum(q x 2**(E - 149)) into scale * sum(q x): 2**(149 - E) / 2**(23 - P)."""
+    return float(2.0 ** (126 - GEMV_E + P))
+
+
+@triton.jit
+def _denormal(words, J: tl.constexpr, BITS: tl.constexpr, P: tl.constexpr):
+    """fp32 q * 2**(pos - 149) for code J of each word (a denormal, exact): the code at bit
+    pos = `_denormal_position`, every other bit cleared. Codes that already lie below bit 23 need
+    no shift, and the AND takes one immediate."""
+    POS: tl.constexpr = _denormal_position(J, BITS, P)
+    if BITS * J > POS:
+        t = words >> (BITS * J - POS)
+    else:
+        t = words
+    return (t & (((1 << BITS) - 1) << POS)).to(tl.float32, bitcast=True)
+
+
 @triton.jit
 def _group_scales(sa_ptr, sb_ptr, g, Np, offs_n):
     """SA and SB of group `g` for the outputs `offs_n`, as (BLOCK_N, 1) columns."""
@@ -78,22 +114,53 @@ def _finish(out, offs_m, offs_n, M, N, Np, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_
 
 
 @triton.jit
-def _gemv_block(acc, b, w_ptrs, x_ptrs, sa_ptr, n3, Np, m_ok, k_left, BITS: tl.constexpr, PER: tl.constexpr,
+def _quads(t):
+    """(.., BW) -> four (.., BW // 4) tensors: each 4 adjacent elements (which lie inside one thread)
+    apart, without moving data between threads."""
+    t0, t1 = tl.split(tl.reshape(t, (t.shape[0], t.shape[1], t.shape[2] // 4, 2, 2)))
+    t00, t01 = tl.split(t0)
+    t10, t11 = tl.split(t1)
+    return t00, t01, t10, t11
+
+
+@triton.jit
+def _fma4(part, v, x, FIRST: tl.constexpr):
+    """part (.., BW // 4) + v * x (.., BW) summed over each 4 adjacent words, which lie inside one
+    thread: one FMA chain."""
+    v00, v01, v10, v11 = _quads(v)
+    x00, x01, x10, x11 = _quads(x)
+    if FIRST:
+        part = v00 * x00
+    else:
+        part += v00 * x00
+    part += v01 * x01
+    part += v10 * x10
+    part += v11 * x11
+    return part
+
+
+@triton.jit
+def _gemv_block(acc, b, w_ptrs, x_ptrs, sa_ptrs, Np, m_ok, k_left, offs_w, BITS: tl.constexpr, PER: tl.constexpr,
                 BW: tl.constexpr, GS: tl.constexpr, P: tl.constexpr, MASK_K: tl.constexpr):
-    """acc + SA * sum(v x) over block b (3D tiles); MASK_K: the block runs past K (k_left = K - b * KB)."""
+    """acc + SA * sum(q x 2**(E - 149)) over block b; MASK_K: the block runs past K
+    (k_left = K - b * KB). The products of the 4 adjacent words that one thread loads at once are
+    added by one FMA chain, across the codes of a group, before the group's scale is applied."""
     KB: tl.constexpr = PER * BW
     words = tl.load(w_ptrs + b * BW, eviction_policy="evict_first")
+    # a block lies in one group or holds whole groups: the first group's scales, then constant steps
+    sa_block = sa_ptrs + (b * KB // GS) * Np
     part = tl.zeros(acc.shape, dtype=tl.float32)
     for j in tl.static_range(PER):
         k0 = b * KB + j * BW
         mask = m_ok
         if MASK_K:
-            mask = mask & (j * BW + tl.arange(0, BW)[None, None, :] < k_left)
+            mask = mask & (j * BW + offs_w < k_left)
         xj = tl.load(x_ptrs + k0, mask=mask, other=0.0, eviction_policy="evict_last")
-        part += _code(words, j, BITS, P) * xj.to(tl.float32)
+        # x * 2**(E - pos): every product q * x * 2**(E - 149), whatever the code's position
+        xs = xj.to(tl.float32) * _x_scale(j, BITS, P)
+        part = _fma4(part, _denormal(words, j, BITS, P), xs, j == 0 or (j * BW) % GS == 0)
         if ((j + 1) * BW) % GS == 0 or j == PER - 1:  # the last slice of a group in this block
-            acc += part * tl.load(sa_ptr + (k0 // GS) * Np + n3)
-            part = tl.zeros(acc.shape, dtype=tl.float32)
+            acc += part * tl.load(sa_block + (j * BW // GS) * Np)
     return acc
 
 
@@ -103,16 +170,27 @@ def _gemv_kernel(x_ptr, w_ptr, sa_ptr, sb_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                  BITS: tl.constexpr, PER: tl.constexpr, BW: tl.constexpr, GS: tl.constexpr, P: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
                  HAS_BIAS: tl.constexpr):
-    """y = sum over groups of SA * sum(v x) - SB * sum(x). The main loop computes the first term: per
-    weight one shift, one AND-OR and one FMA into `part`, scaled into `acc` once per group. Every
-    tensor in it is 3D (rows, outputs, words) from its load on, so that no layout conversion is
-    needed; the sum over the words is taken after the loop. The main loop runs the blocks that lie
-    inside K without masks; a block that runs past K (only the last) follows with them. A second,
-    short loop over the groups subtracts SB * sum(x)."""
+    """y = sum over groups of scale * sum(q x) - scale * zero * sum(x).
+
+    The main loop computes the first term. Code q of a word becomes the fp32 denormal
+    q * 2**(pos - 149), exact, with one AND and, for codes above bit 23, one shift (`_denormal`); the
+    activations, multiplied by 2**(E - pos), put every product at q * x * 2**(E - 149). FFMA takes
+    denormal operands at full rate and no flush-to-zero is used. Products below fp32's normal range
+    (|x| < 2**(23 - E)) lose precision and |x| >= 2**(127 - E) overflows: E = 80 keeps both far from
+    activations' values. Per group and thread one FMA chain adds the products of its 4 adjacent words
+    over the group's codes; SA (= scale * 2**(23 - P)) is applied once, and 2**(126 - E + P) once
+    at the end. Every tensor in the loop is 3D (rows, outputs, words) from its load on, split into
+    the 4 words of a thread in registers (`_quads`), so that no layout conversion is needed. The
+    main loop runs the blocks that lie inside K without masks; a block that runs past K (only the
+    last) follows with them. A second, short loop over the groups subtracts scale * zero * sum(x),
+    scale * zero being SB - SA."""
     KB: tl.constexpr = PER * BW
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_w = tl.arange(0, BW)[None, None, :]
+    # the words' offsets, written so that the compiler sees runs of only 4 contiguous elements: the
+    # fp16 activations are then loaded 4 to a thread like the int32 words, in the same layout
+    w = tl.arange(0, BW)
+    offs_w = (w // 4 * 4 + w % 4)[None, None, :]
     offs_m = tl.arange(0, BLOCK_M)[:, None, None]
     m_ok = offs_m < M
     n3 = offs_n[None, :, None]
@@ -120,18 +198,22 @@ def _gemv_kernel(x_ptr, w_ptr, sa_ptr, sb_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     # x as a full (BLOCK_M, BLOCK_N, BW) tile whose rows repeat: its layout is the words', so each
     # thread loads (from L1) just the activations of its own words
     x_ptrs = x_ptr + offs_m * stride_xm + offs_w + n3 * 0
-    acc = tl.zeros((BLOCK_M, BLOCK_N, BW), dtype=tl.float32)
+    # SA pointers in the layout of the partial sums, (1, BLOCK_N, BW // 4): no scale goes through a
+    # layout conversion
+    sa_ptrs = _quads(sa_ptr + n3 + offs_w * 0)[0]
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BW // 4), dtype=tl.float32)
     b0 = tl.program_id(1) * blocks_per_split
     b1 = tl.minimum(b0 + blocks_per_split, n_blocks)
     b_full = b1 if EVEN_K else tl.minimum(b1, K // KB)  # blocks wholly inside K
     for b in range(b0, b_full):
-        acc = _gemv_block(acc, b, w_ptrs, x_ptrs, sa_ptr, n3, Np, m_ok, K, BITS, PER, BW, GS, P, False)
+        acc = _gemv_block(acc, b, w_ptrs, x_ptrs, sa_ptrs, Np, m_ok, K, offs_w, BITS, PER, BW, GS, P, False)
     if not EVEN_K:
         if b_full < b1:
-            acc = _gemv_block(acc, b_full, w_ptrs, x_ptrs, sa_ptr, n3, Np, m_ok, K - b_full * KB, BITS, PER, BW,
-                              GS, P, True)
-    out = tl.sum(acc, axis=2)  # (BLOCK_M, BLOCK_N)
-    # - SB * sum(x) per group: x read once more per block (from L2), a few instructions per group
+            acc = _gemv_block(acc, b_full, w_ptrs, x_ptrs, sa_ptrs, Np, m_ok, K - b_full * KB, offs_w, BITS, PER,
+                              BW, GS, P, True)
+    out = tl.sum(acc, axis=2) * _acc_scale(P)  # (BLOCK_M, BLOCK_N)
+    # - scale * zero * sum(x) per group: x read once more per block (from L2), a few instructions per
+    # group; scale * zero = SB - SA
     rows = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BW)
     for b in range(b0, b1):
@@ -141,8 +223,8 @@ def _gemv_kernel(x_ptr, w_ptr, sa_ptr, sb_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
             xsum += tl.sum(tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :],
                                    mask=(rows < M)[:, None] & (k < K)[None, :], other=0.0).to(tl.float32), axis=1)
             if ((j + 1) * BW) % GS == 0 or j == PER - 1:
-                sb = tl.load(sb_ptr + ((b * KB + j * BW) // GS) * Np + offs_n)
-                out -= xsum[:, None] * sb[None, :]
+                g = ((b * KB + j * BW) // GS) * Np + offs_n
+                out -= xsum[:, None] * (tl.load(sb_ptr + g) - tl.load(sa_ptr + g))[None, :]
                 xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     _finish(out, rows, offs_n, M, N, Np, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, pid_n, HAS_BIAS, SPLIT)
 
@@ -239,6 +321,11 @@ def _layout_args(geo: L.Geometry) -> dict:
                 EVEN_K=geo.K % geo.kb == 0)
 
 
+def launch_options(cfg: table.Launch) -> dict:
+    """Compiler options of a launch beyond warps and stages (none in the interpreter)."""
+    return {} if cfg.maxnreg is None or _INTERPRET else {"maxnreg": cfg.maxnreg}
+
+
 def launch_matmul(which: str, blocks: L.Blocks, x2: torch.Tensor, bias: torch.Tensor | None,
                   cfg: table.Launch) -> torch.Tensor:
     """y (M, N) = x2 @ W_hat.T + bias with kernel `which` ("gemv" or "splitk") and launch config `cfg`."""
@@ -256,7 +343,7 @@ def launch_matmul(which: str, blocks: L.Blocks, x2: torch.Tensor, bias: torch.Te
         x2, blocks.words, blocks.sa, blocks.sb, y if bias is None else bias, y, ws, blocks.counters,
         M, N, geo.K, Np, blocks.words.shape[1], geo.n_blocks, per_split, x2.stride(0), y.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=split, HAS_BIAS=bias is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_layout_args(geo), **extra)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(cfg), **_layout_args(geo), **extra)
     return y
 
 

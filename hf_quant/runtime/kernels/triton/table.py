@@ -97,6 +97,7 @@ class Launch(NamedTuple):
     split: int
     num_warps: int
     num_stages: int = 1
+    maxnreg: int | None = None  # a register cap per thread (ptxas), or None
 
 
 @lru_cache(maxsize=None)
@@ -122,6 +123,11 @@ def _split(n_tiles: int, n_blocks: int, sms: int, waves: float) -> int:
     return max(1, min(n_blocks, round(waves * sms / n_tiles)))
 
 
+# three 128-thread GEMV programs resident per SM (65536 registers): enough bytes in flight, and a
+# goal shape's programs in about one wave; ptxas needs more only for 3 bits, and fits it without spills
+GEMV_MAXNREG = 168
+
+
 def gemv_launch(M: int, geo, sms: int) -> Launch:
     """Rows up to 8: BLOCK_M * BLOCK_N * BW / threads <= 32 words and fp32 partial sums per thread
     (more spills), with several output rows per thread (the activations it converts are reused)."""
@@ -129,7 +135,8 @@ def gemv_launch(M: int, geo, sms: int) -> Launch:
     warps = 4
     block_n = max(16, min(128, 32 * 32 * warps // (block_m * geo.bw)))
     n_tiles = -(-geo.N // block_n)
-    return Launch(block_m, block_n, _split(n_tiles, geo.n_blocks, sms, 4), warps)
+    return Launch(block_m, block_n, _split(n_tiles, geo.n_blocks, sms, 4), warps,
+                  maxnreg=GEMV_MAXNREG if block_m == 1 else None)
 
 
 def splitk_launch(M: int, geo, sms: int) -> Launch:
