@@ -93,6 +93,12 @@ class HfQuantQuantizer(HfQuantizer):
     def is_qat_trainable(self) -> bool:
         return False
 
+    @property
+    def is_compileable(self) -> bool:
+        """Every quantized layer is one custom op under torch.compile (`fullgraph=True` holds), so
+        `generate` may compile the decode step with a static cache (CUDA graphs on a GPU)."""
+        return True
+
     def _dequantize(self, model, dtype=None):
         return dequantize_model(model, dtype)
 
