@@ -199,6 +199,12 @@ class QuantConfig(QuantizationConfigMixin):
         if mods is not None and not all(isinstance(m, str) for m in mods):
             raise ValueError("QuantConfig.modules_to_not_convert must be a list of module names (strings).")
         self._compiled_dynamic = self._validate_dynamic(self.dynamic)
+        fixed = get_method(self.method).fixed_spec or {}
+        for regex, overrides in self._compiled_dynamic:
+            clash = sorted(set(overrides or {}) & set(fixed))
+            if clash:
+                raise ValueError(f"{regex.field} overrides {clash}, which method={self.method!r} "
+                                 f"fixes at {fixed}; use a '-:' rule to keep modules in float instead.")
         self._spec_cache: dict[str, LayerSpec | None] = {}
         _check_provenance(self.provenance)
 
@@ -220,6 +226,8 @@ class QuantConfig(QuantizationConfigMixin):
                 raise ValueError(f"QuantConfig.{name}={value!r} has no meaning for method={self.method!r}; "
                                  f"it applies to {methods_taking(name)}.")
         method.options_from(self)  # the method's own options dataclass validates the whole set
+        for name, value in (method.fixed_spec or {}).items():  # e.g. LLM.int8: always 8-bit rows
+            setattr(self, name, value)
 
     def _check_calibration_device(self) -> None:
         dev = self.calibration_device

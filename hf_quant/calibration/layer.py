@@ -8,7 +8,7 @@ import torch.nn as nn
 from ..config import LayerSpec
 from ..core.layers import is_conv1d, linear_weight
 from ..methods import get_method
-from ..runtime import QuantLinear
+from ..runtime import ActivationSpec, QuantLinear
 
 
 def quantize_layer(name: str, module: nn.Module, spec: LayerSpec, method: str, **stats) -> QuantLinear:
@@ -38,4 +38,5 @@ def quantize_layer(name: str, module: nn.Module, spec: LayerSpec, method: str, *
         if str(e).startswith(f"{name}:"):
             raise
         raise ValueError(f"{name}: {e}") from e
-    return QuantLinear.from_quantized(qw, spec, module.bias, from_conv1d=is_conv1d(module))
+    activation = ActivationSpec.of(get_method(method).activation_of(stats))
+    return QuantLinear.from_quantized(qw, spec, module.bias, from_conv1d=is_conv1d(module), activation=activation)

@@ -60,7 +60,7 @@ class HfQuantQuantizer(HfQuantizer):
             if checkpoint_files:
                 recover(Path(checkpoint_files[0]).parent)  # what a killed save left beside it
                 check_checkpoint(model, self.targets, checkpoint_files)
-            replace_with_empty_quant_linears(model, self.targets)
+            replace_with_empty_quant_linears(model, self.targets, config)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):

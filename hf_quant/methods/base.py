@@ -12,6 +12,12 @@ integer codes and their grid (`QuantizedWeight`). It is described once, by `regi
   OmniQuant's clipping training), with `observe` gathering what it needs from the float block's
   reference pass. What the stage returns per layer is passed to `quantize` as keyword arguments.
 - `description`: how the model card names the method.
+- `activation`: for methods that also quantize the activations at run time, a function of the
+  method's options returning the activation quantizer's (name, params) that the layers' scheme
+  carries (`runtime.scheme`); None for weight-only methods.
+- `fixed_spec`: the LayerSpec fields the method always uses (e.g. LLM.int8: 8 bits, one scale per
+  output row, symmetric); `QuantConfig` sets them and refuses `dynamic` overrides of them.
+- `scale_dtype`: the dtype of the stored scales when it is not the model's (None).
 
 Adding a method = one module in this package that calls `register_method`, imported in `__init__`.
 """
@@ -57,6 +63,15 @@ def check_positive_int(name: str, value: Any) -> None:
 def check_non_negative_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"QuantConfig.{name}={value!r} must be a non-negative integer.")
+
+
+def check_non_negative_number(example: str) -> Callable[[str, Any], None]:
+    """A finite number >= 0."""
+    def check(name: str, value: Any) -> None:
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and value >= 0 and value != float("inf")
+        if not ok:
+            raise ValueError(f"QuantConfig.{name}={value!r} must be a finite number >= 0, e.g. {example}.")
+    return check
 
 
 def check_fraction(example: str) -> Callable[[str, Any], None]:
@@ -130,6 +145,13 @@ class Method:
     description: str = ""
     stage: Callable[[BlockContext], dict[str, dict]] | None = None
     observe: Observer | None = None
+    activation: Callable[..., tuple[str, dict[str, Any]] | None] | None = None
+    fixed_spec: dict[str, Any] | None = None
+    scale_dtype: torch.dtype | None = None
+
+    def activation_of(self, options: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+        """(activation quantizer name, params) for layers quantized with `options`, or None."""
+        return None if self.activation is None else self.activation(**options)
 
     @property
     def option_fields(self) -> dict[str, dataclasses.Field]:
@@ -154,13 +176,16 @@ METHODS: Registry[Method] = Registry("quantization method")
 
 
 def register_method(name: str, *, needs_calibration: bool, options: type | None = None, description: str = "",
-                    stage: Callable | None = None, observe: Observer | None = None) -> Callable:
+                    stage: Callable | None = None, observe: Observer | None = None,
+                    activation: Callable | None = None, fixed_spec: dict[str, Any] | None = None,
+                    scale_dtype: torch.dtype | None = None) -> Callable:
     """Decorator registering `fn(W, spec, scale_dtype, **stats, **options) -> QuantizedWeight` under `name`."""
 
     def deco(fn: Callable[..., QuantizedWeight]) -> Callable[..., QuantizedWeight]:
         if options is not None and not (dataclasses.is_dataclass(options) and issubclass(options, Options)):
             raise TypeError(f"method {name!r}: options must be a dataclass deriving from hf_quant.methods.Options")
-        METHODS.register(name, Method(name, fn, needs_calibration, options, description or name, stage, observe))
+        METHODS.register(name, Method(name, fn, needs_calibration, options, description or name, stage, observe,
+                                      activation, fixed_spec, scale_dtype))
         return fn
 
     return deco

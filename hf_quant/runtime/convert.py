@@ -9,7 +9,9 @@ import torch.nn as nn
 
 from ..config import LayerSpec, QuantConfig
 from ..core.layers import FLOAT_LINEARS, float_layer, is_conv1d, linear_shape, set_module
+from ..methods import get_method
 from .quant_linear import QuantLinear
+from .scheme import ActivationSpec
 
 logger = logging.getLogger("hf_quant")
 
@@ -57,13 +59,24 @@ def find_targets(model: nn.Module, config: QuantConfig, modules_to_not_convert: 
     return targets
 
 
-def replace_with_empty_quant_linears(model: nn.Module, targets: dict[str, LayerSpec]) -> None:
-    """Swap each target for an empty QuantLinear (same device, e.g. meta) for a checkpoint to fill."""
+def activation_spec(config: QuantConfig) -> ActivationSpec | None:
+    """The run-time activation quantization of the layers `config` quantizes (None: weight-only)."""
+    method = get_method(config.method)
+    return ActivationSpec.of(method.activation_of(method.options_from(config)))
+
+
+def replace_with_empty_quant_linears(model: nn.Module, targets: dict[str, LayerSpec],
+                                     config: QuantConfig | None = None) -> None:
+    """Swap each target for an empty QuantLinear (same device, e.g. meta) for a checkpoint to fill,
+    with the scheme and scale dtype of `config`'s method."""
+    activation = None if config is None else activation_spec(config)
+    scale_dtype = None if config is None else get_method(config.method).scale_dtype
     for name, spec in targets.items():
         old = model.get_submodule(name)
         in_features, out_features = linear_shape(old)
         new = QuantLinear(in_features, out_features, old.bias is not None, spec, dtype=old.weight.dtype,
-                          device=old.weight.device, from_conv1d=is_conv1d(old))
+                          device=old.weight.device, from_conv1d=is_conv1d(old), activation=activation,
+                          scale_dtype=scale_dtype)
         set_module(model, name, new)
 
 

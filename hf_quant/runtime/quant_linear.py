@@ -40,6 +40,7 @@ class QuantLinear(nn.Linear):
         device: torch.device | str | None = None,
         from_conv1d: bool = False,
         activation: ActivationSpec | None = None,
+        scale_dtype: torch.dtype | None = None,
     ) -> None:
         nn.Module.__init__(self)
         self._kernel_cache: dict = {}  # (device, dtype, row class) -> (kernel forward, prepared layout)
@@ -51,7 +52,7 @@ class QuantLinear(nn.Linear):
         self.scheme = Scheme(spec, activation)
         self.from_conv1d = from_conv1d  # restore a transformers Conv1D on dequantize
         with torch.inference_mode(False):  # buffers track in-place edits (their version counters), always
-            for name, (shape, buf_dtype) in buffer_specs(in_features, out_features, spec, dtype).items():
+            for name, (shape, buf_dtype) in buffer_specs(in_features, out_features, spec, scale_dtype or dtype).items():
                 self.register_buffer(name, torch.empty(shape, dtype=buf_dtype, device=device))
         if spec.sym:
             self.register_buffer("qzeros", None)
@@ -70,12 +71,15 @@ class QuantLinear(nn.Linear):
 
     @classmethod
     def from_quantized(
-        cls, qw: QuantizedWeight, spec: LayerSpec, bias: torch.Tensor | None, from_conv1d: bool = False
+        cls, qw: QuantizedWeight, spec: LayerSpec, bias: torch.Tensor | None, from_conv1d: bool = False,
+        activation: ActivationSpec | None = None,
     ) -> QuantLinear:
-        """Pack an algorithm's result into a new layer (on the codes' device)."""
+        """Pack an algorithm's result into a new layer (on the codes' device). The bias keeps its
+        dtype; the scales keep theirs (the model's, or e.g. fp32 for LLM.int8's rows)."""
         out_features, in_features = qw.codes.shape
-        layer = cls(in_features, out_features, bias is not None, spec, dtype=qw.scale.dtype,
-                    device=qw.codes.device, from_conv1d=from_conv1d)
+        layer = cls(in_features, out_features, bias is not None, spec,
+                    dtype=bias.dtype if bias is not None else qw.scale.dtype, device=qw.codes.device,
+                    from_conv1d=from_conv1d, activation=activation, scale_dtype=qw.scale.dtype)
         layer.qweight.copy_(pack_codes(qw.codes, spec.bits))
         layer.scales.copy_(qw.scale)
         if qw.zero is not None:
@@ -98,6 +102,11 @@ class QuantLinear(nn.Linear):
         if key not in self._prepared:
             self._prepared[key] = kernel.prepare(self, device, dtype)
         return self._prepared[key]
+
+    def set_activation(self, activation: ActivationSpec | None) -> None:
+        """Give the layer a run-time activation quantization (or none): its scheme, and so its kernels."""
+        self.scheme = Scheme(self.spec, activation)
+        self.invalidate_kernels()
 
     def invalidate_kernels(self) -> None:
         """Drop the cached kernel choices and layouts (after the packed buffers changed)."""

@@ -28,6 +28,11 @@ class ActivationSpec:
     def kwargs(self) -> dict[str, Any]:
         return dict(self.params)
 
+    @classmethod
+    def of(cls, found: tuple[str, dict[str, Any]] | None) -> ActivationSpec | None:
+        """From a method's (name, params) (`Method.activation_of`), or None."""
+        return None if found is None else cls(found[0], tuple(sorted(found[1].items())))
+
 
 @dataclass(frozen=True)
 class Scheme:
