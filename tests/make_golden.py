@@ -12,6 +12,7 @@ saved as `gpt2-float/`, so re-quantizing never depends on torch's random init.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -39,6 +40,27 @@ CASES = {
     "gpt2-gptq-w4g32": ("gpt2-float", torch.bfloat16, dict(method="gptq", bits=4, group_size=32, num_samples=8,
                                                            seq_len=64)),
 }
+
+
+# The CPU features that pick torch's bf16/fp32 matmul and Cholesky code paths: bit-identity holds
+# only between machines that share them (README "What is reproducible").
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16")
+MACHINE_FILE = GOLDEN / "machine.json"
+
+
+def machine() -> dict:
+    """What the goldens' bytes depend on besides the code: the matmul ISA and the thread count."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:  # not Linux: the platform stands in for the flags
+        import platform
+        return {"isa": [platform.machine()], "threads": THREADS}
+    return {"isa": [f for f in ISA_FLAGS if f in flags], "threads": THREADS}
+
+
+def same_machine() -> bool:
+    """Whether this machine computes bit for bit as the one that wrote the goldens."""
+    return MACHINE_FILE.exists() and json.loads(MACHINE_FILE.read_text()) == machine()
 
 
 def golden_input_ids() -> torch.Tensor:
@@ -79,9 +101,16 @@ def quantize_case(case: str, out: Path) -> None:
 
 
 @torch.no_grad()
-def logits_of(path: Path) -> torch.Tensor:
-    model = AutoModelForCausalLM.from_pretrained(path)
-    return model(input_ids=golden_input_ids()).logits.float()
+def logits_of(path: Path, dtype: torch.dtype | None = None) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(path, **({} if dtype is None else {"dtype": dtype}))
+    with torch.no_grad():
+        return model(input_ids=golden_input_ids()).logits.float()
+
+
+def float_logits(case: str) -> torch.Tensor:
+    """The float source model's logits on the golden inputs (what the quantized ones approximate)."""
+    source, dtype, _ = CASES[case]
+    return logits_of(source_path(source), dtype)
 
 
 def main() -> None:
@@ -96,6 +125,7 @@ def main() -> None:
         quantize_case(case, out)
         save_file({"logits": logits_of(out)}, str(out / "logits.safetensors"))
         print(case, sorted(p.name for p in out.iterdir()))
+    MACHINE_FILE.write_text(json.dumps(machine()) + "\n")
 
 
 if __name__ == "__main__":
