@@ -6,9 +6,11 @@
     hf-quant push DIR org/name [--private]
     hf-quant export-gptq MODEL OUT          # to the GPTQ checkpoint layout vLLM / TGI / GPTQModel load
     hf-quant import-gptq SRC OUT            # a GPTQ checkpoint (directory or Hub repo) to hf_quant
+    hf-quant export-bnb8 MODEL OUT          # an llm_int8 / w8a8 model to bitsandbytes' load_in_8bit layout
+    hf-quant import-bnb8 SRC OUT            # a bitsandbytes load_in_8bit checkpoint to hf_quant llm_int8
 
 A thin layer over the library API (`QuantConfig` + `from_pretrained`, `hf_quant.eval`,
-`hf_quant.push_to_hub`, `hf_quant.export_gptq` / `import_gptq`); progress goes to stderr through
+`hf_quant.push_to_hub`, `hf_quant.export_gptq` / `import_gptq`, `export_bnb8` / `import_bnb8`); progress goes to stderr through
 transformers' progress bars and hf_quant's log lines, results to stdout.
 
 The arguments are checked before anything is loaded: a local path that does not exist or is a file,
@@ -261,10 +263,10 @@ def _check_args(args: argparse.Namespace) -> None:
             raise _fail(command, argument, "is not an hf_quant checkpoint (no hf_quant quantization_config in "
                         "config.json); save one with `hf-quant quantize` or save_pretrained first")
         _check_repo_id(command, f"REPO_ID {args.repo_id}", args.repo_id)
-    elif command == "export-gptq":
+    elif command in ("export-gptq", "export-bnb8"):
         source = _check_source(command, "model", args)
         _check_output(command, args, [source])
-    elif command == "import-gptq":
+    elif command in ("import-gptq", "import-bnb8"):
         source = _check_source(command, "src", args)
         if source is not None and args.revision is not None:
             raise _fail(command, f"--revision {args.revision}", f"applies to Hub repo ids; {args.src} is a local "
@@ -430,6 +432,27 @@ def cmd_import_gptq(args: argparse.Namespace) -> None:
     print(json.dumps({"saved": args.out}))
 
 
+def cmd_export_bnb8(args: argparse.Namespace) -> None:
+    import hf_quant
+
+    _stage(f"loading {args.model}")
+    model = _load(args.model, argparse.Namespace(command=args.command, dtype="auto", device=args.device))
+    _stage(f"writing the bitsandbytes 8-bit checkpoint to {args.out}")
+    hf_quant.export_bnb8(model, Path(args.out), tokenizer=_tokenizer(args.model, args.command))
+    print(json.dumps({"saved": args.out, "format": "bitsandbytes load_in_8bit"}))
+
+
+def cmd_import_bnb8(args: argparse.Namespace) -> None:
+    import hf_quant
+
+    _stage(f"converting {args.src} to an hf_quant llm_int8 checkpoint in {args.out}")
+    try:
+        hf_quant.import_bnb8(args.src, Path(args.out), revision=args.revision)
+    except OSError as e:  # a Hub repo that does not exist, or offline and not cached
+        raise _fail(args.command, f"SRC {args.src}", f"could not be read ({_one_line(e)})") from None
+    print(json.dumps({"saved": args.out}))
+
+
 # ---------------------------------------------------------------- the parser
 
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
@@ -528,6 +551,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite(i)
     i.add_argument("--revision", default=None)
     i.set_defaults(func=cmd_import_gptq)
+
+    xb = sub.add_parser("export-bnb8", help="write an hf_quant llm_int8 / w8a8 model as a bitsandbytes 8-bit "
+                        "(load_in_8bit) checkpoint")
+    xb.add_argument("model")
+    xb.add_argument("out")
+    _add_overwrite(xb)
+    xb.add_argument("--device", type=_device, default=None)
+    xb.set_defaults(func=cmd_export_bnb8)
+
+    ib = sub.add_parser("import-bnb8", help="convert a bitsandbytes load_in_8bit checkpoint (directory or Hub repo) "
+                        "to hf_quant llm_int8")
+    ib.add_argument("src")
+    ib.add_argument("out")
+    _add_overwrite(ib)
+    ib.add_argument("--revision", default=None)
+    ib.set_defaults(func=cmd_import_bnb8)
     return ap
 
 

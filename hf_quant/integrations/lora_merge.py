@@ -30,6 +30,10 @@ def merge_lora(model: nn.Module, requantize: Any = None, *, dtype: torch.dtype |
       `QuantConfig` (method, bits, groups; GPTQ calibrates on the packaged text); or pass a
       `QuantConfig` to choose another method, width or calibration `dataset`.
 
+    Re-quantizing uses the method's own grid and run-time scheme: for `llm_int8` / `w8a8` the merged
+    weights become int8 rows with fp32 absmax scales (bitsandbytes' grid, bit for bit) and the layers
+    keep their per-token int8 activations and threshold (tests/test_int8_lora.py).
+
     Re-quantizing puts the merged weights on a new grid, which gives back part of what the adapter
     gained (figures in the README); the float merge is exact up to the model dtype.
     """

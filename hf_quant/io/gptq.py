@@ -66,6 +66,14 @@ def export_gptq(
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise ValueError("export_gptq: the model has no QuantLinear layers; quantize it with hf_quant first.")
+    for name, layer in layers.items():  # GPTQ is weight-only: a run-time activation scheme would be lost
+        act = layer.scheme.activation
+        if act is not None:
+            params = ", ".join(f"{k}={v}" for k, v in act.params)
+            raise ValueError(f"{name}: cannot export to GPTQ: this layer (method {qc.method!r}) quantizes its "
+                             f"activations at run time (activation scheme {act.name!r}{f', {params}' if params else ''}"
+                             "), which the GPTQ format cannot represent (its loaders run weight-only kernels). Export "
+                             "it with export_bnb8 (bitsandbytes load_in_8bit) or save it in hf_quant's own format.")
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     lm_head = next((n for n, m in model.named_modules() if m is output), None)
     float_linears = [n for n, m in model.named_modules()
