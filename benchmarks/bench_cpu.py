@@ -1,34 +1,36 @@
-"""CPU timings of `hf_quant.QuantLinear` against float `F.linear`, measured in the same run.
+"""CPU timings of `hf_quant.QuantLinear`'s candidate kernels and of the measured dispatch's choice,
+against float `F.linear` measured in the same run.
 
 For every weight shape (in_features x out_features) and every number of activation rows M, it times:
 
-* the baselines: `F.linear` with a random fp32 weight on fp32 activations, and with the same
-  weight in bf16 on bf16 activations;
+* the baselines: `F.linear` with a random fp32 weight on fp32 activations, and with the same weight
+  in bf16 on bf16 activations. `best float` is the faster of the two: every ratio is against it;
 * `QuantLinear` made by round-to-nearest from that weight (bf16 scales, as in a bf16 checkpoint):
-  4 bits with groups of 128 (asymmetric) and 8 bits per output channel (asymmetric, the int8 fast
-  path), each on bf16 and on fp32 activations. The `kernel` column names the kernel that ran.
+  4 bits with groups of 128 (asymmetric) and 8 bits per output channel (asymmetric), each on bf16
+  and on fp32 activations:
+  - every candidate of the measured CPU dispatch (`hf_quant/runtime/kernels/cpu_measure.py`), its
+    `forward` called directly. A candidate that the dispatch's own measurement dropped (a probe on
+    fewer rows was already slower than the best) is shown as `dropped`, not timed;
+  - the layer itself (`layer(x)`, dispatch included) in mode "measure" and, for fp32 activations,
+    in mode "measure_bf16" (fp32 layers may run in bf16). The `choice` columns name the kernel.
 
-Before a quantized config is timed, its output is compared with the reference kernel
-(dequantize + `F.linear`, forced with `hf_quant.kernels.use_kernel("reference")`) on the same input;
-the relative Frobenius error (printed as `rel err`) must stay below 1e-3 for fp32 activations and
-2e-2 for bf16, or the script stops with exit status 1. That first call also builds the kernel's
-cached weight layout, so it doubles as the warm-up.
+Before a kernel is timed, its output is compared with the reference kernel (dequantize + `F.linear`)
+on the same input; the relative Frobenius error must stay below 1e-3 for fp32 kernels and 2e-2 for
+bf16 ones, or the script stops with exit status 1.
 
 Each time is the median over `--reps` timed blocks of `torch.utils.benchmark.Timer` (at most 3 for
 calls slower than 0.5 s), each block repeating the call for at least `--block-ms` milliseconds,
-under `torch.inference_mode()`.
-Speedup `vs X` = X ms / QuantLinear ms (> 1: the quantized layer is faster). Every row is compared
-with bf16 `F.linear`; rows with fp32 activations also with fp32 `F.linear`.
+under `torch.inference_mode()`. Ratios are `best float ms / ms` (> 1: the quantized layer is faster).
 
 On a shared machine, other processes wreck CPU timings (with all cores in use, threads wait whole
 scheduler ticks). On Linux the script measures the CPU other processes used during each
 measurement, retries a disturbed one after a pause (`--retries`), and marks with `*` a time that
-stayed disturbed, and the speedups computed from it.
+stayed disturbed, and the ratios computed from it.
 
-Run (rows are printed as they are measured):
+Run (rows are printed as they are measured; the CPU flags first, the goals last):
 
-    python benchmarks/bench_cpu.py            # Llama-7B shapes, M in {1, 8, 64, 512}; ~6 minutes on 2 cores
-    python benchmarks/bench_cpu.py --small    # 1024-wide shapes, about a minute
+    python benchmarks/bench_cpu.py            # Llama-7B shapes, M in {1, 8, 64, 512}
+    python benchmarks/bench_cpu.py --small    # 1024-wide shapes, M in {1, 8, 64}, 2 blocks
     python benchmarks/bench_cpu.py --shapes 4096x4096 --m 1 16 --threads 4 --reps 9
 """
 
@@ -48,12 +50,14 @@ from torch.utils.benchmark import Timer
 
 from hf_quant.calibration import quantize_layer
 from hf_quant.config import LayerSpec
-from hf_quant.runtime.kernels import select_kernel, use_kernel
+from hf_quant.runtime.kernels import cpu_dispatch, select_kernel, use_kernel
+from hf_quant.runtime.kernels.cpu_measure import candidates, measurement_for
 from hf_quant.runtime import QuantLinear
 
 DEFAULT_SHAPES = ["4096x4096", "4096x11008", "11008x4096"]  # Llama-7B attention, MLP up, MLP down
 SMALL_SHAPES = ["1024x1024", "1024x2816", "2816x1024"]
 DEFAULT_M = [1, 8, 64, 512]
+SMALL_M = [1, 8, 64]
 QUANT_SPECS = [
     LayerSpec(bits=4, group_size=128, sym=False),  # cpu_int4
     LayerSpec(bits=8, group_size=-1, sym=False),  # cpu_int8
@@ -78,14 +82,21 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--small", action="store_true", help=f"use the quick shapes {' '.join(SMALL_SHAPES)}")
     p.add_argument("--shapes", nargs="+", type=parse_shape, metavar="KxN",
                    help=f"weight shapes in_features x out_features (default: {' '.join(DEFAULT_SHAPES)})")
-    p.add_argument("--m", nargs="+", type=int, default=DEFAULT_M, help="rows of activations (default: 1 8 64 512)")
+    p.add_argument("--m", nargs="+", type=int, help="rows of activations (default: 1 8 64 512; --small: 1 8 64)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    p.add_argument("--reps", type=int, default=5, help="timed blocks per measurement; the median is reported")
-    p.add_argument("--block-ms", type=float, default=40.0, help="minimum duration of one timed block (ms)")
-    p.add_argument("--retries", type=int, default=2, help="re-measurements of a time disturbed by other processes")
+    p.add_argument("--reps", type=int, default=None,
+                   help="timed blocks per measurement; the median is reported (default 5; --small: 2)")
+    p.add_argument("--block-ms", type=float, default=None,
+                   help="minimum duration of one timed block (ms; default 40, --small: 20)")
+    p.add_argument("--retries", type=int, default=None,
+                   help="re-measurements of a time disturbed by other processes (default 2; --small: 0)")
     args = p.parse_args()
     if args.shapes is None:
         args.shapes = [parse_shape(s) for s in (SMALL_SHAPES if args.small else DEFAULT_SHAPES)]
+    args.m = args.m or (SMALL_M if args.small else DEFAULT_M)
+    args.reps = args.reps or (2 if args.small else 5)
+    args.block_ms = args.block_ms or (20.0 if args.small else 40.0)
+    args.retries = (0 if args.small else 2) if args.retries is None else args.retries
     return args
 
 
@@ -144,15 +155,29 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 class Table:
     """Markdown table printed row by row, so a long or aborted run still shows what it measured."""
 
-    COLUMNS = ["shape (KxN)", "M", "act", "bits", "kernel", "rel err", "ms",
-               "bf16 F.linear ms", "vs bf16", "fp32 F.linear ms", "vs fp32"]
+    COLUMNS = ["shape (KxN)", "M", "bits", "act", "best float ms", "choice (measure)", "ms", "x float",
+               "choice (measure_bf16)", "ms", "x float", "candidates: ms (x float)"]
 
     def __init__(self) -> None:
         print("| " + " | ".join(self.COLUMNS) + " |")
-        print("|" + "|".join("---" if i < 5 else "---:" for i in range(len(self.COLUMNS))) + "|", flush=True)
+        print("|" + "|".join("---:" if c in ("ms", "x float", "best float ms") else "---" for c in self.COLUMNS) + "|",
+              flush=True)
 
     def row(self, *cells: object) -> None:
         print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
+
+
+def cpu_flags() -> str:
+    """The CPU features that decide the fast paths (AVX2, AVX-512, native bf16, AMX), from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return "unknown (no /proc/cpuinfo)"
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    wanted = ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"]
+    return f"{model}; " + " ".join(f"{w}={'yes' if w in flags else 'no'}" for w in wanted)
 
 
 def make_layers(k: int, n: int, w16: torch.Tensor) -> dict[LayerSpec, QuantLinear]:
@@ -168,30 +193,90 @@ def make_layers(k: int, n: int, w16: torch.Tensor) -> dict[LayerSpec, QuantLinea
     return layers
 
 
+def checked(name: str, y: torch.Tensor, ref: torch.Tensor, bf16: bool, where: str) -> None:
+    err, limit = rel_err(y, ref), MAX_REL_ERR[torch.bfloat16 if bf16 else torch.float32]
+    if not err < limit:
+        sys.exit(f"\nFAILED: {where}: kernel {name!r} differs from the reference by {err:.2e} (limit {limit:.0e})")
+
+
+def time_choice(layer: QuantLinear, x: torch.Tensor, mode: str, ref: torch.Tensor, args: argparse.Namespace,
+                where: str) -> tuple[str, Timing]:
+    """The layer itself in `mode`: (the kernel it chose, its time)."""
+    with cpu_dispatch(mode):
+        name = select_kernel(layer, x).name  # measures, if this class is new
+        checked(name, layer(x), ref, x.dtype == torch.bfloat16 or name.endswith("_bf16"), where)
+        return name, time_fn(layer, x, args)
+
+
 @torch.inference_mode()
 def bench_m(w32: torch.Tensor, layers: dict[LayerSpec, QuantLinear], m: int,
-            args: argparse.Namespace, table: Table) -> None:
-    """The two baselines, then every quantized layer on bf16 and on fp32 activations of `m` rows."""
+            args: argparse.Namespace, table: Table, results: list) -> None:
+    """The two baselines, then every quantized layer's candidates and choices on bf16 and fp32 activations."""
     n, k = w32.shape
     w16 = w32.to(torch.bfloat16)
     x32 = torch.randn(m, k)
     x16 = x32.to(torch.bfloat16)
     base32 = time_fn(lambda x: F.linear(x, w32), x32, args)
     base16 = time_fn(lambda x: F.linear(x, w16), x16, args)
+    best = min(base32, base16, key=lambda t: t.ms)
+    best_name = "fp32" if best is base32 else "bf16"
     for spec, layer in layers.items():
         for x in (x16, x32):
-            act, limit = DTYPE_NAME[x.dtype], MAX_REL_ERR[x.dtype]
-            kernel = select_kernel(layer, x).name
-            y = layer(x)  # builds and caches the kernel's layout: also the warm-up
+            act, fp32 = DTYPE_NAME[x.dtype], x.dtype == torch.float32
+            where = f"{k}x{n} M={m} {act} {spec}"
             with use_kernel("reference"):
-                err = rel_err(y, layer(x))
-            if not err < limit:
-                sys.exit(f"\nFAILED: {k}x{n} M={m} {act} {spec}: kernel {kernel!r} differs from the "
-                         f"reference by {err:.2e} (limit {limit:.0e})")
-            t = time_fn(layer, x, args)
-            fp32 = x.dtype == torch.float32
-            table.row(f"{k}x{n}", m, act, spec.bits, kernel, f"{err:.1e}", t, base16, speedup(base16, t),
-                      base32 if fp32 else "-", speedup(base32, t) if fp32 else "-")
+                ref = layer(x)
+            choice, t_choice = time_choice(layer, x, "measure", ref, args, where)
+            choice16, t_choice16 = time_choice(layer, x, "measure_bf16", ref, args, where) if fp32 else ("-", None)
+            entry = measurement_for(layer, x.device, x.dtype, m, allow_bf16=fp32)  # the widest one
+            cells = []
+            for kernel in candidates(layer, x.device, x.dtype, allow_bf16=True):
+                if entry.seconds.get(kernel.name, 0.0) is None:
+                    cells.append(f"{kernel.name} dropped")
+                    continue
+                prepared = layer.prepared(kernel, x.device, x.dtype)
+                checked(kernel.name, kernel.forward(layer, x, prepared), ref, not fp32 or kernel.name.endswith("_bf16"),
+                        where)
+                t = time_fn(lambda x, kernel=kernel, prepared=prepared: kernel.forward(layer, x, prepared), x, args)
+                cells.append(f"{kernel.name} {t} ({speedup(best, t)})")
+            layer.invalidate_kernels()  # drop the candidates' layouts
+            results.append((spec.bits, m, act, "measure", best.ms / t_choice.ms))
+            if fp32:
+                results.append((spec.bits, m, act, "measure_bf16", best.ms / t_choice16.ms))
+            table.row(f"{k}x{n}", m, spec.bits, act, f"{best} ({best_name})", choice, t_choice, speedup(best, t_choice),
+                      choice16, t_choice16 or "-", speedup(best, t_choice16) if fp32 else "-", "; ".join(cells))
+
+
+GOALS = [(1, 2.5), (8, 1.2), (64, 0.8)]  # (smallest M, the least ratio to the best float path)
+
+
+def goal_for(m: int) -> float | None:
+    return next((g for lo, g in reversed(GOALS) if m >= lo), None)
+
+
+def report_goals(results: list) -> None:
+    """Per bits, M, activation dtype and mode: the worst ratio over shapes against the goal."""
+    print("\nGoals (measured choice vs the faster of fp32 and bf16 F.linear; worst shape):")
+    print("| bits | M | act | mode | worst x float | goal | met |")
+    print("|---|---|---|---|---:|---:|---|")
+    groups: dict[tuple, list[float]] = {}
+    for bits, m, act, mode, ratio in results:
+        groups.setdefault((bits, m, act, mode), []).append(ratio)
+    for (bits, m, act, mode), ratios in groups.items():
+        goal = goal_for(m)
+        if goal is None:
+            continue
+        worst = min(ratios)
+        print(f"| {bits} | {m} | {act} | {mode} | {worst:.2f}x | {goal:g}x | {'yes' if worst >= goal else 'no'} |")
+
+
+@torch.inference_mode()
+def warm_up(seconds: float = 1.0) -> None:
+    """Run both float baselines for a while first: thread pools, oneDNN primitives, CPU clocks."""
+    w, x = torch.randn(1024, 1024), torch.randn(64, 1024)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        F.linear(x, w), F.linear(x.bfloat16(), w.bfloat16()), F.linear(x[:1], w)
 
 
 def main() -> None:
@@ -199,17 +284,21 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
+    print(f"CPU: {cpu_flags()}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads ({os.cpu_count()} CPUs), "
           f"median of {args.reps} blocks >= {args.block_ms:g} ms")
     print("QuantLinear: RTN from the bf16 weight, bf16 scales; 4 bits: group 128, asym; 8 bits: per-channel, asym.")
-    print("vs X = X ms / QuantLinear ms (> 1: QuantLinear faster). "
+    print("x float = best float ms / ms (> 1: QuantLinear faster). "
           f"*: other processes used > {NOISE_CORES:g} core while it was timed.\n")
+    warm_up()
     table = Table()
+    results: list = []
     for k, n in args.shapes:
         w32 = torch.randn(n, k) / k**0.5
         layers = make_layers(k, n, w32.to(torch.bfloat16))
         for m in args.m:
-            bench_m(w32, layers, m, args, table)
+            bench_m(w32, layers, m, args, table, results)
+    report_goals(results)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ import os
 import pytest
 import torch
 
+# Kernel choices by fixed thresholds, as the tests expect; tests/test_cpu_dispatch.py tests measuring.
+os.environ["HF_QUANT_CPU_DISPATCH"] = "fixed"
 if not torch.cuda.is_available():  # run the Triton kernels' code on CPU tensors (before hf_quant imports Triton)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM,

@@ -29,6 +29,9 @@ class Kernel:
     layout: str = ""  # kernels with the same non-empty layout share one prepared layout per layer
     priority: int = 0
     activations: tuple[str | None, ...] = (None,)
+    # A candidate of the measured CPU dispatch (kernels/cpu_measure.py): in mode "measure" the fastest
+    # measured kernel that runs a CPU layer is chosen, whatever its `max_rows` and `chosen` say.
+    measured: bool = False
 
     def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
         raise NotImplementedError
@@ -64,6 +67,10 @@ _BY_PRIORITY: list[Kernel] = []
 _ROW_CUTS: dict[torch.dtype, list[int]] = {}
 _forced = threading.local()
 _forcing_anywhere = [0]  # use_kernel / prefer_kernel blocks open in any thread: the fast path checks only this
+# Installed by kernels/cpu_measure.py in mode "measure": a choice consulted before the priority order
+# (None: fall through), and the extra row cuts of the row classes it measures.
+_choice_hook: list = [None]
+EXTRA_ROW_CUTS: list[int] = []
 
 
 def register_kernel(kernel: Kernel) -> Kernel:
@@ -100,7 +107,8 @@ def row_class(dtype: torch.dtype, rows: int) -> int:
     """Index of the row range `rows` falls in, between the kernels' `row_cuts` for `dtype`."""
     cuts = _ROW_CUTS.get(dtype)
     if cuts is None:
-        cuts = _ROW_CUTS[dtype] = sorted({cut for k in _BY_PRIORITY for cut in k.row_cuts(dtype)})
+        cuts = _ROW_CUTS[dtype] = sorted({cut for k in _BY_PRIORITY for cut in k.row_cuts(dtype)}
+                                         | set(EXTRA_ROW_CUTS))
     return bisect.bisect_left(cuts, rows)
 
 
@@ -154,8 +162,19 @@ def select_kernel(layer: Any, x: torch.Tensor) -> Kernel:
 
 
 def choose(layer: Any, device: torch.device, dtype: torch.dtype, rows: int) -> Kernel:
-    """The automatic choice for `rows` rows of `dtype` on `device`: the highest-priority kernel that
-    runs them and takes them (`Kernel.chosen`, e.g. a dispatch table). Needs no tensor on `device`."""
+    """The automatic choice for `rows` rows of `dtype` on `device`: the measured choice where one
+    applies (CPU, mode "measure"), else `choose_fixed`. Needs no tensor on `device`."""
+    hook = _choice_hook[0]
+    if hook is not None:
+        kernel = hook(layer, device, dtype, rows)
+        if kernel is not None:
+            return kernel
+    return choose_fixed(layer, device, dtype, rows)
+
+
+def choose_fixed(layer: Any, device: torch.device, dtype: torch.dtype, rows: int) -> Kernel:
+    """The highest-priority kernel that runs `rows` rows and takes them (`Kernel.chosen`, e.g. a
+    dispatch table)."""
     for kernel in _BY_PRIORITY:
         if kernel.runs(layer, device, dtype, rows) and kernel.chosen(layer, rows):
             return kernel

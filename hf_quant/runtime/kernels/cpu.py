@@ -8,6 +8,10 @@ Act-order layers (g_idx) are run with their input channels sorted by group: the 
 prepare time, the activations on every call.
 int8 (`_weight_int8pack_mm`): per-output-channel symmetric int8; an asymmetric zero adds
 (128 - z) * scale * sum(x) to each output.
+`dequant_tiles` dequantizes a few hundred output rows at a time, each tile followed by its GEMM.
+`<kernel>_bf16` runs fp32 activations through a kernel's bf16 path (cast in, cast back).
+The last two are chosen only by the measured dispatch (`cpu_measure.py`), the `_bf16` ones only
+when the user allows bf16 compute for fp32 models (mode "measure_bf16").
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from typing import Any
 
 import torch
 
-from ...core import codes_by_group, zero_points
+from ...core import codes_by_group, dequantize_weight, zero_points
 from .base import Kernel, register_kernel
+from .reference import DequantMatmulKernel
 
 _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Above these many rows, dequantize + F.linear (kernel "dequant_matmul") is faster than the packed
@@ -30,6 +35,7 @@ _INT4_GROUPS = (256, 128, 64, 32)
 
 class _CpuPacked(Kernel):
     priority = 10
+    measured = True
 
     def max_rows(self, dtype: torch.dtype) -> int | None:
         return MAX_ROWS.get(dtype)
@@ -115,5 +121,60 @@ class Int8CpuKernel(_CpuPacked):
         return _finish(layer, y, x)
 
 
-register_kernel(Int4CpuKernel())
-register_kernel(Int8CpuKernel())
+class DequantTilesKernel(Kernel):
+    """Dequantize TILE_N output rows at a time into the activation dtype, each tile followed by its
+    GEMM: the tile stays in cache, and no float copy of the whole weight is ever built."""
+
+    name = "dequant_tiles"
+    measured = True
+    TILE_N = 256
+
+    def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
+        return device.type == "cpu" and dtype in _CPU_DTYPES
+
+    def chosen(self, layer: Any, rows: int) -> bool:
+        return False  # only by measurement
+
+    def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
+        x2 = _flatten(x)
+        N, T, zeros = layer.out_features, self.TILE_N, layer.qzeros
+        yt = x2.new_empty(N, x2.shape[0])  # y transposed: each tile's rows are contiguous
+        for n in range(0, N, T):
+            W = dequantize_weight(layer.qweight[n:n + T], layer.scales[n:n + T],
+                                  None if zeros is None else zeros[n:n + T], layer.spec, layer.in_features, x.dtype,
+                                  layer.g_idx)
+            torch.mm(W, x2.t(), out=yt[n:n + T])
+        return _finish(layer, yt.t().contiguous(), x)
+
+
+class Bf16ActivationsKernel(Kernel):
+    """fp32 activations through `base`'s bf16 path: x cast to bf16, the output cast back to fp32.
+    This changes results by bf16 rounding (tests/test_cpu_dispatch.py measures it), so it is a
+    candidate only in mode "measure_bf16" and never chosen otherwise."""
+
+    measured = True
+    casts_to_bf16 = True
+
+    def __init__(self, base: Kernel) -> None:
+        self.base, self.name, self.priority = base, f"{base.name}_bf16", base.priority
+        self.activations = base.activations
+
+    def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
+        return dtype == torch.float32 and self.base.supports(layer, device, torch.bfloat16)
+
+    def chosen(self, layer: Any, rows: int) -> bool:
+        return False
+
+    def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
+        return self.base.prepare(layer, device, torch.bfloat16)
+
+    def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
+        return self.base.forward(layer, x.to(torch.bfloat16), prepared).to(x.dtype)
+
+
+DequantMatmulKernel.measured = True  # dequantize + one GEMM competes on CPU too
+for _kernel in (Int4CpuKernel(), Int8CpuKernel(), DequantTilesKernel()):
+    register_kernel(_kernel)
+    register_kernel(Bf16ActivationsKernel(_kernel))
+
+from . import cpu_measure  # noqa: E402,F401  (the measured dispatch: installs itself in kernels.base)

@@ -1,0 +1,201 @@
+"""CPU dispatch by measurement: the candidate kernels of a layer are timed once per process, per
+layer shape, format, activation dtype and row class, and the fastest is kept.
+
+Mode (process-wide; env `HF_QUANT_CPU_DISPATCH`, or `cpu_dispatch(mode)`):
+- "measure" (default): candidates are the registered kernels with `measured = True` that run the
+  layer's scheme, except those that cast fp32 activations to bf16.
+- "measure_bf16": the same, plus the `<kernel>_bf16` kernels (fp32 models compute those layers in
+  bf16: results move by bf16 rounding).
+- "fixed": the priority order and fixed row thresholds (`choose_fixed`), as before.
+
+A measurement runs on the first call of a layer in a new (shape, dtype, row class), at most once per
+process for all layers of that shape: the per-call path stays one dict lookup. Each candidate gets a
+budget of BUDGET_S of repeated calls (at least two; its fastest call counts), on random inputs of
+the class's largest row count. Before the full-size timing, a candidate after the first is probed
+on 1, 8 and 64 rows; it is dropped as soon as a probe is slower than the best time so far (a kernel
+is never faster on more rows), so a path that is hopeless at that size costs little.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import base
+from .base import KERNELS, Kernel, choose_fixed, row_class
+
+ENV = "HF_QUANT_CPU_DISPATCH"
+MODES = ("measure", "measure_bf16", "fixed")
+DEFAULT_MODE = "measure"
+BUDGET_S = 0.02  # per candidate and (shape, class)
+MAX_CALLS = 5
+ROW_CUTS = (1, 8, 64, 256)  # measured row classes end here (and at every kernel's own row_cuts)
+LAST_CLASS_ROWS = 512  # rows timed for the open-ended last class
+PROBE_ROWS = (1, 8, 64)
+GIVE_UP = 4.0  # a call this many times slower than the best so far ends a candidate's timing
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One timing: the rows timed, seconds per call by candidate (None: dropped by a probe), the choice."""
+
+    rows: int
+    seconds: dict[str, float | None]
+    choice: str
+
+
+_TABLE: dict[tuple, Measurement] = {}
+_LOCK = threading.RLock()
+_state = {"mode": "fixed"}
+
+
+def check_mode(mode: Any, source: str = "cpu_dispatch mode") -> str:
+    if mode not in MODES:
+        raise ValueError(f"{source}={mode!r} is not a CPU dispatch mode; use one of "
+                         f"{', '.join(repr(m) for m in MODES)}.")
+    return mode
+
+
+def mode_from_env(environ: Any = os.environ) -> str:
+    """The mode named by `HF_QUANT_CPU_DISPATCH` (default "measure"); a bad value raises ValueError."""
+    return check_mode(environ.get(ENV, DEFAULT_MODE), ENV)
+
+
+def get_cpu_dispatch() -> str:
+    return _state["mode"]
+
+
+class cpu_dispatch:
+    """Set the CPU dispatch mode for the process ("measure", "measure_bf16" or "fixed"). As a context
+    manager, the previous mode comes back on exit. Every layer chooses again on its next call; the
+    measurements themselves are kept (`clear_measurements` drops them)."""
+
+    def __init__(self, mode: str) -> None:
+        check_mode(mode)
+        self.previous = _state["mode"]
+        _set_mode(mode)
+
+    def __enter__(self) -> "cpu_dispatch":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _set_mode(self.previous)
+
+
+def _set_mode(mode: str) -> None:
+    _state["mode"] = mode
+    measuring = mode != "fixed"
+    base._choice_hook[0] = measured_choice if measuring else None
+    base.EXTRA_ROW_CUTS[:] = ROW_CUTS if measuring else ()
+    base._registry_changed()  # new row classes; every live layer drops its cached choices
+
+
+def measurements() -> dict[tuple, Measurement]:
+    """A copy of this process's measurements, keyed as `measured_choice` keys them."""
+    with _LOCK:
+        return dict(_TABLE)
+
+
+def clear_measurements() -> None:
+    with _LOCK:
+        _TABLE.clear()
+    base._registry_changed()
+
+
+def candidates(layer: Any, device: torch.device, dtype: torch.dtype, allow_bf16: bool | None = None) -> list[Kernel]:
+    """The measured kernels that can run `layer` on `device` / `dtype` (any row count), fixed order."""
+    if allow_bf16 is None:
+        allow_bf16 = _state["mode"] == "measure_bf16"
+    return [k for k in base._BY_PRIORITY
+            if k.measured and (allow_bf16 or not getattr(k, "casts_to_bf16", False))
+            and layer.scheme.activation_name in k.activations and k.supports(layer, device, dtype)]
+
+
+def class_rows(dtype: torch.dtype, rows: int) -> int:
+    """The row count timed for the row class of `rows`: its largest member (LAST_CLASS_ROWS or more
+    for the open-ended last class)."""
+    i = row_class(dtype, rows)
+    cuts = base._ROW_CUTS[dtype]
+    return cuts[i] if i < len(cuts) else max(cuts[-1] + 1 if cuts else 1, LAST_CLASS_ROWS)
+
+
+def measured_choice(layer: Any, device: torch.device, dtype: torch.dtype, rows: int) -> Kernel | None:
+    """The fastest measured candidate for this layer's shape class (measured now if new). None (the
+    fixed order decides) off the CPU, where the fixed choice is a kernel that did not opt in (a
+    higher-priority custom kernel, an activation scheme's kernel), or with fewer than two candidates."""
+    if device.type != "cpu":
+        return None
+    first = choose_fixed(layer, device, dtype, rows)
+    found = candidates(layer, device, dtype)
+    if not first.measured or len(found) < 2:
+        return None
+    timed_rows = class_rows(dtype, rows)
+    key = _key(layer, dtype, timed_rows, found)
+    entry = _TABLE.get(key)
+    if entry is None:
+        with _LOCK:
+            entry = _TABLE.get(key)
+            if entry is None:
+                entry = _TABLE[key] = measure(layer, device, dtype, timed_rows, found, first)
+    return KERNELS.get(entry.choice)
+
+
+def measurement_for(layer: Any, device: torch.device, dtype: torch.dtype, rows: int,
+                    allow_bf16: bool | None = None) -> Measurement | None:
+    """The measurement that decides `rows` rows of `dtype` for `layer` (None if not taken yet)."""
+    found = candidates(layer, device, dtype, allow_bf16)
+    return _TABLE.get(_key(layer, dtype, class_rows(dtype, rows), found))
+
+
+def _key(layer: Any, dtype: torch.dtype, rows: int, found: list[Kernel]) -> tuple:
+    spec = layer.spec
+    return (layer.out_features, layer.in_features, spec.bits, spec.effective_group_size(layer.in_features),
+            layer.qzeros is None, layer.g_idx is not None, layer.bias is not None, layer.scales.dtype, dtype, rows,
+            torch.get_num_threads(), tuple(k.name for k in found))
+
+
+@torch.no_grad()
+def measure(layer: Any, device: torch.device, dtype: torch.dtype, rows: int, found: list[Kernel],
+            first: Kernel | None = None) -> Measurement:
+    """Time every candidate on `rows` random rows (`first`, the fixed choice, leads: its time prunes
+    the others' probes); the fastest wins, ties to the earlier candidate."""
+    order = sorted(found, key=lambda k: k is not first)  # stable: the rest keep priority order
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, layer.in_features, generator=g).to(device=device, dtype=dtype)
+    seconds: dict[str, float | None] = {}
+    best = math.inf
+    for kernel in order:
+        prepared = kernel.prepare(layer, device, dtype)  # not kept on the layer: losers leave no layout behind
+        if any(time_call(kernel, layer, x[:p], prepared, 0.0, GIVE_UP * best) >= best
+               for p in PROBE_ROWS if p < rows and best < math.inf):
+            seconds[kernel.name] = None
+            continue
+        seconds[kernel.name] = t = time_call(kernel, layer, x, prepared, BUDGET_S, GIVE_UP * best)
+        best = min(best, t)
+    choice = min((k.name for k in order if seconds[k.name] is not None), key=lambda n: seconds[n])
+    return Measurement(rows, seconds, choice)
+
+
+def time_call(kernel: Kernel, layer: Any, x: torch.Tensor, prepared: Any, budget_s: float,
+              give_up_s: float = math.inf) -> float:
+    """Seconds of `kernel.forward(layer, x, prepared)`: the fastest of at least two calls (the first
+    may pay one-time costs: oneDNN primitives for a new shape, first-touch memory), repeated until
+    `budget_s` is spent, at most MAX_CALLS. A call slower than `give_up_s` ends it (hopeless)."""
+    best, spent, calls = math.inf, 0.0, 0
+    while calls < 2 or (spent < budget_s and calls < MAX_CALLS):
+        t0 = time.perf_counter()
+        kernel.forward(layer, x, prepared)
+        dt = time.perf_counter() - t0
+        best, spent, calls = min(best, dt), spent + dt, calls + 1
+        if dt > give_up_s:
+            break
+    return best
+
+
+_set_mode(mode_from_env())

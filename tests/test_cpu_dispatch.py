@@ -1,0 +1,241 @@
+"""The measured CPU dispatch (runtime/kernels/cpu_measure.py): every candidate against the reference,
+the choice cached per shape class, the modes, and their validation. The rest of the suite runs in
+mode "fixed" (conftest.py)."""
+
+import types
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hf_quant import kernels
+from hf_quant.config import LayerSpec
+from hf_quant.runtime.kernels import cpu_measure
+from hf_quant.runtime.kernels.base import KERNELS, choose_fixed
+
+from .test_kernels import make_layer, rel_err
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture()
+def fresh_table(monkeypatch):
+    """An empty measurement table for the test (the process-wide one is left as it was)."""
+    monkeypatch.setattr(cpu_measure, "_TABLE", {})
+
+
+@pytest.fixture()
+def fake_timer(monkeypatch, fresh_table):
+    """time_call replaced by a deterministic fake: dequant_tiles is fastest, cpu_int4 next; records calls."""
+    calls = []
+    speed = {"dequant_tiles": 1.0, "cpu_int4": 2.0, "cpu_int8": 2.0}
+
+    def fake(kernel, layer, x, prepared, budget_s, give_up_s=None):
+        calls.append((kernel.name, x.shape[0]))
+        return speed.get(kernel.name, 3.0) * 1e-3 * x.shape[0] / 64
+
+    monkeypatch.setattr(cpu_measure, "time_call", fake)
+    return calls
+
+
+def _forward(kernel, layer, x):
+    return kernel.forward(layer, x, kernel.prepare(layer, CPU, x.dtype))
+
+
+_SPECS = st.builds(LayerSpec, st.sampled_from([2, 3, 4, 8]), st.sampled_from([-1, 32, 64, 128]), st.booleans(),
+                   st.booleans())
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(spec=_SPECS, bias=st.booleans(), k_mult=st.integers(1, 3),
+       out_f=st.sampled_from([16, 48, 272, 300]),  # 272, 300: more than one dequant_tiles tile
+       m=st.sampled_from([1, 3, 17]), dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 1000))
+def test_every_candidate_matches_reference(spec, bias, k_mult, out_f, m, dtype, seed):
+    in_f = k_mult * (128 if spec.group_size == -1 else spec.group_size)
+    if spec.g_idx and not in_f > spec.group_size > 0:  # act-order only where there are several groups
+        spec = LayerSpec(spec.bits, spec.group_size, spec.sym)
+    layer, _ = make_layer(out_f, in_f, spec, bias, seed=seed)
+    x = torch.randn(2, m, in_f, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    with kernels.use_kernel("reference"):
+        ref = layer(x)
+    found = cpu_measure.candidates(layer, CPU, dtype, allow_bf16=True)
+    assert {"dequant_matmul", "dequant_tiles"} <= {k.name for k in found}
+    for kernel in found:
+        out = _forward(kernel, layer, x)
+        assert out.shape == ref.shape and out.dtype == dtype, kernel.name
+        exact = dtype == torch.float32 and not getattr(kernel, "casts_to_bf16", False)
+        # bf16 paths: tinygemm also rounds its zero term (8 - z) * scale to bf16, and at 2 bits a weight
+        # is a small difference of two such terms: ~1% typical, up to ~5% on 16 outputs of 2 rows
+        assert rel_err(out, ref) < (1e-3 if exact else 3e-2 if spec.bits > 2 else 6e-2), kernel.name
+
+
+def test_bf16_cast_deviation_on_fp32_activations():
+    """What mode "measure_bf16" costs an fp32 model: the `_bf16` kernels round x and y to bf16.
+    Measured here (4-bit g128 and 8-bit per channel, 512x1024, 16 rows): about 3e-3 relative error
+    against the fp32 reference, where the fp32 kernels stay below 1e-6."""
+    x = torch.randn(16, 512, generator=torch.Generator().manual_seed(3))
+    for spec, name in ((LayerSpec(4, 128, False), "cpu_int4"), (LayerSpec(8, -1, False), "cpu_int8")):
+        layer, _ = make_layer(1024, 512, spec, bias=True)
+        with kernels.use_kernel("reference"):
+            ref = layer(x)
+        err_fp32 = rel_err(_forward(KERNELS.get("dequant_tiles"), layer, x), ref)
+        for cast in (f"{name}_bf16", "dequant_tiles_bf16"):
+            err = rel_err(_forward(KERNELS.get(cast), layer, x), ref)
+            assert 1e-4 < err < 1e-2, (cast, err)
+        assert err_fp32 < 1e-5
+
+
+def test_measured_choice_is_the_fastest_candidate_and_cached(fake_timer):
+    layer, _ = make_layer(64, 256, LayerSpec(4, 128, False), bias=False)
+    twin, _ = make_layer(64, 256, LayerSpec(4, 128, False), bias=False, seed=1)  # same shape and format
+    with kernels.cpu_dispatch("measure"):
+        x = torch.randn(5, 256)
+        assert kernels.select_kernel(layer, x).name == "dequant_tiles"
+        timed = len(fake_timer)
+        names = {n for n, _ in fake_timer}
+        assert names == {k.name for k in cpu_measure.candidates(layer, CPU, torch.float32)}
+        assert not any(n.endswith("_bf16") for n in names)  # "measure" never casts fp32 to bf16
+        assert {rows for _, rows in fake_timer} >= {8}  # the class's largest row count
+        kernels.select_kernel(layer, torch.randn(6, 256))  # same class
+        kernels.select_kernel(twin, x)  # same shape class, another layer
+        twin(x), twin(x)
+        assert len(fake_timer) == timed  # no new timing
+        (entry,) = cpu_measure.measurements().values()
+        assert entry.rows == 8 and entry.choice == "dequant_tiles"
+        assert all(t is None or t > 0 for t in entry.seconds.values())
+        kernels.select_kernel(layer, torch.randn(1, 256))  # a new row class: measured once more
+        assert len(fake_timer) > timed and len(cpu_measure.measurements()) == 2
+
+
+def test_probes_drop_hopeless_candidates_cheaply(monkeypatch, fresh_table):
+    """A candidate slower on a few rows than the best on all rows is never timed at full size."""
+    calls = []
+
+    def fake(kernel, layer, x, prepared, budget_s, give_up_s=None):
+        calls.append((kernel.name, x.shape[0]))
+        per_row = {"dequant_matmul": 1e-3, "cpu_int8": 1.0}.get(kernel.name, 1e-2)
+        return per_row * x.shape[0]
+
+    monkeypatch.setattr(cpu_measure, "time_call", fake)
+    layer, _ = make_layer(32, 256, LayerSpec(8, -1, False), bias=False)
+    with kernels.cpu_dispatch("measure"):
+        assert kernels.select_kernel(layer, torch.randn(300, 256)).name == "dequant_matmul"
+    (entry,) = cpu_measure.measurements().values()
+    assert entry.rows == 512 and entry.seconds["cpu_int8"] is None
+    assert ("cpu_int8", 512) not in calls and ("cpu_int8", 1) in calls
+    assert calls[-1][0] != "dequant_matmul" and calls[0][0] == "dequant_matmul"  # the fixed choice leads
+
+
+def test_bf16_candidates_only_when_allowed(fake_timer):
+    layer, _ = make_layer(64, 256, LayerSpec(8, -1, False), bias=False)
+    x = torch.randn(2, 256)
+    with kernels.cpu_dispatch("measure_bf16"):
+        kernels.select_kernel(layer, x)
+    assert any(n.endswith("_bf16") for n, _ in fake_timer)
+    with kernels.cpu_dispatch("measure_bf16"):  # bf16 activations: nothing to cast
+        assert not any(k.name.endswith("_bf16") for k in cpu_measure.candidates(layer, CPU, torch.bfloat16))
+
+
+def test_fixed_mode_never_measures(monkeypatch):
+    def refuse(*args):
+        raise AssertionError("timed in mode 'fixed'")
+
+    monkeypatch.setattr(cpu_measure, "time_call", refuse)
+    layer, _ = make_layer(64, 256, LayerSpec(4, 128, False), bias=True)
+    with kernels.cpu_dispatch("fixed"):
+        for rows, dtype in ((1, torch.bfloat16), (385, torch.bfloat16), (4, torch.float32), (5, torch.float32)):
+            x = torch.randn(rows, 256, dtype=dtype)
+            assert kernels.select_kernel(layer, x) is choose_fixed(layer, CPU, dtype, rows)
+            layer(x)
+    assert kernels.get_cpu_dispatch() == "fixed"
+
+
+def test_real_measurement_runs_and_matches_reference(fresh_table):
+    """Unpatched timer on a small layer: the choice is a candidate and the layer's output is right."""
+    layer, _ = make_layer(96, 256, LayerSpec(4, 64, False), bias=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, 256, dtype=dtype)
+        with kernels.cpu_dispatch("measure"):
+            chosen = kernels.select_kernel(layer, x)
+            out = layer(x)
+            assert chosen in cpu_measure.candidates(layer, CPU, dtype)
+        with kernels.use_kernel("reference"):
+            ref = layer(x)
+        assert rel_err(out, ref) < (1e-3 if dtype == torch.float32 else 2e-2)
+
+
+def test_mode_change_drops_cached_choices(fake_timer):
+    layer, _ = make_layer(64, 256, LayerSpec(4, 128, False), bias=False)
+    x = torch.randn(2, 256)
+    with kernels.cpu_dispatch("fixed"):
+        layer(x)
+        assert layer._kernel_cache
+        with kernels.cpu_dispatch("measure"):
+            assert not layer._kernel_cache and kernels.get_cpu_dispatch() == "measure"
+            layer(x)
+            assert [e[0].__self__.name for e in layer._kernel_cache.values()] == ["dequant_tiles"]
+        assert kernels.get_cpu_dispatch() == "fixed" and not layer._kernel_cache
+
+
+def test_activation_schemes_are_left_to_the_fixed_order():
+    """No measured kernel runs an activation scheme: such layers keep the usual choice."""
+    layer = types.SimpleNamespace(scheme=types.SimpleNamespace(activation_name="int8_dynamic"))
+    with kernels.cpu_dispatch("measure_bf16"):
+        assert cpu_measure.candidates(layer, CPU, torch.float32) == []
+        assert cpu_measure.measured_choice(layer, CPU, torch.float32, 1) is None
+
+
+@pytest.mark.parametrize("value", ["", "Measure", "fast", "auto"])
+def test_bad_modes_are_refused_by_name(value):
+    with pytest.raises(ValueError, match=r"HF_QUANT_CPU_DISPATCH=.*'measure', 'measure_bf16', 'fixed'"):
+        cpu_measure.mode_from_env({"HF_QUANT_CPU_DISPATCH": value})
+    with pytest.raises(ValueError, match=r"cpu_dispatch mode=.*'measure', 'measure_bf16', 'fixed'"):
+        kernels.cpu_dispatch(value)
+    assert kernels.get_cpu_dispatch() == "fixed"  # unchanged
+
+
+def test_env_default_is_measure():
+    assert cpu_measure.mode_from_env({}) == "measure"
+    assert cpu_measure.mode_from_env({"HF_QUANT_CPU_DISPATCH": "measure_bf16"}) == "measure_bf16"
+
+
+def test_time_call_takes_the_fastest_of_at_least_two_calls_and_gives_up(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(cpu_measure, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def kernel(durations):
+        def forward(layer, x, prepared):
+            clock[0] += durations.pop(0)
+        return types.SimpleNamespace(forward=forward)
+
+    cold_then_warm = [0.003, 0.001, 0.002, 0.002, 0.002, 0.002]
+    assert cpu_measure.time_call(kernel(cold_then_warm), None, None, None, 0.0) == 0.001  # two calls
+    assert len(cold_then_warm) == 4
+    many = [0.001] * 6
+    cpu_measure.time_call(kernel(many), None, None, None, 1.0)  # budget left: at most MAX_CALLS
+    assert len(many) == 6 - cpu_measure.MAX_CALLS
+    hopeless = [0.002, 0.001]
+    assert cpu_measure.time_call(kernel(hopeless), None, None, None, 1.0, give_up_s=0.001) == 0.002
+    assert hopeless == [0.001]  # one call only
+
+
+def test_a_higher_priority_kernel_that_does_not_opt_in_keeps_winning(fake_timer):
+    """Measuring replaces only the choice among measured kernels: a custom kernel of higher priority
+    (e.g. benchmarks/bench_overhead.py's no-op kernel) still runs."""
+    from hf_quant.runtime.kernels.base import register_kernel, unregister_kernel
+
+    class Custom(kernels.Kernel):
+        name, priority = "test_custom_cpu", 99
+
+        def supports(self, layer, device, dtype):
+            return device.type == "cpu"
+
+    layer, _ = make_layer(64, 256, LayerSpec(4, 128, False), bias=False)
+    register_kernel(Custom())
+    try:
+        with kernels.cpu_dispatch("measure"):
+            assert kernels.select_kernel(layer, torch.randn(2, 256)).name == "test_custom_cpu"
+        assert fake_timer == []
+    finally:
+        unregister_kernel("test_custom_cpu")
