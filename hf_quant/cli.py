@@ -421,15 +421,20 @@ def cmd_export_gptq(args: argparse.Namespace) -> None:
     print(json.dumps({"saved": args.out, "checkpoint_format": args.checkpoint_format}))
 
 
-def cmd_import_gptq(args: argparse.Namespace) -> None:
+def _convert(args: argparse.Namespace, importer: str, what: str) -> None:
+    """`hf-quant import-*`: convert SRC (a directory or Hub repo) into an hf_quant checkpoint at OUT."""
     import hf_quant
 
-    _stage(f"converting {args.src} to an hf_quant checkpoint in {args.out}")
+    _stage(f"converting {args.src} to an hf_quant {what} in {args.out}")
     try:
-        hf_quant.import_gptq(args.src, Path(args.out), revision=args.revision)
+        getattr(hf_quant, importer)(args.src, Path(args.out), revision=args.revision)
     except OSError as e:  # a Hub repo that does not exist, or offline and not cached
         raise _fail(args.command, f"SRC {args.src}", f"could not be read ({_one_line(e)})") from None
     print(json.dumps({"saved": args.out}))
+
+
+def cmd_import_gptq(args: argparse.Namespace) -> None:
+    _convert(args, "import_gptq", "checkpoint")
 
 
 def cmd_export_bnb8(args: argparse.Namespace) -> None:
@@ -443,14 +448,7 @@ def cmd_export_bnb8(args: argparse.Namespace) -> None:
 
 
 def cmd_import_bnb8(args: argparse.Namespace) -> None:
-    import hf_quant
-
-    _stage(f"converting {args.src} to an hf_quant llm_int8 checkpoint in {args.out}")
-    try:
-        hf_quant.import_bnb8(args.src, Path(args.out), revision=args.revision)
-    except OSError as e:  # a Hub repo that does not exist, or offline and not cached
-        raise _fail(args.command, f"SRC {args.src}", f"could not be read ({_one_line(e)})") from None
-    print(json.dumps({"saved": args.out}))
+    _convert(args, "import_bnb8", "llm_int8 checkpoint")
 
 
 # ---------------------------------------------------------------- the parser

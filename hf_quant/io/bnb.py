@@ -33,10 +33,8 @@ weight-only layer) are refused, naming the module.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -51,7 +49,8 @@ from ..core.layers import FLOAT_LINEARS, linear_shape
 from ..runtime import QuantLinear
 from .atomic import atomic_directory
 from .checkpoint import check_module_tensors, index_checkpoint, write_json
-from .gptq import _COPIED_FILES, _check_targets, _model_name, _read_json, _skeleton, _state_dict_without_tied
+from .gptq import (_check_targets, _model_name, _read_json, _skeleton, _state_dict_without_tied,
+                   write_converted)
 
 logger = logging.getLogger("hf_quant")
 
@@ -213,13 +212,7 @@ def convert_bnb8_checkpoint(src_dir: Path, out_dir: str | os.PathLike, src: Any 
     _check_targets(skeleton, hq, specs)
 
     config["quantization_config"] = hq.to_dict()
-    with atomic_directory(out_dir) as tmp:
-        save_torch_state_dict(tensors, tmp)
-        write_json(tmp / "config.json", config)
-        for p in sorted(src_dir.iterdir()):
-            if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in _COPIED_FILES):
-                shutil.copyfile(p, tmp / p.name)
-    return Path(out_dir)
+    return write_converted(out_dir, tensors, config, src_dir)
 
 
 def import_bnb8(

@@ -44,6 +44,19 @@ _COPIED_FILES = ("generation_config.json", "tokenizer*", "special_tokens_map.jso
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
 
 
+def write_converted(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict,
+                    src_dir: Path) -> Path:
+    """Write a converted checkpoint atomically: the tensors, config.json, and the source's tokenizer
+    and generation files (`_COPIED_FILES`)."""
+    with atomic_directory(out_dir) as tmp:
+        save_torch_state_dict(tensors, tmp)
+        write_json(tmp / "config.json", config)
+        for p in sorted(src_dir.iterdir()):
+            if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in _COPIED_FILES):
+                shutil.copyfile(p, tmp / p.name)
+    return Path(out_dir)
+
+
 def export_gptq(
     model: nn.Module,
     out_dir: str | os.PathLike,
@@ -141,13 +154,7 @@ def import_gptq(
     _check_targets(skeleton, qc, specs)
 
     config["quantization_config"] = qc.to_dict()
-    with atomic_directory(out_dir) as tmp:
-        save_torch_state_dict(tensors, tmp)
-        write_json(tmp / "config.json", config)
-        for p in sorted(src_dir.iterdir()):
-            if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in _COPIED_FILES):
-                shutil.copyfile(p, tmp / p.name)
-    return Path(out_dir)
+    return write_converted(out_dir, tensors, config, src_dir)
 
 
 # --- export helpers --------------------------------------------------------------------------------
