@@ -1,0 +1,135 @@
+"""CPU speed of the int8_token (LLM.int8 / dynamic W8A8) kernels on Llama-7B shapes, as ratios to the
+faster of fp32 and bf16 F.linear measured in the same run (> 1: faster than the best float path).
+
+Columns: the float baselines (ms), then speed-ups of
+- `w8a8`: the dispatched kernel of a threshold-0 layer (plain W8A8, per-token activations);
+- `llm_int8`: the dispatched kernel of a threshold-6 layer on inputs with ~0.5% outlier columns;
+- candidates: `cpu_int8_onednn` and `cpu_int8_token_w8` (the registered CPU kernels), `torch._int_mm`
+  (int8 GEMM only, no quantization), `_weight_int8pack_mm` bf16 (weight-only, float activations), and
+  fbgemm's `quantized::linear_dynamic` (per-*tensor* activation scale; its relative deviation from
+  the per-token oracle is printed too).
+Activations are bf16 for the int8 paths (the int8 kernels' speed barely depends on the dtype).
+
+    python benchmarks/bench_int8_cpu.py [--small] [--md out.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+os.environ.setdefault("HF_QUANT_CPU_DISPATCH", "fixed")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from hf_quant import kernels  # noqa: E402
+from hf_quant.config import LayerSpec  # noqa: E402
+from hf_quant.methods.llm_int8 import int8_rowwise  # noqa: E402
+from hf_quant.runtime import ActivationSpec, QuantLinear  # noqa: E402
+from hf_quant.runtime.kernels import int8 as I  # noqa: E402
+
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (in, out)
+ROWS = [1, 8, 64, 512]
+FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+
+
+def bench(fn, budget: float) -> float:
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    one = time.perf_counter() - t0
+    best = one
+    for _ in range(max(2, min(30, int(budget / max(one, 1e-6))))):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def cpu_line() -> str:
+    flags = I.cpu_flags()
+    have = " ".join(f for f in FLAGS if f in flags) or "(no /proc/cpuinfo flags)"
+    capped = {k: os.environ[k] for k in I.ONEDNN_ISA_ENV if k in os.environ}
+    return (f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; flags: {have}; "
+            f"torch {torch.__version__} capability {torch.backends.cpu.get_cpu_capability()}"
+            + (f"; oneDNN capped {capped}" if capped else "") + f"; exact int8 dot (VNNI/AMX): {I.exact_int8_dot()}")
+
+
+def layer_for(W: torch.Tensor, threshold: float) -> QuantLinear:
+    return QuantLinear.from_quantized(int8_rowwise(W), LayerSpec(8, -1, True, False), None,
+                                      activation=ActivationSpec("int8_token", (("threshold", threshold),)))
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--small", action="store_true", help="short timings, about 1-2 minutes")
+    ap.add_argument("--md", help="also write the table as markdown here")
+    args = ap.parse_args()
+    budget = 0.15 if args.small else 0.6
+    head = cpu_line()
+    print(head, flush=True)
+    cols = ["shape (in x out)", "M", "fp32 ms", "bf16 ms", "w8a8", "llm_int8", "outl cols", "onednn", "token_w8",
+            "_int_mm", "w8pack bf16", "fbgemm dyn", "fbgemm dev"]
+    rows = []
+    print(" | ".join(cols), flush=True)
+    g = torch.Generator().manual_seed(0)
+    for K, N in SHAPES:
+        W = torch.randn(N, K, generator=g) * 0.02
+        l0, l6 = layer_for(W, 0.0), layer_for(W, 6.0)
+        Wf = l0.dequantize().float()
+        Wb = Wf.bfloat16()
+        wq, ws = I._int8_weight(l0)
+        fb = torch.ops.quantized.linear_prepack(
+            torch.quantize_per_channel(Wf, ws.double(), torch.zeros(N, dtype=torch.int64), 0, torch.qint8), None)
+        for M in ROWS:
+            x = torch.randn(M, K, generator=g)  # |x| < 6 almost surely: no outliers
+            xo = x.clone()
+            n_out = max(1, K // 200)  # ~0.5% outlier columns, as LLM activations have
+            out_cols = torch.randperm(K, generator=g)[:n_out]
+            xo[:, out_cols] *= 20
+            xb, xob = x.bfloat16(), xo.bfloat16()
+            tf = bench(lambda: F.linear(x, Wf), budget)
+            tb = bench(lambda: F.linear(xb, Wb), budget)
+            best = min(tf, tb)
+            r = {}
+            with torch.no_grad():
+                r["w8a8"] = bench(lambda: l0(xb), budget)
+                r["llm_int8"] = bench(lambda: l6(xob), budget)
+                for name in ("cpu_int8_onednn", "cpu_int8_token_w8"):
+                    with kernels.use_kernel(name):
+                        r[name] = bench(lambda: l0(xb), budget)
+                xq = torch.randint(-127, 128, (max(M, 17), K), dtype=torch.int8, generator=g)
+                r["_int_mm"] = bench(lambda: torch._int_mm(xq, wq.t()), budget) if M >= 8 or not args.small else None
+                r["w8pack"] = bench(lambda: torch.ops.aten._weight_int8pack_mm(xb, wq, ws.bfloat16()), budget) \
+                    if M <= 64 or not args.small else None
+                r["fbgemm"] = bench(lambda: torch.ops.quantized.linear_dynamic(x, fb, False), budget)
+                with kernels.use_kernel("reference"):
+                    ref = l0(x)
+                dev = rel(torch.ops.quantized.linear_dynamic(x, fb, False), ref)
+            line = [f"{K}x{N}", str(M), f"{tf * 1e3:.2f}", f"{tb * 1e3:.2f}"]
+            for key in ("w8a8", "llm_int8"):
+                line.append(f"{best / r[key]:.2f}x")
+            line.append(str(n_out))
+            for key in ("cpu_int8_onednn", "cpu_int8_token_w8", "_int_mm", "w8pack", "fbgemm"):
+                line.append("-" if r[key] is None else f"{best / r[key]:.2f}x")
+            line.append(f"{dev:.1e}")
+            rows.append(line)
+            print(" | ".join(line), flush=True)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(head + "\n\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
+            for line in rows:
+                f.write("| " + " | ".join(line) + " |\n")
+
+
+if __name__ == "__main__":
+    main()

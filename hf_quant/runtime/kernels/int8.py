@@ -1,0 +1,236 @@
+"""Kernels of the `int8_token` scheme (LLM.int8(), dynamic W8A8): int8 activations per token x int8
+weights per output row, int32 accumulation, the outlier columns computed apart in float.
+
+All of them quantize the activations exactly as the oracle does (`runtime.activations`: per-row
+absmax in fp32, codes round-half-even(x * (127 / absmax)), the outlier *elements* left out of the
+absmax, the outlier columns' codes zero; `quantize_tokens` below is bit-identical to
+`quantize_rows`), then y = absmax/127 * (codes_x . codes_w) * w_scale + x[:, cols] @ W_hat[:, cols].T
++ bias. The int8 product is exact in int32, so against `reference` (F.linear(fake_quantize(x), W_hat))
+the only differences are float rounding: ~3e-7 relative in fp32, bf16/fp16 rounding of the
+reference's own GEMM otherwise.
+
+CPU (`cpu_int8_onednn`): oneDNN's int8 GEMM `torch.ops.onednn.qlinear_pointwise`, weights prepacked
+once (`onednn.qlinear_prepack`), activations passed as uint8 codes + 128 with x_scale=1 and
+zero point 128 and the per-channel weight scales, fp32 out; the per-token scale, outlier product and
+bias are applied after. That makes it exact per token (no per-tensor activation scale anywhere).
+Measured (benchmarks/bench_int8_cpu.py, Llama-7B shapes, 2 cores Xeon with AVX-512 VNNI/bf16 and AMX):
+it is the fastest path at every M in {1, 8, 64, 512}, so one kernel serves all row counts; the
+candidates it beat were `torch._int_mm` (its GEMM alone 1.4-2.1x the best float path vs 1.7-2.7x
+for this whole kernel at M>=8; 1.2-7x slower than float with oneDNN capped at AVX2), the weight-only
+`_weight_int8pack_mm` (bf16: similar at M=1, 4-15x slower at M>=8; fp32: far slower) and fbgemm's dynamic `quantized::linear_dynamic` (per-*tensor* activation scale: relative
+deviation from the per-token oracle 1.2-1.5e-2 on random inputs; never used).
+It is chosen only where the CPU has a non-saturating int8 dot product (AVX-512 VNNI, AVX-VNNI or
+AMX, and oneDNN not capped below it by ONEDNN_MAX_CPU_ISA): without VNNI, oneDNN's u8 x s8 path
+(vpmaddubsw) saturates int16 pair sums; measured with ONEDNN_MAX_CPU_ISA=AVX2 it deviates 5.6e-3
+relative from the oracle (and s8 activations are 10x slower). There `cpu_int8_token_w8` runs instead:
+the exact per-token fake-quantized activations through the weight-only int8 paths
+(`_weight_int8pack_mm` up to `cpu.MAX_ROWS`, else dequantize + F.linear), exact and never slower
+than the oracle, but with weight-only speed.
+
+CUDA (`cuda_int8_token`): a Triton per-token quantization kernel, `torch._int_mm` (int8 x int8 ->
+int32; rows padded to >= 32 and to multiples of 8, the weight's rows to a multiple of 8 at prepare),
+and a Triton epilogue applying row scale x column scale, adding the outlier product and the bias,
+writing the activation dtype (kernels in `triton/int8.py`; checked in Triton's interpreter on CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import cpu
+from .base import Kernel, register_kernel
+
+CHUNK_ELEMS = 1 << 18  # rows of x are quantized in chunks of ~1 MiB of fp32 (stays in cache)
+ONEDNN_ISA_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+_VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def threshold_of(layer: Any) -> float:
+    return float(layer.scheme.activation.kwargs().get("threshold", 0.0))
+
+
+def outlier_index(x2: torch.Tensor, threshold: float) -> torch.Tensor | None:
+    """Indices of the input channels where any |x| >= threshold, or None (threshold 0 or none
+    found): the columns of `activations.outlier_columns`, from column max and min (no |x| temporary)."""
+    if threshold <= 0:
+        return None
+    idx = ((x2.amax(dim=0) >= threshold) | (x2.amin(dim=0) <= -threshold)).nonzero().flatten()
+    return idx if idx.numel() else None
+
+
+MAGIC = 12582912.0  # 1.5 * 2**23: fp32 v + MAGIC rounds v (|v| < 2**22) to nearest even, the integer in the low bits
+
+
+def quantize_tokens(x2: torch.Tensor, threshold: float, cols: torch.Tensor | None, offset: int = 0
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes (M, K): int8, or uint8 codes + `offset`; fp32 absmax per row (M,)), bit-identical to
+    `activations.quantize_rows(x2, mask of cols, threshold)`, computed in row chunks that stay in cache.
+    With an offset the rounding is v + (MAGIC + offset) in fp32 (round half to even, as torch.round)
+    and the code is the low byte of that float's bits: no separate round and float-to-int pass."""
+    M, K = x2.shape
+    codes = torch.empty(M, K, dtype=torch.uint8 if offset else torch.int8)
+    absmax = torch.empty(M, dtype=torch.float32)
+    step = max(1, CHUNK_ELEMS // max(K, 1))
+    buf = torch.empty(min(step, M), K, dtype=torch.float32)
+    for r0 in range(0, M, step):
+        xc = x2[r0:r0 + step]
+        b = buf[:xc.shape[0]]
+        b.copy_(xc)
+        if cols is None:
+            a = torch.maximum(b.amax(dim=1), b.amin(dim=1).neg_())  # absmax without an |x| temporary
+        else:
+            xo = xc.index_select(1, cols).float()
+            b.index_fill_(1, cols, 0.0)  # the outlier columns' codes are zero ...
+            xo.masked_fill_(xo.abs() >= threshold, 0.0)  # ... but only outlier elements leave the absmax
+            a = torch.maximum(torch.maximum(b.amax(dim=1), b.amin(dim=1).neg_()), xo.abs().amax(dim=1))
+        absmax[r0:r0 + step] = a
+        inv = torch.where(a > 0, 127.0 / a, torch.zeros((), dtype=a.dtype))  # an all-zero row: codes 0
+        b.mul_(inv.unsqueeze(1))
+        if offset:
+            b.add_(MAGIC + offset)
+            codes[r0:r0 + step].copy_(b.view(torch.int32))  # int32 -> uint8 keeps the low byte
+        else:
+            codes[r0:r0 + step].copy_(b.round_())
+    return codes, absmax
+
+
+def fake_quantize_fast(x2: torch.Tensor, threshold: float) -> torch.Tensor:
+    """`activations.fake_quantize_int8_token` of x2 (M, K), through `quantize_tokens`."""
+    cols = outlier_index(x2, threshold)
+    codes, absmax = quantize_tokens(x2, threshold, cols)
+    xq = codes.float().mul_((absmax / 127.0).unsqueeze(1))
+    if cols is not None:
+        xq.index_copy_(1, cols, x2.index_select(1, cols).float())
+    return xq.to(x2.dtype)
+
+
+def outlier_weight_t(wq_t: torch.Tensor, wscale: torch.Tensor, cols: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W_hat[:, cols].T (n, N) in `dtype`, from the transposed int8 codes (K, N) (contiguous rows: the
+    gather reads n * N bytes, not the whole weight) and the fp32 row scales (N,)."""
+    return (wq_t.index_select(0, cols).float() * wscale).to(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def onednn_isa_capped(environ: Any = os.environ) -> bool:
+    """Whether the user capped oneDNN below any VNNI ISA (ONEDNN_MAX_CPU_ISA=AVX2, AVX512_CORE, ...)."""
+    for name in ONEDNN_ISA_ENV:
+        isa = environ.get(name, "").upper()
+        if isa and isa not in ("ALL", "DEFAULT") and not any(s in isa for s in ("VNNI", "AMX", "BF16", "AVX10")):
+            return True
+    return False
+
+
+def exact_int8_dot() -> bool:
+    """Whether oneDNN's int8 GEMM accumulates without int16 saturation on this CPU (VNNI or AMX)."""
+    return bool(cpu_flags() & set(_VNNI_FLAGS)) and not onednn_isa_capped()
+
+
+def _onednn_available() -> bool:
+    return hasattr(torch.ops.onednn, "qlinear_pointwise") and torch.backends.mkldnn.is_available()
+
+
+def _int8_weight(layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes (N, K), fp32 row scales (N,)) of an int8 symmetric per-row layer."""
+    wq = (layer.qweight.to(torch.int16) - 128).to(torch.int8).contiguous()
+    return wq, layer.scales.float()[:, 0].contiguous()
+
+
+def _fits(layer: Any) -> bool:
+    spec = layer.spec
+    return spec.bits == 8 and spec.group_size == -1 and spec.sym and layer.g_idx is None
+
+
+_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class OneDnnInt8Kernel(Kernel):
+    """CPU W8A8 with exact per-token activation scales on oneDNN's int8 GEMM (see the module docstring)."""
+
+    name = "cpu_int8_onednn"
+    priority = 30
+    activations = ("int8_token",)
+
+    def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
+        return device.type == "cpu" and dtype in _CPU_DTYPES and _fits(layer) and _onednn_available()
+
+    def chosen(self, layer: Any, rows: int) -> bool:
+        return exact_int8_dot()
+
+    def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
+        wq, ws = _int8_weight(layer)
+        packed = torch.ops.onednn.qlinear_prepack(wq, None)
+        zp = torch.zeros(wq.shape[0], dtype=torch.int64)
+        bias = None if layer.bias is None else layer.bias.float()
+        return packed, ws, zp, wq.t().contiguous(), bias  # codes transposed: for the outlier columns' gather
+
+    def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
+        packed, ws, zp, wq_t, bias = prepared
+        t = threshold_of(layer)
+        x2 = x.reshape(-1, x.shape[-1])
+        cols = outlier_index(x2, t)
+        codes, absmax = quantize_tokens(x2, t, cols, offset=128)
+        y = torch.ops.onednn.qlinear_pointwise(codes, 1.0, 128, packed, ws, zp, None, 1.0, 0, torch.float32,
+                                               "none", [], "")
+        sx = (absmax / 127.0).unsqueeze(1)
+        y = y.mul_(sx) if bias is None else torch.addcmul(bias, y, sx)
+        if cols is not None:  # the outlier columns: their products in the activation dtype, accumulated in fp32
+            y.addmm_(x2.index_select(1, cols).float(), outlier_weight_t(wq_t, ws, cols, x.dtype).float())
+        return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+class TokenW8Kernel(Kernel):
+    """CPUs without VNNI: the exact per-token fake-quantized activations through the weight-only
+    int8 paths (packed `_weight_int8pack_mm` up to `cpu.MAX_ROWS`, else dequantize + F.linear)."""
+
+    name = "cpu_int8_token_w8"
+    priority = 25
+    activations = ("int8_token",)
+
+    def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
+        return device.type == "cpu" and dtype in _CPU_DTYPES and _fits(layer)
+
+    def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
+        wq, ws = _int8_weight(layer)
+        return wq, ws.to(dtype), ws
+
+    def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
+        wq, ws_dtype, ws = prepared
+        x2 = x.reshape(-1, x.shape[-1])
+        xq = fake_quantize_fast(x2, threshold_of(layer))
+        limit = cpu.MAX_ROWS.get(x.dtype, 0)
+        if x2.shape[0] <= limit and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+            y = torch.ops.aten._weight_int8pack_mm(xq, wq, ws_dtype)
+            if layer.bias is not None:
+                y = y + layer.bias.to(y.dtype)
+        else:
+            W = (wq.float() * ws.unsqueeze(1)).to(x.dtype)
+            y = F.linear(xq, W, None if layer.bias is None else layer.bias.to(x.dtype))
+        return y.reshape(*x.shape[:-1], -1)
+
+
+ONEDNN, TOKEN_W8 = OneDnnInt8Kernel(), TokenW8Kernel()
+for _kernel in (ONEDNN, TOKEN_W8):
+    register_kernel(_kernel)
+
+try:
+    import triton  # noqa: F401
+except ImportError:  # pragma: no cover - Triton is optional
+    TRITON = None
+else:
+    from .triton import int8 as TRITON  # noqa: E402,F401  (registers "cuda_int8_token")

@@ -1,0 +1,173 @@
+"""CUDA kernel of the `int8_token` scheme (LLM.int8(), dynamic W8A8): Triton per-token quantization,
+`torch._int_mm` (int8 x int8 -> int32 on cuBLASLt), and a Triton epilogue.
+
+- `_quant_kernel`: one program per row: absmax over the row in fp32 with the outlier *elements*
+  (|x| >= threshold) left out, then codes round-half-even(x * (127 / absmax)) (127 / absmax computed as torch does it,
+  127 * correctly rounded 1 / absmax; rounding by libdevice's rint, or the
+  1.5 * 2**23 trick in the interpreter), the outlier columns' codes zero:
+  bit-identical to `activations.quantize_rows`.
+- `torch._int_mm` needs more than 16 rows and multiples of 8: the codes are written into a
+  zero-padded (>= 32, multiple of 8) row buffer; the weight's rows are padded to a multiple of 8
+  once at prepare.
+- `_epilogue_kernel`: y = acc * w_scale[n] * absmax[m] / 127 (+ the outlier product, + bias), written in
+  the activation dtype.
+
+The outlier product x[:, cols] @ W_hat[:, cols].T is one small GEMM in the activation dtype (the
+outlier columns are found with a host sync, as bitsandbytes does). On CPU tensors with
+TRITON_INTERPRET=1 the same functions run in Triton's interpreter (`_int_mm` has a CPU version),
+which is how tests/test_int8_kernels.py checks them against the reference; the kernel itself is
+registered for CUDA only.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from ..base import Kernel, register_kernel
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: (v + M) - M rounds |v| < 2**22 to nearest even
+
+
+@triton.jit
+def _quant_kernel(x_ptr, cols_ptr, codes_ptr, absmax_ptr, K, stride_x, stride_c, threshold,
+                  HAS_COLS: tl.constexpr, BLOCK_K: tl.constexpr, RINT: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_K)
+    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs
+        v = tl.load(x_ptr + row * stride_x + k, mask=k < K, other=0.0).to(tl.float32)
+        if HAS_COLS:
+            v = tl.where(tl.abs(v) >= threshold, 0.0, v)
+        amax = tl.maximum(amax, tl.abs(v))
+    a = tl.max(amax, axis=0)
+    tl.store(absmax_ptr + row, a)
+    # 127 * (1 / a), as torch's `127.0 / absmax` (Tensor.__rtruediv__: reciprocal, then multiply)
+    inv = tl.where(a > 0, tl.math.div_rn(1.0, tl.where(a > 0, a, 1.0)) * 127.0, 0.0)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs
+        v = tl.load(x_ptr + row * stride_x + k, mask=k < K, other=0.0).to(tl.float32)
+        if HAS_COLS:
+            v = tl.where(tl.abs(v) >= threshold, 0.0, v)
+        q = v * inv
+        if RINT:  # compiled: rint, so that no FMA contraction can round the product before the tie-break
+            q = libdevice.rint(q)
+        else:  # the interpreter (numpy, no contraction): round to nearest even by the magic number
+            q = (q + ROUND_MAGIC) - ROUND_MAGIC
+        if HAS_COLS:
+            out = tl.load(cols_ptr + k, mask=k < K, other=0)
+            q = tl.where(out != 0, 0.0, q)
+        tl.store(codes_ptr + row * stride_c + k, q.to(tl.int8), mask=k < K)
+
+
+@triton.jit
+def _epilogue_kernel(acc_ptr, absmax_ptr, ws_ptr, outl_ptr, b_ptr, y_ptr, M, N, stride_acc, stride_o, stride_y,
+                     HAS_OUTL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = offs_m < M, offs_n < N
+    ok = m_ok[:, None] & n_ok[None, :]
+    acc = tl.load(acc_ptr + offs_m[:, None] * stride_acc + offs_n[None, :], mask=ok, other=0).to(tl.float32)
+    ws = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
+    sx = tl.load(absmax_ptr + offs_m, mask=m_ok, other=0.0) / 127.0
+    y = (acc * ws[None, :]) * sx[:, None]
+    if HAS_OUTL:
+        y += tl.load(outl_ptr + offs_m[:, None] * stride_o + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_y + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def padded_rows(M: int) -> int:
+    """Rows of the `_int_mm` operand: more than 16 and a multiple of 8."""
+    return max(32, (M + 7) // 8 * 8)
+
+
+def quantize(x2: torch.Tensor, threshold: float, cols: torch.Tensor | None, rows: int | None = None,
+             block_k: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes (rows or M, K), zero-padded below M; fp32 absmax (M,)) of x2 (M, K) per token."""
+    M, K = x2.shape
+    x2 = x2.contiguous()
+    rows = M if rows is None else rows
+    codes = torch.zeros(rows, K, dtype=torch.int8, device=x2.device)
+    absmax = torch.empty(M, dtype=torch.float32, device=x2.device)
+    mask = None
+    if cols is not None:
+        mask = torch.zeros(K, dtype=torch.int8, device=x2.device)
+        mask[cols] = 1
+    if M:
+        _quant_kernel[(M,)](x2, codes if mask is None else mask, codes, absmax, K, x2.stride(0), codes.stride(0),
+                            float(threshold), HAS_COLS=mask is not None,
+                            BLOCK_K=min(block_k, triton.next_power_of_2(K)), RINT=not _INTERPRET)
+    return codes, absmax
+
+
+def epilogue(acc: torch.Tensor, absmax: torch.Tensor, ws: torch.Tensor, outl: torch.Tensor | None,
+             bias: torch.Tensor | None, M: int, N: int, dtype: torch.dtype,
+             block_m: int = 32, block_n: int = 128) -> torch.Tensor:
+    y = torch.empty(M, N, dtype=dtype, device=acc.device)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    _epilogue_kernel[grid](acc, absmax, ws, y if outl is None else outl, ws if bias is None else bias, y, M, N,
+                           acc.stride(0), 0 if outl is None else outl.stride(0), y.stride(0),
+                           HAS_OUTL=outl is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n)
+    return y
+
+
+def prepare_weight(layer: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(int8 codes (Np, K) with rows padded to a multiple of 8, fp32 row scales (N,), int8 codes (N, K))."""
+    wq = (layer.qweight.to(torch.int16) - 128).to(torch.int8).to(device)
+    N = wq.shape[0]
+    Np = (N + 7) // 8 * 8
+    wp = torch.zeros(Np, wq.shape[1], dtype=torch.int8, device=device)
+    wp[:N] = wq
+    return wp, layer.scales.float()[:, 0].contiguous().to(device), wq
+
+
+def int8_linear(layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
+    """y = x @ W_hat.T + bias of an `int8_token` layer, per-token int8 activations (any device Triton runs on)."""
+    wp, ws, wq = prepared
+    t = float(layer.scheme.activation.kwargs().get("threshold", 0.0))
+    x2 = x.reshape(-1, x.shape[-1])
+    M, N = x2.shape[0], ws.shape[0]
+    cols = None
+    if t > 0 and M:
+        mn, mx = torch.aminmax(x2, dim=0)
+        idx = ((mx >= t) | (mn <= -t)).nonzero().flatten()
+        cols = idx if idx.numel() else None
+    codes, absmax = quantize(x2, t, cols, rows=padded_rows(M))
+    acc = torch._int_mm(codes, wp.t())
+    outl = None
+    if cols is not None:
+        Wc = (wq.index_select(1, cols).float() * ws.unsqueeze(1)).to(x.dtype)
+        outl = F.linear(x2.index_select(1, cols), Wc)
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    return epilogue(acc, absmax, ws, outl, bias, M, N, x.dtype).reshape(*x.shape[:-1], N)
+
+
+class CudaInt8TokenKernel(Kernel):
+    name = "cuda_int8_token"
+    priority = 30
+    activations = ("int8_token",)
+
+    def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
+        spec = layer.spec
+        return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16, torch.float32)
+                and spec.bits == 8 and spec.group_size == -1 and spec.sym and layer.g_idx is None
+                and layer.in_features % 8 == 0)
+
+    def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
+        return prepare_weight(layer, device)
+
+    def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
+        return int8_linear(layer, x, prepared)
+
+
+CUDA_INT8 = register_kernel(CudaInt8TokenKernel())

@@ -1,0 +1,125 @@
+"""The int8_token (LLM.int8 / dynamic W8A8) kernels against the `reference` oracle: the CPU kernels
+(oneDNN int8 GEMM, the weight-only fallback), the CUDA kernel's Triton quantization and epilogue
+(in Triton's interpreter on CPU tensors), per-token codes bit for bit, CPU dispatch, autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_quant import kernels
+from hf_quant.config import LayerSpec
+from hf_quant.methods.llm_int8 import int8_rowwise
+from hf_quant.runtime import ActivationSpec, QuantLinear
+from hf_quant.runtime.activations import outlier_columns, quantize_rows
+from hf_quant.runtime.kernels import int8 as I
+
+from .test_kernels import rel_err
+
+TOL = {torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+
+def int8_layer(out_f, in_f, threshold, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(out_f, in_f, generator=g) * 0.05
+    b = torch.randn(out_f, generator=g) if bias else None
+    return QuantLinear.from_quantized(int8_rowwise(W), LayerSpec(8, -1, True, False), b,
+                                      activation=ActivationSpec("int8_token", (("threshold", threshold),)))
+
+
+def inputs(m, in_f, dtype, outliers, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, in_f, generator=g)
+    if outliers:
+        x[:, torch.randperm(in_f, generator=g)[:3]] *= 20
+    x[0, 5] = 0.0
+    return x.to(dtype)
+
+
+CASES = [(m, dtype, threshold, outliers, bias)
+         for m in (1, 3, 17, 64) for dtype in (torch.float32, torch.bfloat16, torch.float16)
+         for threshold in (0.0, 6.0) for outliers in (False, True) for bias in (False, True)
+         if (m + int(bias) + int(outliers)) % 2 == 0 or dtype == torch.float32]
+
+
+def _check(layer, x, out):
+    with kernels.use_kernel("reference"):
+        ref = layer(x)
+    assert out.shape == ref.shape and out.dtype == x.dtype
+    assert rel_err(out, ref) < TOL[x.dtype]
+
+
+@pytest.mark.parametrize("m,dtype,threshold,outliers,bias", CASES)
+def test_per_token_codes_are_the_oracles_bit_for_bit(m, dtype, threshold, outliers, bias):
+    x = inputs(m, 96, dtype, outliers)
+    codes, absmax = quantize_rows(x, outlier_columns(x, threshold), threshold)
+    cols = I.outlier_index(x, threshold)
+    assert (cols is None) == (outlier_columns(x, threshold) is None)
+    for offset in (0, 128):
+        got, got_absmax = I.quantize_tokens(x, threshold, cols, offset)
+        assert torch.equal(got.to(torch.int16) - offset, codes.to(torch.int16)) and torch.equal(got_absmax, absmax)
+
+
+@pytest.mark.parametrize("name", ["cpu_int8_onednn", "cpu_int8_token_w8"])
+@pytest.mark.parametrize("m,dtype,threshold,outliers,bias", CASES)
+def test_cpu_kernels_match_the_reference(name, m, dtype, threshold, outliers, bias):
+    kernel = kernels.base.KERNELS.get(name)
+    layer = int8_layer(40, 96, threshold, bias, seed=m)
+    x = inputs(m, 96, dtype, outliers, seed=m + 1)
+    if not kernel.supports(layer, x.device, dtype):
+        pytest.skip(f"{name} does not run here (oneDNN int8 not available)")
+    with kernels.use_kernel(name):
+        out = layer(x)
+    _check(layer, x, out)
+    with kernels.use_kernel(name):  # leading dims flatten
+        assert torch.allclose(layer(x.reshape(1, m, 96)).reshape(m, -1), out)
+
+
+def test_cpu_dispatch_picks_an_int8_kernel_for_llm_int8():
+    layer = int8_layer(32, 64, 6.0, True)
+    for m in (1, 8, 100):
+        x = torch.randn(m, 64, dtype=torch.bfloat16)
+        name = kernels.select_kernel(layer, x).name
+        assert name == ("cpu_int8_onednn" if I.exact_int8_dot() else "cpu_int8_token_w8"), name
+    assert kernels.select_kernel(layer, torch.randn(3, 64)).name != "reference"
+
+
+def test_onednn_kernel_not_chosen_where_int8_dot_saturates(monkeypatch):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert I.onednn_isa_capped() and not I.exact_int8_dot() and not I.ONEDNN.chosen(None, 1)
+    assert not I.onednn_isa_capped({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"})
+    layer = int8_layer(32, 64, 0.0, False)
+    assert kernels.select_kernel(layer, torch.randn(8, 64)).name == "cpu_int8_token_w8"
+
+
+def test_weight_only_layers_never_pick_int8_kernels():
+    from .test_kernels import make_layer
+    layer, _ = make_layer(32, 64, LayerSpec(8, -1, True, False), False, dtype=torch.float32)
+    assert not kernels.select_kernel(layer, torch.randn(4, 64)).name.startswith(("cpu_int8_onednn", "cpu_int8_token"))
+
+
+def test_gradient_flows_through_the_int8_kernels():
+    layer = int8_layer(24, 64, 6.0, True)
+    x = inputs(5, 64, torch.float32, True).requires_grad_(True)
+    y = layer(x)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    assert torch.allclose(x.grad, gy @ layer.dequantize().float(), atol=1e-5)
+
+
+@pytest.mark.parametrize("m,dtype,threshold,outliers,bias",
+                         [(m, d, t, o, b) for m in (1, 3, 17, 64) for d in (torch.float32, torch.bfloat16)
+                          for t, o, b in ((0.0, True, False), (6.0, True, True), (6.0, False, False))])
+def test_triton_int8_matches_the_reference(m, dtype, threshold, outliers, bias):
+    pytest.importorskip("triton")
+    from hf_quant.runtime.kernels.triton import int8 as T
+    layer = int8_layer(40, 96, threshold, bias, seed=m)
+    x = inputs(m, 96, dtype, outliers, seed=m + 2)
+    if x.is_cuda or torch.cuda.is_available():
+        pytest.skip("the GPU runs it through the dispatcher (benchmarks/gpu_session.py)")
+    codes, absmax = T.quantize(x, threshold, I.outlier_index(x, threshold), rows=T.padded_rows(m))
+    ref_codes, ref_absmax = quantize_rows(x, outlier_columns(x, threshold), threshold)
+    assert torch.equal(codes[:m], ref_codes) and torch.equal(absmax, ref_absmax) and not codes[m:].any()
+    out = T.CUDA_INT8.forward(layer, x, T.CUDA_INT8.prepare(layer, x.device, dtype))
+    _check(layer, x, out)
+    assert not T.CUDA_INT8.supports(layer, x.device, dtype)  # never chosen on CPU
