@@ -29,6 +29,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_quant
+from hf_quant.eval_outliers import plant_outliers
 from hf_quant.methods import available_methods
 from hf_quant.runtime.activations import outlier_columns
 
@@ -37,22 +38,6 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 def calibration_text(corpus: Path) -> list[str]:
     return [f.read_text(encoding="utf-8")[: int(f.stat().st_size * 0.97)] for f in sorted(corpus.glob("*.txt"))]
-
-
-@torch.no_grad()
-def plant_outliers(model: torch.nn.Module, channels: list[int], factor: float) -> int:
-    """Scale `channels` of every decoder norm up by `factor` and the same input columns of the
-    linears that read it down by `factor`; returns the number of norms changed."""
-    changed = 0
-    for layer in model.model.layers:
-        pairs = [(layer.input_layernorm, [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
-                 (layer.post_attention_layernorm, [layer.mlp.gate_proj, layer.mlp.up_proj])]
-        for norm, linears in pairs:
-            norm.weight[channels] *= factor
-            for lin in linears:
-                lin.weight[:, channels] /= factor
-            changed += 1
-    return changed
 
 
 @torch.no_grad()

@@ -475,7 +475,7 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
         if isinstance(f.default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=extra)
         else:
-            p.add_argument(flag, type=type(f.default), default=None, help=extra)
+            p.add_argument(flag, type=f.metadata.get("type") or type(f.default), default=None, help=extra)
 
 
 def build_parser() -> argparse.ArgumentParser:

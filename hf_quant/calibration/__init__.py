@@ -28,7 +28,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, targets: dict[str, Lay
     method = get_method(config.method)
     start = time.perf_counter()
     originals = {name: model.get_submodule(name) for name in targets}
-    if method.needs_calibration:
+    if method.needs_calibration:  # a bool, or a function of the options (the driver asks `calibrates`)
         try:
             return quantize_blockwise(model, config, targets)
         except BaseException:

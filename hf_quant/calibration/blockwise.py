@@ -214,6 +214,11 @@ def quantize_blockwise(model: nn.Module, config: QuantConfig, targets: dict[str,
     output error of the quantized block against the float block on the same inputs, each layer's
     relative reconstruction error on its calibration inputs, seconds.
     """
+    method = get_method(config.method)
+    options = method.options_from(config)
+    if not method.calibrates(options):  # e.g. w8a8 without smoothing: data-free with these options
+        return _quantize_data_free(model, config, targets, options)
+    _check_dataset(config, options)
     prefix, blocks = find_blocks(model, config.block_name_to_quantize)
     outside = [n for n in targets if not n.startswith(prefix + ".")]
     if outside:
@@ -223,8 +228,6 @@ def quantize_blockwise(model: nn.Module, config: QuantConfig, targets: dict[str,
         )
     windows = calibration_windows(config.dataset, lambda: _tokenizer_for(model), config.num_samples, config.seq_len,
                                   config.seed, model.get_input_embeddings().num_embeddings)
-    method = get_method(config.method)
-    options = method.options_from(config)
     device = work_device(config, _block_device(blocks[0]))
     start = time.perf_counter()
     inputs = capture_block_inputs(model, blocks[0], windows)
@@ -257,6 +260,34 @@ def quantize_blockwise(model: nn.Module, config: QuantConfig, targets: dict[str,
     logger.info("hf_quant: %s calibrated %d blocks on %s in %.1f s", config.method, len(blocks), device,
                 time.perf_counter() - start)
     return report
+
+
+def _quantize_data_free(model: nn.Module, config: QuantConfig, targets: dict[str, LayerSpec], options: dict
+                        ) -> list[dict]:
+    """Every target from its weight alone (a method that needs no data with these options); the
+    layers are swapped in once all are quantized."""
+    start = time.perf_counter()
+    new_layers = {name: quantize_layer(name, model.get_submodule(name), spec, config.method, **options)
+                  for name, spec in targets.items()}
+    for name, layer in new_layers.items():
+        set_module(model, name, layer)
+    logger.info("hf_quant: %s quantized %d layers in %.1f s (no calibration with these options)", config.method,
+                len(targets), time.perf_counter() - start)
+    return []
+
+
+def _check_dataset(config: QuantConfig, options: dict) -> None:
+    """Refuse an explicitly empty `dataset` (None is hf_quant's packaged text, i.e. data) before anything changes."""
+    data = config.dataset
+    empty = (isinstance(data, (list, tuple)) and len(data) == 0) or (hasattr(data, "column_names") and len(data) == 0)
+    if empty:
+        method = get_method(config.method)
+        with_options = "".join(f", {k}={v!r}" for k, v in options.items())
+        data_free = [k for k, v in options.items() if v is not None and not method.calibrates({**options, k: None})]
+        raise ValueError(f"QuantConfig.dataset={data!r} holds no calibration data, but method={config.method!r}"
+                         f"{with_options} calibrates on data. Pass texts, token-id tensors or a datasets.Dataset, "
+                         "or dataset=None for hf_quant's packaged public-domain text"
+                         + "".join(f", or {k}=None (no data needed)" for k in data_free) + ".")
 
 
 def _log_block(entry: dict, n_blocks: int, block_prefix: str) -> None:
@@ -352,6 +383,9 @@ def _hessian_hook(H: dict, rows: dict, name: str):
 
 def _quantize_with_hessian(name, module, spec, config, options, Hsum, rows):
     if rows == 0:  # never reached by the calibration data (e.g. an unrouted expert)
+        method = get_method(config.method)
+        if method.fixed_spec is not None:  # its own grid and scheme (int8 rows): the weight alone suffices
+            return quantize_layer(name, module, spec, config.method, **options)
         logger.warning("hf_quant: %s received no calibration inputs; quantizing it with RTN instead of %s.",
                        name, config.method)
         return quantize_layer(name, module, spec, "rtn", **get_method("rtn").options_from(config))

@@ -73,7 +73,8 @@ class HfQuantQuantizer(HfQuantizer):
         else:
             # per-block summary of the calibration, readable as `model.hf_quantizer.calibration_report`
             self.calibration_report = quantize_model(model, config, self.targets)
-            calibration = ("none: data-free method" if not get_method(config.method).needs_calibration
+            method = get_method(config.method)
+            calibration = ("none: data-free method" if not method.calibrates(method.options_from(config))
                            else describe_dataset(config.dataset, config.num_samples, config.seq_len))
             config.provenance = provenance(model, calibration)
         hub.install(model)  # atomic save_pretrained with a model card; push_to_hub with card and tokenizer

@@ -12,11 +12,15 @@ Then each layer's weight range is clipped: per group, the shrink factor of its m
 sum_groups dW_g H_gg dW_g^T, from the diagonal blocks of the Hessian H = 2/N X X^T.
 
 Methods: "awq" (scales + clipping + round-to-nearest) and "awq+gptq" (scales, then GPTQ).
+
+The fold (`fold_target`: which op makes a group's input; `fold_scales`: divide it by s, scale the
+group's weights by s, with the undo log) is shared with w8a8's SmoothQuant smoothing (`w8a8.py`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -81,7 +85,7 @@ def _is_foldable_norm(module: nn.Module, width: int) -> bool:
     return plain and isinstance(w, torch.Tensor) and w.shape == (width,)
 
 
-def _producers(ctx: BlockContext) -> dict[str, str]:
+def block_producers(ctx: BlockContext) -> dict[str, str]:
     """For each group (by its first layer), the block module whose output is exactly the group's input."""
     made: dict[int, str] = {}
     read: dict[str, int] = {}
@@ -150,11 +154,49 @@ def _fold(ctx: BlockContext, producer: nn.Module, s: torch.Tensor, is_norm: bool
             producer.bias.div_(s.to(producer.bias.dtype))
 
 
+@dataclass
+class FoldTarget:
+    """Where a group's per-input-channel scales fold: `producer` (the block module at `local`) makes
+    the group's input, channel for channel; `is_norm`: a norm's weight (and bias), else a linear's
+    rows. `producer` None: no such op, `why` says why."""
+
+    producer: nn.Module | None
+    local: str | None
+    is_norm: bool = False
+    why: str = ""
+
+
+def fold_target(ctx: BlockContext, head: str, producers: dict[str, str] | None = None) -> FoldTarget:
+    """The op that group `head`'s input scales fold into: the norm whose output is exactly the
+    input, else a linear whose output rows feed it one to one (`_linear_producer`). `producers`:
+    `block_producers(ctx)`, computed once per block, before any fold (computed here if None)."""
+    local = (block_producers(ctx) if producers is None else producers).get(head)
+    producer = ctx.block.get_submodule(local) if local else None
+    width = linear_shape(ctx.model.get_submodule(head))[0]
+    if producer is not None and _is_foldable_norm(producer, width):
+        return FoldTarget(producer, local, True)
+    local, why = _linear_producer(ctx, head)
+    if local is None:
+        return FoldTarget(None, None, False, why)
+    return FoldTarget(ctx.block.get_submodule(local), local, False)
+
+
+def fold_scales(ctx: BlockContext, producer: nn.Module, is_norm: bool, layers: dict[str, nn.Module],
+                W: dict[str, torch.Tensor], s: torch.Tensor) -> None:
+    """Fold per-input-channel scales s into a group: the producer's output channels divided by s,
+    each layer's weight set to W[name] * s (W: the layers' (out, in) fp32 weights); every tensor
+    changed is recorded in `ctx.undo` first. The float function of the block is unchanged."""
+    _fold(ctx, producer, s, is_norm)
+    for n, m in layers.items():
+        ctx.undo.append((m.weight, m.weight.detach().clone()))
+        set_linear_weight(m, W[n] * s)
+
+
 @torch.no_grad()
 def awq_scales(ctx: BlockContext) -> dict[str, dict]:
     """Search each group's scales on the block output (over the reference windows), and fold them in."""
     windows = ctx.inputs[:len(ctx.reference)]
-    producers = _producers(ctx)
+    producers = block_producers(ctx)
     x_abs = ctx.observed
     ref = torch.cat([r.float().flatten() for r in ctx.reference]).to(ctx.device)
     for group in ctx.groups:
@@ -162,16 +204,11 @@ def awq_scales(ctx: BlockContext) -> dict[str, dict]:
         if head not in x_abs:  # no calibration window reaches it (e.g. an unrouted expert)
             ctx.notes.append(f"{head[len(ctx.prefix):]}: no scaling (no calibration input reached it)")
             continue
-        local = producers.get(head)
-        producer = ctx.block.get_submodule(local) if local else None
-        width = linear_shape(ctx.model.get_submodule(head))[0]
-        is_norm = producer is not None and _is_foldable_norm(producer, width)
-        if not is_norm:
-            local, why = _linear_producer(ctx, head)
-            if local is None:
-                ctx.notes.append(f"{head[len(ctx.prefix):]}: no scaling ({why})")
-                continue
-            producer = ctx.block.get_submodule(local)
+        target = fold_target(ctx, head, producers)
+        if target.producer is None:
+            ctx.notes.append(f"{head[len(ctx.prefix):]}: no scaling ({target.why})")
+            continue
+        producer, local, is_norm = target.producer, target.local, target.is_norm
         layers = {n: ctx.model.get_submodule(n) for n in group}
         W = {n: linear_weight(m).detach().float() for n, m in layers.items()}
         best, best_err, best_alpha = None, float("inf"), 0.0
@@ -186,10 +223,7 @@ def awq_scales(ctx: BlockContext) -> dict[str, dict]:
             raise ValueError(f"{head}: AWQ's scale search gets non-finite block outputs for every scale: the model "
                              "produces NaN/inf activations before this layer (check the checkpoint, e.g. its norm "
                              f"weights), or keep the layer in float with QuantConfig(modules_to_not_convert=[{head!r}]).")
-        _fold(ctx, producer, best, is_norm)
-        for n, m in layers.items():
-            ctx.undo.append((m.weight, m.weight.detach().clone()))
-            set_linear_weight(m, W[n] * best)
+        fold_scales(ctx, producer, is_norm, layers, W, best)
         ctx.notes.append(f"{','.join(n.rsplit('.', 1)[-1] for n in group)} <- {local}: alpha={best_alpha:.2f}")
     return {}
 

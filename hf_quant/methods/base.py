@@ -8,6 +8,8 @@ integer codes and their grid (`QuantizedWeight`). It is described once, by `regi
   CLI offers them, and the driver passes them to `quantize` as keyword arguments.
 - `needs_calibration`: the block-wise driver collects the layer's Hessian H = 2/N X X^T and passes
   it as `H`.
+  A bool, or a function of the method's options (w8a8 calibrates only to smooth): ask
+  `Method.calibrates(options)`.
 - `stage`: work on the whole float block before its layers are quantized (AWQ's scaling,
   OmniQuant's clipping training), with `observe` gathering what it needs from the float block's
   reference pass. What the stage returns per layer is passed to `quantize` as keyword arguments.
@@ -37,7 +39,7 @@ from ..core.registry import Registry
 # --- options: fields of QuantConfig a method takes --------------------------------------------------
 
 def option(default: Any, check: Callable[[str, Any], None], *, unused: Any = None, strict: bool = False,
-           help: str = "") -> Any:
+           help: str = "", type: type | None = None) -> Any:
     """A dataclass field for a method option, i.e. a `QuantConfig` field of the same name.
 
     check(name, value): raise ValueError naming `QuantConfig.<name>` if the value is malformed.
@@ -46,8 +48,10 @@ def option(default: Any, check: Callable[[str, Any], None], *, unused: Any = Non
     strict: a value other than `unused` (or None) on a method that does not take the option raises
         ("has no meaning for method=...").
     help: one line for the command line's --help.
+    type: the value's type for the command line, where the default (e.g. None) does not tell it.
     """
-    return field(default=default, metadata={"check": check, "unused": unused, "strict": strict, "help": help})
+    return field(default=default, metadata={"check": check, "unused": unused, "strict": strict, "help": help,
+                                            "type": type})
 
 
 def check_bool(name: str, value: Any) -> None:
@@ -140,7 +144,7 @@ Observer = Callable[[dict, str, torch.Tensor, int], None]
 class Method:
     name: str
     quantize: Callable[..., QuantizedWeight]
-    needs_calibration: bool
+    needs_calibration: bool | Callable[..., bool]
     options: type | None = None
     description: str = ""
     stage: Callable[[BlockContext], dict[str, dict]] | None = None
@@ -148,6 +152,11 @@ class Method:
     activation: Callable[..., tuple[str, dict[str, Any]] | None] | None = None
     fixed_spec: dict[str, Any] | None = None
     scale_dtype: torch.dtype | None = None
+
+    def calibrates(self, options: dict[str, Any]) -> bool:
+        """Whether the method reads calibration data with these options."""
+        need = self.needs_calibration
+        return bool(need(**options)) if callable(need) else bool(need)
 
     def activation_of(self, options: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
         """(activation quantizer name, params) for layers quantized with `options`, or None."""
@@ -175,7 +184,7 @@ class Method:
 METHODS: Registry[Method] = Registry("quantization method")
 
 
-def register_method(name: str, *, needs_calibration: bool, options: type | None = None, description: str = "",
+def register_method(name: str, *, needs_calibration: bool | Callable[..., bool], options: type | None = None, description: str = "",
                     stage: Callable | None = None, observe: Observer | None = None,
                     activation: Callable | None = None, fixed_spec: dict[str, Any] | None = None,
                     scale_dtype: torch.dtype | None = None) -> Callable:
