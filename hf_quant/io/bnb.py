@@ -49,7 +49,7 @@ from ..core.layers import FLOAT_LINEARS, linear_shape
 from ..runtime import QuantLinear
 from .atomic import atomic_directory
 from .checkpoint import check_module_tensors, index_checkpoint, write_json
-from .gptq import (_check_targets, _model_name, _read_json, _skeleton, _state_dict_without_tied,
+from .gptq import (_check_targets, _model_name, _weight_files, _read_json, _skeleton, _state_dict_without_tied,
                    write_converted)
 
 logger = logging.getLogger("hf_quant")
@@ -118,20 +118,6 @@ def _resolve(src: str | os.PathLike, revision: str | None, token: str | bool | N
                                                   "*.jinja"]))
 
 
-def _weight_files(src_dir: Path, src: Any) -> list[str]:
-    import json
-
-    index = src_dir / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        return [str(src_dir / s) for s in shards]
-    files = sorted(str(p) for p in src_dir.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{src}: no .safetensors weights. import_bnb8 reads safetensors only (it never unpickles); "
-                         "re-save the bitsandbytes model with save_pretrained(..., safe_serialization=True).")
-    return files
-
-
 def _check_bnb_config(qc: Any, src: Any) -> float:
     """Validate a bitsandbytes quantization_config; returns llm_int8_threshold."""
     if not isinstance(qc, dict):
@@ -171,9 +157,9 @@ def convert_bnb8_checkpoint(src_dir: Path, out_dir: str | os.PathLike, src: Any 
     config = _read_json(src_dir / "config.json", f"{src}: no config.json; this is not a transformers checkpoint.")
     qc = config.get("quantization_config")
     if isinstance(qc, dict) and (qc.get("load_in_4bit") or qc.get("_load_in_4bit")):
-        _refuse_4bit(index_checkpoint(_weight_files(src_dir, src)), src)  # name the module when there is one
+        _refuse_4bit(index_checkpoint(_weight_files(src_dir, src, "import_bnb8")), src)  # name the module when there is one
     threshold = _check_bnb_config(qc, src)
-    files = _weight_files(src_dir, src)
+    files = _weight_files(src_dir, src, "import_bnb8")
     entries = index_checkpoint(files)  # headers only: refuses truncated files
     _refuse_4bit(entries, src)
 

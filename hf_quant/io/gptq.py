@@ -231,7 +231,8 @@ def _source_gptq_config(src_dir: Path, config: dict, src: Any) -> dict:
     return qc
 
 
-def _weight_files(src_dir: Path, src: Any) -> list[str]:
+def _weight_files(src_dir: Path, src: Any, importer: str = "import_gptq") -> list[str]:
+    """The checkpoint's safetensors files (its index's shards, or every *.safetensors); never pickles."""
     index = src_dir / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
@@ -240,7 +241,7 @@ def _weight_files(src_dir: Path, src: Any) -> list[str]:
     if not files:
         pickles = sorted(p.name for p in src_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
         found = f" (it has {', '.join(pickles)})" if pickles else ""
-        raise ValueError(f"{src}: no .safetensors weights{found}. import_gptq reads safetensors only, because "
+        raise ValueError(f"{src}: no .safetensors weights{found}. {importer} reads safetensors only, because "
                          "loading .bin/.pt files would unpickle them; convert the checkpoint to safetensors first "
                          "(load it where you trust it and save_pretrained(..., safe_serialization=True)).")
     return files
