@@ -79,7 +79,8 @@ def main() -> None:
     if "w8a8" in available_methods():
         configs.append(("w8a8 (no smoothing)", dict(method="w8a8", smooth=None)))
         configs.append(("w8a8 + smooth 0.5", dict(method="w8a8", smooth=0.5, dataset=calib,
-                                                  num_samples=args.num_samples, seq_len=512)))
+                                                  num_samples=args.num_samples, seq_len=512,
+                                                  true_sequential=False)))
     configs = [(n, c) for n, c in configs if c["method"] in available_methods()]
 
     with tempfile.TemporaryDirectory() as tmp:
