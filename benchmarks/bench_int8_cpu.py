@@ -31,6 +31,7 @@ from hf_quant import kernels  # noqa: E402
 from hf_quant.config import LayerSpec  # noqa: E402
 from hf_quant.methods.llm_int8 import int8_rowwise  # noqa: E402
 from hf_quant.runtime import ActivationSpec, QuantLinear  # noqa: E402
+from hf_quant.runtime.kernels import cpu as C  # noqa: E402
 from hf_quant.runtime.kernels import int8 as I  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (in, out)
@@ -87,7 +88,7 @@ def main() -> None:
         l0, l6 = layer_for(W, 0.0), layer_for(W, 6.0)
         Wf = l0.dequantize().float()
         Wb = Wf.bfloat16()
-        wq, ws = I._int8_weight(l0)
+        wq, ws = C.int8_rows(l0)
         fb = torch.ops.quantized.linear_prepack(
             torch.quantize_per_channel(Wf, ws.double(), torch.zeros(N, dtype=torch.int64), 0, torch.qint8), None)
         for M in ROWS:

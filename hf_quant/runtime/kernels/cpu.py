@@ -22,7 +22,6 @@ import torch
 
 from ...core import codes_by_group, dequantize_weight, zero_points
 from .base import Kernel, register_kernel
-from .reference import DequantMatmulKernel
 
 _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Above these many rows, dequantize + F.linear (kernel "dequant_matmul") is faster than the packed
@@ -94,6 +93,11 @@ class Int4CpuKernel(_CpuPacked):
         return _finish(layer, y, x)
 
 
+def int8_rows(layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes (N, K) = qweight - 128, fp32 row scales (N,)) of an 8-bit per-row layer."""
+    return (layer.qweight.to(torch.int16) - 128).to(torch.int8).contiguous(), layer.scales.float()[:, 0].contiguous()
+
+
 class Int8CpuKernel(_CpuPacked):
     name = "cpu_int8"
 
@@ -105,8 +109,7 @@ class Int8CpuKernel(_CpuPacked):
         )
 
     def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
-        w = (layer.qweight.to(torch.int16) - 128).to(torch.int8).contiguous()
-        scale = layer.scales.float()[:, 0]
+        w, scale = int8_rows(layer)
         offset = None
         if layer.qzeros is not None:
             offset = (128.0 - layer.qzeros.float()[:, 0]) * scale  # fp32 (N,)
@@ -172,7 +175,6 @@ class Bf16ActivationsKernel(Kernel):
         return self.base.forward(layer, x.to(torch.bfloat16), prepared).to(x.dtype)
 
 
-DequantMatmulKernel.measured = True  # dequantize + one GEMM competes on CPU too
 for _kernel in (Int4CpuKernel(), Int8CpuKernel(), DequantTilesKernel()):
     register_kernel(_kernel)
     register_kernel(Bf16ActivationsKernel(_kernel))

@@ -145,13 +145,8 @@ def _onednn_available() -> bool:
     return hasattr(torch.ops.onednn, "qlinear_pointwise") and torch.backends.mkldnn.is_available()
 
 
-def _int8_weight(layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 codes (N, K), fp32 row scales (N,)) of an int8 symmetric per-row layer."""
-    wq = (layer.qweight.to(torch.int16) - 128).to(torch.int8).contiguous()
-    return wq, layer.scales.float()[:, 0].contiguous()
-
-
-def _fits(layer: Any) -> bool:
+def fits(layer: Any) -> bool:
+    """The layer is int8, one symmetric scale per row, no act-order: what the int8_token kernels run."""
     spec = layer.spec
     return spec.bits == 8 and spec.group_size == -1 and spec.sym and layer.g_idx is None
 
@@ -167,13 +162,13 @@ class OneDnnInt8Kernel(Kernel):
     activations = ("int8_token",)
 
     def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
-        return device.type == "cpu" and dtype in _CPU_DTYPES and _fits(layer) and _onednn_available()
+        return device.type == "cpu" and dtype in _CPU_DTYPES and fits(layer) and _onednn_available()
 
     def chosen(self, layer: Any, rows: int) -> bool:
         return exact_int8_dot()
 
     def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
-        wq, ws = _int8_weight(layer)
+        wq, ws = cpu.int8_rows(layer)
         packed = torch.ops.onednn.qlinear_prepack(wq, None)
         zp = torch.zeros(wq.shape[0], dtype=torch.int64)
         bias = None if layer.bias is None else layer.bias.float()
@@ -203,10 +198,10 @@ class TokenW8Kernel(Kernel):
     activations = ("int8_token",)
 
     def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
-        return device.type == "cpu" and dtype in _CPU_DTYPES and _fits(layer)
+        return device.type == "cpu" and dtype in _CPU_DTYPES and fits(layer)
 
     def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
-        wq, ws = _int8_weight(layer)
+        wq, ws = cpu.int8_rows(layer)
         return wq, ws.to(dtype), ws
 
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:

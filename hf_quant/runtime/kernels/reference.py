@@ -48,6 +48,7 @@ class DequantMatmulKernel(_AnyFloat):
 
     name = "dequant_matmul"
     priority = 0
+    measured = True  # a candidate of the measured CPU dispatch (cpu_measure.py) too
 
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
         W = dequantize_weight(layer.qweight, layer.scales, layer.qzeros, layer.spec, layer.in_features, x.dtype,

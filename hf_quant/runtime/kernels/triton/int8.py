@@ -31,6 +31,8 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ..base import Kernel, register_kernel
+from ..cpu import int8_rows
+from ..int8 import fits, outlier_index, threshold_of
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: (v + M) - M rounds |v| < 2**22 to nearest even
@@ -123,25 +125,21 @@ def epilogue(acc: torch.Tensor, absmax: torch.Tensor, ws: torch.Tensor, outl: to
 
 def prepare_weight(layer: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(int8 codes (Np, K) with rows padded to a multiple of 8, fp32 row scales (N,), int8 codes (N, K))."""
-    wq = (layer.qweight.to(torch.int16) - 128).to(torch.int8).to(device)
+    wq, ws = (t.to(device) for t in int8_rows(layer))
     N = wq.shape[0]
     Np = (N + 7) // 8 * 8
     wp = torch.zeros(Np, wq.shape[1], dtype=torch.int8, device=device)
     wp[:N] = wq
-    return wp, layer.scales.float()[:, 0].contiguous().to(device), wq
+    return wp, ws, wq
 
 
 def int8_linear(layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
     """y = x @ W_hat.T + bias of an `int8_token` layer, per-token int8 activations (any device Triton runs on)."""
     wp, ws, wq = prepared
-    t = float(layer.scheme.activation.kwargs().get("threshold", 0.0))
+    t = threshold_of(layer)
     x2 = x.reshape(-1, x.shape[-1])
     M, N = x2.shape[0], ws.shape[0]
-    cols = None
-    if t > 0 and M:
-        mn, mx = torch.aminmax(x2, dim=0)
-        idx = ((mx >= t) | (mn <= -t)).nonzero().flatten()
-        cols = idx if idx.numel() else None
+    cols = outlier_index(x2, t) if M else None
     codes, absmax = quantize(x2, t, cols, rows=padded_rows(M))
     acc = torch._int_mm(codes, wp.t())
     outl = None
@@ -158,9 +156,7 @@ class CudaInt8TokenKernel(Kernel):
     activations = ("int8_token",)
 
     def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
-        spec = layer.spec
-        return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16, torch.float32)
-                and spec.bits == 8 and spec.group_size == -1 and spec.sym and layer.g_idx is None
+        return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16, torch.float32) and fits(layer)
                 and layer.in_features % 8 == 0)
 
     def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
