@@ -13,8 +13,9 @@ sum_groups dW_g H_gg dW_g^T, from the diagonal blocks of the Hessian H = 2/N X X
 
 Methods: "awq" (scales + clipping + round-to-nearest) and "awq+gptq" (scales, then GPTQ).
 
-The fold (`fold_target`: which op makes a group's input; `fold_scales`: divide it by s, scale the
-group's weights by s, with the undo log) is shared with w8a8's SmoothQuant smoothing (`w8a8.py`).
+The fold (`foldable_groups`: the groups whose input scales fold, and into which op (`fold_target`);
+`fold_scales`: divide that op's output by s, scale the group's weights by s, with the undo log) is
+shared with w8a8's SmoothQuant smoothing (`w8a8.py`).
 """
 
 from __future__ import annotations
@@ -192,27 +193,34 @@ def fold_scales(ctx: BlockContext, producer: nn.Module, is_norm: bool, layers: d
         set_linear_weight(m, W[n] * s)
 
 
+def foldable_groups(ctx: BlockContext, what: str
+                    ) -> Iterator[tuple[list[str], FoldTarget, dict[str, nn.Module], dict[str, torch.Tensor]]]:
+    """The block's groups whose input scales can fold, in order: (group, fold target, its layers,
+    their fp32 (out, in) weights). Each other group gets a note "<layer>: no <what> (why)". The
+    producers are found once, before the first fold."""
+    producers = block_producers(ctx)
+    for group in ctx.groups:
+        head = group[0]
+        if head not in ctx.observed:  # no calibration window reaches it (e.g. an unrouted expert)
+            ctx.notes.append(f"{head[len(ctx.prefix):]}: no {what} (no calibration input reached it)")
+            continue
+        target = fold_target(ctx, head, producers)
+        if target.producer is None:
+            ctx.notes.append(f"{head[len(ctx.prefix):]}: no {what} ({target.why})")
+            continue
+        layers = {n: ctx.model.get_submodule(n) for n in group}
+        yield group, target, layers, {n: linear_weight(m).detach().float() for n, m in layers.items()}
+
+
 @torch.no_grad()
 def awq_scales(ctx: BlockContext) -> dict[str, dict]:
     """Search each group's scales on the block output (over the reference windows), and fold them in."""
     windows = ctx.inputs[:len(ctx.reference)]
-    producers = block_producers(ctx)
-    x_abs = ctx.observed
     ref = torch.cat([r.float().flatten() for r in ctx.reference]).to(ctx.device)
-    for group in ctx.groups:
+    for group, target, layers, W in foldable_groups(ctx, "scaling"):
         head = group[0]
-        if head not in x_abs:  # no calibration window reaches it (e.g. an unrouted expert)
-            ctx.notes.append(f"{head[len(ctx.prefix):]}: no scaling (no calibration input reached it)")
-            continue
-        target = fold_target(ctx, head, producers)
-        if target.producer is None:
-            ctx.notes.append(f"{head[len(ctx.prefix):]}: no scaling ({target.why})")
-            continue
-        producer, local, is_norm = target.producer, target.local, target.is_norm
-        layers = {n: ctx.model.get_submodule(n) for n in group}
-        W = {n: linear_weight(m).detach().float() for n, m in layers.items()}
         best, best_err, best_alpha = None, float("inf"), 0.0
-        for alpha, s in candidate_scales(x_abs[head]):
+        for alpha, s in candidate_scales(ctx.observed[head]):
             overrides = {n: scaled_fake_quantize(W[n], s, ctx.targets[n], linear_weight(m).dtype)
                          for n, m in layers.items()}
             out = ctx.run(windows, overrides=overrides)
@@ -223,8 +231,8 @@ def awq_scales(ctx: BlockContext) -> dict[str, dict]:
             raise ValueError(f"{head}: AWQ's scale search gets non-finite block outputs for every scale: the model "
                              "produces NaN/inf activations before this layer (check the checkpoint, e.g. its norm "
                              f"weights), or keep the layer in float with QuantConfig(modules_to_not_convert=[{head!r}]).")
-        fold_scales(ctx, producer, is_norm, layers, W, best)
-        ctx.notes.append(f"{','.join(n.rsplit('.', 1)[-1] for n in group)} <- {local}: alpha={best_alpha:.2f}")
+        fold_scales(ctx, target.producer, target.is_norm, layers, W, best)
+        ctx.notes.append(f"{','.join(n.rsplit('.', 1)[-1] for n in group)} <- {target.local}: alpha={best_alpha:.2f}")
     return {}
 
 

@@ -14,7 +14,7 @@ the rows of every linear of the group). X diag(s)^-1 and diag(s) W^T leave the p
 float; after it max|X'_j| = (max|X_j| max|W_j|)^(1 - alpha) and max|W'_j| = (max|X_j| max|W_j|)^alpha:
 alpha = 0.5 equalises the two ranges channel by channel, 0 leaves the activations' range, 1 moves it
 all into the weights. diag(s)^-1 folds into the op before (a norm's weight and bias, or a
-linear's rows) through AWQ's fold machinery (`awq.fold_target` / `awq.fold_scales`), each change
+linear's rows) through AWQ's fold machinery (`awq.foldable_groups` / `awq.fold_scales`), each change
 recorded in the undo log, so no runtime op remains and a failure leaves the model as it was.
 
 `smooth=None` (the default) skips smoothing: plain dynamic W8A8, data-free (no calibration pass).
@@ -29,8 +29,7 @@ from typing import Any
 import torch
 
 from ..core import LayerSpec, QuantizedWeight
-from ..core.layers import linear_weight
-from .awq import block_producers, fold_scales, fold_target
+from .awq import fold_scales, foldable_groups
 from .base import BlockContext, Options, option, register_method
 from .llm_int8 import INT8_SPEC, int8_rowwise
 
@@ -85,19 +84,9 @@ def smooth_scales(ctx: BlockContext) -> dict[str, dict]:
     alpha = ctx.config.smooth
     if alpha is None:
         return {}
-    producers = block_producers(ctx)
-    for group in ctx.groups:
+    for group, target, layers, W in foldable_groups(ctx, "smoothing"):
         head = group[0]
         short = head[len(ctx.prefix):]
-        if head not in ctx.observed:  # no calibration window reaches it (e.g. an unrouted expert)
-            ctx.notes.append(f"{short}: no smoothing (no calibration input reached it)")
-            continue
-        target = fold_target(ctx, head, producers)
-        if target.producer is None:
-            ctx.notes.append(f"{short}: no smoothing ({target.why})")
-            continue
-        layers = {n: ctx.model.get_submodule(n) for n in group}
-        W = {n: linear_weight(m).detach().float() for n, m in layers.items()}
         w_max = torch.stack([w.abs().amax(dim=0) for w in W.values()]).amax(dim=0)
         x_max = ctx.observed[head].to(w_max.device)
         s = smoothing_scales(x_max, w_max, alpha)
