@@ -50,6 +50,7 @@ from torch.utils.benchmark import Timer
 
 from hf_quant.calibration import quantize_layer
 from hf_quant.config import LayerSpec
+from hf_quant.core import devices
 from hf_quant.runtime.kernels import cpu_dispatch, select_kernel, use_kernel
 from hf_quant.runtime.kernels.cpu_measure import candidates, measurement_for
 from hf_quant.runtime import QuantLinear
@@ -174,7 +175,7 @@ def cpu_flags() -> str:
             info = f.read()
     except OSError:
         return "unknown (no /proc/cpuinfo)"
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    flags = devices.cpu_flags()
     model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
     wanted = ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"]
     return f"{model}; " + " ".join(f"{w}={'yes' if w in flags else 'no'}" for w in wanted)

@@ -29,6 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from hf_quant import kernels  # noqa: E402
 from hf_quant.config import LayerSpec  # noqa: E402
+from hf_quant.core.devices import cpu_flags  # noqa: E402
 from hf_quant.methods.llm_int8 import int8_rowwise  # noqa: E402
 from hf_quant.runtime import ActivationSpec, QuantLinear  # noqa: E402
 from hf_quant.runtime.kernels import cpu as C  # noqa: E402
@@ -53,7 +54,7 @@ def bench(fn, budget: float) -> float:
 
 
 def cpu_line() -> str:
-    flags = I.cpu_flags()
+    flags = cpu_flags()
     have = " ".join(f for f in FLAGS if f in flags) or "(no /proc/cpuinfo flags)"
     capped = {k: os.environ[k] for k in I.ONEDNN_ISA_ENV if k in os.environ}
     return (f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; flags: {have}; "

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 import hf_quant
 from hf_quant import kernels
+from hf_quant.core import devices
 
 IN = OUT = 64
 
@@ -59,12 +60,11 @@ def best_us(fn, iters: int, repeats: int) -> float:
 
 
 def cpu_flags() -> str:
-    try:
-        flags = open("/proc/cpuinfo").read().split("flags", 1)[1].split("\n", 1)[0]
-    except (OSError, IndexError):
+    flags = devices.cpu_flags()
+    if not flags:
         return platform.processor() or "unknown"
     wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
-    return " ".join(f for f in wanted if f" {f}" in flags) or "no avx2"
+    return " ".join(f for f in wanted if f in flags) or "no avx2"
 
 
 def main() -> None:

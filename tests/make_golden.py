@@ -50,9 +50,10 @@ MACHINE_FILE = GOLDEN / "machine.json"
 
 def machine() -> dict:
     """What the goldens' bytes depend on besides the code: the matmul ISA and the thread count."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:  # not Linux: the platform stands in for the flags
+    from hf_quant.core.devices import cpu_flags
+
+    flags = cpu_flags()
+    if not flags:  # not Linux: the platform stands in for the flags
         import platform
         return {"isa": [platform.machine()], "threads": THREADS}
     return {"isa": [f for f in ISA_FLAGS if f in flags], "threads": THREADS}

@@ -1,8 +1,25 @@
-"""Which devices this machine has, asked the same way everywhere (CLI options, calibration_device)."""
+"""Which devices this machine has, asked the same way everywhere (CLI options, calibration_device,
+the CPU features that kernels and benchmarks check)."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags ("avx2", "avx512_vnni", "amx_int8", ...) from /proc/cpuinfo; empty
+    where there is none (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 def device_count(device: torch.device) -> int:

@@ -35,13 +35,13 @@ writing the activation dtype (kernels in `triton/int8.py`; checked in Triton's i
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ...core.devices import cpu_flags
 from . import cpu
 from .base import Kernel, register_kernel
 
@@ -113,18 +113,6 @@ def outlier_weight_t(wq_t: torch.Tensor, wscale: torch.Tensor, cols: torch.Tenso
     """W_hat[:, cols].T (n, N) in `dtype`, from the transposed int8 codes (K, N) (contiguous rows: the
     gather reads n * N bytes, not the whole weight) and the fp32 row scales (N,)."""
     return (wq_t.index_select(0, cols).float() * wscale).to(dtype)
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
 
 
 def onednn_isa_capped(environ: Any = os.environ) -> bool:
