@@ -210,10 +210,3 @@ class TokenW8Kernel(Kernel):
 ONEDNN, TOKEN_W8 = OneDnnInt8Kernel(), TokenW8Kernel()
 for _kernel in (ONEDNN, TOKEN_W8):
     register_kernel(_kernel)
-
-try:
-    import triton  # noqa: F401
-except ImportError:  # pragma: no cover - Triton is optional
-    TRITON = None
-else:
-    from .triton import int8 as TRITON  # noqa: E402,F401  (registers "cuda_int8_token")

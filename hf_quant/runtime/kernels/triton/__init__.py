@@ -12,4 +12,5 @@ except ImportError:  # pragma: no cover - Triton is optional
     AVAILABLE = False
 else:
     AVAILABLE = True
-    from . import qgemm  # noqa: F401  (registers "triton_qgemm" and "triton_gemv")
+    from . import qgemm  # noqa: F401  (registers "triton_gemv", "triton_splitk", "triton_dequant")
+    from . import int8  # noqa: F401  (registers "cuda_int8_token")
