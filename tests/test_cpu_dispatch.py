@@ -178,12 +178,30 @@ def test_mode_change_drops_cached_choices(fake_timer):
         assert kernels.get_cpu_dispatch() == "fixed" and not layer._kernel_cache
 
 
-def test_activation_schemes_are_left_to_the_fixed_order():
-    """No measured kernel runs an activation scheme: such layers keep the usual choice."""
-    layer = types.SimpleNamespace(scheme=types.SimpleNamespace(activation_name="int8_dynamic"))
+def test_activation_schemes_measure_only_their_own_kernels(fresh_table):
+    """An activation scheme no measured kernel runs keeps the fixed choice; int8_token layers are
+    measured among the exact int8 GEMMs only (never a weight-only kernel), where the CPU has them."""
+    from hf_quant.runtime.kernels import int8 as I
+
+    from .test_int8_kernels import int8_layer
+    layer = types.SimpleNamespace(scheme=types.SimpleNamespace(activation_name="some_other_scheme"))
     with kernels.cpu_dispatch("measure_bf16"):
         assert cpu_measure.candidates(layer, CPU, torch.float32) == []
         assert cpu_measure.measured_choice(layer, CPU, torch.float32, 1) is None
+    layer = int8_layer(48, 128, 6.0, True)
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    with kernels.cpu_dispatch("measure"):
+        names = {k.name for k in cpu_measure.candidates(layer, CPU, torch.bfloat16)}
+        chosen = kernels.select_kernel(layer, x).name
+        out = layer(x)
+    if I.exact_int8_dot():
+        assert names <= {"cpu_int8_fbgemm", "cpu_int8_onednn"} and chosen in names
+        if len(names) == 2:
+            assert cpu_measure.measurement_for(layer, CPU, torch.bfloat16, 3).choice == chosen
+    else:
+        assert names == set() and chosen == "cpu_int8_token_w8"
+    with kernels.use_kernel("reference"):
+        assert rel_err(out, layer(x)) < 2e-2
 
 
 @pytest.mark.parametrize("value", ["", "Measure", "fast", "auto"])

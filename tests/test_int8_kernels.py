@@ -58,9 +58,18 @@ def test_per_token_codes_are_the_oracles_bit_for_bit(m, dtype, threshold, outlie
     for offset in (0, 128):
         got, got_absmax = I.quantize_tokens(x, threshold, cols, offset)
         assert torch.equal(got.to(torch.int16) - offset, codes.to(torch.int16)) and torch.equal(got_absmax, absmax)
+    for chunk in (I.CHUNK_ELEMS, 96 * 5):  # one fused pass set, and row chunks (the large-input path)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(I, "CHUNK_ELEMS", chunk)
+            for offset, as_float in ((0, False), (128, False), (0, True)):
+                got, got_absmax, got_cols = I.quantize_activations(x, threshold, offset, as_float)
+                assert (got_cols is None) == (cols is None) and (cols is None or torch.equal(got_cols, cols))
+                assert got.dtype == (torch.float32 if as_float else torch.uint8 if offset else torch.int8)
+                assert torch.equal(got.to(torch.int16) - offset, codes.to(torch.int16)), (chunk, offset, as_float)
+                assert torch.equal(got_absmax, absmax)
 
 
-@pytest.mark.parametrize("name", ["cpu_int8_onednn", "cpu_int8_token_w8"])
+@pytest.mark.parametrize("name", ["cpu_int8_onednn", "cpu_int8_fbgemm", "cpu_int8_token_w8"])
 @pytest.mark.parametrize("m,dtype,threshold,outliers,bias", CASES)
 def test_cpu_kernels_match_the_reference(name, m, dtype, threshold, outliers, bias):
     kernel = kernels.base.KERNELS.get(name)
@@ -80,16 +89,20 @@ def test_cpu_dispatch_picks_an_int8_kernel_for_llm_int8():
     for m in (1, 8, 100):
         x = torch.randn(m, 64, dtype=torch.bfloat16)
         name = kernels.select_kernel(layer, x).name
-        assert name == ("cpu_int8_onednn" if I.exact_int8_dot() else "cpu_int8_token_w8"), name
+        fast = "cpu_int8_fbgemm" if m <= I.FBGEMM_MAX_ROWS else "cpu_int8_onednn"
+        assert name == (fast if I.exact_int8_dot() else "cpu_int8_token_w8"), name
     assert kernels.select_kernel(layer, torch.randn(3, 64)).name != "reference"
 
 
 def test_onednn_kernel_not_chosen_where_int8_dot_saturates(monkeypatch):
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
-    assert I.onednn_isa_capped() and not I.exact_int8_dot() and not I.ONEDNN.chosen(None, 1)
-    assert not I.onednn_isa_capped({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"})
     layer = int8_layer(32, 64, 0.0, False)
-    assert kernels.select_kernel(layer, torch.randn(8, 64)).name == "cpu_int8_token_w8"
+    assert I.onednn_isa_capped() and not I.exact_int8_dot()
+    assert not I.ONEDNN.supports(layer, torch.device("cpu"), torch.float32)
+    assert not I.FBGEMM.supports(layer, torch.device("cpu"), torch.float32)
+    assert not I.onednn_isa_capped({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"})
+    for m in (1, 8, 100):
+        assert kernels.select_kernel(layer, torch.randn(m, 64)).name == "cpu_int8_token_w8"
 
 
 def test_weight_only_layers_never_pick_int8_kernels():

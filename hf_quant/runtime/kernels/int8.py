@@ -9,19 +9,29 @@ absmax, the outlier columns' codes zero; `quantize_tokens` below is bit-identica
 the only differences are float rounding: ~3e-7 relative in fp32, bf16/fp16 rounding of the
 reference's own GEMM otherwise.
 
-CPU (`cpu_int8_onednn`): oneDNN's int8 GEMM `torch.ops.onednn.qlinear_pointwise`, weights prepacked
-once (`onednn.qlinear_prepack`), activations passed as uint8 codes + 128 with x_scale=1 and
-zero point 128 and the per-channel weight scales, fp32 out; the per-token scale, outlier product and
-bias are applied after. That makes it exact per token (no per-tensor activation scale anywhere).
-Measured (benchmarks/bench_int8_cpu.py, Llama-7B shapes, 2 cores Xeon with AVX-512 VNNI/bf16 and AMX):
-it is the fastest path at every M in {1, 8, 64, 512}, so one kernel serves all row counts; the
-candidates it beat were `torch._int_mm` (its GEMM alone 1.4-2.1x the best float path vs 1.7-2.7x
+CPU, two exact int8 GEMMs behind one epilogue (`finish_tokens`):
+- `cpu_int8_onednn`: oneDNN's int8 GEMM `torch.ops.onednn.qlinear_pointwise`, weights prepacked
+  once (`onednn.qlinear_prepack`), activations passed as uint8 codes + 128 with x_scale=1 and zero
+  point 128 and the per-channel weight scales, fp32 out;
+- `cpu_int8_fbgemm`: fbgemm's int8 GEMM through PyTorch's quantized linear with fp32 output
+  (`quantized::linear_with_input_q_dq_qweight_dq_output_fp32`), the per-token codes passed as fp32
+  integers with scale 1 and zero point 128 (its own quantization of them is exact), weights
+  prepacked once per channel. Its GEMV is the fast one: on a 2-core AMD EPYC (Zen 4, AVX-512
+  VNNI/bf16, no AMX) it ran M=1 at 3.5-5x the best float path where oneDNN ran 2.5-3.6x.
+In both, the per-token scale, outlier product and bias are applied after, so they are exact per
+token (no per-tensor activation scale anywhere). The fixed dispatch takes fbgemm up to
+FBGEMM_MAX_ROWS rows and oneDNN above (oneDNN's GEMM is 5-15% faster at M >= 64 on that CPU);
+the measured dispatch (`cpu_measure.py`, mode "measure") times both per layer shape and row class.
+Inputs of at most CHUNK_ELEMS elements are quantized by one fused set of passes
+(`quantize_activations`): per-op overhead is what a decoding step pays.
+Measured earlier (2 cores Xeon with AVX-512 VNNI/bf16 and AMX): oneDNN was the fastest path at every
+M in {1, 8, 64, 512} (fbgemm not yet a candidate); the candidates it beat were `torch._int_mm` (its GEMM alone 1.4-2.1x the best float path vs 1.7-2.7x
 for this whole kernel at M>=8; 1.2-7x slower than float with oneDNN capped at AVX2), the weight-only
 `_weight_int8pack_mm` (bf16: similar at M=1, 4-15x slower at M>=8; fp32: far slower) and fbgemm's dynamic `quantized::linear_dynamic` (per-*tensor* activation scale: relative
 deviation from the per-token oracle 1.2-1.5e-2 on random inputs; never used).
-It is chosen only where the CPU has a non-saturating int8 dot product (AVX-512 VNNI, AVX-VNNI or
+Both run only where the CPU has a non-saturating int8 dot product (AVX-512 VNNI, AVX-VNNI or
 AMX, and oneDNN not capped below it by ONEDNN_MAX_CPU_ISA): without VNNI, oneDNN's u8 x s8 path
-(vpmaddubsw) saturates int16 pair sums; measured with ONEDNN_MAX_CPU_ISA=AVX2 it deviates 5.6e-3
+(vpmaddubsw, also fbgemm's AVX2 path) saturates int16 pair sums; measured with ONEDNN_MAX_CPU_ISA=AVX2 it deviates 5.6e-3
 relative from the oracle (and s8 activations are 10x slower). There `cpu_int8_token_w8` runs instead:
 the exact per-token fake-quantized activations through the weight-only int8 paths
 (`_weight_int8pack_mm` up to `cpu.MAX_ROWS`, else dequantize + F.linear), exact and never slower
@@ -36,6 +46,7 @@ writing the activation dtype (kernels in `triton/int8.py`; checked in Triton's i
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -48,6 +59,7 @@ from .base import Kernel, register_kernel
 CHUNK_ELEMS = 1 << 18  # rows of x are quantized in chunks of ~1 MiB of fp32 (stays in cache)
 ONEDNN_ISA_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 _VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+FBGEMM_MAX_ROWS = 16  # fixed dispatch: fbgemm up to here (its GEMV wins at M <= 8), oneDNN above
 
 
 def threshold_of(layer: Any) -> float:
@@ -59,27 +71,28 @@ def outlier_index(x2: torch.Tensor, threshold: float) -> torch.Tensor | None:
     found): the columns of `activations.outlier_columns`, from column max and min (no |x| temporary)."""
     if threshold <= 0:
         return None
-    idx = ((x2.amax(dim=0) >= threshold) | (x2.amin(dim=0) <= -threshold)).nonzero().flatten()
+    idx = (x2.abs().amax(dim=0) >= threshold).nonzero().flatten()  # faster than amax + amin over dim 0
     return idx if idx.numel() else None
 
 
 MAGIC = 12582912.0  # 1.5 * 2**23: fp32 v + MAGIC rounds v (|v| < 2**22) to nearest even, the integer in the low bits
 
 
-def quantize_tokens(x2: torch.Tensor, threshold: float, cols: torch.Tensor | None, offset: int = 0
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes (M, K): int8, or uint8 codes + `offset`; fp32 absmax per row (M,)), bit-identical to
-    `activations.quantize_rows(x2, mask of cols, threshold)`, computed in row chunks that stay in cache.
-    With an offset the rounding is v + (MAGIC + offset) in fp32 (round half to even, as torch.round)
-    and the code is the low byte of that float's bits: no separate round and float-to-int pass."""
+def quantize_tokens(x2: torch.Tensor, threshold: float, cols: torch.Tensor | None, offset: int = 0,
+                    as_float: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes (M, K): int8, or uint8 codes + `offset`, or (`as_float`) fp32 integer-valued codes;
+    fp32 absmax per row (M,)), bit-identical to `activations.quantize_rows(x2, mask of cols,
+    threshold)`, computed in row chunks that stay in cache. With an offset the rounding is
+    v + (MAGIC + offset) in fp32 (round half to even, as torch.round) and the code is the low byte of
+    that float's bits: no separate round and float-to-int pass."""
     M, K = x2.shape
-    codes = torch.empty(M, K, dtype=torch.uint8 if offset else torch.int8)
+    codes = torch.empty(M, K, dtype=torch.float32 if as_float else torch.uint8 if offset else torch.int8)
     absmax = torch.empty(M, dtype=torch.float32)
     step = max(1, CHUNK_ELEMS // max(K, 1))
-    buf = torch.empty(min(step, M), K, dtype=torch.float32)
+    buf = None if as_float else torch.empty(min(step, M), K, dtype=torch.float32)
     for r0 in range(0, M, step):
         xc = x2[r0:r0 + step]
-        b = buf[:xc.shape[0]]
+        b = codes[r0:r0 + step] if buf is None else buf[:xc.shape[0]]  # fp32 codes: scaled in place
         b.copy_(xc)
         if cols is None:
             a = torch.maximum(b.amax(dim=1), b.amin(dim=1).neg_())  # absmax without an |x| temporary
@@ -91,7 +104,9 @@ def quantize_tokens(x2: torch.Tensor, threshold: float, cols: torch.Tensor | Non
         absmax[r0:r0 + step] = a
         inv = torch.where(a > 0, 127.0 / a, torch.zeros((), dtype=a.dtype))  # an all-zero row: codes 0
         b.mul_(inv.unsqueeze(1))
-        if offset:
+        if as_float:
+            b.round_()
+        elif offset:
             b.add_(MAGIC + offset)
             codes[r0:r0 + step].copy_(b.view(torch.int32))  # int32 -> uint8 keeps the low byte
         else:
@@ -99,10 +114,39 @@ def quantize_tokens(x2: torch.Tensor, threshold: float, cols: torch.Tensor | Non
     return codes, absmax
 
 
+def quantize_activations(x2: torch.Tensor, threshold: float, offset: int = 0, as_float: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(codes, absmax, outlier columns or None) of x2 (M, K): `outlier_index` then `quantize_tokens`,
+    bit-identical to them. An input of at most CHUNK_ELEMS elements (decoding, short prompts) takes
+    one fused pass set instead, where per-op overhead is what costs: |x| is computed once and serves
+    the outlier columns (any |x| >= threshold in the column) and the absmax (the max of |x| below the threshold, which is
+    exactly the absmax without the outlier elements)."""
+    M, K = x2.shape
+    if M * K > CHUNK_ELEMS:
+        cols = outlier_index(x2, threshold)
+        return (*quantize_tokens(x2, threshold, cols, offset, as_float), cols)
+    b = x2.to(torch.float32, copy=True)
+    ab = b.abs()
+    cols = None
+    if threshold > 0:
+        outlier = ab >= threshold
+        found = (outlier[0] if M == 1 else outlier.any(dim=0)).nonzero().flatten()
+        if found.numel():
+            cols = found
+            ab.masked_fill_(outlier, 0.0)  # only outlier elements leave the absmax ...
+            b.index_fill_(1, cols, 0.0)  # ... and the outlier columns' codes are zero
+    a = ab.amax(dim=1)
+    b.mul_(torch.where(a > 0, 127.0 / a, torch.zeros((), dtype=a.dtype)).unsqueeze(1))
+    if as_float:
+        return b.round_(), a, cols
+    if offset:
+        return b.add_(MAGIC + offset).view(torch.int32).to(torch.uint8), a, cols  # int32 -> uint8 keeps the low byte
+    return b.round_().to(torch.int8), a, cols
+
+
 def fake_quantize_fast(x2: torch.Tensor, threshold: float) -> torch.Tensor:
-    """`activations.fake_quantize_int8_token` of x2 (M, K), through `quantize_tokens`."""
-    cols = outlier_index(x2, threshold)
-    codes, absmax = quantize_tokens(x2, threshold, cols)
+    """`activations.fake_quantize_int8_token` of x2 (M, K), through `quantize_activations`."""
+    codes, absmax, cols = quantize_activations(x2, threshold)
     xq = codes.float().mul_((absmax / 127.0).unsqueeze(1))
     if cols is not None:
         xq.index_copy_(1, cols, x2.index_select(1, cols).float())
@@ -148,33 +192,108 @@ class OneDnnInt8Kernel(Kernel):
     name = "cpu_int8_onednn"
     priority = 30
     activations = ("int8_token",)
+    measured = True
 
     def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
-        return device.type == "cpu" and dtype in _CPU_DTYPES and fits(layer) and _onednn_available()
-
-    def chosen(self, layer: Any, rows: int) -> bool:
-        return exact_int8_dot()
+        return (device.type == "cpu" and dtype in _CPU_DTYPES and fits(layer) and exact_int8_dot()
+                and _onednn_available())
 
     def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
         wq, ws = cpu.int8_rows(layer)
         packed = torch.ops.onednn.qlinear_prepack(wq, None)
         zp = torch.zeros(wq.shape[0], dtype=torch.int64)
         bias = None if layer.bias is None else layer.bias.float()
-        return packed, ws, zp, wq.t().contiguous(), bias  # codes transposed: for the outlier columns' gather
+        return packed, ws, zp, OutlierWeights(wq.t().contiguous(), ws), bias  # codes transposed: for the outlier columns' gather
 
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
-        packed, ws, zp, wq_t, bias = prepared
+        packed, ws, zp, outliers, bias = prepared
         t = threshold_of(layer)
         x2 = x.reshape(-1, x.shape[-1])
-        cols = outlier_index(x2, t)
-        codes, absmax = quantize_tokens(x2, t, cols, offset=128)
+        codes, absmax, cols = quantize_activations(x2, t, offset=128)
         y = torch.ops.onednn.qlinear_pointwise(codes, 1.0, 128, packed, ws, zp, None, 1.0, 0, torch.float32,
                                                "none", [], "")
-        sx = (absmax / 127.0).unsqueeze(1)
-        y = y.mul_(sx) if bias is None else torch.addcmul(bias, y, sx)
-        if cols is not None:  # the outlier columns: their products in the activation dtype, accumulated in fp32
-            y.addmm_(x2.index_select(1, cols).float(), outlier_weight_t(wq_t, ws, cols, x.dtype).float())
-        return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+        return finish_tokens(y, absmax, bias, x, x2, cols, outliers)
+
+
+class OutlierWeights:
+    """W_hat[:, cols].T in fp32 (rounded through the activation dtype) for the outlier columns of the
+    last call, rebuilt only when the set changes: LLM.int8's outliers sit in a few hidden dimensions
+    that repeat from token to token, so the gather is usually skipped."""
+
+    def __init__(self, wq_t: torch.Tensor, wscale: torch.Tensor) -> None:
+        self.wq_t, self.wscale, self.last = wq_t, wscale, None
+
+    def get(self, cols: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        last = self.last
+        if last is not None and last[1] == dtype and last[0].shape == cols.shape and torch.equal(last[0], cols):
+            return last[2]
+        w = outlier_weight_t(self.wq_t, self.wscale, cols, dtype).float()
+        self.last = (cols, dtype, w)  # one tuple: a concurrent call sees the old or the new entry
+        return w
+
+
+def finish_tokens(y: torch.Tensor, absmax: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor,
+                  x2: torch.Tensor, cols: torch.Tensor | None, outliers: OutlierWeights) -> torch.Tensor:
+    """The epilogue of the CPU int8 GEMMs: y (M, N) fp32 = codes_x . codes_w * w_scale, times the row
+    scales absmax/127, plus the bias and the outlier columns' product; in x's dtype and leading dims."""
+    sx = (absmax / 127.0).unsqueeze(1)
+    y = y.mul_(sx) if bias is None else torch.addcmul(bias, y, sx)
+    if cols is not None:  # the outlier columns: their products in the activation dtype, accumulated in fp32
+        y.addmm_(x2.index_select(1, cols).float(), outliers.get(cols, x.dtype))
+    return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+_FBGEMM_OP = "linear_with_input_q_dq_qweight_dq_output_fp32"
+
+
+def _fbgemm_available() -> bool:
+    return (hasattr(torch.ops.quantized, _FBGEMM_OP)
+            and any(e in torch.backends.quantized.supported_engines for e in ("x86", "fbgemm")))
+
+
+class FbgemmInt8Kernel(Kernel):
+    """CPU W8A8 with exact per-token activation scales on fbgemm's int8 GEMM (PyTorch's quantized
+    linear with fp32 output): the per-token codes go in as fp32 integers with scale 1 and zero point
+    128 (the op's own quantization of them is exact: uint8 codes + 128), weights prepacked once with
+    their per-channel scales; the row scales, outlier product and bias come after (`finish_tokens`).
+    fbgemm's int8 GEMV is what makes decoding fast: measured 3-8x the best float path at M <= 8."""
+
+    name = "cpu_int8_fbgemm"
+    priority = 31
+    activations = ("int8_token",)
+    measured = True
+
+    def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
+        return (device.type == "cpu" and dtype in _CPU_DTYPES and fits(layer) and exact_int8_dot()
+                and _fbgemm_available())
+
+    def row_cuts(self, dtype: torch.dtype) -> tuple[int, ...]:
+        return (FBGEMM_MAX_ROWS,)
+
+    def chosen(self, layer: Any, rows: int) -> bool:
+        return rows <= FBGEMM_MAX_ROWS  # the fixed order; the measured dispatch times it at every row count
+
+    def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
+        wq, ws = cpu.int8_rows(layer)
+        engine = torch.backends.quantized.engine
+        try:
+            with warnings.catch_warnings():  # quantized tensor creation is deprecated in torch >= 2.10 (still the op's input)
+                warnings.simplefilter("ignore")
+                torch.backends.quantized.engine = "x86" if "x86" in torch.backends.quantized.supported_engines else "fbgemm"
+                qw = torch._make_per_channel_quantized_tensor(wq, ws.double(), torch.zeros(wq.shape[0], dtype=torch.int64), 0)
+                packed = torch.ops.quantized.linear_prepack(qw, None)
+        finally:
+            torch.backends.quantized.engine = engine
+        bias = None if layer.bias is None else layer.bias.float()
+        return packed, OutlierWeights(wq.t().contiguous(), ws), bias
+
+    def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
+        packed, outliers, bias = prepared
+        t = threshold_of(layer)
+        x2 = x.reshape(-1, x.shape[-1])
+        codes, absmax, cols = quantize_activations(x2, t, as_float=True)
+        y = getattr(torch.ops.quantized, _FBGEMM_OP)(codes, 1.0, 128, packed)
+        return finish_tokens(y, absmax, bias, x, x2, cols, outliers)
 
 
 class TokenW8Kernel(Kernel):
@@ -207,6 +326,6 @@ class TokenW8Kernel(Kernel):
         return y.reshape(*x.shape[:-1], -1)
 
 
-ONEDNN, TOKEN_W8 = OneDnnInt8Kernel(), TokenW8Kernel()
-for _kernel in (ONEDNN, TOKEN_W8):
+ONEDNN, FBGEMM, TOKEN_W8 = OneDnnInt8Kernel(), FbgemmInt8Kernel(), TokenW8Kernel()
+for _kernel in (ONEDNN, FBGEMM, TOKEN_W8):
     register_kernel(_kernel)
