@@ -18,9 +18,13 @@ Before a kernel is timed, its output is compared with the reference kernel (dequ
 on the same input; the relative Frobenius error must stay below 1e-3 for fp32 kernels and 2e-2 for
 bf16 ones, or the script stops with exit status 1.
 
-Each time is the median over `--reps` timed blocks of `torch.utils.benchmark.Timer` (at most 3 for
-calls slower than 0.5 s), each block repeating the call for at least `--block-ms` milliseconds,
-under `torch.inference_mode()`. Ratios are `best float ms / ms` (> 1: the quantized layer is faster).
+Each time is the median over `--reps` timed blocks (at most 3 for calls slower than 0.5 s), each
+block repeating the call for at least `--block-ms` milliseconds (at most COLD_CALLS calls), under
+`torch.inference_mode()`. Every call is timed with cold caches: a buffer of twice the last-level
+cache is read before it (`common.CacheFlush`), as the other layers of a model evict a layer's
+weights between its calls; `--warm` times back-to-back calls with `torch.utils.benchmark.Timer`
+instead (weights that fit in the cache stay there: that flatters the smaller formats).
+Ratios are `best float ms / ms` (> 1: the quantized layer is faster).
 
 On a shared machine, other processes wreck CPU timings (with all cores in use, threads wait whole
 scheduler ticks). On Linux the script measures the CPU other processes used during each
@@ -41,12 +45,15 @@ import os
 import statistics
 import sys
 import time
+import types
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.benchmark import Timer
+
+from common import CacheFlush, last_level_cache_bytes
 
 from hf_quant.calibration import quantize_layer
 from hf_quant.config import LayerSpec
@@ -68,6 +75,7 @@ DTYPE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 SEED = 0
 NOISE_CORES = 0.1  # cores kept busy by other processes above which a measurement is disturbed
 SLOW_CALL_S, SLOW_REPS = 0.5, 3  # calls slower than this are timed in at most SLOW_REPS blocks
+COLD_CALLS = 8  # most calls in one block of cold calls
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -91,7 +99,11 @@ def parse_args() -> argparse.Namespace:
                    help="minimum duration of one timed block (ms; default 40, --small: 20)")
     p.add_argument("--retries", type=int, default=None,
                    help="re-measurements of a time disturbed by other processes (default 2; --small: 0)")
+    p.add_argument("--warm", action="store_true",
+                   help="time blocks of back-to-back calls (weights that fit stay in the cache) instead of "
+                        "flushing the caches before each call")
     args = p.parse_args()
+    args.flush = None if args.warm else CacheFlush()
     if args.shapes is None:
         args.shapes = [parse_shape(s) for s in (SMALL_SHAPES if args.small else DEFAULT_SHAPES)]
     args.m = args.m or (SMALL_M if args.small else DEFAULT_M)
@@ -133,11 +145,34 @@ def _measure(timer: Timer, number: int, reps: int) -> tuple[float, float]:
     return median, max(0.0, (busy1 - busy0) - (own1 - own0)) / (wall1 - wall0)
 
 
+class ColdTimer:
+    """`Timer`'s `timeit(number).mean` with the caches flushed (`common.CacheFlush`) before every
+    call, each call timed alone: the mean of `number` cold calls."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, flush: CacheFlush) -> None:
+        self.fn, self.x, self.flush = fn, x, flush
+
+    def timeit(self, number: int) -> types.SimpleNamespace:
+        total = 0.0
+        for _ in range(number):
+            self.flush()
+            t0 = time.perf_counter()
+            self.fn(self.x)
+            total += time.perf_counter() - t0
+        return types.SimpleNamespace(mean=total / number)
+
+
 def time_fn(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, args: argparse.Namespace) -> Timing:
-    """Median time of `fn(x)`; a measurement disturbed by other processes is retried, the quietest kept."""
-    timer = Timer("fn(x)", globals={"fn": fn, "x": x}, num_threads=torch.get_num_threads())
+    """Median time of `fn(x)`; a measurement disturbed by other processes is retried, the quietest kept.
+    Cold caches before every call unless `--warm` (blocks of back-to-back calls)."""
+    if args.flush is None:
+        timer = Timer("fn(x)", globals={"fn": fn, "x": x}, num_threads=torch.get_num_threads())
+    else:
+        timer = ColdTimer(fn, x, args.flush)
     estimate = timer.timeit(1).mean  # also a warm-up call
     number = max(1, round(args.block_ms / 1e3 / estimate))
+    if args.flush is not None:
+        number = min(number, COLD_CALLS)  # each cold call also pays a flush of its own
     reps = min(args.reps, SLOW_REPS) if estimate > SLOW_CALL_S else args.reps
     median, others = _measure(timer, number, reps)
     for _ in range(args.retries):
@@ -287,7 +322,10 @@ def main() -> None:
     torch.manual_seed(SEED)
     print(f"CPU: {cpu_flags()}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads ({os.cpu_count()} CPUs), "
-          f"median of {args.reps} blocks >= {args.block_ms:g} ms")
+          f"median of {args.reps} blocks >= {args.block_ms:g} ms; "
+          + ("warm caches (calls back to back)" if args.flush is None else
+             f"cold caches (a {2 * last_level_cache_bytes() >> 20} MiB read before each call, at most {COLD_CALLS} "
+             "calls per block)"))
     print("QuantLinear: RTN from the bf16 weight, bf16 scales; 4 bits: group 128, asym; 8 bits: per-channel, asym.")
     print("x float = best float ms / ms (> 1: QuantLinear faster). "
           f"*: other processes used > {NOISE_CORES:g} core while it was timed.\n")

@@ -13,7 +13,10 @@ Columns: the float baselines (ms), then speed-ups of
   the per-token oracle is printed too).
 Activations are bf16 for the int8 paths (the int8 kernels' speed barely depends on the dtype).
 
-    python benchmarks/bench_int8_cpu.py [--small] [--md out.md]
+Every call is timed with cold caches (a buffer of twice the last-level cache written before it), as
+a layer of a model runs; `--warm` times calls back to back instead.
+
+    python benchmarks/bench_int8_cpu.py [--small] [--warm] [--md out.md]
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+from common import CacheFlush, last_level_cache_bytes  # noqa: E402
+
 from hf_quant import kernels  # noqa: E402
 from hf_quant.config import LayerSpec  # noqa: E402
 from hf_quant.core.devices import cpu_flags  # noqa: E402
@@ -43,16 +49,25 @@ ROWS = [1, 8, 64, 512]
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 
 
-def bench(fn, budget: float) -> float:
-    fn()
-    t0 = time.perf_counter()
-    fn()
-    one = time.perf_counter() - t0
-    best = one
-    for _ in range(max(2, min(30, int(budget / max(one, 1e-6))))):
-        t0 = time.perf_counter()
+def bench_all(fns: dict, budget: float, flush: CacheFlush | None) -> dict:
+    """Seconds per call of every function: the fastest call of each, timed in interleaved rounds (one
+    call of each per round) until about `budget` seconds per function are spent, so that a noisy
+    neighbour on a shared machine slows every candidate of a row alike instead of one of them. With
+    `flush`, the caches are flushed before every timed call (cold weights, as in a model)."""
+    for fn in fns.values():  # warm-up: one-time costs (oneDNN primitives, first-touch memory)
         fn()
-        best = min(best, time.perf_counter() - t0)
+    best = {k: float("inf") for k in fns}
+    spent = 0.0
+    rounds = 0
+    while rounds < 3 or (spent < budget * len(fns) and rounds < 30):
+        for k, fn in fns.items():
+            if flush is not None:
+                flush()
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            best[k], spent = min(best[k], dt), spent + dt
+        rounds += 1
     return best
 
 
@@ -61,6 +76,7 @@ def cpu_line() -> str:
     have = " ".join(f for f in FLAGS if f in flags) or "(no /proc/cpuinfo flags)"
     capped = {k: os.environ[k] for k in I.ONEDNN_ISA_ENV if k in os.environ}
     return (f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; flags: {have}; "
+            f"last-level cache {last_level_cache_bytes() >> 20} MiB; "
             f"torch {torch.__version__} capability {torch.backends.cpu.get_cpu_capability()}"
             + (f"; oneDNN capped {capped}" if capped else "") + f"; exact int8 dot (VNNI/AMX): {I.exact_int8_dot()}")
 
@@ -78,9 +94,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true", help="short timings, about 1-2 minutes")
     ap.add_argument("--md", help="also write the table as markdown here")
+    ap.add_argument("--warm", action="store_true",
+                    help="time calls back to back (weights that fit stay in the cache) instead of flushing the "
+                         "caches before each call")
     args = ap.parse_args()
+    flush = None if args.warm else CacheFlush()
     budget = 0.15 if args.small else 0.6
-    head = cpu_line()
+    head = cpu_line() + ("; warm caches (calls back to back)" if args.warm else "; cold caches (flushed before each call)")
     print(head, flush=True)
     cols = ["shape (in x out)", "M", "fp32 ms", "bf16 ms", "w8a8", "w8a8 measured", "llm_int8", "llm_int8 / w8a8 time",
             "outl cols", "fbgemm", "onednn", "token_w8", "_int_mm", "w8pack bf16", "fbgemm dyn", "fbgemm dev"]
@@ -103,27 +123,30 @@ def main() -> None:
             out_cols = torch.randperm(K, generator=g)[:n_out]
             xo[:, out_cols] *= 20
             xb, xob = x.bfloat16(), xo.bfloat16()
-            tf = bench(lambda: F.linear(x, Wf), budget)
-            tb = bench(lambda: F.linear(xb, Wb), budget)
-            best = min(tf, tb)
-            r = {}
             with torch.no_grad():
-                r["w8a8"] = bench(lambda: l0(xb), budget)
-                with kernels.cpu_dispatch("measure"):  # the first call measures the candidates
-                    r["measured"] = bench(lambda: l0(xb), budget)
+                with kernels.cpu_dispatch("measure"):  # the measured dispatch's choice, then timed like the rest
                     measured_name = kernels.select_kernel(l0, xb).name
-                r["llm_int8"] = bench(lambda: l6(xob), budget)
+                fns = {"fp32": lambda: F.linear(x, Wf), "bf16": lambda: F.linear(xb, Wb),
+                       "w8a8": lambda: l0(xb), "llm_int8": lambda: l6(xob)}
+
+                def forced(name, layer=l0, inp=xb):
+                    def run():
+                        with kernels.use_kernel(name):
+                            layer(inp)
+                    return run
+                fns["measured"] = forced(measured_name)
                 for name in ("cpu_int8_fbgemm", "cpu_int8_onednn", "cpu_int8_token_w8"):
-                    if not kernels.base.KERNELS.get(name).supports(l0, xb.device, xb.dtype):
-                        r[name] = None
-                        continue
-                    with kernels.use_kernel(name):
-                        r[name] = bench(lambda: l0(xb), budget)
+                    if kernels.base.KERNELS.get(name).supports(l0, xb.device, xb.dtype):
+                        fns[name] = forced(name)
                 xq = torch.randint(-127, 128, (max(M, 17), K), dtype=torch.int8, generator=g)
-                r["_int_mm"] = bench(lambda: torch._int_mm(xq, wq.t()), budget) if M >= 8 or not args.small else None
-                r["w8pack"] = bench(lambda: torch.ops.aten._weight_int8pack_mm(xb, wq, ws.bfloat16()), budget) \
-                    if M <= 64 or not args.small else None
-                r["fbgemm"] = bench(lambda: torch.ops.quantized.linear_dynamic(x, fb, False), budget)
+                if M >= 8 or not args.small:
+                    fns["_int_mm"] = lambda: torch._int_mm(xq, wq.t())
+                if M <= 64 or not args.small:
+                    fns["w8pack"] = lambda: torch.ops.aten._weight_int8pack_mm(xb, wq, ws.bfloat16())
+                fns["fbgemm"] = lambda: torch.ops.quantized.linear_dynamic(x, fb, False)
+                r = bench_all(fns, budget, flush)
+                tf, tb = r["fp32"], r["bf16"]
+                best = min(tf, tb)
                 with kernels.use_kernel("reference"):
                     ref = l0(x)
                 dev = rel(torch.ops.quantized.linear_dynamic(x, fb, False), ref)
@@ -132,7 +155,7 @@ def main() -> None:
                      f"{best / r['llm_int8']:.2f}x", f"{r['llm_int8'] / r['w8a8']:.2f}", str(n_out)]
             goals.append((M, best / r["w8a8"], r["llm_int8"] / r["w8a8"]))
             for key in ("cpu_int8_fbgemm", "cpu_int8_onednn", "cpu_int8_token_w8", "_int_mm", "w8pack", "fbgemm"):
-                line.append("-" if r[key] is None else f"{best / r[key]:.2f}x")
+                line.append("-" if key not in r else f"{best / r[key]:.2f}x")
             line.append(f"{dev:.1e}")
             rows.append(line)
             print(" | ".join(line), flush=True)
