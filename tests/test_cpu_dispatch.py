@@ -108,6 +108,14 @@ def test_measured_choice_is_the_fastest_candidate_and_cached(fake_timer):
         assert len(fake_timer) > timed and len(cpu_measure.measurements()) == 2
 
 
+def test_the_winners_layout_is_kept_and_no_losers(fake_timer):
+    """The measurement's layout of the chosen kernel becomes the layer's (not prepared twice)."""
+    layer, _ = make_layer(64, 256, LayerSpec(8, -1, False), bias=False)
+    with kernels.cpu_dispatch("measure"):
+        assert kernels.select_kernel(layer, torch.randn(5, 256)).name == "dequant_tiles"
+        assert {key[0] for key in layer._prepared} == {"dequant_tiles"}
+
+
 def test_probes_drop_hopeless_candidates_cheaply(monkeypatch, fresh_table):
     """A candidate slower on a few rows than the best on all rows is never timed at full size."""
     calls = []

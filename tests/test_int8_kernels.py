@@ -136,3 +136,73 @@ def test_triton_int8_matches_the_reference(m, dtype, threshold, outliers, bias):
     out = T.CUDA_INT8.forward(layer, x, T.CUDA_INT8.prepare(layer, x.device, dtype))
     _check(layer, x, out)
     assert not T.CUDA_INT8.supports(layer, x.device, dtype)  # never chosen on CPU
+
+
+def _split_inputs(m, in_f, dtype, kind, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, in_f, generator=g)
+    if kind == "outlier_cols":  # LLM.int8-style outlier features: a few hidden dims 40x larger
+        x[:, torch.randperm(in_f, generator=g)[:3]] *= 40
+    elif kind == "massive":  # a row dominated by one huge value ("massive activations")
+        x[0, 1] = 3000.0
+    if m > 1:
+        x[-1] = 0.0  # an all-zero row
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("m", [1, 3, 17, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sym,bias", [(True, False), (False, True)])
+@pytest.mark.parametrize("kind", ["plain", "outlier_cols", "massive"])
+def test_split_int8_weight_only_kernel_is_as_close_as_float(m, dtype, sym, bias, kind):
+    """cpu_int8_split (8-bit weight-only on the int8 GEMM, activations as 2-3 int8 terms): against the
+    float64 product of the same weights, no worse than the reference kernel's own float arithmetic."""
+    from .test_kernels import make_layer
+    layer, _ = make_layer(48, 256, LayerSpec(8, -1, sym, False), bias, dtype=dtype, seed=m)
+    x = _split_inputs(m, 256, dtype, kind, seed=m)
+    if not I.SPLIT.supports(layer, x.device, dtype):
+        pytest.skip("no exact int8 GEMM on this CPU (VNNI/AMX and fbgemm needed)")
+    truth = x.double() @ layer.dequantize().double().t() + (0 if layer.bias is None else layer.bias.double())
+    with kernels.use_kernel("cpu_int8_split"):
+        out = layer(x)
+    with kernels.use_kernel("reference"):
+        ref = layer(x)
+    assert out.shape == ref.shape and out.dtype == dtype
+    err, err_ref = rel_err(out, truth), rel_err(ref, truth)
+    assert err < 2 * err_ref + 1e-4, (err, err_ref)
+
+
+def test_split_terms_bound_the_activation_error():
+    """Two int8 terms leave at most absmax / (2 * 127 * 254) per element; rows far above their rms
+    get a third term, and their error drops by another ~250x."""
+    x = _split_inputs(8, 512, torch.float32, "massive", seed=0)
+    x[1, 5] = 500.0  # absmax / rms ~ 22 (at most sqrt(K) for one large value)
+    codes, scales, rows = I.split_terms(x, I.SplitInt8Kernel.THIRD_TERM_RATIO)
+    M = x.shape[0]
+    assert codes.abs().max() <= 127 and torch.equal(codes, codes.round())
+    assert rows is not None and set(rows.tolist()) == {0, 1}
+    two = codes[:M] * scales[:M, None] + codes[M:2 * M] * scales[M:2 * M, None]
+    amax = x.abs().amax(dim=1)
+    assert ((two - x).abs().amax(dim=1) <= amax / (2 * 127 * 254) * 1.01 + 1e-12).all()
+    three = two.index_add(0, rows, codes[2 * M:] * scales[2 * M:, None])
+    err3 = (three - x).abs().amax(dim=1)[rows]
+    assert (err3 <= amax[rows] / (2 * 127 * 254 * 100)).all()
+
+
+def test_split_kernel_is_only_a_measured_candidate():
+    """Never the fixed choice; in mode "measure" a candidate for bf16 8-bit per-channel layers (and,
+    as cpu_int8_split_bf16, for fp32 ones only in "measure_bf16")."""
+    from hf_quant.runtime.kernels import cpu_measure
+
+    from .test_kernels import make_layer
+    layer, _ = make_layer(32, 128, LayerSpec(8, -1, True, False), False)
+    for m in (1, 8, 100):
+        assert kernels.select_kernel(layer, torch.randn(m, 128, dtype=torch.bfloat16)).name != "cpu_int8_split"
+    names = {k.name for k in cpu_measure.candidates(layer, torch.device("cpu"), torch.bfloat16, allow_bf16=False)}
+    names32 = {k.name for k in cpu_measure.candidates(layer, torch.device("cpu"), torch.float32, allow_bf16=False)}
+    names32_bf16 = {k.name for k in cpu_measure.candidates(layer, torch.device("cpu"), torch.float32, allow_bf16=True)}
+    assert "cpu_int8_split" not in names32 and "cpu_int8_split_bf16" not in names32
+    assert ("cpu_int8_split" in names) == ("cpu_int8_split_bf16" in names32_bf16) == I.SPLIT.supports(
+        layer, torch.device("cpu"), torch.bfloat16)
+    grouped, _ = make_layer(32, 128, LayerSpec(8, 64, True, False), False)
+    assert not I.SPLIT.supports(grouped, torch.device("cpu"), torch.bfloat16)

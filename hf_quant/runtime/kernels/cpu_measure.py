@@ -169,9 +169,10 @@ def measure(layer: Any, device: torch.device, dtype: torch.dtype, rows: int, fou
     g = torch.Generator().manual_seed(0)
     x = torch.randn(rows, layer.in_features, generator=g).to(device=device, dtype=dtype)
     seconds: dict[str, float | None] = {}
+    layouts: dict[str, Any] = {}
     best = math.inf
     for kernel in order:
-        prepared = kernel.prepare(layer, device, dtype)  # not kept on the layer: losers leave no layout behind
+        prepared = layouts[kernel.name] = kernel.prepare(layer, device, dtype)  # losers leave no layout behind
         if any(time_call(kernel, layer, x[:p], prepared, 0.0, GIVE_UP * best) >= best
                for p in PROBE_ROWS if p < rows and best < math.inf):
             seconds[kernel.name] = None
@@ -179,6 +180,10 @@ def measure(layer: Any, device: torch.device, dtype: torch.dtype, rows: int, fou
         seconds[kernel.name] = t = time_call(kernel, layer, x, prepared, BUDGET_S, GIVE_UP * best)
         best = min(best, t)
     choice = min((k.name for k in order if seconds[k.name] is not None), key=lambda n: seconds[n])
+    cache = getattr(layer, "_prepared", None)
+    if isinstance(cache, dict):  # the winner's layout is the one this layer will use: not built twice
+        winner = KERNELS.get(choice)
+        cache.setdefault((winner.layout or winner.name, device, dtype), layouts[choice])
     return Measurement(rows, seconds, choice)
 
 

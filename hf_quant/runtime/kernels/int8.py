@@ -251,6 +251,24 @@ def _fbgemm_available() -> bool:
             and any(e in torch.backends.quantized.supported_engines for e in ("x86", "fbgemm")))
 
 
+def fbgemm_prepack(wq: torch.Tensor, ws: torch.Tensor) -> Any:
+    """fbgemm's packed int8 weight (N, K) with per-row scales `ws` (fp32), for `fbgemm_int8_mm`."""
+    engine = torch.backends.quantized.engine
+    try:
+        with warnings.catch_warnings():  # quantized tensor creation is deprecated in torch >= 2.10 (still the op's input)
+            warnings.simplefilter("ignore")
+            torch.backends.quantized.engine = "x86" if "x86" in torch.backends.quantized.supported_engines else "fbgemm"
+            qw = torch._make_per_channel_quantized_tensor(wq, ws.double(), torch.zeros(wq.shape[0], dtype=torch.int64), 0)
+            return torch.ops.quantized.linear_prepack(qw, None)
+    finally:
+        torch.backends.quantized.engine = engine
+
+
+def fbgemm_int8_mm(codes: torch.Tensor, packed: Any) -> torch.Tensor:
+    """(codes . codes_w^T) * w_scale in fp32, exact in int32: `codes` (M, K) fp32 integers in [-127, 127]."""
+    return getattr(torch.ops.quantized, _FBGEMM_OP)(codes, 1.0, 128, packed)
+
+
 class FbgemmInt8Kernel(Kernel):
     """CPU W8A8 with exact per-token activation scales on fbgemm's int8 GEMM (PyTorch's quantized
     linear with fp32 output): the per-token codes go in as fp32 integers with scale 1 and zero point
@@ -275,25 +293,15 @@ class FbgemmInt8Kernel(Kernel):
 
     def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
         wq, ws = cpu.int8_rows(layer)
-        engine = torch.backends.quantized.engine
-        try:
-            with warnings.catch_warnings():  # quantized tensor creation is deprecated in torch >= 2.10 (still the op's input)
-                warnings.simplefilter("ignore")
-                torch.backends.quantized.engine = "x86" if "x86" in torch.backends.quantized.supported_engines else "fbgemm"
-                qw = torch._make_per_channel_quantized_tensor(wq, ws.double(), torch.zeros(wq.shape[0], dtype=torch.int64), 0)
-                packed = torch.ops.quantized.linear_prepack(qw, None)
-        finally:
-            torch.backends.quantized.engine = engine
         bias = None if layer.bias is None else layer.bias.float()
-        return packed, OutlierWeights(wq.t().contiguous(), ws), bias
+        return fbgemm_prepack(wq, ws), OutlierWeights(wq.t().contiguous(), ws), bias
 
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
         packed, outliers, bias = prepared
         t = threshold_of(layer)
         x2 = x.reshape(-1, x.shape[-1])
         codes, absmax, cols = quantize_activations(x2, t, as_float=True)
-        y = getattr(torch.ops.quantized, _FBGEMM_OP)(codes, 1.0, 128, packed)
-        return finish_tokens(y, absmax, bias, x, x2, cols, outliers)
+        return finish_tokens(fbgemm_int8_mm(codes, packed), absmax, bias, x, x2, cols, outliers)
 
 
 class TokenW8Kernel(Kernel):
@@ -326,6 +334,86 @@ class TokenW8Kernel(Kernel):
         return y.reshape(*x.shape[:-1], -1)
 
 
-ONEDNN, FBGEMM, TOKEN_W8 = OneDnnInt8Kernel(), FbgemmInt8Kernel(), TokenW8Kernel()
-for _kernel in (ONEDNN, FBGEMM, TOKEN_W8):
+class SplitInt8Kernel(Kernel):
+    """Weight-only 8-bit per-channel layers on the int8 GEMM: float activations written as a sum of
+    int8 terms per row, x = s1 q1 + s2 q2 (+ s3 q3), each term quantized from the previous residual
+    (q1 from x by its row absmax, q2 from x - s1 q1, whose absmax is at most s1 / 2, ...), all terms
+    stacked as rows of one fbgemm int8 GEMM (the weight is read once), y = sum_t s_t (q_t . W_q^T) w_s.
+    Not bit-exact, but as close to the float product as bf16/fp16 arithmetic: two terms leave at most
+    absmax / 64516 per element, about absmax / (111000 rms) of the output relative to its size; rows
+    whose absmax is more than THIRD_TERM_RATIO x their rms (outlier features, "massive
+    activations") get a third term (~250x less), so no row passes ~1.4e-4, below fp16's rounding of
+    the output (4.9e-4). Asymmetric zero points add a rank-1 correction.
+    bf16/fp16 activations only; fp32 ones through `cpu_int8_split_bf16` in mode "measure_bf16"."""
+
+    name = "cpu_int8_split"
+    priority = 5  # never the fixed choice (`chosen`): the measured dispatch decides
+    measured = True
+    THIRD_TERM_RATIO = 16.0  # rows with absmax > this x rms get a third term (their 2-term error would pass ~1.4e-4)
+
+    def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
+        spec = layer.spec
+        return (device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and spec.bits == 8
+                and spec.group_size == -1 and layer.g_idx is None and exact_int8_dot() and _fbgemm_available())
+
+    def chosen(self, layer: Any, rows: int) -> bool:
+        return False
+
+    def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
+        wq, ws = cpu.int8_rows(layer)
+        offset = None if layer.qzeros is None else (128.0 - layer.qzeros.float()[:, 0]) * ws  # fp32 (N,)
+        bias = None if layer.bias is None else layer.bias.float()
+        return fbgemm_prepack(wq, ws), offset, bias
+
+    def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
+        packed, offset, bias = prepared
+        x2 = x.reshape(-1, x.shape[-1])
+        codes, scales, rows = split_terms(x2, self.THIRD_TERM_RATIO)
+        z = fbgemm_int8_mm(codes, packed)  # (terms * M, N)
+        M = x2.shape[0]
+        y = z[:M].mul_(scales[:M].unsqueeze(1))
+        y.addcmul_(z[M:2 * M], scales[M:2 * M].unsqueeze(1))
+        if rows is not None:
+            y.index_add_(0, rows, z[2 * M:] * scales[2 * M:].unsqueeze(1))
+        if offset is not None:
+            y.addr_(x2.float().sum(dim=1), offset)
+        if bias is not None:
+            y.add_(bias)
+        return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+def split_terms(x2: torch.Tensor, third_ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(codes (T, K) fp32 integers in [-127, 127], scales (T,), rows of x2 given a third term or None):
+    rows [0, M) are q1, [M, 2M) q2 and the rest q3 of the rows listed, with x2 ~ sum of s_t * q_t."""
+    M, K = x2.shape
+    xf = x2.float()
+    big = None
+    if M:
+        rms = xf.pow(2).mean(dim=1).sqrt_()
+        amax = xf.abs().amax(dim=1)
+        found = (amax > third_ratio * rms).nonzero().flatten()
+        big = found if found.numel() else None
+    n3 = 0 if big is None else big.numel()
+    codes = torch.empty(2 * M + n3, K, dtype=torch.float32)
+    scales = torch.empty(2 * M + n3, dtype=torch.float32)
+    residual = xf
+    for t, rows in enumerate((None, None, big)):
+        if t == 2 and rows is None:
+            break
+        r = residual if rows is None else residual.index_select(0, rows)
+        lo = t * M
+        q, s = codes[lo:lo + r.shape[0]], scales[lo:lo + r.shape[0]]
+        a = r.abs().amax(dim=1)
+        torch.mul(r, torch.where(a > 0, 127.0 / a, torch.zeros((), dtype=a.dtype)).unsqueeze(1), out=q).round_()
+        torch.div(a, 127.0, out=s)
+        if t == 0:
+            residual = torch.addcmul(xf, q, s.unsqueeze(1), value=-1.0)
+        elif t == 1 and big is not None:
+            residual = torch.addcmul(residual, q, s.unsqueeze(1), value=-1.0)
+    return codes, scales, big
+
+
+ONEDNN, FBGEMM, TOKEN_W8, SPLIT = OneDnnInt8Kernel(), FbgemmInt8Kernel(), TokenW8Kernel(), SplitInt8Kernel()
+for _kernel in (ONEDNN, FBGEMM, TOKEN_W8, SPLIT):
     register_kernel(_kernel)
+register_kernel(cpu.Bf16ActivationsKernel(SPLIT))
