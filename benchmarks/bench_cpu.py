@@ -92,6 +92,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--shapes", nargs="+", type=parse_shape, metavar="KxN",
                    help=f"weight shapes in_features x out_features (default: {' '.join(DEFAULT_SHAPES)})")
     p.add_argument("--m", nargs="+", type=int, help="rows of activations (default: 1 8 64 512; --small: 1 8 64)")
+    p.add_argument("--bits", nargs="+", type=int, choices=sorted({s.bits for s in QUANT_SPECS}),
+                   help="only the quantized layers of these bits (default: all)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     p.add_argument("--reps", type=int, default=None,
                    help="timed blocks per measurement; the median is reported (default 5; --small: 2)")
@@ -216,13 +218,15 @@ def cpu_flags() -> str:
     return f"{model}; " + " ".join(f"{w}={'yes' if w in flags else 'no'}" for w in wanted)
 
 
-def make_layers(k: int, n: int, w16: torch.Tensor) -> dict[LayerSpec, QuantLinear]:
+def make_layers(k: int, n: int, w16: torch.Tensor, bits: list[int] | None = None) -> dict[LayerSpec, QuantLinear]:
     """One QuantLinear per spec, quantized (RTN) from a bf16 nn.Linear holding `w16`.
 
     Made outside inference_mode, as the layers of a loaded model are; only the forwards run under it.
     """
     layers = {}
     for spec in QUANT_SPECS:
+        if bits and spec.bits not in bits:
+            continue
         linear = nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
         linear.weight.data.copy_(w16)
         layers[spec] = quantize_layer(f"{k}x{n}", linear, spec, method="rtn")
@@ -334,7 +338,7 @@ def main() -> None:
     results: list = []
     for k, n in args.shapes:
         w32 = torch.randn(n, k) / k**0.5
-        layers = make_layers(k, n, w32.to(torch.bfloat16))
+        layers = make_layers(k, n, w32.to(torch.bfloat16), args.bits)
         for m in args.m:
             bench_m(w32, layers, m, args, table, results)
     report_goals(results)
