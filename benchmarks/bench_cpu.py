@@ -18,12 +18,13 @@ Before a kernel is timed, its output is compared with the reference kernel (dequ
 on the same input; the relative Frobenius error must stay below 1e-3 for fp32 kernels and 2e-2 for
 bf16 ones, or the script stops with exit status 1.
 
-Each time is the median over `--reps` timed blocks (at most 3 for calls slower than 0.5 s), each
-block repeating the call for at least `--block-ms` milliseconds (at most COLD_CALLS calls), under
-`torch.inference_mode()`. Every call is timed with cold caches: a buffer of twice the last-level
-cache is read before it (`common.CacheFlush`), as the other layers of a model evict a layer's
-weights between its calls; `--warm` times back-to-back calls with `torch.utils.benchmark.Timer`
-instead (weights that fit in the cache stay there: that flatters the smaller formats).
+Each time is the median over `--reps` timed blocks of `torch.utils.benchmark.Timer` (at most 3 for
+calls slower than 0.5 s), each block repeating the call for at least `--block-ms` milliseconds,
+under `torch.inference_mode()`. Weights are cold, as a layer of a model finds them: each timed
+function cycles through copies of its weights (distinct random weights, the same input) that
+together exceed twice the last-level cache (`common.cold_copies`), so every call reads its weight
+from memory while the activations stay in cache. `--warm` times one weight back to back instead (a
+weight that fits stays in the cache: that flatters the smaller formats).
 Ratios are `best float ms / ms` (> 1: the quantized layer is faster).
 
 On a shared machine, other processes wreck CPU timings (with all cores in use, threads wait whole
@@ -45,7 +46,6 @@ import os
 import statistics
 import sys
 import time
-import types
 from typing import Callable, NamedTuple
 
 import torch
@@ -53,7 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.benchmark import Timer
 
-from common import CacheFlush, last_level_cache_bytes
+from common import Rotation, cold_copies
 
 from hf_quant.calibration import quantize_layer
 from hf_quant.config import LayerSpec
@@ -75,7 +75,6 @@ DTYPE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 SEED = 0
 NOISE_CORES = 0.1  # cores kept busy by other processes above which a measurement is disturbed
 SLOW_CALL_S, SLOW_REPS = 0.5, 3  # calls slower than this are timed in at most SLOW_REPS blocks
-COLD_CALLS = 8  # most calls in one block of cold calls
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -102,10 +101,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--retries", type=int, default=None,
                    help="re-measurements of a time disturbed by other processes (default 2; --small: 0)")
     p.add_argument("--warm", action="store_true",
-                   help="time blocks of back-to-back calls (weights that fit stay in the cache) instead of "
-                        "flushing the caches before each call")
+                   help="one weight per shape, timed back to back (weights that fit stay in the cache), "
+                        "instead of copies in rotation")
     args = p.parse_args()
-    args.flush = None if args.warm else CacheFlush()
     if args.shapes is None:
         args.shapes = [parse_shape(s) for s in (SMALL_SHAPES if args.small else DEFAULT_SHAPES)]
     args.m = args.m or (SMALL_M if args.small else DEFAULT_M)
@@ -147,34 +145,12 @@ def _measure(timer: Timer, number: int, reps: int) -> tuple[float, float]:
     return median, max(0.0, (busy1 - busy0) - (own1 - own0)) / (wall1 - wall0)
 
 
-class ColdTimer:
-    """`Timer`'s `timeit(number).mean` with the caches flushed (`common.CacheFlush`) before every
-    call, each call timed alone: the mean of `number` cold calls."""
-
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, flush: CacheFlush) -> None:
-        self.fn, self.x, self.flush = fn, x, flush
-
-    def timeit(self, number: int) -> types.SimpleNamespace:
-        total = 0.0
-        for _ in range(number):
-            self.flush()
-            t0 = time.perf_counter()
-            self.fn(self.x)
-            total += time.perf_counter() - t0
-        return types.SimpleNamespace(mean=total / number)
-
-
 def time_fn(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, args: argparse.Namespace) -> Timing:
-    """Median time of `fn(x)`; a measurement disturbed by other processes is retried, the quietest kept.
-    Cold caches before every call unless `--warm` (blocks of back-to-back calls)."""
-    if args.flush is None:
-        timer = Timer("fn(x)", globals={"fn": fn, "x": x}, num_threads=torch.get_num_threads())
-    else:
-        timer = ColdTimer(fn, x, args.flush)
+    """Median time of `fn(x)` (a `Rotation` over weight copies: cold weights); a measurement disturbed
+    by other processes is retried, the quietest kept."""
+    timer = Timer("fn(x)", globals={"fn": fn, "x": x}, num_threads=torch.get_num_threads())
     estimate = timer.timeit(1).mean  # also a warm-up call
     number = max(1, round(args.block_ms / 1e3 / estimate))
-    if args.flush is not None:
-        number = min(number, COLD_CALLS)  # each cold call also pays a flush of its own
     reps = min(args.reps, SLOW_REPS) if estimate > SLOW_CALL_S else args.reps
     median, others = _measure(timer, number, reps)
     for _ in range(args.retries):
@@ -239,47 +215,54 @@ def checked(name: str, y: torch.Tensor, ref: torch.Tensor, bf16: bool, where: st
         sys.exit(f"\nFAILED: {where}: kernel {name!r} differs from the reference by {err:.2e} (limit {limit:.0e})")
 
 
-def time_choice(layer: QuantLinear, x: torch.Tensor, mode: str, ref: torch.Tensor, args: argparse.Namespace,
+def time_choice(copies: list[QuantLinear], x: torch.Tensor, mode: str, ref: torch.Tensor, args: argparse.Namespace,
                 where: str) -> tuple[str, Timing]:
-    """The layer itself in `mode`: (the kernel it chose, its time)."""
+    """The layer itself (its copies in rotation) in `mode`: (the kernel it chose, its time)."""
+    layer = copies[0]
     with cpu_dispatch(mode):
-        name = select_kernel(layer, x).name  # measures, if this class is new
+        name = select_kernel(layer, x).name  # measures, if this class is new (the copies share it)
         checked(name, layer(x), ref, x.dtype == torch.bfloat16 or name.endswith("_bf16"), where)
-        return name, time_fn(layer, x, args)
+        return name, time_fn(Rotation(copies), x, args)
 
 
 @torch.inference_mode()
-def bench_m(w32: torch.Tensor, layers: dict[LayerSpec, QuantLinear], m: int,
+def bench_m(copies: list[tuple[torch.Tensor, dict[LayerSpec, QuantLinear]]], m: int,
             args: argparse.Namespace, table: Table, results: list) -> None:
-    """The two baselines, then every quantized layer's candidates and choices on bf16 and fp32 activations."""
-    n, k = w32.shape
-    w16 = w32.to(torch.bfloat16)
+    """The two baselines, then every quantized layer's candidates and choices on bf16 and fp32
+    activations; every timed function cycles through the weight copies."""
+    n, k = copies[0][0].shape
+    w32s = [w for w, _ in copies]
+    w16s = [w.to(torch.bfloat16) for w in w32s]
     x32 = torch.randn(m, k)
     x16 = x32.to(torch.bfloat16)
-    base32 = time_fn(lambda x: F.linear(x, w32), x32, args)
-    base16 = time_fn(lambda x: F.linear(x, w16), x16, args)
+    base32 = time_fn(Rotation([lambda x, w=w: F.linear(x, w) for w in w32s]), x32, args)
+    base16 = time_fn(Rotation([lambda x, w=w: F.linear(x, w) for w in w16s]), x16, args)
     best = min(base32, base16, key=lambda t: t.ms)
     best_name = "fp32" if best is base32 else "bf16"
-    for spec, layer in layers.items():
+    for spec in copies[0][1]:
+        layers = [c[1][spec] for c in copies]
+        layer = layers[0]
         for x in (x16, x32):
             act, fp32 = DTYPE_NAME[x.dtype], x.dtype == torch.float32
             where = f"{k}x{n} M={m} {act} {spec}"
             with use_kernel("reference"):
                 ref = layer(x)
-            choice, t_choice = time_choice(layer, x, "measure", ref, args, where)
-            choice16, t_choice16 = time_choice(layer, x, "measure_bf16", ref, args, where) if fp32 else ("-", None)
+            choice, t_choice = time_choice(layers, x, "measure", ref, args, where)
+            choice16, t_choice16 = time_choice(layers, x, "measure_bf16", ref, args, where) if fp32 else ("-", None)
             entry = measurement_for(layer, x.device, x.dtype, m, allow_bf16=fp32)  # the widest one
             cells = []
             for kernel in candidates(layer, x.device, x.dtype, allow_bf16=True):
                 if entry.seconds.get(kernel.name, 0.0) is None:
                     cells.append(f"{kernel.name} dropped")
                     continue
-                prepared = layer.prepared(kernel, x.device, x.dtype)
-                checked(kernel.name, kernel.forward(layer, x, prepared), ref, not fp32 or kernel.name.endswith("_bf16"),
-                        where)
-                t = time_fn(lambda x, kernel=kernel, prepared=prepared: kernel.forward(layer, x, prepared), x, args)
+                checked(kernel.name, kernel.forward(layer, x, layer.prepared(kernel, x.device, x.dtype)), ref,
+                        not fp32 or kernel.name.endswith("_bf16"), where)
+                calls = [lambda x, kernel=kernel, c=c, p=c.prepared(kernel, x.device, x.dtype): kernel.forward(c, x, p)
+                         for c in layers]
+                t = time_fn(Rotation(calls), x, args)
                 cells.append(f"{kernel.name} {t} ({speedup(best, t)})")
-            layer.invalidate_kernels()  # drop the candidates' layouts
+            for c in layers:
+                c.invalidate_kernels()  # drop the candidates' layouts
             results.append((spec.bits, m, act, "measure", best.ms / t_choice.ms))
             if fp32:
                 results.append((spec.bits, m, act, "measure_bf16", best.ms / t_choice16.ms))
@@ -327,9 +310,8 @@ def main() -> None:
     print(f"CPU: {cpu_flags()}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads ({os.cpu_count()} CPUs), "
           f"median of {args.reps} blocks >= {args.block_ms:g} ms; "
-          + ("warm caches (calls back to back)" if args.flush is None else
-             f"cold caches (a {2 * last_level_cache_bytes() >> 20} MiB read before each call, at most {COLD_CALLS} "
-             "calls per block)"))
+          + ("warm: one weight, calls back to back" if args.warm else
+             "cold weights: copies called in rotation, together more than twice the last-level cache"))
     print("QuantLinear: RTN from the bf16 weight, bf16 scales; 4 bits: group 128, asym; 8 bits: per-channel, asym.")
     print("x float = best float ms / ms (> 1: QuantLinear faster). "
           f"*: other processes used > {NOISE_CORES:g} core while it was timed.\n")
@@ -337,10 +319,15 @@ def main() -> None:
     table = Table()
     results: list = []
     for k, n in args.shapes:
-        w32 = torch.randn(n, k) / k**0.5
-        layers = make_layers(k, n, w32.to(torch.bfloat16), args.bits)
+        smallest = min(spec.bits for spec in QUANT_SPECS if not args.bits or spec.bits in args.bits) * n * k // 8
+        n_copies = 1 if args.warm else cold_copies(smallest)
+        copies = []
+        for _ in range(n_copies):
+            w32 = torch.randn(n, k) / k**0.5
+            copies.append((w32, make_layers(k, n, w32.to(torch.bfloat16), args.bits)))
+        print(f"<!-- {k}x{n}: {n_copies} weight copies in rotation -->", flush=True)
         for m in args.m:
-            bench_m(w32, layers, m, args, table, results)
+            bench_m(copies, m, args, table, results)
     report_goals(results)
 
 

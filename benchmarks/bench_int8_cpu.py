@@ -1,7 +1,7 @@
 """CPU speed of the int8_token (LLM.int8 / dynamic W8A8) kernels on Llama-7B shapes, as ratios to the
 faster of fp32 and bf16 F.linear measured in the same run (> 1: faster than the best float path).
 
-Columns: the float baselines (ms), then speed-ups of
+Columns: the copies in rotation, the float baselines (ms), then speed-ups of
 - `w8a8`: the dispatched kernel of a threshold-0 layer (plain W8A8, per-token activations), in the
   fixed dispatch and in the measured one (`HF_QUANT_CPU_DISPATCH=measure`; the kernel it took);
 - `llm_int8`: the dispatched kernel of a threshold-6 layer on inputs with ~0.5% outlier columns,
@@ -13,8 +13,10 @@ Columns: the float baselines (ms), then speed-ups of
   the per-token oracle is printed too).
 Activations are bf16 for the int8 paths (the int8 kernels' speed barely depends on the dtype).
 
-Every call is timed with cold caches (a buffer of twice the last-level cache written before it), as
-a layer of a model runs; `--warm` times calls back to back instead.
+Weights are cold, as a layer of a model finds them: every timed function cycles through copies of
+its weights (distinct random weights, the same input) whose int8 forms together exceed twice the
+last-level cache, so each call reads its weight from memory while the activations stay in cache;
+`--warm` times one weight back to back instead (a weight that fits stays in the cache).
 
     python benchmarks/bench_int8_cpu.py [--small] [--warm] [--md out.md]
 """
@@ -22,10 +24,12 @@ a layer of a model runs; `--warm` times calls back to back instead.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import sys
 import time
+import types
 
 os.environ.setdefault("HF_QUANT_CPU_DISPATCH", "fixed")
 
@@ -34,7 +38,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
-from common import CacheFlush, last_level_cache_bytes  # noqa: E402
+from common import Rotation, cold_copies, last_level_cache_bytes  # noqa: E402
 
 from hf_quant import kernels  # noqa: E402
 from hf_quant.config import LayerSpec  # noqa: E402
@@ -49,20 +53,18 @@ ROWS = [1, 8, 64, 512]
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 
 
-def bench_all(fns: dict, budget: float, flush: CacheFlush | None) -> dict:
+def bench_all(fns: dict, budget: float) -> dict:
     """Seconds per call of every function: the fastest call of each, timed in interleaved rounds (one
     call of each per round) until about `budget` seconds per function are spent, so that a noisy
-    neighbour on a shared machine slows every candidate of a row alike instead of one of them. With
-    `flush`, the caches are flushed before every timed call (cold weights, as in a model)."""
-    for fn in fns.values():  # warm-up: one-time costs (oneDNN primitives, first-touch memory)
-        fn()
+    neighbour on a shared machine slows every candidate of a row alike instead of one of them."""
+    for fn in fns.values():  # warm-up, every copy: one-time costs (packing, oneDNN primitives, first touch)
+        for _ in range(len(getattr(fn, "fns", ())) or 1):
+            fn()
     best = {k: float("inf") for k in fns}
     spent = 0.0
     rounds = 0
     while rounds < 3 or (spent < budget * len(fns) and rounds < 30):
         for k, fn in fns.items():
-            if flush is not None:
-                flush()
             t0 = time.perf_counter()
             fn()
             dt = time.perf_counter() - t0
@@ -95,27 +97,32 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="short timings, about 1-2 minutes")
     ap.add_argument("--md", help="also write the table as markdown here")
     ap.add_argument("--warm", action="store_true",
-                    help="time calls back to back (weights that fit stay in the cache) instead of flushing the "
-                         "caches before each call")
+                    help="one weight per shape, timed back to back (a weight that fits stays in the cache) "
+                         "instead of copies in rotation")
     args = ap.parse_args()
-    flush = None if args.warm else CacheFlush()
     budget = 0.15 if args.small else 0.6
-    head = cpu_line() + ("; warm caches (calls back to back)" if args.warm else "; cold caches (flushed before each call)")
+    head = cpu_line() + ("; warm: one weight, calls back to back" if args.warm else
+                         "; cold weights: copies called in rotation, more than twice the last-level cache")
     print(head, flush=True)
-    cols = ["shape (in x out)", "M", "fp32 ms", "bf16 ms", "w8a8", "w8a8 measured", "llm_int8", "llm_int8 / w8a8 time",
-            "outl cols", "fbgemm", "onednn", "token_w8", "_int_mm", "w8pack bf16", "fbgemm dyn", "fbgemm dev"]
+    cols = ["shape (in x out)", "M", "copies", "fp32 ms", "bf16 ms", "w8a8", "w8a8 measured", "llm_int8",
+            "llm_int8 / w8a8 time", "outl cols", "fbgemm", "onednn", "token_w8", "_int_mm", "w8pack bf16",
+            "fbgemm dyn", "fbgemm dev"]
     goals = []  # (M, w8a8 x float, llm_int8 time / w8a8 time)
     rows = []
     print(" | ".join(cols), flush=True)
     g = torch.Generator().manual_seed(0)
     for K, N in SHAPES:
-        W = torch.randn(N, K, generator=g) * 0.02
-        l0, l6 = layer_for(W, 0.0), layer_for(W, 6.0)
-        Wf = l0.dequantize().float()
-        Wb = Wf.bfloat16()
-        wq, ws = C.int8_rows(l0)
-        fb = torch.ops.quantized.linear_prepack(
-            torch.quantize_per_channel(Wf, ws.double(), torch.zeros(N, dtype=torch.int64), 0, torch.qint8), None)
+        n_copies = 1 if args.warm else cold_copies(N * K)  # int8 weights: the smallest operand
+        copies = []
+        for _ in range(n_copies):
+            W = torch.randn(N, K, generator=g) * 0.02
+            l0, l6 = layer_for(W, 0.0), layer_for(W, 6.0)
+            Wf = l0.dequantize().float()
+            wq, ws = C.int8_rows(l0)
+            fb = torch.ops.quantized.linear_prepack(
+                torch.quantize_per_channel(Wf, ws.double(), torch.zeros(N, dtype=torch.int64), 0, torch.qint8), None)
+            copies.append(types.SimpleNamespace(l0=l0, l6=l6, Wf=Wf, Wb=Wf.bfloat16(), wq=wq, ws=ws, wsb=ws.bfloat16(),
+                                                fb=fb))
         for M in ROWS:
             x = torch.randn(M, K, generator=g)  # |x| < 6 almost surely: no outliers
             xo = x.clone()
@@ -123,34 +130,38 @@ def main() -> None:
             out_cols = torch.randperm(K, generator=g)[:n_out]
             xo[:, out_cols] *= 20
             xb, xob = x.bfloat16(), xo.bfloat16()
+            xq = torch.randint(-127, 128, (max(M, 17), K), dtype=torch.int8, generator=g)
             with torch.no_grad():
+                l0 = copies[0].l0
                 with kernels.cpu_dispatch("measure"):  # the measured dispatch's choice, then timed like the rest
                     measured_name = kernels.select_kernel(l0, xb).name
-                fns = {"fp32": lambda: F.linear(x, Wf), "bf16": lambda: F.linear(xb, Wb),
-                       "w8a8": lambda: l0(xb), "llm_int8": lambda: l6(xob)}
 
-                def forced(name, layer=l0, inp=xb):
-                    def run():
+                def rotate(make):
+                    return Rotation([functools.partial(make, c) for c in copies])
+
+                def forced(name):
+                    def run(c):
                         with kernels.use_kernel(name):
-                            layer(inp)
-                    return run
-                fns["measured"] = forced(measured_name)
+                            c.l0(xb)
+                    return rotate(run)
+                fns = {"fp32": rotate(lambda c: F.linear(x, c.Wf)), "bf16": rotate(lambda c: F.linear(xb, c.Wb)),
+                       "w8a8": rotate(lambda c: c.l0(xb)), "llm_int8": rotate(lambda c: c.l6(xob)),
+                       "measured": forced(measured_name)}
                 for name in ("cpu_int8_fbgemm", "cpu_int8_onednn", "cpu_int8_token_w8"):
                     if kernels.base.KERNELS.get(name).supports(l0, xb.device, xb.dtype):
                         fns[name] = forced(name)
-                xq = torch.randint(-127, 128, (max(M, 17), K), dtype=torch.int8, generator=g)
                 if M >= 8 or not args.small:
-                    fns["_int_mm"] = lambda: torch._int_mm(xq, wq.t())
+                    fns["_int_mm"] = rotate(lambda c: torch._int_mm(xq, c.wq.t()))
                 if M <= 64 or not args.small:
-                    fns["w8pack"] = lambda: torch.ops.aten._weight_int8pack_mm(xb, wq, ws.bfloat16())
-                fns["fbgemm"] = lambda: torch.ops.quantized.linear_dynamic(x, fb, False)
-                r = bench_all(fns, budget, flush)
+                    fns["w8pack"] = rotate(lambda c: torch.ops.aten._weight_int8pack_mm(xb, c.wq, c.wsb))
+                fns["fbgemm"] = rotate(lambda c: torch.ops.quantized.linear_dynamic(x, c.fb, False))
+                r = bench_all(fns, budget)
                 tf, tb = r["fp32"], r["bf16"]
                 best = min(tf, tb)
                 with kernels.use_kernel("reference"):
                     ref = l0(x)
-                dev = rel(torch.ops.quantized.linear_dynamic(x, fb, False), ref)
-            line = [f"{K}x{N}", str(M), f"{tf * 1e3:.2f}", f"{tb * 1e3:.2f}"]
+                dev = rel(torch.ops.quantized.linear_dynamic(x, copies[0].fb, False), ref)
+            line = [f"{K}x{N}", str(M), str(n_copies), f"{tf * 1e3:.2f}", f"{tb * 1e3:.2f}"]
             line += [f"{best / r['w8a8']:.2f}x", f"{best / r['measured']:.2f}x ({measured_name[9:]})",
                      f"{best / r['llm_int8']:.2f}x", f"{r['llm_int8'] / r['w8a8']:.2f}", str(n_out)]
             goals.append((M, best / r["w8a8"], r["llm_int8"] / r["w8a8"]))

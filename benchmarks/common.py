@@ -76,18 +76,25 @@ def last_level_cache_bytes(default: int = 32 << 20) -> int:
     return max(sizes, default=default)
 
 
-class CacheFlush:
-    """Evicts the CPU caches by reading a buffer of twice the last-level cache (at least 64 MiB).
+def cold_copies(nbytes: int, most: int = 8) -> int:
+    """How many copies of a weight of `nbytes` to call in rotation so that each call finds its own
+    weight evicted: together more than twice the last-level cache (at least 2, at most `most`).
 
-    A model's layers each read their weights once per token, and the weights of all the other layers
-    pass through the cache in between: a layer's weights are cold when it runs. Timing one layer's
-    calls back to back instead keeps weights that fit in the cache (a 16 MiB int8 4096x4096 weight
-    in a 32 MiB L3) warm, and flatters the smaller (quantized) formats. Call it before each timed call.
-    It reads and does not write: evicting dirty lines would make the timed call pay their write-back,
-    which a model's weight reads do not cause."""
+    A model's layers each read their weights once per token, and the other layers' weights pass
+    through the cache in between: a layer's weights are cold when it runs, its input is not. Timing one
+    weight back to back instead keeps it in the cache if it fits (a 16 MiB int8 4096x4096 weight in a
+    32 MiB L3) and flatters the smaller (quantized) formats; flushing the whole cache before each call
+    also evicts the activations and the allocator's memory, and overstates every per-op overhead."""
+    return max(2, min(most, -(-2 * last_level_cache_bytes() // max(nbytes, 1)) + 1))
 
-    def __init__(self) -> None:
-        self.buf = torch.ones(max(2 * last_level_cache_bytes(), 64 << 20) // 4, dtype=torch.float32)
 
-    def __call__(self) -> None:
-        self.buf.amax()
+class Rotation:
+    """A callable that calls its functions in turn (one per weight copy): `rotation(*args)`."""
+
+    def __init__(self, fns: list) -> None:
+        self.fns, self.i = list(fns), 0
+
+    def __call__(self, *args: object) -> object:
+        fn = self.fns[self.i]
+        self.i = (self.i + 1) % len(self.fns)
+        return fn(*args)

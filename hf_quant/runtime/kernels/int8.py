@@ -17,7 +17,8 @@ CPU, two exact int8 GEMMs behind one epilogue (`finish_tokens`):
   (`quantized::linear_with_input_q_dq_qweight_dq_output_fp32`), the per-token codes passed as fp32
   integers with scale 1 and zero point 128 (its own quantization of them is exact), weights
   prepacked once per channel. Its GEMV is the fast one: on a 2-core AMD EPYC (Zen 4, AVX-512
-  VNNI/bf16, no AMX) it ran M=1 at 3.5-5x the best float path where oneDNN ran 2.5-3.6x.
+  VNNI/bf16, no AMX), cold caches, it ran M=1 at 1.9-2.7x the best float path where oneDNN ran
+  1.5-2.1x (benchmarks/bench_int8_cpu.py; warm caches flatter both, 3.5-5x vs 2.5-3.6x).
 In both, the per-token scale, outlier product and bias are applied after, so they are exact per
 token (no per-tensor activation scale anywhere). The fixed dispatch takes fbgemm up to
 FBGEMM_MAX_ROWS rows and oneDNN above (oneDNN's GEMM is 5-15% faster at M >= 64 on that CPU);
@@ -186,17 +187,28 @@ def fits(layer: Any) -> bool:
 _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-class OneDnnInt8Kernel(Kernel):
+class _ExactInt8Kernel(Kernel):
+    """An int8_token kernel on a CPU int8 GEMM: runs only where the int8 dot product is exact."""
+
+    activations = ("int8_token",)
+    measured = True
+
+    def available(self) -> bool:
+        raise NotImplementedError
+
+    def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
+        return (device.type == "cpu" and dtype in _CPU_DTYPES and fits(layer) and exact_int8_dot()
+                and self.available())
+
+
+class OneDnnInt8Kernel(_ExactInt8Kernel):
     """CPU W8A8 with exact per-token activation scales on oneDNN's int8 GEMM (see the module docstring)."""
 
     name = "cpu_int8_onednn"
     priority = 30
-    activations = ("int8_token",)
-    measured = True
 
-    def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
-        return (device.type == "cpu" and dtype in _CPU_DTYPES and fits(layer) and exact_int8_dot()
-                and _onednn_available())
+    def available(self) -> bool:
+        return _onednn_available()
 
     def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
         wq, ws = cpu.int8_rows(layer)
@@ -269,21 +281,19 @@ def fbgemm_int8_mm(codes: torch.Tensor, packed: Any) -> torch.Tensor:
     return getattr(torch.ops.quantized, _FBGEMM_OP)(codes, 1.0, 128, packed)
 
 
-class FbgemmInt8Kernel(Kernel):
+class FbgemmInt8Kernel(_ExactInt8Kernel):
     """CPU W8A8 with exact per-token activation scales on fbgemm's int8 GEMM (PyTorch's quantized
     linear with fp32 output): the per-token codes go in as fp32 integers with scale 1 and zero point
     128 (the op's own quantization of them is exact: uint8 codes + 128), weights prepacked once with
     their per-channel scales; the row scales, outlier product and bias come after (`finish_tokens`).
-    fbgemm's int8 GEMV is what makes decoding fast: measured 3-8x the best float path at M <= 8."""
+    fbgemm's int8 GEMV is the faster one at M <= 8 (Zen 4, cold caches: 1.9-2.9x the best float path,
+    oneDNN 1.5-2.3x)."""
 
     name = "cpu_int8_fbgemm"
     priority = 31
-    activations = ("int8_token",)
-    measured = True
 
-    def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
-        return (device.type == "cpu" and dtype in _CPU_DTYPES and fits(layer) and exact_int8_dot()
-                and _fbgemm_available())
+    def available(self) -> bool:
+        return _fbgemm_available()
 
     def row_cuts(self, dtype: torch.dtype) -> tuple[int, ...]:
         return (FBGEMM_MAX_ROWS,)
