@@ -136,8 +136,10 @@ def main() -> None:
                 with kernels.cpu_dispatch("measure"):  # the measured dispatch's choice, then timed like the rest
                     measured_name = kernels.select_kernel(l0, xb).name
 
+                counter = [0]  # shared: consecutive calls, of any function, never run on the same copy
+
                 def rotate(make):
-                    return Rotation([functools.partial(make, c) for c in copies])
+                    return Rotation([functools.partial(make, c) for c in copies], counter)
 
                 def forced(name):
                     def run(c):

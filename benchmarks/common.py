@@ -89,12 +89,16 @@ def cold_copies(nbytes: int, most: int = 8) -> int:
 
 
 class Rotation:
-    """A callable that calls its functions in turn (one per weight copy): `rotation(*args)`."""
+    """A callable that calls its functions in turn (one per weight copy): `rotation(*args)`. Rotations
+    timed in interleaved rounds over the same copies share one `counter` (a one-element list): every
+    call of any of them takes the next copy, so no call follows one on the same copy (which would find
+    that weight in the cache)."""
 
-    def __init__(self, fns: list) -> None:
-        self.fns, self.i = list(fns), 0
+    def __init__(self, fns: list, counter: list | None = None) -> None:
+        self.fns = list(fns)
+        self.counter = [0] if counter is None else counter
 
     def __call__(self, *args: object) -> object:
-        fn = self.fns[self.i]
-        self.i = (self.i + 1) % len(self.fns)
-        return fn(*args)
+        i = self.counter[0]
+        self.counter[0] = i + 1
+        return self.fns[i % len(self.fns)](*args)

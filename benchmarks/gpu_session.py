@@ -1,5 +1,6 @@
 """One GPU session in one call: versions and bandwidth, kernel correctness, the goal table, a dispatch
-table tuned from it, end-to-end `generate` speed, and GPTQ calibration speed.
+table tuned from it, the int8 (W8A8 / LLM.int8) kernel, end-to-end `generate` speed, and GPTQ
+calibration speed.
 
     python benchmarks/gpu_session.py --out $OUT                 # one H200, one call of at most 8 minutes
     python benchmarks/gpu_session.py --dry-run --out /tmp/gs    # the same code on CPU, under 90 s on 2 cores
@@ -33,10 +34,13 @@ traceback and the next stage runs; a watchdog ends the process at budget + `--gr
 4. `tune`: per (row class, bits), the fastest of triton_gemv / triton_splitk / triton_dequant (median over
    the measured shapes and M of its time over the best time there); classes not measured get the choice of
    both neighbours where they agree. Written as `dispatch` in results.json and as dispatch_table.json.
-5. `generate`: greedy `generate` tokens/s, bf16 against RTN w4 g128 (`quantize_model`), eager and with
+5. `int8`: the `int8_token` scheme's CUDA kernel (`cuda_int8_token`) for plain W8A8 and LLM.int8
+   (threshold 6, inputs with ~0.5% outlier columns) on the Llama-7B shapes, M in {1,16,64,256,4096}:
+   relative error against the reference kernel, ms, and ratios to bf16 and fp16 `F.linear`.
+6. `generate`: greedy `generate` tokens/s, bf16 against RTN w4 g128 (`quantize_model`), eager and with
    CUDA graphs (static cache + `torch.compile(mode="reduce-overhead")` through transformers' CompileConfig),
    on a 4096-hidden Llama (4 blocks) and a ref-llama-shaped one (hidden 512, 8 blocks, GQA 8/4).
-6. `gptq`: `benchmarks/bench_gptq_gpu.py --layers 2` in a subprocess, capped; its output goes into results.json.
+7. `gptq`: `benchmarks/bench_gptq_gpu.py --layers 2` in a subprocess, capped; its output goes into results.json.
 
 `--dry-run` (automatic without CUDA) runs the same stages on CPU: TRITON_INTERPRET=1 before Triton is
 imported, one 256x384 shape, M in {1,4,16,20}, the Triton kernels called directly (prepare/forward: the
@@ -85,11 +89,13 @@ DRY_SHAPES = ["128x256"]
 DRY_MS = [1, 4, 16, 20]
 TOL = 1e-2  # relative error against the reference kernel in the same activation dtype (as tests/test_triton.py)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-STAGES = ["versions", "correctness", "goal_table", "tune", "generate", "gptq"]
-CAPS = {"versions": 20, "correctness": 60, "goal_table": 190, "tune": 5, "generate": 110, "gptq": 65}
-DRY_CAPS = {"versions": 5, "correctness": 24, "goal_table": 16, "tune": 3, "generate": 8, "gptq": 30}
-MIN_S = {"versions": 1, "correctness": 10, "goal_table": 10, "tune": 0.5, "generate": 20, "gptq": 30}
-DRY_MIN_S = {"versions": 1, "correctness": 5, "goal_table": 5, "tune": 0.5, "generate": 4, "gptq": 18}
+STAGES = ["versions", "correctness", "goal_table", "tune", "int8", "generate", "gptq"]
+CAPS = {"versions": 20, "correctness": 60, "goal_table": 180, "tune": 5, "int8": 30, "generate": 90, "gptq": 65}
+DRY_CAPS = {"versions": 5, "correctness": 24, "goal_table": 16, "tune": 3, "int8": 6, "generate": 8, "gptq": 30}
+MIN_S = {"versions": 1, "correctness": 10, "goal_table": 10, "tune": 0.5, "int8": 8, "generate": 20, "gptq": 30}
+DRY_MIN_S = {"versions": 1, "correctness": 5, "goal_table": 5, "tune": 0.5, "int8": 2, "generate": 4, "gptq": 18}
+INT8_SHAPES = ["4096x4096", "4096x11008", "11008x4096"]
+INT8_MS = [1, 16, 64, 256, 4096]
 COLUMNS = ["shape", "K", "N", "M", "bits", "group", "dtype", "kernel", "auto_choice", "cuda_choice", "ms", "x_fp16", "x_bf16",
            "x_tinygemm", "pct_floor", "rel_err", "ok"]
 BASELINES = ("F.linear fp16", "F.linear bf16", "tinygemm int4 g128")
@@ -1106,6 +1112,61 @@ def stage_tune(st: Stage) -> None:
         st.log(f"  rows {c['rows']:>6} w{c['bits']}: {c['kernel']}{' (inferred)' if c['inferred'] else ''} ({now})")
 
 
+def stage_int8(st: Stage) -> None:
+    """The int8_token scheme's CUDA kernel (`cuda_int8_token`: Triton per-token quantization,
+    `torch._int_mm`, Triton epilogue) for plain W8A8 (threshold 0) and LLM.int8 (threshold 6, inputs
+    with ~0.5% outlier columns x20), against the reference kernel and bf16 / fp16 `F.linear`."""
+    import torch.nn.functional as F
+
+    from hf_quant import kernels
+    from hf_quant.config import LayerSpec
+    from hf_quant.methods.llm_int8 import int8_rowwise
+    from hf_quant.runtime import ActivationSpec, QuantLinear
+    from hf_quant.runtime.kernels.triton import int8 as T
+
+    sess, a, dev = st.sess, st.sess.args, st.sess.device
+    shapes = DRY_SHAPES[:1] if sess.dry else INT8_SHAPES
+    ms = [1, 20] if sess.dry else INT8_MS
+    timer = Timer(dev.type == "cuda", a.warmup_ms, a.rep_ms, cpu_reps=1)
+    res = st.rec["result"] = dict(rows=[], shapes=shapes, ms=ms, dtype="bf16",
+                                  timer="perf_counter, one call (interpreter)" if sess.dry else "triton.testing.do_bench median")
+    g = torch.Generator().manual_seed(0)
+    for shape in shapes:
+        K, N = parse_shape(shape)
+        W = torch.randn(N, K, generator=g) * 0.02
+        layers = {t: QuantLinear.from_quantized(int8_rowwise(W), LayerSpec(8, -1, True, False), None,
+                                                activation=ActivationSpec("int8_token", (("threshold", t),))).to(dev)
+                  for t in (0.0, 6.0)}
+        w16 = {d: layers[0.0].dequantize().to(dev, d) for d in (torch.bfloat16, torch.float16)}
+        prepared = {t: T.CUDA_INT8.prepare(layer, dev, torch.bfloat16) for t, layer in layers.items()}
+        for M in ms:
+            if st.left() < (1 if sess.dry else 4):
+                st.skip_part(f"{shape} M={M} on", f"time: {st.left():.0f}s left in the stage")
+                break
+            x = torch.randn(M, K, generator=g).to(dev, torch.bfloat16)
+            xo = x.clone()
+            xo[:, torch.randperm(K, generator=g)[:max(1, K // 200)].to(dev)] *= 20
+            base = {d: timer(lambda d=d: F.linear(x.to(d), w16[d])) for d in w16}
+            for t, inp in ((0.0, x), (6.0, xo)):
+                layer = layers[t]
+                try:
+                    out = T.CUDA_INT8.forward(layer, inp, prepared[t])
+                    with kernels.use_kernel("reference"):
+                        ref = layer(inp)
+                    err = rel_err(out, ref)
+                    t_ms = timer(lambda layer=layer, inp=inp, t=t: T.CUDA_INT8.forward(layer, inp, prepared[t]))
+                    row = dict(shape=shape, M=M, threshold=t, ms=t_ms, rel_err=err, ok=err < 2e-2,
+                               x_bf16=base[torch.bfloat16] / t_ms, x_fp16=base[torch.float16] / t_ms)
+                    st.log(f"int8 {shape} M={M} threshold={t:g}: {t_ms:.3f} ms, x bf16 {row['x_bf16']:.2f}, "
+                           f"x fp16 {row['x_fp16']:.2f}, rel err {err:.1e}")
+                except Exception as e:
+                    st.error(f"int8 {shape} M={M} threshold={t:g}", e)
+                    row = dict(shape=shape, M=M, threshold=t, error=f"{type(e).__name__}: {str(e)[:300]}")
+                res["rows"].append(row)
+            st.save()
+    res["n_failures"] = sum(1 for r in res["rows"] if not r.get("ok"))
+
+
 def stage_generate(st: Stage) -> None:
     import hf_quant
     from common import random_llama, tokens_per_s
@@ -1316,6 +1377,7 @@ def main(argv=None) -> int:
         sess.precompile.collect()
         sess.precompile = None
     sess.stage("tune", stage_tune)
+    sess.stage("int8", stage_int8)
     sess.stage("generate", stage_generate)
     sess.stage("gptq", stage_gptq)
     sess.kill_children()

@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 from hf_quant.runtime.kernels.triton import table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["versions", "correctness", "goal_table", "tune", "generate", "gptq"]
+STAGES = ["versions", "correctness", "goal_table", "tune", "int8", "generate", "gptq"]
 # 55 s: every stage on an idle 2-core machine; on a busy one the later stages record themselves as skipped
 BUDGET_S = "55"
 
@@ -94,3 +94,14 @@ def test_dispatch_loads_and_never_names_the_generic_kernel(session, tmp_path):
 def test_only_the_three_files_are_written(session):
     out, _, _ = session
     assert sorted(p.name for p in out.iterdir()) == ["dispatch_table.json", "log.txt", "results.json"]
+
+
+def test_int8_stage_checks_the_cuda_int8_kernel(session):
+    _, res, _ = session
+    rec = res["stages"]["int8"]
+    if rec["status"] == "skipped":
+        pytest.skip(f"int8 stage skipped: {rec.get('reason')}")
+    rows = rec["result"]["rows"]
+    assert rows and rec["result"]["n_failures"] == 0, rows
+    assert {r["threshold"] for r in rows} == {0.0, 6.0}
+    assert all(r["ok"] and r["rel_err"] < 2e-2 and r["ms"] > 0 and r["x_bf16"] > 0 for r in rows)
