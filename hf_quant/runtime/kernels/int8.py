@@ -17,8 +17,8 @@ CPU, two exact int8 GEMMs behind one epilogue (`finish_tokens`):
   (`quantized::linear_with_input_q_dq_qweight_dq_output_fp32`), the per-token codes passed as fp32
   integers with scale 1 and zero point 128 (its own quantization of them is exact), weights
   prepacked once per channel. Its GEMV is the fast one: on a 2-core AMD EPYC (Zen 4, AVX-512
-  VNNI/bf16, no AMX), cold caches, it ran M=1 at 1.9-2.7x the best float path where oneDNN ran
-  1.5-2.1x (benchmarks/bench_int8_cpu.py; warm caches flatter both, 3.5-5x vs 2.5-3.6x).
+  VNNI/bf16, no AMX), weights cold, it ran M=1 at 2.3-2.7x the best float path where oneDNN ran
+  1.7-2.0x (benchmarks/bench_int8_cpu.py; warm caches flatter both, 3.5-5x vs 2.5-3.6x).
 In both, the per-token scale, outlier product and bias are applied after, so they are exact per
 token (no per-tensor activation scale anywhere). The fixed dispatch takes fbgemm up to
 FBGEMM_MAX_ROWS rows and oneDNN above (oneDNN's GEMM is 5-15% faster at M >= 64 on that CPU);
@@ -286,8 +286,8 @@ class FbgemmInt8Kernel(_ExactInt8Kernel):
     linear with fp32 output): the per-token codes go in as fp32 integers with scale 1 and zero point
     128 (the op's own quantization of them is exact: uint8 codes + 128), weights prepacked once with
     their per-channel scales; the row scales, outlier product and bias come after (`finish_tokens`).
-    fbgemm's int8 GEMV is the faster one at M <= 8 (Zen 4, cold caches: 1.9-2.9x the best float path,
-    oneDNN 1.5-2.3x)."""
+    fbgemm's int8 GEMV is the faster one at M <= 8 (Zen 4, cold weights: 2.3-3.5x the best float path,
+    oneDNN 1.7-2.6x)."""
 
     name = "cpu_int8_fbgemm"
     priority = 31
