@@ -116,6 +116,29 @@ def test_the_winners_layout_is_kept_and_no_losers(fake_timer):
         assert {key[0] for key in layer._prepared} == {"dequant_tiles"}
 
 
+def test_close_candidates_are_timed_again_interleaved(monkeypatch, fresh_table):
+    """Two candidates within CONFIRM_WITHIN of each other get CONFIRM_ROUNDS more calls each, in
+    alternation; each keeps its fastest time, so a slow first timing does not decide."""
+    calls = []
+    first = {"dequant_tiles": 1.0, "cpu_int4": 1.2}  # cpu_int4's first timing was unlucky ...
+    later = {"dequant_tiles": 1.0, "cpu_int4": 0.7}  # ... its later calls are faster
+
+    def fake(kernel, layer, x, prepared, budget_s, give_up_s=None):
+        seen = sum(1 for n, r in calls if n == kernel.name and r == x.shape[0])
+        calls.append((kernel.name, x.shape[0]))
+        table = first if seen == 0 else later
+        return table.get(kernel.name, 50.0) * 1e-3 * x.shape[0] / 8
+
+    monkeypatch.setattr(cpu_measure, "time_call", fake)
+    layer, _ = make_layer(64, 256, LayerSpec(4, 128, False), bias=False)
+    with kernels.cpu_dispatch("measure"):
+        assert kernels.select_kernel(layer, torch.randn(5, 256)).name == "cpu_int4"
+    full = [n for n, r in calls if r == 8]
+    tail = full[-2 * cpu_measure.CONFIRM_ROUNDS:]
+    assert sorted(set(tail)) == ["cpu_int4", "dequant_tiles"]
+    assert all(a != b for a, b in zip(tail, tail[1:]))  # interleaved
+
+
 def test_probes_drop_hopeless_candidates_cheaply(monkeypatch, fresh_table):
     """A candidate slower on a few rows than the best on all rows is never timed at full size."""
     calls = []

@@ -13,7 +13,10 @@ process for all layers of that shape: the per-call path stays one dict lookup. E
 budget of BUDGET_S of repeated calls (at least two; its fastest call counts), on random inputs of
 the class's largest row count. Before the full-size timing, a candidate after the first is probed
 on 1, 8 and 64 rows; it is dropped as soon as a probe is slower than the best time so far (a kernel
-is never faster on more rows), so a path that is hopeless at that size costs little.
+is never faster on more rows), so a path that is hopeless at that size costs little. Candidates
+within CONFIRM_WITHIN of the best are then timed again in CONFIRM_ROUNDS interleaved rounds (each
+keeps its fastest call): timed one after the other, a close call went to whichever candidate a slow
+spell of a shared machine missed.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ ROW_CUTS = (1, 8, 64, 256)  # measured row classes end here (and at every kernel
 LAST_CLASS_ROWS = 512  # rows timed for the open-ended last class
 PROBE_ROWS = (1, 8, 64)
 GIVE_UP = 4.0  # a call this many times slower than the best so far ends a candidate's timing
+CONFIRM_WITHIN, CONFIRM_ROUNDS = 1.5, 3  # candidates within 1.5x of the best are timed again, interleaved
 
 
 @dataclass(frozen=True)
@@ -179,6 +183,10 @@ def measure(layer: Any, device: torch.device, dtype: torch.dtype, rows: int, fou
             continue
         seconds[kernel.name] = t = time_call(kernel, layer, x, prepared, BUDGET_S, GIVE_UP * best)
         best = min(best, t)
+    close = [k for k in order if seconds[k.name] is not None and seconds[k.name] <= CONFIRM_WITHIN * best]
+    for _ in range(CONFIRM_ROUNDS if len(close) > 1 else 0):  # close calls: interleaved rounds, so that a
+        for kernel in close:  # slow spell of a shared machine hits every contender alike
+            seconds[kernel.name] = min(seconds[kernel.name], time_call(kernel, layer, x, layouts[kernel.name], 0.0))
     choice = min((k.name for k in order if seconds[k.name] is not None), key=lambda n: seconds[n])
     cache = getattr(layer, "_prepared", None)
     if isinstance(cache, dict):  # the winner's layout is the one this layer will use: not built twice
