@@ -196,17 +196,23 @@ def test_real_measurement_runs_and_matches_reference(fresh_table):
         assert rel_err(out, ref) < (1e-3 if dtype == torch.float32 else 2e-2)
 
 
-def test_mode_change_drops_cached_choices(fake_timer):
+def test_mode_change_drops_cached_choices_but_keeps_layouts(fake_timer):
     layer, _ = make_layer(64, 256, LayerSpec(4, 128, False), bias=False)
     x = torch.randn(2, 256)
     with kernels.cpu_dispatch("fixed"):
         layer(x)
         assert layer._kernel_cache
+        layouts = dict(layer._prepared)
+        assert layouts
         with kernels.cpu_dispatch("measure"):
             assert not layer._kernel_cache and kernels.get_cpu_dispatch() == "measure"
+            assert all(layer._prepared[k] is v for k, v in layouts.items())  # not rebuilt on a mode switch
             layer(x)
             assert [e[0].__self__.name for e in layer._kernel_cache.values()] == ["dequant_tiles"]
         assert kernels.get_cpu_dispatch() == "fixed" and not layer._kernel_cache
+        assert all(layer._prepared[k] is v for k, v in layouts.items())
+    kernels.base.register_kernel(kernels.base.unregister_kernel("dequant_tiles"))  # the kernels changed:
+    assert not layer._prepared  # layouts are dropped too
 
 
 def test_activation_schemes_measure_only_their_own_kernels(fresh_table):

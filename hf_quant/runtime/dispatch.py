@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..core import dequantize_weight
-from .kernels.base import _LISTENERS, _forcing_anywhere, row_class, select_kernel
+from .kernels.base import _CHOICE_LISTENERS, _LISTENERS, _forcing_anywhere, row_class, select_kernel
 
 
 def linear(layer: Any, x: torch.Tensor) -> torch.Tensor:
@@ -114,7 +114,14 @@ def _invalidate_all_layers() -> None:
         layer.invalidate_kernels()
 
 
+def _drop_all_choices() -> None:
+    """The choice rules changed (not the kernels): every live layer chooses again, keeping its layouts."""
+    for layer in list(_LAYERS.values()):
+        layer._kernel_cache.clear()
+
+
 _LISTENERS.append(_invalidate_all_layers)
+_CHOICE_LISTENERS.append(_drop_all_choices)
 
 
 @torch.library.custom_op("hf_quant::quant_linear", mutates_args=())

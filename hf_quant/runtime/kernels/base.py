@@ -95,6 +95,17 @@ def _registry_changed() -> None:
         listener()
 
 
+_CHOICE_LISTENERS: list = []  # called when only the choice rules change: layers drop their choices, keep layouts
+
+
+def _choices_changed() -> None:
+    """The rules that choose among the same kernels changed (the CPU dispatch mode, the CUDA dispatch
+    table): every live layer chooses again on its next call; its prepared layouts stay valid."""
+    _ROW_CUTS.clear()
+    for listener in _CHOICE_LISTENERS:
+        listener()
+
+
 def available_kernels() -> list[str]:
     return [k.name for k in _BY_PRIORITY]
 

@@ -97,7 +97,7 @@ def _set_mode(mode: str) -> None:
     measuring = mode != "fixed"
     base._choice_hook[0] = measured_choice if measuring else None
     base.EXTRA_ROW_CUTS[:] = ROW_CUTS if measuring else ()
-    base._registry_changed()  # new row classes; every live layer drops its cached choices
+    base._choices_changed()  # new row classes; every live layer drops its cached choices (not its layouts)
 
 
 def measurements() -> dict[tuple, Measurement]:
@@ -109,7 +109,7 @@ def measurements() -> dict[tuple, Measurement]:
 def clear_measurements() -> None:
     with _LOCK:
         _TABLE.clear()
-    base._registry_changed()
+    base._choices_changed()
 
 
 def candidates(layer: Any, device: torch.device, dtype: torch.dtype, allow_bf16: bool | None = None) -> list[Kernel]:

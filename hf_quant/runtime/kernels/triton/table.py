@@ -83,8 +83,8 @@ def parse_rows(label: str) -> int | None:
 
 
 def _changed() -> None:
-    from ..base import _registry_changed  # layers drop their cached choices
-    _registry_changed()
+    from ..base import _choices_changed  # layers drop their cached choices (their layouts stay)
+    _choices_changed()
 
 
 if os.environ.get("HF_QUANT_TRITON_TABLE"):
