@@ -206,3 +206,17 @@ def test_split_kernel_is_only_a_measured_candidate():
         layer, torch.device("cpu"), torch.bfloat16)
     grouped, _ = make_layer(32, 128, LayerSpec(8, 64, True, False), False)
     assert not I.SPLIT.supports(grouped, torch.device("cpu"), torch.bfloat16)
+
+
+@pytest.mark.parametrize("name", ["cpu_int8_fbgemm", "cpu_int8_onednn", "cpu_int8_token_w8", "cpu_int8_split"])
+def test_cpu_int8_kernels_take_empty_inputs(name):
+    """No rows (an empty batch): an empty output of the right shape, as the reference gives."""
+    from .test_kernels import make_layer
+    layer = int8_layer(32, 64, 6.0, True) if name != "cpu_int8_split" else \
+        make_layer(32, 64, LayerSpec(8, -1, False, False), True)[0]
+    x = torch.randn(2, 0, 64, dtype=torch.bfloat16)
+    if not kernels.base.KERNELS.get(name).supports(layer, x.device, x.dtype):
+        pytest.skip(f"{name} does not run on this CPU")
+    with kernels.use_kernel(name):
+        out = layer(x)
+    assert out.shape == (2, 0, 32) and out.dtype == x.dtype

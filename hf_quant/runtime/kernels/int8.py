@@ -69,7 +69,7 @@ def threshold_of(layer: Any) -> float:
 
 def outlier_index(x2: torch.Tensor, threshold: float) -> torch.Tensor | None:
     """Indices of the input channels where any |x| >= threshold, or None (threshold 0 or none
-    found): the columns of `activations.outlier_columns`, from column max and min (no |x| temporary)."""
+    found): the columns of `activations.outlier_columns`."""
     if threshold <= 0:
         return None
     idx = (x2.abs().amax(dim=0) >= threshold).nonzero().flatten()  # faster than amax + amin over dim 0
@@ -252,7 +252,7 @@ def finish_tokens(y: torch.Tensor, absmax: torch.Tensor, bias: torch.Tensor | No
     y = y.mul_(sx) if bias is None else torch.addcmul(bias, y, sx)
     if cols is not None:  # the outlier columns: their products in the activation dtype, accumulated in fp32
         y.addmm_(x2.index_select(1, cols).float(), outliers.get(cols, x.dtype))
-    return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
 
 
 _FBGEMM_OP = "linear_with_input_q_dq_qweight_dq_output_fp32"
@@ -341,7 +341,7 @@ class TokenW8Kernel(Kernel):
         else:
             W = (wq.float() * ws.unsqueeze(1)).to(x.dtype)
             y = F.linear(xq, W, None if layer.bias is None else layer.bias.to(x.dtype))
-        return y.reshape(*x.shape[:-1], -1)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 class SplitInt8Kernel(Kernel):
@@ -389,7 +389,7 @@ class SplitInt8Kernel(Kernel):
             y.addr_(x2.float().sum(dim=1), offset)
         if bias is not None:
             y.add_(bias)
-        return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+        return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
 
 
 def split_terms(x2: torch.Tensor, third_ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -407,7 +407,7 @@ class _TritonMatmul(_TritonBlocks):
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
         x2 = _rows(prepared, x)
         cfg = self.launch(x2.shape[0], prepared.geo, table.sm_count(x.device))
-        return launch_matmul(self.which, prepared, x2, self.bias(layer, x.dtype), cfg).reshape(*x.shape[:-1], -1)
+        return launch_matmul(self.which, prepared, x2, self.bias(layer, x.dtype), cfg).reshape(*x.shape[:-1], layer.out_features)
 
 
 class TritonGemv(_TritonMatmul):
@@ -428,7 +428,7 @@ class TritonDequant(_TritonBlocks):
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
         x2 = _rows(prepared, x)
         W = dequantize_blocks(prepared, x.dtype, scratch(prepared.geo.N * prepared.geo.K, x.device, x.dtype))
-        return F.linear(x2, W, self.bias(layer, x.dtype)).reshape(*x.shape[:-1], -1)
+        return F.linear(x2, W, self.bias(layer, x.dtype)).reshape(*x.shape[:-1], layer.out_features)
 
 
 GEMV, SPLITK, DEQUANT = TritonGemv(), TritonSplitK(), TritonDequant()
