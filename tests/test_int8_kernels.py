@@ -220,3 +220,22 @@ def test_cpu_int8_kernels_take_empty_inputs(name):
     with kernels.use_kernel(name):
         out = layer(x)
     assert out.shape == (2, 0, 32) and out.dtype == x.dtype
+
+
+@pytest.mark.parametrize("name", ["cpu_int8_fbgemm", "cpu_int8_onednn", "cpu_int8_token_w8", "cpu_int8_split"])
+@pytest.mark.parametrize("m", [5, 1200])  # one fused pass set, and row chunks
+def test_cpu_int8_kernels_take_strided_inputs(name, m):
+    """A transposed (non-contiguous) activation view gives the reference's result."""
+    from .test_kernels import make_layer
+    layer = int8_layer(32, 256, 6.0, True) if name != "cpu_int8_split" else \
+        make_layer(32, 256, LayerSpec(8, -1, False, False), True)[0]
+    x = (torch.randn(256, m, generator=torch.Generator().manual_seed(m)) * 3).to(torch.bfloat16).t()
+    x[:, 3] *= 10  # an outlier column
+    if not kernels.base.KERNELS.get(name).supports(layer, x.device, x.dtype):
+        pytest.skip(f"{name} does not run on this CPU")
+    assert not x.is_contiguous()
+    with kernels.use_kernel(name):
+        out = layer(x)
+    with kernels.use_kernel("reference"):
+        ref = layer(x.contiguous())
+    assert rel_err(out, ref) < TOL[torch.bfloat16]

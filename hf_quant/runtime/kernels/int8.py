@@ -126,7 +126,7 @@ def quantize_activations(x2: torch.Tensor, threshold: float, offset: int = 0, as
     if M * K > CHUNK_ELEMS:
         cols = outlier_index(x2, threshold)
         return (*quantize_tokens(x2, threshold, cols, offset, as_float), cols)
-    b = x2.to(torch.float32, copy=True)
+    b = torch.empty(M, K, dtype=torch.float32).copy_(x2)  # contiguous even for a strided x2
     ab = b.abs()
     cols = None
     if threshold > 0:
