@@ -27,6 +27,7 @@ import argparse
 import functools
 import os
 import platform
+import random
 import sys
 import time
 import types
@@ -50,21 +51,27 @@ from hf_quant.runtime.kernels import int8 as I  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (in, out)
 ROWS = [1, 8, 64, 512]
+MAX_ROUNDS = 100  # interleaved rounds per row at most (each function keeps its fastest call)
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 
 
 def bench_all(fns: dict, budget: float) -> dict:
     """Seconds per call of every function: the fastest call of each, timed in interleaved rounds (one
-    call of each per round) until about `budget` seconds per function are spent, so that a noisy
-    neighbour on a shared machine slows every candidate of a row alike instead of one of them."""
+    call of each per round, in a new shuffled order each round) until about `budget` seconds per
+    function are spent, so that a noisy neighbour on a shared machine slows every candidate of a row
+    alike instead of one of them."""
     for fn in fns.values():  # warm-up, every copy: one-time costs (packing, oneDNN primitives, first touch)
         for _ in range(len(getattr(fn, "fns", ())) or 1):
             fn()
     best = {k: float("inf") for k in fns}
     spent = 0.0
     rounds = 0
-    while rounds < 3 or (spent < budget * len(fns) and rounds < 30):
-        for k, fn in fns.items():
+    order = list(fns)
+    shuffle = random.Random(0).shuffle
+    while rounds < 3 or (spent < budget * len(fns) and rounds < MAX_ROUNDS):
+        shuffle(order)  # a call right after the bf16 GEMV runs ~10% slower: no function always takes that seat
+        for k in order:
+            fn = fns[k]
             t0 = time.perf_counter()
             fn()
             dt = time.perf_counter() - t0
