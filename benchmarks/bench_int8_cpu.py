@@ -126,10 +126,8 @@ def main() -> None:
             l0, l6 = layer_for(W, 0.0), layer_for(W, 6.0)
             Wf = l0.dequantize().float()
             wq, ws = C.int8_rows(l0)
-            fb = torch.ops.quantized.linear_prepack(
-                torch.quantize_per_channel(Wf, ws.double(), torch.zeros(N, dtype=torch.int64), 0, torch.qint8), None)
-            copies.append(types.SimpleNamespace(l0=l0, l6=l6, Wf=Wf, Wb=Wf.bfloat16(), wq=wq, ws=ws, wsb=ws.bfloat16(),
-                                                fb=fb))
+            copies.append(types.SimpleNamespace(l0=l0, l6=l6, Wf=Wf, Wb=Wf.bfloat16(), wq=wq, wsb=ws.bfloat16(),
+                                                fb=I.fbgemm_prepack(wq, ws)))  # the same packing serves the dynamic op
         for M in ROWS:
             x = torch.randn(M, K, generator=g)  # |x| < 6 almost surely: no outliers
             xo = x.clone()

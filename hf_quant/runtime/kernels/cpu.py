@@ -98,6 +98,12 @@ def int8_rows(layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return (layer.qweight.to(torch.int16) - 128).to(torch.int8).contiguous(), layer.scales.float()[:, 0].contiguous()
 
 
+def int8_zero_offset(layer: Any, scale: torch.Tensor) -> torch.Tensor | None:
+    """(128 - zero) * scale per output row, fp32 (N,), or None for a symmetric layer: with the codes of
+    `int8_rows`, an asymmetric layer's product is theirs plus this times sum(x) per row."""
+    return None if layer.qzeros is None else (128.0 - layer.qzeros.float()[:, 0]) * scale
+
+
 class Int8CpuKernel(_CpuPacked):
     name = "cpu_int8"
 
@@ -110,10 +116,7 @@ class Int8CpuKernel(_CpuPacked):
 
     def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
         w, scale = int8_rows(layer)
-        offset = None
-        if layer.qzeros is not None:
-            offset = (128.0 - layer.qzeros.float()[:, 0]) * scale  # fp32 (N,)
-        return w, scale.to(dtype), offset
+        return w, scale.to(dtype), int8_zero_offset(layer, scale)
 
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
         w, scale, offset = prepared

@@ -79,6 +79,11 @@ def outlier_index(x2: torch.Tensor, threshold: float) -> torch.Tensor | None:
 MAGIC = 12582912.0  # 1.5 * 2**23: fp32 v + MAGIC rounds v (|v| < 2**22) to nearest even, the integer in the low bits
 
 
+def row_multiplier(absmax: torch.Tensor) -> torch.Tensor:
+    """127 / absmax per row as a column (M, 1), as the oracle computes it; 0 for an all-zero row (codes 0)."""
+    return torch.where(absmax > 0, 127.0 / absmax, torch.zeros((), dtype=absmax.dtype)).unsqueeze(1)
+
+
 def quantize_tokens(x2: torch.Tensor, threshold: float, cols: torch.Tensor | None, offset: int = 0,
                     as_float: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes (M, K): int8, or uint8 codes + `offset`, or (`as_float`) fp32 integer-valued codes;
@@ -103,8 +108,7 @@ def quantize_tokens(x2: torch.Tensor, threshold: float, cols: torch.Tensor | Non
             xo.masked_fill_(xo.abs() >= threshold, 0.0)  # ... but only outlier elements leave the absmax
             a = torch.maximum(torch.maximum(b.amax(dim=1), b.amin(dim=1).neg_()), xo.abs().amax(dim=1))
         absmax[r0:r0 + step] = a
-        inv = torch.where(a > 0, 127.0 / a, torch.zeros((), dtype=a.dtype))  # an all-zero row: codes 0
-        b.mul_(inv.unsqueeze(1))
+        b.mul_(row_multiplier(a))
         if as_float:
             b.round_()
         elif offset:
@@ -137,7 +141,7 @@ def quantize_activations(x2: torch.Tensor, threshold: float, offset: int = 0, as
             ab.masked_fill_(outlier, 0.0)  # only outlier elements leave the absmax ...
             b.index_fill_(1, cols, 0.0)  # ... and the outlier columns' codes are zero
     a = ab.amax(dim=1)
-    b.mul_(torch.where(a > 0, 127.0 / a, torch.zeros((), dtype=a.dtype)).unsqueeze(1))
+    b.mul_(row_multiplier(a))
     if as_float:
         return b.round_(), a, cols
     if offset:
@@ -371,55 +375,53 @@ class SplitInt8Kernel(Kernel):
 
     def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
         wq, ws = cpu.int8_rows(layer)
-        offset = None if layer.qzeros is None else (128.0 - layer.qzeros.float()[:, 0]) * ws  # fp32 (N,)
         bias = None if layer.bias is None else layer.bias.float()
-        return fbgemm_prepack(wq, ws), offset, bias
+        return fbgemm_prepack(wq, ws), cpu.int8_zero_offset(layer, ws), bias
 
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
         packed, offset, bias = prepared
-        x2 = x.reshape(-1, x.shape[-1])
-        codes, scales, rows = split_terms(x2, self.THIRD_TERM_RATIO)
+        xf = x.reshape(-1, x.shape[-1]).float()
+        codes, scales, rows = split_terms(xf, self.THIRD_TERM_RATIO)
         z = fbgemm_int8_mm(codes, packed)  # (terms * M, N)
-        M = x2.shape[0]
+        M = xf.shape[0]
         y = z[:M].mul_(scales[:M].unsqueeze(1))
         y.addcmul_(z[M:2 * M], scales[M:2 * M].unsqueeze(1))
         if rows is not None:
             y.index_add_(0, rows, z[2 * M:] * scales[2 * M:].unsqueeze(1))
         if offset is not None:
-            y.addr_(x2.float().sum(dim=1), offset)
+            y.addr_(xf.sum(dim=1), offset)
         if bias is not None:
             y.add_(bias)
         return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
 
 
-def split_terms(x2: torch.Tensor, third_ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(codes (T, K) fp32 integers in [-127, 127], scales (T,), rows of x2 given a third term or None):
-    rows [0, M) are q1, [M, 2M) q2 and the rest q3 of the rows listed, with x2 ~ sum of s_t * q_t."""
-    M, K = x2.shape
-    xf = x2.float()
+def _int8_term(r: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
+    """One term of `split_terms`: r's per-row int8 codes (as fp32) into `codes`, absmax / 127 into `scales`."""
+    a = r.abs().amax(dim=1)
+    torch.mul(r, row_multiplier(a), out=codes).round_()
+    torch.div(a, 127.0, out=scales)
+
+
+def split_terms(xf: torch.Tensor, third_ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(codes (T, K) fp32 integers in [-127, 127], scales (T,), rows of xf given a third term or None)
+    of fp32 activations xf (M, K): rows [0, M) are q1, [M, 2M) q2 and the rest q3 of the rows listed,
+    with xf ~ sum of s_t * q_t, each term quantized from the residual of the ones before."""
+    M, K = xf.shape
     big = None
     if M:
         rms = xf.pow(2).mean(dim=1).sqrt_()
-        amax = xf.abs().amax(dim=1)
-        found = (amax > third_ratio * rms).nonzero().flatten()
+        found = (xf.abs().amax(dim=1) > third_ratio * rms).nonzero().flatten()
         big = found if found.numel() else None
     n3 = 0 if big is None else big.numel()
     codes = torch.empty(2 * M + n3, K, dtype=torch.float32)
     scales = torch.empty(2 * M + n3, dtype=torch.float32)
-    residual = xf
-    for t, rows in enumerate((None, None, big)):
-        if t == 2 and rows is None:
-            break
-        r = residual if rows is None else residual.index_select(0, rows)
-        lo = t * M
-        q, s = codes[lo:lo + r.shape[0]], scales[lo:lo + r.shape[0]]
-        a = r.abs().amax(dim=1)
-        torch.mul(r, torch.where(a > 0, 127.0 / a, torch.zeros((), dtype=a.dtype)).unsqueeze(1), out=q).round_()
-        torch.div(a, 127.0, out=s)
-        if t == 0:
-            residual = torch.addcmul(xf, q, s.unsqueeze(1), value=-1.0)
-        elif t == 1 and big is not None:
-            residual = torch.addcmul(residual, q, s.unsqueeze(1), value=-1.0)
+    _int8_term(xf, codes[:M], scales[:M])
+    residual = torch.addcmul(xf, codes[:M], scales[:M].unsqueeze(1), value=-1.0)
+    _int8_term(residual, codes[M:2 * M], scales[M:2 * M])
+    if big is not None:  # the second residual, only of the rows that take a third term
+        q2, s2 = codes[M:2 * M].index_select(0, big), scales[M:2 * M].index_select(0, big)
+        _int8_term(torch.addcmul(residual.index_select(0, big), q2, s2.unsqueeze(1), value=-1.0),
+                   codes[2 * M:], scales[2 * M:])
     return codes, scales, big
 
 
