@@ -70,6 +70,41 @@ def test_every_candidate_matches_reference(spec, bias, k_mult, out_f, m, dtype, 
         assert rel_err(out, ref) < (1e-3 if exact else 3e-2 if spec.bits > 2 else 6e-2), kernel.name
 
 
+@pytest.mark.parametrize("spec,in_f,layout", [
+    (LayerSpec(4, 128, False), 256, "nibbles"), (LayerSpec(4, -1, True), 96, "nibbles"),
+    (LayerSpec(3, 64, False, True), 192, "nibbles"), (LayerSpec(2, 32, True), 64, "nibbles"),
+    (LayerSpec(8, -1, False), 64, "rows8"), (LayerSpec(8, -1, True), 64, "rows8"),
+    (LayerSpec(8, 32, False), 64, "generic"), (LayerSpec(8, 32, True, True), 96, "generic")])
+@pytest.mark.parametrize("rows", [3, 9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequant_tiles_layouts_match_reference(monkeypatch, spec, in_f, layout, rows, dtype):
+    """Each prepared layout of dequant_tiles, over several tiles (the last one partial) and in both GEMM
+    orientations (ROWS_MAJOR_FROM cut between the two row counts), against the reference."""
+    kernel = KERNELS.get("dequant_tiles")
+    monkeypatch.setattr(type(kernel), "TILE_N", 32)
+    monkeypatch.setattr(type(kernel), "ROWS_MAJOR_FROM", 8)
+    layer, _ = make_layer(80, in_f, spec, bias=True, seed=rows)
+    x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with kernels.use_kernel("reference"):
+        ref = layer(x)
+    prepared = kernel.prepare(layer, CPU, dtype)
+    assert prepared[0] == layout
+    out = kernel.forward(layer, x, prepared)
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_dequant_tiles_int8_fp16_does_not_overflow():
+    """fp16 activations of a few hundred: x times raw int8 codes would pass 65504 in fp16."""
+    layer, _ = make_layer(64, 1024, LayerSpec(8, -1, True), bias=False)
+    x = torch.full((2, 1024), 300.0, dtype=torch.float16)
+    with kernels.use_kernel("reference"):
+        ref = layer(x)
+    kernel = KERNELS.get("dequant_tiles")
+    out = kernel.forward(layer, x, kernel.prepare(layer, CPU, torch.float16))
+    assert torch.isfinite(out).all() and rel_err(out, ref) < 1e-2
+
+
 def test_bf16_cast_deviation_on_fp32_activations():
     """What mode "measure_bf16" costs an fp32 model: the `_bf16` kernels round x and y to bf16.
     Measured here (4-bit g128 and 8-bit per channel, 512x1024, 16 rows): about 3e-3 relative error

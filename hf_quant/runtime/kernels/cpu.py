@@ -129,11 +129,24 @@ class Int8CpuKernel(_CpuPacked):
 
 class DequantTilesKernel(Kernel):
     """Dequantize TILE_N output rows at a time into the activation dtype, each tile followed by its
-    GEMM: the tile stays in cache, and no float copy of the whole weight is ever built."""
+    GEMM: the tile stays in cache, and no float copy of the whole weight is ever built.
+
+    The weight is re-laid at prepare time so that a tile takes few passes over cached memory:
+    - 8-bit per channel: int8 codes q - 128; a tile is only converted (exact: small integers), the row
+      scales are applied to the output (y * s, plus (128 - z) * s * sum(x) when asymmetric); fp16
+      tiles take the scales (an fp16 sum of x times raw codes could overflow);
+    - 2-4 bits: one byte per two codes, the low nibbles the first half of each group and the high
+      nibbles the second, so a tile unpacks with one AND and one shift into contiguous halves, then is
+      converted and takes (q - z) * s per group (act-order layers with their channels sorted by group);
+    - 8-bit groups: `dequantize_weight` per tile.
+    """
 
     name = "dequant_tiles"
     measured = True
-    TILE_N = 256
+    TILE_N = 512
+    # From this many rows on, each tile's GEMM is F.linear into a column slice of y (faster for large
+    # M); below, W_tile @ x.T into rows of y transposed (faster for small M). benchmarks/bench_cpu.py.
+    ROWS_MAJOR_FROM = 256
 
     def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
         return device.type == "cpu" and dtype in _CPU_DTYPES
@@ -141,10 +154,82 @@ class DequantTilesKernel(Kernel):
     def chosen(self, layer: Any, rows: int) -> bool:
         return False  # only by measurement
 
+    def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
+        spec, K = layer.spec, layer.in_features
+        gs = spec.effective_group_size(K)
+        if spec.bits == 8 and spec.group_size == -1:
+            w, scale = int8_rows(layer)
+            return "rows8", w, scale, int8_zero_offset(layer, scale)
+        if spec.bits <= 4 and gs % 2 == 0:
+            codes, perm = codes_by_group(layer.qweight, spec, K, layer.g_idx)
+            q = codes.reshape(layer.out_features, K // gs, gs)
+            packed = (q[..., :gs // 2] | (q[..., gs // 2:] << 4)).contiguous()
+            scale = layer.scales.to(dtype)
+            zero = zero_points(layer.qzeros, spec, layer.scales).to(dtype)
+            return "nibbles", packed, scale.unsqueeze(-1).contiguous(), zero.unsqueeze(-1).contiguous(), perm
+        return ("generic",)
+
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
+        kind = prepared[0]
+        if kind == "generic":
+            return self._generic(layer, x)
+        x2 = _flatten(x)
+        if kind == "nibbles" and prepared[-1] is not None:  # act-order: channels sorted by group
+            x2 = x2.index_select(-1, prepared[-1])
+        N, K, T = layer.out_features, layer.in_features, self.TILE_N
+        tile = x2.new_empty(min(T, N), K)
+        gemm = self._gemm(x2, N)
+        if kind == "rows8":
+            _, w, scale, offset = prepared
+            if x.dtype == torch.float16:  # sum(x * code) may pass fp16's 65504: scale the tile instead
+                rows_scale = scale.to(x.dtype).unsqueeze(-1)
+                for n in range(0, N, T):
+                    gemm(n, tile[:min(T, N - n)].copy_(w[n:n + T]).mul_(rows_scale[n:n + T]))
+                scale = 1.0
+            else:
+                for n in range(0, N, T):
+                    gemm(n, tile[:min(T, N - n)].copy_(w[n:n + T]))
+            y = gemm(None, None).float() * scale
+            if offset is not None:
+                y += x2.float().sum(-1, keepdim=True) * offset
+            return _finish(layer, y.to(x.dtype), x)
+        _, packed, scale, zero, perm = prepared
+        G, half = packed.shape[1], packed.shape[2]
+        codes = torch.empty(min(T, N), G, 2 * half, dtype=torch.uint8)
+        tile3 = tile.view(-1, G, 2 * half)
+        for n in range(0, N, T):
+            rows = min(T, N - n)
+            c, t, p = codes[:rows], tile3[:rows], packed[n:n + T]
+            torch.bitwise_and(p, 15, out=c[..., :half])
+            torch.bitwise_right_shift(p, 4, out=c[..., half:])
+            t.copy_(c).sub_(zero[n:n + T]).mul_(scale[n:n + T])
+            gemm(n, tile[:rows])
+        return _finish(layer, gemm(None, None), x)
+
+    def _gemm(self, x2: torch.Tensor, N: int) -> Any:
+        """gemm(n, W_tile) computes output columns n.. from a tile; gemm(None, None) returns y (M, N)."""
+        if x2.shape[0] >= self.ROWS_MAJOR_FROM:
+            y = x2.new_empty(x2.shape[0], N)
+
+            def rows_major(n, w):
+                if w is None:
+                    return y
+                y[:, n:n + w.shape[0]] = torch.nn.functional.linear(x2, w)
+
+            return rows_major
+        yt = x2.new_empty(N, x2.shape[0])  # y transposed: each tile's rows are contiguous
+
+        def transposed(n, w):
+            if w is None:
+                return yt.t().contiguous()
+            torch.mm(w, x2.t(), out=yt[n:n + w.shape[0]])
+
+        return transposed
+
+    def _generic(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
         x2 = _flatten(x)
         N, T, zeros = layer.out_features, self.TILE_N, layer.qzeros
-        yt = x2.new_empty(N, x2.shape[0])  # y transposed: each tile's rows are contiguous
+        yt = x2.new_empty(N, x2.shape[0])
         for n in range(0, N, T):
             W = dequantize_weight(layer.qweight[n:n + T], layer.scales[n:n + T],
                                   None if zeros is None else zeros[n:n + T], layer.spec, layer.in_features, x.dtype,
