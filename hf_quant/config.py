@@ -14,29 +14,37 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .core import SUPPORTED_BITS, LayerSpec
+from .core import gguf as gguf_types
 from .core.patterns import SafePattern
 from .methods.base import check_bool, check_positive_int
 from .methods import available_methods, get_method, methods_taking, option_fields
 
 QUANT_METHOD = "hf_quant"
 # Version of the on-disk layout (see README "On-disk format"). Bump on any incompatible change.
-# 1: qweight/scales/qzeros.  2: adds the optional per-layer `g_idx` (act-order GPTQ); 1 still loads.
-FORMAT_VERSION = 2
+# 1: qweight/scales/qzeros.  2: adds the optional per-layer `g_idx` (act-order GPTQ).  3: adds GGUF layers
+# (`gguf`: qweight holds GGUF blocks, no scales/qzeros). Older versions still load.
+FORMAT_VERSION = 3
 
 ON_INCOMPATIBLE = ("error", "skip")
-_OVERRIDABLE = ("bits", "group_size", "sym")
+_OVERRIDABLE = ("bits", "group_size", "sym", "gguf")
 _SKIP_PREFIX = "-:"
 _MATCH_PREFIX = "+:"
 _RUNTIME_ONLY = ("dataset", "calibration_device")  # how to calibrate this run, not what was saved
 # __init__ arguments stored as given (the others are copied or checked first)
 _PLAIN_FIELDS = ("method", "bits", "group_size", "sym", "on_incompatible", "dataset", "num_samples", "seq_len", "seed",
                  "damp_percent", "block_size", "desc_act", "static_groups", "true_sequential", "mse", "epochs",
-                 "learning_rate", "block_name_to_quantize", "calibration_device", "format_version")
+                 "learning_rate", "block_name_to_quantize", "calibration_device", "format_version", "gguf")
 
 
 def _check_bits(bits: Any, field: str) -> None:
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
         raise ValueError(f"QuantConfig.{field}={bits!r} is not supported; use one of {list(SUPPORTED_BITS)}.")
+
+
+def _check_gguf_type(name: Any, field: str) -> None:
+    if name is not None and (not isinstance(name, str) or name not in gguf_types.TYPES):
+        raise ValueError(f"QuantConfig.{field}={name!r} is not a supported GGUF block type; use one of "
+                         f"{sorted(gguf_types.TYPES)}, or None.")
 
 
 def _check_group_size(group_size: Any, field: str) -> None:
@@ -145,6 +153,7 @@ class QuantConfig(QuantizationConfigMixin):
         calibration_device: str | None = None,
         format_version: int = FORMAT_VERSION,
         provenance: dict[str, Any] | None = None,
+        gguf: str | None = None,
         **kwargs: Any,
     ) -> None:
         fields = dict(locals())
@@ -181,6 +190,7 @@ class QuantConfig(QuantizationConfigMixin):
             _check_bool(getattr(self, field), field)
         _check_bits(self.bits, "bits")
         _check_group_size(self.group_size, "group_size")
+        self._check_gguf(self.gguf, "gguf")
         if self.block_name_to_quantize is not None and not isinstance(self.block_name_to_quantize, str):
             raise ValueError(
                 f"QuantConfig.block_name_to_quantize={self.block_name_to_quantize!r} must be a module name "
@@ -201,6 +211,8 @@ class QuantConfig(QuantizationConfigMixin):
         self._compiled_dynamic = self._validate_dynamic(self.dynamic)
         fixed = get_method(self.method).fixed_spec or {}
         for regex, overrides in self._compiled_dynamic:
+            if (overrides or {}).get("gguf") is not None:
+                self._check_gguf(overrides["gguf"], f"{regex.field}['gguf']")
             clash = sorted(set(overrides or {}) & set(fixed))
             if clash:
                 raise ValueError(f"{regex.field} overrides {clash}, which method={self.method!r} "
@@ -272,8 +284,22 @@ class QuantConfig(QuantizationConfigMixin):
                 _check_group_size(overrides["group_size"], f"{field}['group_size']")
             if "sym" in overrides:
                 _check_bool(overrides["sym"], f"{field}['sym']")
+            if "gguf" in overrides:
+                _check_gguf_type(overrides["gguf"], f"{field}['gguf']")
             compiled.append((regex, None if skip else dict(overrides)))
         return compiled
+
+    def _check_gguf(self, name: Any, field: str) -> None:
+        if name is None:
+            return
+        _check_gguf_type(name, field)
+        if not get_method(self.method).gguf:
+            supported = [m for m in available_methods() if get_method(m).gguf]
+            raise ValueError(f"QuantConfig.gguf={name!r}: method={self.method!r} cannot quantize onto GGUF grids; "
+                             f"use one of {supported}.")
+        if self.desc_act and not self.static_groups:
+            raise ValueError("QuantConfig.gguf: GGUF blocks hold input channels in natural order (no g_idx); "
+                             "use desc_act=False, or static_groups=True.")
 
     def layer_spec(self, module_name: str) -> LayerSpec | None:
         """The spec for one module after `dynamic` overrides; `None` if a "-:" rule keeps it in float.
@@ -284,16 +310,19 @@ class QuantConfig(QuantizationConfigMixin):
         return cache[module_name]
 
     def _layer_spec(self, module_name: str) -> LayerSpec | None:
-        fields = {"bits": self.bits, "group_size": self.group_size, "sym": self.sym}
+        fields = {"bits": self.bits, "group_size": self.group_size, "sym": self.sym, "gguf": self.gguf}
         for regex, overrides in self._compiled_dynamic:
             if regex.search(module_name):
                 if overrides is None:
                     return None
                 fields.update(overrides)
                 break
+        if fields["gguf"] is not None:  # the block type fixes the layout
+            t = gguf_types.block_type(fields["gguf"])
+            return LayerSpec(t.bits, t.sub, t.zero is not None, False, t.name)
         # act-order regroups channels unless the groups were fixed in natural order first
-        fields["g_idx"] = self.desc_act and not self.static_groups and fields["group_size"] != -1
-        return LayerSpec(**fields)
+        g_idx = self.desc_act and not self.static_groups and fields["group_size"] != -1
+        return LayerSpec(fields["bits"], fields["group_size"], fields["sym"], g_idx)
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if not k.startswith("_") and k not in _RUNTIME_ONLY}

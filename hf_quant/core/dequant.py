@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from . import gguf
 from .packing import unpack_codes
 from .spec import LayerSpec
 
@@ -44,6 +45,8 @@ def dequantize_weight(
     in any float type, so the product is rounded once and equals the fp32 result cast to `dtype`.
     Otherwise computed in fp32 and cast.
     """
+    if spec.gguf is not None:  # block bytes: llama.cpp's fp32 weights, then cast
+        return gguf.dequantize(qweight, gguf.block_type(spec.gguf), in_features).to(dtype)
     compute = dtype if scales.dtype == dtype else torch.float32
     q = unpack_codes(qweight, spec.bits, in_features)
     out_f = q.shape[0]

@@ -8,12 +8,16 @@
 n_groups = in_features / group_size, or 1 for group_size=-1. Without g_idx, input channel i belongs
 to group i // group_size; with it, to group g_idx[i] (format_version 2; every group still has
 group_size channels).
+GGUF layers (`LayerSpec.gguf`, format_version 3) store only
+  {module}.qweight  uint8        (out_features, in_features / block * block_bytes)  the GGUF blocks
+(codes, scales and mins as llama.cpp lays them out; core/gguf.py), and the bias if any.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import gguf
 from .spec import LayerSpec
 
 
@@ -26,6 +30,9 @@ def buffer_specs(
     in_features: int, out_features: int, spec: LayerSpec, float_dtype: torch.dtype | None
 ) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
     """Name -> (shape, dtype) of the stored quantized tensors (bias excluded); dtype None = any float."""
+    if spec.gguf is not None:
+        t = gguf.block_type(spec.gguf)
+        return {"qweight": ((out_features, gguf.row_bytes(t, in_features)), torch.uint8)}
     n_groups = spec.groups(in_features)
     specs = {
         "qweight": ((out_features, packed_in_features(in_features, spec.bits)), torch.uint8),

@@ -17,6 +17,9 @@ class LayerSpec:
     group_size: int  # -1: one group per output channel
     sym: bool
     g_idx: bool = False  # stores a `g_idx` (group of each input channel): act-order GPTQ
+    # A GGUF block type (core/gguf.py): `qweight` then holds the type's block bytes, exactly as in a
+    # .gguf file, and no scales/zeros (bits, group_size (the sub-block) and sym follow the type).
+    gguf: str | None = None
 
     @property
     def maxq(self) -> int:
@@ -42,9 +45,12 @@ class QuantizedWeight:
     scale: (out, n_groups) in the dtype it will be stored in (codes were rounded against it).
     zero:  uint8 (out, n_groups) integer zero points, or None for a symmetric grid.
     g_idx: int32 (in,) group of each input channel when groups are not contiguous (act-order), else None.
+    raw:   GGUF layers: the block bytes (out, row_bytes) uint8 that hold codes and scales exactly; `scale`
+           then gives the effective per-sub-block scales (fp32, informational) and `zero` is None.
     """
 
     codes: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor | None
     g_idx: torch.Tensor | None = None
+    raw: torch.Tensor | None = None

@@ -152,6 +152,7 @@ class Method:
     activation: Callable[..., tuple[str, dict[str, Any]] | None] | None = None
     fixed_spec: dict[str, Any] | None = None
     scale_dtype: torch.dtype | None = None
+    gguf: bool = False  # quantizes onto GGUF block types (QuantConfig.gguf)
 
     def calibrates(self, options: dict[str, Any]) -> bool:
         """Whether the method reads calibration data with these options."""
@@ -187,14 +188,14 @@ METHODS: Registry[Method] = Registry("quantization method")
 def register_method(name: str, *, needs_calibration: bool | Callable[..., bool], options: type | None = None, description: str = "",
                     stage: Callable | None = None, observe: Observer | None = None,
                     activation: Callable | None = None, fixed_spec: dict[str, Any] | None = None,
-                    scale_dtype: torch.dtype | None = None) -> Callable:
+                    scale_dtype: torch.dtype | None = None, gguf: bool = False) -> Callable:
     """Decorator registering `fn(W, spec, scale_dtype, **stats, **options) -> QuantizedWeight` under `name`."""
 
     def deco(fn: Callable[..., QuantizedWeight]) -> Callable[..., QuantizedWeight]:
         if options is not None and not (dataclasses.is_dataclass(options) and issubclass(options, Options)):
             raise TypeError(f"method {name!r}: options must be a dataclass deriving from hf_quant.methods.Options")
         METHODS.register(name, Method(name, fn, needs_calibration, options, description or name, stage, observe,
-                                      activation, fixed_spec, scale_dtype))
+                                      activation, fixed_spec, scale_dtype, gguf))
         return fn
 
     return deco

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core import LayerSpec, QuantizedWeight, grid
+from ..core import LayerSpec, QuantizedWeight, gguf, grid
 from .base import Options, check_bool, check_fraction, check_positive_int, option, register_method
 from .rtn import mse_option
 
@@ -69,7 +69,7 @@ def check_hessian(H: torch.Tensor) -> None:
         raise ValueError(f"GPTQ: the Hessian has {bad} NaN/inf entries: the calibration inputs contain NaN/inf.")
 
 
-@register_method("gptq", needs_calibration=True, options=GPTQOptions, description="GPTQ")
+@register_method("gptq", needs_calibration=True, options=GPTQOptions, description="GPTQ", gguf=True)
 def quantize_gptq(
     W: torch.Tensor,
     spec: LayerSpec,
@@ -103,6 +103,8 @@ def quantize_gptq(
     dead = torch.diag(H) == 0  # inputs that were always zero: any value works, quantize zeros
     H[dead, dead] = 1
     W[:, dead] = 0
+    if spec.gguf is not None:
+        return _gptq_gguf(W, H, spec, block_size, damp_percent)
 
     gs = spec.effective_group_size(in_f)
     n_groups = spec.groups(in_f)
@@ -156,3 +158,39 @@ def quantize_gptq(
         zero=None if spec.sym else zero.to(torch.uint8),
         g_idx=g_idx,
     )
+
+
+def _gptq_gguf(W: torch.Tensor, H: torch.Tensor, spec: LayerSpec, block_size: int,
+               damp_percent: float) -> QuantizedWeight:
+    """GPTQ onto a GGUF block type: at each (super-)block's first column, the block's grid (sub-block
+    scales and mins, already rounded the way the format stores them against fp16 super-scales) is found
+    from the updated weights, as the group step does; then column by column as above."""
+    t = gguf.block_type(spec.gguf)
+    out_f, in_f = W.shape
+    gguf.check_shape(t, in_f, "GPTQ")
+    Hinv = hessian_inverse_cholesky(H, damp_percent)
+    found: list[gguf.Blocks] = []
+    codes = torch.empty(out_f, in_f, device=W.device)
+    scale = torch.empty(out_f, in_f, device=W.device)  # each column's sub-block grid
+    zero = torch.empty(out_f, in_f, device=W.device)
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % t.block == 0:
+                f = gguf.find_grid(torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :t.block], t)
+                s, z = gguf.column_grid(f, t)
+                scale[:, col:col + t.block] = s.repeat_interleave(t.sub, -1)
+                zero[:, col:col + t.block] = z.repeat_interleave(t.sub, -1)
+                found.append(f)
+            w = W1[:, i]
+            q = gguf.quantize_codes(w, scale[:, col], zero[:, col], t.maxq)
+            codes[:, col] = q
+            err = (w - (q - zero[:, col]) * scale[:, col]) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return gguf.quantized_weight(gguf.join_blocks(found, codes.to(torch.uint8)), t)

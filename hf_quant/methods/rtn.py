@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core import LayerSpec, QuantizedWeight, grid
+from ..core import LayerSpec, QuantizedWeight, gguf, grid
 from .base import Options, check_bool, option, register_method
 
 
@@ -23,7 +23,12 @@ class RTNOptions(Options):
 
 def round_to_nearest(W: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype, mse: bool = False,
                      clip: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantizedWeight:
-    """Each group on its own min/max grid (optionally shrunk by `clip` factors, or by the `mse` search)."""
+    """Each group on its own min/max grid (optionally shrunk by `clip` factors, or by the `mse` search);
+    GGUF layers on their block type's grid (core/gguf.py)."""
+    if spec.gguf is not None:
+        t = gguf.block_type(spec.gguf)
+        gguf.check_shape(t, W.shape[1], "RTN")
+        return gguf.quantized_weight(gguf.quantize_rtn(W, t), t)
     Wg = grid.group(W, spec)
     scale, zero = grid.find_params(Wg, spec, scale_dtype, mse, clip)
     q = grid.quantize(Wg, scale, zero, spec.maxq)
@@ -34,6 +39,7 @@ def round_to_nearest(W: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype,
     )
 
 
-@register_method("rtn", needs_calibration=False, options=RTNOptions, description="RTN (round-to-nearest, data-free)")
+@register_method("rtn", needs_calibration=False, options=RTNOptions, description="RTN (round-to-nearest, data-free)",
+                 gguf=True)
 def quantize_rtn(W: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype, mse: bool = False) -> QuantizedWeight:
     return round_to_nearest(W, spec, scale_dtype, mse)

@@ -83,7 +83,7 @@ def replace_with_empty_quant_linears(model: nn.Module, targets: dict[str, LayerS
 def dequantize_layer(module: QuantLinear, dtype: torch.dtype | None = None, as_conv1d: bool | None = None) -> nn.Module:
     """The float layer a QuantLinear stands for: a transformers Conv1D where it came from one (unless
     `as_conv1d=False`), else an nn.Linear; in `dtype` (default: the dtype of its scales)."""
-    W = module.dequantize().to(dtype or module.scales.dtype)
+    W = module.dequantize().to(dtype or module.float_dtype)
     return float_layer(W, module.bias, module.from_conv1d if as_conv1d is None else as_conv1d)
 
 

@@ -28,7 +28,8 @@ def linear(layer: Any, x: torch.Tensor) -> torch.Tensor:
     weights stays alive between forward and backward. Under `torch.compile` the layer is one op,
     `torch.ops.hf_quant.quant_linear`, with the same forward and backward."""
     if torch.compiler.is_compiling():
-        return torch.ops.hf_quant.quant_linear(x, layer.qweight, layer.scales, layer.bias, layer._op_id)
+        scales = layer.qweight if layer.scales is None else layer.scales  # GGUF layers: all in qweight
+        return torch.ops.hf_quant.quant_linear(x, layer.qweight, scales, layer.bias, layer._op_id)
     if torch.is_grad_enabled():
         bias = layer.bias
         if x.requires_grad or (bias is not None and bias.requires_grad):

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from ..core import QUANT_BUFFERS, LayerSpec, QuantizedWeight, buffer_specs, check_values, dequantize_weight, pack_codes
+from ..core import QUANT_BUFFERS, LayerSpec, gguf, QuantizedWeight, buffer_specs, check_values, dequantize_weight, pack_codes
 from .dispatch import linear, register_layer
 from .scheme import ActivationSpec, Scheme
 
@@ -51,10 +51,13 @@ class QuantLinear(nn.Linear):
         self.spec = spec
         self.scheme = Scheme(spec, activation)
         self.from_conv1d = from_conv1d  # restore a transformers Conv1D on dequantize
+        self.float_dtype = scale_dtype or dtype  # of the scales; of W_hat for GGUF layers (which store none)
         with torch.inference_mode(False):  # buffers track in-place edits (their version counters), always
             for name, (shape, buf_dtype) in buffer_specs(in_features, out_features, spec, scale_dtype or dtype).items():
                 self.register_buffer(name, torch.empty(shape, dtype=buf_dtype, device=device))
-        if spec.sym:
+        if spec.gguf is not None:
+            self.register_buffer("scales", None)
+        if spec.sym or spec.gguf is not None:
             self.register_buffer("qzeros", None)
         if not spec.g_idx:
             self.register_buffer("g_idx", None)
@@ -77,6 +80,14 @@ class QuantLinear(nn.Linear):
         """Pack an algorithm's result into a new layer (on the codes' device). The bias keeps its
         dtype; the scales keep theirs (the model's, or e.g. fp32 for LLM.int8's rows)."""
         out_features, in_features = qw.codes.shape
+        if spec.gguf is not None:  # the block bytes hold everything; W_hat in the bias's (model's) dtype
+            layer = cls(in_features, out_features, bias is not None, spec,
+                        dtype=bias.dtype if bias is not None else torch.float32, device=qw.codes.device,
+                        from_conv1d=from_conv1d, activation=activation)
+            layer.qweight.copy_(qw.raw)
+            if bias is not None:
+                layer.bias.data.copy_(bias.detach().to(layer.bias.dtype))
+            return layer
         layer = cls(in_features, out_features, bias is not None, spec,
                     dtype=bias.dtype if bias is not None else qw.scale.dtype, device=qw.codes.device,
                     from_conv1d=from_conv1d, activation=activation, scale_dtype=qw.scale.dtype)
@@ -126,9 +137,10 @@ class QuantLinear(nn.Linear):
         return tuple(t for t in (getattr(self, name) for name in QUANT_BUFFERS) if t is not None)
 
     def dequantize(self) -> torch.Tensor:
-        """The float weight W_hat (out, in), in the dtype of the scales."""
-        return dequantize_weight(self.qweight, self.scales, self.qzeros, self.spec, self.in_features,
-                                 self.scales.dtype, self.g_idx)
+        """The float weight W_hat (out, in), in the dtype of the scales (GGUF layers: fp32, as llama.cpp
+        computes it)."""
+        dtype = torch.float32 if self.scales is None else self.scales.dtype
+        return dequantize_weight(self.qweight, self.scales, self.qzeros, self.spec, self.in_features, dtype, self.g_idx)
 
     def check_buffers(self, name: str) -> None:
         """Raise if loading left a buffer missing, on meta, or of the wrong shape/dtype."""
@@ -140,7 +152,10 @@ class QuantLinear(nn.Linear):
                 got = "missing" if t is None else f"{t.dtype}{list(t.shape)} on {t.device}"
                 raise ValueError(f"{name}.{buf_name}: loaded tensor is {got}, expected {dtype or 'float'}{list(shape)}.")
         self._check_g_idx(name)
-        check_values(self.scales, self.qzeros, self.spec, name)
+        if self.spec.gguf is not None:
+            gguf.check_blocks(self.qweight, gguf.block_type(self.spec.gguf), self.in_features, name)
+        else:
+            check_values(self.scales, self.qzeros, self.spec, name)
 
     def _check_g_idx(self, name: str) -> None:
         """Act-order layers: g_idx must put exactly group_size channels in each group (kernels rely on it)."""
@@ -156,7 +171,7 @@ class QuantLinear(nn.Linear):
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantLinear:
         # `.to()`/`.cuda()`/`.half()` move the layer but never cast its quantized state: kernels cast
         # scales and bias to the activation dtype, so the stored grid stays exactly what was saved.
-        device = fn(torch.empty(0, dtype=self.scales.dtype, device=self.scales.device)).device
+        device = fn(torch.empty(0, device=self.qweight.device)).device
         with torch.inference_mode(False):
             for name, buf in self._buffers.items():
                 if buf is not None:
@@ -170,7 +185,8 @@ class QuantLinear(nn.Linear):
         s = self.spec
         act = self.scheme.activation
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"bits={s.bits}, group_size={s.group_size}, sym={s.sym}" + (", act_order" if s.g_idx else "")
+                + (f"gguf={s.gguf}" if s.gguf else f"bits={s.bits}, group_size={s.group_size}, sym={s.sym}")
+                + (", act_order" if s.g_idx else "")
                 + (f", activation={act.name}" if act is not None else ""))
 
     def __getstate__(self) -> dict[str, Any]:

@@ -32,6 +32,11 @@ class Kernel:
     # A candidate of the measured CPU dispatch (kernels/cpu_measure.py): in mode "measure" the fastest
     # measured kernel that runs a CPU layer is chosen, whatever its `max_rows` and `chosen` say.
     measured: bool = False
+    gguf: bool = False  # runs layers holding GGUF block bytes (LayerSpec.gguf)
+
+    def accepts(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
+        """`supports`, and never a GGUF layer unless the kernel reads GGUF blocks."""
+        return (layer.spec.gguf is None or self.gguf) and self.supports(layer, device, dtype)
 
     def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
         raise NotImplementedError
@@ -59,7 +64,7 @@ class Kernel:
     def runs(self, layer: Any, device: torch.device, dtype: torch.dtype, rows: int) -> bool:
         limit = self.max_rows(dtype)
         return (layer.scheme.activation_name in self.activations and (limit is None or rows <= limit)
-                and self.supports(layer, device, dtype))
+                and self.accepts(layer, device, dtype))
 
 
 KERNELS: Registry[Kernel] = Registry("kernel")

@@ -143,6 +143,7 @@ class DequantTilesKernel(Kernel):
 
     name = "dequant_tiles"
     measured = True
+    gguf = True
     TILE_N = 512
     # From this many rows on, each tile's GEMM is F.linear into a column slice of y (faster for large
     # M); below, W_tile @ x.T into rows of y transposed (faster for small M). benchmarks/bench_cpu.py.
@@ -157,6 +158,8 @@ class DequantTilesKernel(Kernel):
     def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
         spec, K = layer.spec, layer.in_features
         gs = spec.effective_group_size(K)
+        if spec.gguf is not None:
+            return ("generic",)
         if spec.bits == 8 and spec.group_size == -1:
             w, scale = int8_rows(layer)
             return "rows8", w, scale, int8_zero_offset(layer, scale)
@@ -228,12 +231,11 @@ class DequantTilesKernel(Kernel):
 
     def _generic(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
         x2 = _flatten(x)
-        N, T, zeros = layer.out_features, self.TILE_N, layer.qzeros
+        N, T = layer.out_features, self.TILE_N
         yt = x2.new_empty(N, x2.shape[0])
         for n in range(0, N, T):
-            W = dequantize_weight(layer.qweight[n:n + T], layer.scales[n:n + T],
-                                  None if zeros is None else zeros[n:n + T], layer.spec, layer.in_features, x.dtype,
-                                  layer.g_idx)
+            rows = [None if b is None else b[n:n + T] for b in (layer.qweight, layer.scales, layer.qzeros)]
+            W = dequantize_weight(*rows, layer.spec, layer.in_features, x.dtype, layer.g_idx)
             torch.mm(W, x2.t(), out=yt[n:n + T])
         return _finish(layer, yt.t().contiguous(), x)
 
@@ -248,10 +250,10 @@ class Bf16ActivationsKernel(Kernel):
 
     def __init__(self, base: Kernel) -> None:
         self.base, self.name, self.priority = base, f"{base.name}_bf16", base.priority
-        self.activations = base.activations
+        self.activations, self.gguf = base.activations, base.gguf
 
     def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
-        return dtype == torch.float32 and self.base.supports(layer, device, torch.bfloat16)
+        return dtype == torch.float32 and self.base.accepts(layer, device, torch.bfloat16)
 
     def chosen(self, layer: Any, rows: int) -> bool:
         return False

@@ -118,7 +118,7 @@ def candidates(layer: Any, device: torch.device, dtype: torch.dtype, allow_bf16:
         allow_bf16 = _state["mode"] == "measure_bf16"
     return [k for k in base._BY_PRIORITY
             if k.measured and (allow_bf16 or not getattr(k, "casts_to_bf16", False))
-            and layer.scheme.activation_name in k.activations and k.supports(layer, device, dtype)]
+            and layer.scheme.activation_name in k.activations and k.accepts(layer, device, dtype)]
 
 
 def class_rows(dtype: torch.dtype, rows: int) -> int:
@@ -159,8 +159,8 @@ def measurement_for(layer: Any, device: torch.device, dtype: torch.dtype, rows: 
 
 def _key(layer: Any, dtype: torch.dtype, rows: int, found: list[Kernel]) -> tuple:
     spec = layer.spec
-    return (layer.out_features, layer.in_features, spec.bits, spec.effective_group_size(layer.in_features),
-            layer.qzeros is None, layer.g_idx is not None, layer.bias is not None, layer.scales.dtype, dtype, rows,
+    return (layer.out_features, layer.in_features, spec.bits, spec.effective_group_size(layer.in_features), spec.gguf,
+            layer.qzeros is None, layer.g_idx is not None, layer.bias is not None, layer.float_dtype, dtype, rows,
             torch.get_num_threads(), tuple(k.name for k in found))
 
 

@@ -18,6 +18,8 @@ from .base import Kernel, register_kernel
 
 
 class _AnyFloat(Kernel):
+    gguf = True  # through dequantize_weight, which reads GGUF blocks
+
     def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
         return dtype.is_floating_point
 
@@ -30,7 +32,7 @@ class ReferenceKernel(_AnyFloat):
     priority = -1
 
     def runs(self, layer: Any, device: torch.device, dtype: torch.dtype, rows: int) -> bool:
-        return self.supports(layer, device, dtype)
+        return self.accepts(layer, device, dtype)
 
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
         W = dequantize_weight(layer.qweight, layer.scales, layer.qzeros, layer.spec, layer.in_features,

@@ -1,0 +1,357 @@
+"""GGUF (llama.cpp) block types as quantization grids, in torch: bytes <-> fields <-> weights.
+
+Every type quantizes each row of a weight in blocks along the input dimension. A block's fields:
+- `codes`: unsigned integers in [0, 2**bits), one per weight;
+- `d` (fp16, one per block) and, for types with a stored minimum, `dmin` (fp16 per block);
+- K-quants (256-wide super-blocks): integer sub-block scales `sc` and mins `mn`, one per 16 or 32
+  weights, themselves quantized against d and dmin.
+
+Weights, in llama.cpp's own order of fp32 operations (gguf-py's numpy `dequantize` is the oracle;
+tests/test_gguf.py compares on random bytes, bit for bit):
+    Q8_0: d*(u-128) (u = int8 + 128)   Q4_0: d*(u-8)   Q5_0: d*(u-16)   Q4_1 / Q5_1: d*u + m
+    Q2_K, Q4_K, Q5_K: (d*sc)*u - dmin*mn      Q3_K: (d*sc)*(u-4)      Q6_K: (d*sc)*(u-32)
+A grid is then per sub-block `scale` and `offset` with w = scale*u + offset (fp32), which is what
+calibration methods quantize against (`find_grid`, `quantize_codes`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import torch
+
+from .spec import QuantizedWeight
+
+QK_K = 256
+
+
+@dataclass(frozen=True)
+class BlockType:
+    name: str
+    block: int  # weights per (super-)block
+    nbytes: int  # bytes per block
+    bits: int  # bits per code
+    sub: int  # weights per sub-block scale (== block for the legacy types)
+    zero: int | None  # implicit code offset (symmetric types), None when a min is stored
+    scale_max: int = 0  # K-quants: the sub-scale range, [0, scale_max] or [-scale_max-1, scale_max] if signed
+    signed_scales: bool = False
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.bits) - 1
+
+    @property
+    def is_k(self) -> bool:
+        return self.block == QK_K
+
+
+TYPES: dict[str, BlockType] = {t.name: t for t in (
+    BlockType("Q8_0", 32, 34, 8, 32, 128),
+    BlockType("Q4_0", 32, 18, 4, 32, 8),
+    BlockType("Q4_1", 32, 20, 4, 32, None),
+    BlockType("Q5_0", 32, 22, 5, 32, 16),
+    BlockType("Q5_1", 32, 24, 5, 32, None),
+    BlockType("Q2_K", QK_K, 84, 2, 16, None, 15),
+    BlockType("Q3_K", QK_K, 110, 3, 16, 4, 31, True),
+    BlockType("Q4_K", QK_K, 144, 4, 32, None, 63),
+    BlockType("Q5_K", QK_K, 176, 5, 32, None, 63),
+    BlockType("Q6_K", QK_K, 210, 6, 16, 32, 127, True),
+)}
+
+
+def block_type(name: str) -> BlockType:
+    if name not in TYPES:
+        raise ValueError(f"GGUF type {name!r} is not supported; use one of {sorted(TYPES)}.")
+    return TYPES[name]
+
+
+@dataclass
+class Blocks:
+    """The fields of a tensor's blocks, rows kept: codes (N, K) uint8; d, dmin (N, K/block) fp16 (dmin:
+    Q4_1/Q5_1's m, the K-quants' dmin, else None); sc, mn (N, K/sub) int16 (K-quants; mn None
+    without mins)."""
+
+    codes: torch.Tensor
+    d: torch.Tensor
+    dmin: torch.Tensor | None = None
+    sc: torch.Tensor | None = None
+    mn: torch.Tensor | None = None
+
+
+def row_bytes(t: BlockType, in_features: int) -> int:
+    return in_features // t.block * t.nbytes
+
+
+def check_shape(t: BlockType, in_features: int, name: str) -> None:
+    if in_features % t.block:
+        raise ValueError(f"{name}: in_features={in_features} is not a multiple of {t.name}'s block width {t.block}; "
+                         f"GGUF cannot store it as {t.name}. Keep the layer in float (modules_to_not_convert) or "
+                         f"use a type with {'32' if t.block == QK_K else 'a smaller'}-wide blocks (e.g. Q8_0, Q4_0).")
+
+
+# --- bytes <-> fields ---------------------------------------------------------------------------
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    return b.contiguous().view(torch.float16).squeeze(-1)
+
+
+def _f16_bytes(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16).unsqueeze(-1).contiguous().view(torch.uint8)
+
+
+def _bits(x: torch.Tensor, shifts: list[int], mask: int) -> torch.Tensor:
+    """(..., n) bytes -> (..., len(shifts), n) fields (x >> shift) & mask."""
+    s = torch.tensor(shifts, dtype=torch.uint8, device=x.device).view(-1, 1)
+    return (x.unsqueeze(-2) >> s) & mask
+
+
+def _join(fields: torch.Tensor, shifts: list[int]) -> torch.Tensor:
+    """Inverse of `_bits`: (..., len(shifts), n) fields -> (..., n) bytes."""
+    out = torch.zeros(fields.shape[:-2] + fields.shape[-1:], dtype=torch.uint8, device=fields.device)
+    for i, s in enumerate(shifts):
+        out |= fields[..., i, :].to(torch.uint8) << s
+    return out
+
+
+def _split(raw: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    return list(torch.split(raw, sizes, dim=-1))
+
+
+def _k_scales_unpack(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K: 12 bytes -> 8 six-bit scales and 8 six-bit mins."""
+    d, m, md = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    sc = torch.cat([d & 63, (md & 15) | ((d >> 2) & 48)], -1)
+    mn = torch.cat([m & 63, (md >> 4) | ((m >> 2) & 48)], -1)
+    return sc, mn
+
+
+def _k_scales_pack(sc: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
+    sc, mn = sc.to(torch.uint8), mn.to(torch.uint8)
+    d = sc[..., :4] | ((sc[..., 4:] >> 4) << 6)
+    m = mn[..., :4] | ((mn[..., 4:] >> 4) << 6)
+    md = (sc[..., 4:] & 15) | ((mn[..., 4:] & 15) << 4)
+    return torch.cat([d, m, md], -1)
+
+
+def unpack(raw: torch.Tensor, t: BlockType, in_features: int) -> Blocks:
+    """Block bytes (N, row_bytes) uint8 -> fields."""
+    N, nb = raw.shape[0], in_features // t.block
+    b = raw.reshape(N, nb, t.nbytes)
+    u8 = torch.uint8
+
+    def codes(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(N, in_features)
+
+    def sub(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(N, -1).to(torch.int16)
+
+    if t.name == "Q8_0":
+        d, q = _split(b, [2, 32])
+        return Blocks(codes((q.view(torch.int8).to(torch.int16) + 128).to(u8)), _f16(d))
+    if t.name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"):
+        has_m, five = t.name.endswith("_1"), t.name.startswith("Q5")
+        parts = _split(b, [2] + ([2] if has_m else []) + ([4] if five else []) + [16])
+        d, qs = parts[0], parts[-1]
+        u = _bits(qs, [0, 4], 15).reshape(N, nb, 32)
+        if five:
+            qh = _bits(parts[-2], list(range(8)), 1).transpose(-1, -2).reshape(N, nb, 32)  # bit j of byte k: element 8k+j
+            u = u | (qh << 4)
+        return Blocks(codes(u), _f16(d), _f16(parts[1]) if has_m else None)
+    if t.name == "Q2_K":
+        scales, qs, d, dmin = _split(b, [16, 64, 2, 2])
+        u = _bits(qs.reshape(N, nb, 2, 32), [0, 2, 4, 6], 3)  # (N, nb, 2, 4, 32): element h*128 + s*32 + l
+        return Blocks(codes(u), _f16(d), _f16(dmin), sub(scales & 15), sub(scales >> 4))
+    if t.name == "Q3_K":
+        hmask, qs, scales, d = _split(b, [32, 64, 12, 2])
+        ql = _bits(qs.reshape(N, nb, 2, 32), [0, 2, 4, 6], 3)
+        qh = _bits(hmask, list(range(8)), 1)  # (N, nb, 8, 32): element i*32 + l
+        u = ql.reshape(N, nb, QK_K) | (qh.reshape(N, nb, QK_K) << 2)
+        low = _bits(scales[..., :8], [0, 4], 15).reshape(N, nb, 16)
+        high = _bits(scales[..., 8:], [0, 2, 4, 6], 3).reshape(N, nb, 16)
+        return Blocks(codes(u), _f16(d), sc=sub(low | (high << 4)) - 32)
+    if t.name in ("Q4_K", "Q5_K"):
+        parts = _split(b, [2, 2, 12] + ([32] if t.name == "Q5_K" else []) + [128])
+        sc, mn = _k_scales_unpack(parts[2])
+        u = _bits(parts[-1].reshape(N, nb, 4, 32), [0, 4], 15)  # (N, nb, 4, 2, 32): element c*64 + h*32 + l
+        u = u.reshape(N, nb, QK_K)
+        if t.name == "Q5_K":
+            u = u | (_bits(parts[3], list(range(8)), 1).reshape(N, nb, QK_K) << 4)
+        return Blocks(codes(u), _f16(parts[0]), _f16(parts[1]), sub(sc), sub(mn))
+    if t.name == "Q6_K":
+        ql, qh, scales, d = _split(b, [128, 64, 16, 2])
+        low = _bits(ql.reshape(N, nb, 2, 64), [0, 4], 15).reshape(N, nb, QK_K)  # element h*128 + k*64 + l
+        high = _bits(qh.reshape(N, nb, 2, 32), [0, 2, 4, 6], 3).reshape(N, nb, QK_K)
+        return Blocks(codes(low | (high << 4)), _f16(d), sc=sub(scales.contiguous().view(torch.int8)))
+    raise ValueError(f"GGUF type {t.name}: no codec")
+
+
+def pack(f: Blocks, t: BlockType) -> torch.Tensor:
+    """Fields -> block bytes (N, row_bytes) uint8 (the inverse of `unpack`)."""
+    N, K = f.codes.shape
+    nb = K // t.block
+    u = f.codes.reshape(N, nb, t.block).to(torch.uint8)
+    d = _f16_bytes(f.d.reshape(N, nb))
+
+    def subs(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(N, nb, -1)
+
+    if t.name == "Q8_0":
+        parts = [d, (u.to(torch.int16) - 128).to(torch.int8).view(torch.uint8)]
+    elif t.name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"):
+        parts = [d] + ([_f16_bytes(f.dmin.reshape(N, nb))] if t.name.endswith("_1") else [])
+        if t.name.startswith("Q5"):
+            parts.append(_join((u >> 4).reshape(N, nb, 4, 8).transpose(-1, -2), list(range(8))))
+        parts.append(_join((u & 15).reshape(N, nb, 2, 16), [0, 4]))
+    elif t.name == "Q2_K":
+        scales = subs(f.sc).to(torch.uint8) | (subs(f.mn).to(torch.uint8) << 4)
+        qs = _join(u.reshape(N, nb, 2, 4, 32), [0, 2, 4, 6]).reshape(N, nb, 64)
+        parts = [scales, qs, d, _f16_bytes(f.dmin.reshape(N, nb))]
+    elif t.name == "Q3_K":
+        hmask = _join((u >> 2).reshape(N, nb, 8, 32), list(range(8)))
+        qs = _join((u & 3).reshape(N, nb, 2, 4, 32), [0, 2, 4, 6]).reshape(N, nb, 64)
+        s = (subs(f.sc) + 32).to(torch.uint8)
+        low = _join((s & 15).reshape(N, nb, 2, 8), [0, 4])
+        high = _join((s >> 4).reshape(N, nb, 4, 4), [0, 2, 4, 6])
+        parts = [hmask, qs, low, high, d]
+    elif t.name in ("Q4_K", "Q5_K"):
+        parts = [d, _f16_bytes(f.dmin.reshape(N, nb)), _k_scales_pack(subs(f.sc), subs(f.mn))]
+        if t.name == "Q5_K":
+            parts.append(_join((u >> 4).reshape(N, nb, 8, 32), list(range(8))))
+        parts.append(_join((u & 15).reshape(N, nb, 4, 2, 32), [0, 4]).reshape(N, nb, 128))
+    elif t.name == "Q6_K":
+        ql = _join((u & 15).reshape(N, nb, 2, 2, 64), [0, 4]).reshape(N, nb, 128)
+        qh = _join((u >> 4).reshape(N, nb, 2, 4, 32), [0, 2, 4, 6]).reshape(N, nb, 64)
+        parts = [ql, qh, subs(f.sc).to(torch.int8).view(torch.uint8), d]
+    else:
+        raise ValueError(f"GGUF type {t.name}: no codec")
+    return torch.cat(parts, -1).reshape(N, nb * t.nbytes)
+
+
+# --- fields <-> weights ---------------------------------------------------------------------------
+
+def grid_of(f: Blocks, t: BlockType) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per sub-block (scale, offset) (N, K/sub) fp32 with w = scale * (u - zero) (symmetric types,
+    offset None) or w = scale * u - offset (stored mins), each product in llama.cpp's order."""
+    d = f.d.float()
+    if not t.is_k:
+        return d, (None if f.dmin is None else -f.dmin.float())
+    per = t.block // t.sub
+    scale = d.repeat_interleave(per, -1) * f.sc.float()
+    if f.mn is None:
+        return scale, None
+    return scale, f.dmin.float().repeat_interleave(per, -1) * f.mn.float()
+
+
+def dequantize_fields(f: Blocks, t: BlockType) -> torch.Tensor:
+    """fp32 weights (N, K), bit-equal to gguf-py's `dequantize` (and so to transformers' GGUF loader)."""
+    N, K = f.codes.shape
+    scale, offset = grid_of(f, t)
+    u = f.codes.reshape(N, -1, t.sub).float()
+    if offset is None:
+        return (scale.unsqueeze(-1) * (u - t.zero)).reshape(N, K)
+    if not t.is_k:  # d*u + m
+        return (scale.unsqueeze(-1) * u - offset.unsqueeze(-1)).reshape(N, K)
+    return (scale.unsqueeze(-1) * u - offset.unsqueeze(-1)).reshape(N, K)
+
+
+def dequantize(raw: torch.Tensor, t: BlockType, in_features: int) -> torch.Tensor:
+    return dequantize_fields(unpack(raw, t, in_features), t)
+
+
+# --- weights -> fields (round to nearest on the type's grid; the GPTQ column step uses the same) ----
+
+def _round(x: torch.Tensor) -> torch.Tensor:
+    """Round half away from zero (C's roundf / llama.cpp's nearest_int), not torch's half-to-even."""
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
+def _signed_absmax(x: torch.Tensor) -> torch.Tensor:
+    """The value of largest magnitude along the last dim, with its sign."""
+    return x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1)
+
+
+def _safe_div(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return torch.where(s == 0, torch.zeros_like(x), x / torch.where(s == 0, torch.ones_like(s), s))
+
+
+def find_grid(Wb: torch.Tensor, t: BlockType) -> Blocks:
+    """The block fields (codes left empty) of weights Wb (N, n*block) fp32: scales from each sub-block's
+    range, as llama.cpp's reference quantizers set them (signed scales where the format has a fixed
+    zero, so the largest-magnitude weight lands on the extreme code), the K-quants' sub-scales and mins
+    rounded against their fp16 super-scales exactly as stored."""
+    N, K = Wb.shape
+    W = Wb.float().reshape(N, -1, t.sub)
+    half = float(1 << (t.bits - 1))
+    if t.zero is not None:  # symmetric: scale = signed absmax / -2**(bits-1) (Q8_0: absmax / 127)
+        scale = W.abs().amax(-1) / 127 if t.name == "Q8_0" else _signed_absmax(W) / -half
+        mn = None
+    else:
+        lo = W.amin(-1).clamp(max=0) if t.is_k else W.amin(-1)
+        scale = (W.amax(-1) - lo) / t.maxq
+        mn = -lo
+    if not t.is_k:
+        d = scale.to(torch.float16)
+        return Blocks(torch.empty(0), d, None if mn is None else (-mn).to(torch.float16))
+    nb, per = K // t.block, t.block // t.sub
+
+    def superscale(v: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        v = v.reshape(N, nb, per)
+        top = _signed_absmax(v) / -(t.scale_max + 1) if signed else v.amax(-1) / t.scale_max
+        d = top.to(torch.float16)
+        lo, hi = (-(t.scale_max + 1), t.scale_max) if signed else (0, t.scale_max)
+        q = _round(_safe_div(v, d.float().unsqueeze(-1))).clamp(lo, hi)
+        return d, q.reshape(N, -1).to(torch.int16)
+
+    d, sc = superscale(scale, t.signed_scales)
+    if mn is None:
+        return Blocks(torch.empty(0), d, sc=sc)
+    dmin, m = superscale(mn, False)
+    return Blocks(torch.empty(0), d, dmin, sc, m)
+
+
+def column_grid(f: Blocks, t: BlockType) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) per sub-block (N, K/sub) fp32 such that u = round(w / scale + zero) picks the code
+    and w_hat = scale * (u - zero): the fixed zero, or offset / scale for stored mins."""
+    scale, offset = grid_of(f, t)
+    if offset is None:
+        return scale, torch.full_like(scale, float(t.zero))
+    return scale, _safe_div(offset, scale)
+
+
+def quantize_codes(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Codes (..., n) fp32 of W (..., n) against per-element-broadcast scale and zero (...,) or (..., n)."""
+    return _round(_safe_div(W, scale) + zero).clamp(0, maxq)
+
+
+def quantize_rtn(W: torch.Tensor, t: BlockType) -> Blocks:
+    """Round-to-nearest of W (N, K) onto type t: the fields, codes filled."""
+    N, K = W.shape
+    f = find_grid(W, t)
+    scale, zero = column_grid(f, t)
+    Wg = W.float().reshape(N, -1, t.sub)
+    f.codes = quantize_codes(Wg, scale.unsqueeze(-1), zero.unsqueeze(-1), t.maxq).reshape(N, K).to(torch.uint8)
+    return f
+
+
+def join_blocks(parts: list[Blocks], codes: torch.Tensor) -> Blocks:
+    """One tensor's fields from its blocks' fields (in column order), with all codes (N, K)."""
+    def cat(name: str) -> torch.Tensor | None:
+        got = [getattr(p, name) for p in parts]
+        return None if got[0] is None else torch.cat(got, -1)
+
+    return Blocks(codes, cat("d"), cat("dmin"), cat("sc"), cat("mn"))
+
+
+def quantized_weight(f: Blocks, t: BlockType) -> QuantizedWeight:
+    """The `QuantizedWeight` of a GGUF layer: its block bytes, and the effective sub-block scales."""
+    scale, _ = grid_of(f, t)
+    return QuantizedWeight(codes=f.codes, scale=scale, zero=None, raw=pack(f, t))
+
+
+def check_blocks(raw: torch.Tensor, t: BlockType, in_features: int, name: str) -> None:
+    """Refuse blocks whose fp16 scales (or mins) are NaN or inf: a corrupt tensor."""
+    f = unpack(raw, t, in_features)
+    for field, v in (("d", f.d), ("dmin" if t.is_k else "m", f.dmin)):
+        if v is not None and not torch.isfinite(v).all():
+            bad = int((~torch.isfinite(v)).sum())
+            raise ValueError(f"{name}.qweight: {bad} {t.name} block(s) have a NaN/inf fp16 {field}; the tensor is "
+                             "corrupt. Re-quantize the model or re-download the checkpoint.")
