@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..config import LayerSpec, QuantConfig
+from ..core import gguf
 from ..core.layers import FLOAT_LINEARS, float_layer, is_conv1d, linear_shape, set_module
 from ..methods import get_method
 from .quant_linear import QuantLinear
@@ -22,6 +23,12 @@ def _skipped(name: str, modules_to_not_convert: list[str]) -> bool:
 
 def incompatibility(in_features: int, spec: LayerSpec) -> str | None:
     """Why a layer with `in_features` cannot take `spec`, or None."""
+    if spec.gguf is not None:
+        block = gguf.block_type(spec.gguf).block
+        if in_features % block:
+            return (f"in_features={in_features} is not a multiple of {spec.gguf}'s block width {block}; "
+                    "keep it in float or give it a 32-wide type through QuantConfig.dynamic (e.g. {'gguf': 'Q8_0'})")
+        return None
     gs = spec.group_size
     if gs != -1 and gs > in_features:
         return (f"group_size={gs} is larger than in_features={in_features}; use group_size=-1 "

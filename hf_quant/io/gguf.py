@@ -1,0 +1,434 @@
+"""GGUF (llama.cpp) export and import, on the `gguf` package (its writer, reader, constants, name map).
+
+Export: layers on a GGUF grid (`QuantConfig.gguf`) are written as their block bytes, unchanged (the
+file computes the same weights as the hf_quant model). Other layers are written in float (float
+layers, and hf_quant layers of other grids dequantized exactly as hf_quant computes them), or, with
+`type=`, rounded onto that GGUF type data-free (a second rounding: warned). Llama-family q/k rows
+are permuted the way llama.cpp's converter does (rope layout); 1-D tensors are F32.
+
+Import: a GGUF file of a supported architecture becomes a transformers model whose linears hold the
+file's blocks exactly (types hf_quant holds) or float weights (F32/F16/BF16); any other type is
+refused naming the tensor, or rounded onto `requantize=` (dequantized by gguf-py first).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..core import LayerSpec
+from ..core import gguf as G
+from ..runtime import QuantLinear
+from ..core.layers import FLOAT_LINEARS, set_module
+
+logger = logging.getLogger(__name__)
+
+
+def _gguf() -> Any:
+    try:
+        import gguf
+    except ImportError as e:  # pragma: no cover - an install problem
+        raise ImportError("GGUF export/import needs the `gguf` package: pip install gguf") from e
+    return gguf
+
+
+@dataclass(frozen=True)
+class Arch:
+    gguf_name: str  # general.architecture
+    permute_qk: bool  # llama.cpp's converter reorders q/k rows for its rope layout
+
+
+ARCHS = {"llama": Arch("llama", True), "mistral": Arch("llama", True), "qwen2": Arch("qwen2", False),
+         "gpt2": Arch("gpt2", False)}
+
+# Pre-tokenizer regexes of byte-level BPE tokenizers -> the name llama.cpp knows them by.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}
+
+
+def _arch(config: Any) -> Arch:
+    mt = getattr(config, "model_type", None)
+    if mt not in ARCHS:
+        raise ValueError(f"GGUF export: architecture {mt!r} is not supported; supported model types: "
+                         f"{sorted(ARCHS)}.")
+    return ARCHS[mt]
+
+
+def permute_qk(W: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF -> llama.cpp row order of a q/k projection (rows regrouped per head, halves interleaved)."""
+    return W.reshape(n_head, 2, W.shape[0] // n_head // 2, *W.shape[1:]).transpose(1, 2).reshape(W.shape)
+
+
+def unpermute_qk(W: torch.Tensor, n_head: int) -> torch.Tensor:
+    return W.reshape(n_head, W.shape[0] // n_head // 2, 2, *W.shape[1:]).transpose(1, 2).reshape(W.shape)
+
+
+def _rope_theta(config: Any) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    kind = params.get("rope_type", "default")
+    if kind not in (None, "default"):
+        raise ValueError(f"GGUF export: rope_parameters.rope_type={kind!r} is not supported yet (only the default "
+                         "rope); export the model with its float weights through llama.cpp's converter instead.")
+    return float(theta if theta is not None else 10000.0)
+
+
+def _head_counts(config: Any) -> tuple[int, int]:
+    n_head = config.num_attention_heads
+    return n_head, getattr(config, "num_key_value_heads", None) or n_head
+
+
+def _write_metadata(w: Any, config: Any, arch: Arch) -> None:
+    if arch.gguf_name == "gpt2":
+        w.add_context_length(config.n_positions)
+        w.add_embedding_length(config.n_embd)
+        w.add_feed_forward_length(config.n_inner or 4 * config.n_embd)
+        w.add_block_count(config.n_layer)
+        w.add_head_count(config.n_head)
+        w.add_layer_norm_eps(config.layer_norm_epsilon)
+        return
+    n_head, n_kv = _head_counts(config)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_rope_dimension_count(head_dim)
+    if head_dim != config.hidden_size // n_head:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_rope_freq_base(_rope_theta(config))
+
+
+def _pre_tokenizer(spec: dict) -> str:
+    pre = spec.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in parts]
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Split", "ByteLevel"]:
+        pattern = parts[0].get("pattern", {})
+        name = PRE_TOKENIZERS.get(pattern.get("Regex", pattern.get("String")))
+        if name is not None:
+            return name
+    raise ValueError(f"GGUF export: the tokenizer's pre-tokenizer ({kinds}) is not one llama.cpp is known to "
+                     f"reproduce (byte-level GPT-2, Llama-3 or Qwen2 splits); llama.cpp would tokenize differently. "
+                     "Pass tokenizer=None to write the model without a vocabulary.")
+
+
+def _write_tokenizer(w: Any, tokenizer: Any, vocab_size: int) -> None:
+    import json
+
+    gguf = _gguf()
+    spec = json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else None
+    model = (spec or {}).get("model", {})
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise ValueError("GGUF export: only byte-level BPE tokenizers (GPT-2, Llama-3, Qwen2 style) are written so far; "
+                         f"this one is {model.get('type')!r}{' with byte_fallback' if model.get('byte_fallback') else ''}. "
+                         "Pass tokenizer=None to write the model without a vocabulary.")
+    added = {t["id"]: t for t in spec.get("added_tokens", [])}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        tok = tokenizer.convert_ids_to_tokens(i)
+        if tok is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        else:
+            tokens.append(tok)
+            types.append(gguf.TokenType.CONTROL if added.get(i, {}).get("special") else
+                         gguf.TokenType.USER_DEFINED if i in added else gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(_pre_tokenizer(spec))
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    for kind in ("bos", "eos", "unk", "pad"):
+        tid = getattr(tokenizer, f"{kind}_token_id", None)
+        if tid is not None:
+            getattr(w, f"add_{kind}_token_id")(tid)
+    w.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+
+
+def _float_type(dtype: torch.dtype) -> tuple[Any, Any]:
+    gguf = _gguf()
+    import numpy as np
+
+    if dtype == torch.float16:
+        return gguf.GGMLQuantizationType.F16, np.float16
+    return gguf.GGMLQuantizationType.F32, np.float32
+
+
+def _tensors(model: nn.Module, arch: Arch, type_: str | None) -> list[tuple[str, Any, Any]]:
+    """(HF name, numpy data, GGML type or None) of every tensor to write, in the model's order."""
+    import numpy as np
+
+    gguf = _gguf()
+    config = model.config
+    n_head, n_kv = (config.n_head, config.n_head) if arch.gguf_name == "gpt2" else _head_counts(config)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    target = None if type_ is None else G.block_type(type_)
+    rounded: list[str] = []
+    out = []
+    for mod_name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            W_rows = None
+            if module.spec.gguf is not None:
+                raw, t = module.qweight.cpu(), G.block_type(module.spec.gguf)
+            elif target is not None:
+                G.check_shape(target, module.in_features, mod_name)
+                raw, t = G.pack(G.quantize_rtn(module.dequantize().float().cpu(), target), target), target
+                rounded.append(mod_name)
+            else:
+                W_rows, t = module.dequantize().cpu(), None
+            data = raw if W_rows is None else W_rows
+            heads = n_head if mod_name.endswith("q_proj") else n_kv if mod_name.endswith("k_proj") else None
+            if arch.permute_qk and heads is not None:
+                data = permute_qk(data, heads)
+            out.append((f"{mod_name}.weight", data, t))
+            if module.bias is not None:
+                out.append((f"{mod_name}.bias", module.bias.detach(), None))
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            full = f"{mod_name}.{pname}" if mod_name else pname
+            if tied and full.endswith("lm_head.weight"):
+                continue  # llama.cpp reuses token_embd
+            data = p.detach().cpu()
+            if type(module).__name__ == "Conv1D" and pname == "weight":
+                data = data.t()  # transformers' Conv1D stores (in, out)
+            heads = n_head if mod_name.endswith("q_proj") else n_kv if mod_name.endswith("k_proj") else None
+            if arch.permute_qk and heads is not None:
+                data = permute_qk(data, heads)
+            t = None
+            is_matrix = data.dim() == 2 and (isinstance(module, (*FLOAT_LINEARS, nn.Embedding)))
+            if target is not None and is_matrix and data.shape[1] % target.block == 0:
+                data, t = G.pack(G.quantize_rtn(data.float(), target), target), target
+                rounded.append(full)
+            out.append((full, data, t))
+    if rounded:
+        logger.warning("hf_quant: export_gguf rounded %d float or non-GGUF-grid tensor(s) onto %s data-free (a second "
+                       "rounding for quantized layers; quantize with QuantConfig(gguf=%r) to calibrate on the GGUF grid "
+                       "instead): %s", len(rounded), type_, type_, ", ".join(rounded[:5]) + (" ..." if len(rounded) > 5 else ""))
+    result = []
+    for name, data, t in out:
+        if t is not None:
+            result.append((name, data.contiguous().numpy().view(np.uint8), getattr(gguf.GGMLQuantizationType, t.name)))
+        else:
+            ggml, np_type = _float_type(data.dtype if data.dim() > 1 else torch.float32)
+            result.append((name, data.float().numpy().astype(np_type), None if data.dim() == 1 else ggml))
+    return result
+
+
+def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, *, type: str | None = None) -> Path:
+    """Write `model` (transformers Llama / Mistral / Qwen2 / GPT-2, float or hf_quant-quantized) as one GGUF file.
+
+    GGUF-grid layers keep their exact blocks. `type` (e.g. "Q8_0", "Q4_K") rounds every other matrix onto that
+    type data-free (warned); without it they are written in float (F16 for fp16 models, else F32). The file is
+    written to a temporary name and renamed: a failed export leaves nothing at `path`.
+    """
+    gguf = _gguf()
+    arch = _arch(model.config)
+    path = Path(path)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_name.upper()], _n_blocks(model.config))
+    tensors = _tensors(model, arch, type)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        w = gguf.GGUFWriter(tmp, arch.gguf_name)
+        w.add_name(getattr(model.config, "_name_or_path", "") or "model")
+        _write_metadata(w, model.config, arch)
+        w.add_vocab_size(model.config.vocab_size)
+        if tokenizer is not None:
+            _write_tokenizer(w, tokenizer, model.config.vocab_size)
+        w.add_file_type(_file_type(tensors))
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for name, data, ggml in tensors:
+            gname = names.get_name(name, try_suffixes=(".weight", ".bias"))
+            if gname is None:
+                raise ValueError(f"GGUF export: no llama.cpp tensor name for {name!r} ({arch.gguf_name}).")
+            w.add_tensor(gname, data, raw_dtype=ggml)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _n_blocks(config: Any) -> int:
+    return getattr(config, "num_hidden_layers", None) or config.n_layer
+
+
+def _file_type(tensors: list) -> Any:
+    """general.file_type: the most common quantized type's LlamaFileType (informational in llama.cpp)."""
+    gguf = _gguf()
+    counts = Counter(t.name for _, _, t in tensors if t is not None and t.name not in ("F32", "F16", "BF16"))
+    if not counts:
+        return gguf.LlamaFileType.ALL_F32
+    name = counts.most_common(1)[0][0]
+    return getattr(gguf.LlamaFileType, f"MOSTLY_{name}", getattr(gguf.LlamaFileType, f"MOSTLY_{name}_M", 0))
+
+
+# --- import ---------------------------------------------------------------------------------------
+
+_IMPORT_CONFIG = {
+    "llama": ("llama", "LlamaConfig"), "qwen2": ("qwen2", "Qwen2Config"),
+}
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    v = f.contents()
+    return v
+
+
+def _config_from_gguf(reader: Any) -> Any:
+    import transformers
+
+    arch = _field(reader, "general.architecture")
+    if arch not in _IMPORT_CONFIG:
+        raise ValueError(f"import_gguf: architecture {arch!r} is not supported; supported: {sorted(_IMPORT_CONFIG)}.")
+    model_type, cls_name = _IMPORT_CONFIG[arch]
+    n_head = _field(reader, f"{arch}.attention.head_count")
+    n_embd = _field(reader, f"{arch}.embedding_length")
+    has_output = any(t.name == "output.weight" for t in reader.tensors)
+    vocab = _field(reader, f"{arch}.vocab_size") or next(t.shape[-1] for t in reader.tensors if t.name == "token_embd.weight")
+    head_dim = _field(reader, f"{arch}.rope.dimension_count") or n_embd // n_head
+    return getattr(transformers, cls_name)(
+        vocab_size=int(vocab), hidden_size=int(n_embd),
+        intermediate_size=int(_field(reader, f"{arch}.feed_forward_length")),
+        num_hidden_layers=int(_field(reader, f"{arch}.block_count")), num_attention_heads=int(n_head),
+        num_key_value_heads=int(_field(reader, f"{arch}.attention.head_count_kv", n_head)),
+        max_position_embeddings=int(_field(reader, f"{arch}.context_length", 2048)),
+        rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)), head_dim=int(head_dim),
+        tie_word_embeddings=not has_output,
+        **({"bos_token_id": int(_field(reader, "tokenizer.ggml.bos_token_id"))}
+           if _field(reader, "tokenizer.ggml.bos_token_id") is not None else {}),
+        **({"eos_token_id": int(_field(reader, "tokenizer.ggml.eos_token_id"))}
+           if _field(reader, "tokenizer.ggml.eos_token_id") is not None else {}),
+    ), arch
+
+
+def import_gguf(path: str | os.PathLike, *, requantize: str | None = None,
+                dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """A transformers model (Llama / Qwen2) built from a GGUF file, its linears holding the file's blocks.
+
+    Linears of a type hf_quant holds (core/gguf.py TYPES) keep their block bytes exactly (export_gguf writes
+    them back byte for byte); F32/F16/BF16 tensors load as float in `dtype`. Another quantized type is refused
+    naming the tensor and type, unless `requantize` names a GGUF type to round it onto (after gguf-py's
+    dequantization). Norms and embeddings load as float.
+    """
+    gguf = _gguf()
+    from transformers import AutoModelForCausalLM
+
+    from ..config import QuantConfig
+
+    try:
+        reader = gguf.GGUFReader(os.fspath(path))
+    except Exception as e:  # the reader raises ValueError/IndexError/struct.error on damaged files
+        raise ValueError(f"import_gguf: {path} is not a readable GGUF file ({type(e).__name__}: {e}); it is truncated "
+                         "or corrupt.") from e
+    config, arch = _config_from_gguf(reader)
+    permute = ARCHS[config.model_type].permute_qk
+    n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
+    hf_of = {}
+    for hf_name in model.state_dict():
+        g = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if g is not None:
+            hf_of[g] = hf_name
+    float_types = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
+    state: dict[str, torch.Tensor] = {}
+    layer_types: dict[str, str] = {}
+    for t in reader.tensors:
+        if t.name not in hf_of:
+            raise ValueError(f"import_gguf: tensor {t.name!r} has no place in a {arch} model.")
+        hf_name = hf_of[t.name]
+        mod_name = hf_name.rsplit(".", 1)[0]
+        module = model.get_submodule(mod_name)
+        heads = n_head if mod_name.endswith("q_proj") else n_kv if mod_name.endswith("k_proj") else None
+        is_linear = isinstance(module, nn.Linear) and hf_name.endswith(".weight")
+        if t.tensor_type in float_types or not is_linear:  # float, or a quantized embedding: dequantized
+            W = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+            W = W.reshape(module.get_parameter(hf_name.rsplit(".", 1)[1]).shape)
+            if permute and heads is not None and is_linear:
+                W = unpermute_qk(W, heads)
+            state[hf_name] = W.to(dtype)
+            continue
+        name = t.tensor_type.name
+        raw = torch.from_numpy(t.data.copy()).reshape(module.out_features, -1)
+        if name not in G.TYPES:
+            if requantize is None:
+                raise ValueError(f"import_gguf: tensor {t.name!r} has type {name}, which hf_quant cannot hold "
+                                 f"exactly (supported: {sorted(G.TYPES)}); pass requantize='Q8_0' (or another type) "
+                                 "to round it onto a supported type.")
+            W = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).reshape(module.out_features, -1)
+            target = G.block_type(requantize)
+            raw, name = G.pack(G.quantize_rtn(W, target), target), target.name
+        if permute and heads is not None:
+            raw = unpermute_qk(raw, heads)
+        state[hf_name] = raw
+        layer_types[mod_name] = name
+    return _assemble(model, state, layer_types, dtype, QuantConfig)
+
+
+def _assemble(model: nn.Module, state: dict[str, torch.Tensor], layer_types: dict[str, str], dtype: torch.dtype,
+              QuantConfig: Any) -> nn.Module:
+    """Swap the GGUF-typed linears for QuantLinear layers, load every tensor, and attach the config."""
+
+
+    common = Counter(layer_types.values()).most_common(1)[0][0] if layer_types else None
+    for mod_name, type_name in layer_types.items():
+        old = model.get_submodule(mod_name)
+        t = G.block_type(type_name)
+        spec = LayerSpec(t.bits, t.sub, t.zero is not None, False, t.name)
+        layer = QuantLinear(old.in_features, old.out_features, old.bias is not None, spec, dtype=dtype)
+        layer.qweight = state.pop(f"{mod_name}.weight").contiguous()
+        if old.bias is not None:
+            layer.bias = nn.Parameter(state.pop(f"{mod_name}.bias").to(dtype), requires_grad=False)
+        set_module(model, mod_name, layer)
+    model.load_state_dict(state, strict=False, assign=True)
+    missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+        missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    for n, m in list(model.named_modules()):  # rotary tables: non-persistent buffers, rebuilt from the config
+        if n.endswith("rotary_emb") and any(b.is_meta for b in m.buffers()):
+            with torch.device("cpu"):
+                set_module(model, n, type(m)(config=model.config))
+    missing = [n for n in missing if "rotary_emb" not in n]
+    if missing:
+        raise ValueError(f"import_gguf: the file has no tensor for {missing[:5]}; it is incomplete.")
+    dynamic = {f"+:^{re.escape(n)}$": {"gguf": t} for n, t in layer_types.items() if t != common}
+    linears = {n for n, m in model.named_modules() if isinstance(m, FLOAT_LINEARS) and not isinstance(m, QuantLinear)}
+    if common is not None:
+        model.config.quantization_config = QuantConfig(method="rtn", gguf=common, dynamic=dynamic or None,
+                                                       modules_to_not_convert=sorted(linears) or None)
+    model.eval()
+    return model
+
+
+__all__ = ["export_gguf", "import_gguf", "permute_qk", "unpermute_qk"]
