@@ -216,7 +216,8 @@ def _tensors(model: nn.Module, arch: Arch, type_: str | None) -> list[tuple[str,
                 data = permute_qk(data, heads)
             t = None
             is_matrix = data.dim() == 2 and (isinstance(module, (*FLOAT_LINEARS, nn.Embedding)))
-            if target is not None and is_matrix and data.shape[1] % target.block == 0:
+            if target is not None and is_matrix:
+                G.check_shape(target, data.shape[1], full)
                 data, t = G.pack(G.quantize_rtn(data.float(), target), target), target
                 rounded.append(full)
             out.append((full, data, t))
