@@ -11,7 +11,7 @@ modules of its own package (never a cycle):
     5  training            prepare / convert for quantization-aware training
     6  calibration         the block-wise driver
     7  integrations        transformers quantizer, Hub, PEFT
-    8  api                 hf_quant/__init__.py, eval.py, eval_outliers.py, cli.py, __main__.py
+    8  api                 hf_quant/__init__.py, eval.py, eval_outliers.py, eval_gguf.py, cli.py, __main__.py
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import hf_quant
 
 PACKAGE = Path(hf_quant.__file__).parent
 LAYERS = {"core": 0, "compat": 0, "version": 0, "methods": 1, "config": 2, "runtime": 3, "io": 4, "training": 5,
-          "calibration": 6, "integrations": 7, "__init__": 8, "eval": 8, "eval_outliers": 8, "cli": 8, "__main__": 8}
+          "calibration": 6, "integrations": 7, "__init__": 8, "eval": 8, "eval_outliers": 8, "eval_gguf": 8, "cli": 8,
+          "__main__": 8}
 
 
 def module_name(path: Path) -> str:

@@ -36,7 +36,7 @@ class Kernel:
 
     def accepts(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
         """`supports`, and never a GGUF layer unless the kernel reads GGUF blocks."""
-        return (layer.spec.gguf is None or self.gguf) and self.supports(layer, device, dtype)
+        return (self.gguf or layer.spec.gguf is None) and self.supports(layer, device, dtype)
 
     def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
         raise NotImplementedError

@@ -1,0 +1,47 @@
+"""llama.cpp itself judges exported files (llama-cpp-python; .ci/run builds it from source when no wheel
+installs). ref-llama's figures: benchmarks/bench_gguf.py."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import hf_quant
+from hf_quant import QuantConfig
+from hf_quant.eval_gguf import compare_with_llama_cpp, llama_cpp_perplexity, load_llama_cpp
+
+from .conftest import TINY_LLAMA
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
+
+PROMPTS = ("The old man looked at the sea and", "Once upon a time", "In the morning the village")
+# the acceptance bars: top-1 agreement with llama.cpp's logits per type
+TOP1 = {"Q8_0": 0.98, "Q4_K": 0.95, "Q6_K": 0.98, "Q3_K": 0.9}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(TINY_LLAMA)
+
+
+@pytest.mark.parametrize("type_,method", [("Q8_0", "rtn"), ("Q4_K", "gptq"), ("Q6_K", "rtn"), ("Q3_K", "gptq")])
+def test_llama_cpp_computes_what_hf_quant_computes(tokenizer, tmp_path, type_, method):
+    cfg = QuantConfig(method=method, gguf=type_, **({"num_samples": 8, "seq_len": 128} if method == "gptq" else {}))
+    model = AutoModelForCausalLM.from_pretrained(TINY_LLAMA, dtype=torch.float32, quantization_config=cfg)
+    path = hf_quant.export_gguf(model, tmp_path / f"tiny-{type_}.gguf", tokenizer)
+    r = compare_with_llama_cpp(model, tokenizer, path, seq_len=256, max_windows=4, prompts=PROMPTS)
+    assert r.tokenization_equal, f"llama.cpp tokenizes differently from token {r.first_token_mismatch} on"
+    assert r.top1_agreement >= TOP1[type_], r
+    assert abs(r.ppl_ratio - 1) < 0.01, r
+    for g in r.greedy:  # continuations: reported; most match, and any divergence comes late
+        assert g["match"] or g["first_divergence"] >= 4, g
+
+
+def test_llama_cpp_reads_a_float_export_and_its_perplexity_matches(tokenizer, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(TINY_LLAMA, dtype=torch.float32)
+    path = hf_quant.export_gguf(model, tmp_path / "tiny-f32.gguf", tokenizer)
+    ids = tokenizer(hf_quant.eval.bundled_text()[:20000], add_special_tokens=False).input_ids
+    ppl_lc = llama_cpp_perplexity(path, ids, seq_len=256, max_windows=4, llm=load_llama_cpp(path, 256))
+    with torch.no_grad():
+        windows = torch.tensor(ids[:4 * 256]).reshape(4, 256)
+        loss = model(input_ids=windows, labels=windows).loss
+    assert abs(ppl_lc / torch.exp(loss).item() - 1) < 0.005
