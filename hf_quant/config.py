@@ -42,9 +42,9 @@ def _check_bits(bits: Any, field: str) -> None:
 
 
 def _check_gguf_type(name: Any, field: str) -> None:
-    if name is not None and (not isinstance(name, str) or name not in gguf_types.TYPES):
-        raise ValueError(f"QuantConfig.{field}={name!r} is not a supported GGUF block type; use one of "
-                         f"{sorted(gguf_types.TYPES)}, or None.")
+    if name is not None and (not isinstance(name, str) or name not in {**gguf_types.TYPES, **gguf_types.MIXES}):
+        raise ValueError(f"QuantConfig.{field}={name!r} is not a supported GGUF block type or mix; use one of "
+                         f"{sorted(gguf_types.TYPES)}, a mix {sorted(gguf_types.MIXES)}, or None.")
 
 
 def _check_group_size(group_size: Any, field: str) -> None:
@@ -122,7 +122,7 @@ class QuantConfig(QuantizationConfigMixin):
         calibration_device: where each block is calibrated ("cuda", "cuda:1", "cpu"); None = the
             first GPU if there is one, else the model's device. Blocks move there one at a time,
             cached activations stay on the model's device. Not saved.
-        format_version: on-disk layout version; set by hf_quant, checked when loading.
+        format_version: on-disk layout version; set by hf_quant (2, or 3 for GGUF layers), checked when loading.
         provenance: set by hf_quant when it quantizes, informational (the model card shows it):
             base model, calibration data description, hf_quant version, and an `evaluation` entry
             when `hf-quant quantize --eval` measured perplexity.
@@ -151,13 +151,14 @@ class QuantConfig(QuantizationConfigMixin):
         learning_rate: float | None = None,
         block_name_to_quantize: str | None = None,
         calibration_device: str | None = None,
-        format_version: int = FORMAT_VERSION,
+        format_version: int | None = None,
         provenance: dict[str, Any] | None = None,
         gguf: str | None = None,
         **kwargs: Any,
     ) -> None:
         fields = dict(locals())
-        _check_format_version(format_version)  # first: a newer checkpoint may carry fields we do not know
+        if format_version is not None:
+            _check_format_version(format_version)  # first: a newer checkpoint may carry fields we do not know
         quant_method = kwargs.pop("quant_method", QUANT_METHOD)
         if quant_method != QUANT_METHOD:
             raise ValueError(f"QuantConfig.quant_method must be {QUANT_METHOD!r}, got {quant_method!r}.")
@@ -180,7 +181,8 @@ class QuantConfig(QuantizationConfigMixin):
 
     def post_init(self) -> None:
         """Validate every field; raise a `ValueError` naming the field and the allowed values."""
-        _check_format_version(self.format_version)
+        if self.format_version is not None:
+            _check_format_version(self.format_version)
         if not isinstance(self.method, str) or self.method not in available_methods():
             raise ValueError(
                 f"QuantConfig.method={self.method!r} is unknown; available methods: {available_methods()}."
@@ -217,6 +219,9 @@ class QuantConfig(QuantizationConfigMixin):
             if clash:
                 raise ValueError(f"{regex.field} overrides {clash}, which method={self.method!r} "
                                  f"fixes at {fixed}; use a '-:' rule to keep modules in float instead.")
+        # the oldest layout that holds this config's layers: older hf_quant versions still read the rest
+        needed = 3 if self.gguf is not None or any((o or {}).get("gguf") for _, o in self._compiled_dynamic) else 2
+        self.format_version = max(self.format_version or needed, needed)
         self._spec_cache: dict[str, LayerSpec | None] = {}
         _check_provenance(self.provenance)
 
@@ -301,15 +306,18 @@ class QuantConfig(QuantizationConfigMixin):
             raise ValueError("QuantConfig.gguf: GGUF blocks hold input channels in natural order (no g_idx); "
                              "use desc_act=False, or static_groups=True.")
 
-    def layer_spec(self, module_name: str) -> LayerSpec | None:
+    def layer_spec(self, module_name: str, n_layers: int | None = None, n_gqa: int = 1,
+                   in_features: int | None = None) -> LayerSpec | None:
         """The spec for one module after `dynamic` overrides; `None` if a "-:" rule keeps it in float.
-        Each module name is matched once per config (the result is remembered)."""
+        Each module name is matched once per config (the result is remembered). A GGUF mix (gguf="Q4_K_M")
+        needs the model's `n_layers` (and `n_gqa` = heads per KV head, the row width `in_features`)."""
         cache = self.__dict__.setdefault("_spec_cache", {})
-        if module_name not in cache:
-            cache[module_name] = self._layer_spec(module_name)
-        return cache[module_name]
+        key = (module_name, n_layers, n_gqa, in_features)
+        if key not in cache:
+            cache[key] = self._layer_spec(module_name, n_layers, n_gqa, in_features)
+        return cache[key]
 
-    def _layer_spec(self, module_name: str) -> LayerSpec | None:
+    def _layer_spec(self, module_name: str, n_layers: int | None, n_gqa: int, in_features: int | None) -> LayerSpec | None:
         fields = {"bits": self.bits, "group_size": self.group_size, "sym": self.sym, "gguf": self.gguf}
         for regex, overrides in self._compiled_dynamic:
             if regex.search(module_name):
@@ -317,6 +325,11 @@ class QuantConfig(QuantizationConfigMixin):
                     return None
                 fields.update(overrides)
                 break
+        if fields["gguf"] in gguf_types.MIXES:
+            if n_layers is None:
+                raise ValueError(f"QuantConfig.gguf={fields['gguf']!r} is a mix: the type of {module_name} depends "
+                                 "on the model's layer count (layer_spec(name, n_layers=...)).")
+            fields["gguf"] = gguf_types.mix_type(fields["gguf"], module_name, n_layers, n_gqa, in_features)
         if fields["gguf"] is not None:  # the block type fixes the layout
             t = gguf_types.block_type(fields["gguf"])
             return LayerSpec(t.bits, t.sub, t.zero is not None, False, t.name)

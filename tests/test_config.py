@@ -11,7 +11,9 @@ def test_defaults_and_json_round_trip():
     again = QuantConfig.from_dict(json.loads(cfg.to_json_string()))
     assert again == cfg
     assert again.to_dict()["quant_method"] == "hf_quant"
-    assert again.format_version == FORMAT_VERSION
+    assert again.format_version == 2  # no GGUF layers: readable by hf_quant versions that read format 2
+    assert QuantConfig(gguf="Q4_K").format_version == 3 == FORMAT_VERSION
+    assert QuantConfig(dynamic={"v_proj": {"gguf": "Q6_K"}}).format_version == 3
 
 
 @pytest.mark.parametrize(

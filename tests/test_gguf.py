@@ -94,6 +94,26 @@ def test_config_validation():
     assert QuantConfig.from_dict(cfg.to_dict()) == cfg
 
 
+def test_mix_rules():
+    """llama.cpp's mixes: attn_v / ffn_down get more bits in the first and last eighth and every third layer
+    (Q4_K_M / Q5_K_M), Q3_K_M grades them by depth, the output layer is Q6_K, narrow rows fall back."""
+    cfg = QuantConfig(gguf="Q4_K_M")
+    with pytest.raises(ValueError, match="is a mix.*n_layers"):
+        cfg.layer_spec("model.layers.0.self_attn.v_proj")
+    v = [cfg.layer_spec(f"model.layers.{i}.self_attn.v_proj", 32).gguf for i in range(32)]
+    assert [i for i, t in enumerate(v) if t == "Q6_K"] == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+    assert set(v) == {"Q4_K", "Q6_K"} and cfg.layer_spec("model.layers.5.mlp.up_proj", 32).gguf == "Q4_K"
+    assert cfg.layer_spec("lm_head", 32).gguf == "Q6_K"
+    assert cfg.layer_spec("model.layers.5.mlp.up_proj", 32, in_features=4160).gguf == "Q5_0"  # 4160 % 256 != 0
+    q3 = QuantConfig(gguf="Q3_K_M")
+    assert [q3.layer_spec(f"model.layers.{i}.self_attn.v_proj", 32).gguf for i in (0, 1, 2)] == ["Q5_K", "Q5_K", "Q4_K"]
+    assert [q3.layer_spec(f"model.layers.{i}.mlp.down_proj", 32).gguf for i in (0, 1, 2)] == ["Q5_K", "Q5_K", "Q4_K"]
+    assert q3.layer_spec("model.layers.4.self_attn.o_proj", 32).gguf == "Q4_K"
+    q2 = QuantConfig(gguf="Q2_K_M")
+    assert q2.layer_spec("model.layers.4.self_attn.v_proj", 32, n_gqa=4).gguf == "Q4_K"
+    assert q2.layer_spec("model.layers.4.self_attn.q_proj", 32, n_gqa=4).gguf == "Q2_K"
+
+
 @pytest.fixture(scope="module")
 def tiny_q4k():
     return AutoModelForCausalLM.from_pretrained(TINY_LLAMA, dtype=torch.float32,

@@ -45,3 +45,25 @@ def test_llama_cpp_reads_a_float_export_and_its_perplexity_matches(tokenizer, tm
         windows = torch.tensor(ids[:4 * 256]).reshape(4, 256)
         loss = model(input_ids=windows, labels=windows).loss
     assert abs(ppl_lc / torch.exp(loss).item() - 1) < 0.005
+
+
+@pytest.mark.parametrize("mix,ftype", [("Q4_K_M", "Q4_K_M"), ("Q5_K_M", "Q5_K_M"), ("Q3_K_M", "Q3_K_M"),
+                                       ("Q2_K_M", "Q2_K")])
+def test_mixes_give_each_tensor_llama_cpps_type(tokenizer, tmp_path, mix, ftype):
+    """QuantConfig(gguf=<mix>) gives every tensor the type llama.cpp's own quantizer gives it for that file
+    type (llama_model_quantize of a float export of the same model)."""
+    import ctypes
+
+    import gguf
+    import llama_cpp
+
+    flt = AutoModelForCausalLM.from_pretrained(TINY_LLAMA, dtype=torch.float32)
+    src = hf_quant.export_gguf(flt, tmp_path / "f32.gguf", tokenizer)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}"), 2
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(tmp_path / "lc.gguf").encode(), ctypes.byref(params)) == 0
+    model = AutoModelForCausalLM.from_pretrained(TINY_LLAMA, dtype=torch.float32, quantization_config=QuantConfig(gguf=mix))
+    ours = hf_quant.export_gguf(model, tmp_path / "ours.gguf", tokenizer)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(ours).tensors}
+    assert types == {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "lc.gguf").tensors}
+    assert len(set(types.values()) - {"F32"}) >= 2  # a mix, not one type

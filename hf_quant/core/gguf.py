@@ -355,3 +355,61 @@ def check_blocks(raw: torch.Tensor, t: BlockType, in_features: int, name: str) -
             bad = int((~torch.isfinite(v)).sum())
             raise ValueError(f"{name}.qweight: {bad} {t.name} block(s) have a NaN/inf fp16 {field}; the tensor is "
                              "corrupt. Re-quantize the model or re-download the checkpoint.")
+
+
+# --- llama.cpp's file-type mixes (llama-quant.cpp, llama_tensor_get_type) ---------------------------
+# name -> base block type. "Q2_K_M" is llama.cpp's `Q2_K` file type (a mix, unlike the Q2_K block type).
+MIXES = {"Q4_K_M": "Q4_K", "Q5_K_M": "Q5_K", "Q3_K_M": "Q3_K", "Q2_K_M": "Q2_K"}
+# Where a row is not a multiple of 256, llama.cpp falls back to a 32-wide type (Q2_K/Q3_K: IQ4_NL, which
+# hf_quant does not hold: Q4_0, the same size).
+_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+# HF module name endings -> llama.cpp tensor roles
+_ROLES = (("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
+          ("self_attn.o_proj", "attn_output"), ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"),
+          ("mlp.down_proj", "ffn_down"), ("attn.c_attn", "attn_qkv"), ("attn.c_proj", "attn_output"),
+          ("mlp.c_fc", "ffn_up"), ("mlp.c_proj", "ffn_down"), ("lm_head", "output"), ("embed_tokens", "token_embd"),
+          ("wte", "token_embd"))
+
+
+def role_of(module_name: str) -> tuple[str | None, int | None]:
+    """(llama.cpp tensor role, block index) of an HF module name, e.g. ("attn_v", 3)."""
+    import re
+
+    role = next((r for suffix, r in _ROLES if module_name == suffix or module_name.endswith("." + suffix)), None)
+    found = re.search(r"\.(\d+)\.", module_name)
+    return role, None if found is None else int(found.group(1))
+
+
+def _use_more_bits(i: int, n: int) -> bool:
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def mix_type(mix: str, module_name: str, n_layers: int, n_gqa: int = 1, in_features: int | None = None) -> str:
+    """The block type llama.cpp's file type `mix` gives the tensor of `module_name` (same rules for the
+    roles Llama / Qwen2 / Mistral / GPT-2 have; its 70B and MoE special cases are not reproduced)."""
+    base = MIXES[mix]
+    role, i = role_of(module_name)
+    t = base
+    if role in ("output", "token_embd"):
+        t = "Q6_K" if role == "output" else base
+    elif role == "attn_v" and i is not None:
+        if mix == "Q2_K_M":
+            t = "Q4_K" if n_gqa >= 4 else "Q3_K"
+        elif mix == "Q3_K_M":
+            t = "Q5_K" if i < 2 else "Q4_K"
+        elif _use_more_bits(i, n_layers):
+            t = "Q6_K"
+    elif role == "ffn_down" and i is not None:
+        if mix == "Q2_K_M":
+            t = "Q3_K"
+        elif mix == "Q3_K_M":
+            t = "Q5_K" if i < n_layers // 16 else "Q4_K"
+        elif _use_more_bits(i, n_layers):
+            t = "Q6_K"
+    elif role == "attn_output":
+        t = {"Q2_K_M": "Q3_K", "Q3_K_M": "Q4_K"}.get(mix, base)
+    elif role == "attn_qkv":
+        t = {"Q3_K_M": "Q4_K", "Q4_K_M": "Q5_K", "Q5_K_M": "Q6_K"}.get(mix, base)
+    if in_features is not None and in_features % TYPES[t].block:
+        t = _FALLBACK.get(t, t)
+    return t

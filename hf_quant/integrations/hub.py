@@ -29,10 +29,11 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, Mo
 from huggingface_hub.errors import RevisionNotFoundError
 
 from ..config import QUANT_METHOD, QuantConfig
-from ..core import packed_bytes
+from ..core import gguf, packed_bytes
 from ..io.checkpoint import WEIGHT_FILE_PATTERNS, index_checkpoint
 from ..io.native import write_checkpoint
 from ..methods import get_method
+from ..runtime.convert import mix_context
 
 logger = logging.getLogger("hf_quant")
 
@@ -88,8 +89,15 @@ def checkpoint_summary(directory: str | os.PathLike) -> dict[str, Any]:
         if tensor == "qweight":
             quantized.append(module)
             out_f, cols = entry["shape"]
-            bits = (qc.layer_spec(module) or qc.layer_spec(module.split(".", 1)[-1])).bits
-            bf16 += 2 * out_f * cols * 8 // bits
+            n_layers, n_gqa = mix_context(config)
+            spec = qc.layer_spec(module, n_layers, n_gqa) or qc.layer_spec(module.split(".", 1)[-1], n_layers, n_gqa)
+            if spec.gguf is not None:  # qweight holds blocks: cols bytes per row (a mix may fall back by width)
+                t = gguf.block_type(spec.gguf)
+                fits = qc.layer_spec(module, n_layers, n_gqa, cols // t.nbytes * t.block)
+                t = gguf.block_type(fits.gguf) if fits is not None and fits.gguf else t
+                bf16 += 2 * out_f * (cols // t.nbytes * t.block)
+            else:
+                bf16 += 2 * out_f * cols * 8 // spec.bits
     packed = packed_bytes(entries)
     files = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
     return {"config": config, "quantization_config": qc, "quantized_layers": quantized, "packed_bytes": packed,

@@ -29,6 +29,7 @@ from ..core import LayerSpec
 from ..core import gguf as G
 from ..runtime import QuantLinear
 from ..core.layers import FLOAT_LINEARS, set_module
+from ..runtime.convert import mix_context
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +184,10 @@ def _tensors(model: nn.Module, arch: Arch, type_: str | None) -> list[tuple[str,
     n_head, n_kv = (config.n_head, config.n_head) if arch.gguf_name == "gpt2" else _head_counts(config)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     target = None if type_ is None else G.block_type(type_)
+    qc = getattr(config, "quantization_config", None)
+    mix = qc.get("gguf") if isinstance(qc, dict) else getattr(qc, "gguf", None)
+    mix = mix if mix in G.MIXES else None
+    n_layers, n_gqa = mix_context(config)
     rounded: list[str] = []
     out = []
     for mod_name, module in model.named_modules():
@@ -216,10 +221,17 @@ def _tensors(model: nn.Module, arch: Arch, type_: str | None) -> list[tuple[str,
                 data = permute_qk(data, heads)
             t = None
             is_matrix = data.dim() == 2 and (isinstance(module, (*FLOAT_LINEARS, nn.Embedding)))
-            if target is not None and is_matrix:
-                G.check_shape(target, data.shape[1], full)
-                data, t = G.pack(G.quantize_rtn(data.float(), target), target), target
-                rounded.append(full)
+            role, _ = G.role_of(mod_name)
+            to = target
+            if to is None and mix is not None and is_matrix and role in ("output", "token_embd"):
+                # llama.cpp's mix for the embeddings; a tied token_embd is also the output
+                name = "lm_head" if tied and role == "token_embd" else mod_name
+                to = G.block_type(G.mix_type(mix, name, n_layers, n_gqa, data.shape[1]))
+            if to is not None and is_matrix:
+                G.check_shape(to, data.shape[1], full)
+                data, t = G.pack(G.quantize_rtn(data.float(), to), to), to
+                if target is not None:
+                    rounded.append(full)
             out.append((full, data, t))
     if rounded:
         logger.warning("hf_quant: export_gguf rounded %d float or non-GGUF-grid tensor(s) onto %s data-free (a second "

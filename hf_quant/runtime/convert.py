@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 
@@ -41,21 +43,32 @@ def incompatibility(in_features: int, spec: LayerSpec) -> str | None:
     return None
 
 
+def mix_context(model_config: Any) -> tuple[int | None, int]:
+    """(layer count, heads per KV head) of a transformers config: what a GGUF mix's types depend on."""
+    if model_config is None:
+        return None, 1
+    get = model_config.get if isinstance(model_config, dict) else lambda k, d=None: getattr(model_config, k, d)
+    n_layers = get("num_hidden_layers") or get("n_layer")
+    heads = get("num_attention_heads") or get("n_head") or 1
+    return n_layers, max(1, heads // (get("num_key_value_heads") or heads))
+
+
 def find_targets(model: nn.Module, config: QuantConfig, modules_to_not_convert: list[str]) -> dict[str, LayerSpec]:
     """Module name -> spec of every layer to quantize, after skips and `dynamic` overrides.
 
     Incompatible layers raise (on_incompatible="error") or are skipped with a warning ("skip").
     """
     targets: dict[str, LayerSpec] = {}
+    n_layers, n_gqa = mix_context(getattr(model, "config", None))
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear) or not isinstance(module, FLOAT_LINEARS):
             continue
         if _skipped(name, modules_to_not_convert):
             continue
-        spec = config.layer_spec(name)
+        in_features, _ = linear_shape(module)
+        spec = config.layer_spec(name, n_layers, n_gqa, in_features)
         if spec is None:
             continue
-        in_features, _ = linear_shape(module)
         why = incompatibility(in_features, spec)
         if why is not None:
             if config.on_incompatible == "error":
