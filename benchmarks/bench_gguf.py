@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_quant
 from hf_quant import QuantConfig
-from hf_quant.calibration.data import calibration_windows, default_calibration_text
+from hf_quant.calibration.data import calibration_windows
 from hf_quant.eval import bundled_text
 from hf_quant.eval_gguf import compare_with_llama_cpp, llama_cpp_perplexity, load_llama_cpp
 
@@ -134,7 +134,7 @@ def main() -> None:
     flt = AutoModelForCausalLM.from_pretrained(args.model)
     print(f"model {args.model}; torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     heldout = tok(bundled_text(), add_special_tokens=False).input_ids
-    calib = calibration_windows(default_calibration_text(), lambda: tok, args.num_samples, args.seq_len, 0,
+    calib = calibration_windows(None, lambda: tok, args.num_samples, args.seq_len, 0,
                                 flt.config.vocab_size)
     results: dict = {"rows": []}
     with tempfile.TemporaryDirectory() as d:

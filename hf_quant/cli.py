@@ -8,6 +8,8 @@
     hf-quant import-gptq SRC OUT            # a GPTQ checkpoint (directory or Hub repo) to hf_quant
     hf-quant export-bnb8 MODEL OUT          # an llm_int8 / w8a8 model to bitsandbytes' load_in_8bit layout
     hf-quant import-bnb8 SRC OUT            # a bitsandbytes load_in_8bit checkpoint to hf_quant llm_int8
+    hf-quant export-gguf MODEL OUT.gguf     # one GGUF file for llama.cpp (GGUF-grid layers exactly; --type for the rest)
+    hf-quant import-gguf SRC.gguf OUT       # a GGUF file to an hf_quant checkpoint (blocks kept exactly)
 
 A thin layer over the library API (`QuantConfig` + `from_pretrained`, `hf_quant.eval`,
 `hf_quant.push_to_hub`, `hf_quant.export_gptq` / `import_gptq`, `export_bnb8` / `import_bnb8`); progress goes to stderr through
@@ -157,6 +159,18 @@ def _hf_quant_config(path: Path) -> dict | None:
     return qc if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD else None
 
 
+def _check_output_file(command: str, args: argparse.Namespace) -> None:
+    """`args.out` may be written as one file: not a directory, in an existing directory, new unless --overwrite."""
+    value = args.out = os.path.expanduser(args.out)
+    out = Path(value)
+    if out.is_dir():
+        raise _fail(command, f"OUT {value}", "is a directory; give the path of the .gguf file to write")
+    if not out.parent.resolve().is_dir():
+        raise _fail(command, f"OUT {value}", f"is in {out.parent}, which does not exist; create it first")
+    if out.exists() and not args.overwrite:
+        raise _fail(command, f"OUT {value}", "exists; pass --overwrite to replace it")
+
+
 def _check_output(command: str, args: argparse.Namespace, sources: list[Path | None]) -> None:
     """`args.out` may be written: not a file, not the source / inside it / holding it, creatable,
     and empty unless --overwrite."""
@@ -266,6 +280,14 @@ def _check_args(args: argparse.Namespace) -> None:
     elif command in ("export-gptq", "export-bnb8"):
         source = _check_source(command, "model", args)
         _check_output(command, args, [source])
+    elif command == "export-gguf":
+        _check_source(command, "model", args)
+        _check_output_file(command, args)
+    elif command == "import-gguf":
+        args.src = os.path.expanduser(args.src)
+        if not Path(args.src).is_file():
+            raise _fail(command, f"SRC {args.src}", "is not a file; give the path of a .gguf file")
+        _check_output(command, args, [])
     elif command in ("import-gptq", "import-bnb8"):
         source = _check_source(command, "src", args)
         if source is not None and args.revision is not None:
@@ -341,7 +363,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
         modules_to_not_convert=args.modules_to_not_convert, dataset=_read_texts(args.dataset),
         num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed,
-        calibration_device=args.calibration_device, **options)
+        calibration_device=args.calibration_device, gguf=args.gguf, **options)
     if args.push:
         _check_hub_access(args.command, f"--push {args.push}")
     tokenizer = _tokenizer(args.model, args.command, required=args.eval or args.eval_baseline)
@@ -451,6 +473,31 @@ def cmd_import_bnb8(args: argparse.Namespace) -> None:
     _convert(args, "import_bnb8", "llm_int8 checkpoint")
 
 
+def cmd_export_gguf(args: argparse.Namespace) -> None:
+    import hf_quant
+
+    _stage(f"loading {args.model}")
+    model = _load(args.model, argparse.Namespace(command=args.command, dtype="auto", device=None))
+    _stage(f"writing {args.out}" + (f" (other matrices rounded onto {args.type})" if args.type else ""))
+    hf_quant.export_gguf(model, Path(args.out), _tokenizer(args.model, args.command), type=args.type)
+    print(json.dumps({"saved": args.out, "format": "gguf"}))
+
+
+def cmd_import_gguf(args: argparse.Namespace) -> None:
+    import hf_quant
+
+    from transformers import AutoTokenizer
+
+    src = Path(args.src)
+    _stage(f"reading {src}")
+    try:  # transformers builds the tokenizer from the file's tokenizer.ggml.* metadata
+        tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    except Exception:  # noqa: BLE001 - a file without a vocabulary, or one transformers cannot convert
+        tokenizer = None
+    hf_quant.import_gguf(src, Path(args.out), requantize=args.requantize, tokenizer=tokenizer)
+    print(json.dumps({"saved": args.out, "tokenizer": tokenizer is not None}))
+
+
 # ---------------------------------------------------------------- the parser
 
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
@@ -494,6 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=int, default=4)
     q.add_argument("--group-size", type=int, default=128)
     q.add_argument("--sym", action="store_true", help="symmetric grid (default: asymmetric)")
+    q.add_argument("--gguf", default=None, metavar="TYPE", help="quantize onto a GGUF block type or llama.cpp mix "
+                   "(Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K; Q4_K_M, Q5_K_M, Q3_K_M, Q2_K_M): bits, "
+                   "--group-size and --sym follow the type; export with --format gguf or export-gguf")
     _add_method_options(q)
     q.add_argument("--modules-to-not-convert", nargs="+", default=None, metavar="NAME")
     q.add_argument("--dataset", nargs="+", metavar="FILE", help="calibration text files "
@@ -565,6 +615,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite(ib)
     ib.add_argument("--revision", default=None)
     ib.set_defaults(func=cmd_import_bnb8)
+
+    xg = sub.add_parser("export-gguf", help="write a model (float, or hf_quant with or without a GGUF grid) as one "
+                        "GGUF file for llama.cpp")
+    xg.add_argument("model")
+    xg.add_argument("out", help="the .gguf file to write")
+    _add_overwrite(xg)
+    xg.add_argument("--type", default=None, help="round matrices not already on a GGUF grid onto this type "
+                    "(data-free; default: keep them in float)")
+    xg.set_defaults(func=cmd_export_gguf)
+
+    ig = sub.add_parser("import-gguf", help="convert a GGUF file to an hf_quant checkpoint (Llama / Qwen2)")
+    ig.add_argument("src", help="the .gguf file")
+    ig.add_argument("out")
+    _add_overwrite(ig)
+    ig.add_argument("--requantize", default=None, metavar="TYPE", help="round tensors of types hf_quant cannot "
+                    "hold onto this GGUF type (default: refuse them)")
+    ig.set_defaults(func=cmd_import_gguf)
     return ap
 
 

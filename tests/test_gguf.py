@@ -288,3 +288,36 @@ def test_lora_trains_on_a_gguf_base():
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("name", sorted(G.TYPES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_cpu_kernel_runs_gguf_layers_like_the_reference(monkeypatch, name, dtype):
+    """cpu_int4 takes Q4_0 / Q4_1 / Q4_K, dequant_tiles (nibbles or bytes) and dequant_matmul every type;
+    each against the reference (llama.cpp's fp32 weights) on random inputs, several tiles."""
+    from hf_quant import kernels
+    from hf_quant.runtime.kernels import cpu_measure
+    from hf_quant.runtime.kernels.base import KERNELS
+    from hf_quant.runtime.kernels.cpu import DequantTilesKernel
+
+    monkeypatch.setattr(DequantTilesKernel, "TILE_N", 32)
+    t = G.TYPES[name]
+    W = torch.randn(80, 2 * t.block, generator=torch.Generator().manual_seed(2)) * 0.05
+    spec = LayerSpec(t.bits, t.sub, t.zero is not None, False, name)
+    layer = QuantLinear.from_quantized(get_method("rtn").quantize(W, spec, torch.float32), spec,
+                                       torch.randn(80).to(dtype))
+    cpu = torch.device("cpu")
+    found = {k.name for k in cpu_measure.candidates(layer, cpu, dtype)}
+    assert {"dequant_tiles", "dequant_matmul"} <= found
+    assert ("cpu_int4" in found) == (name in ("Q4_0", "Q4_1", "Q4_K"))
+    for rows in (3, 300):  # both GEMM orientations of dequant_tiles
+        x = torch.randn(rows, W.shape[1], generator=torch.Generator().manual_seed(rows)).to(dtype)
+        with kernels.use_kernel("reference"):
+            ref = layer(x)
+        for kname in sorted(found):
+            if not KERNELS.get(kname).runs(layer, cpu, dtype, rows):  # cpu_int4 takes up to 4 fp32 rows
+                continue
+            with kernels.use_kernel(kname):
+                out = layer(x)
+            err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+            assert err < (1e-5 if dtype == torch.float32 else 1e-2), (kname, rows, err)

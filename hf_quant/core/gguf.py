@@ -413,3 +413,11 @@ def mix_type(mix: str, module_name: str, n_layers: int, n_gqa: int = 1, in_featu
     if in_features is not None and in_features % TYPES[t].block:
         t = _FALLBACK.get(t, t)
     return t
+
+
+def codes_and_grid(raw: torch.Tensor, t: BlockType, in_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes (N, K) uint8, scale, zero (N, K/sub) fp32) with w = (code - zero) * scale: a GGUF tensor in the
+    codes-and-grid form the packed kernels take (zero is fractional for types that store a min)."""
+    f = unpack(raw, t, in_features)
+    scale, zero = column_grid(f, t)
+    return f.codes, scale, zero

@@ -286,6 +286,13 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None
     return path
 
 
+def export_gguf_dir(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer: Any = None, **_: Any) -> Path:
+    """The `gguf` checkpoint format of `hf-quant quantize --format gguf`: OUT/model.gguf."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return export_gguf(model, out / "model.gguf", tokenizer)
+
+
 def _n_blocks(config: Any) -> int:
     return getattr(config, "num_hidden_layers", None) or config.n_layer
 
@@ -343,15 +350,38 @@ def _config_from_gguf(reader: Any) -> Any:
     ), arch
 
 
-def import_gguf(path: str | os.PathLike, *, requantize: str | None = None,
-                dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """A transformers model (Llama / Qwen2) built from a GGUF file, its linears holding the file's blocks.
+def import_gguf(path: str | os.PathLike, dst_dir: str | os.PathLike | None = None, *, requantize: str | None = None,
+                dtype: torch.dtype | None = None, tokenizer: Any = None) -> nn.Module | Path:
+    """An hf_quant model (Llama / Qwen2) built from a GGUF file, its linears holding the file's blocks.
 
     Linears of a type hf_quant holds (core/gguf.py TYPES) keep their block bytes exactly (export_gguf writes
     them back byte for byte); F32/F16/BF16 tensors load as float in `dtype`. Another quantized type is refused
     naming the tensor and type, unless `requantize` names a GGUF type to round it onto (after gguf-py's
-    dequantization). Norms and embeddings load as float.
+    dequantization). Norms and embeddings load as float, in `dtype` (default: the dtype that holds the file's
+    float tensors exactly, fp32 unless they are all F16 or all BF16). With `dst_dir`: writes the hf_quant checkpoint there
+    (atomically, with `tokenizer` if given) and returns its path; without: returns the loaded model.
     """
+    from transformers import AutoModelForCausalLM
+
+    from .atomic import atomic_directory
+
+    model = _build_from_gguf(path, requantize, dtype)
+    if dst_dir is not None:
+        with atomic_directory(dst_dir) as tmp:
+            type(model).save_pretrained(model, tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        return Path(dst_dir)
+    with tempfile.TemporaryDirectory(prefix="hf_quant-gguf-") as tmp:  # load through transformers: a normal
+        type(model).save_pretrained(model, tmp)  # hf_quant model (its quantizer attached, saves like any other)
+        loaded = AutoModelForCausalLM.from_pretrained(tmp)
+        for t in list(loaded.parameters()) + list(loaded.buffers()):  # no storage may outlive the files it maps
+            if t.device.type == "cpu" and not t.is_meta:
+                t.data = t.data.clone()
+    return loaded
+
+
+def _build_from_gguf(path: str | os.PathLike, requantize: str | None, dtype: torch.dtype) -> nn.Module:
     gguf = _gguf()
     from transformers import AutoModelForCausalLM
 
@@ -363,6 +393,10 @@ def import_gguf(path: str | os.PathLike, *, requantize: str | None = None,
         raise ValueError(f"import_gguf: {path} is not a readable GGUF file ({type(e).__name__}: {e}); it is truncated "
                          "or corrupt.") from e
     config, arch = _config_from_gguf(reader)
+    if dtype is None:
+        kinds = {t.tensor_type.name for t in reader.tensors if t.tensor_type.name in ("F32", "F16", "BF16")}
+        dtype = {frozenset({"F16"}): torch.float16, frozenset({"BF16"}): torch.bfloat16}.get(frozenset(kinds),
+                                                                                             torch.float32)
     permute = ARCHS[config.model_type].permute_qk
     n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
     with torch.device("meta"):

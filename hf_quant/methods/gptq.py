@@ -173,6 +173,7 @@ def _gptq_gguf(W: torch.Tensor, H: torch.Tensor, spec: LayerSpec, block_size: in
     codes = torch.empty(out_f, in_f, device=W.device)
     scale = torch.empty(out_f, in_f, device=W.device)  # each column's sub-block grid
     zero = torch.empty(out_f, in_f, device=W.device)
+    inv = torch.empty(out_f, in_f, device=W.device)  # 1 / scale (0 for an all-zero sub-block)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         W1 = W[:, i1:i2].clone()
@@ -185,9 +186,10 @@ def _gptq_gguf(W: torch.Tensor, H: torch.Tensor, spec: LayerSpec, block_size: in
                 s, z = gguf.column_grid(f, t)
                 scale[:, col:col + t.block] = s.repeat_interleave(t.sub, -1)
                 zero[:, col:col + t.block] = z.repeat_interleave(t.sub, -1)
+                inv[:, col:col + t.block] = torch.where(s == 0, 0.0, 1 / s).repeat_interleave(t.sub, -1)
                 found.append(f)
             w = W1[:, i]
-            q = gguf.quantize_codes(w, scale[:, col], zero[:, col], t.maxq)
+            q = torch.round(w * inv[:, col] + zero[:, col]).clamp_(0, t.maxq)
             codes[:, col] = q
             err = (w - (q - zero[:, col]) * scale[:, col]) / Hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ...core import codes_by_group, dequantize_weight, zero_points
+from ...core import codes_by_group, dequantize_weight, gguf, zero_points
 from .base import Kernel, register_kernel
 
 _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -65,6 +65,7 @@ def _finish(layer: Any, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 class Int4CpuKernel(_CpuPacked):
     name = "cpu_int4"
+    gguf = True  # Q4_0 / Q4_1 / Q4_K (32-wide sub-blocks): w = (q - 8) * scale + (8 - zero) * scale exactly
 
     def fits(self, layer: Any) -> bool:
         return (
@@ -77,11 +78,16 @@ class Int4CpuKernel(_CpuPacked):
     def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
         spec, K = layer.spec, layer.in_features
         gs = _int4_group_size(layer)
-        codes, perm = codes_by_group(layer.qweight, spec, K, layer.g_idx)  # act-order: groups made contiguous
+        if spec.gguf is not None:  # codes and a fractional zero per 32-wide sub-block
+            codes, scale, z = gguf.codes_and_grid(layer.qweight, gguf.block_type(spec.gguf), K)
+            perm = None
+        else:
+            codes, perm = codes_by_group(layer.qweight, spec, K, layer.g_idx)  # act-order: groups made contiguous
+            scale = layer.scales.float()
+            z = zero_points(layer.qzeros, spec, scale)
         codes = codes.to(torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
-        scale = layer.scales.float()
-        zero = (8.0 - zero_points(layer.qzeros, spec, scale)) * scale
+        zero = (8.0 - z) * scale
         repeat = K // gs // scale.shape[1]  # > 1 only for per-channel layers
         scale_zero = torch.stack([scale, zero], dim=-1).repeat_interleave(repeat, dim=1)  # (N, G, 2)
         return packed, gs, scale_zero.transpose(0, 1).contiguous().to(dtype), perm
@@ -158,8 +164,13 @@ class DequantTilesKernel(Kernel):
     def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
         spec, K = layer.spec, layer.in_features
         gs = spec.effective_group_size(K)
-        if spec.gguf is not None:
-            return ("generic",)
+        if spec.gguf is not None:  # codes with a (fractional) zero and a scale per sub-block
+            codes, scale, zero = gguf.codes_and_grid(layer.qweight, gguf.block_type(spec.gguf), K)
+            q = codes.reshape(layer.out_features, K // gs, gs)
+            as_col = [v.to(dtype).unsqueeze(-1).contiguous() for v in (scale, zero)]
+            if spec.bits > 4:
+                return "bytes", q.contiguous(), *as_col, None
+            return "nibbles", (q[..., :gs // 2] | (q[..., gs // 2:] << 4)).contiguous(), *as_col, None
         if spec.bits == 8 and spec.group_size == -1:
             w, scale = int8_rows(layer)
             return "rows8", w, scale, int8_zero_offset(layer, scale)
@@ -197,14 +208,19 @@ class DequantTilesKernel(Kernel):
                 y += x2.float().sum(-1, keepdim=True) * offset
             return _finish(layer, y.to(x.dtype), x)
         _, packed, scale, zero, perm = prepared
-        G, half = packed.shape[1], packed.shape[2]
-        codes = torch.empty(min(T, N), G, 2 * half, dtype=torch.uint8)
-        tile3 = tile.view(-1, G, 2 * half)
+        nibbles = kind == "nibbles"
+        G, width = packed.shape[1], packed.shape[2] * (2 if nibbles else 1)
+        half = width // 2
+        codes = torch.empty(min(T, N), G, width, dtype=torch.uint8)
+        tile3 = tile.view(-1, G, width)
         for n in range(0, N, T):
             rows = min(T, N - n)
             c, t, p = codes[:rows], tile3[:rows], packed[n:n + T]
-            torch.bitwise_and(p, 15, out=c[..., :half])
-            torch.bitwise_right_shift(p, 4, out=c[..., half:])
+            if nibbles:
+                torch.bitwise_and(p, 15, out=c[..., :half])
+                torch.bitwise_right_shift(p, 4, out=c[..., half:])
+            else:
+                c = p
             t.copy_(c).sub_(zero[n:n + T]).mul_(scale[n:n + T])
             gemm(n, tile[:rows])
         return _finish(layer, gemm(None, None), x)
