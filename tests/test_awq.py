@@ -199,3 +199,19 @@ def test_failed_awq_leaves_the_model_untouched(tiny_models, monkeypatch):
     assert calls["n"] > 7
     after = model.state_dict()
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("gguf_type", ["Q3_K"])
+def test_awq_on_gguf_grids_beats_rtn(tiny_llama_eval, gguf_type):
+    """AWQ's scale search and clipping run on the GGUF grid itself (core.gguf.fake_quantize, clipped sub-blocks)."""
+    ids, ref = tiny_llama_eval
+
+    def err(method):
+        cfg = hf_quant.QuantConfig(method=method, gguf=gguf_type, num_samples=8, seq_len=128)
+        model = AutoModelForCausalLM.from_pretrained(TINY_LLAMA, dtype=torch.float32, quantization_config=cfg)
+        assert all(m.spec.gguf == gguf_type for m in model.modules() if isinstance(m, hf_quant.QuantLinear))
+        out = logits(model, ids)
+        return ((out - ref).pow(2).mean() / ref.pow(2).mean()).item()
+
+    rtn, awq = err("rtn"), err("awq")
+    assert awq < 0.9 * rtn, (rtn, awq)

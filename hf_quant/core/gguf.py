@@ -273,20 +273,22 @@ def _safe_div(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return torch.where(s == 0, torch.zeros_like(x), x / torch.where(s == 0, torch.ones_like(s), s))
 
 
-def find_grid(Wb: torch.Tensor, t: BlockType) -> Blocks:
+def find_grid(Wb: torch.Tensor, t: BlockType, clip: torch.Tensor | None = None) -> Blocks:
     """The block fields (codes left empty) of weights Wb (N, n*block) fp32: scales from each sub-block's
     range, as llama.cpp's reference quantizers set them (signed scales where the format has a fixed
     zero, so the largest-magnitude weight lands on the extreme code), the K-quants' sub-scales and mins
-    rounded against their fp16 super-scales exactly as stored."""
+    rounded against their fp16 super-scales exactly as stored. `clip` (N, K/sub) factors in (0, 1] shrink
+    each sub-block's range first (AWQ's clipping search)."""
     N, K = Wb.shape
     W = Wb.float().reshape(N, -1, t.sub)
     half = float(1 << (t.bits - 1))
+    c = 1.0 if clip is None else clip.float()
     if t.zero is not None:  # symmetric: scale = signed absmax / -2**(bits-1) (Q8_0: absmax / 127)
-        scale = W.abs().amax(-1) / 127 if t.name == "Q8_0" else _signed_absmax(W) / -half
+        scale = (W.abs().amax(-1) / 127 if t.name == "Q8_0" else _signed_absmax(W) / -half) * c
         mn = None
     else:
-        lo = W.amin(-1).clamp(max=0) if t.is_k else W.amin(-1)
-        scale = (W.amax(-1) - lo) / t.maxq
+        lo = (W.amin(-1).clamp(max=0) if t.is_k else W.amin(-1)) * c
+        scale = (W.amax(-1) * c - lo) / t.maxq
         mn = -lo
     if not t.is_k:
         d = scale.to(torch.float16)
@@ -322,10 +324,10 @@ def quantize_codes(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, max
     return _round(_safe_div(W, scale) + zero).clamp(0, maxq)
 
 
-def quantize_rtn(W: torch.Tensor, t: BlockType) -> Blocks:
-    """Round-to-nearest of W (N, K) onto type t: the fields, codes filled."""
+def quantize_rtn(W: torch.Tensor, t: BlockType, clip: torch.Tensor | None = None) -> Blocks:
+    """Round-to-nearest of W (N, K) onto type t (each sub-block's range shrunk by `clip`): the fields, codes filled."""
     N, K = W.shape
-    f = find_grid(W, t)
+    f = find_grid(W, t, clip)
     scale, zero = column_grid(f, t)
     Wg = W.float().reshape(N, -1, t.sub)
     f.codes = quantize_codes(Wg, scale.unsqueeze(-1), zero.unsqueeze(-1), t.maxq).reshape(N, K).to(torch.uint8)
@@ -421,3 +423,8 @@ def codes_and_grid(raw: torch.Tensor, t: BlockType, in_features: int) -> tuple[t
     f = unpack(raw, t, in_features)
     scale, zero = column_grid(f, t)
     return f.codes, scale, zero
+
+
+def fake_quantize(W: torch.Tensor, t: BlockType, clip: torch.Tensor | None = None) -> torch.Tensor:
+    """W_hat (N, K) fp32 of round-to-nearest onto type t."""
+    return dequantize_fields(quantize_rtn(W, t, clip), t)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..core import LayerSpec, QuantizedWeight, grid
+from ..core import LayerSpec, QuantizedWeight, gguf, grid
 from ..core.layers import FLOAT_LINEARS, linear_shape, linear_weight, set_linear_weight
 from .base import BlockContext, register_method
 from .gptq import GPTQOptions, quantize_gptq
@@ -48,20 +48,26 @@ def candidate_scales(x_abs_mean: torch.Tensor) -> Iterator[tuple[float, torch.Te
 
 def scaled_fake_quantize(W: torch.Tensor, s: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype) -> torch.Tensor:
     """Q(W diag(s)) diag(s)^-1: the layer as it acts on the unscaled input once s is folded in."""
+    if spec.gguf is not None:
+        return gguf.fake_quantize(W.float() * s, gguf.block_type(spec.gguf)) / s
     return grid.fake_quantize(W.float() * s, spec, scale_dtype) / s
 
 
 def clip_search(W: torch.Tensor, H: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype) -> torch.Tensor:
-    """Per (row, group) shrink factor of the weight range minimising the output error dW_g H_gg dW_g^T."""
-    Wg = grid.group(W, spec)  # (out, G, gs)
+    """Per (row, group) shrink factor of the weight range minimising the output error dW_g H_gg dW_g^T
+    (GGUF grids: per sub-block, each factor tried on every sub-block at once, super-scales refound)."""
+    Wg = grid.group(W, spec)  # (out, G, gs); GGUF specs: group = the type's sub-block
     n_groups, gs = Wg.shape[1], Wg.shape[2]
     Hg = torch.stack([H[g * gs:(g + 1) * gs, g * gs:(g + 1) * gs] for g in range(n_groups)]).float()
     best_err = torch.full(Wg.shape[:2], float("inf"), device=W.device)
     best = torch.ones(Wg.shape[:2], device=W.device)
     for i in range(CLIP_GRID):
         p = torch.full(Wg.shape[:2], 1 - CLIP_MAX_SHRINK * i / CLIP_GRID, device=W.device)
-        scale, zero = grid.find_params(Wg, spec, scale_dtype, clip=(p, p))
-        dW = grid.dequantize(grid.quantize(Wg, scale, zero, spec.maxq), scale, zero) - Wg
+        if spec.gguf is not None:
+            dW = gguf.fake_quantize(W.float(), gguf.block_type(spec.gguf), p).reshape(Wg.shape) - Wg
+        else:
+            scale, zero = grid.find_params(Wg, spec, scale_dtype, clip=(p, p))
+            dW = grid.dequantize(grid.quantize(Wg, scale, zero, spec.maxq), scale, zero) - Wg
         err = torch.einsum("ogi,gij,ogj->og", dW, Hg, dW)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -236,7 +242,7 @@ def awq_scales(ctx: BlockContext) -> dict[str, dict]:
     return {}
 
 
-@register_method("awq", needs_calibration=True, stage=awq_scales, observe=observe_abs_mean,
+@register_method("awq", needs_calibration=True, stage=awq_scales, observe=observe_abs_mean, gguf=True,
                  description="AWQ (activation-aware scales folded into the previous op, clipping search)")
 def quantize_awq(W: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype, H: torch.Tensor) -> QuantizedWeight:
     """Round-to-nearest of the (already AWQ-scaled) W on grids clipped by `clip_search`."""
@@ -246,4 +252,4 @@ def quantize_awq(W: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype, H: 
 
 # AWQ's scaling, then GPTQ on the scaled layers (GPTQ's own options and defaults).
 register_method("awq+gptq", needs_calibration=True, options=GPTQOptions, stage=awq_scales, observe=observe_abs_mean,
-                description="AWQ scales, then GPTQ")(quantize_gptq)
+                description="AWQ scales, then GPTQ", gguf=True)(quantize_gptq)
