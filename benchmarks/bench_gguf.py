@@ -123,7 +123,10 @@ def speed(model, llm, tok, n_prompt=256, n_new=32, reps=3) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(ROOT.parent / "shared" / "models" / "ref-llama"))
-    ap.add_argument("--mixes", nargs="+", default=["Q4_K_M", "Q3_K_M", "Q2_K_M"], choices=sorted(FTYPES))
+    ap.add_argument("--mixes", nargs="*", default=["Q4_K_M", "Q3_K_M", "Q2_K_M"], choices=sorted(FTYPES))
+    ap.add_argument("--agreement", nargs="*", default=["Q8_0", "Q4_K"], metavar="TYPE",
+                    help="plain GGUF types whose GPTQ export is compared with llama.cpp (top-1, ppl, greedy)")
+    ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--windows", type=int, default=None, help="held-out windows (default: all)")
     ap.add_argument("--num-samples", type=int, default=128)
@@ -171,13 +174,23 @@ def main() -> None:
                 "tokenization_equal": agree.tokenization_equal, "top1": agree.top1_agreement,
                 "ppl_hf_quant": agree.ppl_hf_quant, "ppl_llama_cpp": agree.ppl_llama_cpp,
                 "greedy": [{k: g[k] for k in ("prompt", "match", "first_divergence")} for g in agree.greedy]}
+        for type_ in args.agreement:
+            cfg = QuantConfig(method="gptq", gguf=type_, num_samples=args.num_samples, seq_len=args.seq_len)
+            gptq_models[type_] = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=cfg)
+            path = hf_quant.export_gguf(gptq_models[type_], d / f"gptq-{type_}.gguf", tok)
+            agree = compare_with_llama_cpp(gptq_models[type_], tok, path, seq_len=args.seq_len,
+                                           max_windows=args.windows or 8, prompts=PROMPTS)
+            results.setdefault("agreement", {})[type_] = {
+                "tokenization_equal": agree.tokenization_equal, "top1": agree.top1_agreement,
+                "ppl_hf_quant": agree.ppl_hf_quant, "ppl_llama_cpp": agree.ppl_llama_cpp,
+                "greedy": [{k: g[k] for k in ("prompt", "match", "first_divergence")} for g in agree.greedy]}
         results["rows"] = rows
         print("\n| type | file | llama.cpp held-out ppl | vs F32 | size MiB | quantize s |")
         print("|---|---|---:|---:|---:|---:|")
         for r in rows:
             print(f"| {r['type']} | {r['file']} | {r['ppl']:.4f} | {r['ppl'] / ppl_f32 - 1:+.2%} | {r['mib']:.2f} | "
                   f"{r['seconds']:.1f} |")
-        print("\nGoal: hf_quant GPTQ below llama.cpp + imatrix at every type:")
+        print("\nGoal: hf_quant GPTQ below llama.cpp + imatrix at every type:" if args.mixes else "")
         for mix in args.mixes:
             by = {r["file"]: r["ppl"] for r in rows if r["type"] == mix}
             g, im = by["hf_quant GPTQ"], by["llama.cpp quantize + imatrix"]
@@ -188,8 +201,10 @@ def main() -> None:
                   f"{a['ppl_hf_quant']:.4f} vs llama.cpp {a['ppl_llama_cpp']:.4f} "
                   f"({a['ppl_llama_cpp'] / a['ppl_hf_quant'] - 1:+.3%}); greedy: "
                   + ", ".join("match" if g["match"] else f"diverges at {g['first_divergence']}" for g in a["greedy"]))
+        if args.no_speed:
+            return _finish(args, results)
         # speed, for the record: the first mix's GPTQ file
-        mix = args.mixes[0]
+        mix = (args.mixes or args.agreement)[0]
         path = d / f"gptq-{mix}.gguf"
         llm = load_llama_cpp(path, n_ctx=512)
         bf16 = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16)
@@ -199,6 +214,10 @@ def main() -> None:
         print("\n| engine | prompt tok/s (256) | decode tok/s (32) |\n|---|---:|---:|")
         for k, v in sp.items():
             print(f"| {k} | {v['prompt_tok_s']:.0f} | {v['decode_tok_s']:.1f} |")
+    _finish(args, results)
+
+
+def _finish(args, results) -> None:
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1, default=str))
 

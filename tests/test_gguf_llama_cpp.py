@@ -67,3 +67,31 @@ def test_mixes_give_each_tensor_llama_cpps_type(tokenizer, tmp_path, mix, ftype)
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(ours).tensors}
     assert types == {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "lc.gguf").tensors}
     assert len(set(types.values()) - {"F32"}) >= 2  # a mix, not one type
+
+
+@pytest.mark.parametrize("arch,type_", [("llama", "Q8_0"), ("qwen2", "Q4_0"), ("gpt2", "Q8_0"), ("mistral", "Q5_1")])
+def test_every_architecture_runs_in_llama_cpp(tiny_models, tmp_path, arch, type_):
+    """Llama (GQA), Qwen2 (q/k/v biases), GPT-2 (fused c_attn from Conv1D, learned positions) and Mistral,
+    written without a vocabulary: llama.cpp's logits on random token ids match hf_quant's."""
+    import numpy as np
+    from transformers import MistralConfig, MistralForCausalLM
+
+    if arch == "mistral":
+        torch.manual_seed(0)
+        MistralForCausalLM(MistralConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                         sliding_window=None)).save_pretrained(tmp_path / "src")
+        src = tmp_path / "src"
+    else:
+        src = tiny_models[arch]
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, quantization_config=QuantConfig(gguf=type_))
+    path = hf_quant.export_gguf(model, tmp_path / "m.gguf")
+    llm = load_llama_cpp(path, n_ctx=64)
+    ids = torch.randint(0, 256, (48,), generator=torch.Generator().manual_seed(1)).tolist()
+    from hf_quant.eval_gguf import llama_cpp_logits
+
+    theirs = llama_cpp_logits(llm, ids)
+    with torch.no_grad():
+        ours = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.9
+    assert np.abs(theirs - ours).max() < 0.05 * np.abs(ours).max()

@@ -268,6 +268,8 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None
         w.add_vocab_size(model.config.vocab_size)
         if tokenizer is not None:
             _write_tokenizer(w, tokenizer, model.config.vocab_size)
+        else:  # llama.cpp loads a model without a vocabulary only when it says so (token ids in, logits out)
+            w.add_tokenizer_model("none")
         w.add_file_type(_file_type(tensors))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for name, data, ggml in tensors:
