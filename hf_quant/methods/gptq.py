@@ -10,6 +10,7 @@ column order), and applies them lazily in blocks of `block_size` columns (Sectio
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,27 @@ def check_hessian(H: torch.Tensor) -> None:
         raise ValueError(f"GPTQ: the Hessian has {bad} NaN/inf entries: the calibration inputs contain NaN/inf.")
 
 
+def column_loop(W: torch.Tensor, Hinv: torch.Tensor, block_size: int,
+                step: Callable[[int, torch.Tensor, Callable[[int], torch.Tensor]], torch.Tensor]) -> None:
+    """GPTQ's column order with lazy batch updates (Section 3), updating W in place.
+
+    `step(col, w, ahead)` quantizes column `col` (its updated weights `w`) and returns w_hat; `ahead(n)`
+    gives the updated weights of columns col .. col+n (for a group's grid found at its first column)."""
+    in_f = W.shape[1]
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            w_hat = step(i1 + i, w, lambda n, i=i, W1=W1, i2=i2: torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :n])
+            err = (w - w_hat) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+
 @register_method("gptq", needs_calibration=True, options=GPTQOptions, description="GPTQ", gguf=True)
 def quantize_gptq(
     W: torch.Tensor,
@@ -125,26 +147,17 @@ def quantize_gptq(
     groups = group_of.tolist()  # host copy: no device sync per column on GPU
 
     codes = torch.empty(out_f, in_f, device=W.device)
-    for i1 in range(0, in_f, block_size):
-        i2 = min(i1 + block_size, in_f)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            g = groups[col]
-            if not static_groups and col % gs == 0:  # a new group: its grid from the updated weights
-                Wg = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
-                scale[:, g], zero[:, g] = grid.find_params(Wg, spec, scale_dtype, mse,
-                                                           None if clip is None else (clip[0][:, g], clip[1][:, g]))
-            w = W1[:, i]
-            q = grid.quantize(w.unsqueeze(-1), scale[:, g], zero[:, g], spec.maxq).squeeze(-1)
-            codes[:, col] = q
-            w_hat = (q - zero[:, g]) * scale[:, g]
-            err = (w - w_hat) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    def step(col: int, w: torch.Tensor, ahead: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        g = groups[col]
+        if not static_groups and col % gs == 0:  # a new group: its grid from the updated weights
+            scale[:, g], zero[:, g] = grid.find_params(ahead(gs), spec, scale_dtype, mse,
+                                                       None if clip is None else (clip[0][:, g], clip[1][:, g]))
+        q = grid.quantize(w.unsqueeze(-1), scale[:, g], zero[:, g], spec.maxq).squeeze(-1)
+        codes[:, col] = q
+        return (q - zero[:, g]) * scale[:, g]
+
+    column_loop(W, Hinv, block_size, step)
 
     g_idx = None
     if perm is not None:
@@ -174,25 +187,18 @@ def _gptq_gguf(W: torch.Tensor, H: torch.Tensor, spec: LayerSpec, block_size: in
     scale = torch.empty(out_f, in_f, device=W.device)  # each column's sub-block grid
     zero = torch.empty(out_f, in_f, device=W.device)
     inv = torch.empty(out_f, in_f, device=W.device)  # 1 / scale (0 for an all-zero sub-block)
-    for i1 in range(0, in_f, block_size):
-        i2 = min(i1 + block_size, in_f)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if col % t.block == 0:
-                f = gguf.find_grid(torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :t.block], t)
-                s, z = gguf.column_grid(f, t)
-                scale[:, col:col + t.block] = s.repeat_interleave(t.sub, -1)
-                zero[:, col:col + t.block] = z.repeat_interleave(t.sub, -1)
-                inv[:, col:col + t.block] = torch.where(s == 0, 0.0, 1 / s).repeat_interleave(t.sub, -1)
-                found.append(f)
-            w = W1[:, i]
-            q = torch.round(w * inv[:, col] + zero[:, col]).clamp_(0, t.maxq)
-            codes[:, col] = q
-            err = (w - (q - zero[:, col]) * scale[:, col]) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    def step(col: int, w: torch.Tensor, ahead: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        if col % t.block == 0:
+            f = gguf.find_grid(ahead(t.block), t)
+            s, z = gguf.column_grid(f, t)
+            scale[:, col:col + t.block] = s.repeat_interleave(t.sub, -1)
+            zero[:, col:col + t.block] = z.repeat_interleave(t.sub, -1)
+            inv[:, col:col + t.block] = torch.where(s == 0, 0.0, 1 / s).repeat_interleave(t.sub, -1)
+            found.append(f)
+        q = torch.round(w * inv[:, col] + zero[:, col]).clamp_(0, t.maxq)
+        codes[:, col] = q
+        return (q - zero[:, col]) * scale[:, col]
+
+    column_loop(W, Hinv, block_size, step)
     return gguf.quantized_weight(gguf.join_blocks(found, codes.to(torch.uint8)), t)
