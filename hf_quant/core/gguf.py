@@ -273,12 +273,46 @@ def _safe_div(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return torch.where(s == 0, torch.zeros_like(x), x / torch.where(s == 0, torch.ones_like(s), s))
 
 
-def find_grid(Wb: torch.Tensor, t: BlockType, clip: torch.Tensor | None = None) -> Blocks:
+# The clipping search of `mse=True` (as GPTQ's reference quantizer does for its grid): shrink factors
+# 1, 0.98, ..., 0.62 of each sub-block's range, error sum |w - w_hat|^2.4 against the stored grid.
+MSE_SHRINKS = tuple(1 - 0.02 * i for i in range(20))
+MSE_NORM = 2.4
+
+
+def mse_clip(Wb: torch.Tensor, t: BlockType) -> torch.Tensor:
+    """Per sub-block shrink factor (N, K/sub) of the range that minimises the sub-block's |w - w_hat|^2.4 on
+    the grid as stored (sub-scales rounded against the super-scales each factor gives)."""
+    N, K = Wb.shape
+    W = Wb.float().reshape(N, -1, t.sub)
+
+    def error(clip: torch.Tensor) -> torch.Tensor:  # per sub-block
+        scale, zero = column_grid(find_grid(Wb, t, clip), t)
+        q = quantize_codes(W, scale.unsqueeze(-1), zero.unsqueeze(-1), t.maxq)
+        return ((q - zero.unsqueeze(-1)) * scale.unsqueeze(-1) - W).abs_().pow_(MSE_NORM).sum(-1)
+
+    best_err = torch.full(W.shape[:2], float("inf"), device=W.device)
+    best = torch.ones(W.shape[:2], device=W.device)
+    for p in MSE_SHRINKS:
+        clip = torch.full(W.shape[:2], p, device=W.device)
+        err = error(clip)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, clip, best)
+    if t.is_k:  # the chosen factors change the super-scales they were measured under: keep a super-block's
+        per = t.block // t.sub  # choice only where it beats the unclipped grid there
+        chosen, plain = (error(c).reshape(N, -1, per).sum(-1) for c in (best, torch.ones_like(best)))
+        best = torch.where((chosen > plain).repeat_interleave(per, -1), torch.ones_like(best), best)
+    return best
+
+
+def find_grid(Wb: torch.Tensor, t: BlockType, clip: torch.Tensor | None = None, mse: bool = False) -> Blocks:
     """The block fields (codes left empty) of weights Wb (N, n*block) fp32: scales from each sub-block's
     range, as llama.cpp's reference quantizers set them (signed scales where the format has a fixed
     zero, so the largest-magnitude weight lands on the extreme code), the K-quants' sub-scales and mins
     rounded against their fp16 super-scales exactly as stored. `clip` (N, K/sub) factors in (0, 1] shrink
-    each sub-block's range first (AWQ's clipping search)."""
+    each sub-block's range first (AWQ's clipping search); `mse` searches them (`mse_clip`) when none is given."""
+    if mse and clip is None:
+        clip = mse_clip(Wb, t)
     N, K = Wb.shape
     W = Wb.float().reshape(N, -1, t.sub)
     half = float(1 << (t.bits - 1))
@@ -324,10 +358,11 @@ def quantize_codes(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, max
     return _round(_safe_div(W, scale) + zero).clamp(0, maxq)
 
 
-def quantize_rtn(W: torch.Tensor, t: BlockType, clip: torch.Tensor | None = None) -> Blocks:
-    """Round-to-nearest of W (N, K) onto type t (each sub-block's range shrunk by `clip`): the fields, codes filled."""
+def quantize_rtn(W: torch.Tensor, t: BlockType, clip: torch.Tensor | None = None, mse: bool = False) -> Blocks:
+    """Round-to-nearest of W (N, K) onto type t (each sub-block's range shrunk by `clip`, or by the `mse`
+    search): the fields, codes filled."""
     N, K = W.shape
-    f = find_grid(W, t, clip)
+    f = find_grid(W, t, clip, mse)
     scale, zero = column_grid(f, t)
     Wg = W.float().reshape(N, -1, t.sub)
     f.codes = quantize_codes(Wg, scale.unsqueeze(-1), zero.unsqueeze(-1), t.maxq).reshape(N, K).to(torch.uint8)
