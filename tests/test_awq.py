@@ -202,16 +202,20 @@ def test_failed_awq_leaves_the_model_untouched(tiny_models, monkeypatch):
 
 
 @pytest.mark.parametrize("gguf_type", ["Q3_K"])
-def test_awq_on_gguf_grids_beats_rtn(tiny_llama_eval, gguf_type):
-    """AWQ's scale search and clipping run on the GGUF grid itself (core.gguf.fake_quantize, clipped sub-blocks)."""
+@pytest.mark.parametrize("method", ["awq", "omniquant"])
+def test_awq_and_omniquant_on_gguf_grids_beat_rtn(tiny_llama_eval, gguf_type, method):
+    """AWQ's scale search and clipping, and OmniQuant's learned clipping, run on the GGUF grid itself
+    (core.gguf.fake_quantize / fake_quantize_ste: clipped sub-blocks, sub-scales rounded as stored)."""
     ids, ref = tiny_llama_eval
 
     def err(method):
-        cfg = hf_quant.QuantConfig(method=method, gguf=gguf_type, num_samples=8, seq_len=128)
+        cfg = hf_quant.QuantConfig(method=method, gguf=gguf_type, num_samples=8, seq_len=128,
+                                   **({"epochs": 2} if method == "omniquant" else {}))
         model = AutoModelForCausalLM.from_pretrained(TINY_LLAMA, dtype=torch.float32, quantization_config=cfg)
         assert all(m.spec.gguf == gguf_type for m in model.modules() if isinstance(m, hf_quant.QuantLinear))
         out = logits(model, ids)
         return ((out - ref).pow(2).mean() / ref.pow(2).mean()).item()
 
-    rtn, awq = err("rtn"), err("awq")
-    assert awq < 0.9 * rtn, (rtn, awq)
+    rtn, calibrated = err("rtn"), err(method)
+    # measured: AWQ 0.72x RTN's error; OmniQuant 0.97x with 2 epochs (its clipping moves the super-scales too)
+    assert calibrated < (0.9 if method == "awq" else 0.99) * rtn, (rtn, calibrated)

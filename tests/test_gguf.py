@@ -335,3 +335,19 @@ def test_mse_search_lowers_the_rounding_error(name):
     assert searched <= plain * 1.001
     if t.bits <= 4:
         assert searched < 0.97 * plain, (plain, searched)
+
+
+@pytest.mark.parametrize("name", ["Q2_K", "Q3_K", "Q4_K", "Q4_1", "Q6_K", "Q8_0"])
+def test_ste_grid_is_the_stored_grid_and_passes_gradients(name):
+    """OmniQuant's differentiable GGUF grid equals the stored one (RTN with the same clipping) up to ties,
+    and its clipping factors get gradients."""
+    t = G.TYPES[name]
+    W = torch.randn(16, t.block, generator=torch.Generator().manual_seed(6))
+    n_sub = t.block // t.sub
+    low = torch.full((16, n_sub), 0.9, requires_grad=True)
+    high = torch.full((16, n_sub), 0.8, requires_grad=True)
+    W_ste = G.fake_quantize_ste(W, t, low, high)
+    W_rtn = G.fake_quantize(W, t, (low.detach(), high.detach()))
+    assert ((W_ste.detach() - W_rtn).abs() > 1e-4).float().mean() < 0.01  # fp32 op order aside: ties only
+    ((W_ste - W) ** 2).sum().backward()
+    assert high.grad.abs().sum() > 0 and (t.zero is not None or low.grad.abs().sum() > 0)

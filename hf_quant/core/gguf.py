@@ -17,6 +17,8 @@ calibration methods quantize against (`find_grid`, `quantize_codes`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 from .spec import QuantizedWeight
@@ -305,7 +307,19 @@ def mse_clip(Wb: torch.Tensor, t: BlockType) -> torch.Tensor:
     return best
 
 
-def find_grid(Wb: torch.Tensor, t: BlockType, clip: torch.Tensor | None = None, mse: bool = False) -> Blocks:
+Clip = "torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None"
+
+
+def _ends(clip: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None) -> tuple[Any, Any]:
+    """(low, high) shrink factors of a clip given as one tensor for both ends, a pair, or None."""
+    if clip is None:
+        return 1.0, 1.0
+    if isinstance(clip, tuple):
+        return clip[0].float(), clip[1].float()
+    return clip.float(), clip.float()
+
+
+def find_grid(Wb: torch.Tensor, t: BlockType, clip: Clip = None, mse: bool = False) -> Blocks:
     """The block fields (codes left empty) of weights Wb (N, n*block) fp32: scales from each sub-block's
     range, as llama.cpp's reference quantizers set them (signed scales where the format has a fixed
     zero, so the largest-magnitude weight lands on the extreme code), the K-quants' sub-scales and mins
@@ -316,13 +330,13 @@ def find_grid(Wb: torch.Tensor, t: BlockType, clip: torch.Tensor | None = None, 
     N, K = Wb.shape
     W = Wb.float().reshape(N, -1, t.sub)
     half = float(1 << (t.bits - 1))
-    c = 1.0 if clip is None else clip.float()
+    c_lo, c_hi = _ends(clip)
     if t.zero is not None:  # symmetric: scale = signed absmax / -2**(bits-1) (Q8_0: absmax / 127)
-        scale = (W.abs().amax(-1) / 127 if t.name == "Q8_0" else _signed_absmax(W) / -half) * c
+        scale = (W.abs().amax(-1) / 127 if t.name == "Q8_0" else _signed_absmax(W) / -half) * c_hi
         mn = None
     else:
-        lo = (W.amin(-1).clamp(max=0) if t.is_k else W.amin(-1)) * c
-        scale = (W.amax(-1) * c - lo) / t.maxq
+        lo = (W.amin(-1).clamp(max=0) if t.is_k else W.amin(-1)) * c_lo
+        scale = (W.amax(-1) * c_hi - lo) / t.maxq
         mn = -lo
     if not t.is_k:
         d = scale.to(torch.float16)
@@ -358,7 +372,7 @@ def quantize_codes(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, max
     return _round(_safe_div(W, scale) + zero).clamp(0, maxq)
 
 
-def quantize_rtn(W: torch.Tensor, t: BlockType, clip: torch.Tensor | None = None, mse: bool = False) -> Blocks:
+def quantize_rtn(W: torch.Tensor, t: BlockType, clip: Clip = None, mse: bool = False) -> Blocks:
     """Round-to-nearest of W (N, K) onto type t (each sub-block's range shrunk by `clip`, or by the `mse`
     search): the fields, codes filled."""
     N, K = W.shape
@@ -460,6 +474,45 @@ def codes_and_grid(raw: torch.Tensor, t: BlockType, in_features: int) -> tuple[t
     return f.codes, scale, zero
 
 
-def fake_quantize(W: torch.Tensor, t: BlockType, clip: torch.Tensor | None = None) -> torch.Tensor:
+def fake_quantize(W: torch.Tensor, t: BlockType, clip: Clip = None) -> torch.Tensor:
     """W_hat (N, K) fp32 of round-to-nearest onto type t."""
     return dequantize_fields(quantize_rtn(W, t, clip), t)
+
+
+def _ste(x: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
+    """`rounded` forward, identity gradient to `x` backward."""
+    return x + (rounded - x).detach()
+
+
+def fake_quantize_ste(W: torch.Tensor, t: BlockType, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """W_hat (N, K) on type t's grid with each sub-block's range shrunk by `low`, `high` (N, K/sub), as
+    `find_grid` builds it (fp16 super-scales, integer sub-scales), differentiable in `low` and `high`:
+    every rounding passes the gradient straight through (OmniQuant's learnable clipping on GGUF grids)."""
+    N, K = W.shape
+    Wg = W.detach().float().reshape(N, -1, t.sub)
+    half = float(1 << (t.bits - 1))
+    if t.zero is not None:
+        scale = (Wg.abs().amax(-1) / 127 if t.name == "Q8_0" else _signed_absmax(Wg) / -half) * high
+        offset = None
+    else:
+        lo = (Wg.amin(-1).clamp(max=0) if t.is_k else Wg.amin(-1)) * low
+        scale, offset = (Wg.amax(-1) * high - lo) / t.maxq, -lo  # w = scale * u - offset
+
+    def stored(v: torch.Tensor, signed: bool) -> torch.Tensor:
+        if not t.is_k:
+            return _ste(v, v.to(torch.float16).float())
+        per = t.block // t.sub
+        v3 = v.reshape(N, -1, per)
+        top = _signed_absmax(v3) / -(t.scale_max + 1) if signed else v3.amax(-1) / t.scale_max
+        d = _ste(top, top.to(torch.float16).float()).unsqueeze(-1)
+        d = torch.where(d.detach() == 0, torch.ones_like(d), d)
+        bounds = (-(t.scale_max + 1), t.scale_max) if signed else (0, t.scale_max)
+        q = torch.clamp(_ste(v3 / d, _round(v3 / d)), *bounds)
+        return (d * q).reshape(N, -1)
+
+    scale = stored(scale, t.signed_scales)
+    scale = torch.where(scale.detach().abs() < 1e-12, torch.full_like(scale, 1e-12), scale)
+    zero = torch.full_like(scale, float(t.zero)) if offset is None else stored(offset, False) / scale
+    x = Wg / scale.unsqueeze(-1) + zero.unsqueeze(-1)
+    u = torch.clamp(_ste(x, _round(x)), 0, t.maxq)
+    return ((u - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(N, K)

@@ -126,7 +126,7 @@ def quantize_gptq(
     H[dead, dead] = 1
     W[:, dead] = 0
     if spec.gguf is not None:
-        return _gptq_gguf(W, H, spec, block_size, damp_percent, mse)
+        return _gptq_gguf(W, H, spec, block_size, damp_percent, mse, clip)
 
     gs = spec.effective_group_size(in_f)
     n_groups = spec.groups(in_f)
@@ -173,8 +173,8 @@ def quantize_gptq(
     )
 
 
-def _gptq_gguf(W: torch.Tensor, H: torch.Tensor, spec: LayerSpec, block_size: int,
-               damp_percent: float, mse: bool) -> QuantizedWeight:
+def _gptq_gguf(W: torch.Tensor, H: torch.Tensor, spec: LayerSpec, block_size: int, damp_percent: float, mse: bool,
+               clip: tuple[torch.Tensor, torch.Tensor] | None) -> QuantizedWeight:
     """GPTQ onto a GGUF block type: at each (super-)block's first column, the block's grid (sub-block
     scales and mins, already rounded the way the format stores them against fp16 super-scales) is found
     from the updated weights, as the group step does (with `mse`, each sub-block's range clipped by the
@@ -191,7 +191,8 @@ def _gptq_gguf(W: torch.Tensor, H: torch.Tensor, spec: LayerSpec, block_size: in
 
     def step(col: int, w: torch.Tensor, ahead: Callable[[int], torch.Tensor]) -> torch.Tensor:
         if col % t.block == 0:
-            f = gguf.find_grid(ahead(t.block), t, mse=mse)
+            subs = slice(col // t.sub, (col + t.block) // t.sub)  # learned clipping of these sub-blocks, if any
+            f = gguf.find_grid(ahead(t.block), t, None if clip is None else (clip[0][:, subs], clip[1][:, subs]), mse)
             s, z = gguf.column_grid(f, t)
             scale[:, col:col + t.block] = s.repeat_interleave(t.sub, -1)
             zero[:, col:col + t.block] = z.repeat_interleave(t.sub, -1)

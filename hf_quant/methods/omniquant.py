@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core import LayerSpec, QuantizedWeight, grid
+from ..core import LayerSpec, QuantizedWeight, gguf, grid
 from ..core.layers import linear_weight, map_tensors
 from .base import BlockContext, Options, check_fraction, check_non_negative_int, option, register_method
 from .gptq import block_size_option, damp_percent_option, quantize_gptq
@@ -38,7 +38,10 @@ class LWCGPTQOptions(LWCOptions):
 
 
 def lwc_fake_quantize(W: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
-    """W_hat (out, in) on grids clipped by sigmoid(gamma), sigmoid(beta) (out, n_groups); differentiable."""
+    """W_hat (out, in) on grids clipped by sigmoid(gamma), sigmoid(beta) (out, n_groups); differentiable.
+    GGUF specs: the type's own grid (groups = its sub-blocks), through `gguf.fake_quantize_ste`."""
+    if spec.gguf is not None:
+        return gguf.fake_quantize_ste(W, gguf.block_type(spec.gguf), torch.sigmoid(beta), torch.sigmoid(gamma))
     Wg = grid.group(W, spec)
     hi, lo = torch.sigmoid(gamma), torch.sigmoid(beta)
     if spec.sym:
@@ -91,7 +94,7 @@ def learnable_clipping(ctx: BlockContext) -> dict[str, dict]:
     return {n: {"clip": (torch.sigmoid(beta[n]).detach(), torch.sigmoid(gamma[n]).detach())} for n in names}
 
 
-@register_method("omniquant", needs_calibration=True, options=LWCOptions, stage=learnable_clipping,
+@register_method("omniquant", needs_calibration=True, options=LWCOptions, stage=learnable_clipping, gguf=True,
                  description="OmniQuant learnable weight clipping")
 def quantize_omniquant(W: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype, H: torch.Tensor,
                        clip: tuple[torch.Tensor, torch.Tensor], epochs: int = 2,
@@ -101,7 +104,7 @@ def quantize_omniquant(W: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtyp
 
 
 @register_method("omniquant+gptq", needs_calibration=True, options=LWCGPTQOptions, stage=learnable_clipping,
-                 description="OmniQuant learnable weight clipping, then GPTQ")
+                 gguf=True, description="OmniQuant learnable weight clipping, then GPTQ")
 def quantize_omniquant_gptq(W: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype, H: torch.Tensor,
                             clip: tuple[torch.Tensor, torch.Tensor], epochs: int = 2, learning_rate: float = 5e-2,
                             block_size: int = 128, damp_percent: float = 0.01, mse: bool = False) -> QuantizedWeight:

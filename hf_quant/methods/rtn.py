@@ -28,7 +28,7 @@ def round_to_nearest(W: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype,
     if spec.gguf is not None:
         t = gguf.block_type(spec.gguf)
         gguf.check_shape(t, W.shape[1], "RTN")
-        return gguf.quantized_weight(gguf.quantize_rtn(W, t, None if clip is None else clip[1], mse), t)
+        return gguf.quantized_weight(gguf.quantize_rtn(W, t, clip, mse), t)
     Wg = grid.group(W, spec)
     scale, zero = grid.find_params(Wg, spec, scale_dtype, mse, clip)
     q = grid.quantize(Wg, scale, zero, spec.maxq)
