@@ -392,3 +392,27 @@ def test_quantize_can_write_the_gptq_layout(capsys, tmp_path):
     assert res["saved"] == str(tmp_path / "g")
     cfg = json.loads((tmp_path / "g" / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "gptq" and (tmp_path / "g" / "quantize_config.json").exists()
+
+
+def test_gguf_commands_round_trip(tmp_path, capsys):
+    """quantize --gguf, export-gguf, import-gguf (with the tokenizer transformers builds from the file), and
+    export-gguf again: the linear tensors come back byte for byte."""
+    gguf = pytest.importorskip("gguf")
+    q = tmp_path / "q"
+    assert run(capsys, "quantize", TINY_LLAMA, q, "--method", "rtn", "--gguf", "Q4_K")["quantized_layers"] == 28
+    first = tmp_path / "a.gguf"
+    assert run(capsys, "export-gguf", q, first)["format"] == "gguf"
+    assert "exists; pass --overwrite" in refused(capsys, "export-gguf", q, first)
+    assert "is a directory" in refused(capsys, "export-gguf", q, tmp_path)
+    assert "is not a file" in refused(capsys, "import-gguf", tmp_path / "none.gguf", tmp_path / "x")
+    back = tmp_path / "imported"
+    assert run(capsys, "import-gguf", first, back)["tokenizer"] is True
+    assert AutoTokenizer.from_pretrained(back)("Hello world").input_ids == AutoTokenizer.from_pretrained(TINY_LLAMA)(
+        "Hello world").input_ids
+    second = tmp_path / "b.gguf"
+    run(capsys, "export-gguf", back, second)
+    a, b = gguf.GGUFReader(first), gguf.GGUFReader(second)
+    assert [(t.name, t.tensor_type) for t in a.tensors] == [(t.name, t.tensor_type) for t in b.tensors]
+    assert all(bytes(x.data) == bytes(y.data) for x, y in zip(a.tensors, b.tensors))
+    assert (run(capsys, "quantize", TINY_LLAMA, tmp_path / "dir", "--method", "rtn", "--gguf", "Q8_0", "--format",
+                "gguf")["saved"]) and (tmp_path / "dir" / "model.gguf").is_file()
