@@ -293,7 +293,8 @@ def test_lora_trains_on_a_gguf_base():
 @pytest.mark.parametrize("name", sorted(G.TYPES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_cpu_kernel_runs_gguf_layers_like_the_reference(monkeypatch, name, dtype):
-    """cpu_int4 takes Q4_0 / Q4_1 / Q4_K, dequant_tiles (nibbles or bytes) and dequant_matmul every type;
+    """cpu_int4 takes Q4_0 / Q4_1 / Q4_K, cpu_int4x2 Q8_0 / Q5_0 / Q5_1 / Q5_K, dequant_tiles (nibbles or
+    bytes) and dequant_matmul every type;
     each against the reference (llama.cpp's fp32 weights) on random inputs, several tiles."""
     from hf_quant import kernels
     from hf_quant.runtime.kernels import cpu_measure
@@ -310,6 +311,7 @@ def test_every_cpu_kernel_runs_gguf_layers_like_the_reference(monkeypatch, name,
     found = {k.name for k in cpu_measure.candidates(layer, cpu, dtype)}
     assert {"dequant_tiles", "dequant_matmul"} <= found
     assert ("cpu_int4" in found) == (name in ("Q4_0", "Q4_1", "Q4_K"))
+    assert ("cpu_int4x2" in found) == (name in ("Q8_0", "Q5_0", "Q5_1", "Q5_K"))
     for rows in (3, 300):  # both GEMM orientations of dequant_tiles
         x = torch.randn(rows, W.shape[1], generator=torch.Generator().manual_seed(rows)).to(dtype)
         with kernels.use_kernel("reference"):

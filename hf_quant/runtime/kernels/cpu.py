@@ -99,6 +99,60 @@ class Int4CpuKernel(_CpuPacked):
         return _finish(layer, y, x)
 
 
+_WIDE_GGUF = ("Q8_0", "Q5_0", "Q5_1", "Q5_K")  # 32-wide sub-blocks, codes of 5 or 8 bits
+
+
+class Int4x2CpuKernel(_CpuPacked):
+    """Codes of 5 to 8 bits as two int4 products: u = 16 h + l, and w = (u - z) s is
+    (l - 8) s + zA  plus  (h' - 8) 16 s + zB,  h' = h + shift,  zA + zB = C = (8 + 16 (8 - shift) - z) s.
+    The high codes are shifted to sit around the op's fixed offset 8 (5-bit codes: h in {0, 1} -> h' in
+    {7, 8}), so every per-weight term stays as small as w itself (the op forms (q - 8) * scale + zero in
+    the activation dtype: a term of 128 s would lose w's low bits in bf16). C is split as zB = C rounded
+    to that dtype and zA = the remainder, exact to about 2^-18 relative even in bf16 (fractional zeros
+    too). For 8-bit groups (32..256 wide) and the GGUF types Q8_0, Q5_0, Q5_1, Q5_K: two
+    `_weight_int4pack_mm_for_cpu` calls, 1 byte per weight in all."""
+
+    name = "cpu_int4x2"
+    gguf = True
+
+    def fits(self, layer: Any) -> bool:
+        spec = layer.spec
+        wide = spec.gguf in _WIDE_GGUF if spec.gguf is not None else spec.bits == 8 and spec.group_size != -1
+        return (wide and layer.out_features % 16 == 0 and _int4_group_size(layer) is not None
+                and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
+
+    def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
+        spec, K = layer.spec, layer.in_features
+        gs = _int4_group_size(layer)
+        if spec.gguf is not None:
+            codes, scale, z = gguf.codes_and_grid(layer.qweight, gguf.block_type(spec.gguf), K)
+            perm = None
+        else:
+            codes, perm = codes_by_group(layer.qweight, spec, K, layer.g_idx)
+            scale = layer.scales.float()
+            z = zero_points(layer.qzeros, spec, scale)
+        bits = gguf.block_type(spec.gguf).bits if spec.gguf is not None else spec.bits
+        shift = 8 - (1 << (bits - 4)) // 2  # 5 bits: 7, 8 bits: 0
+        C = (8.0 + 16 * (8 - shift) - z) * scale
+        zB = C.to(dtype).float()
+        zA = C - zB
+        codes = codes.to(torch.int32)
+        layouts = []
+        for part, s, zero in ((codes & 15, scale, zA), ((codes >> 4) + shift, 16 * scale, zB)):
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(part.contiguous(), 1)
+            scale_zero = torch.stack([s, zero], dim=-1)  # (N, G, 2)
+            layouts.append((packed, scale_zero.transpose(0, 1).contiguous().to(dtype)))
+        return layouts, gs, perm
+
+    def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
+        (low, low_sz), (high, high_sz) = prepared[0]
+        gs, perm = prepared[1], prepared[2]
+        x2 = _flatten(x) if perm is None else _flatten(x).index_select(-1, perm)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, low, gs, low_sz)
+        y += torch.ops.aten._weight_int4pack_mm_for_cpu(x2, high, gs, high_sz)
+        return _finish(layer, y, x)
+
+
 def int8_rows(layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 codes (N, K) = qweight - 128, fp32 row scales (N,)) of an 8-bit per-row layer."""
     return (layer.qweight.to(torch.int16) - 128).to(torch.int8).contiguous(), layer.scales.float()[:, 0].contiguous()
@@ -281,7 +335,7 @@ class Bf16ActivationsKernel(Kernel):
         return self.base.forward(layer, x.to(torch.bfloat16), prepared).to(x.dtype)
 
 
-for _kernel in (Int4CpuKernel(), Int8CpuKernel(), DequantTilesKernel()):
+for _kernel in (Int4CpuKernel(), Int4x2CpuKernel(), Int8CpuKernel(), DequantTilesKernel()):
     register_kernel(_kernel)
     register_kernel(Bf16ActivationsKernel(_kernel))
 
