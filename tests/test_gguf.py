@@ -353,3 +353,21 @@ def test_ste_grid_is_the_stored_grid_and_passes_gradients(name):
     assert ((W_ste.detach() - W_rtn).abs() > 1e-4).float().mean() < 0.01  # fp32 op order aside: ties only
     ((W_ste - W) ** 2).sum().backward()
     assert high.grad.abs().sum() > 0 and (t.zero is not None or low.grad.abs().sum() > 0)
+
+
+def test_a_mix_file_with_a_quantized_output_layer_imports(tiny_models, tmp_path):
+    """Q4_K_M on an untied model: the export rounds the float lm_head to the mix's output type (here the
+    fallback of Q6_K for 128-wide rows, Q8_0); importing gives a quantized lm_head that reloads."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32,
+                                                 quantization_config=QuantConfig(gguf="Q4_K_M"))
+    assert not isinstance(model.lm_head, QuantLinear)
+    path = hf_quant.export_gguf(model, tmp_path / "m.gguf")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types["output.weight"] == "Q8_0" and types["blk.0.attn_q.weight"] == "Q5_0"  # 128-wide fallbacks
+    back = hf_quant.import_gguf(path)
+    assert isinstance(back.lm_head, QuantLinear) and back.lm_head.spec.gguf == "Q8_0"
+    back.save_pretrained(tmp_path / "hf")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, back(ids).logits)

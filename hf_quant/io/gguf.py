@@ -475,7 +475,7 @@ def _assemble(model: nn.Module, state: dict[str, torch.Tensor], layer_types: dic
     linears = {n for n, m in model.named_modules() if isinstance(m, FLOAT_LINEARS) and not isinstance(m, QuantLinear)}
     if common is not None:
         model.config.quantization_config = QuantConfig(method="rtn", gguf=common, dynamic=dynamic or None,
-                                                       modules_to_not_convert=sorted(linears) or None)
+                                                       modules_to_not_convert=sorted(linears))
     model.eval()
     return model
 
