@@ -82,8 +82,8 @@ def test_gptq_on_gguf_grid_beats_rtn_on_the_layer_loss(name):
 def test_config_validation():
     with pytest.raises(ValueError, match=r"QuantConfig.gguf='Q4_K_S'.*Q4_K"):
         QuantConfig(gguf="Q4_K_S")
-    with pytest.raises(ValueError, match=r"gguf='Q4_K': method='omniquant' cannot.*awq.*gptq"):
-        QuantConfig(method="omniquant", gguf="Q4_K")
+    with pytest.raises(ValueError, match=r"gguf='Q4_K': method='llm_int8' cannot.*awq.*gptq.*omniquant"):
+        QuantConfig(method="llm_int8", gguf="Q4_K")
     with pytest.raises(ValueError, match="desc_act=False"):
         QuantConfig(method="gptq", gguf="Q4_K", desc_act=True)
     with pytest.raises(ValueError, match=r"dynamic\['v_proj'\]\['gguf'\]"):
