@@ -285,24 +285,27 @@ def mse_clip(Wb: torch.Tensor, t: BlockType) -> torch.Tensor:
     """Per sub-block shrink factor (N, K/sub) of the range that minimises the sub-block's |w - w_hat|^2.4 on
     the grid as stored (sub-scales rounded against the super-scales each factor gives)."""
     N, K = Wb.shape
-    W = Wb.float().reshape(N, -1, t.sub)
+    n_sub = K // t.sub
 
-    def error(clip: torch.Tensor) -> torch.Tensor:  # per sub-block
-        scale, zero = column_grid(find_grid(Wb, t, clip), t)
+    def error(Wr: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:  # per sub-block of the rows of Wr
+        scale, zero = column_grid(find_grid(Wr, t, clip), t)
+        W = Wr.float().reshape(Wr.shape[0], -1, t.sub)
         q = quantize_codes(W, scale.unsqueeze(-1), zero.unsqueeze(-1), t.maxq)
         return ((q - zero.unsqueeze(-1)) * scale.unsqueeze(-1) - W).abs_().pow_(MSE_NORM).sum(-1)
 
-    best_err = torch.full(W.shape[:2], float("inf"), device=W.device)
-    best = torch.ones(W.shape[:2], device=W.device)
-    for p in MSE_SHRINKS:
-        clip = torch.full(W.shape[:2], p, device=W.device)
-        err = error(clip)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, clip, best)
+    # every factor at once: the rows repeated once per factor (rows are independent blocks of the format)
+    shrinks = torch.tensor(MSE_SHRINKS, device=Wb.device)
+    per_factor = max(1, (1 << 22) // max(Wb.numel(), 1))
+    errs = []
+    for chunk in shrinks.split(per_factor):
+        P = chunk.numel()
+        clip = chunk.repeat_interleave(N).unsqueeze(-1).expand(P * N, n_sub)
+        errs.append(error(Wb.float().repeat(P, 1), clip).reshape(P, N, n_sub))
+    err = torch.cat(errs)
+    best = shrinks[err.argmin(0)]  # the first (largest) factor among equals
     if t.is_k:  # the chosen factors change the super-scales they were measured under: keep a super-block's
         per = t.block // t.sub  # choice only where it beats the unclipped grid there
-        chosen, plain = (error(c).reshape(N, -1, per).sum(-1) for c in (best, torch.ones_like(best)))
+        chosen, plain = (error(Wb, c).reshape(N, -1, per).sum(-1) for c in (best, torch.ones_like(best)))
         best = torch.where((chosen > plain).repeat_interleave(per, -1), torch.ones_like(best), best)
     return best
 
