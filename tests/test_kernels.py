@@ -77,7 +77,7 @@ def test_fast_path_half_precision_and_3d_inputs(bits, group_size, kernel, act_or
 @pytest.mark.parametrize("bits, group_size, expected", [
     (4, 128, "cpu_int4"), (4, -1, "cpu_int4"), (3, 256, "cpu_int4"), (2, 64, "cpu_int4"),
     (4, 16, "dequant_matmul"),  # tinygemm needs groups of 32..256
-    (8, -1, "cpu_int8"), (8, 128, "dequant_matmul"),  # int8pack is per-channel only
+    (8, -1, "cpu_int8"), (8, 128, "cpu_int4x2"),  # int8pack is per-channel only; groups: two int4 products
 ])
 def test_dispatch_choice(bits, group_size, expected):
     layer, _ = make_layer(32, 512, LayerSpec(bits, group_size, False), bias=False)
