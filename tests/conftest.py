@@ -78,6 +78,19 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+def train_steps(model, params, ids: torch.Tensor, steps: int, lr: float) -> list[float]:
+    """AdamW on `params` for `steps` steps of one fixed batch (labels = inputs); the losses."""
+    opt = torch.optim.AdamW(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.fixture()
 def input_ids() -> torch.Tensor:
     g = torch.Generator().manual_seed(1)

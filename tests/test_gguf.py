@@ -15,7 +15,7 @@ from hf_quant.config import LayerSpec
 from hf_quant.core import gguf as G
 from hf_quant.methods import get_method
 
-from .conftest import TINY_LLAMA
+from .conftest import TINY_LLAMA, train_steps
 
 gguf = pytest.importorskip("gguf")
 
@@ -278,15 +278,7 @@ def test_lora_trains_on_a_gguf_base():
     peft = pytest.importorskip("peft")
     base = AutoModelForCausalLM.from_pretrained(TINY_LLAMA, dtype=torch.float32, quantization_config=QuantConfig(gguf="Q4_K"))
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ids = _ids(16)
-    losses = []
-    for _ in range(4):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, [p for p in model.parameters() if p.requires_grad], _ids(16), 4, 1e-2)
     assert losses[-1] < losses[0]
 
 

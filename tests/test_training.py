@@ -11,6 +11,8 @@ from hf_quant import training
 from hf_quant.core import LayerSpec, grid
 from hf_quant.runtime import QuantLinear
 
+from .conftest import train_steps
+
 
 def test_ste_grid_is_rtn_forward_and_identity_backward():
     W = torch.randn(16, 64, requires_grad=True)
@@ -31,14 +33,7 @@ def test_prepare_train_convert_keeps_the_trained_function(float_llama, input_ids
     model = training.prepare(float_llama, cfg)
     fake = [m for m in model.modules() if isinstance(m, training.FakeQuantLinear)]
     assert len(fake) == 14 and not any(isinstance(m, QuantLinear) for m in model.modules())
-    opt = torch.optim.AdamW([p for m in fake for p in m.parameters()], lr=1e-3)
-    losses = []
-    for _ in range(6):
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, [p for m in fake for p in m.parameters()], input_ids, 6, 1e-3)
     assert losses[-1] < losses[0]
     model.eval()
     with torch.no_grad():

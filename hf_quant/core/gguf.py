@@ -250,9 +250,7 @@ def dequantize_fields(f: Blocks, t: BlockType) -> torch.Tensor:
     u = f.codes.reshape(N, -1, t.sub).float()
     if offset is None:
         return (scale.unsqueeze(-1) * (u - t.zero)).reshape(N, K)
-    if not t.is_k:  # d*u + m
-        return (scale.unsqueeze(-1) * u - offset.unsqueeze(-1)).reshape(N, K)
-    return (scale.unsqueeze(-1) * u - offset.unsqueeze(-1)).reshape(N, K)
+    return (scale.unsqueeze(-1) * u - offset.unsqueeze(-1)).reshape(N, K)  # Q4_1/Q5_1: d*u - (-m), exactly d*u + m
 
 
 def dequantize(raw: torch.Tensor, t: BlockType, in_features: int) -> torch.Tensor:

@@ -84,12 +84,12 @@ def checkpoint_summary(directory: str | os.PathLike) -> dict[str, Any]:
     config, qc = _quantization_config(directory)
     entries = index_checkpoint(sorted(str(p) for p in directory.glob("*.safetensors")))
     quantized, bf16 = [], 0
+    n_layers, n_gqa = mix_context(config)
     for key, entry in entries.items():
         module, _, tensor = key.rpartition(".")
         if tensor == "qweight":
             quantized.append(module)
             out_f, cols = entry["shape"]
-            n_layers, n_gqa = mix_context(config)
             spec = qc.layer_spec(module, n_layers, n_gqa) or qc.layer_spec(module.split(".", 1)[-1], n_layers, n_gqa)
             if spec.gguf is not None:  # qweight holds blocks: cols bytes per row (a mix may fall back by width)
                 t = gguf.block_type(spec.gguf)

@@ -76,6 +76,16 @@ def unpermute_qk(W: torch.Tensor, n_head: int) -> torch.Tensor:
     return W.reshape(n_head, W.shape[0] // n_head // 2, 2, *W.shape[1:]).transpose(1, 2).reshape(W.shape)
 
 
+def _rope_rows(data: torch.Tensor, mod_name: str, arch: Arch, n_head: int, n_kv: int, unpermute: bool = False
+               ) -> torch.Tensor:
+    """A q/k projection's rows in llama.cpp's order (or back, `unpermute`) where the architecture needs it;
+    any other tensor unchanged."""
+    heads = n_head if mod_name.endswith("q_proj") else n_kv if mod_name.endswith("k_proj") else None
+    if not arch.permute_qk or heads is None:
+        return data
+    return unpermute_qk(data, heads) if unpermute else permute_qk(data, heads)
+
+
 def _rope_theta(config: Any) -> float:
     params = getattr(config, "rope_parameters", None) or {}
     theta = params.get("rope_theta", getattr(config, "rope_theta", None))
@@ -201,10 +211,7 @@ def _tensors(model: nn.Module, arch: Arch, type_: str | None) -> list[tuple[str,
                 rounded.append(mod_name)
             else:
                 W_rows, t = module.dequantize().cpu(), None
-            data = raw if W_rows is None else W_rows
-            heads = n_head if mod_name.endswith("q_proj") else n_kv if mod_name.endswith("k_proj") else None
-            if arch.permute_qk and heads is not None:
-                data = permute_qk(data, heads)
+            data = _rope_rows(raw if W_rows is None else W_rows, mod_name, arch, n_head, n_kv)
             out.append((f"{mod_name}.weight", data, t))
             if module.bias is not None:
                 out.append((f"{mod_name}.bias", module.bias.detach(), None))
@@ -216,9 +223,7 @@ def _tensors(model: nn.Module, arch: Arch, type_: str | None) -> list[tuple[str,
             data = p.detach().cpu()
             if type(module).__name__ == "Conv1D" and pname == "weight":
                 data = data.t()  # transformers' Conv1D stores (in, out)
-            heads = n_head if mod_name.endswith("q_proj") else n_kv if mod_name.endswith("k_proj") else None
-            if arch.permute_qk and heads is not None:
-                data = permute_qk(data, heads)
+            data = _rope_rows(data, mod_name, arch, n_head, n_kv)
             t = None
             is_matrix = data.dim() == 2 and (isinstance(module, (*FLOAT_LINEARS, nn.Embedding)))
             role, _ = G.role_of(mod_name)
@@ -311,17 +316,14 @@ def _file_type(tensors: list) -> Any:
 
 # --- import ---------------------------------------------------------------------------------------
 
-_IMPORT_CONFIG = {
-    "llama": ("llama", "LlamaConfig"), "qwen2": ("qwen2", "Qwen2Config"),
-}
+_IMPORT_CONFIG = {"llama": "LlamaConfig", "qwen2": "Qwen2Config"}  # general.architecture -> transformers config
 
 
 def _field(reader: Any, key: str, default: Any = None) -> Any:
     f = reader.fields.get(key)
     if f is None:
         return default
-    v = f.contents()
-    return v
+    return f.contents()
 
 
 def _config_from_gguf(reader: Any) -> Any:
@@ -330,7 +332,7 @@ def _config_from_gguf(reader: Any) -> Any:
     arch = _field(reader, "general.architecture")
     if arch not in _IMPORT_CONFIG:
         raise ValueError(f"import_gguf: architecture {arch!r} is not supported; supported: {sorted(_IMPORT_CONFIG)}.")
-    model_type, cls_name = _IMPORT_CONFIG[arch]
+    cls_name = _IMPORT_CONFIG[arch]
     n_head = _field(reader, f"{arch}.attention.head_count")
     n_embd = _field(reader, f"{arch}.embedding_length")
     has_output = any(t.name == "output.weight" for t in reader.tensors)
@@ -387,8 +389,6 @@ def _build_from_gguf(path: str | os.PathLike, requantize: str | None, dtype: tor
     gguf = _gguf()
     from transformers import AutoModelForCausalLM
 
-    from ..config import QuantConfig
-
     try:
         reader = gguf.GGUFReader(os.fspath(path))
     except Exception as e:  # the reader raises ValueError/IndexError/struct.error on damaged files
@@ -399,7 +399,7 @@ def _build_from_gguf(path: str | os.PathLike, requantize: str | None, dtype: tor
         kinds = {t.tensor_type.name for t in reader.tensors if t.tensor_type.name in ("F32", "F16", "BF16")}
         dtype = {frozenset({"F16"}): torch.float16, frozenset({"BF16"}): torch.bfloat16}.get(frozenset(kinds),
                                                                                              torch.float32)
-    permute = ARCHS[config.model_type].permute_qk
+    rope = ARCHS[config.model_type]
     n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -418,13 +418,12 @@ def _build_from_gguf(path: str | os.PathLike, requantize: str | None, dtype: tor
         hf_name = hf_of[t.name]
         mod_name = hf_name.rsplit(".", 1)[0]
         module = model.get_submodule(mod_name)
-        heads = n_head if mod_name.endswith("q_proj") else n_kv if mod_name.endswith("k_proj") else None
         is_linear = isinstance(module, nn.Linear) and hf_name.endswith(".weight")
         if t.tensor_type in float_types or not is_linear:  # float, or a quantized embedding: dequantized
             W = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
             W = W.reshape(module.get_parameter(hf_name.rsplit(".", 1)[1]).shape)
-            if permute and heads is not None and is_linear:
-                W = unpermute_qk(W, heads)
+            if is_linear:
+                W = _rope_rows(W, mod_name, rope, n_head, n_kv, unpermute=True)
             state[hf_name] = W.to(dtype)
             continue
         name = t.tensor_type.name
@@ -437,17 +436,15 @@ def _build_from_gguf(path: str | os.PathLike, requantize: str | None, dtype: tor
             W = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).reshape(module.out_features, -1)
             target = G.block_type(requantize)
             raw, name = G.pack(G.quantize_rtn(W, target), target), target.name
-        if permute and heads is not None:
-            raw = unpermute_qk(raw, heads)
-        state[hf_name] = raw
+        state[hf_name] = _rope_rows(raw, mod_name, rope, n_head, n_kv, unpermute=True)
         layer_types[mod_name] = name
-    return _assemble(model, state, layer_types, dtype, QuantConfig)
+    return _assemble(model, state, layer_types, dtype)
 
 
-def _assemble(model: nn.Module, state: dict[str, torch.Tensor], layer_types: dict[str, str], dtype: torch.dtype,
-              QuantConfig: Any) -> nn.Module:
+def _assemble(model: nn.Module, state: dict[str, torch.Tensor], layer_types: dict[str, str],
+              dtype: torch.dtype) -> nn.Module:
     """Swap the GGUF-typed linears for QuantLinear layers, load every tensor, and attach the config."""
-
+    from ..config import QuantConfig
 
     common = Counter(layer_types.values()).most_common(1)[0][0] if layer_types else None
     for mod_name, type_name in layer_types.items():
@@ -460,10 +457,9 @@ def _assemble(model: nn.Module, state: dict[str, torch.Tensor], layer_types: dic
             layer.bias = nn.Parameter(state.pop(f"{mod_name}.bias").to(dtype), requires_grad=False)
         set_module(model, mod_name, layer)
     model.load_state_dict(state, strict=False, assign=True)
-    missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if model.config.tie_word_embeddings:
         model.tie_weights()
-        missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     for n, m in list(model.named_modules()):  # rotary tables: non-persistent buffers, rebuilt from the config
         if n.endswith("rotary_emb") and any(b.is_meta for b in m.buffers()):
             with torch.device("cpu"):

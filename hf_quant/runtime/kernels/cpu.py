@@ -63,6 +63,19 @@ def _finish(layer: Any, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], layer.out_features)
 
 
+def _codes_scale_zero(layer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(codes (N, K), scale, zero (N, n_groups) fp32, channel permutation or None) with
+    w = (code - zero) * scale: GGUF layers from their blocks (zero fractional where the type stores a
+    min), the others from their buffers (act-order channels sorted by group, as `codes_by_group`)."""
+    spec, K = layer.spec, layer.in_features
+    if spec.gguf is not None:
+        codes, scale, zero = gguf.codes_and_grid(layer.qweight, gguf.block_type(spec.gguf), K)
+        return codes, scale, zero, None
+    codes, perm = codes_by_group(layer.qweight, spec, K, layer.g_idx)
+    scale = layer.scales.float()
+    return codes, scale, zero_points(layer.qzeros, spec, scale), perm
+
+
 class Int4CpuKernel(_CpuPacked):
     name = "cpu_int4"
     gguf = True  # Q4_0 / Q4_1 / Q4_K (32-wide sub-blocks): w = (q - 8) * scale + (8 - zero) * scale exactly
@@ -76,15 +89,9 @@ class Int4CpuKernel(_CpuPacked):
         )
 
     def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
-        spec, K = layer.spec, layer.in_features
+        K = layer.in_features
         gs = _int4_group_size(layer)
-        if spec.gguf is not None:  # codes and a fractional zero per 32-wide sub-block
-            codes, scale, z = gguf.codes_and_grid(layer.qweight, gguf.block_type(spec.gguf), K)
-            perm = None
-        else:
-            codes, perm = codes_by_group(layer.qweight, spec, K, layer.g_idx)  # act-order: groups made contiguous
-            scale = layer.scales.float()
-            z = zero_points(layer.qzeros, spec, scale)
+        codes, scale, z, perm = _codes_scale_zero(layer)
         codes = codes.to(torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
         zero = (8.0 - z) * scale
@@ -122,17 +129,9 @@ class Int4x2CpuKernel(_CpuPacked):
                 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
 
     def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
-        spec, K = layer.spec, layer.in_features
         gs = _int4_group_size(layer)
-        if spec.gguf is not None:
-            codes, scale, z = gguf.codes_and_grid(layer.qweight, gguf.block_type(spec.gguf), K)
-            perm = None
-        else:
-            codes, perm = codes_by_group(layer.qweight, spec, K, layer.g_idx)
-            scale = layer.scales.float()
-            z = zero_points(layer.qzeros, spec, scale)
-        bits = gguf.block_type(spec.gguf).bits if spec.gguf is not None else spec.bits
-        shift = 8 - (1 << (bits - 4)) // 2  # 5 bits: 7, 8 bits: 0
+        codes, scale, z, perm = _codes_scale_zero(layer)
+        shift = 8 - (1 << (layer.spec.bits - 4)) // 2  # 5 bits: 7, 8 bits: 0 (GGUF specs carry their type's bits)
         C = (8.0 + 16 * (8 - shift) - z) * scale
         zB = C.to(dtype).float()
         zA = C - zB
@@ -218,31 +217,24 @@ class DequantTilesKernel(Kernel):
     def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
         spec, K = layer.spec, layer.in_features
         gs = spec.effective_group_size(K)
-        if spec.gguf is not None:  # codes with a (fractional) zero and a scale per sub-block
-            codes, scale, zero = gguf.codes_and_grid(layer.qweight, gguf.block_type(spec.gguf), K)
-            q = codes.reshape(layer.out_features, K // gs, gs)
-            as_col = [v.to(dtype).unsqueeze(-1).contiguous() for v in (scale, zero)]
-            if spec.bits > 4:
-                return "bytes", q.contiguous(), *as_col, None
-            return "nibbles", (q[..., :gs // 2] | (q[..., gs // 2:] << 4)).contiguous(), *as_col, None
-        if spec.bits == 8 and spec.group_size == -1:
+        if spec.gguf is None and spec.bits == 8 and spec.group_size == -1:
             w, scale = int8_rows(layer)
             return "rows8", w, scale, int8_zero_offset(layer, scale)
-        if spec.bits <= 4 and gs % 2 == 0:
-            codes, perm = codes_by_group(layer.qweight, spec, K, layer.g_idx)
-            q = codes.reshape(layer.out_features, K // gs, gs)
-            packed = (q[..., :gs // 2] | (q[..., gs // 2:] << 4)).contiguous()
-            scale = layer.scales.to(dtype)
-            zero = zero_points(layer.qzeros, spec, layer.scales).to(dtype)
-            return "nibbles", packed, scale.unsqueeze(-1).contiguous(), zero.unsqueeze(-1).contiguous(), perm
-        return ("generic",)
+        if spec.gguf is None and not (spec.bits <= 4 and gs % 2 == 0):
+            return ("generic",)
+        codes, scale, zero, perm = _codes_scale_zero(layer)  # GGUF: a (fractional) zero per sub-block
+        q = codes.reshape(layer.out_features, K // gs, gs)
+        as_col = [v.to(dtype).unsqueeze(-1).contiguous() for v in (scale, zero)]
+        if spec.bits > 4:  # GGUF types of 5 to 8 bits: one byte per code
+            return "bytes", q.contiguous(), *as_col, perm
+        return "nibbles", (q[..., :gs // 2] | (q[..., gs // 2:] << 4)).contiguous(), *as_col, perm
 
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
         kind = prepared[0]
         if kind == "generic":
             return self._generic(layer, x)
         x2 = _flatten(x)
-        if kind == "nibbles" and prepared[-1] is not None:  # act-order: channels sorted by group
+        if kind in ("nibbles", "bytes") and prepared[-1] is not None:  # act-order: channels sorted by group
             x2 = x2.index_select(-1, prepared[-1])
         N, K, T = layer.out_features, layer.in_features, self.TILE_N
         tile = x2.new_empty(min(T, N), K)
