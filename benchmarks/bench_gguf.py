@@ -4,10 +4,14 @@ For each file type (default Q4_K_M, Q3_K_M and llama.cpp's Q2_K mix, here "Q2_K_
 perplexity measured by llama.cpp on the same windows:
   - hf_quant GPTQ on the GGUF grids (QuantConfig(method="gptq", gguf=<mix>)), exported with export_gguf;
   - hf_quant RTN on the same grids (data-free);
-  - llama.cpp's quantizer (llama_model_quantize) of a float (F32) export, plain and with an importance matrix.
-The importance matrix is llama-imatrix's statistic (per weight, the mean over the calibration tokens of x^2
-for each input column), computed from hf_quant's float model on the same calibration windows GPTQ uses
-(the Python binding does not ship llama-imatrix), handed to llama.cpp's quantizer through its C API.
+  - llama.cpp's quantizer of a float (F32) export, plain and with an importance matrix.
+The importance matrix is computed by llama.cpp's own `llama-imatrix` on the calibration text GPTQ draws its
+windows from (hf_quant's packaged calibration.txt, every 512-token chunk of it: GPTQ sees 128 of them), and
+the files are made by llama.cpp's own `llama-quantize --imatrix`. The Python binding ships neither tool:
+`bash benchmarks/build_llama_tools.sh` builds both from the llama.cpp source the binding was built from (the
+binding's sdist) and caches them; `--llama-tools DIR` names another build. Without the tools, the script
+falls back to llama_model_quantize through the binding's C API with llama-imatrix's statistic (per weight, the
+mean over the calibration tokens of x^2 per input column) computed by hf_quant on GPTQ's windows, and says so.
 Then, for the record, the agreement figures of the export (tokenization, top-1, perplexity ratio, greedy
 continuations) and tokens/s of llama.cpp, hf_quant's CPU path and bf16 transformers, in the same run.
 
@@ -19,7 +23,9 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import platform
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -85,6 +91,38 @@ def llama_quantize(src: Path, dst: Path, ftype: str, imat: dict[str, torch.Tenso
         raise RuntimeError(f"llama_model_quantize({ftype}) failed: {rc}")
 
 
+def find_llama_tools(where: str | None) -> Path | None:
+    """The directory holding llama-imatrix and llama-quantize: `where`, else build_llama_tools.sh's cache for
+    the installed binding's version; None if they are not there."""
+    if where is None:
+        import llama_cpp
+
+        cache = os.environ.get("HF_QUANT_LLAMA_TOOLS", str(Path.home() / ".cache" / "hf_quant-llama-tools"))
+        where = str(Path(cache) / llama_cpp.__version__)
+    d = Path(where)
+    return d if all((d / t).is_file() for t in ("llama-imatrix", "llama-quantize")) else None
+
+
+def llama_imatrix(tools: Path, src: Path, text: Path, dst: Path, seq_len: int) -> Path:
+    """llama.cpp's importance matrix of the model `src` over every `seq_len`-token chunk of `text`."""
+    cmd = [str(tools / "llama-imatrix"), "-m", str(src), "-f", str(text), "-o", str(dst), "-c", str(seq_len),
+           "-t", str(torch.get_num_threads()), "--no-ppl"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0 or not dst.is_file():
+        raise RuntimeError(f"llama-imatrix failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    chunks = [ln for ln in done.stderr.splitlines() if "chunks" in ln and "tokenizing" not in ln][-1:]
+    print(f"llama-imatrix: {' '.join(chunks) or 'done'}")
+    return dst
+
+
+def llama_quantize_tool(tools: Path, src: Path, dst: Path, ftype: str, imat: Path | None) -> None:
+    cmd = [str(tools / "llama-quantize")] + (["--imatrix", str(imat)] if imat else []) + [
+        str(src), str(dst), ftype, str(torch.get_num_threads())]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"llama-quantize {ftype} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+
+
 def size_mib(path: Path) -> float:
     return path.stat().st_size / 2**20
 
@@ -131,6 +169,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=None, help="held-out windows (default: all)")
     ap.add_argument("--num-samples", type=int, default=128)
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
+    ap.add_argument("--llama-tools", default=None, help="directory with llama-imatrix and llama-quantize (default: "
+                    "the cache of benchmarks/build_llama_tools.sh)")
     args = ap.parse_args()
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(args.model)
@@ -145,7 +185,16 @@ def main() -> None:
         src = hf_quant.export_gguf(flt, d / "f32.gguf", tok)
         ppl_f32 = llama_cpp_perplexity(src, heldout, args.seq_len, args.windows)
         print(f"\nllama.cpp perplexity of the float (F32) export: {ppl_f32:.4f}")
-        imat = imatrix(flt.float(), calib)
+        tools = find_llama_tools(args.llama_tools)
+        if tools is not None:
+            imat = llama_imatrix(tools, src, ROOT / "hf_quant" / "data" / "calibration.txt", d / "imatrix.gguf",
+                                 args.seq_len)
+            print(f"importance matrix and quantization by llama.cpp's own tools ({tools})")
+        else:
+            imat = imatrix(flt.float(), calib)
+            print("llama-imatrix / llama-quantize not built (bash benchmarks/build_llama_tools.sh): importance matrix "
+                  "computed by hf_quant, quantization through llama_model_quantize")
+        results["imatrix_by"] = "llama-imatrix" if tools is not None else "hf_quant"
         flt = AutoModelForCausalLM.from_pretrained(args.model)
         rows, gptq_models = [], {}
         for mix in args.mixes:
@@ -161,9 +210,12 @@ def main() -> None:
                 if method == "gptq":
                     gptq_models[mix] = model
             for label, im in (("llama.cpp quantize", None), ("llama.cpp quantize + imatrix", imat)):
-                out = d / f"lc-{mix}-{'im' if im else 'plain'}.gguf"
+                out = d / f"lc-{mix}-{'im' if im is not None else 'plain'}.gguf"
                 t = time.perf_counter()
-                llama_quantize(src, out, ftype, im)
+                if tools is not None:
+                    llama_quantize_tool(tools, src, out, ftype, im)
+                else:
+                    llama_quantize(src, out, ftype, im)
                 files[label] = (out, time.perf_counter() - t)
             for label, (path, secs) in files.items():
                 ppl = llama_cpp_perplexity(path, heldout, args.seq_len, args.windows)
