@@ -25,7 +25,8 @@ from .integrations.transformers import HfQuantQuantizer, quantize  # noqa: E402
 from .io.bnb import export_bnb8, import_bnb8  # noqa: E402
 from .io.gguf import export_gguf, import_gguf  # noqa: E402
 from .io.gptq import export_gptq, import_gptq  # noqa: E402
+from .streaming import quantize_checkpoint  # noqa: E402
 
 __all__ = ["FORMAT_VERSION", "HfQuantQuantizer", "LayerSpec", "QuantConfig", "QuantLinear", "eval", "export_bnb8",
-           "export_gguf", "export_gptq", "import_bnb8", "import_gguf", "import_gptq", "kernels", "merge_lora", "push_to_hub", "quantize", "register_lora", "training",
+           "export_gguf", "export_gptq", "import_bnb8", "import_gguf", "import_gptq", "kernels", "merge_lora", "push_to_hub", "quantize", "quantize_checkpoint", "register_lora", "training",
            "__version__"]

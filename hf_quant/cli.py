@@ -371,23 +371,50 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     if args.eval_baseline:
         _stage(f"loading {args.model} in float for the baseline perplexity")
         baseline = _evaluate(_load(args.model, args), tokenizer, args)["perplexity"]
-    _stage(f"loading {args.model} and quantizing: {args.method}, {args.bits}-bit, group size {args.group_size}")
+    out = Path(args.out)
+    card = {"repo_id": args.push} if args.push and args.format == "hf_quant" else {}
+    stream = args.format == "hf_quant" and not args.in_memory and args.device is None
     start = time.perf_counter()
-    model = _load(args.model, args, quantization_config=config)
-    seconds = time.perf_counter() - start
-    layers = sum(isinstance(m, hf_quant.QuantLinear) for m in model.modules())
-    result: dict[str, Any] = {"quantized_layers": layers, "seconds": round(seconds, 1)}
+    if stream:
+        from .streaming import NoSafetensors, quantize_checkpoint
+
+        _stage(f"quantizing {args.model} block by block from disk into {out}: {args.method}, {args.bits}-bit, "
+               f"group size {args.group_size} (streaming; --in-memory loads the whole model instead)")
+        try:
+            quantize_checkpoint(args.model, out, config, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                                tokenizer=tokenizer, resume=not args.no_resume, repo_id=args.push)
+        except NoSafetensors:
+            stream = False
+            _stage(f"{args.model} has no safetensors weights to stream from: loading it whole instead")
+    if stream:
+        seconds = time.perf_counter() - start
+        result: dict[str, Any] = {"seconds": round(seconds, 1)}
+        if args.eval or args.eval_baseline:
+            model = _load(str(out), args)
+    else:
+        _stage(f"loading {args.model} and quantizing: {args.method}, {args.bits}-bit, group size {args.group_size}")
+        model = _load(args.model, args, quantization_config=config)
+        seconds = time.perf_counter() - start
+        result = {"seconds": round(seconds, 1)}
+    if not stream or args.eval or args.eval_baseline:
+        result["quantized_layers"] = sum(isinstance(m, hf_quant.QuantLinear) for m in model.modules())
+    else:
+        result["quantized_layers"] = _count_quantized(out)
     if args.eval or args.eval_baseline:
         evaluation = _evaluate(model, tokenizer, args)
         if baseline is not None:
             evaluation["baseline"] = result["baseline_perplexity"] = baseline
-        model.config.quantization_config.provenance["evaluation"] = evaluation
         result["perplexity"] = evaluation["perplexity"]
-    out = Path(args.out)
-    _stage(f"saving to {out} ({args.format} format)")
-    # The card names the Hub repo the model goes to, else only the directory's own name (never the local path).
-    card = {"repo_id": args.push} if args.push and args.format == "hf_quant" else {}
-    get_format(args.format).export(model, out, tokenizer=tokenizer, **card)
+        if stream:
+            record_evaluation(out, evaluation, args.push)
+        else:
+            model.config.quantization_config.provenance["evaluation"] = evaluation
+    if not stream:
+        _stage(f"saving to {out} ({args.format} format)")
+        # The card names the Hub repo the model goes to, else only the directory's own name (never the local path).
+        if args.format == "hf_quant":
+            card["max_shard_size"] = args.max_shard_size
+        get_format(args.format).export(model, out, tokenizer=tokenizer, **card)
     result["saved"] = str(out)
     if args.push:
         _stage(f"uploading to {args.push}")
@@ -396,10 +423,29 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
-    import hf_quant
+def record_evaluation(directory: Path, evaluation: dict, repo_id: str | None = None) -> None:
+    """Write `evaluation` into a saved hf_quant checkpoint's config (provenance) and its generated model card."""
     from .io.atomic import atomic_write_text
     from .integrations.hub import CARD_MARKER, model_card
+
+    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    config["quantization_config"].setdefault("provenance", {})["evaluation"] = evaluation
+    atomic_write_text(directory / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    readme = directory / "README.md"
+    if not readme.exists() or CARD_MARKER in readme.read_text(encoding="utf-8", errors="replace"):
+        # the Hub repo it goes to, else the directory's own name: a local path means nothing to readers
+        atomic_write_text(readme, str(model_card(directory, repo_id or Path(os.path.abspath(directory)).name)))
+
+
+def _count_quantized(directory: Path) -> int:
+    from .io.checkpoint import index_checkpoint
+
+    files = [str(p) for p in sorted(directory.glob("*.safetensors"))]
+    return sum(name.endswith(".qweight") for name in index_checkpoint(files))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import hf_quant
 
     model = _load(args.model, args)
     evaluation = _evaluate(model, _tokenizer(args.model, args.command, required=True), args)
@@ -410,13 +456,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if not layers:
             raise _fail(args.command, "--record", f"{args.model} has no quantized layers, and --record writes into "
                         "an hf_quant checkpoint; drop --record")
-        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-        config["quantization_config"].setdefault("provenance", {})["evaluation"] = evaluation
-        atomic_write_text(directory / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
-        readme = directory / "README.md"
-        if not readme.exists() or CARD_MARKER in readme.read_text(encoding="utf-8", errors="replace"):
-            # named by the directory's own name: a local path means nothing to readers and may be private
-            atomic_write_text(readme, str(model_card(directory, Path(os.path.abspath(directory)).name)))
+        record_evaluation(directory, evaluation)
         result["recorded"] = str(directory)
     print(json.dumps(result))
 
@@ -557,6 +597,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", choices=_DTYPES, default="auto")
     q.add_argument("--format", choices=available_formats(exporting=True), default="hf_quant",
                    help="; ".join(f"{n}: {get_format(n).description}" for n in available_formats(exporting=True)))
+    q.add_argument("--in-memory", action="store_true", help="load the whole float model, then quantize it (default "
+                   "for --format hf_quant: stream block by block from the safetensors shards, resumable)")
+    q.add_argument("--no-resume", action="store_true", help="start over even if OUT.partial holds an earlier run's "
+                   "progress (default: continue after its last finished block)")
+    q.add_argument("--max-shard-size", default="1GB", help="largest output weight file (default 1GB; each shard is "
+                   "held in memory while it is written)")
     q.add_argument("--eval", action="store_true", help="measure held-out perplexity; recorded in the card")
     q.add_argument("--eval-baseline", action="store_true", help="--eval, and the float model's perplexity too")
     _add_eval_options(q)

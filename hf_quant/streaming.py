@@ -29,6 +29,7 @@ run writes the same bytes as an uninterrupted one (and as the in-memory `from_pr
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -64,6 +65,10 @@ PARTIAL_SUFFIX = ".partial"
 PROGRESS = "progress.json"
 PROGRESS_FORMAT = 1
 DEFAULT_MAX_SHARD_SIZE = "1GB"  # each output shard is held in memory (twice, by safetensors) while written
+
+
+class NoSafetensors(ValueError):
+    """The source checkpoint has no safetensors weights to stream from."""
 
 
 def peak_memory_mb() -> float | None:
@@ -111,7 +116,7 @@ def source_tensors(src: Path) -> dict[str, tuple[Path, dict]]:
     elif (src / "model.safetensors").is_file():
         by_shard = {"model.safetensors": None}  # every tensor of the one file
     else:
-        raise ValueError(f"{src}: no model.safetensors or model.safetensors.index.json. Streaming calibration reads "
+        raise NoSafetensors(f"{src}: no model.safetensors or model.safetensors.index.json. Streaming calibration reads "
                          "safetensors checkpoints; convert this one (from_pretrained + save_pretrained) or quantize it "
                          "in memory (from_pretrained(..., quantization_config=...)).")
     found: dict[str, tuple[Path, dict]] = {}
@@ -268,7 +273,7 @@ def _resolve_dtype(dtype: Any, hf_config: Any, tensors: dict[str, tuple[Path, di
 
 def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: QuantConfig, *, dtype: Any = "auto",
                         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, tokenizer: Any = True,
-                        resume: bool = True) -> Path:
+                        resume: bool = True, repo_id: str | None = None) -> Path:
     """Quantize the checkpoint `src` (a local directory or a Hub repo id, safetensors) into the hf_quant
     checkpoint `dst`, streaming block by block: memory holds one block's float weights, the cached
     activations and one output shard, never the whole model. Same files as
@@ -277,6 +282,7 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
     dtype: the model dtype ("auto": the config's, as `from_pretrained` picks it). tokenizer: True saves
     the source's tokenizer beside the weights (if it has one), a tokenizer object saves that one, None
     none. resume: continue a run that stopped (crash, kill) from `<dst>.partial`; False starts over.
+    repo_id: the Hub repo the model card names (default: `dst`'s own name).
     Returns `dst`.
     """
     from accelerate import init_empty_weights
@@ -286,7 +292,7 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
 
     if not isinstance(config, QuantConfig):
         raise TypeError(f"quantize_checkpoint: config must be an hf_quant.QuantConfig, got {type(config).__name__}")
-    config = QuantConfig.from_dict(config.to_dict())  # the caller's object is not changed
+    config = copy.copy(config)  # the caller's object is not changed (fields are reassigned, not mutated)
     dst = Path(dst)
     src_dir = _resolve_source(src)
     if dst.resolve() == src_dir.resolve():
@@ -416,6 +422,7 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
     model._hf_hook = AlignDevicesHook(execution_device="cpu", offload=True, weights_map=OffloadedWeightsLoader(index=index),
                                       place_submodules=True, offload_buffers=True)
     model.hf_device_map = {"": "disk"}  # transformers' save_pretrained reloads offloaded tensors shard by shard
+    quantizer.offloaded_state_dict = _save_order(model.state_dict())
     config.provenance = provenance(model, "none: data-free method" if not calibrates
                                    else describe_dataset(config.dataset, config.num_samples, config.seq_len))
     quantizer.calibration_report = list(progress.state["report"])
@@ -429,7 +436,8 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
     _check_unchanged(src_dir, tensors, fingerprint)
     with warnings.catch_warnings():  # transformers warns that offloaded tensors are reloaded: that is the point
         warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
-        model.save_pretrained(dst, max_shard_size=max_shard_size, tokenizer=tok)
+        model.save_pretrained(dst, max_shard_size=max_shard_size, tokenizer=tok,
+                              **({"repo_id": repo_id} if repo_id else {}))
     shutil.rmtree(progress.dir, ignore_errors=True)
     logger.info("hf_quant: wrote %s (peak memory %s MiB)", dst, _mb(peak_memory_mb()))
     return dst
@@ -442,6 +450,16 @@ def _release_tensors(model: nn.Module, names: list[str]) -> None:
 
     for name in names:
         set_module_tensor_to_device(model, name, "meta")
+
+
+def _save_order(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict in the order save_pretrained writes a model loaded by from_pretrained (its weight-conversion
+    revert sorts names naturally); that order decides which tensors share an output shard."""
+    try:
+        from transformers.core_model_loading import dot_natural_key
+    except ImportError:  # a transformers without the conversion engine: module order, as it saves
+        return state_dict
+    return dict(sorted(state_dict.items(), key=lambda kv: dot_natural_key(kv[0])))
 
 
 def _mb(value: float | None) -> str:

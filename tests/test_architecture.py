@@ -25,7 +25,7 @@ import hf_quant
 
 PACKAGE = Path(hf_quant.__file__).parent
 LAYERS = {"core": 0, "compat": 0, "version": 0, "methods": 1, "config": 2, "runtime": 3, "io": 4, "training": 5,
-          "calibration": 6, "integrations": 7, "__init__": 8, "eval": 8, "eval_outliers": 8, "eval_gguf": 8, "cli": 8,
+          "calibration": 6, "integrations": 7, "__init__": 8, "eval": 8, "eval_outliers": 8, "eval_gguf": 8, "streaming": 8, "cli": 8,
           "__main__": 8}
 
 

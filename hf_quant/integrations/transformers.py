@@ -80,6 +80,11 @@ class HfQuantQuantizer(HfQuantizer):
         hub.install(model)  # atomic save_pretrained with a model card; push_to_hub with card and tokenizer
         return model
 
+    def get_state_dict_and_metadata(self, model):
+        """What save_pretrained writes: the model's own state dict (None), or the one `hf_quant.streaming` sets for a
+        disk-offloaded skeleton (meta tensors, ordered as a loaded model's state dict is ordered on save)."""
+        return getattr(self, "offloaded_state_dict", None), {}
+
     def param_needs_quantization(self, model, param_name: str, **kwargs: Any) -> bool:
         return False
 

@@ -177,7 +177,11 @@ class QuantLinear(nn.Linear):
                 if buf is not None:
                     self._buffers[name] = buf.to(device)
         if self.bias is not None:
-            self.bias.data = self.bias.data.to(device)
+            moved = self.bias.data.to(device)
+            try:
+                self.bias.data = moved
+            except RuntimeError:  # to / from the meta device: a new Parameter (the data cannot be swapped)
+                self.bias = torch.nn.Parameter(moved, requires_grad=self.bias.requires_grad)
         self.invalidate_kernels()
         return self
 

@@ -1,0 +1,195 @@
+"""Streaming calibration (`hf_quant.quantize_checkpoint`, `hf-quant quantize`): the same files as the
+in-memory path, resume after SIGKILL, bad input."""
+
+from __future__ import annotations
+
+import copy
+import filecmp
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import hf_quant
+from hf_quant import QuantConfig, quantize_checkpoint
+from hf_quant import streaming
+
+from conftest import REF_LLAMA, TINY_LLAMA
+
+
+def _windows(n: int = 8, seq: int = 32, vocab: int = 256) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(0, vocab, (seq,), generator=g) for _ in range(n)]
+
+
+def in_memory(src: Path, dst: Path, cfg: QuantConfig, max_shard_size: str = "1GB") -> Path:
+    """Today's path: the whole float model loaded, quantized, saved (with the tokenizer, if any)."""
+    model = AutoModelForCausalLM.from_pretrained(src, quantization_config=copy.copy(cfg))
+    try:
+        tok = AutoTokenizer.from_pretrained(src)
+    except (OSError, ValueError):
+        tok = None
+    model.save_pretrained(dst, max_shard_size=max_shard_size, tokenizer=tok)
+    return dst
+
+
+def assert_same_files(a: Path, b: Path) -> None:
+    names_a, names_b = sorted(os.listdir(a)), sorted(os.listdir(b))
+    assert names_a == names_b
+    different = [n for n in names_a if not filecmp.cmp(a / n, b / n, shallow=False)]
+    assert not different, f"files differ: {different}"
+
+
+CASES = {
+    "rtn": dict(method="rtn", bits=4, group_size=32),
+    "gptq": dict(method="gptq", bits=4, group_size=32, num_samples=8, seq_len=64),
+    "gptq-act-order": dict(method="gptq", bits=4, group_size=32, desc_act=True, num_samples=8, seq_len=64),
+    "awq": dict(method="awq", bits=4, group_size=32, num_samples=8, seq_len=64),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_streaming_writes_the_in_memory_checkpoint(case, tmp_path):
+    cfg = QuantConfig(**CASES[case])
+    ref = in_memory(TINY_LLAMA, tmp_path / "a" / "out", cfg)
+    got = quantize_checkpoint(TINY_LLAMA, tmp_path / "b" / "out", cfg)  # same directory name: same card
+    assert_same_files(ref, got)
+    assert not (tmp_path / "b" / "out.partial").exists()  # a finished run leaves no progress behind
+    assert cfg.provenance is None  # the caller's config is not changed
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "llama-fp32"])
+def test_streaming_other_architectures_and_shards(arch, tiny_models, tmp_path):
+    """GPT-2's Conv1D, OPT's model.decoder.layers, fp32 weights; several output shards with their index."""
+    cfg = QuantConfig(method="gptq", bits=4, group_size=32, dataset=_windows(), num_samples=8, seq_len=32)
+    ref = in_memory(tiny_models[arch], tmp_path / "a" / "out", cfg, max_shard_size="100KB")
+    got = quantize_checkpoint(tiny_models[arch], tmp_path / "b" / "out", cfg, max_shard_size="100KB")
+    assert_same_files(ref, got)
+    assert (got / "model.safetensors.index.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(got)
+    ids = _windows(1)[0][None]
+    assert torch.isfinite(model(ids).logits).all()
+
+
+def test_streaming_reads_a_sharded_source(tiny_models, tmp_path):
+    src = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).save_pretrained(src, max_shard_size="60KB")
+    assert (src / "model.safetensors.index.json").is_file()
+    cfg = QuantConfig(method="rtn", bits=4, group_size=32)
+    assert_same_files(in_memory(src, tmp_path / "a" / "out", cfg), quantize_checkpoint(src, tmp_path / "b" / "out", cfg))
+
+
+def _progress(dst: Path) -> int:
+    try:
+        return json.loads((Path(str(dst) + ".partial") / "progress.json").read_text())["next_block"]
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+CLI = [sys.executable, "-m", "hf_quant", "-q", "quantize", str(TINY_LLAMA)]
+CLI_OPTIONS = ["--method", "gptq", "--bits", "4", "--group-size", "32", "--num-samples", "8", "--seq-len", "64"]
+
+
+def test_resume_after_sigkill_gives_the_same_bytes(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole = tmp_path / "whole" / "out"
+    subprocess.run(CLI + [str(whole)] + CLI_OPTIONS, check=True, env=env, capture_output=True)
+    k = random.Random(os.getpid()).randint(1, 3)  # tiny-llama has 4 blocks: killed after block 1, 2 or 3
+    dst = tmp_path / "killed" / "out"
+    proc = subprocess.Popen(CLI + [str(dst)] + CLI_OPTIONS, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while _progress(dst) < k and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = _progress(dst)
+    assert 1 <= done < 4, f"the run was not killed between blocks (progress {done})"
+    assert not dst.exists()  # nothing half-written: the target appears only at the final rename
+    # a changed config does not resume (and leaves the progress as it was)
+    changed = subprocess.run(CLI + [str(dst)] + CLI_OPTIONS[:3] + ["3"] + CLI_OPTIONS[4:], env=env,
+                             capture_output=True, text=True)
+    assert changed.returncode != 0
+    assert "different run" in changed.stderr and "QuantConfig" in changed.stderr
+    assert _progress(dst) == done
+    resumed = subprocess.run(CLI + [str(dst)] + CLI_OPTIONS, env=env,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_files(whole, dst)
+    assert not Path(str(dst) + ".partial").exists()
+
+
+def test_no_resume_starts_over(tmp_path):
+    cfg = QuantConfig(method="rtn", bits=4, group_size=32)
+    partial = tmp_path / "out.partial"
+    partial.mkdir()
+    (partial / "progress.json").write_text(json.dumps({"format": 1, "key": {"source": "x"}, "next_block": 2}))
+    with pytest.raises(ValueError, match="different run .*source"):
+        quantize_checkpoint(TINY_LLAMA, tmp_path / "out", cfg)
+    quantize_checkpoint(TINY_LLAMA, tmp_path / "out", cfg, resume=False)
+    assert (tmp_path / "out" / "model.safetensors").is_file() and not partial.exists()
+
+
+def test_missing_shard_and_non_safetensors_sources(tiny_models, tmp_path):
+    src = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).save_pretrained(src, max_shard_size="60KB")
+    shard = sorted(src.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    cfg = QuantConfig(method="rtn", bits=4, group_size=32)
+    with pytest.raises(ValueError, match=f"shard {shard.name} listed in model.safetensors.index.json is missing"):
+        quantize_checkpoint(src, tmp_path / "out", cfg)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(tiny_models["llama"] / "config.json", bare)
+    with pytest.raises(streaming.NoSafetensors, match="no model.safetensors"):
+        quantize_checkpoint(bare, tmp_path / "out", cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_source_modified_during_the_run(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    shutil.copytree(TINY_LLAMA, src)
+    save = streaming._save_tensors
+
+    def touch_source_after_first_block(tensors, path):
+        save(tensors, path)
+        os.utime(src / "model.safetensors", ns=(time.time_ns(), time.time_ns() + 10**9))
+
+    monkeypatch.setattr(streaming, "_save_tensors", touch_source_after_first_block)
+    with pytest.raises(ValueError, match="source checkpoint changed while it was being quantized .*model.safetensors"):
+        quantize_checkpoint(src, tmp_path / "out", QuantConfig(method="rtn", bits=4, group_size=32))
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_streams_by_default_and_records_evaluation(tmp_path):
+    out = tmp_path / "out"
+    run = subprocess.run(CLI + [str(out), "--method", "rtn", "--group-size", "32", "--eval", "--max-windows", "2"],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "streaming" in run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["quantized_layers"] == 28
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["provenance"]["evaluation"]["perplexity"] == result["perplexity"]
+    assert str(result["perplexity"]) in (out / "README.md").read_text() or "perplexity" in (out / "README.md").read_text()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(isinstance(m, hf_quant.QuantLinear) for m in model.modules()) == 28
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["rtn", "gptq", "gptq-act-order", "awq"])
+def test_streaming_ref_llama_matches_in_memory(case, tmp_path):
+    if not REF_LLAMA.is_dir():
+        pytest.skip(f"{REF_LLAMA} not present")
+    cfg = QuantConfig(**{**CASES[case], "group_size": 128, "num_samples": 16, "seq_len": 256})
+    assert_same_files(in_memory(REF_LLAMA, tmp_path / "a" / "out", cfg),
+                      quantize_checkpoint(REF_LLAMA, tmp_path / "b" / "out", cfg))
