@@ -376,13 +376,15 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     stream = args.format == "hf_quant" and not args.in_memory and args.device is None
     start = time.perf_counter()
     if stream:
-        from .streaming import NoSafetensors, quantize_checkpoint
+        from .streaming import NoSafetensors, SourceNotFound, quantize_checkpoint
 
         _stage(f"quantizing {args.model} block by block from disk into {out}: {args.method}, {args.bits}-bit, "
                f"group size {args.group_size} (streaming; --in-memory loads the whole model instead)")
         try:
             quantize_checkpoint(args.model, out, config, dtype=args.dtype, max_shard_size=args.max_shard_size,
                                 tokenizer=tokenizer, resume=not args.no_resume, repo_id=args.push)
+        except SourceNotFound as e:
+            raise _fail(args.command, f"MODEL {args.model}", f"could not be loaded ({_one_line(e)})") from None
         except NoSafetensors:
             stream = False
             _stage(f"{args.model} has no safetensors weights to stream from: loading it whole instead")

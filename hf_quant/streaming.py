@@ -29,7 +29,9 @@ run writes the same bytes as an uninterrupted one (and as the in-memory `from_pr
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import errno
 import hashlib
 import json
 import logging
@@ -67,6 +69,14 @@ PROGRESS_FORMAT = 1
 DEFAULT_MAX_SHARD_SIZE = "1GB"  # each output shard is held in memory (twice, by safetensors) while written
 
 
+class SourceNotFound(OSError):
+    """The source is neither a local checkpoint directory nor a Hub repo that could be fetched."""
+
+
+class NoSpace(OSError):
+    """The output's file system is full."""
+
+
 class NoSafetensors(ValueError):
     """The source checkpoint has no safetensors weights to stream from."""
 
@@ -93,8 +103,12 @@ def _resolve_source(src: str | os.PathLike) -> Path:
         raise ValueError(f"quantize_checkpoint: source {os.fspath(src)!r} is not a directory holding a checkpoint.")
     from huggingface_hub import snapshot_download  # a Hub repo id: its json, safetensors and tokenizer files
 
-    return Path(snapshot_download(os.fspath(src), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
-                                                                   "*.jinja"]))
+    try:
+        return Path(snapshot_download(os.fspath(src), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
+                                                                       "*.jinja"]))
+    except Exception as e:  # noqa: BLE001 (no such repo, no access, offline: one error naming the source)
+        raise SourceNotFound(f"{os.fspath(src)} is not a local folder and could not be fetched from the Hub "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def source_tensors(src: Path) -> dict[str, tuple[Path, dict]]:
@@ -240,6 +254,22 @@ def _release(module: nn.Module) -> None:
     module.to("meta")
 
 
+@contextlib.contextmanager
+def _writing(where: Path, what: str):
+    """A full disk while writing `what` under `where` becomes one clear error (the progress so far is kept)."""
+    try:
+        yield
+    except Exception as e:  # OSError, or safetensors' SafetensorError carrying the OS error in its text
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or any(
+            t in str(e) for t in ("No space left on device", "os error 28", "Disk quota exceeded"))
+        if not full or isinstance(e, NoSpace):
+            raise
+        free = shutil.disk_usage(where if where.exists() else where.parent).free
+        raise NoSpace(errno.ENOSPC, f"{where}: no space left while writing {what} ({free / 2**20:.0f} MiB free). Free space "
+                      "or choose an output on a larger disk; the finished blocks are kept in the .partial directory "
+                      "and the same command resumes after them.") from None
+
+
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
@@ -382,8 +412,9 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
             for name in [n for n in targets if n.startswith(bp)]:
                 set_module(model, name, quantize_layer(name, model.get_submodule(name), targets[name], config.method,
                                                        **options))
-        _save_tensors({bp + k: v for k, v in block.state_dict().items()}, progress.block_file(i))
-        progress.finish_block(i, entry, inputs)
+        with _writing(progress.dir, f"block {i}"):
+            _save_tensors({bp + k: v for k, v in block.state_dict().items()}, progress.block_file(i))
+            progress.finish_block(i, entry, inputs)
         _release(block)
         _log_block(i, n_blocks, entry, time.perf_counter() - t0)
     extra_file = progress.dir / "outside.safetensors"
@@ -436,8 +467,9 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
     _check_unchanged(src_dir, tensors, fingerprint)
     with warnings.catch_warnings():  # transformers warns that offloaded tensors are reloaded: that is the point
         warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
-        model.save_pretrained(dst, max_shard_size=max_shard_size, tokenizer=tok,
-                              **({"repo_id": repo_id} if repo_id else {}))
+        with _writing(dst.parent, "the quantized checkpoint"):
+            model.save_pretrained(dst, max_shard_size=max_shard_size, tokenizer=tok,
+                                  **({"repo_id": repo_id} if repo_id else {}))
     shutil.rmtree(progress.dir, ignore_errors=True)
     logger.info("hf_quant: wrote %s (peak memory %s MiB)", dst, _mb(peak_memory_mb()))
     return dst
