@@ -363,7 +363,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
         modules_to_not_convert=args.modules_to_not_convert, dataset=_read_texts(args.dataset),
         num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed,
-        calibration_device=args.calibration_device, gguf=args.gguf, **options)
+        calibration_device=args.calibration_device, gguf=args.gguf, hessian_dtype=args.hessian_dtype, **options)
     if args.push:
         _check_hub_access(args.command, f"--push {args.push}")
     tokenizer = _tokenizer(args.model, args.command, required=args.eval or args.eval_baseline)
@@ -377,7 +377,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     if stream:
         from .streaming import NoSafetensors, SourceNotFound, quantize_checkpoint
+        from .calibration import distributed as ddp
 
+        ddp.init_from_env()  # launched by torchrun / accelerate launch: calibrate data-parallel
         _stage(f"quantizing {args.model} block by block from disk into {out}: {args.method}, {args.bits}-bit, "
                f"group size {args.group_size} (streaming; --in-memory loads the whole model instead)")
         try:
@@ -388,6 +390,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         except NoSafetensors:
             stream = False
             _stage(f"{args.model} has no safetensors weights to stream from: loading it whole instead")
+    if stream and not ddp.is_main():
+        return  # rank 0 wrote the checkpoint and reports
     if stream:
         seconds = time.perf_counter() - start
         result: dict[str, Any] = {"seconds": round(seconds, 1)}
@@ -593,6 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--num-samples", type=_positive_int, default=128)
     q.add_argument("--seq-len", type=_positive_int, default=512)
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--hessian-dtype", choices=("float32", "float64"), default="float32",
+                   help="what the calibration statistics are summed in; float64 makes a torchrun data-parallel run "
+                   "give the same codes as one process (twice the memory of the largest layer's Hessian)")
     q.add_argument("--calibration-device", type=_device, default=None,
                    help="e.g. cuda; default: a GPU if there is one")
     q.add_argument("--device", type=_device, default=None, help="where the model is loaded (default: CPU)")

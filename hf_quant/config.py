@@ -29,11 +29,12 @@ ON_INCOMPATIBLE = ("error", "skip")
 _OVERRIDABLE = ("bits", "group_size", "sym", "gguf")
 _SKIP_PREFIX = "-:"
 _MATCH_PREFIX = "+:"
-_RUNTIME_ONLY = ("dataset", "calibration_device")  # how to calibrate this run, not what was saved
+_RUNTIME_ONLY = ("dataset", "calibration_device", "hessian_dtype")  # how to calibrate this run, not what was saved
 # __init__ arguments stored as given (the others are copied or checked first)
 _PLAIN_FIELDS = ("method", "bits", "group_size", "sym", "on_incompatible", "dataset", "num_samples", "seq_len", "seed",
                  "damp_percent", "block_size", "desc_act", "static_groups", "true_sequential", "mse", "epochs",
-                 "learning_rate", "block_name_to_quantize", "calibration_device", "format_version", "gguf")
+                 "learning_rate", "block_name_to_quantize", "calibration_device", "format_version", "gguf",
+                 "hessian_dtype")
 
 
 def _check_bits(bits: Any, field: str) -> None:
@@ -122,6 +123,11 @@ class QuantConfig(QuantizationConfigMixin):
         calibration_device: where each block is calibrated ("cuda", "cuda:1", "cpu"); None = the
             first GPU if there is one, else the model's device. Blocks move there one at a time,
             cached activations stay on the model's device. Not saved.
+        hessian_dtype: what the calibration statistics (each layer's sum of x x^T over the windows) are
+            added in: "float32" (default: least memory) or "float64" (twice the memory of the largest
+            layer's Hessian). Each window's product is computed in fp32 either way; in fp64 the sum does
+            not depend on the order of the windows, so a data-parallel run (torchrun) gives the same
+            codes as one process. Not saved.
         format_version: on-disk layout version; set by hf_quant (2, or 3 for GGUF layers), checked when loading.
         provenance: set by hf_quant when it quantizes, informational (the model card shows it):
             base model, calibration data description, hf_quant version, and an `evaluation` entry
@@ -154,6 +160,7 @@ class QuantConfig(QuantizationConfigMixin):
         format_version: int | None = None,
         provenance: dict[str, Any] | None = None,
         gguf: str | None = None,
+        hessian_dtype: str = "float32",
         **kwargs: Any,
     ) -> None:
         fields = dict(locals())
@@ -190,6 +197,9 @@ class QuantConfig(QuantizationConfigMixin):
         self._resolve_method_options()
         for field in ("sym", "true_sequential"):
             _check_bool(getattr(self, field), field)
+        if self.hessian_dtype not in ("float32", "float64"):
+            raise ValueError(f"QuantConfig.hessian_dtype={self.hessian_dtype!r} is not supported; use 'float32' or "
+                             "'float64'.")
         _check_bits(self.bits, "bits")
         _check_group_size(self.group_size, "group_size")
         self._check_gguf(self.gguf, "gguf")

@@ -48,6 +48,8 @@ from transformers.utils import logging as hf_logging
 
 from .calibration.blockwise import (_calibrate_block, _tokenizer_for, capture_block_inputs, find_blocks,
                                     work_device)
+from .calibration import distributed as ddp
+from .calibration.blockwise import check_data_parallel
 from .calibration.data import calibration_windows, describe_dataset
 from .calibration.layer import quantize_layer
 from .config import QuantConfig
@@ -177,11 +179,25 @@ def _model_key(name: str, tensors: dict, prefix: str) -> str | None:
 # ---------------------------------------------------------------- progress
 
 class _Progress:
-    """`<dst>.partial`: finished blocks' tensors, the next block's inputs, progress.json."""
+    """`<dst>.partial`: finished blocks' tensors, the next block's inputs (one file per rank), progress.json.
+    Rank 0 writes the shared files; every rank writes its own inputs."""
 
     def __init__(self, directory: Path, key: dict[str, Any], resume: bool) -> None:
         self.dir, self.key = directory, key
-        self.state: dict[str, Any] = {"format": PROGRESS_FORMAT, "key": key, "next_block": 0, "report": []}
+        outcome: Any = None
+        if ddp.is_main():
+            try:
+                outcome = self._open(resume)
+            except ValueError as e:
+                outcome = e
+        outcome = ddp.broadcast_layers({"state": outcome}, {"state": 0})["state"]  # every rank: the same state
+        if isinstance(outcome, Exception):
+            raise outcome
+        self.state = outcome
+
+    def _open(self, resume: bool) -> dict[str, Any]:
+        directory, key = self.dir, self.key
+        state: dict[str, Any] = {"format": PROGRESS_FORMAT, "key": key, "next_block": 0, "report": []}
         path = directory / PROGRESS
         if directory.exists() and resume and path.is_file():
             try:
@@ -194,14 +210,16 @@ class _Progress:
                 differs = [k for k in key if old.get("key", {}).get(k) != key[k]]
                 raise ValueError(
                     f"{directory} holds the progress of a different run ({', '.join(differs) or 'its key'} differs: "
-                    f"{_describe_key_field(differs[0] if differs else '')}). Re-run with the same source, QuantConfig "
-                    f"and dtype to resume, or delete {directory} (or pass resume=False / --no-resume) to start over.")
-            self.state = old
+                    f"{_describe_key_field(differs[0] if differs else '')}). Re-run with the same source, QuantConfig, "
+                    f"dtype and number of processes to resume, or delete {directory} (or pass resume=False / "
+                    "--no-resume) to start over.")
             logger.info("hf_quant: resuming from %s after block %d", directory, old["next_block"])
-        elif directory.exists():
+            return old
+        if directory.exists():
             shutil.rmtree(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.save()
+        atomic_write_text(path, json.dumps(state, indent=1, default=float))
+        return state
 
     @property
     def next_block(self) -> int:
@@ -211,17 +229,23 @@ class _Progress:
         return self.dir / f"block-{i:05d}.safetensors"
 
     def inputs_file(self, i: int) -> Path:
-        return self.dir / f"inputs-{i:05d}.pt"
+        return self.dir / (f"inputs-{i:05d}.pt" if ddp.world() == 1 else f"inputs-{i:05d}-rank{ddp.rank()}.pt")
 
-    def finish_block(self, i: int, entry: dict | None, inputs: Any) -> None:
+    def finish_block(self, i: int, tensors: dict[str, torch.Tensor], entry: dict | None, inputs: Any) -> None:
+        """Block i is done: its tensors (rank 0) and every rank's next inputs on disk, then progress.json says so."""
         if inputs is not None:
             tmp = self.inputs_file(i + 1).with_suffix(".tmp")
             torch.save(inputs, tmp)
             os.replace(tmp, self.inputs_file(i + 1))
+        if ddp.is_main():
+            _save_tensors(tensors, self.block_file(i))
+        ddp.barrier()
         self.state["next_block"] = i + 1
         if entry is not None:
             self.state["report"].append(entry)
-        self.save()
+        if ddp.is_main():
+            self.save()
+        ddp.barrier()
         self.inputs_file(i).unlink(missing_ok=True)
 
     def save(self) -> None:
@@ -230,7 +254,7 @@ class _Progress:
 
 def _describe_key_field(field: str) -> str:
     return {"source": "the source checkpoint's files or config.json", "config": "the QuantConfig",
-            "dtype": "the model dtype", "data": "the calibration windows", "hf_quant": "the hf_quant version"
+            "dtype": "the model dtype", "data": "the calibration windows", "hf_quant": "the hf_quant version", "processes": "the number of processes"
             }.get(field, "the run's identity")
 
 
@@ -335,6 +359,7 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(hf_config, dtype=model_dtype)
     model.eval()
+    _load_generation_config(model, src_dir)
     quantizer = HfQuantQuantizer(config, pre_quantized=False)
     quantizer.preprocess_model(model=model, dtype=model_dtype, device_map=None)
     model.hf_quantizer = quantizer
@@ -360,9 +385,13 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
     if calibrates:
         windows = calibration_windows(config.dataset, lambda: _tokenizer_for(model), config.num_samples,
                                       config.seq_len, config.seed, model.get_input_embeddings().num_embeddings)
-    key = {"source": _sha256_json(fingerprint), "config": _sha256_json({**config.to_dict(), "provenance": None}),
-           "dtype": str(model_dtype), "hf_quant": __version__,
+    key = {"source": _sha256_json(fingerprint), "config": _sha256_json({**config.to_dict(), "provenance": None,
+                                                                               "hessian_dtype": config.hessian_dtype}),
+           "dtype": str(model_dtype), "hf_quant": __version__, "processes": ddp.world(),
            "data": None if windows is None else hashlib.sha256(windows.numpy().tobytes()).hexdigest()}
+    if windows is not None:
+        check_data_parallel(config)
+        windows = ddp.my_windows(windows)  # data-parallel: this rank's share
     progress = _Progress(Path(str(dst) + PARTIAL_SUFFIX), key, resume)
     block_prefix = [f"{prefix}.{i}." for i in range(len(blocks))]
     state_names = list(model.state_dict())
@@ -413,12 +442,11 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
                 set_module(model, name, quantize_layer(name, model.get_submodule(name), targets[name], config.method,
                                                        **options))
         with _writing(progress.dir, f"block {i}"):
-            _save_tensors({bp + k: v for k, v in block.state_dict().items()}, progress.block_file(i))
-            progress.finish_block(i, entry, inputs)
+            progress.finish_block(i, {bp + k: v for k, v in block.state_dict().items()}, entry, inputs)
         _release(block)
         _log_block(i, n_blocks, entry, time.perf_counter() - t0)
     extra_file = progress.dir / "outside.safetensors"
-    if outside and not extra_file.is_file():  # data-free targets outside the blocks (e.g. lm_head)
+    if outside and ddp.is_main() and not extra_file.is_file():  # data-free targets outside the blocks (e.g. lm_head)
         _materialize(model, [n for n in outside_tensors if any(n.startswith(t + ".") for t in outside)], loader, keys)
         for name in outside:
             set_module(model, name, quantize_layer(name, model.get_submodule(name), targets[name], config.method,
@@ -428,6 +456,9 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
     if calibrates:
         logger.info("hf_quant: %s calibrated %d blocks (streaming) in %.1f s, peak memory %s MiB", config.method,
                     n_blocks - start, time.perf_counter() - started, _mb(peak_memory_mb()))
+    if not ddp.is_main():  # one rank writes the checkpoint
+        ddp.barrier()
+        return dst
     _check_unchanged(src_dir, tensors, fingerprint)
 
     # the finished model: a meta skeleton, its tensors offloaded to the block files and the source shards
@@ -471,6 +502,7 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
             model.save_pretrained(dst, max_shard_size=max_shard_size, tokenizer=tok,
                                   **({"repo_id": repo_id} if repo_id else {}))
     shutil.rmtree(progress.dir, ignore_errors=True)
+    ddp.barrier()
     logger.info("hf_quant: wrote %s (peak memory %s MiB)", dst, _mb(peak_memory_mb()))
     return dst
 
@@ -482,6 +514,19 @@ def _release_tensors(model: nn.Module, names: list[str]) -> None:
 
     for name in names:
         set_module_tensor_to_device(model, name, "meta")
+
+
+def _load_generation_config(model: nn.Module, src: Path) -> None:
+    """The generation config as from_pretrained gives it: generation_config.json, else one made from config.json."""
+    from transformers import GenerationConfig
+
+    if not model.can_generate():
+        return
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(src, _from_auto=True)
+    except OSError:
+        model.generation_config = GenerationConfig.from_pretrained(src, config_file_name="config.json",
+                                                                   _from_auto=True, _from_model_config=True)
 
 
 def _save_order(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

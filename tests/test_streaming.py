@@ -228,3 +228,47 @@ def test_a_small_filesystem_for_the_output(tmp_path):
         assert not (mnt / "out").exists()
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_data_parallel_two_processes_give_the_one_process_checkpoint(tmp_path):
+    """torchrun with 2 gloo processes: windows split, Hessians summed over ranks in fp64, layers spread and
+    broadcast, rank 0 writes; with --hessian-dtype float64 the checkpoint is byte-identical to one process."""
+    pytest.importorskip("torch.distributed.run")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    options = ["--method", "gptq", "--group-size", "32", "--num-samples", "8", "--seq-len", "64",
+               "--hessian-dtype", "float64"]
+    one = tmp_path / "one" / "out"
+    subprocess.run(CLI + [str(one)] + options, check=True, env=env, capture_output=True)
+    two = tmp_path / "two" / "out"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(29500 + os.getpid() % 1000), "-m", "hf_quant", "-q", "quantize", str(TINY_LLAMA), str(two)]
+                         + options, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_files(one, two)
+    assert len(run.stdout.strip().splitlines()) == 1  # one rank reports
+
+
+def test_data_parallel_refuses_block_stage_methods(monkeypatch):
+    from hf_quant.calibration import blockwise, distributed
+
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "world", lambda: 2)
+    with pytest.raises(ValueError, match="method='awq' searches on each block's activations .* one process"):
+        blockwise.check_data_parallel(QuantConfig(method="awq"))
+    blockwise.check_data_parallel(QuantConfig(method="gptq"))
+
+
+def test_fp64_hessian_sum_is_the_fp32_product_summed_in_fp64():
+    from hf_quant.methods import accumulate_hessian
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(37, 2100, generator=g) for _ in range(3)]
+    H32, H64 = torch.zeros(2100, 2100), torch.zeros(2100, 2100, dtype=torch.float64)
+    for x in xs:
+        accumulate_hessian(H32, x)
+        accumulate_hessian(H64, x)
+    exact = sum((x.double().t() @ x.double()) for x in xs)
+    assert (H64 - exact).abs().max() <= (H32.double() - exact).abs().max()
+    torch.testing.assert_close(H64.float(), H32, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="hessian_dtype='float16'"):
+        QuantConfig(method="gptq", hessian_dtype="float16")

@@ -26,6 +26,7 @@ from ..config import LayerSpec, QuantConfig
 from ..core.devices import device_count, exists
 from ..core.layers import is_conv1d, linear_shape, linear_weight, map_tensors, set_module
 from ..methods import BlockContext, accumulate_hessian, get_method, hessian
+from . import distributed as ddp
 from .layer import quantize_layer
 from .data import calibration_windows
 
@@ -226,8 +227,9 @@ def quantize_blockwise(model: nn.Module, config: QuantConfig, targets: dict[str,
             f"{outside[0]}: method {config.method!r} calibrates layers inside the decoder blocks only; "
             "keep it in float with modules_to_not_convert, or use method='rtn'."
         )
-    windows = calibration_windows(config.dataset, lambda: _tokenizer_for(model), config.num_samples, config.seq_len,
-                                  config.seed, model.get_input_embeddings().num_embeddings)
+    check_data_parallel(config)
+    windows = ddp.my_windows(calibration_windows(config.dataset, lambda: _tokenizer_for(model), config.num_samples,
+                                                 config.seq_len, config.seed, model.get_input_embeddings().num_embeddings))
     device = work_device(config, _block_device(blocks[0]))
     start = time.perf_counter()
     inputs = capture_block_inputs(model, blocks[0], windows)
@@ -260,6 +262,16 @@ def quantize_blockwise(model: nn.Module, config: QuantConfig, targets: dict[str,
     logger.info("hf_quant: %s calibrated %d blocks on %s in %.1f s", config.method, len(blocks), device,
                 time.perf_counter() - start)
     return report
+
+
+def check_data_parallel(config: QuantConfig) -> None:
+    """Several processes calibrate together only methods without a block stage (their layers need nothing
+    but the summed Hessians); a stage (AWQ's scale search, OmniQuant's training) would see each rank's own
+    windows and disagree."""
+    if ddp.active() and get_method(config.method).stage is not None:
+        raise ValueError(f"QuantConfig.method={config.method!r} searches on each block's activations (a block stage), "
+                         f"which is not data-parallel yet; run it in one process (not under torchrun with "
+                         f"{ddp.world()} processes), or use a Hessian-only method such as 'gptq'.")
 
 
 def _quantize_data_free(model: nn.Module, config: QuantConfig, targets: dict[str, LayerSpec], options: dict
@@ -321,24 +333,29 @@ def _calibrate_block(model, block, block_prefix, targets, config, options, input
         for group in pass_groups:
             first = group[0]
             in_f = linear_shape(model.get_submodule(first))[0]
-            H[first], rows[first] = torch.zeros(in_f, in_f, device=device), 0
+            H[first], rows[first] = torch.zeros(in_f, in_f, device=device, dtype=getattr(torch, config.hessian_dtype)), 0
             handles.append(model.get_submodule(first).register_forward_hook(_hessian_hook(H, rows, first)))
         try:
             _, kept = _pass(block, inputs, device, keep=REFERENCE_WINDOWS if float_out is None else 0, collect=False)
         finally:
             for h in handles:
                 h.remove()
+        for first in H:  # data-parallel: the sums over every rank's windows (fp64), as one process has them
+            ddp.all_reduce_sum(H[first])
+            rows[first] = int(ddp.all_reduce_scalars(rows[first])[0])
         float_out = kept if float_out is None else float_out
-        for group in pass_groups:
-            first = group[0]
-            for n in group:
-                original = model.get_submodule(n)
-                layer = _quantize_with_hessian(n, original, targets[n], config, {**options, **stage_kwargs.get(n, {})},
-                                               H[first], rows[first])
-                layer_errors[n.removeprefix(block_prefix)] = _weighted_error(original, layer, H[first])
-                set_module(model, n, layer)
-                original.to(home)  # kept for rollback, off the work device
-            del H[first]
+        todo = [(n, group[0]) for group in pass_groups for n in group]
+        owners = {n: ddp.owner(i) for i, (n, _) in enumerate(todo)}  # layers spread over the ranks
+        originals = {n: model.get_submodule(n) for n, _ in todo}
+        new = {n: _quantize_with_hessian(n, originals[n], targets[n], config, {**options, **stage_kwargs.get(n, {})},
+                                         H[first], rows[first])
+               for n, first in todo if owners[n] == ddp.rank()}
+        new = ddp.broadcast_layers(new, owners)
+        for n, first in todo:
+            layer_errors[n.removeprefix(block_prefix)] = _weighted_error(originals[n], new[n], H[first])
+            set_module(model, n, new[n])
+            originals[n].to(home)  # kept for rollback, off the work device
+        H.clear()
     outs, kept = _pass(block, inputs, device, keep=REFERENCE_WINDOWS)
     error = _relative_error(kept, float_out) if names else 0.0
     next_inputs = [((y,) + tuple(args[1:]), kwargs) for y, (args, kwargs) in zip(outs, inputs)]
@@ -395,6 +412,7 @@ def _quantize_with_hessian(name, module, spec, config, options, Hsum, rows):
 def _weighted_error(original: nn.Module, layer: nn.Module, Hsum: torch.Tensor) -> float:
     """The layer's relative reconstruction error on its calibration inputs, from their Hessian:
     ||(W - W_hat) X||^2 / ||W X||^2 = tr(dW H dW^T) / tr(W H W^T)."""
+    Hsum = Hsum.to(torch.float32)
     W = linear_weight(original).detach().to(Hsum.device, torch.float32)
     dW = W - layer.dequantize().to(Hsum.device, torch.float32)
     den = ((W @ Hsum) * W).sum().item()
@@ -402,9 +420,8 @@ def _weighted_error(original: nn.Module, layer: nn.Module, Hsum: torch.Tensor) -
 
 
 def _relative_error(quantized: list[torch.Tensor], reference: list[torch.Tensor] | None) -> float:
-    """||Y_q - Y||^2 / ||Y||^2 over the kept windows."""
-    if not reference:
-        return 0.0
-    num = sum(((q - r) ** 2).sum().item() for q, r in zip(quantized, reference))
-    den = sum((r**2).sum().item() for r in reference)
-    return num / max(den, 1e-30)
+    """||Y_q - Y||^2 / ||Y||^2 over the kept windows (of every rank)."""
+    num = sum(((q - r) ** 2).sum().item() for q, r in zip(quantized, reference or []))
+    den = sum((r**2).sum().item() for r in reference or [])
+    num, den = ddp.all_reduce_scalars(num, den)
+    return num / max(den, 1e-30) if den else 0.0

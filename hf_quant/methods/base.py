@@ -98,17 +98,26 @@ class Options:
 
 # --- the statistic every calibrated method takes -----------------------------------------------------
 
+HESSIAN_TILE = 1024  # fp64 sums: rows of x^T x computed (fp32) and added at a time
+
+
 def accumulate_hessian(Hsum: torch.Tensor, x: torch.Tensor) -> int:
-    """Add one batch of a layer's inputs x (..., in) to Hsum = sum x x^T (fp32, in place); returns
-    the number of rows added. H = 2 Hsum / rows is the Hessian of the layer's reconstruction loss
-    ||W X - W_hat X||^2 (GPTQ, eq. 1), which `needs_calibration` methods receive as `H`."""
+    """Add one batch of a layer's inputs x (..., in) to Hsum = sum x x^T (in place); returns the
+    number of rows added. H = 2 Hsum / rows is the Hessian of the layer's reconstruction loss
+    ||W X - W_hat X||^2 (GPTQ, eq. 1), which `needs_calibration` methods receive as `H`.
+    The product is computed in fp32; an fp64 Hsum receives it a tile of rows at a time."""
     x = x.reshape(-1, x.shape[-1]).float()
-    Hsum.addmm_(x.t(), x)
+    if Hsum.dtype == torch.float32:
+        Hsum.addmm_(x.t(), x)
+    else:
+        for i in range(0, x.shape[1], HESSIAN_TILE):
+            Hsum[i:i + HESSIAN_TILE] += x[:, i:i + HESSIAN_TILE].t() @ x
     return x.shape[0]
 
 
 def hessian(Hsum: torch.Tensor, rows: int) -> torch.Tensor:
-    return 2 * Hsum / rows
+    """H = 2 Hsum / rows in fp32 (an fp64 sum is divided in fp64 and rounded once)."""
+    return (2 * Hsum / rows).to(torch.float32)
 
 
 # --- block stages ----------------------------------------------------------------------------------

@@ -1,0 +1,141 @@
+"""Streaming calibration on a model larger than half the machine's memory: peak resident memory and time.
+
+Generates (never downloads) a random-weight Llama-shaped checkpoint, by default hidden 4096, intermediate 11008,
+12 blocks, vocabulary 32000 in bf16 (about 6 GB, one safetensors shard per block), written tensor by tensor so the
+generator itself stays small. Then quantizes it with GPTQ w4 g128 on 32 x 256 random calibration tokens, each path in
+a fresh process whose peak resident memory (VmHWM) and wall time are reported:
+
+  - streaming: `hf_quant.quantize_checkpoint(src, dst, cfg)` (what `hf-quant quantize` runs);
+  - in memory: `from_pretrained(src, quantization_config=cfg)` + `save_pretrained(dst)` (--skip-in-memory to skip).
+
+Both outputs are compared byte for byte.
+
+    python benchmarks/bench_streaming.py [--dir /tmp/hfq-streaming] [--layers 12] [--skip-in-memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CHILD = r"""
+import json, sys, time, torch
+import hf_quant
+from hf_quant import QuantConfig
+from hf_quant.streaming import peak_memory_mb
+mode, src, dst, n, seq = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+vocab = json.load(open(f"{src}/config.json"))["vocab_size"]
+g = torch.Generator().manual_seed(0)
+data = [torch.randint(0, vocab, (seq,), generator=g) for _ in range(n)]
+cfg = QuantConfig(method="gptq", bits=4, group_size=128, dataset=data, num_samples=n, seq_len=seq)
+t = time.perf_counter()
+if mode == "streaming":
+    hf_quant.quantize_checkpoint(src, dst, cfg, tokenizer=None)
+else:
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(src, quantization_config=cfg).save_pretrained(dst, max_shard_size="1GB")
+print(json.dumps({"seconds": time.perf_counter() - t, "peak_mb": peak_memory_mb()}))
+"""
+
+
+def generate(path: Path, hidden: int, inter: int, layers: int, vocab: int) -> float:
+    """A random bf16 Llama checkpoint, one shard per block; returns its size in GiB."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    if (path / "model.safetensors.index.json").is_file():
+        return sum(p.stat().st_size for p in path.glob("*.safetensors")) / 2**30
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, vocab_size=vocab,
+                         num_attention_heads=hidden // 128, num_key_value_heads=hidden // 128,
+                         max_position_embeddings=4096, tie_word_embeddings=False, dtype="bfloat16")
+    config.save_pretrained(tmp)
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, std=0.02):
+        return (torch.randn(*shape, generator=g) * std).to(torch.bfloat16)
+
+    shards: list[dict] = [{"model.embed_tokens.weight": rand(vocab, hidden)}]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shards.append({p + "self_attn.q_proj.weight": rand(hidden, hidden), p + "self_attn.k_proj.weight": rand(hidden, hidden),
+                       p + "self_attn.v_proj.weight": rand(hidden, hidden), p + "self_attn.o_proj.weight": rand(hidden, hidden),
+                       p + "mlp.gate_proj.weight": rand(inter, hidden), p + "mlp.up_proj.weight": rand(inter, hidden),
+                       p + "mlp.down_proj.weight": rand(hidden, inter),
+                       p + "input_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+                       p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16)})
+        save_file(shards[-1], str(tmp / f"model-{i + 2:05d}-of-{layers + 2:05d}.safetensors"), metadata={"format": "pt"})
+        shards[-1] = {k: None for k in shards[-1]}  # released: only the names are kept
+    shards.append({"model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16), "lm_head.weight": rand(vocab, hidden)})
+    n = len(shards)
+    for i in (0, n - 1):
+        save_file(shards[i], str(tmp / f"model-{i + 1:05d}-of-{n:05d}.safetensors"), metadata={"format": "pt"})
+    weight_map = {k: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, s in enumerate(shards) for k in s}
+    size = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": size},
+                                                                  "weight_map": weight_map}, indent=2))
+    tmp.rename(path)
+    return size / 2**30
+
+
+def run(mode: str, src: Path, dst: Path, n: int, seq: int) -> dict:
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.rmtree(str(dst) + ".partial", ignore_errors=True)
+    done = subprocess.run([sys.executable, "-c", CHILD, mode, str(src), str(dst), str(n), str(seq)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{mode} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dir", default="/tmp/hfq-streaming")
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--intermediate", type=int, default=11008)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--num-samples", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--skip-in-memory", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint and the outputs")
+    args = ap.parse_args()
+    root = Path(args.dir)
+    src = root / "src"
+    t = time.perf_counter()
+    gib = generate(src, args.hidden, args.intermediate, args.layers, args.vocab)
+    print(f"source: random Llama, hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} blocks, "
+          f"vocab {args.vocab}, bf16: {gib:.2f} GiB on disk (generated in {time.perf_counter() - t:.0f} s)")
+    print(f"GPTQ w4 g128, {args.num_samples} x {args.seq_len} calibration tokens; {os.cpu_count()} CPUs, "
+          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM\n")
+    rows = {"streaming": run("streaming", src, root / "stream" / "out", args.num_samples, args.seq_len)}
+    if not args.skip_in_memory:
+        rows["in memory"] = run("in memory", src, root / "memory" / "out", args.num_samples, args.seq_len)
+    print("| path | peak resident memory (VmHWM) | x model size | time |\n|---|---:|---:|---:|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['peak_mb'] / 1024:.2f} GiB | {r['peak_mb'] / 1024 / gib:.2f}x | {r['seconds']:.0f} s |")
+    out = root / "stream" / "out"
+    size = sum(p.stat().st_size for p in out.glob("*.safetensors")) / 2**30
+    print(f"\nquantized checkpoint: {size:.2f} GiB in {len(list(out.glob('*.safetensors')))} shard(s)")
+    if "in memory" in rows:
+        a, b = out, root / "memory" / "out"
+        same = sorted(os.listdir(a)) == sorted(os.listdir(b)) and all(
+            filecmp.cmp(a / f, b / f, shallow=False) for f in os.listdir(a))
+        print(f"streaming and in-memory weights and config byte-identical: {same}")
+    if not args.keep:
+        for d in ("stream", "memory"):
+            shutil.rmtree(root / d, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
