@@ -9,7 +9,7 @@ Only what the current step needs is in memory:
 2. The tensors outside the decoder blocks (embeddings, ...) are loaded, block 0's inputs on the
    calibration windows captured, and those tensors released.
 3. Block i's float tensors are loaded; the block is calibrated by the same code as the in-memory path
-   (`calibration.blockwise._calibrate_block`, or `quantize_layer` for data-free methods); its tensors
+   (`calibration.blockwise.calibrate_block`, or `quantize_layer` for data-free methods); its tensors
    (the quantized layers and the block's float ones) go to `<dst>.partial/block-NNNNN.safetensors`, the
    next block's inputs to `inputs-NNNNN.pt`, and `progress.json` records the finished block; then the
    block goes back to the meta device.
@@ -46,13 +46,13 @@ import torch
 import torch.nn as nn
 from transformers.utils import logging as hf_logging
 
-from .calibration.blockwise import (_calibrate_block, _tokenizer_for, capture_block_inputs, find_blocks,
-                                    work_device)
 from .calibration import distributed as ddp
-from .calibration.blockwise import check_data_parallel
+from .calibration.blockwise import (calibrate_block, capture_block_inputs, check_data_parallel, find_blocks, log_block,
+                                    tokenizer_for, work_device)
 from .calibration.data import calibration_windows, describe_dataset
 from .calibration.layer import quantize_layer
 from .config import QuantConfig
+from .core.devices import peak_memory_mb
 from .core.layers import set_module
 from .integrations import hub
 from .integrations.transformers import HfQuantQuantizer, provenance
@@ -81,18 +81,6 @@ class NoSpace(OSError):
 
 class NoSafetensors(ValueError):
     """The source checkpoint has no safetensors weights to stream from."""
-
-
-def peak_memory_mb() -> float | None:
-    """This process's peak resident memory (VmHWM) in MiB, where Linux tells it."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 # ---------------------------------------------------------------- the source checkpoint
@@ -383,7 +371,7 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
                                            for k, (p, _) in tensors.items()})
     windows = None
     if calibrates:
-        windows = calibration_windows(config.dataset, lambda: _tokenizer_for(model), config.num_samples,
+        windows = calibration_windows(config.dataset, lambda: tokenizer_for(model), config.num_samples,
                                       config.seq_len, config.seed, model.get_input_embeddings().num_embeddings)
     key = {"source": _sha256_json(fingerprint), "config": _sha256_json({**config.to_dict(), "provenance": None,
                                                                                "hessian_dtype": config.hessian_dtype}),
@@ -428,7 +416,7 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
         if calibrates:
             block.to(device)
             try:
-                names, groups, error, layer_errors, inputs, notes = _calibrate_block(
+                names, groups, error, layer_errors, inputs, notes = calibrate_block(
                     model, block, bp, targets, config, options, inputs, device, torch.device("cpu"), [])
             finally:
                 block.to("cpu")
@@ -444,7 +432,7 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
         with _writing(progress.dir, f"block {i}"):
             progress.finish_block(i, {bp + k: v for k, v in block.state_dict().items()}, entry, inputs)
         _release(block)
-        _log_block(i, n_blocks, entry, time.perf_counter() - t0)
+        _log_block(i, n_blocks, entry, time.perf_counter() - t0, bp)
     extra_file = progress.dir / "outside.safetensors"
     if outside and ddp.is_main() and not extra_file.is_file():  # data-free targets outside the blocks (e.g. lm_head)
         _materialize(model, [n for n in outside_tensors if any(n.startswith(t + ".") for t in outside)], loader, keys)
@@ -543,13 +531,9 @@ def _mb(value: float | None) -> str:
     return "?" if value is None else f"{value:.0f}"
 
 
-def _log_block(i: int, n: int, entry: dict | None, seconds: float) -> None:
+def _log_block(i: int, n: int, entry: dict | None, seconds: float, block_prefix: str) -> None:
     if entry is None:
         logger.info("hf_quant: block %d/%d quantized in %.1f s, peak memory %s MiB", i + 1, n, seconds,
                     _mb(peak_memory_mb()))
-        return
-    errors = entry["layer_errors"]
-    worst = max(errors, key=errors.get, default="-")
-    logger.info("hf_quant: block %d/%d: %d layers in %d groups, output rel. error %.3e, worst layer %s %.3e, %.1f s, "
-                "peak memory %s MiB", i + 1, n, entry["layers"], entry["groups"], entry["output_error"], worst,
-                errors.get(worst, 0.0), seconds, _mb(entry["peak_memory_mb"]))
+    else:
+        log_block(entry, n, block_prefix)

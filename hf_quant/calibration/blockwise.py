@@ -23,7 +23,7 @@ import torch.nn as nn
 from transformers.utils import logging as hf_logging
 
 from ..config import LayerSpec, QuantConfig
-from ..core.devices import device_count, exists
+from ..core.devices import device_count, exists, peak_memory_mb
 from ..core.layers import is_conv1d, linear_shape, linear_weight, map_tensors, set_module
 from ..methods import BlockContext, accumulate_hessian, get_method, hessian
 from . import distributed as ddp
@@ -113,7 +113,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, windows: torch.Tens
     return captured
 
 
-def _tokenizer_for(model: nn.Module):
+def tokenizer_for(model: nn.Module):
     try:
         from transformers import AutoTokenizer
 
@@ -228,7 +228,7 @@ def quantize_blockwise(model: nn.Module, config: QuantConfig, targets: dict[str,
             "keep it in float with modules_to_not_convert, or use method='rtn'."
         )
     check_data_parallel(config)
-    windows = ddp.my_windows(calibration_windows(config.dataset, lambda: _tokenizer_for(model), config.num_samples,
+    windows = ddp.my_windows(calibration_windows(config.dataset, lambda: tokenizer_for(model), config.num_samples,
                                                  config.seq_len, config.seed, model.get_input_embeddings().num_embeddings))
     device = work_device(config, _block_device(blocks[0]))
     start = time.perf_counter()
@@ -244,14 +244,15 @@ def quantize_blockwise(model: nn.Module, config: QuantConfig, targets: dict[str,
             home = _block_device(block)
             block.to(device)
             try:
-                names, groups, error, layer_errors, inputs, notes = _calibrate_block(
+                names, groups, error, layer_errors, inputs, notes = calibrate_block(
                     model, block, f"{prefix}.{idx}.", targets, config, options, inputs, device, home, undo)
             finally:
                 block.to(home)
             seconds = time.perf_counter() - block_start
             report.append({"block": idx, "layers": len(names), "groups": len(groups), "output_error": error,
-                           "layer_errors": layer_errors, "seconds": seconds, "notes": notes})
-            _log_block(report[-1], len(blocks), f"{prefix}.{idx}.")
+                           "layer_errors": layer_errors, "seconds": seconds, "notes": notes,
+                           "peak_memory_mb": peak_memory_mb()})
+            log_block(report[-1], len(blocks), f"{prefix}.{idx}.")
             for note in notes:
                 logger.info("hf_quant:   %s", note)
     except BaseException:
@@ -302,17 +303,19 @@ def _check_dataset(config: QuantConfig, options: dict) -> None:
                          + "".join(f", or {k}=None (no data needed)" for k in data_free) + ".")
 
 
-def _log_block(entry: dict, n_blocks: int, block_prefix: str) -> None:
+def log_block(entry: dict, n_blocks: int, block_prefix: str) -> None:
     errors = entry["layer_errors"]
     worst = max(errors, key=errors.get, default="-")
-    logger.info("hf_quant: block %d/%d: %d layers in %d groups, output rel. error %.3e, worst layer %s %.3e, %.1f s",
-                entry["block"] + 1, n_blocks, entry["layers"], entry["groups"], entry["output_error"], worst,
-                errors.get(worst, 0.0), entry["seconds"])
+    peak = entry.get("peak_memory_mb")
+    logger.info("hf_quant: block %d/%d: %d layers in %d groups, output rel. error %.3e, worst layer %s %.3e, %.1f s, "
+                "peak memory %s MiB", entry["block"] + 1, n_blocks, entry["layers"], entry["groups"],
+                entry["output_error"], worst, errors.get(worst, 0.0), entry["seconds"],
+                "?" if peak is None else f"{peak:.0f}")
     for name, err in errors.items():
         logger.debug("hf_quant:   %s%s rel. error %.3e", block_prefix, name, err)
 
 
-def _calibrate_block(model, block, block_prefix, targets, config, options, inputs, device, home, undo):
+def calibrate_block(model, block, block_prefix, targets, config, options, inputs, device, home, undo):
     """Quantize one block's targets (already on `device`); returns its names, groups, output error,
     the quantized block's outputs as the next block's inputs, and the block stage's notes."""
     names = [n for n in targets if n.startswith(block_prefix)]

@@ -37,3 +37,15 @@ def device_count(device: torch.device) -> int:
 
 def exists(device: torch.device) -> bool:
     return (device.index or 0) < device_count(device)
+
+
+def peak_memory_mb() -> float | None:
+    """This process's peak resident memory (VmHWM) in MiB, where Linux tells it; None elsewhere."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
