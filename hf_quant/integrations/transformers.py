@@ -44,7 +44,10 @@ class HfQuantQuantizer(HfQuantizer):
 
     def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
         if isinstance(device_map, dict) and "disk" in device_map.values():
-            raise ValueError("hf_quant models cannot be offloaded to disk; use device_map without 'disk' entries.")
+            raise ValueError("hf_quant models cannot be offloaded to disk; use device_map without 'disk' entries. To "
+                             "quantize a model larger than memory, stream it from disk instead: "
+                             "hf_quant.quantize_checkpoint(src, dst, QuantConfig(...)) or `hf-quant quantize SRC DST` "
+                             "(block by block, resumable), then load DST.")
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, keep_in_fp32_modules=None,
                                              **kwargs: Any):
