@@ -417,14 +417,13 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
             block.to(device)
             try:
                 names, groups, error, layer_errors, inputs, notes = calibrate_block(
-                    model, block, bp, targets, config, options, inputs, device, torch.device("cpu"), [])
+                    model, block, bp, targets, config, options, inputs, device, torch.device("cpu"), [],
+                    last=i + 1 == n_blocks)
             finally:
                 block.to("cpu")
             entry = {"block": i, "layers": len(names), "groups": len(groups), "output_error": error,
                      "layer_errors": layer_errors, "seconds": time.perf_counter() - t0, "notes": notes,
                      "peak_memory_mb": peak_memory_mb()}
-            if i + 1 == n_blocks:
-                inputs = None  # no next block
         else:
             for name in [n for n in targets if n.startswith(bp)]:
                 set_module(model, name, quantize_layer(name, model.get_submodule(name), targets[name], config.method,

@@ -245,7 +245,8 @@ def quantize_blockwise(model: nn.Module, config: QuantConfig, targets: dict[str,
             block.to(device)
             try:
                 names, groups, error, layer_errors, inputs, notes = calibrate_block(
-                    model, block, f"{prefix}.{idx}.", targets, config, options, inputs, device, home, undo)
+                    model, block, f"{prefix}.{idx}.", targets, config, options, inputs, device, home, undo,
+                    last=idx == len(blocks) - 1)
             finally:
                 block.to(home)
             seconds = time.perf_counter() - block_start
@@ -315,9 +316,10 @@ def log_block(entry: dict, n_blocks: int, block_prefix: str) -> None:
         logger.debug("hf_quant:   %s%s rel. error %.3e", block_prefix, name, err)
 
 
-def calibrate_block(model, block, block_prefix, targets, config, options, inputs, device, home, undo):
+def calibrate_block(model, block, block_prefix, targets, config, options, inputs, device, home, undo, last=False):
     """Quantize one block's targets (already on `device`); returns its names, groups, output error,
-    the quantized block's outputs as the next block's inputs, and the block stage's notes."""
+    the quantized block's outputs as the next block's inputs (None for the `last` block: not computed), and
+    the block stage's notes."""
     names = [n for n in targets if n.startswith(block_prefix)]
     groups = input_groups(block, block_prefix, names, inputs, device) if names else []
     passes = [[g] for g in groups] if config.true_sequential else [groups]
@@ -359,9 +361,11 @@ def calibrate_block(model, block, block_prefix, targets, config, options, inputs
             set_module(model, n, new[n])
             originals[n].to(home)  # kept for rollback, off the work device
         H.clear()
-    outs, kept = _pass(block, inputs, device, keep=REFERENCE_WINDOWS)
+    # the quantized block's outputs: the next block's inputs (the last block's serve only its error report)
+    outs, kept = _pass(block, inputs[:REFERENCE_WINDOWS] if last else inputs, device, keep=REFERENCE_WINDOWS,
+                       collect=not last)
     error = _relative_error(kept, float_out) if names else 0.0
-    next_inputs = [((y,) + tuple(args[1:]), kwargs) for y, (args, kwargs) in zip(outs, inputs)]
+    next_inputs = None if last else [((y,) + tuple(args[1:]), kwargs) for y, (args, kwargs) in zip(outs, inputs)]
     return names, groups, error, layer_errors, next_inputs, notes
 
 
