@@ -313,6 +313,7 @@ def _resolve_dtype(dtype: Any, hf_config: Any, tensors: dict[str, tuple[Path, di
 
 # ---------------------------------------------------------------- the driver
 
+@torch.no_grad()
 def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: QuantConfig, *, dtype: Any = "auto",
                         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, tokenizer: Any = True,
                         resume: bool = True, repo_id: str | None = None) -> Path:
