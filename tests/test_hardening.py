@@ -241,7 +241,8 @@ def test_shard_index_pointing_outside_the_checkpoint_is_refused(q_dir, tmp_path)
 
     with pytest.raises(ValueError, match="points outside the checkpoint directory"):
         index_checkpoint([str(bad / "../../other/model.safetensors")])
-    with pytest.raises(ValueError, match="points outside the checkpoint directory"):
+    # transformers >= 5.25 checks the index itself before our loader sees it; either refusal names the cause
+    with pytest.raises(ValueError, match="points outside the (checkpoint|model) directory"):
         AutoModelForCausalLM.from_pretrained(bad)
 
 

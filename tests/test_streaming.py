@@ -272,3 +272,18 @@ def test_fp64_hessian_sum_is_the_fp32_product_summed_in_fp64():
     torch.testing.assert_close(H64.float(), H32, rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="hessian_dtype='float16'"):
         QuantConfig(method="gptq", hessian_dtype="float16")
+
+
+def test_calibration_runs_without_autograd(monkeypatch, tmp_path):
+    """Parameters loaded from the shards require grad; calibrating them with autograd on kept a graph per layer
+    (2.5 GB for a 4096x4096 layer) before quantize_checkpoint ran under no_grad."""
+    seen = []
+    calibrate = streaming.calibrate_block
+
+    def spy(*args, **kwargs):
+        seen.append(torch.is_grad_enabled())
+        return calibrate(*args, **kwargs)
+
+    monkeypatch.setattr(streaming, "calibrate_block", spy)
+    quantize_checkpoint(TINY_LLAMA, tmp_path / "out", QuantConfig(**CASES["gptq"]))
+    assert seen and not any(seen)
