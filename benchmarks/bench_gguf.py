@@ -158,6 +158,9 @@ def speed(model, llm, tok, n_prompt=256, n_new=32, reps=3) -> dict[str, float]:
     return out
 
 
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(ROOT.parent / "shared" / "models" / "ref-llama"))
@@ -233,12 +236,17 @@ def main() -> None:
             cfg = QuantConfig(method="gptq", gguf=type_, num_samples=args.num_samples, seq_len=args.seq_len)
             gptq_models[type_] = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=cfg)
             path = hf_quant.export_gguf(gptq_models[type_], d / f"gptq-{type_}.gguf", tok)
-            agree = compare_with_llama_cpp(gptq_models[type_], tok, path, seq_len=args.seq_len,
-                                           max_windows=args.windows or 8, prompts=PROMPTS)
-            results.setdefault("agreement", {})[type_] = {
-                "tokenization_equal": agree.tokenization_equal, "top1": agree.top1_agreement,
-                "ppl_hf_quant": agree.ppl_hf_quant, "ppl_llama_cpp": agree.ppl_llama_cpp,
-                "greedy": [{k: g[k] for k in ("prompt", "match", "first_divergence")} for g in agree.greedy]}
+            # llama.cpp computes in fp32: the same file in fp32 (the import) is the like-for-like comparison; the
+            # calibrated model in its own dtype (bf16 for ref-llama) adds bf16 rounding on hf_quant's side
+            for label, model in ((type_, hf_quant.import_gguf(path, dtype=torch.float32)),
+                                 (f"{type_} ({DTYPE_NAMES.get(gptq_models[type_].dtype, gptq_models[type_].dtype)} model)",
+                                  gptq_models[type_])):
+                agree = compare_with_llama_cpp(model, tok, path, seq_len=args.seq_len,
+                                               max_windows=args.windows or 8, prompts=PROMPTS)
+                results.setdefault("agreement", {})[label] = {
+                    "tokenization_equal": agree.tokenization_equal, "top1": agree.top1_agreement,
+                    "ppl_hf_quant": agree.ppl_hf_quant, "ppl_llama_cpp": agree.ppl_llama_cpp,
+                    "greedy": [{k: g[k] for k in ("prompt", "match", "first_divergence")} for g in agree.greedy]}
         results["rows"] = rows
         print("\n| type | file | llama.cpp held-out ppl | vs F32 | size MiB | quantize s |")
         print("|---|---|---:|---:|---:|---:|")
@@ -250,8 +258,8 @@ def main() -> None:
             by = {r["file"]: r["ppl"] for r in rows if r["type"] == mix}
             g, im = by["hf_quant GPTQ"], by["llama.cpp quantize + imatrix"]
             print(f"  {mix}: GPTQ {g:.4f} vs imatrix {im:.4f} ({g / im - 1:+.2%}) -> {'met' if g < im else 'NOT met'}")
-        print("\nAgreement of hf_quant (GPTQ models; for mixes, the import of the file) with llama.cpp running the "
-              "export:")
+        print("\nAgreement of hf_quant with llama.cpp running the export (plain types: the file imported in fp32, "
+              "then the calibrated model in its own dtype; mixes: the import of the file):")
         for mix, a in results["agreement"].items():
             print(f"  {mix}: tokenization equal {a['tokenization_equal']}, top-1 {a['top1']:.4f}, ppl hf_quant "
                   f"{a['ppl_hf_quant']:.4f} vs llama.cpp {a['ppl_llama_cpp']:.4f} "

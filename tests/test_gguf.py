@@ -171,6 +171,33 @@ def test_import_is_exact_and_round_trip_is_byte_identical(tiny_q4k, tokenizer, t
         assert torch.equal(again(_ids()).logits, model(_ids()).logits)
 
 
+@pytest.mark.parametrize("mix", ["Q4_K_M", "Q2_K_M"])
+def test_mix_round_trip_is_byte_identical_including_quantized_embeddings(tokenizer, tmp_path, mix):
+    """A mix quantizes token_embd (a K-quant, whose rounding is not idempotent): the import keeps the file's blocks
+    in memory and the export writes them back unchanged, so every tensor's bytes survive export -> import -> export;
+    an embedding changed after the import is rounded again instead of written as stale blocks."""
+    model = AutoModelForCausalLM.from_pretrained(TINY_LLAMA, dtype=torch.float32, quantization_config=QuantConfig(gguf=mix))
+    first = hf_quant.export_gguf(model, tmp_path / "a.gguf", tokenizer)
+    a = gguf.GGUFReader(first)
+    assert a.get_tensor(_index(a, "token_embd.weight")).tensor_type.name not in ("F32", "F16", "BF16")
+    back = hf_quant.import_gguf(first)
+    second = hf_quant.export_gguf(back, tmp_path / "b.gguf", tokenizer)
+    b = gguf.GGUFReader(second)
+    assert [(t.name, t.tensor_type) for t in a.tensors] == [(t.name, t.tensor_type) for t in b.tensors]
+    for x, y in zip(a.tensors, b.tensors):
+        assert np.array_equal(x.data, y.data), x.name
+    with torch.no_grad():
+        back.get_input_embeddings().weight[0] += 0.5
+    third = gguf.GGUFReader(hf_quant.export_gguf(back, tmp_path / "c.gguf", tokenizer))
+    emb = third.get_tensor(_index(third, "token_embd.weight"))
+    assert emb.tensor_type == a.get_tensor(_index(a, "token_embd.weight")).tensor_type
+    assert not np.array_equal(emb.data, a.get_tensor(_index(a, "token_embd.weight")).data)
+
+
+def _index(reader, name):
+    return next(i for i, t in enumerate(reader.tensors) if t.name == name)
+
+
 def test_mixed_types_and_requantize(tmp_path):
     cfg = QuantConfig(gguf="Q4_K", dynamic={r"v_proj|down_proj": {"gguf": "Q6_K"}, r"-:layers\.0\.mlp\.up_proj": {}})
     model = AutoModelForCausalLM.from_pretrained(TINY_LLAMA, dtype=torch.float32, quantization_config=cfg)

@@ -226,8 +226,12 @@ def _tensors(model: nn.Module, arch: Arch, type_: str | None) -> list[tuple[str,
             data = _rope_rows(data, mod_name, arch, n_head, n_kv)
             t = None
             is_matrix = data.dim() == 2 and (isinstance(module, (*FLOAT_LINEARS, nn.Embedding)))
+            kept = _source_blocks(module, pname, data) if is_matrix and target is None else None
+            if kept is not None and kept[1] is not None:  # an imported quantized embedding, unchanged: its own
+                out.append((full, kept[1], kept[0]))  # blocks, byte for byte
+                continue
             role, _ = G.role_of(mod_name)
-            to = target
+            to = target if kept is None else kept[0]  # changed since the import: rounded onto its file's type
             if to is None and mix is not None and is_matrix and role in ("output", "token_embd"):
                 # llama.cpp's mix for the embeddings; a tied token_embd is also the output
                 name = "lm_head" if tied and role == "token_embd" else mod_name
@@ -369,7 +373,7 @@ def import_gguf(path: str | os.PathLike, dst_dir: str | os.PathLike | None = Non
 
     from .atomic import atomic_directory
 
-    model = _build_from_gguf(path, requantize, dtype)
+    model, blocks = _build_from_gguf(path, requantize, dtype)
     if dst_dir is not None:
         with atomic_directory(dst_dir) as tmp:
             type(model).save_pretrained(model, tmp)
@@ -382,10 +386,37 @@ def import_gguf(path: str | os.PathLike, dst_dir: str | os.PathLike | None = Non
         for t in list(loaded.parameters()) + list(loaded.buffers()):  # no storage may outlive the files it maps
             if t.device.type == "cpu" and not t.is_meta:
                 t.data = t.data.clone()
+    attach_source_blocks(loaded, blocks)
     return loaded
 
 
-def _build_from_gguf(path: str | os.PathLike, requantize: str | None, dtype: torch.dtype) -> nn.Module:
+SOURCE_BLOCKS = "_hf_quant_gguf_blocks"
+
+
+def attach_source_blocks(model: nn.Module, blocks: dict[str, tuple[str, torch.Tensor]]) -> None:
+    """Remember the file's blocks of quantized float-held tensors (embeddings) on their modules, in memory
+    only: export_gguf writes them back unchanged while the float weight still equals their dequantization
+    (K-quant rounding is not idempotent, so re-rounding the dequantized weight would change the bytes)."""
+    for hf_name, (type_name, raw) in blocks.items():
+        mod_name, pname = hf_name.rsplit(".", 1)
+        module = model.get_submodule(mod_name)
+        module.__dict__.setdefault(SOURCE_BLOCKS, {})[pname] = (type_name, raw)
+
+
+def _source_blocks(module: nn.Module, pname: str, data: torch.Tensor) -> tuple[Any, torch.Tensor | None] | None:
+    """(type, blocks) that `attach_source_blocks` kept for this parameter: the blocks if its value is still
+    theirs, else None (changed since the import: to be rounded again onto the same type)."""
+    found = module.__dict__.get(SOURCE_BLOCKS, {}).get(pname)
+    if found is None or data.dim() != 2:
+        return None
+    t, raw = G.block_type(found[0]), found[1]
+    if raw.shape[0] != data.shape[0] or data.shape[1] % t.block:
+        return None
+    return t, raw if torch.equal(G.dequantize(raw, t, data.shape[1]).to(data.dtype), data) else None
+
+
+def _build_from_gguf(path: str | os.PathLike, requantize: str | None, dtype: torch.dtype
+                     ) -> tuple[nn.Module, dict[str, tuple[str, torch.Tensor]]]:
     gguf = _gguf()
     from transformers import AutoModelForCausalLM
 
@@ -412,6 +443,7 @@ def _build_from_gguf(path: str | os.PathLike, requantize: str | None, dtype: tor
     float_types = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
     state: dict[str, torch.Tensor] = {}
     layer_types: dict[str, str] = {}
+    blocks: dict[str, tuple[str, torch.Tensor]] = {}
     for t in reader.tensors:
         if t.name not in hf_of:
             raise ValueError(f"import_gguf: tensor {t.name!r} has no place in a {arch} model.")
@@ -422,6 +454,8 @@ def _build_from_gguf(path: str | os.PathLike, requantize: str | None, dtype: tor
         if t.tensor_type in float_types or not is_linear:  # float, or a quantized embedding: dequantized
             W = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
             W = W.reshape(module.get_parameter(hf_name.rsplit(".", 1)[1]).shape)
+            if t.tensor_type not in float_types and t.tensor_type.name in G.TYPES:  # its blocks, for export_gguf
+                blocks[hf_name] = (t.tensor_type.name, torch.from_numpy(t.data.copy()).reshape(W.shape[0], -1))
             if is_linear:
                 W = _rope_rows(W, mod_name, rope, n_head, n_kv, unpermute=True)
             state[hf_name] = W.to(dtype)
@@ -438,7 +472,7 @@ def _build_from_gguf(path: str | os.PathLike, requantize: str | None, dtype: tor
             raw, name = G.pack(G.quantize_rtn(W, target), target), target.name
         state[hf_name] = _rope_rows(raw, mod_name, rope, n_head, n_kv, unpermute=True)
         layer_types[mod_name] = name
-    return _assemble(model, state, layer_types, dtype)
+    return _assemble(model, state, layer_types, dtype), blocks
 
 
 def _assemble(model: nn.Module, state: dict[str, torch.Tensor], layer_types: dict[str, str],

@@ -41,19 +41,20 @@ class GPTQOptions(Options):
     mse: bool = mse_option(True)
 
 
-def hessian_inverse_cholesky(H: torch.Tensor, damp_percent: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1 (fp32).
+def hessian_inverse_cholesky(H: torch.Tensor, damp_percent: float, overwrite: bool = False) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1 (fp32); with `overwrite`, computed in
+    H's own storage when H is fp32 (the caller's copy, no longer needed).
 
     Raises ValueError (not torch's LinAlgError) when H is not positive-definite even after dampening;
     `quantize_layer` adds the layer's name. (Non-finite entries are refused before, by `check_hessian`.)
     """
-    H = H.clone().float()
+    H = H.clone().float() if not overwrite or H.dtype != torch.float32 else H
     damp = damp_percent * torch.mean(torch.diag(H))
     H.diagonal().add_(damp)
-    try:
-        L = torch.linalg.cholesky(H)
-        Hinv = torch.cholesky_inverse(L)
-        return torch.linalg.cholesky(Hinv, upper=True)
+    try:  # one (in, in) buffer throughout: for an 11008-wide layer each copy is 485 MB
+        L = torch.linalg.cholesky(H, out=H)
+        Hinv = torch.cholesky_inverse(L, out=H)
+        return torch.linalg.cholesky(Hinv, upper=True, out=H)
     except torch.linalg.LinAlgError as e:
         larger = round(min(0.5, damp_percent * 10), 4) if damp_percent < 0.5 else "closer to 1"
         raise ValueError(
@@ -84,11 +85,20 @@ def column_loop(W: torch.Tensor, Hinv: torch.Tensor, block_size: int,
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             w = W1[:, i]
-            w_hat = step(i1 + i, w, lambda n, i=i, W1=W1, i2=i2: torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :n])
+            w_hat = step(i1 + i, w, lambda n, i=i, W1=W1, i2=i2: _ahead(W1, W, i, i2, n))
             err = (w - w_hat) / Hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+
+def _ahead(W1: torch.Tensor, W: torch.Tensor, i: int, i2: int, n: int) -> torch.Tensor:
+    """Columns i .. i+n of the block's updated weights W1, continued into W past the block (i2): only
+    the n columns asked for are copied (the rest of W can be most of the matrix)."""
+    inside = W1.shape[1] - i
+    if n <= inside:
+        return W1[:, i:i + n]
+    return torch.cat([W1[:, i:], W[:, i2:i2 + n - inside]], dim=1)
 
 
 @register_method("gptq", needs_calibration=True, options=GPTQOptions, description="GPTQ", gguf=True)
@@ -140,7 +150,8 @@ def quantize_gptq(
     if perm is not None:
         W = W[:, perm]
         H = H[perm][:, perm]
-    Hinv = hessian_inverse_cholesky(H, damp_percent)
+    Hinv = hessian_inverse_cholesky(H, damp_percent, overwrite=True)  # H is this function's own copy
+    del H
     # group of the channel at each processing position
     natural = torch.arange(in_f, device=W.device)
     group_of = (perm if perm is not None and static_groups else natural) // gs
@@ -182,7 +193,7 @@ def _gptq_gguf(W: torch.Tensor, H: torch.Tensor, spec: LayerSpec, block_size: in
     t = gguf.block_type(spec.gguf)
     out_f, in_f = W.shape
     gguf.check_shape(t, in_f, "GPTQ")
-    Hinv = hessian_inverse_cholesky(H, damp_percent)
+    Hinv = hessian_inverse_cholesky(H, damp_percent, overwrite=True)  # H: quantize_gptq's own copy
     found: list[gguf.Blocks] = []
     codes = torch.empty(out_f, in_f, device=W.device)
     scale = torch.empty(out_f, in_f, device=W.device)  # each column's sub-block grid

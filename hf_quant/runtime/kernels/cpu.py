@@ -16,10 +16,12 @@ when the user allows bf16 compute for fp32 models (mode "measure_bf16").
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
 
+from . import native
 from ...core import codes_by_group, dequantize_weight, gguf, zero_points
 from .base import Kernel, register_kernel
 
@@ -186,6 +188,27 @@ class Int8CpuKernel(_CpuPacked):
         return _finish(layer, y, x)
 
 
+def tile_gemm(x2: torch.Tensor, N: int, rows_major_from: int) -> Any:
+    """gemm(n, W_tile) computes output columns n.. from a tile; gemm(None, None) returns y (M, N)."""
+    if x2.shape[0] >= rows_major_from:
+        y = x2.new_empty(x2.shape[0], N)
+
+        def rows_major(n, w):
+            if w is None:
+                return y
+            y[:, n:n + w.shape[0]] = torch.nn.functional.linear(x2, w)
+
+        return rows_major
+    yt = x2.new_empty(N, x2.shape[0])  # y transposed: each tile's rows are contiguous
+
+    def transposed(n, w):
+        if w is None:
+            return yt.t().contiguous()
+        torch.mm(w, x2.t(), out=yt[n:n + w.shape[0]])
+
+    return transposed
+
+
 class DequantTilesKernel(Kernel):
     """Dequantize TILE_N output rows at a time into the activation dtype, each tile followed by its
     GEMM: the tile stays in cache, and no float copy of the whole weight is ever built.
@@ -272,24 +295,7 @@ class DequantTilesKernel(Kernel):
         return _finish(layer, gemm(None, None), x)
 
     def _gemm(self, x2: torch.Tensor, N: int) -> Any:
-        """gemm(n, W_tile) computes output columns n.. from a tile; gemm(None, None) returns y (M, N)."""
-        if x2.shape[0] >= self.ROWS_MAJOR_FROM:
-            y = x2.new_empty(x2.shape[0], N)
-
-            def rows_major(n, w):
-                if w is None:
-                    return y
-                y[:, n:n + w.shape[0]] = torch.nn.functional.linear(x2, w)
-
-            return rows_major
-        yt = x2.new_empty(N, x2.shape[0])  # y transposed: each tile's rows are contiguous
-
-        def transposed(n, w):
-            if w is None:
-                return yt.t().contiguous()
-            torch.mm(w, x2.t(), out=yt[n:n + w.shape[0]])
-
-        return transposed
+        return tile_gemm(x2, N, self.ROWS_MAJOR_FROM)
 
     def _generic(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
         x2 = _flatten(x)
@@ -327,7 +333,96 @@ class Bf16ActivationsKernel(Kernel):
         return self.base.forward(layer, x.to(torch.bfloat16), prepared).to(x.dtype)
 
 
-for _kernel in (Int4CpuKernel(), Int4x2CpuKernel(), Int8CpuKernel(), DequantTilesKernel()):
+class _NativeDequant(Kernel):
+    """Dequantization in one native pass (kernels/native: (code - zero) * scale in fp32, rounded once,
+    so the tile equals `dequantize_weight`'s), then torch's GEMM. Candidates of the measured dispatch
+    only, and only where the native helpers could be built."""
+
+    layout = "native_dequant"
+    measured = True
+    gguf = True
+
+    def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
+        return device.type == "cpu" and dtype in _CPU_DTYPES and native.library() is not None
+
+    def chosen(self, layer: Any, rows: int) -> bool:
+        return False  # only by measurement
+
+    def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
+        spec, K = layer.spec, layer.in_features
+        codes, scale, zero, perm = _codes_scale_zero(layer)
+        gs = K // scale.shape[1]
+        q = codes.reshape(layer.out_features, K // gs, gs)
+        nibbles = spec.bits <= 4 and gs % 2 == 0
+        packed = (q[..., :gs // 2] | (q[..., gs // 2:] << 4)) if nibbles else q
+        return nibbles, packed.contiguous(), scale.float().contiguous(), zero.float().contiguous(), perm
+
+    def _tiles(self, layer: Any, x: torch.Tensor, prepared: Any, rows: int):
+        """x flattened (act-order channels sorted), and each (n, dequantized rows n..n+rows) tile."""
+        nibbles, packed, scale, zero, perm = prepared
+        x2 = _flatten(x)
+        if perm is not None:
+            x2 = x2.index_select(-1, perm)
+        N, K = layer.out_features, layer.in_features
+        buf = _scratch(min(rows, N) * K, x.dtype).view(min(rows, N), K)
+
+        def tiles():
+            for n in range(0, N, rows):
+                tile = buf[:min(rows, N - n)]
+                yield n, native.dequantize_into(packed[n:n + rows], scale[n:n + rows], zero[n:n + rows], tile, nibbles)
+
+        return x2, tiles()
+
+
+class NativeTilesKernel(_NativeDequant):
+    """TILE_N output rows at a time, each tile's GEMM right after its dequantization (in cache)."""
+
+    name = "native_tiles"
+    TILE_N = DequantTilesKernel.TILE_N
+
+    def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
+        x2, tiles = self._tiles(layer, x, prepared, self.TILE_N)
+        gemm = tile_gemm(x2, layer.out_features, DequantTilesKernel.ROWS_MAJOR_FROM)
+        for n, tile in tiles:
+            gemm(n, tile)
+        return _finish(layer, gemm(None, None), x)
+
+
+class NativeDequantMatmulKernel(_NativeDequant):
+    """The whole weight (or chunks of at most CHUNK_BYTES) dequantized into a reused scratch buffer,
+    then one `F.linear` per chunk: for many rows (prefill), where oneDNN wants the big GEMM."""
+
+    name = "native_dequant_matmul"
+    CHUNK_BYTES = 64 << 20
+
+    def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
+        N, K = layer.out_features, layer.in_features
+        rows = max(DequantTilesKernel.TILE_N, self.CHUNK_BYTES // (K * x.element_size()))
+        x2, tiles = self._tiles(layer, x, prepared, rows)
+        if rows >= N:
+            (_, W), = tiles
+            return _finish(layer, torch.nn.functional.linear(x2, W), x)
+        y = x2.new_empty(x2.shape[0], N)
+        for n, tile in tiles:
+            y[:, n:n + tile.shape[0]] = torch.nn.functional.linear(x2, tile)
+        return _finish(layer, y, x)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread buffer of at least `numel` elements of `dtype`, reused across calls and layers (a
+    fresh allocation of tens of MB per call costs its page faults every time)."""
+    bufs = _SCRATCH.__dict__.setdefault("bufs", {})
+    buf = bufs.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = bufs[dtype] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
+
+
+for _kernel in (Int4CpuKernel(), Int4x2CpuKernel(), Int8CpuKernel(), DequantTilesKernel(), NativeTilesKernel(),
+                NativeDequantMatmulKernel()):
     register_kernel(_kernel)
     register_kernel(Bf16ActivationsKernel(_kernel))
 
