@@ -58,7 +58,8 @@ def test_kernel_tiles_equal_dequantize_weight_bit_for_bit(spec, in_f, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_native_kernels_match_the_reference_over_several_tiles(monkeypatch, spec, in_f, rows, dtype):
     monkeypatch.setattr(NativeTilesKernel, "TILE_N", 32)  # 80 rows: tiles of 32, 32 and 16
-    monkeypatch.setattr(NativeDequantMatmulKernel, "CHUNK_BYTES", 1)  # chunks of TILE_N rows
+    monkeypatch.setattr(NativeDequantMatmulKernel, "CHUNK_BYTES", 1)  # chunks of MIN_CHUNK_ROWS = 32 rows
+    monkeypatch.setattr(NativeDequantMatmulKernel, "MIN_CHUNK_ROWS", 32)
     layer, _ = make_layer(80, in_f, spec, bias=True, dtype=dtype, seed=rows)
     x = torch.randn(2, rows, in_f, generator=torch.Generator().manual_seed(1)).to(dtype)
     with kernels.use_kernel("reference"):

@@ -41,14 +41,14 @@ class GPTQOptions(Options):
     mse: bool = mse_option(True)
 
 
-def hessian_inverse_cholesky(H: torch.Tensor, damp_percent: float, overwrite: bool = False) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1 (fp32); with `overwrite`, computed in
-    H's own storage when H is fp32 (the caller's copy, no longer needed).
+def hessian_inverse_cholesky(H: torch.Tensor, damp_percent: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1 (fp32), computed in H's own storage
+    when H is fp32: H is overwritten (callers pass their own copy).
 
     Raises ValueError (not torch's LinAlgError) when H is not positive-definite even after dampening;
     `quantize_layer` adds the layer's name. (Non-finite entries are refused before, by `check_hessian`.)
     """
-    H = H.clone().float() if not overwrite or H.dtype != torch.float32 else H
+    H = H.float()
     damp = damp_percent * torch.mean(torch.diag(H))
     H.diagonal().add_(damp)
     try:  # one (in, in) buffer throughout: for an 11008-wide layer each copy is 485 MB
@@ -150,7 +150,7 @@ def quantize_gptq(
     if perm is not None:
         W = W[:, perm]
         H = H[perm][:, perm]
-    Hinv = hessian_inverse_cholesky(H, damp_percent, overwrite=True)  # H is this function's own copy
+    Hinv = hessian_inverse_cholesky(H, damp_percent)  # overwrites H: this function's own copy
     del H
     # group of the channel at each processing position
     natural = torch.arange(in_f, device=W.device)
@@ -193,7 +193,7 @@ def _gptq_gguf(W: torch.Tensor, H: torch.Tensor, spec: LayerSpec, block_size: in
     t = gguf.block_type(spec.gguf)
     out_f, in_f = W.shape
     gguf.check_shape(t, in_f, "GPTQ")
-    Hinv = hessian_inverse_cholesky(H, damp_percent, overwrite=True)  # H: quantize_gptq's own copy
+    Hinv = hessian_inverse_cholesky(H, damp_percent)  # overwrites H: quantize_gptq's own copy
     found: list[gguf.Blocks] = []
     codes = torch.empty(out_f, in_f, device=W.device)
     scale = torch.empty(out_f, in_f, device=W.device)  # each column's sub-block grid

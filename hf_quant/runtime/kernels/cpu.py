@@ -78,6 +78,19 @@ def _codes_scale_zero(layer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return codes, scale, zero_points(layer.qzeros, spec, scale), perm
 
 
+def grouped_codes(layer: Any) -> tuple[bool, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The codes per group for the dequantizing kernels: (nibbles, packed (N, G, gs/2 or gs) uint8, scale, zero
+    (N, G) fp32, channel permutation or None). Codes of at most 4 bits in groups of even width are split
+    nibbles (the low nibbles the first half of each group, the high nibbles the second: a tile unpacks
+    into contiguous halves); wider codes (GGUF's 5-8-bit types) one byte each."""
+    codes, scale, zero, perm = _codes_scale_zero(layer)  # GGUF: a (fractional) zero per sub-block
+    gs = layer.in_features // scale.shape[1]
+    q = codes.reshape(layer.out_features, -1, gs)
+    nibbles = layer.spec.bits <= 4 and gs % 2 == 0
+    packed = q[..., :gs // 2] | (q[..., gs // 2:] << 4) if nibbles else q
+    return nibbles, packed.contiguous(), scale, zero, perm
+
+
 class Int4CpuKernel(_CpuPacked):
     name = "cpu_int4"
     gguf = True  # Q4_0 / Q4_1 / Q4_K (32-wide sub-blocks): w = (q - 8) * scale + (8 - zero) * scale exactly
@@ -245,12 +258,9 @@ class DequantTilesKernel(Kernel):
             return "rows8", w, scale, int8_zero_offset(layer, scale)
         if spec.gguf is None and not (spec.bits <= 4 and gs % 2 == 0):
             return ("generic",)
-        codes, scale, zero, perm = _codes_scale_zero(layer)  # GGUF: a (fractional) zero per sub-block
-        q = codes.reshape(layer.out_features, K // gs, gs)
+        nibbles, packed, scale, zero, perm = grouped_codes(layer)  # GGUF 5-8 bits: one byte per code
         as_col = [v.to(dtype).unsqueeze(-1).contiguous() for v in (scale, zero)]
-        if spec.bits > 4:  # GGUF types of 5 to 8 bits: one byte per code
-            return "bytes", q.contiguous(), *as_col, perm
-        return "nibbles", (q[..., :gs // 2] | (q[..., gs // 2:] << 4)).contiguous(), *as_col, perm
+        return "nibbles" if nibbles else "bytes", packed, *as_col, perm
 
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
         kind = prepared[0]
@@ -349,13 +359,8 @@ class _NativeDequant(Kernel):
         return False  # only by measurement
 
     def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
-        spec, K = layer.spec, layer.in_features
-        codes, scale, zero, perm = _codes_scale_zero(layer)
-        gs = K // scale.shape[1]
-        q = codes.reshape(layer.out_features, K // gs, gs)
-        nibbles = spec.bits <= 4 and gs % 2 == 0
-        packed = (q[..., :gs // 2] | (q[..., gs // 2:] << 4)) if nibbles else q
-        return nibbles, packed.contiguous(), scale.float().contiguous(), zero.float().contiguous(), perm
+        nibbles, packed, scale, zero, perm = grouped_codes(layer)
+        return nibbles, packed, scale.float().contiguous(), zero.float().contiguous(), perm
 
     def _tiles(self, layer: Any, x: torch.Tensor, prepared: Any, rows: int):
         """x flattened (act-order channels sorted), and each (n, dequantized rows n..n+rows) tile."""
@@ -393,19 +398,19 @@ class NativeDequantMatmulKernel(_NativeDequant):
     then one `F.linear` per chunk: for many rows (prefill), where oneDNN wants the big GEMM."""
 
     name = "native_dequant_matmul"
-    CHUNK_BYTES = 64 << 20
+    CHUNK_BYTES, MIN_CHUNK_ROWS = 64 << 20, 512
 
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
         N, K = layer.out_features, layer.in_features
-        rows = max(DequantTilesKernel.TILE_N, self.CHUNK_BYTES // (K * x.element_size()))
+        rows = max(self.MIN_CHUNK_ROWS, self.CHUNK_BYTES // (K * x.element_size()))
         x2, tiles = self._tiles(layer, x, prepared, rows)
-        if rows >= N:
+        if rows >= N:  # one chunk: F.linear's output is y itself
             (_, W), = tiles
             return _finish(layer, torch.nn.functional.linear(x2, W), x)
-        y = x2.new_empty(x2.shape[0], N)
+        gemm = tile_gemm(x2, N, rows_major_from=0)  # one F.linear per chunk into y's columns
         for n, tile in tiles:
-            y[:, n:n + tile.shape[0]] = torch.nn.functional.linear(x2, tile)
-        return _finish(layer, y, x)
+            gemm(n, tile)
+        return _finish(layer, gemm(None, None), x)
 
 
 _SCRATCH = threading.local()

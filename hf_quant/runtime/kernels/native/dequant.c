@@ -1,11 +1,11 @@
 /* hf_quant native CPU helpers: dequantize packed low-bit codes into float tiles for a GEMM.
  *
- * Built on first use by hf_quant/runtime/kernels/native.py (the C compiler of the machine, -O3
+ * Built on first use by hf_quant/runtime/kernels/native/__init__.py (the C compiler of the machine, -O3
  * -march=native -fopenmp) and called through ctypes; no torch headers, so the build takes about a
  * second. Values are (code - zero) * scale computed in fp32 and rounded once to the output type,
  * which equals hf_quant.core.dequant.dequantize_weight when the scales are stored in that type.
  *
- * Layout ("nibbles", kernels/cpu.py DequantTilesKernel.prepare): packed is (rows, G, gs/2) bytes,
+ * Layout ("nibbles", kernels/cpu.py grouped_codes): packed is (rows, G, gs/2) bytes,
  * the low nibble of byte j the code of channel j of the group and the high nibble that of channel
  * gs/2 + j. "bytes": (rows, G, gs), one code per byte. scale, zero: fp32 (rows, G).
  * out_kind: 0 fp32, 1 bf16 (round to nearest even), 2 fp16.
@@ -55,8 +55,6 @@ static void store_row(const float *src, void *dst, int64_t n, int kind) {
 }
 
 static int64_t out_size(int kind) { return kind == 0 ? 4 : 2; }
-
-int hfq_version(void) { return 1; }
 
 #if defined(__AVX512F__)
 /* 16 values (fp32) to out at element offset i, in the output type. */
