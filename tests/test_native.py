@@ -148,3 +148,102 @@ def test_builds_without_avx512_or_native_bf16_are_exact_too(monkeypatch, rebuilt
             out = native.dequantize_into(packed, scale, zero, torch.empty(19, in_f, dtype=dtype), nibbles)
             W = dequantize_weight(layer.qweight, layer.scales, layer.qzeros, layer.spec, in_f, dtype)
             assert torch.equal(out, W), (cflags, dtype, spec)
+
+
+needs_int4_bf16 = pytest.mark.skipif(not native.has_int4_bf16(), reason="native int4 x bf16 kernel needs AVX512-BF16")
+
+
+@needs_int4_bf16
+@pytest.mark.parametrize("spec,in_f", [
+    (LayerSpec(4, 128, False), 384), (LayerSpec(4, 128, True, True), 512), (LayerSpec(4, 32, False), 96),
+    (LayerSpec(4, 64, True), 192), (LayerSpec(3, 256, False), 512), (LayerSpec(2, 32, True), 64),
+    (LayerSpec(4, -1, False), 128)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13])  # row blocks of 4 and every remainder
+@pytest.mark.parametrize("out_f", [1, 37])  # an odd last weight row
+def test_native_int4_matches_the_unrounded_weight(spec, in_f, rows, out_f):
+    """native_int4 uses the weight (code - zero) * scale unrounded: against x @ W.T in fp32 it is exact to fp32
+    accumulation error; against the bf16 reference (whose W is rounded to bf16) within bf16 rounding."""
+    layer, _ = make_layer(out_f, in_f, spec, bias=True, dtype=torch.bfloat16, seed=rows + out_f)
+    kernel = KERNELS.get("native_int4")
+    assert kernel in cpu_measure.candidates(layer, CPU, torch.bfloat16)
+    x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+    out = kernel.forward(layer, x, kernel.prepare(layer, CPU, torch.bfloat16))
+    W = dequantize_weight(layer.qweight, layer.scales, layer.qzeros, layer.spec, in_f, torch.float32, layer.g_idx)
+    exact = x.float() @ W.t() + layer.bias.float()
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, out_f)
+    assert rel_err(out, exact) < 4e-3  # the output's own bf16 rounding
+    if out_f > 1:  # a lone output can be a cancellation, where the reference's bf16 weight rounding shows
+        with kernels.use_kernel("reference"):
+            assert rel_err(out, layer(x)) < 1e-2
+    y = torch.empty(rows, out_f)  # fp32 output: no output rounding left
+    packed, scale, offset, bias, perm = kernel.prepare(layer, CPU, torch.bfloat16)
+    xs = x if perm is None else x.index_select(1, perm)
+    corr = xs.float().view(rows, offset.shape[0], -1).sum(dim=2) @ offset
+    native.int4_bf16_gemm(xs.contiguous(), packed, scale, corr, bias, y)
+    # fp32 sums of x * (128 + q) * scale, then the correction: errors against the size of those products
+    S = scale.repeat_interleave(in_f // scale.shape[1], dim=1)
+    assert ((y - exact).abs() <= 1e-6 * 144 * (xs.float().abs() @ S.t()) + 1e-6 * layer.bias.float().abs()).all()
+
+
+@needs_int4_bf16
+def test_native_int4_candidates_and_refusals():
+    for spec, in_f in ((LayerSpec(4, 16, False), 64), (LayerSpec(8, 128, False), 256)):  # groups of 16; 8 bits
+        layer, _ = make_layer(8, in_f, spec, bias=False)
+        assert not KERNELS.get("native_int4").supports(layer, CPU, torch.bfloat16)
+    layer, _ = make_layer(8, 256, LayerSpec(4, 128, False), bias=False)
+    assert not KERNELS.get("native_int4").supports(layer, CPU, torch.float16)  # bf16 dot products only
+    assert KERNELS.get("native_int4_bf16") in cpu_measure.candidates(layer, CPU, torch.float32, allow_bf16=True)
+    x, packed = torch.zeros(2, 256, dtype=torch.bfloat16), torch.zeros(8, 2, 64, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="native int4_bf16_gemm: bad operands"):  # fp32 x
+        native.int4_bf16_gemm(x.float(), packed, torch.ones(8, 2), torch.zeros(2, 8), None, torch.empty(2, 8))
+    with pytest.raises(ValueError, match="native int4_bf16_gemm: bad operands"):  # groups of 16
+        native.int4_bf16_gemm(x, torch.zeros(8, 16, 8, dtype=torch.uint8), torch.ones(8, 16), torch.zeros(2, 8),
+                              None, torch.empty(2, 8))
+
+
+@needs_native
+def test_a_build_without_avx512_bf16_has_no_int4_kernel(monkeypatch, rebuilt):
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 flags")
+    monkeypatch.setenv(native.ENV_CFLAGS, "-march=x86-64-v3")
+    assert native.library() is not None and not native.has_int4_bf16()
+    layer, _ = make_layer(8, 256, LayerSpec(4, 128, False), bias=False)
+    assert KERNELS.get("native_int4") not in cpu_measure.candidates(layer, CPU, torch.bfloat16)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 7, 130])  # 130: more than one thread
+@pytest.mark.parametrize("threshold", [0.0, 2.5])
+def test_native_token_quantization_is_bit_identical_to_torch(monkeypatch, dtype, rows, threshold):
+    from hf_quant.runtime.kernels import int8
+
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 3 * 96, generator=g)
+    x[:, 5] *= 4  # outlier columns, with elements below the threshold in them too
+    x[rows // 2, 77] = -9.0
+    if rows > 1:
+        x[-1] = 0.0  # an all-zero row: codes 0
+    x = x.to(dtype)[:, :200]  # strided rows
+    for code_dtype, kw in ((torch.int8, {}), (torch.uint8, {"offset": 128}), (torch.float32, {"as_float": True})):
+        codes, absmax, cols = native.quantize_tokens(x, threshold, code_dtype)
+        monkeypatch.setattr(native, "library", lambda: None)
+        ref = int8.quantize_activations(x, threshold, **kw)
+        ref_chunked = int8.quantize_tokens(x, threshold, int8.outlier_index(x, threshold), **kw)
+        monkeypatch.undo()
+        assert codes.dtype == code_dtype and torch.equal(codes, ref[0]) and torch.equal(codes, ref_chunked[0])
+        assert torch.equal(absmax, ref[1])
+        assert (cols is None) == (ref[2] is None) == (threshold == 0) and (cols is None or torch.equal(cols, ref[2]))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_native_finish_tokens(dtype):
+    y, absmax = torch.randn(5, 300), torch.rand(5) * 3
+    bias, extra = torch.randn(300), torch.randn(5, 300)
+    for b, e in ((None, None), (bias, None), (bias, extra), (None, extra)):
+        want = y * (absmax / 127.0).unsqueeze(1) + (0 if b is None else b) + (0 if e is None else e)
+        got = native.finish_tokens(y, absmax, b, e, dtype)
+        assert got.dtype == dtype and torch.allclose(got.float(), want.to(dtype).float(), rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=1e-5)

@@ -413,6 +413,57 @@ class NativeDequantMatmulKernel(_NativeDequant):
         return _finish(layer, gemm(None, None), x)
 
 
+class NativeInt4Kernel(Kernel):
+    """Codes of at most 4 bits x bf16 activations in one fused native pass (`native.int4_bf16_gemm`), for
+    decoding and small batches: no dequantized weight is written anywhere. Each code q becomes the bf16
+    number 128 + q by one OR and meets x in AVX-512-BF16 dot products (exact products, fp32 sums) per
+    group; the group's scale and the correction sum_g scale * (zero + 128) * sum(x over the group) come
+    after, in fp32. So the weight is used unrounded ((q - zero) * scale exactly), where the reference
+    rounds it to bf16 first: the two differ by that rounding. Groups of 32 or a multiple of 64 channels
+    (GGUF Q4_0 / Q4_1 / Q4_K included), act-order layers by the sorted-channel trick. CPUs with
+    AVX512-BF16 and the native helpers built; a candidate of the measured dispatch up to MAX_ROWS rows."""
+
+    name = "native_int4"
+    measured = True
+    gguf = True
+    MAX_ROWS = 64
+
+    def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
+        return (device.type == "cpu" and dtype == torch.bfloat16 and layer.spec.bits <= 4
+                and native.int4_group_size_ok(self._group_size(layer)) and native.has_int4_bf16())
+
+    @staticmethod
+    def _group_size(layer: Any) -> int:
+        spec, K = layer.spec, layer.in_features
+        if spec.gguf is not None:
+            return gguf.block_type(spec.gguf).sub
+        return K if spec.group_size == -1 else spec.group_size
+
+    def max_rows(self, dtype: torch.dtype) -> int | None:
+        return self.MAX_ROWS
+
+    def chosen(self, layer: Any, rows: int) -> bool:
+        return False  # only by measurement
+
+    def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
+        nibbles, packed, scale, zero, perm = grouped_codes(layer)
+        scale = scale.float().contiguous()
+        offset = (scale * (zero.float() + 128.0)).t().contiguous()  # (G, N): corr = xsum @ offset
+        bias = None if layer.bias is None else layer.bias.float().contiguous()
+        return packed, scale, offset, bias, perm
+
+    def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
+        packed, scale, offset, bias, perm = prepared
+        x2 = _flatten(x)
+        if perm is not None:
+            x2 = x2.index_select(-1, perm)
+        M, K = x2.shape
+        corr = torch.mm(x2.float().view(M, offset.shape[0], -1).sum(dim=2), offset)
+        out = torch.empty(M, layer.out_features, dtype=torch.bfloat16)
+        native.int4_bf16_gemm(x2, packed, scale, corr, bias, out)
+        return out.reshape(*x.shape[:-1], layer.out_features)
+
+
 _SCRATCH = threading.local()
 
 
@@ -427,7 +478,7 @@ def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 for _kernel in (Int4CpuKernel(), Int4x2CpuKernel(), Int8CpuKernel(), DequantTilesKernel(), NativeTilesKernel(),
-                NativeDequantMatmulKernel()):
+                NativeDequantMatmulKernel(), NativeInt4Kernel()):
     register_kernel(_kernel)
     register_kernel(Bf16ActivationsKernel(_kernel))
 

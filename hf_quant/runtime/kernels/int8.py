@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from ...core.devices import cpu_flags
-from . import cpu
+from . import cpu, native
 from .base import Kernel, register_kernel
 
 CHUNK_ELEMS = 1 << 18  # rows of x are quantized in chunks of ~1 MiB of fp32 (stays in cache)
@@ -127,6 +127,8 @@ def quantize_activations(x2: torch.Tensor, threshold: float, offset: int = 0, as
     the outlier columns (any |x| >= threshold in the column) and the absmax (the max of |x| below the threshold, which is
     exactly the absmax without the outlier elements)."""
     M, K = x2.shape
+    if native.library() is not None and (K <= 1 or x2.stride(1) == 1):  # one native pass pair, bit-identical
+        return native.quantize_tokens(x2, threshold, torch.float32 if as_float else torch.uint8 if offset else torch.int8)
     if M * K > CHUNK_ELEMS:
         cols = outlier_index(x2, threshold)
         return (*quantize_tokens(x2, threshold, cols, offset, as_float), cols)
@@ -252,6 +254,10 @@ def finish_tokens(y: torch.Tensor, absmax: torch.Tensor, bias: torch.Tensor | No
                   x2: torch.Tensor, cols: torch.Tensor | None, outliers: OutlierWeights) -> torch.Tensor:
     """The epilogue of the CPU int8 GEMMs: y (M, N) fp32 = codes_x . codes_w * w_scale, times the row
     scales absmax/127, plus the bias and the outlier columns' product; in x's dtype and leading dims."""
+    if native.library() is not None:  # one pass: row scale, bias, outlier product, the cast
+        extra = None if cols is None else torch.mm(x2.index_select(1, cols).float(), outliers.get(cols, x.dtype))
+        y = native.finish_tokens(y.contiguous(), absmax, bias, extra, x.dtype)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
     sx = (absmax / 127.0).unsqueeze(1)
     y = y.mul_(sx) if bias is None else torch.addcmul(bias, y, sx)
     if cols is not None:  # the outlier columns: their products in the activation dtype, accumulated in fp32

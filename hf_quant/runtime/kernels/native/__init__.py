@@ -99,6 +99,14 @@ def _load() -> ctypes.CDLL:
     args = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_int]
     for fn in (lib.hfq_dequant_nibbles, lib.hfq_dequant_bytes):
         fn.argtypes, fn.restype = args, ctypes.c_int
+    P, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.hfq_caps.argtypes, lib.hfq_caps.restype = [], INT
+    lib.hfq_int4_bf16_gemm.argtypes = [P, I64, I64, P, P, P, P, P, I64, I64, I64, INT, INT]
+    lib.hfq_int4_bf16_gemm.restype = INT
+    lib.hfq_quant_tokens.argtypes = [P, I64, I64, I64, INT, ctypes.c_float, P, INT, P, P, INT]
+    lib.hfq_quant_tokens.restype = I64
+    lib.hfq_finish_tokens.argtypes = [P, I64, I64, P, P, P, P, INT, INT]
+    lib.hfq_finish_tokens.restype = None
     return lib
 
 
@@ -156,4 +164,94 @@ def dequantize_into(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     if fn(packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), out.data_ptr(), rows, G, gs, _KIND[out.dtype],
           max(1, torch.get_num_threads())):
         raise MemoryError("native dequantize: out of memory for a row buffer")
+    return out
+
+
+CAP_INT4_BF16 = 1  # hfq_int4_bf16_gemm compiled (AVX-512 BW + BF16)
+
+
+def has_int4_bf16() -> bool:
+    """Whether the fused 4-bit x bf16 kernel (`int4_bf16_gemm`) is built for this CPU."""
+    lib = library()
+    return lib is not None and bool(lib.hfq_caps() & CAP_INT4_BF16)
+
+
+def int4_group_size_ok(gs: int) -> bool:
+    """Group sizes `int4_bf16_gemm` takes: 32 or multiples of 64."""
+    return gs == 32 or (gs > 0 and gs % 64 == 0)
+
+
+def int4_bf16_gemm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, corr: torch.Tensor,
+                   bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """out (M, N) fp32 or bf16 = x (M, K) bf16 @ W.T + bias with W[n, g*gs + j] = (q - zero[n, g]) * scale[n, g]
+    computed without W: packed (N, G, gs/2) nibbles (the `dequantize_into` layout), scale (N, G) fp32 and
+    corr (M, N) fp32 = xsum (M, G) @ (scale * (zero + 128)).T, xsum the per-group sums of x in fp32."""
+    lib = library()
+    if lib is None or not has_int4_bf16():
+        raise RuntimeError(f"native int4 x bf16 kernel unavailable: {unavailable_reason() or 'CPU without AVX512-BF16'}")
+    M, K = x.shape
+    N, G, half = packed.shape
+    ok = (x.dtype == torch.bfloat16 and packed.dtype == torch.uint8 and scale.dtype == corr.dtype == torch.float32
+          and out.dtype in (torch.float32, torch.bfloat16) and tuple(scale.shape) == (N, G)
+          and tuple(corr.shape) == (M, N) and tuple(out.shape) == (M, N) and G * half * 2 == K
+          and int4_group_size_ok(2 * half) and (bias is None or (bias.dtype == torch.float32 and bias.shape == (N,)))
+          and all(t.is_contiguous() and t.device.type == "cpu" for t in (x, packed, scale, corr, out)))
+    if not ok:
+        raise ValueError(f"native int4_bf16_gemm: bad operands x {tuple(x.shape)} {x.dtype}, packed {tuple(packed.shape)} "
+                         f"{packed.dtype}, scale {tuple(scale.shape)}, corr {tuple(corr.shape)}, out {tuple(out.shape)} "
+                         f"{out.dtype}: expected contiguous CPU tensors, x bf16 (M, K), packed uint8 (N, G, gs/2) "
+                         "with gs 32 or a multiple of 64, scale fp32 (N, G), corr fp32 (M, N), out fp32/bf16 (M, N)")
+    rc = lib.hfq_int4_bf16_gemm(x.data_ptr(), M, K, packed.data_ptr(), scale.data_ptr(), corr.data_ptr(),
+                                None if bias is None else bias.data_ptr(), out.data_ptr(), N, G, 2 * half,
+                                _KIND[out.dtype], max(1, torch.get_num_threads()))
+    if rc:
+        raise RuntimeError(f"native int4_bf16_gemm failed (code {rc})")
+    return out
+
+
+_CODE_KINDS = {torch.int8: 0, torch.uint8: 1, torch.float32: 2}
+
+
+def quantize_tokens(x2: torch.Tensor, threshold: float, code_dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(codes (M, K) int8 / uint8 (+128) / fp32 integers, fp32 absmax (M,), outlier columns or None) of
+    x2 (M, K) fp32/bf16/fp16 with unit stride along K: LLM.int8()'s per-token quantization in one native
+    pass pair, bit-identical to `kernels.int8.quantize_activations`."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"native CPU helpers unavailable: {unavailable_reason()}")
+    M, K = x2.shape
+    if x2.dtype not in _KIND or x2.device.type != "cpu" or (K > 1 and x2.stride(1) != 1) or code_dtype not in _CODE_KINDS:
+        raise ValueError(f"native quantize_tokens: x {tuple(x2.shape)} {x2.dtype} stride {x2.stride()}, codes "
+                         f"{code_dtype}: expected a CPU fp32/bf16/fp16 matrix with unit column stride, codes int8, "
+                         "uint8 or fp32")
+    codes = torch.empty(M, K, dtype=code_dtype)
+    absmax = torch.empty(M, dtype=torch.float32)
+    flags = torch.empty(K, dtype=torch.uint8)
+    n = lib.hfq_quant_tokens(x2.data_ptr(), M, K, x2.stride(0) if M > 1 else K, _KIND[x2.dtype], float(threshold),
+                             codes.data_ptr(), _CODE_KINDS[code_dtype], absmax.data_ptr(), flags.data_ptr(),
+                             max(1, torch.get_num_threads()))
+    if n < 0:
+        raise MemoryError("native quantize_tokens: out of memory for a row buffer")
+    return codes, absmax, (flags.nonzero().flatten() if n else None)
+
+
+def finish_tokens(y: torch.Tensor, absmax: torch.Tensor, bias: torch.Tensor | None, extra: torch.Tensor | None,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """y (M, N) fp32 * (absmax / 127) per row + bias + extra, in `dtype`: the int8 GEMMs' epilogue in one pass."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"native CPU helpers unavailable: {unavailable_reason()}")
+    M, N = y.shape
+    ok = (y.dtype == absmax.dtype == torch.float32 and y.is_contiguous() and absmax.shape == (M,)
+          and (bias is None or (bias.dtype == torch.float32 and bias.shape == (N,) and bias.is_contiguous()))
+          and (extra is None or (extra.dtype == torch.float32 and extra.shape == (M, N) and extra.is_contiguous()))
+          and dtype in _KIND)
+    if not ok:
+        raise ValueError("native finish_tokens: expected y fp32 (M, N) contiguous, absmax fp32 (M,), bias fp32 (N,) "
+                         f"or None, extra fp32 (M, N) or None, dtype fp32/bf16/fp16; got y {tuple(y.shape)} {y.dtype}")
+    out = torch.empty(M, N, dtype=dtype)
+    lib.hfq_finish_tokens(y.data_ptr(), M, N, absmax.data_ptr(), None if bias is None else bias.data_ptr(),
+                          None if extra is None else extra.data_ptr(), out.data_ptr(), _KIND[dtype],
+                          max(1, torch.get_num_threads()))
     return out

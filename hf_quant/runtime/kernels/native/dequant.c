@@ -13,6 +13,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 #if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
@@ -155,4 +156,260 @@ int hfq_dequant_nibbles(const uint8_t *packed, const float *scale, const float *
 int hfq_dequant_bytes(const uint8_t *codes, const float *scale, const float *zero, void *out,
                       int64_t rows, int64_t G, int64_t gs, int kind, int nthreads) {
     return dequant(codes, scale, zero, out, rows, G, gs, 0, kind, nthreads);
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * Capabilities of this build: bit 0 = hfq_int4_bf16_gemm is compiled (AVX-512 BW + BF16).
+ */
+int hfq_caps(void) {
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * 4-bit weights x bf16 activations, small M, fused (no dequantized weight in memory).
+ *
+ * Codes q (0..15) become the bf16 number 128 + q by one OR (0x4300 | q: 128 has a step of 1 in bf16's
+ * 7-bit mantissa), so a vdpbf16ps of x with them gives, exactly in its products, sum_k x_k (128 + q_k)
+ * per lane. Per group g of gs channels: acc_g = that dot, and
+ *     y[m, n] = sum_g scale[n, g] * acc_g - sum_g scale[n, g] (zero[n, g] + 128) * xsum[m, g]
+ * where the second sum is `corr` (M x N, computed by the caller as a small GEMM of the per-group sums of
+ * x). With the nibble layout above (low nibbles channels 0..gs/2-1 of the group, high nibbles the rest),
+ * 32 bytes of codes give 32 low codes for 32 consecutive channels and 32 high codes for the 32 channels
+ * gs/2 later, so x is read in its natural order: gs a multiple of 64. gs = 32 combines the 16 low and
+ * 16 high codes of one 16-byte half group into one vector (channels 0..31 of the group, in order).
+ * Two weight rows and up to four activation rows per pass: every x load feeds two dot products.
+ * out: M x N, kind 0 fp32 or 1 bf16; bias (N fp32) or NULL.
+ */
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define HFQ_MB 4
+static inline __m512i codes_lo(__m512i w) {  /* (w & 15) | 0x4300 per 16-bit lane */
+    return _mm512_ternarylogic_epi32(w, _mm512_set1_epi16(15), _mm512_set1_epi16(0x4300), 0xEA);
+}
+static inline __m512i codes_hi(__m512i w) {
+    return _mm512_or_si512(_mm512_srli_epi16(w, 4), _mm512_set1_epi16(0x4300));
+}
+/* The 32 bf16 weights (128 + q) of channels [c0, c0 + 32) of group g, row p (packed row), for gs >= 64:
+ * `part` 0 the low nibbles of bytes [j, j+32), 1 their high nibbles. */
+
+static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+static inline __attribute__((always_inline)) void int4_rows(
+        const uint16_t *x, int64_t ldx, const int mb, const uint8_t *p0, const uint8_t *p1, const float *s0,
+        const float *s1, int64_t G, int64_t gs, float *r0, float *r1) {
+    __m512 t0[HFQ_MB], t1[HFQ_MB];
+    for (int m = 0; m < mb; m++) t0[m] = t1[m] = _mm512_setzero_ps();
+    const int64_t half = gs / 2;
+    for (int64_t g = 0; g < G; g++) {
+        __m512 a0[HFQ_MB], a1[HFQ_MB];
+        for (int m = 0; m < mb; m++) a0[m] = a1[m] = _mm512_setzero_ps();
+        const uint8_t *q0 = p0 + g * half, *q1 = p1 + g * half;
+        const uint16_t *xg = x + g * gs;
+        if (gs == 32) {
+            __m512i w0 = _mm512_cvtepu8_epi16(_mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)q0)));
+            __m512i w1 = _mm512_cvtepu8_epi16(_mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)q1)));
+            /* words 0..15: the 16 bytes; their low nibbles stay in lanes 0..15, high nibbles go to 16..31 */
+            w0 = _mm512_inserti64x4(w0, _mm512_castsi512_si256(_mm512_srli_epi16(w0, 4)), 1);
+            w1 = _mm512_inserti64x4(w1, _mm512_castsi512_si256(_mm512_srli_epi16(w1, 4)), 1);
+            const __m512bh b0 = (__m512bh)codes_lo(w0), b1 = (__m512bh)codes_lo(w1);
+            for (int m = 0; m < mb; m++) {
+                const __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(xg + m * ldx));
+                a0[m] = _mm512_dpbf16_ps(a0[m], xv, b0);
+                a1[m] = _mm512_dpbf16_ps(a1[m], xv, b1);
+            }
+        } else {
+            for (int64_t j = 0; j < half; j += 32) {
+                const __m512i w0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(q0 + j)));
+                const __m512i w1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(q1 + j)));
+                const __m512bh l0 = (__m512bh)codes_lo(w0), h0 = (__m512bh)codes_hi(w0);
+                const __m512bh l1 = (__m512bh)codes_lo(w1), h1 = (__m512bh)codes_hi(w1);
+                for (int m = 0; m < mb; m++) {
+                    const uint16_t *xm = xg + m * ldx + j;
+                    const __m512bh xl = (__m512bh)_mm512_loadu_si512((const void *)xm);
+                    const __m512bh xh = (__m512bh)_mm512_loadu_si512((const void *)(xm + half));
+                    a0[m] = _mm512_dpbf16_ps(a0[m], xl, l0);
+                    a1[m] = _mm512_dpbf16_ps(a1[m], xl, l1);
+                    a0[m] = _mm512_dpbf16_ps(a0[m], xh, h0);
+                    a1[m] = _mm512_dpbf16_ps(a1[m], xh, h1);
+                }
+            }
+        }
+        const __m512 sc0 = _mm512_set1_ps(s0[g]), sc1 = _mm512_set1_ps(s1[g]);
+        for (int m = 0; m < mb; m++) {
+            t0[m] = _mm512_fmadd_ps(a0[m], sc0, t0[m]);
+            t1[m] = _mm512_fmadd_ps(a1[m], sc1, t1[m]);
+        }
+    }
+    for (int m = 0; m < mb; m++) {
+        r0[m] = hsum(t0[m]);
+        r1[m] = hsum(t1[m]);
+    }
+}
+
+static void int4_block(const uint16_t *x, int64_t ldx, int mb, const uint8_t *p0, const uint8_t *p1,
+                       const float *s0, const float *s1, int64_t G, int64_t gs, float *r0, float *r1) {
+    switch (mb) {  /* a constant row count per call: the accumulators stay in registers */
+    case 1: int4_rows(x, ldx, 1, p0, p1, s0, s1, G, gs, r0, r1); break;
+    case 2: int4_rows(x, ldx, 2, p0, p1, s0, s1, G, gs, r0, r1); break;
+    case 3: int4_rows(x, ldx, 3, p0, p1, s0, s1, G, gs, r0, r1); break;
+    default: int4_rows(x, ldx, 4, p0, p1, s0, s1, G, gs, r0, r1); break;
+    }
+}
+#endif
+
+int hfq_int4_bf16_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *packed, const float *scale,
+                       const float *corr, const float *bias, void *out, int64_t N, int64_t G, int64_t gs, int kind,
+                       int nthreads) {
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+    if (!(gs == 32 || gs % 64 == 0) || G * gs != K) return 2;
+    const int64_t row_bytes = K / 2, pairs = (N + 1) / 2;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t pr = 0; pr < pairs; pr++) {
+        const int64_t n = 2 * pr;
+        const int two = n + 1 < N;  /* an odd last row is computed twice, once discarded */
+        const uint8_t *p0 = packed + n * row_bytes, *p1 = two ? p0 + row_bytes : p0;
+        const float *s0 = scale + n * G, *s1 = two ? s0 + G : s0;
+        for (int64_t m0 = 0; m0 < M; m0 += HFQ_MB) {
+            const int mb = (int)(M - m0 < HFQ_MB ? M - m0 : HFQ_MB);
+            float r0[HFQ_MB], r1[HFQ_MB];
+            int4_block(x + m0 * K, K, mb, p0, p1, s0, s1, G, gs, r0, r1);
+            for (int m = 0; m < mb; m++) {
+                for (int t = 0; t < 1 + two; t++) {
+                    const int64_t col = n + t, row = m0 + m;
+                    float v = (t ? r1[m] : r0[m]) - corr[row * N + col];
+                    if (bias) v += bias[col];
+                    if (kind == 0) ((float *)out)[row * N + col] = v;
+                    else ((uint16_t *)out)[row * N + col] = f32_to_bf16(v);
+                }
+            }
+        }
+    }
+    return 0;
+#else
+    (void)x; (void)M; (void)K; (void)packed; (void)scale; (void)corr; (void)bias; (void)out; (void)N; (void)G;
+    (void)gs; (void)kind; (void)nthreads;
+    return 1;
+#endif
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * Per-token int8 quantization of activations with LLM.int8()'s outlier columns (kernels/int8.py,
+ * bit-identical to runtime.activations.quantize_rows): x (M x K, row stride ldx) in fp32 / bf16 / fp16
+ * (in_kind 0 / 1 / 2). A column is an outlier column when any |x| >= threshold in it (threshold > 0);
+ * the absmax of a row is the max |x| of its elements below the threshold; codes are
+ * round-half-even(x * (127 / absmax)) in fp32 (0 for an all-zero row), 0 in the outlier columns.
+ * code_kind: 0 int8, 1 uint8 code + 128, 2 fp32. flags (K bytes, out): 1 for the outlier columns.
+ * Returns the number of outlier columns, or -1 if a thread buffer could not be allocated.
+ */
+static inline float load_x(const void *x, int64_t i, int kind) {
+    if (kind == 0) return ((const float *)x)[i];
+    uint16_t h = ((const uint16_t *)x)[i];
+    if (kind == 1) {
+        uint32_t u = (uint32_t)h << 16;
+        float f;
+        memcpy(&f, &u, 4);
+        return f;
+    }
+    _Float16 v;
+    memcpy(&v, &h, 2);
+    return (float)v;
+}
+
+static void row_to_f32(const void *x, int64_t K, int kind, float *dst) {
+    for (int64_t k = 0; k < K; k++) dst[k] = load_x(x, k, kind);
+}
+
+int64_t hfq_quant_tokens(const void *x, int64_t M, int64_t K, int64_t ldx, int in_kind, float threshold,
+                         void *codes, int code_kind, float *absmax, uint8_t *flags, int nthreads) {
+    const int64_t esize = in_kind == 0 ? 4 : 2;
+    int failed = 0;
+    memset(flags, 0, (size_t)K);
+    if (M < 64) nthreads = 1;  /* a few rows: one thread, no fork/join */
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *buf = (float *)malloc((size_t)K * sizeof(float));
+        uint8_t *mine = (uint8_t *)calloc((size_t)K, 1);
+        if (!buf || !mine) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        int ok;
+#pragma omp atomic read
+        ok = failed;
+        ok = !ok;
+        if (ok) {  /* every thread takes the same branch: the worksharing loops below are met by all or none */
+#pragma omp for schedule(static)
+            for (int64_t m = 0; m < M; m++) {  /* pass 1: absmax below the threshold, outlier columns */
+                row_to_f32((const char *)x + m * ldx * esize, K, in_kind, buf);
+                float a = 0.0f;
+                if (threshold > 0.0f) {
+                    for (int64_t k = 0; k < K; k++) {
+                        float v = fabsf(buf[k]);
+                        if (v >= threshold) mine[k] = 1;
+                        else a = v > a ? v : a;
+                    }
+                } else {
+                    for (int64_t k = 0; k < K; k++) {
+                        float v = fabsf(buf[k]);
+                        a = v > a ? v : a;
+                    }
+                }
+                absmax[m] = a;
+            }
+#pragma omp critical
+            for (int64_t k = 0; k < K; k++) flags[k] |= mine[k];
+#pragma omp barrier
+#pragma omp for schedule(static)
+            for (int64_t m = 0; m < M; m++) {  /* pass 2: the codes */
+                row_to_f32((const char *)x + m * ldx * esize, K, in_kind, buf);
+                const float a = absmax[m], mul = a > 0.0f ? (1.0f / a) * 127.0f : 0.0f;  /* as torch: 127 / t is reciprocal(t) * 127 */
+                if (threshold > 0.0f)
+                    for (int64_t k = 0; k < K; k++) buf[k] = flags[k] ? 0.0f : nearbyintf(buf[k] * mul);
+                else
+                    for (int64_t k = 0; k < K; k++) buf[k] = nearbyintf(buf[k] * mul);
+                if (code_kind == 2) {
+                    memcpy((float *)codes + m * K, buf, (size_t)K * 4);
+                } else if (code_kind == 1) {
+                    uint8_t *c = (uint8_t *)codes + m * K;
+                    for (int64_t k = 0; k < K; k++) c[k] = (uint8_t)((int32_t)buf[k] + 128);
+                } else {
+                    int8_t *c = (int8_t *)codes + m * K;
+                    for (int64_t k = 0; k < K; k++) c[k] = (int8_t)(int32_t)buf[k];
+                }
+            }
+        }
+        free(buf);
+        free(mine);
+    }
+    if (failed) return -1;
+    int64_t n = 0;
+    for (int64_t k = 0; k < K; k++) n += flags[k];
+    return n;
+}
+
+/* The epilogue of the CPU int8 GEMMs: out[m, n] = y[m, n] * (absmax[m] / 127) + bias[n] (if any)
+ * + extra[m, n] (if any), in fp32 / bf16 / fp16 (out_kind 0 / 1 / 2). */
+void hfq_finish_tokens(const float *y, int64_t M, int64_t N, const float *absmax, const float *bias,
+                       const float *extra, void *out, int out_kind, int nthreads) {
+    if (M * N < (1 << 16)) nthreads = 1;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t m = 0; m < M; m++) {
+        const float sx = absmax[m] / 127.0f;
+        const float *ym = y + m * N;
+        float tmp[256];
+        for (int64_t n0 = 0; n0 < N; n0 += 256) {
+            const int64_t nn = N - n0 < 256 ? N - n0 : 256;
+            for (int64_t j = 0; j < nn; j++) {
+                float v = ym[n0 + j] * sx;
+                if (bias) v += bias[n0 + j];
+                if (extra) v += extra[m * N + n0 + j];
+                tmp[j] = v;
+            }
+            store_row(tmp, (char *)out + (m * N + n0) * out_size(out_kind), nn, out_kind);
+        }
+    }
 }
