@@ -346,14 +346,32 @@ int64_t hfq_quant_tokens(const void *x, int64_t M, int64_t K, int64_t ldx, int i
             for (int64_t m = 0; m < M; m++) {  /* pass 1: absmax below the threshold, outlier columns */
                 row_to_f32((const char *)x + m * ldx * esize, K, in_kind, buf);
                 float a = 0.0f;
+                int64_t k0 = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+                {  /* max is order-independent (no NaN): the same absmax as torch's amax */
+                    __m512 am = _mm512_setzero_ps();
+                    const __m512 th = _mm512_set1_ps(threshold);
+                    const __mmask16 on = threshold > 0.0f ? 0xFFFF : 0;  /* threshold 0: no outliers */
+                    for (; k0 + 16 <= K; k0 += 16) {
+                        const __m512 v = _mm512_abs_ps(_mm512_loadu_ps(buf + k0));
+                        const __mmask16 out = _mm512_mask_cmp_ps_mask(on, v, th, _CMP_GE_OQ);
+                        if (out)
+                            _mm_storeu_si128((__m128i *)(mine + k0),
+                                             _mm_or_si128(_mm_loadu_si128((const __m128i *)(mine + k0)),
+                                                          _mm_maskz_set1_epi8(out, 1)));
+                        am = _mm512_mask_max_ps(am, (__mmask16)~out, am, v);
+                    }
+                    a = _mm512_reduce_max_ps(am);
+                }
+#endif
                 if (threshold > 0.0f) {
-                    for (int64_t k = 0; k < K; k++) {
+                    for (int64_t k = k0; k < K; k++) {
                         float v = fabsf(buf[k]);
                         if (v >= threshold) mine[k] = 1;
                         else a = v > a ? v : a;
                     }
                 } else {
-                    for (int64_t k = 0; k < K; k++) {
+                    for (int64_t k = k0; k < K; k++) {
                         float v = fabsf(buf[k]);
                         a = v > a ? v : a;
                     }
