@@ -242,8 +242,12 @@ def test_native_token_quantization_is_bit_identical_to_torch(monkeypatch, dtype,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_native_finish_tokens(dtype):
     y, absmax = torch.randn(5, 300), torch.rand(5) * 3
-    bias, extra = torch.randn(300), torch.randn(5, 300)
-    for b, e in ((None, None), (bias, None), (bias, extra), (None, extra)):
-        want = y * (absmax / 127.0).unsqueeze(1) + (0 if b is None else b) + (0 if e is None else e)
-        got = native.finish_tokens(y, absmax, b, e, dtype)
-        assert got.dtype == dtype and torch.allclose(got.float(), want.to(dtype).float(), rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=1e-5)
+    bias, xo, wo = torch.randn(300), torch.randn(5, 3), torch.randn(3, 300)
+    for b, o in ((None, None), (bias, None), (bias, (xo, wo)), (None, (xo, wo))):
+        want = y * (absmax / 127.0).unsqueeze(1) + (0 if b is None else b) + (0 if o is None else xo @ wo)
+        got = native.finish_tokens(y, absmax, b, *(o or (None, None)), dtype)
+        assert got.dtype == dtype and got.shape == (5, 300)
+        assert torch.allclose(got.float(), want.to(dtype).float(), rtol=1e-6 if dtype == torch.float32 else 1e-2,
+                              atol=1e-5)
+    with pytest.raises(ValueError, match="native finish_tokens"):
+        native.finish_tokens(y, absmax, None, xo, None, dtype)

@@ -9,6 +9,10 @@ torch's thread count with OpenMP. It is plain C with no torch headers: the build
 and is cached per source, compiler and CPU under `HF_QUANT_NATIVE_CACHE` (default
 ~/.cache/hf_quant/native). With no compiler, or `HF_QUANT_NATIVE=0`, `library()` is None and the
 kernels that use it are not candidates (the reason: `unavailable_reason()`).
+
+Also here: `int4_bf16_gemm` (codes of at most 4 bits x bf16 activations fused, AVX512-BF16 builds
+only: `has_int4_bf16()`), and LLM.int8()'s per-token activation quantization (`quantize_tokens`,
+bit-identical to the torch path of kernels/int8.py) and its epilogue (`finish_tokens`).
 """
 
 from __future__ import annotations
@@ -105,7 +109,7 @@ def _load() -> ctypes.CDLL:
     lib.hfq_int4_bf16_gemm.restype = INT
     lib.hfq_quant_tokens.argtypes = [P, I64, I64, I64, INT, ctypes.c_float, P, INT, P, P, INT]
     lib.hfq_quant_tokens.restype = I64
-    lib.hfq_finish_tokens.argtypes = [P, I64, I64, P, P, P, P, INT, INT]
+    lib.hfq_finish_tokens.argtypes = [P, I64, I64, P, P, P, P, I64, P, INT, INT]
     lib.hfq_finish_tokens.restype = None
     return lib
 
@@ -236,22 +240,27 @@ def quantize_tokens(x2: torch.Tensor, threshold: float, code_dtype: torch.dtype
     return codes, absmax, (flags.nonzero().flatten() if n else None)
 
 
-def finish_tokens(y: torch.Tensor, absmax: torch.Tensor, bias: torch.Tensor | None, extra: torch.Tensor | None,
-                  dtype: torch.dtype) -> torch.Tensor:
-    """y (M, N) fp32 * (absmax / 127) per row + bias + extra, in `dtype`: the int8 GEMMs' epilogue in one pass."""
+def finish_tokens(y: torch.Tensor, absmax: torch.Tensor, bias: torch.Tensor | None, xo: torch.Tensor | None,
+                  wo: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """y (M, N) fp32 * (absmax / 127) per row + bias + xo (M, n) @ wo (n, N), in `dtype`: the int8 GEMMs'
+    epilogue, outlier columns' product included, in one pass."""
     lib = library()
     if lib is None:
         raise RuntimeError(f"native CPU helpers unavailable: {unavailable_reason()}")
     M, N = y.shape
-    ok = (y.dtype == absmax.dtype == torch.float32 and y.is_contiguous() and absmax.shape == (M,)
+    n = 0 if xo is None else xo.shape[1]
+    ok = (y.dtype == absmax.dtype == torch.float32 and y.is_contiguous() and absmax.shape == (M,) and dtype in _KIND
           and (bias is None or (bias.dtype == torch.float32 and bias.shape == (N,) and bias.is_contiguous()))
-          and (extra is None or (extra.dtype == torch.float32 and extra.shape == (M, N) and extra.is_contiguous()))
-          and dtype in _KIND)
+          and (xo is None) == (wo is None)
+          and (xo is None or (xo.dtype == wo.dtype == torch.float32 and xo.shape == (M, n) and wo.shape == (n, N)
+                              and xo.is_contiguous() and wo.is_contiguous())))
     if not ok:
         raise ValueError("native finish_tokens: expected y fp32 (M, N) contiguous, absmax fp32 (M,), bias fp32 (N,) "
-                         f"or None, extra fp32 (M, N) or None, dtype fp32/bf16/fp16; got y {tuple(y.shape)} {y.dtype}")
+                         "or None, xo fp32 (M, n) and wo fp32 (n, N) or both None, dtype fp32/bf16/fp16; got y "
+                         f"{tuple(y.shape)} {y.dtype}, xo {None if xo is None else tuple(xo.shape)}, wo "
+                         f"{None if wo is None else tuple(wo.shape)}")
     out = torch.empty(M, N, dtype=dtype)
     lib.hfq_finish_tokens(y.data_ptr(), M, N, absmax.data_ptr(), None if bias is None else bias.data_ptr(),
-                          None if extra is None else extra.data_ptr(), out.data_ptr(), _KIND[dtype],
-                          max(1, torch.get_num_threads()))
+                          None if xo is None else xo.data_ptr(), None if wo is None else wo.data_ptr(), n,
+                          out.data_ptr(), _KIND[dtype], max(1, torch.get_num_threads()))
     return out

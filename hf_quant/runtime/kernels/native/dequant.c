@@ -410,22 +410,27 @@ int64_t hfq_quant_tokens(const void *x, int64_t M, int64_t K, int64_t ldx, int i
 }
 
 /* The epilogue of the CPU int8 GEMMs: out[m, n] = y[m, n] * (absmax[m] / 127) + bias[n] (if any)
- * + extra[m, n] (if any), in fp32 / bf16 / fp16 (out_kind 0 / 1 / 2). */
+ * + sum_j xo[m, j] * wo[j, n] (the outlier columns' product, if n_out > 0), in fp32 / bf16 / fp16
+ * (out_kind 0 / 1 / 2). Column chunks of 256: the chunk of wo stays in L1 across the rows. */
 void hfq_finish_tokens(const float *y, int64_t M, int64_t N, const float *absmax, const float *bias,
-                       const float *extra, void *out, int out_kind, int nthreads) {
-    if (M * N < (1 << 16)) nthreads = 1;
+                       const float *xo, const float *wo, int64_t n_out, void *out, int out_kind, int nthreads) {
+    const int64_t chunks = (N + 255) / 256;
+    if (M * N * (1 + n_out) < (1 << 17)) nthreads = 1;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t m = 0; m < M; m++) {
-        const float sx = absmax[m] / 127.0f;
-        const float *ym = y + m * N;
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t n0 = c * 256, nn = N - n0 < 256 ? N - n0 : 256;
         float tmp[256];
-        for (int64_t n0 = 0; n0 < N; n0 += 256) {
-            const int64_t nn = N - n0 < 256 ? N - n0 : 256;
-            for (int64_t j = 0; j < nn; j++) {
-                float v = ym[n0 + j] * sx;
-                if (bias) v += bias[n0 + j];
-                if (extra) v += extra[m * N + n0 + j];
-                tmp[j] = v;
+        for (int64_t m = 0; m < M; m++) {
+            const float sx = absmax[m] / 127.0f;
+            const float *ym = y + m * N + n0;
+            if (bias)
+                for (int64_t j = 0; j < nn; j++) tmp[j] = ym[j] * sx + bias[n0 + j];
+            else
+                for (int64_t j = 0; j < nn; j++) tmp[j] = ym[j] * sx;
+            for (int64_t o = 0; o < n_out; o++) {
+                const float v = xo[m * n_out + o];
+                const float *w = wo + o * N + n0;
+                for (int64_t j = 0; j < nn; j++) tmp[j] += v * w[j];
             }
             store_row(tmp, (char *)out + (m * N + n0) * out_size(out_kind), nn, out_kind);
         }
