@@ -241,13 +241,30 @@ def test_native_token_quantization_is_bit_identical_to_torch(monkeypatch, dtype,
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_native_finish_tokens(dtype):
-    y, absmax = torch.randn(5, 300), torch.rand(5) * 3
-    bias, xo, wo = torch.randn(300), torch.randn(5, 3), torch.randn(3, 300)
-    for b, o in ((None, None), (bias, None), (bias, (xo, wo)), (None, (xo, wo))):
-        want = y * (absmax / 127.0).unsqueeze(1) + (0 if b is None else b) + (0 if o is None else xo @ wo)
-        got = native.finish_tokens(y, absmax, b, *(o or (None, None)), dtype)
-        assert got.dtype == dtype and got.shape == (5, 300)
-        assert torch.allclose(got.float(), want.to(dtype).float(), rtol=1e-6 if dtype == torch.float32 else 1e-2,
-                              atol=1e-5)
-    with pytest.raises(ValueError, match="native finish_tokens"):
-        native.finish_tokens(y, absmax, None, xo, None, dtype)
+    """Row scales, bias and the outlier columns' product (W_hat rounded to the activation dtype, as the
+    reference holds it) in one pass, against the torch epilogue."""
+    from hf_quant.runtime.kernels import int8
+
+    g = torch.Generator().manual_seed(0)
+    M, K, N = 21, 40, 300  # 21 rows: a block of 16 and a remainder; 300 columns: a chunk of 256 and a remainder
+    y, absmax = torch.randn(M, N, generator=g), torch.rand(M, generator=g) * 3
+    bias, x = torch.randn(N, generator=g), (torch.randn(M, K, generator=g) * 4).to(dtype)
+    wq = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
+    ws = torch.rand(N, generator=g) * 0.01
+    cols = torch.tensor([3, 17, 39])
+    weights = int8.OutlierWeights(wq.t().contiguous(), ws)
+    for b, c in ((None, None), (bias, None), (bias, cols), (None, cols)):
+        monkey = native.library
+        try:
+            native.library = lambda: None  # the torch epilogue
+            want = int8.finish_tokens(y.clone(), absmax, b, x, x, c, weights)
+        finally:
+            native.library = monkey
+        extra = None if c is None else (x, weights.wq_t, c, ws)
+        got = native.finish_tokens(y, absmax, b, dtype, extra)
+        assert got.dtype == dtype and got.shape == (M, N)
+        assert torch.allclose(got.float(), want.float(), rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
+    with pytest.raises(ValueError, match="outside"):
+        native.finish_tokens(y, absmax, None, dtype, (x, weights.wq_t, torch.tensor([0, 1, 99]), ws))
+    with pytest.raises(ValueError, match="native finish_tokens: expected"):
+        native.finish_tokens(y, absmax, None, dtype, (x[:, :3], weights.wq_t, cols, ws))

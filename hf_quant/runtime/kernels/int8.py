@@ -255,9 +255,9 @@ def finish_tokens(y: torch.Tensor, absmax: torch.Tensor, bias: torch.Tensor | No
     """The epilogue of the CPU int8 GEMMs: y (M, N) fp32 = codes_x . codes_w * w_scale, times the row
     scales absmax/127, plus the bias and the outlier columns' product; in x's dtype and leading dims."""
     if native.library() is not None:  # one pass: row scale, bias, outlier product, the cast
-        xo = None if cols is None else x2.index_select(1, cols).float()
-        y = native.finish_tokens(y.contiguous(), absmax, bias, xo, None if cols is None else outliers.get(cols, x.dtype),
-                                 x.dtype)
+        y = native.finish_tokens(y.contiguous(), absmax, bias, x.dtype,
+                                 None if cols is None else (x2 if x2.stride(1) == 1 else x2.contiguous(), outliers.wq_t,
+                                                            cols, outliers.wscale))
         return y.reshape(*x.shape[:-1], y.shape[-1])
     sx = (absmax / 127.0).unsqueeze(1)
     y = y.mul_(sx) if bias is None else torch.addcmul(bias, y, sx)

@@ -107,10 +107,10 @@ def _load() -> ctypes.CDLL:
     lib.hfq_caps.argtypes, lib.hfq_caps.restype = [], INT
     lib.hfq_int4_bf16_gemm.argtypes = [P, I64, I64, P, P, P, P, P, I64, I64, I64, INT, INT]
     lib.hfq_int4_bf16_gemm.restype = INT
-    lib.hfq_quant_tokens.argtypes = [P, I64, I64, I64, INT, ctypes.c_float, P, INT, P, P, INT]
+    lib.hfq_quant_tokens.argtypes = [P, I64, I64, I64, INT, ctypes.c_float, P, INT, P, P, P, INT]
     lib.hfq_quant_tokens.restype = I64
-    lib.hfq_finish_tokens.argtypes = [P, I64, I64, P, P, P, P, I64, P, INT, INT]
-    lib.hfq_finish_tokens.restype = None
+    lib.hfq_finish_tokens.argtypes = [P, I64, I64, P, P, P, I64, INT, P, I64, P, P, I64, P, INT, INT]
+    lib.hfq_finish_tokens.restype = INT
     return lib
 
 
@@ -231,36 +231,43 @@ def quantize_tokens(x2: torch.Tensor, threshold: float, code_dtype: torch.dtype
                          "uint8 or fp32")
     codes = torch.empty(M, K, dtype=code_dtype)
     absmax = torch.empty(M, dtype=torch.float32)
-    flags = torch.empty(K, dtype=torch.uint8)
+    flags, cols = torch.empty(K, dtype=torch.uint8), torch.empty(K, dtype=torch.int64)
     n = lib.hfq_quant_tokens(x2.data_ptr(), M, K, x2.stride(0) if M > 1 else K, _KIND[x2.dtype], float(threshold),
                              codes.data_ptr(), _CODE_KINDS[code_dtype], absmax.data_ptr(), flags.data_ptr(),
-                             max(1, torch.get_num_threads()))
+                             cols.data_ptr(), max(1, torch.get_num_threads()))
     if n < 0:
         raise MemoryError("native quantize_tokens: out of memory for a row buffer")
-    return codes, absmax, (flags.nonzero().flatten() if n else None)
+    return codes, absmax, (cols[:n] if n else None)
 
 
-def finish_tokens(y: torch.Tensor, absmax: torch.Tensor, bias: torch.Tensor | None, xo: torch.Tensor | None,
-                  wo: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """y (M, N) fp32 * (absmax / 127) per row + bias + xo (M, n) @ wo (n, N), in `dtype`: the int8 GEMMs'
-    epilogue, outlier columns' product included, in one pass."""
+def finish_tokens(y: torch.Tensor, absmax: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                  outliers: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The int8 GEMMs' epilogue in one pass, in `dtype`: y (M, N) fp32 * (absmax / 127) per row + bias, plus, with
+    `outliers` = (x2 (M, K) fp32/bf16/fp16 with unit column stride: the activations, wq_t (K, N) int8: the
+    weight's codes transposed, cols (n,) int64: the outlier columns, ws (N,) fp32 row scales),
+    x2[:, cols] @ W_hat[:, cols].T with W_hat = codes * ws rounded to `dtype`."""
     lib = library()
     if lib is None:
         raise RuntimeError(f"native CPU helpers unavailable: {unavailable_reason()}")
     M, N = y.shape
-    n = 0 if xo is None else xo.shape[1]
     ok = (y.dtype == absmax.dtype == torch.float32 and y.is_contiguous() and absmax.shape == (M,) and dtype in _KIND
-          and (bias is None or (bias.dtype == torch.float32 and bias.shape == (N,) and bias.is_contiguous()))
-          and (xo is None) == (wo is None)
-          and (xo is None or (xo.dtype == wo.dtype == torch.float32 and xo.shape == (M, n) and wo.shape == (n, N)
-                              and xo.is_contiguous() and wo.is_contiguous())))
+          and (bias is None or (bias.dtype == torch.float32 and bias.shape == (N,) and bias.is_contiguous())))
+    args: tuple = (None, 0, 0, None, 0, None, None, 0)
+    if outliers is not None:
+        x2, wq_t, cols, ws = outliers
+        ok = ok and (x2.dtype in _KIND and x2.dim() == 2 and x2.shape[0] == M and (x2.shape[1] <= 1 or x2.stride(1) == 1)
+                     and wq_t.dtype == torch.int8 and wq_t.dim() == 2 and tuple(wq_t.shape) == (x2.shape[1], N)
+                     and cols.dtype == torch.int64 and cols.dim() == 1 and ws.dtype == torch.float32
+                     and ws.shape == (N,) and all(t.is_contiguous() for t in (wq_t, cols, ws)))
+        if ok:
+            args = (x2.data_ptr(), x2.stride(0) if M > 1 else x2.shape[1], _KIND[x2.dtype], wq_t.data_ptr(),
+                    wq_t.shape[0], cols.data_ptr(), ws.data_ptr(), cols.numel())
     if not ok:
-        raise ValueError("native finish_tokens: expected y fp32 (M, N) contiguous, absmax fp32 (M,), bias fp32 (N,) "
-                         "or None, xo fp32 (M, n) and wo fp32 (n, N) or both None, dtype fp32/bf16/fp16; got y "
-                         f"{tuple(y.shape)} {y.dtype}, xo {None if xo is None else tuple(xo.shape)}, wo "
-                         f"{None if wo is None else tuple(wo.shape)}")
+        raise ValueError("native finish_tokens: expected y fp32 (M, N) contiguous, absmax fp32 (M,), bias fp32 (N,) or "
+                         "None, dtype fp32/bf16/fp16, outliers None or (x2 (M, K) fp32/bf16/fp16, wq_t int8 (K, N), cols "
+                         f"int64 (n,), ws fp32 (N,)); got y {tuple(y.shape)} {y.dtype}")
     out = torch.empty(M, N, dtype=dtype)
-    lib.hfq_finish_tokens(y.data_ptr(), M, N, absmax.data_ptr(), None if bias is None else bias.data_ptr(),
-                          None if xo is None else xo.data_ptr(), None if wo is None else wo.data_ptr(), n,
-                          out.data_ptr(), _KIND[dtype], max(1, torch.get_num_threads()))
+    if lib.hfq_finish_tokens(y.data_ptr(), M, N, absmax.data_ptr(), None if bias is None else bias.data_ptr(), *args,
+                             out.data_ptr(), _KIND[dtype], max(1, torch.get_num_threads())):
+        raise ValueError(f"native finish_tokens: an outlier column index is outside [0, {args[4]})")
     return out

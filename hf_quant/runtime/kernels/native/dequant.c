@@ -301,8 +301,8 @@ int hfq_int4_bf16_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *p
  * (in_kind 0 / 1 / 2). A column is an outlier column when any |x| >= threshold in it (threshold > 0);
  * the absmax of a row is the max |x| of its elements below the threshold; codes are
  * round-half-even(x * (127 / absmax)) in fp32 (0 for an all-zero row), 0 in the outlier columns.
- * code_kind: 0 int8, 1 uint8 code + 128, 2 fp32. flags (K bytes, out): 1 for the outlier columns.
- * Returns the number of outlier columns, or -1 if a thread buffer could not be allocated.
+ * code_kind: 0 int8, 1 uint8 code + 128, 2 fp32. flags (K bytes, out): 1 for the outlier columns; cols (K
+ * int64, out): their indices, ascending. Returns their number, or -1 if a thread buffer could not be allocated.
  */
 static inline float load_x(const void *x, int64_t i, int kind) {
     if (kind == 0) return ((const float *)x)[i];
@@ -323,7 +323,7 @@ static void row_to_f32(const void *x, int64_t K, int kind, float *dst) {
 }
 
 int64_t hfq_quant_tokens(const void *x, int64_t M, int64_t K, int64_t ldx, int in_kind, float threshold,
-                         void *codes, int code_kind, float *absmax, uint8_t *flags, int nthreads) {
+                         void *codes, int code_kind, float *absmax, uint8_t *flags, int64_t *cols, int nthreads) {
     const int64_t esize = in_kind == 0 ? 4 : 2;
     int failed = 0;
     memset(flags, 0, (size_t)K);
@@ -405,34 +405,66 @@ int64_t hfq_quant_tokens(const void *x, int64_t M, int64_t K, int64_t ldx, int i
     }
     if (failed) return -1;
     int64_t n = 0;
-    for (int64_t k = 0; k < K; k++) n += flags[k];
+    for (int64_t k = 0; k < K; k++)
+        if (flags[k]) cols[n++] = k;
     return n;
 }
 
+/* x rounded to the activation type (kind 0 fp32, 1 bf16, 2 fp16) and back to fp32. */
+static inline float round_to(float v, int kind) {
+    if (kind == 1) {
+        uint32_t u;
+        memcpy(&u, &v, 4);
+        u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;  /* finite values */
+        memcpy(&v, &u, 4);
+        return v;
+    }
+    if (kind == 2) return (float)(_Float16)v;
+    return v;
+}
+
+#define HFQ_FIN_ROWS 16
 /* The epilogue of the CPU int8 GEMMs: out[m, n] = y[m, n] * (absmax[m] / 127) + bias[n] (if any)
- * + sum_j xo[m, j] * wo[j, n] (the outlier columns' product, if n_out > 0), in fp32 / bf16 / fp16
- * (out_kind 0 / 1 / 2). Column chunks of 256: the chunk of wo stays in L1 across the rows. */
-void hfq_finish_tokens(const float *y, int64_t M, int64_t N, const float *absmax, const float *bias,
-                       const float *xo, const float *wo, int64_t n_out, void *out, int out_kind, int nthreads) {
-    const int64_t chunks = (N + 255) / 256;
+ * + sum_j x[m, cols[j]] * w_j[n] (the outlier columns' product, if n_out > 0), in fp32 / bf16 / fp16
+ * (out_kind 0 / 1 / 2; x of x_kind, row stride ldx). w_j[n] = wq_t[cols[j], n] * ws[n] rounded to the output
+ * type (the weight as the activation dtype holds it), read straight from the transposed int8 codes wq_t
+ * (K x N): n_out rows of N bytes, no gathered float copy. Column chunks of 256 and row blocks of 16: each
+ * decoded chunk serves 16 rows. Returns 1 (nothing written) if a column index is outside [0, K). */
+int hfq_finish_tokens(const float *y, int64_t M, int64_t N, const float *absmax, const float *bias,
+                      const void *x, int64_t ldx, int x_kind, const int8_t *wq_t, int64_t K, const int64_t *cols,
+                      const float *ws, int64_t n_out, void *out, int out_kind, int nthreads) {
+    for (int64_t o = 0; o < n_out; o++)
+        if (cols[o] < 0 || cols[o] >= K) return 1;
+    const int64_t chunks = (N + 255) / 256, blocks = (M + HFQ_FIN_ROWS - 1) / HFQ_FIN_ROWS;
+    const int64_t esize = x_kind == 0 ? 4 : 2;
     if (M * N * (1 + n_out) < (1 << 17)) nthreads = 1;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
+#pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads)
     for (int64_t c = 0; c < chunks; c++) {
-        const int64_t n0 = c * 256, nn = N - n0 < 256 ? N - n0 : 256;
-        float tmp[256];
-        for (int64_t m = 0; m < M; m++) {
-            const float sx = absmax[m] / 127.0f;
-            const float *ym = y + m * N + n0;
-            if (bias)
-                for (int64_t j = 0; j < nn; j++) tmp[j] = ym[j] * sx + bias[n0 + j];
-            else
-                for (int64_t j = 0; j < nn; j++) tmp[j] = ym[j] * sx;
-            for (int64_t o = 0; o < n_out; o++) {
-                const float v = xo[m * n_out + o];
-                const float *w = wo + o * N + n0;
-                for (int64_t j = 0; j < nn; j++) tmp[j] += v * w[j];
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t n0 = c * 256, nn = N - n0 < 256 ? N - n0 : 256;
+            const int64_t m0 = b * HFQ_FIN_ROWS, mm = M - m0 < HFQ_FIN_ROWS ? M - m0 : HFQ_FIN_ROWS;
+            float tmp[HFQ_FIN_ROWS][256], w[256];
+            for (int64_t i = 0; i < mm; i++) {
+                const float sx = absmax[m0 + i] / 127.0f;
+                const float *ym = y + (m0 + i) * N + n0;
+                if (bias)
+                    for (int64_t j = 0; j < nn; j++) tmp[i][j] = ym[j] * sx + bias[n0 + j];
+                else
+                    for (int64_t j = 0; j < nn; j++) tmp[i][j] = ym[j] * sx;
             }
-            store_row(tmp, (char *)out + (m * N + n0) * out_size(out_kind), nn, out_kind);
+            for (int64_t o = 0; o < n_out; o++) {
+                const int8_t *q = wq_t + cols[o] * N + n0;
+                for (int64_t j = 0; j < nn; j++) w[j] = (float)q[j] * ws[n0 + j];
+                if (out_kind)
+                    for (int64_t j = 0; j < nn; j++) w[j] = round_to(w[j], out_kind);
+                for (int64_t i = 0; i < mm; i++) {
+                    const float v = load_x((const char *)x + (m0 + i) * ldx * esize, cols[o], x_kind);
+                    for (int64_t j = 0; j < nn; j++) tmp[i][j] += v * w[j];
+                }
+            }
+            for (int64_t i = 0; i < mm; i++)
+                store_row(tmp[i], (char *)out + ((m0 + i) * N + n0) * out_size(out_kind), nn, out_kind);
         }
     }
+    return 0;
 }
