@@ -7,6 +7,8 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from hf_quant.core.devices import last_level_cache_bytes  # noqa: F401  (re-exported for the benchmarks)
+
 
 def random_llama(hidden: int, intermediate: int, layers: int, device: str, vocab: int = 32000,
                  heads: int | None = None, kv_heads: int | None = None) -> LlamaForCausalLM:
@@ -60,20 +62,6 @@ def tokens_per_s(model, ids: torch.Tensor, new_tokens: int, cuda_graphs: bool = 
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - t)
     return {"tokens_per_s": new_tokens / min(seconds[1:] or seconds), "seconds": [round(s, 4) for s in seconds]}
-
-
-def last_level_cache_bytes(default: int = 32 << 20) -> int:
-    """Size of the largest CPU cache (Linux sysfs, e.g. L3 "32768K"); `default` where unknown."""
-    import glob
-    sizes = []
-    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
-        try:
-            with open(path) as f:
-                text = f.read().strip().upper()
-            sizes.append(int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20}[text[-1]] if text[-1] in "KM" else int(text))
-        except (OSError, ValueError, KeyError):
-            continue
-    return max(sizes, default=default)
 
 
 def cold_copies(nbytes: int, most: int = 8) -> int:

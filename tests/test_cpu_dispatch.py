@@ -31,7 +31,7 @@ def fake_timer(monkeypatch, fresh_table):
     calls = []
     speed = {"dequant_tiles": 1.0, "cpu_int4": 2.0, "cpu_int8": 2.0}
 
-    def fake(kernel, layer, x, prepared, budget_s, give_up_s=None):
+    def fake(kernel, layer, x, prepared, budget_s, give_up_s=None, flush=None):
         calls.append((kernel.name, x.shape[0]))
         return speed.get(kernel.name, 3.0) * 1e-3 * x.shape[0] / 64
 
@@ -158,7 +158,7 @@ def test_close_candidates_are_timed_again_interleaved(monkeypatch, fresh_table):
     first = {"dequant_tiles": 1.0, "cpu_int4": 1.2}  # cpu_int4's first timing was unlucky ...
     later = {"dequant_tiles": 1.0, "cpu_int4": 0.7}  # ... its later calls are faster
 
-    def fake(kernel, layer, x, prepared, budget_s, give_up_s=None):
+    def fake(kernel, layer, x, prepared, budget_s, give_up_s=None, flush=None):
         seen = sum(1 for n, r in calls if n == kernel.name and r == x.shape[0])
         calls.append((kernel.name, x.shape[0]))
         table = first if seen == 0 else later
@@ -178,7 +178,7 @@ def test_probes_drop_hopeless_candidates_cheaply(monkeypatch, fresh_table):
     """A candidate slower on a few rows than the best on all rows is never timed at full size."""
     calls = []
 
-    def fake(kernel, layer, x, prepared, budget_s, give_up_s=None):
+    def fake(kernel, layer, x, prepared, budget_s, give_up_s=None, flush=None):
         calls.append((kernel.name, x.shape[0]))
         per_row = {"dequant_matmul": 1e-3, "cpu_int8": 1.0}.get(kernel.name, 1e-2)
         return per_row * x.shape[0]
@@ -329,3 +329,20 @@ def test_a_higher_priority_kernel_that_does_not_opt_in_keeps_winning(fake_timer)
         assert fake_timer == []
     finally:
         unregister_kernel("test_custom_cpu")
+
+
+def test_few_rows_on_big_weights_are_timed_cold(monkeypatch):
+    """Up to COLD_MAX_ROWS rows, a layer whose weights take COLD_MIN_FRACTION of the last-level cache or more is
+    timed with the caches flushed before every call (as a layer of a big model finds them); more rows, or a small
+    weight, are timed warm."""
+    layer, _ = make_layer(64, 256, LayerSpec(4, 128, False), bias=False)
+    weight = sum(t.numel() * t.element_size() for t in (layer.qweight, layer.scales, layer.qzeros))
+    monkeypatch.setattr(cpu_measure, "last_level_cache_bytes", lambda: int(weight / cpu_measure.COLD_MIN_FRACTION))
+    flush = cpu_measure._cache_flusher(layer, cpu_measure.COLD_MAX_ROWS)
+    assert flush is not None and cpu_measure._cache_flusher(layer, cpu_measure.COLD_MAX_ROWS + 1) is None
+    monkeypatch.setattr(cpu_measure, "last_level_cache_bytes", lambda: int(weight / cpu_measure.COLD_MIN_FRACTION) + 64)
+    assert cpu_measure._cache_flusher(layer, 1) is None  # small next to the cache: warm
+    flushes = []
+    kernel = KERNELS.get("reference")
+    cpu_measure.time_call(kernel, layer, torch.randn(2, 256), None, 0.0, flush=lambda: flushes.append(1))
+    assert len(flushes) == 2  # before each of the (at least) two calls

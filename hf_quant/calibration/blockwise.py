@@ -349,18 +349,21 @@ def calibrate_block(model, block, block_prefix, targets, config, options, inputs
             ddp.all_reduce_sum(H[first])
             rows[first] = int(ddp.all_reduce_scalars(rows[first])[0])
         float_out = kept if float_out is None else float_out
-        todo = [(n, group[0]) for group in pass_groups for n in group]
-        owners = {n: ddp.owner(i) for i, (n, _) in enumerate(todo)}  # layers spread over the ranks
-        originals = {n: model.get_submodule(n) for n, _ in todo}
-        new = {n: _quantize_with_hessian(n, originals[n], targets[n], config, {**options, **stage_kwargs.get(n, {})},
-                                         H[first], rows[first])
-               for n, first in todo if owners[n] == ddp.rank()}
-        new = ddp.broadcast_layers(new, owners)
-        for n, first in todo:
-            layer_errors[n.removeprefix(block_prefix)] = _weighted_error(originals[n], new[n], H[first])
-            set_module(model, n, new[n])
-            originals[n].to(home)  # kept for rollback, off the work device
-        H.clear()
+        todo = [n for group in pass_groups for n in group]
+        owners = {n: ddp.owner(i) for i, n in enumerate(todo)}  # layers spread over the ranks
+        for group in pass_groups:  # a group at a time: its Hessian and float layers go before the next one's work
+            first = group[0]
+            originals = {n: model.get_submodule(n) for n in group}
+            new = {n: _quantize_with_hessian(n, originals[n], targets[n], config,
+                                             {**options, **stage_kwargs.get(n, {})}, H[first], rows[first])
+                   for n in group if owners[n] == ddp.rank()}
+            new = ddp.broadcast_layers(new, {n: owners[n] for n in group})
+            for n in group:
+                layer_errors[n.removeprefix(block_prefix)] = _weighted_error(originals[n], new[n], H[first])
+                set_module(model, n, new[n])
+                originals[n].to(home)  # off the work device
+            del originals, new
+            del H[first]
     # the quantized block's outputs: the next block's inputs (the last block's serve only its error report)
     outs, kept = _pass(block, inputs[:REFERENCE_WINDOWS] if last else inputs, device, keep=REFERENCE_WINDOWS,
                        collect=not last)
@@ -416,14 +419,22 @@ def _quantize_with_hessian(name, module, spec, config, options, Hsum, rows):
     return quantize_layer(name, module, spec, config.method, H=hessian(Hsum, rows), **options)
 
 
+ERROR_TILE = 512  # rows of W per step of `_weighted_error`
+
+
 def _weighted_error(original: nn.Module, layer: nn.Module, Hsum: torch.Tensor) -> float:
     """The layer's relative reconstruction error on its calibration inputs, from their Hessian:
     ||(W - W_hat) X||^2 / ||W X||^2 = tr(dW H dW^T) / tr(W H W^T)."""
     Hsum = Hsum.to(torch.float32)
-    W = linear_weight(original).detach().to(Hsum.device, torch.float32)
-    dW = W - layer.dequantize().to(Hsum.device, torch.float32)
-    den = ((W @ Hsum) * W).sum().item()
-    return ((dW @ Hsum) * dW).sum().item() / den if den > 0 else 0.0
+    W = linear_weight(original).detach()
+    W_hat = layer.dequantize()
+    num = den = 0.0
+    for i in range(0, W.shape[0], ERROR_TILE):  # tiles of rows: fp32 temporaries of ERROR_TILE x in_features
+        w = W[i:i + ERROR_TILE].to(Hsum.device, torch.float32)
+        dw = w - W_hat[i:i + ERROR_TILE].to(Hsum.device, torch.float32)
+        den += ((w @ Hsum) * w).sum().item()
+        num += ((dw @ Hsum) * dw).sum().item()
+    return num / den if den > 0 else 0.0
 
 
 def _relative_error(quantized: list[torch.Tensor], reference: list[torch.Tensor] | None) -> float:

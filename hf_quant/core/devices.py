@@ -49,3 +49,17 @@ def peak_memory_mb() -> float | None:
     except OSError:
         pass
     return None
+
+
+def last_level_cache_bytes(default: int = 32 << 20) -> int:
+    """Size of the largest CPU cache (Linux sysfs, e.g. L3 "32768K"); `default` where unknown."""
+    import glob
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            with open(path) as f:
+                text = f.read().strip().upper()
+            sizes.append(int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20}[text[-1]] if text[-1] in "KM" else int(text))
+        except (OSError, ValueError, KeyError):
+            continue
+    return max(sizes, default=default)

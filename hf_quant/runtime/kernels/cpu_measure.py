@@ -16,7 +16,8 @@ on 1, 8 and 64 rows; it is dropped as soon as a probe is slower than the best ti
 is never faster on more rows), so a path that is hopeless at that size costs little. Candidates
 within CONFIRM_WITHIN of the best are then timed again in CONFIRM_ROUNDS interleaved rounds (each
 keeps its fastest call): timed one after the other, a close call went to whichever candidate a slow
-spell of a shared machine missed.
+spell of a shared machine missed. Up to COLD_MAX_ROWS rows, a layer whose weights are big next to the
+last-level cache is timed cold (caches flushed before each call), as it runs inside a model.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 
 import torch
 
+from ...core.devices import last_level_cache_bytes
 from . import base
 from .base import KERNELS, Kernel, choose_fixed, row_class
 
@@ -43,6 +45,11 @@ LAST_CLASS_ROWS = 512  # rows timed for the open-ended last class
 PROBE_ROWS = (1, 8, 64)
 GIVE_UP = 4.0  # a call this many times slower than the best so far ends a candidate's timing
 CONFIRM_WITHIN, CONFIRM_ROUNDS = 1.5, 3  # candidates within 1.5x of the best are timed again, interleaved
+# Row classes up to COLD_MAX_ROWS are timed with the caches flushed before every call when the layer's weights
+# take at least COLD_MIN_FRACTION of the last-level cache: in a model too big for the cache each layer finds
+# its weights evicted by the other layers', and at few rows reading them is most of the time (timed warm, a
+# kernel that computes faster but streams memory worse wins wrongly).
+COLD_MAX_ROWS, COLD_MIN_FRACTION = 64, 1 / 8
 
 
 @dataclass(frozen=True)
@@ -170,6 +177,7 @@ def measure(layer: Any, device: torch.device, dtype: torch.dtype, rows: int, fou
     """Time every candidate on `rows` random rows (`first`, the fixed choice, leads: its time prunes
     the others' probes); the fastest wins, ties to the earlier candidate."""
     order = sorted(found, key=lambda k: k is not first)  # stable: the rest keep priority order
+    flush = _cache_flusher(layer, rows)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(rows, layer.in_features, generator=g).to(device=device, dtype=dtype)
     seconds: dict[str, float | None] = {}
@@ -177,16 +185,17 @@ def measure(layer: Any, device: torch.device, dtype: torch.dtype, rows: int, fou
     best = math.inf
     for kernel in order:
         prepared = layouts[kernel.name] = kernel.prepare(layer, device, dtype)  # losers leave no layout behind
-        if any(time_call(kernel, layer, x[:p], prepared, 0.0, GIVE_UP * best) >= best
+        if any(time_call(kernel, layer, x[:p], prepared, 0.0, GIVE_UP * best, flush) >= best
                for p in PROBE_ROWS if p < rows and best < math.inf):
             seconds[kernel.name] = None
             continue
-        seconds[kernel.name] = t = time_call(kernel, layer, x, prepared, BUDGET_S, GIVE_UP * best)
+        seconds[kernel.name] = t = time_call(kernel, layer, x, prepared, BUDGET_S, GIVE_UP * best, flush)
         best = min(best, t)
     close = [k for k in order if seconds[k.name] is not None and seconds[k.name] <= CONFIRM_WITHIN * best]
     for _ in range(CONFIRM_ROUNDS if len(close) > 1 else 0):  # close calls: interleaved rounds, so that a
         for kernel in close:  # slow spell of a shared machine hits every contender alike
-            seconds[kernel.name] = min(seconds[kernel.name], time_call(kernel, layer, x, layouts[kernel.name], 0.0))
+            seconds[kernel.name] = min(seconds[kernel.name], time_call(kernel, layer, x, layouts[kernel.name], 0.0,
+                                                                       flush=flush))
     choice = min((k.name for k in order if seconds[k.name] is not None), key=lambda n: seconds[n])
     cache = getattr(layer, "_prepared", None)
     if isinstance(cache, dict):  # the winner's layout is the one this layer will use: not built twice
@@ -195,13 +204,33 @@ def measure(layer: Any, device: torch.device, dtype: torch.dtype, rows: int, fou
     return Measurement(rows, seconds, choice)
 
 
+def _cache_flusher(layer: Any, rows: int) -> Any:
+    """A function that evicts the caches (reads a buffer of twice the last-level cache), or None where the
+    layer is timed warm (many rows, or weights small next to the cache). The buffer lives as long as the
+    function: one measurement."""
+    llc = last_level_cache_bytes()
+    weight_bytes = sum(t.numel() * t.element_size() for t in (layer.qweight, layer.scales, layer.qzeros)
+                       if isinstance(t, torch.Tensor))
+    if rows > COLD_MAX_ROWS or weight_bytes < COLD_MIN_FRACTION * llc:
+        return None
+    buf = torch.ones(2 * llc // 4, dtype=torch.int32)
+
+    def flush() -> None:
+        buf.sum()
+
+    return flush
+
+
 def time_call(kernel: Kernel, layer: Any, x: torch.Tensor, prepared: Any, budget_s: float,
-              give_up_s: float = math.inf) -> float:
+              give_up_s: float = math.inf, flush: Any = None) -> float:
     """Seconds of `kernel.forward(layer, x, prepared)`: the fastest of at least two calls (the first
     may pay one-time costs: oneDNN primitives for a new shape, first-touch memory), repeated until
-    `budget_s` is spent, at most MAX_CALLS. A call slower than `give_up_s` ends it (hopeless)."""
+    `budget_s` is spent, at most MAX_CALLS. A call slower than `give_up_s` ends it (hopeless). `flush`,
+    if given, runs before every call (untimed)."""
     best, spent, calls = math.inf, 0.0, 0
     while calls < 2 or (spent < budget_s and calls < MAX_CALLS):
+        if flush is not None:
+            flush()
         t0 = time.perf_counter()
         kernel.forward(layer, x, prepared)
         dt = time.perf_counter() - t0

@@ -186,6 +186,7 @@ int hfq_caps(void) {
  */
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #define HFQ_MB 4
+#define HFQ_PREFETCH 16384 /* bytes ahead of the codes being read */
 static inline __m512i codes_lo(__m512i w) {  /* (w & 15) | 0x4300 per 16-bit lane */
     return _mm512_ternarylogic_epi32(w, _mm512_set1_epi16(15), _mm512_set1_epi16(0x4300), 0xEA);
 }
@@ -203,9 +204,12 @@ static inline __attribute__((always_inline)) void int4_rows(
     __m512 t0[HFQ_MB], t1[HFQ_MB];
     for (int m = 0; m < mb; m++) t0[m] = t1[m] = _mm512_setzero_ps();
     const int64_t half = gs / 2;
+    /* few rows: the high nibbles' products go to their own accumulators (c0, c1), so that a dot
+     * product never waits for the one before it (vdpbf16ps latency) */
+    const int split = mb <= 2;
     for (int64_t g = 0; g < G; g++) {
-        __m512 a0[HFQ_MB], a1[HFQ_MB];
-        for (int m = 0; m < mb; m++) a0[m] = a1[m] = _mm512_setzero_ps();
+        __m512 a0[HFQ_MB], a1[HFQ_MB], c0[HFQ_MB], c1[HFQ_MB];
+        for (int m = 0; m < mb; m++) a0[m] = a1[m] = c0[m] = c1[m] = _mm512_setzero_ps();
         const uint8_t *q0 = p0 + g * half, *q1 = p1 + g * half;
         const uint16_t *xg = x + g * gs;
         if (gs == 32) {
@@ -222,6 +226,8 @@ static inline __attribute__((always_inline)) void int4_rows(
             }
         } else {
             for (int64_t j = 0; j < half; j += 32) {
+                _mm_prefetch((const char *)(q0 + j) + HFQ_PREFETCH, _MM_HINT_T0);  /* the weight streams from memory */
+                _mm_prefetch((const char *)(q1 + j) + HFQ_PREFETCH, _MM_HINT_T0);
                 const __m512i w0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(q0 + j)));
                 const __m512i w1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(q1 + j)));
                 const __m512bh l0 = (__m512bh)codes_lo(w0), h0 = (__m512bh)codes_hi(w0);
@@ -232,12 +238,22 @@ static inline __attribute__((always_inline)) void int4_rows(
                     const __m512bh xh = (__m512bh)_mm512_loadu_si512((const void *)(xm + half));
                     a0[m] = _mm512_dpbf16_ps(a0[m], xl, l0);
                     a1[m] = _mm512_dpbf16_ps(a1[m], xl, l1);
-                    a0[m] = _mm512_dpbf16_ps(a0[m], xh, h0);
-                    a1[m] = _mm512_dpbf16_ps(a1[m], xh, h1);
+                    if (split) {
+                        c0[m] = _mm512_dpbf16_ps(c0[m], xh, h0);
+                        c1[m] = _mm512_dpbf16_ps(c1[m], xh, h1);
+                    } else {
+                        a0[m] = _mm512_dpbf16_ps(a0[m], xh, h0);
+                        a1[m] = _mm512_dpbf16_ps(a1[m], xh, h1);
+                    }
                 }
             }
         }
         const __m512 sc0 = _mm512_set1_ps(s0[g]), sc1 = _mm512_set1_ps(s1[g]);
+        if (split)
+            for (int m = 0; m < mb; m++) {
+                a0[m] = _mm512_add_ps(a0[m], c0[m]);
+                a1[m] = _mm512_add_ps(a1[m], c1[m]);
+            }
         for (int m = 0; m < mb; m++) {
             t0[m] = _mm512_fmadd_ps(a0[m], sc0, t0[m]);
             t1[m] = _mm512_fmadd_ps(a1[m], sc1, t1[m]);
