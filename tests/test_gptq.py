@@ -482,3 +482,22 @@ def test_gptq_is_bit_identical_across_processes_at_the_same_thread_count(tiny_mo
     here = namespace["quantized_hashes"](tiny_models["llama"])
     assert any(k.endswith(".g_idx") for k in here)
     assert fresh == here, sorted(k for k in here if here[k] != fresh.get(k))
+
+
+@pytest.mark.parametrize("n", [1, 130, 1500])
+def test_hessian_inverse_cholesky_in_place_equals_the_plain_factorizations(n):
+    """The factorizations on H's column-major view plus the in-place transpose give exactly torch's plain
+    cholesky -> cholesky_inverse -> upper cholesky, in H's own storage."""
+    from hf_quant.methods.gptq import hessian_inverse_cholesky, transpose_square_
+
+    g = torch.Generator().manual_seed(n)
+    X = torch.randn(n + 7, n, generator=g)
+    H = X.t() @ X
+    damped = H.clone()
+    damped.diagonal().add_(0.01 * torch.mean(torch.diag(H)))
+    want = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    buf = H.clone()
+    got = hessian_inverse_cholesky(buf, 0.01)
+    assert got.is_contiguous() and got.data_ptr() == buf.data_ptr() and torch.equal(got, want)
+    A = torch.randn(n, n, generator=g)
+    assert torch.equal(transpose_square_(A.clone(), tile=64), A.t())

@@ -14,6 +14,7 @@ before it (one pass over the cached inputs per group).
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import time
 from typing import Any
@@ -416,7 +417,13 @@ def _quantize_with_hessian(name, module, spec, config, options, Hsum, rows):
         logger.warning("hf_quant: %s received no calibration inputs; quantizing it with RTN instead of %s.",
                        name, config.method)
         return quantize_layer(name, module, spec, "rtn", **get_method("rtn").options_from(config))
+    if _takes_inplace(config.method):  # the Hessian copy (and W's float copy) are this call's own: no clones
+        options = {**options, "inplace": True}
     return quantize_layer(name, module, spec, config.method, H=hessian(Hsum, rows), **options)
+
+
+def _takes_inplace(method: str) -> bool:
+    return "inplace" in inspect.signature(get_method(method).quantize).parameters
 
 
 ERROR_TILE = 512  # rows of W per step of `_weighted_error`

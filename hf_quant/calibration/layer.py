@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from ..config import LayerSpec
-from ..core.layers import is_conv1d, linear_weight
+from ..core.layers import all_finite, is_conv1d, linear_weight
 from ..methods import get_method
 from ..runtime import ActivationSpec, QuantLinear
 
@@ -17,14 +17,14 @@ def quantize_layer(name: str, module: nn.Module, spec: LayerSpec, method: str, *
     GPTQ's Hessian not positive-definite) is re-raised with the module's name."""
     W = linear_weight(module).detach()
     keep_in_float = f"QuantConfig(modules_to_not_convert=[{name!r}])"
-    if not torch.isfinite(W).all():
+    if not all_finite(W):
         bad = (~torch.isfinite(W)).sum().item()
         raise ValueError(
             f"{name}: weight has {bad} NaN/inf value(s) and cannot be quantized. Fix the checkpoint, "
             f"or keep the layer in float with {keep_in_float}."
         )
     H = stats.get("H")
-    if H is not None and not torch.isfinite(H).all():
+    if H is not None and not all_finite(H):
         bad = (~torch.isfinite(H)).sum().item()
         raise ValueError(
             f"{name}: the calibration inputs of {name} contain NaN/inf ({bad} non-finite Hessian entries): the "
@@ -33,7 +33,9 @@ def quantize_layer(name: str, module: nn.Module, spec: LayerSpec, method: str, *
         )
     scale_dtype = W.dtype if W.dtype.is_floating_point else torch.float32
     try:
-        qw = get_method(method).quantize(W.float(), spec, scale_dtype, **stats)
+        # inplace (GPTQ, from the calibration driver): the method overwrites W's float copy, so make one
+        Wf = W.clone() if stats.get("inplace") and W.dtype == torch.float32 else W.float()
+        qw = get_method(method).quantize(Wf, spec, scale_dtype, **stats)
     except ValueError as e:
         if str(e).startswith(f"{name}:"):
             raise

@@ -12,6 +12,16 @@ from transformers.pytorch_utils import Conv1D
 FLOAT_LINEARS = (nn.Linear, Conv1D)
 
 
+FINITE_TILE = 1 << 22  # elements per step of `all_finite`
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """torch.isfinite(t).all() a slice of rows at a time: no boolean copy of a large matrix (an
+    11008-wide Hessian's would be 121 MB)."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + FINITE_TILE]).all()) for i in range(0, flat.numel(), FINITE_TILE))
+
+
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of an nn.Linear or a transformers Conv1D."""
     if isinstance(module, Conv1D):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core import LayerSpec, QuantizedWeight, gguf, grid
+from ..core.layers import all_finite
 from .base import Options, check_bool, check_fraction, check_positive_int, option, register_method
 from .rtn import mse_option
 
@@ -48,13 +49,18 @@ def hessian_inverse_cholesky(H: torch.Tensor, damp_percent: float) -> torch.Tens
     Raises ValueError (not torch's LinAlgError) when H is not positive-definite even after dampening;
     `quantize_layer` adds the layer's name. (Non-finite entries are refused before, by `check_hessian`.)
     """
-    H = H.float()
+    H = H.float().contiguous()
     damp = damp_percent * torch.mean(torch.diag(H))
     H.diagonal().add_(damp)
-    try:  # one (in, in) buffer throughout: for an 11008-wide layer each copy is 485 MB
-        L = torch.linalg.cholesky(H, out=H)
-        Hinv = torch.cholesky_inverse(L, out=H)
-        return torch.linalg.cholesky(Hinv, upper=True, out=H)
+    # One (in, in) buffer throughout (for an 11008-wide layer each copy is 485 MB): LAPACK works on
+    # column-major matrices, and torch copies a row-major input into a column-major one first, so the
+    # factorizations run on H's transposed view (the same matrix: H is symmetric), then the factor's
+    # storage is transposed in place back to row-major.
+    Ht = H.mT
+    try:
+        L = torch.linalg.cholesky(Ht, out=Ht)
+        Hinv = torch.cholesky_inverse(L, out=Ht)
+        U = torch.linalg.cholesky(Hinv, upper=True, out=Ht)
     except torch.linalg.LinAlgError as e:
         larger = round(min(0.5, damp_percent * 10), 4) if damp_percent < 0.5 else "closer to 1"
         raise ValueError(
@@ -62,11 +68,30 @@ def hessian_inverse_cholesky(H: torch.Tensor, damp_percent: float) -> torch.Tens
             f"with damp_percent={damp_percent} ({e}). Use a larger QuantConfig.damp_percent (e.g. {larger}), "
             "or more varied calibration data."
         ) from e
+    if U.data_ptr() != H.data_ptr() or U.stride() != Ht.stride():  # torch did not work in place after all
+        return U.contiguous()
+    return transpose_square_(H)
+
+
+def transpose_square_(A: torch.Tensor, tile: int = 1024) -> torch.Tensor:
+    """A (n, n) contiguous, transposed in its own storage, a pair of tiles at a time (temporaries of one
+    tile): returns A, which now holds the transpose."""
+    n = A.shape[0]
+    for i in range(0, n, tile):
+        for j in range(i, n, tile):
+            a, b = A[i:i + tile, j:j + tile], A[j:j + tile, i:i + tile]
+            tmp = a.t().clone()
+            if i != j:
+                a.copy_(b.t())
+                b.copy_(tmp)
+            else:
+                a.copy_(tmp)
+    return A
 
 
 def check_hessian(H: torch.Tensor) -> None:
     """Refuse a Hessian with NaN/inf entries (non-finite calibration inputs), before any factorization."""
-    if not torch.isfinite(H).all():
+    if not all_finite(H):
         bad = (~torch.isfinite(H)).sum().item()
         raise ValueError(f"GPTQ: the Hessian has {bad} NaN/inf entries: the calibration inputs contain NaN/inf.")
 
@@ -113,8 +138,12 @@ def quantize_gptq(
     static_groups: bool = False,
     mse: bool = False,
     clip: tuple[torch.Tensor, torch.Tensor] | None = None,
+    inplace: bool = False,
 ) -> QuantizedWeight:
     """GPTQ of `W` (out, in) given the Hessian `H` (in, in) of its calibration inputs.
+
+    inplace: W and H are the caller's scratch copies, which GPTQ overwrites instead of cloning (for an
+    11008-wide layer a copy of H is 485 MB); the calibration driver passes its own fresh copies.
 
     desc_act ("act-order", Section 4 of the paper's code release): process input channels by
     decreasing diag(H), so the channels with the largest activations are quantized first, while the
@@ -123,8 +152,8 @@ def quantize_gptq(
     clip: per (row, group) (low, high) factors shrinking each grid's range (OmniQuant's learned
     clipping, in natural group order: not with act-order regrouping).
     """
-    W = W.clone().float()
-    H = H.clone().float()
+    W = W.float() if inplace else W.clone().float()
+    H = H.float() if inplace else H.clone().float()
     check_hessian(H)
     out_f, in_f = W.shape
     if clip is not None and desc_act and not static_groups:
@@ -157,7 +186,7 @@ def quantize_gptq(
     group_of = (perm if perm is not None and static_groups else natural) // gs
     groups = group_of.tolist()  # host copy: no device sync per column on GPU
 
-    codes = torch.empty(out_f, in_f, device=W.device)
+    codes = torch.empty(out_f, in_f, device=W.device, dtype=torch.uint8)  # integer-valued q: stored exactly
 
     def step(col: int, w: torch.Tensor, ahead: Callable[[int], torch.Tensor]) -> torch.Tensor:
         g = groups[col]
@@ -177,7 +206,7 @@ def quantize_gptq(
         if spec.g_idx:
             g_idx = group_of[inv].to(torch.int32)  # channel perm[j] was in group j // gs
     return QuantizedWeight(
-        codes=codes.to(torch.uint8),
+        codes=codes,
         scale=scale.to(scale_dtype),
         zero=None if spec.sym else zero.to(torch.uint8),
         g_idx=g_idx,
