@@ -11,6 +11,7 @@ a fresh process whose peak resident memory (VmHWM) and wall time are reported:
 Both outputs are compared byte for byte.
 
     python benchmarks/bench_streaming.py [--dir /tmp/hfq-streaming] [--layers 12] [--skip-in-memory]
+                                         [--in-memory-limit-s SECONDS]
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -88,14 +90,38 @@ def generate(path: Path, hidden: int, inter: int, layers: int, vocab: int) -> fl
     return size / 2**30
 
 
-def run(mode: str, src: Path, dst: Path, n: int, seq: int) -> dict:
+def _vm_hwm_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def run(mode: str, src: Path, dst: Path, n: int, seq: int, limit_s: float | None = None) -> dict:
+    """One path in a fresh process. With `limit_s`, the process is stopped after that many seconds and the
+    peak seen so far (VmHWM, polled every second) is reported as a lower bound (`stopped`: True)."""
     shutil.rmtree(dst, ignore_errors=True)
     shutil.rmtree(str(dst) + ".partial", ignore_errors=True)
-    done = subprocess.run([sys.executable, "-c", CHILD, mode, str(src), str(dst), str(n), str(seq)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{mode} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen([sys.executable, "-c", CHILD, mode, str(src), str(dst), str(n), str(seq)],
+                                 stdout=out, stderr=err, text=True)
+        peak = 0.0
+        while child.poll() is None:
+            peak = max(peak, _vm_hwm_mb(child.pid) or 0.0)
+            if limit_s is not None and time.perf_counter() - t0 > limit_s:
+                child.kill()
+                child.wait()
+                return {"seconds": time.perf_counter() - t0, "peak_mb": peak, "stopped": True}
+            time.sleep(1.0)
+        out.seek(0)
+        err.seek(0)
+        if child.returncode != 0:
+            raise SystemExit(f"{mode} failed:\n{err.read()[-3000:]}")
+        return json.loads(out.read().strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -108,26 +134,36 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--skip-in-memory", action="store_true")
+    ap.add_argument("--in-memory-limit-s", type=float, default=None,
+                    help="stop the in-memory run after this many seconds and report its peak so far (a lower "
+                         "bound: it holds the whole float model from the start)")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint and the outputs")
     args = ap.parse_args()
     root = Path(args.dir)
-    src = root / "src"
+    src = root / f"src-h{args.hidden}-i{args.intermediate}-l{args.layers}-v{args.vocab}"
     t = time.perf_counter()
     gib = generate(src, args.hidden, args.intermediate, args.layers, args.vocab)
     print(f"source: random Llama, hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} blocks, "
           f"vocab {args.vocab}, bf16: {gib:.2f} GiB on disk (generated in {time.perf_counter() - t:.0f} s)")
     print(f"GPTQ w4 g128, {args.num_samples} x {args.seq_len} calibration tokens; {os.cpu_count()} CPUs, "
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM\n")
-    rows = {"streaming": run("streaming", src, root / "stream" / "out", args.num_samples, args.seq_len)}
-    if not args.skip_in_memory:
+    rows = {}
+    if not args.skip_in_memory and args.in_memory_limit_s is not None:  # the short, stopped run first
+        rows["in memory"] = run("in memory", src, root / "memory" / "out", args.num_samples, args.seq_len,
+                                args.in_memory_limit_s)
+    rows["streaming"] = run("streaming", src, root / "stream" / "out", args.num_samples, args.seq_len)
+    if not args.skip_in_memory and args.in_memory_limit_s is None:
         rows["in memory"] = run("in memory", src, root / "memory" / "out", args.num_samples, args.seq_len)
     print("| path | peak resident memory (VmHWM) | x model size | time |\n|---|---:|---:|---:|")
     for name, r in rows.items():
-        print(f"| {name} | {r['peak_mb'] / 1024:.2f} GiB | {r['peak_mb'] / 1024 / gib:.2f}x | {r['seconds']:.0f} s |")
+        at_least = ">= " if r.get("stopped") else ""
+        time_note = f"stopped after {r['seconds']:.0f} s" if r.get("stopped") else f"{r['seconds']:.0f} s"
+        print(f"| {name} | {at_least}{r['peak_mb'] / 1024:.2f} GiB | {at_least}{r['peak_mb'] / 1024 / gib:.2f}x | "
+              f"{time_note} |")
     out = root / "stream" / "out"
     size = sum(p.stat().st_size for p in out.glob("*.safetensors")) / 2**30
     print(f"\nquantized checkpoint: {size:.2f} GiB in {len(list(out.glob('*.safetensors')))} shard(s)")
-    if "in memory" in rows:
+    if "in memory" in rows and not rows["in memory"].get("stopped"):
         a, b = out, root / "memory" / "out"
         same = sorted(os.listdir(a)) == sorted(os.listdir(b)) and all(
             filecmp.cmp(a / f, b / f, shallow=False) for f in os.listdir(a))

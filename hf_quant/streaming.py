@@ -419,7 +419,7 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
             try:
                 names, groups, error, layer_errors, inputs, notes = calibrate_block(
                     model, block, bp, targets, config, options, inputs, device, torch.device("cpu"), [],
-                    last=i + 1 == n_blocks)
+                    last=i + 1 == n_blocks, spill_dir=progress.dir)
             finally:
                 block.to("cpu")
             entry = {"block": i, "layers": len(names), "groups": len(groups), "output_error": error,

@@ -67,6 +67,27 @@ def test_streaming_writes_the_in_memory_checkpoint(case, tmp_path):
     assert cfg.provenance is None  # the caller's config is not changed
 
 
+def test_spilled_hessians_give_the_same_bytes_and_leave_no_file(tmp_path, monkeypatch):
+    """Every Hessian sum spilled to the progress directory while its layers are quantized (the threshold
+    lowered to 0): the same checkpoint as in memory, and no spill file left behind."""
+    from hf_quant.calibration import blockwise
+
+    cfg = QuantConfig(**CASES["gptq"])
+    ref = in_memory(TINY_LLAMA, tmp_path / "a" / "out", cfg)
+    spilled = []
+    real = blockwise._SpilledHessian.__init__
+
+    def counting(self, Hsum, directory):
+        real(self, Hsum, directory)
+        spilled.append(self.path)
+
+    monkeypatch.setattr(blockwise._SpilledHessian, "MIN_BYTES", 0)
+    monkeypatch.setattr(blockwise._SpilledHessian, "__init__", counting)
+    got = quantize_checkpoint(TINY_LLAMA, tmp_path / "b" / "out", cfg)
+    assert_same_files(ref, got)
+    assert spilled and not any(os.path.exists(p) for p in spilled)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "opt", "llama-fp32"])
 def test_streaming_other_architectures_and_shards(arch, tiny_models, tmp_path):
     """GPT-2's Conv1D, OPT's model.decoder.layers, fp32 weights; several output shards with their index."""

@@ -16,7 +16,11 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
+import os
+import tempfile
 import time
+import weakref
 from typing import Any
 
 import torch
@@ -317,10 +321,12 @@ def log_block(entry: dict, n_blocks: int, block_prefix: str) -> None:
         logger.debug("hf_quant:   %s%s rel. error %.3e", block_prefix, name, err)
 
 
-def calibrate_block(model, block, block_prefix, targets, config, options, inputs, device, home, undo, last=False):
+def calibrate_block(model, block, block_prefix, targets, config, options, inputs, device, home, undo, last=False,
+                    spill_dir=None):
     """Quantize one block's targets (already on `device`); returns its names, groups, output error,
     the quantized block's outputs as the next block's inputs (None for the `last` block: not computed), and
-    the block stage's notes."""
+    the block stage's notes. spill_dir: a directory where a large fp32 Hessian sum waits on disk while its
+    layers are quantized (`_SpilledHessian`; the streaming path's bounded memory)."""
     names = [n for n in targets if n.startswith(block_prefix)]
     groups = input_groups(block, block_prefix, names, inputs, device) if names else []
     passes = [[g] for g in groups] if config.true_sequential else [groups]
@@ -354,17 +360,17 @@ def calibrate_block(model, block, block_prefix, targets, config, options, inputs
         owners = {n: ddp.owner(i) for i, n in enumerate(todo)}  # layers spread over the ranks
         for group in pass_groups:  # a group at a time: its Hessian and float layers go before the next one's work
             first = group[0]
+            Hsum = _SpilledHessian.maybe(H.pop(first), spill_dir)
             originals = {n: model.get_submodule(n) for n in group}
             new = {n: _quantize_with_hessian(n, originals[n], targets[n], config,
-                                             {**options, **stage_kwargs.get(n, {})}, H[first], rows[first])
+                                             {**options, **stage_kwargs.get(n, {})}, Hsum, rows[first])
                    for n in group if owners[n] == ddp.rank()}
             new = ddp.broadcast_layers(new, {n: owners[n] for n in group})
             for n in group:
-                layer_errors[n.removeprefix(block_prefix)] = _weighted_error(originals[n], new[n], H[first])
+                layer_errors[n.removeprefix(block_prefix)] = _weighted_error(originals[n], new[n], Hsum)
                 set_module(model, n, new[n])
                 originals[n].to(home)  # off the work device
-            del originals, new
-            del H[first]
+            del originals, new, Hsum
     # the quantized block's outputs: the next block's inputs (the last block's serve only its error report)
     outs, kept = _pass(block, inputs[:REFERENCE_WINDOWS] if last else inputs, device, keep=REFERENCE_WINDOWS,
                        collect=not last)
@@ -409,6 +415,36 @@ def _hessian_hook(H: dict, rows: dict, name: str):
     return hook
 
 
+class _SpilledHessian:
+    """A layer group's fp32 Hessian sum kept in a file while its layers are quantized: each use reads it back
+    (`get`: a fresh tensor, released after that use), so GPTQ's own copy of the Hessian never sits beside it
+    (for an 11008-wide layer, 485 MB less at the peak). Bit-identical to keeping it in memory."""
+
+    MIN_BYTES = 32 << 20
+
+    def __init__(self, Hsum: torch.Tensor, directory) -> None:
+        fd, path = tempfile.mkstemp(suffix=".hessian", dir=directory)
+        os.close(fd)
+        self.path, self.shape, self.dtype = path, tuple(Hsum.shape), Hsum.dtype
+        Hsum.numpy().tofile(path)
+        weakref.finalize(self, os.unlink, path)  # removed once the last use is done
+
+    @classmethod
+    def maybe(cls, Hsum: torch.Tensor, directory) -> Any:
+        """Hsum spilled into `directory` where that lowers the peak (a big fp32 sum on the CPU), else Hsum."""
+        if (directory is None or Hsum.device.type != "cpu" or Hsum.dtype != torch.float32
+                or Hsum.numel() * Hsum.element_size() < cls.MIN_BYTES):
+            return Hsum
+        return cls(Hsum, directory)
+
+    def get(self) -> torch.Tensor:
+        return torch.from_file(self.path, shared=False, size=math.prod(self.shape), dtype=self.dtype).view(self.shape)
+
+
+def _hessian_sum(Hsum) -> torch.Tensor:
+    return Hsum.get() if isinstance(Hsum, _SpilledHessian) else Hsum
+
+
 def _quantize_with_hessian(name, module, spec, config, options, Hsum, rows):
     if rows == 0:  # never reached by the calibration data (e.g. an unrouted expert)
         method = get_method(config.method)
@@ -419,7 +455,11 @@ def _quantize_with_hessian(name, module, spec, config, options, Hsum, rows):
         return quantize_layer(name, module, spec, "rtn", **get_method("rtn").options_from(config))
     if _takes_inplace(config.method):  # the Hessian copy (and W's float copy) are this call's own: no clones
         options = {**options, "inplace": True}
-    return quantize_layer(name, module, spec, config.method, H=hessian(Hsum, rows), **options)
+    if isinstance(Hsum, _SpilledHessian):  # read back and scaled in its own storage: the same values as hessian()
+        H = Hsum.get().mul_(2).div_(rows)
+    else:
+        H = hessian(Hsum, rows)
+    return quantize_layer(name, module, spec, config.method, H=H, **options)
 
 
 def _takes_inplace(method: str) -> bool:
@@ -432,7 +472,7 @@ ERROR_TILE = 512  # rows of W per step of `_weighted_error`
 def _weighted_error(original: nn.Module, layer: nn.Module, Hsum: torch.Tensor) -> float:
     """The layer's relative reconstruction error on its calibration inputs, from their Hessian:
     ||(W - W_hat) X||^2 / ||W X||^2 = tr(dW H dW^T) / tr(W H W^T)."""
-    Hsum = Hsum.to(torch.float32)
+    Hsum = _hessian_sum(Hsum).to(torch.float32)
     W = linear_weight(original).detach()
     W_hat = layer.dequantize()
     num = den = 0.0
