@@ -74,3 +74,25 @@ def test_check_buffers_and_pickle():
     q.scales = torch.empty(32, 3)
     with pytest.raises(ValueError, match=r"fc.scales: loaded tensor is torch.float32\[32, 3\] on cpu, expected float\[32, 2\]"):
         q.check_buffers("fc")
+
+
+def test_moving_a_layer_drops_its_kernel_layouts():
+    """`.to()` gives the layer new buffers: the layouts built from the old ones go with them (a streamed block
+    released to the meta device frees its packed layouts too)."""
+    import torch
+
+    from hf_quant.config import LayerSpec
+    from hf_quant.methods import get_method
+    from hf_quant.runtime import QuantLinear
+
+    spec = LayerSpec(4, 128, False)
+    layer = QuantLinear.from_quantized(get_method("rtn").quantize(torch.randn(64, 256) * 0.05, spec, torch.bfloat16),
+                                       spec, None)
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    before = layer(x)
+    assert layer._prepared
+    layer.to(torch.float32)
+    assert not layer._prepared
+    assert torch.allclose(layer(x.float()), before.float(), rtol=2e-2, atol=2e-2)
+    layer.to("meta")
+    assert not layer._prepared

@@ -124,6 +124,14 @@ class QuantLinear(nn.Linear):
         self._kernel_cache.clear()
         self._prepared.clear()
 
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> QuantLinear:
+        """`.to()` / `.cpu()` / `.half()` ...: the buffers are new tensors, so the layouts built from the old
+        ones go (they would keep the old device's or dtype's memory alive, e.g. a streamed block released to
+        the meta device)."""
+        out = super()._apply(fn, *args, **kwargs)
+        self.invalidate_kernels()
+        return out
+
     def __setattr__(self, name: str, value: Any) -> None:
         if name in QUANT_BUFFERS and isinstance(value, torch.Tensor) and value.is_inference():
             with torch.inference_mode(False):  # a normal tensor: in-place edits stay visible to the caches
