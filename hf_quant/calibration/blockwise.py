@@ -455,10 +455,8 @@ def _quantize_with_hessian(name, module, spec, config, options, Hsum, rows):
         return quantize_layer(name, module, spec, "rtn", **get_method("rtn").options_from(config))
     if _takes_inplace(config.method):  # the Hessian copy (and W's float copy) are this call's own: no clones
         options = {**options, "inplace": True}
-    if isinstance(Hsum, _SpilledHessian):  # read back and scaled in its own storage: the same values as hessian()
-        H = Hsum.get().mul_(2).div_(rows)
-    else:
-        H = hessian(Hsum, rows)
+    spilled = isinstance(Hsum, _SpilledHessian)  # read back: a fresh copy, scaled in its own storage
+    H = hessian(_hessian_sum(Hsum), rows, inplace=spilled)
     return quantize_layer(name, module, spec, config.method, H=H, **options)
 
 

@@ -115,9 +115,12 @@ def accumulate_hessian(Hsum: torch.Tensor, x: torch.Tensor) -> int:
     return x.shape[0]
 
 
-def hessian(Hsum: torch.Tensor, rows: int) -> torch.Tensor:
+def hessian(Hsum: torch.Tensor, rows: int, inplace: bool = False) -> torch.Tensor:
     """H = 2 Hsum / rows in fp32 (an fp64 sum is divided in fp64 and rounded once), a tile of rows at a
-    time: no full-size temporaries beside the result (an 11008-wide fp64 sum is 970 MB)."""
+    time: no full-size temporaries beside the result (an 11008-wide fp64 sum is 970 MB). inplace: an
+    fp32 Hsum that is the caller's own copy becomes H in its own storage (the same values)."""
+    if inplace and Hsum.dtype == torch.float32:
+        return Hsum.mul_(2).div_(rows)
     H = torch.empty(Hsum.shape, dtype=torch.float32, device=Hsum.device)
     for i in range(0, Hsum.shape[0], HESSIAN_TILE):
         H[i:i + HESSIAN_TILE] = Hsum[i:i + HESSIAN_TILE].mul(2).div_(rows)

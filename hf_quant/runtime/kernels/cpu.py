@@ -430,14 +430,8 @@ class NativeInt4Kernel(Kernel):
 
     def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
         return (device.type == "cpu" and dtype == torch.bfloat16 and layer.spec.bits <= 4
-                and native.int4_group_size_ok(self._group_size(layer)) and native.has_int4_bf16())
-
-    @staticmethod
-    def _group_size(layer: Any) -> int:
-        spec, K = layer.spec, layer.in_features
-        if spec.gguf is not None:
-            return gguf.block_type(spec.gguf).sub
-        return K if spec.group_size == -1 else spec.group_size
+                and native.int4_group_size_ok(layer.spec.effective_group_size(layer.in_features))  # GGUF: sub-block
+                and native.has_int4_bf16())
 
     def max_rows(self, dtype: torch.dtype) -> int | None:
         return self.MAX_ROWS

@@ -209,8 +209,7 @@ def _cache_flusher(layer: Any, rows: int) -> Any:
     layer is timed warm (many rows, or weights small next to the cache). The buffer lives as long as the
     function: one measurement."""
     llc = last_level_cache_bytes()
-    weight_bytes = sum(t.numel() * t.element_size() for t in (layer.qweight, layer.scales, layer.qzeros)
-                       if isinstance(t, torch.Tensor))
+    weight_bytes = sum(t.numel() * t.element_size() for t in layer.tracked_buffers())
     if rows > COLD_MAX_ROWS or weight_bytes < COLD_MIN_FRACTION * llc:
         return None
     buf = torch.ones(2 * llc // 4, dtype=torch.int32)

@@ -429,9 +429,7 @@ int64_t hfq_quant_tokens(const void *x, int64_t M, int64_t K, int64_t ldx, int i
 /* x rounded to the activation type (kind 0 fp32, 1 bf16, 2 fp16) and back to fp32. */
 static inline float round_to(float v, int kind) {
     if (kind == 1) {
-        uint32_t u;
-        memcpy(&u, &v, 4);
-        u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;  /* finite values */
+        const uint32_t u = (uint32_t)f32_to_bf16(v) << 16;
         memcpy(&v, &u, 4);
         return v;
     }
