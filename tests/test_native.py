@@ -150,21 +150,24 @@ def test_builds_without_avx512_or_native_bf16_are_exact_too(monkeypatch, rebuilt
             assert torch.equal(out, W), (cflags, dtype, spec)
 
 
-needs_int4_bf16 = pytest.mark.skipif(not native.has_int4_bf16(), reason="native int4 x bf16 kernel needs AVX512-BF16")
+needs_codes_bf16 = pytest.mark.skipif(not native.has_codes_bf16(), reason="native codes x bf16 kernel needs AVX512-BF16")
 
 
-@needs_int4_bf16
+@needs_codes_bf16
 @pytest.mark.parametrize("spec,in_f", [
     (LayerSpec(4, 128, False), 384), (LayerSpec(4, 128, True, True), 512), (LayerSpec(4, 32, False), 96),
     (LayerSpec(4, 64, True), 192), (LayerSpec(3, 256, False), 512), (LayerSpec(2, 32, True), 64),
-    (LayerSpec(4, -1, False), 128)])
+    (LayerSpec(4, -1, False), 128), (LayerSpec(8, -1, False), 320), (LayerSpec(8, 32, True), 96),
+    (LayerSpec(8, 128, False, True), 384), (LayerSpec(6, 64, False), 192)])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13])  # row blocks of 4 and every remainder
 @pytest.mark.parametrize("out_f", [1, 37])  # an odd last weight row
-def test_native_int4_matches_the_unrounded_weight(spec, in_f, rows, out_f):
-    """native_int4 uses the weight (code - zero) * scale unrounded: against x @ W.T in fp32 it is exact to fp32
-    accumulation error; against the bf16 reference (whose W is rounded to bf16) within bf16 rounding."""
+def test_native_codes_match_the_unrounded_weight(spec, in_f, rows, out_f):
+    """native_int4 / native_int8 use the weight (code - zero) * scale unrounded: against x @ W.T in fp32 they are
+    exact to fp32 accumulation error; against the bf16 reference (whose W is rounded to bf16) within bf16 rounding."""
     layer, _ = make_layer(out_f, in_f, spec, bias=True, dtype=torch.bfloat16, seed=rows + out_f)
-    kernel = KERNELS.get("native_int4")
+    kernel = KERNELS.get("native_int4" if spec.bits <= 4 else "native_int8")
+    assert KERNELS.get("native_int8" if spec.bits <= 4 else "native_int4") not in cpu_measure.candidates(
+        layer, CPU, torch.bfloat16)
     assert kernel in cpu_measure.candidates(layer, CPU, torch.bfloat16)
     x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
     out = kernel.forward(layer, x, kernel.prepare(layer, CPU, torch.bfloat16))
@@ -179,38 +182,121 @@ def test_native_int4_matches_the_unrounded_weight(spec, in_f, rows, out_f):
     packed, scale, offset, bias, perm = kernel.prepare(layer, CPU, torch.bfloat16)
     xs = x if perm is None else x.index_select(1, perm)
     corr = xs.float().view(rows, offset.shape[0], -1).sum(dim=2) @ offset
-    native.int4_bf16_gemm(xs.contiguous(), packed, scale, corr, bias, y)
-    # fp32 sums of x * (128 + q) * scale, then the correction: errors against the size of those products
+    native.codes_gemm(xs.contiguous(), packed, scale, corr, bias, y)
+    # fp32 sums of x * (offset + q) * scale, then the correction: errors against the size of those products
     S = scale.repeat_interleave(in_f // scale.shape[1], dim=1)
-    assert ((y - exact).abs() <= 1e-6 * 144 * (xs.float().abs() @ S.t()) + 1e-6 * layer.bias.float().abs()).all()
+    size = 144 if spec.bits <= 4 else 16 * 144 + 144
+    assert ((y - exact).abs() <= 1e-6 * size * (xs.float().abs() @ S.t()) + 1e-6 * layer.bias.float().abs()).all()
 
 
-@needs_int4_bf16
-def test_native_int4_candidates_and_refusals():
+@needs_codes_bf16
+def test_native_codes_candidates_and_refusals():
     for spec, in_f in ((LayerSpec(4, 16, False), 64), (LayerSpec(8, 128, False), 256)):  # groups of 16; 8 bits
         layer, _ = make_layer(8, in_f, spec, bias=False)
         assert not KERNELS.get("native_int4").supports(layer, CPU, torch.bfloat16)
+    for spec, in_f in ((LayerSpec(8, 16, False), 64), (LayerSpec(8, -1, False), 80), (LayerSpec(4, 128, False), 256)):
+        layer, _ = make_layer(8, in_f, spec, bias=False)  # groups of 16; rows of 80; 4 bits
+        assert not KERNELS.get("native_int8").supports(layer, CPU, torch.bfloat16)
     layer, _ = make_layer(8, 256, LayerSpec(4, 128, False), bias=False)
     assert not KERNELS.get("native_int4").supports(layer, CPU, torch.float16)  # bf16 dot products only
     assert KERNELS.get("native_int4_bf16") in cpu_measure.candidates(layer, CPU, torch.float32, allow_bf16=True)
     x, packed = torch.zeros(2, 256, dtype=torch.bfloat16), torch.zeros(8, 2, 64, dtype=torch.uint8)
-    with pytest.raises(ValueError, match="native int4_bf16_gemm: bad operands"):  # fp32 x
-        native.int4_bf16_gemm(x.float(), packed, torch.ones(8, 2), torch.zeros(2, 8), None, torch.empty(2, 8))
-    with pytest.raises(ValueError, match="native int4_bf16_gemm: bad operands"):  # groups of 16
-        native.int4_bf16_gemm(x, torch.zeros(8, 16, 8, dtype=torch.uint8), torch.ones(8, 16), torch.zeros(2, 8),
-                              None, torch.empty(2, 8))
+    with pytest.raises(ValueError, match="native codes_gemm: bad operands"):  # fp16 out
+        native.codes_gemm(x, packed, torch.ones(8, 2), torch.zeros(2, 8), None, torch.empty(2, 8, dtype=torch.float16))
+    with pytest.raises(ValueError, match="native codes_gemm: bad operands"):  # groups of 16
+        native.codes_gemm(x, torch.zeros(8, 16, 8, dtype=torch.uint8), torch.ones(8, 16), torch.zeros(2, 8),
+                               None, torch.empty(2, 8))
+    with pytest.raises(ValueError, match="native codes_gemm: bad operands"):  # byte groups of 16
+        native.codes_gemm(x, torch.zeros(8, 16, 16, dtype=torch.uint8), torch.ones(8, 16), torch.zeros(2, 8),
+                               None, torch.empty(2, 8))
+
+
+needs_codes_f32 = pytest.mark.skipif(not native.has_codes_f32(), reason="native codes x fp32 kernel needs AVX2 + FMA")
+F32_SPECS = [(LayerSpec(4, 128, False), 384), (LayerSpec(4, 32, True, True), 96), (LayerSpec(3, 64, False), 192),
+             (LayerSpec(2, -1, True), 128), (LayerSpec(8, -1, False), 320), (LayerSpec(8, 32, True), 96),
+             (LayerSpec(8, 128, False, True), 256), (LayerSpec(5, 64, False), 128)]
+
+
+def check_codes_f32(spec, in_f, rows, out_f, dtype):
+    """native_int{4,8}_f32 against x @ W.T with W unrounded, all in fp32: exact to fp32 accumulation error; the
+    output rounded once to the activation dtype."""
+    layer, _ = make_layer(out_f, in_f, spec, bias=True, dtype=dtype, seed=rows + out_f)
+    kernel = KERNELS.get("native_int4_f32" if spec.bits <= 4 else "native_int8_f32")
+    assert kernel in cpu_measure.candidates(layer, CPU, dtype)
+    x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows)).to(dtype)
+    out = kernel.forward(layer, x, kernel.prepare(layer, CPU, dtype))
+    W = dequantize_weight(layer.qweight, layer.scales, layer.qzeros, layer.spec, in_f, torch.float32, layer.g_idx)
+    exact = x.float() @ W.t() + layer.bias.float()
+    assert out.dtype == dtype and out.shape == (rows, out_f)
+    bound = 1e-5 * (x.float().abs() @ W.abs().t() + layer.bias.float().abs())  # fp32 sums of K products
+    if dtype == torch.float32:
+        assert ((out - exact).abs() <= bound).all()
+        with kernels.use_kernel("reference"):  # the reference's fp32 weight is W itself
+            assert ((out - layer(x)).abs() <= 2 * bound).all()
+    else:  # one rounding of the exact value to the output dtype
+        eps = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+        assert ((out.float() - exact).abs() <= bound + eps * exact.abs()).all()
+
+
+@needs_codes_f32
+@pytest.mark.parametrize("spec,in_f", F32_SPECS)
+@pytest.mark.parametrize("rows", [1, 2, 3, 6, 13])  # row blocks of 4 (AVX-512) / 2 (AVX2) and every remainder
+@pytest.mark.parametrize("out_f", [1, 37])  # an odd last weight row
+def test_native_codes_f32_are_exact_in_fp32(spec, in_f, rows, out_f):
+    check_codes_f32(spec, in_f, rows, out_f, torch.float32)
+
+
+@needs_codes_f32
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("spec,in_f", [F32_SPECS[0], F32_SPECS[4], F32_SPECS[6]])
+def test_native_codes_f32_take_16_bit_activations(spec, in_f, dtype):
+    check_codes_f32(spec, in_f, 5, 37, dtype)
 
 
 @needs_native
-def test_a_build_without_avx512_bf16_has_no_int4_kernel(monkeypatch, rebuilt):
+def test_native_codes_f32_in_an_avx2_build(monkeypatch, rebuilt):
+    """An AVX2-only build (vectors of 8): groups of 16 are taken, and the results are as exact."""
     import platform
 
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("x86 flags")
     monkeypatch.setenv(native.ENV_CFLAGS, "-march=x86-64-v3")
-    assert native.library() is not None and not native.has_int4_bf16()
+    assert native.has_codes_f32() and native.library().hfq_codes_f32_vector_width() == 8
+    assert native.codes_group_size_ok(16, True, torch.float32) and not native.codes_group_size_ok(8, True, torch.float32)
+    for spec, in_f in [*F32_SPECS[:2], F32_SPECS[5], (LayerSpec(4, 16, False), 64), (LayerSpec(8, 16, True), 48)]:
+        for rows in (1, 3):
+            check_codes_f32(spec, in_f, rows, 37, torch.float32)
+    check_codes_f32(LayerSpec(4, 16, False), 64, 3, 37, torch.bfloat16)
+
+
+@needs_native
+def test_native_codes_f32_refusals():
+    layer, _ = make_layer(8, 64, LayerSpec(4, 16, False), bias=False)  # AVX-512: groups of 16 are too narrow
+    width = native.library().hfq_codes_f32_vector_width()
+    assert KERNELS.get("native_int4_f32").supports(layer, CPU, torch.float32) == (width == 8)
     layer, _ = make_layer(8, 256, LayerSpec(4, 128, False), bias=False)
-    assert KERNELS.get("native_int4") not in cpu_measure.candidates(layer, CPU, torch.bfloat16)
+    assert not KERNELS.get("native_int8_f32").supports(layer, CPU, torch.float32)  # 4 bits
+    assert "native_int4_f32_bf16" not in KERNELS.names()  # exact for every dtype: no bf16-cast variant
+    if native.has_codes_f32():
+        with pytest.raises(ValueError, match="native codes_gemm: bad operands"):  # groups of 8
+            native.codes_gemm(torch.zeros(2, 64), torch.zeros(8, 8, 4, dtype=torch.uint8), torch.ones(8, 8),
+                              torch.zeros(2, 8), None, torch.empty(2, 8))
+    with pytest.raises(RuntimeError, match="native codes x torch.float16 kernel unavailable"):
+        native.codes_gemm(torch.zeros(2, 64, dtype=torch.float16), torch.zeros(8, 2, 16, dtype=torch.uint8),
+                          torch.ones(8, 2), torch.zeros(2, 8), None, torch.empty(2, 8))
+
+
+@needs_native
+def test_a_build_without_avx512_bf16_has_no_codes_kernel(monkeypatch, rebuilt):
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 flags")
+    monkeypatch.setenv(native.ENV_CFLAGS, "-march=x86-64-v3")
+    assert native.library() is not None and not native.has_codes_bf16()
+    for bits, name in ((4, "native_int4"), (8, "native_int8")):
+        layer, _ = make_layer(8, 256, LayerSpec(bits, 128, False), bias=False)
+        assert KERNELS.get(name) not in cpu_measure.candidates(layer, CPU, torch.bfloat16)
 
 
 @needs_native

@@ -413,25 +413,39 @@ class NativeDequantMatmulKernel(_NativeDequant):
         return _finish(layer, gemm(None, None), x)
 
 
-class NativeInt4Kernel(Kernel):
-    """Codes of at most 4 bits x bf16 activations in one fused native pass (`native.int4_bf16_gemm`), for
-    decoding and small batches: no dequantized weight is written anywhere. Each code q becomes the bf16
-    number 128 + q by one OR and meets x in AVX-512-BF16 dot products (exact products, fp32 sums) per
-    group; the group's scale and the correction sum_g scale * (zero + 128) * sum(x over the group) come
-    after, in fp32. So the weight is used unrounded ((q - zero) * scale exactly), where the reference
-    rounds it to bf16 first: the two differ by that rounding. Groups of 32 or a multiple of 64 channels
-    (GGUF Q4_0 / Q4_1 / Q4_K included), act-order layers by the sorted-channel trick. CPUs with
-    AVX512-BF16 and the native helpers built; a candidate of the measured dispatch up to MAX_ROWS rows."""
+class NativeCodesKernel(Kernel):
+    """Codes x activations in one fused native pass (`native.codes_gemm`), for decoding and small batches: no
+    dequantized weight is written anywhere. Per group, the dot products of x with the codes come first, then the
+    group's scale and the correction sum_g scale * (zero + offset) * sum(x over the group), in fp32. So the weight
+    is used unrounded ((q - zero) * scale exactly), where the reference rounds it to the activation dtype first:
+    the two differ by that rounding.
+    - bf16 compute ("native_int4", "native_int8"; bf16 activations, CPUs with AVX512-BF16): each code q of at
+      most 4 bits becomes the bf16 number 128 + q by one OR; a code of 5-8 bits u = 16 h + l becomes two, 128 + h
+      and 128 + l, read once and met by the same x (16 (128 + h) + (128 + l) = u + 2176); `vdpbf16ps` dot
+      products (exact products, fp32 sums).
+    - fp32 compute ("native_int4_f32", "native_int8_f32"; fp32, bf16 or fp16 activations widened to fp32, CPUs
+      with AVX-512F or AVX2 + FMA): codes widened to int32 and converted, fp32 FMAs. The decode path of fp32
+      models, and of bf16 models on CPUs without native bf16.
+    int4: at most 4 bits in groups of 32 or a multiple of 64 channels (fp32: a multiple of 2 vector widths);
+    int8: 5-8 bits in groups (or rows) of a multiple of 32 (fp32 with AVX2: 16). GGUF types with such sub-blocks
+    (Q4_0 / Q4_1 / Q4_K, Q8_0 / Q5_0 / Q5_1 / Q5_K) included; act-order layers by the sorted-channel trick.
+    Candidates of the measured dispatch only, up to MAX_ROWS rows, where the native helpers are built."""
 
-    name = "native_int4"
     measured = True
     gguf = True
     MAX_ROWS = 64
 
+    def __init__(self, name: str, nibbles: bool, compute: torch.dtype) -> None:
+        self.name, self.nibbles, self.compute = name, nibbles, compute
+
     def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
-        return (device.type == "cpu" and dtype == torch.bfloat16 and layer.spec.bits <= 4
-                and native.int4_group_size_ok(layer.spec.effective_group_size(layer.in_features))  # GGUF: sub-block
-                and native.has_int4_bf16())
+        bits = layer.spec.bits
+        dtypes = (torch.bfloat16,) if self.compute == torch.bfloat16 else _CPU_DTYPES
+        return (device.type == "cpu" and dtype in dtypes and (bits <= 4) == self.nibbles and bits <= 8
+                and native.library() is not None
+                and native.codes_group_size_ok(layer.spec.effective_group_size(layer.in_features),  # GGUF: sub-block
+                                               self.nibbles, self.compute)
+                and (native.has_codes_bf16() if self.compute == torch.bfloat16 else native.has_codes_f32()))
 
     def max_rows(self, dtype: torch.dtype) -> int | None:
         return self.MAX_ROWS
@@ -442,7 +456,8 @@ class NativeInt4Kernel(Kernel):
     def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
         nibbles, packed, scale, zero, perm = grouped_codes(layer)
         scale = scale.float().contiguous()
-        offset = (scale * (zero.float() + 128.0)).t().contiguous()  # (G, N): corr = xsum @ offset
+        shift = native.CODES_OFFSET[(self.compute, nibbles)]
+        offset = (scale * (zero.float() + shift)).t().contiguous()  # (G, N): corr = xsum @ offset
         bias = None if layer.bias is None else layer.bias.float().contiguous()
         return packed, scale, offset, bias, perm
 
@@ -451,11 +466,13 @@ class NativeInt4Kernel(Kernel):
         x2 = _flatten(x)
         if perm is not None:
             x2 = x2.index_select(-1, perm)
-        M, K = x2.shape
-        corr = torch.mm(x2.float().view(M, offset.shape[0], -1).sum(dim=2), offset)
-        out = torch.empty(M, layer.out_features, dtype=torch.bfloat16)
-        native.int4_bf16_gemm(x2, packed, scale, corr, bias, out)
-        return out.reshape(*x.shape[:-1], layer.out_features)
+        xc = x2.to(self.compute).contiguous()
+        M = xc.shape[0]
+        corr = torch.mm(xc.float().view(M, offset.shape[0], -1).sum(dim=2), offset)
+        out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+        out = torch.empty(M, layer.out_features, dtype=out_dtype)
+        native.codes_gemm(xc, packed, scale, corr, bias, out)
+        return out.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 
 _SCRATCH = threading.local()
@@ -472,8 +489,12 @@ def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 for _kernel in (Int4CpuKernel(), Int4x2CpuKernel(), Int8CpuKernel(), DequantTilesKernel(), NativeTilesKernel(),
-                NativeDequantMatmulKernel(), NativeInt4Kernel()):
+                NativeDequantMatmulKernel(), NativeCodesKernel("native_int4", True, torch.bfloat16),
+                NativeCodesKernel("native_int8", False, torch.bfloat16)):
     register_kernel(_kernel)
     register_kernel(Bf16ActivationsKernel(_kernel))
+for _kernel in (NativeCodesKernel("native_int4_f32", True, torch.float32),
+                NativeCodesKernel("native_int8_f32", False, torch.float32)):
+    register_kernel(_kernel)  # exact in fp32 for every activation dtype: no bf16-cast variant
 
 from . import cpu_measure  # noqa: E402,F401  (the measured dispatch: installs itself in kernels.base)

@@ -10,8 +10,8 @@ and is cached per source, compiler and CPU under `HF_QUANT_NATIVE_CACHE` (defaul
 ~/.cache/hf_quant/native). With no compiler, or `HF_QUANT_NATIVE=0`, `library()` is None and the
 kernels that use it are not candidates (the reason: `unavailable_reason()`).
 
-Also here: `int4_bf16_gemm` (codes of at most 4 bits x bf16 activations fused, AVX512-BF16 builds
-only: `has_int4_bf16()`), and LLM.int8()'s per-token activation quantization (`quantize_tokens`,
+Also here: `codes_gemm` (codes of up to 8 bits x bf16 or fp32 activations fused, no dequantized weight:
+AVX512-BF16 builds for bf16, `has_codes_bf16()`; AVX-512F or AVX2 + FMA builds for fp32, `has_codes_f32()`), and LLM.int8()'s per-token activation quantization (`quantize_tokens`,
 bit-identical to the torch path of kernels/int8.py) and its epilogue (`finish_tokens`).
 """
 
@@ -105,8 +105,9 @@ def _load() -> ctypes.CDLL:
         fn.argtypes, fn.restype = args, ctypes.c_int
     P, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.hfq_caps.argtypes, lib.hfq_caps.restype = [], INT
-    lib.hfq_int4_bf16_gemm.argtypes = [P, I64, I64, P, P, P, P, P, I64, I64, I64, INT, INT]
-    lib.hfq_int4_bf16_gemm.restype = INT
+    for fn in (lib.hfq_codes_bf16_gemm, lib.hfq_codes_f32_gemm):
+        fn.argtypes, fn.restype = [P, I64, I64, P, P, P, P, P, I64, I64, I64, INT, INT, INT], INT
+    lib.hfq_codes_f32_vector_width.argtypes, lib.hfq_codes_f32_vector_width.restype = [], INT
     lib.hfq_quant_tokens.argtypes = [P, I64, I64, I64, INT, ctypes.c_float, P, INT, P, P, P, INT]
     lib.hfq_quant_tokens.restype = I64
     lib.hfq_finish_tokens.argtypes = [P, I64, I64, P, P, P, I64, INT, P, I64, P, P, I64, P, INT, INT]
@@ -171,45 +172,73 @@ def dequantize_into(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return out
 
 
-CAP_INT4_BF16 = 1  # hfq_int4_bf16_gemm compiled (AVX-512 BW + BF16)
+CAP_CODES_BF16 = 1  # hfq_codes_bf16_gemm compiled (AVX-512 BW + BF16)
+CAP_CODES_F32 = 2  # hfq_codes_f32_gemm vectorized (AVX-512F, or AVX2 + FMA)
+# corr's offset per layout: bf16, nibbles 128 + q, bytes 16 (128 + high) + (128 + low) = u + 2176; fp32: q itself
+CODES_OFFSET = {(torch.bfloat16, True): 128.0, (torch.bfloat16, False): 2176.0,
+                (torch.float32, True): 0.0, (torch.float32, False): 0.0}
 
 
-def has_int4_bf16() -> bool:
-    """Whether the fused 4-bit x bf16 kernel (`int4_bf16_gemm`) is built for this CPU."""
+def _caps() -> int:
     lib = library()
-    return lib is not None and bool(lib.hfq_caps() & CAP_INT4_BF16)
+    return 0 if lib is None else lib.hfq_caps()
 
 
-def int4_group_size_ok(gs: int) -> bool:
-    """Group sizes `int4_bf16_gemm` takes: 32 or multiples of 64."""
-    return gs == 32 or (gs > 0 and gs % 64 == 0)
+def has_codes_bf16() -> bool:
+    """Whether the fused codes x bf16 kernel (`codes_gemm` with bf16 x) is built for this CPU."""
+    return bool(_caps() & CAP_CODES_BF16)
 
 
-def int4_bf16_gemm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, corr: torch.Tensor,
-                   bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
-    """out (M, N) fp32 or bf16 = x (M, K) bf16 @ W.T + bias with W[n, g*gs + j] = (q - zero[n, g]) * scale[n, g]
-    computed without W: packed (N, G, gs/2) nibbles (the `dequantize_into` layout), scale (N, G) fp32 and
-    corr (M, N) fp32 = xsum (M, G) @ (scale * (zero + 128)).T, xsum the per-group sums of x in fp32."""
+def has_codes_f32() -> bool:
+    """Whether the fused codes x fp32 kernel (`codes_gemm` with fp32 x) is built (vectorized) for this CPU."""
+    return bool(_caps() & CAP_CODES_F32)
+
+
+def codes_group_size_ok(gs: int, nibbles: bool, compute: torch.dtype) -> bool:
+    """Group sizes `codes_gemm` takes: bf16 nibbles 32 or multiples of 64, bf16 bytes multiples of 32; fp32
+    multiples of twice the vector width (32 with AVX-512, 16 with AVX2)."""
+    if gs <= 0:
+        return False
+    if compute == torch.float32:
+        width = library().hfq_codes_f32_vector_width() if has_codes_f32() else 0
+        return width > 0 and gs % (2 * width) == 0
+    return gs == 32 or gs % 64 == 0 if nibbles else gs % 32 == 0
+
+
+def codes_gemm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, corr: torch.Tensor,
+               bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """out (M, N) fp32 or bf16 = x (M, K) @ W.T + bias with W[n, g*gs + j] = (q - zero[n, g]) * scale[n, g]
+    computed without W: packed (N, G, gs/2) nibbles or (N, G, gs) bytes (the `dequantize_into` layouts, told
+    apart by K), scale (N, G) fp32 and corr (M, N) fp32 = xsum (M, G) @ (scale * (zero + offset)).T, xsum the
+    per-group sums of x in fp32 and offset CODES_OFFSET[(x.dtype, nibbles)]. x bf16: AVX512-BF16 dot products
+    (`has_codes_bf16`); x fp32: fp32 FMAs (`has_codes_f32`)."""
     lib = library()
-    if lib is None or not has_int4_bf16():
-        raise RuntimeError(f"native int4 x bf16 kernel unavailable: {unavailable_reason() or 'CPU without AVX512-BF16'}")
+    compute = x.dtype if x.dtype in (torch.bfloat16, torch.float32) else None
+    if lib is None or compute is None or not (has_codes_bf16() if compute == torch.bfloat16 else has_codes_f32()):
+        raise RuntimeError(f"native codes x {x.dtype} kernel unavailable: "
+                           f"{unavailable_reason() or 'not built for this CPU (bf16: AVX512-BF16; fp32: AVX2 + FMA)'}")
     M, K = x.shape
-    N, G, half = packed.shape
-    ok = (x.dtype == torch.bfloat16 and packed.dtype == torch.uint8 and scale.dtype == corr.dtype == torch.float32
+    N, G, width = packed.shape
+    nibbles = G * width * 2 == K
+    gs = 2 * width if nibbles else width
+    ok = (packed.dtype == torch.uint8 and scale.dtype == corr.dtype == torch.float32
           and out.dtype in (torch.float32, torch.bfloat16) and tuple(scale.shape) == (N, G)
-          and tuple(corr.shape) == (M, N) and tuple(out.shape) == (M, N) and G * half * 2 == K
-          and int4_group_size_ok(2 * half) and (bias is None or (bias.dtype == torch.float32 and bias.shape == (N,)))
+          and tuple(corr.shape) == (M, N) and tuple(out.shape) == (M, N) and G * gs == K
+          and codes_group_size_ok(gs, nibbles, compute)
+          and (bias is None or (bias.dtype == torch.float32 and bias.shape == (N,)))
           and all(t.is_contiguous() and t.device.type == "cpu" for t in (x, packed, scale, corr, out)))
     if not ok:
-        raise ValueError(f"native int4_bf16_gemm: bad operands x {tuple(x.shape)} {x.dtype}, packed {tuple(packed.shape)} "
+        raise ValueError(f"native codes_gemm: bad operands x {tuple(x.shape)} {x.dtype}, packed {tuple(packed.shape)} "
                          f"{packed.dtype}, scale {tuple(scale.shape)}, corr {tuple(corr.shape)}, out {tuple(out.shape)} "
-                         f"{out.dtype}: expected contiguous CPU tensors, x bf16 (M, K), packed uint8 (N, G, gs/2) "
-                         "with gs 32 or a multiple of 64, scale fp32 (N, G), corr fp32 (M, N), out fp32/bf16 (M, N)")
-    rc = lib.hfq_int4_bf16_gemm(x.data_ptr(), M, K, packed.data_ptr(), scale.data_ptr(), corr.data_ptr(),
-                                None if bias is None else bias.data_ptr(), out.data_ptr(), N, G, 2 * half,
-                                _KIND[out.dtype], max(1, torch.get_num_threads()))
+                         f"{out.dtype}: expected contiguous CPU tensors, x bf16/fp32 (M, K), packed uint8 (N, G, gs/2) "
+                         "nibbles or (N, G, gs) bytes with a group size `codes_group_size_ok` accepts, scale fp32 "
+                         "(N, G), corr fp32 (M, N), out fp32/bf16 (M, N)")
+    fn = lib.hfq_codes_bf16_gemm if compute == torch.bfloat16 else lib.hfq_codes_f32_gemm
+    rc = fn(x.data_ptr(), M, K, packed.data_ptr(), scale.data_ptr(), corr.data_ptr(),
+            None if bias is None else bias.data_ptr(), out.data_ptr(), N, G, gs, _KIND[out.dtype], int(not nibbles),
+            max(1, torch.get_num_threads()))
     if rc:
-        raise RuntimeError(f"native int4_bf16_gemm failed (code {rc})")
+        raise RuntimeError(f"native codes_gemm failed (code {rc})")
     return out
 
 

@@ -14,7 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
-#if defined(__AVX512F__) || defined(__F16C__)
+#if defined(__AVX512F__) || defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -159,18 +159,25 @@ int hfq_dequant_bytes(const uint8_t *codes, const float *scale, const float *zer
 }
 
 /* ---------------------------------------------------------------------------------------------------
- * Capabilities of this build: bit 0 = hfq_int4_bf16_gemm is compiled (AVX-512 BW + BF16).
+ * Capabilities of this build: bit 0 = hfq_codes_bf16_gemm is compiled (AVX-512 BW + BF16), bit 1 =
+ * hfq_codes_f32_gemm is vectorized (AVX-512F, or AVX2 + FMA).
  */
-int hfq_caps(void) {
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
-    return 1;
-#else
-    return 0;
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#define HFQ_F32_VEC 1
 #endif
+int hfq_caps(void) {
+    int caps = 0;
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+    caps |= 1;
+#endif
+#if defined(HFQ_F32_VEC)
+    caps |= 2;
+#endif
+    return caps;
 }
 
 /* ---------------------------------------------------------------------------------------------------
- * 4-bit weights x bf16 activations, small M, fused (no dequantized weight in memory).
+ * Weights of up to 8 bits x bf16 activations, small M, fused (no dequantized weight in memory).
  *
  * Codes q (0..15) become the bf16 number 128 + q by one OR (0x4300 | q: 128 has a step of 1 in bf16's
  * 7-bit mantissa), so a vdpbf16ps of x with them gives, exactly in its products, sum_k x_k (128 + q_k)
@@ -181,6 +188,9 @@ int hfq_caps(void) {
  * 32 bytes of codes give 32 low codes for 32 consecutive channels and 32 high codes for the 32 channels
  * gs/2 later, so x is read in its natural order: gs a multiple of 64. gs = 32 combines the 16 low and
  * 16 high codes of one 16-byte half group into one vector (channels 0..31 of the group, in order).
+ * wide: one code of up to 8 bits per byte (u = 16 h + l, channels in order, gs a multiple of 32): the low
+ * and high nibbles each become 128 + nibble and meet the same x, and acc_g = 16 acc_high + acc_low is
+ * sum_k x_k (u_k + 2176), so `corr` uses zero + 2176 instead.
  * Two weight rows and up to four activation rows per pass: every x load feeds two dot products.
  * out: M x N, kind 0 fp32 or 1 bf16; bias (N fp32) or NULL.
  */
@@ -193,26 +203,24 @@ static inline __m512i codes_lo(__m512i w) {  /* (w & 15) | 0x4300 per 16-bit lan
 static inline __m512i codes_hi(__m512i w) {
     return _mm512_or_si512(_mm512_srli_epi16(w, 4), _mm512_set1_epi16(0x4300));
 }
-/* The 32 bf16 weights (128 + q) of channels [c0, c0 + 32) of group g, row p (packed row), for gs >= 64:
- * `part` 0 the low nibbles of bytes [j, j+32), 1 their high nibbles. */
 
 static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
-static inline __attribute__((always_inline)) void int4_rows(
-        const uint16_t *x, int64_t ldx, const int mb, const uint8_t *p0, const uint8_t *p1, const float *s0,
-        const float *s1, int64_t G, int64_t gs, float *r0, float *r1) {
+static inline __attribute__((always_inline)) void codes_rows(
+        const uint16_t *x, int64_t ldx, const int mb, const int wide, const uint8_t *p0, const uint8_t *p1,
+        const float *s0, const float *s1, int64_t G, int64_t gs, float *r0, float *r1) {
     __m512 t0[HFQ_MB], t1[HFQ_MB];
     for (int m = 0; m < mb; m++) t0[m] = t1[m] = _mm512_setzero_ps();
-    const int64_t half = gs / 2;
-    /* few rows: the high nibbles' products go to their own accumulators (c0, c1), so that a dot
-     * product never waits for the one before it (vdpbf16ps latency) */
-    const int split = mb <= 2;
+    const int64_t gbytes = wide ? gs : gs / 2, half = gs / 2;
+    /* few rows, or bytes (whose high nibbles weigh 16): the high nibbles' products go to their own
+     * accumulators (c0, c1), so that a dot product never waits for the one before it (vdpbf16ps latency) */
+    const int split = wide || mb <= 2;
     for (int64_t g = 0; g < G; g++) {
         __m512 a0[HFQ_MB], a1[HFQ_MB], c0[HFQ_MB], c1[HFQ_MB];
         for (int m = 0; m < mb; m++) a0[m] = a1[m] = c0[m] = c1[m] = _mm512_setzero_ps();
-        const uint8_t *q0 = p0 + g * half, *q1 = p1 + g * half;
+        const uint8_t *q0 = p0 + g * gbytes, *q1 = p1 + g * gbytes;
         const uint16_t *xg = x + g * gs;
-        if (gs == 32) {
+        if (!wide && gs == 32) {
             __m512i w0 = _mm512_cvtepu8_epi16(_mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)q0)));
             __m512i w1 = _mm512_cvtepu8_epi16(_mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)q1)));
             /* words 0..15: the 16 bytes; their low nibbles stay in lanes 0..15, high nibbles go to 16..31 */
@@ -225,7 +233,7 @@ static inline __attribute__((always_inline)) void int4_rows(
                 a1[m] = _mm512_dpbf16_ps(a1[m], xv, b1);
             }
         } else {
-            for (int64_t j = 0; j < half; j += 32) {
+            for (int64_t j = 0; j < gbytes; j += 32) {
                 _mm_prefetch((const char *)(q0 + j) + HFQ_PREFETCH, _MM_HINT_T0);  /* the weight streams from memory */
                 _mm_prefetch((const char *)(q1 + j) + HFQ_PREFETCH, _MM_HINT_T0);
                 const __m512i w0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(q0 + j)));
@@ -234,8 +242,9 @@ static inline __attribute__((always_inline)) void int4_rows(
                 const __m512bh l1 = (__m512bh)codes_lo(w1), h1 = (__m512bh)codes_hi(w1);
                 for (int m = 0; m < mb; m++) {
                     const uint16_t *xm = xg + m * ldx + j;
+                    /* nibbles: the high nibbles are the channels half a group later; bytes: the same channels */
                     const __m512bh xl = (__m512bh)_mm512_loadu_si512((const void *)xm);
-                    const __m512bh xh = (__m512bh)_mm512_loadu_si512((const void *)(xm + half));
+                    const __m512bh xh = wide ? xl : (__m512bh)_mm512_loadu_si512((const void *)(xm + half));
                     a0[m] = _mm512_dpbf16_ps(a0[m], xl, l0);
                     a1[m] = _mm512_dpbf16_ps(a1[m], xl, l1);
                     if (split) {
@@ -249,11 +258,13 @@ static inline __attribute__((always_inline)) void int4_rows(
             }
         }
         const __m512 sc0 = _mm512_set1_ps(s0[g]), sc1 = _mm512_set1_ps(s1[g]);
-        if (split)
+        if (split) {  /* a byte is 16 (128 + high) + (128 + low) - 2176 */
+            const __m512 w = _mm512_set1_ps(wide ? 16.0f : 1.0f);
             for (int m = 0; m < mb; m++) {
-                a0[m] = _mm512_add_ps(a0[m], c0[m]);
-                a1[m] = _mm512_add_ps(a1[m], c1[m]);
+                a0[m] = _mm512_fmadd_ps(c0[m], w, a0[m]);
+                a1[m] = _mm512_fmadd_ps(c1[m], w, a1[m]);
             }
+        }
         for (int m = 0; m < mb; m++) {
             t0[m] = _mm512_fmadd_ps(a0[m], sc0, t0[m]);
             t1[m] = _mm512_fmadd_ps(a1[m], sc1, t1[m]);
@@ -265,23 +276,25 @@ static inline __attribute__((always_inline)) void int4_rows(
     }
 }
 
-static void int4_block(const uint16_t *x, int64_t ldx, int mb, const uint8_t *p0, const uint8_t *p1,
-                       const float *s0, const float *s1, int64_t G, int64_t gs, float *r0, float *r1) {
-    switch (mb) {  /* a constant row count per call: the accumulators stay in registers */
-    case 1: int4_rows(x, ldx, 1, p0, p1, s0, s1, G, gs, r0, r1); break;
-    case 2: int4_rows(x, ldx, 2, p0, p1, s0, s1, G, gs, r0, r1); break;
-    case 3: int4_rows(x, ldx, 3, p0, p1, s0, s1, G, gs, r0, r1); break;
-    default: int4_rows(x, ldx, 4, p0, p1, s0, s1, G, gs, r0, r1); break;
-    }
+static void codes_block(const uint16_t *x, int64_t ldx, int mb, int wide, const uint8_t *p0, const uint8_t *p1,
+                        const float *s0, const float *s1, int64_t G, int64_t gs, float *r0, float *r1) {
+    /* a constant row count and layout per call: the accumulators stay in registers */
+#define HFQ_ROWS(W) switch (mb) { \
+    case 1: codes_rows(x, ldx, 1, W, p0, p1, s0, s1, G, gs, r0, r1); break; \
+    case 2: codes_rows(x, ldx, 2, W, p0, p1, s0, s1, G, gs, r0, r1); break; \
+    case 3: codes_rows(x, ldx, 3, W, p0, p1, s0, s1, G, gs, r0, r1); break; \
+    default: codes_rows(x, ldx, 4, W, p0, p1, s0, s1, G, gs, r0, r1); break; }
+    if (wide) { HFQ_ROWS(1) } else { HFQ_ROWS(0) }
+#undef HFQ_ROWS
 }
 #endif
 
-int hfq_int4_bf16_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *packed, const float *scale,
-                       const float *corr, const float *bias, void *out, int64_t N, int64_t G, int64_t gs, int kind,
-                       int nthreads) {
+int hfq_codes_bf16_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *packed, const float *scale,
+                        const float *corr, const float *bias, void *out, int64_t N, int64_t G, int64_t gs, int kind,
+                        int wide, int nthreads) {
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-    if (!(gs == 32 || gs % 64 == 0) || G * gs != K) return 2;
-    const int64_t row_bytes = K / 2, pairs = (N + 1) / 2;
+    if (!(wide ? gs % 32 == 0 : (gs == 32 || gs % 64 == 0)) || gs <= 0 || G * gs != K) return 2;
+    const int64_t row_bytes = wide ? K : K / 2, pairs = (N + 1) / 2;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t pr = 0; pr < pairs; pr++) {
         const int64_t n = 2 * pr;
@@ -291,7 +304,7 @@ int hfq_int4_bf16_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *p
         for (int64_t m0 = 0; m0 < M; m0 += HFQ_MB) {
             const int mb = (int)(M - m0 < HFQ_MB ? M - m0 : HFQ_MB);
             float r0[HFQ_MB], r1[HFQ_MB];
-            int4_block(x + m0 * K, K, mb, p0, p1, s0, s1, G, gs, r0, r1);
+            codes_block(x + m0 * K, K, mb, wide, p0, p1, s0, s1, G, gs, r0, r1);
             for (int m = 0; m < mb; m++) {
                 for (int t = 0; t < 1 + two; t++) {
                     const int64_t col = n + t, row = m0 + m;
@@ -306,7 +319,159 @@ int hfq_int4_bf16_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *p
     return 0;
 #else
     (void)x; (void)M; (void)K; (void)packed; (void)scale; (void)corr; (void)bias; (void)out; (void)N; (void)G;
-    (void)gs; (void)kind; (void)nthreads;
+    (void)gs; (void)kind; (void)wide; (void)nthreads;
+    return 1;
+#endif
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * Weights of up to 8 bits x fp32 activations, small M, fused: the fp32 counterpart of hfq_codes_bf16_gemm
+ * for CPUs without AVX512-BF16 and for fp32 models, exact in its products. Codes are widened to int32 and
+ * converted to fp32 (exact) and multiplied by their group's scale, then FMA'd with x:
+ *     y[m, n] = sum_k x_k (q_k * scale[n, g(k)]) - corr[m, n],  corr = xsum (M x G) @ (scale * zero).T
+ * Each step takes 2 VW channels of a group: nibbles, VW bytes whose low nibbles are channels j.. and high
+ * nibbles channels gs/2 + j..; bytes, 2 VW bytes of channels j... (VW = 16 with AVX-512, 8 with AVX2):
+ * gs a multiple of 2 VW. Two weight rows and up to HFQ_FMB activation rows per pass.
+ */
+#if defined(HFQ_F32_VEC)
+#define HFQ_PREFETCH_F32 16384 /* bytes ahead of the codes being read */
+#if defined(__AVX512F__)
+#define HFQ_VW 16
+#define HFQ_FMB 8
+typedef __m512 hfq_vf;
+typedef __m512i hfq_vi;
+static inline hfq_vi f_widen(const uint8_t *p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)); }
+static inline hfq_vf f_cvt(hfq_vi v) { return _mm512_cvtepi32_ps(v); }
+static inline hfq_vi f_low(hfq_vi v) { return _mm512_and_si512(v, _mm512_set1_epi32(15)); }
+static inline hfq_vi f_high(hfq_vi v) { return _mm512_srli_epi32(v, 4); }
+static inline hfq_vf f_zero(void) { return _mm512_setzero_ps(); }
+static inline hfq_vf f_set1(float v) { return _mm512_set1_ps(v); }
+static inline hfq_vf f_load(const float *p) { return _mm512_loadu_ps(p); }
+static inline hfq_vf f_fma(hfq_vf a, hfq_vf b, hfq_vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline hfq_vf f_add(hfq_vf a, hfq_vf b) { return _mm512_add_ps(a, b); }
+static inline hfq_vf f_mul(hfq_vf a, hfq_vf b) { return _mm512_mul_ps(a, b); }
+static inline float f_hsum(hfq_vf v) { return _mm512_reduce_add_ps(v); }
+#else
+#define HFQ_VW 8
+#define HFQ_FMB 4  /* 16 ymm registers */
+typedef __m256 hfq_vf;
+typedef __m256i hfq_vi;
+static inline hfq_vi f_widen(const uint8_t *p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+static inline hfq_vf f_cvt(hfq_vi v) { return _mm256_cvtepi32_ps(v); }
+static inline hfq_vi f_low(hfq_vi v) { return _mm256_and_si256(v, _mm256_set1_epi32(15)); }
+static inline hfq_vi f_high(hfq_vi v) { return _mm256_srli_epi32(v, 4); }
+static inline hfq_vf f_zero(void) { return _mm256_setzero_ps(); }
+static inline hfq_vf f_set1(float v) { return _mm256_set1_ps(v); }
+static inline hfq_vf f_load(const float *p) { return _mm256_loadu_ps(p); }
+static inline hfq_vf f_fma(hfq_vf a, hfq_vf b, hfq_vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline hfq_vf f_add(hfq_vf a, hfq_vf b) { return _mm256_add_ps(a, b); }
+static inline hfq_vf f_mul(hfq_vf a, hfq_vf b) { return _mm256_mul_ps(a, b); }
+static inline float f_hsum(hfq_vf v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+static inline __attribute__((always_inline)) void codes_f32_rows(
+        const float *x, int64_t ldx, const int mb, const int wide, const uint8_t *p0, const uint8_t *p1,
+        const float *s0, const float *s1, int64_t G, int64_t gs, float *r0, float *r1) {
+    /* few rows: the second half's products go to their own accumulators (c0, c1), so that an FMA never
+     * waits for the one before it; more rows give enough independent chains without */
+    const int split = mb <= 2;
+    hfq_vf a0[HFQ_FMB], a1[HFQ_FMB], c0[HFQ_FMB], c1[HFQ_FMB];
+    for (int m = 0; m < mb; m++) a0[m] = a1[m] = c0[m] = c1[m] = f_zero();
+    const int64_t gbytes = wide ? gs : gs / 2, second = wide ? HFQ_VW : gs / 2, step = wide ? 2 * HFQ_VW : HFQ_VW;
+    for (int64_t g = 0; g < G; g++) {
+        const uint8_t *q0 = p0 + g * gbytes, *q1 = p1 + g * gbytes;
+        const float *xg = x + g * gs;
+        const hfq_vf sc0 = f_set1(s0[g]), sc1 = f_set1(s1[g]);
+        for (int64_t j = 0; j < gbytes; j += step) {  /* byte j starts channel j in both layouts */
+            if ((j & 63) == 0) {  /* a cache line ahead per line read: the weight streams from memory */
+                _mm_prefetch((const char *)(q0 + j) + HFQ_PREFETCH_F32, _MM_HINT_T0);
+                _mm_prefetch((const char *)(q1 + j) + HFQ_PREFETCH_F32, _MM_HINT_T0);
+            }
+            hfq_vf l0, h0, l1, h1;  /* q * scale of channels j.. and j + second.. of rows 0 and 1 */
+            if (wide) {
+                l0 = f_cvt(f_widen(q0 + j)), h0 = f_cvt(f_widen(q0 + j + HFQ_VW));
+                l1 = f_cvt(f_widen(q1 + j)), h1 = f_cvt(f_widen(q1 + j + HFQ_VW));
+            } else {
+                const hfq_vi w0 = f_widen(q0 + j), w1 = f_widen(q1 + j);
+                l0 = f_cvt(f_low(w0)), h0 = f_cvt(f_high(w0)), l1 = f_cvt(f_low(w1)), h1 = f_cvt(f_high(w1));
+            }
+            l0 = f_mul(l0, sc0), h0 = f_mul(h0, sc0), l1 = f_mul(l1, sc1), h1 = f_mul(h1, sc1);
+            for (int m = 0; m < mb; m++) {
+                const float *xm = xg + m * ldx + j;
+                const hfq_vf xl = f_load(xm), xh = f_load(xm + second);
+                a0[m] = f_fma(xl, l0, a0[m]);
+                a1[m] = f_fma(xl, l1, a1[m]);
+                if (split) {
+                    c0[m] = f_fma(xh, h0, c0[m]);
+                    c1[m] = f_fma(xh, h1, c1[m]);
+                } else {
+                    a0[m] = f_fma(xh, h0, a0[m]);
+                    a1[m] = f_fma(xh, h1, a1[m]);
+                }
+            }
+        }
+    }
+    for (int m = 0; m < mb; m++) {
+        r0[m] = f_hsum(split ? f_add(a0[m], c0[m]) : a0[m]);
+        r1[m] = f_hsum(split ? f_add(a1[m], c1[m]) : a1[m]);
+    }
+}
+
+static void codes_f32_block(const float *x, int64_t ldx, int mb, int wide, const uint8_t *p0, const uint8_t *p1,
+                            const float *s0, const float *s1, int64_t G, int64_t gs, float *r0, float *r1) {
+#define HFQ_R(k, W) codes_f32_rows(x, ldx, HFQ_FMB < k ? HFQ_FMB : k, W, p0, p1, s0, s1, G, gs, r0, r1); break;
+#define HFQ_ROWS(W) switch (mb) { case 1: HFQ_R(1, W) case 2: HFQ_R(2, W) case 3: HFQ_R(3, W) case 4: HFQ_R(4, W) \
+    case 5: HFQ_R(5, W) case 6: HFQ_R(6, W) case 7: HFQ_R(7, W) default: HFQ_R(8, W) }
+    if (wide) { HFQ_ROWS(1) } else { HFQ_ROWS(0) }
+#undef HFQ_ROWS
+#undef HFQ_R
+}
+#endif
+
+int hfq_codes_f32_vector_width(void) {
+#if defined(HFQ_F32_VEC)
+    return HFQ_VW;
+#else
+    return 0;
+#endif
+}
+
+int hfq_codes_f32_gemm(const float *x, int64_t M, int64_t K, const uint8_t *packed, const float *scale,
+                       const float *corr, const float *bias, void *out, int64_t N, int64_t G, int64_t gs, int kind,
+                       int wide, int nthreads) {
+#if defined(HFQ_F32_VEC)
+    if (gs <= 0 || gs % (2 * HFQ_VW) != 0 || G * gs != K) return 2;
+    const int64_t row_bytes = wide ? K : K / 2, pairs = (N + 1) / 2;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t pr = 0; pr < pairs; pr++) {
+        const int64_t n = 2 * pr;
+        const int two = n + 1 < N;  /* an odd last row is computed twice, once discarded */
+        const uint8_t *p0 = packed + n * row_bytes, *p1 = two ? p0 + row_bytes : p0;
+        const float *s0 = scale + n * G, *s1 = two ? s0 + G : s0;
+        for (int64_t m0 = 0; m0 < M; m0 += HFQ_FMB) {
+            const int mb = (int)(M - m0 < HFQ_FMB ? M - m0 : HFQ_FMB);
+            float r0[HFQ_FMB], r1[HFQ_FMB];
+            codes_f32_block(x + m0 * K, K, mb, wide, p0, p1, s0, s1, G, gs, r0, r1);
+            for (int m = 0; m < mb; m++) {
+                for (int t = 0; t < 1 + two; t++) {
+                    const int64_t col = n + t, row = m0 + m;
+                    float v = (t ? r1[m] : r0[m]) - corr[row * N + col];
+                    if (bias) v += bias[col];
+                    if (kind == 0) ((float *)out)[row * N + col] = v;
+                    else ((uint16_t *)out)[row * N + col] = f32_to_bf16(v);
+                }
+            }
+        }
+    }
+    return 0;
+#else
+    (void)x; (void)M; (void)K; (void)packed; (void)scale; (void)corr; (void)bias; (void)out; (void)N; (void)G;
+    (void)gs; (void)kind; (void)wide; (void)nthreads;
     return 1;
 #endif
 }
