@@ -53,11 +53,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.benchmark import Timer
 
-from common import Rotation, cold_copies
+from common import Rotation, cold_copies, cpu_summary
 
 from hf_quant.calibration import quantize_layer
 from hf_quant.config import LayerSpec
-from hf_quant.core import devices
 from hf_quant.runtime.kernels import cpu_dispatch, select_kernel, use_kernel
 from hf_quant.runtime.kernels.cpu_measure import candidates, measurement_for
 from hf_quant.runtime import QuantLinear
@@ -183,19 +182,6 @@ class Table:
         print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
 
 
-def cpu_flags() -> str:
-    """The CPU features that decide the fast paths (AVX2, AVX-512, native bf16, AMX), from /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-    except OSError:
-        return "unknown (no /proc/cpuinfo)"
-    flags = devices.cpu_flags()
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    wanted = ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"]
-    return f"{model}; " + " ".join(f"{w}={'yes' if w in flags else 'no'}" for w in wanted)
-
-
 def make_layers(k: int, n: int, w16: torch.Tensor, bits: list[int] | None = None) -> dict[LayerSpec, QuantLinear]:
     """One QuantLinear per spec, quantized (RTN) from a bf16 nn.Linear holding `w16`.
 
@@ -309,7 +295,7 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
-    print(f"CPU: {cpu_flags()}")
+    print(f"CPU: {cpu_summary()}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads ({os.cpu_count()} CPUs), "
           f"median of {args.reps} blocks >= {args.block_ms:g} ms; "
           + ("warm: one weight, calls back to back" if args.warm else

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import timeit
 
 import torch
@@ -28,7 +27,8 @@ import torch.nn.functional as F
 
 import hf_quant
 from hf_quant import kernels
-from hf_quant.core import devices
+
+from common import cpu_summary
 
 IN = OUT = 64
 
@@ -57,14 +57,6 @@ class NoopKernel(kernels.Kernel):
 def best_us(fn, iters: int, repeats: int) -> float:
     fn()
     return min(timeit.repeat(fn, number=iters, repeat=repeats)) / iters * 1e6
-
-
-def cpu_flags() -> str:
-    flags = devices.cpu_flags()
-    if not flags:
-        return platform.processor() or "unknown"
-    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
-    return " ".join(f for f in wanted if f in flags) or "no avx2"
 
 
 def main() -> None:
@@ -99,9 +91,9 @@ def main() -> None:
             row["noop_over_F.linear"] = row["quant_noop_kernel_us"] / row["F.linear_us"]
 
     if args.json:
-        print(json.dumps({"cpu_flags": cpu_flags(), "torch": torch.__version__, "rows": rows}))
+        print(json.dumps({"cpu": cpu_summary(), "torch": torch.__version__, "rows": rows}))
         return
-    print(f"CPU flags: {cpu_flags()}; torch {torch.__version__}; 1 thread; best of {args.repeats} x {args.iters}")
+    print(f"CPU: {cpu_summary()}; torch {torch.__version__}; 1 thread; best of {args.repeats} x {args.iters}")
     print("ratio = QuantLinear with the no-op kernel / the faster F.linear")
     print(f"{'mode':<9} {'F.linear fp32':>14} {'F.linear bf16':>14} {'QuantLinear (no-op)':>20} {'ratio':>7} "
           f"{'QuantLinear (cpu_int4)':>23}")

@@ -7,7 +7,23 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from hf_quant.core import devices
 from hf_quant.core.devices import last_level_cache_bytes  # noqa: F401  (re-exported for the benchmarks)
+
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_summary() -> str:
+    """The CPU's model name and the features that decide the fast paths (AVX2, AVX-512, native bf16, AMX), from
+    /proc/cpuinfo: the line every benchmark prints with its figures."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return "unknown (no /proc/cpuinfo)"
+    flags = devices.cpu_flags()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    return f"{model}; " + " ".join(f"{w}={'yes' if w in flags else 'no'}" for w in CPU_FEATURES)
 
 
 def random_llama(hidden: int, intermediate: int, layers: int, device: str, vocab: int = 32000,

@@ -363,7 +363,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
         modules_to_not_convert=args.modules_to_not_convert, dataset=_read_texts(args.dataset),
         num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed,
-        calibration_device=args.calibration_device, gguf=args.gguf, hessian_dtype=args.hessian_dtype, **options)
+        calibration_device=args.calibration_device, gguf=args.gguf, hessian_dtype=args.hessian_dtype,
+        calibration_dtype=args.calibration_dtype, **options)
     if args.push:
         _check_hub_access(args.command, f"--push {args.push}")
     tokenizer = _tokenizer(args.model, args.command, required=args.eval or args.eval_baseline)
@@ -602,6 +603,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "give the same codes as one process (twice the memory of the largest layer's Hessian)")
     q.add_argument("--calibration-device", type=_device, default=None,
                    help="e.g. cuda; default: a GPU if there is one")
+    q.add_argument("--calibration-dtype", choices=("auto", "float32", "model"), default="auto",
+                   help="what each block computes in while calibrated: auto = float32 on a CPU without native "
+                   "bf16/fp16 matrix instructions, the model's dtype elsewhere (the saved format is the same)")
     q.add_argument("--device", type=_device, default=None, help="where the model is loaded (default: CPU)")
     q.add_argument("--dtype", choices=_DTYPES, default="auto")
     q.add_argument("--format", choices=available_formats(exporting=True), default="hf_quant",

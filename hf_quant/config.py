@@ -29,12 +29,13 @@ ON_INCOMPATIBLE = ("error", "skip")
 _OVERRIDABLE = ("bits", "group_size", "sym", "gguf")
 _SKIP_PREFIX = "-:"
 _MATCH_PREFIX = "+:"
-_RUNTIME_ONLY = ("dataset", "calibration_device", "hessian_dtype")  # how to calibrate this run, not what was saved
+CALIBRATION_DTYPES = ("auto", "float32", "model")
+_RUNTIME_ONLY = ("dataset", "calibration_device", "hessian_dtype", "calibration_dtype")  # how to calibrate this run, not what was saved
 # __init__ arguments stored as given (the others are copied or checked first)
 _PLAIN_FIELDS = ("method", "bits", "group_size", "sym", "on_incompatible", "dataset", "num_samples", "seq_len", "seed",
                  "damp_percent", "block_size", "desc_act", "static_groups", "true_sequential", "mse", "epochs",
                  "learning_rate", "block_name_to_quantize", "calibration_device", "format_version", "gguf",
-                 "hessian_dtype")
+                 "hessian_dtype", "calibration_dtype")
 
 
 def _check_bits(bits: Any, field: str) -> None:
@@ -128,6 +129,13 @@ class QuantConfig(QuantizationConfigMixin):
             layer's Hessian). Each window's product is computed in fp32 either way; in fp64 the sum does
             not depend on the order of the windows, so a data-parallel run (torchrun) gives the same
             codes as one process. Not saved.
+        calibration_dtype: the dtype each block computes in while it is calibrated: "auto" (default) is
+            float32 on a CPU without native bf16 / fp16 matrix instructions (no AVX512-BF16 / AMX-BF16,
+            resp. AVX512-FP16 / AMX-FP16; there such matmuls run at about half the fp32 speed) and the
+            model's dtype elsewhere; "float32" or "model" choose. Scales are rounded to the model's dtype
+            either way and the float parts of each block return to it, so the saved format is the same;
+            the codes may differ from a run in the model's dtype by that dtype's rounding of the
+            activations. Not saved.
         format_version: on-disk layout version; set by hf_quant (2, or 3 for GGUF layers), checked when loading.
         provenance: set by hf_quant when it quantizes, informational (the model card shows it):
             base model, calibration data description, hf_quant version, and an `evaluation` entry
@@ -161,6 +169,7 @@ class QuantConfig(QuantizationConfigMixin):
         provenance: dict[str, Any] | None = None,
         gguf: str | None = None,
         hessian_dtype: str = "float32",
+        calibration_dtype: str = "auto",
         **kwargs: Any,
     ) -> None:
         fields = dict(locals())
@@ -200,6 +209,9 @@ class QuantConfig(QuantizationConfigMixin):
         if self.hessian_dtype not in ("float32", "float64"):
             raise ValueError(f"QuantConfig.hessian_dtype={self.hessian_dtype!r} is not supported; use 'float32' or "
                              "'float64'.")
+        if self.calibration_dtype not in CALIBRATION_DTYPES:
+            raise ValueError(f"QuantConfig.calibration_dtype={self.calibration_dtype!r} is not supported; use one of "
+                             f"{list(CALIBRATION_DTYPES)}.")
         _check_bits(self.bits, "bits")
         _check_group_size(self.group_size, "group_size")
         self._check_gguf(self.gguf, "gguf")

@@ -47,8 +47,8 @@ import torch.nn as nn
 from transformers.utils import logging as hf_logging
 
 from .calibration import distributed as ddp
-from .calibration.blockwise import (calibrate_block, capture_block_inputs, check_data_parallel, find_blocks, log_block,
-                                    tokenizer_for, work_device)
+from .calibration.blockwise import (block_at_work, calibrate_block, capture_block_inputs, check_data_parallel,
+                                    compute_dtype, find_blocks, log_block, tokenizer_for, work_device)
 from .calibration.data import calibration_windows, describe_dataset
 from .calibration.layer import quantize_layer
 from .config import QuantConfig
@@ -242,7 +242,8 @@ class _Progress:
 
 def _describe_key_field(field: str) -> str:
     return {"source": "the source checkpoint's files or config.json", "config": "the QuantConfig",
-            "dtype": "the model dtype", "data": "the calibration windows", "hf_quant": "the hf_quant version", "processes": "the number of processes"
+            "dtype": "the model dtype", "data": "the calibration windows", "hf_quant": "the hf_quant version", "processes": "the number of processes",
+            "compute": "the calibration compute dtype (QuantConfig.calibration_dtype, or this CPU's native bf16 support)"
             }.get(field, "the run's identity")
 
 
@@ -377,6 +378,7 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
     key = {"source": _sha256_json(fingerprint), "config": _sha256_json({**config.to_dict(), "provenance": None,
                                                                                "hessian_dtype": config.hessian_dtype}),
            "dtype": str(model_dtype), "hf_quant": __version__, "processes": ddp.world(),
+           "compute": str(compute_dtype(config, model_dtype, work_device(config, torch.device("cpu")))),
            "data": None if windows is None else hashlib.sha256(windows.numpy().tobytes()).hexdigest()}
     if windows is not None:
         check_data_parallel(config)
@@ -392,6 +394,7 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
                          "memory (from_pretrained(..., quantization_config=...)), which applies transformers' renaming.")
     outside_tensors = [n for n in state_names if not n.startswith(prefix + ".") and n in keys]
     device = work_device(config, torch.device("cpu"))
+    compute = compute_dtype(config, model_dtype, device)
     start, n_blocks = progress.next_block, len(blocks)
     started = time.perf_counter()
     inputs = None
@@ -399,7 +402,7 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
         if start == 0:
             _materialize(model, outside_tensors, loader, keys)
             model.tie_weights()
-            inputs = capture_block_inputs(model, blocks[0], windows)
+            inputs = capture_block_inputs(model, blocks[0], windows, compute)
             _release_tensors(model, outside_tensors)
         else:
             path = progress.inputs_file(start)
@@ -415,13 +418,10 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
         _materialize(model, in_block[i], loader, keys)
         entry = None
         if calibrates:
-            block.to(device)
-            try:
+            with block_at_work(block, device, torch.device("cpu"), compute):
                 names, groups, error, layer_errors, inputs, notes = calibrate_block(
                     model, block, bp, targets, config, options, inputs, device, torch.device("cpu"), [],
-                    last=i + 1 == n_blocks, spill_dir=progress.dir)
-            finally:
-                block.to("cpu")
+                    last=i + 1 == n_blocks, spill_dir=progress.dir, scale_dtype=model_dtype)
             entry = {"block": i, "layers": len(names), "groups": len(groups), "output_error": error,
                      "layer_errors": layer_errors, "seconds": time.perf_counter() - t0, "notes": notes,
                      "peak_memory_mb": peak_memory_mb()}

@@ -308,3 +308,45 @@ def test_calibration_runs_without_autograd(monkeypatch, tmp_path):
     monkeypatch.setattr(streaming, "calibrate_block", spy)
     quantize_checkpoint(TINY_LLAMA, tmp_path / "out", QuantConfig(**CASES["gptq"]))
     assert seen and not any(seen)
+
+
+def test_compute_dtype_follows_the_cpu(monkeypatch):
+    """calibration_dtype "auto": fp32 on an x86 CPU without native matrix instructions for the model's 16-bit
+    dtype, the model's dtype otherwise (and on CUDA); "float32" / "model" choose; a bad value names the field."""
+    from hf_quant.calibration import blockwise
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    auto, fp32, model = (QuantConfig(method="gptq", calibration_dtype=d) for d in ("auto", "float32", "model"))
+    for flags, bf16_native in (({"avx2", "fma"}, False), ({"avx2", "avx512f", "avx512_bf16"}, True),
+                               ({"avx2", "amx_bf16"}, True), (set(), True)):  # no flags read: keep the model's
+        monkeypatch.setattr(blockwise, "cpu_flags", lambda f=frozenset(flags): f)
+        assert blockwise.compute_dtype(auto, torch.bfloat16, cpu) == (torch.bfloat16 if bf16_native else torch.float32)
+        assert blockwise.compute_dtype(model, torch.bfloat16, cpu) == torch.bfloat16
+        assert blockwise.compute_dtype(fp32, torch.bfloat16, cpu) == torch.float32
+        assert blockwise.compute_dtype(auto, torch.bfloat16, cuda) == torch.bfloat16
+        assert blockwise.compute_dtype(auto, torch.float32, cpu) == torch.float32
+    monkeypatch.setattr(blockwise, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    assert blockwise.compute_dtype(auto, torch.float16, cpu) == torch.float32  # bf16 native, fp16 not
+    with pytest.raises(ValueError, match="QuantConfig.calibration_dtype='fp32' is not supported"):
+        QuantConfig(method="gptq", calibration_dtype="fp32")
+    assert "calibration_dtype" not in fp32.to_dict()  # how this run calibrates, not what is saved
+
+
+@pytest.mark.parametrize("case", ["gptq", "awq"])
+def test_fp32_calibration_keeps_the_format_and_streams_like_in_memory(case, tmp_path):
+    """A bf16 model calibrated in fp32: every saved tensor has the name, shape and dtype of a run in bf16
+    (scales and float parts in bf16), the codes are nearly the same, and streaming writes the in-memory bytes."""
+    from safetensors.torch import load_file
+
+    cfg = QuantConfig(**CASES[case], calibration_dtype="float32")
+    ref = in_memory(TINY_LLAMA, tmp_path / "a" / "out", cfg)
+    got = quantize_checkpoint(TINY_LLAMA, tmp_path / "b" / "out", cfg)
+    assert_same_files(ref, got)
+    bf16 = in_memory(TINY_LLAMA, tmp_path / "c" / "out", QuantConfig(**CASES[case], calibration_dtype="model"))
+    a, b = load_file(ref / "model.safetensors"), load_file(bf16 / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    assert all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape for k in a)
+    assert any(k.endswith(".scales") and a[k].dtype == torch.bfloat16 for k in a)
+    words = [k for k in a if k.endswith(".qweight")]
+    same = sum((a[k] == b[k]).sum().item() for k in words) / sum(a[k].numel() for k in words)
+    assert same > 0.5, same  # a word holds 8 codes: any of them rounded the other way differs

@@ -13,6 +13,7 @@ before it (one pass over the cached inputs per group).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -28,7 +29,7 @@ import torch.nn as nn
 from transformers.utils import logging as hf_logging
 
 from ..config import LayerSpec, QuantConfig
-from ..core.devices import device_count, exists, peak_memory_mb
+from ..core.devices import cpu_flags, device_count, exists, peak_memory_mb
 from ..core.layers import is_conv1d, linear_shape, linear_weight, map_tensors, set_module
 from ..methods import BlockContext, accumulate_hessian, get_method, hessian
 from . import distributed as ddp
@@ -91,8 +92,10 @@ def _to(obj: Any, device: torch.device) -> Any:
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, block: nn.Module, windows: torch.Tensor) -> list[tuple[tuple, dict]]:
-    """(args, kwargs) with which `block` is called for each calibration window."""
+def capture_block_inputs(model: nn.Module, block: nn.Module, windows: torch.Tensor,
+                         dtype: torch.dtype | None = None) -> list[tuple[tuple, dict]]:
+    """(args, kwargs) with which `block` is called for each calibration window; their floating tensors in
+    `dtype` if given (the calibration compute dtype)."""
     captured: list[tuple[tuple, dict]] = []
 
     def hook(module, args, kwargs):
@@ -102,6 +105,8 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, windows: torch.Tens
                 raise ValueError(f"{type(block).__name__} is called without positional arguments or "
                                  "'hidden_states'; hf_quant cannot tell which input to calibrate on.")
             args = (kwargs.pop("hidden_states"),)
+        if dtype is not None:
+            args, kwargs = map_tensors((args, kwargs), lambda t: t.to(dtype) if t.is_floating_point() else t)
         captured.append((args, kwargs))
         raise _StopForward
 
@@ -138,6 +143,41 @@ def work_device(config: QuantConfig, model_device: torch.device) -> torch.device
             )
         return device
     return torch.device("cuda") if torch.cuda.is_available() else model_device
+
+
+_NATIVE_MATMUL_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
+
+
+def compute_dtype(config: QuantConfig, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype blocks compute in while calibrated (`QuantConfig.calibration_dtype`): "auto" is float32 on an
+    x86 CPU without native matrix instructions for the model's 16-bit dtype (where those matmuls run at about
+    half the fp32 speed), else the model's dtype."""
+    if config.calibration_dtype == "float32":
+        return torch.float32
+    if config.calibration_dtype == "model" or device.type != "cpu" or model_dtype not in _NATIVE_MATMUL_FLAGS:
+        return model_dtype
+    flags = cpu_flags()
+    if "avx2" not in flags:  # not an x86 CPU we can read (or a very old one): keep the model's dtype
+        return model_dtype
+    return model_dtype if flags & set(_NATIVE_MATMUL_FLAGS[model_dtype]) else torch.float32
+
+
+@contextlib.contextmanager
+def block_at_work(block: nn.Module, device: torch.device, home: torch.device, dtype: torch.dtype):
+    """`block` on the work device in the compute dtype for its calibration, then back home, each float
+    parameter and buffer in the dtype it had (the quantized layers' own buffers, new, are left as made)."""
+    dtypes = {n: t.dtype for n, t in (*block.named_parameters(), *block.named_buffers()) if t.is_floating_point()}
+    block.to(device)
+    if any(d != dtype for d in dtypes.values()):
+        block.to(dtype)
+    try:
+        yield
+    finally:
+        block.to(home)
+        with torch.no_grad():
+            for n, t in (*block.named_parameters(), *block.named_buffers()):
+                if n in dtypes and t.dtype != dtypes[n]:
+                    t.data = t.data.to(dtypes[n])
 
 
 def _block_device(block: nn.Module) -> torch.device:
@@ -236,8 +276,14 @@ def quantize_blockwise(model: nn.Module, config: QuantConfig, targets: dict[str,
     windows = ddp.my_windows(calibration_windows(config.dataset, lambda: tokenizer_for(model), config.num_samples,
                                                  config.seq_len, config.seed, model.get_input_embeddings().num_embeddings))
     device = work_device(config, _block_device(blocks[0]))
+    model_dtype = next((p.dtype for p in blocks[0].parameters() if p.is_floating_point()), torch.float32)
+    compute = compute_dtype(config, model_dtype, device)
+    if compute != model_dtype:
+        logger.info("hf_quant: calibrating in %s (the model is %s; %s)", compute, model_dtype,
+                    "QuantConfig.calibration_dtype" if config.calibration_dtype != "auto" else
+                    f"this CPU has no native {model_dtype} matrix instructions")
     start = time.perf_counter()
-    inputs = capture_block_inputs(model, blocks[0], windows)
+    inputs = capture_block_inputs(model, blocks[0], windows, compute)
     report = []
     undo: list[tuple[torch.Tensor, torch.Tensor]] = []  # float tensors a block stage changed in place
     bar = hf_logging.tqdm(range(len(blocks)), desc=f"hf_quant: {config.method}",
@@ -247,13 +293,10 @@ def quantize_blockwise(model: nn.Module, config: QuantConfig, targets: dict[str,
             block = blocks[idx]
             block_start = time.perf_counter()
             home = _block_device(block)
-            block.to(device)
-            try:
+            with block_at_work(block, device, home, compute):
                 names, groups, error, layer_errors, inputs, notes = calibrate_block(
                     model, block, f"{prefix}.{idx}.", targets, config, options, inputs, device, home, undo,
-                    last=idx == len(blocks) - 1)
-            finally:
-                block.to(home)
+                    last=idx == len(blocks) - 1, scale_dtype=model_dtype)
             seconds = time.perf_counter() - block_start
             report.append({"block": idx, "layers": len(names), "groups": len(groups), "output_error": error,
                            "layer_errors": layer_errors, "seconds": seconds, "notes": notes,
@@ -322,11 +365,12 @@ def log_block(entry: dict, n_blocks: int, block_prefix: str) -> None:
 
 
 def calibrate_block(model, block, block_prefix, targets, config, options, inputs, device, home, undo, last=False,
-                    spill_dir=None):
+                    spill_dir=None, scale_dtype=None):
     """Quantize one block's targets (already on `device`); returns its names, groups, output error,
     the quantized block's outputs as the next block's inputs (None for the `last` block: not computed), and
     the block stage's notes. spill_dir: a directory where a large fp32 Hessian sum waits on disk while its
-    layers are quantized (`_SpilledHessian`; the streaming path's bounded memory)."""
+    layers are quantized (`_SpilledHessian`; the streaming path's bounded memory). scale_dtype: the dtype of the
+    quantized layers' scales (the model's; None: each float layer's own)."""
     names = [n for n in targets if n.startswith(block_prefix)]
     groups = input_groups(block, block_prefix, names, inputs, device) if names else []
     passes = [[g] for g in groups] if config.true_sequential else [groups]
@@ -363,7 +407,7 @@ def calibrate_block(model, block, block_prefix, targets, config, options, inputs
             Hsum = _SpilledHessian.maybe(H.pop(first), spill_dir)
             originals = {n: model.get_submodule(n) for n in group}
             new = {n: _quantize_with_hessian(n, originals[n], targets[n], config,
-                                             {**options, **stage_kwargs.get(n, {})}, Hsum, rows[first])
+                                             {**options, **stage_kwargs.get(n, {})}, Hsum, rows[first], scale_dtype)
                    for n in group if owners[n] == ddp.rank()}
             new = ddp.broadcast_layers(new, {n: owners[n] for n in group})
             for n in group:
@@ -445,19 +489,19 @@ def _hessian_sum(Hsum) -> torch.Tensor:
     return Hsum.get() if isinstance(Hsum, _SpilledHessian) else Hsum
 
 
-def _quantize_with_hessian(name, module, spec, config, options, Hsum, rows):
+def _quantize_with_hessian(name, module, spec, config, options, Hsum, rows, scale_dtype=None):
     if rows == 0:  # never reached by the calibration data (e.g. an unrouted expert)
         method = get_method(config.method)
         if method.fixed_spec is not None:  # its own grid and scheme (int8 rows): the weight alone suffices
-            return quantize_layer(name, module, spec, config.method, **options)
+            return quantize_layer(name, module, spec, config.method, scale_dtype=scale_dtype, **options)
         logger.warning("hf_quant: %s received no calibration inputs; quantizing it with RTN instead of %s.",
                        name, config.method)
-        return quantize_layer(name, module, spec, "rtn", **get_method("rtn").options_from(config))
+        return quantize_layer(name, module, spec, "rtn", scale_dtype=scale_dtype, **get_method("rtn").options_from(config))
     if _takes_inplace(config.method):  # the Hessian copy (and W's float copy) are this call's own: no clones
         options = {**options, "inplace": True}
     spilled = isinstance(Hsum, _SpilledHessian)  # read back: a fresh copy, scaled in its own storage
     H = hessian(_hessian_sum(Hsum), rows, inplace=spilled)
-    return quantize_layer(name, module, spec, config.method, H=H, **options)
+    return quantize_layer(name, module, spec, config.method, H=H, scale_dtype=scale_dtype, **options)
 
 
 def _takes_inplace(method: str) -> bool:

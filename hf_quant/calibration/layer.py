@@ -11,10 +11,12 @@ from ..methods import get_method
 from ..runtime import ActivationSpec, QuantLinear
 
 
-def quantize_layer(name: str, module: nn.Module, spec: LayerSpec, method: str, **stats) -> QuantLinear:
+def quantize_layer(name: str, module: nn.Module, spec: LayerSpec, method: str, scale_dtype: torch.dtype | None = None,
+                   **stats) -> QuantLinear:
     """Quantize one float layer into a QuantLinear. Refuses non-finite weights and a non-finite
     Hessian `H` (NaN/inf calibration inputs), naming the module; a ValueError of the method (e.g.
-    GPTQ's Hessian not positive-definite) is re-raised with the module's name."""
+    GPTQ's Hessian not positive-definite) is re-raised with the module's name. scale_dtype: the scales' dtype
+    (default: the weight's; the model's when a block calibrates in another dtype), the bias's too."""
     W = linear_weight(module).detach()
     keep_in_float = f"QuantConfig(modules_to_not_convert=[{name!r}])"
     if not all_finite(W):
@@ -31,7 +33,11 @@ def quantize_layer(name: str, module: nn.Module, spec: LayerSpec, method: str, *
             "model produces non-finite activations before this layer. Check the checkpoint (e.g. its norm "
             f"weights) and the calibration data, or keep the layer in float with {keep_in_float}."
         )
-    scale_dtype = W.dtype if W.dtype.is_floating_point else torch.float32
+    bias = module.bias
+    if scale_dtype is None:
+        scale_dtype = W.dtype if W.dtype.is_floating_point else torch.float32
+    elif bias is not None and bias.dtype != scale_dtype:
+        bias = bias.detach().to(scale_dtype)
     try:
         # inplace (GPTQ, from the calibration driver): the method overwrites W's float copy, so make one
         Wf = W.clone() if stats.get("inplace") and W.dtype == torch.float32 else W.float()
@@ -41,4 +47,4 @@ def quantize_layer(name: str, module: nn.Module, spec: LayerSpec, method: str, *
             raise
         raise ValueError(f"{name}: {e}") from e
     activation = ActivationSpec.of(get_method(method).activation_of(stats))
-    return QuantLinear.from_quantized(qw, spec, module.bias, from_conv1d=is_conv1d(module), activation=activation)
+    return QuantLinear.from_quantized(qw, spec, bias, from_conv1d=is_conv1d(module), activation=activation)
