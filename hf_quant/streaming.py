@@ -52,7 +52,7 @@ from .calibration.blockwise import (block_at_work, calibrate_block, capture_bloc
 from .calibration.data import calibration_windows, describe_dataset
 from .calibration.layer import quantize_layer
 from .config import QuantConfig
-from .core.devices import peak_memory_mb
+from .core.devices import peak_memory_mb, release_free_memory
 from .core.layers import set_module
 from .integrations import hub
 from .integrations.transformers import HfQuantQuantizer, provenance
@@ -432,6 +432,7 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
         with _writing(progress.dir, f"block {i}"):
             progress.finish_block(i, {bp + k: v for k, v in block.state_dict().items()}, entry, inputs)
         _release(block)
+        release_free_memory()
         _log_block(i, n_blocks, entry, time.perf_counter() - t0, bp)
     extra_file = progress.dir / "outside.safetensors"
     if outside and ddp.is_main() and not extra_file.is_file():  # data-free targets outside the blocks (e.g. lm_head)

@@ -29,7 +29,7 @@ import torch.nn as nn
 from transformers.utils import logging as hf_logging
 
 from ..config import LayerSpec, QuantConfig
-from ..core.devices import cpu_flags, device_count, exists, peak_memory_mb
+from ..core.devices import cpu_flags, device_count, exists, peak_memory_mb, release_free_memory
 from ..core.layers import is_conv1d, linear_shape, linear_weight, map_tensors, set_module
 from ..methods import BlockContext, accumulate_hessian, get_method, hessian
 from . import distributed as ddp
@@ -415,6 +415,7 @@ def calibrate_block(model, block, block_prefix, targets, config, options, inputs
                 set_module(model, n, new[n])
                 originals[n].to(home)  # off the work device
             del originals, new, Hsum
+            release_free_memory()
     # the quantized block's outputs: the next block's inputs (the last block's serve only its error report)
     outs, kept = _pass(block, inputs[:REFERENCE_WINDOWS] if last else inputs, device, keep=REFERENCE_WINDOWS,
                        collect=not last)

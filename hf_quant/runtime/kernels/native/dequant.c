@@ -158,6 +158,21 @@ int hfq_dequant_bytes(const uint8_t *codes, const float *scale, const float *zer
     return dequant(codes, scale, zero, out, rows, G, gs, 0, kind, nthreads);
 }
 
+/* The fused GEMMs' epilogue for a pair of weight rows n, n + 1 (only n when `two` is 0) and activation rows
+ * m0..m0+mb-1: out = r - corr (+ bias), fp32 (kind 0) or bf16 (kind 1). */
+static inline void store_pair(const float *r0, const float *r1, int mb, int two, int64_t m0, int64_t n, int64_t N,
+                              const float *corr, const float *bias, void *out, int kind) {
+    for (int m = 0; m < mb; m++) {
+        for (int t = 0; t < 1 + two; t++) {
+            const int64_t col = n + t, row = m0 + m;
+            float v = (t ? r1[m] : r0[m]) - corr[row * N + col];
+            if (bias) v += bias[col];
+            if (kind == 0) ((float *)out)[row * N + col] = v;
+            else ((uint16_t *)out)[row * N + col] = f32_to_bf16(v);
+        }
+    }
+}
+
 /* ---------------------------------------------------------------------------------------------------
  * Capabilities of this build: bit 0 = hfq_codes_bf16_gemm is compiled (AVX-512 BW + BF16), bit 1 =
  * hfq_codes_f32_gemm is vectorized (AVX-512F, or AVX2 + FMA).
@@ -305,15 +320,7 @@ int hfq_codes_bf16_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *
             const int mb = (int)(M - m0 < HFQ_MB ? M - m0 : HFQ_MB);
             float r0[HFQ_MB], r1[HFQ_MB];
             codes_block(x + m0 * K, K, mb, wide, p0, p1, s0, s1, G, gs, r0, r1);
-            for (int m = 0; m < mb; m++) {
-                for (int t = 0; t < 1 + two; t++) {
-                    const int64_t col = n + t, row = m0 + m;
-                    float v = (t ? r1[m] : r0[m]) - corr[row * N + col];
-                    if (bias) v += bias[col];
-                    if (kind == 0) ((float *)out)[row * N + col] = v;
-                    else ((uint16_t *)out)[row * N + col] = f32_to_bf16(v);
-                }
-            }
+            store_pair(r0, r1, mb, two, m0, n, N, corr, bias, out, kind);
         }
     }
     return 0;
@@ -457,15 +464,7 @@ int hfq_codes_f32_gemm(const float *x, int64_t M, int64_t K, const uint8_t *pack
             const int mb = (int)(M - m0 < HFQ_FMB ? M - m0 : HFQ_FMB);
             float r0[HFQ_FMB], r1[HFQ_FMB];
             codes_f32_block(x + m0 * K, K, mb, wide, p0, p1, s0, s1, G, gs, r0, r1);
-            for (int m = 0; m < mb; m++) {
-                for (int t = 0; t < 1 + two; t++) {
-                    const int64_t col = n + t, row = m0 + m;
-                    float v = (t ? r1[m] : r0[m]) - corr[row * N + col];
-                    if (bias) v += bias[col];
-                    if (kind == 0) ((float *)out)[row * N + col] = v;
-                    else ((uint16_t *)out)[row * N + col] = f32_to_bf16(v);
-                }
-            }
+            store_pair(r0, r1, mb, two, m0, n, N, corr, bias, out, kind);
         }
     }
     return 0;
