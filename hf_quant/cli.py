@@ -573,6 +573,7 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import CALIBRATION_DTYPES
     from .io import available_formats, get_format
     from .methods import available_methods
 
@@ -603,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "give the same codes as one process (twice the memory of the largest layer's Hessian)")
     q.add_argument("--calibration-device", type=_device, default=None,
                    help="e.g. cuda; default: a GPU if there is one")
-    q.add_argument("--calibration-dtype", choices=("auto", "float32", "model"), default="auto",
+    q.add_argument("--calibration-dtype", choices=CALIBRATION_DTYPES, default="auto",
                    help="what each block computes in while calibrated: auto = float32 on a CPU without native "
                    "bf16/fp16 matrix instructions, the model's dtype elsewhere (the saved format is the same)")
     q.add_argument("--device", type=_device, default=None, help="where the model is loaded (default: CPU)")

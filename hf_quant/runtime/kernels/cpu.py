@@ -415,17 +415,17 @@ class NativeDequantMatmulKernel(_NativeDequant):
 
 class NativeCodesKernel(Kernel):
     """Codes x activations in one fused native pass (`native.codes_gemm`), for decoding and small batches: no
-    dequantized weight is written anywhere. Per group, the dot products of x with the codes come first, then the
-    group's scale and the correction sum_g scale * (zero + offset) * sum(x over the group), in fp32. So the weight
+    dequantized weight is written anywhere. The products of x with the codes times the group's scale are summed
+    in fp32, and the correction sum_g scale * (zero + offset) * sum(x over the group) is subtracted. So the weight
     is used unrounded ((q - zero) * scale exactly), where the reference rounds it to the activation dtype first:
     the two differ by that rounding.
     - bf16 compute ("native_int4", "native_int8"; bf16 activations, CPUs with AVX512-BF16): each code q of at
       most 4 bits becomes the bf16 number 128 + q by one OR; a code of 5-8 bits u = 16 h + l becomes two, 128 + h
       and 128 + l, read once and met by the same x (16 (128 + h) + (128 + l) = u + 2176); `vdpbf16ps` dot
-      products (exact products, fp32 sums).
+      products (exact products, fp32 sums) per group, the scale applied to each group's sum.
     - fp32 compute ("native_int4_f32", "native_int8_f32"; fp32, bf16 or fp16 activations widened to fp32, CPUs
-      with AVX-512F or AVX2 + FMA): codes widened to int32 and converted, fp32 FMAs. The decode path of fp32
-      models, and of bf16 models on CPUs without native bf16.
+      with AVX-512F or AVX2 + FMA): codes widened to int32, converted and multiplied by the scale, fp32 FMAs. The
+      decode path of fp32 models, and of bf16 models on CPUs without native bf16.
     int4: at most 4 bits in groups of 32 or a multiple of 64 channels (fp32: a multiple of 2 vector widths);
     int8: 5-8 bits in groups (or rows) of a multiple of 32 (fp32 with AVX2: 16). GGUF types with such sub-blocks
     (Q4_0 / Q4_1 / Q4_K, Q8_0 / Q5_0 / Q5_1 / Q5_K) included; act-order layers by the sorted-channel trick.
@@ -442,7 +442,6 @@ class NativeCodesKernel(Kernel):
         bits = layer.spec.bits
         dtypes = (torch.bfloat16,) if self.compute == torch.bfloat16 else _CPU_DTYPES
         return (device.type == "cpu" and dtype in dtypes and (bits <= 4) == self.nibbles and bits <= 8
-                and native.library() is not None
                 and native.codes_group_size_ok(layer.spec.effective_group_size(layer.in_features),  # GGUF: sub-block
                                                self.nibbles, self.compute)
                 and (native.has_codes_bf16() if self.compute == torch.bfloat16 else native.has_codes_f32()))

@@ -158,21 +158,6 @@ int hfq_dequant_bytes(const uint8_t *codes, const float *scale, const float *zer
     return dequant(codes, scale, zero, out, rows, G, gs, 0, kind, nthreads);
 }
 
-/* The fused GEMMs' epilogue for a pair of weight rows n, n + 1 (only n when `two` is 0) and activation rows
- * m0..m0+mb-1: out = r - corr (+ bias), fp32 (kind 0) or bf16 (kind 1). */
-static inline void store_pair(const float *r0, const float *r1, int mb, int two, int64_t m0, int64_t n, int64_t N,
-                              const float *corr, const float *bias, void *out, int kind) {
-    for (int m = 0; m < mb; m++) {
-        for (int t = 0; t < 1 + two; t++) {
-            const int64_t col = n + t, row = m0 + m;
-            float v = (t ? r1[m] : r0[m]) - corr[row * N + col];
-            if (bias) v += bias[col];
-            if (kind == 0) ((float *)out)[row * N + col] = v;
-            else ((uint16_t *)out)[row * N + col] = f32_to_bf16(v);
-        }
-    }
-}
-
 /* ---------------------------------------------------------------------------------------------------
  * Capabilities of this build: bit 0 = hfq_codes_bf16_gemm is compiled (AVX-512 BW + BF16), bit 1 =
  * hfq_codes_f32_gemm is vectorized (AVX-512F, or AVX2 + FMA).
@@ -190,6 +175,43 @@ int hfq_caps(void) {
 #endif
     return caps;
 }
+
+#if defined(HFQ_F32_VEC)  /* implied by AVX512-BF16 too: the driver of both fused GEMMs below */
+#define HFQ_MB_MAX 8
+/* One pass of a fused GEMM: weight rows p0, p1 (scales s0, s1) against activation rows x[0..mb) of stride ldx
+ * (elements of the kernel's x type), their dot products into r0[m], r1[m]. */
+typedef void (*hfq_rows_fn)(const void *x, int64_t ldx, int mb, int wide, const uint8_t *p0, const uint8_t *p1,
+                            const float *s0, const float *s1, int64_t G, int64_t gs, float *r0, float *r1);
+
+/* out (M x N) = rows(x, W) - corr (+ bias), fp32 (kind 0) or bf16 (kind 1): weight rows in pairs over the
+ * threads, activation rows in blocks of mb_max (<= HFQ_MB_MAX); x_size bytes per activation element. */
+static void codes_gemm(const void *x, int64_t x_size, int64_t M, int64_t K, const uint8_t *packed, const float *scale,
+                       const float *corr, const float *bias, void *out, int64_t N, int64_t G, int64_t gs, int kind,
+                       int wide, int nthreads, int mb_max, hfq_rows_fn rows) {
+    const int64_t row_bytes = wide ? K : K / 2, pairs = (N + 1) / 2;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t pr = 0; pr < pairs; pr++) {
+        const int64_t n = 2 * pr;
+        const int two = n + 1 < N;  /* an odd last row is computed twice, once discarded */
+        const uint8_t *p0 = packed + n * row_bytes, *p1 = two ? p0 + row_bytes : p0;
+        const float *s0 = scale + n * G, *s1 = two ? s0 + G : s0;
+        for (int64_t m0 = 0; m0 < M; m0 += mb_max) {
+            const int mb = (int)(M - m0 < mb_max ? M - m0 : mb_max);
+            float r0[HFQ_MB_MAX], r1[HFQ_MB_MAX];
+            rows((const char *)x + m0 * K * x_size, K, mb, wide, p0, p1, s0, s1, G, gs, r0, r1);
+            for (int m = 0; m < mb; m++) {
+                for (int t = 0; t < 1 + two; t++) {
+                    const int64_t col = n + t, row = m0 + m;
+                    float v = (t ? r1[m] : r0[m]) - corr[row * N + col];
+                    if (bias) v += bias[col];
+                    if (kind == 0) ((float *)out)[row * N + col] = v;
+                    else ((uint16_t *)out)[row * N + col] = f32_to_bf16(v);
+                }
+            }
+        }
+    }
+}
+#endif
 
 /* ---------------------------------------------------------------------------------------------------
  * Weights of up to 8 bits x bf16 activations, small M, fused (no dequantized weight in memory).
@@ -291,8 +313,9 @@ static inline __attribute__((always_inline)) void codes_rows(
     }
 }
 
-static void codes_block(const uint16_t *x, int64_t ldx, int mb, int wide, const uint8_t *p0, const uint8_t *p1,
+static void codes_block(const void *xv, int64_t ldx, int mb, int wide, const uint8_t *p0, const uint8_t *p1,
                         const float *s0, const float *s1, int64_t G, int64_t gs, float *r0, float *r1) {
+    const uint16_t *x = (const uint16_t *)xv;
     /* a constant row count and layout per call: the accumulators stay in registers */
 #define HFQ_ROWS(W) switch (mb) { \
     case 1: codes_rows(x, ldx, 1, W, p0, p1, s0, s1, G, gs, r0, r1); break; \
@@ -309,20 +332,7 @@ int hfq_codes_bf16_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *
                         int wide, int nthreads) {
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
     if (!(wide ? gs % 32 == 0 : (gs == 32 || gs % 64 == 0)) || gs <= 0 || G * gs != K) return 2;
-    const int64_t row_bytes = wide ? K : K / 2, pairs = (N + 1) / 2;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t pr = 0; pr < pairs; pr++) {
-        const int64_t n = 2 * pr;
-        const int two = n + 1 < N;  /* an odd last row is computed twice, once discarded */
-        const uint8_t *p0 = packed + n * row_bytes, *p1 = two ? p0 + row_bytes : p0;
-        const float *s0 = scale + n * G, *s1 = two ? s0 + G : s0;
-        for (int64_t m0 = 0; m0 < M; m0 += HFQ_MB) {
-            const int mb = (int)(M - m0 < HFQ_MB ? M - m0 : HFQ_MB);
-            float r0[HFQ_MB], r1[HFQ_MB];
-            codes_block(x + m0 * K, K, mb, wide, p0, p1, s0, s1, G, gs, r0, r1);
-            store_pair(r0, r1, mb, two, m0, n, N, corr, bias, out, kind);
-        }
-    }
+    codes_gemm(x, 2, M, K, packed, scale, corr, bias, out, N, G, gs, kind, wide, nthreads, HFQ_MB, codes_block);
     return 0;
 #else
     (void)x; (void)M; (void)K; (void)packed; (void)scale; (void)corr; (void)bias; (void)out; (void)N; (void)G;
@@ -429,8 +439,9 @@ static inline __attribute__((always_inline)) void codes_f32_rows(
     }
 }
 
-static void codes_f32_block(const float *x, int64_t ldx, int mb, int wide, const uint8_t *p0, const uint8_t *p1,
+static void codes_f32_block(const void *xv, int64_t ldx, int mb, int wide, const uint8_t *p0, const uint8_t *p1,
                             const float *s0, const float *s1, int64_t G, int64_t gs, float *r0, float *r1) {
+    const float *x = (const float *)xv;
 #define HFQ_R(k, W) codes_f32_rows(x, ldx, HFQ_FMB < k ? HFQ_FMB : k, W, p0, p1, s0, s1, G, gs, r0, r1); break;
 #define HFQ_ROWS(W) switch (mb) { case 1: HFQ_R(1, W) case 2: HFQ_R(2, W) case 3: HFQ_R(3, W) case 4: HFQ_R(4, W) \
     case 5: HFQ_R(5, W) case 6: HFQ_R(6, W) case 7: HFQ_R(7, W) default: HFQ_R(8, W) }
@@ -453,20 +464,7 @@ int hfq_codes_f32_gemm(const float *x, int64_t M, int64_t K, const uint8_t *pack
                        int wide, int nthreads) {
 #if defined(HFQ_F32_VEC)
     if (gs <= 0 || gs % (2 * HFQ_VW) != 0 || G * gs != K) return 2;
-    const int64_t row_bytes = wide ? K : K / 2, pairs = (N + 1) / 2;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t pr = 0; pr < pairs; pr++) {
-        const int64_t n = 2 * pr;
-        const int two = n + 1 < N;  /* an odd last row is computed twice, once discarded */
-        const uint8_t *p0 = packed + n * row_bytes, *p1 = two ? p0 + row_bytes : p0;
-        const float *s0 = scale + n * G, *s1 = two ? s0 + G : s0;
-        for (int64_t m0 = 0; m0 < M; m0 += HFQ_FMB) {
-            const int mb = (int)(M - m0 < HFQ_FMB ? M - m0 : HFQ_FMB);
-            float r0[HFQ_FMB], r1[HFQ_FMB];
-            codes_f32_block(x + m0 * K, K, mb, wide, p0, p1, s0, s1, G, gs, r0, r1);
-            store_pair(r0, r1, mb, two, m0, n, N, corr, bias, out, kind);
-        }
-    }
+    codes_gemm(x, 4, M, K, packed, scale, corr, bias, out, N, G, gs, kind, wide, nthreads, HFQ_FMB, codes_f32_block);
     return 0;
 #else
     (void)x; (void)M; (void)K; (void)packed; (void)scale; (void)corr; (void)bias; (void)out; (void)N; (void)G;
