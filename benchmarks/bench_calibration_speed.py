@@ -1,5 +1,5 @@
 """Calibration speed: hf_quant's GPTQ against the reference GPTQ code (IST-DASLab's `gptq.py`) driven block by
-block, on the same machine, model and calibration windows, in one run.
+block, on the same machine, model and calibration windows, in one invocation.
 
     python benchmarks/bench_calibration_speed.py --reference /path/to/IST-DASLab/gptq [--model DIR]
         [--samples 32] [--seq-len 512] [--bits 4] [--group-size 128] [--sym]
@@ -16,9 +16,8 @@ hf_quant runs `from_pretrained(..., quantization_config=QuantConfig(method="gptq
 windows (token ids), the same grid options and `true_sequential=True`, once per `--hf-dtype` choice of
 `calibration_dtype` ("auto": fp32 on CPUs without native bf16, the model's dtype elsewhere). Every run is a
 fresh process (so that none inherits another's warm caches, allocations or kernel measurements), `--repeats`
-times; the fastest counts. Its time is the
-one it logs for the calibration ("calibrated N blocks ... in X s": block-input capture through the last
-block), the reference's the same span (capture through the last block). Both print seconds per window and
+times; the fastest counts. Its time is the one it logs for the calibration ("calibrated N blocks ... in X s":
+block-input capture through the last block), the reference's the same span. Both print seconds per window and
 the ratio. Each also reports the held-out perplexity of its quantized model on a few windows of hf_quant's
 packaged held-out text, so that the two are seen to do the same work.
 """
@@ -43,6 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import cpu_summary  # noqa: E402
 
+from hf_quant.config import CALIBRATION_DTYPES  # noqa: E402
+
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "shared" / "models" / "ref-llama"
 SEQUENTIAL = [["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"], ["self_attn.o_proj"],
               ["mlp.up_proj", "mlp.gate_proj"], ["mlp.down_proj"]]  # the reference llama.py's --true-sequential
@@ -61,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mse", action="store_true", help="both: search a clipped grid (the reference's --mse; default off)")
     p.add_argument("--reference-dtype", default="float32", choices=("float32", "bfloat16"),
                    help="the dtype the reference's model is loaded in (default float32, as its README's runs)")
-    p.add_argument("--hf-dtype", nargs="+", default=["auto", "float32"], choices=("auto", "float32", "model"),
+    p.add_argument("--hf-dtype", nargs="+", default=["auto", "float32"], choices=CALIBRATION_DTYPES,
                    help="hf_quant runs, by QuantConfig.calibration_dtype (default: auto float32); the model is "
                         "loaded in its own dtype")
     p.add_argument("--eval-windows", type=int, default=8, help="held-out windows for the perplexity check")
@@ -179,9 +180,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    windows = windows_for(args.model, args.samples, args.seq_len)
     if args.one:  # a child: one run, its result as the last line of stdout
-        print(json.dumps(_one(args, windows, args.one)))
+        print(json.dumps(_one(args, windows_for(args.model, args.samples, args.seq_len), args.one)))
         return
     print(cpu_summary())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {args.model}; GPTQ w{args.bits} "
@@ -206,7 +206,7 @@ def main(argv=None) -> None:
     print("| run | calibration s (all runs) | s / window | x reference (> 1: faster) | held-out ppl |")
     print("|---|---:|---:|---:|---:|")
     for name, s, ppl, all_s in rows:
-        print(f"| {name} | {s:.1f} ({', '.join(f'{t:.1f}' for t in all_s)}) | {s / len(windows):.3f} | "
+        print(f"| {name} | {s:.1f} ({', '.join(f'{t:.1f}' for t in all_s)}) | {s / args.samples:.3f} | "
               f"{ref_s / s:.2f}x | {ppl:.3f} |")
 
 

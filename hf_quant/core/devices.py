@@ -51,7 +51,16 @@ def peak_memory_mb() -> float | None:
     return None
 
 
-_LIBC: list = []
+@functools.lru_cache(maxsize=None)
+def _malloc_trim():
+    """glibc's `malloc_trim`, or None (another C library, no libc found)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), "malloc_trim", None)
+    except OSError:
+        return None
 
 
 def release_free_memory() -> None:
@@ -60,17 +69,9 @@ def release_free_memory() -> None:
     Tensors of a few MB that torch frees go back to glibc's heap, not to the system, and freed holes between
     live allocations stay resident: over many blocks of calibration that creeps up the process's peak
     resident memory. Called between layer groups and blocks, where the big temporaries have just gone."""
-    if not _LIBC:
-        import ctypes
-        import ctypes.util
-
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC.append(libc.malloc_trim if hasattr(libc, "malloc_trim") else None)
-        except OSError:
-            _LIBC.append(None)
-    if _LIBC[0] is not None:
-        _LIBC[0](0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def last_level_cache_bytes(default: int = 32 << 20) -> int:
