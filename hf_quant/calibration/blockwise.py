@@ -29,6 +29,7 @@ import torch.nn as nn
 from transformers.utils import logging as hf_logging
 
 from ..config import LayerSpec, QuantConfig
+from ..core import offload
 from ..core.devices import cpu_flags, device_count, exists, peak_memory_mb, release_free_memory
 from ..core.layers import is_conv1d, linear_shape, linear_weight, map_tensors, set_module
 from ..methods import BlockContext, accumulate_hessian, get_method, hessian
@@ -111,7 +112,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, windows: torch.Tens
         raise _StopForward
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    device = model.get_input_embeddings().weight.device
+    device = offload.execution_device(model.get_input_embeddings())
     try:
         for window in windows:
             try:
@@ -178,11 +179,6 @@ def block_at_work(block: nn.Module, device: torch.device, home: torch.device, dt
             for n, t in (*block.named_parameters(), *block.named_buffers()):
                 if n in dtypes and t.dtype != dtypes[n]:
                     t.data = t.data.to(dtypes[n])
-
-
-def _block_device(block: nn.Module) -> torch.device:
-    t = next(iter(block.parameters()), None)
-    return t.device if t is not None else torch.device("cpu")
 
 
 def iter_block(block: nn.Module, device: torch.device, inputs: list[tuple[tuple, dict]], prefix: str = "",
@@ -275,7 +271,7 @@ def quantize_blockwise(model: nn.Module, config: QuantConfig, targets: dict[str,
     check_data_parallel(config)
     windows = ddp.my_windows(calibration_windows(config.dataset, lambda: tokenizer_for(model), config.num_samples,
                                                  config.seq_len, config.seed, model.get_input_embeddings().num_embeddings))
-    device = work_device(config, _block_device(blocks[0]))
+    device = work_device(config, offload.execution_device(blocks[0]))
     model_dtype = next((p.dtype for p in blocks[0].parameters() if p.is_floating_point()), torch.float32)
     compute = compute_dtype(config, model_dtype, device)
     if compute != model_dtype:
@@ -286,17 +282,24 @@ def quantize_blockwise(model: nn.Module, config: QuantConfig, targets: dict[str,
     inputs = capture_block_inputs(model, blocks[0], windows, compute)
     report = []
     undo: list[tuple[torch.Tensor, torch.Tensor]] = []  # float tensors a block stage changed in place
+    onloaded: list = []  # offloaded tensors (accelerate's disk / CPU offload) loaded so far
     bar = hf_logging.tqdm(range(len(blocks)), desc=f"hf_quant: {config.method}",
                           disable=not hf_logging.is_progress_bar_enabled())
     try:
         for idx in bar:
             block = blocks[idx]
             block_start = time.perf_counter()
-            home = _block_device(block)
+            home = offload.execution_device(block)
+            records = offload.onload(block)  # an offloaded block: its float tensors from disk, this block only
+            onloaded += records
             with block_at_work(block, device, home, compute):
                 names, groups, error, layer_errors, inputs, notes = calibrate_block(
                     model, block, f"{prefix}.{idx}.", targets, config, options, inputs, device, home, undo,
                     last=idx == len(blocks) - 1, scale_dtype=model_dtype)
+            if records:  # the float layers the quantized ones replaced go back to disk
+                live = {id(m) for m in block.modules()}
+                offload.offload_again([(m, h) for m, h in records if id(m) not in live])
+                release_free_memory()
             seconds = time.perf_counter() - block_start
             report.append({"block": idx, "layers": len(names), "groups": len(groups), "output_error": error,
                            "layer_errors": layer_errors, "seconds": seconds, "notes": notes,
@@ -308,6 +311,7 @@ def quantize_blockwise(model: nn.Module, config: QuantConfig, targets: dict[str,
         with torch.no_grad():
             for tensor, original in reversed(undo):
                 tensor.copy_(original.to(tensor.device))
+        offload.offload_again([(m, h) for m, h in onloaded if not h.offload])  # offloaded again, as loaded
         raise
     logger.info("hf_quant: %s calibrated %d blocks on %s in %.1f s", config.method, len(blocks), device,
                 time.perf_counter() - start)

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from ..config import LayerSpec
+from ..core import offload
 from ..core.layers import all_finite, is_conv1d, linear_weight
 from ..methods import get_method
 from ..runtime import ActivationSpec, QuantLinear
@@ -16,7 +17,17 @@ def quantize_layer(name: str, module: nn.Module, spec: LayerSpec, method: str, s
     """Quantize one float layer into a QuantLinear. Refuses non-finite weights and a non-finite
     Hessian `H` (NaN/inf calibration inputs), naming the module; a ValueError of the method (e.g.
     GPTQ's Hessian not positive-definite) is re-raised with the module's name. scale_dtype: the scales' dtype
-    (default: the weight's; the model's when a block calibrates in another dtype), the bias's too."""
+    (default: the weight's; the model's when a block calibrates in another dtype), the bias's too. A layer that
+    accelerate offloads (device_map with "disk") is read for the call and offloaded again after it."""
+    records = offload.onload(module)
+    try:
+        return _quantize_layer(name, module, spec, method, scale_dtype, **stats)
+    finally:
+        offload.offload_again(records)
+
+
+def _quantize_layer(name: str, module: nn.Module, spec: LayerSpec, method: str, scale_dtype: torch.dtype | None,
+                    **stats) -> QuantLinear:
     W = linear_weight(module).detach()
     keep_in_float = f"QuantConfig(modules_to_not_convert=[{name!r}])"
     if not all_finite(W):

@@ -15,6 +15,7 @@ from transformers.quantizers import HfQuantizer, register_quantizer
 
 from .. import compat
 from ..calibration import quantize_model
+from ..calibration.blockwise import find_blocks
 from ..calibration.data import describe_dataset
 from ..config import QUANT_METHOD, QuantConfig
 from ..io.atomic import recover
@@ -43,11 +44,23 @@ class HfQuantQuantizer(HfQuantizer):
     calibration_report: list[dict] = []
 
     def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
-        if isinstance(device_map, dict) and "disk" in device_map.values():
-            raise ValueError("hf_quant models cannot be offloaded to disk; use device_map without 'disk' entries. To "
-                             "quantize a model larger than memory, stream it from disk instead: "
-                             "hf_quant.quantize_checkpoint(src, dst, QuantConfig(...)) or `hf-quant quantize SRC DST` "
-                             "(block by block, resumable), then load DST.")
+        """transformers calls this with the user's device_map, then (for "auto", "balanced", ...) with the map it
+        inferred. Quantizing a float model that does not fit: the inferred map offloads part of it to "disk",
+        and every decoder block is sent there (`_blocks_to_disk`), so that calibration holds one block at a
+        time (`core.offload`) and the quantized model is held in memory at the end."""
+        if isinstance(device_map, str):
+            self._inferring_device_map = True
+        if not (isinstance(device_map, dict) and "disk" in device_map.values()):
+            return
+        if self.pre_quantized:
+            raise ValueError("hf_quant models cannot be offloaded to disk; use device_map without 'disk' entries (or "
+                             "a max_memory that holds the quantized model). To quantize a model larger than memory, "
+                             "load it with quantization_config=QuantConfig(...) and device_map='auto', or stream it "
+                             "from disk to disk: hf_quant.quantize_checkpoint(src, dst, QuantConfig(...)) or "
+                             "`hf-quant quantize SRC DST` (resumable).")
+        blocks = getattr(self, "_blocks", None)
+        if getattr(self, "_inferring_device_map", False) and blocks is not None:
+            _blocks_to_disk(device_map, *blocks)
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, keep_in_fp32_modules=None,
                                              **kwargs: Any):
@@ -59,6 +72,8 @@ class HfQuantQuantizer(HfQuantizer):
         if config.modules_to_not_convert is None:
             config.modules_to_not_convert = skip  # saved resolved, so a reload rebuilds the same layers
         self.targets = find_targets(model, config, skip)
+        if not self.pre_quantized:
+            self._blocks = _block_list(model, config)
         if self.pre_quantized:
             if checkpoint_files:
                 recover(Path(checkpoint_files[0]).parent)  # what a killed save left beside it
@@ -110,6 +125,33 @@ class HfQuantQuantizer(HfQuantizer):
 
     def _dequantize(self, model, dtype=None):
         return dequantize_model(model, dtype)
+
+
+def _block_list(model, config: QuantConfig):
+    """(model, name of the decoder blocks' ModuleList) where there is one, for `_blocks_to_disk`."""
+    try:
+        return model, find_blocks(model, config.block_name_to_quantize)[0]
+    except ValueError:
+        return None
+
+
+def _blocks_to_disk(device_map: dict, model, blocks: str) -> None:
+    """Place every module under `blocks` on "disk" in the inferred `device_map` (in place: transformers goes on
+    with this dict), splitting an entry that holds the blocks with other modules into its children."""
+    while True:
+        whole = next((k for k, v in device_map.items() if v != "disk" and (k == "" or blocks.startswith(k + "."))),
+                     None)
+        if whole is None:
+            break
+        where = device_map.pop(whole)
+        parent = model.get_submodule(whole)
+        for child, _ in parent.named_children():
+            device_map[f"{whole}.{child}" if whole else child] = where
+        for param, _ in parent.named_parameters(recurse=False):
+            device_map[f"{whole}.{param}" if whole else param] = where
+    for key in device_map:
+        if key == blocks or key.startswith(blocks + "."):
+            device_map[key] = "disk"
 
 
 def quantize(model, config: QuantConfig):
