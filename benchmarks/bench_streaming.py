@@ -6,12 +6,15 @@ generator itself stays small. Then quantizes it with GPTQ w4 g128 on 32 x 256 ra
 a fresh process whose peak resident memory (VmHWM) and wall time are reported:
 
   - streaming: `hf_quant.quantize_checkpoint(src, dst, cfg)` (what `hf-quant quantize` runs);
-  - in memory: `from_pretrained(src, quantization_config=cfg)` + `save_pretrained(dst)` (--skip-in-memory to skip).
+  - in memory: `from_pretrained(src, quantization_config=cfg)` + `save_pretrained(dst)` (--skip-in-memory to skip);
+  - offloaded (--offload MAX_MEMORY, e.g. 2GiB): `from_pretrained(src, quantization_config=cfg, device_map="auto",
+    max_memory={"cpu": MAX_MEMORY})` + `save_pretrained(dst)`: the float model does not fit, so the blocks stay on
+    disk and are calibrated one at a time; the quantized model is held in memory.
 
-Both outputs are compared byte for byte.
+The outputs are compared byte for byte.
 
     python benchmarks/bench_streaming.py [--dir /tmp/hfq-streaming] [--layers 12] [--skip-in-memory]
-                                         [--in-memory-limit-s SECONDS]
+                                         [--in-memory-limit-s SECONDS] [--offload MAX_MEMORY] [--skip-streaming]
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import json, sys, time, torch
 import hf_quant
 from hf_quant import QuantConfig
 from hf_quant.streaming import peak_memory_mb
-mode, src, dst, n, seq = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+mode, src, dst, n, seq, max_memory = sys.argv[1:4] + [int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]]
 vocab = json.load(open(f"{src}/config.json"))["vocab_size"]
 g = torch.Generator().manual_seed(0)
 data = [torch.randint(0, vocab, (seq,), generator=g) for _ in range(n)]
@@ -42,7 +45,8 @@ if mode == "streaming":
     hf_quant.quantize_checkpoint(src, dst, cfg, tokenizer=None)
 else:
     from transformers import AutoModelForCausalLM
-    AutoModelForCausalLM.from_pretrained(src, quantization_config=cfg).save_pretrained(dst, max_shard_size="1GB")
+    kw = dict(device_map="auto", max_memory={"cpu": max_memory}) if mode == "offloaded" else {}
+    AutoModelForCausalLM.from_pretrained(src, quantization_config=cfg, **kw).save_pretrained(dst, max_shard_size="1GB")
 print(json.dumps({"seconds": time.perf_counter() - t, "peak_mb": peak_memory_mb()}))
 """
 
@@ -100,14 +104,14 @@ def _vm_hwm_mb(pid: int) -> float | None:
     return None
 
 
-def run(mode: str, src: Path, dst: Path, n: int, seq: int, limit_s: float | None = None) -> dict:
+def run(mode: str, src: Path, dst: Path, n: int, seq: int, limit_s: float | None = None, max_memory: str = "") -> dict:
     """One path in a fresh process. With `limit_s`, the process is stopped after that many seconds and the
     peak seen so far (VmHWM, polled every second) is reported as a lower bound (`stopped`: True)."""
     shutil.rmtree(dst, ignore_errors=True)
     shutil.rmtree(str(dst) + ".partial", ignore_errors=True)
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        child = subprocess.Popen([sys.executable, "-c", CHILD, mode, str(src), str(dst), str(n), str(seq)],
+        child = subprocess.Popen([sys.executable, "-c", CHILD, mode, str(src), str(dst), str(n), str(seq), max_memory],
                                  stdout=out, stderr=err, text=True)
         peak = 0.0
         while child.poll() is None:
@@ -134,9 +138,13 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--skip-in-memory", action="store_true")
+    ap.add_argument("--skip-streaming", action="store_true", help="only the other paths (no byte comparison)")
     ap.add_argument("--in-memory-limit-s", type=float, default=None,
                     help="stop the in-memory run after this many seconds and report its peak so far (a lower "
                          "bound: it holds the whole float model from the start)")
+    ap.add_argument("--offload", metavar="MAX_MEMORY", default=None,
+                    help="also run from_pretrained(..., device_map='auto', max_memory={'cpu': MAX_MEMORY}) (the "
+                         "offloaded path: blocks calibrated one at a time from disk, the quantized model in memory)")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint and the outputs")
     args = ap.parse_args()
     root = Path(args.dir)
@@ -151,7 +159,11 @@ def main() -> None:
     if not args.skip_in_memory and args.in_memory_limit_s is not None:  # the short, stopped run first
         rows["in memory"] = run("in memory", src, root / "memory" / "out", args.num_samples, args.seq_len,
                                 args.in_memory_limit_s)
-    rows["streaming"] = run("streaming", src, root / "stream" / "out", args.num_samples, args.seq_len)
+    if not args.skip_streaming:
+        rows["streaming"] = run("streaming", src, root / "stream" / "out", args.num_samples, args.seq_len)
+    if args.offload:
+        rows[f"from_pretrained, device_map='auto', max_memory {args.offload}"] = run(
+            "offloaded", src, root / "offload" / "out", args.num_samples, args.seq_len, max_memory=args.offload)
     if not args.skip_in_memory and args.in_memory_limit_s is None:
         rows["in memory"] = run("in memory", src, root / "memory" / "out", args.num_samples, args.seq_len)
     print("| path | peak resident memory (VmHWM) | x model size | time |\n|---|---:|---:|---:|")
@@ -161,15 +173,19 @@ def main() -> None:
         print(f"| {name} | {at_least}{r['peak_mb'] / 1024:.2f} GiB | {at_least}{r['peak_mb'] / 1024 / gib:.2f}x | "
               f"{time_note} |")
     out = root / "stream" / "out"
+    if args.skip_streaming:
+        out = root / "offload" / "out"
     size = sum(p.stat().st_size for p in out.glob("*.safetensors")) / 2**30
     print(f"\nquantized checkpoint: {size:.2f} GiB in {len(list(out.glob('*.safetensors')))} shard(s)")
-    if "in memory" in rows and not rows["in memory"].get("stopped"):
-        a, b = out, root / "memory" / "out"
-        same = sorted(os.listdir(a)) == sorted(os.listdir(b)) and all(
-            filecmp.cmp(a / f, b / f, shallow=False) for f in os.listdir(a))
-        print(f"streaming and in-memory weights and config byte-identical: {same}")
+    others = {"in-memory": "memory", "offloaded": "offload"}
+    for name, d in others.items():
+        b = root / d / "out"
+        if (b / "config.json").is_file() and b != out:
+            same = sorted(os.listdir(out)) == sorted(os.listdir(b)) and all(
+                filecmp.cmp(out / f, b / f, shallow=False) for f in os.listdir(out))
+            print(f"streaming and {name} weights and config byte-identical: {same}")
     if not args.keep:
-        for d in ("stream", "memory"):
+        for d in ("stream", *others.values()):
             shutil.rmtree(root / d, ignore_errors=True)
 
 

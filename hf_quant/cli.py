@@ -364,7 +364,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         modules_to_not_convert=args.modules_to_not_convert, dataset=_read_texts(args.dataset),
         num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed,
         calibration_device=args.calibration_device, gguf=args.gguf, hessian_dtype=args.hessian_dtype,
-        calibration_dtype=args.calibration_dtype, **options)
+        calibration_dtype=args.calibration_dtype,
+        spill_activations={"auto": "auto", "always": True, "never": False}[args.spill_activations],
+        spill_dir=args.spill_dir, **options)
     if args.push:
         _check_hub_access(args.command, f"--push {args.push}")
     tokenizer = _tokenizer(args.model, args.command, required=args.eval or args.eval_baseline)
@@ -607,6 +609,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calibration-dtype", choices=CALIBRATION_DTYPES, default="auto",
                    help="what each block computes in while calibrated: auto = float32 on a CPU without native "
                    "bf16/fp16 matrix instructions, the model's dtype elsewhere (the saved format is the same)")
+    q.add_argument("--spill-activations", choices=("auto", "always", "never"), default="auto",
+                   help="keep the cached calibration activations in a file, read back a window at a time: auto = "
+                   "when they would take more than a quarter of the available memory")
+    q.add_argument("--spill-dir", default=None, help="where spilled activations go (default: the output's .partial "
+                   "progress directory when streaming, else TMPDIR); needs room for twice the activations")
     q.add_argument("--device", type=_device, default=None, help="where the model is loaded (default: CPU)")
     q.add_argument("--dtype", choices=_DTYPES, default="auto")
     q.add_argument("--format", choices=available_formats(exporting=True), default="hf_quant",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import os
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -30,12 +31,14 @@ _OVERRIDABLE = ("bits", "group_size", "sym", "gguf")
 _SKIP_PREFIX = "-:"
 _MATCH_PREFIX = "+:"
 CALIBRATION_DTYPES = ("auto", "float32", "model")
-_RUNTIME_ONLY = ("dataset", "calibration_device", "hessian_dtype", "calibration_dtype")  # how to calibrate this run, not what was saved
+SPILL_ACTIVATIONS = ("auto", True, False)
+_RUNTIME_ONLY = ("dataset", "calibration_device", "hessian_dtype", "calibration_dtype", "spill_activations",
+                 "spill_dir")  # how to calibrate this run, not what was saved
 # __init__ arguments stored as given (the others are copied or checked first)
 _PLAIN_FIELDS = ("method", "bits", "group_size", "sym", "on_incompatible", "dataset", "num_samples", "seq_len", "seed",
                  "damp_percent", "block_size", "desc_act", "static_groups", "true_sequential", "mse", "epochs",
                  "learning_rate", "block_name_to_quantize", "calibration_device", "format_version", "gguf",
-                 "hessian_dtype", "calibration_dtype")
+                 "hessian_dtype", "calibration_dtype", "spill_activations", "spill_dir")
 
 
 def _check_bits(bits: Any, field: str) -> None:
@@ -136,6 +139,13 @@ class QuantConfig(QuantizationConfigMixin):
             either way and the float parts of each block return to it, so the saved format is the same;
             the codes may differ from a run in the model's dtype by that dtype's rounding of the
             activations. Not saved.
+        spill_activations: where the cached calibration activations (each block's inputs, and its outputs
+            while they are computed) are kept: "auto" (default) spills them to a file when they would take
+            more than a quarter of the available memory, True always, False never. Spilled activations are
+            read back a window at a time; the result is bit-identical. Not saved.
+        spill_dir: the directory for spilled activations: None = the streaming run's progress directory
+            (`<dst>.partial`), else the system's temporary directory (TMPDIR). It must have room for twice
+            the activations; a smaller one is refused before calibration starts. Not saved.
         format_version: on-disk layout version; set by hf_quant (2, or 3 for GGUF layers), checked when loading.
         provenance: set by hf_quant when it quantizes, informational (the model card shows it):
             base model, calibration data description, hf_quant version, and an `evaluation` entry
@@ -170,6 +180,8 @@ class QuantConfig(QuantizationConfigMixin):
         gguf: str | None = None,
         hessian_dtype: str = "float32",
         calibration_dtype: str = "auto",
+        spill_activations: bool | str = "auto",
+        spill_dir: str | None = None,
         **kwargs: Any,
     ) -> None:
         fields = dict(locals())
@@ -212,6 +224,14 @@ class QuantConfig(QuantizationConfigMixin):
         if self.calibration_dtype not in CALIBRATION_DTYPES:
             raise ValueError(f"QuantConfig.calibration_dtype={self.calibration_dtype!r} is not supported; use one of "
                              f"{list(CALIBRATION_DTYPES)}.")
+        if not any(self.spill_activations is v or self.spill_activations == v and isinstance(v, str)
+                   for v in SPILL_ACTIVATIONS):
+            raise ValueError(f"QuantConfig.spill_activations={self.spill_activations!r} is not supported; use 'auto', "
+                             "True (always spill calibration activations to disk) or False (keep them in memory).")
+        if self.spill_dir is not None and not (isinstance(self.spill_dir, (str, os.PathLike))
+                                               and os.path.isdir(self.spill_dir)):
+            raise ValueError(f"QuantConfig.spill_dir={self.spill_dir!r} is not an existing directory; create it, or "
+                             "pass None for the default (the streaming run's progress directory, else TMPDIR).")
         _check_bits(self.bits, "bits")
         _check_group_size(self.group_size, "group_size")
         self._check_gguf(self.gguf, "gguf")

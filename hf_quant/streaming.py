@@ -49,6 +49,7 @@ from transformers.utils import logging as hf_logging
 from .calibration import distributed as ddp
 from .calibration.blockwise import (block_at_work, calibrate_block, capture_block_inputs, check_data_parallel,
                                     compute_dtype, find_blocks, log_block, tokenizer_for, work_device)
+from .calibration.activations import SpilledInputs, Spiller
 from .calibration.data import calibration_windows, describe_dataset
 from .calibration.layer import quantize_layer
 from .config import QuantConfig
@@ -221,7 +222,9 @@ class _Progress:
 
     def finish_block(self, i: int, tensors: dict[str, torch.Tensor], entry: dict | None, inputs: Any) -> None:
         """Block i is done: its tensors (rank 0) and every rank's next inputs on disk, then progress.json says so."""
-        if inputs is not None:
+        if isinstance(inputs, SpilledInputs):  # already on disk: named for a resume, with its layout beside it
+            inputs.persist(self.inputs_file(i + 1))
+        elif inputs is not None:
             tmp = self.inputs_file(i + 1).with_suffix(".tmp")
             torch.save(inputs, tmp)
             os.replace(tmp, self.inputs_file(i + 1))
@@ -235,6 +238,15 @@ class _Progress:
             self.save()
         ddp.barrier()
         self.inputs_file(i).unlink(missing_ok=True)
+        self.inputs_file(i).with_suffix(".activations").unlink(missing_ok=True)
+
+    def load_inputs(self, i: int) -> Any:
+        path = self.inputs_file(i)
+        if not path.is_file():
+            raise ValueError(f"{self.dir}: the inputs of block {i} ({path.name}) are missing; delete {self.dir} to "
+                             "start over.")
+        saved = torch.load(path, weights_only=True)
+        return SpilledInputs.reopen(path, saved) if isinstance(saved, dict) and "spilled" in saved else saved
 
     def save(self) -> None:
         atomic_write_text(self.dir / PROGRESS, json.dumps(self.state, indent=1, default=float))
@@ -402,14 +414,11 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
         if start == 0:
             _materialize(model, outside_tensors, loader, keys)
             model.tie_weights()
-            inputs = capture_block_inputs(model, blocks[0], windows, compute)
+            inputs = capture_block_inputs(model, blocks[0], windows, compute,
+                                          Spiller(config, len(windows), default_dir=progress.dir))
             _release_tensors(model, outside_tensors)
         else:
-            path = progress.inputs_file(start)
-            if not path.is_file():
-                raise ValueError(f"{progress.dir}: the inputs of block {start} ({path.name}) are missing; delete "
-                                 f"{progress.dir} to start over.")
-            inputs = torch.load(path, weights_only=True)
+            inputs = progress.load_inputs(start)
     bar = hf_logging.tqdm(range(start, n_blocks), desc=f"hf_quant: {config.method} (streaming)",
                           initial=start, total=n_blocks, disable=not hf_logging.is_progress_bar_enabled())
     for i in bar:

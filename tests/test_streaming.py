@@ -269,14 +269,49 @@ def test_data_parallel_two_processes_give_the_one_process_checkpoint(tmp_path):
     assert len(run.stdout.strip().splitlines()) == 1  # one rank reports
 
 
+def _nibbles(t: torch.Tensor) -> torch.Tensor:
+    """The 4-bit codes of a packed int32 tensor."""
+    return torch.stack([(t >> (4 * k)) & 15 for k in range(8)])
+
+
+def test_data_parallel_awq_chooses_as_one_process(tmp_path):
+    """AWQ's scale search under torchrun: each rank searches on its share of the run's reference windows, the
+    observed activation means and the candidates' errors summed over ranks; the choices, and so the codes, are
+    one process's (up to the order of the additions)."""
+    pytest.importorskip("torch.distributed.run")
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    options = ["--method", "awq", "--group-size", "32", "--num-samples", "8", "--seq-len", "64",
+               "--hessian-dtype", "float64"]
+    one = tmp_path / "one" / "out"
+    subprocess.run(CLI + [str(one)] + options, check=True, env=env, capture_output=True)
+    two = tmp_path / "two" / "out"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(29500 + (os.getpid() + 7) % 1000), "-m", "hf_quant", "-q", "quantize", str(TINY_LLAMA),
+                          str(two)] + options, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    same = total = 0
+    for k in a:
+        if k.endswith("qweight"):
+            same += (_nibbles(a[k]) == _nibbles(b[k])).sum().item()
+            total += _nibbles(a[k]).numel()
+        else:  # scales, zeros, the folded norms: within float rounding of the summed statistics
+            torch.testing.assert_close(a[k].float(), b[k].float(), rtol=2e-2, atol=1e-3, msg=k)
+    assert same / total >= 0.999, f"{same / total:.5f} of the codes identical"
+
+
 def test_data_parallel_refuses_block_stage_methods(monkeypatch):
     from hf_quant.calibration import blockwise, distributed
 
     monkeypatch.setattr(distributed, "active", lambda: True)
     monkeypatch.setattr(distributed, "world", lambda: 2)
-    with pytest.raises(ValueError, match="method='awq' searches on each block's activations .* one process"):
-        blockwise.check_data_parallel(QuantConfig(method="awq"))
+    with pytest.raises(ValueError, match="method='omniquant' trains on each block's activations .* one process"):
+        blockwise.check_data_parallel(QuantConfig(method="omniquant"))
     blockwise.check_data_parallel(QuantConfig(method="gptq"))
+    blockwise.check_data_parallel(QuantConfig(method="awq"))
 
 
 def test_fp64_hessian_sum_is_the_fp32_product_summed_in_fp64():

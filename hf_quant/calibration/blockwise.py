@@ -34,6 +34,7 @@ from ..core.devices import cpu_flags, device_count, exists, peak_memory_mb, rele
 from ..core.layers import is_conv1d, linear_shape, linear_weight, map_tensors, set_module
 from ..methods import BlockContext, accumulate_hessian, get_method, hessian
 from . import distributed as ddp
+from .activations import SpilledInputs, Spiller, share_repeats
 from .layer import quantize_layer
 from .data import calibration_windows
 
@@ -94,10 +95,13 @@ def _to(obj: Any, device: torch.device) -> Any:
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, block: nn.Module, windows: torch.Tensor,
-                         dtype: torch.dtype | None = None) -> list[tuple[tuple, dict]]:
+                         dtype: torch.dtype | None = None, spiller: Spiller | None = None
+                         ) -> list[tuple[tuple, dict]] | SpilledInputs:
     """(args, kwargs) with which `block` is called for each calibration window; their floating tensors in
-    `dtype` if given (the calibration compute dtype)."""
+    `dtype` if given (the calibration compute dtype). Arguments equal from window to window are shared. With a
+    `spiller` that decides so (QuantConfig.spill_activations), the hidden states go to a file as they come."""
     captured: list[tuple[tuple, dict]] = []
+    state: dict[str, Any] = {"store": None, "previous": None, "decided": spiller is None}
 
     def hook(module, args, kwargs):
         kwargs = dict(kwargs)
@@ -108,7 +112,15 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, windows: torch.Tens
             args = (kwargs.pop("hidden_states"),)
         if dtype is not None:
             args, kwargs = map_tensors((args, kwargs), lambda t: t.to(dtype) if t.is_floating_point() else t)
-        captured.append((args, kwargs))
+        rest = share_repeats(state["previous"], (tuple(args[1:]), kwargs))
+        state["previous"] = rest
+        if not state["decided"]:
+            state["store"], state["decided"] = spiller.store(args[0]), True
+        if state["store"] is not None:
+            state["store"].rest.append(rest)
+            state["store"].append_hidden(args[0])
+        else:
+            captured.append(((args[0],) + rest[0], rest[1]))
         raise _StopForward
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
@@ -121,7 +133,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, windows: torch.Tens
                 pass
     finally:
         handle.remove()
-    return captured
+    return state["store"] if state["store"] is not None else captured
 
 
 def tokenizer_for(model: nn.Module):
@@ -205,13 +217,16 @@ def run_block(default: nn.Module, device: torch.device, prefix: str, inputs: lis
 
 
 def _pass(block: nn.Module, inputs: list[tuple[tuple, dict]], device: torch.device, keep: int = 0,
-          collect: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+          collect: bool = True, into: SpilledInputs | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Run every input; return (outputs if `collect`, first `keep` outputs as float32 copies), both
-    moved back to where the inputs are stored."""
+    moved back to where the inputs are stored. `into`: the outputs are written there instead (spilled)."""
     outs, kept = [], []
-    for i, ((args, _), y) in enumerate(zip(inputs, iter_block(block, device, inputs))):
-        store = args[0].device
-        if collect:
+    for i, item in enumerate(inputs):  # each input read once (a spilled one from its file)
+        y = next(iter_block(block, device, [item]))
+        store = item[0][0].device
+        if into is not None:
+            into.append_hidden(y)
+        elif collect:
             outs.append(y.to(store))
         if i < keep:
             kept.append(y.float().to(store))
@@ -279,7 +294,8 @@ def quantize_blockwise(model: nn.Module, config: QuantConfig, targets: dict[str,
                     "QuantConfig.calibration_dtype" if config.calibration_dtype != "auto" else
                     f"this CPU has no native {model_dtype} matrix instructions")
     start = time.perf_counter()
-    inputs = capture_block_inputs(model, blocks[0], windows, compute)
+    spiller = Spiller(config, len(windows))  # lives as long as the run: its temporary directory, if any
+    inputs = capture_block_inputs(model, blocks[0], windows, compute, spiller)
     report = []
     undo: list[tuple[torch.Tensor, torch.Tensor]] = []  # float tensors a block stage changed in place
     onloaded: list = []  # offloaded tensors (accelerate's disk / CPU offload) loaded so far
@@ -319,13 +335,14 @@ def quantize_blockwise(model: nn.Module, config: QuantConfig, targets: dict[str,
 
 
 def check_data_parallel(config: QuantConfig) -> None:
-    """Several processes calibrate together only methods without a block stage (their layers need nothing
-    but the summed Hessians); a stage (AWQ's scale search, OmniQuant's training) would see each rank's own
-    windows and disagree."""
-    if ddp.active() and get_method(config.method).stage is not None:
-        raise ValueError(f"QuantConfig.method={config.method!r} searches on each block's activations (a block stage), "
+    """Several processes calibrate together methods without a block stage (their layers need nothing but the
+    summed Hessians) and those whose stage sums what it compares over ranks (`data_parallel`: AWQ's scale
+    search); another stage (OmniQuant's training) would see each rank's own windows and disagree."""
+    stage = get_method(config.method).stage
+    if ddp.active() and stage is not None and not getattr(stage, "data_parallel", False):
+        raise ValueError(f"QuantConfig.method={config.method!r} trains on each block's activations (a block stage), "
                          f"which is not data-parallel yet; run it in one process (not under torchrun with "
-                         f"{ddp.world()} processes), or use a Hessian-only method such as 'gptq'.")
+                         f"{ddp.world()} processes), or use 'gptq' or 'awq', which are.")
 
 
 def _quantize_data_free(model: nn.Module, config: QuantConfig, targets: dict[str, LayerSpec], options: dict
@@ -378,6 +395,7 @@ def calibrate_block(model, block, block_prefix, targets, config, options, inputs
     names = [n for n in targets if n.startswith(block_prefix)]
     groups = input_groups(block, block_prefix, names, inputs, device) if names else []
     passes = [[g] for g in groups] if config.true_sequential else [groups]
+    n_ref = ddp.first_windows(REFERENCE_WINDOWS, len(inputs))  # this rank's share of the run's first windows
     float_out: list[torch.Tensor] | None = None
     layer_errors: dict[str, float] = {}
     stage_kwargs: dict[str, dict] = {}
@@ -396,7 +414,7 @@ def calibrate_block(model, block, block_prefix, targets, config, options, inputs
             H[first], rows[first] = torch.zeros(in_f, in_f, device=device, dtype=getattr(torch, config.hessian_dtype)), 0
             handles.append(model.get_submodule(first).register_forward_hook(_hessian_hook(H, rows, first)))
         try:
-            _, kept = _pass(block, inputs, device, keep=REFERENCE_WINDOWS if float_out is None else 0, collect=False)
+            _, kept = _pass(block, inputs, device, keep=n_ref if float_out is None else 0, collect=False)
         finally:
             for h in handles:
                 h.remove()
@@ -421,41 +439,72 @@ def calibrate_block(model, block, block_prefix, targets, config, options, inputs
             del originals, new, Hsum
             release_free_memory()
     # the quantized block's outputs: the next block's inputs (the last block's serve only its error report)
-    outs, kept = _pass(block, inputs[:REFERENCE_WINDOWS] if last else inputs, device, keep=REFERENCE_WINDOWS,
-                       collect=not last)
+    into = inputs.follow() if isinstance(inputs, SpilledInputs) and not last else None  # spilled: straight to disk
+    outs, kept = _pass(block, inputs[:n_ref] if last else inputs, device, keep=n_ref,
+                       collect=not last, into=into)
     error = _relative_error(kept, float_out) if names else 0.0
-    next_inputs = None if last else [((y,) + tuple(args[1:]), kwargs) for y, (args, kwargs) in zip(outs, inputs)]
+    if last:
+        next_inputs = None
+    elif into is not None:
+        next_inputs = into
+    else:
+        next_inputs = [((y,) + tuple(args[1:]), kwargs) for y, (args, kwargs) in zip(outs, inputs)]
     return names, groups, error, layer_errors, next_inputs, notes
 
 
 def block_context(model: nn.Module, block: nn.Module, block_prefix: str, groups: list[list[str]],
                   targets: dict[str, LayerSpec], config: QuantConfig, inputs: list[tuple[tuple, dict]],
                   device: torch.device, undo: list | None = None) -> BlockContext:
-    """What `config.method`'s block stage works on: the float block's reference pass (outputs on the
-    first REFERENCE_WINDOWS inputs, with the method's observers on each group) and a block runner."""
-    float_out, observed = _reference_pass(model, block, inputs, device, groups, get_method(config.method).observe)
+    """What `config.method`'s block stage works on: the float block's reference pass (outputs on the run's
+    first REFERENCE_WINDOWS windows, this rank's of them, with the method's observers on each group) and a
+    block runner."""
+    n_ref = ddp.first_windows(REFERENCE_WINDOWS, len(inputs))
+    float_out, observed = _reference_pass(model, block, inputs[:n_ref], device, groups, get_method(config.method).observe)
     return BlockContext(model, block, block_prefix, groups, targets, config, inputs, device,
                         run=functools.partial(run_block, block, device, block_prefix), reference=float_out,
-                        observed=observed, undo=[] if undo is None else undo)
+                        observed=observed, undo=[] if undo is None else undo, mean=_mean)
 
 
-def _reference_pass(model, block, inputs, device, groups, observe):
-    """The float block's fp32 outputs on the first REFERENCE_WINDOWS inputs, with `observe(values,
-    head, x, n_windows)` called on the input of each group's first layer."""
-    windows = inputs[:REFERENCE_WINDOWS]
+def _mean(t: torch.Tensor) -> float:
+    """BlockContext.mean: over every rank's elements (the sum added in fp64) when data-parallel."""
+    if not ddp.active():
+        return t.mean().item()
+    total, count = ddp.all_reduce_scalars(t.double().sum().item(), t.numel())
+    return total / max(count, 1)
+
+
+def _reference_pass(model, block, windows, device, groups, observe):
+    """The float block's fp32 outputs on `windows`, with `observe(values, head, x, n_windows)` called on the
+    input of each group's first layer (n_windows: the windows of every rank; what they observe is summed over
+    ranks)."""
+    n_windows = int(ddp.all_reduce_scalars(len(windows))[0])
     observed: dict = {}
     hooks = []
     if observe is not None:
         for group in groups:
             def hook(m, args, out, head=group[0]):
-                observe(observed, head, args[0], len(windows))
+                observe(observed, head, args[0], n_windows)
             hooks.append(model.get_submodule(group[0]).register_forward_hook(hook))
     try:
         _, kept = _pass(block, windows, device, keep=len(windows), collect=False)
     finally:
         for h in hooks:
             h.remove()
+    if observe is not None and ddp.active():
+        _sum_observed(model, groups, observed, device)
     return kept, observed
+
+
+def _sum_observed(model: nn.Module, groups: list[list[str]], observed: dict, device: torch.device) -> None:
+    """Each group's observed tensor summed over ranks (in fp64); a group no rank's window reached stays absent."""
+    heads = [g[0] for g in groups]
+    reached = ddp.all_reduce_scalars(*[float(h in observed) for h in heads])
+    for head, count in zip(heads, reached):
+        if not count:
+            continue
+        if head not in observed:  # reached on other ranks only: this rank adds zeros
+            observed[head] = torch.zeros(linear_shape(model.get_submodule(head))[0], device=device)
+        ddp.all_reduce_sum(observed[head])
 
 
 def _hessian_hook(H: dict, rows: dict, name: str):

@@ -9,6 +9,9 @@
   measures it).
 - The layers of a block are spread over the ranks (`owner`), each quantized by one rank and broadcast to the
   others (`broadcast_layers`), so every rank holds the same quantized block to compute its windows' next inputs.
+- A block stage (AWQ's scale search) works on the run's first reference windows, each rank on its own of them
+  (`first_windows`); what it observes and the errors it compares are summed over ranks, so every rank makes the
+  same choice, the one a single process makes up to the order of the additions.
 - Only rank 0 writes files (`is_main`); `barrier` orders the rest.
 """
 
@@ -56,6 +59,14 @@ def my_windows(windows: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"QuantConfig.num_samples={windows.shape[0]} is smaller than the {world()} processes "
                          "calibrating together; use at least one window per process.")
     return windows[rank()::world()]
+
+
+def first_windows(n: int, local: int) -> int:
+    """How many of this rank's `local` windows are among the first `n` windows of the whole run (rank r holds
+    windows r, r + N, ...): the reference windows a block stage searches on, the same set as in one process."""
+    if not active():
+        return min(n, local)
+    return min(local, max(0, -(-(n - rank()) // world())))
 
 
 def _device_for(t: torch.Tensor) -> torch.device:

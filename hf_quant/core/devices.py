@@ -51,6 +51,18 @@ def peak_memory_mb() -> float | None:
     return None
 
 
+def available_memory_bytes() -> int | None:
+    """Memory the system can give this process now without swapping (Linux's MemAvailable); None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def _malloc_trim():
     """glibc's `malloc_trim`, or None (another C library, no libc found)."""

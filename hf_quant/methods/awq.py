@@ -218,11 +218,16 @@ def foldable_groups(ctx: BlockContext, what: str
         yield group, target, layers, {n: linear_weight(m).detach().float() for n, m in layers.items()}
 
 
+def _flat(outputs: list[torch.Tensor]) -> torch.Tensor:
+    """The outputs' elements as one fp32 vector (none: a data-parallel rank without reference windows)."""
+    return torch.cat([o.float().flatten() for o in outputs]) if outputs else torch.zeros(0)
+
+
 @torch.no_grad()
 def awq_scales(ctx: BlockContext) -> dict[str, dict]:
     """Search each group's scales on the block output (over the reference windows), and fold them in."""
     windows = ctx.inputs[:len(ctx.reference)]
-    ref = torch.cat([r.float().flatten() for r in ctx.reference]).to(ctx.device)
+    ref = _flat(ctx.reference).to(ctx.device)
     for group, target, layers, W in foldable_groups(ctx, "scaling"):
         head = group[0]
         best, best_err, best_alpha = None, float("inf"), 0.0
@@ -230,7 +235,7 @@ def awq_scales(ctx: BlockContext) -> dict[str, dict]:
             overrides = {n: scaled_fake_quantize(W[n], s, ctx.targets[n], linear_weight(m).dtype)
                          for n, m in layers.items()}
             out = ctx.run(windows, overrides=overrides)
-            err = (torch.cat([o.float().flatten() for o in out]) - ref).pow(2).mean().item()
+            err = ctx.mean((_flat(out) - ref).pow(2))
             if err < best_err:
                 best, best_err, best_alpha = s, err, alpha
         if best is None:  # every candidate gave a NaN/inf block output
@@ -240,6 +245,9 @@ def awq_scales(ctx: BlockContext) -> dict[str, dict]:
         fold_scales(ctx, target.producer, target.is_norm, layers, W, best)
         ctx.notes.append(f"{','.join(n.rsplit('.', 1)[-1] for n in group)} <- {target.local}: alpha={best_alpha:.2f}")
     return {}
+
+
+awq_scales.data_parallel = True  # its statistics and errors are summed over ranks (BlockContext.mean, observed)
 
 
 @register_method("awq", needs_calibration=True, stage=awq_scales, observe=observe_abs_mean, gguf=True,

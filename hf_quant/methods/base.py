@@ -148,6 +148,10 @@ class BlockContext:
     observed: dict[str, Any] = field(default_factory=dict)
     undo: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # mean(t): the mean of t's elements over every process's reference windows (data-parallel calibration;
+    # t.mean() in one process). A stage that compares errors through it can run data-parallel (mark the stage
+    # function with `data_parallel = True`).
+    mean: Callable[[torch.Tensor], float] = field(default=lambda t: t.mean().item())
 
 
 # observe(values, head, x, n_windows): accumulate what the stage needs from input x of group `head`
