@@ -7,6 +7,7 @@ a fresh process whose peak resident memory (VmHWM) and wall time are reported:
 
   - streaming: `hf_quant.quantize_checkpoint(src, dst, cfg)` (what `hf-quant quantize` runs);
   - in memory: `from_pretrained(src, quantization_config=cfg)` + `save_pretrained(dst)` (--skip-in-memory to skip);
+  - spilled (--spill): streaming with the calibration activations spilled to disk (spill_activations=True);
   - offloaded (--offload MAX_MEMORY, e.g. 2GiB): `from_pretrained(src, quantization_config=cfg, device_map="auto",
     max_memory={"cpu": MAX_MEMORY})` + `save_pretrained(dst)`: the float model does not fit, so the blocks stay on
     disk and are calibrated one at a time; the quantized model is held in memory.
@@ -15,6 +16,7 @@ The outputs are compared byte for byte.
 
     python benchmarks/bench_streaming.py [--dir /tmp/hfq-streaming] [--layers 12] [--skip-in-memory]
                                          [--in-memory-limit-s SECONDS] [--offload MAX_MEMORY] [--skip-streaming]
+                                         [--spill]
 """
 
 from __future__ import annotations
@@ -39,9 +41,10 @@ mode, src, dst, n, seq, max_memory = sys.argv[1:4] + [int(sys.argv[4]), int(sys.
 vocab = json.load(open(f"{src}/config.json"))["vocab_size"]
 g = torch.Generator().manual_seed(0)
 data = [torch.randint(0, vocab, (seq,), generator=g) for _ in range(n)]
-cfg = QuantConfig(method="gptq", bits=4, group_size=128, dataset=data, num_samples=n, seq_len=seq)
+cfg = QuantConfig(method="gptq", bits=4, group_size=128, dataset=data, num_samples=n, seq_len=seq,
+                  spill_activations=mode == "spilled")
 t = time.perf_counter()
-if mode == "streaming":
+if mode in ("streaming", "spilled"):
     hf_quant.quantize_checkpoint(src, dst, cfg, tokenizer=None)
 else:
     from transformers import AutoModelForCausalLM
@@ -145,6 +148,8 @@ def main() -> None:
     ap.add_argument("--offload", metavar="MAX_MEMORY", default=None,
                     help="also run from_pretrained(..., device_map='auto', max_memory={'cpu': MAX_MEMORY}) (the "
                          "offloaded path: blocks calibrated one at a time from disk, the quantized model in memory)")
+    ap.add_argument("--spill", action="store_true", help="also stream with QuantConfig(spill_activations=True): "
+                    "the cached activations in a file, a window at a time in memory")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint and the outputs")
     args = ap.parse_args()
     root = Path(args.dir)
@@ -161,6 +166,9 @@ def main() -> None:
                                 args.in_memory_limit_s)
     if not args.skip_streaming:
         rows["streaming"] = run("streaming", src, root / "stream" / "out", args.num_samples, args.seq_len)
+    if args.spill:
+        rows["streaming, activations spilled to disk"] = run("spilled", src, root / "spilled" / "out", args.num_samples,
+                                                             args.seq_len)
     if args.offload:
         rows[f"from_pretrained, device_map='auto', max_memory {args.offload}"] = run(
             "offloaded", src, root / "offload" / "out", args.num_samples, args.seq_len, max_memory=args.offload)
@@ -177,7 +185,7 @@ def main() -> None:
         out = root / "offload" / "out"
     size = sum(p.stat().st_size for p in out.glob("*.safetensors")) / 2**30
     print(f"\nquantized checkpoint: {size:.2f} GiB in {len(list(out.glob('*.safetensors')))} shard(s)")
-    others = {"in-memory": "memory", "offloaded": "offload"}
+    others = {"in-memory": "memory", "offloaded": "offload", "spilled": "spilled"}
     for name, d in others.items():
         b = root / d / "out"
         if (b / "config.json").is_file() and b != out:
