@@ -17,7 +17,8 @@ from hf_quant.calibration import activations
 from hf_quant.calibration.activations import SpilledInputs, SpillTooSmall
 
 from conftest import TINY_LLAMA
-from test_streaming import CASES, CLI, CLI_OPTIONS, _progress, assert_same_files, in_memory
+from test_streaming import (CASES, CLI, CLI_OPTIONS, assert_same_files, in_memory, kill_after_a_random_block,
+                            small_tmpfs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -104,12 +105,8 @@ def test_a_spill_dir_too_small_is_refused_before_calibrating(monkeypatch, tmp_pa
 
 
 def test_a_full_spill_filesystem_is_a_clear_error(tmp_path):
-    """A real full disk: a 1 MiB tmpfs (where this machine lets the test mount one)."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    """A real full disk: a 1 MiB tmpfs."""
+    with small_tmpfs(tmp_path, "1m") as mnt:
         cfg = QuantConfig(**{**CASES["gptq"], "num_samples": 32}, spill_activations=True, spill_dir=str(mnt))
         with pytest.raises(SpillTooSmall, match="spill_dir"):  # 32 x 64 x 256 bf16 = 1 MiB, twice
             AutoModelForCausalLM.from_pretrained(TINY_LLAMA, quantization_config=cfg)
@@ -118,8 +115,6 @@ def test_a_full_spill_filesystem_is_a_clear_error(tmp_path):
             store = SpilledInputs(mnt, [((), {})] * 16)
             for _ in range(16):  # 16 x 64 KiB after the filler's 512 KiB
                 store.append_hidden(torch.zeros(1, 64, 256))
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 def test_bad_spill_settings():
@@ -133,25 +128,13 @@ def test_bad_spill_settings():
 
 def test_streaming_with_spilled_activations_resumes_to_the_same_bytes(tmp_path):
     """Streaming spills into <dst>.partial; a SIGKILL after block k and a re-run give the uninterrupted bytes."""
-    import random
-    import signal
-    import time
-
     ref = in_memory(TINY_LLAMA, tmp_path / "mem" / "out", QuantConfig(**CASES["gptq"]))
     got = quantize_checkpoint(TINY_LLAMA, tmp_path / "a" / "out", QuantConfig(**CASES["gptq"], spill_activations=True))
     assert_same_files(ref, got)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     dst = tmp_path / "killed" / "out"
-    k = random.Random(os.getpid()).randint(1, 3)
     cmd = CLI + [str(dst)] + CLI_OPTIONS + ["--spill-activations", "always"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while _progress(dst) < k and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = _progress(dst)
-    assert 1 <= done < 4, f"the run was not killed between blocks (progress {done})"
+    done = kill_after_a_random_block(cmd, dst, env)
     partial = dst.with_name("out.partial")
     assert (partial / f"inputs-{done:05d}.activations").is_file()
     resumed = subprocess.run(cmd, env=env, capture_output=True, text=True)

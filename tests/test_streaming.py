@@ -3,6 +3,7 @@ in-memory path, resume after SIGKILL, bad input."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import filecmp
 import json
@@ -120,14 +121,11 @@ CLI = [sys.executable, "-m", "hf_quant", "-q", "quantize", str(TINY_LLAMA)]
 CLI_OPTIONS = ["--method", "gptq", "--bits", "4", "--group-size", "32", "--num-samples", "8", "--seq-len", "64"]
 
 
-def test_resume_after_sigkill_gives_the_same_bytes(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    whole = tmp_path / "whole" / "out"
-    subprocess.run(CLI + [str(whole)] + CLI_OPTIONS, check=True, env=env, capture_output=True)
-    k = random.Random(os.getpid()).randint(1, 3)  # tiny-llama has 4 blocks: killed after block 1, 2 or 3
-    dst = tmp_path / "killed" / "out"
-    proc = subprocess.Popen(CLI + [str(dst)] + CLI_OPTIONS, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+def kill_after_a_random_block(cmd: list[str], dst: Path, env: dict) -> int:
+    """Run `cmd` (writing `dst`), SIGKILL it once block k finished (k random in 1..3: tiny-llama has 4 blocks);
+    returns the blocks it finished."""
+    k = random.Random(os.getpid()).randint(1, 3)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while _progress(dst) < k and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -135,6 +133,38 @@ def test_resume_after_sigkill_gives_the_same_bytes(tmp_path):
     proc.wait()
     done = _progress(dst)
     assert 1 <= done < 4, f"the run was not killed between blocks (progress {done})"
+    return done
+
+
+@contextlib.contextmanager
+def small_tmpfs(tmp_path: Path, size: str):
+    """A real small file system (a tmpfs of `size`), where this machine lets the test mount one."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def torchrun(args: list[str], env: dict, port_offset: int = 0) -> subprocess.CompletedProcess:
+    """`hf-quant -q quantize ARGS` under torchrun with 2 processes; asserts it succeeded."""
+    pytest.importorskip("torch.distributed.run")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(29500 + (os.getpid() + port_offset) % 1000), "-m", "hf_quant", "-q", "quantize"] + args,
+                         env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+def test_resume_after_sigkill_gives_the_same_bytes(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole = tmp_path / "whole" / "out"
+    subprocess.run(CLI + [str(whole)] + CLI_OPTIONS, check=True, env=env, capture_output=True)
+    dst = tmp_path / "killed" / "out"
+    done = kill_after_a_random_block(CLI + [str(dst)] + CLI_OPTIONS, dst, env)
     assert not dst.exists()  # nothing half-written: the target appears only at the final rename
     # a changed config does not resume (and leaves the progress as it was)
     changed = subprocess.run(CLI + [str(dst)] + CLI_OPTIONS[:3] + ["3"] + CLI_OPTIONS[4:], env=env,
@@ -238,33 +268,23 @@ def test_a_full_disk_is_a_clear_error_and_the_run_resumes(tmp_path, monkeypatch)
 
 
 def test_a_small_filesystem_for_the_output(tmp_path):
-    """A real full disk: a 1 MiB tmpfs (where this machine lets the test mount one)."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    """A real full disk: a 1 MiB tmpfs."""
+    with small_tmpfs(tmp_path, "1m") as mnt:
         with pytest.raises(streaming.NoSpace, match="no space left"):
             quantize_checkpoint(TINY_LLAMA, mnt / "out", QuantConfig(method="rtn", bits=4, group_size=32))
         assert not (mnt / "out").exists()
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 def test_data_parallel_two_processes_give_the_one_process_checkpoint(tmp_path):
     """torchrun with 2 gloo processes: windows split, Hessians summed over ranks in fp64, layers spread and
     broadcast, rank 0 writes; with --hessian-dtype float64 the checkpoint is byte-identical to one process."""
-    pytest.importorskip("torch.distributed.run")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     options = ["--method", "gptq", "--group-size", "32", "--num-samples", "8", "--seq-len", "64",
                "--hessian-dtype", "float64"]
     one = tmp_path / "one" / "out"
     subprocess.run(CLI + [str(one)] + options, check=True, env=env, capture_output=True)
     two = tmp_path / "two" / "out"
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(29500 + os.getpid() % 1000), "-m", "hf_quant", "-q", "quantize", str(TINY_LLAMA), str(two)]
-                         + options, env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = torchrun([str(TINY_LLAMA), str(two)] + options, env)
     assert_same_files(one, two)
     assert len(run.stdout.strip().splitlines()) == 1  # one rank reports
 
@@ -278,7 +298,6 @@ def test_data_parallel_awq_chooses_as_one_process(tmp_path):
     """AWQ's scale search under torchrun: each rank searches on its share of the run's reference windows, the
     observed activation means and the candidates' errors summed over ranks; the choices, and so the codes, are
     one process's (up to the order of the additions)."""
-    pytest.importorskip("torch.distributed.run")
     from safetensors.torch import load_file
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -287,10 +306,7 @@ def test_data_parallel_awq_chooses_as_one_process(tmp_path):
     one = tmp_path / "one" / "out"
     subprocess.run(CLI + [str(one)] + options, check=True, env=env, capture_output=True)
     two = tmp_path / "two" / "out"
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(29500 + (os.getpid() + 7) % 1000), "-m", "hf_quant", "-q", "quantize", str(TINY_LLAMA),
-                          str(two)] + options, env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
+    torchrun([str(TINY_LLAMA), str(two)] + options, env, port_offset=7)
     a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
     assert sorted(a) == sorted(b)
     same = total = 0
@@ -301,6 +317,25 @@ def test_data_parallel_awq_chooses_as_one_process(tmp_path):
         else:  # scales, zeros, the folded norms: within float rounding of the summed statistics
             torch.testing.assert_close(a[k].float(), b[k].float(), rtol=2e-2, atol=1e-3, msg=k)
     assert same / total >= 0.999, f"{same / total:.5f} of the codes identical"
+
+
+def test_each_rank_takes_its_share_of_the_first_windows(monkeypatch):
+    """Rank r holds windows r, r + N, ...: its share of the run's first n windows, for N = 1..5 and any n."""
+    from hf_quant.calibration import distributed
+
+    assert distributed.first_windows(16, 40) == 16 and distributed.first_windows(16, 5) == 5
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    for world in range(2, 6):
+        for total in (3, 16, 40):
+            for n in (1, 7, 16):
+                shares = []
+                for r in range(world):
+                    monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+                    monkeypatch.setattr(distributed, "world", lambda w=world: w)
+                    local = len(range(r, total, world))
+                    shares.append(distributed.first_windows(n, local))
+                    assert list(range(r, total, world))[:shares[-1]] == [w for w in range(r, total, world) if w < n]
+                assert sum(shares) == min(n, total)
 
 
 def test_data_parallel_refuses_block_stage_methods(monkeypatch):
