@@ -173,3 +173,17 @@ def test_a_quantized_checkpoint_is_not_offloaded_to_disk(tmp_path):
         tmp_path / "q")
     with pytest.raises(ValueError, match="cannot be offloaded to disk"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="auto", max_memory=TOO_SMALL)
+
+
+def test_a_checkpoint_larger_than_memory_loaded_whole_gets_advice(monkeypatch, caplog):
+    from hf_quant.core import devices
+
+    monkeypatch.setattr(devices, "available_memory_bytes", lambda: 1 << 20)
+    with caplog.at_level("WARNING", logger="hf_quant"):
+        AutoModelForCausalLM.from_pretrained(TINY_LLAMA, quantization_config=QuantConfig(**CASES["rtn"]))
+    assert "Pass device_map='auto'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_quant"):
+        AutoModelForCausalLM.from_pretrained(TINY_LLAMA, quantization_config=QuantConfig(**CASES["rtn"]),
+                                             device_map="auto", max_memory=TOO_SMALL)
+    assert "device_map='auto'" not in caplog.text

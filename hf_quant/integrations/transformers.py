@@ -8,6 +8,7 @@ headers were checked, and the loader fills their buffers by name.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ from ..runtime.convert import (dequantize_model, find_targets, replace_with_empt
 from ..training import FakeQuantLinear, on_convert
 from . import hub
 from . import peft as peft_integration
+
+logger = logging.getLogger("hf_quant")
 
 
 def provenance(model, calibration: str) -> dict:
@@ -74,6 +77,8 @@ class HfQuantQuantizer(HfQuantizer):
         self.targets = find_targets(model, config, skip)
         if not self.pre_quantized:
             self._blocks = _block_list(model, config)
+            if kwargs.get("device_map") is None:
+                _warn_if_too_big(checkpoint_files)
         if self.pre_quantized:
             if checkpoint_files:
                 recover(Path(checkpoint_files[0]).parent)  # what a killed save left beside it
@@ -125,6 +130,22 @@ class HfQuantQuantizer(HfQuantizer):
 
     def _dequantize(self, model, dtype=None):
         return dequantize_model(model, dtype)
+
+
+def _warn_if_too_big(checkpoint_files) -> None:
+    """A float checkpoint larger than the memory available now, loaded whole: say how to calibrate it from disk."""
+    from ..core.devices import available_memory_bytes
+
+    available = available_memory_bytes()
+    try:
+        size = sum(Path(f).stat().st_size for f in checkpoint_files or [])
+    except OSError:
+        return
+    if available is not None and size > 0.9 * available:
+        logger.warning("hf_quant: the float checkpoint (%.1f GiB) is larger than the memory available now (%.1f GiB). "
+                       "Pass device_map='auto' to calibrate it a block at a time from disk, or stream it disk to disk "
+                       "with hf_quant.quantize_checkpoint(src, dst, config) / `hf-quant quantize`.", size / 2**30,
+                       available / 2**30)
 
 
 def _block_list(model, config: QuantConfig):
