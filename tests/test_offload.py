@@ -16,7 +16,7 @@ from hf_quant import QuantConfig
 from hf_quant.core import offload
 from hf_quant.runtime import QuantLinear
 
-from conftest import TINY_LLAMA
+from conftest import REF_LLAMA, TINY_LLAMA
 from test_streaming import CASES, _windows, assert_same_files, in_memory
 
 TOO_SMALL = {"cpu": "3MB"}  # tiny-llama is 11 MB: accelerate offloads most of it
@@ -187,3 +187,18 @@ def test_a_checkpoint_larger_than_memory_loaded_whole_gets_advice(monkeypatch, c
         AutoModelForCausalLM.from_pretrained(TINY_LLAMA, quantization_config=QuantConfig(**CASES["rtn"]),
                                              device_map="auto", max_memory=TOO_SMALL)
     assert "device_map='auto'" not in caplog.text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["gptq", "awq"])
+def test_offloaded_ref_llama_matches_in_memory(case, tmp_path):
+    if not REF_LLAMA.is_dir():
+        pytest.skip(f"{REF_LLAMA} not present")
+    from transformers import AutoTokenizer
+
+    cfg = QuantConfig(**{**CASES[case], "group_size": 128, "num_samples": 16, "seq_len": 256})
+    ref = in_memory(REF_LLAMA, tmp_path / "a" / "out", cfg)
+    model = AutoModelForCausalLM.from_pretrained(REF_LLAMA, quantization_config=copy.copy(cfg), device_map="auto",
+                                                 max_memory={"cpu": "20MB"})
+    model.save_pretrained(tmp_path / "b" / "out", tokenizer=AutoTokenizer.from_pretrained(REF_LLAMA))
+    assert_same_files(ref, tmp_path / "b" / "out")
