@@ -62,7 +62,7 @@ class SpilledInputs(Sequence):
 
     def hidden(self, i: int) -> torch.Tensor:
         offset, shape, dtype = self.layout[i]
-        n = torch.Size(shape).numel() * dtype.itemsize
+        n = _nbytes(self.layout[i])
         buf = bytearray(n)
         if n and os.preadv(self.fd, [buf], offset) != n:
             raise OSError(f"{self.path}: spilled activations of window {i} are truncated")

@@ -101,7 +101,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, windows: torch.Tens
     `dtype` if given (the calibration compute dtype). Arguments equal from window to window are shared. With a
     `spiller` that decides so (QuantConfig.spill_activations), the hidden states go to a file as they come."""
     captured: list[tuple[tuple, dict]] = []
-    state: dict[str, Any] = {"store": None, "previous": None, "decided": spiller is None}
+    state: dict[str, Any] = {"store": None, "previous": None}  # previous: None until the first window
 
     def hook(module, args, kwargs):
         kwargs = dict(kwargs)
@@ -112,10 +112,10 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, windows: torch.Tens
             args = (kwargs.pop("hidden_states"),)
         if dtype is not None:
             args, kwargs = map_tensors((args, kwargs), lambda t: t.to(dtype) if t.is_floating_point() else t)
+        if state["previous"] is None and spiller is not None:  # the first window decides where they all go
+            state["store"] = spiller.store(args[0])
         rest = share_repeats(state["previous"], (tuple(args[1:]), kwargs))
         state["previous"] = rest
-        if not state["decided"]:
-            state["store"], state["decided"] = spiller.store(args[0]), True
         if state["store"] is not None:
             state["store"].rest.append(rest)
             state["store"].append_hidden(args[0])

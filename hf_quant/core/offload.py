@@ -55,10 +55,6 @@ def onload(module: nn.Module) -> list[tuple[nn.Module, Any]]:
     for sub, hook in records:
         hook.pre_forward(sub)  # the hook's own loading (its weights map, dtype, tied tensors)
         hook.offload = False  # a forward now leaves them in place
-        with torch.no_grad():  # private copies: a tensor read from a safetensors shard may be a view of its
-            for t in (*sub.parameters(recurse=hook.place_submodules),  # memory map, and one kept view (a norm)
-                      *(sub.buffers(recurse=hook.place_submodules) if hook.offload_buffers else ())):
-                t.data = t.data.clone()  # keeps every page of the shard that was read resident
     return records
 
 
