@@ -159,6 +159,18 @@ def torchrun(args: list[str], env: dict, port_offset: int = 0) -> subprocess.Com
     return run
 
 
+def one_and_two_processes(tmp_path: Path, method: str, port_offset: int = 0
+                          ) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """tiny-llama quantized with `method` (w4 g32, 8 x 64, fp64 Hessian sums) by one process and by torchrun with
+    two: (one's output, two's output, the torchrun process)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    options = ["--method", method, "--group-size", "32", "--num-samples", "8", "--seq-len", "64",
+               "--hessian-dtype", "float64"]
+    one, two = tmp_path / "one" / "out", tmp_path / "two" / "out"
+    subprocess.run(CLI + [str(one)] + options, check=True, env=env, capture_output=True)
+    return one, two, torchrun([str(TINY_LLAMA), str(two)] + options, env, port_offset)
+
+
 def test_resume_after_sigkill_gives_the_same_bytes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     whole = tmp_path / "whole" / "out"
@@ -278,13 +290,7 @@ def test_a_small_filesystem_for_the_output(tmp_path):
 def test_data_parallel_two_processes_give_the_one_process_checkpoint(tmp_path):
     """torchrun with 2 gloo processes: windows split, Hessians summed over ranks in fp64, layers spread and
     broadcast, rank 0 writes; with --hessian-dtype float64 the checkpoint is byte-identical to one process."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    options = ["--method", "gptq", "--group-size", "32", "--num-samples", "8", "--seq-len", "64",
-               "--hessian-dtype", "float64"]
-    one = tmp_path / "one" / "out"
-    subprocess.run(CLI + [str(one)] + options, check=True, env=env, capture_output=True)
-    two = tmp_path / "two" / "out"
-    run = torchrun([str(TINY_LLAMA), str(two)] + options, env)
+    one, two, run = one_and_two_processes(tmp_path, "gptq")
     assert_same_files(one, two)
     assert len(run.stdout.strip().splitlines()) == 1  # one rank reports
 
@@ -300,13 +306,7 @@ def test_data_parallel_awq_chooses_as_one_process(tmp_path):
     one process's (up to the order of the additions)."""
     from safetensors.torch import load_file
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    options = ["--method", "awq", "--group-size", "32", "--num-samples", "8", "--seq-len", "64",
-               "--hessian-dtype", "float64"]
-    one = tmp_path / "one" / "out"
-    subprocess.run(CLI + [str(one)] + options, check=True, env=env, capture_output=True)
-    two = tmp_path / "two" / "out"
-    torchrun([str(TINY_LLAMA), str(two)] + options, env, port_offset=7)
+    one, two, _ = one_and_two_processes(tmp_path, "awq", port_offset=7)
     a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
     assert sorted(a) == sorted(b)
     same = total = 0
