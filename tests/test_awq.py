@@ -141,6 +141,9 @@ def test_omniquant_training_lowers_the_block_error(tiny_llama_eval):
     block_err = [sum(e["output_error"] for e in m.hf_quantizer.calibration_report) for m in (m0, m1)]
     assert block_err[1] < 0.95 * block_err[0] and trained < 0.95 * untrained, (block_err, untrained, trained)
     assert "lwc loss" in m1.hf_quantizer.calibration_report[0]["notes"][0]
+    # two windows per step: half the steps, each on the mean gradient; a different result that still trains
+    paired, m2 = _error("omniquant", 2, ids, ref, epochs=4, windows_per_step=2)
+    assert paired != trained and paired < 0.95 * untrained, (untrained, trained, paired)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "opt"])
@@ -171,6 +174,11 @@ def test_method_options_are_validated():
         hf_quant.QuantConfig(method="omniquant", learning_rate=2)
     with pytest.raises(ValueError, match="QuantConfig.epochs=-1 must be a non-negative integer"):
         hf_quant.QuantConfig(method="omniquant", epochs=-1)
+    assert hf_quant.QuantConfig(method="omniquant+gptq").windows_per_step == 1
+    with pytest.raises(ValueError, match="QuantConfig.windows_per_step=0 must be a positive integer"):
+        hf_quant.QuantConfig(method="omniquant", windows_per_step=0)
+    with pytest.raises(ValueError, match=r"QuantConfig.windows_per_step=4 has no meaning for method='awq'"):
+        hf_quant.QuantConfig(method="awq", windows_per_step=4)
     assert hf_quant.QuantConfig(method="awq+gptq", desc_act=True).desc_act
     with pytest.raises(ValueError, match="desc_act=True has no meaning for method='omniquant"):
         hf_quant.QuantConfig(method="omniquant+gptq", desc_act=True)

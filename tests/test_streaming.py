@@ -159,13 +159,13 @@ def torchrun(args: list[str], env: dict, port_offset: int = 0) -> subprocess.Com
     return run
 
 
-def one_and_two_processes(tmp_path: Path, method: str, port_offset: int = 0
+def one_and_two_processes(tmp_path: Path, method: str, port_offset: int = 0, extra: list[str] = ()
                           ) -> tuple[Path, Path, subprocess.CompletedProcess]:
-    """tiny-llama quantized with `method` (w4 g32, 8 x 64, fp64 Hessian sums) by one process and by torchrun with
-    two: (one's output, two's output, the torchrun process)."""
+    """tiny-llama quantized with `method` (w4 g32, 8 x 64, fp64 Hessian sums, then `extra` options) by one process
+    and by torchrun with two: (one's output, two's output, the torchrun process)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     options = ["--method", method, "--group-size", "32", "--num-samples", "8", "--seq-len", "64",
-               "--hessian-dtype", "float64"]
+               "--hessian-dtype", "float64", *extra]
     one, two = tmp_path / "one" / "out", tmp_path / "two" / "out"
     subprocess.run(CLI + [str(one)] + options, check=True, env=env, capture_output=True)
     return one, two, torchrun([str(TINY_LLAMA), str(two)] + options, env, port_offset)
@@ -319,6 +319,29 @@ def test_data_parallel_awq_chooses_as_one_process(tmp_path):
     assert same / total >= 0.999, f"{same / total:.5f} of the codes identical"
 
 
+@pytest.mark.parametrize("per_step", [1, 2])
+def test_data_parallel_omniquant_trains_as_one_process(tmp_path, per_step):
+    """OmniQuant's clipping training under torchrun: each step's windows spread over the ranks, their gradients
+    summed. One window per step: the owner's gradient alone, so the steps, and the checkpoint, are one process's
+    bit for bit; two per step: each rank one window, summed in fp64 (the order of the addition differs)."""
+    from safetensors.torch import load_file
+
+    one, two, _ = one_and_two_processes(tmp_path, "omniquant", port_offset=13 + per_step,
+                                        extra=["--epochs", "1", "--windows-per-step", str(per_step)])
+    if per_step == 1:
+        assert_same_files(one, two)
+        return
+    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    same = total = 0
+    for k in a:
+        if k.endswith("qweight"):
+            same += (_nibbles(a[k]) == _nibbles(b[k])).sum().item()
+            total += _nibbles(a[k]).numel()
+        else:
+            torch.testing.assert_close(a[k].float(), b[k].float(), rtol=2e-2, atol=1e-3, msg=k)
+    assert same / total >= 0.999, f"{same / total:.5f} of the codes identical"
+
+
 def test_each_rank_takes_its_share_of_the_first_windows(monkeypatch):
     """Rank r holds windows r, r + N, ...: its share of the run's first n windows, for N = 1..5 and any n."""
     from hf_quant.calibration import distributed
@@ -338,15 +361,28 @@ def test_each_rank_takes_its_share_of_the_first_windows(monkeypatch):
                 assert sum(shares) == min(n, total)
 
 
-def test_data_parallel_refuses_block_stage_methods(monkeypatch):
+def test_data_parallel_refuses_a_stage_not_marked_data_parallel(monkeypatch, caplog):
+    import dataclasses
+    import logging
+
     from hf_quant.calibration import blockwise, distributed
 
     monkeypatch.setattr(distributed, "active", lambda: True)
     monkeypatch.setattr(distributed, "world", lambda: 2)
-    with pytest.raises(ValueError, match="method='omniquant' trains on each block's activations .* one process"):
+    for method in ("gptq", "awq", "omniquant", "omniquant+gptq"):  # every built-in stage sums over ranks
+        blockwise.check_data_parallel(QuantConfig(method=method, windows_per_step=2) if "omni" in method
+                                      else QuantConfig(method=method))
+    with caplog.at_level(logging.WARNING, logger="hf_quant"):
         blockwise.check_data_parallel(QuantConfig(method="omniquant"))
-    blockwise.check_data_parallel(QuantConfig(method="gptq"))
-    blockwise.check_data_parallel(QuantConfig(method="awq"))
+    assert "windows_per_step=1 is not a multiple of the 2 processes" in caplog.text
+
+    def my_stage(ctx):
+        return {}
+
+    real = blockwise.get_method
+    monkeypatch.setattr(blockwise, "get_method", lambda name: dataclasses.replace(real(name), stage=my_stage))
+    with pytest.raises(ValueError, match=r"method='gptq' has a block stage \(my_stage\) that is not data-parallel"):
+        blockwise.check_data_parallel(QuantConfig(method="gptq"))
 
 
 def test_fp64_hessian_sum_is_the_fp32_product_summed_in_fp64():

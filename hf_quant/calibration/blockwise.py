@@ -336,13 +336,22 @@ def quantize_blockwise(model: nn.Module, config: QuantConfig, targets: dict[str,
 
 def check_data_parallel(config: QuantConfig) -> None:
     """Several processes calibrate together methods without a block stage (their layers need nothing but the
-    summed Hessians) and those whose stage sums what it compares over ranks (`data_parallel`: AWQ's scale
-    search); another stage (OmniQuant's training) would see each rank's own windows and disagree."""
+    summed Hessians) and those whose stage sums over ranks what it compares or trains on (`data_parallel`: AWQ's
+    scale search, OmniQuant's gradients); another stage (a method registered without that promise) would see
+    each rank's own windows and disagree."""
+    if not ddp.active():
+        return
     stage = get_method(config.method).stage
-    if ddp.active() and stage is not None and not getattr(stage, "data_parallel", False):
-        raise ValueError(f"QuantConfig.method={config.method!r} trains on each block's activations (a block stage), "
-                         f"which is not data-parallel yet; run it in one process (not under torchrun with "
-                         f"{ddp.world()} processes), or use 'gptq' or 'awq', which are.")
+    if stage is not None and not getattr(stage, "data_parallel", False):
+        raise ValueError(f"QuantConfig.method={config.method!r} has a block stage ({stage.__name__}) that is not "
+                         f"data-parallel (it does not set `data_parallel = True`); run it in one process (not under "
+                         f"torchrun with {ddp.world()} processes).")
+    per_step = getattr(config, "windows_per_step", None)
+    if per_step is not None and per_step % ddp.world():
+        logger.warning("hf_quant: QuantConfig.windows_per_step=%d is not a multiple of the %d processes: some of "
+                       "them wait at each training step; set it to a multiple of %d for all to work (the result "
+                       "is the same as in one process with the same windows_per_step).", per_step, ddp.world(),
+                       ddp.world())
 
 
 def _quantize_data_free(model: nn.Module, config: QuantConfig, targets: dict[str, LayerSpec], options: dict
@@ -462,7 +471,8 @@ def block_context(model: nn.Module, block: nn.Module, block_prefix: str, groups:
     float_out, observed = _reference_pass(model, block, inputs[:n_ref], device, groups, get_method(config.method).observe)
     return BlockContext(model, block, block_prefix, groups, targets, config, inputs, device,
                         run=functools.partial(run_block, block, device, block_prefix), reference=float_out,
-                        observed=observed, undo=[] if undo is None else undo, mean=_mean)
+                        observed=observed, undo=[] if undo is None else undo, mean=_mean, rank=ddp.rank(),
+                        world=ddp.world(), all_reduce=ddp.all_reduce_sum)
 
 
 def _mean(t: torch.Tensor) -> float:

@@ -11,7 +11,9 @@
   others (`broadcast_layers`), so every rank holds the same quantized block to compute its windows' next inputs.
 - A block stage (AWQ's scale search) works on the run's first reference windows, each rank on its own of them
   (`first_windows`); what it observes and the errors it compares are summed over ranks, so every rank makes the
-  same choice, the one a single process makes up to the order of the additions.
+  same choice, the one a single process makes up to the order of the additions. A stage that trains (OmniQuant)
+  spreads each step's windows over the ranks and sums their gradients (`all_reduce_sum`), so every rank takes
+  the same optimizer step.
 - Only rank 0 writes files (`is_main`); `barrier` orders the rest.
 """
 

@@ -152,6 +152,12 @@ class BlockContext:
     # t.mean() in one process). A stage that compares errors through it can run data-parallel (mark the stage
     # function with `data_parallel = True`).
     mean: Callable[[torch.Tensor], float] = field(default=lambda t: t.mean().item())
+    # Data-parallel calibration: this process's rank among `world` (inputs holds windows rank, rank + world, ...
+    # of the run) and all_reduce(t), which replaces t in place by its sum over ranks (added in fp64; the identity
+    # in one process). A stage that trains sums its gradients through it (OmniQuant).
+    rank: int = 0
+    world: int = 1
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: t)
 
 
 # observe(values, head, x, n_windows): accumulate what the stage needs from input x of group `head`
