@@ -180,9 +180,8 @@ def main() -> None:
         time_note = f"stopped after {r['seconds']:.0f} s" if r.get("stopped") else f"{r['seconds']:.0f} s"
         print(f"| {name} | {at_least}{r['peak_mb'] / 1024:.2f} GiB | {at_least}{r['peak_mb'] / 1024 / gib:.2f}x | "
               f"{time_note} |")
-    out = root / "stream" / "out"
-    if args.skip_streaming:
-        out = root / "offload" / "out"
+    out = next((root / d / "out" for d in ("stream", "offload", "spilled", "memory")
+                if (root / d / "out" / "config.json").is_file()), root / "stream" / "out")
     size = sum(p.stat().st_size for p in out.glob("*.safetensors")) / 2**30
     print(f"\nquantized checkpoint: {size:.2f} GiB in {len(list(out.glob('*.safetensors')))} shard(s)")
     others = {"in-memory": "memory", "offloaded": "offload", "spilled": "spilled"}

@@ -383,8 +383,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         from .calibration import distributed as ddp
 
         ddp.init_from_env()  # launched by torchrun / accelerate launch: calibrate data-parallel
-        _stage(f"quantizing {args.model} block by block from disk into {out}: {args.method}, {args.bits}-bit, "
-               f"group size {args.group_size} (streaming; --in-memory loads the whole model instead)")
+        _stage(f"quantizing {args.model} block by block from disk into {out}: {args.method}, {config.bits}-bit, "
+               f"group size {config.group_size} (streaming; --in-memory loads the whole model instead)")
         try:
             quantize_checkpoint(args.model, out, config, dtype=args.dtype, max_shard_size=args.max_shard_size,
                                 tokenizer=tokenizer, resume=not args.no_resume, repo_id=args.push)
@@ -401,7 +401,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         if args.eval or args.eval_baseline:
             model = _load(str(out), args)
     else:
-        _stage(f"loading {args.model} and quantizing: {args.method}, {args.bits}-bit, group size {args.group_size}")
+        _stage(f"loading {args.model} and quantizing: {args.method}, {config.bits}-bit, group size {config.group_size}")
         model = _load(args.model, args, quantization_config=config)
         seconds = time.perf_counter() - start
         result = {"seconds": round(seconds, 1)}
@@ -588,9 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("out", help="directory to write the quantized checkpoint to (not the source, nor inside it)")
     _add_overwrite(q)
     q.add_argument("--method", default="gptq", help=f"one of {available_methods()}")
-    q.add_argument("--bits", type=int, default=4)
-    q.add_argument("--group-size", type=int, default=128)
-    q.add_argument("--sym", action="store_true", help="symmetric grid (default: asymmetric)")
+    q.add_argument("--bits", type=int, default=None, help="code width (default 4; fixed by llm_int8, onebit, bitnet)")
+    q.add_argument("--group-size", type=int, default=None, help="input channels per scale (default 128; -1: per row)")
+    q.add_argument("--sym", action="store_true", default=None, help="symmetric grid (default: asymmetric)")
     q.add_argument("--gguf", default=None, metavar="TYPE", help="quantize onto a GGUF block type or llama.cpp mix "
                    "(Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K; Q4_K_M, Q5_K_M, Q3_K_M, Q2_K_M): bits, "
                    "--group-size and --sym follow the type; export with --format gguf or export-gguf")

@@ -41,6 +41,25 @@ _PLAIN_FIELDS = ("method", "bits", "group_size", "sym", "on_incompatible", "data
                  "hessian_dtype", "calibration_dtype", "spill_activations", "spill_dir")
 
 
+_SPEC_DEFAULTS = {"bits": 4, "group_size": 128, "sym": False}
+
+
+def _check_fixed_spec(method: Any, given: dict[str, Any]) -> None:
+    """A method that fixes its layout strictly (`strict_spec`: OneBit, BitNet) refuses bits / group_size / sym
+    set to anything else, by name."""
+    if not isinstance(method, str) or method not in available_methods():
+        return  # post_init names the unknown method
+    m = get_method(method)
+    if not m.strict_spec:
+        return
+    for name, value in given.items():
+        fixed = (m.fixed_spec or {}).get(name)
+        if value != fixed or type(value) is not type(fixed):
+            layout = ", ".join(f"{k}={v!r}" for k, v in (m.fixed_spec or {}).items())
+            raise ValueError(f"QuantConfig.{name}={value!r} cannot be set for method={method!r}, whose layout is fixed "
+                             f"({layout}); leave {name} unset.")
+
+
 def _check_bits(bits: Any, field: str) -> None:
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
         raise ValueError(f"QuantConfig.{field}={bits!r} is not supported; use one of {list(SUPPORTED_BITS)}.")
@@ -94,9 +113,10 @@ class QuantConfig(QuantizationConfigMixin):
 
     Args:
         method: algorithm name from `hf_quant.algorithms.available_methods()` (e.g. "rtn").
-        bits: code width, one of 2, 3, 4, 8.
-        group_size: input channels sharing one scale/zero; -1 = one group per output channel.
-        sym: symmetric grid (zero fixed at 2**(bits-1), not stored) instead of a per-group zero.
+        bits: code width, one of 1, 2, 3, 4, 8 (default 4; 1 bit is the sign, symmetric, for "rtn" and
+            "onebit"). Methods that fix the layout ("llm_int8", "onebit", "bitnet") set bits, group_size and sym.
+        group_size: input channels sharing one scale/zero; -1 = one group per output channel (default 128).
+        sym: symmetric grid (zero fixed at 2**(bits-1), not stored) instead of a per-group zero (default False).
         modules_to_not_convert: module names (or dotted suffixes) kept in float. `None` keeps the
             output embeddings / lm_head; tied weights are never quantized.
         dynamic: per-module overrides, `{regex: {"bits": 8, ...}}`, first `re.search` match wins;
@@ -155,9 +175,9 @@ class QuantConfig(QuantizationConfigMixin):
     def __init__(
         self,
         method: str = "rtn",
-        bits: int = 4,
-        group_size: int = 128,
-        sym: bool = False,
+        bits: int | None = None,
+        group_size: int | None = None,
+        sym: bool | None = None,
         modules_to_not_convert: list[str] | None = None,
         dynamic: dict[str, dict[str, Any]] | None = None,
         on_incompatible: str = "error",
@@ -199,6 +219,9 @@ class QuantConfig(QuantizationConfigMixin):
         if modules_to_not_convert is not None and not isinstance(modules_to_not_convert, (list, tuple)):
             raise ValueError(f"QuantConfig.modules_to_not_convert={modules_to_not_convert!r} must be a list of module "
                              "names (strings), e.g. ['lm_head'].")
+        _check_fixed_spec(method, {k: fields[k] for k in ("bits", "group_size", "sym") if fields[k] is not None})
+        for name, default in _SPEC_DEFAULTS.items():
+            fields[name] = default if fields[name] is None else fields[name]
         for name in _PLAIN_FIELDS:  # dataset and calibration_device are used while calibrating, never saved
             setattr(self, name, fields[name])
         self.modules_to_not_convert = None if modules_to_not_convert is None else list(modules_to_not_convert)
@@ -233,6 +256,8 @@ class QuantConfig(QuantizationConfigMixin):
             raise ValueError(f"QuantConfig.spill_dir={self.spill_dir!r} is not an existing directory; create it, or "
                              "pass None for the default (the streaming run's progress directory, else TMPDIR).")
         _check_bits(self.bits, "bits")
+        if self.bits == 1:
+            self._check_one_bit(self.sym, "bits")
         _check_group_size(self.group_size, "group_size")
         self._check_gguf(self.gguf, "gguf")
         if self.block_name_to_quantize is not None and not isinstance(self.block_name_to_quantize, str):
@@ -253,6 +278,9 @@ class QuantConfig(QuantizationConfigMixin):
         if mods is not None and not all(isinstance(m, str) for m in mods):
             raise ValueError("QuantConfig.modules_to_not_convert must be a list of module names (strings).")
         self._compiled_dynamic = self._validate_dynamic(self.dynamic)
+        for regex, overrides in self._compiled_dynamic:
+            if overrides is not None and overrides.get("bits") == 1:
+                self._check_one_bit(overrides.get("sym", self.sym), f"dynamic[{regex.regex.pattern!r}]['bits']")
         fixed = get_method(self.method).fixed_spec or {}
         for regex, overrides in self._compiled_dynamic:
             if (overrides or {}).get("gguf") is not None:
@@ -336,6 +364,15 @@ class QuantConfig(QuantizationConfigMixin):
             compiled.append((regex, None if skip else dict(overrides)))
         return compiled
 
+    def _check_one_bit(self, sym: Any, field: str) -> None:
+        """1-bit codes are signs: a method that takes them, and a symmetric grid."""
+        if not get_method(self.method).one_bit:
+            takes = [m for m in available_methods() if get_method(m).one_bit]
+            raise ValueError(f"QuantConfig.{field}=1 is not supported by method={self.method!r}; 1-bit (sign) codes "
+                             f"come from {takes}.")
+        if sym is not True:
+            raise ValueError(f"QuantConfig.{field}=1 needs sym=True: 1-bit codes are signs, +-scale/2.")
+
     def _check_gguf(self, name: Any, field: str) -> None:
         if name is None:
             return
@@ -377,7 +414,8 @@ class QuantConfig(QuantizationConfigMixin):
             return LayerSpec(t.bits, t.sub, t.zero is not None, False, t.name)
         # act-order regroups channels unless the groups were fixed in natural order first
         g_idx = self.desc_act and not self.static_groups and fields["group_size"] != -1
-        return LayerSpec(fields["bits"], fields["group_size"], fields["sym"], g_idx)
+        return LayerSpec(fields["bits"], fields["group_size"], fields["sym"], g_idx,
+                         in_scale=get_method(self.method).input_scale)
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if not k.startswith("_") and k not in _RUNTIME_ONLY}

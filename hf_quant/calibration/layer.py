@@ -57,5 +57,7 @@ def _quantize_layer(name: str, module: nn.Module, spec: LayerSpec, method: str, 
         if str(e).startswith(f"{name}:"):
             raise
         raise ValueError(f"{name}: {e}") from e
-    activation = ActivationSpec.of(get_method(method).activation_of(stats))
-    return QuantLinear.from_quantized(qw, spec, bias, from_conv1d=is_conv1d(module), activation=activation)
+    m = get_method(method)
+    return QuantLinear.from_quantized(qw, spec, bias, from_conv1d=is_conv1d(module),
+                                      activation=ActivationSpec.of(m.activation_of(stats)),
+                                      output_norm=m.output_norm_of(stats))

@@ -3,6 +3,8 @@
 Asymmetric: scale = (max - min) / maxq, zero = round(-min / scale)  (min <= 0 <= max).
 Symmetric:  scale = 2 * max|w| / maxq, zero = 2**(bits-1) (implicit, not stored).
 q = clamp(round(w / scale) + zero, 0, maxq);  w_hat = (q - zero) * scale.
+1 bit (symmetric only): the sign, q = [w >= 0], zero = 1/2, and scale = 2 * mean|w| over the group, so that
+w_hat = +-mean|w| (the scale minimising ||w - s * sign(w)||^2).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def find_params(
     `clip` = (low, high) factors (...,) in (0, 1] that shrink the group's min and max first (the
     clipping found by AWQ's search or learned by OmniQuant); symmetric grids use `high`.
     """
+    if spec.bits == 1:
+        return _sign_params(Wg, spec, scale_dtype, mse, clip)
     xmin = Wg.amin(-1).clamp(max=0)
     xmax = Wg.amax(-1).clamp(min=0)
     if clip is not None:
@@ -60,6 +64,19 @@ def find_params(
         sl = slice(r, r + rows)
         scale[sl], zero[sl] = _mse_search(flat[sl], lo[sl], hi[sl], scale[sl], zero[sl], spec, scale_dtype)
     return scale.view(xmin.shape), zero.view(xmin.shape)
+
+
+def _sign_params(Wg: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype, mse: bool,
+                 clip: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 1-bit grid: scale = 2 * mean|w| per group (rounded to nearest in `scale_dtype`; an all-zero group
+    gets the smallest normal scale), zero = 1/2."""
+    if not spec.sym:
+        raise ValueError("a 1-bit grid is the sign (symmetric): use sym=True with bits=1.")
+    if mse or clip is not None:
+        raise ValueError("a 1-bit grid has no range to clip: use mse=False (and no learned clipping) with bits=1.")
+    finfo = torch.finfo(scale_dtype)
+    scale = (2 * Wg.abs().mean(-1)).clamp(min=finfo.tiny, max=finfo.max).to(scale_dtype).float()
+    return scale, torch.full_like(scale, 0.5)
 
 
 def _mse_search(Wg: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -114,7 +131,9 @@ def store_scale(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
 
 
 def quantize(Wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Integer codes of `Wg` (..., group) on the grid (scale, zero) (..., ), as fp32 integers."""
+    """Integer codes of `Wg` (..., group) on the grid (scale, zero) (..., ), as fp32 integers (1 bit: the sign)."""
+    if maxq == 1:
+        return (Wg >= 0).float()
     return torch.clamp(torch.round(Wg / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, maxq)
 
 
@@ -145,6 +164,28 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 def fake_quantize_ste(Wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
     """W_hat of `Wg` (..., group) on the grid (scale, zero) (...,), differentiable: gradients pass the
-    rounding unchanged (STE) and reach `Wg`, `scale` and `zero`; clamped codes pass no gradient to `Wg`."""
+    rounding unchanged (STE) and reach `Wg`, `scale` and `zero`; clamped codes pass no gradient to `Wg`.
+    1 bit: the sign, its gradient passed straight through where |w| <= scale (hardtanh STE)."""
+    if maxq == 1:
+        return sign_ste(Wg, scale.unsqueeze(-1)) * (scale.unsqueeze(-1) / 2)
     q = torch.clamp(round_ste(Wg / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, maxq)
     return (q - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
+
+
+class _SignSTE(torch.autograd.Function):
+    """+1 where w >= 0, else -1; backward: the gradient where |w| <= `bound`, zero beyond (hardtanh STE)."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(w, bound)
+        return torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        w, bound = ctx.saved_tensors
+        return grad * (w.abs() <= bound).to(grad.dtype), None
+
+
+def sign_ste(w: torch.Tensor, bound: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """sign(w) in {-1, +1} (0 counts as +) forward; straight-through gradient where |w| <= bound."""
+    return _SignSTE.apply(w, torch.as_tensor(bound, dtype=w.dtype, device=w.device))

@@ -4,7 +4,9 @@
   {module}.scales   model dtype  (out_features, n_groups)
   {module}.qzeros   uint8        (out_features, n_groups)                  only when sym=False
   {module}.g_idx    int32        (in_features,)                            only for act-order layers
+  {module}.in_scales model dtype (in_features,)                            only for LayerSpec.in_scale (OneBit's g)
   {module}.bias     model dtype  (out_features,)                           only if the layer has one
+1-bit codes are signs: W_hat = (q - 1/2) * scale, i.e. +-scale/2 (the scales hold twice OneBit's h).
 n_groups = in_features / group_size, or 1 for group_size=-1. Without g_idx, input channel i belongs
 to group i // group_size; with it, to group g_idx[i] (format_version 2; every group still has
 group_size channels).
@@ -23,7 +25,7 @@ from .spec import LayerSpec
 
 from .packing import packed_in_features
 
-QUANT_BUFFERS = ("qweight", "scales", "qzeros", "g_idx")
+QUANT_BUFFERS = ("qweight", "scales", "qzeros", "g_idx", "in_scales")
 
 
 def buffer_specs(
@@ -42,11 +44,13 @@ def buffer_specs(
         specs["qzeros"] = ((out_features, n_groups), torch.uint8)
     if spec.g_idx:
         specs["g_idx"] = ((in_features,), torch.int32)
+    if spec.in_scale:
+        specs["in_scales"] = ((in_features,), float_dtype)
     return specs
 
 
 def packed_bytes(entries: dict[str, dict], modules: set[str] | None = None) -> int:
-    """Bytes of the quantized tensors (qweight, scales, qzeros, g_idx) in safetensors header `entries`,
+    """Bytes of the quantized tensors (qweight, scales, qzeros, g_idx, in_scales) in safetensors header `entries`,
     of every module, or of `modules` only."""
     total = 0
     for key, entry in entries.items():

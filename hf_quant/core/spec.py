@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = (1, 2, 3, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -20,15 +20,19 @@ class LayerSpec:
     # A GGUF block type (core/gguf.py): `qweight` then holds the type's block bytes, exactly as in a
     # .gguf file, and no scales/zeros (bits, group_size (the sub-block) and sym follow the type).
     gguf: str | None = None
+    # Stores `in_scales` (in_features,): a per-input-channel factor g, W_hat[o, i] = ((q - zero) * scale)[o, i] * g[i]
+    # (OneBit's value vector; the kernels see x * g and the weight without it).
+    in_scale: bool = False
 
     @property
     def maxq(self) -> int:
         return 2**self.bits - 1
 
     @property
-    def sym_zero(self) -> int:
-        """The implicit zero point of a symmetric grid, 2**(bits-1) (the middle code)."""
-        return 2 ** (self.bits - 1)
+    def sym_zero(self) -> float:
+        """The implicit zero point of a symmetric grid, 2**(bits-1) (the middle code); 1/2 for 1 bit, whose
+        two codes are the signs: w_hat = (q - 1/2) * scale = +-scale / 2."""
+        return 0.5 if self.bits == 1 else 2 ** (self.bits - 1)
 
     def groups(self, in_features: int) -> int:
         return 1 if self.group_size == -1 else in_features // self.group_size
@@ -47,6 +51,7 @@ class QuantizedWeight:
     g_idx: int32 (in,) group of each input channel when groups are not contiguous (act-order), else None.
     raw:   GGUF layers: the block bytes (out, row_bytes) uint8 that hold codes and scales exactly; `scale`
            then gives the effective per-sub-block scales (fp32, informational) and `zero` is None.
+    in_scale: (in,) per-input-channel factors g in the scales' dtype (`LayerSpec.in_scale`), else None.
     """
 
     codes: torch.Tensor
@@ -54,3 +59,4 @@ class QuantizedWeight:
     zero: torch.Tensor | None
     g_idx: torch.Tensor | None = None
     raw: torch.Tensor | None = None
+    in_scale: torch.Tensor | None = None

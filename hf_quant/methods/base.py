@@ -179,6 +179,12 @@ class Method:
     fixed_spec: dict[str, Any] | None = None
     scale_dtype: torch.dtype | None = None
     gguf: bool = False  # quantizes onto GGUF block types (QuantConfig.gguf)
+    one_bit: bool = False  # takes bits=1 (sign codes)
+    # fixed_spec is enforced: a user's bits / group_size / sym other than the fixed value is refused by name
+    # (else silently replaced by it)
+    strict_spec: bool = False
+    input_scale: bool = False  # its layers store `in_scales` (LayerSpec.in_scale)
+    output_norm: Callable[..., bool] | None = None  # output_norm(**options): the layers normalise their product
 
     def calibrates(self, options: dict[str, Any]) -> bool:
         """Whether the method reads calibration data with these options."""
@@ -188,6 +194,10 @@ class Method:
     def activation_of(self, options: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
         """(activation quantizer name, params) for layers quantized with `options`, or None."""
         return None if self.activation is None else self.activation(**options)
+
+    def output_norm_of(self, options: dict[str, Any]) -> bool:
+        """Whether layers quantized with `options` normalise their product (OneBit)."""
+        return False if self.output_norm is None else bool(self.output_norm(**options))
 
     @property
     def option_fields(self) -> dict[str, dataclasses.Field]:
@@ -214,14 +224,17 @@ METHODS: Registry[Method] = Registry("quantization method")
 def register_method(name: str, *, needs_calibration: bool | Callable[..., bool], options: type | None = None, description: str = "",
                     stage: Callable | None = None, observe: Observer | None = None,
                     activation: Callable | None = None, fixed_spec: dict[str, Any] | None = None,
-                    scale_dtype: torch.dtype | None = None, gguf: bool = False) -> Callable:
+                    scale_dtype: torch.dtype | None = None, gguf: bool = False, one_bit: bool = False,
+                    strict_spec: bool = False, input_scale: bool = False,
+                    output_norm: Callable[..., bool] | None = None) -> Callable:
     """Decorator registering `fn(W, spec, scale_dtype, **stats, **options) -> QuantizedWeight` under `name`."""
 
     def deco(fn: Callable[..., QuantizedWeight]) -> Callable[..., QuantizedWeight]:
         if options is not None and not (dataclasses.is_dataclass(options) and issubclass(options, Options)):
             raise TypeError(f"method {name!r}: options must be a dataclass deriving from hf_quant.methods.Options")
         METHODS.register(name, Method(name, fn, needs_calibration, options, description or name, stage, observe,
-                                      activation, fixed_spec, scale_dtype, gguf))
+                                      activation, fixed_spec, scale_dtype, gguf, one_bit, strict_spec, input_scale,
+                                      output_norm))
         return fn
 
     return deco

@@ -40,6 +40,6 @@ def round_to_nearest(W: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype,
 
 
 @register_method("rtn", needs_calibration=False, options=RTNOptions, description="RTN (round-to-nearest, data-free)",
-                 gguf=True)
+                 gguf=True, one_bit=True)
 def quantize_rtn(W: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype, mse: bool = False) -> QuantizedWeight:
     return round_to_nearest(W, spec, scale_dtype, mse)

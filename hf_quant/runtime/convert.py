@@ -91,12 +91,14 @@ def replace_with_empty_quant_linears(model: nn.Module, targets: dict[str, LayerS
     with the scheme and scale dtype of `config`'s method."""
     activation = None if config is None else activation_spec(config)
     scale_dtype = None if config is None else get_method(config.method).scale_dtype
+    output_norm = config is not None and get_method(config.method).output_norm_of(
+        get_method(config.method).options_from(config))
     for name, spec in targets.items():
         old = model.get_submodule(name)
         in_features, out_features = linear_shape(old)
         new = QuantLinear(in_features, out_features, old.bias is not None, spec, dtype=old.weight.dtype,
                           device=old.weight.device, from_conv1d=is_conv1d(old), activation=activation,
-                          scale_dtype=scale_dtype)
+                          scale_dtype=scale_dtype, output_norm=output_norm)
         set_module(model, name, new)
 
 

@@ -27,11 +27,13 @@ def linear(layer: Any, x: torch.Tensor) -> torch.Tensor:
     the layer for backward and dequantizes W_hat there, one layer at a time: no float copy of the
     weights stays alive between forward and backward. Under `torch.compile` the layer is one op,
     `torch.ops.hf_quant.quant_linear`, with the same forward and backward."""
+    if layer.in_scales is not None:  # W_hat = W_q * g: the kernels see x * g and the weight without g
+        x = x * layer.in_scales.to(x.dtype)
     if torch.compiler.is_compiling():
         scales = layer.qweight if layer.scales is None else layer.scales  # GGUF layers: all in qweight
-        return torch.ops.hf_quant.quant_linear(x, layer.qweight, scales, layer.bias, layer._op_id)
+        return torch.ops.hf_quant.quant_linear(x, layer.qweight, scales, layer.kernel_bias, layer._op_id)
     if torch.is_grad_enabled():
-        bias = layer.bias
+        bias = layer.kernel_bias
         if x.requires_grad or (bias is not None and bias.requires_grad):
             return _QuantLinearFunction.apply(x, bias, layer)
     return run_kernel(layer, x)
@@ -63,14 +65,14 @@ _VERSION = operator.attrgetter("_version")
 
 def grad_input(layer: Any, grad_y: torch.Tensor) -> torch.Tensor:
     """dy/dx = dy @ W_hat, W_hat dequantized here and dropped after (straight through any
-    activation quantization)."""
+    activation quantization). The kernels' W_hat: without `in_scales`, which `linear` applies to x."""
     W = dequantize_weight(layer.qweight, layer.scales, layer.qzeros, layer.spec, layer.in_features, grad_y.dtype,
                           layer.g_idx)
     return grad_y @ W
 
 
 def grad_bias(layer: Any, grad_y: torch.Tensor) -> torch.Tensor:
-    return grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(layer.bias.dtype)
+    return grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(layer.kernel_bias.dtype)
 
 
 class _QuantLinearFunction(torch.autograd.Function):

@@ -17,10 +17,14 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..core import QUANT_BUFFERS, LayerSpec, gguf, QuantizedWeight, buffer_specs, check_values, dequantize_weight, pack_codes
 from .dispatch import linear, register_layer
 from .scheme import ActivationSpec, Scheme
+
+
+OUTPUT_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, as OneBit's layer uses it
 
 
 def _invalidate_after_load(module: QuantLinear, incompatible_keys: Any) -> None:
@@ -41,7 +45,10 @@ class QuantLinear(nn.Linear):
         from_conv1d: bool = False,
         activation: ActivationSpec | None = None,
         scale_dtype: torch.dtype | None = None,
+        output_norm: bool = False,
     ) -> None:
+        if output_norm and spec.bits != 1:
+            raise ValueError(f"QuantLinear: output_norm (OneBit's normalised layer) needs 1-bit codes, not {spec}.")
         nn.Module.__init__(self)
         self._kernel_cache: dict = {}  # (device, dtype, row class) -> (kernel forward, prepared layout)
         self._prepared: dict = {}  # (kernel name, device, dtype) -> prepared layout
@@ -49,7 +56,7 @@ class QuantLinear(nn.Linear):
         self.in_features = in_features
         self.out_features = out_features
         self.spec = spec
-        self.scheme = Scheme(spec, activation)
+        self.scheme = Scheme(spec, activation, output_norm)
         self.from_conv1d = from_conv1d  # restore a transformers Conv1D on dequantize
         self.float_dtype = scale_dtype or dtype  # of the scales; of W_hat for GGUF layers (which store none)
         with torch.inference_mode(False):  # buffers track in-place edits (their version counters), always
@@ -61,6 +68,8 @@ class QuantLinear(nn.Linear):
             self.register_buffer("qzeros", None)
         if not spec.g_idx:
             self.register_buffer("g_idx", None)
+        if not spec.in_scale:
+            self.register_buffer("in_scales", None)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
         else:
@@ -72,10 +81,16 @@ class QuantLinear(nn.Linear):
         """The packed codes (uint8): what PEFT and transformers see as this layer's weight."""
         return self.qweight
 
+    @property
+    def kernel_bias(self) -> torch.Tensor | None:
+        """The bias the kernels add to their product: none when the scheme normalises the product first
+        (`forward` adds it after the norm)."""
+        return None if self.scheme.output_norm else self.bias
+
     @classmethod
     def from_quantized(
         cls, qw: QuantizedWeight, spec: LayerSpec, bias: torch.Tensor | None, from_conv1d: bool = False,
-        activation: ActivationSpec | None = None,
+        activation: ActivationSpec | None = None, output_norm: bool = False,
     ) -> QuantLinear:
         """Pack an algorithm's result into a new layer (on the codes' device). The bias keeps its
         dtype; the scales keep theirs (the model's, or e.g. fp32 for LLM.int8's rows)."""
@@ -90,8 +105,13 @@ class QuantLinear(nn.Linear):
             return layer
         layer = cls(in_features, out_features, bias is not None, spec,
                     dtype=bias.dtype if bias is not None else qw.scale.dtype, device=qw.codes.device,
-                    from_conv1d=from_conv1d, activation=activation, scale_dtype=qw.scale.dtype)
+                    from_conv1d=from_conv1d, activation=activation, scale_dtype=qw.scale.dtype,
+                    output_norm=output_norm)
         layer.qweight.copy_(pack_codes(qw.codes, spec.bits))
+        if spec.in_scale:
+            if qw.in_scale is None:
+                raise ValueError(f"{spec} stores in_scales but the quantized weight has none")
+            layer.in_scales.copy_(qw.in_scale)
         layer.scales.copy_(qw.scale)
         if qw.zero is not None:
             layer.qzeros.copy_(qw.zero)
@@ -105,7 +125,10 @@ class QuantLinear(nn.Linear):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(self, x)
+        if not self.scheme.output_norm:
+            return linear(self, x)
+        y = F.layer_norm(linear(self, x), (self.out_features,), eps=OUTPUT_NORM_EPS)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def prepared(self, kernel: Any, device: torch.device, dtype: torch.dtype) -> Any:
         """`kernel`'s weight layout for this layer on `device` / `dtype`, built once."""
@@ -116,7 +139,7 @@ class QuantLinear(nn.Linear):
 
     def set_activation(self, activation: ActivationSpec | None) -> None:
         """Give the layer a run-time activation quantization (or none): its scheme, and so its kernels."""
-        self.scheme = Scheme(self.spec, activation)
+        self.scheme = Scheme(self.spec, activation, self.scheme.output_norm)
         self.invalidate_kernels()
 
     def invalidate_kernels(self) -> None:
@@ -146,9 +169,12 @@ class QuantLinear(nn.Linear):
 
     def dequantize(self) -> torch.Tensor:
         """The float weight W_hat (out, in), in the dtype of the scales (GGUF layers: fp32, as llama.cpp
-        computes it)."""
+        computes it); with `in_scales`, each input channel times its factor. (A layer with an output norm is
+        LN(x @ W_hat^T) + bias: W_hat is its linear part.)"""
         dtype = torch.float32 if self.scales is None else self.scales.dtype
-        return dequantize_weight(self.qweight, self.scales, self.qzeros, self.spec, self.in_features, dtype, self.g_idx)
+        W = dequantize_weight(self.qweight, self.scales, self.qzeros, self.spec, self.in_features,
+                              dtype if self.in_scales is None else torch.float32, self.g_idx)
+        return W if self.in_scales is None else (W * self.in_scales.float()).to(dtype)
 
     def check_buffers(self, name: str) -> None:
         """Raise if loading left a buffer missing, on meta, or of the wrong shape/dtype."""
@@ -164,6 +190,9 @@ class QuantLinear(nn.Linear):
             gguf.check_blocks(self.qweight, gguf.block_type(self.spec.gguf), self.in_features, name)
         else:
             check_values(self.scales, self.qzeros, self.spec, name)
+        if self.in_scales is not None and not torch.isfinite(self.in_scales).all():
+            raise ValueError(f"{name}.in_scales: NaN or inf values; the checkpoint is corrupt. Re-quantize the model "
+                             "or re-download the checkpoint.")
 
     def _check_g_idx(self, name: str) -> None:
         """Act-order layers: g_idx must put exactly group_size channels in each group (kernels rely on it)."""
@@ -198,7 +227,8 @@ class QuantLinear(nn.Linear):
         act = self.scheme.activation
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 + (f"gguf={s.gguf}" if s.gguf else f"bits={s.bits}, group_size={s.group_size}, sym={s.sym}")
-                + (", act_order" if s.g_idx else "")
+                + (", act_order" if s.g_idx else "") + (", in_scales" if s.in_scale else "")
+                + (", output_norm" if self.scheme.output_norm else "")
                 + (f", activation={act.name}" if act is not None else ""))
 
     def __getstate__(self) -> dict[str, Any]:

@@ -36,8 +36,13 @@ class ActivationSpec:
 
 @dataclass(frozen=True)
 class Scheme:
+    """weight: the stored layout; activation: the run-time input quantization (None: weight-only);
+    output_norm: a LayerNorm without affine parameters on the product, before the bias (OneBit's layer:
+    y = LN((x * g) @ W_hat^T) + bias), applied by `QuantLinear.forward` around the kernels."""
+
     weight: LayerSpec
     activation: ActivationSpec | None = None
+    output_norm: bool = False
 
     @property
     def activation_name(self) -> str | None:

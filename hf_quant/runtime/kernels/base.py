@@ -33,10 +33,15 @@ class Kernel:
     # measured kernel that runs a CPU layer is chosen, whatever its `max_rows` and `chosen` say.
     measured: bool = False
     gguf: bool = False  # runs layers holding GGUF block bytes (LayerSpec.gguf)
+    # runs 1-bit layers (sign codes, zero 1/2: LayerSpec.sym_zero), and adds `layer.kernel_bias` (not
+    # `layer.bias`: a layer with an output norm adds its bias after the norm)
+    one_bit: bool = False
 
     def accepts(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
-        """`supports`, and never a GGUF layer unless the kernel reads GGUF blocks."""
-        return (self.gguf or layer.spec.gguf is None) and self.supports(layer, device, dtype)
+        """`supports`, and never a GGUF layer unless the kernel reads GGUF blocks, nor a 1-bit one unless it
+        runs those."""
+        return ((self.gguf or layer.spec.gguf is None) and (self.one_bit or layer.spec.bits != 1)
+                and self.supports(layer, device, dtype))
 
     def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
         raise NotImplementedError

@@ -19,6 +19,7 @@ from .base import Kernel, register_kernel
 
 class _AnyFloat(Kernel):
     gguf = True  # through dequantize_weight, which reads GGUF blocks
+    one_bit = True  # and 1-bit signs
 
     def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
         return dtype.is_floating_point
@@ -37,7 +38,7 @@ class ReferenceKernel(_AnyFloat):
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
         W = dequantize_weight(layer.qweight, layer.scales, layer.qzeros, layer.spec, layer.in_features,
                               g_idx=layer.g_idx)
-        bias = None if layer.bias is None else layer.bias.to(x.dtype)
+        bias = None if layer.kernel_bias is None else layer.kernel_bias.to(x.dtype)
         return F.linear(fake_quantize_input(layer.scheme, x), W.to(x.dtype), bias)
 
 
@@ -55,7 +56,7 @@ class DequantMatmulKernel(_AnyFloat):
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
         W = dequantize_weight(layer.qweight, layer.scales, layer.qzeros, layer.spec, layer.in_features, x.dtype,
                               layer.g_idx)
-        bias = None if layer.bias is None else layer.bias.to(x.dtype)
+        bias = None if layer.kernel_bias is None else layer.kernel_bias.to(x.dtype)
         return F.linear(x, W, bias)
 
 
