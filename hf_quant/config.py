@@ -38,7 +38,7 @@ _RUNTIME_ONLY = ("dataset", "calibration_device", "hessian_dtype", "calibration_
 _PLAIN_FIELDS = ("method", "bits", "group_size", "sym", "on_incompatible", "dataset", "num_samples", "seq_len", "seed",
                  "damp_percent", "block_size", "desc_act", "static_groups", "true_sequential", "mse", "epochs",
                  "learning_rate", "block_name_to_quantize", "calibration_device", "format_version", "gguf",
-                 "hessian_dtype", "calibration_dtype", "spill_activations", "spill_dir")
+                 "hessian_dtype", "calibration_dtype", "spill_activations", "spill_dir", "latent")
 
 
 _SPEC_DEFAULTS = {"bits": 4, "group_size": 128, "sym": False}
@@ -167,6 +167,9 @@ class QuantConfig(QuantizationConfigMixin):
             (`<dst>.partial`), else the system's temporary directory (TMPDIR). It must have room for twice
             the activations; a smaller one is refused before calibration starts. Not saved.
         format_version: on-disk layout version; set by hf_quant (2, or 3 for GGUF layers), checked when loading.
+        latent: set by `hf_quant.training.prepare` (True): the checkpoint holds the latent state of
+            quantization-aware training (float weights and the method's trainable vectors), which loads back
+            as the prepared model; `training.convert` freezes it. None otherwise.
         provenance: set by hf_quant when it quantizes, informational (the model card shows it):
             base model, calibration data description, hf_quant version, and an `evaluation` entry
             when `hf-quant quantize --eval` measured perplexity.
@@ -202,6 +205,7 @@ class QuantConfig(QuantizationConfigMixin):
         calibration_dtype: str = "auto",
         spill_activations: bool | str = "auto",
         spill_dir: str | None = None,
+        latent: bool | None = None,
         **kwargs: Any,
     ) -> None:
         fields = dict(locals())
@@ -255,6 +259,8 @@ class QuantConfig(QuantizationConfigMixin):
                                                and os.path.isdir(self.spill_dir)):
             raise ValueError(f"QuantConfig.spill_dir={self.spill_dir!r} is not an existing directory; create it, or "
                              "pass None for the default (the streaming run's progress directory, else TMPDIR).")
+        if self.latent not in (None, True):
+            raise ValueError(f"QuantConfig.latent={self.latent!r} must be None or True (set by hf_quant.training.prepare).")
         _check_bits(self.bits, "bits")
         if self.bits == 1:
             self._check_one_bit(self.sym, "bits")

@@ -50,7 +50,7 @@ def test_prepare_train_convert_keeps_the_trained_function(float_llama, input_ids
 
 
 def test_prepare_refuses_clearly(float_llama):
-    with pytest.raises(ValueError, match=r"method='gptq' has no quantization-aware training; trainable methods: \['rtn'\]"):
+    with pytest.raises(ValueError, match=r"method='gptq' has no quantization-aware training; trainable methods: \['bitnet', 'onebit', 'rtn'\]"):
         training.prepare(float_llama, hf_quant.QuantConfig(method="gptq"))
     with pytest.raises(ValueError, match="no fake-quantized layers"):
         training.convert(float_llama)

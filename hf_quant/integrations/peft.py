@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from .. import compat
 from ..runtime import QuantLinear
+from ..training import is_training_layer
 from .peft_checks import check_adapter_config, is_lora, merge_refusal
 
 
@@ -42,7 +43,16 @@ def quantized_tuner_layers(model: nn.Module) -> dict[str, nn.Module]:
             if isinstance(m, BaseTunerLayer) and isinstance(base_layer(m), QuantLinear)}
 
 
+def _refuse_training_layer(target: nn.Module) -> None:
+    if is_training_layer(base_layer(target)):
+        raise ValueError(f"{type(base_layer(target)).__name__} ({base_layer(target).extra_repr()}) is still in "
+                         "quantization-aware training (hf_quant.training.prepare): its latent weights are trained "
+                         "directly. Freeze it with hf_quant.training.convert(model) first, then add adapters to the "
+                         "quantized model.")
+
+
 def _create_lora_module(lora_config: Any, adapter_name: str, target: nn.Module, **kwargs: Any) -> nn.Module | None:
+    _refuse_training_layer(target)
     if not isinstance(base_layer(target), QuantLinear):
         return None
     from .peft_lora import QuantLoraLinear
@@ -54,6 +64,8 @@ def _check_target(peft_config: Any, model: nn.Module, target_name: str) -> None:
     if is_lora(peft_config):
         return  # LoRA is checked per layer, with its full name, by QuantLoraLinear.update_layer
     for name, module in model.named_modules():  # PEFT passes the leaf name only
+        if name.rpartition(".")[2] == target_name:
+            _refuse_training_layer(module)
         if isinstance(module, QuantLinear) and name.rpartition(".")[2] == target_name:
             check_adapter_config(peft_config, name)
 

@@ -8,6 +8,7 @@ headers were checked, and the loader fills their buffers by name.
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from ..methods import get_method
 from ..runtime import QuantLinear
 from ..runtime.convert import (dequantize_model, find_targets, replace_with_empty_quant_linears,
                                resolve_modules_to_not_convert)
-from ..training import FakeQuantLinear, on_convert
+from .. import training
 from . import hub
 from . import peft as peft_integration
 
@@ -79,7 +80,12 @@ class HfQuantQuantizer(HfQuantizer):
             self._blocks = _block_list(model, config)
             if kwargs.get("device_map") is None:
                 _warn_if_too_big(checkpoint_files)
-        if self.pre_quantized:
+        if self.pre_quantized and config.latent:  # the latent state of quantization-aware training
+            training_config = copy.deepcopy(config)
+            training_config.latent = None
+            training.prepare_layers(model, training_config, self.targets)
+            model.hf_quant_training_config = training_config
+        elif self.pre_quantized:
             if checkpoint_files:
                 recover(Path(checkpoint_files[0]).parent)  # what a killed save left beside it
                 check_checkpoint(model, self.targets, checkpoint_files)
@@ -120,7 +126,8 @@ class HfQuantQuantizer(HfQuantizer):
 
     @property
     def is_qat_trainable(self) -> bool:
-        return False
+        """A loaded latent checkpoint (`QuantConfig.latent`) is a model in quantization-aware training."""
+        return bool(self.quantization_config.latent)
 
     @property
     def is_compileable(self) -> bool:
@@ -212,10 +219,15 @@ def attach(model, config: QuantConfig):
 
 
 def _after_training_convert(model, config: QuantConfig | None) -> None:
-    if config is None or not hasattr(model, "config") or any(isinstance(m, FakeQuantLinear) for m in model.modules()):
+    if config is None or not hasattr(model, "config") or any(training.is_training_layer(m) for m in model.modules()):
         return
     config.provenance = provenance(model, "quantization-aware training (hf_quant.training), data chosen by the user")
     attach(model, config)
 
 
-on_convert(_after_training_convert)
+def _after_training_prepare(model, config: QuantConfig) -> None:
+    peft_integration.install()  # adapters on training layers are refused clearly
+
+
+training.on_convert(_after_training_convert)
+training.on_prepare(_after_training_prepare)

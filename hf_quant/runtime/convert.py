@@ -104,7 +104,13 @@ def replace_with_empty_quant_linears(model: nn.Module, targets: dict[str, LayerS
 
 def dequantize_layer(module: QuantLinear, dtype: torch.dtype | None = None, as_conv1d: bool | None = None) -> nn.Module:
     """The float layer a QuantLinear stands for: a transformers Conv1D where it came from one (unless
-    `as_conv1d=False`), else an nn.Linear; in `dtype` (default: the dtype of its scales)."""
+    `as_conv1d=False`), else an nn.Linear; in `dtype` (default: the dtype of its scales). A layer that
+    normalises its product (OneBit's output_norm) is no float linear: refused."""
+    if module.scheme.output_norm:
+        raise ValueError(f"QuantLinear({module.extra_repr()}) normalises its product (OneBit's output_norm: "
+                         "LN(x @ W_hat^T) + bias), which no float nn.Linear computes; keep the quantized model (LoRA "
+                         "adapters train on it unmerged), or quantize with QuantConfig(method='onebit', "
+                         "output_norm=False) for layers that dequantize.")
     W = module.dequantize().to(dtype or module.float_dtype)
     return float_layer(W, module.bias, module.from_conv1d if as_conv1d is None else as_conv1d)
 
