@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, TrainingArguments
 
 import hf_quant
 from hf_quant import training
 from hf_quant.core import LayerSpec, grid
-from hf_quant.methods import bitnet, onebit
+from hf_quant.methods import onebit
 from hf_quant.runtime import QuantLinear, kernels
 
 from .conftest import TINY_LLAMA, train_steps
