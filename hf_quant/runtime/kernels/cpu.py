@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from . import native
-from ...core import codes_by_group, dequantize_weight, gguf, zero_points
+from ...core import codes_by_group, dequantize_weight, gguf, unpack_codes, zero_points
 from .base import Kernel, register_kernel
 
 _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -168,8 +168,14 @@ class Int4x2CpuKernel(_CpuPacked):
 
 
 def int8_rows(layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 codes (N, K) = qweight - 128, fp32 row scales (N,)) of an 8-bit per-row layer."""
-    return (layer.qweight.to(torch.int16) - 128).to(torch.int8).contiguous(), layer.scales.float()[:, 0].contiguous()
+    """(int8 codes (N, K), fp32 row scales (N,)) of a per-row layer: qweight - 128 for 8 bits; for a narrower
+    symmetric one the codes minus their zero (BitNet's ternary codes become -1, 0, 1)."""
+    spec = layer.spec
+    if spec.bits == 8:
+        wq = (layer.qweight.to(torch.int16) - 128).to(torch.int8)
+    else:
+        wq = (unpack_codes(layer.qweight, spec.bits, layer.in_features).to(torch.int16) - int(spec.sym_zero)).to(torch.int8)
+    return wq.contiguous(), layer.scales.float()[:, 0].contiguous()
 
 
 def int8_zero_offset(layer: Any, scale: torch.Tensor) -> torch.Tensor | None:

@@ -185,9 +185,11 @@ def _onednn_available() -> bool:
 
 
 def fits(layer: Any) -> bool:
-    """The layer is int8, one symmetric scale per row, no act-order: what the int8_token kernels run."""
+    """The layer has one symmetric scale per row, no act-order, and codes of 2 to 8 bits (int8 weights; BitNet's
+    ternary 2-bit codes, which `cpu.int8_rows` widens to int8 -1, 0, 1): what the int8_token kernels run."""
     spec = layer.spec
-    return spec.bits == 8 and spec.group_size == -1 and spec.sym and layer.g_idx is None
+    return (2 <= spec.bits <= 8 and spec.gguf is None and spec.group_size == -1 and spec.sym
+            and layer.g_idx is None)
 
 
 _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
