@@ -1,6 +1,6 @@
 """One GPU session in one call: versions and bandwidth, kernel correctness, the goal table, a dispatch
-table tuned from it, the int8 (W8A8 / LLM.int8) kernel, end-to-end `generate` speed, and GPTQ
-calibration speed.
+table tuned from it, the int8 (W8A8 / LLM.int8) kernel, OneBit / BitNet layers, end-to-end `generate`
+speed, and GPTQ calibration speed.
 
     python benchmarks/gpu_session.py --out $OUT                 # one H200, one call of at most 8 minutes
     python benchmarks/gpu_session.py --dry-run --out /tmp/gs    # the same code on CPU, under 90 s on 2 cores
@@ -37,10 +37,13 @@ traceback and the next stage runs; a watchdog ends the process at budget + `--gr
 5. `int8`: the `int8_token` scheme's CUDA kernel (`cuda_int8_token`) for plain W8A8 and LLM.int8
    (threshold 6, inputs with ~0.5% outlier columns) on the Llama-7B shapes, M in {1,16,64,256,4096}:
    relative error against the reference kernel, ms, and ratios to bf16 and fp16 `F.linear`.
-6. `generate`: greedy `generate` tokens/s, bf16 against RTN w4 g128 (`quantize_model`), eager and with
+6. `lowbit`: OneBit (1-bit signs with both value vectors and the output LayerNorm, on the Triton block
+   kernels) and BitNet b1.58 (ternary codes, int8 per-token activations on `cuda_int8_token`) layers on the
+   int8 shapes, M in {1, 16, 256}: the dispatcher's choice, its error against the reference, x bf16 F.linear.
+7. `generate`: greedy `generate` tokens/s, bf16 against RTN w4 g128 (`quantize_model`), eager and with
    CUDA graphs (static cache + `torch.compile(mode="reduce-overhead")` through transformers' CompileConfig),
    on a 4096-hidden Llama (4 blocks) and a ref-llama-shaped one (hidden 512, 8 blocks, GQA 8/4).
-7. `gptq`: `benchmarks/bench_gptq_gpu.py --layers 2` in a subprocess, capped; its output goes into results.json.
+8. `gptq`: `benchmarks/bench_gptq_gpu.py --layers 2` in a subprocess, capped; its output goes into results.json.
 
 `--dry-run` (automatic without CUDA) runs the same stages on CPU: TRITON_INTERPRET=1 before Triton is
 imported, one 256x384 shape, M in {1,4,16,20}, the Triton kernels called directly (prepare/forward: the
@@ -89,11 +92,16 @@ DRY_SHAPES = ["128x256"]
 DRY_MS = [1, 4, 16, 20]
 TOL = 1e-2  # relative error against the reference kernel in the same activation dtype (as tests/test_triton.py)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-STAGES = ["versions", "correctness", "goal_table", "tune", "int8", "generate", "gptq"]
-CAPS = {"versions": 20, "correctness": 60, "goal_table": 180, "tune": 5, "int8": 30, "generate": 90, "gptq": 65}
-DRY_CAPS = {"versions": 5, "correctness": 24, "goal_table": 16, "tune": 3, "int8": 6, "generate": 8, "gptq": 30}
-MIN_S = {"versions": 1, "correctness": 10, "goal_table": 10, "tune": 0.5, "int8": 8, "generate": 20, "gptq": 30}
-DRY_MIN_S = {"versions": 1, "correctness": 5, "goal_table": 5, "tune": 0.5, "int8": 2, "generate": 4, "gptq": 18}
+STAGES = ["versions", "correctness", "goal_table", "tune", "int8", "lowbit", "generate", "gptq"]
+CAPS = {"versions": 20, "correctness": 60, "goal_table": 160, "tune": 5, "int8": 30, "lowbit": 20, "generate": 90,
+        "gptq": 65}
+DRY_CAPS = {"versions": 5, "correctness": 24, "goal_table": 16, "tune": 3, "int8": 6, "lowbit": 6, "generate": 8,
+            "gptq": 30}
+MIN_S = {"versions": 1, "correctness": 10, "goal_table": 10, "tune": 0.5, "int8": 8, "lowbit": 5, "generate": 20,
+         "gptq": 30}
+DRY_MIN_S = {"versions": 1, "correctness": 5, "goal_table": 5, "tune": 0.5, "int8": 2, "lowbit": 2, "generate": 4,
+             "gptq": 18}
+LOWBIT_MS = [1, 16, 256]
 INT8_SHAPES = ["4096x4096", "4096x11008", "11008x4096"]
 INT8_MS = [1, 16, 64, 256, 4096]
 COLUMNS = ["shape", "K", "N", "M", "bits", "group", "dtype", "kernel", "auto_choice", "cuda_choice", "ms", "x_fp16", "x_bf16",
@@ -546,18 +554,20 @@ def correctness_units(dry: bool, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     if dry:
         cfgs = [(4, "fp16", 128, True), (4, "bf16", -1, False), (8, "bf16", 128, True), (8, "fp16", -1, False),
-                (3, "fp16", 128, False), (3, "bf16", 128, True), (2, "bf16", 128, False), (2, "fp16", -1, False)]
+                (3, "fp16", 128, False), (3, "bf16", 128, True), (2, "bf16", 128, False), (2, "fp16", -1, False),
+                (1, "bf16", 128, False)]
     else:
         cfgs = [(b, d, g, a) for b in (4, 8, 3, 2) for d in ("fp16", "bf16") for g, a in ((128, False), (128, True), (-1, False))]
+        cfgs += [(1, d, g, False) for d in ("fp16", "bf16") for g in (128, -1)]  # 1-bit signs (OneBit, RTN 1-bit)
     ms_small = [1, 3, 8, 16, 100, 300]
     small, medium = [], []
     for i, (bits, dt, group, act) in enumerate(cfgs):
-        base = dict(bits=bits, dtype=dt, group=group, act_order=act, sym=i % 2 == 1)
+        base = dict(bits=bits, dtype=dt, group=group, act_order=act, sym=i % 2 == 1 or bits == 1)
         if group == -1:
             K = rng.choice([200, 328, 1000]) if not dry else rng.choice([136, 200])
         else:
             K = 128 * rng.randint(2 if act else 1, 2 if dry else 4)
-        Ms = [[1, 3, 16, 100, 300, 8, 1, 20][i]] if dry else ms_small
+        Ms = [[1, 3, 16, 100, 300, 8, 1, 20, 4][i]] if dry else ms_small
         small.append(dict(base, id=f"s{i}", K=K, N=rng.randint(1, 200 if dry else 300), bias=True, Ms=Ms, seed=i))
         if not dry:
             K = rng.randint(1000, 3000) if group == -1 else 128 * rng.randint(8, 24)
@@ -1167,6 +1177,57 @@ def stage_int8(st: Stage) -> None:
     res["n_failures"] = sum(1 for r in res["rows"] if not r.get("ok"))
 
 
+def stage_lowbit(st: Stage) -> None:
+    """OneBit (1-bit signs, per-row h, per-channel g, output LayerNorm: the Triton block kernels at 1 bit) and
+    BitNet b1.58 (ternary codes on the int8_token kernel) layers on the Llama-7B shapes: the whole layer as the
+    dispatcher runs it ("auto"), its error against the reference kernel, and ratios to bf16 `F.linear`."""
+    import torch.nn.functional as F
+
+    from hf_quant import kernels
+    from hf_quant.config import LayerSpec
+    from hf_quant.methods.bitnet import BITNET_SPEC, int8_activation, quantize_bitnet
+    from hf_quant.methods.onebit import quantize_onebit
+    from hf_quant.runtime import ActivationSpec, QuantLinear
+
+    sess, a, dev = st.sess, st.sess.args, st.sess.device
+    shapes = DRY_SHAPES[:1] if sess.dry else INT8_SHAPES
+    ms = [1, 20] if sess.dry else LOWBIT_MS
+    timer = Timer(dev.type == "cuda", a.warmup_ms, a.rep_ms, cpu_reps=1)
+    res = st.rec["result"] = dict(rows=[], shapes=shapes, ms=ms, dtype="bf16")
+    g = torch.Generator().manual_seed(0)
+    onebit_spec, bitnet_spec = LayerSpec(1, -1, True, in_scale=True), LayerSpec(**BITNET_SPEC)
+    for shape in shapes:
+        K, N = parse_shape(shape)
+        W = torch.randn(N, K, generator=g) * 0.02
+        layers = {"onebit": QuantLinear.from_quantized(quantize_onebit(W, onebit_spec, torch.bfloat16), onebit_spec,
+                                                       None, output_norm=True).to(dev),
+                  "bitnet": QuantLinear.from_quantized(quantize_bitnet(W, bitnet_spec, torch.bfloat16), bitnet_spec,
+                                                       None, activation=ActivationSpec.of(int8_activation())).to(dev)}
+        w16 = W.to(dev, torch.bfloat16)
+        for M in ms:
+            if st.left() < (1 if sess.dry else 3):
+                st.skip_part(f"{shape} M={M} on", f"time: {st.left():.0f}s left in the stage")
+                break
+            x = torch.randn(M, K, generator=g).to(dev, torch.bfloat16)
+            base = timer(lambda: F.linear(x, w16))
+            for name, layer in layers.items():
+                try:
+                    with torch.no_grad():
+                        out = layer(x)
+                        with kernels.use_kernel("reference"):
+                            ref = layer(x)
+                    err = rel_err(out, ref)
+                    t_ms = timer(lambda layer=layer: layer(x))
+                    row = dict(shape=shape, M=M, layer=name, ms=t_ms, rel_err=err, ok=err < TOL, x_bf16=base / t_ms)
+                    st.log(f"lowbit {name} {shape} M={M}: {t_ms:.3f} ms, x bf16 {row['x_bf16']:.2f}, rel err {err:.1e}")
+                except Exception as e:
+                    st.error(f"lowbit {name} {shape} M={M}", e)
+                    row = dict(shape=shape, M=M, layer=name, error=f"{type(e).__name__}: {str(e)[:300]}")
+                res["rows"].append(row)
+            st.save()
+    res["n_failures"] = sum(1 for r in res["rows"] if not r.get("ok"))
+
+
 def stage_generate(st: Stage) -> None:
     import hf_quant
     from common import random_llama, tokens_per_s
@@ -1378,6 +1439,7 @@ def main(argv=None) -> int:
         sess.precompile = None
     sess.stage("tune", stage_tune)
     sess.stage("int8", stage_int8)
+    sess.stage("lowbit", stage_lowbit)
     sess.stage("generate", stage_generate)
     sess.stage("gptq", stage_gptq)
     sess.kill_children()

@@ -105,3 +105,14 @@ def test_int8_stage_checks_the_cuda_int8_kernel(session):
     assert rows and rec["result"]["n_failures"] == 0, rows
     assert {r["threshold"] for r in rows} == {0.0, 6.0}
     assert all(r["ok"] and r["rel_err"] < 2e-2 and r["ms"] > 0 and r["x_bf16"] > 0 for r in rows)
+
+
+def test_lowbit_stage_checks_onebit_and_bitnet_layers(session):
+    _, res, _ = session
+    rec = res["stages"]["lowbit"]
+    if rec["status"] == "skipped":
+        pytest.skip(f"lowbit stage skipped: {rec.get('reason')}")
+    rows = rec["result"]["rows"]
+    assert rows and rec["result"]["n_failures"] == 0, rows
+    assert {r["layer"] for r in rows} == {"onebit", "bitnet"}
+    assert all(r["ok"] and r["ms"] > 0 and r["x_bf16"] > 0 for r in rows)

@@ -239,3 +239,40 @@ def test_cpu_int8_kernels_take_strided_inputs(name, m):
     with kernels.use_kernel("reference"):
         ref = layer(x.contiguous())
     assert rel_err(out, ref) < TOL[torch.bfloat16]
+
+
+def bitnet_layer(out_f, in_f, bias, seed=0):
+    from hf_quant.methods.bitnet import BITNET_SPEC, int8_activation, quantize_bitnet
+
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(out_f, in_f, generator=g) * 0.05
+    spec = LayerSpec(**BITNET_SPEC)
+    return QuantLinear.from_quantized(quantize_bitnet(W, spec, torch.bfloat16), spec,
+                                      torch.randn(out_f, generator=g) if bias else None,
+                                      activation=ActivationSpec.of(int8_activation()))
+
+
+@pytest.mark.parametrize("m", [1, 3, 17, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bitnet_ternary_layers_run_on_the_int8_kernels(m, dtype):
+    """BitNet's 2-bit ternary codes widen to int8 -1, 0, 1: the same exact int8 kernels (CPU, and the CUDA one in
+    Triton's interpreter) against the reference."""
+    layer = bitnet_layer(40, 96, bias=m % 2 == 1, seed=m)
+    wq, ws = kernels.cpu.int8_rows(layer)
+    assert set(wq.unique().tolist()) <= {-1, 0, 1} and torch.equal(ws, layer.scales.float()[:, 0])
+    x = inputs(m, 96, dtype, False, seed=m + 3)
+    ran = []
+    for name in ("cpu_int8_onednn", "cpu_int8_fbgemm", "cpu_int8_token_w8"):
+        kernel = kernels.base.KERNELS.get(name)
+        if kernel.supports(layer, x.device, dtype):
+            with kernels.use_kernel(name):
+                _check(layer, x, layer(x))
+            ran.append(name)
+    assert "cpu_int8_token_w8" in ran
+    assert kernels.select_kernel(layer, x).name in ran
+    try:
+        from hf_quant.runtime.kernels.triton import int8 as T
+    except ImportError:
+        return
+    if not torch.cuda.is_available():
+        _check(layer, x, T.CUDA_INT8.forward(layer, x, T.CUDA_INT8.prepare(layer, x.device, dtype)))

@@ -38,7 +38,7 @@ def run_kernel(layer, x, name):
     return kernel.forward(layer, x, layer.prepared(kernel, x.device, x.dtype))  # interpreter: call it directly
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 def test_block_layout_word_w_code_j_holds_channel_b_kb_plus_j_bw_plus_w(bits):
     per, bw = L.per_word(bits), 16
     kb = per * bw
@@ -51,7 +51,7 @@ def test_block_layout_word_w_code_j_holds_channel_b_kb_plus_j_bw_plus_w(bits):
                 assert torch.equal(got, codes[:, b * kb + j * bw + w].to(torch.int64))
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
 @pytest.mark.parametrize("group", [None, 16, 32, 64, 128, 256])
 def test_every_slice_lies_in_one_group(bits, group):
     bw = L.block_words(bits, group)
@@ -101,6 +101,36 @@ def test_triton_kernels_match_reference(bits, group_size, sym, act_order, bias, 
         assert out.shape == ref.shape and out.dtype == dtype
         assert rel_err(out, ref) < tol, (name, rel_err(out, ref))
     assert int(layer.prepared(qgemm.GEMV, x.device, dtype).counters.abs().sum()) == 0  # split-K left them at zero
+
+
+@pytest.mark.parametrize("group_size", [-1, 128, 512])
+@pytest.mark.parametrize("m", [1, 5, 40])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_one_bit_layers_on_the_triton_kernels(group_size, m, dtype):
+    """1-bit signs (zero 1/2) are one more width of the block layout: all three kernels against the reference,
+    and a whole OneBit layer (in_scales, output LayerNorm, bias after it) through the dispatcher on CUDA."""
+    layer, _ = make_layer(37, 1024, LayerSpec(1, group_size, True), bias=True, dtype=dtype, seed=m)
+    layer.to(DEVICE)
+    x = torch.randn(m, 1024, generator=torch.Generator().manual_seed(m)).to(DEVICE, dtype)
+    with kernels.use_kernel("reference"):
+        ref = layer(x)
+    ran = 0
+    for name, kernel in TRITON.items():
+        if kernel.runs(layer, torch.device("cuda"), dtype, m):
+            ran += 1
+            assert rel_err(run_kernel(layer, x, name), ref) < 1e-2, name
+    assert ran >= 2
+    if CUDA:
+        from hf_quant.methods.onebit import quantize_onebit
+        from hf_quant.runtime import QuantLinear
+
+        spec = LayerSpec(1, -1, True, in_scale=True)
+        W = torch.randn(64, 1024, generator=torch.Generator().manual_seed(1))
+        onebit = QuantLinear.from_quantized(quantize_onebit(W, spec, dtype), spec, torch.randn(64).to(dtype),
+                                            output_norm=True).to(DEVICE)
+        with kernels.use_kernel("reference"):
+            ref = onebit(x)
+        assert rel_err(onebit(x), ref) < 1e-2
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

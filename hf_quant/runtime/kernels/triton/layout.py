@@ -78,7 +78,7 @@ class Geometry(NamedTuple):
 
 def geometry(bits: int, group: int | None, K: int, N: int) -> Geometry | None:
     """The layout of a (N, K) weight in groups of `group` (None: one per row); None if none fits."""
-    bw = block_words(bits, group) if 2 <= bits <= 8 else None
+    bw = block_words(bits, group) if 1 <= bits <= 8 else None
     if bw is None:
         return None
     kb = per_word(bits) * bw

@@ -375,6 +375,7 @@ class _TritonBlocks(Kernel):
 
     layout = "triton_blocks"
     priority = 20  # above dequant_matmul on CUDA; which of the three runs is the table's choice
+    one_bit = True  # 1-bit codes are one more width of the layout (zero 1/2 goes into SB like any zero)
 
     def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
         return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and L.fits(layer)
@@ -389,7 +390,8 @@ class _TritonBlocks(Kernel):
         return L.build(layer, device)
 
     def bias(self, layer: Any, dtype: torch.dtype) -> torch.Tensor | None:
-        return None if layer.bias is None else layer.bias.to(dtype)
+        bias = layer.kernel_bias  # none for a layer that normalises its product first (OneBit)
+        return None if bias is None else bias.to(dtype)
 
 
 class _TritonMatmul(_TritonBlocks):
