@@ -128,6 +128,8 @@ def test_prepare_train_convert_round_trip(method, float_llama, input_ids, tmp_pa
     with hf_quant.kernels.use_kernel("reference"):
         torch.testing.assert_close(_logits(model, input_ids), trained, rtol=1e-4, atol=1e-4)
     model.save_pretrained(tmp_path / "frozen")
+    card = (tmp_path / "frozen" / "README.md").read_text()  # written with the checkpoint, as pushed
+    assert ("OneBit" if method == "onebit" else "BitNet") in card and "quantization-aware training" in card
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "frozen")
     assert again.config.quantization_config.latent is None
     assert torch.equal(_logits(again, input_ids), _logits(model, input_ids))

@@ -644,3 +644,251 @@ int hfq_finish_tokens(const float *y, int64_t M, int64_t N, const float *absmax,
     }
     return 0;
 }
+
+/* ---------------------------------------------------------------------------------------------------
+ * 1-bit (sign) layers: w = (q - 1/2) * scale, q one bit per weight (code i of a row in bit i % 8 of byte
+ * i / 8: hf_quant/core/packing.py), scale per group of gs channels. With P_g the sum of the activations of
+ * group g whose bit is set and S_g the sum of all of them,
+ *     y[m, n] = sum_g scale[n, g] * (P_g - S_g / 2)
+ * so the inner loop only adds: AVX-512, acc += x under a write mask that is the packed bits themselves
+ * (two bytes, 16 lanes); AVX2, acc += x AND a lane mask looked up from a table of the 256 bytes. x (M x K,
+ * row stride ldx, fp32 / bf16 / fp16: x_kind 0 / 1 / 2) is widened to fp32 once per call into `work`
+ * (M * K floats, unless x is contiguous fp32) followed by -S_g / 2 per row and group (M * G floats), which
+ * starts each group's accumulator (its lane 0). Every sum is fp32. HFQ_SNR weight rows and up to HFQ_SMB_*
+ * activation rows per pass; weight rows in blocks of HFQ_SNR over the threads. out (M x N): out_kind 0 fp32,
+ * 1 bf16, 2 fp16, rounded once; bias (N fp32) or NULL.
+ */
+#if defined(__AVX512F__) || defined(__AVX2__)
+#define HFQ_SIGN 1
+#define HFQ_SNR 4
+#if defined(__AVX512F__)
+#define HFQ_SVW 16
+#define HFQ_SMB_ROWS 6  /* 24 accumulators of 32 zmm registers */
+#define HFQ_SMB_GROUPS 3  /* accumulators and per-group totals: 24 */
+typedef __m512 hfq_sv;
+typedef __mmask16 hfq_sm;
+static inline hfq_sv s_zero(void) { return _mm512_setzero_ps(); }
+static inline hfq_sv s_first(float v) { return _mm512_zextps128_ps512(_mm_set_ss(v)); }
+static inline hfq_sv s_load(const float *p) { return _mm512_loadu_ps(p); }
+static inline hfq_sv s_add(hfq_sv a, hfq_sv b) { return _mm512_add_ps(a, b); }
+static inline hfq_sv s_fma(hfq_sv a, float s, hfq_sv c) { return _mm512_fmadd_ps(a, _mm512_set1_ps(s), c); }
+static inline float s_hsum(hfq_sv v) { return _mm512_reduce_add_ps(v); }
+static inline hfq_sm s_mask(const uint8_t *p) {  /* 16 bits, lane l = code l */
+    uint16_t b;
+    memcpy(&b, p, 2);
+    return _cvtu32_mask16(b);
+}
+static inline hfq_sv s_addm(hfq_sv acc, hfq_sm k, hfq_sv x) { return _mm512_mask_add_ps(acc, k, acc, x); }
+#else
+#define HFQ_SVW 8
+#define HFQ_SMB_ROWS 2  /* 16 ymm registers: 8 accumulators, 4 masks */
+#define HFQ_SMB_GROUPS 1
+typedef __m256 hfq_sv;
+typedef __m256 hfq_sm;
+#define HFQ_B1(b) -((b) & 1), -((b) >> 1 & 1), -((b) >> 2 & 1), -((b) >> 3 & 1), -((b) >> 4 & 1), -((b) >> 5 & 1), \
+    -((b) >> 6 & 1), -((b) >> 7 & 1)
+#define HFQ_B4(b) HFQ_B1(b), HFQ_B1((b) + 1), HFQ_B1((b) + 2), HFQ_B1((b) + 3)
+#define HFQ_B16(b) HFQ_B4(b), HFQ_B4((b) + 4), HFQ_B4((b) + 8), HFQ_B4((b) + 12)
+#define HFQ_B64(b) HFQ_B16(b), HFQ_B16((b) + 16), HFQ_B16((b) + 32), HFQ_B16((b) + 48)
+/* lane l of entry b: all ones where bit l of b is set */
+static const int32_t hfq_bit_lanes[256 * 8] __attribute__((aligned(32))) = {
+    HFQ_B64(0), HFQ_B64(64), HFQ_B64(128), HFQ_B64(192)};
+static inline hfq_sv s_zero(void) { return _mm256_setzero_ps(); }
+static inline hfq_sv s_first(float v) { return _mm256_zextps128_ps256(_mm_set_ss(v)); }
+static inline hfq_sv s_load(const float *p) { return _mm256_loadu_ps(p); }
+static inline hfq_sv s_add(hfq_sv a, hfq_sv b) { return _mm256_add_ps(a, b); }
+static inline hfq_sv s_fma(hfq_sv a, float s, hfq_sv c) {
+#if defined(__FMA__)
+    return _mm256_fmadd_ps(a, _mm256_set1_ps(s), c);
+#else
+    return _mm256_add_ps(_mm256_mul_ps(a, _mm256_set1_ps(s)), c);
+#endif
+}
+static inline float s_hsum(hfq_sv v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+static inline hfq_sm s_mask(const uint8_t *p) { return _mm256_load_ps((const float *)(hfq_bit_lanes + 8 * *p)); }
+static inline hfq_sv s_addm(hfq_sv acc, hfq_sm k, hfq_sv x) { return _mm256_add_ps(acc, _mm256_and_ps(k, x)); }
+#endif
+#define HFQ_SMB (HFQ_SMB_ROWS > HFQ_SMB_GROUPS ? HFQ_SMB_ROWS : HFQ_SMB_GROUPS)
+
+/* Weight rows p[0..HFQ_SNR) (scales s[r], G per row) against activation rows x[0..mb) (stride K, fp32), hx their
+ * -S_g / 2 (stride G): res[r][m] = sum_g s[r][g] (P_g - S_g / 2). grouped: per-group totals (an FMA per group);
+ * else one group, its scale applied to the sum. */
+static inline __attribute__((always_inline)) void sign_rows(
+        const float *x, int64_t K, const float *hx, const int mb, const int grouped, const uint8_t *const *p,
+        const float *const *s, int64_t G, int64_t gs, float res[HFQ_SNR][HFQ_SMB]) {
+    hfq_sv acc[HFQ_SNR][HFQ_SMB], tot[HFQ_SNR][HFQ_SMB];
+    if (grouped)
+        for (int r = 0; r < HFQ_SNR; r++)
+            for (int m = 0; m < mb; m++) tot[r][m] = s_zero();
+    const int64_t gbytes = gs / 8;
+    for (int64_t g = 0; g < G; g++) {
+        for (int m = 0; m < mb; m++) {
+            const hfq_sv h = s_first(hx[m * G + g]);
+            for (int r = 0; r < HFQ_SNR; r++) acc[r][m] = h;
+        }
+        const float *xg = x + g * gs;
+        const uint8_t *q[HFQ_SNR];
+        for (int r = 0; r < HFQ_SNR; r++) q[r] = p[r] + g * gbytes;
+        for (int64_t j = 0; j < gs; j += HFQ_SVW) {
+            hfq_sm k[HFQ_SNR];
+            for (int r = 0; r < HFQ_SNR; r++) k[r] = s_mask(q[r] + j / 8);
+            for (int m = 0; m < mb; m++) {
+                const hfq_sv xv = s_load(xg + m * K + j);
+                for (int r = 0; r < HFQ_SNR; r++) acc[r][m] = s_addm(acc[r][m], k[r], xv);
+            }
+        }
+        if (grouped)
+            for (int r = 0; r < HFQ_SNR; r++)
+                for (int m = 0; m < mb; m++) tot[r][m] = s_fma(acc[r][m], s[r][g], tot[r][m]);
+    }
+    for (int r = 0; r < HFQ_SNR; r++)
+        for (int m = 0; m < mb; m++) res[r][m] = grouped ? s_hsum(tot[r][m]) : s_hsum(acc[r][m]) * s[r][0];
+}
+
+static void sign_block(const float *x, int64_t K, const float *hx, int mb, const uint8_t *const *p,
+                       const float *const *s, int64_t G, int64_t gs, float res[HFQ_SNR][HFQ_SMB]) {
+    /* a constant row count per call: the accumulators stay in registers */
+#define HFQ_S(k, GR) case k: sign_rows(x, K, hx, k, GR, p, s, G, gs, res); break;
+    if (G > 1) {
+        switch (mb) {
+#if HFQ_SMB_GROUPS >= 3
+        HFQ_S(3, 1) HFQ_S(2, 1)
+#endif
+        default: sign_rows(x, K, hx, 1, 1, p, s, G, gs, res);
+        }
+    } else {
+        switch (mb) {
+#if HFQ_SMB_ROWS >= 6
+        HFQ_S(6, 0) HFQ_S(5, 0) HFQ_S(4, 0) HFQ_S(3, 0)
+#endif
+        HFQ_S(2, 0)
+        default: sign_rows(x, K, hx, 1, 0, p, s, G, gs, res);
+        }
+    }
+#undef HFQ_S
+}
+#endif
+
+int hfq_sign_vector_width(void) {
+#if defined(HFQ_SIGN)
+    return HFQ_SVW;
+#else
+    return 0;
+#endif
+}
+
+/* Returns 0; 1 where this build has no vector sign kernel (neither AVX-512F nor AVX2); 2 for a group size that
+ * is not a multiple of the vector width or does not divide K. work: at least M * K + M * G floats. */
+int hfq_sign_gemm(const void *x, int64_t M, int64_t K, int64_t ldx, int x_kind, const uint8_t *bits,
+                  const float *scale, const float *bias, void *out, int64_t N, int64_t G, int64_t gs, int out_kind,
+                  float *work, int nthreads) {
+#if defined(HFQ_SIGN)
+    if (gs <= 0 || gs % HFQ_SVW != 0 || G * gs != K) return 2;
+    const int direct = x_kind == 0 && (ldx == K || M == 1);  /* contiguous fp32: no copy */
+    const float *xf = direct ? (const float *)x : work;
+    float *hx = work + (direct ? 0 : M * K);
+    const int64_t esize = x_kind == 0 ? 4 : 2, row_bytes = K / 8, blocks = (N + HFQ_SNR - 1) / HFQ_SNR;
+    const int mb_max = G > 1 ? HFQ_SMB_GROUPS : HFQ_SMB_ROWS;
+    if (M * K < (1 << 14) && blocks * M * K < (1 << 18)) nthreads = 1;  /* a tiny product: no fork/join */
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) {  /* widen, and -S_g / 2 per group */
+            float *dst = (float *)xf + m * K;
+            if (!direct) row_to_f32((const char *)x + m * ldx * esize, K, x_kind, dst);
+            for (int64_t g = 0; g < G; g++) {
+                hfq_sv a = s_zero();
+                for (int64_t j = 0; j < gs; j += HFQ_SVW) a = s_add(a, s_load(xf + m * K + g * gs + j));
+                hx[m * G + g] = -0.5f * s_hsum(a);
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t n0 = b * HFQ_SNR;
+            const int nr = (int)(N - n0 < HFQ_SNR ? N - n0 : HFQ_SNR);
+            const uint8_t *p[HFQ_SNR];
+            const float *s[HFQ_SNR];
+            for (int r = 0; r < HFQ_SNR; r++) {  /* a short last block repeats its last row, once discarded */
+                const int64_t n = n0 + (r < nr ? r : nr - 1);
+                p[r] = bits + n * row_bytes;
+                s[r] = scale + n * G;
+            }
+            for (int64_t m0 = 0; m0 < M; m0 += mb_max) {
+                const int mb = (int)(M - m0 < mb_max ? M - m0 : mb_max);
+                float res[HFQ_SNR][HFQ_SMB];
+                sign_block(xf + m0 * K, K, hx + m0 * G, mb, p, s, G, gs, res);
+                for (int m = 0; m < mb; m++) {
+                    for (int r = 0; r < nr; r++) {
+                        const int64_t i = (m0 + m) * N + n0 + r;
+                        const float v = res[r][m] + (bias ? bias[n0 + r] : 0.0f);
+                        if (out_kind == 0) ((float *)out)[i] = v;
+                        else if (out_kind == 1) ((uint16_t *)out)[i] = f32_to_bf16(v);
+                        else {
+                            const _Float16 h = (_Float16)v;
+                            memcpy((uint16_t *)out + i, &h, 2);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    return 0;
+#else
+    (void)x; (void)M; (void)K; (void)ldx; (void)x_kind; (void)bits; (void)scale; (void)bias; (void)out; (void)N;
+    (void)G; (void)gs; (void)out_kind; (void)work; (void)nthreads;
+    return 1;
+#endif
+}
+
+/* The dequantized 1-bit weight out (N x K) = +-scale / 2 (set bit: +), in out_kind (0 fp32, 1 bf16, 2 fp16),
+ * rounded once from fp32: for the GEMM of many rows. Groups of gs channels (gs a multiple of 8). Returns 1 if
+ * a row buffer could not be allocated. */
+int hfq_sign_dequant(const uint8_t *bits, const float *scale, void *out, int64_t N, int64_t K, int64_t gs,
+                     int kind, int nthreads) {
+    const int64_t G = K / gs, row_bytes = K / 8;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+#if defined(__AVX512F__)
+        const int direct = gs % 16 == 0;
+#else
+        const int direct = 0;
+#endif
+        float *buf = direct ? NULL : (float *)malloc((size_t)K * sizeof(float));
+        if (!direct && !buf) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            const uint8_t *q = bits + n * row_bytes;
+            const float *sc = scale + n * G;
+#if defined(__AVX512F__)
+            if (direct) {
+                for (int64_t g = 0; g < G; g++) {
+                    const __m512 pos = _mm512_set1_ps(0.5f * sc[g]), neg = _mm512_set1_ps(-0.5f * sc[g]);
+                    for (int64_t j = g * gs; j < (g + 1) * gs; j += 16) {
+                        uint16_t b;
+                        memcpy(&b, q + j / 8, 2);
+                        put16(_mm512_mask_blend_ps(_cvtu32_mask16(b), neg, pos), out, n * K + j, kind);
+                    }
+                }
+                continue;
+            }
+#endif
+            if (!buf) continue;
+            for (int64_t g = 0; g < G; g++) {
+                const float h = 0.5f * sc[g];
+                for (int64_t j = g * gs; j < (g + 1) * gs; j++) buf[j] = (q[j >> 3] >> (j & 7)) & 1 ? h : -h;
+            }
+            store_row(buf, (char *)out + n * K * out_size(kind), K, kind);
+        }
+        free(buf);
+    }
+    return failed;
+}
