@@ -235,3 +235,29 @@ def test_onebit_layers_do_not_pretend_to_be_linear(float_llama):
         q = plain(input_ids=ids).logits
     plain.dequantize()
     torch.testing.assert_close(_logits(plain, ids), q, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_process_distillation_ends_with_identical_parameters(method, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo on CPU) runs DistillationTrainer on a prepared model; both processes end
+    with the same latent weights and value vectors, moved by training."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(repo / "tests" / "ddp_qat_worker.py"), str(tmp_path), method]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [load_file(tmp_path / f"qat_rank{r}.safetensors") for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) > 0
+    for k in ranks[0]:
+        assert torch.equal(ranks[0][k], ranks[1][k]), k
+    start = load_file(tmp_path / "qat_start.safetensors")
+    assert any(not torch.equal(start[k], ranks[0][k]) for k in start)
