@@ -261,3 +261,14 @@ def test_two_process_distillation_ends_with_identical_parameters(method, tmp_pat
         assert torch.equal(ranks[0][k], ranks[1][k]), k
     start = load_file(tmp_path / "qat_start.safetensors")
     assert any(not torch.equal(start[k], ranks[0][k]) for k in start)
+
+
+def test_exporters_refuse_what_they_cannot_represent(tmp_path):
+    for method in ("onebit", "bitnet"):
+        model = AutoModelForCausalLM.from_pretrained(TINY_LLAMA, quantization_config=hf_quant.QuantConfig(method=method))
+        with pytest.raises(ValueError, match="cannot export to GPTQ"):
+            hf_quant.export_gptq(model, tmp_path / f"gptq-{method}")
+        assert not (tmp_path / f"gptq-{method}").exists()
+        with pytest.raises(ValueError):
+            hf_quant.export_bnb8(model, tmp_path / f"bnb-{method}")
+        assert not (tmp_path / f"bnb-{method}").exists()

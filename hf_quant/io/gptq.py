@@ -87,6 +87,11 @@ def export_gptq(
                              f"activations at run time (activation scheme {act.name!r}{f', {params}' if params else ''}"
                              "), which the GPTQ format cannot represent (its loaders run weight-only kernels). Export "
                              "it with export_bnb8 (bitsandbytes load_in_8bit) or save it in hf_quant's own format.")
+        if layer.spec.bits == 1 or layer.in_scales is not None or layer.scheme.output_norm:
+            raise ValueError(f"{name}: cannot export to GPTQ: a 1-bit layer (method {qc.method!r}: signs"
+                             f"{', per-input-channel scales' if layer.in_scales is not None else ''}"
+                             f"{', a LayerNorm on its product' if layer.scheme.output_norm else ''}), which the GPTQ "
+                             "format (2, 3, 4 or 8 bits, x @ W^T) cannot represent. Save it in hf_quant's own format.")
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     lm_head = next((n for n, m in model.named_modules() if m is output), None)
     float_linears = [n for n, m in model.named_modules()
