@@ -6,23 +6,27 @@ For every weight shape (in_features x out_features) and every number of activati
 * the baselines: `F.linear` with a random fp32 weight on fp32 activations, and with the same weight
   in bf16 on bf16 activations. `best float` is the faster of the two: every ratio is against it;
 * `QuantLinear` made by round-to-nearest from that weight (bf16 scales, as in a bf16 checkpoint):
-  4 bits with groups of 128 (asymmetric) and 8 bits per output channel (asymmetric), each on bf16
-  and on fp32 activations:
+  4 bits with groups of 128 (asymmetric) and 8 bits per output channel (asymmetric); and the low-bit
+  methods' layers, `QuantConfig(method="onebit")` (1-bit signs, SVID value vectors: in_scales and the
+  output LayerNorm, which `layer(x)` includes) and `QuantConfig(method="bitnet")` (ternary 2-bit codes,
+  int8 per-token activations on the int8 kernels), from their own random weights of the same shape, at
+  `--lowbit-m` rows (default 1 and 64). Each on bf16 and on fp32 activations:
   - every candidate of the measured CPU dispatch (`hf_quant/runtime/kernels/cpu_measure.py`), its
-    `forward` called directly. A candidate that the dispatch's own measurement dropped (a probe on
+    `forward` called directly (on x times the layer's in_scales, as `QuantLinear` calls it). A candidate that the dispatch's own measurement dropped (a probe on
     fewer rows was already slower than the best) is shown as `dropped`, not timed;
   - the layer itself (`layer(x)`, dispatch included) in mode "measure" and, for fp32 activations,
     in mode "measure_bf16" (fp32 layers may run in bf16). The `choice` columns name the kernel.
 
-Before a kernel is timed, its output is compared with the reference kernel (dequantize + `F.linear`)
-on the same input; the relative Frobenius error must stay below 1e-3 for fp32 kernels and 2e-2 for
+Before a kernel is timed, its output is compared with the reference kernel (dequantize + `F.linear`,
+after the layer's activation quantization) on the same input; the relative Frobenius error must stay below 1e-3 for fp32 kernels and 2e-2 for
 bf16 ones, or the script stops with exit status 1.
 
 Each time is the median over `--reps` timed blocks of `torch.utils.benchmark.Timer` (at most 3 for
 calls slower than 0.5 s), each block repeating the call for at least `--block-ms` milliseconds,
 under `torch.inference_mode()`. Weights are cold, as a layer of a model finds them: each timed
 function cycles through copies of its weights (distinct random weights, the same input) that
-together exceed twice the last-level cache (`common.cold_copies`), so every call reads its weight
+together exceed twice the last-level cache (`common.cold_copies`; the low-bit layers, whose weights are
+small, get as many copies as that takes, up to LOWBIT_MOST_COPIES), so every call reads its weight
 from memory while the activations stay in cache. `--warm` times one weight back to back instead (a
 weight that fits stays in the cache: that flatters the smaller formats).
 Ratios are `best float ms / ms` (> 1: the quantized layer is faster).
@@ -37,6 +41,7 @@ Run (rows are printed as they are measured; the CPU flags first, the goals last)
     python benchmarks/bench_cpu.py            # Llama-7B shapes, M in {1, 8, 64, 512}
     python benchmarks/bench_cpu.py --small    # 1024-wide shapes, M in {1, 8, 64}, 2 blocks
     python benchmarks/bench_cpu.py --shapes 4096x4096 --m 1 16 --threads 4 --reps 9
+    python benchmarks/bench_cpu.py --bits 1 2  # only the OneBit (1) and BitNet (2) rows, M in {1, 64}
 """
 
 from __future__ import annotations
@@ -56,8 +61,9 @@ from torch.utils.benchmark import Timer
 from common import Rotation, cold_copies, cpu_summary
 
 from hf_quant.calibration import quantize_layer
-from hf_quant.config import LayerSpec
+from hf_quant.config import LayerSpec, QuantConfig
 from hf_quant.runtime.kernels import cpu_dispatch, select_kernel, use_kernel
+from hf_quant.runtime.kernels.base import KERNELS
 from hf_quant.runtime.kernels.cpu_measure import candidates, measurement_for
 from hf_quant.runtime import QuantLinear
 
@@ -69,6 +75,12 @@ QUANT_SPECS = [
     LayerSpec(bits=4, group_size=128, sym=False),  # cpu_int4
     LayerSpec(bits=8, group_size=-1, sym=False),  # cpu_int8
 ]
+# The low-bit methods' layers (each from its own random weights), by their specs' bits: OneBit's 1-bit signs (the
+# native_sign kernels) and BitNet's ternary 2-bit codes with int8 activations (the int8_token kernels)
+LOWBIT = {1: "onebit", 2: "bitnet"}
+LOWBIT_M = [1, 64]
+LOWBIT_MOST_COPIES = 48
+LABEL = {1: "1 (OneBit)", 2: "1.58 (BitNet)"}
 MAX_REL_ERR = {torch.float32: 1e-3, torch.bfloat16: 2e-2}
 DTYPE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 SEED = 0
@@ -90,8 +102,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--shapes", nargs="+", type=parse_shape, metavar="KxN",
                    help=f"weight shapes in_features x out_features (default: {' '.join(DEFAULT_SHAPES)})")
     p.add_argument("--m", nargs="+", type=int, help="rows of activations (default: 1 8 64 512; --small: 1 8 64)")
-    p.add_argument("--bits", nargs="+", type=int, choices=sorted({s.bits for s in QUANT_SPECS}),
-                   help="only the quantized layers of these bits (default: all)")
+    p.add_argument("--bits", nargs="+", type=int, choices=sorted({s.bits for s in QUANT_SPECS} | set(LOWBIT)),
+                   help="only the quantized layers of these bits, 1: OneBit, 2: BitNet (default: all)")
+    p.add_argument("--lowbit-m", nargs="+", type=int, default=LOWBIT_M,
+                   help=f"rows of activations for the OneBit and BitNet layers (default: {' '.join(map(str, LOWBIT_M))})")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     p.add_argument("--reps", type=int, default=None,
                    help="timed blocks per measurement; the median is reported (default 5; --small: 2)")
@@ -191,10 +205,35 @@ def make_layers(k: int, n: int, w16: torch.Tensor, bits: list[int] | None = None
     for spec in QUANT_SPECS:
         if bits and spec.bits not in bits:
             continue
-        linear = nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
-        linear.weight.data.copy_(w16)
-        layers[spec] = quantize_layer(f"{k}x{n}", linear, spec, method="rtn")
+        layers[spec] = quantize_layer(f"{k}x{n}", bf16_linear(k, n, w16), spec, method="rtn")
     return layers
+
+
+def bf16_linear(k: int, n: int, w16: torch.Tensor) -> nn.Linear:
+    linear = nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
+    linear.weight.data.copy_(w16)
+    return linear
+
+
+def lowbit_spec(method: str) -> LayerSpec:
+    return QuantConfig(method=method).layer_spec("model.layers.0.mlp.up_proj")
+
+
+def runtime_bytes(method: str, k: int, n: int) -> int:
+    """Bytes of weight a call reads: OneBit's packed bits; BitNet's codes as the int8 kernels hold them."""
+    return n * k // 8 if method == "onebit" else n * k
+
+
+def make_lowbit_copies(k: int, n: int, method: str, warm: bool) -> list[QuantLinear]:
+    """Copies of a `QuantConfig(method=...)` layer, each from its own random bf16 weight: as many as make them
+    cold together (`cold_copies` of the bytes a call reads, at most LOWBIT_MOST_COPIES), or one with `warm`."""
+    count = 1 if warm else cold_copies(runtime_bytes(method, k, n), most=LOWBIT_MOST_COPIES)
+    return [quantize_layer(f"{k}x{n}", bf16_linear(k, n, (torch.randn(n, k) / k**0.5).to(torch.bfloat16)),
+                           lowbit_spec(method), method=method) for _ in range(count)]
+
+
+def label(spec: LayerSpec) -> str:
+    return LABEL.get(spec.bits, str(spec.bits))
 
 
 def checked(name: str, y: torch.Tensor, ref: torch.Tensor, bf16: bool, where: str) -> None:
@@ -214,12 +253,11 @@ def time_choice(copies: list[QuantLinear], x: torch.Tensor, mode: str, ref: torc
 
 
 @torch.inference_mode()
-def bench_m(copies: list[tuple[torch.Tensor, dict[LayerSpec, QuantLinear]]], m: int,
+def bench_m(w32s: list[torch.Tensor], quantized: dict[LayerSpec, list[QuantLinear]], m: int,
             args: argparse.Namespace, table: Table, results: list) -> None:
     """The two baselines, then every quantized layer's candidates and choices on bf16 and fp32
     activations; every timed function cycles through the weight copies."""
-    n, k = copies[0][0].shape
-    w32s = [w for w, _ in copies]
+    n, k = w32s[0].shape
     w16s = [w.to(torch.bfloat16) for w in w32s]
     x32 = torch.randn(m, k)
     x16 = x32.to(torch.bfloat16)
@@ -227,8 +265,9 @@ def bench_m(copies: list[tuple[torch.Tensor, dict[LayerSpec, QuantLinear]]], m: 
     base16 = time_fn(Rotation([lambda x, w=w: F.linear(x, w) for w in w16s]), x16, args)
     best = min(base32, base16, key=lambda t: t.ms)
     best_name = "fp32" if best is base32 else "bf16"
-    for spec in copies[0][1]:
-        layers = [c[1][spec] for c in copies]
+    for spec, layers in quantized.items():
+        if m not in (args.lowbit_m if spec.bits in LOWBIT else args.m):
+            continue
         layer = layers[0]
         for x in (x16, x32):
             act, fp32 = DTYPE_NAME[x.dtype], x.dtype == torch.float32
@@ -238,24 +277,28 @@ def bench_m(copies: list[tuple[torch.Tensor, dict[LayerSpec, QuantLinear]]], m: 
             choice, t_choice = time_choice(layers, x, "measure", ref, args, where)
             choice16, t_choice16 = time_choice(layers, x, "measure_bf16", ref, args, where) if fp32 else ("-", None)
             entry = measurement_for(layer, x.device, x.dtype, m, allow_bf16=fp32)  # the widest one
+            # a kernel's input and product: x times the in_scales (OneBit), without the output norm
+            xk = x if layer.in_scales is None else x * layer.in_scales.to(x.dtype)
+            ref_k = KERNELS.get("reference").forward(layer, xk, None)
             cells = []
             for kernel in candidates(layer, x.device, x.dtype, allow_bf16=True):
-                if entry.seconds.get(kernel.name, 0.0) is None:
+                if entry is not None and entry.seconds.get(kernel.name, 0.0) is None:
                     cells.append(f"{kernel.name} dropped")
                     continue
-                checked(kernel.name, kernel.forward(layer, x, layer.prepared(kernel, x.device, x.dtype)), ref,
+                checked(kernel.name, kernel.forward(layer, xk, layer.prepared(kernel, x.device, x.dtype)), ref_k,
                         not fp32 or kernel.name.endswith("_bf16"), where)
                 calls = [lambda x, kernel=kernel, c=c, p=c.prepared(kernel, x.device, x.dtype): kernel.forward(c, x, p)
                          for c in layers]
-                t = time_fn(Rotation(calls), x, args)
+                t = time_fn(Rotation(calls), xk, args)
                 cells.append(f"{kernel.name} {t} ({speedup(best, t)})")
             for c in layers:
                 c.invalidate_kernels()  # drop the candidates' layouts
-            results.append((spec.bits, m, act, "measure", best.ms / t_choice.ms))
+            results.append((label(spec), m, act, "measure", best.ms / t_choice.ms))
             if fp32:
-                results.append((spec.bits, m, act, "measure_bf16", best.ms / t_choice16.ms))
-            table.row(f"{k}x{n}", m, spec.bits, act, f"{best} ({best_name})", choice, t_choice, speedup(best, t_choice),
-                      choice16, t_choice16 or "-", speedup(best, t_choice16) if fp32 else "-", "; ".join(cells))
+                results.append((label(spec), m, act, "measure_bf16", best.ms / t_choice16.ms))
+            table.row(f"{k}x{n}", m, label(spec), act, f"{best} ({best_name})", choice, t_choice,
+                      speedup(best, t_choice), choice16, t_choice16 or "-", speedup(best, t_choice16) if fp32 else "-",
+                      "; ".join(cells))
 
 
 GOALS = [(1, 2.5), (8, 1.2), (64, 0.8)]  # (smallest M, the least ratio to the best float path)
@@ -271,7 +314,7 @@ def report_goals(results: list) -> None:
     print("| bits | M | act | mode | worst x float | goal | met |")
     print("|---|---|---|---|---:|---:|---|")
     groups: dict[tuple, list[float]] = {}
-    for bits, m, act, mode, ratio in results:
+    for bits, m, act, mode, ratio in results:  # bits: the table's label
         groups.setdefault((bits, m, act, mode), []).append(ratio)
     for (bits, m, act, mode), ratios in groups.items():
         goal = goal_for(m)
@@ -300,22 +343,32 @@ def main() -> None:
           f"median of {args.reps} blocks >= {args.block_ms:g} ms; "
           + ("warm: one weight, calls back to back" if args.warm else
              "cold weights: copies called in rotation, together more than twice the last-level cache"))
-    print("QuantLinear: RTN from the bf16 weight, bf16 scales; 4 bits: group 128, asym; 8 bits: per-channel, asym.")
+    print("QuantLinear: RTN from the bf16 weight, bf16 scales; 4 bits: group 128, asym; 8 bits: per-channel, asym; "
+          f"OneBit and BitNet (QuantConfig(method=...), own random weights) at M in {args.lowbit_m}.")
     print("x float = best float ms / ms (> 1: QuantLinear faster). "
           f"*: other processes used > {NOISE_CORES:g} core while it was timed.\n")
     warm_up()
     table = Table()
     results: list = []
+    rtn = [spec for spec in QUANT_SPECS if not args.bits or spec.bits in args.bits]
+    lowbit = [bits for bits in LOWBIT if not args.bits or bits in args.bits]
+    ms = sorted({*(args.m if rtn else ()), *(args.lowbit_m if lowbit else ())})
     for k, n in args.shapes:
-        smallest = min(spec.bits for spec in QUANT_SPECS if not args.bits or spec.bits in args.bits) * n * k // 8
+        smallest = min(spec.bits for spec in rtn) * n * k // 8 if rtn else 2 * n * k  # else: the bf16 baseline's
         n_copies = 1 if args.warm else cold_copies(smallest)
-        copies = []
+        w32s, quantized = [], {}
         for _ in range(n_copies):
             w32 = torch.randn(n, k) / k**0.5
-            copies.append((w32, make_layers(k, n, w32.to(torch.bfloat16), args.bits)))
-        print(f"<!-- {k}x{n}: {n_copies} weight copies in rotation -->", flush=True)
-        for m in args.m:
-            bench_m(copies, m, args, table, results)
+            w32s.append(w32)
+            for spec, layer in make_layers(k, n, w32.to(torch.bfloat16), args.bits).items():
+                quantized.setdefault(spec, []).append(layer)
+        for bits in lowbit:
+            layers = make_lowbit_copies(k, n, LOWBIT[bits], args.warm)
+            quantized[layers[0].spec] = layers
+        print(f"<!-- {k}x{n}: {n_copies} weight copies in rotation"
+              + "".join(f"; {LOWBIT[b]}: {len(quantized[lowbit_spec(LOWBIT[b])])}" for b in lowbit) + " -->", flush=True)
+        for m in ms:
+            bench_m(w32s, quantized, m, args, table, results)
     report_goals(results)
 
 

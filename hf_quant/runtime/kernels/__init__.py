@@ -8,6 +8,7 @@ from .base import (Kernel, available_kernels, prefer_kernel, register_kernel, ro
                    use_kernel)
 from . import cpu, reference, triton  # noqa: E402,F401  (register the built-in kernels)
 from . import int8  # noqa: E402,F401  (the int8_token (LLM.int8 / W8A8) kernels)
+from . import sign  # noqa: E402,F401  (1-bit layers on the CPU)
 from .cpu_measure import cpu_dispatch, get_cpu_dispatch  # noqa: E402
 
 __all__ = ["Kernel", "available_kernels", "cpu_dispatch", "get_cpu_dispatch", "prefer_kernel", "register_kernel",

@@ -10,7 +10,9 @@ and is cached per source, compiler and CPU under `HF_QUANT_NATIVE_CACHE` (defaul
 ~/.cache/hf_quant/native). With no compiler, or `HF_QUANT_NATIVE=0`, `library()` is None and the
 kernels that use it are not candidates (the reason: `unavailable_reason()`).
 
-Also here: `codes_gemm` (codes of up to 8 bits x bf16 or fp32 activations fused, no dequantized weight:
+Also here: `sign_gemm` (1-bit sign codes x fp32 / bf16 / fp16 activations by masked fp32 adds, no multiplies
+in the inner loop: AVX-512F or AVX2 builds, `has_sign()`) and `sign_dequantize_into` (the 1-bit weight as
++-scale/2), `codes_gemm` (codes of up to 8 bits x bf16 or fp32 activations fused, no dequantized weight:
 AVX512-BF16 builds for bf16, `has_codes_bf16()`; AVX-512F or AVX2 + FMA builds for fp32, `has_codes_f32()`), and LLM.int8()'s per-token activation quantization (`quantize_tokens`,
 bit-identical to the torch path of kernels/int8.py) and its epilogue (`finish_tokens`).
 """
@@ -112,6 +114,10 @@ def _load() -> ctypes.CDLL:
     lib.hfq_quant_tokens.restype = I64
     lib.hfq_finish_tokens.argtypes = [P, I64, I64, P, P, P, I64, INT, P, I64, P, P, I64, P, INT, INT]
     lib.hfq_finish_tokens.restype = INT
+    lib.hfq_sign_vector_width.argtypes, lib.hfq_sign_vector_width.restype = [], INT
+    lib.hfq_sign_gemm.argtypes = [P, I64, I64, I64, INT, P, P, P, P, I64, I64, I64, INT, P, INT]
+    lib.hfq_sign_gemm.restype = INT
+    lib.hfq_sign_dequant.argtypes, lib.hfq_sign_dequant.restype = [P, P, P, I64, I64, I64, INT, INT], INT
     return lib
 
 
@@ -174,6 +180,7 @@ def dequantize_into(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 
 CAP_CODES_BF16 = 1  # hfq_codes_bf16_gemm compiled (AVX-512 BW + BF16)
 CAP_CODES_F32 = 2  # hfq_codes_f32_gemm vectorized (AVX-512F, or AVX2 + FMA)
+CAP_SIGN = 4  # hfq_sign_gemm vectorized (AVX-512F, or AVX2)
 # corr's offset per layout: bf16, nibbles 128 + q, bytes 16 (128 + high) + (128 + low) = u + 2176; fp32: q itself
 CODES_OFFSET = {(torch.bfloat16, True): 128.0, (torch.bfloat16, False): 2176.0,
                 (torch.float32, True): 0.0, (torch.float32, False): 0.0}
@@ -192,6 +199,80 @@ def has_codes_bf16() -> bool:
 def has_codes_f32() -> bool:
     """Whether the fused codes x fp32 kernel (`codes_gemm` with fp32 x) is built (vectorized) for this CPU."""
     return bool(_caps() & CAP_CODES_F32)
+
+
+def has_sign() -> bool:
+    """Whether the 1-bit sign kernel (`sign_gemm`) is built (vectorized) for this CPU."""
+    return bool(_caps() & CAP_SIGN)
+
+
+def sign_group_size_ok(gs: int) -> bool:
+    """Group sizes `sign_gemm` takes: multiples of its vector width (16 with AVX-512, 8 with AVX2)."""
+    return has_sign() and gs > 0 and gs % library().hfq_sign_vector_width() == 0
+
+
+def sign_workspace_floats(M: int, K: int, G: int) -> int:
+    """fp32 elements of the `work` buffer `sign_gemm` needs for M rows of K channels in G groups."""
+    return M * K + M * G
+
+
+def sign_gemm(x: torch.Tensor, bits: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+              out: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+    """out (M, N) = x (M, K) @ W.T + bias for a 1-bit layer, W[n, k] = (bit k of row n - 1/2) * scale[n, g(k)]:
+    per group the sum P of the activations whose bit is set and the sum S of all, y = sum_g scale (P - S / 2),
+    all in fp32 (x widened once per call), the output rounded once. bits: the packed codes (N, K / 8) uint8
+    (core/packing.py: code k in bit k % 8 of byte k // 8); scale (N, G) fp32 with K / G a multiple of the vector
+    width (`sign_group_size_ok`); bias (N,) fp32 or None; x fp32 / bf16 / fp16 with unit column stride; out
+    fp32 / bf16 / fp16 (N contiguous); work fp32, at least `sign_workspace_floats` elements."""
+    lib = library()
+    if lib is None or not has_sign():
+        raise RuntimeError(f"native sign kernel unavailable: {unavailable_reason() or 'not built for this CPU (AVX2 or AVX-512F)'}")
+    M, K = x.shape
+    N, G = scale.shape
+    gs = K // G if G else 0
+    ok = (x.dtype in _KIND and out.dtype in _KIND and bits.dtype == torch.uint8 and scale.dtype == torch.float32
+          and work.dtype == torch.float32 and tuple(bits.shape) == (N, K // 8) and K % 8 == 0 and G * gs == K
+          and sign_group_size_ok(gs) and tuple(out.shape) == (M, N) and (K <= 1 or M == 0 or x.stride(1) == 1)
+          and work.numel() >= sign_workspace_floats(M, K, G)
+          and (bias is None or (bias.dtype == torch.float32 and bias.shape == (N,) and bias.is_contiguous()))
+          and all(t.is_contiguous() for t in (bits, scale, out, work))
+          and all(t.device.type == "cpu" for t in (x, bits, scale, out, work)))
+    if not ok:
+        raise ValueError(f"native sign_gemm: bad operands x {tuple(x.shape)} {x.dtype}, bits {tuple(bits.shape)} "
+                         f"{bits.dtype}, scale {tuple(scale.shape)} {scale.dtype}, out {tuple(out.shape)} {out.dtype}: "
+                         "expected CPU tensors, x fp32/bf16/fp16 (M, K) with unit column stride, bits uint8 (N, K/8), "
+                         "scale fp32 (N, G) with groups of a multiple of the vector width, bias fp32 (N,) or None, "
+                         "out fp32/bf16/fp16 (M, N), work fp32 of sign_workspace_floats(M, K, G), contiguous")
+    if M == 0 or N == 0:
+        return out
+    rc = lib.hfq_sign_gemm(x.data_ptr(), M, K, x.stride(0) if M > 1 else K, _KIND[x.dtype], bits.data_ptr(),
+                           scale.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), N, G, gs,
+                           _KIND[out.dtype], work.data_ptr(), max(1, torch.get_num_threads()))
+    if rc:
+        raise RuntimeError(f"native sign_gemm failed (code {rc})")
+    return out
+
+
+def sign_dequantize_into(bits: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out (N, K) = the 1-bit weight +-scale / 2 (+ where the bit is set) in out's dtype (fp32 / bf16 / fp16),
+    rounded once from fp32: bits (N, K / 8) uint8, scale (N, G) fp32, K / G a multiple of 8."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"native CPU helpers unavailable: {unavailable_reason()}")
+    N, K = out.shape
+    G = scale.shape[1] if scale.dim() == 2 else 0
+    ok = (bits.dtype == torch.uint8 and scale.dtype == torch.float32 and out.dtype in _KIND and G > 0
+          and K % (8 * G) == 0 and tuple(bits.shape) == (N, K // 8) and tuple(scale.shape) == (N, G)
+          and all(t.is_contiguous() and t.device.type == "cpu" for t in (bits, scale, out)))
+    if not ok:
+        raise ValueError(f"native sign_dequantize_into: bad operands bits {tuple(bits.shape)} {bits.dtype}, scale "
+                         f"{tuple(scale.shape)} {scale.dtype}, out {tuple(out.shape)} {out.dtype}: expected contiguous "
+                         "CPU tensors, bits uint8 (N, K/8), scale fp32 (N, G) with K/G a multiple of 8, out fp32/bf16/"
+                         "fp16 (N, K)")
+    if N and lib.hfq_sign_dequant(bits.data_ptr(), scale.data_ptr(), out.data_ptr(), N, K, K // G, _KIND[out.dtype],
+                                  max(1, torch.get_num_threads())):
+        raise MemoryError("native sign_dequantize_into: out of memory for a row buffer")
+    return out
 
 
 def codes_group_size_ok(gs: int, nibbles: bool, compute: torch.dtype) -> bool:

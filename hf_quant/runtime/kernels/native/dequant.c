@@ -173,6 +173,9 @@ int hfq_caps(void) {
 #if defined(HFQ_F32_VEC)
     caps |= 2;
 #endif
+#if defined(__AVX512F__) || defined(__AVX2__)
+    caps |= 4;  /* hfq_sign_gemm is vectorized */
+#endif
     return caps;
 }
 
@@ -750,6 +753,31 @@ static inline __attribute__((always_inline)) void sign_rows(
         for (int m = 0; m < mb; m++) res[r][m] = grouped ? s_hsum(tot[r][m]) : s_hsum(acc[r][m]) * s[r][0];
 }
 
+/* A row of x (fp32 / bf16 / fp16) as fp32. */
+static void sign_widen(const void *x, int64_t K, int kind, float *dst) {
+    int64_t k = 0;
+    if (kind == 1) {
+        const uint16_t *h = (const uint16_t *)x;
+#if defined(__AVX512F__)
+        for (; k + 16 <= K; k += 16)
+            _mm512_storeu_ps(dst + k, _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(h + k))), 16)));
+#else
+        for (; k + 8 <= K; k += 8)
+            _mm256_storeu_ps(dst + k, _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(h + k))), 16)));
+#endif
+    } else if (kind == 2) {
+        const uint16_t *h = (const uint16_t *)x;
+#if defined(__AVX512F__)
+        for (; k + 16 <= K; k += 16) _mm512_storeu_ps(dst + k, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + k))));
+#elif defined(__F16C__)
+        for (; k + 8 <= K; k += 8) _mm256_storeu_ps(dst + k, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + k))));
+#endif
+    }
+    for (; k < K; k++) dst[k] = load_x(x, k, kind);
+}
+
 static void sign_block(const float *x, int64_t K, const float *hx, int mb, const uint8_t *const *p,
                        const float *const *s, int64_t G, int64_t gs, float res[HFQ_SNR][HFQ_SMB]) {
     /* a constant row count per call: the accumulators stay in registers */
@@ -800,7 +828,7 @@ int hfq_sign_gemm(const void *x, int64_t M, int64_t K, int64_t ldx, int x_kind, 
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; m++) {  /* widen, and -S_g / 2 per group */
             float *dst = (float *)xf + m * K;
-            if (!direct) row_to_f32((const char *)x + m * ldx * esize, K, x_kind, dst);
+            if (!direct) sign_widen((const char *)x + m * ldx * esize, K, x_kind, dst);
             for (int64_t g = 0; g < G; g++) {
                 hfq_sv a = s_zero();
                 for (int64_t j = 0; j < gs; j += HFQ_SVW) a = s_add(a, s_load(xf + m * K + g * gs + j));
