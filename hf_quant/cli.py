@@ -8,6 +8,8 @@
     hf-quant import-gptq SRC OUT            # a GPTQ checkpoint (directory or Hub repo) to hf_quant
     hf-quant export-bnb8 MODEL OUT          # an llm_int8 / w8a8 model to bitsandbytes' load_in_8bit layout
     hf-quant import-bnb8 SRC OUT            # a bitsandbytes load_in_8bit checkpoint to hf_quant llm_int8
+    hf-quant export-bitnet MODEL OUT        # a bitnet model to transformers' BitNet layout (BitLinear, offline)
+    hf-quant import-bitnet SRC OUT          # a transformers BitNet offline checkpoint to hf_quant bitnet
     hf-quant export-gguf MODEL OUT.gguf     # one GGUF file for llama.cpp (GGUF-grid layers exactly; --type for the rest)
     hf-quant import-gguf SRC.gguf OUT       # a GGUF file to an hf_quant checkpoint (blocks kept exactly)
 
@@ -277,7 +279,7 @@ def _check_args(args: argparse.Namespace) -> None:
             raise _fail(command, argument, "is not an hf_quant checkpoint (no hf_quant quantization_config in "
                         "config.json); save one with `hf-quant quantize` or save_pretrained first")
         _check_repo_id(command, f"REPO_ID {args.repo_id}", args.repo_id)
-    elif command in ("export-gptq", "export-bnb8"):
+    elif command in ("export-gptq", "export-bnb8", "export-bitnet"):
         source = _check_source(command, "model", args)
         _check_output(command, args, [source])
     elif command == "export-gguf":
@@ -288,7 +290,7 @@ def _check_args(args: argparse.Namespace) -> None:
         if not Path(args.src).is_file():
             raise _fail(command, f"SRC {args.src}", "is not a file; give the path of a .gguf file")
         _check_output(command, args, [])
-    elif command in ("import-gptq", "import-bnb8"):
+    elif command in ("import-gptq", "import-bnb8", "import-bitnet"):
         source = _check_source(command, "src", args)
         if source is not None and args.revision is not None:
             raise _fail(command, f"--revision {args.revision}", f"applies to Hub repo ids; {args.src} is a local "
@@ -508,18 +510,28 @@ def cmd_import_gptq(args: argparse.Namespace) -> None:
     _convert(args, "import_gptq", "checkpoint")
 
 
-def cmd_export_bnb8(args: argparse.Namespace) -> None:
+_TRANSFORMERS_LAYOUTS = {"export-bnb8": ("export_bnb8", "bitsandbytes load_in_8bit"),
+                         "export-bitnet": ("export_bitnet", "transformers BitNet (BitLinear, offline)")}
+
+
+def cmd_export_transformers_layout(args: argparse.Namespace) -> None:
+    """`hf-quant export-bnb8` / `export-bitnet`: an hf_quant model in a layout transformers loads by itself."""
     import hf_quant
 
+    exporter, layout = _TRANSFORMERS_LAYOUTS[args.command]
     _stage(f"loading {args.model}")
     model = _load(args.model, argparse.Namespace(command=args.command, dtype="auto", device=args.device))
-    _stage(f"writing the bitsandbytes 8-bit checkpoint to {args.out}")
-    hf_quant.export_bnb8(model, Path(args.out), tokenizer=_tokenizer(args.model, args.command))
-    print(json.dumps({"saved": args.out, "format": "bitsandbytes load_in_8bit"}))
+    _stage(f"writing the {layout} checkpoint to {args.out}")
+    getattr(hf_quant, exporter)(model, Path(args.out), tokenizer=_tokenizer(args.model, args.command))
+    print(json.dumps({"saved": args.out, "format": layout}))
 
 
 def cmd_import_bnb8(args: argparse.Namespace) -> None:
     _convert(args, "import_bnb8", "llm_int8 checkpoint")
+
+
+def cmd_import_bitnet(args: argparse.Namespace) -> None:
+    _convert(args, "import_bitnet", "bitnet checkpoint")
 
 
 def cmd_export_gguf(args: argparse.Namespace) -> None:
@@ -667,21 +679,25 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--revision", default=None)
     i.set_defaults(func=cmd_import_gptq)
 
-    xb = sub.add_parser("export-bnb8", help="write an hf_quant llm_int8 / w8a8 model as a bitsandbytes 8-bit "
-                        "(load_in_8bit) checkpoint")
-    xb.add_argument("model")
-    xb.add_argument("out")
-    _add_overwrite(xb)
-    xb.add_argument("--device", type=_device, default=None)
-    xb.set_defaults(func=cmd_export_bnb8)
+    for name, what in (("export-bnb8", "an hf_quant llm_int8 / w8a8 model as a bitsandbytes 8-bit (load_in_8bit)"),
+                       ("export-bitnet", "an hf_quant bitnet model as a transformers BitNet (BitLinear, offline)")):
+        xb = sub.add_parser(name, help=f"write {what} checkpoint")
+        xb.add_argument("model")
+        xb.add_argument("out")
+        _add_overwrite(xb)
+        xb.add_argument("--device", type=_device, default=None)
+        xb.set_defaults(func=cmd_export_transformers_layout)
 
-    ib = sub.add_parser("import-bnb8", help="convert a bitsandbytes load_in_8bit checkpoint (directory or Hub repo) "
-                        "to hf_quant llm_int8")
-    ib.add_argument("src")
-    ib.add_argument("out")
-    _add_overwrite(ib)
-    ib.add_argument("--revision", default=None)
-    ib.set_defaults(func=cmd_import_bnb8)
+    for name, what, func in (("import-bnb8", "a bitsandbytes load_in_8bit checkpoint (directory or Hub repo) to "
+                              "hf_quant llm_int8", cmd_import_bnb8),
+                             ("import-bitnet", "a transformers BitNet (BitLinear, offline) checkpoint (directory or "
+                              "Hub repo) to hf_quant bitnet", cmd_import_bitnet)):
+        ib = sub.add_parser(name, help=f"convert {what}")
+        ib.add_argument("src")
+        ib.add_argument("out")
+        _add_overwrite(ib)
+        ib.add_argument("--revision", default=None)
+        ib.set_defaults(func=func)
 
     xg = sub.add_parser("export-gguf", help="write a model (float, or hf_quant with or without a GGUF grid) as one "
                         "GGUF file for llama.cpp")

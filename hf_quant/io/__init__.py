@@ -39,7 +39,7 @@ def available_formats(*, exporting: bool = False, importing: bool = False) -> li
             if (not exporting or f.export is not None) and (not importing or f.import_ is not None)]
 
 
-from . import bnb, gguf, gptq, native  # noqa: E402
+from . import bitnet, bnb, gguf, gptq, native  # noqa: E402
 
 register_format(Format("hf_quant", "hf_quant's own safetensors layout (README: On-disk format)",
                        export=native.export_native))
@@ -47,6 +47,8 @@ register_format(Format("gptq", "the GPTQ layout vLLM / TGI / GPTQModel / transfo
                        export=gptq.export_gptq, import_=gptq.import_gptq))
 register_format(Format("bnb8", "bitsandbytes' 8-bit (load_in_8bit, LLM.int8) layout transformers loads; "
                        "llm_int8 / w8a8 models only", export=bnb.export_bnb8, import_=bnb.import_bnb8))
+register_format(Format("bitnet", "transformers' own BitNet layout (BitLinear, offline: ternary weights packed 4 per "
+                       "byte, 1/gamma); bitnet models only", export=bitnet.export_bitnet, import_=bitnet.import_bitnet))
 register_format(Format("gguf", "one GGUF file for llama.cpp, OUT/model.gguf (GGUF-grid layers exactly, others in "
                        "float)", export=gguf.export_gguf_dir))
 

@@ -30,7 +30,7 @@ from ..core.layers import set_module
 from ..methods import get_method
 from ..runtime import ActivationSpec, QuantLinear
 from ..runtime.convert import find_targets, resolve_modules_to_not_convert
-from .distill import DistillationTrainer, QuantRamp, distillation_loss, set_ramp
+from .distill import distillation_loss, set_ramp
 from .fake_quant import FakeQuantLinear, rtn_grid_ste
 from .layers import BitNetLinear, OneBitLinear, TrainableLayer
 
@@ -143,6 +143,14 @@ def convert(model: nn.Module) -> nn.Module:
     for hook in _ON_CONVERT:
         hook(model, config)
     return model
+
+
+def __getattr__(name: str):
+    if name in ("DistillationTrainer", "QuantRamp"):  # transformers' Trainer, imported on first use
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["BitNetLinear", "DistillationTrainer", "FakeQuantLinear", "OneBitLinear", "QuantRamp", "TrainableLayer",
