@@ -540,7 +540,8 @@ def cmd_export_gguf(args: argparse.Namespace) -> None:
     _stage(f"loading {args.model}")
     model = _load(args.model, argparse.Namespace(command=args.command, dtype="auto", device=None))
     _stage(f"writing {args.out}" + (f" (other matrices rounded onto {args.type})" if args.type else ""))
-    hf_quant.export_gguf(model, Path(args.out), _tokenizer(args.model, args.command), type=args.type)
+    hf_quant.export_gguf(model, Path(args.out), _tokenizer(args.model, args.command), type=args.type,
+                         ternary=None if args.ternary == "none" else args.ternary)
     print(json.dumps({"saved": args.out, "format": "gguf"}))
 
 
@@ -706,6 +707,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite(xg)
     xg.add_argument("--type", default=None, help="round matrices not already on a GGUF grid onto this type "
                     "(data-free; default: keep them in float)")
+    xg.add_argument("--ternary", choices=("TQ2_0", "TQ1_0", "none"), default="TQ2_0",
+                    help="GGUF type of ternary (BitNet b1.58) layers, their codes and scale written exactly "
+                    "(default TQ2_0; none: treat them like other layers, --type or float)")
     xg.set_defaults(func=cmd_export_gguf)
 
     ig = sub.add_parser("import-gguf", help="convert a GGUF file to an hf_quant checkpoint (Llama / Qwen2)")

@@ -29,22 +29,28 @@ def _oracle(raw: torch.Tensor, name: str, shape) -> torch.Tensor:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_codec_matches_gguf_py_on_random_bytes(name, seed):
     """Any bytes: our fields -> weights equal gguf-py's dequantization bit for bit (NaN/inf where its fp16
-    scales are), and fields -> bytes gives the same bytes back."""
+    scales are), and fields -> bytes gives the same bytes back (TQ1_0: bytes that decode the same; its base-3
+    bytes have 13 spare values, written back in llama.cpp's canonical form)."""
     t = G.TYPES[name]
     g = torch.Generator().manual_seed(seed)
     N, K = 3 + seed, t.block * (2 + seed)
     raw = torch.randint(0, 256, (N, G.row_bytes(t, K)), dtype=torch.uint8, generator=g)
     fields = G.unpack(raw, t, K)
-    assert fields.codes.max() <= t.maxq
+    assert fields.codes.max() <= (1 << t.bits) - 1
     ours, ref = G.dequantize_fields(fields, t), _oracle(raw, name, (N, K))
     assert torch.equal(torch.nan_to_num(ours, 7.0, 8.0, -8.0), torch.nan_to_num(ref, 7.0, 8.0, -8.0))
-    assert torch.equal(G.pack(fields, t), raw)
+    if name == "TQ1_0":
+        again = _oracle(G.pack(fields, t), name, (N, K))
+        assert torch.equal(torch.nan_to_num(again, 7.0, 8.0, -8.0), torch.nan_to_num(ref, 7.0, 8.0, -8.0))
+    else:
+        assert torch.equal(G.pack(fields, t), raw)
 
 
 # relative Frobenius error of RTN on Gaussian weights, with headroom (llama.cpp's reference quantizers
-# measure about the same: Q8_0 0.006, Q4_K 0.08, Q2_K 0.33 here)
+# measure about the same: Q8_0 0.006, Q4_K 0.08, Q2_K 0.33 here; the ternary types, d = absmax as llama.cpp sets
+# it, 0.81: they are meant for ternary-trained weights (BitNet), not for rounding Gaussian ones)
 _RTN_ERR = {"Q8_0": 0.01, "Q4_0": 0.12, "Q4_1": 0.1, "Q5_0": 0.06, "Q5_1": 0.05, "Q2_K": 0.4, "Q3_K": 0.2,
-            "Q4_K": 0.1, "Q5_K": 0.05, "Q6_K": 0.03}
+            "Q4_K": 0.1, "Q5_K": 0.05, "Q6_K": 0.03, "TQ1_0": 0.85, "TQ2_0": 0.85}
 
 
 @pytest.mark.parametrize("name", sorted(G.TYPES))
@@ -312,8 +318,8 @@ def test_lora_trains_on_a_gguf_base():
 @pytest.mark.parametrize("name", sorted(G.TYPES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_cpu_kernel_runs_gguf_layers_like_the_reference(monkeypatch, name, dtype):
-    """cpu_int4 takes Q4_0 / Q4_1 / Q4_K, cpu_int4x2 Q8_0 / Q5_0 / Q5_1 / Q5_K, dequant_tiles (nibbles or
-    bytes) and dequant_matmul every type;
+    """cpu_int4 takes Q4_0 / Q4_1 / Q4_K and the ternary TQ1_0 / TQ2_0 (codes of at most 4 bits in sub-blocks of
+    32..256), cpu_int4x2 Q8_0 / Q5_0 / Q5_1 / Q5_K, dequant_tiles (nibbles or bytes) and dequant_matmul every type;
     each against the reference (llama.cpp's fp32 weights) on random inputs, several tiles."""
     from hf_quant import kernels
     from hf_quant.runtime.kernels import cpu_measure
@@ -329,7 +335,7 @@ def test_every_cpu_kernel_runs_gguf_layers_like_the_reference(monkeypatch, name,
     cpu = torch.device("cpu")
     found = {k.name for k in cpu_measure.candidates(layer, cpu, dtype)}
     assert {"dequant_tiles", "dequant_matmul"} <= found
-    assert ("cpu_int4" in found) == (name in ("Q4_0", "Q4_1", "Q4_K"))
+    assert ("cpu_int4" in found) == (name in ("Q4_0", "Q4_1", "Q4_K", "TQ1_0", "TQ2_0"))
     assert ("cpu_int4x2" in found) == (name in ("Q8_0", "Q5_0", "Q5_1", "Q5_K"))
     for rows in (3, 300):  # both GEMM orientations of dequant_tiles
         x = torch.randn(rows, W.shape[1], generator=torch.Generator().manual_seed(rows)).to(dtype)

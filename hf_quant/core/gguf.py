@@ -10,6 +10,8 @@ Weights, in llama.cpp's own order of fp32 operations (gguf-py's numpy `dequantiz
 tests/test_gguf.py compares on random bytes, bit for bit):
     Q8_0: d*(u-128) (u = int8 + 128)   Q4_0: d*(u-8)   Q5_0: d*(u-16)   Q4_1 / Q5_1: d*u + m
     Q2_K, Q4_K, Q5_K: (d*sc)*u - dmin*mn      Q3_K: (d*sc)*(u-4)      Q6_K: (d*sc)*(u-32)
+    TQ1_0, TQ2_0 (ternary, 256-wide blocks, one d each): d*(u-1), u in {0, 1, 2} (TQ2_0's 2-bit field can
+    also hold 3, read as 2*d like llama.cpp does; TQ1_0 packs five base-3 digits per byte)
 A grid is then per sub-block `scale` and `offset` with w = scale*u + offset (fp32), which is what
 calibration methods quantize against (`find_grid`, `quantize_codes`).
 """
@@ -36,14 +38,15 @@ class BlockType:
     zero: int | None  # implicit code offset (symmetric types), None when a min is stored
     scale_max: int = 0  # K-quants: the sub-scale range, [0, scale_max] or [-scale_max-1, scale_max] if signed
     signed_scales: bool = False
+    ternary: bool = False  # TQ1_0 / TQ2_0: codes {0, 1, 2} (d*(u-1)), d = the block's absmax when rounding
 
     @property
     def maxq(self) -> int:
-        return (1 << self.bits) - 1
+        return 2 if self.ternary else (1 << self.bits) - 1
 
     @property
-    def is_k(self) -> bool:
-        return self.block == QK_K
+    def is_k(self) -> bool:  # 256-wide super-blocks with integer sub-block scales (not the ternary types)
+        return self.block == QK_K and not self.ternary
 
 
 TYPES: dict[str, BlockType] = {t.name: t for t in (
@@ -57,6 +60,9 @@ TYPES: dict[str, BlockType] = {t.name: t for t in (
     BlockType("Q4_K", QK_K, 144, 4, 32, None, 63),
     BlockType("Q5_K", QK_K, 176, 5, 32, None, 63),
     BlockType("Q6_K", QK_K, 210, 6, 16, 32, 127, True),
+    # ternary (BitNet b1.58): one fp16 d per 256 weights; bits: the width hf_quant's kernels hold a code in
+    BlockType("TQ1_0", QK_K, 54, 2, QK_K, 1, ternary=True),
+    BlockType("TQ2_0", QK_K, 66, 2, QK_K, 1, ternary=True),
 )}
 
 
@@ -134,6 +140,24 @@ def _k_scales_pack(sc: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
     return torch.cat([d, m, md], -1)
 
 
+# TQ1_0's base-3 bytes: digits q_j in {0, 1, 2} (j = 0 first) with s = sum_j q_j 3^(4-j) are stored as
+# ceil(s * 256 / 243) (a fixed-point fraction of 3^5), and digit j is read back as ((byte * 3^j mod 256) * 3) >> 8.
+_POW3 = (1, 3, 9, 27, 81)
+
+
+def _trits(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(..., w) bytes -> (..., n, w) base-3 digits (the first n of each byte)."""
+    m = torch.tensor(_POW3[:n], dtype=torch.uint8, device=x.device).view(-1, 1)
+    return (((x.unsqueeze(-2) * m).to(torch.int16) * 3) >> 8).to(torch.uint8)  # uint8 products wrap: mod 256
+
+
+def _untrits(q: torch.Tensor) -> torch.Tensor:
+    """Inverse of `_trits`: (..., n, w) digits -> (..., w) bytes (the 4-digit bytes with a last digit 0)."""
+    m = torch.tensor(_POW3[::-1][:q.shape[-2]], dtype=torch.int16, device=q.device).view(-1, 1)
+    s = (q.to(torch.int16) * m).sum(-2, dtype=torch.int32)
+    return ((s * 256 + 242) // 243).to(torch.uint8)
+
+
 def unpack(raw: torch.Tensor, t: BlockType, in_features: int) -> Blocks:
     """Block bytes (N, row_bytes) uint8 -> fields."""
     N, nb = raw.shape[0], in_features // t.block
@@ -183,6 +207,13 @@ def unpack(raw: torch.Tensor, t: BlockType, in_features: int) -> Blocks:
         low = _bits(ql.reshape(N, nb, 2, 64), [0, 4], 15).reshape(N, nb, QK_K)  # element h*128 + k*64 + l
         high = _bits(qh.reshape(N, nb, 2, 32), [0, 2, 4, 6], 3).reshape(N, nb, QK_K)
         return Blocks(codes(low | (high << 4)), _f16(d), sc=sub(scales.contiguous().view(torch.int8)))
+    if t.name == "TQ2_0":
+        qs, d = _split(b, [64, 2])
+        return Blocks(codes(_bits(qs.reshape(N, nb, 2, 32), [0, 2, 4, 6], 3)), _f16(d))  # element h*128 + s*32 + l
+    if t.name == "TQ1_0":
+        qs, qh, d = _split(b, [48, 4, 2])
+        u = [_trits(qs[..., :32], 5), _trits(qs[..., 32:], 5), _trits(qh, 4)]  # elements j*w + l per part
+        return Blocks(codes(torch.cat([x.reshape(N, nb, -1) for x in u], -1)), _f16(d))
     raise ValueError(f"GGUF type {t.name}: no codec")
 
 
@@ -223,6 +254,13 @@ def pack(f: Blocks, t: BlockType) -> torch.Tensor:
         ql = _join((u & 15).reshape(N, nb, 2, 2, 64), [0, 4]).reshape(N, nb, 128)
         qh = _join((u >> 4).reshape(N, nb, 2, 4, 32), [0, 2, 4, 6]).reshape(N, nb, 64)
         parts = [ql, qh, subs(f.sc).to(torch.int8).view(torch.uint8), d]
+    elif t.name == "TQ2_0":
+        parts = [_join(u.reshape(N, nb, 2, 4, 32), [0, 2, 4, 6]).reshape(N, nb, 64), d]
+    elif t.name == "TQ1_0":
+        if u.numel() and int(u.max()) > 2:
+            raise ValueError("TQ1_0 holds ternary codes 0, 1, 2 only; got a code of 3.")
+        parts = [_untrits(u[..., :160].reshape(N, nb, 5, 32)), _untrits(u[..., 160:240].reshape(N, nb, 5, 16)),
+                 _untrits(u[..., 240:].reshape(N, nb, 4, 4)), d]
     else:
         raise ValueError(f"GGUF type {t.name}: no codec")
     return torch.cat(parts, -1).reshape(N, nb * t.nbytes)
@@ -320,6 +358,16 @@ def _ends(clip: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None) -> tupl
     return clip.float(), clip.float()
 
 
+def _sym_scale(W: torch.Tensor, t: BlockType) -> torch.Tensor:
+    """Per sub-block scale of a symmetric type from W (..., n_sub, sub), as llama.cpp's reference quantizers set
+    it: the largest-magnitude weight on the extreme code (Q8_0: absmax / 127; TQ1_0 / TQ2_0: d = absmax)."""
+    if t.name == "Q8_0":
+        return W.abs().amax(-1) / 127
+    if t.ternary:
+        return W.abs().amax(-1)
+    return _signed_absmax(W) / -float(1 << (t.bits - 1))
+
+
 def find_grid(Wb: torch.Tensor, t: BlockType, clip: Clip = None, mse: bool = False) -> Blocks:
     """The block fields (codes left empty) of weights Wb (N, n*block) fp32: scales from each sub-block's
     range, as llama.cpp's reference quantizers set them (signed scales where the format has a fixed
@@ -330,10 +378,9 @@ def find_grid(Wb: torch.Tensor, t: BlockType, clip: Clip = None, mse: bool = Fal
         clip = mse_clip(Wb, t)
     N, K = Wb.shape
     W = Wb.float().reshape(N, -1, t.sub)
-    half = float(1 << (t.bits - 1))
     c_lo, c_hi = _ends(clip)
-    if t.zero is not None:  # symmetric: scale = signed absmax / -2**(bits-1) (Q8_0: absmax / 127)
-        scale = (W.abs().amax(-1) / 127 if t.name == "Q8_0" else _signed_absmax(W) / -half) * c_hi
+    if t.zero is not None:  # symmetric: scale = signed absmax / -2**(bits-1) (Q8_0: absmax / 127, TQ: absmax)
+        scale = _sym_scale(W, t) * c_hi
         mn = None
     else:
         lo = (W.amin(-1).clamp(max=0) if t.is_k else W.amin(-1)) * c_lo
@@ -491,9 +538,8 @@ def fake_quantize_ste(W: torch.Tensor, t: BlockType, low: torch.Tensor, high: to
     every rounding passes the gradient straight through (OmniQuant's learnable clipping on GGUF grids)."""
     N, K = W.shape
     Wg = W.detach().float().reshape(N, -1, t.sub)
-    half = float(1 << (t.bits - 1))
     if t.zero is not None:
-        scale = (Wg.abs().amax(-1) / 127 if t.name == "Q8_0" else _signed_absmax(Wg) / -half) * high
+        scale = _sym_scale(Wg, t) * high
         offset = None
     else:
         lo = (Wg.amin(-1).clamp(max=0) if t.is_k else Wg.amin(-1)) * low

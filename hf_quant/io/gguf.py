@@ -1,14 +1,19 @@
 """GGUF (llama.cpp) export and import, on the `gguf` package (its writer, reader, constants, name map).
 
 Export: layers on a GGUF grid (`QuantConfig.gguf`) are written as their block bytes, unchanged (the
-file computes the same weights as the hf_quant model). Other layers are written in float (float
-layers, and hf_quant layers of other grids dequantized exactly as hf_quant computes them), or, with
-`type=`, rounded onto that GGUF type data-free (a second rounding: warned). Llama-family q/k rows
-are permuted the way llama.cpp's converter does (rope layout); 1-D tensors are F32.
+file computes the same weights as the hf_quant model). Ternary layers (BitNet b1.58: 2-bit symmetric codes
+1, 2, 3 = -1, 0, +1 with one scale per row or per 256-multiple group) are written as TQ2_0 (or TQ1_0)
+blocks: the same ternary digits, d = the scale in fp16, refused by name where that is not exact. Other
+layers are written in float (float layers, and hf_quant layers of other grids dequantized exactly as
+hf_quant computes them), or, with `type=`, rounded onto that GGUF type data-free (a second rounding:
+warned). Llama-family q/k rows are permuted the way llama.cpp's converter does (rope layout); 1-D
+tensors are F32.
 
 Import: a GGUF file of a supported architecture becomes a transformers model whose linears hold the
 file's blocks exactly (types hf_quant holds) or float weights (F32/F16/BF16); any other type is
-refused naming the tensor, or rounded onto `requantize=` (dequantized by gguf-py first).
+refused naming the tensor, or rounded onto `requantize=` (dequantized by gguf-py first). TQ1_0 / TQ2_0
+(BitNet) tensors come back as layers of that block type: the same weights, with float activations (a
+GGUF file does not say how activations were rounded; llama.cpp rounds them to Q8_K blocks).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..core import LayerSpec
+from ..core import LayerSpec, unpack_codes
 from ..core import gguf as G
 from ..runtime import QuantLinear
 from ..core.layers import FLOAT_LINEARS, set_module
@@ -185,7 +190,53 @@ def _float_type(dtype: torch.dtype) -> tuple[Any, Any]:
     return gguf.GGMLQuantizationType.F32, np.float32
 
 
-def _tensors(model: nn.Module, arch: Arch, type_: str | None) -> list[tuple[str, Any, Any]]:
+TERNARY_TYPES = ("TQ2_0", "TQ1_0")
+
+
+def ternary_codes(module: QuantLinear) -> torch.Tensor | None:
+    """The codes (N, K) of a ternary layer: 2-bit symmetric (zero 2), codes only 1, 2, 3 (-1, 0, +1 times the
+    scale), no act-order, input scales, zero points or output norm (BitNet b1.58's layers); else None."""
+    spec = module.spec
+    if (spec.gguf is not None or spec.bits != 2 or not spec.sym or spec.g_idx or spec.in_scale
+            or module.qzeros is not None or module.scales is None or module.scheme.output_norm):
+        return None
+    codes = unpack_codes(module.qweight, 2, module.in_features).cpu()
+    return codes if codes.numel() == 0 or int(codes.min()) >= 1 else None
+
+
+def ternary_blocks(module: QuantLinear, codes: torch.Tensor, t: G.BlockType, name: str) -> torch.Tensor:
+    """A ternary layer's block bytes (N, row_bytes) on TQ2_0 / TQ1_0: digit u = code - 1 (the same -1, 0, +1),
+    d = the scale of the block's group as fp16, so d * (u - 1) equals hf_quant's weight exactly. Refuses (naming
+    the module) rows not a multiple of 256 wide, groups that split a 256-block, or a scale fp16 cannot hold."""
+    N, K = codes.shape
+    gs = module.spec.effective_group_size(K)
+    fixes = ("Keep the layer in float (QuantConfig(modules_to_not_convert=[...]) when quantizing), or export it "
+             "on another type: export_gguf(..., ternary=None) writes it dequantized in float, or rounded onto "
+             "type= (e.g. type='Q8_0').")
+    if K % t.block or gs % t.block:
+        what = f"in_features={K}" if K % t.block else f"group_size={gs}"
+        raise ValueError(f"GGUF export: {name} is a ternary (BitNet) layer with {what}, not a multiple of {t.name}'s "
+                         f"block width {t.block}; {t.name} cannot hold it exactly. {fixes}")
+    scales = module.scales.detach().cpu()
+    d = scales.to(torch.float16)
+    exact = d.to(scales.dtype) == scales
+    used = (codes.reshape(N, -1, gs) != 2).any(-1)  # a group of zeros is exact whatever d is
+    bad = used & ~exact
+    if bad.any():
+        row, g = (int(i) for i in bad.nonzero()[0])
+        value = scales[row, g].item()
+        why = ("outside fp16's range" if value != 0 and (abs(value) > 65504 or abs(value) < 2.0 ** -24)
+               else "not representable in fp16" if torch.isfinite(scales[row, g]) else "not finite")
+        raise ValueError(f"GGUF export: {name} is a ternary (BitNet) layer whose {scales.dtype} scale {value!r} (row "
+                         f"{row}) is {why}; {t.name} stores d as fp16, so the weights would change ({int(bad.sum())} "
+                         f"scale(s) affected). Quantize the model in float16 or bfloat16 (BitNet rounds its scale to "
+                         f"the model dtype; bfloat16 values within fp16's range convert exactly). {fixes}")
+    d = torch.where(exact, d, torch.zeros_like(d)).float().repeat_interleave(gs // t.block, -1)
+    return G.pack(G.Blocks((codes - 1).to(torch.uint8), d), t)
+
+
+def _tensors(model: nn.Module, arch: Arch, type_: str | None, ternary: str | None = "TQ2_0"
+             ) -> list[tuple[str, Any, Any]]:
     """(HF name, numpy data, GGML type or None) of every tensor to write, in the model's order."""
     import numpy as np
 
@@ -194,6 +245,7 @@ def _tensors(model: nn.Module, arch: Arch, type_: str | None) -> list[tuple[str,
     n_head, n_kv = (config.n_head, config.n_head) if arch.gguf_name == "gpt2" else _head_counts(config)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     target = None if type_ is None else G.block_type(type_)
+    tq = None if ternary is None else G.block_type(ternary)
     qc = getattr(config, "quantization_config", None)
     mix = qc.get("gguf") if isinstance(qc, dict) else getattr(qc, "gguf", None)
     mix = mix if mix in G.MIXES else None
@@ -203,8 +255,11 @@ def _tensors(model: nn.Module, arch: Arch, type_: str | None) -> list[tuple[str,
     for mod_name, module in model.named_modules():
         if isinstance(module, QuantLinear):
             W_rows = None
+            codes = None if tq is None else ternary_codes(module)
             if module.spec.gguf is not None:
                 raw, t = module.qweight.cpu(), G.block_type(module.spec.gguf)
+            elif codes is not None:  # BitNet: the ternary digits and their scale, exactly
+                raw, t = ternary_blocks(module, codes, tq, mod_name), tq
             elif target is not None:
                 G.check_shape(target, module.in_features, mod_name)
                 raw, t = G.pack(G.quantize_rtn(module.dequantize().float().cpu(), target), target), target
@@ -256,18 +311,25 @@ def _tensors(model: nn.Module, arch: Arch, type_: str | None) -> list[tuple[str,
     return result
 
 
-def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, *, type: str | None = None) -> Path:
+def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, *, type: str | None = None,
+                ternary: str | None = "TQ2_0") -> Path:
     """Write `model` (transformers Llama / Mistral / Qwen2 / GPT-2, float or hf_quant-quantized) as one GGUF file.
 
-    GGUF-grid layers keep their exact blocks. `type` (e.g. "Q8_0", "Q4_K") rounds every other matrix onto that
-    type data-free (warned); without it they are written in float (F16 for fp16 models, else F32). The file is
-    written to a temporary name and renamed: a failed export leaves nothing at `path`.
+    GGUF-grid layers keep their exact blocks. Ternary layers (BitNet b1.58) are written as `ternary` blocks
+    ("TQ2_0", llama.cpp's faster ternary type, or "TQ1_0", 1.69 bits per weight), their ternary digits unchanged
+    and d = their scale in fp16 (refused by name where fp16 cannot hold the scale exactly, or the rows are not a
+    multiple of 256 wide); `ternary=None` treats them as any other layer. `type` (e.g. "Q8_0", "Q4_K") rounds
+    every other matrix onto that type data-free (warned); without it they are written in float (F16 for fp16
+    models, else F32). The file is written to a temporary name and renamed: a failed export leaves nothing at `path`.
     """
     gguf = _gguf()
+    if ternary is not None and ternary not in TERNARY_TYPES:
+        raise ValueError(f"export_gguf: ternary={ternary!r} is not a ternary GGUF type; use one of {TERNARY_TYPES} "
+                         "or None.")
     arch = _arch(model.config)
     path = Path(path)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_name.upper()], _n_blocks(model.config))
-    tensors = _tensors(model, arch, type)
+    tensors = _tensors(model, arch, type, ternary)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
