@@ -272,3 +272,7 @@ def test_exporters_refuse_what_they_cannot_represent(tmp_path):
         with pytest.raises(ValueError):
             hf_quant.export_bnb8(model, tmp_path / f"bnb-{method}")
         assert not (tmp_path / f"bnb-{method}").exists()
+        if method == "onebit":
+            with pytest.raises(ValueError, match="cannot export to GGUF: a OneBit layer normalises its product"):
+                hf_quant.export_gguf(model, tmp_path / "onebit.gguf")
+            assert not (tmp_path / "onebit.gguf").exists()

@@ -254,6 +254,11 @@ def _tensors(model: nn.Module, arch: Arch, type_: str | None, ternary: str | Non
     out = []
     for mod_name, module in model.named_modules():
         if isinstance(module, QuantLinear):
+            if module.scheme.output_norm:
+                raise ValueError(f"{mod_name}: cannot export to GGUF: a OneBit layer normalises its product (LN(x @ "
+                                 "W^T) + bias), which no GGUF tensor or llama.cpp's llama graph computes. Quantize "
+                                 "with QuantConfig(method='onebit', output_norm=False) to export its weights (as "
+                                 "float or a GGUF type), or keep hf_quant's own format.")
             W_rows = None
             codes = None if tq is None else ternary_codes(module)
             if module.spec.gguf is not None:
