@@ -84,10 +84,11 @@ def check_sign(layer, x, dtype, name="native_sign"):
         assert got.dtype == dtype and rel_err(got, want) < tol
 
 
-SHAPES = [  # (in, out, group size, rows): per-row and grouped, odd weight-row counts, rows of every block remainder
+SHAPES = [  # (in, out, group size, rows): per-row and grouped, odd weight-row counts, rows of every block remainder;
     (64, 8, -1, 1), (4096, 1024, -1, 1), (1024, 37, -1, 7), (256, 13, -1, 33), (4096, 64, -1, 5),
     (512, 1024, 128, 1), (384, 19, 128, 2), (4096, 40, 128, 13), (2048, 8, 64, 3), (192, 101, 64, 33),
-    (64, 9, 64, 4), (1152, 256, 128, 6)]
+    (64, 9, 64, 4), (1152, 256, 128, 6),
+    (1040, 24, -1, 1), (480, 10, 48, 2), (256, 12, 16, 1)]  # a last single vector of 16 per row / group
 
 
 @needs_sign
@@ -135,11 +136,12 @@ def test_sign_dequantize_is_the_reference_weight_bit_for_bit(dtype, group_size):
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_sign_dequant_over_several_chunks(monkeypatch, dtype):
-    monkeypatch.setattr(NativeSignDequantKernel, "CHUNK_BYTES", 1)  # chunks of MIN_CHUNK_ROWS = 32 rows
-    monkeypatch.setattr(NativeSignDequantKernel, "MIN_CHUNK_ROWS", 32)
+@pytest.mark.parametrize("rows", [3, 300])  # 300: the rows-major GEMM orientation
+def test_native_sign_dequant_over_several_tiles(monkeypatch, dtype, rows):
+    monkeypatch.setattr(NativeSignDequantKernel, "TILE_BYTES", 1)  # tiles of MIN_TILE_ROWS = 32 rows
+    monkeypatch.setattr(NativeSignDequantKernel, "MIN_TILE_ROWS", 32)
     layer = sign_layer(80, 256, 64, dtype, True, onebit=False)
-    check_sign(layer, torch.randn(70, 256).to(dtype), dtype, "native_sign_dequant")
+    check_sign(layer, torch.randn(rows, 256).to(dtype), dtype, "native_sign_dequant")
 
 
 @needs_sign

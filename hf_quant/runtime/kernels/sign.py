@@ -7,7 +7,7 @@
   weight is used exactly (+-scale/2 in fp32), where the reference rounds it to the activation dtype first
   (exact for scales stored in that dtype, as a model's are). Groups of a multiple of the vector width.
 - `native_sign_dequant` (many rows, prefill): the weight expanded to +-scale/2 in the activation dtype in one
-  native pass, at most CHUNK_BYTES at a time, then torch's GEMM.
+  native pass, a cache-sized tile at a time, each tile followed by its GEMM (torch's).
 Both are candidates of the measured CPU dispatch; in the fixed order `native_sign` takes up to MAX_ROWS rows and
 `native_sign_dequant` the rest (`dequant_matmul`, dequantization in torch, remains the fallback where the native
 helpers cannot be built). A kernel computes x @ W_hat.T + `kernel_bias` only: `dispatch.linear` has already
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from . import native
 from .base import Kernel, register_kernel
-from .cpu import _scratch
+from .cpu import DequantTilesKernel, _scratch
 
 _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _WORK = threading.local()
@@ -88,14 +88,15 @@ class NativeSignKernel(Kernel):
 
 class NativeSignDequantKernel(Kernel):
     """1-bit layers for many rows: +-scale/2 expanded natively into the activation dtype (exactly the
-    reference's weight when the scales are stored in that dtype), CHUNK_BYTES of it at a time into a reused
-    buffer, one `F.linear` per chunk."""
+    reference's weight when the scales are stored in that dtype), a tile of about TILE_BYTES at a time into a
+    reused buffer, each tile's GEMM right after its expansion (the tile is still in the cache): no float copy
+    of the whole weight is ever written to memory."""
 
     name = "native_sign_dequant"
     priority = 5
     measured = True
     one_bit = True
-    CHUNK_BYTES, MIN_CHUNK_ROWS = 64 << 20, 512
+    TILE_BYTES, MIN_TILE_ROWS = 8 << 20, 64
 
     def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
         return device.type == "cpu" and dtype in _CPU_DTYPES and _is_sign_layer(layer) and native.library() is not None
@@ -107,17 +108,24 @@ class NativeSignDequantKernel(Kernel):
         bits, scale, bias = prepared
         x2 = _flatten(x)
         N, K = layer.out_features, layer.in_features
-        rows = min(N, max(self.MIN_CHUNK_ROWS, self.CHUNK_BYTES // (K * x.element_size())))
+        rows = min(N, max(self.MIN_TILE_ROWS, self.TILE_BYTES // (K * x.element_size()) // 16 * 16))
         buf = _scratch(rows * K, x.dtype).view(rows, K)  # shared with the other dequantizing CPU kernels
         b = None if bias is None else bias.to(x.dtype)
-        if rows >= N:
-            y = F.linear(x2, native.sign_dequantize_into(bits, scale, buf), b)
-        else:
-            y = x2.new_empty(x2.shape[0], N)
-            for n in range(0, N, rows):
-                r = min(rows, N - n)
-                W = native.sign_dequantize_into(bits[n:n + r], scale[n:n + r], buf[:r])
-                y[:, n:n + r] = F.linear(x2, W, None if b is None else b[n:n + r])
+        M = x2.shape[0]
+        rows_major = M >= DequantTilesKernel.ROWS_MAJOR_FROM  # else W_tile @ x.T into rows of y transposed
+        y = x2.new_empty(M, N) if rows_major else x2.new_empty(N, M)
+        for n in range(0, N, rows):
+            r = min(rows, N - n)
+            w = native.sign_dequantize_into(bits[n:n + r], scale[n:n + r], buf[:r])
+            bn = None if b is None else b[n:n + r]
+            if rows_major:
+                y[:, n:n + r] = F.linear(x2, w, bn)
+            elif bn is None:
+                torch.mm(w, x2.t(), out=y[n:n + r])
+            else:  # the bias inside the GEMM: one rounding of the output
+                torch.addmm(bn.unsqueeze(1), w, x2.t(), out=y[n:n + r])
+        if not rows_major:
+            y = y.t().contiguous()
         return y.reshape(*x.shape[:-1], N)
 
 

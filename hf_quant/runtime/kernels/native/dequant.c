@@ -653,8 +653,9 @@ int hfq_finish_tokens(const float *y, int64_t M, int64_t N, const float *absmax,
  * i / 8: hf_quant/core/packing.py), scale per group of gs channels. With P_g the sum of the activations of
  * group g whose bit is set and S_g the sum of all of them,
  *     y[m, n] = sum_g scale[n, g] * (P_g - S_g / 2)
- * so the inner loop only adds: AVX-512, acc += x under a write mask that is the packed bits themselves
- * (two bytes, 16 lanes); AVX2, acc += x AND a lane mask looked up from a table of the 256 bytes. x (M x K,
+ * so the inner loop only adds: AVX-512, acc += x under a write mask made from the packed bits
+ * (a 32-bit word of codes broadcast to every lane and tested against each lane's bit: two 16-lane masks);
+ * AVX2, acc += x AND a lane mask looked up from a table of the 256 bytes. x (M x K,
  * row stride ldx, fp32 / bf16 / fp16: x_kind 0 / 1 / 2) is widened to fp32 once per call into `work`
  * (M * K floats, unless x is contiguous fp32) followed by -S_g / 2 per row and group (M * G floats), which
  * starts each group's accumulator (its lane 0). Every sum is fp32. HFQ_SNR weight rows and up to HFQ_SMB_*
@@ -676,10 +677,23 @@ static inline hfq_sv s_load(const float *p) { return _mm512_loadu_ps(p); }
 static inline hfq_sv s_add(hfq_sv a, hfq_sv b) { return _mm512_add_ps(a, b); }
 static inline hfq_sv s_fma(hfq_sv a, float s, hfq_sv c) { return _mm512_fmadd_ps(a, _mm512_set1_ps(s), c); }
 static inline float s_hsum(hfq_sv v) { return _mm512_reduce_add_ps(v); }
-static inline hfq_sm s_mask(const uint8_t *p) {  /* 16 bits, lane l = code l */
+/* The masks come from a vector test, not a kmov from a general register (Zen 4: the kmov bounds the loop at half
+ * the adds' rate): the packed word broadcast to every lane (a load) and tested against bit l in lane l. */
+static inline __m512i s_lane_bits(int shift) {
+    return _mm512_sllv_epi32(_mm512_set1_epi32(1 << shift),
+                             _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
+}
+static inline void s_mask2(const uint8_t *p, hfq_sm *k0, hfq_sm *k1) {  /* 32 codes: lanes of two vectors */
+    int32_t b;
+    memcpy(&b, p, 4);
+    const __m512i w = _mm512_set1_epi32(b);
+    *k0 = _mm512_test_epi32_mask(w, s_lane_bits(0));
+    *k1 = _mm512_test_epi32_mask(w, s_lane_bits(16));
+}
+static inline hfq_sm s_mask(const uint8_t *p) {  /* 16 codes (a group's last 16) */
     uint16_t b;
     memcpy(&b, p, 2);
-    return _cvtu32_mask16(b);
+    return _mm512_test_epi32_mask(_mm512_set1_epi32(b), s_lane_bits(0));
 }
 static inline hfq_sv s_addm(hfq_sv acc, hfq_sm k, hfq_sv x) { return _mm512_mask_add_ps(acc, k, acc, x); }
 #else
@@ -714,17 +728,21 @@ static inline float s_hsum(hfq_sv v) {
     return _mm_cvtss_f32(s);
 }
 static inline hfq_sm s_mask(const uint8_t *p) { return _mm256_load_ps((const float *)(hfq_bit_lanes + 8 * *p)); }
+static inline void s_mask2(const uint8_t *p, hfq_sm *k0, hfq_sm *k1) { *k0 = s_mask(p), *k1 = s_mask(p + 1); }
 static inline hfq_sv s_addm(hfq_sv acc, hfq_sm k, hfq_sv x) { return _mm256_add_ps(acc, _mm256_and_ps(k, x)); }
 #endif
 #define HFQ_SMB (HFQ_SMB_ROWS > HFQ_SMB_GROUPS ? HFQ_SMB_ROWS : HFQ_SMB_GROUPS)
 
 /* Weight rows p[0..HFQ_SNR) (scales s[r], G per row) against activation rows x[0..mb) (stride K, fp32), hx their
  * -S_g / 2 (stride G): res[r][m] = sum_g s[r][g] (P_g - S_g / 2). grouped: per-group totals (an FMA per group);
- * else one group, its scale applied to the sum. */
+ * else one group, its scale applied to the sum. Two vectors of channels per step (one 32-bit word of codes per
+ * row); one activation row: the second vector's adds go to their own accumulators (c), so that an add never
+ * waits for the one before it. */
 static inline __attribute__((always_inline)) void sign_rows(
         const float *x, int64_t K, const float *hx, const int mb, const int grouped, const uint8_t *const *p,
         const float *const *s, int64_t G, int64_t gs, float res[HFQ_SNR][HFQ_SMB]) {
-    hfq_sv acc[HFQ_SNR][HFQ_SMB], tot[HFQ_SNR][HFQ_SMB];
+    hfq_sv acc[HFQ_SNR][HFQ_SMB], tot[HFQ_SNR][HFQ_SMB], c[HFQ_SNR];
+    const int split = mb == 1;
     if (grouped)
         for (int r = 0; r < HFQ_SNR; r++)
             for (int m = 0; m < mb; m++) tot[r][m] = s_zero();
@@ -734,10 +752,26 @@ static inline __attribute__((always_inline)) void sign_rows(
             const hfq_sv h = s_first(hx[m * G + g]);
             for (int r = 0; r < HFQ_SNR; r++) acc[r][m] = h;
         }
+        if (split)
+            for (int r = 0; r < HFQ_SNR; r++) c[r] = s_zero();
         const float *xg = x + g * gs;
         const uint8_t *q[HFQ_SNR];
         for (int r = 0; r < HFQ_SNR; r++) q[r] = p[r] + g * gbytes;
-        for (int64_t j = 0; j < gs; j += HFQ_SVW) {
+        int64_t j = 0;
+        for (; j + 2 * HFQ_SVW <= gs; j += 2 * HFQ_SVW) {
+            hfq_sm k0[HFQ_SNR], k1[HFQ_SNR];
+            for (int r = 0; r < HFQ_SNR; r++) s_mask2(q[r] + j / 8, &k0[r], &k1[r]);
+            for (int m = 0; m < mb; m++) {
+                hfq_sv x0 = s_load(xg + m * K + j), x1 = s_load(xg + m * K + j + HFQ_SVW);
+                __asm__("" : "+v"(x0), "+v"(x1));  /* loaded once for all rows, never folded into each add */
+                for (int r = 0; r < HFQ_SNR; r++) {
+                    acc[r][m] = s_addm(acc[r][m], k0[r], x0);
+                    if (split) c[r] = s_addm(c[r], k1[r], x1);
+                    else acc[r][m] = s_addm(acc[r][m], k1[r], x1);
+                }
+            }
+        }
+        if (j < gs) {  /* a last single vector */
             hfq_sm k[HFQ_SNR];
             for (int r = 0; r < HFQ_SNR; r++) k[r] = s_mask(q[r] + j / 8);
             for (int m = 0; m < mb; m++) {
@@ -745,6 +779,8 @@ static inline __attribute__((always_inline)) void sign_rows(
                 for (int r = 0; r < HFQ_SNR; r++) acc[r][m] = s_addm(acc[r][m], k[r], xv);
             }
         }
+        if (split)
+            for (int r = 0; r < HFQ_SNR; r++) acc[r][0] = s_add(acc[r][0], c[r]);
         if (grouped)
             for (int r = 0; r < HFQ_SNR; r++)
                 for (int m = 0; m < mb; m++) tot[r][m] = s_fma(acc[r][m], s[r][g], tot[r][m]);
