@@ -152,8 +152,17 @@ def test_chosen_for_one_bit_layers_only():
         found = [k.name for k in cpu_measure.candidates(layer, CPU, dtype)]
         assert {"native_sign", "native_sign_dequant", "dequant_matmul"} <= set(found)
         assert choose_fixed(layer, CPU, dtype, 1).name == "native_sign"
-        assert choose_fixed(layer, CPU, dtype, NativeSignKernel.MAX_ROWS).name == "native_sign"
-        assert choose_fixed(layer, CPU, dtype, NativeSignKernel.MAX_ROWS + 1).name == "native_sign_dequant"
+        limit = NativeSignKernel.MAX_ROWS.get(dtype)
+        if limit is None:  # fp32 / fp16: the sums beat a GEMM at fp32 speed at any row count
+            assert choose_fixed(layer, CPU, dtype, 4096).name == "native_sign"
+        else:
+            assert choose_fixed(layer, CPU, dtype, limit).name == "native_sign"
+            assert choose_fixed(layer, CPU, dtype, limit + 1).name == "native_sign_dequant"
+    assert "native_sign_dequant_bf16" in {k.name for k in cpu_measure.candidates(layer, CPU, torch.float32, True)}
+    assert "native_sign_dequant_bf16" not in {k.name for k in cpu_measure.candidates(layer, CPU, torch.float32, False)}
+    kernel, x = KERNELS.get("native_sign_dequant_bf16"), torch.randn(3, 256) * layer.in_scales.float()
+    out = kernel.forward(layer, x, layer.prepared(kernel, CPU, torch.float32))  # x rounded to bf16: only near
+    assert out.dtype == torch.float32 and rel_err(out, KERNELS.get("reference").forward(layer, x, None)) < 1e-2
     four = QuantLinear.from_quantized(quantize_rtn(torch.randn(16, 256), LayerSpec(4, 128, True), torch.bfloat16),
                                       LayerSpec(4, 128, True), None)
     for name in ("native_sign", "native_sign_dequant"):

@@ -8,8 +8,9 @@
   (exact for scales stored in that dtype, as a model's are). Groups of a multiple of the vector width.
 - `native_sign_dequant` (many rows, prefill): the weight expanded to +-scale/2 in the activation dtype in one
   native pass, a cache-sized tile at a time, each tile followed by its GEMM (torch's).
-Both are candidates of the measured CPU dispatch; in the fixed order `native_sign` takes up to MAX_ROWS rows and
-`native_sign_dequant` the rest (`dequant_matmul`, dequantization in torch, remains the fallback where the native
+Both are candidates of the measured CPU dispatch (and `native_sign_dequant_bf16`, fp32 activations through the bf16
+GEMM, in mode "measure_bf16"); in the fixed order `native_sign` takes up to MAX_ROWS rows and `native_sign_dequant`
+the rest (`dequant_matmul`, dequantization in torch, remains the fallback where the native
 helpers cannot be built). A kernel computes x @ W_hat.T + `kernel_bias` only: `dispatch.linear` has already
 multiplied x by `in_scales`, and OneBit's output LayerNorm and bias come after (`QuantLinear.forward`).
 """
@@ -23,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from . import native
-from .base import Kernel, register_kernel
-from .cpu import DequantTilesKernel, _scratch
+from .base import KERNELS, Kernel, register_kernel
+from .cpu import Bf16ActivationsKernel, DequantTilesKernel, _scratch
 
 _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _WORK = threading.local()
@@ -62,16 +63,18 @@ class NativeSignKernel(Kernel):
     priority = 10
     measured = True
     one_bit = True
-    # The fixed order's limit (mode "fixed"; the measured dispatch times it at every row class): above it the
-    # weight dequantized once and torch's GEMM win (benchmarks/bench_cpu.py, 2 Zen 4 cores).
-    MAX_ROWS = 16
+    # The fixed order's limits (mode "fixed"; the measured dispatch times it at every row class), from 2 Zen 4
+    # cores (AVX-512 BF16, no AMX), 4096x11008, weights cold: bf16 activations, native_sign_dequant's bf16 GEMM
+    # wins from about 16 rows (M=8: 4.0 ms vs 6.5 ms; M=16: 7.8 vs 6.7); fp32 and fp16 ones, whose GEMMs run at
+    # most at the fp32 rate, never did (M=64 fp32: 33 vs 47 ms; M=512: 280 vs 344 ms), so no limit.
+    MAX_ROWS = {torch.bfloat16: 12}
 
     def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
         return (device.type == "cpu" and dtype in _CPU_DTYPES and _is_sign_layer(layer)
                 and native.sign_group_size_ok(layer.spec.effective_group_size(layer.in_features)))
 
     def max_rows(self, dtype: torch.dtype) -> int | None:
-        return self.MAX_ROWS
+        return self.MAX_ROWS.get(dtype)
 
     def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
         return _prepare(layer)
@@ -131,3 +134,8 @@ class NativeSignDequantKernel(Kernel):
 
 register_kernel(NativeSignKernel())
 register_kernel(NativeSignDequantKernel())
+# fp32 activations through the bf16 GEMM (mode "measure_bf16" only: results move by bf16 rounding); native_sign
+# sums in fp32 for every dtype and has no such variant
+_bf16 = Bf16ActivationsKernel(KERNELS.get("native_sign_dequant"))
+_bf16.one_bit = True
+register_kernel(_bf16)

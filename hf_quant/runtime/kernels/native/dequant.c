@@ -665,6 +665,9 @@ int hfq_finish_tokens(const float *y, int64_t M, int64_t N, const float *absmax,
 #if defined(__AVX512F__) || defined(__AVX2__)
 #define HFQ_SIGN 1
 #define HFQ_SNR 4
+#ifndef HFQ_SPF
+#define HFQ_SPF 4096
+#endif
 #if defined(__AVX512F__)
 #define HFQ_SVW 16
 #define HFQ_SMB_ROWS 6  /* 24 accumulators of 32 zmm registers */
@@ -759,6 +762,10 @@ static inline __attribute__((always_inline)) void sign_rows(
         for (int r = 0; r < HFQ_SNR; r++) q[r] = p[r] + g * gbytes;
         int64_t j = 0;
         for (; j + 2 * HFQ_SVW <= gs; j += 2 * HFQ_SVW) {
+#if HFQ_SPF
+            if (((g * gs + j) & 511) == 0)  /* a cache line of each row, HFQ_SPF bytes ahead: the bits stream from memory */
+                for (int r = 0; r < HFQ_SNR; r++) _mm_prefetch((const char *)(q[r] + j / 8) + HFQ_SPF, _MM_HINT_T0);
+#endif
             hfq_sm k0[HFQ_SNR], k1[HFQ_SNR];
             for (int r = 0; r < HFQ_SNR; r++) s_mask2(q[r] + j / 8, &k0[r], &k1[r]);
             for (int m = 0; m < mb; m++) {
