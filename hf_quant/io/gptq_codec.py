@@ -34,6 +34,8 @@ from ..config import QuantConfig
 from ..core import SUPPORTED_BITS, LayerSpec, check_values, pack_codes, unpack_codes
 from ..core.patterns import SafePattern
 
+GPTQ_BITS = tuple(b for b in SUPPORTED_BITS if b >= 2)  # the GPTQ layout has no 1-bit (sign) codes
+
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 _BYTE_SHIFTS = torch.tensor([0, 8, 16, 24], dtype=torch.int64)
 
@@ -268,17 +270,17 @@ def parse_gptq_config(qc: Mapping[str, Any]) -> GptqSettings:
         raise ValueError(f"quantization_config.pack_dtype={qc['pack_dtype']!r}: import_gptq reads int32 packing "
                          "only; re-save the model with pack_dtype='int32'.")
     bits = qc.get("bits")
-    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
-        raise ValueError(f"quantization_config.bits={bits!r}: hf_quant supports {list(SUPPORTED_BITS)} bits.")
+    if isinstance(bits, bool) or bits not in GPTQ_BITS:
+        raise ValueError(f"quantization_config.bits={bits!r}: hf_quant supports {list(GPTQ_BITS)} bits.")
     _gptq_group_size(qc.get("group_size", 128), "group_size")
     dynamic = qc.get("dynamic") or {}
     if not isinstance(dynamic, dict) or not all(isinstance(v, dict) for v in dynamic.values()):
         raise ValueError("quantization_config.dynamic must map regex strings to dicts of overrides.")
     for pattern, overrides in dynamic.items():
         SafePattern(pattern.removeprefix("-:").removeprefix("+:"), f"quantization_config.dynamic[{pattern!r}]")
-        if "bits" in overrides and (isinstance(overrides["bits"], bool) or overrides["bits"] not in SUPPORTED_BITS):
+        if "bits" in overrides and (isinstance(overrides["bits"], bool) or overrides["bits"] not in GPTQ_BITS):
             raise ValueError(f"quantization_config.dynamic[{pattern!r}].bits={overrides['bits']!r}: hf_quant "
-                             f"supports {list(SUPPORTED_BITS)} bits.")
+                             f"supports {list(GPTQ_BITS)} bits.")
         if "group_size" in overrides:
             _gptq_group_size(overrides["group_size"], f"dynamic[{pattern!r}].group_size")
         if not isinstance(overrides.get("sym", True), bool):
