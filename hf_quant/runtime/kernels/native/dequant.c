@@ -939,6 +939,29 @@ int hfq_sign_dequant(const uint8_t *bits, const float *scale, void *out, int64_t
         for (int64_t n = 0; n < N; n++) {
             const uint8_t *q = bits + n * row_bytes;
             const float *sc = scale + n * G;
+#if defined(__AVX512BW__)
+            if (kind != 0 && gs % 32 == 0) {  /* 16-bit outputs: +-h rounded once per group, then 32 lanes a blend */
+                for (int64_t g = 0; g < G; g++) {
+                    const float h = 0.5f * sc[g];
+                    uint16_t hb;
+                    if (kind == 1) {
+                        hb = f32_to_bf16(h);
+                    } else {
+                        const _Float16 hh = (_Float16)h;
+                        memcpy(&hb, &hh, 2);
+                    }
+                    /* round to nearest even is symmetric: -h rounds to the negated bits */
+                    const __m512i pos = _mm512_set1_epi16((short)hb), neg = _mm512_set1_epi16((short)(hb ^ 0x8000u));
+                    for (int64_t j = g * gs; j < (g + 1) * gs; j += 32) {
+                        uint32_t b;
+                        memcpy(&b, q + j / 8, 4);
+                        _mm512_storeu_si512((void *)((uint16_t *)out + n * K + j),
+                                            _mm512_mask_blend_epi16(_cvtu32_mask32(b), neg, pos));
+                    }
+                }
+                continue;
+            }
+#endif
 #if defined(__AVX512F__)
             if (direct) {
                 for (int64_t g = 0; g < G; g++) {
