@@ -37,7 +37,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from huggingface_hub import save_torch_state_dict
 
 from .. import compat
 from ..config import QuantConfig
@@ -46,8 +45,7 @@ from ..core.layers import FLOAT_LINEARS, linear_shape
 from ..methods.bitnet import BITNET_SPEC
 from ..runtime import QuantLinear
 from ..runtime.convert import find_targets, incompatibility, resolve_modules_to_not_convert
-from .atomic import atomic_directory
-from .checkpoint import check_module_tensors, index_checkpoint, write_json
+from .checkpoint import check_module_tensors, index_checkpoint, write_transformers_checkpoint
 from .gptq import _HUB_PATTERNS, _model_name, _read_json, _skeleton, _state_dict_without_tied, _weight_files, write_converted
 
 logger = logging.getLogger("hf_quant")
@@ -236,16 +234,7 @@ def export_bitnet(
     qc = BitNetQuantConfig(modules_to_not_convert=float_linears, linear_class="bitlinear",
                            quantization_mode="offline", use_rms_norm=False).to_dict()
     qc["quant_method"] = "bitnet"
-    config = model.config.to_diff_dict()
-    config["quantization_config"] = qc
-    with atomic_directory(out_dir) as tmp:
-        save_torch_state_dict(state, tmp, max_shard_size=max_shard_size)
-        write_json(tmp / "config.json", config)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return Path(out_dir)
+    return write_transformers_checkpoint(model, out_dir, state, qc, tokenizer, max_shard_size)
 
 
 # --- import ----------------------------------------------------------------------------------------

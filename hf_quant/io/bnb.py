@@ -41,14 +41,12 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from huggingface_hub import save_torch_state_dict
 
 from ..config import LayerSpec, QuantConfig
 from ..core import QUANT_BUFFERS
 from ..core.layers import FLOAT_LINEARS, linear_shape
 from ..runtime import QuantLinear
-from .atomic import atomic_directory
-from .checkpoint import check_module_tensors, index_checkpoint, write_json
+from .checkpoint import check_module_tensors, index_checkpoint, write_transformers_checkpoint
 from .gptq import (_check_targets, _model_name, _weight_files, _read_json, _skeleton, _state_dict_without_tied,
                    write_converted)
 
@@ -309,16 +307,7 @@ def export_bnb8(
     bnb_config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=distinct[0],
                                     llm_int8_skip_modules=sorted(float_linears)).to_dict()
     bnb_config["quant_method"] = "bitsandbytes"
-    config = model.config.to_diff_dict()
-    config["quantization_config"] = bnb_config
-    with atomic_directory(dst_dir) as tmp:
-        save_torch_state_dict(state, tmp, max_shard_size=max_shard_size)
-        write_json(tmp / "config.json", config)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return Path(dst_dir)
+    return write_transformers_checkpoint(model, dst_dir, state, bnb_config, tokenizer, max_shard_size)
 
 
 __all__ = ["export_bnb8", "import_bnb8", "scale_from_scb", "scb_from_scale"]

@@ -150,3 +150,22 @@ def check_module_tensors(
 def write_json(path: str | os.PathLike, data: dict) -> None:
     """config.json style: indented, sorted keys, trailing newline."""
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def write_transformers_checkpoint(model, out_dir: str | os.PathLike, state: dict, quantization_config: dict,
+                                  tokenizer=None, max_shard_size: int | str = "5GB") -> Path:
+    """Write `state` as a checkpoint transformers loads by itself: safetensors shards, the model's config with
+    `quantization_config` (another library's, e.g. bitsandbytes' or transformers' BitNet), the generation config
+    and the tokenizer, all or nothing (`atomic_directory`)."""
+    from huggingface_hub import save_torch_state_dict
+
+    config = model.config.to_diff_dict()
+    config["quantization_config"] = quantization_config
+    with atomic_directory(out_dir) as tmp:
+        save_torch_state_dict(state, tmp, max_shard_size=max_shard_size)
+        write_json(tmp / "config.json", config)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out_dir)
