@@ -44,9 +44,9 @@ from ..core import QUANT_BUFFERS, LayerSpec, pack_codes, unpack_codes
 from ..core.layers import FLOAT_LINEARS, linear_shape
 from ..methods.bitnet import BITNET_SPEC
 from ..runtime import QuantLinear
-from ..runtime.convert import find_targets, incompatibility, resolve_modules_to_not_convert
+from ..runtime.convert import incompatibility
 from .checkpoint import check_module_tensors, index_checkpoint, write_transformers_checkpoint
-from .gptq import _HUB_PATTERNS, _model_name, _read_json, _skeleton, _state_dict_without_tied, _weight_files, write_converted
+from .gptq import _check_targets, _HUB_PATTERNS, _model_name, _read_json, _skeleton, _state_dict_without_tied, _weight_files, write_converted
 
 logger = logging.getLogger("hf_quant")
 
@@ -277,17 +277,6 @@ def _check_bitnet_config(qc: Any, src: Any) -> str:
     return linear_class
 
 
-def _check_targets(skeleton: nn.Module, qc: QuantConfig, specs: dict[str, LayerSpec]) -> None:
-    """Loading the written checkpoint must rebuild exactly the imported layers (the quantizer's own rules)."""
-    skip = resolve_modules_to_not_convert(skeleton, qc.modules_to_not_convert, compat.keep_in_fp32_modules(skeleton))
-    targets = find_targets(skeleton, qc, skip)
-    if targets != specs:
-        diff = sorted(n for n in set(targets) | set(specs) if targets.get(n) != specs.get(n))[:5]
-        raise ValueError(f"import_bitnet: hf_quant would load these modules differently from the checkpoint: {diff} "
-                         f"(checkpoint: {[specs.get(n) for n in diff]}, hf_quant: {[targets.get(n) for n in diff]}); "
-                         "e.g. a quantized tied lm_head, which hf_quant keeps in float.")
-
-
 def convert_bitnet_checkpoint(src_dir: Path, out_dir: str | os.PathLike, src: Any = None) -> Path:
     """Write the hf_quant `bitnet` checkpoint of the transformers BitNet checkpoint in `src_dir`."""
     src = src if src is not None else src_dir
@@ -347,7 +336,7 @@ def convert_bitnet_checkpoint(src_dir: Path, out_dir: str | os.PathLike, src: An
                     "scales its bias with the product; hf_quant adds it after), rounded to their dtype.",
                     len(rescaled_bias))
     hq = QuantConfig(method="bitnet", modules_to_not_convert=sorted(n for n in linears if n not in specs))
-    _check_targets(skeleton, hq, specs)
+    _check_targets(skeleton, hq, specs, "import_bitnet")
 
     config["quantization_config"] = hq.to_dict()
     return write_converted(out_dir, tensors, config, src_dir)

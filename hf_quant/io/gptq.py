@@ -311,12 +311,14 @@ def _convert_modules(tensors: dict[str, torch.Tensor], names: dict[str, str], li
     return specs
 
 
-def _check_targets(skeleton: nn.Module, qc: QuantConfig, specs: dict[str, LayerSpec]) -> None:
-    """Loading the written checkpoint must rebuild exactly the imported layers: check with the quantizer's own rules."""
+def _check_targets(skeleton: nn.Module, qc: QuantConfig, specs: dict[str, LayerSpec], importer: str = "import_gptq"
+                   ) -> None:
+    """Loading the written checkpoint must rebuild exactly the imported layers: check with the quantizer's own rules
+    (`importer` names the function in the error)."""
     skip = resolve_modules_to_not_convert(skeleton, qc.modules_to_not_convert, compat.keep_in_fp32_modules(skeleton))
     targets = find_targets(skeleton, qc, skip)
     if targets != specs:
         diff = sorted(n for n in set(targets) | set(specs) if targets.get(n) != specs.get(n))[:5]
-        raise ValueError(f"import_gptq: hf_quant would load these modules differently from the checkpoint: {diff} "
+        raise ValueError(f"{importer}: hf_quant would load these modules differently from the checkpoint: {diff} "
                          f"(checkpoint: {[specs.get(n) for n in diff]}, hf_quant: {[targets.get(n) for n in diff]}); "
                          "e.g. a quantized tied lm_head, which hf_quant keeps in float. Please report this checkpoint.")
