@@ -198,6 +198,9 @@ class Timer:
     """Milliseconds of one call of fn: `triton.testing.do_bench` median on CUDA (L2 flushed between
     calls), else the median of `cpu_reps` perf_counter timings after one warm-up call."""
 
+    graph = False  # --timer graph: replay one CUDA graph of fn (GPU time alone, no host launch cost)
+    graph_fallbacks = 0  # calls that could not be captured (a host sync inside) and were timed eagerly
+
     def __init__(self, cuda: bool, warmup_ms: float = 10, rep_ms: float = 40, cpu_reps: int = 3):
         self.cuda, self.warmup_ms, self.rep_ms, self.cpu_reps = cuda, warmup_ms, rep_ms, cpu_reps
 
@@ -206,6 +209,12 @@ class Timer:
             import triton.testing
 
             with torch.no_grad():
+                if Timer.graph:
+                    try:
+                        return float(triton.testing.do_bench_cudagraph(fn, rep=self.rep_ms, return_mode="median"))
+                    except Exception:  # a sync (nonzero, .item()) cannot be captured: time it eagerly
+                        Timer.graph_fallbacks += 1
+                        torch.cuda.synchronize()
                 try:
                     return float(triton.testing.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median"))
                 except TypeError:  # an old do_bench without return_mode
@@ -1364,6 +1373,8 @@ def final_summary(sess: Session) -> int:
         why = rec.get("reason") or rec.get("error") or ""
         secs = f"{rec['seconds']}s" if "seconds" in rec else "-"
         sess.log(f"  {name:12s} {s:8s} {secs:>7s} {why[:200]}")
+    if Timer.graph:
+        sess.log(f"  timer: CUDA graph replay (GPU time); {Timer.graph_fallbacks} calls not capturable, timed eagerly")
     c = (st.get("correctness", {}).get("result") or {})
     if c:
         sess.log(f"  correctness: {c.get('n_checks')} checks, {c.get('n_failures')} failures")
@@ -1395,6 +1406,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--ms", nargs="+", type=int)
     ap.add_argument("--bits", nargs="+", type=int)
     ap.add_argument("--dtype", choices=list(DTYPES), default="fp16", help="activation dtype of the goal table's quantized rows")
+    ap.add_argument("--timer", choices=["events", "graph"], default="events",
+                    help="events: do_bench (host launch cost included, as a model runs eagerly); graph: "
+                         "do_bench_cudagraph (GPU time alone, as under CUDA graphs)")
     ap.add_argument("--warmup-ms", type=float, default=10)
     ap.add_argument("--rep-ms", type=float, default=40)
     ap.add_argument("--workers", type=int, default=None, help="worker processes (default: CPUs - 2; dry run 2)")
@@ -1420,6 +1434,7 @@ def main(argv=None) -> int:
         args.grace_s = 30.0 if dry else 20.0
     if dry:  # one thread: tiny ops on a shared 2-core machine otherwise stall on the busy core
         torch.set_num_threads(1)
+    Timer.graph = args.timer == "graph" and not dry
     sess = Session(args, dry)
     sess.log(f"gpu_session: {'DRY RUN on CPU (Triton interpreter)' if dry else 'CUDA'}; budget {args.budget_s:.0f}s, "
              f"out {sess.out}")
