@@ -26,8 +26,9 @@ from .io.bitnet import export_bitnet, import_bitnet  # noqa: E402
 from .io.bnb import export_bnb8, import_bnb8  # noqa: E402
 from .io.gguf import export_gguf, import_gguf  # noqa: E402
 from .io.gptq import export_gptq, import_gptq  # noqa: E402
+from .io.onnx import export_onnx  # noqa: E402
 from .streaming import quantize_checkpoint  # noqa: E402
 
 __all__ = ["FORMAT_VERSION", "HfQuantQuantizer", "LayerSpec", "QuantConfig", "QuantLinear", "eval", "export_bitnet", "export_bnb8",
-           "export_gguf", "export_gptq", "import_bitnet", "import_bnb8", "import_gguf", "import_gptq", "kernels", "merge_lora", "push_to_hub", "quantize", "quantize_checkpoint", "register_lora", "training",
+           "export_gguf", "export_gptq", "export_onnx", "import_bitnet", "import_bnb8", "import_gguf", "import_gptq", "kernels", "merge_lora", "push_to_hub", "quantize", "quantize_checkpoint", "register_lora", "training",
            "__version__"]
