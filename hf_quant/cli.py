@@ -12,6 +12,8 @@
     hf-quant import-bitnet SRC OUT          # a transformers BitNet offline checkpoint to hf_quant bitnet
     hf-quant export-gguf MODEL OUT.gguf     # one GGUF file for llama.cpp (GGUF-grid layers exactly; --type for the rest)
     hf-quant import-gguf SRC.gguf OUT       # a GGUF file to an hf_quant checkpoint (blocks kept exactly)
+    hf-quant export-onnx MODEL OUT          # an ONNX Runtime directory: MatMulNBits with hf_quant's codes
+                                            # (--dynamic-int8: a float model through onnxruntime's quantize_dynamic)
 
 A thin layer over the library API (`QuantConfig` + `from_pretrained`, `hf_quant.eval`,
 `hf_quant.push_to_hub`, `hf_quant.export_gptq` / `import_gptq`, `export_bnb8` / `import_bnb8`); progress goes to stderr through
@@ -279,7 +281,7 @@ def _check_args(args: argparse.Namespace) -> None:
             raise _fail(command, argument, "is not an hf_quant checkpoint (no hf_quant quantization_config in "
                         "config.json); save one with `hf-quant quantize` or save_pretrained first")
         _check_repo_id(command, f"REPO_ID {args.repo_id}", args.repo_id)
-    elif command in ("export-gptq", "export-bnb8", "export-bitnet"):
+    elif command in ("export-gptq", "export-bnb8", "export-bitnet", "export-onnx"):
         source = _check_source(command, "model", args)
         _check_output(command, args, [source])
     elif command == "export-gguf":
@@ -545,6 +547,18 @@ def cmd_export_gguf(args: argparse.Namespace) -> None:
     print(json.dumps({"saved": args.out, "format": "gguf"}))
 
 
+def cmd_export_onnx(args: argparse.Namespace) -> None:
+    import hf_quant
+
+    _stage(f"loading {args.model}")
+    model = _load(args.model, argparse.Namespace(command=args.command, dtype="float32", device=None))
+    _stage(f"exporting {args.out}" + (" (dynamic int8)" if args.dynamic_int8 else ""))
+    hf_quant.export_onnx(model, Path(args.out), _tokenizer(args.model, args.command),
+                         quantize="dynamic-int8" if args.dynamic_int8 else None, accuracy_level=args.accuracy_level,
+                         external_data=True if args.external_data else None, overwrite=args.overwrite)
+    print(json.dumps({"saved": args.out, "format": "onnx", "quantize": "dynamic-int8" if args.dynamic_int8 else None}))
+
+
 def cmd_import_gguf(args: argparse.Namespace) -> None:
     import hf_quant
 
@@ -711,6 +725,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="GGUF type of ternary (BitNet b1.58) layers, their codes and scale written exactly "
                     "(default TQ2_0; none: treat them like other layers, --type or float)")
     xg.set_defaults(func=cmd_export_gguf)
+
+    xo = sub.add_parser("export-onnx", help="write a model as an ONNX Runtime directory (MatMulNBits with hf_quant's "
+                        "codes; optimum's ORTModelForCausalLM loads it)")
+    xo.add_argument("model")
+    xo.add_argument("out", help="the directory to write")
+    _add_overwrite(xo)
+    xo.add_argument("--dynamic-int8", action="store_true", help="a float model: quantize it with onnxruntime's "
+                    "quantize_dynamic (int8 per-channel weights, dynamic activations)")
+    xo.add_argument("--accuracy-level", type=int, choices=range(5), default=0, metavar="{0..4}",
+                    help="MatMulNBits' accuracy_level: 0 fp32 compute (default, exact), 4 int8 compute (faster)")
+    xo.add_argument("--external-data", action="store_true", help="keep the tensors in model.onnx_data beside the "
+                    "graph (default: only above 1.5 GiB)")
+    xo.set_defaults(func=cmd_export_onnx)
 
     ig = sub.add_parser("import-gguf", help="convert a GGUF file to an hf_quant checkpoint (Llama / Qwen2)")
     ig.add_argument("src", help="the .gguf file")

@@ -120,32 +120,33 @@ def test_onnxruntime_probe_runs_its_widths_and_names_the_others():
     dict(method="rtn", bits=8, group_size=-1, sym=True),
     dict(method="rtn", bits=2, group_size=32),
 ], ids=["rtn-w4g128", "gptq-w4g128-actorder", "rtn-w8-perchannel", "rtn-w2g32"])
-def test_tiny_llama_same_function(tmp_path, cfg):
-    model = _quantized(TINY_LLAMA, **cfg)
+def test_llama_same_function(tmp_path, tiny_models, cfg):
+    model = _quantized(TINY_LLAMA if cfg["method"] == "rtn" and cfg["bits"] == 4 else tiny_models["llama"], **cfg)
     out = hf_quant.export_onnx(model, tmp_path / "onnx")
     _check_same_function(model, out, model.config.vocab_size)
     info = json.loads((out / "hf_quant_onnx.json").read_text())
-    assert len(info["layers"]) == 28 and {v["bits"] for v in info["layers"].values()} == {cfg["bits"]}
+    n_layers = 7 * model.config.num_hidden_layers
+    assert len(info["layers"]) == n_layers and {v["bits"] for v in info["layers"].values()} == {cfg["bits"]}
     assert all(v["act_order"] == bool(cfg.get("desc_act")) for v in info["layers"].values())
     import onnx
 
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     nodes = [n for n in graph.node if n.op_type == "MatMulNBits"]
-    assert len(nodes) == 28 and all(n.domain == "com.microsoft" for n in nodes)
+    assert len(nodes) == n_layers and all(n.domain == "com.microsoft" for n in nodes)
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and config["model_type"] == "llama"
     assert next(model.parameters()).dtype == torch.float32 and isinstance(model.model.layers[0].mlp.up_proj, QuantLinear)
 
 
-def test_bf16_model_is_exported_in_fp32_and_left_as_it_was(tmp_path):
-    model = AutoModelForCausalLM.from_pretrained(TINY_LLAMA, dtype=torch.bfloat16,
+def test_bf16_model_is_exported_in_fp32_and_left_as_it_was(tmp_path, tiny_models):
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.bfloat16,
                                                  quantization_config=QuantConfig(method="rtn", bits=4, group_size=64))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     out = hf_quant.export_onnx(model, tmp_path / "onnx")
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
     session = ox.load_session(out)
-    ids = torch.randint(0, 8000, (1, 9))
+    ids = torch.randint(0, 256, (1, 9))
     logits, _ = ox.run_session(session, ids)
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
 
@@ -172,15 +173,15 @@ def test_other_architectures_same_function(tmp_path, tiny_models, arch, cfg):
         assert (out / "model.onnx").stat().st_size < (out / ox.EXTERNAL_DATA_NAME).stat().st_size
 
 
-def test_float_model_dynamic_int8(tmp_path):
-    model = AutoModelForCausalLM.from_pretrained(TINY_LLAMA, dtype=torch.float32).eval()
+def test_float_model_dynamic_int8(tmp_path, tiny_models):
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"], dtype=torch.float32).eval()
     out = hf_quant.export_onnx(model, tmp_path / "onnx", quantize="dynamic-int8")
     import onnx
 
     ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
     assert ops & {"MatMulInteger", "DynamicQuantizeMatMul"} and "MatMulNBits" not in ops
     session = ox.load_session(out)
-    ids = torch.randint(0, 8000, (1, 24))
+    ids = torch.randint(0, 256, (1, 24))
     logits, _ = ox.run_session(session, ids)
     with torch.no_grad():
         ref = model(ids).logits
@@ -193,7 +194,7 @@ def test_float_model_dynamic_int8(tmp_path):
 
 
 def test_refusals_name_the_module_and_the_fix(tmp_path, tiny_models):
-    model = _quantized(TINY_LLAMA, method="rtn", bits=4, group_size=128)
+    model = _quantized(tiny_models["llama"], method="rtn", bits=4, group_size=128)
     target = tmp_path / "busy"
     target.mkdir()
     (target / "keep.txt").write_text("x")
@@ -206,15 +207,15 @@ def test_refusals_name_the_module_and_the_fix(tmp_path, tiny_models):
     opt = _quantized(tiny_models["opt"], method="rtn", bits=4, group_size=128)
     with pytest.raises(ValueError, match="model_type 'opt' is not one the ONNX export supports"):
         hf_quant.export_onnx(opt, tmp_path / "a")
-    w3 = _quantized(TINY_LLAMA, method="rtn", bits=3, group_size=128)
+    w3 = _quantized(tiny_models["llama"], method="rtn", bits=3, group_size=128)
     if ox.ort_support(3, 128, 0) is not None:
         with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj: MatMulNBits with bits=3.*"
                                              r"Re-quantize with bits 2, 4 or 8, or upgrade onnxruntime"):
             hf_quant.export_onnx(w3, tmp_path / "a")
-    onebit = _quantized(TINY_LLAMA, method="rtn", bits=1, group_size=128, sym=True)
+    onebit = _quantized(tiny_models["llama"], method="rtn", bits=1, group_size=128, sym=True)
     with pytest.raises(ValueError, match="1-bit OneBit layers|no MatMulNBits form"):
         hf_quant.export_onnx(onebit, tmp_path / "a")
-    int8 = _quantized(TINY_LLAMA, method="llm_int8")
+    int8 = _quantized(tiny_models["llama"], method="llm_int8")
     with pytest.raises(ValueError, match="quantizes its activations too"):
         hf_quant.export_onnx(int8, tmp_path / "a")
     g48 = _quantized(tiny_models["llama"], method="rtn", bits=4, group_size=64)
@@ -228,8 +229,8 @@ def test_refusals_name_the_module_and_the_fix(tmp_path, tiny_models):
     assert sorted(p.name for p in target.iterdir()) == ["keep.txt"]
 
 
-def test_a_failed_export_leaves_nothing(tmp_path, monkeypatch):
-    model = _quantized(TINY_LLAMA, method="rtn", bits=4, group_size=128)
+def test_a_failed_export_leaves_nothing(tmp_path, monkeypatch, tiny_models):
+    model = _quantized(tiny_models["llama"], method="rtn", bits=4, group_size=128)
 
     def broken(*a, **k):
         raise RuntimeError("exporter broke")
@@ -263,7 +264,7 @@ print(json.dumps(out[0, ids.shape[1]:].tolist()))
                     "transformers 5: set HF_QUANT_OPTIMUM_PYTHON to a Python with optimum-onnx[onnxruntime] "
                     "(.ci/run builds one)")
 def test_optimum_ort_model_generates(tmp_path, tiny_models):
-    model = _quantized(TINY_LLAMA, method="gptq", bits=4, group_size=128, desc_act=True)
+    model = _quantized(tiny_models["llama"], method="gptq", bits=4, group_size=64, desc_act=True)
     out = hf_quant.export_onnx(model, tmp_path / "onnx")
     ids = torch.randint(0, model.config.vocab_size, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
     ours = model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
@@ -272,3 +273,20 @@ def test_optimum_ort_model_generates(tmp_path, tiny_models):
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads(res.stdout.strip().splitlines()[-1]) == ours
+
+
+def test_export_onnx_command(tmp_path, capsys, tiny_models):
+    from hf_quant.cli import main
+
+    quantized = tmp_path / "q"
+    _quantized(tiny_models["llama"], method="rtn", bits=4, group_size=128).save_pretrained(quantized)
+    main(["-q", "export-onnx", str(quantized), str(tmp_path / "onnx"), "--accuracy-level", "4"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["format"] == "onnx"
+    info = json.loads((tmp_path / "onnx" / "hf_quant_onnx.json").read_text())
+    assert info["accuracy_level"] == 4 and len(info["layers"]) == 14
+    logits, _ = ox.run_session(ox.load_session(tmp_path / "onnx"), torch.tensor([[1, 2, 3, 4]]))
+    assert torch.isfinite(logits).all()
+    with pytest.raises(SystemExit) as done:
+        main(["export-onnx", str(quantized), str(tmp_path / "onnx")])
+    assert done.value.code == 2
+    assert "already exists and is not empty; pass --overwrite" in capsys.readouterr().err
