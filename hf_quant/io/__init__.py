@@ -39,7 +39,7 @@ def available_formats(*, exporting: bool = False, importing: bool = False) -> li
             if (not exporting or f.export is not None) and (not importing or f.import_ is not None)]
 
 
-from . import bitnet, bnb, gguf, gptq, native  # noqa: E402
+from . import bitnet, bnb, gguf, gptq, native, onnx  # noqa: E402
 
 register_format(Format("hf_quant", "hf_quant's own safetensors layout (README: On-disk format)",
                        export=native.export_native))
@@ -51,5 +51,7 @@ register_format(Format("bitnet", "transformers' own BitNet layout (BitLinear, of
                        "byte, 1/gamma); bitnet models only", export=bitnet.export_bitnet, import_=bitnet.import_bitnet))
 register_format(Format("gguf", "one GGUF file for llama.cpp, OUT/model.gguf (GGUF-grid layers exactly, others in "
                        "float)", export=gguf.export_gguf_dir))
+register_format(Format("onnx", "an ONNX Runtime directory (optimum's ORTModelForCausalLM loads it): every quantized "
+                       "linear one MatMulNBits node with hf_quant's codes (2/4/8 bits)", export=onnx.export_onnx))
 
 __all__ = ["FORMATS", "Format", "available_formats", "get_format", "register_format"]
