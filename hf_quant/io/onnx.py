@@ -471,7 +471,7 @@ def export_onnx(model: nn.Module, save_directory: str | os.PathLike, tokenizer: 
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        from .. import __version__
+        from ..version import __version__
 
         layers = {name: {"bits": m.bits, "block_size": m.block_size, "asymmetric": m.zero_points is not None,
                          "act_order": m.perm is not None, "bias": m.bias is not None} for name, m in swaps.items()}
