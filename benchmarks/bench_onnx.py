@@ -35,18 +35,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hf_quant  # noqa: E402
 from common import cpu_summary  # noqa: E402
+from ppl_ref_llama import calibration_text  # noqa: E402
 from hf_quant.io import onnx as ox  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REF = SHARED / "models" / "ref-llama"
-
-
-def calibration_text() -> list[str]:
-    texts = []
-    for f in sorted((SHARED / "data" / "corpus").glob("*.txt")):
-        t = f.read_text(encoding="utf-8")
-        texts.append(t[: int(len(t) * 0.97)])
-    return texts
 
 
 def heldout_windows(tokenizer, seq_len: int, windows: int | None) -> torch.Tensor:
@@ -197,7 +190,7 @@ def main() -> None:
     gptq = None
     if not (args.skip_ppl and args.random_only):
         t = time.perf_counter()
-        cfg = hf_quant.QuantConfig(method="gptq", bits=4, group_size=128, dataset=calibration_text(),
+        cfg = hf_quant.QuantConfig(method="gptq", bits=4, group_size=128, dataset=calibration_text(SHARED / "data" / "corpus"),
                                    num_samples=args.num_samples, seq_len=512)
         gptq = AutoModelForCausalLM.from_pretrained(REF, dtype=torch.float32, quantization_config=cfg).eval()
         print(f"  GPTQ w4 g128 calibrated in {time.perf_counter() - t:.0f} s", flush=True)
