@@ -138,6 +138,28 @@ def test_llama_same_function(tmp_path, tiny_models, cfg):
     assert next(model.parameters()).dtype == torch.float32 and isinstance(model.model.layers[0].mlp.up_proj, QuantLinear)
 
 
+def test_left_padded_batch_through_the_cache(tmp_path, tiny_models):
+    """The attention mask is a real input of the graph (traced with ones, it must not be baked in): a
+    left-padded batch gives the model's logits at every real position, in prefill and in a decode step."""
+    model = _quantized(tiny_models["qwen2"], method="rtn", bits=4, group_size=64)
+    session = ox.load_session(hf_quant.export_onnx(model, tmp_path / "onnx"))
+    ids = torch.randint(1, 256, (2, 10), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[0, :4] = 0
+    logits, past = ox.run_session(session, ids, attention_mask=mask)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    real = mask.bool()
+    assert float((logits - ref)[real].abs().max() / ref[real].abs().max()) <= 1e-3
+    nxt = logits[:, -1].argmax(-1, keepdim=True)
+    mask2 = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    step, _ = ox.run_session(session, nxt, past, attention_mask=mask2)
+    with torch.no_grad():
+        ref2 = model(input_ids=torch.cat([ids, nxt], 1), attention_mask=mask2,
+                     position_ids=(mask2.cumsum(-1) - 1).clamp(min=0)).logits[:, -1:]
+    assert float((step - ref2).abs().max() / ref2.abs().max()) <= 1e-3
+
+
 def test_bf16_model_is_exported_in_fp32_and_left_as_it_was(tmp_path, tiny_models):
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.bfloat16,
                                                  quantization_config=QuantConfig(method="rtn", bits=4, group_size=64))
