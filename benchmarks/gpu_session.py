@@ -40,10 +40,12 @@ traceback and the next stage runs; a watchdog ends the process at budget + `--gr
 6. `lowbit`: OneBit (1-bit signs with both value vectors and the output LayerNorm, on the Triton block
    kernels) and BitNet b1.58 (ternary codes, int8 per-token activations on `cuda_int8_token`) layers on the
    int8 shapes, M in {1, 16, 256}: the dispatcher's choice, its error against the reference, x bf16 F.linear.
-7. `generate`: greedy `generate` tokens/s, bf16 against RTN w4 g128 (`quantize_model`), eager and with
+7. `overhead`: where an eager call's host cost goes (one 4-bit layer, M = 1): host microseconds per call and
+   the timer's ms for F.linear, `layer(x)`, the kernel's `forward` without dispatch, and `launch_matmul` alone.
+8. `generate`: greedy `generate` tokens/s, bf16 against RTN w4 g128 (`quantize_model`), eager and with
    CUDA graphs (static cache + `torch.compile(mode="reduce-overhead")` through transformers' CompileConfig),
    on a 4096-hidden Llama (4 blocks) and a ref-llama-shaped one (hidden 512, 8 blocks, GQA 8/4).
-8. `gptq`: `benchmarks/bench_gptq_gpu.py --layers 2` in a subprocess, capped; its output goes into results.json.
+9. `gptq`: `benchmarks/bench_gptq_gpu.py --layers 2` in a subprocess, capped; its output goes into results.json.
 
 `--dry-run` (automatic without CUDA) runs the same stages on CPU: TRITON_INTERPRET=1 before Triton is
 imported, one 256x384 shape, M in {1,4,16,20}, the Triton kernels called directly (prepare/forward: the
@@ -92,15 +94,15 @@ DRY_SHAPES = ["128x256"]
 DRY_MS = [1, 4, 16, 20]
 TOL = 1e-2  # relative error against the reference kernel in the same activation dtype (as tests/test_triton.py)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-STAGES = ["versions", "correctness", "goal_table", "tune", "int8", "lowbit", "generate", "gptq"]
-CAPS = {"versions": 20, "correctness": 60, "goal_table": 160, "tune": 5, "int8": 30, "lowbit": 20, "generate": 90,
-        "gptq": 65}
-DRY_CAPS = {"versions": 5, "correctness": 24, "goal_table": 16, "tune": 3, "int8": 6, "lowbit": 6, "generate": 8,
-            "gptq": 30}
-MIN_S = {"versions": 1, "correctness": 10, "goal_table": 10, "tune": 0.5, "int8": 8, "lowbit": 5, "generate": 20,
-         "gptq": 30}
-DRY_MIN_S = {"versions": 1, "correctness": 5, "goal_table": 5, "tune": 0.5, "int8": 2, "lowbit": 2, "generate": 4,
-             "gptq": 18}
+STAGES = ["versions", "correctness", "goal_table", "tune", "int8", "lowbit", "overhead", "generate", "gptq"]
+CAPS = {"versions": 20, "correctness": 60, "goal_table": 160, "tune": 5, "int8": 30, "lowbit": 20, "overhead": 15,
+        "generate": 90, "gptq": 65}
+DRY_CAPS = {"versions": 5, "correctness": 24, "goal_table": 16, "tune": 3, "int8": 6, "lowbit": 6, "overhead": 4,
+            "generate": 8, "gptq": 30}
+MIN_S = {"versions": 1, "correctness": 10, "goal_table": 10, "tune": 0.5, "int8": 8, "lowbit": 5, "overhead": 5,
+         "generate": 20, "gptq": 30}
+DRY_MIN_S = {"versions": 1, "correctness": 5, "goal_table": 5, "tune": 0.5, "int8": 2, "lowbit": 2, "overhead": 1,
+             "generate": 4, "gptq": 18}
 LOWBIT_MS = [1, 16, 256]
 INT8_SHAPES = ["4096x4096", "4096x11008", "11008x4096"]
 INT8_MS = [1, 16, 64, 256, 4096]
@@ -1237,6 +1239,57 @@ def stage_lowbit(st: Stage) -> None:
     res["n_failures"] = sum(1 for r in res["rows"] if not r.get("ok"))
 
 
+def stage_overhead(st: Stage) -> None:
+    """Where an eager call's host cost goes (the first H200 run: >= ~0.04 ms per quantized call against a GPU time
+    of 0.007-0.07 ms at M = 1). One 4-bit g128 layer, M = 1, fp16: host microseconds per call (perf_counter over
+    back-to-back calls, no sync inside: the GPU is faster than the host here, so this is the launch path) and the
+    timer's ms, for F.linear, the whole layer (`layer(x)`: dispatch + kernel forward), the kernel's `forward`
+    with the prepared layout (no dispatch), and `launch_matmul` with a precomputed launch (Triton's launcher and
+    the output / workspace allocations alone)."""
+    import torch.nn.functional as F
+
+    from hf_quant.runtime.kernels.triton import qgemm, table
+
+    sess, a, dev = st.sess, st.sess.args, st.sess.device
+    shape = DRY_SHAPES[0] if sess.dry else "4096x4096"
+    K, N = parse_shape(shape)
+    g = torch.Generator().manual_seed(0)
+    W = (torch.randn(N, K, generator=g) * 0.02).to(dev)
+    layer = quant_layer(W, 4, 128 if K % 128 == 0 else -1)
+    x = torch.randn(1, K, generator=g).to(dev, torch.float16)
+    w16 = W.to(torch.float16)
+    kernel = qgemm.GEMV
+    blocks = layer.prepared(kernel, dev, x.dtype)
+    x2 = qgemm._rows(blocks, x)
+    cfg = kernel.launch(1, blocks.geo, table.sm_count(dev) if dev.type == "cuda" else 132)
+    calls = {"F.linear fp16": lambda: F.linear(x, w16),
+             "layer(x) (auto)": lambda: run_kernel(layer, x, "auto"),
+             "kernel.forward (no dispatch)": lambda: kernel.forward(layer, x, blocks),
+             "launch_matmul (precomputed launch)": lambda: qgemm.launch_matmul("gemv", blocks, x2, None, cfg)}
+    timer = Timer(dev.type == "cuda", a.warmup_ms, a.rep_ms, cpu_reps=1)
+    reps = 3 if sess.dry else 300
+    res = st.rec["result"] = dict(shape=shape, M=1, bits=4, rows=[])
+    for name, fn in calls.items():
+        try:
+            with torch.no_grad():
+                fn()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                for _ in range(reps):
+                    fn()
+                host_us = 1e6 * (time.perf_counter() - t) / reps
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+            row = dict(call=name, host_us=round(host_us, 2), timer_ms=timer(fn))
+            st.log(f"overhead {shape} M=1: {name}: host {host_us:.1f} us/call, timer {row['timer_ms']:.4f} ms")
+        except Exception as e:
+            st.error(f"overhead {name}", e)
+            row = dict(call=name, error=f"{type(e).__name__}: {str(e)[:300]}")
+        res["rows"].append(row)
+        st.save()
+
+
 def stage_generate(st: Stage) -> None:
     import hf_quant
     from common import random_llama, tokens_per_s
@@ -1455,6 +1508,7 @@ def main(argv=None) -> int:
     sess.stage("tune", stage_tune)
     sess.stage("int8", stage_int8)
     sess.stage("lowbit", stage_lowbit)
+    sess.stage("overhead", stage_overhead)
     sess.stage("generate", stage_generate)
     sess.stage("gptq", stage_gptq)
     sess.kill_children()

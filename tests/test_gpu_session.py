@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 from hf_quant.runtime.kernels.triton import table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["versions", "correctness", "goal_table", "tune", "int8", "generate", "gptq"]
+STAGES = ["versions", "correctness", "goal_table", "tune", "int8", "lowbit", "overhead", "generate", "gptq"]
 # 55 s: every stage on an idle 2-core machine; on a busy one the later stages record themselves as skipped
 BUDGET_S = "55"
 
@@ -116,3 +116,14 @@ def test_lowbit_stage_checks_onebit_and_bitnet_layers(session):
     assert rows and rec["result"]["n_failures"] == 0, rows
     assert {r["layer"] for r in rows} == {"onebit", "bitnet"}
     assert all(r["ok"] and r["ms"] > 0 and r["x_bf16"] > 0 for r in rows)
+
+
+def test_overhead_stage_times_each_layer_of_the_launch_path(session):
+    _, res, _ = session
+    rec = res["stages"]["overhead"]
+    if rec["status"] == "skipped":
+        pytest.skip(f"overhead stage skipped: {rec.get('reason')}")
+    rows = rec["result"]["rows"]
+    assert [r["call"] for r in rows] == ["F.linear fp16", "layer(x) (auto)", "kernel.forward (no dispatch)",
+                                         "launch_matmul (precomputed launch)"]
+    assert all("error" not in r and r["host_us"] > 0 and r["timer_ms"] > 0 for r in rows), rows
