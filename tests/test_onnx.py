@@ -69,13 +69,14 @@ def _check_same_function(model, out: Path, vocab: int, seed: int = 0) -> dict:
 # Layout
 
 
+@pytest.mark.parametrize("n", [37, 128])  # a partial last byte (the bit-stream path) / whole bytes (shift-and-add)
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
-def test_pack_bits_round_trip_and_low_first(bits):
+def test_pack_bits_round_trip_and_low_first(bits, n):
     g = torch.Generator().manual_seed(bits)
-    values = torch.randint(0, 2**bits, (3, 5, 37), generator=g)
+    values = torch.randint(0, 2**bits, (3, 5, n), generator=g)
     packed = ox.pack_bits(values, bits)
-    assert packed.shape == (3, 5, -(-37 * bits // 8)) and packed.dtype == torch.uint8
-    assert torch.equal(ox.unpack_bits(packed, bits, 37), values.to(torch.int32))
+    assert packed.shape == (3, 5, -(-n * bits // 8)) and packed.dtype == torch.uint8
+    assert torch.equal(ox.unpack_bits(packed, bits, n), values.to(torch.int32))
     first = torch.tensor([[1] + [0] * 7])  # value 0 = 1 lands in bit 0 of byte 0
     assert int(ox.pack_bits(first, bits)[0, 0]) == 1
 

@@ -80,6 +80,10 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack the last dimension of `values` (integers in [0, 2^bits)) as a little-endian bit stream: value i
     occupies bits [i*bits, (i+1)*bits) counted from the low bit of byte 0. (..., n) -> (..., ceil(n*bits/8)) uint8."""
     *lead, n = values.shape
+    if 8 % bits == 0 and n * bits % 8 == 0:  # whole values per byte (2, 4, 8 bits): shift and add in place
+        per = 8 // bits
+        v = values.to(torch.int32).reshape(*lead, n // per, per)
+        return (v << (torch.arange(per, dtype=torch.int32) * bits)).sum(-1).to(torch.uint8)
     shifts = torch.arange(bits, dtype=torch.int32)
     stream = ((values.to(torch.int32).unsqueeze(-1) >> shifts) & 1).reshape(*lead, n * bits)
     pad = (-stream.shape[-1]) % 8
