@@ -91,11 +91,17 @@ def quantized_fraction(model, directory: Path) -> float:
     return stored / bf16
 
 
+METHODS = {"onebit": dict(method="onebit"), "onebit-noln": dict(method="onebit", output_norm=False),
+           "bitnet": dict(method="bitnet")}
+LABELS = {"onebit": "OneBit (SVID, output LN)", "onebit-noln": "OneBit (SVID, no output LN)", "bitnet": "BitNet b1.58"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(SHARED / "models" / "ref-llama"))
     ap.add_argument("--minutes", type=float, default=30.0)
-    ap.add_argument("--methods", nargs="+", default=["onebit", "bitnet"])
+    ap.add_argument("--methods", nargs="+", default=["onebit", "bitnet"], choices=sorted(METHODS),
+                    help="onebit (SVID, the paper's output LayerNorm), onebit-noln (SVID, no output LayerNorm), bitnet")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -104,6 +110,7 @@ def main() -> None:
     ap.add_argument("--curve-every", type=int, default=50)
     ap.add_argument("--curve-windows", type=int, default=16)
     ap.add_argument("--skip-reference", action="store_true", help="skip the RTN / GPTQ w2 g64 rows")
+    ap.add_argument("--skip-untrained", action="store_true", help="skip the untrained 1-bit / ternary rows")
     args = ap.parse_args()
     torch.manual_seed(0)
     flags = sorted(hf_quant.core.devices.cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16"})
@@ -133,6 +140,8 @@ def main() -> None:
                       ("OneBit, absmean, no output LN, no training", dict(method="onebit", init="absmean",
                                                                           output_norm=False)),
                       ("BitNet b1.58, no training", dict(method="bitnet"))]:
+        if args.skip_untrained:
+            break
         row(name, load(quantization_config=hf_quant.QuantConfig(**cfg)))
     if not args.skip_reference:
         from ppl_ref_llama import calibration_text
@@ -148,8 +157,8 @@ def main() -> None:
     data = [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows]
     curves = {}
     for method in args.methods:
-        student = training.prepare(AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32),
-                                   hf_quant.QuantConfig(method=method))
+        qc = hf_quant.QuantConfig(**METHODS[method])
+        student = training.prepare(AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32), qc)
         budget = Budget(args.minutes * 60, args.curve_every, lambda m: ppl(m, args.curve_windows))
         with tempfile.TemporaryDirectory() as out:
             targs = TrainingArguments(output_dir=out, max_steps=10**6, per_device_train_batch_size=args.batch,
@@ -159,7 +168,7 @@ def main() -> None:
                                       dataloader_drop_last=True)
             trainer = training.DistillationTrainer(
                 model=student, teacher=teacher, args=targs, train_dataset=data, callbacks=[budget],
-                hidden_weight=args.hidden_weight, ramp_steps=args.ramp_steps if method == "bitnet" else 0)
+                hidden_weight=args.hidden_weight, ramp_steps=args.ramp_steps if qc.method == "bitnet" else 0)
             print(f"{method}: distilling for {args.minutes:.0f} minutes", flush=True)
             trainer.train()
             curves[method] = budget.rows
@@ -168,7 +177,7 @@ def main() -> None:
             steps = trainer.state.global_step
             student.save_pretrained(Path(out) / "frozen")
             frac = quantized_fraction(student, Path(out) / "frozen")
-        label = "OneBit (SVID, output LN)" if method == "onebit" else "BitNet b1.58"
+        label = LABELS[method]
         row(f"{label} after distillation ({steps} steps)", student, budget.spent,
             f"quantized layers {frac:.4f}x bf16")
 
