@@ -248,6 +248,10 @@ def test_refusals_name_the_module_and_the_fix(tmp_path, tiny_models):
             break
     with pytest.raises(ValueError, match="group_size=48 is not a power of two >= 16"):
         hf_quant.export_onnx(g48, tmp_path / "a")
+    meta = _quantized(tiny_models["llama"], method="rtn", bits=4, group_size=64)
+    meta.lm_head.weight = torch.nn.Parameter(torch.empty_like(meta.lm_head.weight, device="meta"))
+    with pytest.raises(ValueError, match=r"lm_head\.weight is on meta; the export traces the model on CPU"):
+        hf_quant.export_onnx(meta, tmp_path / "a")
     assert not (tmp_path / "a").exists()
     assert sorted(p.name for p in target.iterdir()) == ["keep.txt"]
 

@@ -434,6 +434,11 @@ def export_onnx(model: nn.Module, save_directory: str | os.PathLike, tokenizer: 
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
         raise ValueError(f"{who}: {target} already exists and is not an empty directory; pass overwrite=True "
                          "(--overwrite) to replace its export files, or choose a new directory.")
+    away = next(((n, t.device) for n, t in list(model.named_parameters()) + list(model.named_buffers())
+                 if t.device.type != "cpu"), None)
+    if away is not None:
+        raise ValueError(f"{who}: {away[0]} is on {away[1]}; the export traces the model on CPU. Load it on CPU "
+                         "(no device_map, or device_map='cpu') and export again.")
     quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     lora = [name for name, m in model.named_modules() if type(m).__name__.startswith("Lora") or hasattr(m, "lora_A")]
     if lora:
