@@ -129,6 +129,18 @@ def refusal(name: str, layer: nn.Module) -> str | None:
     return None
 
 
+def layout_w_hat(B: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None, K: int, N: int, bits: int,
+                 block_size: int) -> torch.Tensor:
+    """W_hat (N, K) in fp32, in the layout's (group) channel order, read from MatMulNBits' inputs: (code - zero) *
+    scale per block, the zero 2^(bits-1) when `zero_points` is None (the operator's default)."""
+    k_blocks = B.shape[1]
+    codes = unpack_bits(B, bits, block_size).reshape(N, -1)[:, :K].float()
+    zero = (torch.full((N, k_blocks), float(2 ** (bits - 1)), device=B.device) if zero_points is None else
+            unpack_bits(zero_points.reshape(N, -1), bits, k_blocks).float())
+    group = torch.arange(K, device=B.device) // block_size
+    return (codes - zero[:, group]) * scales.float()[:, group]
+
+
 class MatMulNBitsLinear(nn.Module):
     """The ONNX form of one `QuantLinear`: the inputs of one `MatMulNBits` node, built from its codes exactly.
 
@@ -155,17 +167,7 @@ class MatMulNBitsLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """W_hat (N, K) in the original channel order, read back from the MatMulNBits layout (fp32)."""
-        codes = unpack_bits(self.B, self.bits, self.block_size).reshape(self.N, -1)[:, : self.K].float()
-        if self.zero_points is None:
-            zero = torch.full((self.N, self.k_blocks), float(2 ** (self.bits - 1)))
-        else:
-            per_row = self.zero_points.numel() // self.N
-            zero = unpack_bits(self.zero_points.reshape(self.N, per_row), self.bits, self.k_blocks).float()
-        W = (codes.reshape(self.N, -1, self.block_size) if self.K % self.block_size == 0 else None)
-        if W is None:  # a per-channel layer: one partial block
-            W = (codes - zero) * self.scales
-        else:
-            W = ((W - zero.unsqueeze(-1)) * self.scales.unsqueeze(-1)).reshape(self.N, self.K)
+        W = layout_w_hat(self.B, self.scales, self.zero_points, self.K, self.N, self.bits, self.block_size)
         if self.perm is not None:
             W = torch.empty_like(W).index_copy_(1, self.perm, W)
         return W
@@ -182,12 +184,7 @@ def _matmul_nbits(x: torch.Tensor, B: torch.Tensor, scales: torch.Tensor, zero_p
                   bias: Optional[torch.Tensor], K: int, N: int, bits: int, block_size: int,
                   accuracy_level: int) -> torch.Tensor:
     """y = x @ W_hat^T + bias with W_hat read from the MatMulNBits layout (x already in group order)."""
-    k_blocks = B.shape[1]
-    codes = unpack_bits(B, bits, block_size).reshape(N, -1)[:, :K].float()
-    zero = (torch.full((N, k_blocks), float(2 ** (bits - 1)), device=x.device) if zero_points is None else
-            unpack_bits(zero_points.reshape(N, -1), bits, k_blocks).float())
-    group = torch.arange(K, device=x.device) // block_size
-    W = (codes - zero[:, group]) * scales.float()[:, group]
+    W = layout_w_hat(B, scales, zero_points, K, N, bits, block_size)
     return F.linear(x.float(), W, None if bias is None else bias.float()).to(x.dtype)
 
 
@@ -358,7 +355,7 @@ def _sample_inputs(model: nn.Module, layers: int) -> tuple:
     """(input_ids, attention_mask, position_ids, *past) with batch 2, 3 new tokens after 4 cached ones (no
     dimension of size 0 or 1, which the exporter would specialise)."""
     batch, new, past_len = 2, 3, 4
-    vocab = model.config.vocab_size if hasattr(model.config, "vocab_size") else model.config.get_text_config().vocab_size
+    vocab = model.config.get_text_config().vocab_size
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch, past_len + new), generator=g)
     with torch.no_grad():
@@ -451,9 +448,10 @@ def export_onnx(model: nn.Module, save_directory: str | os.PathLike, tokenizer: 
     for name, layer in quantized.items():
         why = refusal(name, layer)
         if why is None:
-            why = ort_support(layer.spec.bits, block_size_of(layer), accuracy_level)
+            bs = block_size_of(layer)
+            why = ort_support(layer.spec.bits, bs, accuracy_level)
             if why is not None:
-                why = (f"{name}: MatMulNBits with bits={layer.spec.bits}, block_size={block_size_of(layer)}, "
+                why = (f"{name}: MatMulNBits with bits={layer.spec.bits}, block_size={bs}, "
                        f"accuracy_level={accuracy_level}: {why}. Re-quantize with bits 2, 4 or 8, or upgrade "
                        "onnxruntime.")
         if why is not None:
@@ -539,5 +537,5 @@ def greedy(session: Any, input_ids: torch.Tensor, new_tokens: int) -> list[int]:
     return out
 
 
-__all__ = ["ARCHITECTURES", "MatMulNBitsLinear", "export_onnx", "greedy", "load_session", "ort_support", "pack_bits",
-           "run_session", "unpack_bits"]
+__all__ = ["ARCHITECTURES", "MatMulNBitsLinear", "export_onnx", "greedy", "layout_w_hat", "load_session", "ort_support",
+           "pack_bits", "run_session", "unpack_bits"]
