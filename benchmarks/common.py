@@ -41,6 +41,8 @@ def random_llama(hidden: int, intermediate: int, layers: int, device: str, vocab
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.fill_(1.0) if "norm" in name else p.normal_(0, 0.02)
+    # to_empty leaves non-persistent buffers uninitialised: the rotary frequencies are rebuilt as loading builds them
+    model.model.rotary_emb = type(model.model.rotary_emb)(cfg).to(device)
     return model.eval()
 
 
