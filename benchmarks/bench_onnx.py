@@ -30,11 +30,11 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hf_quant  # noqa: E402
-from common import cpu_summary  # noqa: E402
+from common import cpu_summary, random_llama  # noqa: E402
 from ppl_ref_llama import calibration_text  # noqa: E402
 from hf_quant.io import onnx as ox  # noqa: E402
 
@@ -43,6 +43,7 @@ REF = SHARED / "models" / "ref-llama"
 
 
 def heldout_windows(tokenizer, seq_len: int, windows: int | None) -> torch.Tensor:
+    """The windows `hf_quant.eval.perplexity` scores (bundled held-out text, non-overlapping), for onnxruntime."""
     ids = tokenizer(hf_quant.eval.bundled_text(), return_tensors="pt").input_ids[0]
     n = ids.numel() // seq_len if windows is None else min(windows, ids.numel() // seq_len)
     return ids[: n * seq_len].reshape(n, seq_len)
@@ -51,14 +52,6 @@ def heldout_windows(tokenizer, seq_len: int, windows: int | None) -> torch.Tenso
 def nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> float:
     return float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                                    ids[:, 1:].reshape(-1), reduction="sum"))
-
-
-def torch_ppl(model, windows: torch.Tensor) -> float:
-    total = 0.0
-    with torch.no_grad():
-        for w in windows.split(4):
-            total += nll_sum(model(input_ids=w, use_cache=False).logits, w)
-    return math.exp(total / (windows.shape[0] * (windows.shape[1] - 1)))
 
 
 def ort_ppl(session, windows: torch.Tensor) -> float:
@@ -197,9 +190,10 @@ def main() -> None:
     if not args.skip_ppl:
         windows = heldout_windows(tok, 512, args.windows)
         bf16 = AutoModelForCausalLM.from_pretrained(REF, dtype=torch.bfloat16).eval()
-        rows = [("bf16 (PyTorch)", torch_ppl(bf16, windows))]
+        torch_ppl = lambda m: hf_quant.eval.perplexity(m, tok, seq_len=512, max_windows=args.windows)  # noqa: E731
+        rows = [("bf16 (PyTorch)", torch_ppl(bf16))]
         del bf16
-        ref = torch_ppl(gptq, windows)
+        ref = torch_ppl(gptq)
         rows.append(("GPTQ w4 g128, hf_quant PyTorch fp32", ref))
         for level in (0, 4):
             out = export(gptq, root, f"ppl-acc{level}", accuracy_level=level)
@@ -215,14 +209,7 @@ def main() -> None:
             ref_float = AutoModelForCausalLM.from_pretrained(REF, dtype=torch.float32).eval()
             all_rows.append(speed_rows("ref-llama", ref_float, gptq, root, args))
             del ref_float
-        cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
-                          num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048,
-                          tie_word_embeddings=False)
-        torch.manual_seed(0)
-        rnd = LlamaForCausalLM(cfg).eval()
-        with torch.no_grad():
-            for name, p in rnd.named_parameters():
-                p.fill_(1.0) if "norm" in name else p.normal_(0, 0.02)
+        rnd = random_llama(2048, 5632, 8, "cpu", vocab=32000, heads=16, kv_heads=4).float()
         q = hf_quant.quantize(copy.deepcopy(rnd), hf_quant.QuantConfig(method="rtn", bits=4, group_size=128)).eval()
         all_rows.append(speed_rows("llama-2048x8", rnd, q, root, args))
         print(f"\n### Speed, batch 1 (prefill {args.prefill} tokens; decode {args.steps} tokens after a "
