@@ -31,6 +31,14 @@ def session(tmp_path_factory):
     return out, json.loads((out / "results.json").read_text()), proc
 
 
+def _ran(session, stage: str) -> dict:
+    """The stage's record; the test skips, with the stage's reason, if the dry run's budget skipped it."""
+    rec = session[1]["stages"][stage]
+    if rec["status"] == "skipped":
+        pytest.skip(f"{stage} stage skipped: {rec.get('reason')}")
+    return rec
+
+
 def test_every_stage_ran_or_says_why_not(session):
     out, res, proc = session
     assert res["meta"]["dry_run"] is True
@@ -97,10 +105,7 @@ def test_only_the_three_files_are_written(session):
 
 
 def test_int8_stage_checks_the_cuda_int8_kernel(session):
-    _, res, _ = session
-    rec = res["stages"]["int8"]
-    if rec["status"] == "skipped":
-        pytest.skip(f"int8 stage skipped: {rec.get('reason')}")
+    rec = _ran(session, "int8")
     rows = rec["result"]["rows"]
     assert rows and rec["result"]["n_failures"] == 0, rows
     assert {r["threshold"] for r in rows} == {0.0, 6.0}
@@ -108,10 +113,7 @@ def test_int8_stage_checks_the_cuda_int8_kernel(session):
 
 
 def test_lowbit_stage_checks_onebit_and_bitnet_layers(session):
-    _, res, _ = session
-    rec = res["stages"]["lowbit"]
-    if rec["status"] == "skipped":
-        pytest.skip(f"lowbit stage skipped: {rec.get('reason')}")
+    rec = _ran(session, "lowbit")
     rows = rec["result"]["rows"]
     assert rows and rec["result"]["n_failures"] == 0, rows
     assert {r["layer"] for r in rows} == {"onebit", "bitnet"}
@@ -119,10 +121,7 @@ def test_lowbit_stage_checks_onebit_and_bitnet_layers(session):
 
 
 def test_overhead_stage_times_each_layer_of_the_launch_path(session):
-    _, res, _ = session
-    rec = res["stages"]["overhead"]
-    if rec["status"] == "skipped":
-        pytest.skip(f"overhead stage skipped: {rec.get('reason')}")
+    rec = _ran(session, "overhead")
     rows = rec["result"]["rows"]
     assert [r["call"] for r in rows] == ["F.linear fp16", "layer(x) (auto)", "kernel.forward (no dispatch)",
                                          "launch_matmul (precomputed launch)"]
