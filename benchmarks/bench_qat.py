@@ -91,9 +91,11 @@ def quantized_fraction(model, directory: Path) -> float:
     return stored / bf16
 
 
-METHODS = {"onebit": dict(method="onebit"), "onebit-noln": dict(method="onebit", output_norm=False),
-           "bitnet": dict(method="bitnet")}
-LABELS = {"onebit": "OneBit (SVID, output LN)", "onebit-noln": "OneBit (SVID, no output LN)", "bitnet": "BitNet b1.58"}
+METHODS = {  # --methods name -> (row label, QuantConfig of the prepared student)
+    "onebit": ("OneBit (SVID, output LN)", dict(method="onebit")),
+    "onebit-noln": ("OneBit (SVID, no output LN)", dict(method="onebit", output_norm=False)),
+    "bitnet": ("BitNet b1.58", dict(method="bitnet")),
+}
 
 
 def main() -> None:
@@ -157,7 +159,8 @@ def main() -> None:
     data = [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows]
     curves = {}
     for method in args.methods:
-        qc = hf_quant.QuantConfig(**METHODS[method])
+        label, kw = METHODS[method]
+        qc = hf_quant.QuantConfig(**kw)
         student = training.prepare(AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32), qc)
         budget = Budget(args.minutes * 60, args.curve_every, lambda m: ppl(m, args.curve_windows))
         with tempfile.TemporaryDirectory() as out:
@@ -177,7 +180,6 @@ def main() -> None:
             steps = trainer.state.global_step
             student.save_pretrained(Path(out) / "frozen")
             frac = quantized_fraction(student, Path(out) / "frozen")
-        label = LABELS[method]
         row(f"{label} after distillation ({steps} steps)", student, budget.spent,
             f"quantized layers {frac:.4f}x bf16")
 
