@@ -15,6 +15,7 @@ quantized layer on the accelerator against the reference kernel.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import tempfile
 import time
 
@@ -44,7 +45,12 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--variants", nargs="+", default=["gptq", "gptq+act"])
+    ap.add_argument("--stacks", type=float, default=0.0, metavar="SECONDS",
+                    help="print every thread's Python stack to stderr every SECONDS (a sampling profile of where "
+                         "calibration spends its time)")
     args = ap.parse_args()
+    if args.stacks > 0:
+        faulthandler.dump_traceback_later(args.stacks, repeat=True)
     if args.small:
         args.hidden, args.intermediate, args.seq_len = 512, 1408, 256
     vocab = 32000

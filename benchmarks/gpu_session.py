@@ -9,7 +9,8 @@ speed, and GPTQ calibration speed.
 Writes under --out: `results.json` (rewritten after every stage and every goal-table row group, so that a
 timeout still leaves results), `log.txt` (every progress line, flushed as written) and
 `dispatch_table.json` (the tuned table: load it with HF_QUANT_TRITON_TABLE=dispatch_table.json, or copy
-it into hf_quant/runtime/kernels/triton/table.py). Nothing else is written there.
+it into hf_quant/runtime/kernels/triton/table.py), and the whole output of the stages that run a script
+(`gptq_output.txt`, `host_int8_cpu.txt`, `host_cpu.txt`). Nothing else is written there.
 
 Stages, in order (each has a soft cap, `--cap NAME=SECONDS`; a stage that finds less than its minimum of
 the global `--budget-s` left is recorded as skipped, with the reason; an exception is recorded with its
@@ -45,7 +46,11 @@ traceback and the next stage runs; a watchdog ends the process at budget + `--gr
 8. `generate`: greedy `generate` tokens/s, bf16 against RTN w4 g128 (`quantize_model`), eager and with
    CUDA graphs (static cache + `torch.compile(mode="reduce-overhead")` through transformers' CompileConfig),
    on a 4096-hidden Llama (4 blocks) and a ref-llama-shaped one (hidden 512, 8 blocks, GQA 8/4).
-9. `gptq`: `benchmarks/bench_gptq_gpu.py --layers 2` in a subprocess, capped; its output goes into results.json.
+9. `gptq`: `benchmarks/bench_gptq_gpu.py --layers 1 --samples 32 --stacks 8` in a subprocess, capped (a stack
+   sample of every thread every 8 s shows where calibration spends its time); its output goes into results.json
+   and, whole, into `gptq_output.txt`.
+10. `host_cpu`: the GPU machine's host CPU rows of `bench_int8_cpu.py` and `bench_cpu.py --bits 4 8` (Llama-7B
+   shapes, all threads), outputs in `host_int8_cpu.txt` / `host_cpu.txt`.
 
 `--dry-run` (automatic without CUDA) runs the same stages on CPU: TRITON_INTERPRET=1 before Triton is
 imported, one 256x384 shape, M in {1,4,16,20}, the Triton kernels called directly (prepare/forward: the
@@ -94,15 +99,16 @@ DRY_SHAPES = ["128x256"]
 DRY_MS = [1, 4, 16, 20]
 TOL = 1e-2  # relative error against the reference kernel in the same activation dtype (as tests/test_triton.py)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-STAGES = ["versions", "correctness", "goal_table", "tune", "int8", "lowbit", "overhead", "generate", "gptq"]
+STAGES = ["versions", "correctness", "goal_table", "tune", "int8", "lowbit", "overhead", "generate", "gptq",
+          "host_cpu"]
 CAPS = {"versions": 20, "correctness": 60, "goal_table": 160, "tune": 5, "int8": 30, "lowbit": 20, "overhead": 15,
-        "generate": 90, "gptq": 65}
+        "generate": 90, "gptq": 65, "host_cpu": 300}
 DRY_CAPS = {"versions": 5, "correctness": 24, "goal_table": 16, "tune": 3, "int8": 6, "lowbit": 6, "overhead": 4,
-            "generate": 8, "gptq": 30}
+            "generate": 8, "gptq": 30, "host_cpu": 30}
 MIN_S = {"versions": 1, "correctness": 10, "goal_table": 10, "tune": 0.5, "int8": 8, "lowbit": 5, "overhead": 5,
-         "generate": 20, "gptq": 30}
+         "generate": 20, "gptq": 30, "host_cpu": 60}
 DRY_MIN_S = {"versions": 1, "correctness": 5, "goal_table": 5, "tune": 0.5, "int8": 2, "lowbit": 2, "overhead": 1,
-             "generate": 4, "gptq": 18}
+             "generate": 4, "gptq": 18, "host_cpu": 5}
 LOWBIT_MS = [1, 16, 256]
 INT8_SHAPES = ["4096x4096", "4096x11008", "11008x4096"]
 INT8_MS = [1, 16, 64, 256, 4096]
@@ -1288,6 +1294,23 @@ def stage_overhead(st: Stage) -> None:
             row = dict(call=name, error=f"{type(e).__name__}: {str(e)[:300]}")
         res["rows"].append(row)
         st.save()
+    # a Python-level profile of the whole layer call: which functions the host time goes to
+    import cProfile
+    import io
+    import pstats
+    prof = cProfile.Profile()
+    with torch.no_grad():
+        prof.enable()
+        for _ in range(reps):
+            run_kernel(layer, x, "auto")
+        prof.disable()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
+    res["profile_layer_call"] = f"{reps} calls of layer(x)\n" + buf.getvalue()[-9000:]
+    st.log("overhead: cProfile of layer(x), by own time:\n" + "\n".join(buf.getvalue().splitlines()[-40:]))
+    st.save()
 
 
 def stage_generate(st: Stage) -> None:
@@ -1365,15 +1388,11 @@ def stage_generate(st: Stage) -> None:
         st.log(line)
 
 
-def stage_gptq(st: Stage) -> None:
+def run_child(st: Stage, cmd: list, timeout: float, save_as: str) -> tuple[dict, str]:
+    """Run a benchmark script as a subprocess (all threads: OMP_NUM_THREADS unset) for at most `timeout`
+    seconds; its whole output goes to --out/`save_as`. Returns (record, the output's lines joined)."""
     sess = st.sess
-    if sess.dry:
-        extra = ["--small", "--device", "cpu", "--layers", "1", "--samples", "4", "--variants", "gptq"]
-    else:
-        extra = ["--layers", "2"] + (["--variants", "gptq"] if st.left() < 90 else [])
-    cmd = [sys.executable, str(BENCH / "bench_gptq_gpu.py")] + extra
-    timeout = max(1.0, st.left() - 1)
-    st.log(f"gptq: {' '.join(cmd[1:])} (timeout {timeout:.0f}s)")
+    st.log(f"{st.name}: {' '.join(str(c) for c in cmd[1:])} (timeout {timeout:.0f}s)")
     env = child_env(sess.dry)
     env.pop("OMP_NUM_THREADS", None)
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=str(ROOT))
@@ -1386,18 +1405,64 @@ def stage_gptq(st: Stage) -> None:
         p.kill()
         out, _ = p.communicate()
         timed_out = True
+    (sess.out / save_as).write_text(out or "")
     lines = [line.split("\r")[-1] for line in (out or "").splitlines()]
     text = "\n".join(line for line in lines if line.strip())
-    st.rec["result"] = dict(cmd=cmd[1:], rc=p.returncode, timed_out=timed_out, seconds=round(time.perf_counter() - t, 1),
-                            table=[line for line in lines if line.startswith("|")],
-                            per_block=[line for line in lines if "blocks [" in line], output_tail=text[-6000:])
-    for line in st.rec["result"]["per_block"] + st.rec["result"]["table"]:
-        st.log("  " + line)
-    if timed_out:
-        st.skip(f"bench_gptq_gpu.py ran past the stage's {timeout:.0f}s cap (partial output kept)")
-    elif p.returncode != 0:
-        st.rec.update(status="error", error=f"bench_gptq_gpu.py exited {p.returncode}")
+    rec = dict(cmd=[str(c) for c in cmd[1:]], rc=p.returncode, timed_out=timed_out,
+               seconds=round(time.perf_counter() - t, 1), output=save_as, output_tail=text[-6000:])
+    return rec, text
+
+
+def _child_failed(st: Stage, rec: dict, text: str, script: str, timeout: float) -> bool:
+    if rec["timed_out"]:
+        st.skip(f"{script} ran past the stage's {timeout:.0f}s cap (partial output kept)")
+    elif rec["rc"] != 0:
+        st.rec.update(status="error", error=f"{script} exited {rec['rc']}")
         st.log(text[-3000:])
+    return rec["timed_out"] or rec["rc"] != 0
+
+
+def stage_gptq(st: Stage) -> None:
+    sess = st.sess
+    if sess.dry:
+        extra = ["--small", "--device", "cpu", "--layers", "1", "--samples", "4", "--variants", "gptq"]
+    else:
+        # one block, 32 x 2048 tokens, with a stack sample every 8 s: where the time goes (the 128-window
+        # run of 2026-12-04 had not finished its first block in 80 s)
+        extra = ["--layers", "1", "--samples", "32", "--variants", "gptq", "--stacks", "8"]
+    timeout = max(1.0, st.left() - 1)
+    rec, text = run_child(st, [sys.executable, str(BENCH / "bench_gptq_gpu.py")] + extra, timeout, "gptq_output.txt")
+    lines = text.splitlines()
+    rec.update(table=[line for line in lines if line.startswith("|")],
+               per_block=[line for line in lines if "blocks [" in line])
+    st.rec["result"] = rec
+    for line in rec["per_block"] + rec["table"]:
+        st.log("  " + line)
+    _child_failed(st, rec, text, "bench_gptq_gpu.py", timeout)
+
+
+def stage_host_cpu(st: Stage) -> None:
+    """The host CPU's rows of the CPU benchmarks (issue 16 asks for the table of every CPU we get to run
+    on; a GPU machine's host may have AMX): `bench_int8_cpu.py` (int8_token kernels vs the best float
+    F.linear) and `bench_cpu.py --bits 4 8` (weight-only kernels and the measured dispatch), Llama-7B
+    shapes, all threads, each output saved whole (host_int8_cpu.txt, host_cpu.txt)."""
+    sess = st.sess
+    runs = [("bench_int8_cpu.py", [], "host_int8_cpu.txt", 0.45),
+            ("bench_cpu.py", ["--bits", "4", "8", "--reps", "3", "--block-ms", "20"], "host_cpu.txt", 1.0)]
+    if sess.dry:  # the code path only: one tiny shape
+        runs = [("bench_cpu.py", ["--shapes", "128x256", "--m", "1", "--bits", "4", "--reps", "1",
+                                  "--block-ms", "1", "--retries", "0"], "host_cpu.txt", 1.0)]
+    st.rec["result"] = res = {}
+    for script, extra, save_as, share in runs:
+        timeout = max(1.0, st.left() * share - 1)
+        rec, text = run_child(st, [sys.executable, str(BENCH / script)] + extra, timeout, save_as)
+        res[script] = rec
+        for line in text.splitlines():
+            if line.startswith(("CPU", "|")) or "x" in line[:12] and "|" in line:
+                st.log("  " + line)
+        st.save()
+        if _child_failed(st, rec, text, script, timeout):
+            return
 
 
 def retune(args: argparse.Namespace) -> int:
@@ -1511,6 +1576,7 @@ def main(argv=None) -> int:
     sess.stage("overhead", stage_overhead)
     sess.stage("generate", stage_generate)
     sess.stage("gptq", stage_gptq)
+    sess.stage("host_cpu", stage_host_cpu)
     sess.kill_children()
     return final_summary(sess)
 

@@ -99,9 +99,10 @@ def test_dispatch_loads_and_never_names_the_generic_kernel(session, tmp_path):
         table._changed()
 
 
-def test_only_the_three_files_are_written(session):
+def test_only_the_documented_files_are_written(session):
     out, _, _ = session
-    assert sorted(p.name for p in out.iterdir()) == ["dispatch_table.json", "log.txt", "results.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["dispatch_table.json", "gptq_output.txt", "host_cpu.txt",
+                                                     "log.txt", "results.json"]
 
 
 def test_int8_stage_checks_the_cuda_int8_kernel(session):

@@ -130,12 +130,34 @@ def test_triton_int8_matches_the_reference(m, dtype, threshold, outliers, bias):
     x = inputs(m, 96, dtype, outliers, seed=m + 2)
     if x.is_cuda or torch.cuda.is_available():
         pytest.skip("the GPU runs it through the dispatcher (benchmarks/gpu_session.py)")
-    codes, absmax = T.quantize(x, threshold, I.outlier_index(x, threshold), rows=T.padded_rows(m))
-    ref_codes, ref_absmax = quantize_rows(x, outlier_columns(x, threshold), threshold)
+    mask = T.column_mask(x, threshold) if threshold > 0 else None
+    cols = outlier_columns(x, threshold)
+    if mask is not None:  # the mask marks exactly the oracle's outlier columns
+        assert torch.equal(mask.bool(), torch.zeros(96, dtype=torch.bool) if cols is None else cols)
+    codes, absmax = T.quantize(x, threshold, mask, rows=T.padded_rows(m))
+    ref_codes, ref_absmax = quantize_rows(x, cols, threshold)
     assert torch.equal(codes[:m], ref_codes) and torch.equal(absmax, ref_absmax) and not codes[m:].any()
     out = T.CUDA_INT8.forward(layer, x, T.CUDA_INT8.prepare(layer, x.device, dtype))
     _check(layer, x, out)
     assert not T.CUDA_INT8.supports(layer, x.device, dtype)  # never chosen on CPU
+
+
+@pytest.mark.parametrize("m,dtype", [(1, torch.bfloat16), (40, torch.float16), (5, torch.float32)])
+def test_triton_int8_outliers_in_some_k_blocks_only(m, dtype):
+    """The CUDA epilogue walks K in blocks and skips the blocks without an outlier column: outlier
+    columns in the first, a middle and the ragged last block of K = 200, a strided input, vs the reference."""
+    pytest.importorskip("triton")
+    from hf_quant.runtime.kernels.triton import int8 as T
+    if torch.cuda.is_available():
+        pytest.skip("the GPU runs it through the dispatcher (benchmarks/gpu_session.py)")
+    layer = int8_layer(72, 200, 6.0, bias=True, seed=m)
+    g = torch.Generator().manual_seed(m)
+    big = torch.randn(m, 400, generator=g)
+    for col in (3, 100, 101, 199):
+        big[m // 2, 2 * col] = 30.0 if col != 100 else -7.0
+    x = big[:, ::2].to(dtype)  # strided
+    assert T.column_mask(x, 6.0).nonzero().flatten().tolist() == [3, 100, 101, 199]
+    _check(layer, x, T.CUDA_INT8.forward(layer, x, T.CUDA_INT8.prepare(layer, x.device, dtype)))
 
 
 def _split_inputs(m, in_f, dtype, kind, seed):

@@ -9,11 +9,16 @@
 - `torch._int_mm` needs more than 16 rows and multiples of 8: the codes are written into a
   zero-padded (>= 32, multiple of 8) row buffer; the weight's rows are padded to a multiple of 8
   once at prepare.
+- `_colmask_kernel`: the outlier columns as an int8 mask over K (any |x| >= threshold in the column).
 - `_epilogue_kernel`: y = acc * w_scale[n] * absmax[m] / 127 (+ the outlier product, + bias), written in
-  the activation dtype.
+  the activation dtype. The outlier product x[:, cols] @ W_hat[:, cols].T is computed in the same
+  program: it walks K in blocks of 32, skips every block where the mask is zero (a branch on the GPU),
+  and for the others multiplies the activations (non-outlier columns masked to zero) by W_hat's
+  columns built from the int8 codes and row scales, in the activation dtype with fp32 accumulation,
+  rounded to the activation dtype as the reference rounds it.
 
-The outlier product x[:, cols] @ W_hat[:, cols].T is one small GEMM in the activation dtype (the
-outlier columns are found with a host sync, as bitsandbytes does). On CPU tensors with
+Nothing waits on the GPU: bitsandbytes (and this kernel before) find the outlier columns with
+`nonzero`, a host sync per call that made LLM.int8 10-25x slower than bf16 on an H200. On CPU tensors with
 TRITON_INTERPRET=1 the same functions run in Triton's interpreter (`_int_mm` has a CPU version),
 which is how tests/test_int8_kernels.py checks them against the reference; the kernel itself is
 registered for CUDA only.
@@ -25,14 +30,13 @@ import os
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
 from ..base import Kernel, register_kernel
 from ..cpu import int8_rows
-from ..int8 import fits, outlier_index, threshold_of
+from ..int8 import fits, threshold_of
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: (v + M) - M rounds |v| < 2**22 to nearest even
@@ -71,8 +75,21 @@ def _quant_kernel(x_ptr, cols_ptr, codes_ptr, absmax_ptr, K, stride_x, stride_c,
 
 
 @triton.jit
-def _epilogue_kernel(acc_ptr, absmax_ptr, ws_ptr, outl_ptr, b_ptr, y_ptr, M, N, stride_acc, stride_o, stride_y,
-                     HAS_OUTL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _colmask_kernel(x_ptr, mask_ptr, M, K, stride_x, threshold, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    hit = tl.zeros([BLOCK_K], dtype=tl.int32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        v = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_k[None, :],
+                    mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
+        hit = tl.maximum(hit, tl.max((tl.abs(v) >= threshold).to(tl.int32), axis=0))
+    tl.store(mask_ptr + offs_k, hit.to(tl.int8), mask=offs_k < K)
+
+
+@triton.jit
+def _epilogue_kernel(acc_ptr, absmax_ptr, ws_ptr, x_ptr, cols_ptr, wq_ptr, b_ptr, y_ptr, M, N, K, stride_acc,
+                     stride_x, stride_w, stride_y, HAS_OUTL: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, n_ok = offs_m < M, offs_n < N
@@ -81,8 +98,26 @@ def _epilogue_kernel(acc_ptr, absmax_ptr, ws_ptr, outl_ptr, b_ptr, y_ptr, M, N, 
     ws = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
     sx = tl.load(absmax_ptr + offs_m, mask=m_ok, other=0.0) / 127.0
     y = (acc * ws[None, :]) * sx[:, None]
-    if HAS_OUTL:
-        y += tl.load(outl_ptr + offs_m[:, None] * stride_o + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+    if HAS_OUTL:  # x[:, cols] @ W_hat[:, cols].T over the K blocks that hold an outlier column
+        out = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        offs_k = tl.arange(0, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            c = tl.load(cols_ptr + k, mask=k < K, other=0) != 0
+            if tl.max(c.to(tl.int32), axis=0) > 0:
+                xk = tl.load(x_ptr + offs_m[:, None] * stride_x + k[None, :], mask=m_ok[:, None] & c[None, :],
+                             other=0.0)
+                wk = tl.load(wq_ptr + offs_n[None, :] * stride_w + k[:, None], mask=n_ok[None, :] & c[:, None],
+                             other=0).to(tl.float32)
+                # W_hat[n, k] rounded to the activation dtype, as the reference; then both in fp32: a 16-bit
+                # value is exact in tf32, so the tensor-core product equals the 16-bit one (fp32: IEEE)
+                wk = (wk * ws[None, :]).to(xk.dtype).to(tl.float32)
+                xk = xk.to(tl.float32)
+                if IEEE:
+                    out += tl.dot(xk, wk, input_precision="ieee")
+                else:
+                    out += tl.dot(xk, wk)
+        y += out.to(y_ptr.dtype.element_ty).to(tl.float32)  # the reference's product is in the activation dtype
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_y + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
@@ -93,18 +128,26 @@ def padded_rows(M: int) -> int:
     return max(32, (M + 7) // 8 * 8)
 
 
-def quantize(x2: torch.Tensor, threshold: float, cols: torch.Tensor | None, rows: int | None = None,
+def column_mask(x2: torch.Tensor, threshold: float, block_k: int = 128, block_m: int = 16) -> torch.Tensor:
+    """int8 (K,): 1 where any |x2[:, k]| >= threshold (`activations.outlier_columns` as a mask), no host sync."""
+    M, K = x2.shape
+    mask = torch.zeros(K, dtype=torch.int8, device=x2.device)
+    if M and K:
+        x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
+        _colmask_kernel[(triton.cdiv(K, block_k),)](x2, mask, M, K, x2.stride(0), float(threshold),
+                                                    BLOCK_M=block_m, BLOCK_K=block_k)
+    return mask
+
+
+def quantize(x2: torch.Tensor, threshold: float, mask: torch.Tensor | None, rows: int | None = None,
              block_k: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 codes (rows or M, K), zero-padded below M; fp32 absmax (M,)) of x2 (M, K) per token."""
+    """(int8 codes (rows or M, K), zero-padded below M; fp32 absmax (M,)) of x2 (M, K) per token; `mask`:
+    the outlier columns (`column_mask`) or None (no decomposition)."""
     M, K = x2.shape
     x2 = x2.contiguous()
     rows = M if rows is None else rows
     codes = torch.zeros(rows, K, dtype=torch.int8, device=x2.device)
     absmax = torch.empty(M, dtype=torch.float32, device=x2.device)
-    mask = None
-    if cols is not None:
-        mask = torch.zeros(K, dtype=torch.int8, device=x2.device)
-        mask[cols] = 1
     if M:
         _quant_kernel[(M,)](x2, codes if mask is None else mask, codes, absmax, K, x2.stride(0), codes.stride(0),
                             float(threshold), HAS_COLS=mask is not None,
@@ -112,14 +155,19 @@ def quantize(x2: torch.Tensor, threshold: float, cols: torch.Tensor | None, rows
     return codes, absmax
 
 
-def epilogue(acc: torch.Tensor, absmax: torch.Tensor, ws: torch.Tensor, outl: torch.Tensor | None,
-             bias: torch.Tensor | None, M: int, N: int, dtype: torch.dtype,
-             block_m: int = 32, block_n: int = 128) -> torch.Tensor:
+def epilogue(acc: torch.Tensor, absmax: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None, M: int, N: int,
+             dtype: torch.dtype, outliers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+             block_m: int = 32, block_n: int = 128, block_k: int = 32) -> torch.Tensor:
+    """y (M, N) in `dtype`; `outliers` = (x2 (M, K), column mask (K,), int8 weight codes (N, K)) adds the
+    outlier columns' product."""
     y = torch.empty(M, N, dtype=dtype, device=acc.device)
+    x2, mask, wq = outliers if outliers is not None else (y, ws, ws)
+    K = x2.shape[1] if outliers is not None else 0
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-    _epilogue_kernel[grid](acc, absmax, ws, y if outl is None else outl, ws if bias is None else bias, y, M, N,
-                           acc.stride(0), 0 if outl is None else outl.stride(0), y.stride(0),
-                           HAS_OUTL=outl is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n)
+    _epilogue_kernel[grid](acc, absmax, ws, x2, mask, wq, ws if bias is None else bias, y, M, N, K, acc.stride(0),
+                           x2.stride(0) if outliers is not None else 0, wq.stride(0) if outliers is not None else 0,
+                           y.stride(0), HAS_OUTL=outliers is not None, HAS_BIAS=bias is not None,
+                           IEEE=dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return y
 
 
@@ -134,20 +182,20 @@ def prepare_weight(layer: Any, device: torch.device) -> tuple[torch.Tensor, torc
 
 
 def int8_linear(layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
-    """y = x @ W_hat.T + bias of an `int8_token` layer, per-token int8 activations (any device Triton runs on)."""
+    """y = x @ W_hat.T + bias of an `int8_token` layer, per-token int8 activations (any device Triton runs on).
+    Launches only: nothing here waits for the GPU."""
     wp, ws, wq = prepared
     t = threshold_of(layer)
     x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
     M, N = x2.shape[0], ws.shape[0]
-    cols = outlier_index(x2, t) if M else None
-    codes, absmax = quantize(x2, t, cols, rows=padded_rows(M))
+    mask = column_mask(x2, t) if t > 0 and M else None
+    codes, absmax = quantize(x2, t, mask, rows=padded_rows(M))
     acc = torch._int_mm(codes, wp.t())
-    outl = None
-    if cols is not None:
-        Wc = (wq.index_select(1, cols).float() * ws.unsqueeze(1)).to(x.dtype)
-        outl = F.linear(x2.index_select(1, cols), Wc)
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
-    return epilogue(acc, absmax, ws, outl, bias, M, N, x.dtype).reshape(*x.shape[:-1], N)
+    return epilogue(acc, absmax, ws, bias, M, N, x.dtype,
+                    None if mask is None else (x2, mask, wq)).reshape(*x.shape[:-1], N)
 
 
 class CudaInt8TokenKernel(Kernel):
