@@ -6,8 +6,8 @@ Columns: the copies in rotation, the float baselines (ms), then speed-ups of
   fixed dispatch and in the measured one (`HF_QUANT_CPU_DISPATCH=measure`; the kernel it took);
 - `llm_int8`: the dispatched kernel of a threshold-6 layer on inputs with ~0.5% outlier columns,
   and its time over w8a8's (the cost of the outlier decomposition);
-- candidates: `cpu_int8_fbgemm`, `cpu_int8_onednn` and `cpu_int8_token_w8` (the registered CPU
-  kernels; `-` where the CPU has no exact int8 dot product for the first two), `torch._int_mm`
+- candidates: `cpu_int8_fbgemm`, `cpu_int8_onednn`, `cpu_int8_intmm` and `cpu_int8_token_w8` (the registered
+  CPU kernels; `-` where the CPU has no exact int8 dot product for the first three), `torch._int_mm`
   (int8 GEMM only, no quantization), `_weight_int8pack_mm` bf16 (weight-only, float activations), and
   fbgemm's `quantized::linear_dynamic` (per-*tensor* activation scale; its relative deviation from
   the per-token oracle is printed too).
@@ -112,7 +112,7 @@ def main() -> None:
                          "; cold weights: copies called in rotation, more than twice the last-level cache")
     print(head, flush=True)
     cols = ["shape (in x out)", "M", "copies", "fp32 ms", "bf16 ms", "w8a8", "w8a8 measured", "llm_int8",
-            "llm_int8 / w8a8 time", "outl cols", "fbgemm", "onednn", "token_w8", "_int_mm", "w8pack bf16",
+            "llm_int8 / w8a8 time", "outl cols", "fbgemm", "onednn", "intmm", "token_w8", "_int_mm", "w8pack bf16",
             "fbgemm dyn", "fbgemm dev"]
     goals = []  # (M, w8a8 x float, llm_int8 time / w8a8 time)
     rows = []
@@ -154,7 +154,7 @@ def main() -> None:
                 fns = {"fp32": rotate(lambda c: F.linear(x, c.Wf)), "bf16": rotate(lambda c: F.linear(xb, c.Wb)),
                        "w8a8": rotate(lambda c: c.l0(xb)), "llm_int8": rotate(lambda c: c.l6(xob)),
                        "measured": forced(measured_name)}
-                for name in ("cpu_int8_fbgemm", "cpu_int8_onednn", "cpu_int8_token_w8"):
+                for name in ("cpu_int8_fbgemm", "cpu_int8_onednn", "cpu_int8_intmm", "cpu_int8_token_w8"):
                     if kernels.base.KERNELS.get(name).supports(l0, xb.device, xb.dtype):
                         fns[name] = forced(name)
                 if M >= 8 or not args.small:
@@ -172,7 +172,8 @@ def main() -> None:
             line += [f"{best / r['w8a8']:.2f}x", f"{best / r['measured']:.2f}x ({measured_name[9:]})",
                      f"{best / r['llm_int8']:.2f}x", f"{r['llm_int8'] / r['w8a8']:.2f}", str(n_out)]
             goals.append((M, best / r["w8a8"], r["llm_int8"] / r["w8a8"]))
-            for key in ("cpu_int8_fbgemm", "cpu_int8_onednn", "cpu_int8_token_w8", "_int_mm", "w8pack", "fbgemm"):
+            for key in ("cpu_int8_fbgemm", "cpu_int8_onednn", "cpu_int8_intmm", "cpu_int8_token_w8", "_int_mm", "w8pack",
+                        "fbgemm"):
                 line.append("-" if key not in r else f"{best / r[key]:.2f}x")
             line.append(f"{dev:.1e}")
             rows.append(line)

@@ -168,9 +168,10 @@ def test_gptq_is_deterministic_and_differs_from_rtn(tiny_models):
     assert not torch.equal(a["model.layers.1.mlp.down_proj.qweight"], r["model.layers.1.mlp.down_proj.qweight"])
 
 
-@pytest.mark.parametrize("chunk", [1 << 24, 1000])  # one chunk of shrink factors, or many
+@pytest.mark.parametrize("chunk", [1 << 24, 1000])  # one chunk of shrink factors (as on a GPU), or many
 @pytest.mark.parametrize("sym", [True, False])
 def test_batched_mse_search_equals_a_loop_over_shrink_factors(chunk, sym, monkeypatch):
+    assert grid._chunk_elements(torch.device("cuda")) == grid.MSE_CHUNK_ELEMENTS_ACCEL == 1 << 24
     monkeypatch.setattr(grid, "MSE_CHUNK_ELEMENTS", chunk)
     spec = LayerSpec(3, 32, sym)
     Wg = torch.randn(24, 4, 32, generator=torch.Generator().manual_seed(0))

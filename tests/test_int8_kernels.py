@@ -69,7 +69,7 @@ def test_per_token_codes_are_the_oracles_bit_for_bit(m, dtype, threshold, outlie
                 assert torch.equal(got_absmax, absmax)
 
 
-@pytest.mark.parametrize("name", ["cpu_int8_onednn", "cpu_int8_fbgemm", "cpu_int8_token_w8"])
+@pytest.mark.parametrize("name", ["cpu_int8_onednn", "cpu_int8_fbgemm", "cpu_int8_intmm", "cpu_int8_token_w8"])
 @pytest.mark.parametrize("m,dtype,threshold,outliers,bias", CASES)
 def test_cpu_kernels_match_the_reference(name, m, dtype, threshold, outliers, bias):
     kernel = kernels.base.KERNELS.get(name)
@@ -160,6 +160,20 @@ def test_triton_int8_outliers_in_some_k_blocks_only(m, dtype):
     _check(layer, x, T.CUDA_INT8.forward(layer, x, T.CUDA_INT8.prepare(layer, x.device, dtype)))
 
 
+@pytest.mark.parametrize("K,cols", [(96, []), (96, [0, 95]), (2500, [3, 1023, 1024, 1025, 2047, 2499]),
+                                    (1024, list(range(0, 1024, 3)))])
+def test_triton_outlier_columns_are_listed_on_the_device(K, cols):
+    """`compact`: the mask's columns in ascending order and their count, across blocks of 1024."""
+    pytest.importorskip("triton")
+    from hf_quant.runtime.kernels.triton import int8 as T
+    if torch.cuda.is_available():
+        pytest.skip("checked in Triton's interpreter")
+    mask = torch.zeros(K, dtype=torch.int8)
+    mask[cols] = 1
+    order, count = T.compact(mask)
+    assert count.tolist() == [len(cols)] and order[:len(cols)].tolist() == cols
+
+
 def _split_inputs(m, in_f, dtype, kind, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, in_f, generator=g)
@@ -230,7 +244,8 @@ def test_split_kernel_is_only_a_measured_candidate():
     assert not I.SPLIT.supports(grouped, torch.device("cpu"), torch.bfloat16)
 
 
-@pytest.mark.parametrize("name", ["cpu_int8_fbgemm", "cpu_int8_onednn", "cpu_int8_token_w8", "cpu_int8_split"])
+@pytest.mark.parametrize("name", ["cpu_int8_fbgemm", "cpu_int8_onednn", "cpu_int8_intmm", "cpu_int8_token_w8",
+                                  "cpu_int8_split"])
 def test_cpu_int8_kernels_take_empty_inputs(name):
     """No rows (an empty batch): an empty output of the right shape, as the reference gives."""
     from .test_kernels import make_layer
@@ -244,7 +259,8 @@ def test_cpu_int8_kernels_take_empty_inputs(name):
     assert out.shape == (2, 0, 32) and out.dtype == x.dtype
 
 
-@pytest.mark.parametrize("name", ["cpu_int8_fbgemm", "cpu_int8_onednn", "cpu_int8_token_w8", "cpu_int8_split"])
+@pytest.mark.parametrize("name", ["cpu_int8_fbgemm", "cpu_int8_onednn", "cpu_int8_intmm", "cpu_int8_token_w8",
+                                  "cpu_int8_split"])
 @pytest.mark.parametrize("m", [5, 1200])  # one fused pass set, and row chunks
 def test_cpu_int8_kernels_take_strided_inputs(name, m):
     """A transposed (non-contiguous) activation view gives the reference's result."""
@@ -284,7 +300,7 @@ def test_bitnet_ternary_layers_run_on_the_int8_kernels(m, dtype):
     assert set(wq.unique().tolist()) <= {-1, 0, 1} and torch.equal(ws, layer.scales.float()[:, 0])
     x = inputs(m, 96, dtype, False, seed=m + 3)
     ran = []
-    for name in ("cpu_int8_onednn", "cpu_int8_fbgemm", "cpu_int8_token_w8"):
+    for name in ("cpu_int8_onednn", "cpu_int8_fbgemm", "cpu_int8_intmm", "cpu_int8_token_w8"):
         kernel = kernels.base.KERNELS.get(name)
         if kernel.supports(layer, x.device, dtype):
             with kernels.use_kernel(name):

@@ -224,8 +224,10 @@ def time_call(kernel: Kernel, layer: Any, x: torch.Tensor, prepared: Any, budget
               give_up_s: float = math.inf, flush: Any = None) -> float:
     """Seconds of `kernel.forward(layer, x, prepared)`: the fastest of at least two calls (the first
     may pay one-time costs: oneDNN primitives for a new shape, first-touch memory), repeated until
-    `budget_s` is spent, at most MAX_CALLS. A call slower than `give_up_s` ends it (hopeless). `flush`,
-    if given, runs before every call (untimed)."""
+    `budget_s` is spent, at most MAX_CALLS. From the second call on, a call slower than `give_up_s` ends
+    it (hopeless); the first never does, since it may be slow once only (a kernel dropped on its first call
+    was how oneDNN lost every 512-row measurement on a 16-core AMX Xeon: creating the primitive for a new row
+    count took longer than the whole GEMM). `flush`, if given, runs before every call (untimed)."""
     best, spent, calls = math.inf, 0.0, 0
     while calls < 2 or (spent < budget_s and calls < MAX_CALLS):
         if flush is not None:
@@ -234,7 +236,7 @@ def time_call(kernel: Kernel, layer: Any, x: torch.Tensor, prepared: Any, budget
         kernel.forward(layer, x, prepared)
         dt = time.perf_counter() - t0
         best, spent, calls = min(best, dt), spent + dt, calls + 1
-        if dt > give_up_s:
+        if calls >= 2 and dt > give_up_s:
             break
     return best
 

@@ -12,10 +12,12 @@
 - `_colmask_kernel`: the outlier columns as an int8 mask over K (any |x| >= threshold in the column).
 - `_epilogue_kernel`: y = acc * w_scale[n] * absmax[m] / 127 (+ the outlier product, + bias), written in
   the activation dtype. The outlier product x[:, cols] @ W_hat[:, cols].T is computed in the same
-  program: it walks K in blocks of 32, skips every block where the mask is zero (a branch on the GPU),
-  and for the others multiplies the activations (non-outlier columns masked to zero) by W_hat's
-  columns built from the int8 codes and row scales, in the activation dtype with fp32 accumulation,
-  rounded to the activation dtype as the reference rounds it.
+  program, over the outlier columns only: `_compact_kernel` (one program) lists the mask's columns in
+  ascending order with their count, and the epilogue loops over that count (read on the GPU) in blocks
+  of 32, gathering x's columns and W_hat's columns (int8 codes times row scales, rounded to the
+  activation dtype as the reference rounds them), fp32 accumulation, the sum rounded to the
+  activation dtype as the reference's product is. (A first version walked all of K, skipping blocks
+  without an outlier: at M = 4096 that walk cost more than the int8 GEMM.)
 
 Nothing waits on the GPU: bitsandbytes (and this kernel before) find the outlier columns with
 `nonzero`, a host sync per call that made LLM.int8 10-25x slower than bf16 on an H200. On CPU tensors with
@@ -87,9 +89,23 @@ def _colmask_kernel(x_ptr, mask_ptr, M, K, stride_x, threshold, BLOCK_M: tl.cons
 
 
 @triton.jit
-def _epilogue_kernel(acc_ptr, absmax_ptr, ws_ptr, x_ptr, cols_ptr, wq_ptr, b_ptr, y_ptr, M, N, K, stride_acc,
-                     stride_x, stride_w, stride_y, HAS_OUTL: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _compact_kernel(mask_ptr, order_ptr, count_ptr, K, BLOCK: tl.constexpr):
+    """One program: the indices of the mask's nonzero entries in ascending order (order[:count]), and count."""
+    offs = tl.arange(0, BLOCK)
+    base = tl.zeros([], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK):
+        k = k0 + offs
+        c = (tl.load(mask_ptr + k, mask=k < K, other=0) != 0).to(tl.int32)
+        pos = base + tl.cumsum(c, axis=0) - 1
+        tl.store(order_ptr + pos, k, mask=c != 0)
+        base += tl.sum(c, axis=0)
+    tl.store(count_ptr, base)
+
+
+@triton.jit
+def _epilogue_kernel(acc_ptr, absmax_ptr, ws_ptr, x_ptr, order_ptr, count_ptr, wq_ptr, b_ptr, y_ptr, M, N,
+                     stride_acc, stride_x, stride_w, stride_y, HAS_OUTL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, n_ok = offs_m < M, offs_n < N
@@ -98,25 +114,25 @@ def _epilogue_kernel(acc_ptr, absmax_ptr, ws_ptr, x_ptr, cols_ptr, wq_ptr, b_ptr
     ws = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
     sx = tl.load(absmax_ptr + offs_m, mask=m_ok, other=0.0) / 127.0
     y = (acc * ws[None, :]) * sx[:, None]
-    if HAS_OUTL:  # x[:, cols] @ W_hat[:, cols].T over the K blocks that hold an outlier column
+    if HAS_OUTL:  # x[:, cols] @ W_hat[:, cols].T over the outlier columns only (their count read on the GPU)
         out = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         offs_k = tl.arange(0, BLOCK_K)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + offs_k
-            c = tl.load(cols_ptr + k, mask=k < K, other=0) != 0
-            if tl.max(c.to(tl.int32), axis=0) > 0:
-                xk = tl.load(x_ptr + offs_m[:, None] * stride_x + k[None, :], mask=m_ok[:, None] & c[None, :],
-                             other=0.0)
-                wk = tl.load(wq_ptr + offs_n[None, :] * stride_w + k[:, None], mask=n_ok[None, :] & c[:, None],
-                             other=0).to(tl.float32)
-                # W_hat[n, k] rounded to the activation dtype, as the reference; then both in fp32: a 16-bit
-                # value is exact in tf32, so the tensor-core product equals the 16-bit one (fp32: IEEE)
-                wk = (wk * ws[None, :]).to(xk.dtype).to(tl.float32)
-                xk = xk.to(tl.float32)
-                if IEEE:
-                    out += tl.dot(xk, wk, input_precision="ieee")
-                else:
-                    out += tl.dot(xk, wk)
+        n_cols = tl.load(count_ptr)
+        for j0 in range(0, n_cols, BLOCK_K):
+            valid = j0 + offs_k < n_cols
+            k = tl.load(order_ptr + j0 + offs_k, mask=valid, other=0)
+            xk = tl.load(x_ptr + offs_m[:, None] * stride_x + k[None, :], mask=m_ok[:, None] & valid[None, :],
+                         other=0.0)
+            wk = tl.load(wq_ptr + offs_n[None, :] * stride_w + k[:, None], mask=n_ok[None, :] & valid[:, None],
+                         other=0).to(tl.float32)
+            # W_hat[n, k] rounded to the activation dtype, as the reference; then both in fp32: a 16-bit
+            # value is exact in tf32, so the tensor-core product equals the 16-bit one (fp32: IEEE)
+            wk = (wk * ws[None, :]).to(xk.dtype).to(tl.float32)
+            xk = xk.to(tl.float32)
+            if IEEE:
+                out += tl.dot(xk, wk, input_precision="ieee")
+            else:
+                out += tl.dot(xk, wk)
         y += out.to(y_ptr.dtype.element_ty).to(tl.float32)  # the reference's product is in the activation dtype
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -137,6 +153,16 @@ def column_mask(x2: torch.Tensor, threshold: float, block_k: int = 128, block_m:
         _colmask_kernel[(triton.cdiv(K, block_k),)](x2, mask, M, K, x2.stride(0), float(threshold),
                                                     BLOCK_M=block_m, BLOCK_K=block_k)
     return mask
+
+
+def compact(mask: torch.Tensor, block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int32 indices of the mask's nonzero entries, ascending, in the first `count` slots; int32 count (1,)),
+    on the GPU: no host sync."""
+    K = mask.shape[0]
+    order = torch.empty(max(K, 1), dtype=torch.int32, device=mask.device)
+    count = torch.empty(1, dtype=torch.int32, device=mask.device)
+    _compact_kernel[(1,)](mask, order, count, K, BLOCK=block)
+    return order, count
 
 
 def quantize(x2: torch.Tensor, threshold: float, mask: torch.Tensor | None, rows: int | None = None,
@@ -161,13 +187,17 @@ def epilogue(acc: torch.Tensor, absmax: torch.Tensor, ws: torch.Tensor, bias: to
     """y (M, N) in `dtype`; `outliers` = (x2 (M, K), column mask (K,), int8 weight codes (N, K)) adds the
     outlier columns' product."""
     y = torch.empty(M, N, dtype=dtype, device=acc.device)
-    x2, mask, wq = outliers if outliers is not None else (y, ws, ws)
-    K = x2.shape[1] if outliers is not None else 0
+    if outliers is not None:
+        x2, mask, wq = outliers
+        order, count = compact(mask)
+    else:
+        x2 = order = count = wq = ws  # unused pointers
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-    _epilogue_kernel[grid](acc, absmax, ws, x2, mask, wq, ws if bias is None else bias, y, M, N, K, acc.stride(0),
-                           x2.stride(0) if outliers is not None else 0, wq.stride(0) if outliers is not None else 0,
-                           y.stride(0), HAS_OUTL=outliers is not None, HAS_BIAS=bias is not None,
-                           IEEE=dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    _epilogue_kernel[grid](acc, absmax, ws, x2, order, count, wq, ws if bias is None else bias, y, M, N,
+                           acc.stride(0), x2.stride(0) if outliers is not None else 0,
+                           wq.stride(0) if outliers is not None else 0, y.stride(0), HAS_OUTL=outliers is not None,
+                           HAS_BIAS=bias is not None, IEEE=dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n,
+                           BLOCK_K=block_k)
     return y
 
 
