@@ -9,7 +9,8 @@ absmax, the outlier columns' codes zero; `quantize_tokens` below is bit-identica
 the only differences are float rounding: ~3e-7 relative in fp32, bf16/fp16 rounding of the
 reference's own GEMM otherwise.
 
-CPU, two exact int8 GEMMs behind one epilogue (`finish_tokens`):
+CPU, three exact int8 GEMMs behind one epilogue (`finish_tokens`); the third, `cpu_int8_intmm`
+(`torch._int_mm`, fastest at M >= 64 on a 16-core AMX Xeon), is only a measured candidate:
 - `cpu_int8_onednn`: oneDNN's int8 GEMM `torch.ops.onednn.qlinear_pointwise`, weights prepacked
   once (`onednn.qlinear_prepack`), activations passed as uint8 codes + 128 with x_scale=1 and zero
   point 128 and the per-channel weight scales, fp32 out;
