@@ -3,6 +3,7 @@
     python benchmarks/bench_onnx.py                       # both parts
     python benchmarks/bench_onnx.py --skip-ppl            # speed only
     python benchmarks/bench_onnx.py --skip-speed --windows 16
+    python benchmarks/bench_onnx.py --ops                 # one MatMulNBits node against F.linear, nothing else
 
 Perplexity: ref-llama, GPTQ w4 g128 (128 x 512-token calibration windows from the first 97% of each corpus
 file), held-out text (hf_quant/data/heldout.txt) in 512-token windows: hf_quant in PyTorch (fp32) against the
@@ -17,6 +18,11 @@ heads / 4 KV heads, vocab 32000; RTN w4 g128): prefill of 512 tokens (ms, tokens
 - hf_quant's PyTorch CPU path (the faster of fp32 and bf16 activations),
 - PyTorch float (the faster of fp32 and bf16 `F.linear`),
 each the best of a few runs, all in the same process (one at a time). The ratios are to PyTorch float.
+
+`--ops`: where prefill time goes without a model: one `MatMulNBits` node (4-bit, accuracy level 4, block sizes
+32 / 64 / 128, with and without zero points; random codes) on the random Llama's three linear shapes at 512
+rows and at 1 row, against fp32 and bf16 `F.linear` of the same shape, each the best of `--runs` + 2 calls
+after a warm-up call.
 """
 
 from __future__ import annotations
@@ -162,6 +168,60 @@ def cast_floats(model, dtype: torch.dtype) -> None:
                 t.data = t.data.to(dtype)
 
 
+def matmul_nbits_session(K: int, N: int, block_size: int, zero_points: bool, g: torch.Generator, threads: int):
+    """An onnxruntime session of one 4-bit MatMulNBits node (accuracy level 4) with random codes."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    k_blocks = -(-K // block_size)
+    codes = torch.randint(0, 16, (N, k_blocks, block_size), generator=g)
+    inits = [numpy_helper.from_array(ox.pack_bits(codes, 4).numpy(), "B"),
+             numpy_helper.from_array((torch.rand(N, k_blocks, generator=g) + 0.5).numpy(), "scales")]
+    if zero_points:
+        inits.append(numpy_helper.from_array(
+            ox.pack_bits(torch.randint(0, 16, (N, k_blocks), generator=g), 4).reshape(-1).numpy(), "zero_points"))
+    node = helper.make_node("MatMulNBits", ["A"] + [t.name for t in inits], ["Y"], domain="com.microsoft", K=K, N=N,
+                            bits=4, block_size=block_size, accuracy_level=4)
+    graph = helper.make_graph([node], "op", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", K])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", N])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ox.OPSET),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def op_rows(runs: int) -> None:
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    print("\n### One MatMulNBits node (4-bit, accuracy 4) against F.linear, same shape\n")
+    print("| K x N | M | fp32 ms | bf16 ms | MatMulNBits ms: block 32 / 64 / 128, symmetric | with zero points | "
+          "best x best float |")
+    print("|---|---:|---:|---:|---|---|---:|")
+    for K, N in ((2048, 5632), (5632, 2048), (2048, 2048)):
+        W = torch.randn(N, K, generator=g)
+        sessions = {(bs, zp): matmul_nbits_session(K, N, bs, zp, g, threads) for zp in (False, True)
+                    for bs in (32, 64, 128)}
+        for M in (512, 1):
+            x = torch.randn(M, K, generator=g)
+            xb, Wb, a = x.bfloat16(), W.bfloat16(), x.numpy()
+            fns = {"fp32": lambda: F.linear(x, W), "bf16": lambda: F.linear(xb, Wb)}
+            fns.update({key: (lambda s=s: s.run(None, {"A": a})) for key, s in sessions.items()})
+            # each function in its own block of calls: interleaving two runtimes' thread pools makes each wait
+            # on the other's spinning threads (measured: up to 6x on a 2-core M = 1 bf16 call)
+            t = {}
+            for k, fn in fns.items():
+                fn()  # warm-up
+                t[k] = best(fn, runs + 2)
+            fl = min(t["fp32"], t["bf16"])
+            mnb = lambda zp: " / ".join(f"{t[(bs, zp)] * 1e3:.2f}" for bs in (32, 64, 128))  # noqa: E731
+            quant = min(v for k, v in t.items() if isinstance(k, tuple))
+            print(f"| {K}x{N} | {M} | {t['fp32'] * 1e3:.2f} | {t['bf16'] * 1e3:.2f} | {mnb(False)} | {mnb(True)} | "
+                  f"{fl / quant:.2f}x |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-ppl", action="store_true")
@@ -173,11 +233,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--random-only", action="store_true")
+    ap.add_argument("--ops", action="store_true", help="only one MatMulNBits node against F.linear (seconds)")
     args = ap.parse_args()
     import onnxruntime
 
     print(f"CPU: {cpu_summary()}; torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime "
           f"{onnxruntime.__version__}", flush=True)
+    if args.ops:
+        op_rows(args.runs)
+        return
     root = Path(tempfile.mkdtemp(prefix="bench_onnx-"))
     tok = AutoTokenizer.from_pretrained(REF)
     gptq = None
