@@ -42,9 +42,11 @@ traceback and the next stage runs; a watchdog ends the process at budget + `--gr
    kernels) and BitNet b1.58 (ternary codes, int8 per-token activations on `cuda_int8_token`) layers on the
    int8 shapes, M in {1, 16, 256}: the dispatcher's choice, its error against the reference, x bf16 F.linear.
 7. `overhead`: where an eager call's host cost goes (one 4-bit layer, M = 1): host microseconds per call and
-   the timer's ms for F.linear, `layer(x)`, the kernel's `forward` without dispatch, and `launch_matmul` alone.
-8. `generate`: greedy `generate` tokens/s, bf16 against RTN w4 g128 (`quantize_model`), eager and with
-   CUDA graphs (static cache + `torch.compile(mode="reduce-overhead")` through transformers' CompileConfig),
+   the timer's ms for F.linear, `layer(x)`, the kernel's `forward` without dispatch, and `launch_matmul` alone,
+   the last two also with the fast Triton relaunch (`triton/launch.py`; whether it stayed on and gave the same
+   output), and a cProfile of `layer(x)`.
+8. `generate`: greedy `generate` tokens/s, bf16 against RTN w4 g128 (`quantize_model`), eager, eager with the
+   fast Triton relaunch (`triton/launch.py`, opt-in: `eager_fast`), and with CUDA graphs (static cache + `torch.compile(mode="reduce-overhead")` through transformers' CompileConfig),
    on a 4096-hidden Llama (4 blocks) and a ref-llama-shaped one (hidden 512, 8 blocks, GQA 8/4).
 9. `gptq`: `benchmarks/bench_gptq_gpu.py --layers 1 --samples 32 --stacks 8` in a subprocess, capped (a stack
    sample of every thread every 8 s shows where calibration spends its time); its output goes into results.json
@@ -1254,7 +1256,7 @@ def stage_overhead(st: Stage) -> None:
     the output / workspace allocations alone)."""
     import torch.nn.functional as F
 
-    from hf_quant.runtime.kernels.triton import qgemm, table
+    from hf_quant.runtime.kernels.triton import launch, qgemm, table
 
     sess, a, dev = st.sess, st.sess.args, st.sess.device
     shape = DRY_SHAPES[0] if sess.dry else "4096x4096"
@@ -1272,10 +1274,14 @@ def stage_overhead(st: Stage) -> None:
              "layer(x) (auto)": lambda: run_kernel(layer, x, "auto"),
              "kernel.forward (no dispatch)": lambda: kernel.forward(layer, x, blocks),
              "launch_matmul (precomputed launch)": lambda: qgemm.launch_matmul("gemv", blocks, x2, None, cfg)}
+    calls["layer(x) (auto, fast relaunch)"] = calls["layer(x) (auto)"]  # triton/launch.py, opt-in
+    calls["launch_matmul (fast relaunch)"] = calls["launch_matmul (precomputed launch)"]
     timer = Timer(dev.type == "cuda", a.warmup_ms, a.rep_ms, cpu_reps=1)
     reps = 3 if sess.dry else 300
     res = st.rec["result"] = dict(shape=shape, M=1, bits=4, rows=[])
+    ref_out = calls["launch_matmul (precomputed launch)"]()
     for name, fn in calls.items():
+        launch.set_enabled("fast relaunch" in name)
         try:
             with torch.no_grad():
                 fn()
@@ -1288,10 +1294,17 @@ def stage_overhead(st: Stage) -> None:
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
             row = dict(call=name, host_us=round(host_us, 2), timer_ms=timer(fn))
-            st.log(f"overhead {shape} M=1: {name}: host {host_us:.1f} us/call, timer {row['timer_ms']:.4f} ms")
+            if "fast relaunch" in name:
+                row.update(fast_path_on=launch.enabled(), off_reason=launch.off_reason(),
+                           same_output=bool(torch.equal(calls["launch_matmul (fast relaunch)"](), ref_out)))
+            st.log(f"overhead {shape} M=1: {name}: host {host_us:.1f} us/call, timer {row['timer_ms']:.4f} ms"
+                   + (f" (fast path on: {row['fast_path_on']}, same output: {row['same_output']}"
+                      f"{', off: ' + str(row['off_reason']) if row['off_reason'] else ''})" if "fast_path_on" in row else ""))
         except Exception as e:
             st.error(f"overhead {name}", e)
             row = dict(call=name, error=f"{type(e).__name__}: {str(e)[:300]}")
+        finally:
+            launch.set_enabled(False)
         res["rows"].append(row)
         st.save()
     # a Python-level profile of the whole layer call: which functions the host time goes to
@@ -1318,17 +1331,19 @@ def stage_generate(st: Stage) -> None:
     from common import random_llama, tokens_per_s
     from hf_quant.calibration import quantize_model
     from hf_quant.runtime.convert import find_targets
+    from hf_quant.runtime.kernels.triton import launch
 
     sess, dev = st.sess, st.sess.device
+    eager_bf16: dict = {}
     if sess.dry:
         models = [("tiny-llama", dict(hidden=256, intermediate=512, layers=2, vocab=1024), 8)]
-        modes = ["eager"]
+        modes = ["eager", "eager_fast"]
         st.skip_part("cuda_graphs", "no CUDA: graphs and reduce-overhead need a GPU")
     else:
         models = [("llama-4096x11008 (4 blocks)", dict(hidden=4096, intermediate=11008, layers=4, vocab=32000), 128),
                   ("ref-llama shape (512x1536, 8 blocks, GQA 8/4)",
                    dict(hidden=512, intermediate=1536, layers=8, vocab=8192, heads=8, kv_heads=4), 128)]
-        modes = ["eager", "cuda_graphs"]
+        modes = ["eager", "eager_fast", "cuda_graphs"]  # eager_fast: triton/launch.py's relaunch (opt-in)
     res = st.rec["result"] = {"rows": [], "quant": "RTN w4 g128, lm_head kept in bf16", "prompt_tokens": 16}
     rows = res["rows"]
     qcfg = hf_quant.QuantConfig(method="rtn", bits=4, group_size=128)
@@ -1354,17 +1369,28 @@ def stage_generate(st: Stage) -> None:
                     st.skip_part(f"{mname} {mode}", f"time: {st.left():.0f}s left in the stage, {need}s needed")
                     continue
                 out = {}
-                for which, m in (("bf16", model), ("w4g128", qmodel)):
+                fast = mode == "eager_fast"
+                pairs = (("bf16", model), ("w4g128", qmodel))
+                if fast and "bf16" in eager_bf16:  # bf16 does not launch hf_quant kernels: eager's figure stands
+                    out["bf16"], pairs = eager_bf16["bf16"], pairs[1:]
+                for which, m in pairs:
+                    launch.set_enabled(fast)
                     try:
                         r = tokens_per_s(m, ids, new_tokens, cuda_graphs=graphs)
                         out[which] = r["tokens_per_s"]
                         rows.append(dict(model=mname, mode=mode, weights=which, new_tokens=new_tokens,
                                          decode_kernel=decode_kernel if which != "bf16" else "F.linear", **r))
                         st.log(f"generate {mname} {mode} {which}: {r['tokens_per_s']:.1f} tokens/s (runs {r['seconds']} s)")
+                        if fast:
+                            rows[-1].update(fast_path_on=launch.enabled(), off_reason=launch.off_reason())
                     except Exception as e:
                         st.error(f"{mname} {mode} {which}", e)
                         rows.append(dict(model=mname, mode=mode, weights=which, error=f"{type(e).__name__}: {str(e)[:300]}"))
+                    finally:
+                        launch.set_enabled(False)
                     st.save()
+                if mode == "eager":
+                    eager_bf16 = {k: v for k, v in out.items() if k == "bf16"}
                 if "bf16" in out and "w4g128" in out:
                     ratio = out["w4g128"] / out["bf16"]
                     rows.append(dict(model=mname, mode=mode, weights="ratio w4g128 / bf16", ratio=ratio))

@@ -125,5 +125,9 @@ def test_overhead_stage_times_each_layer_of_the_launch_path(session):
     rec = _ran(session, "overhead")
     rows = rec["result"]["rows"]
     assert [r["call"] for r in rows] == ["F.linear fp16", "layer(x) (auto)", "kernel.forward (no dispatch)",
-                                         "launch_matmul (precomputed launch)"]
+                                         "launch_matmul (precomputed launch)", "layer(x) (auto, fast relaunch)",
+                                         "launch_matmul (fast relaunch)"]
     assert all("error" not in r and r["host_us"] > 0 and r["timer_ms"] > 0 for r in rows), rows
+    fast = [r for r in rows if "fast relaunch" in r["call"]]
+    assert all(r["same_output"] and not r["fast_path_on"] for r in fast)  # the interpreter never relaunches
+    assert "cProfile" not in rec["result"]["profile_layer_call"] and "calls of layer(x)" in rec["result"]["profile_layer_call"]

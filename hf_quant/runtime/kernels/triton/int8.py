@@ -39,6 +39,7 @@ from triton.language.extra import libdevice
 from ..base import Kernel, register_kernel
 from ..cpu import int8_rows
 from ..int8 import fits, threshold_of
+from .launch import Launcher
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: (v + M) - M rounds |v| < 2**22 to nearest even
@@ -139,6 +140,10 @@ def _epilogue_kernel(acc_ptr, absmax_ptr, ws_ptr, x_ptr, order_ptr, count_ptr, w
     tl.store(y_ptr + offs_m[:, None] * stride_y + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
+_COLMASK, _COMPACT, _QUANT, _EPILOGUE = (Launcher(k) for k in (_colmask_kernel, _compact_kernel, _quant_kernel,
+                                                               _epilogue_kernel))
+
+
 def padded_rows(M: int) -> int:
     """Rows of the `_int_mm` operand: more than 16 and a multiple of 8."""
     return max(32, (M + 7) // 8 * 8)
@@ -150,8 +155,8 @@ def column_mask(x2: torch.Tensor, threshold: float, block_k: int = 128, block_m:
     mask = torch.zeros(K, dtype=torch.int8, device=x2.device)
     if M and K:
         x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
-        _colmask_kernel[(triton.cdiv(K, block_k),)](x2, mask, M, K, x2.stride(0), float(threshold),
-                                                    BLOCK_M=block_m, BLOCK_K=block_k)
+        _COLMASK((triton.cdiv(K, block_k),), x2, mask, M, K, x2.stride(0), float(threshold), out=1,
+                 BLOCK_M=block_m, BLOCK_K=block_k)
     return mask
 
 
@@ -161,7 +166,7 @@ def compact(mask: torch.Tensor, block: int = 1024) -> tuple[torch.Tensor, torch.
     K = mask.shape[0]
     order = torch.empty(max(K, 1), dtype=torch.int32, device=mask.device)
     count = torch.empty(1, dtype=torch.int32, device=mask.device)
-    _compact_kernel[(1,)](mask, order, count, K, BLOCK=block)
+    _COMPACT((1,), mask, order, count, K, out=1, BLOCK=block)
     return order, count
 
 
@@ -175,9 +180,9 @@ def quantize(x2: torch.Tensor, threshold: float, mask: torch.Tensor | None, rows
     codes = torch.zeros(rows, K, dtype=torch.int8, device=x2.device)
     absmax = torch.empty(M, dtype=torch.float32, device=x2.device)
     if M:
-        _quant_kernel[(M,)](x2, codes if mask is None else mask, codes, absmax, K, x2.stride(0), codes.stride(0),
-                            float(threshold), HAS_COLS=mask is not None,
-                            BLOCK_K=min(block_k, triton.next_power_of_2(K)), RINT=not _INTERPRET)
+        _QUANT((M,), x2, codes if mask is None else mask, codes, absmax, K, x2.stride(0), codes.stride(0),
+               float(threshold), out=2, HAS_COLS=mask is not None, BLOCK_K=min(block_k, triton.next_power_of_2(K)),
+               RINT=not _INTERPRET)
     return codes, absmax
 
 
@@ -193,11 +198,10 @@ def epilogue(acc: torch.Tensor, absmax: torch.Tensor, ws: torch.Tensor, bias: to
     else:
         x2 = order = count = wq = ws  # unused pointers
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-    _epilogue_kernel[grid](acc, absmax, ws, x2, order, count, wq, ws if bias is None else bias, y, M, N,
-                           acc.stride(0), x2.stride(0) if outliers is not None else 0,
-                           wq.stride(0) if outliers is not None else 0, y.stride(0), HAS_OUTL=outliers is not None,
-                           HAS_BIAS=bias is not None, IEEE=dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n,
-                           BLOCK_K=block_k)
+    _EPILOGUE(grid, acc, absmax, ws, x2, order, count, wq, ws if bias is None else bias, y, M, N, acc.stride(0),
+              x2.stride(0) if outliers is not None else 0, wq.stride(0) if outliers is not None else 0, y.stride(0),
+              out=8, HAS_OUTL=outliers is not None, HAS_BIAS=bias is not None, IEEE=dtype == torch.float32,
+              BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return y
 
 

@@ -33,6 +33,7 @@ import triton.language as tl
 from ..base import Kernel, register_kernel
 from . import layout as L
 from . import table
+from .launch import Launcher
 
 
 @triton.jit
@@ -307,6 +308,7 @@ def _dequant_kernel(w_ptr, sa_ptr, sb_ptr, out_ptr, N, K, Np, KW,
 
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_GEMV, _SPLITK, _DEQUANT = Launcher(_gemv_kernel), Launcher(_splitk_kernel), Launcher(_dequant_kernel)
 
 
 def _rows(blocks: L.Blocks, x: torch.Tensor) -> torch.Tensor:
@@ -338,10 +340,10 @@ def launch_matmul(which: str, blocks: L.Blocks, x2: torch.Tensor, bias: torch.Te
     extra = {}
     if which == "splitk" and x2.dtype == torch.bfloat16 and _INTERPRET:
         extra["DOT_FP32"] = True
-    kernel = _gemv_kernel if which == "gemv" else _splitk_kernel
-    kernel[(n_tiles, split)](
-        x2, blocks.words, blocks.sa, blocks.sb, y if bias is None else bias, y, ws, blocks.counters,
-        M, N, geo.K, Np, blocks.words.shape[1], geo.n_blocks, per_split, x2.stride(0), y.stride(0),
+    launcher = _GEMV if which == "gemv" else _SPLITK
+    launcher(
+        (n_tiles, split), x2, blocks.words, blocks.sa, blocks.sb, y if bias is None else bias, y, ws, blocks.counters,
+        M, N, geo.K, Np, blocks.words.shape[1], geo.n_blocks, per_split, x2.stride(0), y.stride(0), out=5,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=split, HAS_BIAS=bias is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(cfg), **_layout_args(geo), **extra)
     return y
@@ -365,8 +367,8 @@ def dequantize_blocks(blocks: L.Blocks, dtype: torch.dtype, out: torch.Tensor | 
     N, K = blocks.geo.N, blocks.geo.K
     out = torch.empty(N * K, dtype=dtype, device=blocks.words.device) if out is None else out
     grid = (triton.cdiv(N, block_n), blocks.geo.n_blocks)
-    _dequant_kernel[grid](blocks.words, blocks.sa, blocks.sb, out, N, K, blocks.padded_rows, blocks.words.shape[1],
-                          BLOCK_N=block_n, num_warps=num_warps, **_layout_args(blocks.geo))
+    _DEQUANT(grid, blocks.words, blocks.sa, blocks.sb, out, N, K, blocks.padded_rows, blocks.words.shape[1], out=3,
+             BLOCK_N=block_n, num_warps=num_warps, **_layout_args(blocks.geo))
     return out.view(N, K)
 
 
