@@ -23,6 +23,7 @@ the next call.
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -317,12 +318,14 @@ def _rows(blocks: L.Blocks, x: torch.Tensor) -> torch.Tensor:
     return x2.index_select(-1, blocks.perm) if blocks.perm is not None else x2.contiguous()
 
 
+@lru_cache(maxsize=None)
 def _layout_args(geo: L.Geometry) -> dict:
     """The constexprs every kernel takes from the layout."""
     return dict(BITS=geo.bits, PER=geo.per, BW=geo.bw, GS=geo.gs, P=L.magic_position(geo.bits),
                 EVEN_K=geo.K % geo.kb == 0)
 
 
+@lru_cache(maxsize=None)
 def launch_options(cfg: table.Launch) -> dict:
     """Compiler options of a launch beyond warps and stages (none in the interpreter)."""
     return {} if cfg.maxnreg is None or _INTERPRET else {"maxnreg": cfg.maxnreg}
@@ -402,6 +405,9 @@ class _TritonMatmul(_TritonBlocks):
     which = ""
     limit = 0
 
+    def __init__(self) -> None:
+        self._launches: dict[tuple, table.Launch] = {}
+
     def max_rows(self, dtype: torch.dtype) -> int | None:
         return self.limit
 
@@ -410,7 +416,10 @@ class _TritonMatmul(_TritonBlocks):
 
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
         x2 = _rows(prepared, x)
-        cfg = self.launch(x2.shape[0], prepared.geo, table.sm_count(x.device))
+        key = (x2.shape[0], prepared.geo, table.sm_count(x.device))
+        cfg = self._launches.get(key)
+        if cfg is None:  # a pure function of the key: computed once (host time is what decoding pays)
+            cfg = self._launches[key] = self.launch(*key)
         return launch_matmul(self.which, prepared, x2, self.bias(layer, x.dtype), cfg).reshape(*x.shape[:-1], layer.out_features)
 
 
