@@ -350,7 +350,11 @@ def test_native_finish_tokens(dtype):
         got = native.finish_tokens(y, absmax, b, dtype, extra)
         assert got.dtype == dtype and got.shape == (M, N)
         assert torch.allclose(got.float(), want.float(), rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
+        if c is not None:  # the cached W_hat rows give the same bytes as building them from the codes
+            assert torch.equal(native.finish_tokens(y, absmax, b, dtype, extra, weights.get(c, dtype)), got)
     with pytest.raises(ValueError, match="outside"):
         native.finish_tokens(y, absmax, None, dtype, (x, weights.wq_t, torch.tensor([0, 1, 99]), ws))
     with pytest.raises(ValueError, match="native finish_tokens: expected"):
         native.finish_tokens(y, absmax, None, dtype, (x[:, :3], weights.wq_t, cols, ws))
+    with pytest.raises(ValueError, match="native finish_tokens: expected"):  # cached rows of the wrong columns
+        native.finish_tokens(y, absmax, None, dtype, (x, weights.wq_t, cols, ws), weights.get(cols[:2], dtype))

@@ -260,7 +260,8 @@ def finish_tokens(y: torch.Tensor, absmax: torch.Tensor, bias: torch.Tensor | No
     if native.library() is not None:  # one pass: row scale, bias, outlier product, the cast
         y = native.finish_tokens(y.contiguous(), absmax, bias, x.dtype,
                                  None if cols is None else (x2 if x2.stride(1) == 1 else x2.contiguous(), outliers.wq_t,
-                                                            cols, outliers.wscale))
+                                                            cols, outliers.wscale),
+                                 None if cols is None else outliers.get(cols, x.dtype))
         return y.reshape(*x.shape[:-1], y.shape[-1])
     sx = (absmax / 127.0).unsqueeze(1)
     y = y.mul_(sx) if bias is None else torch.addcmul(bias, y, sx)

@@ -112,7 +112,7 @@ def _load() -> ctypes.CDLL:
     lib.hfq_codes_f32_vector_width.argtypes, lib.hfq_codes_f32_vector_width.restype = [], INT
     lib.hfq_quant_tokens.argtypes = [P, I64, I64, I64, INT, ctypes.c_float, P, INT, P, P, P, INT]
     lib.hfq_quant_tokens.restype = I64
-    lib.hfq_finish_tokens.argtypes = [P, I64, I64, P, P, P, I64, INT, P, I64, P, P, I64, P, INT, INT]
+    lib.hfq_finish_tokens.argtypes = [P, I64, I64, P, P, P, I64, INT, P, I64, P, P, P, I64, P, INT, INT]
     lib.hfq_finish_tokens.restype = INT
     lib.hfq_sign_vector_width.argtypes, lib.hfq_sign_vector_width.restype = [], INT
     lib.hfq_sign_gemm.argtypes = [P, I64, I64, I64, INT, P, P, P, P, I64, I64, I64, INT, P, INT]
@@ -362,33 +362,39 @@ def quantize_tokens(x2: torch.Tensor, threshold: float, code_dtype: torch.dtype
 
 
 def finish_tokens(y: torch.Tensor, absmax: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
-                  outliers: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                  outliers: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                  w_cols: torch.Tensor | None = None) -> torch.Tensor:
     """The int8 GEMMs' epilogue in one pass, in `dtype`: y (M, N) fp32 * (absmax / 127) per row + bias, plus, with
     `outliers` = (x2 (M, K) fp32/bf16/fp16 with unit column stride: the activations, wq_t (K, N) int8: the
     weight's codes transposed, cols (n,) int64: the outlier columns, ws (N,) fp32 row scales),
-    x2[:, cols] @ W_hat[:, cols].T with W_hat = codes * ws rounded to `dtype`."""
+    x2[:, cols] @ W_hat[:, cols].T with W_hat = codes * ws rounded to `dtype`. `w_cols` (n, N) fp32, contiguous:
+    those W_hat rows already built (`kernels.int8.OutlierWeights` caches them while the columns repeat, as
+    they do from token to token): then only the products are computed."""
     lib = library()
     if lib is None:
         raise RuntimeError(f"native CPU helpers unavailable: {unavailable_reason()}")
     M, N = y.shape
     ok = (y.dtype == absmax.dtype == torch.float32 and y.is_contiguous() and absmax.shape == (M,) and dtype in _KIND
           and (bias is None or (bias.dtype == torch.float32 and bias.shape == (N,) and bias.is_contiguous())))
-    args: tuple = (None, 0, 0, None, 0, None, None, 0)
+    args: tuple = (None, 0, 0, None, 0, None, None, None, 0)
     if outliers is not None:
         x2, wq_t, cols, ws = outliers
         ok = ok and (x2.dtype in _KIND and x2.dim() == 2 and x2.shape[0] == M and (x2.shape[1] <= 1 or x2.stride(1) == 1)
                      and wq_t.dtype == torch.int8 and wq_t.dim() == 2 and tuple(wq_t.shape) == (x2.shape[1], N)
                      and cols.dtype == torch.int64 and cols.dim() == 1 and ws.dtype == torch.float32
-                     and ws.shape == (N,) and all(t.is_contiguous() for t in (wq_t, cols, ws)))
+                     and ws.shape == (N,) and all(t.is_contiguous() for t in (wq_t, cols, ws))
+                     and (w_cols is None or (w_cols.dtype == torch.float32 and tuple(w_cols.shape) == (cols.numel(), N)
+                                             and w_cols.is_contiguous())))
         if ok:
             args = (x2.data_ptr(), x2.stride(0) if M > 1 else x2.shape[1], _KIND[x2.dtype], wq_t.data_ptr(),
-                    wq_t.shape[0], cols.data_ptr(), ws.data_ptr(), cols.numel())
+                    wq_t.shape[0], cols.data_ptr(), ws.data_ptr(), None if w_cols is None else w_cols.data_ptr(),
+                    cols.numel())
     if not ok:
         raise ValueError("native finish_tokens: expected y fp32 (M, N) contiguous, absmax fp32 (M,), bias fp32 (N,) or "
                          "None, dtype fp32/bf16/fp16, outliers None or (x2 (M, K) fp32/bf16/fp16, wq_t int8 (K, N), cols "
-                         f"int64 (n,), ws fp32 (N,)); got y {tuple(y.shape)} {y.dtype}")
+                         f"int64 (n,), ws fp32 (N,)), w_cols None or fp32 (n, N); got y {tuple(y.shape)} {y.dtype}")
     out = torch.empty(M, N, dtype=dtype)
     if lib.hfq_finish_tokens(y.data_ptr(), M, N, absmax.data_ptr(), None if bias is None else bias.data_ptr(), *args,
-                             out.data_ptr(), _KIND[dtype], token_threads(M * N * (1 + args[7]))):
+                             out.data_ptr(), _KIND[dtype], token_threads(M * N * (1 + args[8]))):
         raise ValueError(f"native finish_tokens: an outlier column index is outside [0, {args[4]})")
     return out

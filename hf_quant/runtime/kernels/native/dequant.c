@@ -611,7 +611,7 @@ static inline float round_to(float v, int kind) {
  * decoded chunk serves 16 rows. Returns 1 (nothing written) if a column index is outside [0, K). */
 int hfq_finish_tokens(const float *y, int64_t M, int64_t N, const float *absmax, const float *bias,
                       const void *x, int64_t ldx, int x_kind, const int8_t *wq_t, int64_t K, const int64_t *cols,
-                      const float *ws, int64_t n_out, void *out, int out_kind, int nthreads) {
+                      const float *ws, const float *wc, int64_t n_out, void *out, int out_kind, int nthreads) {
     for (int64_t o = 0; o < n_out; o++)
         if (cols[o] < 0 || cols[o] >= K) return 1;
     const int64_t chunks = (N + 255) / 256, blocks = (M + HFQ_FIN_ROWS - 1) / HFQ_FIN_ROWS;
@@ -632,13 +632,18 @@ int hfq_finish_tokens(const float *y, int64_t M, int64_t N, const float *absmax,
                     for (int64_t j = 0; j < nn; j++) tmp[i][j] = ym[j] * sx;
             }
             for (int64_t o = 0; o < n_out; o++) {
-                const int8_t *q = wq_t + cols[o] * N + n0;
-                for (int64_t j = 0; j < nn; j++) w[j] = (float)q[j] * ws[n0 + j];
-                if (out_kind)
-                    for (int64_t j = 0; j < nn; j++) w[j] = round_to(w[j], out_kind);
+                const float *wr = w;
+                if (wc) {  /* the caller's cached W_hat rows of the outlier columns (fp32, already rounded) */
+                    wr = wc + o * N + n0;
+                } else {
+                    const int8_t *q = wq_t + cols[o] * N + n0;
+                    for (int64_t j = 0; j < nn; j++) w[j] = (float)q[j] * ws[n0 + j];
+                    if (out_kind)
+                        for (int64_t j = 0; j < nn; j++) w[j] = round_to(w[j], out_kind);
+                }
                 for (int64_t i = 0; i < mm; i++) {
                     const float v = load_x((const char *)x + (m0 + i) * ldx * esize, cols[o], x_kind);
-                    for (int64_t j = 0; j < nn; j++) tmp[i][j] += v * w[j];
+                    for (int64_t j = 0; j < nn; j++) tmp[i][j] += v * wr[j];
                 }
             }
             for (int64_t i = 0; i < mm; i++)
