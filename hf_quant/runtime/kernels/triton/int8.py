@@ -7,7 +7,7 @@
   1.5 * 2**23 trick in the interpreter), the outlier columns' codes zero:
   bit-identical to `activations.quantize_rows`.
 - `torch._int_mm` needs more than 16 rows and multiples of 8: the codes are written into a
-  zero-padded (>= 32, multiple of 8) row buffer; the weight's rows are padded to a multiple of 8
+  zero-padded (>= 32, multiple of 8) row buffer, the padding rows zeroed by the same kernel (no memset); the weight's rows are padded to a multiple of 8
   once at prepare.
 - `_colmask_kernel`: the outlier columns as an int8 mask over K (any |x| >= threshold in the column).
 - `_epilogue_kernel`: y = acc * w_scale[n] * absmax[m] / 127 (+ the outlier product, + bias), written in
@@ -46,24 +46,27 @@ ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: (v + M) - M rounds |v| < 2**22 to neare
 
 
 @triton.jit
-def _quant_kernel(x_ptr, cols_ptr, codes_ptr, absmax_ptr, K, stride_x, stride_c, threshold,
+def _quant_kernel(x_ptr, cols_ptr, codes_ptr, absmax_ptr, M, K, stride_x, stride_c, threshold,
                   HAS_COLS: tl.constexpr, BLOCK_K: tl.constexpr, RINT: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0)  # rows >= M are the padding of the _int_mm operand: all loads masked, codes 0
+    live = row < M
+    k_live = K * live.to(tl.int32)  # K in a live row, 0 in a padding row
     offs = tl.arange(0, BLOCK_K)
     amax = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs
-        v = tl.load(x_ptr + row * stride_x + k, mask=k < K, other=0.0).to(tl.float32)
+        v = tl.load(x_ptr + row * stride_x + k, mask=k < k_live, other=0.0).to(tl.float32)
         if HAS_COLS:
             v = tl.where(tl.abs(v) >= threshold, 0.0, v)
         amax = tl.maximum(amax, tl.abs(v))
     a = tl.max(amax, axis=0)
-    tl.store(absmax_ptr + row, a)
+    if live:
+        tl.store(absmax_ptr + row, a)
     # 127 * (1 / a), as torch's `127.0 / absmax` (Tensor.__rtruediv__: reciprocal, then multiply)
     inv = tl.where(a > 0, tl.math.div_rn(1.0, tl.where(a > 0, a, 1.0)) * 127.0, 0.0)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs
-        v = tl.load(x_ptr + row * stride_x + k, mask=k < K, other=0.0).to(tl.float32)
+        v = tl.load(x_ptr + row * stride_x + k, mask=k < k_live, other=0.0).to(tl.float32)
         if HAS_COLS:
             v = tl.where(tl.abs(v) >= threshold, 0.0, v)
         q = v * inv
@@ -177,10 +180,10 @@ def quantize(x2: torch.Tensor, threshold: float, mask: torch.Tensor | None, rows
     M, K = x2.shape
     x2 = x2.contiguous()
     rows = M if rows is None else rows
-    codes = torch.zeros(rows, K, dtype=torch.int8, device=x2.device)
+    codes = torch.empty(rows, K, dtype=torch.int8, device=x2.device)  # the kernel zeroes the padding rows
     absmax = torch.empty(M, dtype=torch.float32, device=x2.device)
-    if M:
-        _QUANT((M,), x2, codes if mask is None else mask, codes, absmax, K, x2.stride(0), codes.stride(0),
+    if rows and K:
+        _QUANT((rows,), x2, codes if mask is None else mask, codes, absmax, M, K, x2.stride(0), codes.stride(0),
                float(threshold), out=2, HAS_COLS=mask is not None, BLOCK_K=min(block_k, triton.next_power_of_2(K)),
                RINT=not _INTERPRET)
     return codes, absmax
