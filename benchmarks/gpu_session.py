@@ -37,7 +37,8 @@ traceback and the next stage runs; a watchdog ends the process at budget + `--gr
    both neighbours where they agree. Written as `dispatch` in results.json and as dispatch_table.json.
 5. `int8`: the `int8_token` scheme's CUDA kernel (`cuda_int8_token`) for plain W8A8 and LLM.int8
    (threshold 6, inputs with ~0.5% outlier columns) on the Llama-7B shapes, M in {1,16,64,256,4096}:
-   relative error against the reference kernel, ms, and ratios to bf16 and fp16 `F.linear`.
+   relative error against the reference kernel, ms, and ratios to bf16 and fp16 `F.linear`; at M <= 16 also
+   the ms with the fast Triton relaunch (`triton/launch.py`) and whether it gave the same output.
 6. `lowbit`: OneBit (1-bit signs with both value vectors and the output LayerNorm, on the Triton block
    kernels) and BitNet b1.58 (ternary codes, int8 per-token activations on `cuda_int8_token`) layers on the
    int8 shapes, M in {1, 16, 256}: the dispatcher's choice, its error against the reference, x bf16 F.linear.
@@ -1152,6 +1153,7 @@ def stage_int8(st: Stage) -> None:
     from hf_quant.methods.llm_int8 import int8_rowwise
     from hf_quant.runtime import ActivationSpec, QuantLinear
     from hf_quant.runtime.kernels.triton import int8 as T
+    from hf_quant.runtime.kernels.triton import launch
 
     sess, a, dev = st.sess, st.sess.args, st.sess.device
     shapes = DRY_SHAPES[:1] if sess.dry else INT8_SHAPES
@@ -1186,8 +1188,19 @@ def stage_int8(st: Stage) -> None:
                     t_ms = timer(lambda layer=layer, inp=inp, t=t: T.CUDA_INT8.forward(layer, inp, prepared[t]))
                     row = dict(shape=shape, M=M, threshold=t, ms=t_ms, rel_err=err, ok=err < 2e-2,
                                x_bf16=base[torch.bfloat16] / t_ms, x_fp16=base[torch.float16] / t_ms)
+                    if M <= 16:  # launch-bound rows: the same with the fast Triton relaunch (triton/launch.py)
+                        launch.set_enabled(True)
+                        try:
+                            fast_out = T.CUDA_INT8.forward(layer, inp, prepared[t])
+                            row.update(ms_fast_relaunch=timer(lambda layer=layer, inp=inp, t=t: T.CUDA_INT8.forward(
+                                layer, inp, prepared[t])), fast_path_on=launch.enabled(),
+                                same_output=bool(torch.equal(fast_out, out)))
+                        finally:
+                            launch.set_enabled(False)
                     st.log(f"int8 {shape} M={M} threshold={t:g}: {t_ms:.3f} ms, x bf16 {row['x_bf16']:.2f}, "
-                           f"x fp16 {row['x_fp16']:.2f}, rel err {err:.1e}")
+                           f"x fp16 {row['x_fp16']:.2f}, rel err {err:.1e}"
+                           + (f"; fast relaunch {row['ms_fast_relaunch']:.3f} ms (on: {row['fast_path_on']}, same: "
+                              f"{row['same_output']})" if "ms_fast_relaunch" in row else ""))
                 except Exception as e:
                     st.error(f"int8 {shape} M={M} threshold={t:g}", e)
                     row = dict(shape=shape, M=M, threshold=t, error=f"{type(e).__name__}: {str(e)[:300]}")
