@@ -105,7 +105,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 STAGES = ["versions", "correctness", "goal_table", "tune", "int8", "lowbit", "overhead", "generate", "gptq",
           "host_cpu"]
 CAPS = {"versions": 20, "correctness": 60, "goal_table": 160, "tune": 5, "int8": 30, "lowbit": 20, "overhead": 15,
-        "generate": 90, "gptq": 65, "host_cpu": 300}
+        "generate": 120, "gptq": 65, "host_cpu": 200}
 DRY_CAPS = {"versions": 5, "correctness": 24, "goal_table": 16, "tune": 3, "int8": 6, "lowbit": 6, "overhead": 4,
             "generate": 8, "gptq": 30, "host_cpu": 30}
 MIN_S = {"versions": 1, "correctness": 10, "goal_table": 10, "tune": 0.5, "int8": 8, "lowbit": 5, "overhead": 5,
