@@ -326,17 +326,6 @@ def codes_gemm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, corr:
 _CODE_KINDS = {torch.int8: 0, torch.uint8: 1, torch.float32: 2}
 
 
-MIN_TOKEN_WORK_PER_THREAD = 1 << 15  # elements: below this an OpenMP team costs more than it saves
-
-
-def token_threads(elements: int) -> int:
-    """Threads for the per-token passes: all of torch's on big inputs, fewer on small ones (a decoding step's
-    4096 activations are quantized in microseconds; waking 16 threads of a second OpenMP pool took longer,
-    measured on a 16-core Xeon: the int8 layers' M = 1 calls ran 1.4-1.8x float where the weight-only int8
-    GEMV alone ran 2.7x)."""
-    return max(1, min(torch.get_num_threads(), elements // MIN_TOKEN_WORK_PER_THREAD))
-
-
 def quantize_tokens(x2: torch.Tensor, threshold: float, code_dtype: torch.dtype
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(codes (M, K) int8 / uint8 (+128) / fp32 integers, fp32 absmax (M,), outlier columns or None) of
@@ -355,7 +344,7 @@ def quantize_tokens(x2: torch.Tensor, threshold: float, code_dtype: torch.dtype
     flags, cols = torch.empty(K, dtype=torch.uint8), torch.empty(K, dtype=torch.int64)
     n = lib.hfq_quant_tokens(x2.data_ptr(), M, K, x2.stride(0) if M > 1 else K, _KIND[x2.dtype], float(threshold),
                              codes.data_ptr(), _CODE_KINDS[code_dtype], absmax.data_ptr(), flags.data_ptr(),
-                             cols.data_ptr(), token_threads(M * K))
+                             cols.data_ptr(), max(1, torch.get_num_threads()))
     if n < 0:
         raise MemoryError("native quantize_tokens: out of memory for a row buffer")
     return codes, absmax, (cols[:n] if n else None)
@@ -395,6 +384,6 @@ def finish_tokens(y: torch.Tensor, absmax: torch.Tensor, bias: torch.Tensor | No
                          f"int64 (n,), ws fp32 (N,)), w_cols None or fp32 (n, N); got y {tuple(y.shape)} {y.dtype}")
     out = torch.empty(M, N, dtype=dtype)
     if lib.hfq_finish_tokens(y.data_ptr(), M, N, absmax.data_ptr(), None if bias is None else bias.data_ptr(), *args,
-                             out.data_ptr(), _KIND[dtype], token_threads(M * N * (1 + args[8]))):
+                             out.data_ptr(), _KIND[dtype], max(1, torch.get_num_threads())):
         raise ValueError(f"native finish_tokens: an outlier column index is outside [0, {args[4]})")
     return out
