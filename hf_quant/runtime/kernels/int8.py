@@ -209,6 +209,13 @@ class _ExactInt8Kernel(Kernel):
         return (device.type == "cpu" and dtype in _CPU_DTYPES and fits(layer) and exact_int8_dot()
                 and self.available())
 
+    @staticmethod
+    def epilogue_parts(layer: Any) -> tuple[torch.Tensor, torch.Tensor, "OutlierWeights", torch.Tensor | None]:
+        """(int8 codes (N, K), fp32 row scales, the outlier columns' weights over the transposed codes (their
+        gather reads contiguous rows), fp32 bias or None): what every exact int8 GEMM's epilogue takes."""
+        wq, ws = cpu.int8_rows(layer)
+        return wq, ws, OutlierWeights(wq.t().contiguous(), ws), None if layer.bias is None else layer.bias.float()
+
 
 class OneDnnInt8Kernel(_ExactInt8Kernel):
     """CPU W8A8 with exact per-token activation scales on oneDNN's int8 GEMM (see the module docstring)."""
@@ -220,11 +227,10 @@ class OneDnnInt8Kernel(_ExactInt8Kernel):
         return _onednn_available()
 
     def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
-        wq, ws = cpu.int8_rows(layer)
+        wq, ws, outliers, bias = self.epilogue_parts(layer)
         packed = torch.ops.onednn.qlinear_prepack(wq, None)
         zp = torch.zeros(wq.shape[0], dtype=torch.int64)
-        bias = None if layer.bias is None else layer.bias.float()
-        return packed, ws, zp, OutlierWeights(wq.t().contiguous(), ws), bias  # codes transposed: for the outlier columns' gather
+        return packed, ws, zp, outliers, bias
 
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
         packed, ws, zp, outliers, bias = prepared
@@ -317,9 +323,8 @@ class FbgemmInt8Kernel(_ExactInt8Kernel):
         return rows <= FBGEMM_MAX_ROWS  # the fixed order; the measured dispatch times it at every row count
 
     def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
-        wq, ws = cpu.int8_rows(layer)
-        bias = None if layer.bias is None else layer.bias.float()
-        return fbgemm_prepack(wq, ws), OutlierWeights(wq.t().contiguous(), ws), bias
+        wq, ws, outliers, bias = self.epilogue_parts(layer)
+        return fbgemm_prepack(wq, ws), outliers, bias
 
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
         packed, outliers, bias = prepared
@@ -346,9 +351,8 @@ class IntMmInt8Kernel(_ExactInt8Kernel):
         return False
 
     def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
-        wq, ws = cpu.int8_rows(layer)
-        bias = None if layer.bias is None else layer.bias.float()
-        return wq.contiguous(), ws, OutlierWeights(wq.t().contiguous(), ws), bias
+        wq, ws, outliers, bias = self.epilogue_parts(layer)
+        return wq.contiguous(), ws, outliers, bias
 
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
         wq, ws, outliers, bias = prepared
