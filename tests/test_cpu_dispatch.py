@@ -203,6 +203,44 @@ def test_bf16_candidates_only_when_allowed(fake_timer):
         assert not any(k.name.endswith("_bf16") for k in cpu_measure.candidates(layer, CPU, torch.bfloat16))
 
 
+@pytest.fixture()
+def torch_fp32_precision():
+    """torch's CPU fp32 matmul precision, restored after the test."""
+    matmul = torch.backends.mkldnn.matmul
+    legacy, saved = torch.get_float32_matmul_precision(), matmul.fp32_precision
+    yield matmul
+    torch.backends.mkldnn.fp32_precision = "none"
+    torch.set_float32_matmul_precision(legacy)
+    matmul.fp32_precision = saved
+    assert torch.get_float32_matmul_precision() == legacy
+
+
+@pytest.mark.parametrize("how", ["legacy", "mkldnn.matmul", "mkldnn"])
+def test_torch_fp32_precision_bf16_allows_bf16_candidates(fake_timer, torch_fp32_precision, how):
+    """Mode "measure" follows torch's own consent: with fp32 matmul precision bf16 ("medium"), the `_bf16`
+    kernels are candidates for fp32 activations; with "ieee" / "highest" they are not."""
+    layer, _ = make_layer(64, 256, LayerSpec(4, 128, False), bias=False)
+    with kernels.cpu_dispatch("measure"):
+        assert not cpu_measure.torch_allows_bf16()
+        assert not any(k.name.endswith("_bf16") for k in cpu_measure.candidates(layer, CPU, torch.float32))
+        if how == "legacy":
+            torch.set_float32_matmul_precision("medium")
+        elif how == "mkldnn":  # inherited by mkldnn.matmul
+            torch.backends.mkldnn.fp32_precision = "bf16"
+        else:
+            torch_fp32_precision.fp32_precision = "bf16"
+        assert cpu_measure.torch_allows_bf16()
+        names = {k.name for k in cpu_measure.candidates(layer, CPU, torch.float32)}
+        assert {"cpu_int4_bf16", "dequant_tiles_bf16"} <= names
+        assert not any(k.name.endswith("_bf16") for k in cpu_measure.candidates(layer, CPU, torch.bfloat16))
+        kernels.select_kernel(layer, torch.randn(2, 256))
+        assert any(n.endswith("_bf16") for n, _ in fake_timer)
+        torch_fp32_precision.fp32_precision = "ieee"
+        torch.backends.mkldnn.fp32_precision = "none"
+        assert not cpu_measure.torch_allows_bf16()
+        assert not any(k.name.endswith("_bf16") for k in cpu_measure.candidates(layer, CPU, torch.float32))
+
+
 def test_fixed_mode_never_measures(monkeypatch):
     def refuse(*args):
         raise AssertionError("timed in mode 'fixed'")

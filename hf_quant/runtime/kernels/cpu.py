@@ -11,7 +11,7 @@ int8 (`_weight_int8pack_mm`): per-output-channel symmetric int8; an asymmetric z
 `dequant_tiles` dequantizes a few hundred output rows at a time, each tile followed by its GEMM.
 `<kernel>_bf16` runs fp32 activations through a kernel's bf16 path (cast in, cast back).
 The last two are chosen only by the measured dispatch (`cpu_measure.py`), the `_bf16` ones only
-when the user allows bf16 compute for fp32 models (mode "measure_bf16").
+when the user allows bf16 compute for fp32 models (mode "measure_bf16", or torch's fp32 matmul precision bf16).
 """
 
 from __future__ import annotations
@@ -338,7 +338,8 @@ class DequantTilesKernel(Kernel):
 class Bf16ActivationsKernel(Kernel):
     """fp32 activations through `base`'s bf16 path: x cast to bf16, the output cast back to fp32.
     This changes results by bf16 rounding (tests/test_cpu_dispatch.py measures it), so it is a
-    candidate only in mode "measure_bf16" and never chosen otherwise."""
+    candidate only in mode "measure_bf16" or where torch's fp32 matmul precision is bf16
+    (`cpu_measure.torch_allows_bf16`), and never chosen otherwise."""
 
     measured = True
     casts_to_bf16 = True

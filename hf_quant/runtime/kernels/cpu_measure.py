@@ -3,7 +3,9 @@ layer shape, format, activation dtype and row class, and the fastest is kept.
 
 Mode (process-wide; env `HF_QUANT_CPU_DISPATCH`, or `cpu_dispatch(mode)`):
 - "measure" (default): candidates are the registered kernels with `measured = True` that run the
-  layer's scheme, except those that cast fp32 activations to bf16.
+  layer's scheme, except those that cast fp32 activations to bf16, unless torch's own fp32 matmul precision
+  allows bf16 (`torch.set_float32_matmul_precision("medium")` or
+  `torch.backends.mkldnn.matmul.fp32_precision = "bf16"`: the user's consent to bf16 compute for fp32 matmuls).
 - "measure_bf16": the same, plus the `<kernel>_bf16` kernels (fp32 models compute those layers in
   bf16: results move by bf16 rounding).
 - "fixed": the priority order and fixed row thresholds (`choose_fixed`), as before.
@@ -119,10 +121,31 @@ def clear_measurements() -> None:
     base._choices_changed()
 
 
+def torch_allows_bf16() -> bool:
+    """Whether torch's fp32 matmul precision on CPU is bf16: `torch.set_float32_matmul_precision("medium")` or
+    `torch.backends.mkldnn.matmul.fp32_precision = "bf16"` (or the same set on `torch.backends.mkldnn` /
+    `torch.backends`, which that inherits from). torch then lets fp32 matmuls compute in bf16, so the `_bf16`
+    kernels are candidates in mode "measure" too."""
+    try:
+        mkldnn = torch.backends.mkldnn
+        for precision in (mkldnn.matmul.fp32_precision, mkldnn.fp32_precision,
+                          getattr(torch.backends, "fp32_precision", "none")):
+            if precision != "none":
+                return precision == "bf16"
+        return False
+    except AttributeError:  # a torch without the per-backend precision API
+        try:
+            return torch.get_float32_matmul_precision() == "medium"
+        except RuntimeError:
+            return False
+
+
 def candidates(layer: Any, device: torch.device, dtype: torch.dtype, allow_bf16: bool | None = None) -> list[Kernel]:
-    """The measured kernels that can run `layer` on `device` / `dtype` (any row count), fixed order."""
+    """The measured kernels that can run `layer` on `device` / `dtype` (any row count), fixed order. The
+    `_bf16` kernels are in where `allow_bf16` says so; by default in mode "measure_bf16", and in mode "measure"
+    when torch's fp32 matmul precision is bf16 (`torch_allows_bf16`)."""
     if allow_bf16 is None:
-        allow_bf16 = _state["mode"] == "measure_bf16"
+        allow_bf16 = _state["mode"] == "measure_bf16" or (dtype == torch.float32 and torch_allows_bf16())
     return [k for k in base._BY_PRIORITY
             if k.measured and (allow_bf16 or not getattr(k, "casts_to_bf16", False))
             and layer.scheme.activation_name in k.activations and k.accepts(layer, device, dtype)]
