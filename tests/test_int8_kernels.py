@@ -190,22 +190,41 @@ def _split_inputs(m, in_f, dtype, kind, seed):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("sym,bias", [(True, False), (False, True)])
 @pytest.mark.parametrize("kind", ["plain", "outlier_cols", "massive"])
-def test_split_int8_weight_only_kernel_is_as_close_as_float(m, dtype, sym, bias, kind):
-    """cpu_int8_split (8-bit weight-only on the int8 GEMM, activations as 2-3 int8 terms): against the
-    float64 product of the same weights, no worse than the reference kernel's own float arithmetic."""
+@pytest.mark.parametrize("name", ["cpu_int8_split", "cpu_int8_split_intmm"])
+def test_split_int8_weight_only_kernel_is_as_close_as_float(m, dtype, sym, bias, kind, name):
+    """cpu_int8_split (8-bit weight-only on the int8 GEMM, activations as 2-3 int8 terms; fbgemm's GEMM, or
+    `torch._int_mm`'s): against the float64 product of the same weights, no worse than the reference kernel's
+    own float arithmetic."""
     from .test_kernels import make_layer
     layer, _ = make_layer(48, 256, LayerSpec(8, -1, sym, False), bias, dtype=dtype, seed=m)
     x = _split_inputs(m, 256, dtype, kind, seed=m)
-    if not I.SPLIT.supports(layer, x.device, dtype):
-        pytest.skip("no exact int8 GEMM on this CPU (VNNI/AMX and fbgemm needed)")
+    if not kernels.base.KERNELS.get(name).supports(layer, x.device, dtype):
+        pytest.skip("no exact int8 GEMM on this CPU (VNNI/AMX and fbgemm / torch._int_mm needed)")
     truth = x.double() @ layer.dequantize().double().t() + (0 if layer.bias is None else layer.bias.double())
-    with kernels.use_kernel("cpu_int8_split"):
+    with kernels.use_kernel(name):
         out = layer(x)
     with kernels.use_kernel("reference"):
         ref = layer(x)
     assert out.shape == ref.shape and out.dtype == dtype
     err, err_ref = rel_err(out, truth), rel_err(ref, truth)
     assert err < 2 * err_ref + 1e-4, (err, err_ref)
+
+
+@pytest.mark.parametrize("t,k,n", [(1, 256, 48), (6, 4096, 80), (130, 512, 33)])
+def test_split_gemms_agree(t, k, n):
+    """The fbgemm and `torch._int_mm` GEMMs of the split kernels: the same exact int32 products times the
+    row scales, so the same fp32 numbers up to the rounding of that one multiply."""
+    g = torch.Generator().manual_seed(t)
+    wq = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    ws = torch.rand(n, generator=g) * 0.01 + 1e-4
+    codes = torch.randint(-127, 128, (t, k), generator=g).float()
+    if not (I.exact_int8_dot() and I._fbgemm_available() and hasattr(torch, "_int_mm")):
+        pytest.skip("no exact int8 GEMM on this CPU")
+    exact = (codes.double() @ wq.double().t()) * ws.double()
+    for kernel in (I.SPLIT, I.SPLIT_INTMM):
+        z = kernel.gemm(codes, kernel.pack(wq, ws))
+        assert z.dtype == torch.float32 and z.shape == (t, n)
+        assert float(((z.double() - exact).abs() / exact.abs().clamp_min(1e-30)).max()) < 2e-7, kernel.name
 
 
 def test_split_terms_bound_the_activation_error():
@@ -233,23 +252,26 @@ def test_split_kernel_is_only_a_measured_candidate():
     from .test_kernels import make_layer
     layer, _ = make_layer(32, 128, LayerSpec(8, -1, True, False), False)
     for m in (1, 8, 100):
-        assert kernels.select_kernel(layer, torch.randn(m, 128, dtype=torch.bfloat16)).name != "cpu_int8_split"
+        assert not kernels.select_kernel(layer, torch.randn(m, 128, dtype=torch.bfloat16)).name.startswith(
+            "cpu_int8_split")
     names = {k.name for k in cpu_measure.candidates(layer, torch.device("cpu"), torch.bfloat16, allow_bf16=False)}
     names32 = {k.name for k in cpu_measure.candidates(layer, torch.device("cpu"), torch.float32, allow_bf16=False)}
     names32_bf16 = {k.name for k in cpu_measure.candidates(layer, torch.device("cpu"), torch.float32, allow_bf16=True)}
     assert "cpu_int8_split" not in names32 and "cpu_int8_split_bf16" not in names32
-    assert ("cpu_int8_split" in names) == ("cpu_int8_split_bf16" in names32_bf16) == I.SPLIT.supports(
-        layer, torch.device("cpu"), torch.bfloat16)
-    grouped, _ = make_layer(32, 128, LayerSpec(8, 64, True, False), False)
-    assert not I.SPLIT.supports(grouped, torch.device("cpu"), torch.bfloat16)
+    assert not any(n.startswith("cpu_int8_split") for n in names32)
+    for kernel in (I.SPLIT, I.SPLIT_INTMM):
+        assert (kernel.name in names) == (kernel.name + "_bf16" in names32_bf16) == kernel.supports(
+            layer, torch.device("cpu"), torch.bfloat16)
+        grouped, _ = make_layer(32, 128, LayerSpec(8, 64, True, False), False)
+        assert not kernel.supports(grouped, torch.device("cpu"), torch.bfloat16)
 
 
 @pytest.mark.parametrize("name", ["cpu_int8_fbgemm", "cpu_int8_onednn", "cpu_int8_intmm", "cpu_int8_token_w8",
-                                  "cpu_int8_split"])
+                                  "cpu_int8_split", "cpu_int8_split_intmm"])
 def test_cpu_int8_kernels_take_empty_inputs(name):
     """No rows (an empty batch): an empty output of the right shape, as the reference gives."""
     from .test_kernels import make_layer
-    layer = int8_layer(32, 64, 6.0, True) if name != "cpu_int8_split" else \
+    layer = int8_layer(32, 64, 6.0, True) if not name.startswith("cpu_int8_split") else \
         make_layer(32, 64, LayerSpec(8, -1, False, False), True)[0]
     x = torch.randn(2, 0, 64, dtype=torch.bfloat16)
     if not kernels.base.KERNELS.get(name).supports(layer, x.device, x.dtype):
@@ -260,12 +282,12 @@ def test_cpu_int8_kernels_take_empty_inputs(name):
 
 
 @pytest.mark.parametrize("name", ["cpu_int8_fbgemm", "cpu_int8_onednn", "cpu_int8_intmm", "cpu_int8_token_w8",
-                                  "cpu_int8_split"])
+                                  "cpu_int8_split", "cpu_int8_split_intmm"])
 @pytest.mark.parametrize("m", [5, 1200])  # one fused pass set, and row chunks
 def test_cpu_int8_kernels_take_strided_inputs(name, m):
     """A transposed (non-contiguous) activation view gives the reference's result."""
     from .test_kernels import make_layer
-    layer = int8_layer(32, 256, 6.0, True) if name != "cpu_int8_split" else \
+    layer = int8_layer(32, 256, 6.0, True) if not name.startswith("cpu_int8_split") else \
         make_layer(32, 256, LayerSpec(8, -1, False, False), True)[0]
     x = (torch.randn(256, m, generator=torch.Generator().manual_seed(m)) * 3).to(torch.bfloat16).t()
     x[:, 3] *= 10  # an outlier column
