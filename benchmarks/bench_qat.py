@@ -2,6 +2,7 @@
 
     python benchmarks/bench_qat.py [--model ../shared/models/ref-llama] [--minutes 30] [--methods onebit bitnet]
         [--batch 8] [--seq-len 256] [--lr 1e-3] [--curve-every 50] [--curve-windows 16] [--skip-reference]
+        [--plant 32 --methods --skip-reference]   # the untrained rows on a copy with planted outlier channels
 
 Rows, each evaluated on the held-out text (the last 3% of each book of ../shared/data/corpus, bundled as
 hf_quant/data/heldout.txt; all 512-token windows), bf16 measured in the same run:
@@ -102,8 +103,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(SHARED / "models" / "ref-llama"))
     ap.add_argument("--minutes", type=float, default=30.0)
-    ap.add_argument("--methods", nargs="+", default=["onebit", "bitnet"], choices=sorted(METHODS),
-                    help="onebit (SVID, the paper's output LayerNorm), onebit-noln (SVID, no output LayerNorm), bitnet")
+    ap.add_argument("--methods", nargs="*", default=["onebit", "bitnet"], choices=sorted(METHODS),
+                    help="onebit (SVID, the paper's output LayerNorm), onebit-noln (SVID, no output LayerNorm), bitnet; "
+                         "none (`--methods` alone): no training")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -113,7 +115,35 @@ def main() -> None:
     ap.add_argument("--curve-windows", type=int, default=16)
     ap.add_argument("--skip-reference", action="store_true", help="skip the RTN / GPTQ w2 g64 rows")
     ap.add_argument("--skip-untrained", action="store_true", help="skip the untrained 1-bit / ternary rows")
+    ap.add_argument("--plant", type=float, default=0.0, metavar="FACTOR",
+                    help="run on a copy of --model with planted outlier channels: --plant-channels hidden channels of "
+                         "every RMSNorm weight times FACTOR, the next linears' input columns divided by it (the same "
+                         "float function; a power of two is exact in bf16). Input columns of very different size are "
+                         "what SVID's second value vector represents and a per-row scale cannot")
+    ap.add_argument("--plant-channels", type=int, default=4)
     args = ap.parse_args()
+    if args.plant:
+        with tempfile.TemporaryDirectory() as tmp:
+            args.model = plant_copy(args.model, args.plant, args.plant_channels, Path(tmp) / "planted")
+            run(args)
+    else:
+        run(args)
+
+
+def plant_copy(model_dir: str, factor: float, n: int, out: Path) -> str:
+    """A copy of model_dir in `out` with `n` planted outlier channels (`eval_outliers.plant_outliers`)."""
+    from hf_quant.eval_outliers import plant_outliers
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    channels = torch.randperm(model.config.hidden_size, generator=torch.Generator().manual_seed(0))[:n].tolist()
+    plant_outliers(model, sorted(channels), factor)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    print(f"planted copy of {model_dir}: channels {sorted(channels)} x{factor:g} in every RMSNorm", flush=True)
+    return str(out)
+
+
+def run(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     flags = sorted(hf_quant.core.devices.cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16"})
     print(f"ref-llama QAT, {os.cpu_count()} CPUs ({' '.join(flags)}), torch {torch.__version__}", flush=True)
