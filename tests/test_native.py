@@ -326,6 +326,38 @@ def test_native_token_quantization_is_bit_identical_to_torch(monkeypatch, dtype,
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 7, 130])  # 130: more than one thread
+@pytest.mark.parametrize("threshold", [0.0, 2.5])
+def test_native_fake_quantization_is_bit_identical_to_the_oracle(monkeypatch, dtype, rows, threshold):
+    """`native.fake_quantize_tokens` (the fake-quantized activations of `cpu_int8_token_w8` in one pass pair)
+    against `activations.fake_quantize_int8_token` and the torch path of `int8.fake_quantize_fast`, compared as
+    bits (a -0.0 where the oracle has +0.0 would be a different bf16 number)."""
+    from hf_quant.runtime import activations
+    from hf_quant.runtime.kernels import int8
+
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 3 * 96, generator=g)
+    x[:, 5] *= 4  # outlier columns, with elements below the threshold in them too
+    x[rows // 2, 77] = -9.0
+    x[0, :40] = -1e-6  # tiny negatives: codes round to -0.0 before the integer cast
+    if rows > 1:
+        x[-1] = 0.0  # an all-zero row
+    x = x.to(dtype)[:, :200]  # strided rows
+    bits = {torch.float32: torch.int32}.get(dtype, torch.int16)
+    got = native.fake_quantize_tokens(x, threshold)
+    oracle = activations.fake_quantize_int8_token(x, threshold)
+    monkeypatch.setattr(native, "library", lambda: None)
+    torch_path = int8.fake_quantize_fast(x, threshold)
+    monkeypatch.undo()
+    assert got.dtype == dtype and got.shape == x.shape
+    assert torch.equal(got.view(bits), oracle.view(bits)) and torch.equal(got.view(bits), torch_path.view(bits))
+    assert torch.equal(int8.fake_quantize_fast(x, threshold).view(bits), got.view(bits))  # the native route
+    with pytest.raises(ValueError, match="unit column stride"):
+        native.fake_quantize_tokens(torch.randn(6, 4, dtype=dtype).t(), threshold)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_native_finish_tokens(dtype):
     """Row scales, bias and the outlier columns' product (W_hat rounded to the activation dtype, as the
     reference holds it) in one pass, against the torch epilogue."""

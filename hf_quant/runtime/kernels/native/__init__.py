@@ -324,6 +324,7 @@ def codes_gemm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, corr:
 
 
 _CODE_KINDS = {torch.int8: 0, torch.uint8: 1, torch.float32: 2}
+_FAKE_QUANT = 3  # hfq_quant_tokens' code_kind for the fake-quantized activations in x's own type
 
 
 def quantize_tokens(x2: torch.Tensor, threshold: float, code_dtype: torch.dtype
@@ -348,6 +349,28 @@ def quantize_tokens(x2: torch.Tensor, threshold: float, code_dtype: torch.dtype
     if n < 0:
         raise MemoryError("native quantize_tokens: out of memory for a row buffer")
     return codes, absmax, (cols[:n] if n else None)
+
+
+def fake_quantize_tokens(x2: torch.Tensor, threshold: float) -> torch.Tensor:
+    """LLM.int8()'s per-token fake quantization of x2 (M, K) fp32/bf16/fp16 with unit column stride, in x2's dtype:
+    codes * (absmax / 127) per row, the outlier columns (any |x| >= threshold) left as x, in one native pass pair,
+    bit-identical to `runtime.activations.fake_quantize_int8_token`."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"native CPU helpers unavailable: {unavailable_reason()}")
+    M, K = x2.shape
+    if x2.dtype not in _KIND or x2.device.type != "cpu" or (K > 1 and x2.stride(1) != 1):
+        raise ValueError(f"native fake_quantize_tokens: x {tuple(x2.shape)} {x2.dtype} stride {x2.stride()}: expected "
+                         "a CPU fp32/bf16/fp16 matrix with unit column stride")
+    out = torch.empty(M, K, dtype=x2.dtype)
+    absmax = torch.empty(M, dtype=torch.float32)
+    flags, cols = torch.empty(K, dtype=torch.uint8), torch.empty(K, dtype=torch.int64)
+    n = lib.hfq_quant_tokens(x2.data_ptr(), M, K, x2.stride(0) if M > 1 else K, _KIND[x2.dtype], float(threshold),
+                             out.data_ptr(), _FAKE_QUANT, absmax.data_ptr(), flags.data_ptr(), cols.data_ptr(),
+                             max(1, torch.get_num_threads()))
+    if n < 0:
+        raise MemoryError("native fake_quantize_tokens: out of memory for a row buffer")
+    return out
 
 
 def finish_tokens(y: torch.Tensor, absmax: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,

@@ -482,7 +482,8 @@ int hfq_codes_f32_gemm(const float *x, int64_t M, int64_t K, const uint8_t *pack
  * (in_kind 0 / 1 / 2). A column is an outlier column when any |x| >= threshold in it (threshold > 0);
  * the absmax of a row is the max |x| of its elements below the threshold; codes are
  * round-half-even(x * (127 / absmax)) in fp32 (0 for an all-zero row), 0 in the outlier columns.
- * code_kind: 0 int8, 1 uint8 code + 128, 2 fp32. flags (K bytes, out): 1 for the outlier columns; cols (K
+ * code_kind: 0 int8, 1 uint8 code + 128, 2 fp32, 3 the fake-quantized activations code * (absmax / 127) in x's
+ * type with the outlier columns as x (bit-identical to runtime.activations.fake_quantize_int8_token). flags (K bytes, out): 1 for the outlier columns; cols (K
  * int64, out): their indices, ascending. Returns their number, or -1 if a thread buffer could not be allocated.
  */
 static inline float load_x(const void *x, int64_t i, int kind) {
@@ -570,7 +571,13 @@ int64_t hfq_quant_tokens(const void *x, int64_t M, int64_t K, int64_t ldx, int i
                     for (int64_t k = 0; k < K; k++) buf[k] = flags[k] ? 0.0f : nearbyintf(buf[k] * mul);
                 else
                     for (int64_t k = 0; k < K; k++) buf[k] = nearbyintf(buf[k] * mul);
-                if (code_kind == 2) {
+                if (code_kind == 3) {  /* fake quantization: code * (absmax / 127), outlier columns as x, in x's type */
+                    const float s = a / 127.0f;
+                    const char *xr = (const char *)x + m * ldx * esize;
+                    for (int64_t k = 0; k < K; k++)  /* (int32_t): a code of -0.0 is the integer 0, +0.0 once scaled */
+                        buf[k] = threshold > 0.0f && flags[k] ? load_x(xr, k, in_kind) : (float)(int32_t)buf[k] * s;
+                    store_row(buf, (char *)codes + m * K * esize, K, in_kind);
+                } else if (code_kind == 2) {
                     memcpy((float *)codes + m * K, buf, (size_t)K * 4);
                 } else if (code_kind == 1) {
                     uint8_t *c = (uint8_t *)codes + m * K;
