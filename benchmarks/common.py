@@ -23,7 +23,20 @@ def cpu_summary() -> str:
         return "unknown (no /proc/cpuinfo)"
     flags = devices.cpu_flags()
     model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    return f"{model}; " + " ".join(f"{w}={'yes' if w in flags else 'no'}" for w in CPU_FEATURES)
+    return f"{model}; " + " ".join(f"{w}={'yes' if w in flags else 'no'}" for w in CPU_FEATURES) + isa_caps()
+
+
+def isa_caps() -> str:
+    """Empty, or "; capped: ..." naming what narrows the ISA the kernels use below the CPU's: ATen's dispatch
+    (ATEN_CPU_CAPABILITY), oneDNN's (ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA), the native helpers' extra compiler
+    flags (HF_QUANT_NATIVE_CFLAGS, e.g. -march=x86-64-v3 for an AVX2-only build). A run with all three at AVX2
+    stands in for an AVX2-only CPU (fbgemm, which only the exact int8 kernels use, is not capped: those then
+    leave the candidates, as without VNNI)."""
+    import os
+
+    names = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "HF_QUANT_NATIVE_CFLAGS")
+    set_ = [f"{n}={os.environ[n]}" for n in names if os.environ.get(n)]
+    return f"; capped: {' '.join(set_)} (torch capability {torch.backends.cpu.get_cpu_capability()})" if set_ else ""
 
 
 def random_llama(hidden: int, intermediate: int, layers: int, device: str, vocab: int = 32000,

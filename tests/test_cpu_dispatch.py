@@ -203,6 +203,28 @@ def test_bf16_candidates_only_when_allowed(fake_timer):
         assert not any(k.name.endswith("_bf16") for k in cpu_measure.candidates(layer, CPU, torch.bfloat16))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("spec", [LayerSpec(4, 128, False), LayerSpec(8, -1, True)])
+def test_fp32_compute_of_bf16_activations(dtype, spec):
+    """The `_fp32` wrappers (bf16/fp16 activations through a prefill kernel's fp32 path, for CPUs without native
+    bf16 GEMMs): default-mode candidates for 16-bit activations only, and at least as close to the exact product as
+    the reference's own 16-bit arithmetic."""
+    layer, _ = make_layer(272, 256, spec, bias=True, seed=3)
+    x = torch.randn(3, 5, 256, generator=torch.Generator().manual_seed(4)).to(dtype)
+    with kernels.cpu_dispatch("measure"):
+        names16 = {k.name for k in cpu_measure.candidates(layer, CPU, dtype)}
+        names32 = {k.name for k in cpu_measure.candidates(layer, CPU, torch.float32, allow_bf16=True)}
+    wrapped = {n for n in names16 if n.endswith("_fp32")}
+    assert {"dequant_tiles_fp32"} <= wrapped and not any(n.endswith("_fp32") for n in names32)
+    truth = x.double() @ layer.dequantize().double().t() + layer.bias.double()
+    with kernels.use_kernel("reference"):
+        err_ref = rel_err(layer(x), truth)
+    for name in wrapped:
+        out = _forward(KERNELS.get(name), layer, x)
+        assert out.dtype == dtype and out.shape == truth.shape
+        assert rel_err(out, truth) <= err_ref * 1.01 + 1e-6, name
+
+
 @pytest.fixture()
 def torch_fp32_precision():
     """torch's CPU fp32 matmul precision, restored after the test."""

@@ -9,7 +9,8 @@ prepare time, the activations on every call.
 int8 (`_weight_int8pack_mm`): per-output-channel symmetric int8; an asymmetric zero adds
 (128 - z) * scale * sum(x) to each output.
 `dequant_tiles` dequantizes a few hundred output rows at a time, each tile followed by its GEMM.
-`<kernel>_bf16` runs fp32 activations through a kernel's bf16 path (cast in, cast back).
+`<kernel>_bf16` runs fp32 activations through a kernel's bf16 path (cast in, cast back); `<kernel>_fp32` runs
+bf16/fp16 activations through a prefill kernel's fp32 path (for CPUs without native bf16 GEMMs).
 The last two are chosen only by the measured dispatch (`cpu_measure.py`), the `_bf16` ones only
 when the user allows bf16 compute for fp32 models (mode "measure_bf16", or torch's fp32 matmul precision bf16).
 """
@@ -361,6 +362,33 @@ class Bf16ActivationsKernel(Kernel):
         return self.base.forward(layer, x.to(torch.bfloat16), prepared).to(x.dtype)
 
 
+class Fp32ActivationsKernel(Kernel):
+    """bf16/fp16 activations through `base`'s fp32 path: x widened to fp32 (exact), the fp32 result rounded once to
+    the activation dtype. For CPUs without native bf16/fp16 GEMMs (AVX2-only, or oneDNN capped below AVX512-BF16),
+    where torch's fp32 GEMM is several times faster than its bf16 one: a bf16 model's prefill then runs at fp32
+    speed. The result is closer to the exact product than the reference's bf16 arithmetic (one rounding instead of
+    a bf16 weight and bf16 output), so it is a candidate in every measured mode; where bf16 GEMMs are native it
+    loses the measurement (its fp32 GEMM does half the work per instruction) and is dropped by the probes."""
+
+    measured = True
+
+    def __init__(self, base: Kernel) -> None:
+        self.base, self.name, self.priority = base, f"{base.name}_fp32", base.priority
+        self.activations, self.gguf = base.activations, base.gguf
+
+    def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
+        return dtype in (torch.bfloat16, torch.float16) and self.base.accepts(layer, device, torch.float32)
+
+    def chosen(self, layer: Any, rows: int) -> bool:
+        return False
+
+    def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
+        return self.base.prepare(layer, device, torch.float32)
+
+    def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
+        return self.base.forward(layer, x.float(), prepared).to(x.dtype)
+
+
 class _NativeDequant(Kernel):
     """Dequantization in one native pass (kernels/native: (code - zero) * scale in fp32, rounded once,
     so the tile equals `dequantize_weight`'s), then torch's GEMM. Candidates of the measured dispatch
@@ -510,6 +538,8 @@ for _kernel in (Int4CpuKernel(), Int4x2CpuKernel(), Int8CpuKernel(), DequantTile
                 NativeCodesKernel("native_int8", False, torch.bfloat16)):
     register_kernel(_kernel)
     register_kernel(Bf16ActivationsKernel(_kernel))
+    if isinstance(_kernel, (DequantTilesKernel, _NativeDequant)):  # the prefill paths: fp32 GEMMs for bf16 models
+        register_kernel(Fp32ActivationsKernel(_kernel))
 for _kernel in (NativeCodesKernel("native_int4_f32", True, torch.float32),
                 NativeCodesKernel("native_int8_f32", False, torch.float32)):
     register_kernel(_kernel)  # exact in fp32 for every activation dtype: no bf16-cast variant
