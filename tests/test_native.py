@@ -269,6 +269,91 @@ def test_native_codes_f32_in_an_avx2_build(monkeypatch, rebuilt):
     check_codes_f32(LayerSpec(4, 16, False), 64, 3, 37, torch.bfloat16)
 
 
+needs_codes_i16 = pytest.mark.skipif(not native.has_codes_i16(), reason="no AVX2 native build")
+I16_SPECS = [(LayerSpec(4, 128, False), 384), (LayerSpec(4, 32, True, True), 96), (LayerSpec(3, 64, False), 192),
+             (LayerSpec(2, -1, True), 128), (LayerSpec(8, -1, False), 320), (LayerSpec(8, 16, True), 96),
+             (LayerSpec(8, 128, False, True), 256), (LayerSpec(5, 64, False), 128)]
+
+
+def check_codes_i16(spec, in_f, rows, out_f, dtype, x=None):
+    """native_int{4,8}_i16 against x @ W.T with W unrounded in fp64: fp32 activations (two int16 terms) within the
+    fp32 kernels' bound; 16-bit ones within one int16 step of each row's absmax per element (plus one rounding of
+    the output), or two steps where a row's absmax passes SECOND_TERM_RATIO x its rms."""
+    layer, _ = make_layer(out_f, in_f, spec, bias=True, dtype=dtype, seed=rows + out_f)
+    kernel = KERNELS.get("native_int4_i16" if spec.bits <= 4 else "native_int8_i16")
+    assert kernel in cpu_measure.candidates(layer, CPU, dtype)
+    if x is None:
+        x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows)).to(dtype)
+    out = kernel.forward(layer, x, kernel.prepare(layer, CPU, dtype))
+    W = dequantize_weight(layer.qweight, layer.scales, layer.qzeros, layer.spec, in_f, torch.float32, layer.g_idx)
+    exact = x.double() @ W.double().t() + layer.bias.double()
+    assert out.dtype == dtype and out.shape == (rows, out_f)
+    absw = W.double().abs().t()
+    if dtype == torch.float32:
+        bound = 1e-5 * (x.double().abs() @ absw + layer.bias.double().abs())
+        assert ((out.double() - exact).abs() <= bound).all()
+    else:
+        eps = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+        step = x.double().abs().amax(dim=1, keepdim=True) / 65534  # half an int16 step of the row's absmax
+        bound = step @ absw.sum(dim=0, keepdim=True) + 1e-5 * (x.double().abs() @ absw) + eps * exact.abs()
+        assert ((out.double() - exact).abs() <= bound).all()
+    return out
+
+
+@needs_codes_i16
+@pytest.mark.parametrize("spec,in_f", I16_SPECS)
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 13])  # blocks of 2 rows, every remainder; 13: two native calls
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_native_codes_i16_against_the_exact_product(spec, in_f, rows, dtype):
+    check_codes_i16(spec, in_f, rows, 37, dtype)
+
+
+@needs_codes_i16
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_native_codes_i16_outlier_rows_zero_rows_and_extremes(dtype):
+    """A row with a massive activation (absmax far above its rms: the second term), an all-zero row, and the
+    largest sums the int32 lanes meet between flushes (8-bit codes 255 against codes 32767 over 4096 channels)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 256, generator=g)
+    x[1, 17] = 500.0
+    x[2] = 0.0
+    check_codes_i16(LayerSpec(4, 128, False), 256, 4, 40, dtype, x.to(dtype))
+    layer, _ = make_layer(16, 4096, LayerSpec(8, -1, False), bias=False, seed=1)
+    layer.qweight.fill_(255)  # every code 255: the int32 lanes at their largest
+    layer.invalidate_kernels()
+    kernel = KERNELS.get("native_int8_i16")
+    x = torch.ones(1, 4096, dtype=dtype)
+    out = kernel.forward(layer, x, kernel.prepare(layer, CPU, dtype))
+    W = dequantize_weight(layer.qweight, layer.scales, layer.qzeros, layer.spec, 4096, torch.float32, None)
+    exact = x.double() @ W.double().t()
+    assert float(((out.double() - exact).abs() / exact.abs()).max()) < (1e-5 if dtype == torch.float32 else 8e-3)
+
+
+@needs_codes_i16
+def test_native_codes_i16_refusals():
+    with pytest.raises(ValueError, match="native codes_i16_gemv: bad operands"):  # nibbles in groups of 16
+        native.codes_i16_gemv(torch.zeros(2, 64), torch.zeros(8, 4, 8, dtype=torch.uint8), torch.ones(8, 4), None,
+                              None, torch.empty(2, 8), 1, 32.0)
+    with pytest.raises(ValueError, match="at most 8 rows"):
+        native.codes_i16_gemv(torch.zeros(9, 64), torch.zeros(8, 2, 16, dtype=torch.uint8), torch.ones(8, 2), None,
+                              None, torch.empty(9, 8), 1, 32.0)
+    layer, _ = make_layer(8, 64, LayerSpec(4, 16, False), bias=False)
+    assert not KERNELS.get("native_int4_i16").supports(layer, CPU, torch.bfloat16)  # groups of 16 nibbles
+
+
+def test_native_codes_i16_in_an_avx2_build(monkeypatch, rebuilt):
+    """The int16 kernel is AVX2 code: the AVX2-only build has it, with the same results."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 flags")
+    monkeypatch.setenv(native.ENV_CFLAGS, "-march=x86-64-v3")
+    assert native.has_codes_i16() and not native.has_codes_bf16()
+    for spec, in_f in (I16_SPECS[0], I16_SPECS[4], I16_SPECS[5]):
+        for dtype in (torch.float32, torch.bfloat16):
+            check_codes_i16(spec, in_f, 3, 37, dtype)
+
+
 @needs_native
 def test_native_codes_f32_refusals():
     layer, _ = make_layer(8, 64, LayerSpec(4, 16, False), bias=False)  # AVX-512: groups of 16 are too narrow

@@ -520,6 +520,57 @@ class NativeCodesKernel(Kernel):
         return out.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 
+class NativeI16Kernel(Kernel):
+    """Decoding on CPUs without AVX512-BF16 ("native_int4_i16", "native_int8_i16"; AVX2), in one native call
+    (`native.codes_i16_gemv`): each activation row written as int16 codes, x ~ s1 c1 (+ s2 c2), their products with
+    the weight codes exact in int32 (`vpmaddwd`), scaled once per group; the zero points through the fp32 group
+    sums of x, as `NativeCodesKernel` does. Converting every code to fp32 (`native_int4_f32`) leaves the AVX2 GEMV
+    compute-bound at about half the memory bandwidth; this does about half the vector work per weight.
+    Accuracy: one term leaves at most absmax / 65534 per element. fp32 activations always get the second term (the
+    residual's codes: ~absmax / 4.3e9, the fp32 kernels' level); 16-bit ones when a row's absmax is over
+    SECOND_TERM_RATIO x its rms (outlier features), so that no element's error passes ~5e-4 of its row's rms, below
+    the bf16 rounding of the reference's own weights (2^-9 relative). A measured candidate only, up to MAX_ROWS."""
+
+    measured = True
+    gguf = True
+    MAX_ROWS = native.I16_MAX_ROWS
+    SECOND_TERM_RATIO = 32.0
+
+    def __init__(self, name: str, nibbles: bool) -> None:
+        self.name, self.nibbles = name, nibbles
+
+    def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
+        bits = layer.spec.bits
+        gs = layer.spec.effective_group_size(layer.in_features)
+        return (device.type == "cpu" and dtype in _CPU_DTYPES and (bits <= 4) == self.nibbles and bits <= 8
+                and native.codes_i16_group_size_ok(gs, self.nibbles) and native.has_codes_i16())
+
+    def max_rows(self, dtype: torch.dtype) -> int | None:
+        return self.MAX_ROWS
+
+    def chosen(self, layer: Any, rows: int) -> bool:
+        return False  # only by measurement
+
+    def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
+        nibbles, packed, scale, zero, perm = grouped_codes(layer)
+        scale = scale.float().contiguous()
+        offset = (scale * zero.float()).t().contiguous()  # (G, N): the zero points' term = xsum @ offset
+        bias = None if layer.bias is None else layer.bias.float().contiguous()
+        return packed, scale, offset, bias, perm
+
+    def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
+        packed, scale, offset, bias, perm = prepared
+        x2 = _flatten(x)
+        if perm is not None:
+            x2 = x2.index_select(-1, perm)
+        x2 = x2.contiguous()
+        out = torch.empty(x2.shape[0], layer.out_features, dtype=x.dtype)
+        for r0 in range(0, x2.shape[0], self.MAX_ROWS):  # more rows (a forced kernel): blocks of MAX_ROWS
+            native.codes_i16_gemv(x2[r0:r0 + self.MAX_ROWS], packed, scale, offset, bias, out[r0:r0 + self.MAX_ROWS],
+                                  2 if x.dtype == torch.float32 else 1, self.SECOND_TERM_RATIO)
+        return out.reshape(*x.shape[:-1], layer.out_features)
+
+
 _SCRATCH = threading.local()
 
 
@@ -541,7 +592,8 @@ for _kernel in (Int4CpuKernel(), Int4x2CpuKernel(), Int8CpuKernel(), DequantTile
     if isinstance(_kernel, (DequantTilesKernel, _NativeDequant)):  # the prefill paths: fp32 GEMMs for bf16 models
         register_kernel(Fp32ActivationsKernel(_kernel))
 for _kernel in (NativeCodesKernel("native_int4_f32", True, torch.float32),
-                NativeCodesKernel("native_int8_f32", False, torch.float32)):
+                NativeCodesKernel("native_int8_f32", False, torch.float32),
+                NativeI16Kernel("native_int4_i16", True), NativeI16Kernel("native_int8_i16", False)):
     register_kernel(_kernel)  # exact in fp32 for every activation dtype: no bf16-cast variant
 
 from . import cpu_measure  # noqa: E402,F401  (the measured dispatch: installs itself in kernels.base)

@@ -160,7 +160,8 @@ int hfq_dequant_bytes(const uint8_t *codes, const float *scale, const float *zer
 
 /* ---------------------------------------------------------------------------------------------------
  * Capabilities of this build: bit 0 = hfq_codes_bf16_gemm is compiled (AVX-512 BW + BF16), bit 1 =
- * hfq_codes_f32_gemm is vectorized (AVX-512F, or AVX2 + FMA).
+ * hfq_codes_f32_gemm is vectorized (AVX-512F, or AVX2 + FMA), bit 2 = hfq_sign_gemm is vectorized, bit 3 =
+ * hfq_codes_i16_gemm is compiled (AVX2).
  */
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #define HFQ_F32_VEC 1
@@ -175,6 +176,9 @@ int hfq_caps(void) {
 #endif
 #if defined(__AVX512F__) || defined(__AVX2__)
     caps |= 4;  /* hfq_sign_gemm is vectorized */
+#endif
+#if defined(__AVX2__)
+    caps |= 8;  /* hfq_codes_i16_gemm is vectorized */
 #endif
     return caps;
 }
@@ -205,7 +209,7 @@ static void codes_gemm(const void *x, int64_t x_size, int64_t M, int64_t K, cons
             for (int m = 0; m < mb; m++) {
                 for (int t = 0; t < 1 + two; t++) {
                     const int64_t col = n + t, row = m0 + m;
-                    float v = (t ? r1[m] : r0[m]) - corr[row * N + col];
+                    float v = (t ? r1[m] : r0[m]) - (corr ? corr[row * N + col] : 0.0f);
                     if (bias) v += bias[col];
                     if (kind == 0) ((float *)out)[row * N + col] = v;
                     else ((uint16_t *)out)[row * N + col] = f32_to_bf16(v);
@@ -477,6 +481,107 @@ int hfq_codes_f32_gemm(const float *x, int64_t M, int64_t K, const uint8_t *pack
 }
 
 /* ---------------------------------------------------------------------------------------------------
+ * Weights of up to 8 bits x int16 activation codes, small M, fused, integer products: the decode GEMV of CPUs
+ * without AVX512-BF16 (AVX2), where converting every code to fp32 (hfq_codes_f32_gemm) is the limit, not memory.
+ * x here is int16 codes (M x K, the caller writes each float activation row as one or two terms s * code); per
+ * group g of gs channels: r[m, n] = sum_g scale[n, g] * sum_{k in g} xq[m, k] * q[n, k], the inner sums exact in
+ * int32 (vpmaddwd: two 16-bit products per 32-bit lane), flushed to fp32 often enough that they never overflow
+ * (a lane sums 1024 products of 15 x 32767 between flushes for nibbles, 128 of 255 x 32767 for bytes: < 2^31;
+ * codes in [-32767, 32767]). Same layouts as
+ * above: nibbles, 16 bytes = 16 low codes (channels j..j+15) and 16 high codes (channels gs/2 + j..), gs a
+ * multiple of 32; bytes, 16 codes of channels j..j+15, gs a multiple of 16. out = r - corr (+ bias): codes_gemm.
+ */
+#if defined(__AVX2__) && defined(HFQ_F32_VEC)
+#define HFQ_IMB 2
+static inline __m256 i16_flush(__m256i acc, __m256 f) { return _mm256_add_ps(f, _mm256_cvtepi32_ps(acc)); }
+static inline float i16_hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __attribute__((always_inline)) void codes_i16_rows(
+        const int16_t *x, int64_t ldx, const int mb, const int wide, const uint8_t *p0, const uint8_t *p1,
+        const float *s0, const float *s1, int64_t G, int64_t gs, float *r0, float *r1) {
+    __m256 t0[HFQ_IMB], t1[HFQ_IMB];
+    for (int m = 0; m < mb; m++) t0[m] = t1[m] = _mm256_setzero_ps();
+    const int64_t gbytes = wide ? gs : gs / 2, half = gs / 2;
+    const int64_t flush = wide ? 1024 : 4096;  /* bytes of codes between int32 -> fp32 flushes (see above) */
+    const __m256i low = _mm256_set1_epi16(15);
+    for (int64_t g = 0; g < G; g++) {
+        const uint8_t *q0 = p0 + g * gbytes, *q1 = p1 + g * gbytes;
+        const int16_t *xg = x + g * gs;
+        __m256 f0[HFQ_IMB], f1[HFQ_IMB];
+        for (int m = 0; m < mb; m++) f0[m] = f1[m] = _mm256_setzero_ps();
+        for (int64_t c = 0; c < gbytes; c += flush) {
+            const int64_t end = c + flush < gbytes ? c + flush : gbytes;
+            __m256i a0[HFQ_IMB], a1[HFQ_IMB];
+            for (int m = 0; m < mb; m++) a0[m] = a1[m] = _mm256_setzero_si256();
+            for (int64_t j = c; j < end; j += 16) {
+                if ((j & 63) == 0) {
+                    _mm_prefetch((const char *)(q0 + j) + 4096, _MM_HINT_T0);
+                    _mm_prefetch((const char *)(q1 + j) + 4096, _MM_HINT_T0);
+                }
+                const __m256i w0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(q0 + j)));
+                const __m256i w1 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(q1 + j)));
+                if (wide) {
+                    for (int m = 0; m < mb; m++) {
+                        const __m256i xv = _mm256_loadu_si256((const __m256i *)(xg + m * ldx + j));
+                        a0[m] = _mm256_add_epi32(a0[m], _mm256_madd_epi16(w0, xv));
+                        a1[m] = _mm256_add_epi32(a1[m], _mm256_madd_epi16(w1, xv));
+                    }
+                } else {
+                    const __m256i l0 = _mm256_and_si256(w0, low), h0 = _mm256_srli_epi16(w0, 4);
+                    const __m256i l1 = _mm256_and_si256(w1, low), h1 = _mm256_srli_epi16(w1, 4);
+                    for (int m = 0; m < mb; m++) {
+                        const int16_t *xm = xg + m * ldx + j;
+                        const __m256i xl = _mm256_loadu_si256((const __m256i *)xm);
+                        const __m256i xh = _mm256_loadu_si256((const __m256i *)(xm + half));
+                        a0[m] = _mm256_add_epi32(a0[m], _mm256_add_epi32(_mm256_madd_epi16(l0, xl), _mm256_madd_epi16(h0, xh)));
+                        a1[m] = _mm256_add_epi32(a1[m], _mm256_add_epi32(_mm256_madd_epi16(l1, xl), _mm256_madd_epi16(h1, xh)));
+                    }
+                }
+            }
+            for (int m = 0; m < mb; m++) f0[m] = i16_flush(a0[m], f0[m]), f1[m] = i16_flush(a1[m], f1[m]);
+        }
+        const __m256 sc0 = _mm256_set1_ps(s0[g]), sc1 = _mm256_set1_ps(s1[g]);
+        for (int m = 0; m < mb; m++) {
+            t0[m] = _mm256_fmadd_ps(f0[m], sc0, t0[m]);
+            t1[m] = _mm256_fmadd_ps(f1[m], sc1, t1[m]);
+        }
+    }
+    for (int m = 0; m < mb; m++) r0[m] = i16_hsum(t0[m]), r1[m] = i16_hsum(t1[m]);
+}
+
+static void codes_i16_block(const void *xv, int64_t ldx, int mb, int wide, const uint8_t *p0, const uint8_t *p1,
+                            const float *s0, const float *s1, int64_t G, int64_t gs, float *r0, float *r1) {
+    const int16_t *x = (const int16_t *)xv;
+    if (wide) {
+        if (mb == 1) codes_i16_rows(x, ldx, 1, 1, p0, p1, s0, s1, G, gs, r0, r1);
+        else codes_i16_rows(x, ldx, 2, 1, p0, p1, s0, s1, G, gs, r0, r1);
+    } else {
+        if (mb == 1) codes_i16_rows(x, ldx, 1, 0, p0, p1, s0, s1, G, gs, r0, r1);
+        else codes_i16_rows(x, ldx, 2, 0, p0, p1, s0, s1, G, gs, r0, r1);
+    }
+}
+#endif
+
+int hfq_codes_i16_gemm(const int16_t *x, int64_t M, int64_t K, const uint8_t *packed, const float *scale,
+                       const float *corr, const float *bias, void *out, int64_t N, int64_t G, int64_t gs, int kind,
+                       int wide, int nthreads) {
+#if defined(__AVX2__) && defined(HFQ_F32_VEC)
+    if (gs <= 0 || gs % (wide ? 16 : 32) != 0 || G * gs != K) return 2;
+    codes_gemm(x, 2, M, K, packed, scale, corr, bias, out, N, G, gs, kind, wide, nthreads, HFQ_IMB, codes_i16_block);
+    return 0;
+#else
+    (void)x; (void)M; (void)K; (void)packed; (void)scale; (void)corr; (void)bias; (void)out; (void)N; (void)G;
+    (void)gs; (void)kind; (void)wide; (void)nthreads;
+    return 1;
+#endif
+}
+
+/* ---------------------------------------------------------------------------------------------------
  * Per-token int8 quantization of activations with LLM.int8()'s outlier columns (kernels/int8.py,
  * bit-identical to runtime.activations.quantize_rows): x (M x K, row stride ldx) in fp32 / bf16 / fp16
  * (in_kind 0 / 1 / 2). A column is an outlier column when any |x| >= threshold in it (threshold > 0);
@@ -596,6 +701,100 @@ int64_t hfq_quant_tokens(const void *x, int64_t M, int64_t K, int64_t ldx, int i
     for (int64_t k = 0; k < K; k++)
         if (flags[k]) cols[n++] = k;
     return n;
+}
+
+/* The whole decode GEMV on the int16 kernel above, for M <= HFQ_I16_MAX_ROWS rows of x (fp32 / bf16 / fp16, kind
+ * x_kind, contiguous): each row written as int16 terms, c1 = round(x * 32767 / absmax) and, where `two` says so
+ * (2: always; 1: rows whose absmax passes ratio x their rms make every row take it), c2 of the residual; the
+ * per-group sums of x in fp32 for the zero points; then
+ *     out[m, n] = s1 r1[m, n] + s2 r2[m, n] - sum_g xsum[m, g] offset[g, n] + bias[n]
+ * in fp32 / bf16 / fp16 (out_kind), offset (G x N) = scale * zero or NULL. Returns 0, 1 (not built), 2 (bad group
+ * size), 3 (too many rows) or -1 (out of memory). */
+#define HFQ_I16_MAX_ROWS 8
+int hfq_codes_i16_gemv(const void *x, int x_kind, int64_t M, int64_t K, int two, float ratio, const uint8_t *packed,
+                       const float *scale, const float *offset, const float *bias, void *out, int out_kind, int64_t N,
+                       int64_t G, int64_t gs, int wide, int nthreads) {
+#if defined(__AVX2__) && defined(HFQ_F32_VEC)
+    if (gs <= 0 || gs % (wide ? 16 : 32) != 0 || G * gs != K) return 2;
+    if (M > HFQ_I16_MAX_ROWS) return 3;
+    if (M <= 0) return 0;
+    const int64_t esize = x_kind == 0 ? 4 : 2;
+    float *xf = (float *)malloc((size_t)(M * K) * sizeof(float));
+    int16_t *xq = (int16_t *)malloc((size_t)(2 * M * K) * sizeof(int16_t));
+    float *xsum = (float *)malloc((size_t)(M * G) * sizeof(float));
+    float *r = (float *)malloc((size_t)(2 * M * N) * sizeof(float));
+    float sc[2 * HFQ_I16_MAX_ROWS], amax[HFQ_I16_MAX_ROWS];
+    int rc = 0;
+    if (!xf || !xq || !xsum || !r) { rc = -1; goto done; }
+    int terms = two == 2 ? 2 : 1;
+    for (int64_t m = 0; m < M; m++) {
+        float *v = xf + m * K;
+        row_to_f32((const char *)x + m * K * esize, K, x_kind, v);
+        float a = 0.0f;
+        double ss = 0.0;
+        for (int64_t k = 0; k < K; k++) {
+            const float t = fabsf(v[k]);
+            a = t > a ? t : a;
+            ss += (double)v[k] * v[k];
+        }
+        amax[m] = a;
+        sc[m] = a / 32767.0f;
+        if (two == 1 && (double)a > ratio * sqrt(ss / (double)K)) terms = 2;
+        for (int64_t g = 0; g < G; g++) {
+            double t = 0.0;  /* the zero points' term is about zero / (q - zero) times the result: sum x exactly */
+            for (int64_t k = g * gs; k < (g + 1) * gs; k++) t += v[k];
+            xsum[m * G + g] = (float)t;
+        }
+    }
+    for (int64_t m = 0; m < M; m++) {
+        const float *v = xf + m * K;
+        const float mul = amax[m] > 0.0f ? 32767.0f / amax[m] : 0.0f;
+        int16_t *c = xq + m * K;
+        for (int64_t k = 0; k < K; k++) c[k] = (int16_t)nearbyintf(v[k] * mul);
+        if (terms == 2) {  /* the residual's codes: rows M.. of xq */
+            float a2 = 0.0f;
+            float *res = xf + m * K;  /* overwritten in place: x is not needed after */
+            for (int64_t k = 0; k < K; k++) {
+                res[k] = res[k] - (float)c[k] * sc[m];
+                const float t = fabsf(res[k]);
+                a2 = t > a2 ? t : a2;
+            }
+            sc[M + m] = a2 / 32767.0f;
+            const float mul2 = a2 > 0.0f ? 32767.0f / a2 : 0.0f;
+            int16_t *c2 = xq + (M + m) * K;
+            for (int64_t k = 0; k < K; k++) c2[k] = (int16_t)nearbyintf(res[k] * mul2);
+        }
+    }
+    codes_gemm(xq, 2, terms * M, K, packed, scale, NULL, NULL, r, N, G, gs, 0, wide, nthreads, HFQ_IMB,
+               codes_i16_block);
+    /* the epilogue in column chunks: each chunk's rows of offset are read contiguously, once per row of x */
+    const int64_t chunk = 512, chunks = (N + chunk - 1) / chunk;
+    if (M * N * G < (1 << 17)) nthreads = 1;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t n0 = c * chunk, nn = N - n0 < chunk ? N - n0 : chunk;
+        float t[512];
+        for (int64_t m = 0; m < M; m++) {
+            const float *r1 = r + m * N + n0, *r2 = r + (M + m) * N + n0;
+            for (int64_t j = 0; j < nn; j++) t[j] = sc[m] * r1[j] + (bias ? bias[n0 + j] : 0.0f);
+            if (terms == 2)
+                for (int64_t j = 0; j < nn; j++) t[j] += sc[M + m] * r2[j];
+            if (offset)
+                for (int64_t g = 0; g < G; g++) {
+                    const float xs = xsum[m * G + g], *o = offset + g * N + n0;
+                    for (int64_t j = 0; j < nn; j++) t[j] -= xs * o[j];
+                }
+            store_row(t, (char *)out + (m * N + n0) * out_size(out_kind), nn, out_kind);
+        }
+    }
+done:
+    free(xf); free(xq); free(xsum); free(r);
+    return rc;
+#else
+    (void)x; (void)x_kind; (void)M; (void)K; (void)two; (void)ratio; (void)packed; (void)scale; (void)offset;
+    (void)bias; (void)out; (void)out_kind; (void)N; (void)G; (void)gs; (void)wide; (void)nthreads;
+    return 1;
+#endif
 }
 
 /* x rounded to the activation type (kind 0 fp32, 1 bf16, 2 fp16) and back to fp32. */
