@@ -520,7 +520,7 @@ class NativeCodesKernel(Kernel):
         return out.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 
-class NativeI16Kernel(Kernel):
+class NativeI16Kernel(NativeCodesKernel):
     """Decoding on CPUs without AVX512-BF16 ("native_int4_i16", "native_int8_i16"; AVX2), in one native call
     (`native.codes_i16_gemv`): each activation row written as int16 codes, x ~ s1 c1 (+ s2 c2), their products with
     the weight codes exact in int32 (`vpmaddwd`), scaled once per group; the zero points through the fp32 group
@@ -531,32 +531,17 @@ class NativeI16Kernel(Kernel):
     SECOND_TERM_RATIO x its rms (outlier features), so that no element's error passes ~5e-4 of its row's rms, below
     the bf16 rounding of the reference's own weights (2^-9 relative). A measured candidate only, up to MAX_ROWS."""
 
-    measured = True
-    gguf = True
     MAX_ROWS = native.I16_MAX_ROWS
     SECOND_TERM_RATIO = 32.0
 
     def __init__(self, name: str, nibbles: bool) -> None:
-        self.name, self.nibbles = name, nibbles
+        super().__init__(name, nibbles, torch.float32)  # `prepare`: the fp32 kernels' layout (offset = scale * zero)
 
     def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
         bits = layer.spec.bits
         gs = layer.spec.effective_group_size(layer.in_features)
         return (device.type == "cpu" and dtype in _CPU_DTYPES and (bits <= 4) == self.nibbles and bits <= 8
                 and native.codes_i16_group_size_ok(gs, self.nibbles) and native.has_codes_i16())
-
-    def max_rows(self, dtype: torch.dtype) -> int | None:
-        return self.MAX_ROWS
-
-    def chosen(self, layer: Any, rows: int) -> bool:
-        return False  # only by measurement
-
-    def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
-        nibbles, packed, scale, zero, perm = grouped_codes(layer)
-        scale = scale.float().contiguous()
-        offset = (scale * zero.float()).t().contiguous()  # (G, N): the zero points' term = xsum @ offset
-        bias = None if layer.bias is None else layer.bias.float().contiguous()
-        return packed, scale, offset, bias, perm
 
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
         packed, scale, offset, bias, perm = prepared

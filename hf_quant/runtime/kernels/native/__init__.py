@@ -107,7 +107,7 @@ def _load() -> ctypes.CDLL:
         fn.argtypes, fn.restype = args, ctypes.c_int
     P, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.hfq_caps.argtypes, lib.hfq_caps.restype = [], INT
-    for fn in (lib.hfq_codes_bf16_gemm, lib.hfq_codes_f32_gemm, lib.hfq_codes_i16_gemm):
+    for fn in (lib.hfq_codes_bf16_gemm, lib.hfq_codes_f32_gemm):
         fn.argtypes, fn.restype = [P, I64, I64, P, P, P, P, P, I64, I64, I64, INT, INT, INT], INT
     lib.hfq_codes_i16_gemv.argtypes = [P, INT, I64, I64, INT, ctypes.c_float, P, P, P, P, P, INT, I64, I64, I64, INT,
                                        INT]
@@ -184,7 +184,7 @@ def dequantize_into(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 CAP_CODES_BF16 = 1  # hfq_codes_bf16_gemm compiled (AVX-512 BW + BF16)
 CAP_CODES_F32 = 2  # hfq_codes_f32_gemm vectorized (AVX-512F, or AVX2 + FMA)
 CAP_SIGN = 4  # hfq_sign_gemm vectorized (AVX-512F, or AVX2)
-CAP_CODES_I16 = 8  # hfq_codes_i16_gemm compiled (AVX2)
+CAP_CODES_I16 = 8  # hfq_codes_i16_gemv compiled (AVX2)
 # corr's offset per layout: bf16, nibbles 128 + q, bytes 16 (128 + high) + (128 + low) = u + 2176; fp32: q itself
 CODES_OFFSET = {(torch.bfloat16, True): 128.0, (torch.bfloat16, False): 2176.0,
                 (torch.float32, True): 0.0, (torch.float32, False): 0.0}
@@ -206,40 +206,12 @@ def has_codes_f32() -> bool:
 
 
 def has_codes_i16() -> bool:
-    """Whether the fused codes x int16 kernel (`codes_i16_gemm`, AVX2 integer products) is built for this CPU."""
+    """Whether the fused codes x int16 GEMV (`codes_i16_gemv`, AVX2 integer products) is built for this CPU."""
     return bool(_caps() & CAP_CODES_I16)
 
 
 def codes_i16_group_size_ok(gs: int, nibbles: bool) -> bool:
     return gs > 0 and gs % (32 if nibbles else 16) == 0
-
-
-def codes_i16_gemm(xq: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out (T, N) fp32 = sum_g scale[n, g] * sum_{k in g} xq[t, k] * q[n, k]: int16 activation codes xq (T, K) in
-    [-32767, 32767] times the raw codes q of `packed` ((N, G, gs/2) nibbles or (N, G, gs) bytes, as for
-    `codes_gemm`), the inner sums exact in int32. The caller scales the rows and subtracts the zero points."""
-    lib = library()
-    if lib is None or not has_codes_i16():
-        raise RuntimeError(f"native codes x int16 kernel unavailable: {unavailable_reason() or 'not built (AVX2 needed)'}")
-    T, K = xq.shape
-    N, G, width = packed.shape
-    nibbles = G * width * 2 == K
-    gs = 2 * width if nibbles else width
-    ok = (xq.dtype == torch.int16 and packed.dtype == torch.uint8 and scale.dtype == out.dtype == torch.float32
-          and tuple(scale.shape) == (N, G) and tuple(out.shape) == (T, N) and G * gs == K
-          and codes_i16_group_size_ok(gs, nibbles)
-          and all(t.is_contiguous() and t.device.type == "cpu" for t in (xq, packed, scale, out)))
-    if not ok:
-        raise ValueError(f"native codes_i16_gemm: bad operands xq {tuple(xq.shape)} {xq.dtype}, packed "
-                         f"{tuple(packed.shape)} {packed.dtype}, scale {tuple(scale.shape)}, out {tuple(out.shape)} "
-                         f"{out.dtype}: expected contiguous CPU tensors, xq int16 (T, K), packed uint8 (N, G, gs/2) "
-                         "nibbles (gs a multiple of 32) or (N, G, gs) bytes (gs a multiple of 16), scale fp32 (N, G), "
-                         "out fp32 (T, N)")
-    rc = lib.hfq_codes_i16_gemm(xq.data_ptr(), T, K, packed.data_ptr(), scale.data_ptr(), None, None, out.data_ptr(),
-                                N, G, gs, 0, int(not nibbles), max(1, torch.get_num_threads()))
-    if rc:
-        raise RuntimeError(f"native codes_i16_gemm failed (code {rc})")
-    return out
 
 
 I16_MAX_ROWS = 8  # HFQ_I16_MAX_ROWS
@@ -250,7 +222,7 @@ def codes_i16_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, o
     """out (M, N) fp32/bf16/fp16 = x (M, K) @ W.T + bias for M <= I16_MAX_ROWS, W[n, k] = (q - zero) * scale of
     `packed` (the `codes_gemm` layouts), all in one native call: each row of x (fp32/bf16/fp16, contiguous) written
     as int16 codes c1 = round(x * 32767 / absmax) and (two_terms 2: always; 1: when a row's absmax is over `ratio` x
-    its rms) the codes of the residual, their products with the codes exact in int32 (`codes_i16_gemm`), scaled per
+    its rms) the codes of the residual, their products with the codes exact in int32 (`vpmaddwd`), scaled per
     group, minus the zero points' term xsum (M, G) @ offset (offset (G, N) = scale * zero, fp32, or None)."""
     lib = library()
     if lib is None or not has_codes_i16():

@@ -161,7 +161,7 @@ int hfq_dequant_bytes(const uint8_t *codes, const float *scale, const float *zer
 /* ---------------------------------------------------------------------------------------------------
  * Capabilities of this build: bit 0 = hfq_codes_bf16_gemm is compiled (AVX-512 BW + BF16), bit 1 =
  * hfq_codes_f32_gemm is vectorized (AVX-512F, or AVX2 + FMA), bit 2 = hfq_sign_gemm is vectorized, bit 3 =
- * hfq_codes_i16_gemm is compiled (AVX2).
+ * hfq_codes_i16_gemv is compiled (AVX2).
  */
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #define HFQ_F32_VEC 1
@@ -178,7 +178,7 @@ int hfq_caps(void) {
     caps |= 4;  /* hfq_sign_gemm is vectorized */
 #endif
 #if defined(__AVX2__)
-    caps |= 8;  /* hfq_codes_i16_gemm is vectorized */
+    caps |= 8;  /* hfq_codes_i16_gemv is compiled */
 #endif
     return caps;
 }
@@ -483,13 +483,13 @@ int hfq_codes_f32_gemm(const float *x, int64_t M, int64_t K, const uint8_t *pack
 /* ---------------------------------------------------------------------------------------------------
  * Weights of up to 8 bits x int16 activation codes, small M, fused, integer products: the decode GEMV of CPUs
  * without AVX512-BF16 (AVX2), where converting every code to fp32 (hfq_codes_f32_gemm) is the limit, not memory.
- * x here is int16 codes (M x K, the caller writes each float activation row as one or two terms s * code); per
+ * x here is int16 codes (rows of terms: hfq_codes_i16_gemv below writes each float row as one or two s * code); per
  * group g of gs channels: r[m, n] = sum_g scale[n, g] * sum_{k in g} xq[m, k] * q[n, k], the inner sums exact in
  * int32 (vpmaddwd: two 16-bit products per 32-bit lane), flushed to fp32 often enough that they never overflow
  * (a lane sums 1024 products of 15 x 32767 between flushes for nibbles, 128 of 255 x 32767 for bytes: < 2^31;
  * codes in [-32767, 32767]). Same layouts as
  * above: nibbles, 16 bytes = 16 low codes (channels j..j+15) and 16 high codes (channels gs/2 + j..), gs a
- * multiple of 32; bytes, 16 codes of channels j..j+15, gs a multiple of 16. out = r - corr (+ bias): codes_gemm.
+ * multiple of 32; bytes, 16 codes of channels j..j+15, gs a multiple of 16. r through codes_gemm (no corr, no bias).
  */
 #if defined(__AVX2__) && defined(HFQ_F32_VEC)
 #define HFQ_IMB 2
@@ -566,20 +566,6 @@ static void codes_i16_block(const void *xv, int64_t ldx, int mb, int wide, const
     }
 }
 #endif
-
-int hfq_codes_i16_gemm(const int16_t *x, int64_t M, int64_t K, const uint8_t *packed, const float *scale,
-                       const float *corr, const float *bias, void *out, int64_t N, int64_t G, int64_t gs, int kind,
-                       int wide, int nthreads) {
-#if defined(__AVX2__) && defined(HFQ_F32_VEC)
-    if (gs <= 0 || gs % (wide ? 16 : 32) != 0 || G * gs != K) return 2;
-    codes_gemm(x, 2, M, K, packed, scale, corr, bias, out, N, G, gs, kind, wide, nthreads, HFQ_IMB, codes_i16_block);
-    return 0;
-#else
-    (void)x; (void)M; (void)K; (void)packed; (void)scale; (void)corr; (void)bias; (void)out; (void)N; (void)G;
-    (void)gs; (void)kind; (void)wide; (void)nthreads;
-    return 1;
-#endif
-}
 
 /* ---------------------------------------------------------------------------------------------------
  * Per-token int8 quantization of activations with LLM.int8()'s outlier columns (kernels/int8.py,
