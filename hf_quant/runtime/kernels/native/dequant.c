@@ -17,6 +17,14 @@
 #if defined(__AVX512F__) || defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#if defined(__AVX2__) || defined(__AVX512F__)
+static inline float hsum256(__m256 v) {  /* the sum of 8 floats */
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
 
 static inline uint16_t f32_to_bf16(float f) {
     uint32_t u;
@@ -390,12 +398,7 @@ static inline hfq_vf f_load(const float *p) { return _mm256_loadu_ps(p); }
 static inline hfq_vf f_fma(hfq_vf a, hfq_vf b, hfq_vf c) { return _mm256_fmadd_ps(a, b, c); }
 static inline hfq_vf f_add(hfq_vf a, hfq_vf b) { return _mm256_add_ps(a, b); }
 static inline hfq_vf f_mul(hfq_vf a, hfq_vf b) { return _mm256_mul_ps(a, b); }
-static inline float f_hsum(hfq_vf v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
+static inline float f_hsum(hfq_vf v) { return hsum256(v); }
 #endif
 
 static inline __attribute__((always_inline)) void codes_f32_rows(
@@ -494,13 +497,6 @@ int hfq_codes_f32_gemm(const float *x, int64_t M, int64_t K, const uint8_t *pack
 #if defined(__AVX2__) && defined(HFQ_F32_VEC)
 #define HFQ_IMB 2
 static inline __m256 i16_flush(__m256i acc, __m256 f) { return _mm256_add_ps(f, _mm256_cvtepi32_ps(acc)); }
-static inline float i16_hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 static inline __attribute__((always_inline)) void codes_i16_rows(
         const int16_t *x, int64_t ldx, const int mb, const int wide, const uint8_t *p0, const uint8_t *p1,
         const float *s0, const float *s1, int64_t G, int64_t gs, float *r0, float *r1) {
@@ -551,7 +547,7 @@ static inline __attribute__((always_inline)) void codes_i16_rows(
             t1[m] = _mm256_fmadd_ps(f1[m], sc1, t1[m]);
         }
     }
-    for (int m = 0; m < mb; m++) r0[m] = i16_hsum(t0[m]), r1[m] = i16_hsum(t1[m]);
+    for (int m = 0; m < mb; m++) r0[m] = hsum256(t0[m]), r1[m] = hsum256(t1[m]);
 }
 
 static void codes_i16_block(const void *xv, int64_t ldx, int mb, int wide, const uint8_t *p0, const uint8_t *p1,
