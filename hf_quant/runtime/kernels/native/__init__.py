@@ -380,49 +380,45 @@ _CODE_KINDS = {torch.int8: 0, torch.uint8: 1, torch.float32: 2}
 _FAKE_QUANT = 3  # hfq_quant_tokens' code_kind for the fake-quantized activations in x's own type
 
 
+def _quant_tokens(x2: torch.Tensor, threshold: float, codes: torch.Tensor, code_kind: int, who: str
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`hfq_quant_tokens` of x2 into `codes` (code_kind: `_CODE_KINDS` or `_FAKE_QUANT`): (fp32 absmax (M,),
+    outlier columns or None). x2 checked here: fp32/bf16/fp16 on the CPU, unit column stride."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"native CPU helpers unavailable: {unavailable_reason()}")
+    M, K = x2.shape
+    if x2.dtype not in _KIND or x2.device.type != "cpu" or (K > 1 and x2.stride(1) != 1):
+        raise ValueError(f"native {who}: x {tuple(x2.shape)} {x2.dtype} stride {x2.stride()}: expected a CPU "
+                         "fp32/bf16/fp16 matrix with unit column stride")
+    absmax = torch.empty(M, dtype=torch.float32)
+    flags, cols = torch.empty(K, dtype=torch.uint8), torch.empty(K, dtype=torch.int64)
+    n = lib.hfq_quant_tokens(x2.data_ptr(), M, K, x2.stride(0) if M > 1 else K, _KIND[x2.dtype], float(threshold),
+                             codes.data_ptr(), code_kind, absmax.data_ptr(), flags.data_ptr(), cols.data_ptr(),
+                             max(1, torch.get_num_threads()))
+    if n < 0:
+        raise MemoryError(f"native {who}: out of memory for a row buffer")
+    return absmax, (cols[:n] if n else None)
+
+
 def quantize_tokens(x2: torch.Tensor, threshold: float, code_dtype: torch.dtype
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(codes (M, K) int8 / uint8 (+128) / fp32 integers, fp32 absmax (M,), outlier columns or None) of
     x2 (M, K) fp32/bf16/fp16 with unit stride along K: LLM.int8()'s per-token quantization in one native
     pass pair, bit-identical to `kernels.int8.quantize_activations`."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError(f"native CPU helpers unavailable: {unavailable_reason()}")
-    M, K = x2.shape
-    if x2.dtype not in _KIND or x2.device.type != "cpu" or (K > 1 and x2.stride(1) != 1) or code_dtype not in _CODE_KINDS:
-        raise ValueError(f"native quantize_tokens: x {tuple(x2.shape)} {x2.dtype} stride {x2.stride()}, codes "
-                         f"{code_dtype}: expected a CPU fp32/bf16/fp16 matrix with unit column stride, codes int8, "
-                         "uint8 or fp32")
-    codes = torch.empty(M, K, dtype=code_dtype)
-    absmax = torch.empty(M, dtype=torch.float32)
-    flags, cols = torch.empty(K, dtype=torch.uint8), torch.empty(K, dtype=torch.int64)
-    n = lib.hfq_quant_tokens(x2.data_ptr(), M, K, x2.stride(0) if M > 1 else K, _KIND[x2.dtype], float(threshold),
-                             codes.data_ptr(), _CODE_KINDS[code_dtype], absmax.data_ptr(), flags.data_ptr(),
-                             cols.data_ptr(), max(1, torch.get_num_threads()))
-    if n < 0:
-        raise MemoryError("native quantize_tokens: out of memory for a row buffer")
-    return codes, absmax, (cols[:n] if n else None)
+    if code_dtype not in _CODE_KINDS:
+        raise ValueError(f"native quantize_tokens: codes {code_dtype}: expected int8, uint8 or fp32")
+    codes = torch.empty(*x2.shape, dtype=code_dtype)
+    absmax, cols = _quant_tokens(x2, threshold, codes, _CODE_KINDS[code_dtype], "quantize_tokens")
+    return codes, absmax, cols
 
 
 def fake_quantize_tokens(x2: torch.Tensor, threshold: float) -> torch.Tensor:
     """LLM.int8()'s per-token fake quantization of x2 (M, K) fp32/bf16/fp16 with unit column stride, in x2's dtype:
     codes * (absmax / 127) per row, the outlier columns (any |x| >= threshold) left as x, in one native pass pair,
     bit-identical to `runtime.activations.fake_quantize_int8_token`."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError(f"native CPU helpers unavailable: {unavailable_reason()}")
-    M, K = x2.shape
-    if x2.dtype not in _KIND or x2.device.type != "cpu" or (K > 1 and x2.stride(1) != 1):
-        raise ValueError(f"native fake_quantize_tokens: x {tuple(x2.shape)} {x2.dtype} stride {x2.stride()}: expected "
-                         "a CPU fp32/bf16/fp16 matrix with unit column stride")
-    out = torch.empty(M, K, dtype=x2.dtype)
-    absmax = torch.empty(M, dtype=torch.float32)
-    flags, cols = torch.empty(K, dtype=torch.uint8), torch.empty(K, dtype=torch.int64)
-    n = lib.hfq_quant_tokens(x2.data_ptr(), M, K, x2.stride(0) if M > 1 else K, _KIND[x2.dtype], float(threshold),
-                             out.data_ptr(), _FAKE_QUANT, absmax.data_ptr(), flags.data_ptr(), cols.data_ptr(),
-                             max(1, torch.get_num_threads()))
-    if n < 0:
-        raise MemoryError("native fake_quantize_tokens: out of memory for a row buffer")
+    out = torch.empty(*x2.shape, dtype=x2.dtype)
+    _quant_tokens(x2, threshold, out, _FAKE_QUANT, "fake_quantize_tokens")
     return out
 
 
