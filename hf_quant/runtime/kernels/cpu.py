@@ -488,9 +488,15 @@ class NativeCodesKernel(Kernel):
         bits = layer.spec.bits
         dtypes = (torch.bfloat16,) if self.compute == torch.bfloat16 else _CPU_DTYPES
         return (device.type == "cpu" and dtype in dtypes and (bits <= 4) == self.nibbles and bits <= 8
-                and native.codes_group_size_ok(layer.spec.effective_group_size(layer.in_features),  # GGUF: sub-block
-                                               self.nibbles, self.compute)
-                and (native.has_codes_bf16() if self.compute == torch.bfloat16 else native.has_codes_f32()))
+                and self.group_size_ok(layer.spec.effective_group_size(layer.in_features))  # GGUF: sub-block
+                and self.built())
+
+    def group_size_ok(self, gs: int) -> bool:
+        return native.codes_group_size_ok(gs, self.nibbles, self.compute)
+
+    def built(self) -> bool:
+        """The native kernel is compiled for this CPU."""
+        return native.has_codes_bf16() if self.compute == torch.bfloat16 else native.has_codes_f32()
 
     def max_rows(self, dtype: torch.dtype) -> int | None:
         return self.MAX_ROWS
@@ -537,11 +543,11 @@ class NativeI16Kernel(NativeCodesKernel):
     def __init__(self, name: str, nibbles: bool) -> None:
         super().__init__(name, nibbles, torch.float32)  # `prepare`: the fp32 kernels' layout (offset = scale * zero)
 
-    def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
-        bits = layer.spec.bits
-        gs = layer.spec.effective_group_size(layer.in_features)
-        return (device.type == "cpu" and dtype in _CPU_DTYPES and (bits <= 4) == self.nibbles and bits <= 8
-                and native.codes_i16_group_size_ok(gs, self.nibbles) and native.has_codes_i16())
+    def group_size_ok(self, gs: int) -> bool:
+        return native.codes_i16_group_size_ok(gs, self.nibbles)
+
+    def built(self) -> bool:
+        return native.has_codes_i16()
 
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
         packed, scale, offset, bias, perm = prepared

@@ -155,8 +155,7 @@ def quantize_activations(x2: torch.Tensor, threshold: float, offset: int = 0, as
 def fake_quantize_fast(x2: torch.Tensor, threshold: float) -> torch.Tensor:
     """`activations.fake_quantize_int8_token` of x2 (M, K), bit-identical: one native pass pair where the helpers
     are built (no intermediate codes), else through `quantize_activations`."""
-    M, K = x2.shape
-    if native.library() is not None and (K <= 1 or x2.stride(1) == 1):
+    if native.library() is not None and (x2.shape[1] <= 1 or x2.stride(1) == 1):
         return native.fake_quantize_tokens(x2, threshold)
     codes, absmax, cols = quantize_activations(x2, threshold)
     xq = codes.float().mul_((absmax / 127.0).unsqueeze(1))
@@ -418,10 +417,14 @@ class SplitInt8Kernel(Kernel):
     measured = True
     THIRD_TERM_RATIO = 16.0  # rows with absmax > this x rms get a third term (their 2-term error would pass ~1.4e-4)
 
+    def available(self) -> bool:
+        """The int8 GEMM of `gemm` exists in this torch."""
+        return _fbgemm_available()
+
     def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
         spec = layer.spec
         return (device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and spec.bits == 8
-                and spec.group_size == -1 and layer.g_idx is None and exact_int8_dot() and _fbgemm_available())
+                and spec.group_size == -1 and layer.g_idx is None and exact_int8_dot() and self.available())
 
     def chosen(self, layer: Any, rows: int) -> bool:
         return False
@@ -464,10 +467,8 @@ class SplitIntMmKernel(SplitInt8Kernel):
 
     name = "cpu_int8_split_intmm"
 
-    def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
-        spec = layer.spec
-        return (device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and spec.bits == 8
-                and spec.group_size == -1 and layer.g_idx is None and exact_int8_dot() and hasattr(torch, "_int_mm"))
+    def available(self) -> bool:
+        return hasattr(torch, "_int_mm")
 
     def pack(self, wq: torch.Tensor, ws: torch.Tensor) -> Any:
         return wq.contiguous(), ws
