@@ -713,15 +713,17 @@ int hfq_codes_i16_gemv(const void *x, int x_kind, int64_t M, int64_t K, int two,
         float *v = xf + m * K;
         row_to_f32((const char *)x + m * K * esize, K, x_kind, v);
         float a = 0.0f;
-        double ss = 0.0;
         for (int64_t k = 0; k < K; k++) {
             const float t = fabsf(v[k]);
             a = t > a ? t : a;
-            ss += (double)v[k] * v[k];
         }
         amax[m] = a;
         sc[m] = a / 32767.0f;
-        if (two == 1 && (double)a > ratio * sqrt(ss / (double)K)) terms = 2;
+        if (two == 1 && terms == 1) {  /* the rms decides only while every row so far takes one term */
+            double ss = 0.0;
+            for (int64_t k = 0; k < K; k++) ss += (double)v[k] * v[k];
+            if ((double)a > ratio * sqrt(ss / (double)K)) terms = 2;
+        }
         for (int64_t g = 0; g < G; g++) {
             double t = 0.0;  /* the zero points' term is about zero / (q - zero) times the result: sum x exactly */
             for (int64_t k = g * gs; k < (g + 1) * gs; k++) t += v[k];
