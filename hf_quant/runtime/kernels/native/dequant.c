@@ -199,24 +199,27 @@ typedef void (*hfq_rows_fn)(const void *x, int64_t ldx, int mb, int wide, const 
                             const float *s0, const float *s1, int64_t G, int64_t gs, float *r0, float *r1);
 
 /* out (M x N) = rows(x, W) - corr (+ bias), fp32 (kind 0) or bf16 (kind 1): weight rows in pairs over the
- * threads, activation rows in blocks of mb_max (<= HFQ_MB_MAX); x_size bytes per activation element. */
+ * threads, activation rows in blocks of mb_max (<= HFQ_MB_MAX); x_size bytes per activation element.
+ * A pair is rows n and n + ceil(N / 2), not two neighbours: two streams read side by side through the same pages
+ * defeat the hardware prefetchers (measured on Zen 4: two neighbouring 2 KB rows at a time stream at 23 GB/s, the
+ * same rows paired half a matrix apart at 48-58 GB/s, one row at a time at 54). */
 static void codes_gemm(const void *x, int64_t x_size, int64_t M, int64_t K, const uint8_t *packed, const float *scale,
                        const float *corr, const float *bias, void *out, int64_t N, int64_t G, int64_t gs, int kind,
                        int wide, int nthreads, int mb_max, hfq_rows_fn rows) {
     const int64_t row_bytes = wide ? K : K / 2, pairs = (N + 1) / 2;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t pr = 0; pr < pairs; pr++) {
-        const int64_t n = 2 * pr;
-        const int two = n + 1 < N;  /* an odd last row is computed twice, once discarded */
-        const uint8_t *p0 = packed + n * row_bytes, *p1 = two ? p0 + row_bytes : p0;
-        const float *s0 = scale + n * G, *s1 = two ? s0 + G : s0;
+        const int64_t n = pr, n1 = pr + pairs;
+        const int two = n1 < N;  /* an odd N's middle row is computed twice, once discarded */
+        const uint8_t *p0 = packed + n * row_bytes, *p1 = two ? packed + n1 * row_bytes : p0;
+        const float *s0 = scale + n * G, *s1 = two ? scale + n1 * G : s0;
         for (int64_t m0 = 0; m0 < M; m0 += mb_max) {
             const int mb = (int)(M - m0 < mb_max ? M - m0 : mb_max);
             float r0[HFQ_MB_MAX], r1[HFQ_MB_MAX];
             rows((const char *)x + m0 * K * x_size, K, mb, wide, p0, p1, s0, s1, G, gs, r0, r1);
             for (int m = 0; m < mb; m++) {
                 for (int t = 0; t < 1 + two; t++) {
-                    const int64_t col = n + t, row = m0 + m;
+                    const int64_t col = t ? n1 : n, row = m0 + m;
                     float v = (t ? r1[m] : r0[m]) - (corr ? corr[row * N + col] : 0.0f);
                     if (bias) v += bias[col];
                     if (kind == 0) ((float *)out)[row * N + col] = v;
@@ -248,7 +251,9 @@ static void codes_gemm(const void *x, int64_t x_size, int64_t M, int64_t K, cons
  */
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #define HFQ_MB 4
+#ifndef HFQ_PREFETCH
 #define HFQ_PREFETCH 16384 /* bytes ahead of the codes being read */
+#endif
 static inline __m512i codes_lo(__m512i w) {  /* (w & 15) | 0x4300 per 16-bit lane */
     return _mm512_ternarylogic_epi32(w, _mm512_set1_epi16(15), _mm512_set1_epi16(0x4300), 0xEA);
 }
@@ -366,7 +371,9 @@ int hfq_codes_bf16_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *
  * gs a multiple of 2 VW. Two weight rows and up to HFQ_FMB activation rows per pass.
  */
 #if defined(HFQ_F32_VEC)
+#ifndef HFQ_PREFETCH_F32
 #define HFQ_PREFETCH_F32 16384 /* bytes ahead of the codes being read */
+#endif
 #if defined(__AVX512F__)
 #define HFQ_VW 16
 #define HFQ_FMB 8
@@ -496,6 +503,9 @@ int hfq_codes_f32_gemm(const float *x, int64_t M, int64_t K, const uint8_t *pack
  */
 #if defined(__AVX2__) && defined(HFQ_F32_VEC)
 #define HFQ_IMB 2
+#ifndef HFQ_PREFETCH_I16
+#define HFQ_PREFETCH_I16 4096
+#endif
 static inline __m256 i16_flush(__m256i acc, __m256 f) { return _mm256_add_ps(f, _mm256_cvtepi32_ps(acc)); }
 static inline __attribute__((always_inline)) void codes_i16_rows(
         const int16_t *x, int64_t ldx, const int mb, const int wide, const uint8_t *p0, const uint8_t *p1,
@@ -516,8 +526,8 @@ static inline __attribute__((always_inline)) void codes_i16_rows(
             for (int m = 0; m < mb; m++) a0[m] = a1[m] = _mm256_setzero_si256();
             for (int64_t j = c; j < end; j += 16) {
                 if ((j & 63) == 0) {
-                    _mm_prefetch((const char *)(q0 + j) + 4096, _MM_HINT_T0);
-                    _mm_prefetch((const char *)(q1 + j) + 4096, _MM_HINT_T0);
+                    _mm_prefetch((const char *)(q0 + j) + HFQ_PREFETCH_I16, _MM_HINT_T0);
+                    _mm_prefetch((const char *)(q1 + j) + HFQ_PREFETCH_I16, _MM_HINT_T0);
                 }
                 const __m256i w0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(q0 + j)));
                 const __m256i w1 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(q1 + j)));
