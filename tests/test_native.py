@@ -275,13 +275,22 @@ I16_SPECS = [(LayerSpec(4, 128, False), 384), (LayerSpec(4, 32, True, True), 96)
              (LayerSpec(8, 128, False, True), 256), (LayerSpec(5, 64, False), 128)]
 
 
-def check_codes_i16(spec, in_f, rows, out_f, dtype, x=None):
+def check_codes_i16(spec, in_f, rows, out_f, dtype, x=None, sixteen_bit=False):
     """native_int{4,8}_i16 against x @ W.T with W unrounded in fp64: fp32 activations (two int16 terms) within the
     fp32 kernels' bound; 16-bit ones within one int16 step of each row's absmax per element (plus one rounding of
-    the output), or two steps where a row's absmax passes SECOND_TERM_RATIO x its rms."""
+    the output), or two steps where a row's absmax passes SECOND_TERM_RATIO x its rms. sixteen_bit: fp32 activations
+    through native_int{4,8}_i16_bf16 (the 16-bit rule, an fp32 output), a candidate only where bf16 is allowed."""
     layer, _ = make_layer(out_f, in_f, spec, bias=True, dtype=dtype, seed=rows + out_f)
-    kernel = KERNELS.get("native_int4_i16" if spec.bits <= 4 else "native_int8_i16")
-    assert kernel in cpu_measure.candidates(layer, CPU, dtype)
+    name = "native_int4_i16" if spec.bits <= 4 else "native_int8_i16"
+    if sixteen_bit:
+        assert dtype == torch.float32
+        kernel = KERNELS.get(name + "_bf16")
+        assert kernel in cpu_measure.candidates(layer, CPU, dtype, allow_bf16=True)
+        assert kernel not in cpu_measure.candidates(layer, CPU, dtype, allow_bf16=False)
+        assert not kernel.supports(layer, CPU, torch.bfloat16)
+    else:
+        kernel = KERNELS.get(name)
+        assert kernel in cpu_measure.candidates(layer, CPU, dtype)
     if x is None:
         x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows)).to(dtype)
     out = kernel.forward(layer, x, kernel.prepare(layer, CPU, dtype))
@@ -289,15 +298,15 @@ def check_codes_i16(spec, in_f, rows, out_f, dtype, x=None):
     exact = x.double() @ W.double().t() + layer.bias.double()
     assert out.dtype == dtype and out.shape == (rows, out_f)
     absw = W.double().abs().t()
-    if dtype == torch.float32:
+    if dtype == torch.float32 and not sixteen_bit:
         bound = 1e-5 * (x.double().abs() @ absw + layer.bias.double().abs())
         assert ((out.double() - exact).abs() <= bound).all()
     else:
-        eps = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+        eps = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -23}[dtype]
         step = x.double().abs().amax(dim=1, keepdim=True) / 65534  # half an int16 step of the row's absmax
         bound = step @ absw.sum(dim=0, keepdim=True) + 1e-5 * (x.double().abs() @ absw) + eps * exact.abs()
         assert ((out.double() - exact).abs() <= bound).all()
-    return out
+    return out, exact, absw
 
 
 @needs_codes_i16
@@ -314,10 +323,10 @@ def test_native_codes_i16_outlier_rows_zero_rows_and_extremes(dtype):
     """A row with a massive activation (absmax far above its rms: the second term), an all-zero row, and the
     largest sums the int32 lanes meet between flushes (8-bit codes 255 against codes 32767 over 4096 channels)."""
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(4, 256, generator=g)
-    x[1, 17] = 500.0
+    x = torch.randn(4, 2048, generator=g)
+    x[1, 17] = 500.0  # absmax / rms ~ 45 (it is at most sqrt(K): 2048 channels, so that it can pass 32)
     x[2] = 0.0
-    check_codes_i16(LayerSpec(4, 128, False), 256, 4, 40, dtype, x.to(dtype))
+    check_codes_i16(LayerSpec(4, 128, False), 2048, 4, 40, dtype, x.to(dtype))
     layer, _ = make_layer(16, 4096, LayerSpec(8, -1, False), bias=False, seed=1)
     layer.qweight.fill_(255)  # every code 255: the int32 lanes at their largest
     layer.invalidate_kernels()
@@ -327,6 +336,29 @@ def test_native_codes_i16_outlier_rows_zero_rows_and_extremes(dtype):
     W = dequantize_weight(layer.qweight, layer.scales, layer.qzeros, layer.spec, 4096, torch.float32, None)
     exact = x.double() @ W.double().t()
     assert float(((out.double() - exact).abs() / exact.abs()).max()) < (1e-5 if dtype == torch.float32 else 8e-3)
+
+
+@needs_codes_i16
+@pytest.mark.parametrize("spec,in_f", I16_SPECS)
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_native_codes_i16_bf16_rule_for_fp32_activations(spec, in_f, rows):
+    out = check_codes_i16(spec, in_f, rows, 37, torch.float32, sixteen_bit=True)[0]
+    two_terms = check_codes_i16(spec, in_f, rows, 37, torch.float32)[0]
+    assert not torch.equal(out, two_terms)  # one term, not the exact two-term product
+
+
+@needs_codes_i16
+def test_native_codes_i16_bf16_rule_takes_the_second_term_for_outlier_rows():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 2048, generator=g)
+    x[1, 17] = 500.0  # absmax ~ 45 x the rms (over SECOND_TERM_RATIO): this row's residual term too
+    out, exact, absw = check_codes_i16(LayerSpec(4, 128, False), 2048, 3, 40, torch.float32, x, sixteen_bit=True)
+    bound = 1e-5 * (x.double().abs() @ absw)  # the fp32 kernels' bound (without the bias)
+    assert ((out - exact).abs() <= bound).all()  # the outlier row makes every row take the second term
+    args = (LayerSpec(4, 128, False), 2048, 3, 40, torch.float32, x[[0, 2, 0]])
+    out, exact, _ = check_codes_i16(*args, sixteen_bit=True)  # without the outlier row: one term
+    two_terms = check_codes_i16(*args)[0]
+    assert (out - exact).abs().max() > 10 * (two_terms - exact).abs().max()
 
 
 @needs_codes_i16

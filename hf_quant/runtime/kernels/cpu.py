@@ -558,8 +558,29 @@ class NativeI16Kernel(NativeCodesKernel):
         out = torch.empty(x2.shape[0], layer.out_features, dtype=x.dtype)
         for r0 in range(0, x2.shape[0], self.MAX_ROWS):  # more rows (a forced kernel): blocks of MAX_ROWS
             native.codes_i16_gemv(x2[r0:r0 + self.MAX_ROWS], packed, scale, offset, bias, out[r0:r0 + self.MAX_ROWS],
-                                  2 if x.dtype == torch.float32 else 1, self.SECOND_TERM_RATIO)
+                                  self.terms(x.dtype), self.SECOND_TERM_RATIO)
         return out.reshape(*x.shape[:-1], layer.out_features)
+
+    def terms(self, dtype: torch.dtype) -> int:
+        """`codes_i16_gemv`'s two_terms: 2 (always) for fp32 activations, 1 (outlier rows only) for 16-bit ones."""
+        return 2 if dtype == torch.float32 else 1
+
+
+class NativeI16Bf16Kernel(NativeI16Kernel):
+    """fp32 activations through the int16 GEMV at 16-bit precision ("native_int4_i16_bf16", "native_int8_i16_bf16"):
+    the rule of bf16 activations (one int16 term, the residual's only for outlier rows), half the integer work of
+    the exact two-term product. Each element keeps at least bf16's precision relative to its row's rms (so its error
+    is at most that of casting x to bf16, and the output is not rounded to bf16), but it is not the fp32 product:
+    like the `_bf16` kernels a candidate only where bf16 compute is allowed for fp32 models (mode "measure_bf16", or
+    torch's fp32 matmul precision bf16)."""
+
+    casts_to_bf16 = True
+
+    def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
+        return dtype == torch.float32 and super().supports(layer, device, dtype)
+
+    def terms(self, dtype: torch.dtype) -> int:
+        return 1
 
 
 _SCRATCH = threading.local()
@@ -586,5 +607,7 @@ for _kernel in (NativeCodesKernel("native_int4_f32", True, torch.float32),
                 NativeCodesKernel("native_int8_f32", False, torch.float32),
                 NativeI16Kernel("native_int4_i16", True), NativeI16Kernel("native_int8_i16", False)):
     register_kernel(_kernel)  # exact in fp32 for every activation dtype: no bf16-cast variant
+for _kernel in (NativeI16Bf16Kernel("native_int4_i16_bf16", True), NativeI16Bf16Kernel("native_int8_i16_bf16", False)):
+    register_kernel(_kernel)  # the int16 GEMV's own 16-bit rule for fp32 activations (no cast)
 
 from . import cpu_measure  # noqa: E402,F401  (the measured dispatch: installs itself in kernels.base)
