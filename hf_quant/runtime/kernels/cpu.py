@@ -569,10 +569,10 @@ class NativeI16Kernel(NativeCodesKernel):
 class NativeI16Bf16Kernel(NativeI16Kernel):
     """fp32 activations through the int16 GEMV at 16-bit precision ("native_int4_i16_bf16", "native_int8_i16_bf16"):
     the rule of bf16 activations (one int16 term, the residual's only for outlier rows), half the integer work of
-    the exact two-term product. Each element keeps at least bf16's precision relative to its row's rms (so its error
-    is at most that of casting x to bf16, and the output is not rounded to bf16), but it is not the fp32 product:
-    like the `_bf16` kernels a candidate only where bf16 compute is allowed for fp32 models (mode "measure_bf16", or
-    torch's fp32 matmul precision bf16)."""
+    the exact two-term product. Each element's error is at most ~5e-4 of its row's rms (casting to bf16 moves an
+    element of rms size by up to 2e-3 of it, though small elements less), and the output is not rounded to bf16;
+    but it is not the fp32 product: like the `_bf16` kernels a candidate only where bf16 compute is allowed for fp32
+    models (mode "measure_bf16", or torch's fp32 matmul precision bf16)."""
 
     casts_to_bf16 = True
 
