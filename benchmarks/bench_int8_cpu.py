@@ -6,8 +6,8 @@ Columns: the copies in rotation, the float baselines (ms), then speed-ups of
   fixed dispatch and in the measured one (`HF_QUANT_CPU_DISPATCH=measure`; the kernel it took);
 - `llm_int8`: the dispatched kernel of a threshold-6 layer on inputs with ~0.5% outlier columns,
   and its time over w8a8's (the cost of the outlier decomposition);
-- candidates: `cpu_int8_fbgemm`, `cpu_int8_onednn`, `cpu_int8_intmm` and `cpu_int8_token_w8` (the registered
-  CPU kernels; `-` where the CPU has no exact int8 dot product for the first three), `torch._int_mm`
+- candidates: `cpu_int8_fbgemm`, `cpu_int8_onednn`, `cpu_int8_intmm`, `cpu_int8_native` and `cpu_int8_token_w8`
+  (the registered CPU kernels; `-` where the CPU has no exact int8 dot product for the first four), `torch._int_mm`
   (int8 GEMM only, no quantization), `_weight_int8pack_mm` bf16 (weight-only, float activations), and
   fbgemm's `quantized::linear_dynamic` (per-*tensor* activation scale; its relative deviation from
   the per-token oracle is printed too).
@@ -52,6 +52,7 @@ from hf_quant.runtime.kernels import int8 as I  # noqa: E402
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (in, out)
 ROWS = [1, 8, 64, 512]
 MAX_ROUNDS = 100  # interleaved rounds per row at most (each function keeps its fastest call)
+KERNEL_COLUMNS = ("cpu_int8_fbgemm", "cpu_int8_onednn", "cpu_int8_intmm", "cpu_int8_native", "cpu_int8_token_w8")
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 
 
@@ -158,7 +159,7 @@ def main() -> None:
                 fns = {"fp32": rotate(lambda c: F.linear(x, c.Wf)), "bf16": rotate(lambda c: F.linear(xb, c.Wb)),
                        "w8a8": rotate(lambda c: c.l0(xb)), "llm_int8": rotate(lambda c: c.l6(xob)),
                        "measured": forced(measured_name)}
-                for name in ("cpu_int8_fbgemm", "cpu_int8_onednn", "cpu_int8_intmm", "cpu_int8_token_w8"):
+                for name in KERNEL_COLUMNS:
                     if kernels.base.KERNELS.get(name).supports(l0, xb.device, xb.dtype):
                         fns[name] = forced(name)
                 if M >= 8 or not args.small:
@@ -176,8 +177,7 @@ def main() -> None:
             line += [f"{best / r['w8a8']:.2f}x", f"{best / r['measured']:.2f}x ({measured_name[9:]})",
                      f"{best / r['llm_int8']:.2f}x", f"{r['llm_int8'] / r['w8a8']:.2f}", str(n_out)]
             goals.append((M, best / r["w8a8"], r["llm_int8"] / r["w8a8"]))
-            for key in ("cpu_int8_fbgemm", "cpu_int8_onednn", "cpu_int8_intmm", "cpu_int8_token_w8", "_int_mm", "w8pack",
-                        "fbgemm"):
+            for key in (*KERNEL_COLUMNS, "_int_mm", "w8pack", "fbgemm"):
                 line.append("-" if key not in r else f"{best / r[key]:.2f}x")
             line.append(f"{dev:.1e}")
             rows.append(line)

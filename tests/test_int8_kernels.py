@@ -69,7 +69,8 @@ def test_per_token_codes_are_the_oracles_bit_for_bit(m, dtype, threshold, outlie
                 assert torch.equal(got_absmax, absmax)
 
 
-@pytest.mark.parametrize("name", ["cpu_int8_onednn", "cpu_int8_fbgemm", "cpu_int8_intmm", "cpu_int8_token_w8"])
+@pytest.mark.parametrize("name", ["cpu_int8_onednn", "cpu_int8_fbgemm", "cpu_int8_intmm", "cpu_int8_native",
+                                  "cpu_int8_token_w8"])
 @pytest.mark.parametrize("m,dtype,threshold,outliers,bias", CASES)
 def test_cpu_kernels_match_the_reference(name, m, dtype, threshold, outliers, bias):
     kernel = kernels.base.KERNELS.get(name)
@@ -89,7 +90,8 @@ def test_cpu_dispatch_picks_an_int8_kernel_for_llm_int8():
     for m in (1, 8, 100):
         x = torch.randn(m, 64, dtype=torch.bfloat16)
         name = kernels.select_kernel(layer, x).name
-        fast = "cpu_int8_fbgemm" if m <= I.FBGEMM_MAX_ROWS else "cpu_int8_onednn"
+        fast = "cpu_int8_fbgemm" if m <= I.FBGEMM_MAX_ROWS else \
+            "cpu_int8_native" if I.NATIVE.supports(layer, x.device, x.dtype) else "cpu_int8_onednn"
         assert name == (fast if I.exact_int8_dot() else "cpu_int8_token_w8"), name
     assert kernels.select_kernel(layer, torch.randn(3, 64)).name != "reference"
 
@@ -190,7 +192,7 @@ def _split_inputs(m, in_f, dtype, kind, seed):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("sym,bias", [(True, False), (False, True)])
 @pytest.mark.parametrize("kind", ["plain", "outlier_cols", "massive"])
-@pytest.mark.parametrize("name", ["cpu_int8_split", "cpu_int8_split_intmm"])
+@pytest.mark.parametrize("name", ["cpu_int8_split", "cpu_int8_split_intmm", "cpu_int8_split_native"])
 def test_split_int8_weight_only_kernel_is_as_close_as_float(m, dtype, sym, bias, kind, name):
     """cpu_int8_split (8-bit weight-only on the int8 GEMM, activations as 2-3 int8 terms; fbgemm's GEMM, or
     `torch._int_mm`'s): against the float64 product of the same weights, no worse than the reference kernel's
@@ -212,8 +214,9 @@ def test_split_int8_weight_only_kernel_is_as_close_as_float(m, dtype, sym, bias,
 
 @pytest.mark.parametrize("t,k,n", [(1, 256, 48), (6, 4096, 80), (130, 512, 33)])
 def test_split_gemms_agree(t, k, n):
-    """The fbgemm and `torch._int_mm` GEMMs of the split kernels: the same exact int32 products times the
-    row scales, so the same fp32 numbers up to the rounding of that one multiply."""
+    """The fbgemm, `torch._int_mm` and native GEMMs of the split kernels: the same exact int32 products times the
+    row scales, so the same fp32 numbers up to the rounding of that one multiply (and, where int32 sums pass
+    2**24, of their conversion to fp32)."""
     g = torch.Generator().manual_seed(t)
     wq = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     ws = torch.rand(n, generator=g) * 0.01 + 1e-4
@@ -221,7 +224,9 @@ def test_split_gemms_agree(t, k, n):
     if not (I.exact_int8_dot() and I._fbgemm_available() and hasattr(torch, "_int_mm")):
         pytest.skip("no exact int8 GEMM on this CPU")
     exact = (codes.double() @ wq.double().t()) * ws.double()
-    for kernel in (I.SPLIT, I.SPLIT_INTMM):
+    for kernel in (I.SPLIT, I.SPLIT_INTMM, I.SPLIT_NATIVE):
+        if not kernel.available():
+            continue
         z = kernel.gemm(codes, kernel.pack(wq, ws))
         assert z.dtype == torch.float32 and z.shape == (t, n)
         assert float(((z.double() - exact).abs() / exact.abs().clamp_min(1e-30)).max()) < 2e-7, kernel.name
@@ -259,15 +264,16 @@ def test_split_kernel_is_only_a_measured_candidate():
     names32_bf16 = {k.name for k in cpu_measure.candidates(layer, torch.device("cpu"), torch.float32, allow_bf16=True)}
     assert "cpu_int8_split" not in names32 and "cpu_int8_split_bf16" not in names32
     assert not any(n.startswith("cpu_int8_split") for n in names32)
-    for kernel in (I.SPLIT, I.SPLIT_INTMM):
+    for kernel in (I.SPLIT, I.SPLIT_INTMM, I.SPLIT_NATIVE):
         assert (kernel.name in names) == (kernel.name + "_bf16" in names32_bf16) == kernel.supports(
             layer, torch.device("cpu"), torch.bfloat16)
         grouped, _ = make_layer(32, 128, LayerSpec(8, 64, True, False), False)
         assert not kernel.supports(grouped, torch.device("cpu"), torch.bfloat16)
 
 
-@pytest.mark.parametrize("name", ["cpu_int8_fbgemm", "cpu_int8_onednn", "cpu_int8_intmm", "cpu_int8_token_w8",
-                                  "cpu_int8_split", "cpu_int8_split_intmm"])
+@pytest.mark.parametrize("name", ["cpu_int8_fbgemm", "cpu_int8_onednn", "cpu_int8_intmm", "cpu_int8_native",
+                                  "cpu_int8_token_w8", "cpu_int8_split", "cpu_int8_split_intmm",
+                                  "cpu_int8_split_native"])
 def test_cpu_int8_kernels_take_empty_inputs(name):
     """No rows (an empty batch): an empty output of the right shape, as the reference gives."""
     from .test_kernels import make_layer
@@ -281,8 +287,9 @@ def test_cpu_int8_kernels_take_empty_inputs(name):
     assert out.shape == (2, 0, 32) and out.dtype == x.dtype
 
 
-@pytest.mark.parametrize("name", ["cpu_int8_fbgemm", "cpu_int8_onednn", "cpu_int8_intmm", "cpu_int8_token_w8",
-                                  "cpu_int8_split", "cpu_int8_split_intmm"])
+@pytest.mark.parametrize("name", ["cpu_int8_fbgemm", "cpu_int8_onednn", "cpu_int8_intmm", "cpu_int8_native",
+                                  "cpu_int8_token_w8", "cpu_int8_split", "cpu_int8_split_intmm",
+                                  "cpu_int8_split_native"])
 @pytest.mark.parametrize("m", [5, 1200])  # one fused pass set, and row chunks
 def test_cpu_int8_kernels_take_strided_inputs(name, m):
     """A transposed (non-contiguous) activation view gives the reference's result."""
@@ -322,7 +329,7 @@ def test_bitnet_ternary_layers_run_on_the_int8_kernels(m, dtype):
     assert set(wq.unique().tolist()) <= {-1, 0, 1} and torch.equal(ws, layer.scales.float()[:, 0])
     x = inputs(m, 96, dtype, False, seed=m + 3)
     ran = []
-    for name in ("cpu_int8_onednn", "cpu_int8_fbgemm", "cpu_int8_intmm", "cpu_int8_token_w8"):
+    for name in ("cpu_int8_onednn", "cpu_int8_fbgemm", "cpu_int8_intmm", "cpu_int8_native", "cpu_int8_token_w8"):
         kernel = kernels.base.KERNELS.get(name)
         if kernel.supports(layer, x.device, dtype):
             with kernels.use_kernel(name):

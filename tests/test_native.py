@@ -507,3 +507,98 @@ def test_native_finish_tokens(dtype):
         native.finish_tokens(y, absmax, None, dtype, (x[:, :3], weights.wq_t, cols, ws))
     with pytest.raises(ValueError, match="native finish_tokens: expected"):  # cached rows of the wrong columns
         native.finish_tokens(y, absmax, None, dtype, (x, weights.wq_t, cols, ws), weights.get(cols[:2], dtype))
+
+
+needs_int8_gemm = pytest.mark.skipif(not native.has_int8_gemm(), reason="native int8 GEMM needs AVX-512 VNNI")
+
+
+def _int8_operands(M, K, N, seed=0, full_range=False):
+    g = torch.Generator().manual_seed(seed)
+    lo = -128 if full_range else -127
+    wq = torch.randint(lo, 128, (N, K), dtype=torch.int8, generator=g)
+    codes = torch.randint(0, 256, (M, K), dtype=torch.uint8, generator=g)
+    ws = torch.rand(N, generator=g) * 0.01 + 1e-4
+    return wq, codes, ws
+
+
+@needs_int8_gemm
+@pytest.mark.parametrize("M", [1, 5, 6, 7, 13, 64])  # tiles of 6 rows and every remainder
+@pytest.mark.parametrize("K,N", [(4, 1), (96, 40), (100, 130), (1024, 64), (256, 1000)])  # blocks of 64 and tails
+def test_native_int8_gemm_is_exact_in_int32(M, K, N):
+    """acc - 128 * rowsum(w) equals the int64 product of the signed codes exactly (checked where it fits fp32's
+    24-bit mantissa: the product times ws is then one fp32 rounding), for every tile remainder and column tail."""
+    wq, codes, ws = _int8_operands(M, K, N, seed=M * 7 + N, full_range=True)
+    p = native.int8_pack(wq)
+    assert p.packed.numel() == -(-N // 64) * 64 * K and p.comp.numel() == -(-N // 64) * 64
+    assert torch.equal(p.comp[:N], 128 * wq.long().sum(1).int()) and not p.comp[N:].any()
+    exact = (codes.long() - 128) @ wq.long().t()
+    ones = torch.ones(N)
+    y = native.int8_gemm(codes, p, ones)
+    assert y.dtype == torch.float32 and y.shape == (M, N)
+    assert torch.equal(y.double(), exact.double().float().double())  # the exact int32 sum, rounded once to fp32
+    y = native.int8_gemm(codes, p, ws)
+    assert torch.equal(y, exact.float() * ws)
+
+
+@needs_int8_gemm
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_native_int8_gemm_fused_epilogue_is_finish_tokens_bit_for_bit(dtype):
+    """With absmax the GEMM applies finish_tokens' row scale, bias and cast in its own pass: the same bytes as
+    finish_tokens of its fp32 output, with and without bias, a strided activation view included."""
+    M, K, N = 20, 128, 200
+    wq, codes, ws = _int8_operands(M, K, N, seed=3)
+    g = torch.Generator().manual_seed(4)
+    absmax, bias = torch.rand(M, generator=g) * 5, torch.randn(N, generator=g)
+    absmax[2] = 0.0  # an all-zero row
+    p = native.int8_pack(wq)
+    y = native.int8_gemm(codes, p, ws)
+    for b in (None, bias):
+        fused = native.int8_gemm(codes, p, ws, absmax, b, dtype)
+        assert fused.dtype == dtype and torch.equal(fused, native.finish_tokens(y, absmax, b, dtype))
+    wide = torch.zeros(M, K + 12, dtype=torch.uint8)
+    wide[:, :K] = codes
+    assert torch.equal(native.int8_gemm(wide[:, :K], p, ws), y)  # a row stride other than K
+
+
+@needs_int8_gemm
+def test_native_int8_gemm_many_rows_and_threads(monkeypatch):
+    """More rows than one tile pass and the threads splitting the column blocks give the exact product."""
+    M, K, N = 300, 2048, 200
+    wq, codes, ws = _int8_operands(M, K, N, seed=5)
+    exact = ((codes.long() - 128) @ wq.long().t()).double()
+    for threads in (1, 2):
+        monkeypatch.setattr(torch, "get_num_threads", lambda t=threads: t)
+        y = native.int8_gemm(codes, native.int8_pack(wq), torch.ones(N))
+        assert torch.equal(y.double(), exact.float().double())
+
+
+@needs_int8_gemm
+def test_native_int8_gemm_refusals():
+    wq, codes, ws = _int8_operands(3, 96, 40)
+    p = native.int8_pack(wq)
+    with pytest.raises(ValueError, match="K a positive multiple of 4"):
+        native.int8_pack(torch.zeros(8, 6, dtype=torch.int8))
+    with pytest.raises(ValueError, match="K a positive multiple of 4"):
+        native.int8_pack(torch.zeros(8, 8))
+    with pytest.raises(ValueError, match="native int8_gemm: bad operands"):
+        native.int8_gemm(codes.to(torch.int8), p, ws)  # signed codes: the GEMM takes codes + 128
+    with pytest.raises(ValueError, match="native int8_gemm: bad operands"):
+        native.int8_gemm(codes[:, :64], p, ws)  # K of another weight
+    with pytest.raises(ValueError, match="native int8_gemm: bad operands"):
+        native.int8_gemm(codes, p, ws, dtype=torch.bfloat16)  # a 16-bit output needs the fused epilogue
+    assert native.int8_gemm(codes[:0], p, ws).shape == (0, 40)
+
+
+@needs_native
+def test_a_build_without_vnni_has_no_int8_gemm(monkeypatch, rebuilt):
+    import platform
+
+    from hf_quant.runtime.kernels import int8
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 flags")
+    monkeypatch.setenv(native.ENV_CFLAGS, "-march=x86-64-v3")
+    assert native.library() is not None and not native.has_int8_gemm()
+    assert not int8.NATIVE.available() and not int8.SPLIT_NATIVE.available()
+    with pytest.raises(RuntimeError, match="AVX-512 VNNI needed"):
+        native.int8_pack(torch.zeros(8, 8, dtype=torch.int8))

@@ -29,6 +29,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -121,6 +122,10 @@ def _load() -> ctypes.CDLL:
     lib.hfq_sign_gemm.argtypes = [P, I64, I64, I64, INT, P, P, P, P, I64, I64, I64, INT, P, INT]
     lib.hfq_sign_gemm.restype = INT
     lib.hfq_sign_dequant.argtypes, lib.hfq_sign_dequant.restype = [P, P, P, I64, I64, I64, INT, INT], INT
+    lib.hfq_int8_packed_bytes.argtypes, lib.hfq_int8_packed_bytes.restype = [I64, I64], I64
+    lib.hfq_int8_pack.argtypes, lib.hfq_int8_pack.restype = [P, I64, I64, P, P, INT], INT
+    lib.hfq_int8_gemm.argtypes = [P, I64, I64, I64, P, I64, P, P, P, P, P, I64, INT, INT]
+    lib.hfq_int8_gemm.restype = INT
     return lib
 
 
@@ -185,6 +190,7 @@ CAP_CODES_BF16 = 1  # hfq_codes_bf16_gemm compiled (AVX-512 BW + BF16)
 CAP_CODES_F32 = 2  # hfq_codes_f32_gemm vectorized (AVX-512F, or AVX2 + FMA)
 CAP_SIGN = 4  # hfq_sign_gemm vectorized (AVX-512F, or AVX2)
 CAP_CODES_I16 = 8  # hfq_codes_i16_gemv compiled (AVX2)
+CAP_INT8 = 16  # hfq_int8_gemm compiled (AVX-512 VNNI)
 # corr's offset per layout: bf16, nibbles 128 + q, bytes 16 (128 + high) + (128 + low) = u + 2176; fp32: q itself
 CODES_OFFSET = {(torch.bfloat16, True): 128.0, (torch.bfloat16, False): 2176.0,
                 (torch.float32, True): 0.0, (torch.float32, False): 0.0}
@@ -251,6 +257,71 @@ def codes_i16_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, o
         raise MemoryError("native codes_i16_gemv: out of memory for its buffers")
     if rc:
         raise RuntimeError(f"native codes_i16_gemv failed (code {rc})")
+    return out
+
+
+def has_int8_gemm() -> bool:
+    """Whether the exact int8 GEMM (`int8_gemm`, AVX-512 VNNI) is built for this CPU."""
+    return bool(_caps() & CAP_INT8)
+
+
+class Int8Packed(NamedTuple):
+    """An int8 weight (N, K) in `int8_gemm`'s layout: `packed` (blocks of 64 rows, each (K/4, 64, 4) bytes),
+    `comp` int32 = 128 * the row sums of the codes (the term of the activations' +128 offset)."""
+    packed: torch.Tensor
+    comp: torch.Tensor
+    n: int
+    k: int
+
+
+def int8_pack(wq: torch.Tensor) -> Int8Packed:
+    """wq (N, K) int8 codes, K a multiple of 4, in `int8_gemm`'s layout (built once per layer at prepare)."""
+    lib = library()
+    if lib is None or not has_int8_gemm():
+        raise RuntimeError(f"native int8 GEMM unavailable: {unavailable_reason() or 'not built (AVX-512 VNNI needed)'}")
+    if not (wq.dtype == torch.int8 and wq.dim() == 2 and wq.shape[1] % 4 == 0 and wq.numel() > 0
+            and wq.device.type == "cpu"):
+        raise ValueError(f"native int8_pack: weight {tuple(wq.shape)} {wq.dtype}: expected CPU int8 (N, K) with K a "
+                         "positive multiple of 4")
+    wq = wq.contiguous()
+    N, K = wq.shape
+    packed = torch.empty(lib.hfq_int8_packed_bytes(N, K), dtype=torch.int8)
+    comp = torch.empty(packed.numel() // K, dtype=torch.int32)
+    if lib.hfq_int8_pack(wq.data_ptr(), N, K, packed.data_ptr(), comp.data_ptr(), max(1, torch.get_num_threads())):
+        raise RuntimeError("native int8_pack failed")
+    return Int8Packed(packed, comp, N, K)
+
+
+def int8_gemm(codes: torch.Tensor, w: Int8Packed, ws: torch.Tensor, absmax: torch.Tensor | None = None,
+              bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """codes (M, K) uint8 (the per-token codes + 128, unit column stride) times the packed int8 weight, exact in
+    int32, times the row scales ws (N,) fp32: fp32 (M, N) (`fbgemm_int8_mm`'s contract). With `absmax` (M,) fp32
+    the epilogue of `finish_tokens` without outliers follows in the same pass (* absmax / 127 per row, + bias),
+    in `dtype`: bit-identical to `finish_tokens` of the fp32 result."""
+    lib = library()
+    if lib is None or not has_int8_gemm():
+        raise RuntimeError(f"native int8 GEMM unavailable: {unavailable_reason() or 'not built (AVX-512 VNNI needed)'}")
+    M, K = codes.shape
+    N = w.n
+    ok = (codes.dtype == torch.uint8 and K == w.k and (K <= 1 or codes.stride(1) == 1) and ws.dtype == torch.float32
+          and ws.shape == (N,) and ws.is_contiguous() and dtype in _KIND
+          and (absmax is None or (absmax.dtype == torch.float32 and absmax.shape == (M,) and absmax.is_contiguous()))
+          and (bias is None or (absmax is not None and bias.dtype == torch.float32 and bias.shape == (N,)
+                                and bias.is_contiguous()))
+          and (absmax is not None or dtype == torch.float32))
+    if not ok:
+        raise ValueError(f"native int8_gemm: bad operands codes {tuple(codes.shape)} {codes.dtype}, ws "
+                         f"{tuple(ws.shape)} {ws.dtype}, dtype {dtype}: expected uint8 codes (M, {w.k}) with unit "
+                         f"column stride, ws / bias fp32 ({N},), absmax fp32 (M,) (needed for bias or a dtype other "
+                         "than fp32)")
+    out = torch.empty(M, N, dtype=dtype)
+    if M == 0:
+        return out
+    if lib.hfq_int8_gemm(codes.data_ptr(), M, K, codes.stride(0) if M > 1 else K, w.packed.data_ptr(), N,
+                         w.comp.data_ptr(), ws.data_ptr(), None if absmax is None else absmax.data_ptr(),
+                         None if bias is None else bias.data_ptr(), out.data_ptr(), N, _KIND[dtype],
+                         max(1, torch.get_num_threads())):
+        raise RuntimeError("native int8_gemm failed")
     return out
 
 

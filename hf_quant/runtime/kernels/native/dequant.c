@@ -169,7 +169,7 @@ int hfq_dequant_bytes(const uint8_t *codes, const float *scale, const float *zer
 /* ---------------------------------------------------------------------------------------------------
  * Capabilities of this build: bit 0 = hfq_codes_bf16_gemm is compiled (AVX-512 BW + BF16), bit 1 =
  * hfq_codes_f32_gemm is vectorized (AVX-512F, or AVX2 + FMA), bit 2 = hfq_sign_gemm is vectorized, bit 3 =
- * hfq_codes_i16_gemv is compiled (AVX2).
+ * hfq_codes_i16_gemv is compiled (AVX2), bit 4 = hfq_int8_gemm is compiled (AVX-512 VNNI).
  */
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #define HFQ_F32_VEC 1
@@ -187,6 +187,9 @@ int hfq_caps(void) {
 #endif
 #if defined(__AVX2__)
     caps |= 8;  /* hfq_codes_i16_gemv is compiled */
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
+    caps |= 16;  /* hfq_int8_gemm is compiled (HFQ_I8) */
 #endif
     return caps;
 }
@@ -1190,4 +1193,166 @@ int hfq_sign_dequant(const uint8_t *bits, const float *scale, void *out, int64_t
         free(buf);
     }
     return failed;
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * Exact int8 GEMM for the int8_token scheme (LLM.int8 / dynamic W8A8), AVX-512 VNNI (`vpdpbusd`: 64
+ * u8 x s8 products per instruction, summed in fours into int32 lanes, no saturation).
+ *     acc[m, n] = sum_k a[m, k] * w[n, k],   a = the per-token codes + 128 (uint8), w = int8 codes,
+ * so acc - comp[n] with comp[n] = 128 * sum_k w[n, k] is the exact int32 product of the signed codes.
+ * Packed weight (hfq_int8_pack): blocks of HFQ_I8_NR = 64 output rows, each (K/4, 64, 4) bytes: the four
+ * codes k..k+3 of each row side by side, so one 64-byte load holds 16 rows' four codes and one k step of a
+ * block is 256 contiguous bytes; rows past N are zero. Microkernel: HFQ_I8_MR = 6 rows of a x 64 columns in
+ * 24 zmm accumulators over the whole of K (the block's panel, K * 64 bytes, stays in L2 while the rows of a
+ * pass over it), named variables (gcc spills an array of vectors to the stack). Work: blocks of columns over
+ * the threads, each running all rows of a (in chunks of HFQ_I8_A_BYTES, by default in effect one: each byte of
+ * a serves 64 products per block, so re-reading a per block costs ~2 GB/s per core even from memory, where
+ * re-reading the weight per chunk of 4 MiB cost 1-4% at 512 x 11008). The first tile of a block reads its
+ * panel from memory (prefetch HFQ_I8_PREFETCH_FAR ahead), the others from L2 (HFQ_I8_PREFETCH).
+ * Epilogue (per tile, from registers): y = float(acc - comp) * ws[n]; without absmax y is written as fp32
+ * (out_kind 0); with absmax, hfq_finish_tokens' arithmetic follows in the same pass: y * (absmax[m] / 127)
+ * (+ bias[n], one fma as there), rounded once to out_kind.
+ */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
+#define HFQ_I8 1
+#define HFQ_I8_NR 64
+#define HFQ_I8_MR 6
+#ifndef HFQ_I8_A_BYTES
+#define HFQ_I8_A_BYTES (1 << 30)
+#endif
+#ifndef HFQ_I8_PREFETCH
+#define HFQ_I8_PREFETCH 1024 /* bytes ahead in the weight panel, while it comes from L2 */
+#endif
+#ifndef HFQ_I8_PREFETCH_FAR
+#define HFQ_I8_PREFETCH_FAR 16384 /* the same for the panel's first tile, which reads it from memory */
+#endif
+
+typedef struct {
+    const int32_t *comp;
+    const float *ws, *absmax, *bias;
+    void *out;
+    int64_t ldo, N;
+    int kind;
+} hfq_i8_epi;
+
+static inline void i8_store(__m512i acc, const hfq_i8_epi *e, int64_t m, int64_t n) {
+    if (n >= e->N) return;
+    __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc, _mm512_loadu_si512(e->comp + n))),
+                             _mm512_loadu_ps(e->ws + n));
+    if (e->absmax) {
+        const __m512 sx = _mm512_set1_ps(e->absmax[m] / 127.0f);
+        y = e->bias ? _mm512_fmadd_ps(y, sx, _mm512_loadu_ps(e->bias + n)) : _mm512_mul_ps(y, sx);
+    }
+    if (n + 16 <= e->N) {
+        put16(y, e->out, m * e->ldo + n, e->kind);
+    } else {
+        float t[16];
+        _mm512_storeu_ps(t, y);
+        store_row(t, (char *)e->out + (m * e->ldo + n) * out_size(e->kind), e->N - n, e->kind);
+    }
+}
+
+#define HFQ_I8_DECL(i) __m512i c##i##0 = _mm512_setzero_si512(), c##i##1 = c##i##0, c##i##2 = c##i##0, c##i##3 = c##i##0;
+#define HFQ_I8_STEP(i) if (mr > i) { \
+    const __m512i av = _mm512_set1_epi32(*(const int32_t *)(a + i * lda + k)); \
+    c##i##0 = _mm512_dpbusd_epi32(c##i##0, av, b0); c##i##1 = _mm512_dpbusd_epi32(c##i##1, av, b1); \
+    c##i##2 = _mm512_dpbusd_epi32(c##i##2, av, b2); c##i##3 = _mm512_dpbusd_epi32(c##i##3, av, b3); }
+#define HFQ_I8_STORE(i) if (mr > i) { i8_store(c##i##0, e, m0 + i, n0); i8_store(c##i##1, e, m0 + i, n0 + 16); \
+    i8_store(c##i##2, e, m0 + i, n0 + 32); i8_store(c##i##3, e, m0 + i, n0 + 48); }
+
+static inline __attribute__((always_inline)) void i8_tile(const int mr, const uint8_t *a, int64_t lda,
+                                                          const int8_t *b, int64_t K, const hfq_i8_epi *e,
+                                                          int64_t m0, int64_t n0, int64_t pf) {
+    HFQ_I8_DECL(0) HFQ_I8_DECL(1) HFQ_I8_DECL(2) HFQ_I8_DECL(3) HFQ_I8_DECL(4) HFQ_I8_DECL(5)
+    for (int64_t k = 0; k < K; k += 4) {
+        const int8_t *bp = b + k * HFQ_I8_NR;
+        const __m512i b0 = _mm512_loadu_si512(bp), b1 = _mm512_loadu_si512(bp + 64),
+                      b2 = _mm512_loadu_si512(bp + 128), b3 = _mm512_loadu_si512(bp + 192);
+        _mm_prefetch((const char *)(bp + pf), _MM_HINT_T0);
+        HFQ_I8_STEP(0) HFQ_I8_STEP(1) HFQ_I8_STEP(2) HFQ_I8_STEP(3) HFQ_I8_STEP(4) HFQ_I8_STEP(5)
+    }
+    HFQ_I8_STORE(0) HFQ_I8_STORE(1) HFQ_I8_STORE(2) HFQ_I8_STORE(3) HFQ_I8_STORE(4) HFQ_I8_STORE(5)
+}
+
+#define HFQ_I8_TILE(n) static __attribute__((noinline)) void i8_tile##n(const uint8_t *a, int64_t lda, \
+    const int8_t *b, int64_t K, const hfq_i8_epi *e, int64_t m0, int64_t n0, int64_t pf) { \
+    i8_tile(n, a, lda, b, K, e, m0, n0, pf); }
+HFQ_I8_TILE(1) HFQ_I8_TILE(2) HFQ_I8_TILE(3) HFQ_I8_TILE(4) HFQ_I8_TILE(5) HFQ_I8_TILE(6)
+typedef void (*hfq_i8_tile_fn)(const uint8_t *, int64_t, const int8_t *, int64_t, const hfq_i8_epi *, int64_t,
+                               int64_t, int64_t);
+static const hfq_i8_tile_fn HFQ_I8_TILES[HFQ_I8_MR + 1] = {NULL, i8_tile1, i8_tile2, i8_tile3, i8_tile4,
+                                                           i8_tile5, i8_tile6};
+#endif
+
+/* Bytes of hfq_int8_pack's output for an N x K weight (K a multiple of 4); 0 where this build has no int8 GEMM. */
+int64_t hfq_int8_packed_bytes(int64_t N, int64_t K) {
+#if defined(HFQ_I8)
+    return (N + HFQ_I8_NR - 1) / HFQ_I8_NR * HFQ_I8_NR * K;
+#else
+    (void)N; (void)K;
+    return 0;
+#endif
+}
+
+/* w (N x K int8, contiguous) into the packed layout above, and comp[n] = 128 * sum_k w[n, k] for n < N (comp
+ * holds ceil(N/64) * 64 entries, zero past N). Returns 1 (nothing written) if K is not a multiple of 4 or this
+ * build has no int8 GEMM. */
+int hfq_int8_pack(const int8_t *w, int64_t N, int64_t K, int8_t *out, int32_t *comp, int nthreads) {
+#if defined(HFQ_I8)
+    if (K % 4 || K <= 0 || N <= 0) return 1;
+    const int64_t blocks = (N + HFQ_I8_NR - 1) / HFQ_I8_NR;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t nb = 0; nb < blocks; nb++) {
+        int8_t *o = out + nb * HFQ_I8_NR * K;
+        for (int64_t j = 0; j < HFQ_I8_NR; j++) {
+            const int64_t n = nb * HFQ_I8_NR + j;
+            int64_t s = 0;
+            for (int64_t k = 0; k < K; k += 4)
+                for (int q = 0; q < 4; q++) {
+                    const int8_t v = n < N ? w[n * K + k + q] : 0;
+                    o[k * HFQ_I8_NR + j * 4 + q] = v;
+                    s += v;
+                }
+            comp[n] = (int32_t)(128 * s);
+        }
+    }
+    return 0;
+#else
+    (void)w; (void)N; (void)K; (void)out; (void)comp; (void)nthreads;
+    return 1;
+#endif
+}
+
+/* out (M x N, row stride ldo) from a (M x K uint8 codes + 128, row stride lda) and the packed weight: see the
+ * section's comment. absmax NULL: out fp32 (M, N) = (acc - comp) * ws. Else the fused epilogue in out_kind.
+ * Returns 1 (nothing written) if K is not a multiple of 4 or this build has no int8 GEMM. */
+int hfq_int8_gemm(const uint8_t *a, int64_t M, int64_t K, int64_t lda, const int8_t *packed, int64_t N,
+                  const int32_t *comp, const float *ws, const float *absmax, const float *bias, void *out,
+                  int64_t ldo, int out_kind, int nthreads) {
+#if defined(HFQ_I8)
+    if (K % 4 || K <= 0 || (!absmax && out_kind != 0)) return 1;
+    const hfq_i8_epi e = {comp, ws, absmax, bias, out, ldo, N, out_kind};
+    const int64_t blocks = (N + HFQ_I8_NR - 1) / HFQ_I8_NR;
+    int64_t chunk = HFQ_I8_A_BYTES / K / HFQ_I8_MR * HFQ_I8_MR;
+    if (chunk < HFQ_I8_MR) chunk = HFQ_I8_MR;
+    if (M * N * K < (1 << 21)) nthreads = 1;
+#pragma omp parallel num_threads(nthreads)
+    for (int64_t c0 = 0; c0 < M; c0 += chunk) {
+        const int64_t c1 = M - c0 < chunk ? M : c0 + chunk;
+#pragma omp for schedule(static)
+        for (int64_t nb = 0; nb < blocks; nb++) {
+            const int8_t *b = packed + nb * HFQ_I8_NR * K;
+            for (int64_t m = c0; m < c1; m += HFQ_I8_MR) {
+                const int mr = c1 - m < HFQ_I8_MR ? (int)(c1 - m) : HFQ_I8_MR;
+                HFQ_I8_TILES[mr](a + m * lda, lda, b, K, &e, m, nb * HFQ_I8_NR,
+                                 m == c0 ? HFQ_I8_PREFETCH_FAR : HFQ_I8_PREFETCH);
+            }
+        }
+    }
+    return 0;
+#else
+    (void)a; (void)M; (void)K; (void)lda; (void)packed; (void)N; (void)comp; (void)ws; (void)absmax; (void)bias;
+    (void)out; (void)ldo; (void)out_kind; (void)nthreads;
+    return 1;
+#endif
 }
