@@ -117,8 +117,8 @@ def main() -> None:
                          "; cold weights: copies called in rotation, more than twice the last-level cache")
     print(head, flush=True)
     cols = ["shape (in x out)", "M", "copies", "fp32 ms", "bf16 ms", "w8a8", "w8a8 measured", "llm_int8",
-            "llm_int8 / w8a8 time", "outl cols", "fbgemm", "onednn", "intmm", "token_w8", "_int_mm", "w8pack bf16",
-            "fbgemm dyn", "fbgemm dev"]
+            "llm_int8 / w8a8 time", "outl cols", "fbgemm", "onednn", "intmm", "native", "token_w8", "_int_mm",
+            "w8pack bf16", "fbgemm dyn", "fbgemm dev"]
     goals = []  # (M, w8a8 x float, llm_int8 time / w8a8 time)
     rows = []
     print(" | ".join(cols), flush=True)

@@ -90,8 +90,8 @@ def test_cpu_dispatch_picks_an_int8_kernel_for_llm_int8():
     for m in (1, 8, 100):
         x = torch.randn(m, 64, dtype=torch.bfloat16)
         name = kernels.select_kernel(layer, x).name
-        fast = "cpu_int8_fbgemm" if m <= I.FBGEMM_MAX_ROWS else \
-            "cpu_int8_native" if I.NATIVE.supports(layer, x.device, x.dtype) else "cpu_int8_onednn"
+        fast = "cpu_int8_native" if I.NATIVE.supports(layer, x.device, x.dtype) else \
+            "cpu_int8_fbgemm" if m <= I.FBGEMM_MAX_ROWS else "cpu_int8_onednn"
         assert name == (fast if I.exact_int8_dot() else "cpu_int8_token_w8"), name
     assert kernels.select_kernel(layer, torch.randn(3, 64)).name != "reference"
 

@@ -544,7 +544,10 @@ def test_native_int8_gemm_is_exact_in_int32(M, K, N):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_native_int8_gemm_fused_epilogue_is_finish_tokens_bit_for_bit(dtype):
     """With absmax the GEMM applies finish_tokens' row scale, bias and cast in its own pass: the same bytes as
-    finish_tokens of its fp32 output, with and without bias, a strided activation view included."""
+    finish_tokens of its fp32 output, with and without bias and outlier columns, a strided activation view
+    included."""
+    from hf_quant.runtime.kernels import int8
+
     M, K, N = 20, 128, 200
     wq, codes, ws = _int8_operands(M, K, N, seed=3)
     g = torch.Generator().manual_seed(4)
@@ -552,9 +555,16 @@ def test_native_int8_gemm_fused_epilogue_is_finish_tokens_bit_for_bit(dtype):
     absmax[2] = 0.0  # an all-zero row
     p = native.int8_pack(wq)
     y = native.int8_gemm(codes, p, ws)
+    x = (torch.randn(M, K, generator=g) * 4).to(dtype)
+    cols = torch.tensor([3, 17, 99])
+    w_cols = int8.OutlierWeights(wq.t().contiguous(), ws).get(cols, dtype)
     for b in (None, bias):
         fused = native.int8_gemm(codes, p, ws, absmax, b, dtype)
         assert fused.dtype == dtype and torch.equal(fused, native.finish_tokens(y, absmax, b, dtype))
+        fused = native.int8_gemm(codes, p, ws, absmax, b, dtype, (x.index_select(1, cols).float(), w_cols))
+        want = native.finish_tokens(y, absmax, b, dtype, (x, wq.t().contiguous(), cols, ws), w_cols)
+        assert torch.equal(fused, want)
+        assert not torch.equal(fused, native.int8_gemm(codes, p, ws, absmax, b, dtype))  # the outliers count
     wide = torch.zeros(M, K + 12, dtype=torch.uint8)
     wide[:, :K] = codes
     assert torch.equal(native.int8_gemm(wide[:, :K], p, ws), y)  # a row stride other than K
@@ -586,6 +596,8 @@ def test_native_int8_gemm_refusals():
         native.int8_gemm(codes[:, :64], p, ws)  # K of another weight
     with pytest.raises(ValueError, match="native int8_gemm: bad operands"):
         native.int8_gemm(codes, p, ws, dtype=torch.bfloat16)  # a 16-bit output needs the fused epilogue
+    with pytest.raises(ValueError, match="native int8_gemm: bad operands"):
+        native.int8_gemm(codes, p, ws, torch.ones(3), None, torch.float32, (torch.ones(3, 2), torch.ones(3, 40)))
     assert native.int8_gemm(codes[:0], p, ws).shape == (0, 40)
 
 

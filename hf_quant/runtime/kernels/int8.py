@@ -9,8 +9,14 @@ absmax, the outlier columns' codes zero; `quantize_tokens` below is bit-identica
 the only differences are float rounding: ~3e-7 relative in fp32, bf16/fp16 rounding of the
 reference's own GEMM otherwise.
 
-CPU, three exact int8 GEMMs behind one epilogue (`finish_tokens`); the third, `cpu_int8_intmm`
-(`torch._int_mm`, fastest at M >= 64 on a 16-core AMX Xeon), is only a measured candidate:
+CPU, four exact int8 GEMMs behind one epilogue (`finish_tokens`). The fixed choice where the native helpers are
+built with AVX-512 VNNI is hf_quant's own, `cpu_int8_native` (`native.int8_gemm`: 6 x 64 register tiles of
+`vpdpbusd`, the weight packed once per layer, the epilogue fused into the GEMM when a call has no outlier
+columns). On a 2-core Zen 4 its GEMM runs at 98% of the VNNI peak (one `vpdpbusd` per cycle per core: 64
+products, twice a `vdpbf16ps`'s; mixing in `vpmaddwd` lowers the rate, measured), where oneDNN's reaches ~90%:
+W8A8 2.0-2.05x bf16 `F.linear` at M = 512 (oneDNN's kernel 1.92-1.98x), 2.2-2.3x at M = 64, and at M = 1 it is as
+fast as fbgemm's GEMV or faster (its first tile per weight panel prefetches 16 KiB ahead). The others
+(`cpu_int8_intmm`, `torch._int_mm`, fastest at M >= 64 on a 16-core AMX Xeon, is only a measured candidate):
 - `cpu_int8_onednn`: oneDNN's int8 GEMM `torch.ops.onednn.qlinear_pointwise`, weights prepacked
   once (`onednn.qlinear_prepack`), activations passed as uint8 codes + 128 with x_scale=1 and zero
   point 128 and the per-channel weight scales, fp32 out;
@@ -21,7 +27,7 @@ CPU, three exact int8 GEMMs behind one epilogue (`finish_tokens`); the third, `c
   VNNI/bf16, no AMX), weights cold, it ran M=1 at 2.3-2.7x the best float path where oneDNN ran
   1.7-2.0x (benchmarks/bench_int8_cpu.py; warm caches flatter both, 3.5-5x vs 2.5-3.6x).
 In both, the per-token scale, outlier product and bias are applied after, so they are exact per
-token (no per-tensor activation scale anywhere). The fixed dispatch takes fbgemm up to
+token (no per-tensor activation scale anywhere). Without the native int8 GEMM the fixed dispatch takes fbgemm up to
 FBGEMM_MAX_ROWS rows and oneDNN above (oneDNN's GEMM is 5-15% faster at M >= 64 on that CPU);
 the measured dispatch (`cpu_measure.py`, mode "measure") times both per layer shape and row class.
 Inputs of at most CHUNK_ELEMS elements are quantized by one fused set of passes
@@ -369,9 +375,9 @@ class IntMmInt8Kernel(_ExactInt8Kernel):
 class NativeInt8Kernel(_ExactInt8Kernel):
     """CPU W8A8 on hf_quant's own exact int8 GEMM (`native.int8_gemm`, AVX-512 VNNI: 6 x 64 tiles in registers,
     the weight packed once per layer): the per-token codes + 128 as uint8, the offset's term subtracted in int32,
-    and without outlier columns the whole epilogue (column scale, row scale, bias, cast) in the GEMM's own
-    pass; with outlier columns fp32 out, then `finish_tokens`. On a 2-core Zen 4 its GEMM alone runs at 98%
-    of the VNNI peak (917 GOP/s at M = 512), 1.08x oneDNN's and 1.16x `torch._int_mm` there."""
+    and the whole epilogue (column scale, row scale, bias, the outlier columns' product from the cached W_hat rows,
+    the cast) in the GEMM's own pass, the same bytes as `finish_tokens`. On a 2-core Zen 4 its GEMM alone runs at
+    98% of the VNNI peak (917 GOP/s at M = 512), 1.08x oneDNN's and 1.16x `torch._int_mm` there."""
 
     name = "cpu_int8_native"
     priority = 32
@@ -382,12 +388,6 @@ class NativeInt8Kernel(_ExactInt8Kernel):
     def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
         return super().supports(layer, device, dtype) and layer.in_features % 4 == 0
 
-    def row_cuts(self, dtype: torch.dtype) -> tuple[int, ...]:
-        return (FBGEMM_MAX_ROWS,)
-
-    def chosen(self, layer: Any, rows: int) -> bool:
-        return rows > FBGEMM_MAX_ROWS  # the fixed order: fbgemm's GEMV below; the measured dispatch times every M
-
     def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
         wq, ws, outliers, bias = self.epilogue_parts(layer)
         return native.int8_pack(wq), ws, outliers, bias
@@ -397,9 +397,10 @@ class NativeInt8Kernel(_ExactInt8Kernel):
         t = threshold_of(layer)
         x2 = x.reshape(-1, x.shape[-1])
         codes, absmax, cols = quantize_activations(x2, t, offset=128)
-        if cols is None:  # the fused epilogue: bit-identical to finish_tokens of the fp32 product
-            return native.int8_gemm(codes, packed, ws, absmax, bias, x.dtype).reshape(*x.shape[:-1], ws.shape[0])
-        return finish_tokens(native.int8_gemm(codes, packed, ws), absmax, bias, x, x2, cols, outliers)
+        extra = None if cols is None else (x2.index_select(1, cols).float(), outliers.get(cols, x.dtype))
+        # the fused epilogue, outlier columns included: the same bytes as finish_tokens of the fp32 product
+        y = native.int8_gemm(codes, packed, ws, absmax, bias, x.dtype, extra)
+        return y.reshape(*x.shape[:-1], ws.shape[0])
 
 
 class TokenW8Kernel(Kernel):

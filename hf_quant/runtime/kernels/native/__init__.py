@@ -13,8 +13,10 @@ kernels that use it are not candidates (the reason: `unavailable_reason()`).
 Also here: `sign_gemm` (1-bit sign codes x fp32 / bf16 / fp16 activations by masked fp32 adds, no multiplies
 in the inner loop: AVX-512F or AVX2 builds, `has_sign()`) and `sign_dequantize_into` (the 1-bit weight as
 +-scale/2), `codes_gemm` (codes of up to 8 bits x bf16 or fp32 activations fused, no dequantized weight:
-AVX512-BF16 builds for bf16, `has_codes_bf16()`; AVX-512F or AVX2 + FMA builds for fp32, `has_codes_f32()`), and LLM.int8()'s per-token activation quantization (`quantize_tokens`,
-bit-identical to the torch path of kernels/int8.py) and its epilogue (`finish_tokens`).
+AVX512-BF16 builds for bf16, `has_codes_bf16()`; AVX-512F or AVX2 + FMA builds for fp32, `has_codes_f32()`),
+LLM.int8()'s per-token activation quantization (`quantize_tokens`, bit-identical to the torch path of
+kernels/int8.py) and its epilogue (`finish_tokens`), and an exact int8 GEMM (`int8_pack` / `int8_gemm`: uint8
+codes + 128 x int8 weights in int32 by AVX-512 VNNI, the epilogue optionally fused; `has_int8_gemm()`).
 """
 
 from __future__ import annotations
@@ -124,7 +126,7 @@ def _load() -> ctypes.CDLL:
     lib.hfq_sign_dequant.argtypes, lib.hfq_sign_dequant.restype = [P, P, P, I64, I64, I64, INT, INT], INT
     lib.hfq_int8_packed_bytes.argtypes, lib.hfq_int8_packed_bytes.restype = [I64, I64], I64
     lib.hfq_int8_pack.argtypes, lib.hfq_int8_pack.restype = [P, I64, I64, P, P, INT], INT
-    lib.hfq_int8_gemm.argtypes = [P, I64, I64, I64, P, I64, P, P, P, P, P, I64, INT, INT]
+    lib.hfq_int8_gemm.argtypes = [P, I64, I64, I64, P, I64, P, P, P, P, P, P, I64, P, I64, INT, INT]
     lib.hfq_int8_gemm.restype = INT
     return lib
 
@@ -293,33 +295,41 @@ def int8_pack(wq: torch.Tensor) -> Int8Packed:
 
 
 def int8_gemm(codes: torch.Tensor, w: Int8Packed, ws: torch.Tensor, absmax: torch.Tensor | None = None,
-              bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+              bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
+              outliers: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """codes (M, K) uint8 (the per-token codes + 128, unit column stride) times the packed int8 weight, exact in
     int32, times the row scales ws (N,) fp32: fp32 (M, N) (`fbgemm_int8_mm`'s contract). With `absmax` (M,) fp32
-    the epilogue of `finish_tokens` without outliers follows in the same pass (* absmax / 127 per row, + bias),
-    in `dtype`: bit-identical to `finish_tokens` of the fp32 result."""
+    the epilogue of `finish_tokens` follows in the same pass (* absmax / 127 per row, + bias, + with `outliers` =
+    (xo (M, n) fp32: the activations of the outlier columns, w_cols (n, N) fp32: W_hat's rows of them) their
+    product), in `dtype`: the same bytes as `finish_tokens` of the fp32 result."""
     lib = library()
     if lib is None or not has_int8_gemm():
         raise RuntimeError(f"native int8 GEMM unavailable: {unavailable_reason() or 'not built (AVX-512 VNNI needed)'}")
     M, K = codes.shape
     N = w.n
+    xo, wc = outliers if outliers is not None else (None, None)
+    n_out = 0 if xo is None else xo.shape[1]
     ok = (codes.dtype == torch.uint8 and K == w.k and (K <= 1 or codes.stride(1) == 1) and ws.dtype == torch.float32
           and ws.shape == (N,) and ws.is_contiguous() and dtype in _KIND
           and (absmax is None or (absmax.dtype == torch.float32 and absmax.shape == (M,) and absmax.is_contiguous()))
           and (bias is None or (absmax is not None and bias.dtype == torch.float32 and bias.shape == (N,)
                                 and bias.is_contiguous()))
-          and (absmax is not None or dtype == torch.float32))
+          and (absmax is not None or (dtype == torch.float32 and outliers is None))
+          and (outliers is None or (xo.dtype == wc.dtype == torch.float32 and xo.dim() == wc.dim() == 2
+                                    and xo.shape[0] == M and tuple(wc.shape) == (n_out, N)
+                                    and xo.is_contiguous() and wc.is_contiguous())))
     if not ok:
         raise ValueError(f"native int8_gemm: bad operands codes {tuple(codes.shape)} {codes.dtype}, ws "
                          f"{tuple(ws.shape)} {ws.dtype}, dtype {dtype}: expected uint8 codes (M, {w.k}) with unit "
-                         f"column stride, ws / bias fp32 ({N},), absmax fp32 (M,) (needed for bias or a dtype other "
-                         "than fp32)")
+                         f"column stride, ws / bias fp32 ({N},), absmax fp32 (M,) (needed for bias, outliers or a "
+                         f"dtype other than fp32), outliers (fp32 (M, n), fp32 (n, {N})) contiguous")
     out = torch.empty(M, N, dtype=dtype)
     if M == 0:
         return out
     if lib.hfq_int8_gemm(codes.data_ptr(), M, K, codes.stride(0) if M > 1 else K, w.packed.data_ptr(), N,
                          w.comp.data_ptr(), ws.data_ptr(), None if absmax is None else absmax.data_ptr(),
-                         None if bias is None else bias.data_ptr(), out.data_ptr(), N, _KIND[dtype],
+                         None if bias is None else bias.data_ptr(), None if xo is None else xo.data_ptr(),
+                         None if wc is None else wc.data_ptr(), n_out, out.data_ptr(), N, _KIND[dtype],
                          max(1, torch.get_num_threads())):
         raise RuntimeError("native int8_gemm failed")
     return out

@@ -1211,7 +1211,8 @@ int hfq_sign_dequant(const uint8_t *bits, const float *scale, void *out, int64_t
  * panel from memory (prefetch HFQ_I8_PREFETCH_FAR ahead), the others from L2 (HFQ_I8_PREFETCH).
  * Epilogue (per tile, from registers): y = float(acc - comp) * ws[n]; without absmax y is written as fp32
  * (out_kind 0); with absmax, hfq_finish_tokens' arithmetic follows in the same pass: y * (absmax[m] / 127)
- * (+ bias[n], one fma as there), rounded once to out_kind.
+ * (+ bias[n], one fma as there, + the outlier columns' products, one fma each in the same order), rounded once
+ * to out_kind: the same bytes as hfq_finish_tokens of the fp32 product.
  */
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
 #define HFQ_I8 1
@@ -1229,21 +1230,25 @@ int hfq_sign_dequant(const uint8_t *bits, const float *scale, void *out, int64_t
 
 typedef struct {
     const int32_t *comp;
-    const float *ws, *absmax, *bias;
+    const float *ws, *absmax, *bias, *xo, *wc;
     void *out;
-    int64_t ldo, N;
+    int64_t ldo, N, n_out;
     int kind;
 } hfq_i8_epi;
 
+/* 16 outputs of row m from columns n.. (masked past N: ws, bias and wc hold N entries per row). */
 static inline void i8_store(__m512i acc, const hfq_i8_epi *e, int64_t m, int64_t n) {
     if (n >= e->N) return;
+    const __mmask16 k = n + 16 <= e->N ? (__mmask16)0xFFFF : (__mmask16)((1u << (e->N - n)) - 1u);
     __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc, _mm512_loadu_si512(e->comp + n))),
-                             _mm512_loadu_ps(e->ws + n));
+                             _mm512_maskz_loadu_ps(k, e->ws + n));
     if (e->absmax) {
         const __m512 sx = _mm512_set1_ps(e->absmax[m] / 127.0f);
-        y = e->bias ? _mm512_fmadd_ps(y, sx, _mm512_loadu_ps(e->bias + n)) : _mm512_mul_ps(y, sx);
+        y = e->bias ? _mm512_fmadd_ps(y, sx, _mm512_maskz_loadu_ps(k, e->bias + n)) : _mm512_mul_ps(y, sx);
+        for (int64_t o = 0; o < e->n_out; o++)  /* the outlier columns, in hfq_finish_tokens' order */
+            y = _mm512_fmadd_ps(_mm512_set1_ps(e->xo[m * e->n_out + o]), _mm512_maskz_loadu_ps(k, e->wc + o * e->N + n), y);
     }
-    if (n + 16 <= e->N) {
+    if (k == 0xFFFF) {
         put16(y, e->out, m * e->ldo + n, e->kind);
     } else {
         float t[16];
@@ -1324,14 +1329,17 @@ int hfq_int8_pack(const int8_t *w, int64_t N, int64_t K, int8_t *out, int32_t *c
 }
 
 /* out (M x N, row stride ldo) from a (M x K uint8 codes + 128, row stride lda) and the packed weight: see the
- * section's comment. absmax NULL: out fp32 (M, N) = (acc - comp) * ws. Else the fused epilogue in out_kind.
- * Returns 1 (nothing written) if K is not a multiple of 4 or this build has no int8 GEMM. */
+ * section's comment. absmax NULL: out fp32 (M, N) = (acc - comp) * ws. Else the fused epilogue in out_kind,
+ * with n_out > 0 also the outlier columns' product as hfq_finish_tokens adds it: xo (M x n_out fp32) the
+ * activations of those columns, wc (n_out x N fp32) W_hat's rows of them. Returns 1 (nothing written) if K is
+ * not a multiple of 4, the arguments do not fit together, or this build has no int8 GEMM. */
 int hfq_int8_gemm(const uint8_t *a, int64_t M, int64_t K, int64_t lda, const int8_t *packed, int64_t N,
-                  const int32_t *comp, const float *ws, const float *absmax, const float *bias, void *out,
-                  int64_t ldo, int out_kind, int nthreads) {
+                  const int32_t *comp, const float *ws, const float *absmax, const float *bias, const float *xo,
+                  const float *wc, int64_t n_out, void *out, int64_t ldo, int out_kind, int nthreads) {
 #if defined(HFQ_I8)
-    if (K % 4 || K <= 0 || (!absmax && out_kind != 0)) return 1;
-    const hfq_i8_epi e = {comp, ws, absmax, bias, out, ldo, N, out_kind};
+    if (K % 4 || K <= 0 || (!absmax && (out_kind != 0 || n_out > 0)) || (n_out > 0 && (!xo || !wc))) return 1;
+    const hfq_i8_epi e = {comp, ws, absmax, bias, n_out > 0 ? xo : NULL, n_out > 0 ? wc : NULL, out, ldo, N,
+                          n_out > 0 ? n_out : 0, out_kind};
     const int64_t blocks = (N + HFQ_I8_NR - 1) / HFQ_I8_NR;
     int64_t chunk = HFQ_I8_A_BYTES / K / HFQ_I8_MR * HFQ_I8_MR;
     if (chunk < HFQ_I8_MR) chunk = HFQ_I8_MR;
@@ -1352,7 +1360,7 @@ int hfq_int8_gemm(const uint8_t *a, int64_t M, int64_t K, int64_t lda, const int
     return 0;
 #else
     (void)a; (void)M; (void)K; (void)lda; (void)packed; (void)N; (void)comp; (void)ws; (void)absmax; (void)bias;
-    (void)out; (void)ldo; (void)out_kind; (void)nthreads;
+    (void)xo; (void)wc; (void)n_out; (void)out; (void)ldo; (void)out_kind; (void)nthreads;
     return 1;
 #endif
 }
