@@ -343,3 +343,22 @@ def test_bitnet_ternary_layers_run_on_the_int8_kernels(m, dtype):
         return
     if not torch.cuda.is_available():
         _check(layer, x, T.CUDA_INT8.forward(layer, x, T.CUDA_INT8.prepare(layer, x.device, dtype)))
+
+
+def test_native_int8_kernel_keeps_one_int8_copy_of_the_weight():
+    """cpu_int8_native's layout is the packed weight, the row scales, the bias and its outlier cache, which gathers
+    from the packed weight: no transposed copy of the codes (the other int8 kernels keep one for the outliers)."""
+    layer = int8_layer(80, 128, 6.0, True)
+    if not I.NATIVE.supports(layer, torch.device("cpu"), torch.bfloat16):
+        pytest.skip("no native int8 GEMM on this CPU")
+    packed, ws, outliers, bias = layer.prepared(I.NATIVE, torch.device("cpu"), torch.bfloat16)
+    assert isinstance(outliers, I.PackedOutliers) and outliers.packed is packed
+    held = [t for t in (*packed, ws, bias, *vars(outliers).values()) if isinstance(t, torch.Tensor)]
+    assert sum(t.numel() for t in held if t.dtype == torch.int8) == packed.packed.numel() == 128 * 128
+    x = inputs(5, 128, torch.bfloat16, True, seed=9)
+    with kernels.use_kernel("cpu_int8_native"):
+        out = layer(x)
+    _check(layer, x, out)
+    assert outliers.last is not None  # the outlier columns' rows were gathered (and are cached) ...
+    with kernels.use_kernel("cpu_int8_native"):
+        assert torch.equal(layer(x), out)  # ... and reused

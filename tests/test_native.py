@@ -561,7 +561,10 @@ def test_native_int8_gemm_fused_epilogue_is_finish_tokens_bit_for_bit(dtype):
     for b in (None, bias):
         fused = native.int8_gemm(codes, p, ws, absmax, b, dtype)
         assert fused.dtype == dtype and torch.equal(fused, native.finish_tokens(y, absmax, b, dtype))
-        fused = native.int8_gemm(codes, p, ws, absmax, b, dtype, (x.index_select(1, cols).float(), w_cols))
+        blocks = native.int8_packed_cols(p, cols, ws, dtype)  # gathered from the packed weight
+        assert blocks.shape == (13, 3, 16) and not blocks.transpose(0, 1).reshape(3, -1)[:, N:].any()
+        assert torch.equal(blocks.transpose(0, 1).reshape(3, -1)[:, :N], w_cols)
+        fused = native.int8_gemm(codes, p, ws, absmax, b, dtype, (x.index_select(1, cols).float(), blocks))
         want = native.finish_tokens(y, absmax, b, dtype, (x, wq.t().contiguous(), cols, ws), w_cols)
         assert torch.equal(fused, want)
         assert not torch.equal(fused, native.int8_gemm(codes, p, ws, absmax, b, dtype))  # the outliers count
@@ -597,8 +600,10 @@ def test_native_int8_gemm_refusals():
     with pytest.raises(ValueError, match="native int8_gemm: bad operands"):
         native.int8_gemm(codes, p, ws, dtype=torch.bfloat16)  # a 16-bit output needs the fused epilogue
     with pytest.raises(ValueError, match="native int8_gemm: bad operands"):
-        native.int8_gemm(codes, p, ws, torch.ones(3), None, torch.float32, (torch.ones(3, 2), torch.ones(3, 40)))
+        native.int8_gemm(codes, p, ws, torch.ones(3), None, torch.float32, (torch.ones(3, 2), torch.ones(2, 40)))
     assert native.int8_gemm(codes[:0], p, ws).shape == (0, 40)
+    with pytest.raises(ValueError, match="outside"):
+        native.int8_packed_cols(p, torch.tensor([0, 96]), ws, torch.float32)
 
 
 @needs_native

@@ -128,6 +128,7 @@ def _load() -> ctypes.CDLL:
     lib.hfq_int8_pack.argtypes, lib.hfq_int8_pack.restype = [P, I64, I64, P, P, INT], INT
     lib.hfq_int8_gemm.argtypes = [P, I64, I64, I64, P, I64, P, P, P, P, P, P, I64, P, I64, INT, INT]
     lib.hfq_int8_gemm.restype = INT
+    lib.hfq_int8_packed_cols.argtypes, lib.hfq_int8_packed_cols.restype = [P, I64, I64, P, I64, P, INT, P], INT
     return lib
 
 
@@ -300,8 +301,9 @@ def int8_gemm(codes: torch.Tensor, w: Int8Packed, ws: torch.Tensor, absmax: torc
     """codes (M, K) uint8 (the per-token codes + 128, unit column stride) times the packed int8 weight, exact in
     int32, times the row scales ws (N,) fp32: fp32 (M, N) (`fbgemm_int8_mm`'s contract). With `absmax` (M,) fp32
     the epilogue of `finish_tokens` follows in the same pass (* absmax / 127 per row, + bias, + with `outliers` =
-    (xo (M, n) fp32: the activations of the outlier columns, w_cols (n, N) fp32: W_hat's rows of them) their
-    product), in `dtype`: the same bytes as `finish_tokens` of the fp32 result."""
+    (xo (M, n) fp32: the activations of the outlier columns, w_blocks (ceil(N/16), n, 16) fp32: W_hat's rows of
+    them in blocks of 16 columns, zero-padded, `int8_packed_cols`) their product), in `dtype`: the same bytes
+    as `finish_tokens` of the fp32 result."""
     lib = library()
     if lib is None or not has_int8_gemm():
         raise RuntimeError(f"native int8 GEMM unavailable: {unavailable_reason() or 'not built (AVX-512 VNNI needed)'}")
@@ -315,14 +317,14 @@ def int8_gemm(codes: torch.Tensor, w: Int8Packed, ws: torch.Tensor, absmax: torc
           and (bias is None or (absmax is not None and bias.dtype == torch.float32 and bias.shape == (N,)
                                 and bias.is_contiguous()))
           and (absmax is not None or (dtype == torch.float32 and outliers is None))
-          and (outliers is None or (xo.dtype == wc.dtype == torch.float32 and xo.dim() == wc.dim() == 2
-                                    and xo.shape[0] == M and tuple(wc.shape) == (n_out, N)
+          and (outliers is None or (xo.dtype == wc.dtype == torch.float32 and xo.dim() == 2 and xo.shape[0] == M
+                                    and tuple(wc.shape) == (-(-N // 16), n_out, 16)
                                     and xo.is_contiguous() and wc.is_contiguous())))
     if not ok:
         raise ValueError(f"native int8_gemm: bad operands codes {tuple(codes.shape)} {codes.dtype}, ws "
                          f"{tuple(ws.shape)} {ws.dtype}, dtype {dtype}: expected uint8 codes (M, {w.k}) with unit "
                          f"column stride, ws / bias fp32 ({N},), absmax fp32 (M,) (needed for bias, outliers or a "
-                         f"dtype other than fp32), outliers (fp32 (M, n), fp32 (n, {N})) contiguous")
+                         f"dtype other than fp32), outliers (fp32 (M, n), fp32 ({-(-N // 16)}, n, 16)) contiguous")
     out = torch.empty(M, N, dtype=dtype)
     if M == 0:
         return out
@@ -332,6 +334,23 @@ def int8_gemm(codes: torch.Tensor, w: Int8Packed, ws: torch.Tensor, absmax: torc
                          None if wc is None else wc.data_ptr(), n_out, out.data_ptr(), N, _KIND[dtype],
                          max(1, torch.get_num_threads())):
         raise RuntimeError("native int8_gemm failed")
+    return out
+
+
+def int8_packed_cols(w: Int8Packed, cols: torch.Tensor, ws: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W_hat's rows of the columns `cols` (int64) in `int8_gemm`'s outlier layout (ceil(N/16), n, 16) fp32, read from
+    the packed weight: codes * ws rounded to `dtype` (the activation type) and back to fp32, as
+    `kernels.int8.outlier_weight_t` builds them."""
+    lib = library()
+    cols = cols.to(torch.int64).contiguous()
+    if not (ws.dtype == torch.float32 and ws.shape == (w.n,) and ws.is_contiguous() and cols.dim() == 1
+            and dtype in _KIND):
+        raise ValueError(f"native int8_packed_cols: expected cols int64 (n,), ws fp32 ({w.n},), dtype fp32/bf16/fp16; "
+                         f"got ws {tuple(ws.shape)} {ws.dtype}")
+    out = torch.empty(-(-w.n // 16), cols.numel(), 16, dtype=torch.float32)
+    if lib.hfq_int8_packed_cols(w.packed.data_ptr(), w.n, w.k, cols.data_ptr(), cols.numel(), ws.data_ptr(),
+                                _KIND[dtype], out.data_ptr()):
+        raise ValueError(f"native int8_packed_cols: a column index is outside [0, {w.k})")
     return out
 
 

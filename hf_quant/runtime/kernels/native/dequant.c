@@ -1245,8 +1245,9 @@ static inline void i8_store(__m512i acc, const hfq_i8_epi *e, int64_t m, int64_t
     if (e->absmax) {
         const __m512 sx = _mm512_set1_ps(e->absmax[m] / 127.0f);
         y = e->bias ? _mm512_fmadd_ps(y, sx, _mm512_maskz_loadu_ps(k, e->bias + n)) : _mm512_mul_ps(y, sx);
+        const float *wc = e->wc + n * e->n_out;  /* block n / 16 of wc: (n_out, 16), contiguous */
         for (int64_t o = 0; o < e->n_out; o++)  /* the outlier columns, in hfq_finish_tokens' order */
-            y = _mm512_fmadd_ps(_mm512_set1_ps(e->xo[m * e->n_out + o]), _mm512_maskz_loadu_ps(k, e->wc + o * e->N + n), y);
+            y = _mm512_fmadd_ps(_mm512_set1_ps(e->xo[m * e->n_out + o]), _mm512_loadu_ps(wc + o * 16), y);
     }
     if (k == 0xFFFF) {
         put16(y, e->out, m * e->ldo + n, e->kind);
@@ -1328,10 +1329,44 @@ int hfq_int8_pack(const int8_t *w, int64_t N, int64_t K, int8_t *out, int32_t *c
 #endif
 }
 
+/* The outlier columns' W_hat rows for hfq_int8_gemm's epilogue, read from the packed weight itself (no transposed
+ * copy kept): out (ceil(N/16), n_out, 16) fp32, out[n / 16, o, n % 16] = code(n, cols[o]) * ws[n] rounded to
+ * out_kind (the activation type, as the reference holds W_hat) and back, 0 past N. Column k of a block of 64
+ * rows lies in 4 lines, so one column costs N / 16 lines. Returns 1 (nothing written) for a column outside
+ * [0, K) or a build without the int8 GEMM. */
+int hfq_int8_packed_cols(const int8_t *packed, int64_t N, int64_t K, const int64_t *cols, int64_t n_out,
+                         const float *ws, int out_kind, float *out) {
+#if defined(HFQ_I8)
+    for (int64_t o = 0; o < n_out; o++)
+        if (cols[o] < 0 || cols[o] >= K) return 1;
+    const int64_t blocks = (N + 15) / 16;
+    for (int64_t b = 0; b < blocks; b++)
+        for (int64_t o = 0; o < n_out; o++) {
+            const int64_t k = cols[o];
+            for (int64_t j = 0; j < 16; j++) {
+                const int64_t n = b * 16 + j;
+                float v = 0.0f;
+                if (n < N) {
+                    const int8_t q = packed[(n / HFQ_I8_NR) * HFQ_I8_NR * K + (k / 4) * HFQ_I8_NR * 4
+                                            + (n % HFQ_I8_NR) * 4 + k % 4];
+                    v = round_to((float)q * ws[n], out_kind);
+                }
+                out[(b * n_out + o) * 16 + j] = v;
+            }
+        }
+    return 0;
+#else
+    (void)packed; (void)N; (void)K; (void)cols; (void)n_out; (void)ws; (void)out_kind; (void)out;
+    return 1;
+#endif
+}
+
 /* out (M x N, row stride ldo) from a (M x K uint8 codes + 128, row stride lda) and the packed weight: see the
  * section's comment. absmax NULL: out fp32 (M, N) = (acc - comp) * ws. Else the fused epilogue in out_kind,
  * with n_out > 0 also the outlier columns' product as hfq_finish_tokens adds it: xo (M x n_out fp32) the
- * activations of those columns, wc (n_out x N fp32) W_hat's rows of them. Returns 1 (nothing written) if K is
+ * activations of those columns, wc W_hat's rows of them in blocks of 16 columns, (ceil(N/16), n_out, 16) fp32
+ * zero-padded (each 16 outputs read one contiguous n_out * 64 bytes: rows of N apart, the first tile of a
+ * block waited on n_out scattered lines from memory, +30% at one row). Returns 1 (nothing written) if K is
  * not a multiple of 4, the arguments do not fit together, or this build has no int8 GEMM. */
 int hfq_int8_gemm(const uint8_t *a, int64_t M, int64_t K, int64_t lda, const int8_t *packed, int64_t N,
                   const int32_t *comp, const float *ws, const float *absmax, const float *bias, const float *xo,
