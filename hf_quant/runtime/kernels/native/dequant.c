@@ -1236,8 +1236,7 @@ typedef struct {
     int kind;
 } hfq_i8_epi;
 
-/* 16 outputs of row m from columns n.. (masked past N: ws, bias and wc hold N entries per row). */
-/* The common case inline: 16 columns inside N, no outlier columns. */
+/* 16 outputs of row m from columns n.., the common case inline: inside N, no outlier columns. */
 static inline void i8_store_full(__m512i acc, const hfq_i8_epi *e, int64_t m, int64_t n) {
     __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc, _mm512_loadu_si512(e->comp + n))),
                              _mm512_loadu_ps(e->ws + n));
@@ -1246,27 +1245,6 @@ static inline void i8_store_full(__m512i acc, const hfq_i8_epi *e, int64_t m, in
         y = e->bias ? _mm512_fmadd_ps(y, sx, _mm512_loadu_ps(e->bias + n)) : _mm512_mul_ps(y, sx);
     }
     put16(y, e->out, m * e->ldo + n, e->kind);
-}
-
-static inline void i8_store(__m512i acc, const hfq_i8_epi *e, int64_t m, int64_t n) {
-    if (n >= e->N) return;
-    const __mmask16 k = n + 16 <= e->N ? (__mmask16)0xFFFF : (__mmask16)((1u << (e->N - n)) - 1u);
-    __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc, _mm512_loadu_si512(e->comp + n))),
-                             _mm512_maskz_loadu_ps(k, e->ws + n));
-    if (e->absmax) {
-        const __m512 sx = _mm512_set1_ps(e->absmax[m] / 127.0f);
-        y = e->bias ? _mm512_fmadd_ps(y, sx, _mm512_maskz_loadu_ps(k, e->bias + n)) : _mm512_mul_ps(y, sx);
-        const float *wc = e->wc + n * e->n_out;  /* block n / 16 of wc: (n_out, 16), contiguous */
-        for (int64_t o = 0; o < e->n_out; o++)  /* the outlier columns, in hfq_finish_tokens' order */
-            y = _mm512_fmadd_ps(_mm512_set1_ps(e->xo[m * e->n_out + o]), _mm512_loadu_ps(wc + o * 16), y);
-    }
-    if (k == 0xFFFF) {
-        put16(y, e->out, m * e->ldo + n, e->kind);
-    } else {
-        float t[16];
-        _mm512_storeu_ps(t, y);
-        store_row(t, (char *)e->out + (m * e->ldo + n) * out_size(e->kind), e->N - n, e->kind);
-    }
 }
 
 #define HFQ_I8_DECL(i) __m512i c##i##0 = _mm512_setzero_si512(), c##i##1 = c##i##0, c##i##2 = c##i##0, c##i##3 = c##i##0;
@@ -1281,12 +1259,42 @@ static inline void i8_store(__m512i acc, const hfq_i8_epi *e, int64_t m, int64_t
     _mm512_store_si512(acc + (i * 4 + 3) * 16, c##i##3); }
 
 /* The tile's epilogue from its int32 sums (stored to acc by the tile) where it has outlier columns or reaches past
- * N: inlined into the tile, this general form made gcc spill accumulators of the k loop to the stack (-4%), and a
- * call per 16 outputs cost 3%; the common case (i8_store_full) stays inline. */
+ * N (masked there: ws and bias hold N entries): inlined into the tile, this general form made gcc spill
+ * accumulators of the k loop to the stack (-4%), and a call per 16 outputs cost 3%; the common case
+ * (i8_store_full) stays inline. Each 16 columns' W_hat vector of an outlier column serves all rows of the tile. */
 static __attribute__((noinline)) void i8_finish(const int32_t *acc, int mr, const hfq_i8_epi *e, int64_t m0,
                                                 int64_t n0) {
-    for (int i = 0; i < mr; i++)
-        for (int j = 0; j < 4; j++) i8_store(_mm512_load_si512(acc + (i * 4 + j) * 16), e, m0 + i, n0 + j * 16);
+    for (int j = 0; j < 4; j++) {
+        const int64_t n = n0 + j * 16;
+        if (n >= e->N) break;
+        const __mmask16 k = n + 16 <= e->N ? (__mmask16)0xFFFF : (__mmask16)((1u << (e->N - n)) - 1u);
+        const __m512i comp = _mm512_loadu_si512(e->comp + n);  /* comp is padded to the block */
+        const __m512 ws = _mm512_maskz_loadu_ps(k, e->ws + n);  /* ws, bias: N entries */
+        __m512 y[HFQ_I8_MR];
+        for (int i = 0; i < mr; i++) {
+            y[i] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(acc + (i * 4 + j) * 16), comp)),
+                                 ws);
+            if (e->absmax) {
+                const __m512 sx = _mm512_set1_ps(e->absmax[m0 + i] / 127.0f);
+                y[i] = e->bias ? _mm512_fmadd_ps(y[i], sx, _mm512_maskz_loadu_ps(k, e->bias + n))
+                               : _mm512_mul_ps(y[i], sx);
+            }
+        }
+        for (int64_t o = 0; o < e->n_out; o++) {  /* the outlier columns, in hfq_finish_tokens' order; each row of */
+            const __m512 w = _mm512_loadu_ps(e->wc + (n * e->n_out + o * 16));  /* wc (blocks of 16) read once */
+            for (int i = 0; i < mr; i++)
+                y[i] = _mm512_fmadd_ps(_mm512_set1_ps(e->xo[(m0 + i) * e->n_out + o]), w, y[i]);
+        }
+        for (int i = 0; i < mr; i++) {
+            if (k == 0xFFFF) {
+                put16(y[i], e->out, (m0 + i) * e->ldo + n, e->kind);
+            } else {
+                float t[16];
+                _mm512_storeu_ps(t, y[i]);
+                store_row(t, (char *)e->out + ((m0 + i) * e->ldo + n) * out_size(e->kind), e->N - n, e->kind);
+            }
+        }
+    }
 }
 
 static inline __attribute__((always_inline)) void i8_tile(const int mr, const uint8_t *a, int64_t lda,
