@@ -362,3 +362,21 @@ def test_native_int8_kernel_keeps_one_int8_copy_of_the_weight():
     assert outliers.last is not None  # the outlier columns' rows were gathered (and are cached) ...
     with kernels.use_kernel("cpu_int8_native"):
         assert torch.equal(layer(x), out)  # ... and reused
+
+
+@pytest.mark.parametrize("name", ["cpu_int8_fbgemm", "cpu_int8_onednn", "cpu_int8_intmm"])
+def test_transposed_codes_are_made_only_at_the_first_outlier_column(name):
+    """The torch int8 kernels gather the outlier columns' weights from transposed codes: made when a call first
+    has outlier columns, never for inputs without them (plain W8A8 layers hold no second int8 copy)."""
+    layer = int8_layer(40, 96, 6.0, True)
+    kernel = kernels.base.KERNELS.get(name)
+    if not kernel.supports(layer, torch.device("cpu"), torch.bfloat16):
+        pytest.skip(f"{name} does not run on this CPU")
+    outliers = layer.prepared(kernel, torch.device("cpu"), torch.bfloat16)[-2]
+    with kernels.use_kernel(name):
+        layer(inputs(4, 96, torch.bfloat16, False))
+        assert callable(outliers._wq_t)  # not made yet
+        x = inputs(4, 96, torch.bfloat16, True)
+        out = layer(x)
+    assert isinstance(outliers._wq_t, torch.Tensor) and outliers._wq_t.shape == (96, 40)
+    _check(layer, x, out)

@@ -55,7 +55,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any
+import weakref
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -221,9 +222,13 @@ class _ExactInt8Kernel(Kernel):
     @staticmethod
     def epilogue_parts(layer: Any) -> tuple[torch.Tensor, torch.Tensor, "OutlierWeights", torch.Tensor | None]:
         """(int8 codes (N, K), fp32 row scales, the outlier columns' weights over the transposed codes (their
-        gather reads contiguous rows), fp32 bias or None): what every exact int8 GEMM's epilogue takes."""
+        gather reads contiguous rows; made at the first call that has outlier columns, so plain W8A8 layers never
+        hold that second int8 copy of the weight), fp32 bias or None): what every exact int8 GEMM's epilogue
+        takes."""
         wq, ws = cpu.int8_rows(layer)
-        return wq, ws, OutlierWeights(wq.t().contiguous(), ws), None if layer.bias is None else layer.bias.float()
+        ref = weakref.ref(layer)  # the transposed codes are made from the layer at the first outlier column
+        outliers = OutlierWeights(lambda: cpu.int8_rows(ref())[0].t().contiguous(), ws)
+        return wq, ws, outliers, None if layer.bias is None else layer.bias.float()
 
 
 class OneDnnInt8Kernel(_ExactInt8Kernel):
@@ -256,8 +261,15 @@ class OutlierWeights:
     last call, rebuilt only when the set changes: LLM.int8's outliers sit in a few hidden dimensions
     that repeat from token to token, so the gather is usually skipped."""
 
-    def __init__(self, wq_t: torch.Tensor, wscale: torch.Tensor) -> None:
-        self.wq_t, self.wscale, self.last = wq_t, wscale, None
+    def __init__(self, wq_t: torch.Tensor | Callable[[], torch.Tensor], wscale: torch.Tensor) -> None:
+        """wq_t: the transposed int8 codes (K, N), or a function that makes them (called once, when first needed)."""
+        self._wq_t, self.wscale, self.last = wq_t, wscale, None
+
+    @property
+    def wq_t(self) -> torch.Tensor:
+        if callable(self._wq_t):
+            self._wq_t = self._wq_t()
+        return self._wq_t
 
     def get(self, cols: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         last = self.last
@@ -273,11 +285,11 @@ class OutlierWeights:
 
 class PackedOutliers(OutlierWeights):
     """`OutlierWeights` for `cpu_int8_native`: the rows gathered from the packed weight itself
-    (`native.int8_packed_cols`, in the GEMM's epilogue layout), so the layer keeps no transposed copy of its
-    codes (the other int8 kernels keep one: a second int8 copy of the weight)."""
+    (`native.int8_packed_cols`, in the GEMM's epilogue layout), so the layer never holds a transposed copy of
+    its codes (the other int8 kernels make one, a second int8 copy of the weight, at their first outlier column)."""
 
     def __init__(self, packed: Any, wscale: torch.Tensor) -> None:
-        self.packed, self.wscale, self.last = packed, wscale, None
+        self.packed, self.wscale, self.last, self._wq_t = packed, wscale, None, None
 
     def build(self, cols: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return native.int8_packed_cols(self.packed, cols, self.wscale, dtype)
