@@ -1249,7 +1249,8 @@ static inline void i8_store_full(__m512i acc, const hfq_i8_epi *e, int64_t m, in
 
 #define HFQ_I8_DECL(i) __m512i c##i##0 = _mm512_setzero_si512(), c##i##1 = c##i##0, c##i##2 = c##i##0, c##i##3 = c##i##0;
 #define HFQ_I8_STEP(i) if (mr > i) { \
-    const __m512i av = _mm512_set1_epi32(*(const int32_t *)(a + i * lda + k)); \
+    int32_t a4; memcpy(&a4, a + i * lda + k, 4); /* 4 codes, unaligned */ \
+    const __m512i av = _mm512_set1_epi32(a4); \
     c##i##0 = _mm512_dpbusd_epi32(c##i##0, av, b0); c##i##1 = _mm512_dpbusd_epi32(c##i##1, av, b1); \
     c##i##2 = _mm512_dpbusd_epi32(c##i##2, av, b2); c##i##3 = _mm512_dpbusd_epi32(c##i##3, av, b3); }
 #define HFQ_I8_FAST(i) if (mr > i) { i8_store_full(c##i##0, e, m0 + i, n0); i8_store_full(c##i##1, e, m0 + i, n0 + 16); \
