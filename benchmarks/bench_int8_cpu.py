@@ -59,11 +59,11 @@ KERNEL_COLUMNS = ("cpu_int8_fbgemm", "cpu_int8_onednn", "cpu_int8_intmm", "cpu_i
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 
 
-def bench_all(fns: dict, budget: float) -> dict:
-    """Seconds per call of every function: the fastest call of each, timed in interleaved rounds (one
+def bench_all(fns: dict, budget: float) -> tuple[dict, dict]:
+    """(Seconds per call of every function: the fastest call of each, timed in interleaved rounds (one
     call of each per round, in a new shuffled order each round) until about `budget` seconds per
     function are spent, so that a noisy neighbour on a shared machine slows every candidate of a row
-    alike instead of one of them."""
+    alike instead of one of them; and every call's time by round, for `paired_ratio`)."""
     for fn in fns.values():  # warm-up, every copy: one-time costs (packing, oneDNN primitives, first touch)
         for _ in range(len(getattr(fn, "fns", ())) or 1):
             fn()
@@ -83,15 +83,14 @@ def bench_all(fns: dict, budget: float) -> dict:
             best[k], spent = min(best[k], dt), spent + dt
             per_round[k].append(dt)
         rounds += 1
-    best["rounds"] = per_round  # type: ignore[assignment]
-    return best
+    return best, per_round
 
 
-def paired_ratio(r: dict, a: str, b: str) -> float:
+def paired_ratio(per_round: dict, a: str, b: str) -> float:
     """The median over rounds of a's time / b's time in the same round: the calls of one round hit copies of the
     weights that lie in other pages, and at one row a call's time depends on its copy by up to 30%, which the
     ratio of two minima (each function's luckiest copy) does not cancel."""
-    return statistics.median(x / y for x, y in zip(r["rounds"][a], r["rounds"][b]))
+    return statistics.median(x / y for x, y in zip(per_round[a], per_round[b]))
 
 
 def cpu_line() -> str:
@@ -181,7 +180,7 @@ def main() -> None:
                 if M <= 64 or not args.small:
                     fns["w8pack"] = rotate(lambda c: torch.ops.aten._weight_int8pack_mm(xb, c.wq, c.wsb))
                 fns["fbgemm"] = rotate(lambda c: torch.ops.quantized.linear_dynamic(x, c.fb, False))
-                r = bench_all(fns, budget)
+                r, per_round = bench_all(fns, budget)
                 tf, tb = r["fp32"], r["bf16"]
                 best = min(tf, tb)
                 with kernels.use_kernel("reference"):
@@ -189,8 +188,8 @@ def main() -> None:
                 dev = rel(torch.ops.quantized.linear_dynamic(x, copies[0].fb, False), ref)
             line = [f"{K}x{N}", str(M), str(n_copies), f"{tf * 1e3:.2f}", f"{tb * 1e3:.2f}"]
             line += [f"{best / r['w8a8']:.2f}x", f"{best / r['measured']:.2f}x ({measured_name[9:]})",
-                     f"{best / r['llm_int8']:.2f}x", f"{paired_ratio(r, 'llm_int8', 'w8a8'):.2f}", str(n_out)]
-            goals.append((M, best / r["w8a8"], paired_ratio(r, "llm_int8", "w8a8")))
+                     f"{best / r['llm_int8']:.2f}x", f"{paired_ratio(per_round, 'llm_int8', 'w8a8'):.2f}", str(n_out)]
+            goals.append((M, best / r["w8a8"], paired_ratio(per_round, "llm_int8", "w8a8")))
             for key in (*KERNEL_COLUMNS, "_int_mm", "w8pack", "fbgemm"):
                 line.append("-" if key not in r else f"{best / r[key]:.2f}x")
             line.append(f"{dev:.1e}")

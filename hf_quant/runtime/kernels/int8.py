@@ -11,8 +11,8 @@ reference's own GEMM otherwise.
 
 CPU, four exact int8 GEMMs behind one epilogue (`finish_tokens`). The fixed choice where the native helpers are
 built with AVX-512 VNNI is hf_quant's own, `cpu_int8_native` (`native.int8_gemm`: 6 x 64 register tiles of
-`vpdpbusd`, the weight packed once per layer, the epilogue fused into the GEMM when a call has no outlier
-columns). On a 2-core Zen 4 its GEMM runs at 98% of the VNNI peak (one `vpdpbusd` per cycle per core: 64
+`vpdpbusd`, the weight packed once per layer, the whole epilogue, outlier columns included, fused into the
+GEMM). On a 2-core Zen 4 its GEMM runs at 98% of the VNNI peak (one `vpdpbusd` per cycle per core: 64
 products, twice a `vdpbf16ps`'s; mixing in `vpmaddwd` lowers the rate, measured), where oneDNN's reaches ~90%:
 W8A8 2.0-2.05x bf16 `F.linear` at M = 512 (oneDNN's kernel 1.92-1.98x), 2.2-2.3x at M = 64, and at M = 1 it is as
 fast as fbgemm's GEMV or faster (its first tile per weight panel prefetches 16 KiB ahead). The others
@@ -399,22 +399,32 @@ class IntMmInt8Kernel(_ExactInt8Kernel):
         return finish_tokens(y, absmax, bias, x, x2, cols, outliers)
 
 
+def _native_int8_available() -> bool:
+    return native.library() is not None and native.has_int8_gemm()
+
+
+def _native_int8_fits(layer: Any) -> bool:
+    """`native.int8_gemm` reads the activations four codes at a time: K a multiple of 4."""
+    return layer.in_features % 4 == 0
+
+
 class NativeInt8Kernel(_ExactInt8Kernel):
     """CPU W8A8 on hf_quant's own exact int8 GEMM (`native.int8_gemm`, AVX-512 VNNI: 6 x 64 tiles in registers,
     the weight packed once per layer): the per-token codes + 128 as uint8, the offset's term subtracted in int32,
     and the whole epilogue (column scale, row scale, bias, the outlier columns' product from W_hat rows gathered
     from the packed weight and cached while the columns repeat, the cast) in the GEMM's own pass, the same bytes
-    as `finish_tokens`. The layer keeps one int8 copy of its weight (the packed one) beside its buffers. On a 2-core Zen 4 its GEMM alone runs at
-    98% of the VNNI peak (917 GOP/s at M = 512), 1.08x oneDNN's and 1.16x `torch._int_mm` there."""
+    as `finish_tokens`. The layer keeps one int8 copy of its weight (the packed one) beside its buffers. On a
+    2-core Zen 4 its GEMM alone runs at 98% of the VNNI peak (917 GOP/s at M = 512), 1.08x oneDNN's and 1.16x
+    `torch._int_mm` there."""
 
     name = "cpu_int8_native"
     priority = 32
 
     def available(self) -> bool:
-        return native.library() is not None and native.has_int8_gemm()
+        return _native_int8_available()
 
     def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
-        return super().supports(layer, device, dtype) and layer.in_features % 4 == 0
+        return super().supports(layer, device, dtype) and _native_int8_fits(layer)
 
     def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
         wq, ws = cpu.int8_rows(layer)
@@ -551,10 +561,10 @@ class SplitNativeKernel(SplitInt8Kernel):
     name = "cpu_int8_split_native"
 
     def available(self) -> bool:
-        return native.library() is not None and native.has_int8_gemm()
+        return _native_int8_available()
 
     def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
-        return super().supports(layer, device, dtype) and layer.in_features % 4 == 0
+        return super().supports(layer, device, dtype) and _native_int8_fits(layer)
 
     def pack(self, wq: torch.Tensor, ws: torch.Tensor) -> Any:
         return native.int8_pack(wq), ws

@@ -277,11 +277,16 @@ class Int8Packed(NamedTuple):
     k: int
 
 
-def int8_pack(wq: torch.Tensor) -> Int8Packed:
-    """wq (N, K) int8 codes, K a multiple of 4, in `int8_gemm`'s layout (built once per layer at prepare)."""
+def _int8_library() -> ctypes.CDLL:
     lib = library()
     if lib is None or not has_int8_gemm():
         raise RuntimeError(f"native int8 GEMM unavailable: {unavailable_reason() or 'not built (AVX-512 VNNI needed)'}")
+    return lib
+
+
+def int8_pack(wq: torch.Tensor) -> Int8Packed:
+    """wq (N, K) int8 codes, K a multiple of 4, in `int8_gemm`'s layout (built once per layer at prepare)."""
+    lib = _int8_library()
     if not (wq.dtype == torch.int8 and wq.dim() == 2 and wq.shape[1] % 4 == 0 and wq.numel() > 0
             and wq.device.type == "cpu"):
         raise ValueError(f"native int8_pack: weight {tuple(wq.shape)} {wq.dtype}: expected CPU int8 (N, K) with K a "
@@ -304,9 +309,7 @@ def int8_gemm(codes: torch.Tensor, w: Int8Packed, ws: torch.Tensor, absmax: torc
     (xo (M, n) fp32: the activations of the outlier columns, w_blocks (ceil(N/16), n, 16) fp32: W_hat's rows of
     them in blocks of 16 columns, zero-padded, `int8_packed_cols`) their product), in `dtype`: the same bytes
     as `finish_tokens` of the fp32 result."""
-    lib = library()
-    if lib is None or not has_int8_gemm():
-        raise RuntimeError(f"native int8 GEMM unavailable: {unavailable_reason() or 'not built (AVX-512 VNNI needed)'}")
+    lib = _int8_library()
     M, K = codes.shape
     N = w.n
     xo, wc = outliers if outliers is not None else (None, None)
@@ -341,7 +344,7 @@ def int8_packed_cols(w: Int8Packed, cols: torch.Tensor, ws: torch.Tensor, dtype:
     """W_hat's rows of the columns `cols` (int64) in `int8_gemm`'s outlier layout (ceil(N/16), n, 16) fp32, read from
     the packed weight: codes * ws rounded to `dtype` (the activation type) and back to fp32, as
     `kernels.int8.outlier_weight_t` builds them."""
-    lib = library()
+    lib = _int8_library()
     cols = cols.to(torch.int64).contiguous()
     if not (ws.dtype == torch.float32 and ws.shape == (w.n,) and ws.is_contiguous() and cols.dim() == 1
             and dtype in _KIND):
