@@ -212,6 +212,72 @@ def test_split_int8_weight_only_kernel_is_as_close_as_float(m, dtype, sym, bias,
     assert err < 2 * err_ref + 1e-4, (err, err_ref)
 
 
+@pytest.mark.parametrize("m", [1, 3, 17, 64])
+@pytest.mark.parametrize("sym,bias", [(True, False), (False, True)])
+@pytest.mark.parametrize("kind", ["plain", "outlier_cols", "massive"])
+@pytest.mark.parametrize("name", ["cpu_int8_split_f32", "cpu_int8_split_intmm_f32", "cpu_int8_split_native_f32"])
+def test_exact_split_kernels_are_as_close_as_fp32(m, sym, bias, kind, name):
+    """The `_f32` split kernels (fp32 activations as 3-4 int8 terms, exact int32 products): against the float64
+    product of the same weights, no worse than the reference kernel's fp32 arithmetic, which is why they are
+    candidates in the default mode (unlike the `_bf16` kernels)."""
+    from .test_kernels import make_layer
+    layer, _ = make_layer(48, 512, LayerSpec(8, -1, sym, False), bias, dtype=torch.float32, seed=m)
+    x = _split_inputs(m, 512, torch.float32, kind, seed=m)
+    if not kernels.base.KERNELS.get(name).supports(layer, x.device, torch.float32):
+        pytest.skip("no exact int8 GEMM on this CPU (VNNI/AMX and fbgemm / torch._int_mm needed)")
+    truth = x.double() @ layer.dequantize().double().t() + (0 if layer.bias is None else layer.bias.double())
+    with kernels.use_kernel(name):
+        out = layer(x)
+    with kernels.use_kernel("reference"):
+        ref = layer(x)
+    assert out.dtype == torch.float32
+    err, err_ref = rel_err(out, truth), rel_err(ref, truth)
+    assert err <= 1.5 * err_ref + 1e-8, (err, err_ref)
+
+
+@pytest.mark.parametrize("kind", ["plain", "massive"])
+def test_exact_split_combines_its_terms_on_every_cpu(kind):
+    """The `_f32` wrapper's arithmetic (terms, extra rows, zero points, bias) with an exact stand-in for the int8 GEMM
+    (float64 products of the same integer codes), so it is checked on CPUs without an exact int8 dot too."""
+    from .test_kernels import make_layer
+
+    class Exact(I.SplitInt8Kernel):
+        def available(self):
+            return True
+
+        def pack(self, wq, ws):
+            return wq, ws
+
+        def gemm(self, codes, packed):
+            wq, ws = packed
+            return ((codes.double() @ wq.double().t()) * ws.double()).float()
+
+    layer, _ = make_layer(40, 512, LayerSpec(8, -1, False, False), True, dtype=torch.float32, seed=3)
+    x = _split_inputs(9, 512, torch.float32, kind, seed=4)
+    kernel = I.ExactSplitKernel(Exact())
+    out = kernel.forward(layer, x, kernel.prepare(layer, x.device, torch.float32))
+    truth = x.double() @ layer.dequantize().double().t() + layer.bias.double()
+    with kernels.use_kernel("reference"):
+        ref = layer(x)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert rel_err(out, truth) <= 1.5 * rel_err(ref, truth) + 1e-8
+
+
+def test_exact_split_terms_reach_fp32_resolution():
+    """Three terms leave at most ~absmax / 2**24 per element (about fp32's step at the row's absmax); a row far
+    above its rms gets a fourth, ~250x less."""
+    x = _split_inputs(8, 512, torch.float32, "massive", seed=1)
+    codes, scales, rows = I.split_terms(x, I.ExactSplitKernel.FOURTH_TERM_RATIO, I.ExactSplitKernel.TERMS)
+    M = x.shape[0]
+    assert codes.shape[0] == 3 * M + (0 if rows is None else rows.numel()) and codes.abs().max() <= 127
+    assert rows is not None and 0 in rows.tolist()
+    three = sum(codes[t * M:(t + 1) * M].double() * scales[t * M:(t + 1) * M, None].double() for t in range(3))
+    amax = x.abs().amax(dim=1).double()
+    assert ((three - x.double()).abs().amax(dim=1) <= amax * 2.0 ** -23 + 1e-30).all()
+    four = three.index_add(0, rows, codes[3 * M:].double() * scales[3 * M:, None].double())
+    assert ((four - x.double()).abs().amax(dim=1)[rows] <= amax[rows] * 2.0 ** -30).all()
+
+
 @pytest.mark.parametrize("t,k,n", [(1, 256, 48), (6, 4096, 80), (130, 512, 33)])
 def test_split_gemms_agree(t, k, n):
     """The fbgemm, `torch._int_mm` and native GEMMs of the split kernels: the same exact int32 products times the
@@ -250,8 +316,8 @@ def test_split_terms_bound_the_activation_error():
 
 
 def test_split_kernel_is_only_a_measured_candidate():
-    """Never the fixed choice; in mode "measure" a candidate for bf16 8-bit per-channel layers (and,
-    as cpu_int8_split_bf16, for fp32 ones only in "measure_bf16")."""
+    """Never the fixed choice; in mode "measure" a candidate for bf16 8-bit per-channel layers, and for fp32 ones
+    as cpu_int8_split_f32 (fp32 precision; as cpu_int8_split_bf16 only in "measure_bf16")."""
     from hf_quant.runtime.kernels import cpu_measure
 
     from .test_kernels import make_layer
@@ -263,9 +329,11 @@ def test_split_kernel_is_only_a_measured_candidate():
     names32 = {k.name for k in cpu_measure.candidates(layer, torch.device("cpu"), torch.float32, allow_bf16=False)}
     names32_bf16 = {k.name for k in cpu_measure.candidates(layer, torch.device("cpu"), torch.float32, allow_bf16=True)}
     assert "cpu_int8_split" not in names32 and "cpu_int8_split_bf16" not in names32
-    assert not any(n.startswith("cpu_int8_split") for n in names32)
+    assert {n for n in names32 if n.startswith("cpu_int8_split")} <= {
+        "cpu_int8_split_f32", "cpu_int8_split_intmm_f32", "cpu_int8_split_native_f32"}
     for kernel in (I.SPLIT, I.SPLIT_INTMM, I.SPLIT_NATIVE):
-        assert (kernel.name in names) == (kernel.name + "_bf16" in names32_bf16) == kernel.supports(
+        assert (kernel.name in names) == (kernel.name + "_bf16" in names32_bf16) == (
+            kernel.name + "_f32" in names32) == (kernel.name + "_f32" in names32_bf16) == kernel.supports(
             layer, torch.device("cpu"), torch.bfloat16)
         grouped, _ = make_layer(32, 128, LayerSpec(8, 64, True, False), False)
         assert not kernel.supports(grouped, torch.device("cpu"), torch.bfloat16)

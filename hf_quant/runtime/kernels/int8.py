@@ -518,15 +518,21 @@ class SplitInt8Kernel(Kernel):
         return fbgemm_int8_mm(codes, packed)
 
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
+        return self.forward_terms(x, prepared, 2, self.THIRD_TERM_RATIO)
+
+    def forward_terms(self, x: torch.Tensor, prepared: Any, terms: int, extra_ratio: float) -> torch.Tensor:
+        """The layer's output with x written as `terms` int8 terms per row (one more for rows whose absmax passes
+        extra_ratio x their rms), in x's dtype."""
         packed, offset, bias = prepared
         xf = x.reshape(-1, x.shape[-1]).float()
-        codes, scales, rows = split_terms(xf, self.THIRD_TERM_RATIO)
-        z = self.gemm(codes, packed)  # (terms * M, N)
+        codes, scales, rows = split_terms(xf, extra_ratio, terms)
+        z = self.gemm(codes, packed)  # (terms * M (+ extra rows), N)
         M = xf.shape[0]
         y = z[:M].mul_(scales[:M].unsqueeze(1))
-        y.addcmul_(z[M:2 * M], scales[M:2 * M].unsqueeze(1))
+        for t in range(1, terms):
+            y.addcmul_(z[t * M:(t + 1) * M], scales[t * M:(t + 1) * M].unsqueeze(1))
         if rows is not None:
-            y.index_add_(0, rows, z[2 * M:] * scales[2 * M:].unsqueeze(1))
+            y.index_add_(0, rows, z[terms * M:] * scales[terms * M:].unsqueeze(1))
         if offset is not None:
             y.addr_(xf.sum(dim=1), offset)
         if bias is not None:
@@ -581,27 +587,62 @@ def _int8_term(r: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> No
     torch.div(a, 127.0, out=scales)
 
 
-def split_terms(xf: torch.Tensor, third_ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(codes (T, K) fp32 integers in [-127, 127], scales (T,), rows of xf given a third term or None)
-    of fp32 activations xf (M, K): rows [0, M) are q1, [M, 2M) q2 and the rest q3 of the rows listed,
-    with xf ~ sum of s_t * q_t, each term quantized from the residual of the ones before."""
+def split_terms(xf: torch.Tensor, extra_ratio: float, terms: int = 2
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(codes (T, K) fp32 integers in [-127, 127], scales (T,), rows of xf given an extra term or None)
+    of fp32 activations xf (M, K): rows [t M, (t + 1) M) are term t + 1 of every row (t < terms), the rest
+    one more term of the rows listed (those whose absmax passes extra_ratio x their rms), with
+    xf ~ sum of s_t * q_t, each term quantized from the residual of the ones before."""
     M, K = xf.shape
     big = None
     if M:
         rms = xf.pow(2).mean(dim=1).sqrt_()
-        found = (xf.abs().amax(dim=1) > third_ratio * rms).nonzero().flatten()
+        found = (xf.abs().amax(dim=1) > extra_ratio * rms).nonzero().flatten()
         big = found if found.numel() else None
-    n3 = 0 if big is None else big.numel()
-    codes = torch.empty(2 * M + n3, K, dtype=torch.float32)
-    scales = torch.empty(2 * M + n3, dtype=torch.float32)
-    _int8_term(xf, codes[:M], scales[:M])
-    residual = torch.addcmul(xf, codes[:M], scales[:M].unsqueeze(1), value=-1.0)
-    _int8_term(residual, codes[M:2 * M], scales[M:2 * M])
-    if big is not None:  # the second residual, only of the rows that take a third term
-        q2, s2 = codes[M:2 * M].index_select(0, big), scales[M:2 * M].index_select(0, big)
-        _int8_term(torch.addcmul(residual.index_select(0, big), q2, s2.unsqueeze(1), value=-1.0),
-                   codes[2 * M:], scales[2 * M:])
+    n_extra = 0 if big is None else big.numel()
+    codes = torch.empty(terms * M + n_extra, K, dtype=torch.float32)
+    scales = torch.empty(terms * M + n_extra, dtype=torch.float32)
+    residual = xf
+    for t in range(terms):
+        q, s = codes[t * M:(t + 1) * M], scales[t * M:(t + 1) * M]
+        _int8_term(residual, q, s)
+        if t + 1 < terms or big is not None:
+            residual = torch.addcmul(residual, q, s.unsqueeze(1), value=-1.0)
+    if big is not None:  # the last residual, only of the rows that take an extra term
+        _int8_term(residual.index_select(0, big), codes[terms * M:], scales[terms * M:])
     return codes, scales, big
+
+
+class ExactSplitKernel(Kernel):
+    """fp32 activations through a split kernel's int8 GEMM at fp32 precision: three int8 terms per row (x to
+    within absmax / 2**24 per element), a fourth for rows whose absmax passes FOURTH_TERM_RATIO x their rms
+    (within absmax / 2**32), the exact int32 products combined in fp32. Measured against the float64 product
+    (tests/test_int8_kernels.py) its error is at most that of the fp32 reference kernel, so unlike the `_bf16`
+    kernels it is a candidate in every measured mode. On CPUs with native bf16 its int8 GEMM does 4 products per
+    byte lane where fp32 FMAs do 1 per float lane: 3-4 terms cost less than fp32 arithmetic."""
+
+    measured = True
+    TERMS = 3
+    FOURTH_TERM_RATIO = 8.0  # above it a row's 3-term error could pass the fp32 GEMM's own (K = 4096)
+
+    def __init__(self, base: SplitInt8Kernel) -> None:
+        self.base, self.name, self.priority = base, f"{base.name}_f32", base.priority
+        self.activations, self.gguf = base.activations, base.gguf
+
+    def available(self) -> bool:
+        return self.base.available()
+
+    def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
+        return dtype == torch.float32 and self.base.accepts(layer, device, torch.bfloat16)
+
+    def chosen(self, layer: Any, rows: int) -> bool:
+        return False
+
+    def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
+        return self.base.prepare(layer, device, torch.bfloat16)
+
+    def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
+        return self.base.forward_terms(x, prepared, self.TERMS, self.FOURTH_TERM_RATIO)
 
 
 ONEDNN, FBGEMM, TOKEN_W8, SPLIT = OneDnnInt8Kernel(), FbgemmInt8Kernel(), TokenW8Kernel(), SplitInt8Kernel()
@@ -611,3 +652,4 @@ for _kernel in (ONEDNN, FBGEMM, INTMM, NATIVE, TOKEN_W8, SPLIT, SPLIT_INTMM, SPL
     register_kernel(_kernel)
 for _kernel in (SPLIT, SPLIT_INTMM, SPLIT_NATIVE):
     register_kernel(cpu.Bf16ActivationsKernel(_kernel))
+    register_kernel(ExactSplitKernel(_kernel))
