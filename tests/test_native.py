@@ -515,14 +515,14 @@ def test_native_finish_tokens(dtype):
         native.finish_tokens(y, absmax, None, dtype, (x, weights.wq_t, cols, ws), weights.get(cols[:2], dtype))
 
 
-needs_int8_gemm = pytest.mark.skipif(not native.has_int8_gemm(), reason="native int8 GEMM needs AVX-512 VNNI")
+needs_int8_gemm = pytest.mark.skipif(not native.has_int8_gemm(), reason="native int8 GEMM needs AVX-512 VNNI or AVX2")
 
 
 def _int8_operands(M, K, N, seed=0, full_range=False):
     g = torch.Generator().manual_seed(seed)
     lo = -128 if full_range else -127
     wq = torch.randint(lo, 128, (N, K), dtype=torch.int8, generator=g)
-    codes = torch.randint(0, 256, (M, K), dtype=torch.uint8, generator=g)
+    codes = torch.randint(1, 256, (M, K), dtype=torch.uint8, generator=g)  # per-token codes + 128: c in [-127, 127]
     ws = torch.rand(N, generator=g) * 0.01 + 1e-4
     return wq, codes, ws
 
@@ -534,6 +534,9 @@ def test_native_int8_gemm_is_exact_in_int32(M, K, N):
     """acc - 128 * rowsum(w) equals the int64 product of the signed codes exactly (checked where it fits fp32's
     24-bit mantissa: the product times ws is then one fp32 rounding), for every tile remainder and column tail."""
     wq, codes, ws = _int8_operands(M, K, N, seed=M * 7 + N, full_range=True)
+    if M == 64:  # the largest pair sums: every code at an end of its range
+        codes[:2], wq[:2] = 1, -128  # |w| 128 meets c = -127 twice in a pair (32512 <= 32767)
+        codes[2:4], wq[2:4] = 255, 127
     p = native.int8_pack(wq)
     assert p.packed.numel() == -(-N // 64) * 64 * K and p.comp.numel() == -(-N // 64) * 64
     assert torch.equal(p.comp[:N], 128 * wq.long().sum(1).int()) and not p.comp[N:].any()
@@ -613,7 +616,9 @@ def test_native_int8_gemm_refusals():
 
 
 @needs_native
-def test_a_build_without_vnni_has_no_int8_gemm(monkeypatch, rebuilt):
+def test_an_avx2_build_has_the_avx2_int8_gemm_and_an_sse2_build_none(monkeypatch, rebuilt):
+    """Without VNNI the int8 GEMM is built in its AVX2 form (|w| x sign(w) c on vpmaddubsw, exact); it refuses
+    activation codes of -128. A build below AVX2 has none, and the kernels on it say so."""
     import platform
 
     from hf_quant.runtime.kernels import int8
@@ -621,7 +626,17 @@ def test_a_build_without_vnni_has_no_int8_gemm(monkeypatch, rebuilt):
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("x86 flags")
     monkeypatch.setenv(native.ENV_CFLAGS, "-march=x86-64-v3")
-    assert native.library() is not None and not native.has_int8_gemm()
+    assert native.library() is not None and native.int8_gemm_form() == "avx2"
+    assert int8.NATIVE.available() and int8.SPLIT_NATIVE.available()
+    wq, codes, ws = _int8_operands(9, 4096, 70, seed=11, full_range=True)
+    exact = ((codes.long() - 128) @ wq.long().t()).double()
+    assert torch.equal(native.int8_gemm(codes, native.int8_pack(wq), torch.ones(70)).double(), exact.float().double())
+    with pytest.raises(ValueError, match=r"\[-127, 127\]"):
+        native.int8_gemm(torch.zeros(2, 8, dtype=torch.uint8), native.int8_pack(torch.ones(3, 8, dtype=torch.int8)),
+                         torch.ones(3))
+    monkeypatch.setenv(native.ENV_CFLAGS, "-march=x86-64")
+    native.reset()
+    assert native.library() is not None and not native.has_int8_gemm() and native.int8_gemm_form() is None
     assert not int8.NATIVE.available() and not int8.SPLIT_NATIVE.available()
-    with pytest.raises(RuntimeError, match="AVX-512 VNNI needed"):
+    with pytest.raises(RuntimeError, match="AVX-512 VNNI or AVX2 needed"):
         native.int8_pack(torch.zeros(8, 8, dtype=torch.int8))

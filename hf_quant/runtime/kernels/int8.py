@@ -216,8 +216,12 @@ class _ExactInt8Kernel(Kernel):
         raise NotImplementedError
 
     def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
-        return (device.type == "cpu" and dtype in _CPU_DTYPES and fits(layer) and exact_int8_dot()
+        return (device.type == "cpu" and dtype in _CPU_DTYPES and fits(layer) and self.exact()
                 and self.available())
+
+    def exact(self) -> bool:
+        """Whether this kernel's int8 GEMM is exact on this CPU (torch's need a non-saturating int8 dot)."""
+        return exact_int8_dot()
 
     @staticmethod
     def epilogue_parts(layer: Any) -> tuple[torch.Tensor, torch.Tensor, "OutlierWeights", torch.Tensor | None]:
@@ -423,6 +427,9 @@ class NativeInt8Kernel(_ExactInt8Kernel):
     def available(self) -> bool:
         return _native_int8_available()
 
+    def exact(self) -> bool:
+        return True  # both forms (VNNI, and AVX2's |c| x sign(c) w) are exact by construction
+
     def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
         return super().supports(layer, device, dtype) and _native_int8_fits(layer)
 
@@ -500,7 +507,11 @@ class SplitInt8Kernel(Kernel):
     def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
         spec = layer.spec
         return (device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and spec.bits == 8
-                and spec.group_size == -1 and layer.g_idx is None and exact_int8_dot() and self.available())
+                and spec.group_size == -1 and layer.g_idx is None and self.exact() and self.available())
+
+    def exact(self) -> bool:
+        """Whether `gemm` is exact on this CPU (fbgemm's and oneDNN's need a non-saturating int8 dot)."""
+        return exact_int8_dot()
 
     def chosen(self, layer: Any, rows: int) -> bool:
         return False
@@ -568,6 +579,9 @@ class SplitNativeKernel(SplitInt8Kernel):
 
     def available(self) -> bool:
         return _native_int8_available()
+
+    def exact(self) -> bool:
+        return True
 
     def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
         return super().supports(layer, device, dtype) and _native_int8_fits(layer)

@@ -16,7 +16,7 @@ in the inner loop: AVX-512F or AVX2 builds, `has_sign()`) and `sign_dequantize_i
 AVX512-BF16 builds for bf16, `has_codes_bf16()`; AVX-512F or AVX2 + FMA builds for fp32, `has_codes_f32()`),
 LLM.int8()'s per-token activation quantization (`quantize_tokens`, bit-identical to the torch path of
 kernels/int8.py) and its epilogue (`finish_tokens`), and an exact int8 GEMM (`int8_pack` / `int8_gemm`: uint8
-codes + 128 x int8 weights in int32 by AVX-512 VNNI, the epilogue optionally fused; `has_int8_gemm()`).
+codes + 128 x int8 weights in int32 by AVX-512 VNNI or, without it, AVX2 (`int8_gemm_form`), the epilogue optionally fused; `has_int8_gemm()`).
 """
 
 from __future__ import annotations
@@ -193,7 +193,8 @@ CAP_CODES_BF16 = 1  # hfq_codes_bf16_gemm compiled (AVX-512 BW + BF16)
 CAP_CODES_F32 = 2  # hfq_codes_f32_gemm vectorized (AVX-512F, or AVX2 + FMA)
 CAP_SIGN = 4  # hfq_sign_gemm vectorized (AVX-512F, or AVX2)
 CAP_CODES_I16 = 8  # hfq_codes_i16_gemv compiled (AVX2)
-CAP_INT8 = 16  # hfq_int8_gemm compiled (AVX-512 VNNI)
+CAP_INT8 = 16  # hfq_int8_gemm compiled (AVX-512 VNNI, or AVX2: CAP_INT8_AVX2 too)
+CAP_INT8_AVX2 = 32  # hfq_int8_gemm in its AVX2 form (vpmaddubsw on |w| and sign(w) * c)
 # corr's offset per layout: bf16, nibbles 128 + q, bytes 16 (128 + high) + (128 + low) = u + 2176; fp32: q itself
 CODES_OFFSET = {(torch.bfloat16, True): 128.0, (torch.bfloat16, False): 2176.0,
                 (torch.float32, True): 0.0, (torch.float32, False): 0.0}
@@ -264,8 +265,13 @@ def codes_i16_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, o
 
 
 def has_int8_gemm() -> bool:
-    """Whether the exact int8 GEMM (`int8_gemm`, AVX-512 VNNI) is built for this CPU."""
+    """Whether the exact int8 GEMM (`int8_gemm`: AVX-512 VNNI, or AVX2) is built for this CPU."""
     return bool(_caps() & CAP_INT8)
+
+
+def int8_gemm_form() -> str | None:
+    """"vnni", "avx2" (`vpmaddubsw` on |w| x sign(w) c; activation codes + 128 of at least 1) or None: which exact int8 GEMM this build has."""
+    return None if not has_int8_gemm() else "avx2" if _caps() & CAP_INT8_AVX2 else "vnni"
 
 
 class Int8Packed(NamedTuple):
@@ -280,7 +286,7 @@ class Int8Packed(NamedTuple):
 def _int8_library() -> ctypes.CDLL:
     lib = library()
     if lib is None or not has_int8_gemm():
-        raise RuntimeError(f"native int8 GEMM unavailable: {unavailable_reason() or 'not built (AVX-512 VNNI needed)'}")
+        raise RuntimeError(f"native int8 GEMM unavailable: {unavailable_reason() or 'not built (AVX-512 VNNI or AVX2 needed)'}")
     return lib
 
 
@@ -331,11 +337,15 @@ def int8_gemm(codes: torch.Tensor, w: Int8Packed, ws: torch.Tensor, absmax: torc
     out = torch.empty(M, N, dtype=dtype)
     if M == 0:
         return out
-    if lib.hfq_int8_gemm(codes.data_ptr(), M, K, codes.stride(0) if M > 1 else K, w.packed.data_ptr(), N,
-                         w.comp.data_ptr(), ws.data_ptr(), None if absmax is None else absmax.data_ptr(),
-                         None if bias is None else bias.data_ptr(), None if xo is None else xo.data_ptr(),
-                         None if wc is None else wc.data_ptr(), n_out, out.data_ptr(), N, _KIND[dtype],
-                         max(1, torch.get_num_threads())):
+    rc = lib.hfq_int8_gemm(codes.data_ptr(), M, K, codes.stride(0) if M > 1 else K, w.packed.data_ptr(), N,
+                           w.comp.data_ptr(), ws.data_ptr(), None if absmax is None else absmax.data_ptr(),
+                           None if bias is None else bias.data_ptr(), None if xo is None else xo.data_ptr(),
+                           None if wc is None else wc.data_ptr(), n_out, out.data_ptr(), N, _KIND[dtype],
+                           max(1, torch.get_num_threads()))
+    if rc == 3:
+        raise ValueError("native int8_gemm: an activation code of -128 (a uint8 0): the AVX2 int8 GEMM takes per-token "
+                         "codes in [-127, 127] (codes + 128 in [1, 255]), as quantize_tokens writes them")
+    if rc:
         raise RuntimeError("native int8_gemm failed")
     return out
 

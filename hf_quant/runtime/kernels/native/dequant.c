@@ -169,7 +169,7 @@ int hfq_dequant_bytes(const uint8_t *codes, const float *scale, const float *zer
 /* ---------------------------------------------------------------------------------------------------
  * Capabilities of this build: bit 0 = hfq_codes_bf16_gemm is compiled (AVX-512 BW + BF16), bit 1 =
  * hfq_codes_f32_gemm is vectorized (AVX-512F, or AVX2 + FMA), bit 2 = hfq_sign_gemm is vectorized, bit 3 =
- * hfq_codes_i16_gemv is compiled (AVX2), bit 4 = hfq_int8_gemm is compiled (AVX-512 VNNI).
+ * hfq_codes_i16_gemv is compiled (AVX2), bit 4 = hfq_int8_gemm is compiled (AVX-512 VNNI, or AVX2: then bit 5).
  */
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #define HFQ_F32_VEC 1
@@ -188,8 +188,11 @@ int hfq_caps(void) {
 #if defined(__AVX2__)
     caps |= 8;  /* hfq_codes_i16_gemv is compiled */
 #endif
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
+#if (defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)) || defined(__AVX2__)
     caps |= 16;  /* hfq_int8_gemm is compiled (HFQ_I8) */
+#endif
+#if !(defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)) && defined(__AVX2__)
+    caps |= 32;  /* ... in its AVX2 form (vpmaddubsw on |w| and sign(w) * c) */
 #endif
     return caps;
 }
@@ -1216,8 +1219,13 @@ int hfq_sign_dequant(const uint8_t *bits, const float *scale, void *out, int64_t
  */
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
 #define HFQ_I8 1
-#define HFQ_I8_NR 64
 #define HFQ_I8_MR 6
+#elif defined(__AVX2__)
+#define HFQ_I8 2 /* the AVX2 form below */
+#define HFQ_I8_MR 4
+#endif
+#if defined(HFQ_I8)
+#define HFQ_I8_NR 64
 #ifndef HFQ_I8_A_BYTES
 #define HFQ_I8_A_BYTES (1 << 30)
 #endif
@@ -1235,6 +1243,9 @@ typedef struct {
     int64_t ldo, N, n_out;
     int kind;
 } hfq_i8_epi;
+#endif
+
+#if HFQ_I8 == 1
 
 /* 16 outputs of row m from columns n.., the common case inline: inside N, no outlier columns. */
 static inline void i8_store_full(__m512i acc, const hfq_i8_epi *e, int64_t m, int64_t n) {
@@ -1326,6 +1337,106 @@ typedef void (*hfq_i8_tile_fn)(const uint8_t *, int64_t, const int8_t *, int64_t
                                int64_t, int64_t);
 static const hfq_i8_tile_fn HFQ_I8_TILES[HFQ_I8_MR + 1] = {NULL, i8_tile1, i8_tile2, i8_tile3, i8_tile4,
                                                            i8_tile5, i8_tile6};
+#elif HFQ_I8 == 2
+/* The AVX2 form (no VNNI: CPUs before Ice Lake / Zen 4). `vpmaddubsw` multiplies uint8 by int8 and adds pairs
+ * into int16 with saturation, exact only while |a0 b0 + a1 b1| <= 32767; with uint8 codes + 128 it would saturate.
+ * So the weights go in as |w| (0..128) and the activation codes as sign(w) * c (`vpsignb`; c in [-127, 127], the
+ * per-token codes' range): each pair is at most 2 * 128 * 127 = 32512, exact, and sums c * w. `vpmaddwd` by ones
+ * then adds the int16 pairs into int32 lanes (four codes of one column each, the packed layout's order). Weight
+ * codes of -128 (asymmetric 8-bit layers' codes minus 128) are fine; an activation code of -128 (a uint8 0) is
+ * refused. hfq_int8_gemm first writes each row of a as K signed codes (a2, row stride K). Tile: up to 4 rows x 16
+ * columns in 8 ymm accumulators over the whole of K, the block's four 16-column panels in turn; one row takes all
+ * 64 columns per k step (i8_tile1). On a 2-core Zen 1 EPYC (128-bit units: `vpmaddubsw` and `vpmaddwd` share one
+ * pipe) it runs at that pipe's limit, 8 products per cycle per core, the same as fp32 FMAs; CPUs with two 256-bit
+ * integer multiply pipes (Haswell and later, Zen 2 and later) do twice that per FMA. The int32 sums go to a
+ * buffer and the epilogue runs in plain C (gcc vectorizes it) with the arithmetic of hfq_finish_tokens: the same
+ * bytes. */
+#define HFQ_I8A_DECL(i) __m256i c##i##0 = _mm256_setzero_si256(), c##i##1 = c##i##0;
+#define HFQ_I8A_STEP(i) if (mr > i) { \
+    int32_t s4; memcpy(&s4, a + i * lda + k, 4); \
+    const __m256i sv = _mm256_set1_epi32(s4); \
+    c##i##0 = _mm256_add_epi32(c##i##0, _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(sv, b0)), ones)); \
+    c##i##1 = _mm256_add_epi32(c##i##1, _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(sv, b1)), ones)); }
+#define HFQ_I8A_STORE(i) if (mr > i) { _mm256_store_si256((__m256i *)(acc + i * HFQ_I8_NR + p * 16), c##i##0); \
+    _mm256_store_si256((__m256i *)(acc + i * HFQ_I8_NR + p * 16 + 8), c##i##1); }
+
+static void i8a_epilogue(const int32_t *acc, int mr, const hfq_i8_epi *e, int64_t m0, int64_t n0) {
+    const int64_t nn = e->N - n0 < HFQ_I8_NR ? e->N - n0 : HFQ_I8_NR;
+    for (int i = 0; i < mr; i++) {
+        const int64_t m = m0 + i;
+        float y[HFQ_I8_NR];
+        for (int64_t j = 0; j < nn; j++) y[j] = (float)acc[i * HFQ_I8_NR + j] * e->ws[n0 + j];
+        if (e->absmax) {
+            const float sx = e->absmax[m] / 127.0f;
+            if (e->bias) for (int64_t j = 0; j < nn; j++) y[j] = fmaf(y[j], sx, e->bias[n0 + j]);
+            else for (int64_t j = 0; j < nn; j++) y[j] *= sx;
+        }
+        for (int64_t o = 0; o < e->n_out; o++) {  /* hfq_finish_tokens' order; wc in blocks of 16 columns */
+            const float xv = e->xo[m * e->n_out + o];
+            for (int64_t j = 0; j < nn; j++) {
+                const int64_t n = n0 + j;
+                y[j] = fmaf(xv, e->wc[((n / 16) * e->n_out + o) * 16 + n % 16], y[j]);
+            }
+        }
+        store_row(y, (char *)e->out + (m * e->ldo + n0) * out_size(e->kind), nn, e->kind);
+    }
+}
+
+static inline __attribute__((always_inline)) void i8a_tile(const int mr, const uint8_t *a, int64_t lda,
+                                                           const int8_t *b, int64_t K, const hfq_i8_epi *e,
+                                                           int64_t m0, int64_t n0, int64_t pf) {
+    int32_t acc[HFQ_I8_MR * HFQ_I8_NR] __attribute__((aligned(32)));
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int p = 0; p < HFQ_I8_NR / 16; p++) {
+        HFQ_I8A_DECL(0) HFQ_I8A_DECL(1) HFQ_I8A_DECL(2) HFQ_I8A_DECL(3)
+        const int8_t *bs = b + p * 64;
+        for (int64_t k = 0; k < K; k += 4) {
+            const int8_t *bp = bs + k * HFQ_I8_NR;
+            const __m256i b0 = _mm256_loadu_si256((const __m256i *)bp), b1 = _mm256_loadu_si256((const __m256i *)(bp + 32));
+            const __m256i a0 = _mm256_abs_epi8(b0), a1 = _mm256_abs_epi8(b1);
+            _mm_prefetch((const char *)(bp + pf), _MM_HINT_T0);
+            HFQ_I8A_STEP(0) HFQ_I8A_STEP(1) HFQ_I8A_STEP(2) HFQ_I8A_STEP(3)
+        }
+        HFQ_I8A_STORE(0) HFQ_I8A_STORE(1) HFQ_I8A_STORE(2) HFQ_I8A_STORE(3)
+    }
+    i8a_epilogue(acc, mr, e, m0, n0);
+}
+
+/* One row (the decode GEMV): all 64 columns of the block per k step in 8 accumulators, so the weight is read in
+ * order, four lines per step (a 16-column panel at a time reads one line in four per pass, which streamed at
+ * 12.6 GB/s where fp32 F.linear streams 17 on a Zen 1 EPYC). */
+#define HFQ_I8A_COL(v) { const __m256i w = _mm256_loadu_si256((const __m256i *)(bp + 32 * v)); \
+    c##v = _mm256_add_epi32(c##v, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), \
+                                                                          _mm256_sign_epi8(sv, w)), ones)); }
+static __attribute__((noinline)) void i8_tile1(const uint8_t *a, int64_t lda, const int8_t *b, int64_t K,
+                                               const hfq_i8_epi *e, int64_t m0, int64_t n0, int64_t pf) {
+    (void)lda;
+    int32_t acc[HFQ_I8_NR] __attribute__((aligned(32)));
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
+    for (int64_t k = 0; k < K; k += 4) {
+        const int8_t *bp = b + k * HFQ_I8_NR;
+        for (int l = 0; l < 4; l++) _mm_prefetch((const char *)(bp + pf + 64 * l), _MM_HINT_T0);
+        int32_t s4;
+        memcpy(&s4, a + k, 4);
+        const __m256i sv = _mm256_set1_epi32(s4);
+        HFQ_I8A_COL(0) HFQ_I8A_COL(1) HFQ_I8A_COL(2) HFQ_I8A_COL(3)
+        HFQ_I8A_COL(4) HFQ_I8A_COL(5) HFQ_I8A_COL(6) HFQ_I8A_COL(7)
+    }
+    _mm256_store_si256((__m256i *)acc, c0), _mm256_store_si256((__m256i *)(acc + 8), c1);
+    _mm256_store_si256((__m256i *)(acc + 16), c2), _mm256_store_si256((__m256i *)(acc + 24), c3);
+    _mm256_store_si256((__m256i *)(acc + 32), c4), _mm256_store_si256((__m256i *)(acc + 40), c5);
+    _mm256_store_si256((__m256i *)(acc + 48), c6), _mm256_store_si256((__m256i *)(acc + 56), c7);
+    i8a_epilogue(acc, 1, e, m0, n0);
+}
+
+#define HFQ_I8_TILE(n) static __attribute__((noinline)) void i8_tile##n(const uint8_t *a, int64_t lda, \
+    const int8_t *b, int64_t K, const hfq_i8_epi *e, int64_t m0, int64_t n0, int64_t pf) { \
+    i8a_tile(n, a, lda, b, K, e, m0, n0, pf); }
+HFQ_I8_TILE(2) HFQ_I8_TILE(3) HFQ_I8_TILE(4)
+typedef void (*hfq_i8_tile_fn)(const uint8_t *, int64_t, const int8_t *, int64_t, const hfq_i8_epi *, int64_t,
+                               int64_t, int64_t);
+static const hfq_i8_tile_fn HFQ_I8_TILES[HFQ_I8_MR + 1] = {NULL, i8_tile1, i8_tile2, i8_tile3, i8_tile4};
 #endif
 
 /* Bytes of hfq_int8_pack's output for an N x K weight (K a multiple of 4); 0 where this build has no int8 GEMM. */
@@ -1417,6 +1528,23 @@ int hfq_int8_gemm(const uint8_t *a, int64_t M, int64_t K, int64_t lda, const int
     int64_t chunk = HFQ_I8_A_BYTES / K / HFQ_I8_MR * HFQ_I8_MR;
     if (chunk < HFQ_I8_MR) chunk = HFQ_I8_MR;
     if (M * N * K < (1 << 21)) nthreads = 1;
+#if HFQ_I8 == 2  /* the AVX2 form reads the signed codes (see above), and cannot take -128 */
+    uint8_t *a2 = (uint8_t *)malloc((size_t)(M * K));
+    if (!a2) return 1;
+    uint8_t low = 255;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k++) {
+            const uint8_t u = a[m * lda + k];
+            low = u < low ? u : low;
+            a2[m * K + k] = u ^ 0x80u;
+        }
+    if (low == 0) {
+        free(a2);
+        return 3;
+    }
+    a = a2;
+    lda = K;
+#endif
 #pragma omp parallel num_threads(nthreads)
     for (int64_t c0 = 0; c0 < M; c0 += chunk) {
         const int64_t c1 = M - c0 < chunk ? M : c0 + chunk;
@@ -1430,6 +1558,9 @@ int hfq_int8_gemm(const uint8_t *a, int64_t M, int64_t K, int64_t lda, const int
             }
         }
     }
+#if HFQ_I8 == 2
+    free(a2);
+#endif
     return 0;
 #else
     (void)a; (void)M; (void)K; (void)lda; (void)packed; (void)N; (void)comp; (void)ws; (void)absmax; (void)bias;
