@@ -1371,11 +1371,22 @@ static void i8a_epilogue(const int32_t *acc, int mr, const hfq_i8_epi *e, int64_
             if (e->bias) for (int64_t j = 0; j < nn; j++) y[j] = fmaf(y[j], sx, e->bias[n0 + j]);
             else for (int64_t j = 0; j < nn; j++) y[j] *= sx;
         }
-        for (int64_t o = 0; o < e->n_out; o++) {  /* hfq_finish_tokens' order; wc in blocks of 16 columns */
-            const float xv = e->xo[m * e->n_out + o];
-            for (int64_t j = 0; j < nn; j++) {
-                const int64_t n = n0 + j;
-                y[j] = fmaf(xv, e->wc[((n / 16) * e->n_out + o) * 16 + n % 16], y[j]);
+        for (int64_t q = 0; q * 16 < nn; q++) {  /* wc in blocks of 16 columns, each n_out x 16 contiguous */
+            const int64_t jn = nn - q * 16 < 16 ? nn - q * 16 : 16;
+            const float *wq = e->wc + (n0 / 16 + q) * e->n_out * 16;
+            float *yq = y + q * 16;
+            const float *xo = e->xo + m * e->n_out;
+            if (jn == 16) {  /* the 16 sums stay in registers over the columns, in hfq_finish_tokens' order */
+                __m256 y0 = _mm256_loadu_ps(yq), y1 = _mm256_loadu_ps(yq + 8);
+                for (int64_t o = 0; o < e->n_out; o++) {
+                    const __m256 xv = _mm256_set1_ps(xo[o]);
+                    y0 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(wq + o * 16), y0);
+                    y1 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(wq + o * 16 + 8), y1);
+                }
+                _mm256_storeu_ps(yq, y0), _mm256_storeu_ps(yq + 8, y1);
+            } else {
+                for (int64_t o = 0; o < e->n_out; o++)
+                    for (int64_t j = 0; j < jn; j++) yq[j] = fmaf(xo[o], wq[o * 16 + j], yq[j]);
             }
         }
         store_row(y, (char *)e->out + (m * e->ldo + n0) * out_size(e->kind), nn, e->kind);
