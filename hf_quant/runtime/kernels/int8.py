@@ -40,7 +40,10 @@ deviation from the per-token oracle 1.2-1.5e-2 on random inputs; never used).
 Both run only where the CPU has a non-saturating int8 dot product (AVX-512 VNNI, AVX-VNNI or
 AMX, and oneDNN not capped below it by ONEDNN_MAX_CPU_ISA): without VNNI, oneDNN's u8 x s8 path
 (vpmaddubsw, also fbgemm's AVX2 path) saturates int16 pair sums; measured with ONEDNN_MAX_CPU_ISA=AVX2 it deviates 5.6e-3
-relative from the oracle (and s8 activations are 10x slower). There `cpu_int8_token_w8` runs instead:
+relative from the oracle (and s8 activations are 10x slower). There `cpu_int8_native` runs in its AVX2 form
+(vpmaddubsw on |w| and sign(w) x c: pair sums <= 32512, exact; on a 2-core Zen 1 EPYC W8A8 2.9-3.5x the best float
+path at M = 1, 1.1x at M = 512, where fbgemm's saturating 7-bit path is no faster). Without any native build
+`cpu_int8_token_w8` runs instead:
 the exact per-token fake-quantized activations through the weight-only int8 paths
 (`_weight_int8pack_mm` up to `cpu.MAX_ROWS`, else dequantize + F.linear), exact and never slower
 than the oracle, but with weight-only speed.
@@ -413,8 +416,8 @@ def _native_int8_fits(layer: Any) -> bool:
 
 
 class NativeInt8Kernel(_ExactInt8Kernel):
-    """CPU W8A8 on hf_quant's own exact int8 GEMM (`native.int8_gemm`, AVX-512 VNNI: 6 x 64 tiles in registers,
-    the weight packed once per layer): the per-token codes + 128 as uint8, the offset's term subtracted in int32,
+    """CPU W8A8 on hf_quant's own exact int8 GEMM (`native.int8_gemm`, AVX-512 VNNI: 6 x 64 tiles in registers, or
+    its AVX2 form without VNNI; the weight packed once per layer): the per-token codes + 128 as uint8, the offset's term subtracted in int32,
     and the whole epilogue (column scale, row scale, bias, the outlier columns' product from W_hat rows gathered
     from the packed weight and cached while the columns repeat, the cast) in the GEMM's own pass, the same bytes
     as `finish_tokens`. The layer keeps one int8 copy of its weight (the packed one) beside its buffers. On a
