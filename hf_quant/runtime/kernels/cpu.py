@@ -336,24 +336,32 @@ class DequantTilesKernel(Kernel):
         return _finish(layer, yt.t().contiguous(), x)
 
 
-class Bf16ActivationsKernel(Kernel):
+class WrappedKernel(Kernel):
+    """`base` run on activations of another dtype (named `<base>_<suffix>`): a measured candidate only, never the
+    fixed choice."""
+
+    measured = True
+    suffix = ""
+
+    def __init__(self, base: Kernel) -> None:
+        self.base, self.name, self.priority = base, f"{base.name}_{self.suffix}", base.priority
+        self.activations, self.gguf = base.activations, base.gguf
+
+    def chosen(self, layer: Any, rows: int) -> bool:
+        return False
+
+
+class Bf16ActivationsKernel(WrappedKernel):
     """fp32 activations through `base`'s bf16 path: x cast to bf16, the output cast back to fp32.
     This changes results by bf16 rounding (tests/test_cpu_dispatch.py measures it), so it is a
     candidate only in mode "measure_bf16" or where torch's fp32 matmul precision is bf16
     (`cpu_measure.torch_allows_bf16`), and never chosen otherwise."""
 
-    measured = True
     casts_to_bf16 = True
-
-    def __init__(self, base: Kernel) -> None:
-        self.base, self.name, self.priority = base, f"{base.name}_bf16", base.priority
-        self.activations, self.gguf = base.activations, base.gguf
+    suffix = "bf16"
 
     def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
         return dtype == torch.float32 and self.base.accepts(layer, device, torch.bfloat16)
-
-    def chosen(self, layer: Any, rows: int) -> bool:
-        return False
 
     def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
         return self.base.prepare(layer, device, torch.bfloat16)
@@ -362,7 +370,7 @@ class Bf16ActivationsKernel(Kernel):
         return self.base.forward(layer, x.to(torch.bfloat16), prepared).to(x.dtype)
 
 
-class Fp32ActivationsKernel(Kernel):
+class Fp32ActivationsKernel(WrappedKernel):
     """bf16/fp16 activations through `base`'s fp32 path: x widened to fp32 (exact), the fp32 result rounded once to
     the activation dtype. For CPUs without native bf16/fp16 GEMMs (AVX2-only, or oneDNN capped below AVX512-BF16),
     where torch's fp32 GEMM is several times faster than its bf16 one: a bf16 model's prefill then runs at fp32
@@ -370,17 +378,10 @@ class Fp32ActivationsKernel(Kernel):
     a bf16 weight and bf16 output), so it is a candidate in every measured mode; where bf16 GEMMs are native it
     loses the measurement (its fp32 GEMM does half the work per instruction) and is dropped by the probes."""
 
-    measured = True
-
-    def __init__(self, base: Kernel) -> None:
-        self.base, self.name, self.priority = base, f"{base.name}_fp32", base.priority
-        self.activations, self.gguf = base.activations, base.gguf
+    suffix = "fp32"
 
     def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
         return dtype in (torch.bfloat16, torch.float16) and self.base.accepts(layer, device, torch.float32)
-
-    def chosen(self, layer: Any, rows: int) -> bool:
-        return False
 
     def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
         return self.base.prepare(layer, device, torch.float32)

@@ -630,7 +630,7 @@ def split_terms(xf: torch.Tensor, extra_ratio: float, terms: int = 2
     return codes, scales, big
 
 
-class ExactSplitKernel(Kernel):
+class ExactSplitKernel(cpu.WrappedKernel):
     """fp32 activations through a split kernel's int8 GEMM at fp32 precision: three int8 terms per row (x to
     within absmax / 2**24 per element), a fourth for rows whose absmax passes FOURTH_TERM_RATIO x their rms
     (within absmax / 2**32), the exact int32 products combined in fp32. Measured against the float64 product
@@ -638,22 +638,15 @@ class ExactSplitKernel(Kernel):
     kernels it is a candidate in every measured mode. On CPUs with native bf16 its int8 GEMM does 4 products per
     byte lane where fp32 FMAs do 1 per float lane: 3-4 terms cost less than fp32 arithmetic."""
 
-    measured = True
+    suffix = "f32"
     TERMS = 3
     FOURTH_TERM_RATIO = 8.0  # above it a row's 3-term error could pass the fp32 GEMM's own (K = 4096)
-
-    def __init__(self, base: SplitInt8Kernel) -> None:
-        self.base, self.name, self.priority = base, f"{base.name}_f32", base.priority
-        self.activations, self.gguf = base.activations, base.gguf
 
     def available(self) -> bool:
         return self.base.available()
 
     def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
         return dtype == torch.float32 and self.base.accepts(layer, device, torch.bfloat16)
-
-    def chosen(self, layer: Any, rows: int) -> bool:
-        return False
 
     def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
         return self.base.prepare(layer, device, torch.bfloat16)
