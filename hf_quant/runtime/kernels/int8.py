@@ -575,7 +575,7 @@ class SplitIntMmKernel(SplitInt8Kernel):
 
 
 class SplitNativeKernel(SplitInt8Kernel):
-    """`cpu_int8_split` with its int8 GEMM on `native.int8_gemm` (AVX-512 VNNI builds): the same terms as uint8
+    """`cpu_int8_split` with its int8 GEMM on `native.int8_gemm` (AVX-512 VNNI or AVX2 builds): the same terms as uint8
     codes + 128, the same exact int32 products. A measured candidate only."""
 
     name = "cpu_int8_split_native"
