@@ -179,18 +179,21 @@ def compute_dtype(config: QuantConfig, model_dtype: torch.dtype, device: torch.d
 def block_at_work(block: nn.Module, device: torch.device, home: torch.device, dtype: torch.dtype):
     """`block` on the work device in the compute dtype for its calibration, then back home, each float
     parameter and buffer in the dtype it had (the quantized layers' own buffers, new, are left as made)."""
-    dtypes = {n: t.dtype for n, t in (*block.named_parameters(), *block.named_buffers()) if t.is_floating_point()}
+    # by tensor object, not by name: a float layer the stage replaced (and that a failure puts back) leaves the block
+    # but must come back home in its own dtype too (it stayed in the compute dtype: a bf16 model calibrated in fp32
+    # on an AVX2 CPU got fp32 layers back after a failed calibration)
+    tensors = [(t, t.dtype) for t in (*block.parameters(), *block.buffers()) if t.is_floating_point()]
     block.to(device)
-    if any(d != dtype for d in dtypes.values()):
+    if any(d != dtype for _, d in tensors):
         block.to(dtype)
     try:
         yield
     finally:
         block.to(home)
         with torch.no_grad():
-            for n, t in (*block.named_parameters(), *block.named_buffers()):
-                if n in dtypes and t.dtype != dtypes[n]:
-                    t.data = t.data.to(dtypes[n])
+            for t, d in tensors:
+                if t.dtype != d or t.device != home:
+                    t.data = t.data.to(home, d)
 
 
 def iter_block(block: nn.Module, device: torch.device, inputs: list[tuple[tuple, dict]], prefix: str = "",
