@@ -247,7 +247,7 @@ def test_cli_streams_by_default_and_records_evaluation(tmp_path):
     assert result["quantized_layers"] == 28
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["provenance"]["evaluation"]["perplexity"] == result["perplexity"]
-    assert str(result["perplexity"]) in (out / "README.md").read_text()
+    assert f"Perplexity **{result['perplexity']:.3f}**" in (out / "README.md").read_text()  # the card's 3 decimals
     model = AutoModelForCausalLM.from_pretrained(out)
     assert sum(isinstance(m, hf_quant.QuantLinear) for m in model.modules()) == 28
 
