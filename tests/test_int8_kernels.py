@@ -190,6 +190,19 @@ def _split_inputs(m, in_f, dtype, kind, seed):
     return x.to(dtype)
 
 
+def _errors_against_float64(layer, x, name):
+    """(the kernel's output, the reference kernel's, and the relative error of each against the float64 product of
+    the layer's dequantized weight); skips where the kernel does not run here."""
+    if not kernels.base.KERNELS.get(name).supports(layer, x.device, x.dtype):
+        pytest.skip("no exact int8 GEMM on this CPU (VNNI/AMX and fbgemm / torch._int_mm needed)")
+    truth = x.double() @ layer.dequantize().double().t() + (0 if layer.bias is None else layer.bias.double())
+    with kernels.use_kernel(name):
+        out = layer(x)
+    with kernels.use_kernel("reference"):
+        ref = layer(x)
+    return out, ref, rel_err(out, truth), rel_err(ref, truth)
+
+
 @pytest.mark.parametrize("m", [1, 3, 17, 64])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("sym,bias", [(True, False), (False, True)])
@@ -202,15 +215,8 @@ def test_split_int8_weight_only_kernel_is_as_close_as_float(m, dtype, sym, bias,
     from .test_kernels import make_layer
     layer, _ = make_layer(48, 256, LayerSpec(8, -1, sym, False), bias, dtype=dtype, seed=m)
     x = _split_inputs(m, 256, dtype, kind, seed=m)
-    if not kernels.base.KERNELS.get(name).supports(layer, x.device, dtype):
-        pytest.skip("no exact int8 GEMM on this CPU (VNNI/AMX and fbgemm / torch._int_mm needed)")
-    truth = x.double() @ layer.dequantize().double().t() + (0 if layer.bias is None else layer.bias.double())
-    with kernels.use_kernel(name):
-        out = layer(x)
-    with kernels.use_kernel("reference"):
-        ref = layer(x)
+    out, ref, err, err_ref = _errors_against_float64(layer, x, name)
     assert out.shape == ref.shape and out.dtype == dtype
-    err, err_ref = rel_err(out, truth), rel_err(ref, truth)
     assert err < 2 * err_ref + 1e-4, (err, err_ref)
 
 
@@ -225,15 +231,8 @@ def test_exact_split_kernels_are_as_close_as_fp32(m, sym, bias, kind, name):
     from .test_kernels import make_layer
     layer, _ = make_layer(48, 512, LayerSpec(8, -1, sym, False), bias, dtype=torch.float32, seed=m)
     x = _split_inputs(m, 512, torch.float32, kind, seed=m)
-    if not kernels.base.KERNELS.get(name).supports(layer, x.device, torch.float32):
-        pytest.skip("no exact int8 GEMM on this CPU (VNNI/AMX and fbgemm / torch._int_mm needed)")
-    truth = x.double() @ layer.dequantize().double().t() + (0 if layer.bias is None else layer.bias.double())
-    with kernels.use_kernel(name):
-        out = layer(x)
-    with kernels.use_kernel("reference"):
-        ref = layer(x)
+    out, _, err, err_ref = _errors_against_float64(layer, x, name)
     assert out.dtype == torch.float32
-    err, err_ref = rel_err(out, truth), rel_err(ref, truth)
     assert err <= 1.5 * err_ref + 1e-8, (err, err_ref)
 
 

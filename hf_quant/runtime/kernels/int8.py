@@ -431,7 +431,7 @@ class NativeInt8Kernel(_ExactInt8Kernel):
         return _native_int8_available()
 
     def exact(self) -> bool:
-        return True  # both forms (VNNI, and AVX2's |c| x sign(c) w) are exact by construction
+        return True  # both forms (VNNI, and AVX2's |w| x sign(w) c) are exact by construction
 
     def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
         return super().supports(layer, device, dtype) and _native_int8_fits(layer)
@@ -623,10 +623,12 @@ def split_terms(xf: torch.Tensor, extra_ratio: float, terms: int = 2
     for t in range(terms):
         q, s = codes[t * M:(t + 1) * M], scales[t * M:(t + 1) * M]
         _int8_term(residual, q, s)
-        if t + 1 < terms or big is not None:
+        if t + 1 < terms:
             residual = torch.addcmul(residual, q, s.unsqueeze(1), value=-1.0)
     if big is not None:  # the last residual, only of the rows that take an extra term
-        _int8_term(residual.index_select(0, big), codes[terms * M:], scales[terms * M:])
+        q, s = q.index_select(0, big), s.index_select(0, big)
+        _int8_term(torch.addcmul(residual.index_select(0, big), q, s.unsqueeze(1), value=-1.0),
+                   codes[terms * M:], scales[terms * M:])
     return codes, scales, big
 
 

@@ -174,6 +174,14 @@ int hfq_dequant_bytes(const uint8_t *codes, const float *scale, const float *zer
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #define HFQ_F32_VEC 1
 #endif
+/* The exact int8 GEMM's form (its section below): 1 = AVX-512 VNNI, 2 = AVX2 (vpmaddubsw); undefined: none. */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
+#define HFQ_I8 1
+#define HFQ_I8_MR 6
+#elif defined(__AVX2__)
+#define HFQ_I8 2
+#define HFQ_I8_MR 4
+#endif
 int hfq_caps(void) {
     int caps = 0;
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
@@ -188,10 +196,10 @@ int hfq_caps(void) {
 #if defined(__AVX2__)
     caps |= 8;  /* hfq_codes_i16_gemv is compiled */
 #endif
-#if (defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)) || defined(__AVX2__)
-    caps |= 16;  /* hfq_int8_gemm is compiled (HFQ_I8) */
+#if defined(HFQ_I8)
+    caps |= 16;  /* hfq_int8_gemm is compiled */
 #endif
-#if !(defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)) && defined(__AVX2__)
+#if HFQ_I8 == 2
     caps |= 32;  /* ... in its AVX2 form (vpmaddubsw on |w| and sign(w) * c) */
 #endif
     return caps;
@@ -1217,14 +1225,7 @@ int hfq_sign_dequant(const uint8_t *bits, const float *scale, void *out, int64_t
  * (+ bias[n], one fma as there, + the outlier columns' products, one fma each in the same order), rounded once
  * to out_kind: the same bytes as hfq_finish_tokens of the fp32 product.
  */
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
-#define HFQ_I8 1
-#define HFQ_I8_MR 6
-#elif defined(__AVX2__)
-#define HFQ_I8 2 /* the AVX2 form below */
-#define HFQ_I8_MR 4
-#endif
-#if defined(HFQ_I8)
+#if defined(HFQ_I8)  /* which form: decided before hfq_caps */
 #define HFQ_I8_NR 64
 #ifndef HFQ_I8_A_BYTES
 #define HFQ_I8_A_BYTES (1 << 30)
