@@ -555,7 +555,8 @@ def cmd_export_onnx(args: argparse.Namespace) -> None:
     _stage(f"exporting {args.out}" + (" (dynamic int8)" if args.dynamic_int8 else ""))
     hf_quant.export_onnx(model, Path(args.out), _tokenizer(args.model, args.command),
                          quantize="dynamic-int8" if args.dynamic_int8 else None, accuracy_level=args.accuracy_level,
-                         external_data=True if args.external_data else None, overwrite=args.overwrite)
+                         external_data=True if args.external_data else None, overwrite=args.overwrite,
+                         reduce_range=not args.full_range)
     print(json.dumps({"saved": args.out, "format": "onnx", "quantize": "dynamic-int8" if args.dynamic_int8 else None}))
 
 
@@ -733,6 +734,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite(xo)
     xo.add_argument("--dynamic-int8", action="store_true", help="a float model: quantize it with onnxruntime's "
                     "quantize_dynamic (int8 per-channel weights, dynamic activations)")
+    xo.add_argument("--full-range", action="store_true", help="with --dynamic-int8: 8-bit weights instead of the "
+                    "default 7-bit ones (exact only on CPUs with VNNI / AMX, or ARM: onnxruntime's AVX2 int8 "
+                    "kernel saturates with them)")
     xo.add_argument("--accuracy-level", type=int, choices=range(5), default=0, metavar="{0..4}",
                     help="MatMulNBits' accuracy_level: 0 fp32 compute (default, exact), 4 int8 compute (faster)")
     xo.add_argument("--external-data", action="store_true", help="keep the tensors in model.onnx_data beside the "

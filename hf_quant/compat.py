@@ -75,6 +75,60 @@ def patch_peft(create_lora_module: Callable[..., Any], check_target: Callable[..
     BaseTuner._hf_quant_installed = True
 
 
+def when_imported(module: str, callback: Callable[[], None]) -> None:
+    """Run `callback` now if `module` is imported, else right after its first import completes.
+
+    Python has no public post-import hook; this puts a finder at the front of `sys.meta_path` that
+    wraps the module's loader (`exec_module`) once. hf_quant uses it to put its PEFT hooks in place
+    without importing PEFT (which imports bitsandbytes and torch's inductor: seconds per process) in
+    runs that never use it."""
+    import sys
+
+    if module in sys.modules:
+        callback()
+        return
+    _AfterImport.install(module, callback)
+
+
+class _AfterImport:
+    """The meta-path finder behind `when_imported` (one per module name, removed once it fired)."""
+
+    def __init__(self, module: str):
+        self.module, self.callbacks = module, []
+
+    @classmethod
+    def install(cls, module: str, callback: Callable[[], None]) -> None:
+        import sys
+
+        finder = next((f for f in sys.meta_path if isinstance(f, cls) and f.module == module), None)
+        if finder is None:
+            finder = cls(module)
+            sys.meta_path.insert(0, finder)
+        if callback not in finder.callbacks:
+            finder.callbacks.append(callback)
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != self.module:
+            return None
+        import importlib.util
+        import sys
+
+        sys.meta_path.remove(self)  # fires once; the real finders locate the module
+        spec = importlib.util.find_spec(name)
+        loader = getattr(spec, "loader", None)
+        if loader is None or not hasattr(loader, "exec_module"):  # not importable: nothing to run after
+            return spec
+        exec_module, callbacks = loader.exec_module, list(self.callbacks)
+
+        def exec_then_callback(mod: Any) -> None:
+            exec_module(mod)
+            for cb in callbacks:
+                cb()
+
+        loader.exec_module = exec_then_callback
+        return spec
+
+
 def register_custom_lora_module(lora_config: Any, mapping: dict) -> Any:
     """PEFT's documented (experimental) route: `LoraConfig._register_custom_module(mapping)`."""
     lora_config._register_custom_module(mapping)

@@ -17,15 +17,15 @@ from hf_quant.runtime.kernels import base as kernel_base
 from .conftest import TINY_LLAMA
 
 
-def _load(dtype):
+def _load(dtype, **config):
     cfg = hf_quant.QuantConfig(method="rtn", bits=4, group_size=128)
-    return AutoModelForCausalLM.from_pretrained(TINY_LLAMA, quantization_config=cfg, dtype=dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(TINY_LLAMA, quantization_config=cfg, dtype=dtype, **config).eval()
 
 
-def _generate(model, compiled: bool, seen: list | None = None):
+def _generate(model, compiled: bool, seen: list | None = None, new_tokens: int = 6):
     torch.manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (1, 7))
-    kwargs = dict(max_new_tokens=6, do_sample=False, cache_implementation="static")
+    kwargs = dict(max_new_tokens=new_tokens, do_sample=False, cache_implementation="static")
     if compiled:
         # fullgraph: a graph break at a quantized layer fails here. _compile_all_devices: transformers
         # compiles only on accelerators by default
@@ -85,9 +85,11 @@ def test_triton_kernels_under_compiled_generate_in_the_interpreter(monkeypatch):
 
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py without CUDA)")
-    model = _load(torch.bfloat16)
+    # one of tiny-llama's four blocks and three new tokens (the prompt, then two decode steps): every
+    # kernel call runs in the interpreter, program by program
+    model = _load(torch.float16, num_hidden_layers=1)
     with hf_quant.kernels.use_kernel("reference"):
-        ref = _generate(model, compiled=False)
+        ref = _generate(model, compiled=False, new_tokens=3)
     made = _triton_on_cpu()
     try:
         calls = {k.name: 0 for k in made}
@@ -99,10 +101,10 @@ def test_triton_kernels_under_compiled_generate_in_the_interpreter(monkeypatch):
                 return _fwd(layer, x, prepared)
 
             monkeypatch.setattr(k, "forward", counted)
-        compiled = _generate(model, compiled=True)
+        compiled = _generate(model, compiled=True, new_tokens=3)
     finally:
         for k in made:
             kernel_base.unregister_kernel(k.name)
     assert calls["test_cpu_triton_gemv"] > 0 and calls["test_cpu_triton_splitk"] > 0, calls  # decode, prompt
-    # bf16 sums in another order may flip a near-tie; the prompt's continuation must agree at its start
+    # fp16 sums in another order may flip a near-tie; the prompt's continuation must agree at its start
     assert torch.equal(compiled[:, :9], ref[:, :9]), (compiled, ref)

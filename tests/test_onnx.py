@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 from pathlib import Path
 
@@ -196,9 +197,16 @@ def test_other_architectures_same_function(tmp_path, tiny_models, arch, cfg):
         assert (out / "model.onnx").stat().st_size < (out / ox.EXTERNAL_DATA_NAME).stat().st_size
 
 
-def test_float_model_dynamic_int8(tmp_path, tiny_models):
+@pytest.mark.parametrize("reduce_range", [True, False], ids=["7bit", "8bit"])
+def test_float_model_dynamic_int8(tmp_path, tiny_models, reduce_range):
+    from hf_quant.core.devices import cpu_flags
+
+    if not reduce_range and not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(cpu_flags()) \
+            and platform.machine().lower() in ("x86_64", "amd64"):
+        pytest.skip("8-bit weights saturate in onnxruntime's u8 x s8 kernel on x86 CPUs without VNNI (the reason "
+                    "7-bit weights are the default)")
     model = AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"], dtype=torch.float32).eval()
-    out = hf_quant.export_onnx(model, tmp_path / "onnx", quantize="dynamic-int8")
+    out = hf_quant.export_onnx(model, tmp_path / "onnx", quantize="dynamic-int8", reduce_range=reduce_range)
     import onnx
 
     ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
@@ -210,6 +218,13 @@ def test_float_model_dynamic_int8(tmp_path, tiny_models):
         ref = model(ids).logits
     assert float((logits - ref).abs().max() / ref.abs().max()) < 0.1  # int8 weights and activations
     assert (logits.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
+
+
+def test_full_range_is_an_option_of_dynamic_int8(tmp_path, tiny_models):
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"], dtype=torch.float32).eval()
+    with pytest.raises(ValueError, match="reduce_range=False.*dynamic-int8"):
+        hf_quant.export_onnx(model, tmp_path / "onnx", reduce_range=False)
+    assert not (tmp_path / "onnx").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -391,3 +391,48 @@ def test_two_process_training_ends_with_identical_adapters(tmp_path):
         assert torch.equal(ranks[0][k], ranks[1][k]), k
     start = load_file(tmp_path / "adapter_start.safetensors")
     assert any(not torch.equal(start[k], ranks[0][k]) for k in start)  # training moved them
+
+
+def test_hooks_go_in_when_peft_is_first_imported_after_the_model(q_llama):
+    """Loading an hf_quant model does not import PEFT (bitsandbytes and inductor with it: seconds per process);
+    importing PEFT afterwards puts the hooks in, so LoRA wraps the quantized layers and merging is refused."""
+    code = f"""
+import sys
+from transformers import AutoModelForCausalLM
+import hf_quant
+model = AutoModelForCausalLM.from_pretrained({str(q_llama)!r})
+assert "peft" not in sys.modules, "loading imported peft"
+from peft import LoraConfig, get_peft_model
+from hf_quant.integrations.peft_lora import QuantLoraLinear
+peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+layers = [m for m in peft_model.modules() if isinstance(m, QuantLoraLinear)]
+assert layers, "no QuantLoraLinear"
+try:
+    peft_model.merge_and_unload()
+except ValueError as e:
+    print("refused:", e)
+else:
+    raise SystemExit("merge was not refused")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "refused:" in proc.stdout
+
+
+def test_when_imported_runs_now_for_an_imported_module_and_once_after_a_later_import(monkeypatch):
+    import importlib
+
+    ran = []
+    compat.when_imported("json", lambda: ran.append("json"))  # imported already: at once
+    assert ran == ["json"]
+    monkeypatch.delitem(sys.modules, "colorsys", raising=False)
+    compat.when_imported("colorsys", lambda: ran.append("colorsys"))
+    compat.when_imported("colorsys", lambda: ran.append("colorsys 2"))
+    assert ran == ["json"]
+    importlib.import_module("colorsys")
+    assert ran == ["json", "colorsys", "colorsys 2"]
+    assert not any(isinstance(f, compat._AfterImport) and f.module == "colorsys" for f in sys.meta_path)
+    monkeypatch.delitem(sys.modules, "colorsys")
+    importlib.import_module("colorsys")  # a second import runs nothing again
+    assert ran == ["json", "colorsys", "colorsys 2"]

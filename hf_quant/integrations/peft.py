@@ -11,7 +11,8 @@ do to the packed weights as if they were floats is refused with an error naming 
 
 PEFT chooses layer classes without a public hook (see `hf_quant.compat.patch_peft`), so `install()`
 puts these in place, and `register_lora(lora_config)` offers PEFT's documented custom-module route.
-The quantizer calls `install()` whenever an hf_quant model is built, when PEFT is installed.
+The quantizer calls `install()` whenever an hf_quant model is built, when PEFT is installed; the hooks go in
+when PEFT is first imported (or at once, if it is).
 """
 
 from __future__ import annotations
@@ -77,9 +78,14 @@ def _check_merge(tuner: Any) -> None:
 
 
 def install() -> None:
-    """Put hf_quant's LoRA layer and checks into PEFT (idempotent; a no-op without PEFT)."""
+    """Put hf_quant's LoRA layer and checks into PEFT (idempotent; a no-op without PEFT): now if PEFT is
+    imported, else as soon as it is (PEFT is not imported for it: that costs seconds per process)."""
     if peft_available():
-        compat.patch_peft(_create_lora_module, _check_target, _check_merge)
+        compat.when_imported("peft", _patch)
+
+
+def _patch() -> None:
+    compat.patch_peft(_create_lora_module, _check_target, _check_merge)
 
 
 def register_lora(lora_config: Any) -> Any:
