@@ -52,7 +52,8 @@ def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("case", ["gptq", "gptq-act-order", "awq"])
+@pytest.mark.parametrize("case", ["gptq", pytest.param("gptq-act-order", marks=pytest.mark.heavy),
+                                  pytest.param("awq", marks=pytest.mark.heavy)])
 def test_spilled_calibration_is_bit_identical_and_leaves_no_file(case, tmp_path, monkeypatch):
     created = []
     real = SpilledInputs.__init__

@@ -123,7 +123,7 @@ def _error(method, bits, ids, ref, **kw):
     return ((out - ref).pow(2).mean() / ref.pow(2).mean()).item(), model
 
 
-@pytest.mark.parametrize("bits", [3, 2])
+@pytest.mark.parametrize("bits", [pytest.param(3, marks=pytest.mark.heavy), 2])
 def test_awq_and_omniquant_beat_rtn_on_held_out_logits(tiny_llama_eval, bits):
     ids, ref = tiny_llama_eval
     rtn, _ = _error("rtn", bits, ids, ref)
@@ -210,7 +210,7 @@ def test_failed_awq_leaves_the_model_untouched(tiny_models, monkeypatch):
 
 
 @pytest.mark.parametrize("gguf_type", ["Q3_K"])
-@pytest.mark.parametrize("method", ["awq", "omniquant"])
+@pytest.mark.parametrize("method", [pytest.param("awq", marks=pytest.mark.heavy), "omniquant"])
 def test_awq_and_omniquant_on_gguf_grids_beat_rtn(tiny_llama_eval, gguf_type, method):
     """AWQ's scale search and clipping, and OmniQuant's learned clipping, run on the GGUF grid itself
     (core.gguf.fake_quantize / fake_quantize_ste: clipped sub-blocks, sub-scales rounded as stored)."""

@@ -58,7 +58,8 @@ def watch(monkeypatch):
     return seen, models
 
 
-@pytest.mark.parametrize("case", ["rtn", "gptq", "gptq-act-order", "awq"])
+@pytest.mark.parametrize("case", ["rtn", "gptq", pytest.param("gptq-act-order", marks=pytest.mark.heavy),
+                                  pytest.param("awq", marks=pytest.mark.heavy)])
 def test_offloaded_from_pretrained_writes_the_in_memory_checkpoint(case, tmp_path, watch):
     cfg = QuantConfig(**CASES[case])
     ref = in_memory(TINY_LLAMA, tmp_path / "a" / "out", cfg)

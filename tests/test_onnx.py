@@ -119,7 +119,7 @@ def test_onnxruntime_probe_runs_its_widths_and_names_the_others():
 @pytest.mark.parametrize("cfg", [
     dict(method="rtn", bits=4, group_size=128),
     dict(method="gptq", bits=4, group_size=128, desc_act=True),
-    dict(method="rtn", bits=8, group_size=-1, sym=True),
+    pytest.param(dict(method="rtn", bits=8, group_size=-1, sym=True), marks=pytest.mark.heavy),  # as qwen2's below
     dict(method="rtn", bits=2, group_size=32),
 ], ids=["rtn-w4g128", "gptq-w4g128-actorder", "rtn-w8-perchannel", "rtn-w2g32"])
 def test_llama_same_function(tmp_path, tiny_models, cfg):
@@ -177,7 +177,7 @@ def test_bf16_model_is_exported_in_fp32_and_left_as_it_was(tmp_path, tiny_models
 
 @pytest.mark.parametrize("arch,cfg", [
     ("gpt2", dict(method="gptq", bits=4, group_size=32)),  # Conv1D layers, biases
-    ("qwen2", dict(method="rtn", bits=4, group_size=64)),  # biased q/k/v
+    ("qwen2", dict(method="rtn", bits=8, group_size=-1, sym=True)),  # biased q/k/v; per channel
     ("mistral", dict(method="gptq", bits=8, group_size=64, desc_act=True)),
 ])
 def test_other_architectures_same_function(tmp_path, tiny_models, arch, cfg):

@@ -237,7 +237,7 @@ def test_onebit_layers_do_not_pretend_to_be_linear(float_llama):
     torch.testing.assert_close(_logits(plain, ids), q, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ["onebit", pytest.param("bitnet", marks=pytest.mark.heavy)])
 def test_two_process_distillation_ends_with_identical_parameters(method, tmp_path):
     """torchrun --nproc_per_node 2 (gloo on CPU) runs DistillationTrainer on a prepared model; both processes end
     with the same latent weights and value vectors, moved by training."""
