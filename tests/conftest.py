@@ -24,6 +24,15 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 REF_LLAMA = SHARED / "models" / "ref-llama"
 
 
+def pytest_configure(config):
+    """With pytest-xdist workers (the suite's default, `-n auto` in pyproject.toml), each worker computes with one
+    thread: the tests are small and mostly single-threaded already, and two workers with two OpenMP threads each
+    on two cores spend their time waiting for each other. Set before the workers start, so their torch and the
+    native kernels' OpenMP read it. A test that needs threads sets them itself."""
+    if getattr(config.option, "numprocesses", None) and not os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
 def tiny_llama_config(**kw) -> LlamaConfig:
     cfg = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,

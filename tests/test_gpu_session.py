@@ -16,8 +16,9 @@ from hf_quant.runtime.kernels.triton import table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["versions", "correctness", "goal_table", "tune", "int8", "lowbit", "overhead", "generate", "gptq"]
-# 55 s: every stage on an idle 2-core machine; on a busy one the later stages record themselves as skipped
-BUDGET_S = "55"
+# 120 s: every stage, host_cpu included, runs in about 90 s on an idle 2-core AVX2 Zen 1 (55 s on a Zen 4); on a
+# busier machine the last stages record themselves as skipped (and their tests skip, saying so)
+BUDGET_S = "120"
 
 
 @pytest.fixture(scope="module")
