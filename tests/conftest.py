@@ -33,6 +33,19 @@ def pytest_configure(config):
         os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+# The files whose tests take longest in all (minutes each on a slow 2-core CPU), handed out first: with
+# `--dist loadfile` xdist gives the workers whole files in collection order, and a long file started last runs
+# alone on one worker while the others wait (alphabetical order put test_streaming.py, the longest, near the end).
+LONGEST_FIRST = ("test_streaming.py", "test_onnx.py", "test_awq.py", "test_activations.py", "test_golden.py",
+                 "test_gptq.py", "test_peft.py", "test_triton.py", "test_cli.py", "test_gpu_session.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """LONGEST_FIRST's files first, the rest after in their order (a stable sort: each file's tests keep theirs)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 def tiny_llama_config(**kw) -> LlamaConfig:
     cfg = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
