@@ -428,8 +428,13 @@ static inline __attribute__((always_inline)) void codes_f32_rows(
     /* few rows: the second half's products go to their own accumulators (c0, c1), so that an FMA never
      * waits for the one before it; more rows give enough independent chains without */
     const int split = mb <= 2;
-    hfq_vf a0[HFQ_FMB], a1[HFQ_FMB], c0[HFQ_FMB], c1[HFQ_FMB];
-    for (int m = 0; m < mb; m++) a0[m] = a1[m] = c0[m] = c1[m] = f_zero();
+    /* GROUPED: the products of a group are summed unscaled and the group's sum is scaled once (t += s * sum),
+     * instead of scaling every code before its FMA. With one activation row the multiply by the scale was one
+     * vector op in three of the loop (AVX2 decode); with more rows its share is small and the totals would take
+     * registers the rows need. */
+    const int grouped = mb == 1;
+    hfq_vf a0[HFQ_FMB], a1[HFQ_FMB], c0[HFQ_FMB], c1[HFQ_FMB], t0[HFQ_FMB], t1[HFQ_FMB];
+    for (int m = 0; m < mb; m++) a0[m] = a1[m] = c0[m] = c1[m] = t0[m] = t1[m] = f_zero();
     const int64_t gbytes = wide ? gs : gs / 2, second = wide ? HFQ_VW : gs / 2, step = wide ? 2 * HFQ_VW : HFQ_VW;
     for (int64_t g = 0; g < G; g++) {
         const uint8_t *q0 = p0 + g * gbytes, *q1 = p1 + g * gbytes;
@@ -440,7 +445,7 @@ static inline __attribute__((always_inline)) void codes_f32_rows(
                 _mm_prefetch((const char *)(q0 + j) + HFQ_PREFETCH_F32, _MM_HINT_T0);
                 _mm_prefetch((const char *)(q1 + j) + HFQ_PREFETCH_F32, _MM_HINT_T0);
             }
-            hfq_vf l0, h0, l1, h1;  /* q * scale of channels j.. and j + second.. of rows 0 and 1 */
+            hfq_vf l0, h0, l1, h1;  /* q (* scale unless grouped) of channels j.. and j + second.. of rows 0, 1 */
             if (wide) {
                 l0 = f_cvt(f_widen(q0 + j)), h0 = f_cvt(f_widen(q0 + j + HFQ_VW));
                 l1 = f_cvt(f_widen(q1 + j)), h1 = f_cvt(f_widen(q1 + j + HFQ_VW));
@@ -448,7 +453,7 @@ static inline __attribute__((always_inline)) void codes_f32_rows(
                 const hfq_vi w0 = f_widen(q0 + j), w1 = f_widen(q1 + j);
                 l0 = f_cvt(f_low(w0)), h0 = f_cvt(f_high(w0)), l1 = f_cvt(f_low(w1)), h1 = f_cvt(f_high(w1));
             }
-            l0 = f_mul(l0, sc0), h0 = f_mul(h0, sc0), l1 = f_mul(l1, sc1), h1 = f_mul(h1, sc1);
+            if (!grouped) l0 = f_mul(l0, sc0), h0 = f_mul(h0, sc0), l1 = f_mul(l1, sc1), h1 = f_mul(h1, sc1);
             for (int m = 0; m < mb; m++) {
                 const float *xm = xg + m * ldx + j;
                 const hfq_vf xl = f_load(xm), xh = f_load(xm + second);
@@ -463,10 +468,20 @@ static inline __attribute__((always_inline)) void codes_f32_rows(
                 }
             }
         }
+        if (grouped)
+            for (int m = 0; m < mb; m++) {
+                t0[m] = f_fma(f_add(a0[m], c0[m]), sc0, t0[m]);
+                t1[m] = f_fma(f_add(a1[m], c1[m]), sc1, t1[m]);
+                a0[m] = a1[m] = c0[m] = c1[m] = f_zero();
+            }
     }
     for (int m = 0; m < mb; m++) {
-        r0[m] = f_hsum(split ? f_add(a0[m], c0[m]) : a0[m]);
-        r1[m] = f_hsum(split ? f_add(a1[m], c1[m]) : a1[m]);
+        if (grouped) {
+            r0[m] = f_hsum(t0[m]), r1[m] = f_hsum(t1[m]);
+        } else {
+            r0[m] = f_hsum(split ? f_add(a0[m], c0[m]) : a0[m]);
+            r1[m] = f_hsum(split ? f_add(a1[m], c1[m]) : a1[m]);
+        }
     }
 }
 
