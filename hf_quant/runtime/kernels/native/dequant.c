@@ -429,9 +429,9 @@ static inline __attribute__((always_inline)) void codes_f32_rows(
      * waits for the one before it; more rows give enough independent chains without */
     const int split = mb <= 2;
     /* GROUPED: the products of a group are summed unscaled and the group's sum is scaled once (t += s * sum),
-     * instead of scaling every code before its FMA. With one activation row the multiply by the scale was one
-     * vector op in three of the loop (AVX2 decode); with more rows its share is small and the totals would take
-     * registers the rows need. */
+     * instead of scaling every code before its FMA. With one activation row the multiplies by the scale were 4 of
+     * the AVX2 loop's 18 vector ops per step; with more rows their share is small and the totals would take
+     * registers the rows need. One row is split (mb <= 2): a group's sum is a + c. */
     const int grouped = mb == 1;
     hfq_vf a0[HFQ_FMB], a1[HFQ_FMB], c0[HFQ_FMB], c1[HFQ_FMB], t0[HFQ_FMB], t1[HFQ_FMB];
     for (int m = 0; m < mb; m++) a0[m] = a1[m] = c0[m] = c1[m] = t0[m] = t1[m] = f_zero();
