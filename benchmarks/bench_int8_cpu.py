@@ -42,7 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
-from common import Rotation, cold_copies, last_level_cache_bytes  # noqa: E402
+from common import Rotation, cold_copies, core_sharing, last_level_cache_bytes  # noqa: E402
 
 from hf_quant import kernels  # noqa: E402
 from hf_quant.config import LayerSpec  # noqa: E402
@@ -128,6 +128,7 @@ def main() -> None:
     head = cpu_line() + ("; warm: one weight, calls back to back" if args.warm else
                          "; cold weights: copies called in rotation, more than twice the last-level cache")
     print(head, flush=True)
+    print(f"At the start, {core_sharing()}", flush=True)
     cols = ["shape (in x out)", "M", "copies", "fp32 ms", "bf16 ms", "w8a8", "w8a8 measured", "llm_int8",
             "llm_int8 / w8a8 time", "outl cols", "fbgemm", "onednn", "intmm", "native", "token_w8", "_int_mm",
             "w8pack bf16", "fbgemm dyn", "fbgemm dev"]
@@ -208,6 +209,7 @@ def main() -> None:
         met = worst >= target if higher else worst <= target
         summary.append(f"| {label} | {worst:.2f} | {'>=' if higher else '<='} {target} | {'yes' if met else 'no'} |")
     print("\n".join(summary), flush=True)
+    print(f"At the end, {core_sharing()}", flush=True)
     if args.md:
         with open(args.md, "w") as f:
             f.write(head + "\n\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")

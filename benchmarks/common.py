@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -121,3 +122,47 @@ class Rotation:
         i = self.counter[0]
         self.counter[0] = i + 1
         return self.fns[i % len(self.fns)](*args)
+
+
+def core_sharing(seconds: float = 0.6, size: int = 1 << 14) -> str:
+    """How two threads' compute scales on this machine now, as a line for a benchmark's header: the rate of a
+    cache-resident elementwise power (compute-bound: `torch.pow(x, 2.4)` on 64 KB, one thread inside torch; torch.mm
+    does not scale over Python threads) on two Python threads at once over one thread alone. 2.0: two cores of their own; about 1.0: the two run on one core's execution units (a VM's two
+    vCPUs placed on SMT siblings of one host core, or a busy host). On cloud VMs this changes while a benchmark
+    runs (measured on a 2-vCPU Zen 1 VM: the same register-bound loop at full speed on both vCPUs, then at half
+    speed on each a second later): compute-bound kernels (the fp32 / int16 decode GEMVs, the int8 GEMMs) lose up
+    to half their two-thread speed when it is ~1, the memory-bound float baselines much less."""
+    import threading
+
+    if (os.cpu_count() or 1) < 2:
+        return "core sharing: one CPU"
+    x = torch.rand(size) + 0.5
+    out = torch.empty_like(x)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        def rate(n_threads: int) -> float:
+            counts = [0] * n_threads
+            stop = time.perf_counter() + seconds
+
+            def work(i: int) -> None:
+                with torch.inference_mode():  # as the caller's (a thread does not inherit it): x may be an inference tensor
+                    while time.perf_counter() < stop:
+                        torch.pow(x, 2.4, out=out)
+                        counts[i] += 1
+
+            workers = [threading.Thread(target=work, args=(i,)) for i in range(n_threads)]
+            start = time.perf_counter()
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            return sum(counts) / (time.perf_counter() - start)
+
+        rate(1)  # warm-up
+        one = rate(1)
+        two = rate(2)
+    finally:
+        torch.set_num_threads(threads)
+    return (f"core sharing: two threads compute {two / one:.2f}x one thread's rate (2.0: separate cores; ~1.0: "
+            "sharing one core's execution units now)")
