@@ -724,26 +724,24 @@ int64_t hfq_quant_tokens(const void *x, int64_t M, int64_t K, int64_t ldx, int i
     return n;
 }
 
-/* The whole decode GEMV on the int16 kernel above, for M <= HFQ_I16_MAX_ROWS rows of x (fp32 / bf16 / fp16, kind
- * x_kind, contiguous): each row written as int16 terms, c1 = round(x * 32767 / absmax) and, where `two` says so
- * (2: always; 1: rows whose absmax passes ratio x their rms make every row take it), c2 of the residual; the
- * per-group sums of x in fp32 for the zero points; then
- *     out[m, n] = s1 r1[m, n] + s2 r2[m, n] - sum_g xsum[m, g] offset[g, n] + bias[n]
- * in fp32 / bf16 / fp16 (out_kind), offset (G x N) = scale * zero or NULL. Returns 0, 1 (not built), 2 (bad group
- * size), 3 (too many rows) or -1 (out of memory). */
 #if defined(__AVX2__) && defined(HFQ_F32_VEC)
 /* The row preparation of hfq_codes_i16_gemv, 8 lanes at a time (scalar, it was ~13 us per 4096-wide row on Zen 1:
  * ~10% of a 1024x1024 layer's decode call). Same values as the scalar forms: max is order-independent (a NaN is
  * skipped, as `t > a ? t : a` skips it), vcvtps2dq rounds half to even as nearbyintf does, and the double sums are
  * of the same fp32 values (their order differs, far below the float they are rounded to). */
+static inline float i16_max_lanes(__m256 v) {  /* the largest of 8 non-negative floats (NaN lanes never get in) */
+    float lanes[8], a = 0.0f;
+    _mm256_storeu_ps(lanes, v);
+    for (int i = 0; i < 8; i++) a = lanes[i] > a ? lanes[i] : a;
+    return a;
+}
+
 static float i16_absmax(const float *v, int64_t K) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 am = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) am = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(v + k)), am);
-    float lanes[8], a = 0.0f;
-    _mm256_storeu_ps(lanes, am);
-    for (int i = 0; i < 8; i++) a = lanes[i] > a ? lanes[i] : a;
+    float a = i16_max_lanes(am);
     for (; k < K; k++) {
         const float t = fabsf(v[k]);
         a = t > a ? t : a;
@@ -772,9 +770,7 @@ static float i16_residual(float *v, const int16_t *c, float s, int64_t K) {  /* 
         _mm256_storeu_ps(v + k, r);
         am = _mm256_max_ps(_mm256_andnot_ps(sign, r), am);
     }
-    float lanes[8], a = 0.0f;
-    _mm256_storeu_ps(lanes, am);
-    for (int i = 0; i < 8; i++) a = lanes[i] > a ? lanes[i] : a;
+    float a = i16_max_lanes(am);
     for (; k < K; k++) {
         v[k] = fmaf(-(float)c[k], s, v[k]);
         const float t = fabsf(v[k]);
@@ -800,6 +796,13 @@ static double i16_sum(const float *v, int64_t n, int squares) {  /* sum of v (or
 }
 #endif
 
+/* The whole decode GEMV on the int16 kernel above, for M <= HFQ_I16_MAX_ROWS rows of x (fp32 / bf16 / fp16, kind
+ * x_kind, contiguous): each row written as int16 terms, c1 = round(x * 32767 / absmax) and, where `two` says so
+ * (2: always; 1: rows whose absmax passes ratio x their rms make every row take it), c2 of the residual; the
+ * per-group sums of x in fp32 for the zero points; then
+ *     out[m, n] = s1 r1[m, n] + s2 r2[m, n] - sum_g xsum[m, g] offset[g, n] + bias[n]
+ * in fp32 / bf16 / fp16 (out_kind), offset (G x N) = scale * zero or NULL. Returns 0, 1 (not built), 2 (bad group
+ * size), 3 (too many rows) or -1 (out of memory). */
 #define HFQ_I16_MAX_ROWS 8
 int hfq_codes_i16_gemv(const void *x, int x_kind, int64_t M, int64_t K, int two, float ratio, const uint8_t *packed,
                        const float *scale, const float *offset, const float *bias, void *out, int out_kind, int64_t N,
