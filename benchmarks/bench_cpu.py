@@ -58,7 +58,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -160,32 +160,49 @@ def _machine_busy_s() -> float | None:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def _measure(timer: Timer, number: int, reps: int) -> tuple[float, float]:
-    """(median seconds per call over `reps` blocks of `number` calls, cores used by other processes)."""
+def _others_during(measure: Callable[[], Any]) -> tuple[Any, float]:
+    """(what `measure()` returns, the cores other processes used meanwhile)."""
     busy0, own0, wall0 = _machine_busy_s(), sum(os.times()[:2]), time.perf_counter()
-    median = statistics.median(timer.timeit(number).mean for _ in range(reps))
+    result = measure()
     busy1, own1, wall1 = _machine_busy_s(), sum(os.times()[:2]), time.perf_counter()
     if busy0 is None or busy1 is None:
-        return median, 0.0
-    return median, max(0.0, (busy1 - busy0) - (own1 - own0)) / (wall1 - wall0)
+        return result, 0.0
+    return result, max(0.0, (busy1 - busy0) - (own1 - own0)) / (wall1 - wall0)
+
+
+def _quietest(measure: Callable[[], Any], args: argparse.Namespace) -> tuple[Any, bool]:
+    """`measure()`, retried after a pause (up to `args.retries` times) while other processes disturbed it: (the
+    least disturbed result, whether it stayed disturbed)."""
+    result, others = _others_during(measure)
+    for _ in range(args.retries):
+        if others <= NOISE_CORES:
+            break
+        time.sleep(2.0)
+        result, others = min((result, others), _others_during(measure), key=lambda r: r[1])
+    return result, others > NOISE_CORES
+
+
+def _timer(fn: Callable, x: torch.Tensor, args: argparse.Namespace) -> tuple[Timer, int, float]:
+    """`fn(x)`'s Timer (every copy of a `Rotation` called once first: its layouts are built before any timing),
+    the calls per timed block, and one call's time (the estimate, also a warm-up call)."""
+    for _ in range(len(getattr(fn, "fns", ()))):
+        fn(x)
+    timer = Timer("fn(x)", globals={"fn": fn, "x": x}, num_threads=torch.get_num_threads())
+    estimate = timer.timeit(1).mean
+    return timer, max(1, round(args.block_ms / 1e3 / estimate)), estimate
+
+
+def _reps(estimate: float, args: argparse.Namespace) -> int:
+    return min(args.reps, SLOW_REPS) if estimate > SLOW_CALL_S else args.reps
 
 
 def time_fn(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, args: argparse.Namespace) -> Timing:
     """Median time of `fn(x)` (a `Rotation` over weight copies: cold weights); a measurement disturbed
     by other processes is retried, the quietest kept."""
-    for _ in range(len(getattr(fn, "fns", ()))):  # every copy once: its layouts are built before any timing
-        fn(x)
-    timer = Timer("fn(x)", globals={"fn": fn, "x": x}, num_threads=torch.get_num_threads())
-    estimate = timer.timeit(1).mean  # also a warm-up call
-    number = max(1, round(args.block_ms / 1e3 / estimate))
-    reps = min(args.reps, SLOW_REPS) if estimate > SLOW_CALL_S else args.reps
-    median, others = _measure(timer, number, reps)
-    for _ in range(args.retries):
-        if others <= NOISE_CORES:
-            break
-        time.sleep(2.0)
-        median, others = min((median, others), _measure(timer, number, reps), key=lambda r: r[1])
-    return Timing(median * 1e3, others > NOISE_CORES)
+    timer, number, estimate = _timer(fn, x, args)
+    reps = _reps(estimate, args)
+    median, disturbed = _quietest(lambda: statistics.median(timer.timeit(number).mean for _ in range(reps)), args)
+    return Timing(median * 1e3, disturbed)
 
 
 class Paired(NamedTuple):
@@ -199,41 +216,21 @@ class Paired(NamedTuple):
 
 def time_paired(fn: Callable, x: torch.Tensor, base_fn: Callable, x_base: torch.Tensor,
                 args: argparse.Namespace) -> Paired:
-    """`fn(x)` and `base_fn(x_base)` (both `Rotation`s over cold copies) timed in `args.reps` interleaved rounds,
+    """`fn(x)` and `base_fn(x_base)` (both `Rotation`s over cold copies) timed in interleaved rounds (at least 3),
     one block of each per round (which comes first alternates); a measurement disturbed by other processes is
     retried as `time_fn` does."""
-    timers = []
-    for f, xx in ((fn, x), (base_fn, x_base)):
-        for _ in range(len(getattr(f, "fns", ()))):
-            f(xx)
-        timer = Timer("fn(x)", globals={"fn": f, "x": xx}, num_threads=torch.get_num_threads())
-        estimate = timer.timeit(1).mean
-        timers.append((timer, max(1, round(args.block_ms / 1e3 / estimate)), estimate))
-    reps = min(args.reps, SLOW_REPS) if max(e for _, _, e in timers) > SLOW_CALL_S else args.reps
+    timers = [_timer(fn, x, args), _timer(base_fn, x_base, args)]
+    rounds = max(3, _reps(max(estimate for _, _, estimate in timers), args))
 
-    def rounds() -> tuple[list[float], list[float], float]:
-        busy0, own0, wall0 = _machine_busy_s(), sum(os.times()[:2]), time.perf_counter()
-        ts: list[float] = []
-        bs: list[float] = []
-        for r in range(max(reps, 3)):
-            order = (0, 1) if r % 2 == 0 else (1, 0)
-            for i in order:
+    def measure() -> tuple[list[float], list[float]]:
+        times: tuple[list[float], list[float]] = ([], [])
+        for r in range(rounds):
+            for i in ((0, 1) if r % 2 == 0 else (1, 0)):
                 timer, number, _ = timers[i]
-                (ts if i == 0 else bs).append(timer.timeit(number).mean)
-        busy1, own1, wall1 = _machine_busy_s(), sum(os.times()[:2]), time.perf_counter()
-        others = 0.0 if busy0 is None or busy1 is None else \
-            max(0.0, (busy1 - busy0) - (own1 - own0)) / (wall1 - wall0)
-        return ts, bs, others
+                times[i].append(timer.timeit(number).mean)
+        return times
 
-    ts, bs, others = rounds()
-    for _ in range(args.retries):
-        if others <= NOISE_CORES:
-            break
-        time.sleep(2.0)
-        again = rounds()
-        if again[2] < others:
-            ts, bs, others = again
-    disturbed = others > NOISE_CORES
+    (ts, bs), disturbed = _quietest(measure, args)
     return Paired(Timing(statistics.median(ts) * 1e3, disturbed), Timing(statistics.median(bs) * 1e3, disturbed),
                   statistics.median(b / t for t, b in zip(ts, bs)))
 
@@ -251,8 +248,8 @@ class Table:
 
     def __init__(self) -> None:
         print("| " + " | ".join(self.COLUMNS) + " |")
-        print("|" + "|".join("---:" if c in ("ms", "x float (paired)", "best float ms") else "---" for c in self.COLUMNS) + "|",
-              flush=True)
+        right = ("ms", "x float (paired)", "best float ms")
+        print("|" + "|".join("---:" if c in right else "---" for c in self.COLUMNS) + "|", flush=True)
 
     def row(self, *cells: object) -> None:
         print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
@@ -324,12 +321,12 @@ def bench_m(w32s: list[torch.Tensor], quantized: dict[LayerSpec, list[QuantLinea
     w16s = [w.to(torch.bfloat16) for w in w32s]
     x32 = torch.randn(m, k)
     x16 = x32.to(torch.bfloat16)
-    base32 = time_fn(Rotation([lambda x, w=w: F.linear(x, w) for w in w32s]), x32, args)
-    base16 = time_fn(Rotation([lambda x, w=w: F.linear(x, w) for w in w16s]), x16, args)
+    float32 = Rotation([lambda x, w=w: F.linear(x, w) for w in w32s])
+    float16 = Rotation([lambda x, w=w: F.linear(x, w) for w in w16s])
+    base32, base16 = time_fn(float32, x32, args), time_fn(float16, x16, args)
     best = min(base32, base16, key=lambda t: t.ms)
     best_name = "fp32" if best is base32 else "bf16"
-    best_call = (Rotation([lambda x, w=w: F.linear(x, w) for w in (w32s if best is base32 else w16s)]),
-                 x32 if best is base32 else x16)
+    best_call = (float32, x32) if best is base32 else (float16, x16)  # the choices are timed in its rounds
     for spec, layers in quantized.items():
         if m not in (args.lowbit_m if spec.bits in LOWBIT else args.m):
             continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import torch
@@ -126,14 +127,13 @@ class Rotation:
 
 def core_sharing(seconds: float = 0.6, size: int = 1 << 14) -> str:
     """How two threads' compute scales on this machine now, as a line for a benchmark's header: the rate of a
-    cache-resident elementwise power (compute-bound: `torch.pow(x, 2.4)` on 64 KB, one thread inside torch; torch.mm
-    does not scale over Python threads) on two Python threads at once over one thread alone. 2.0: two cores of their own; about 1.0: the two run on one core's execution units (a VM's two
-    vCPUs placed on SMT siblings of one host core, or a busy host). On cloud VMs this changes while a benchmark
-    runs (measured on a 2-vCPU Zen 1 VM: the same register-bound loop at full speed on both vCPUs, then at half
-    speed on each a second later): compute-bound kernels (the fp32 / int16 decode GEMVs, the int8 GEMMs) lose up
-    to half their two-thread speed when it is ~1, the memory-bound float baselines much less."""
-    import threading
-
+    cache-resident elementwise power on two Python threads at once over one thread alone (`torch.pow(x, 2.4)` on
+    64 KB, compute-bound, one thread inside torch; `torch.mm` does not scale over Python threads). 2.0: two cores
+    of their own; about 1.0: the two run on one core's execution units (a VM's two vCPUs placed on SMT siblings of
+    one host core, or a busy host). On cloud VMs this changes while a benchmark runs (measured on a 2-vCPU Zen 1 VM:
+    the same register-bound loop at full speed on both vCPUs, then at half speed on each a second later):
+    compute-bound kernels (the fp32 / int16 decode GEMVs, the int8 GEMMs) lose up to half their two-thread speed
+    when it is ~1, the memory-bound float baselines much less."""
     if (os.cpu_count() or 1) < 2:
         return "core sharing: one CPU"
     x = torch.rand(size) + 0.5
@@ -146,7 +146,7 @@ def core_sharing(seconds: float = 0.6, size: int = 1 << 14) -> str:
             stop = time.perf_counter() + seconds
 
             def work(i: int) -> None:
-                with torch.inference_mode():  # as the caller's (a thread does not inherit it): x may be an inference tensor
+                with torch.inference_mode():  # a thread does not inherit the caller's: x may be an inference tensor
                     while time.perf_counter() < stop:
                         torch.pow(x, 2.4, out=out)
                         counts[i] += 1
