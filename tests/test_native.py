@@ -377,6 +377,35 @@ def test_native_codes_i16_refusals():
                               None, torch.empty(9, 8), 1, 32.0)
     layer, _ = make_layer(8, 64, LayerSpec(4, 16, False), bias=False)
     assert not KERNELS.get("native_int4_i16").supports(layer, CPU, torch.bfloat16)  # groups of 16 nibbles
+    packed, scale = torch.zeros(8, 2, 16, dtype=torch.uint8), torch.ones(8, 2)
+    with pytest.raises(ValueError, match="bad operands packed"):  # the weight's operands: checked when bound
+        native.I16Gemv(packed, scale.half(), None, None)
+    with pytest.raises(ValueError, match="bad operands packed"):
+        native.I16Gemv(packed, scale, torch.zeros(8, 2), None)  # offset (N, G), not (G, N)
+    gemv = native.I16Gemv(packed, scale, None, None)
+    for x, out in ((torch.zeros(64, 2).t(), torch.empty(2, 8)),  # x not contiguous
+                   (torch.zeros(2, 48), torch.empty(2, 8)),  # K of neither layout (64: nibbles, 32: bytes)
+                   (torch.zeros(2, 64), torch.empty(2, 9)),  # out's shape
+                   (torch.zeros(2, 64, dtype=torch.float64), torch.empty(2, 8))):
+        with pytest.raises(ValueError, match="native codes_i16_gemv: bad operands x"):
+            gemv(x, out, 1, 32.0)
+    assert torch.equal(gemv(torch.ones(2, 64), torch.empty(2, 8), 2, 32.0), torch.zeros(2, 8))  # codes 0, no zero
+
+
+@needs_codes_i16
+@pytest.mark.parametrize("name,spec", [("native_int4_i16", LayerSpec(4, 64, False, True)),
+                                       ("native_int8_i16", LayerSpec(8, -1, True))])
+def test_native_codes_i16_kernel_takes_any_input_layout(name, spec):
+    """3-d inputs, non-contiguous ones and act-order layers (channels permuted) give the 2-d contiguous result."""
+    layer, _ = make_layer(24, 256, spec, bias=True, seed=3)
+    kernel = KERNELS.get(name)
+    prepared = kernel.prepare(layer, CPU, torch.float32)
+    x = torch.randn(3, 2, 256, generator=torch.Generator().manual_seed(2))
+    flat = kernel.forward(layer, x.reshape(6, 256), prepared)
+    assert torch.equal(kernel.forward(layer, x, prepared), flat.view(3, 2, 24))
+    strided = x.transpose(0, 1).contiguous().transpose(0, 1)  # the same values, not contiguous
+    assert not strided.is_contiguous()
+    assert torch.equal(kernel.forward(layer, strided, prepared), flat.view(3, 2, 24))
 
 
 def test_native_codes_i16_in_an_avx2_build(monkeypatch, rebuilt):

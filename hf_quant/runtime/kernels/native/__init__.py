@@ -132,6 +132,11 @@ def _load() -> ctypes.CDLL:
     return lib
 
 
+def _threads() -> int:
+    """The threads a native call may use: torch's intra-op count."""
+    return max(1, torch.get_num_threads())
+
+
 def library() -> ctypes.CDLL | None:
     """The loaded helpers, built on first call; None (once, logged) if they cannot be built."""
     if "lib" not in _state:
@@ -184,7 +189,7 @@ def dequantize_into(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     gs = packed.shape[2] * (2 if nibbles else 1)
     fn = lib.hfq_dequant_nibbles if nibbles else lib.hfq_dequant_bytes
     if fn(packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), out.data_ptr(), rows, G, gs, _KIND[out.dtype],
-          max(1, torch.get_num_threads())):
+          _threads()):
         raise MemoryError("native dequantize: out of memory for a row buffer")
     return out
 
@@ -233,35 +238,64 @@ def codes_i16_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, o
     `packed` (the `codes_gemm` layouts), all in one native call: each row of x (fp32/bf16/fp16, contiguous) written
     as int16 codes c1 = round(x * 32767 / absmax) and (two_terms 2: always; 1: when a row's absmax is over `ratio` x
     its rms) the codes of the residual, their products with the codes exact in int32 (`vpmaddwd`), scaled per
-    group, minus the zero points' term xsum (M, G) @ offset (offset (G, N) = scale * zero, fp32, or None)."""
-    lib = library()
-    if lib is None or not has_codes_i16():
-        raise RuntimeError(f"native codes x int16 kernel unavailable: {unavailable_reason() or 'not built (AVX2 needed)'}")
-    M, K = x.shape
-    N, G, width = packed.shape
-    nibbles = G * width * 2 == K
-    gs = 2 * width if nibbles else width
-    ok = (x.dtype in _KIND and packed.dtype == torch.uint8 and scale.dtype == torch.float32 and out.dtype in _KIND
-          and tuple(scale.shape) == (N, G) and tuple(out.shape) == (M, N) and G * gs == K and M <= I16_MAX_ROWS
-          and codes_i16_group_size_ok(gs, nibbles)
-          and (offset is None or (offset.dtype == torch.float32 and tuple(offset.shape) == (G, N)))
-          and (bias is None or (bias.dtype == torch.float32 and tuple(bias.shape) == (N,)))
-          and all(t.is_contiguous() and t.device.type == "cpu" for t in (x, packed, scale, out)))
-    if not ok:
-        raise ValueError(f"native codes_i16_gemv: bad operands x {tuple(x.shape)} {x.dtype}, packed "
-                         f"{tuple(packed.shape)}, scale {tuple(scale.shape)}, out {tuple(out.shape)} {out.dtype}: "
-                         f"expected contiguous CPU tensors, at most {I16_MAX_ROWS} rows of fp32/bf16/fp16 x, packed "
-                         "uint8 (N, G, gs/2) nibbles (gs a multiple of 32) or (N, G, gs) bytes (gs a multiple of 16), "
-                         "scale fp32 (N, G), offset fp32 (G, N), bias fp32 (N,)")
-    rc = lib.hfq_codes_i16_gemv(x.data_ptr(), _KIND[x.dtype], M, K, int(two_terms), float(ratio), packed.data_ptr(),
-                                scale.data_ptr(), None if offset is None else offset.data_ptr(),
-                                None if bias is None else bias.data_ptr(), out.data_ptr(), _KIND[out.dtype], N, G, gs,
-                                int(not nibbles), max(1, torch.get_num_threads()))
-    if rc < 0:
-        raise MemoryError("native codes_i16_gemv: out of memory for its buffers")
-    if rc:
-        raise RuntimeError(f"native codes_i16_gemv failed (code {rc})")
-    return out
+    group, minus the zero points' term xsum (M, G) @ offset (offset (G, N) = scale * zero, fp32, or None).
+    A kernel calling it per token binds the weight's operands once instead (`I16Gemv`)."""
+    return I16Gemv(packed, scale, offset, bias)(x, out, two_terms, ratio)
+
+
+class I16Gemv:
+    """`codes_i16_gemv` with the weight's operands (packed, scale, offset, bias) checked and bound once, for a layer's
+    prepared layout: a call checks only x and out. A decode step calls it once per layer, and on a slow core the
+    per-call Python work (operand checks, pointers, argument conversion) had cost more than a small layer's GEMV.
+    Holds references to the bound tensors (their pointers are passed on every call)."""
+
+    __slots__ = ("_fn", "_static", "_tail", "_keep")
+
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
+                 bias: torch.Tensor | None) -> None:
+        lib = library()
+        if lib is None or not has_codes_i16():
+            raise RuntimeError("native codes x int16 kernel unavailable: "
+                               f"{unavailable_reason() or 'not built (AVX2 needed)'}")
+        N, G, width = packed.shape if packed.dim() == 3 else (0, 0, 0)
+        ok = (packed.dim() == 3 and packed.dtype == torch.uint8 and scale.dtype == torch.float32
+              and tuple(scale.shape) == (N, G) and N > 0 and G > 0
+              and (offset is None or (offset.dtype == torch.float32 and tuple(offset.shape) == (G, N)))
+              and (bias is None or (bias.dtype == torch.float32 and tuple(bias.shape) == (N,)))
+              and all(t.is_contiguous() and t.device.type == "cpu" for t in (packed, scale, offset, bias)
+                      if t is not None))
+        if not ok:
+            raise ValueError(f"native codes_i16_gemv: bad operands packed {tuple(packed.shape)} {packed.dtype}, scale "
+                             f"{tuple(scale.shape)} {scale.dtype}: expected contiguous CPU tensors, packed uint8 "
+                             "(N, G, gs/2) nibbles (gs a multiple of 32) or (N, G, gs) bytes (gs a multiple of 16), "
+                             "scale fp32 (N, G), offset fp32 (G, N), bias fp32 (N,)")
+        self._fn, self._keep = lib.hfq_codes_i16_gemv, (packed, scale, offset, bias)
+        self._static = (packed.data_ptr(), scale.data_ptr(), None if offset is None else offset.data_ptr(),
+                        None if bias is None else bias.data_ptr())
+        self._tail = (N, G, width)  # nibbles or bytes: told by K at call time (K = 2 G width or G width)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor, two_terms: int, ratio: float) -> torch.Tensor:
+        """out = x @ W.T + bias (see `codes_i16_gemv`); x (M, K) and out (M, N) contiguous CPU tensors."""
+        N, G, width = self._tail
+        kx, ko = _KIND.get(x.dtype), _KIND.get(out.dtype)
+        M, K = x.shape if x.dim() == 2 else (-1, -1)
+        nibbles = G * width * 2 == K
+        gs = 2 * width if nibbles else width
+        if (kx is None or ko is None or not 0 <= M <= I16_MAX_ROWS or G * gs != K
+                or not codes_i16_group_size_ok(gs, nibbles) or out.shape != (M, N) or not x.is_contiguous()
+                or not out.is_contiguous() or not x.is_cpu or not out.is_cpu):
+            raise ValueError(f"native codes_i16_gemv: bad operands x {tuple(x.shape)} {x.dtype}, packed "
+                             f"{(N, G, width)}, out {tuple(out.shape)} {out.dtype}: expected contiguous CPU tensors, "
+                             f"at most {I16_MAX_ROWS} rows of fp32/bf16/fp16 x, packed uint8 (N, G, gs/2) nibbles "
+                             "(gs a multiple of 32) or (N, G, gs) bytes (gs a multiple of 16)")
+        p, s, o, b = self._static
+        rc = self._fn(x.data_ptr(), kx, M, K, two_terms, ratio, p, s, o, b, out.data_ptr(), ko, N, G, gs,
+                      0 if nibbles else 1, _threads())
+        if rc < 0:
+            raise MemoryError("native codes_i16_gemv: out of memory for its buffers")
+        if rc:
+            raise RuntimeError(f"native codes_i16_gemv failed (code {rc})")
+        return out
 
 
 def has_int8_gemm() -> bool:
@@ -301,7 +335,7 @@ def int8_pack(wq: torch.Tensor) -> Int8Packed:
     N, K = wq.shape
     packed = torch.empty(lib.hfq_int8_packed_bytes(N, K), dtype=torch.int8)
     comp = torch.empty(packed.numel() // K, dtype=torch.int32)
-    if lib.hfq_int8_pack(wq.data_ptr(), N, K, packed.data_ptr(), comp.data_ptr(), max(1, torch.get_num_threads())):
+    if lib.hfq_int8_pack(wq.data_ptr(), N, K, packed.data_ptr(), comp.data_ptr(), _threads()):
         raise RuntimeError("native int8_pack failed")
     return Int8Packed(packed, comp, N, K)
 
@@ -341,7 +375,7 @@ def int8_gemm(codes: torch.Tensor, w: Int8Packed, ws: torch.Tensor, absmax: torc
                            w.comp.data_ptr(), ws.data_ptr(), None if absmax is None else absmax.data_ptr(),
                            None if bias is None else bias.data_ptr(), None if xo is None else xo.data_ptr(),
                            None if wc is None else wc.data_ptr(), n_out, out.data_ptr(), N, _KIND[dtype],
-                           max(1, torch.get_num_threads()))
+                           _threads())
     if rc == 3:
         raise ValueError("native int8_gemm: an activation code of -128 (a uint8 0): the AVX2 int8 GEMM takes per-token "
                          "codes in [-127, 127] (codes + 128 in [1, 255]), as quantize_tokens writes them")
@@ -413,7 +447,7 @@ def sign_gemm(x: torch.Tensor, bits: torch.Tensor, scale: torch.Tensor, bias: to
         return out
     rc = lib.hfq_sign_gemm(x.data_ptr(), M, K, x.stride(0) if M > 1 else K, _KIND[x.dtype], bits.data_ptr(),
                            scale.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), N, G, gs,
-                           _KIND[out.dtype], work.data_ptr(), max(1, torch.get_num_threads()))
+                           _KIND[out.dtype], work.data_ptr(), _threads())
     if rc:
         raise RuntimeError(f"native sign_gemm failed (code {rc})")
     return out
@@ -436,7 +470,7 @@ def sign_dequantize_into(bits: torch.Tensor, scale: torch.Tensor, out: torch.Ten
                          "CPU tensors, bits uint8 (N, K/8), scale fp32 (N, G) with K/G a multiple of 8, out fp32/bf16/"
                          "fp16 (N, K)")
     if N and lib.hfq_sign_dequant(bits.data_ptr(), scale.data_ptr(), out.data_ptr(), N, K, K // G, _KIND[out.dtype],
-                                  max(1, torch.get_num_threads())):
+                                  _threads()):
         raise MemoryError("native sign_dequantize_into: out of memory for a row buffer")
     return out
 
@@ -483,7 +517,7 @@ def codes_gemm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, corr:
     fn = lib.hfq_codes_bf16_gemm if compute == torch.bfloat16 else lib.hfq_codes_f32_gemm
     rc = fn(x.data_ptr(), M, K, packed.data_ptr(), scale.data_ptr(), corr.data_ptr(),
             None if bias is None else bias.data_ptr(), out.data_ptr(), N, G, gs, _KIND[out.dtype], int(not nibbles),
-            max(1, torch.get_num_threads()))
+            _threads())
     if rc:
         raise RuntimeError(f"native codes_gemm failed (code {rc})")
     return out
@@ -508,7 +542,7 @@ def _quant_tokens(x2: torch.Tensor, threshold: float, codes: torch.Tensor, code_
     flags, cols = torch.empty(K, dtype=torch.uint8), torch.empty(K, dtype=torch.int64)
     n = lib.hfq_quant_tokens(x2.data_ptr(), M, K, x2.stride(0) if M > 1 else K, _KIND[x2.dtype], float(threshold),
                              codes.data_ptr(), code_kind, absmax.data_ptr(), flags.data_ptr(), cols.data_ptr(),
-                             max(1, torch.get_num_threads()))
+                             _threads())
     if n < 0:
         raise MemoryError(f"native {who}: out of memory for a row buffer")
     return absmax, (cols[:n] if n else None)
@@ -569,6 +603,6 @@ def finish_tokens(y: torch.Tensor, absmax: torch.Tensor, bias: torch.Tensor | No
                          f"int64 (n,), ws fp32 (N,)), w_cols None or fp32 (n, N); got y {tuple(y.shape)} {y.dtype}")
     out = torch.empty(M, N, dtype=dtype)
     if lib.hfq_finish_tokens(y.data_ptr(), M, N, absmax.data_ptr(), None if bias is None else bias.data_ptr(), *args,
-                             out.data_ptr(), _KIND[dtype], max(1, torch.get_num_threads())):
+                             out.data_ptr(), _KIND[dtype], _threads()):
         raise ValueError(f"native finish_tokens: an outlier column index is outside [0, {args[4]})")
     return out
