@@ -505,7 +505,9 @@ class NativeCodesKernel(Kernel):
     def chosen(self, layer: Any, rows: int) -> bool:
         return False  # only by measurement
 
-    def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    def operands(self, layer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, Any]:
+        """(packed codes, fp32 scale (N, G), offset (G, N) = scale * (zero + the compute's code offset), fp32 bias or
+        None, the act-order permutation or None): the operands of both native GEMV forms."""
         nibbles, packed, scale, zero, perm = grouped_codes(layer)
         scale = scale.float().contiguous()
         shift = native.CODES_OFFSET[(self.compute, nibbles)]
@@ -513,18 +515,25 @@ class NativeCodesKernel(Kernel):
         bias = None if layer.bias is None else layer.bias.float().contiguous()
         return packed, scale, offset, bias, perm
 
+    def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
+        packed, scale, offset, bias, perm = self.operands(layer)
+        return native.CodesGemm(packed, scale, bias, self.compute), offset, perm
+
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
-        packed, scale, offset, bias, perm = prepared
-        x2 = _flatten(x)
+        # Decoding calls this once per layer and token: the fewest torch ops (a 2-d contiguous x goes as it is).
+        gemm, offset, perm = prepared
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         if perm is not None:
             x2 = x2.index_select(-1, perm)
-        xc = x2.to(self.compute).contiguous()
-        M = xc.shape[0]
+        xc = x2.to(self.compute)
+        if not xc.is_contiguous():
+            xc = xc.contiguous()
+        M, N = xc.shape[0], layer.out_features
         corr = torch.mm(xc.float().view(M, offset.shape[0], -1).sum(dim=2), offset)
-        out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
-        out = torch.empty(M, layer.out_features, dtype=out_dtype)
-        native.codes_gemm(xc, packed, scale, corr, bias, out)
-        return out.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+        out = torch.empty(M, N, dtype=x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32)
+        gemm(xc, corr, out)
+        out = out if out.dtype == x.dtype else out.to(x.dtype)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], N)
 
 
 class NativeI16Kernel(NativeCodesKernel):
@@ -551,7 +560,7 @@ class NativeI16Kernel(NativeCodesKernel):
         return native.has_codes_i16()
 
     def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
-        packed, scale, offset, bias, perm = super().prepare(layer, device, dtype)
+        packed, scale, offset, bias, perm = self.operands(layer)
         return native.I16Gemv(packed, scale, offset, bias), perm
 
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:

@@ -492,35 +492,65 @@ def codes_gemm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, corr:
     computed without W: packed (N, G, gs/2) nibbles or (N, G, gs) bytes (the `dequantize_into` layouts, told
     apart by K), scale (N, G) fp32 and corr (M, N) fp32 = xsum (M, G) @ (scale * (zero + offset)).T, xsum the
     per-group sums of x in fp32 and offset CODES_OFFSET[(x.dtype, nibbles)]. x bf16: AVX512-BF16 dot products
-    (`has_codes_bf16`); x fp32: fp32 FMAs (`has_codes_f32`)."""
+    (`has_codes_bf16`); x fp32: fp32 FMAs (`has_codes_f32`). A kernel calling it per token binds the weight's
+    operands once instead (`CodesGemm`)."""
+    return CodesGemm(packed, scale, bias, x.dtype)(x, corr, out)
+
+
+def _codes_library(compute: torch.dtype) -> ctypes.CDLL:
     lib = library()
-    compute = x.dtype if x.dtype in (torch.bfloat16, torch.float32) else None
-    if lib is None or compute is None or not (has_codes_bf16() if compute == torch.bfloat16 else has_codes_f32()):
-        raise RuntimeError(f"native codes x {x.dtype} kernel unavailable: "
+    if (lib is None or compute not in (torch.bfloat16, torch.float32)
+            or not (has_codes_bf16() if compute == torch.bfloat16 else has_codes_f32())):
+        raise RuntimeError(f"native codes x {compute} kernel unavailable: "
                            f"{unavailable_reason() or 'not built for this CPU (bf16: AVX512-BF16; fp32: AVX2 + FMA)'}")
-    M, K = x.shape
-    N, G, width = packed.shape
-    nibbles = G * width * 2 == K
-    gs = 2 * width if nibbles else width
-    ok = (packed.dtype == torch.uint8 and scale.dtype == corr.dtype == torch.float32
-          and out.dtype in (torch.float32, torch.bfloat16) and tuple(scale.shape) == (N, G)
-          and tuple(corr.shape) == (M, N) and tuple(out.shape) == (M, N) and G * gs == K
-          and codes_group_size_ok(gs, nibbles, compute)
-          and (bias is None or (bias.dtype == torch.float32 and bias.shape == (N,)))
-          and all(t.is_contiguous() and t.device.type == "cpu" for t in (x, packed, scale, corr, out)))
-    if not ok:
-        raise ValueError(f"native codes_gemm: bad operands x {tuple(x.shape)} {x.dtype}, packed {tuple(packed.shape)} "
-                         f"{packed.dtype}, scale {tuple(scale.shape)}, corr {tuple(corr.shape)}, out {tuple(out.shape)} "
-                         f"{out.dtype}: expected contiguous CPU tensors, x bf16/fp32 (M, K), packed uint8 (N, G, gs/2) "
-                         "nibbles or (N, G, gs) bytes with a group size `codes_group_size_ok` accepts, scale fp32 "
-                         "(N, G), corr fp32 (M, N), out fp32/bf16 (M, N)")
-    fn = lib.hfq_codes_bf16_gemm if compute == torch.bfloat16 else lib.hfq_codes_f32_gemm
-    rc = fn(x.data_ptr(), M, K, packed.data_ptr(), scale.data_ptr(), corr.data_ptr(),
-            None if bias is None else bias.data_ptr(), out.data_ptr(), N, G, gs, _KIND[out.dtype], int(not nibbles),
-            _threads())
-    if rc:
-        raise RuntimeError(f"native codes_gemm failed (code {rc})")
-    return out
+    return lib
+
+
+class CodesGemm:
+    """`codes_gemm` for activations of dtype `compute` (bf16 or fp32) with the weight's operands (packed, scale, bias)
+    checked and bound once, for a layer's prepared layout: a call checks only x, corr and out (see `I16Gemv`)."""
+
+    __slots__ = ("compute", "_fn", "_static", "_tail", "_keep")
+
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 compute: torch.dtype) -> None:
+        lib = _codes_library(compute)
+        N, G, width = packed.shape if packed.dim() == 3 else (0, 0, 0)
+        ok = (packed.dim() == 3 and packed.dtype == torch.uint8 and scale.dtype == torch.float32
+              and tuple(scale.shape) == (N, G) and N > 0 and G > 0
+              and (bias is None or (bias.dtype == torch.float32 and tuple(bias.shape) == (N,)))
+              and all(t.is_contiguous() and t.device.type == "cpu" for t in (packed, scale, bias) if t is not None))
+        if not ok:
+            raise ValueError(f"native codes_gemm: bad operands packed {tuple(packed.shape)} {packed.dtype}, scale "
+                             f"{tuple(scale.shape)} {scale.dtype}: expected contiguous CPU tensors, packed uint8 "
+                             "(N, G, gs/2) nibbles or (N, G, gs) bytes, scale fp32 (N, G), bias fp32 (N,)")
+        self.compute, self._keep = compute, (packed, scale, bias)
+        self._fn = lib.hfq_codes_bf16_gemm if compute == torch.bfloat16 else lib.hfq_codes_f32_gemm
+        self._static = (packed.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr())
+        self._tail = (N, G, width)  # nibbles or bytes: told by K at call time (K = 2 G width or G width)
+
+    def __call__(self, x: torch.Tensor, corr: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out = x @ W.T + bias (see `codes_gemm`); x (M, K) of `compute`, corr fp32 and out fp32/bf16 (M, N),
+        contiguous CPU tensors."""
+        N, G, width = self._tail
+        M, K = x.shape if x.dim() == 2 else (-1, -1)
+        nibbles = G * width * 2 == K
+        gs = 2 * width if nibbles else width
+        if (x.dtype != self.compute or corr.dtype != torch.float32 or out.dtype not in (torch.float32, torch.bfloat16)
+                or G * gs != K or not codes_group_size_ok(gs, nibbles, self.compute) or corr.shape != (M, N)
+                or out.shape != (M, N) or not (x.is_contiguous() and corr.is_contiguous() and out.is_contiguous())
+                or not (x.is_cpu and corr.is_cpu and out.is_cpu)):
+            raise ValueError(f"native codes_gemm: bad operands x {tuple(x.shape)} {x.dtype}, packed {(N, G, width)}, "
+                             f"corr {tuple(corr.shape)} {corr.dtype}, out {tuple(out.shape)} {out.dtype}: expected "
+                             f"contiguous CPU tensors, x {self.compute} (M, K), packed uint8 (N, G, gs/2) nibbles or "
+                             "(N, G, gs) bytes with a group size `codes_group_size_ok` accepts, corr fp32 (M, N), out "
+                             "fp32/bf16 (M, N)")
+        p, s, b = self._static
+        rc = self._fn(x.data_ptr(), M, K, p, s, corr.data_ptr(), b, out.data_ptr(), N, G, gs, _KIND[out.dtype],
+                      0 if nibbles else 1, _threads())
+        if rc:
+            raise RuntimeError(f"native codes_gemm failed (code {rc})")
+        return out
 
 
 _CODE_KINDS = {torch.int8: 0, torch.uint8: 1, torch.float32: 2}
