@@ -564,21 +564,19 @@ class NativeI16Kernel(NativeCodesKernel):
         return native.I16Gemv(packed, scale, offset, bias), perm
 
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
-        # Decoding calls this once per layer and token: the fewest torch ops (a 2-d contiguous x goes as it is).
+        # Decoding calls this once per layer and token, and in a small model its torch ops cost more than the GEMV:
+        # a contiguous x of at most MAX_ROWS rows goes as it is, into an output made in its final shape.
         gemv, perm = prepared
-        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        out = torch.empty((*x.shape[:-1], layer.out_features), dtype=x.dtype)
+        if perm is None and x.numel() <= self.MAX_ROWS * layer.in_features and x.is_contiguous():
+            return gemv(x, out, self.terms(x.dtype), self.SECOND_TERM_RATIO)
+        x2 = x.reshape(-1, x.shape[-1])
         if perm is not None:
             x2 = x2.index_select(-1, perm)
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
-        M, N, terms = x2.shape[0], layer.out_features, self.terms(x.dtype)
-        out = torch.empty(M, N, dtype=x.dtype)
-        if M <= self.MAX_ROWS:
-            gemv(x2, out, terms, self.SECOND_TERM_RATIO)
-        else:  # more rows (a forced kernel): blocks of MAX_ROWS
-            for r0 in range(0, M, self.MAX_ROWS):
-                gemv(x2[r0:r0 + self.MAX_ROWS], out[r0:r0 + self.MAX_ROWS], terms, self.SECOND_TERM_RATIO)
-        return out if x.dim() == 2 else out.view(*x.shape[:-1], N)
+        x2, out2 = x2.contiguous(), out.view(-1, layer.out_features)
+        for r0 in range(0, x2.shape[0], self.MAX_ROWS):  # more rows (a forced kernel): blocks of MAX_ROWS
+            gemv(x2[r0:r0 + self.MAX_ROWS], out2[r0:r0 + self.MAX_ROWS], self.terms(x.dtype), self.SECOND_TERM_RATIO)
+        return out
 
     def terms(self, dtype: torch.dtype) -> int:
         """`codes_i16_gemv`'s two_terms: 2 (always) for fp32 activations, 1 (outlier rows only) for 16-bit ones."""

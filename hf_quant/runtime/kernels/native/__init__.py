@@ -275,15 +275,17 @@ class I16Gemv:
         self._tail = (N, G, width)  # nibbles or bytes: told by K at call time (K = 2 G width or G width)
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor, two_terms: int, ratio: float) -> torch.Tensor:
-        """out = x @ W.T + bias (see `codes_i16_gemv`); x (M, K) and out (M, N) contiguous CPU tensors."""
+        """out = x @ W.T + bias (see `codes_i16_gemv`); x (..., K) and out (..., N) contiguous CPU tensors with the
+        same leading dimensions (at most I16_MAX_ROWS rows in all)."""
         N, G, width = self._tail
         kx, ko = _KIND.get(x.dtype), _KIND.get(out.dtype)
-        M, K = x.shape if x.dim() == 2 else (-1, -1)
+        K = x.shape[-1] if x.dim() else -1
+        M = x.numel() // K if K > 0 else -1
         nibbles = G * width * 2 == K
         gs = 2 * width if nibbles else width
         if (kx is None or ko is None or not 0 <= M <= I16_MAX_ROWS or G * gs != K
-                or not codes_i16_group_size_ok(gs, nibbles) or out.shape != (M, N) or not x.is_contiguous()
-                or not out.is_contiguous() or not x.is_cpu or not out.is_cpu):
+                or not codes_i16_group_size_ok(gs, nibbles) or out.shape[:-1] != x.shape[:-1] or out.shape[-1] != N
+                or not x.is_contiguous() or not out.is_contiguous() or not x.is_cpu or not out.is_cpu):
             raise ValueError(f"native codes_i16_gemv: bad operands x {tuple(x.shape)} {x.dtype}, packed "
                              f"{(N, G, width)}, out {tuple(out.shape)} {out.dtype}: expected contiguous CPU tensors, "
                              f"at most {I16_MAX_ROWS} rows of fp32/bf16/fp16 x, packed uint8 (N, G, gs/2) nibbles "
