@@ -420,9 +420,10 @@ def test_native_int8_kernel_keeps_one_int8_copy_of_the_weight():
     layer = int8_layer(80, 128, 6.0, True)
     if not I.NATIVE.supports(layer, torch.device("cpu"), torch.bfloat16):
         pytest.skip("no native int8 GEMM on this CPU")
-    packed, ws, outliers, bias = layer.prepared(I.NATIVE, torch.device("cpu"), torch.bfloat16)
+    gemm, outliers = layer.prepared(I.NATIVE, torch.device("cpu"), torch.bfloat16)
+    packed = gemm.w
     assert isinstance(outliers, I.PackedOutliers) and outliers.packed is packed
-    held = [t for t in (*packed, ws, bias, *vars(outliers).values()) if isinstance(t, torch.Tensor)]
+    held = [t for t in (*packed, *gemm._keep, *vars(outliers).values()) if isinstance(t, torch.Tensor)]
     assert sum(t.numel() for t in held if t.dtype == torch.int8) == packed.packed.numel() == 128 * 128
     x = inputs(5, 128, torch.bfloat16, True, seed=9)
     with kernels.use_kernel("cpu_int8_native"):

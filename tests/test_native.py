@@ -640,6 +640,17 @@ def test_native_int8_gemm_refusals():
     with pytest.raises(ValueError, match="native int8_gemm: bad operands"):
         native.int8_gemm(codes, p, ws, torch.ones(3), None, torch.float32, (torch.ones(3, 2), torch.ones(2, 40)))
     assert native.int8_gemm(codes[:0], p, ws).shape == (0, 40)
+    with pytest.raises(ValueError, match="native int8_gemm: bad operands ws"):  # the weight's operands: when bound
+        native.Int8Gemm(p, ws.half())
+    with pytest.raises(ValueError, match="native int8_gemm: bad operands ws"):
+        native.Int8Gemm(p, ws, torch.zeros(41))  # a bias of another width
+    gemm = native.Int8Gemm(p, ws, torch.zeros(40))
+    with pytest.raises(ValueError, match="native int8_gemm: bad operands codes"):
+        gemm(codes)  # a bias needs the fused epilogue (absmax)
+    with pytest.raises(ValueError, match="output leading dimensions"):
+        gemm(codes, torch.ones(3), shape=(2, 2))
+    absmax = torch.full((3,), 127.0)
+    assert torch.equal(gemm(codes, absmax, shape=(3, 1)), native.int8_gemm(codes, p, ws, absmax).view(3, 1, 40))
     with pytest.raises(ValueError, match="outside"):
         native.int8_packed_cols(p, torch.tensor([0, 96]), ws, torch.float32)
 

@@ -27,8 +27,9 @@ def linear(layer: Any, x: torch.Tensor) -> torch.Tensor:
     the layer for backward and dequantizes W_hat there, one layer at a time: no float copy of the
     weights stays alive between forward and backward. Under `torch.compile` the layer is one op,
     `torch.ops.hf_quant.quant_linear`, with the same forward and backward."""
-    if layer.in_scales is not None:  # W_hat = W_q * g: the kernels see x * g and the weight without g
-        x = x * layer.in_scales.to(x.dtype)
+    in_scales = layer._buffers["in_scales"]  # (not through nn.Module.__getattr__: this runs once per layer and token)
+    if in_scales is not None:  # W_hat = W_q * g: the kernels see x * g and the weight without g
+        x = x * in_scales.to(x.dtype)
     if torch.compiler.is_compiling():
         scales = layer.qweight if layer.scales is None else layer.scales  # GGUF layers: all in qweight
         return torch.ops.hf_quant.quant_linear(x, layer.qweight, scales, layer.kernel_bias, layer._op_id)

@@ -56,6 +56,7 @@ writing the activation dtype (kernels in `triton/int8.py`; checked in Triton's i
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 import weakref
@@ -75,7 +76,12 @@ FBGEMM_MAX_ROWS = 16  # fixed dispatch: fbgemm up to here (its GEMV wins at M <=
 
 
 def threshold_of(layer: Any) -> float:
-    return float(layer.scheme.activation.kwargs().get("threshold", 0.0))
+    return _threshold(layer.scheme.activation)
+
+
+@functools.lru_cache(maxsize=None)
+def _threshold(activation: Any) -> float:  # ActivationSpec is frozen (hashable): looked up once per spec
+    return float(activation.kwargs().get("threshold", 0.0))
 
 
 def outlier_index(x2: torch.Tensor, threshold: float) -> torch.Tensor | None:
@@ -439,17 +445,20 @@ class NativeInt8Kernel(_ExactInt8Kernel):
     def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
         wq, ws = cpu.int8_rows(layer)
         packed = native.int8_pack(wq)
-        return packed, ws, PackedOutliers(packed, ws), None if layer.bias is None else layer.bias.float()
+        bias = None if layer.bias is None else layer.bias.float().contiguous()
+        return native.Int8Gemm(packed, ws.contiguous(), bias), PackedOutliers(packed, ws)
 
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
-        packed, ws, outliers, bias = prepared
+        gemm, outliers = prepared
         t = threshold_of(layer)
         x2 = x.reshape(-1, x.shape[-1])
-        codes, absmax, cols = quantize_activations(x2, t, offset=128)
+        if x2.shape[1] <= 1 or x2.stride(1) == 1:  # the native quantization (built: this kernel needs the helpers)
+            codes, absmax, cols = native.quantize_tokens(x2, t, torch.uint8)
+        else:
+            codes, absmax, cols = quantize_activations(x2, t, offset=128)
         extra = None if cols is None else (x2.index_select(1, cols).float(), outliers.get(cols, x.dtype))
         # the fused epilogue, outlier columns included: the same bytes as finish_tokens of the fp32 product
-        y = native.int8_gemm(codes, packed, ws, absmax, bias, x.dtype, extra)
-        return y.reshape(*x.shape[:-1], ws.shape[0])
+        return gemm(codes, absmax, x.dtype, extra, x.shape[:-1])
 
 
 class TokenW8Kernel(Kernel):

@@ -206,8 +206,12 @@ CODES_OFFSET = {(torch.bfloat16, True): 128.0, (torch.bfloat16, False): 2176.0,
 
 
 def _caps() -> int:
-    lib = library()
-    return 0 if lib is None else lib.hfq_caps()
+    """The built library's capability bits, read once per load (`reset` forgets them with the library)."""
+    caps = _state.get("caps")
+    if caps is None:
+        lib = library()
+        caps = _state["caps"] = 0 if lib is None else lib.hfq_caps()
+    return caps
 
 
 def has_codes_bf16() -> bool:
@@ -344,46 +348,74 @@ def int8_pack(wq: torch.Tensor) -> Int8Packed:
 
 def int8_gemm(codes: torch.Tensor, w: Int8Packed, ws: torch.Tensor, absmax: torch.Tensor | None = None,
               bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
-              outliers: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+              outliers: tuple[torch.Tensor, torch.Tensor] | None = None, shape: tuple[int, ...] | None = None
+              ) -> torch.Tensor:
     """codes (M, K) uint8 (the per-token codes + 128, unit column stride) times the packed int8 weight, exact in
     int32, times the row scales ws (N,) fp32: fp32 (M, N) (`fbgemm_int8_mm`'s contract). With `absmax` (M,) fp32
     the epilogue of `finish_tokens` follows in the same pass (* absmax / 127 per row, + bias, + with `outliers` =
     (xo (M, n) fp32: the activations of the outlier columns, w_blocks (ceil(N/16), n, 16) fp32: W_hat's rows of
     them in blocks of 16 columns, zero-padded, `int8_packed_cols`) their product), in `dtype`: the same bytes
-    as `finish_tokens` of the fp32 result."""
-    lib = _int8_library()
-    M, K = codes.shape
-    N = w.n
-    xo, wc = outliers if outliers is not None else (None, None)
-    n_out = 0 if xo is None else xo.shape[1]
-    ok = (codes.dtype == torch.uint8 and K == w.k and (K <= 1 or codes.stride(1) == 1) and ws.dtype == torch.float32
-          and ws.shape == (N,) and ws.is_contiguous() and dtype in _KIND
-          and (absmax is None or (absmax.dtype == torch.float32 and absmax.shape == (M,) and absmax.is_contiguous()))
-          and (bias is None or (absmax is not None and bias.dtype == torch.float32 and bias.shape == (N,)
-                                and bias.is_contiguous()))
-          and (absmax is not None or (dtype == torch.float32 and outliers is None))
-          and (outliers is None or (xo.dtype == wc.dtype == torch.float32 and xo.dim() == 2 and xo.shape[0] == M
-                                    and tuple(wc.shape) == (-(-N // 16), n_out, 16)
-                                    and xo.is_contiguous() and wc.is_contiguous())))
-    if not ok:
-        raise ValueError(f"native int8_gemm: bad operands codes {tuple(codes.shape)} {codes.dtype}, ws "
-                         f"{tuple(ws.shape)} {ws.dtype}, dtype {dtype}: expected uint8 codes (M, {w.k}) with unit "
-                         f"column stride, ws / bias fp32 ({N},), absmax fp32 (M,) (needed for bias, outliers or a "
-                         f"dtype other than fp32), outliers (fp32 (M, n), fp32 ({-(-N // 16)}, n, 16)) contiguous")
-    out = torch.empty(M, N, dtype=dtype)
-    if M == 0:
+    as `finish_tokens` of the fp32 result. `shape`: the output's leading dimensions (M elements in all; default
+    (M,)), so that a caller's (..., N) result needs no reshape. A kernel calling it per token binds the weight's
+    operands once instead (`Int8Gemm`)."""
+    return Int8Gemm(w, ws, bias)(codes, absmax, dtype, outliers, shape)
+
+
+class Int8Gemm:
+    """`int8_gemm` with the weight's operands (the packed weight, row scales ws, bias) checked and bound once, for a
+    layer's prepared layout: a call checks only the activations' operands (see `I16Gemv`)."""
+
+    __slots__ = ("w", "_fn", "_static", "_bias", "_keep")
+
+    def __init__(self, w: Int8Packed, ws: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        lib = _int8_library()
+        N = w.n
+        if not (ws.dtype == torch.float32 and ws.shape == (N,) and ws.is_contiguous() and ws.is_cpu
+                and (bias is None or (bias.dtype == torch.float32 and bias.shape == (N,) and bias.is_contiguous()
+                                      and bias.is_cpu))):
+            raise ValueError(f"native int8_gemm: bad operands ws {tuple(ws.shape)} {ws.dtype}"
+                             + ("" if bias is None else f", bias {tuple(bias.shape)} {bias.dtype}")
+                             + f": expected contiguous fp32 ({N},) CPU tensors")
+        self.w, self._fn, self._keep, self._bias = w, lib.hfq_int8_gemm, (ws, bias), bias is not None
+        self._static = (w.packed.data_ptr(), N, w.comp.data_ptr(), ws.data_ptr(),
+                        None if bias is None else bias.data_ptr())
+
+    def __call__(self, codes: torch.Tensor, absmax: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
+                 outliers: tuple[torch.Tensor, torch.Tensor] | None = None, shape: tuple[int, ...] | None = None
+                 ) -> torch.Tensor:
+        """The product and epilogue of `int8_gemm` for these codes (M, K)."""
+        w = self.w
+        N = w.n
+        M, K = codes.shape if codes.dim() == 2 else (-1, -1)
+        xo, wc = outliers if outliers is not None else (None, None)
+        n_out = 0 if xo is None else xo.shape[1]
+        ok = (codes.dtype == torch.uint8 and K == w.k and (K <= 1 or codes.stride(1) == 1) and codes.is_cpu
+              and dtype in _KIND
+              and (absmax is None or (absmax.dtype == torch.float32 and absmax.shape == (M,) and absmax.is_contiguous()))
+              and (absmax is not None or (dtype == torch.float32 and outliers is None and not self._bias))
+              and (outliers is None or (xo.dtype == wc.dtype == torch.float32 and xo.dim() == 2 and xo.shape[0] == M
+                                        and tuple(wc.shape) == (-(-N // 16), n_out, 16)
+                                        and xo.is_contiguous() and wc.is_contiguous())))
+        if not ok:
+            raise ValueError(f"native int8_gemm: bad operands codes {tuple(codes.shape)} {codes.dtype}, dtype {dtype}: "
+                             f"expected uint8 codes (M, {w.k}) with unit column stride, absmax fp32 (M,) (needed for "
+                             f"bias, outliers or a dtype other than fp32), outliers (fp32 (M, n), fp32 "
+                             f"({-(-N // 16)}, n, 16)) contiguous")
+        out = torch.empty((M, N) if shape is None else (*shape, N), dtype=dtype)
+        if out.numel() != M * N:
+            raise ValueError(f"native int8_gemm: output leading dimensions {tuple(shape)} for {M} rows of codes")
+        if M == 0:
+            return out
+        packed, _, comp, ws, bias = self._static
+        rc = self._fn(codes.data_ptr(), M, K, codes.stride(0) if M > 1 else K, packed, N, comp, ws,
+                      None if absmax is None else absmax.data_ptr(), bias, None if xo is None else xo.data_ptr(),
+                      None if wc is None else wc.data_ptr(), n_out, out.data_ptr(), N, _KIND[dtype], _threads())
+        if rc == 3:
+            raise ValueError("native int8_gemm: an activation code of -128 (a uint8 0): the AVX2 int8 GEMM takes "
+                             "per-token codes in [-127, 127] (codes + 128 in [1, 255]), as quantize_tokens writes them")
+        if rc:
+            raise RuntimeError("native int8_gemm failed")
         return out
-    rc = lib.hfq_int8_gemm(codes.data_ptr(), M, K, codes.stride(0) if M > 1 else K, w.packed.data_ptr(), N,
-                           w.comp.data_ptr(), ws.data_ptr(), None if absmax is None else absmax.data_ptr(),
-                           None if bias is None else bias.data_ptr(), None if xo is None else xo.data_ptr(),
-                           None if wc is None else wc.data_ptr(), n_out, out.data_ptr(), N, _KIND[dtype],
-                           _threads())
-    if rc == 3:
-        raise ValueError("native int8_gemm: an activation code of -128 (a uint8 0): the AVX2 int8 GEMM takes per-token "
-                         "codes in [-127, 127] (codes + 128 in [1, 255]), as quantize_tokens writes them")
-    if rc:
-        raise RuntimeError("native int8_gemm failed")
-    return out
 
 
 def int8_packed_cols(w: Int8Packed, cols: torch.Tensor, ws: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -571,13 +603,25 @@ def _quant_tokens(x2: torch.Tensor, threshold: float, codes: torch.Tensor, code_
         raise ValueError(f"native {who}: x {tuple(x2.shape)} {x2.dtype} stride {x2.stride()}: expected a CPU "
                          "fp32/bf16/fp16 matrix with unit column stride")
     absmax = torch.empty(M, dtype=torch.float32)
-    flags, cols = torch.empty(K, dtype=torch.uint8), torch.empty(K, dtype=torch.int64)
+    flags, cols = _token_scratch(K)
     n = lib.hfq_quant_tokens(x2.data_ptr(), M, K, x2.stride(0) if M > 1 else K, _KIND[x2.dtype], float(threshold),
                              codes.data_ptr(), code_kind, absmax.data_ptr(), flags.data_ptr(), cols.data_ptr(),
                              _threads())
     if n < 0:
         raise MemoryError(f"native {who}: out of memory for a row buffer")
-    return absmax, (cols[:n] if n else None)
+    return absmax, (cols[:n].clone() if n else None)
+
+
+_TOKEN_SCRATCH = threading.local()
+
+
+def _token_scratch(K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`hfq_quant_tokens`' work buffers for K columns (flags uint8, cols int64), per thread and reused: two fewer
+    allocations in every decode step's int8 layers (the columns found are copied out)."""
+    bufs = getattr(_TOKEN_SCRATCH, "bufs", None)
+    if bufs is None or bufs[0].numel() < K:
+        bufs = _TOKEN_SCRATCH.bufs = (torch.empty(K, dtype=torch.uint8), torch.empty(K, dtype=torch.int64))
+    return bufs
 
 
 def quantize_tokens(x2: torch.Tensor, threshold: float, code_dtype: torch.dtype

@@ -1600,6 +1600,10 @@ int hfq_int8_packed_cols(const int8_t *packed, int64_t N, int64_t K, const int64
  * zero-padded (each 16 outputs read one contiguous n_out * 64 bytes: rows of N apart, the first tile of a
  * block waited on n_out scattered lines from memory, +30% at one row). Returns 1 (nothing written) if K is
  * not a multiple of 4, the arguments do not fit together, or this build has no int8 GEMM. */
+#ifndef HFQ_I8_MIN_SPLIT  /* fewer multiply-adds run on one thread: a decode GEMV of a 512 x 512 layer (2^18) already
+                             gains from two (Zen 1: 40 -> 35 us, 512 x 1536: 73 -> 51 us) */
+#define HFQ_I8_MIN_SPLIT (1 << 18)
+#endif
 int hfq_int8_gemm(const uint8_t *a, int64_t M, int64_t K, int64_t lda, const int8_t *packed, int64_t N,
                   const int32_t *comp, const float *ws, const float *absmax, const float *bias, const float *xo,
                   const float *wc, int64_t n_out, void *out, int64_t ldo, int out_kind, int nthreads) {
@@ -1610,7 +1614,7 @@ int hfq_int8_gemm(const uint8_t *a, int64_t M, int64_t K, int64_t lda, const int
     const int64_t blocks = (N + HFQ_I8_NR - 1) / HFQ_I8_NR;
     int64_t chunk = HFQ_I8_A_BYTES / K / HFQ_I8_MR * HFQ_I8_MR;
     if (chunk < HFQ_I8_MR) chunk = HFQ_I8_MR;
-    if (M * N * K < (1 << 21)) nthreads = 1;
+    if (M * N * K < HFQ_I8_MIN_SPLIT) nthreads = 1;
 #if HFQ_I8 == 2  /* the AVX2 form reads the signed codes (see above), and cannot take -128 */
     uint8_t *a2 = (uint8_t *)malloc((size_t)(M * K));
     if (!a2) return 1;
