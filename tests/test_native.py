@@ -624,6 +624,33 @@ def test_native_int8_gemm_many_rows_and_threads(monkeypatch):
 
 
 @needs_int8_gemm
+@pytest.mark.parametrize("M", [1, 5, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+def test_native_int8_tokens_is_quantize_then_gemm(M, dtype, threshold):
+    """Int8Gemm.tokens (decoding's one native call): without outlier columns the bytes of quantize_tokens then
+    int8_gemm with the fused epilogue; with them, nothing written but that quantization (codes, absmax, columns)."""
+    wq, _, ws = _int8_operands(M, 96, 40, seed=M)
+    p, bias = native.int8_pack(wq), torch.randn(40)
+    x = (torch.rand(M, 96, generator=torch.Generator().manual_seed(M)) * 8 - 4).to(dtype)  # |x| < 4
+    x[:, 7] = 9.0  # an outlier column at threshold 6
+    codes, absmax, cols = native.quantize_tokens(x, threshold, torch.uint8)
+    gemm = native.Int8Gemm(p, ws, bias)
+    out, parts = gemm.tokens(x, threshold, dtype, (1, M))
+    if threshold == 0.0:
+        assert parts is None and out.shape == (1, M, 40) and out.dtype == dtype
+        assert torch.equal(out[0], native.int8_gemm(codes, p, ws, absmax, bias, dtype))
+    else:
+        got_codes, got_absmax, got_cols = parts
+        assert out is None and torch.equal(got_cols, cols) and got_cols.tolist() == [7]
+        assert torch.equal(got_codes, codes) and torch.equal(got_absmax, absmax)
+    with pytest.raises(ValueError, match="at most 64 rows"):
+        gemm.tokens(torch.zeros(65, 96), threshold, dtype)
+    with pytest.raises(ValueError, match="unit column stride"):
+        gemm.tokens(torch.zeros(96, 2).t(), threshold, dtype)
+
+
+@needs_int8_gemm
 def test_native_int8_gemm_refusals():
     wq, codes, ws = _int8_operands(3, 96, 40)
     p = native.int8_pack(wq)

@@ -452,7 +452,13 @@ class NativeInt8Kernel(_ExactInt8Kernel):
         gemm, outliers = prepared
         t = threshold_of(layer)
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.shape[1] <= 1 or x2.stride(1) == 1:  # the native quantization (built: this kernel needs the helpers)
+        unit = x2.shape[1] <= 1 or x2.stride(1) == 1
+        if unit and x2.shape[0] <= gemm.TOKEN_ROWS:  # decoding: quantization and product in one native call ...
+            out, parts = gemm.tokens(x2, t, x.dtype, x.shape[:-1])
+            if out is not None:
+                return out
+            codes, absmax, cols = parts  # ... unless a column has an outlier
+        elif unit:  # the native quantization (built: this kernel needs the helpers)
             codes, absmax, cols = native.quantize_tokens(x2, t, torch.uint8)
         else:
             codes, absmax, cols = quantize_activations(x2, t, offset=128)

@@ -129,6 +129,8 @@ def _load() -> ctypes.CDLL:
     lib.hfq_int8_gemm.argtypes = [P, I64, I64, I64, P, I64, P, P, P, P, P, P, I64, P, I64, INT, INT]
     lib.hfq_int8_gemm.restype = INT
     lib.hfq_int8_packed_cols.argtypes, lib.hfq_int8_packed_cols.restype = [P, I64, I64, P, I64, P, INT, P], INT
+    lib.hfq_int8_token_gemm.argtypes = [P, I64, I64, I64, INT, ctypes.c_float, P, P, P, P, P, I64, P, P, P, P, INT, INT]
+    lib.hfq_int8_token_gemm.restype = I64
     return lib
 
 
@@ -365,7 +367,8 @@ class Int8Gemm:
     """`int8_gemm` with the weight's operands (the packed weight, row scales ws, bias) checked and bound once, for a
     layer's prepared layout: a call checks only the activations' operands (see `I16Gemv`)."""
 
-    __slots__ = ("w", "_fn", "_static", "_bias", "_keep")
+    __slots__ = ("w", "_fn", "_tokens", "_static", "_bias", "_keep")
+    TOKEN_ROWS = 64  # `tokens` takes at most this many rows (decoding, short prompts; its buffers are reused per thread)
 
     def __init__(self, w: Int8Packed, ws: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         lib = _int8_library()
@@ -377,6 +380,7 @@ class Int8Gemm:
                              + ("" if bias is None else f", bias {tuple(bias.shape)} {bias.dtype}")
                              + f": expected contiguous fp32 ({N},) CPU tensors")
         self.w, self._fn, self._keep, self._bias = w, lib.hfq_int8_gemm, (ws, bias), bias is not None
+        self._tokens = lib.hfq_int8_token_gemm
         self._static = (w.packed.data_ptr(), N, w.comp.data_ptr(), ws.data_ptr(),
                         None if bias is None else bias.data_ptr())
 
@@ -416,6 +420,39 @@ class Int8Gemm:
         if rc:
             raise RuntimeError("native int8_gemm failed")
         return out
+
+    def tokens(self, x2: torch.Tensor, threshold: float, dtype: torch.dtype, shape: tuple[int, ...] | None = None
+               ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+        """`quantize_tokens` of x2 (M <= TOKEN_ROWS rows of K, fp32/bf16/fp16, unit column stride) with `threshold`
+        and, when no column has an outlier, the product with its fused epilogue in `dtype`, in one native call:
+        (out (*shape, N), None). With outlier columns: (None, (codes + 128, absmax, cols)) for the caller's GEMM
+        with the outlier columns' product; codes and absmax are this thread's reused buffers, valid until its next
+        call of `tokens`."""
+        w = self.w
+        M, K = x2.shape if x2.dim() == 2 else (-1, -1)
+        kx, ko = _KIND.get(x2.dtype), _KIND.get(dtype)
+        if (kx is None or ko is None or K != w.k or not 0 <= M <= self.TOKEN_ROWS or (K > 1 and x2.stride(1) != 1)
+                or not x2.is_cpu):
+            raise ValueError(f"native int8_gemm.tokens: x {tuple(x2.shape)} {x2.dtype} stride {x2.stride()}, dtype "
+                             f"{dtype}: expected a CPU fp32/bf16/fp16 matrix of at most {self.TOKEN_ROWS} rows of "
+                             f"{w.k} with unit column stride, and an fp32/bf16/fp16 output")
+        out = torch.empty((M, w.n) if shape is None else (*shape, w.n), dtype=dtype)
+        if out.numel() != M * w.n:
+            raise ValueError(f"native int8_gemm: output leading dimensions {tuple(shape)} for {M} rows")
+        if M == 0:
+            return out, None
+        codes, absmax, flags, cols = _token_buffers(M * K, M, K)
+        packed, N, comp, ws, bias = self._static
+        n = self._tokens(x2.data_ptr(), M, K, x2.stride(0) if M > 1 else K, kx, threshold, codes.data_ptr(),
+                         absmax.data_ptr(), flags.data_ptr(), cols.data_ptr(), packed, N, comp, ws, bias,
+                         out.data_ptr(), ko, _threads())
+        if n == 0:
+            return out, None
+        if n > 0:
+            return None, (codes[:M * K].view(M, K), absmax[:M], cols[:n].clone())
+        if n == -1:
+            raise MemoryError("native int8_gemm.tokens: out of memory for a row buffer")
+        raise RuntimeError(f"native int8_gemm.tokens failed (code {n})")
 
 
 def int8_packed_cols(w: Int8Packed, cols: torch.Tensor, ws: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -618,9 +655,19 @@ _TOKEN_SCRATCH = threading.local()
 def _token_scratch(K: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`hfq_quant_tokens`' work buffers for K columns (flags uint8, cols int64), per thread and reused: two fewer
     allocations in every decode step's int8 layers (the columns found are copied out)."""
+    return _token_buffers(0, 0, K)[2:]
+
+
+def _token_buffers(n_codes: int, M: int, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This thread's reused buffers (codes uint8, absmax fp32, flags uint8, cols int64) of at least n_codes, M, K, K
+    elements, grown as needed."""
     bufs = getattr(_TOKEN_SCRATCH, "bufs", None)
-    if bufs is None or bufs[0].numel() < K:
-        bufs = _TOKEN_SCRATCH.bufs = (torch.empty(K, dtype=torch.uint8), torch.empty(K, dtype=torch.int64))
+    if bufs is None or bufs[0].numel() < n_codes or bufs[1].numel() < M or bufs[2].numel() < K:
+        old = bufs or (torch.empty(0, dtype=torch.uint8), torch.empty(0), torch.empty(0, dtype=torch.uint8))
+        bufs = _TOKEN_SCRATCH.bufs = (torch.empty(max(n_codes, old[0].numel()), dtype=torch.uint8),
+                                      torch.empty(max(M, old[1].numel()), dtype=torch.float32),
+                                      torch.empty(max(K, old[2].numel()), dtype=torch.uint8),
+                                      torch.empty(max(K, old[2].numel()), dtype=torch.int64))
     return bufs
 
 

@@ -1655,3 +1655,19 @@ int hfq_int8_gemm(const uint8_t *a, int64_t M, int64_t K, int64_t lda, const int
     return 1;
 #endif
 }
+
+/* Decoding's int8 layer in one call: hfq_quant_tokens of x (codes + 128 into `codes`, M x K; absmax; the outlier
+ * columns into flags / cols) and, when no column passed the threshold, hfq_int8_gemm of those codes with its fused
+ * epilogue (row scales, bias) into `out` (M x N, out_kind). Returns 0 (out written), the number of outlier columns
+ * (n > 0: codes, absmax and cols[0..n) are written, out is not: the caller runs the GEMM with the outlier columns'
+ * product), -1 (out of memory), or -(1 + hfq_int8_gemm's code). */
+int64_t hfq_int8_token_gemm(const void *x, int64_t M, int64_t K, int64_t ldx, int x_kind, float threshold,
+                            uint8_t *codes, float *absmax, uint8_t *flags, int64_t *cols, const int8_t *packed,
+                            int64_t N, const int32_t *comp, const float *ws, const float *bias, void *out,
+                            int out_kind, int nthreads) {
+    const int64_t n = hfq_quant_tokens(x, M, K, ldx, x_kind, threshold, codes, 1, absmax, flags, cols, nthreads);
+    if (n != 0) return n;
+    const int rc = hfq_int8_gemm(codes, M, K, K, packed, N, comp, ws, absmax, bias, NULL, NULL, 0, out, N, out_kind,
+                                 nthreads);
+    return rc ? -1 - (int64_t)rc : 0;
+}
