@@ -77,16 +77,16 @@ class NativeSignKernel(Kernel):
         return self.MAX_ROWS.get(dtype)
 
     def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
-        return _prepare(layer)
+        return native.SignGemm(*_prepare(layer))
 
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
-        bits, scale, bias = prepared
-        x2 = _flatten(x)
-        M, K = x2.shape
-        out = torch.empty(M, layer.out_features, dtype=x.dtype)
-        work = _workspace(native.sign_workspace_floats(M, K, scale.shape[1]))
-        native.sign_gemm(x2, bits, scale, bias, out, work)
-        return out.reshape(*x.shape[:-1], layer.out_features)
+        # a decode step calls this once per layer: a contiguous x goes as it is, into an output in its final shape
+        gemm = prepared
+        if not x.is_contiguous() and (x.dim() != 2 or x.stride(-1) != 1):
+            x = x.contiguous()
+        out = torch.empty((*x.shape[:-1], layer.out_features), dtype=x.dtype)
+        work = _workspace(native.sign_workspace_floats(x.numel() // max(gemm.k, 1), gemm.k, gemm.g))
+        return gemm(x, out, work)
 
 
 class NativeSignDequantKernel(Kernel):

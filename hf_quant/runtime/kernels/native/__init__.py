@@ -494,34 +494,61 @@ def sign_gemm(x: torch.Tensor, bits: torch.Tensor, scale: torch.Tensor, bias: to
     all in fp32 (x widened once per call), the output rounded once. bits: the packed codes (N, K / 8) uint8
     (core/packing.py: code k in bit k % 8 of byte k // 8); scale (N, G) fp32 with K / G a multiple of the vector
     width (`sign_group_size_ok`); bias (N,) fp32 or None; x fp32 / bf16 / fp16 with unit column stride; out
-    fp32 / bf16 / fp16 (N contiguous); work fp32, at least `sign_workspace_floats` elements."""
-    lib = library()
-    if lib is None or not has_sign():
-        raise RuntimeError(f"native sign kernel unavailable: {unavailable_reason() or 'not built for this CPU (AVX2 or AVX-512F)'}")
-    M, K = x.shape
-    N, G = scale.shape
-    gs = K // G if G else 0
-    ok = (x.dtype in _KIND and out.dtype in _KIND and bits.dtype == torch.uint8 and scale.dtype == torch.float32
-          and work.dtype == torch.float32 and tuple(bits.shape) == (N, K // 8) and K % 8 == 0 and G * gs == K
-          and sign_group_size_ok(gs) and tuple(out.shape) == (M, N) and (K <= 1 or M == 0 or x.stride(1) == 1)
-          and work.numel() >= sign_workspace_floats(M, K, G)
-          and (bias is None or (bias.dtype == torch.float32 and bias.shape == (N,) and bias.is_contiguous()))
-          and all(t.is_contiguous() for t in (bits, scale, out, work))
-          and all(t.device.type == "cpu" for t in (x, bits, scale, out, work)))
-    if not ok:
-        raise ValueError(f"native sign_gemm: bad operands x {tuple(x.shape)} {x.dtype}, bits {tuple(bits.shape)} "
-                         f"{bits.dtype}, scale {tuple(scale.shape)} {scale.dtype}, out {tuple(out.shape)} {out.dtype}: "
-                         "expected CPU tensors, x fp32/bf16/fp16 (M, K) with unit column stride, bits uint8 (N, K/8), "
-                         "scale fp32 (N, G) with groups of a multiple of the vector width, bias fp32 (N,) or None, "
-                         "out fp32/bf16/fp16 (M, N), work fp32 of sign_workspace_floats(M, K, G), contiguous")
-    if M == 0 or N == 0:
+    fp32 / bf16 / fp16 (N contiguous); work fp32, at least `sign_workspace_floats` elements. A kernel calling it
+    per token binds the weight's operands once instead (`SignGemm`)."""
+    return SignGemm(bits, scale, bias)(x, out, work)
+
+
+class SignGemm:
+    """`sign_gemm` with the weight's operands (bits, scale, bias) checked and bound once, for a layer's prepared
+    layout: a call checks only x, out and the workspace (see `I16Gemv`)."""
+
+    __slots__ = ("n", "k", "g", "_fn", "_static", "_keep")
+
+    def __init__(self, bits: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        lib = library()
+        if lib is None or not has_sign():
+            raise RuntimeError("native sign kernel unavailable: "
+                               f"{unavailable_reason() or 'not built for this CPU (AVX2 or AVX-512F)'}")
+        N, G = scale.shape if scale.dim() == 2 else (-1, 0)
+        K = bits.shape[1] * 8 if bits.dim() == 2 else -1
+        gs = K // G if G > 0 else 0
+        ok = (bits.dtype == torch.uint8 and scale.dtype == torch.float32 and bits.dim() == 2
+              and bits.shape[0] == N and G * gs == K and sign_group_size_ok(gs)
+              and (bias is None or (bias.dtype == torch.float32 and bias.shape == (N,) and bias.is_contiguous()
+                                    and bias.is_cpu))
+              and bits.is_contiguous() and scale.is_contiguous() and bits.is_cpu and scale.is_cpu)
+        if not ok:
+            raise ValueError(f"native sign_gemm: bad operands bits {tuple(bits.shape)} {bits.dtype}, scale "
+                             f"{tuple(scale.shape)} {scale.dtype}: expected contiguous CPU tensors, bits uint8 (N, K/8), "
+                             "scale fp32 (N, G) with groups of a multiple of the vector width, bias fp32 (N,) or None")
+        self.n, self.k, self.g, self._fn, self._keep = N, K, G, lib.hfq_sign_gemm, (bits, scale, bias)
+        self._static = (bits.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr())
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+        """out = x @ W.T + bias: x (M, K) with unit column stride, or (..., K) contiguous; out (..., N) contiguous
+        with x's leading dimensions; work fp32 of at least `sign_workspace_floats(M, K, G)` elements."""
+        N, K, G = self.n, self.k, self.g
+        two_d = x.dim() == 2
+        M = x.numel() // K if K > 0 else 0
+        ok = (x.dtype in _KIND and out.dtype in _KIND and work.dtype == torch.float32 and x.dim() >= 1
+              and x.shape[-1] == K and out.shape[:-1] == x.shape[:-1] and out.shape[-1] == N
+              and (x.is_contiguous() or (two_d and (K <= 1 or M == 0 or x.stride(1) == 1)))
+              and work.numel() >= sign_workspace_floats(M, K, G) and out.is_contiguous() and work.is_contiguous()
+              and x.is_cpu and out.is_cpu and work.is_cpu)
+        if not ok:
+            raise ValueError(f"native sign_gemm: bad operands x {tuple(x.shape)} {x.dtype}, out {tuple(out.shape)} "
+                             f"{out.dtype}, work {work.numel()} {work.dtype}, weight ({N}, {K}): expected CPU tensors, "
+                             "x fp32/bf16/fp16 (M, K) with unit column stride, out fp32/bf16/fp16 (M, N), work fp32 of "
+                             "sign_workspace_floats(M, K, G), contiguous")
+        if M == 0 or N == 0:
+            return out
+        bits, scale, bias = self._static
+        rc = self._fn(x.data_ptr(), M, K, x.stride(0) if two_d and M > 1 else K, _KIND[x.dtype], bits, scale, bias,
+                      out.data_ptr(), N, G, K // G, _KIND[out.dtype], work.data_ptr(), _threads())
+        if rc:
+            raise RuntimeError(f"native sign_gemm failed (code {rc})")
         return out
-    rc = lib.hfq_sign_gemm(x.data_ptr(), M, K, x.stride(0) if M > 1 else K, _KIND[x.dtype], bits.data_ptr(),
-                           scale.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), N, G, gs,
-                           _KIND[out.dtype], work.data_ptr(), _threads())
-    if rc:
-        raise RuntimeError(f"native sign_gemm failed (code {rc})")
-    return out
 
 
 def sign_dequantize_into(bits: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
