@@ -628,8 +628,9 @@ def test_native_int8_gemm_many_rows_and_threads(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("threshold", [0.0, 6.0])
 def test_native_int8_tokens_is_quantize_then_gemm(M, dtype, threshold):
-    """Int8Gemm.tokens (decoding's one native call): without outlier columns the bytes of quantize_tokens then
-    int8_gemm with the fused epilogue; with them, nothing written but that quantization (codes, absmax, columns)."""
+    """Int8Gemm.tokens (decoding's one native call): without outlier columns, or with the known ones (their rows
+    given), the bytes of quantize_tokens then int8_gemm with the fused epilogue; with other outlier columns nothing
+    written but that quantization (codes, absmax, columns)."""
     wq, _, ws = _int8_operands(M, 96, 40, seed=M)
     p, bias = native.int8_pack(wq), torch.randn(40)
     x = (torch.rand(M, 96, generator=torch.Generator().manual_seed(M)) * 8 - 4).to(dtype)  # |x| < 4
@@ -644,6 +645,15 @@ def test_native_int8_tokens_is_quantize_then_gemm(M, dtype, threshold):
         got_codes, got_absmax, got_cols = parts
         assert out is None and torch.equal(got_cols, cols) and got_cols.tolist() == [7]
         assert torch.equal(got_codes, codes) and torch.equal(got_absmax, absmax)
+        wc = native.int8_packed_cols(p, cols, ws, dtype)  # the columns' rows, as the kernel caches them
+        want = native.int8_gemm(codes, p, ws, absmax, bias, dtype, (x.index_select(1, cols).float(), wc))
+        out, parts = gemm.tokens(x, threshold, dtype, None, (cols, wc))  # the known columns: one call
+        assert parts is None and torch.equal(out, want)
+        other = torch.tensor([8])
+        out, parts = gemm.tokens(x, threshold, dtype, None, (other, native.int8_packed_cols(p, other, ws, dtype)))
+        assert out is None and parts[2].tolist() == [7]  # other columns: left to the caller
+        with pytest.raises(ValueError, match="known columns"):
+            gemm.tokens(x, threshold, dtype, None, (cols.int(), wc))
     with pytest.raises(ValueError, match="at most 64 rows"):
         gemm.tokens(torch.zeros(65, 96), threshold, dtype)
     with pytest.raises(ValueError, match="unit column stride"):

@@ -454,10 +454,12 @@ class NativeInt8Kernel(_ExactInt8Kernel):
         x2 = x.reshape(-1, x.shape[-1])
         unit = x2.shape[1] <= 1 or x2.stride(1) == 1
         if unit and x2.shape[0] <= gemm.TOKEN_ROWS:  # decoding: quantization and product in one native call ...
-            out, parts = gemm.tokens(x2, t, x.dtype, x.shape[:-1])
+            last = outliers.last  # (cols, dtype, their W_hat rows): the outlier columns usually repeat
+            known = (last[0], last[2]) if last is not None and last[1] == x.dtype else None
+            out, parts = gemm.tokens(x2, t, x.dtype, x.shape[:-1], known)
             if out is not None:
                 return out
-            codes, absmax, cols = parts  # ... unless a column has an outlier
+            codes, absmax, cols = parts  # ... unless a column has an outlier the last call did not have
         elif unit:  # the native quantization (built: this kernel needs the helpers)
             codes, absmax, cols = native.quantize_tokens(x2, t, torch.uint8)
         else:

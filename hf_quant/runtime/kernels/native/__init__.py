@@ -129,7 +129,8 @@ def _load() -> ctypes.CDLL:
     lib.hfq_int8_gemm.argtypes = [P, I64, I64, I64, P, I64, P, P, P, P, P, P, I64, P, I64, INT, INT]
     lib.hfq_int8_gemm.restype = INT
     lib.hfq_int8_packed_cols.argtypes, lib.hfq_int8_packed_cols.restype = [P, I64, I64, P, I64, P, INT, P], INT
-    lib.hfq_int8_token_gemm.argtypes = [P, I64, I64, I64, INT, ctypes.c_float, P, P, P, P, P, I64, P, P, P, P, INT, INT]
+    lib.hfq_int8_token_gemm.argtypes = [P, I64, I64, I64, INT, ctypes.c_float, P, P, P, P, P, I64, P, P, P, P, INT, P,
+                                        I64, P, INT]
     lib.hfq_int8_token_gemm.restype = I64
     return lib
 
@@ -421,13 +422,16 @@ class Int8Gemm:
             raise RuntimeError("native int8_gemm failed")
         return out
 
-    def tokens(self, x2: torch.Tensor, threshold: float, dtype: torch.dtype, shape: tuple[int, ...] | None = None
+    def tokens(self, x2: torch.Tensor, threshold: float, dtype: torch.dtype, shape: tuple[int, ...] | None = None,
+               known: tuple[torch.Tensor, torch.Tensor] | None = None
                ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
         """`quantize_tokens` of x2 (M <= TOKEN_ROWS rows of K, fp32/bf16/fp16, unit column stride) with `threshold`
         and, when no column has an outlier, the product with its fused epilogue in `dtype`, in one native call:
-        (out (*shape, N), None). With outlier columns: (None, (codes + 128, absmax, cols)) for the caller's GEMM
-        with the outlier columns' product; codes and absmax are this thread's reused buffers, valid until its next
-        call of `tokens`."""
+        (out (*shape, N), None). The same when the outlier columns are exactly `known` = (cols int64, ascending;
+        their W_hat rows in the outlier layout of `int8_packed_cols` for `dtype`): the call gathers their
+        activations and adds their product. Other outlier columns: (None, (codes + 128, absmax, cols)) for the
+        caller's GEMM with the outlier columns' product; codes and absmax are this thread's reused buffers, valid
+        until its next call of `tokens`."""
         w = self.w
         M, K = x2.shape if x2.dim() == 2 else (-1, -1)
         kx, ko = _KIND.get(x2.dtype), _KIND.get(dtype)
@@ -443,9 +447,17 @@ class Int8Gemm:
             return out, None
         codes, absmax, flags, cols = _token_buffers(M * K, M, K)
         packed, N, comp, ws, bias = self._static
+        kc, kw = known if known is not None else (None, None)
+        if known is not None and not (kc.dtype == torch.int64 and kc.dim() == 1 and kc.is_contiguous()
+                                      and kw.dtype == torch.float32 and tuple(kw.shape) == (-(-N // 16), kc.numel(), 16)
+                                      and kw.is_contiguous()):
+            raise ValueError(f"native int8_gemm.tokens: known columns {tuple(kc.shape)} {kc.dtype}, rows "
+                             f"{tuple(kw.shape)} {kw.dtype}: expected int64 (n,) and fp32 ({-(-N // 16)}, n, 16), "
+                             "contiguous")
         n = self._tokens(x2.data_ptr(), M, K, x2.stride(0) if M > 1 else K, kx, threshold, codes.data_ptr(),
                          absmax.data_ptr(), flags.data_ptr(), cols.data_ptr(), packed, N, comp, ws, bias,
-                         out.data_ptr(), ko, _threads())
+                         out.data_ptr(), ko, None if kc is None else kc.data_ptr(), 0 if kc is None else kc.numel(),
+                         None if kw is None else kw.data_ptr(), _threads())
         if n == 0:
             return out, None
         if n > 0:

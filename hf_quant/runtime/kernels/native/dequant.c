@@ -1657,17 +1657,31 @@ int hfq_int8_gemm(const uint8_t *a, int64_t M, int64_t K, int64_t lda, const int
 }
 
 /* Decoding's int8 layer in one call: hfq_quant_tokens of x (codes + 128 into `codes`, M x K; absmax; the outlier
- * columns into flags / cols) and, when no column passed the threshold, hfq_int8_gemm of those codes with its fused
- * epilogue (row scales, bias) into `out` (M x N, out_kind). Returns 0 (out written), the number of outlier columns
- * (n > 0: codes, absmax and cols[0..n) are written, out is not: the caller runs the GEMM with the outlier columns'
- * product), -1 (out of memory), or -(1 + hfq_int8_gemm's code). */
+ * columns into flags / cols) and hfq_int8_gemm of those codes with its fused epilogue (row scales, bias) into `out`
+ * (M x N, out_kind) when no column passed the threshold, or when the columns that did are exactly the caller's
+ * `known` ones (n_known of them, ascending, as cols are written), whose W_hat rows `known_wc` (the GEMM's outlier
+ * layout) it has from an earlier call: their activations are gathered here (in fp32, as x holds them) for the
+ * outlier product. Returns 0 (out written), the number of outlier columns otherwise (codes, absmax and cols[0..n)
+ * written, out not: the caller builds the columns' rows and runs the GEMM), -1 (out of memory), or
+ * -(1 + hfq_int8_gemm's code). */
 int64_t hfq_int8_token_gemm(const void *x, int64_t M, int64_t K, int64_t ldx, int x_kind, float threshold,
                             uint8_t *codes, float *absmax, uint8_t *flags, int64_t *cols, const int8_t *packed,
                             int64_t N, const int32_t *comp, const float *ws, const float *bias, void *out,
-                            int out_kind, int nthreads) {
+                            int out_kind, const int64_t *known, int64_t n_known, const float *known_wc,
+                            int nthreads) {
     const int64_t n = hfq_quant_tokens(x, M, K, ldx, x_kind, threshold, codes, 1, absmax, flags, cols, nthreads);
-    if (n != 0) return n;
-    const int rc = hfq_int8_gemm(codes, M, K, K, packed, N, comp, ws, absmax, bias, NULL, NULL, 0, out, N, out_kind,
-                                 nthreads);
+    if (n < 0) return n;
+    float *xo = NULL;
+    if (n > 0) {
+        if (n != n_known || !known || !known_wc || memcmp(cols, known, (size_t)n * sizeof(int64_t)) != 0) return n;
+        xo = (float *)malloc((size_t)(M * n) * sizeof(float));
+        if (!xo) return -1;
+        const int64_t esize = x_kind == 0 ? 4 : 2;
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t j = 0; j < n; j++) xo[m * n + j] = load_x((const char *)x + m * ldx * esize, cols[j], x_kind);
+    }
+    const int rc = hfq_int8_gemm(codes, M, K, K, packed, N, comp, ws, absmax, bias, xo, n ? known_wc : NULL, n, out,
+                                 N, out_kind, nthreads);
+    free(xo);
     return rc ? -1 - (int64_t)rc : 0;
 }
