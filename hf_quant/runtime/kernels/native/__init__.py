@@ -239,6 +239,13 @@ def codes_i16_group_size_ok(gs: int, nibbles: bool) -> bool:
 I16_MAX_ROWS = 8  # HFQ_I16_MAX_ROWS
 
 
+def _group_layout(G: int, width: int, K: int) -> tuple[bool, int]:
+    """(nibbles, group size) of packed codes (N, G, width) met by K input channels: nibbles when K = 2 G width
+    (two codes per byte), bytes otherwise (K = G width, checked by the caller)."""
+    nibbles = G * width * 2 == K
+    return nibbles, 2 * width if nibbles else width
+
+
 def codes_i16_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
                    bias: torch.Tensor | None, out: torch.Tensor, two_terms: int, ratio: float) -> torch.Tensor:
     """out (M, N) fp32/bf16/fp16 = x (M, K) @ W.T + bias for M <= I16_MAX_ROWS, W[n, k] = (q - zero) * scale of
@@ -288,8 +295,7 @@ class I16Gemv:
         kx, ko = _KIND.get(x.dtype), _KIND.get(out.dtype)
         K = x.shape[-1] if x.dim() else -1
         M = x.numel() // K if K > 0 else -1
-        nibbles = G * width * 2 == K
-        gs = 2 * width if nibbles else width
+        nibbles, gs = _group_layout(G, width, K)
         if (kx is None or ko is None or not 0 <= M <= I16_MAX_ROWS or G * gs != K
                 or not codes_i16_group_size_ok(gs, nibbles) or out.shape[:-1] != x.shape[:-1] or out.shape[-1] != N
                 or not x.is_contiguous() or not out.is_contiguous() or not x.is_cpu or not out.is_cpu):
@@ -406,9 +412,7 @@ class Int8Gemm:
                              f"expected uint8 codes (M, {w.k}) with unit column stride, absmax fp32 (M,) (needed for "
                              f"bias, outliers or a dtype other than fp32), outliers (fp32 (M, n), fp32 "
                              f"({-(-N // 16)}, n, 16)) contiguous")
-        out = torch.empty((M, N) if shape is None else (*shape, N), dtype=dtype)
-        if out.numel() != M * N:
-            raise ValueError(f"native int8_gemm: output leading dimensions {tuple(shape)} for {M} rows of codes")
+        out = self._output(M, shape, dtype)
         if M == 0:
             return out
         packed, _, comp, ws, bias = self._static
@@ -420,6 +424,14 @@ class Int8Gemm:
                              "per-token codes in [-127, 127] (codes + 128 in [1, 255]), as quantize_tokens writes them")
         if rc:
             raise RuntimeError("native int8_gemm failed")
+        return out
+
+    def _output(self, M: int, shape: tuple[int, ...] | None, dtype: torch.dtype) -> torch.Tensor:
+        """The output for M rows: (M, N), or (*shape, N) where shape holds M elements in all."""
+        N = self.w.n
+        out = torch.empty((M, N) if shape is None else (*shape, N), dtype=dtype)
+        if out.numel() != M * N:
+            raise ValueError(f"native int8_gemm: output leading dimensions {tuple(shape)} for {M} rows of codes")
         return out
 
     def tokens(self, x2: torch.Tensor, threshold: float, dtype: torch.dtype, shape: tuple[int, ...] | None = None,
@@ -440,9 +452,7 @@ class Int8Gemm:
             raise ValueError(f"native int8_gemm.tokens: x {tuple(x2.shape)} {x2.dtype} stride {x2.stride()}, dtype "
                              f"{dtype}: expected a CPU fp32/bf16/fp16 matrix of at most {self.TOKEN_ROWS} rows of "
                              f"{w.k} with unit column stride, and an fp32/bf16/fp16 output")
-        out = torch.empty((M, w.n) if shape is None else (*shape, w.n), dtype=dtype)
-        if out.numel() != M * w.n:
-            raise ValueError(f"native int8_gemm: output leading dimensions {tuple(shape)} for {M} rows")
+        out = self._output(M, shape, dtype)
         if M == 0:
             return out, None
         codes, absmax, flags, cols = _token_buffers(M * K, M, K)
@@ -644,8 +654,7 @@ class CodesGemm:
         contiguous CPU tensors."""
         N, G, width = self._tail
         M, K = x.shape if x.dim() == 2 else (-1, -1)
-        nibbles = G * width * 2 == K
-        gs = 2 * width if nibbles else width
+        nibbles, gs = _group_layout(G, width, K)
         if (x.dtype != self.compute or corr.dtype != torch.float32 or out.dtype not in (torch.float32, torch.bfloat16)
                 or G * gs != K or not codes_group_size_ok(gs, nibbles, self.compute) or corr.shape != (M, N)
                 or out.shape != (M, N) or not (x.is_contiguous() and corr.is_contiguous() and out.is_contiguous())
