@@ -171,8 +171,10 @@ def test_gptq_is_deterministic_and_differs_from_rtn(tiny_models):
 @pytest.mark.parametrize("chunk", [1 << 24, 1000])  # one chunk of shrink factors (as on a GPU), or many
 @pytest.mark.parametrize("sym", [True, False])
 def test_batched_mse_search_equals_a_loop_over_shrink_factors(chunk, sym, monkeypatch):
+    """The torch search (the oracle; a CPU's native search, registered, is compared with it in test_native.py)."""
     assert grid._chunk_elements(torch.device("cuda")) == grid.MSE_CHUNK_ELEMENTS_ACCEL == 1 << 24
     monkeypatch.setattr(grid, "MSE_CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(grid, "_MSE_SEARCHES", [])
     spec = LayerSpec(3, 32, sym)
     Wg = torch.randn(24, 4, 32, generator=torch.Generator().manual_seed(0))
     Wg[::3, :, ::5] *= 6
@@ -284,6 +286,41 @@ def test_true_sequential_changes_the_result_and_summary_is_logged(tiny_models, c
     key = "model.layers.0.self_attn.q_proj.qweight"  # first group: same inputs either way
     assert torch.equal(seq[key], par[key])
     assert not torch.equal(seq["model.layers.0.mlp.down_proj.qweight"], par["model.layers.0.mlp.down_proj.qweight"])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_statistics_passes_stop_each_window_after_its_last_hooked_layer(tiny_models, monkeypatch, arch):
+    """A true-sequential group's pass stops each window once the group's layers have their inputs (past the
+    reference windows, whose outputs the report needs, and the first window, which shows each layer called once):
+    the attention groups' passes never reach the MLP. The statistics, and so the quantized model, are bit-identical
+    to whole passes."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_quant.calibration import blockwise
+
+    whole, calibrate = blockwise._pass, blockwise.calibrate_block
+
+    def run(n=24):
+        mlp_calls = []
+
+        def counting(model, block, *args, **kwargs):  # the block's MLP (a container: it stays) counts its calls
+            hook = block.get_submodule("mlp").register_forward_pre_hook(lambda m, a: mlp_calls.append(1))
+            try:
+                return calibrate(model, block, *args, **kwargs)
+            finally:
+                hook.remove()
+
+        monkeypatch.setattr(blockwise, "calibrate_block", counting)
+        cfg = QuantConfig(method="gptq", bits=3, group_size=32, dataset=_ids(n), num_samples=n, seq_len=32)
+        model = AutoModelForCausalLM.from_pretrained(tiny_models[arch], quantization_config=cfg)
+        return model.state_dict(), len(mlp_calls)
+
+    early, early_calls = run()
+    monkeypatch.setattr(blockwise, "_pass", lambda *args, heads=(), **kwargs: whole(*args, **kwargs))
+    full, full_calls = run()
+    assert early.keys() == full.keys() and all(torch.equal(early[k], full[k]) for k in early)
+    n_ref = min(blockwise.REFERENCE_WINDOWS, 24)
+    assert full_calls - early_calls == 2 * ((24 - n_ref) + (24 - 1))  # 2 blocks: the q/k/v and o passes
 
 
 def test_layer_error_from_hessian_equals_direct_output_error():

@@ -717,3 +717,104 @@ def test_an_avx2_build_has_the_avx2_int8_gemm_and_an_sse2_build_none(monkeypatch
     assert not int8.NATIVE.available() and not int8.SPLIT_NATIVE.available()
     with pytest.raises(RuntimeError, match="AVX-512 VNNI or AVX2 needed"):
         native.int8_pack(torch.zeros(8, 8, dtype=torch.int8))
+
+
+needs_mse = pytest.mark.skipif(not native.has_mse_search(), reason="native clipping search needs AVX2 + FMA")
+
+
+def _mse_rows(gs, seed):
+    """Rows of the kinds a clipping search meets: Gaussian weights, some with an outlier, a uniform row, rows far
+    below fp16's smallest scale (every factor's grid the same: a tie the first factor wins), rows near fp16's
+    largest value (`_fit_range` lowers the scale), a constant row and a row with a NaN."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(61, gs, generator=g) * 0.02
+    W[::5, 1] *= 12
+    W[3] = torch.rand(gs, generator=g) - 0.5
+    W[4] *= 1e-4
+    W[5] = torch.randn(gs, generator=g) * 3e4
+    W[6] = 0.25
+    W[7, -1] = float("nan")
+    return W
+
+
+def _oracle_errors(W, spec, scale_dtype, lo, hi):
+    """Every shrink factor's grid and its error |w_hat - w|^2.4 summed, as core.grid computes them: (P, rows)."""
+    from hf_quant.core import grid
+
+    p = 1 - torch.arange(int(grid.MSE_MAX_SHRINK * grid.MSE_GRID), dtype=torch.float32) / grid.MSE_GRID
+    s, z = grid._grid(p[:, None] * lo, p[:, None] * hi, spec, scale_dtype)
+    err = (grid.dequantize(grid.quantize(W, s, z, spec.maxq), s, z) - W).abs().pow(grid.MSE_NORM).sum(-1)
+    return s, z, err
+
+
+@needs_mse
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bits,sym,gs", [(4, False, 128), (3, True, 128), (2, False, 64), (8, True, 32),
+                                         (4, True, 24), (3, False, 200)])
+def test_native_mse_search_is_the_oracles_search(scale_dtype, bits, sym, gs):
+    """The native clipping search picks, per row, one of the oracle's own candidate grids bit for bit (same scale
+    rounding, fp16 range fitting, zero point), the one of least oracle error up to its power's ~1e-6 (exact ties:
+    the first factor), and reports that error within 2e-6 of the oracle's; the oracle's `_mse_search` agrees on
+    (almost) every row; a NaN row keeps its grid."""
+    from hf_quant.core import grid
+
+    spec = LayerSpec(bits, gs, sym)
+    W = _mse_rows(gs, seed=bits * 1000 + gs)
+    lo, hi = W.nan_to_num().amin(-1).clamp(max=0), W.nan_to_num().amax(-1).clamp(min=0)
+    if sym:
+        hi = torch.maximum(lo.abs(), hi)
+        lo = -hi
+    s0, z0 = grid._grid(lo, hi, spec, scale_dtype)
+    s, z, at, found = native.mse_search(W, lo, hi, s0, z0, spec.maxq, spec.sym_zero if sym else None, scale_dtype,
+                                        80, 100, 2.4, chosen=True)
+    cs, cz, err = _oracle_errors(W, spec, scale_dtype, lo, hi)
+    assert at[7] == -1 and s[7] == s0[7] and z[7] == z0[7] and found[7] == float("inf")  # the NaN row
+    ok = torch.arange(len(W)) != 7
+    idx = at.long()[ok]
+    assert (idx >= 0).all()
+    assert torch.equal(cs[:, ok].gather(0, idx[None])[0], s[ok]) and torch.equal(cz[:, ok].gather(0, idx[None])[0], z[ok])
+    least, first = err[:, ok].min(0)
+    mine = err[:, ok].gather(0, idx[None])[0]
+    assert (mine <= least * (1 + 1e-5)).all(), (mine / least - 1).max()
+    # the power's error; a zero difference counts 2^-120 (row 6, an exact grid: ~1e-34 where the oracle has 0)
+    assert torch.allclose(found[ok], mine, rtol=2e-6, atol=1e-30), (found[ok] / mine - 1).abs().max()
+    if scale_dtype == torch.float16:  # row 4: every factor's scale is fp16's smallest, the same grid: the first wins
+        assert idx[4] == 0 and (cs[:, 4] == cs[0, 4]).all()
+    rs, rz = grid._mse_search(W[ok], lo[ok], hi[ok], s0[ok].clone(), z0[ok].clone(), spec, scale_dtype)
+    assert ((rs == s[ok]) & (rz == z[ok])).float().mean() >= 0.95
+
+
+@needs_mse
+def test_find_params_takes_the_native_search_on_cpu(monkeypatch):
+    """`find_params(mse=True)` on CPU fp32 weights goes to the registered native search (one call for all rows),
+    with the grids the torch search finds; on other inputs (a 1-bit grid is refused before) the torch search."""
+    from hf_quant.core import grid
+
+    calls = []
+    native_search = grid._MSE_SEARCHES[0]
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return native_search(*args)
+
+    monkeypatch.setattr(grid, "_MSE_SEARCHES", [spy])
+    spec = LayerSpec(4, 64, False)
+    Wg = grid.group(torch.randn(96, 256, generator=torch.Generator().manual_seed(5)) * 0.02, spec)
+    scale, zero = grid.find_params(Wg, spec, torch.float16, mse=True)
+    assert calls == [(96 * 4, 64)] and scale.shape == zero.shape == (96, 4)
+    monkeypatch.setattr(grid, "_MSE_SEARCHES", [])
+    ref_scale, ref_zero = grid.find_params(Wg, spec, torch.float16, mse=True)
+    assert ((scale == ref_scale) & (zero == ref_zero)).float().mean() >= 0.99
+    assert grid.find_params(Wg.double().float(), spec, torch.float16, mse=False)[0].shape == (96, 4)
+    assert calls == [(96 * 4, 64)]  # mse off: no search
+
+
+@needs_mse
+def test_native_mse_search_refusals():
+    W, r = torch.zeros(3, 8), torch.ones(3)
+    with pytest.raises(ValueError, match="native mse_search: bad operands"):
+        native.mse_search(W.double(), -r, r, r, r, 15, None, torch.float16, 80, 100, 2.4)
+    with pytest.raises(ValueError, match="at most 1024 factors"):
+        native.mse_search(W, -r, r, r, r, 15, None, torch.float16, 2000, 100, 2.4)
+    with pytest.raises(ValueError, match="native mse_search: bad operands"):
+        native.mse_search(W, -r, r, r[:2], r, 15, None, torch.float16, 80, 100, 2.4)

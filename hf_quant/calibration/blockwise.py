@@ -220,19 +220,48 @@ def run_block(default: nn.Module, device: torch.device, prefix: str, inputs: lis
 
 
 def _pass(block: nn.Module, inputs: list[tuple[tuple, dict]], device: torch.device, keep: int = 0,
-          collect: bool = True, into: SpilledInputs | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+          collect: bool = True, into: SpilledInputs | None = None, heads: tuple[nn.Module, ...] = ()
+          ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Run every input; return (outputs if `collect`, first `keep` outputs as float32 copies), both
-    moved back to where the inputs are stored. `into`: the outputs are written there instead (spilled)."""
+    moved back to where the inputs are stored. `into`: the outputs are written there instead (spilled).
+
+    heads: the layers whose hooks collect a statistics pass's data (nothing collected, `collect` False). A window
+    past the first `keep` then stops as soon as each head has seen it: the rest of the block computes nothing
+    those hooks read (for q/k/v, all but the block's first norm). Only where the first window showed each head
+    called exactly once (a layer called twice, or never, as an unrouted expert, keeps every window whole), and
+    not under accelerate's hooks (an interrupted forward would skip their offload step)."""
     outs, kept = [], []
-    for i, item in enumerate(inputs):  # each input read once (a spilled one from its file)
-        y = next(iter_block(block, device, [item]))
-        store = item[0][0].device
-        if into is not None:
-            into.append_hidden(y)
-        elif collect:
-            outs.append(y.to(store))
-        if i < keep:
-            kept.append(y.float().to(store))
+    calls = dict.fromkeys(heads, 0)
+    state = {"stop": False}
+
+    def count(module, args, output):
+        calls[module] += 1
+        if state["stop"] and all(n == 1 for n in calls.values()):
+            raise _StopForward
+
+    handles = [h.register_forward_hook(count) for h in calls]  # after the statistics' own hooks: they run first
+    stoppable = (bool(calls) and not collect and into is None
+                 and not any(hasattr(m, "_hf_hook") for m in block.modules()))
+    try:
+        for i, item in enumerate(inputs):  # each input read once (a spilled one from its file)
+            calls.update(dict.fromkeys(calls, 0))
+            state["stop"] = stoppable and i >= max(keep, 1)
+            try:
+                y = next(iter_block(block, device, [item]))
+            except _StopForward:
+                continue
+            if i == 0:
+                stoppable = stoppable and all(n == 1 for n in calls.values())
+            store = item[0][0].device
+            if into is not None:
+                into.append_hidden(y)
+            elif collect:
+                outs.append(y.to(store))
+            if i < keep:
+                kept.append(y.float().to(store))
+    finally:
+        for h in handles:
+            h.remove()
     return outs, kept
 
 
@@ -426,7 +455,8 @@ def calibrate_block(model, block, block_prefix, targets, config, options, inputs
             H[first], rows[first] = torch.zeros(in_f, in_f, device=device, dtype=getattr(torch, config.hessian_dtype)), 0
             handles.append(model.get_submodule(first).register_forward_hook(_hessian_hook(H, rows, first)))
         try:
-            _, kept = _pass(block, inputs, device, keep=n_ref if float_out is None else 0, collect=False)
+            _, kept = _pass(block, inputs, device, keep=n_ref if float_out is None else 0, collect=False,
+                            heads=tuple(model.get_submodule(first) for first in H))
         finally:
             for h in handles:
                 h.remove()

@@ -9,6 +9,8 @@ w_hat = +-mean|w| (the scale minimising ||w - s * sign(w)||^2).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .spec import LayerSpec
@@ -24,6 +26,21 @@ MSE_CHUNK_ELEMENTS = 1 << 18
 # kernel launches per 7B-shaped block (GPTQ on an H200 had not finished one block in 80 s), so there the
 # chunks hold up to 2**24 elements (64 MiB per fp32 temporary): a group's search is a few launches.
 MSE_CHUNK_ELEMENTS_ACCEL = 1 << 24
+
+
+# Faster forms of the clipping search, registered by the layers above (core imports nothing of hf_quant: the
+# runtime's native CPU helpers register theirs on import). Each is called as
+#     search(rows (n, gs) fp32, lo (n,), hi (n,), scale (n,), zero (n,), spec, scale_dtype)
+# with the unshrunk grid in scale / zero, and returns the new (scale, zero), or None where it does not apply
+# (another device, an unbuilt helper): then the next one, and last `_mse_search` here, the oracle, decide.
+MseSearch = Callable[..., "tuple[torch.Tensor, torch.Tensor] | None"]
+_MSE_SEARCHES: list[MseSearch] = []
+
+
+def register_mse_search(search: MseSearch) -> None:
+    """Add a faster form of the clipping search (see `_MSE_SEARCHES`); registering one twice adds it once."""
+    if search not in _MSE_SEARCHES:
+        _MSE_SEARCHES.append(search)
 
 
 def _chunk_elements(device: torch.device) -> int:
@@ -66,6 +83,10 @@ def find_params(
     # the result does not depend on the blocking.
     gs = Wg.shape[-1]
     flat, lo, hi = Wg.reshape(-1, gs), xmin.reshape(-1), xmax.reshape(-1)
+    for search in _MSE_SEARCHES:
+        found = search(flat, lo, hi, scale.reshape(-1), zero.reshape(-1), spec, scale_dtype)
+        if found is not None:
+            return found[0].view(xmin.shape), found[1].view(xmin.shape)
     scale, zero = scale.reshape(-1).clone(), zero.reshape(-1).clone()
     rows = max(1, _chunk_elements(Wg.device) // max(gs, 1))
     for r in range(0, flat.shape[0], rows):

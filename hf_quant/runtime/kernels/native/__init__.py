@@ -35,6 +35,8 @@ from typing import NamedTuple
 
 import torch
 
+from ....core import LayerSpec, grid
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("dequant.c")
@@ -132,6 +134,8 @@ def _load() -> ctypes.CDLL:
     lib.hfq_int8_token_gemm.argtypes = [P, I64, I64, I64, INT, ctypes.c_float, P, P, P, P, P, I64, P, P, P, P, INT, P,
                                         I64, P, INT]
     lib.hfq_int8_token_gemm.restype = I64
+    lib.hfq_mse_search.argtypes = [P, I64, I64, P, P, P, P, P, P, INT, ctypes.c_float, INT, I64, I64, ctypes.c_float, INT]
+    lib.hfq_mse_search.restype = INT
     return lib
 
 
@@ -203,6 +207,7 @@ CAP_SIGN = 4  # hfq_sign_gemm vectorized (AVX-512F, or AVX2)
 CAP_CODES_I16 = 8  # hfq_codes_i16_gemv compiled (AVX2)
 CAP_INT8 = 16  # hfq_int8_gemm compiled (AVX-512 VNNI, or AVX2: CAP_INT8_AVX2 too)
 CAP_INT8_AVX2 = 32  # hfq_int8_gemm in its AVX2 form (vpmaddubsw on |w| and sign(w) * c)
+CAP_MSE = 64  # hfq_mse_search compiled (AVX2 + FMA)
 # corr's offset per layout: bf16, nibbles 128 + q, bytes 16 (128 + high) + (128 + low) = u + 2176; fp32: q itself
 CODES_OFFSET = {(torch.bfloat16, True): 128.0, (torch.bfloat16, False): 2176.0,
                 (torch.float32, True): 0.0, (torch.float32, False): 0.0}
@@ -230,6 +235,60 @@ def has_codes_f32() -> bool:
 def has_codes_i16() -> bool:
     """Whether the fused codes x int16 GEMV (`codes_i16_gemv`, AVX2 integer products) is built for this CPU."""
     return bool(_caps() & CAP_CODES_I16)
+
+
+def has_mse_search() -> bool:
+    """Whether the grid's clipping search (`mse_search`, AVX2 + FMA) is built for this CPU."""
+    return bool(_caps() & CAP_MSE)
+
+
+MSE_MAX_FACTORS = 1024  # HFQ_MSE_MAX_FACTORS
+
+
+def mse_search(W: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+               maxq: int, sym_zero: float | None, scale_dtype: torch.dtype, n: int, grid: int, norm: float,
+               chosen: bool = False) -> tuple[torch.Tensor, ...]:
+    """The clipping search of `hf_quant.core.grid` (`_mse_search`, GPTQ's quantizer with mse=True) for the rows of
+    W (rows, gs) fp32, in one native call over all rows: for each row, the shrink factors 1 - i / grid (i < n) of
+    its range [lo, hi] (fp32 (rows,)), each one's grid exactly as `grid._grid` makes it (sym_zero: the fixed zero
+    of a symmetric grid, else None), and its error sum |w_hat - w|^norm; the first least error wins. Returns new
+    (scale, zero) fp32 (rows,), starting from `scale` / `zero` (kept by a row whose errors are all NaN), and with
+    `chosen` the factor index per row (int32, -1: none) and its error (fp32, inf: none). The errors agree with the oracle's to ~1e-6 (its power
+    is torch's powf, this one fp32 polynomials), so where two factors' errors are that close the choice may
+    differ; the codes each grid gives are the oracle's exactly."""
+    lib = library()
+    if lib is None or not has_mse_search():
+        raise RuntimeError(f"native mse_search unavailable: {unavailable_reason() or 'not built (AVX2 + FMA needed)'}")
+    rows = W.shape[0] if W.dim() == 2 else -1
+    if not (rows >= 0 and W.dtype == torch.float32 and scale_dtype in _KIND and 1 <= maxq < 2**16
+            and 0 <= n <= MSE_MAX_FACTORS and grid > 0 and all(t.dtype == torch.float32 and t.shape == (rows,) for t in (lo, hi, scale, zero))
+            and all(t.device.type == "cpu" for t in (W, lo, hi, scale, zero))):
+        raise ValueError(f"native mse_search: bad operands W {tuple(W.shape)} {W.dtype}, scale dtype {scale_dtype}, "
+                         f"maxq {maxq}, n {n}, grid {grid}: expected CPU fp32 rows (rows, gs), fp32 (rows,) ranges, "
+                         f"scales and zeros, scales stored in fp32/bf16/fp16, at most {MSE_MAX_FACTORS} factors")
+    W, lo, hi = W.contiguous(), lo.contiguous(), hi.contiguous()
+    scale, zero = scale.clone(memory_format=torch.contiguous_format), zero.clone(memory_format=torch.contiguous_format)
+    at, err = (torch.empty(rows, dtype=torch.int32), torch.empty(rows)) if chosen else (None, None)
+    rc = lib.hfq_mse_search(W.data_ptr(), rows, W.shape[1], lo.data_ptr(), hi.data_ptr(), scale.data_ptr(),
+                            zero.data_ptr(), None if at is None else at.data_ptr(),
+                            None if err is None else err.data_ptr(), maxq,
+                            -1.0 if sym_zero is None else sym_zero, _KIND[scale_dtype], n, grid, norm, _threads())
+    if rc:
+        raise RuntimeError(f"native mse_search failed (code {rc})")
+    return (scale, zero, at, err) if chosen else (scale, zero)
+
+
+def _grid_mse_search(W: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                     spec: LayerSpec, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`hf_quant.core.grid`'s clipping search on CPU fp32 rows, native (None elsewhere: the torch search runs)."""
+    if (W.device.type != "cpu" or W.dtype != torch.float32 or W.dim() != 2 or scale_dtype not in _KIND
+            or spec.bits < 2 or not has_mse_search()):
+        return None
+    return mse_search(W, lo, hi, scale, zero, spec.maxq, spec.sym_zero if spec.sym else None, scale_dtype,
+                      int(grid.MSE_MAX_SHRINK * grid.MSE_GRID), grid.MSE_GRID, grid.MSE_NORM)
+
+
+grid.register_mse_search(_grid_mse_search)
 
 
 def codes_i16_group_size_ok(gs: int, nibbles: bool) -> bool:

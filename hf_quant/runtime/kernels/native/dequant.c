@@ -169,7 +169,8 @@ int hfq_dequant_bytes(const uint8_t *codes, const float *scale, const float *zer
 /* ---------------------------------------------------------------------------------------------------
  * Capabilities of this build: bit 0 = hfq_codes_bf16_gemm is compiled (AVX-512 BW + BF16), bit 1 =
  * hfq_codes_f32_gemm is vectorized (AVX-512F, or AVX2 + FMA), bit 2 = hfq_sign_gemm is vectorized, bit 3 =
- * hfq_codes_i16_gemv is compiled (AVX2), bit 4 = hfq_int8_gemm is compiled (AVX-512 VNNI, or AVX2: then bit 5).
+ * hfq_codes_i16_gemv is compiled (AVX2), bit 4 = hfq_int8_gemm is compiled (AVX-512 VNNI, or AVX2: then bit 5),
+ * bit 6 = hfq_mse_search is compiled (AVX2 + FMA).
  */
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #define HFQ_F32_VEC 1
@@ -201,6 +202,9 @@ int hfq_caps(void) {
 #endif
 #if HFQ_I8 == 2
     caps |= 32;  /* ... in its AVX2 form (vpmaddubsw on |w| and sign(w) * c) */
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+    caps |= 64;  /* hfq_mse_search is compiled */
 #endif
     return caps;
 }
@@ -1685,3 +1689,172 @@ int64_t hfq_int8_token_gemm(const void *x, int64_t M, int64_t K, int64_t ldx, in
     free(xo);
     return rc ? -1 - (int64_t)rc : 0;
 }
+
+/* ---- The grid's clipping search (hf_quant/core/grid.py `_mse_search`: GPTQ's quantizer with mse=True) -------------
+ * For each row r of w (rows x gs, fp32) with its range [lo[r], hi[r]] (lo <= 0 <= hi, already clipped / symmetric):
+ * the shrink factors p_i = 1 - i / grid (fp32), i = 0 .. n-1, each one's grid (s, z) computed as `_grid(p lo, p hi)`
+ * computes it, bit for bit (the scale rounded up into scale_kind: 0 fp32, 1 bf16, 2 fp16; zero = clamp(rint(-p lo / s),
+ * 0, maxq), or sym_zero >= 0 for a symmetric grid), and its error sum_k |(q_k - z) s - w_k|^norm with
+ * q_k = clamp(rint(w_k / s) + z, 0, maxq). The first factor of least error wins (strict <, from +inf: a row whose
+ * errors are all NaN keeps the scale / zero it came with); `chosen` and `errors` (may be NULL) get its index (or -1)
+ * and its error (or +inf).
+ * The codes and differences are the oracle's exactly (IEEE division, round half even, no contraction); the power is
+ * 2^(norm log2 |d|) in fp32 polynomials (relative error ~1e-6 against the oracle's ~1 ulp powf) summed in fp32
+ * lanes: errors agree with the oracle's to ~1e-6, so only factors within that of the best can trade places. A NaN
+ * error is never less (the oracle's chunked min lets one NaN spoil its whole chunk of factors).
+ * Returns 0, 1 when this build has no vectorized search, or 2 for more than 1024 factors (then nothing is written). */
+#if defined(__AVX2__) && defined(__FMA__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")  /* (q - z) s - w: two roundings, as torch's separate ops make them */
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+static inline float mse_bits_f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t mse_f_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+/* v > 0, in kind's normal range: rounded to nearest even in bf16 (kind 1) / fp16 (2), as an fp32 value; fp32: v */
+static inline float mse_round(float v, int kind) {
+    if (kind == 0) return v;
+    const int drop = kind == 1 ? 16 : 13;
+    uint32_t u = mse_f_bits(v);
+    u += ((1u << (drop - 1)) - 1u) + ((u >> drop) & 1u);
+    return mse_bits_f(u & ~((1u << drop) - 1u));
+}
+/* the next value of kind above (up) or below v (positive, normal, a value of kind): torch.nextafter in that dtype */
+static inline float mse_step(float v, int kind, int up) {
+    if (kind == 0) return nextafterf(v, up ? INFINITY : 0.0f);
+    const uint32_t one = 1u << (kind == 1 ? 16 : 13);
+    const uint32_t u = mse_f_bits(v);
+    return mse_bits_f(up ? u + one : u - one);
+}
+static inline float mse_clamp(float v, float a, float b) { return v < a ? a : (v > b ? b : v); }
+/* `_grid(lo, hi)`: store_scale((hi - lo) / maxq) (clamped to [tiny, top], rounded up into kind), then twice the
+ * zero point and `_fit_range` (the reciprocal of steps times top: torch's `top / steps` of a Python float) */
+static void mse_grid(float lo, float hi, float maxq, float sym_zero, int kind, float tiny, float top, float *s_out,
+                     float *z_out) {
+    float s = mse_clamp((hi - lo) / maxq, tiny, top);
+    const float stored = mse_round(s, kind);
+    s = stored < s ? mse_step(stored, kind, 1) : stored;
+    float z = 0.0f;
+    for (int it = 0; it < 2; it++) {
+        z = sym_zero >= 0.0f ? sym_zero : mse_clamp(rintf(-lo / s), 0.0f, maxq);
+        float steps = z > maxq - z ? z : maxq - z;
+        steps = steps < 1.0f ? 1.0f : steps;
+        float fitted = mse_round((1.0f / steps) * top, kind);
+        if (fitted * steps > top) fitted = mse_step(fitted, kind, 0);
+        if (steps * s > top) s = fitted;
+    }
+    *s_out = s;
+    *z_out = z;
+}
+/* a^norm for a >= 0 (8 lanes): 2^(norm log2 a), log2 a = e + log2 m (m in [sqrt 1/2, sqrt 2), the atanh series in
+ * t = (m - 1) / (m + 1) to t^9), 2^f by a Taylor polynomial of degree 6 on |f| <= ~0.5: relative error ~2e-7. a is
+ * taken within [2^-50, 2^50] (so that 2^n needs no range checks): below, the term is ~1e-36 instead of smaller. */
+static inline __m256 mse_pow(__m256 a, __m256 vn) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    a = _mm256_min_ps(_mm256_max_ps(a, _mm256_set1_ps(0x1p-50f)), _mm256_set1_ps(0x1p50f));
+    const __m256i u = _mm256_castps_si256(a);
+    const __m256i e = _mm256_srai_epi32(_mm256_sub_epi32(u, _mm256_set1_epi32(0x3F3504F3)), 23);  /* sqrt(1/2) */
+    const __m256 m = _mm256_castsi256_ps(_mm256_sub_epi32(u, _mm256_slli_epi32(e, 23)));
+    const __m256 t = _mm256_div_ps(_mm256_sub_ps(m, one), _mm256_add_ps(m, one));
+    const __m256 t2 = _mm256_mul_ps(t, t);
+    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(1.0f / 9.0f), t2, _mm256_set1_ps(1.0f / 7.0f));
+    p = _mm256_fmadd_ps(p, t2, _mm256_set1_ps(1.0f / 5.0f));
+    p = _mm256_fmadd_ps(p, t2, _mm256_set1_ps(1.0f / 3.0f));
+    p = _mm256_fmadd_ps(p, t2, one);
+    const __m256 lm = _mm256_mul_ps(_mm256_mul_ps(p, t), _mm256_set1_ps(2.8853900817779268f));  /* 2 / ln 2 */
+    const __m256 ef = _mm256_cvtepi32_ps(e);
+    const __m256 hi = _mm256_mul_ps(vn, ef), lo = _mm256_fmsub_ps(vn, ef, hi);  /* norm e = hi + lo exactly */
+    const __m256 s1 = _mm256_mul_ps(vn, lm);
+    const __m256 n = _mm256_round_ps(_mm256_add_ps(hi, s1), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 g = _mm256_mul_ps(_mm256_add_ps(_mm256_add_ps(_mm256_sub_ps(hi, n), s1), lo),
+                                   _mm256_set1_ps(0.69314718055994531f));  /* 2^f = e^g */
+    __m256 q = _mm256_fmadd_ps(_mm256_set1_ps(1.0f / 720.0f), g, _mm256_set1_ps(1.0f / 120.0f));
+    q = _mm256_fmadd_ps(q, g, _mm256_set1_ps(1.0f / 24.0f));
+    q = _mm256_fmadd_ps(q, g, _mm256_set1_ps(1.0f / 6.0f));
+    q = _mm256_fmadd_ps(q, g, _mm256_set1_ps(0.5f));
+    q = _mm256_fmadd_ps(q, g, one);
+    q = _mm256_fmadd_ps(q, g, one);
+    return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(q), _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23)));
+}
+/* |(q - z) s - w|, q = clamp(rint(w / s) + z, 0, maxq), for 8 weights */
+static inline __m256 mse_diff(__m256 x, __m256 vs, __m256 vz, __m256 vq) {
+    __m256 q = _mm256_round_ps(_mm256_div_ps(x, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(q, vz), _mm256_setzero_ps()), vq);
+    return _mm256_sub_ps(_mm256_mul_ps(_mm256_sub_ps(q, vz), vs), x);
+}
+/* the error of one row of gs weights on the grid (s, z): the sum of |(q - z) s - w|^norm, NaN if a difference is;
+ * +inf as soon as the partial sum passes `bound` (reaches it, unless `ties`), checked every 16 weights: the terms
+ * are >= 0 and float sums of them never decrease, so the whole sum could not pass less; the search's verdict is the
+ * same, and a poor factor costs part of a row (on Gaussian rows of 128, 40% of all factors' weights are visited).
+ * Two vectors at a time (the power is one long dependency chain: two in flight hide its latency). */
+static float mse_error(const float *w, int64_t gs, float s, float z, float maxq, float norm, float bound, int ties) {
+    const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z), vq = _mm256_set1_ps(maxq), vn = _mm256_set1_ps(norm);
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, nan = acc0;
+    int64_t k = 0;
+    for (; k + 16 <= gs; k += 16) {
+        const __m256 d0 = mse_diff(_mm256_loadu_ps(w + k), vs, vz, vq);
+        const __m256 d1 = mse_diff(_mm256_loadu_ps(w + k + 8), vs, vz, vq);
+        acc0 = _mm256_add_ps(acc0, mse_pow(_mm256_andnot_ps(sign, d0), vn));
+        acc1 = _mm256_add_ps(acc1, mse_pow(_mm256_andnot_ps(sign, d1), vn));
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(d0, d1, _CMP_UNORD_Q));
+        if (!_mm256_movemask_ps(nan)) {
+            const float part = hsum256(_mm256_add_ps(acc0, acc1));
+            if (part > bound || (part == bound && !ties)) return INFINITY;
+        }
+    }
+    for (; k < gs; k += 8) {  /* the tail's lanes past gs: w = 0, whose code is z, so d = 0 (z is an integer code) */
+        float tmp[8] = {0};
+        memcpy(tmp, w + k, (size_t)(gs - k < 8 ? gs - k : 8) * sizeof(float));
+        const __m256 d = mse_diff(_mm256_loadu_ps(tmp), vs, vz, vq);
+        const __m256 keep = _mm256_cmp_ps(d, _mm256_setzero_ps(), _CMP_NEQ_UQ);  /* d = 0: no 2^-120 term */
+        acc0 = _mm256_add_ps(acc0, _mm256_and_ps(keep, mse_pow(_mm256_andnot_ps(sign, d), vn)));
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(d, d, _CMP_UNORD_Q));
+    }
+    return _mm256_movemask_ps(nan) ? NAN : hsum256(_mm256_add_ps(acc0, acc1));  /* NaN: as the oracle's error */
+}
+#define HFQ_MSE_MAX_FACTORS 1024
+int hfq_mse_search(const float *w, int64_t rows, int64_t gs, const float *lo, const float *hi, float *scale,
+                   float *zero, int32_t *chosen, float *errors, int maxq, float sym_zero, int scale_kind, int64_t n,
+                   int64_t grid, float norm, int nthreads) {
+    const float tiny = scale_kind == 2 ? 6.103515625e-05f : mse_bits_f(0x00800000u);  /* torch.finfo(...).tiny */
+    const float top = scale_kind == 2 ? 65504.0f : mse_bits_f(scale_kind == 1 ? 0x7F7F0000u : 0x7F7FFFFFu);  /* .max */
+    const float mq = (float)maxq;
+    if (n > HFQ_MSE_MAX_FACTORS || n < 0) return 2;
+    if (rows * gs * n < (1 << 16)) nthreads = 1;
+#pragma omp parallel for schedule(dynamic, 16) num_threads(nthreads)  /* pruning makes rows' costs differ */
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = w + r * gs;
+        float gs_s[HFQ_MSE_MAX_FACTORS], gs_z[HFQ_MSE_MAX_FACTORS];
+        for (int64_t i = 0; i < n; i++) {
+            const float p = 1.0f - (float)i / (float)grid;
+            mse_grid(p * lo[r], p * hi[r], mq, sym_zero, scale_kind, tiny, top, gs_s + i, gs_z + i);
+        }
+        float best = INFINITY;
+        int64_t at = -1;
+        /* every 8th factor first, then the rest: a near-best bound early prunes most factors' rows part way (the
+         * verdict is the oracle's order's, first least error: an earlier factor wins a tie) */
+        for (int pass = 0; pass < 2; pass++)
+            for (int64_t i = 0; i < n; i++) {
+                if ((i % 8 == 0) != (pass == 0)) continue;
+                if (i > 0 && gs_s[i - 1] == gs_s[i] && gs_z[i - 1] == gs_z[i]) continue;  /* the same error, earlier */
+                const int ties = at < 0 || i < at;
+                const float err = mse_error(row, gs, gs_s[i], gs_z[i], mq, norm, best, ties);
+                if (err < best || (err == best && ties && at >= 0)) best = err, at = i;
+            }
+        if (at >= 0) scale[r] = gs_s[at], zero[r] = gs_z[at];
+        if (chosen) chosen[r] = (int32_t)at;
+        if (errors) errors[r] = best;
+    }
+    return 0;
+}
+#pragma GCC pop_options
+#else
+int hfq_mse_search(const float *w, int64_t rows, int64_t gs, const float *lo, const float *hi, float *scale,
+                   float *zero, int32_t *chosen, float *errors, int maxq, float sym_zero, int scale_kind, int64_t n,
+                   int64_t grid, float norm, int nthreads) {
+    (void)w; (void)rows; (void)gs; (void)lo; (void)hi; (void)scale; (void)zero; (void)chosen; (void)errors; (void)maxq;
+    (void)sym_zero; (void)scale_kind; (void)n; (void)grid; (void)norm; (void)nthreads;
+    return 1;
+}
+#endif

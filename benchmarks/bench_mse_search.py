@@ -1,0 +1,115 @@
+"""The grid's clipping search (GPTQ's `mse=True`, on by default): the native CPU search against the torch oracle.
+
+    python benchmarks/bench_mse_search.py                  # Llama-7B group shapes, w4 g128 / w3 g128 / w2 g64
+    python benchmarks/bench_mse_search.py --gptq           # and GPTQ of ref-llama end to end with each search
+
+`core/grid.py find_params(mse=True)` tries 80 shrink factors of each group's range and keeps the one whose
+|w - w_hat|^2.4 summed over the group is least. The oracle is the torch form (rows in L2-sized blocks, all factors
+of a block at once); on a CPU the native helpers register a fused form (`native.mse_search`: one pass per factor
+and row, the power in fp32 polynomials, a factor dropped as soon as its partial sum passes the best so far). Each
+shape is one GPTQ group column: all output rows of a layer, one group of input channels (GPTQ calls the search
+once per group, on the weights updated so far). Both forms run on the same rows in the same process, alternating,
+best of `--repeats`; printed: their times, the ratio, and the share of rows where both chose the same grid (where
+they differ the oracle's errors of the two grids are within ~1e-6 of each other: the power's rounding).
+
+`--gptq` quantizes ref-llama (fp32, GPTQ w4 g128, the default clipping search on) with the native search and with
+the torch one, on the same calibration windows, and prints the seconds of each and whether the packed weights are
+identical (one tie-break flipped anywhere changes every later block's inputs, so "differ" is expected now and then;
+the search's own agreement is the table's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # hf_quant from this tree
+from common import cpu_summary  # noqa: E402
+
+import hf_quant  # noqa: E402,F401  (registers the native search)
+from hf_quant.core import LayerSpec, grid  # noqa: E402
+from hf_quant.runtime.kernels import native  # noqa: E402
+
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
+SHAPES = {"4096 rows (q/k/v/o, gate/up input)": 4096, "11008 rows (gate/up output, one group of down's input)": 11008}
+SPECS = {"w4 g128": LayerSpec(4, 128, False), "w3 g128": LayerSpec(3, 128, False), "w2 g64": LayerSpec(2, 64, False)}
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def search_table(args: argparse.Namespace) -> None:
+    print("| group column | grid | torch search ms | native ms | x torch | same grid |")
+    print("|---|---|---:|---:|---:|---:|")
+    g = torch.Generator().manual_seed(0)
+    for shape, rows in SHAPES.items():
+        for name, spec in SPECS.items():
+            W = torch.randn(rows, spec.group_size, generator=g) * 0.02
+            W[torch.randint(0, rows, (rows // 50,), generator=g), 0] *= 15  # a few outlier weights, as in LLMs
+            Wg = W.view(rows, 1, spec.group_size)
+            saved = list(grid._MSE_SEARCHES)
+            try:
+                grid._MSE_SEARCHES.clear()
+                t_torch, (s_ref, z_ref) = timed(lambda: grid.find_params(Wg, spec, torch.float16, True), args.repeats)
+            finally:
+                grid._MSE_SEARCHES[:] = saved
+            t_native, (s, z) = timed(lambda: grid.find_params(Wg, spec, torch.float16, True), args.repeats)
+            same = ((s == s_ref) & (z == z_ref)).float().mean().item()
+            print(f"| {shape} | {name} | {t_torch * 1e3:.1f} | {t_native * 1e3:.1f} | {t_torch / t_native:.1f}x "
+                  f"| {same:.2%} |", flush=True)
+
+
+def gptq_end_to_end(args: argparse.Namespace) -> None:
+    from transformers import AutoModelForCausalLM
+
+    texts = [p.read_text(encoding="utf-8")[:40000] for p in sorted((SHARED / "data" / "corpus").glob("*.txt"))[:4]]
+    states = {}
+    print("\n| GPTQ w4 g128 of ref-llama (fp32, 16 x 256 windows) | seconds | per block |")
+    print("|---|---:|---|")
+    for mode in ("native", "torch"):
+        saved = list(grid._MSE_SEARCHES)
+        try:
+            if mode == "torch":
+                grid._MSE_SEARCHES.clear()
+            cfg = hf_quant.QuantConfig(method="gptq", bits=4, group_size=128, dataset=texts, num_samples=16,
+                                       seq_len=256)
+            t = time.perf_counter()
+            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, quantization_config=cfg)
+            seconds = time.perf_counter() - t
+        finally:
+            grid._MSE_SEARCHES[:] = saved
+        blocks = ", ".join(f"{r['seconds']:.1f}" for r in model.hf_quantizer.calibration_report)
+        print(f"| {mode} search | {seconds:.1f} | {blocks} |", flush=True)
+        states[mode] = model.state_dict()
+    a, b = states.values()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    print(f"packed weights identical: {'yes' if not differ else f'no, from {differ[0]} on ({len(differ)} tensors)'}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--gptq", action="store_true", help="also GPTQ of ref-llama end to end with each search")
+    ap.add_argument("--model", default=str(SHARED / "models" / "ref-llama"))
+    args = ap.parse_args()
+    print(f"CPU: {cpu_summary()}; torch {torch.__version__}; {torch.get_num_threads()} threads")
+    if not native.has_mse_search():
+        sys.exit(f"the native clipping search is not built here: {native.unavailable_reason() or 'AVX2 + FMA needed'}")
+    search_table(args)
+    if args.gptq:
+        gptq_end_to_end(args)
+
+
+if __name__ == "__main__":
+    main()
