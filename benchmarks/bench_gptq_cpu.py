@@ -1,7 +1,7 @@
-"""The grid's clipping search (GPTQ's `mse=True`, on by default): the native CPU search against the torch oracle.
+"""GPTQ's CPU time: the grid's clipping search (native vs the torch oracle) and the statistics passes.
 
-    python benchmarks/bench_mse_search.py                  # Llama-7B group shapes, w4 g128 / w3 g128 / w2 g64
-    python benchmarks/bench_mse_search.py --gptq           # and GPTQ of ref-llama end to end with each search
+    python benchmarks/bench_gptq_cpu.py                    # the search on Llama-7B group shapes, w4/w3 g128, w2 g64
+    python benchmarks/bench_gptq_cpu.py --gptq             # and GPTQ of ref-llama end to end, four ways
 
 `core/grid.py find_params(mse=True)` tries 80 shrink factors of each group's range and keeps the one whose
 |w - w_hat|^2.4 summed over the group is least. The oracle is the torch form (rows in L2-sized blocks, all factors
@@ -12,10 +12,12 @@ once per group, on the weights updated so far). Both forms run on the same rows 
 best of `--repeats`; printed: their times, the ratio, and the share of rows where both chose the same grid (where
 they differ the oracle's errors of the two grids are within ~1e-6 of each other: the power's rounding).
 
-`--gptq` quantizes ref-llama (fp32, GPTQ w4 g128, the default clipping search on) with the native search and with
-the torch one, on the same calibration windows, and prints the seconds of each and whether the packed weights are
-identical (one tie-break flipped anywhere changes every later block's inputs, so "differ" is expected now and then;
-the search's own agreement is the table's).
+`--gptq` quantizes ref-llama (fp32, GPTQ w4 g128, the default clipping search on, `--windows` x 256 tokens) four
+ways on the same windows: as shipped (native search; each group's statistics pass stops a window once the group's
+layers have their inputs), with the torch search, with whole statistics passes (every window through the whole
+block, as before that stop), and with both (hf_quant before the two). It prints the seconds of each and whether the packed weights equal the first run's:
+whole passes must give the same bytes; the torch search may not (one tie-break flipped anywhere changes every later
+block's inputs; the search's own agreement is the table's).
 """
 
 from __future__ import annotations
@@ -73,34 +75,44 @@ def search_table(args: argparse.Namespace) -> None:
 def gptq_end_to_end(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM
 
+    from hf_quant.calibration import blockwise
+
     texts = [p.read_text(encoding="utf-8")[:40000] for p in sorted((SHARED / "data" / "corpus").glob("*.txt"))[:4]]
-    states = {}
-    print("\n| GPTQ w4 g128 of ref-llama (fp32, 16 x 256 windows) | seconds | per block |")
-    print("|---|---:|---|")
-    for mode in ("native", "torch"):
+    whole_pass = blockwise._pass
+    first = None
+    print(f"\n| GPTQ w4 g128 of ref-llama (fp32, {args.windows} x 256 windows) | seconds | x shipped | per block "
+          "| weights as shipped |")
+    print("|---|---:|---:|---|---|")
+    shipped = None
+    for mode in ("shipped", "torch search", "whole passes", "torch search, whole passes"):
         saved = list(grid._MSE_SEARCHES)
         try:
-            if mode == "torch":
+            if mode.startswith("torch search"):
                 grid._MSE_SEARCHES.clear()
-            cfg = hf_quant.QuantConfig(method="gptq", bits=4, group_size=128, dataset=texts, num_samples=16,
+            if mode.endswith("whole passes"):
+                blockwise._pass = lambda *a, heads=(), **k: whole_pass(*a, **k)
+            cfg = hf_quant.QuantConfig(method="gptq", bits=4, group_size=128, dataset=texts, num_samples=args.windows,
                                        seq_len=256)
             t = time.perf_counter()
             model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, quantization_config=cfg)
             seconds = time.perf_counter() - t
         finally:
             grid._MSE_SEARCHES[:] = saved
+            blockwise._pass = whole_pass
+        state = model.state_dict()
+        first = first or state
+        shipped = shipped or seconds
+        same = all(torch.equal(first[k], state[k]) for k in first)
         blocks = ", ".join(f"{r['seconds']:.1f}" for r in model.hf_quantizer.calibration_report)
-        print(f"| {mode} search | {seconds:.1f} | {blocks} |", flush=True)
-        states[mode] = model.state_dict()
-    a, b = states.values()
-    differ = [k for k in a if not torch.equal(a[k], b[k])]
-    print(f"packed weights identical: {'yes' if not differ else f'no, from {differ[0]} on ({len(differ)} tensors)'}")
+        print(f"| {mode} | {seconds:.1f} | {seconds / shipped:.2f} | {blocks} | {'identical' if same else 'differ'} |",
+              flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--gptq", action="store_true", help="also GPTQ of ref-llama end to end with each search")
+    ap.add_argument("--gptq", action="store_true", help="also GPTQ of ref-llama end to end, four ways")
+    ap.add_argument("--windows", type=int, default=32, help="--gptq: calibration windows of 256 tokens")
     ap.add_argument("--model", default=str(SHARED / "models" / "ref-llama"))
     args = ap.parse_args()
     print(f"CPU: {cpu_summary()}; torch {torch.__version__}; {torch.get_num_threads()} threads")
