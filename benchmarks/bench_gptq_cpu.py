@@ -1,7 +1,7 @@
 """GPTQ's CPU time: the grid's clipping search (native vs the torch oracle) and the statistics passes.
 
     python benchmarks/bench_gptq_cpu.py                    # the search on Llama-7B group shapes, w4/w3 g128, w2 g64
-    python benchmarks/bench_gptq_cpu.py --gptq             # and GPTQ of ref-llama end to end, four ways
+    python benchmarks/bench_gptq_cpu.py --gptq             # and GPTQ of ref-llama end to end, five ways
 
 `core/grid.py find_params(mse=True)` tries 80 shrink factors of each group's range and keeps the one whose
 |w - w_hat|^2.4 summed over the group is least. The oracle is the torch form (rows in L2-sized blocks, all factors
@@ -12,10 +12,11 @@ once per group, on the weights updated so far). Both forms run on the same rows 
 best of `--repeats`; printed: their times, the ratio, and the share of rows where both chose the same grid (where
 they differ the oracle's errors of the two grids are within ~1e-6 of each other: the power's rounding).
 
-`--gptq` quantizes ref-llama (fp32, GPTQ w4 g128, the default clipping search on, `--windows` x 256 tokens) four
+`--gptq` quantizes ref-llama (fp32, GPTQ w4 g128, the default clipping search on, `--windows` x 256 tokens) five
 ways on the same windows: as shipped (native search; each group's statistics pass stops a window once the group's
-layers have their inputs), with the torch search, with whole statistics passes (every window through the whole
-block, as before that stop), and with both (hf_quant before the two). It prints the seconds of each and whether the packed weights equal the first run's:
+layers have their inputs; the column steps between two groups' first columns in one native call), with the torch
+search, with whole statistics passes (every window through the whole block, as before that stop), with the torch
+column steps (one Python step per column), and with all three (hf_quant before them). It prints the seconds of each and whether the packed weights equal the first run's:
 whole passes must give the same bytes; the torch search may not (one tie-break flipped anywhere changes every later
 block's inputs; the search's own agreement is the table's).
 """
@@ -76,6 +77,7 @@ def gptq_end_to_end(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM
 
     from hf_quant.calibration import blockwise
+    from hf_quant.methods import gptq
 
     texts = [p.read_text(encoding="utf-8")[:40000] for p in sorted((SHARED / "data" / "corpus").glob("*.txt"))[:4]]
     whole_pass = blockwise._pass
@@ -84,12 +86,16 @@ def gptq_end_to_end(args: argparse.Namespace) -> None:
           "| weights as shipped |")
     print("|---|---:|---:|---|---|")
     shipped = None
-    for mode in ("shipped", "torch search", "whole passes", "torch search, whole passes"):
-        saved = list(grid._MSE_SEARCHES)
+    modes = ("shipped", "torch search", "whole passes", "torch column steps",
+             "torch search, whole passes, torch column steps")
+    for mode in modes:
+        saved, saved_steps = list(grid._MSE_SEARCHES), list(gptq._COLUMN_STEPS)
         try:
             if mode.startswith("torch search"):
                 grid._MSE_SEARCHES.clear()
-            if mode.endswith("whole passes"):
+            if mode.endswith("torch column steps"):
+                gptq._COLUMN_STEPS.clear()
+            if "whole passes" in mode:
                 blockwise._pass = lambda *a, heads=(), **k: whole_pass(*a, **k)
             cfg = hf_quant.QuantConfig(method="gptq", bits=4, group_size=128, dataset=texts, num_samples=args.windows,
                                        seq_len=256)
@@ -98,6 +104,7 @@ def gptq_end_to_end(args: argparse.Namespace) -> None:
             seconds = time.perf_counter() - t
         finally:
             grid._MSE_SEARCHES[:] = saved
+            gptq._COLUMN_STEPS[:] = saved_steps
             blockwise._pass = whole_pass
         state = model.state_dict()
         first = first or state
@@ -111,7 +118,7 @@ def gptq_end_to_end(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--gptq", action="store_true", help="also GPTQ of ref-llama end to end, four ways")
+    ap.add_argument("--gptq", action="store_true", help="also GPTQ of ref-llama end to end, five ways")
     ap.add_argument("--windows", type=int, default=32, help="--gptq: calibration windows of 256 tokens")
     ap.add_argument("--model", default=str(SHARED / "models" / "ref-llama"))
     args = ap.parse_args()

@@ -68,6 +68,42 @@ def test_gptq_lowers_output_error_vs_rtn(bits, group_size, sym, variant):
     assert err(gptq) < 0.8 * err(rtn), (err(gptq), err(rtn))
 
 
+@pytest.mark.parametrize("spec,kwargs", [
+    (LayerSpec(4, 64, False), {}),
+    (LayerSpec(3, 32, True), {"block_size": 48}),  # groups across lazy-update blocks
+    (LayerSpec(2, -1, False), {"mse": True}),
+    (LayerSpec(8, 128, False), {"block_size": 96}),
+    (LayerSpec(4, 32, False, True), {"desc_act": True}),
+    (LayerSpec(4, 32, False), {"desc_act": True, "static_groups": True}),
+    (LayerSpec(3, 64, False), {"clip": "learned"}),
+])
+def test_fused_column_steps_are_the_torch_steps_bit_for_bit(spec, kwargs, monkeypatch):
+    """A registered fused form of the column steps (the native CPU one where it builds) gives the torch steps'
+    codes, scales and zeros bit for bit, whatever the group size, block size, act-order or clipping."""
+    from hf_quant.methods import gptq as gptq_module
+
+    if not gptq_module._COLUMN_STEPS:
+        pytest.skip("no fused column steps registered here (native helpers not built)")
+    calls = []
+    fused = gptq_module._COLUMN_STEPS[0]
+    monkeypatch.setattr(gptq_module, "_COLUMN_STEPS", [lambda *a: calls.append(a[3] - a[2]) or fused(*a)])
+    g = torch.Generator().manual_seed(len(calls) + spec.bits)
+    W = torch.randn(40, 256, generator=g)
+    W[::7, 5] *= 6
+    X = correlated_inputs(256, 512, seed=spec.bits)
+    H = X @ X.t() / 512
+    if kwargs.get("clip") == "learned":
+        shape = (40, spec.groups(256))
+        kwargs = {"clip": (torch.rand(shape, generator=g) * 0.3 + 0.7, torch.rand(shape, generator=g) * 0.3 + 0.7)}
+    a = get_method("gptq").quantize(W, spec, torch.float16, H=H, **kwargs)
+    assert sum(calls) == 256  # every column went through the fused form
+    monkeypatch.setattr(gptq_module, "_COLUMN_STEPS", [])
+    b = get_method("gptq").quantize(W, spec, torch.float16, H=H, **kwargs)
+    for field in ("codes", "scale", "zero", "g_idx"):
+        x, y = getattr(a, field), getattr(b, field)
+        assert (x is None and y is None) or torch.equal(x, y), field
+
+
 def test_act_order_g_idx_follows_the_hessian_diagonal():
     """desc_act forms groups by decreasing diag(H): the group_size largest channels make group 0."""
     in_f, gs = 128, 32

@@ -818,3 +818,37 @@ def test_native_mse_search_refusals():
         native.mse_search(W, -r, r, r, r, 15, None, torch.float16, 2000, 100, 2.4)
     with pytest.raises(ValueError, match="native mse_search: bad operands"):
         native.mse_search(W, -r, r, r[:2], r, 15, None, torch.float16, 80, 100, 2.4)
+
+
+@needs_native
+@pytest.mark.parametrize("maxq,B,c0,c1", [(15, 128, 0, 128), (7, 96, 32, 64), (255, 64, 5, 64), (1, 48, 0, 48)])
+def test_native_gptq_columns_are_the_torch_steps_bit_for_bit(maxq, B, c0, c1):
+    """`gptq_columns` (GPTQ's fused column steps): W1 and Err1 after columns c0 .. c1, and the codes, equal the
+    torch steps of `methods.gptq.column_loop` bit for bit (IEEE division, round half even, the product and the
+    update rounded apart: an FMA would differ in last bits)."""
+    g = torch.Generator().manual_seed(maxq + B)
+    rows, in_f, col0, G = 37, 256, 64, 3
+    W1 = torch.randn(rows, B, generator=g)
+    X = torch.randn(B, 4 * B, generator=g)
+    U = torch.linalg.cholesky(torch.linalg.inv(X @ X.t() / (4 * B) + 0.01 * torch.eye(B)), upper=True)
+    Hinv = torch.zeros(B, B + 5)
+    Hinv[:, :B] = U  # a block of a wider factor: row stride B + 5
+    Hinv1 = Hinv[:, :B]
+    scale = torch.rand(rows, G, generator=g) * 0.3 + 0.05
+    zero = torch.randint(0, maxq + 1, (rows, G), generator=g).float() if maxq > 1 else torch.full((rows, G), 0.5)
+    group = (torch.arange(B) * G // B).to(torch.int32)
+    codes = torch.zeros(rows, in_f, dtype=torch.uint8)
+    Err1 = torch.zeros_like(W1)
+    want_W1, want_Err1, want_codes = W1.clone(), Err1.clone(), codes.clone()
+    assert native.gptq_columns(W1, Hinv1, c0, c1, scale, zero, group, maxq, codes, col0, Err1)
+    for i in range(c0, c1):  # the torch steps (grid.quantize, then column_loop's update)
+        s, z = scale[:, group[i]], zero[:, group[i]]
+        w = want_W1[:, i]
+        q = (w >= 0).float() if maxq == 1 else torch.clamp(torch.round(w / s) + z, 0, maxq)
+        err = (w - (q - z) * s) / Hinv1[i, i]
+        want_W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+        want_Err1[:, i] = err
+        want_codes[:, col0 + i] = q.to(torch.uint8)
+    assert torch.equal(W1, want_W1) and torch.equal(Err1, want_Err1) and torch.equal(codes, want_codes)
+    assert not native.gptq_columns(W1, Hinv1, 0, B + 1, scale, zero, group, maxq, codes, col0, Err1)  # past B
+    assert not native.gptq_columns(W1.double(), Hinv1, c0, c1, scale, zero, group, maxq, codes, col0, Err1)

@@ -96,24 +96,50 @@ def check_hessian(H: torch.Tensor) -> None:
         raise ValueError(f"GPTQ: the Hessian has {bad} NaN/inf entries: the calibration inputs contain NaN/inf.")
 
 
+# Fused forms of a run of GPTQ's column steps (one grid per column known), registered by the layers above (methods
+# import nothing of them: the runtime's native CPU helpers register theirs on import). Each is called as
+#     steps(W1, Hinv1, c0, c1, scale, zero, group, maxq, codes, col0, Err1)
+# for the columns c0 .. c1 of a block (see `column_loop`; group: int32 (block,), each column's index into the
+# (rows, G) scale / zero; codes: the (rows, in) uint8 codes, block column i at col0 + i), and returns True when it
+# did them exactly as the torch steps do, False where it does not apply.
+ColumnSteps = Callable[..., bool]
+_COLUMN_STEPS: list[ColumnSteps] = []
+
+
+def register_column_steps(steps: ColumnSteps) -> None:
+    """Add a fused form of GPTQ's column steps (see `_COLUMN_STEPS`); registering one twice adds it once."""
+    if steps not in _COLUMN_STEPS:
+        _COLUMN_STEPS.append(steps)
+
+
 def column_loop(W: torch.Tensor, Hinv: torch.Tensor, block_size: int,
-                step: Callable[[int, torch.Tensor, Callable[[int], torch.Tensor]], torch.Tensor]) -> None:
+                step: Callable[[int, torch.Tensor, Callable[[int], torch.Tensor]], torch.Tensor],
+                run: Callable[..., int] | None = None) -> None:
     """GPTQ's column order with lazy batch updates (Section 3), updating W in place.
 
     `step(col, w, ahead)` quantizes column `col` (its updated weights `w`) and returns w_hat; `ahead(n)`
-    gives the updated weights of columns col .. col+n (for a group's grid found at its first column)."""
+    gives the updated weights of columns col .. col+n (for a group's grid found at its first column).
+    `run(i1, i, W1, Hinv1, Err1, ahead)`, if given, may do the block's columns i .. i+n at once (the same updates
+    of W1 and Err1 as n steps) and returns n, or 0 to leave column i to `step`."""
     in_f = W.shape[1]
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
+        i = 0
+        while i < i2 - i1:
+            ahead = lambda n, i=i, W1=W1, i2=i2: _ahead(W1, W, i, i2, n)  # noqa: E731
+            n = run(i1, i, W1, Hinv1, Err1, ahead) if run is not None else 0
+            if n:
+                i += n
+                continue
             w = W1[:, i]
-            w_hat = step(i1 + i, w, lambda n, i=i, W1=W1, i2=i2: _ahead(W1, W, i, i2, n))
+            w_hat = step(i1 + i, w, ahead)
             err = (w - w_hat) / Hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
+            i += 1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
 
@@ -188,16 +214,32 @@ def quantize_gptq(
 
     codes = torch.empty(out_f, in_f, device=W.device, dtype=torch.uint8)  # integer-valued q: stored exactly
 
-    def step(col: int, w: torch.Tensor, ahead: Callable[[int], torch.Tensor]) -> torch.Tensor:
-        g = groups[col]
+    def grids(col: int, ahead: Callable[[int], torch.Tensor]) -> None:
         if not static_groups and col % gs == 0:  # a new group: its grid from the updated weights
+            g = groups[col]
             scale[:, g], zero[:, g] = grid.find_params(ahead(gs), spec, scale_dtype, mse,
                                                        None if clip is None else (clip[0][:, g], clip[1][:, g]))
+
+    def step(col: int, w: torch.Tensor, ahead: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        g = groups[col]
+        grids(col, ahead)
         q = grid.quantize(w.unsqueeze(-1), scale[:, g], zero[:, g], spec.maxq).squeeze(-1)
         codes[:, col] = q
         return (q - zero[:, g]) * scale[:, g]
 
-    column_loop(W, Hinv, block_size, step)
+    group32 = group_of.to(torch.int32)
+
+    def run(i1: int, i: int, W1: torch.Tensor, Hinv1: torch.Tensor, Err1: torch.Tensor,
+            ahead: Callable[[int], torch.Tensor]) -> int:
+        """The columns from i to the next group's first (a grid found there from updated weights) at once."""
+        col = i1 + i
+        end = W1.shape[1] if static_groups else min(W1.shape[1], i + gs - col % gs)
+        grids(col, ahead)
+        args = (W1, Hinv1, i, end, scale, zero, group32[i1:i1 + W1.shape[1]], spec.maxq, codes, i1, Err1)
+        return end - i if any(steps(*args) for steps in _COLUMN_STEPS) else 0  # 0: `step` (the same grid again)
+
+    fused = _COLUMN_STEPS and W.device.type == "cpu" and W.dtype == torch.float32
+    column_loop(W, Hinv, block_size, step, run if fused else None)
 
     g_idx = None
     if perm is not None:

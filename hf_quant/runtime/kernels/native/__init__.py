@@ -36,6 +36,7 @@ from typing import NamedTuple
 import torch
 
 from ....core import LayerSpec, grid
+from ....methods import gptq
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,8 @@ def _load() -> ctypes.CDLL:
     lib.hfq_int8_token_gemm.restype = I64
     lib.hfq_mse_search.argtypes = [P, I64, I64, P, P, P, P, P, P, INT, ctypes.c_float, INT, I64, I64, ctypes.c_float, INT]
     lib.hfq_mse_search.restype = INT
+    lib.hfq_gptq_columns.argtypes = [P, I64, I64, P, I64, I64, I64, P, P, I64, P, INT, P, I64, I64, P, INT]
+    lib.hfq_gptq_columns.restype = INT
     return lib
 
 
@@ -289,6 +292,35 @@ def _grid_mse_search(W: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scale:
 
 
 grid.register_mse_search(_grid_mse_search)
+
+
+def gptq_columns(W1: torch.Tensor, Hinv1: torch.Tensor, c0: int, c1: int, scale: torch.Tensor, zero: torch.Tensor,
+                 group: torch.Tensor, maxq: int, codes: torch.Tensor, col0: int, Err1: torch.Tensor) -> bool:
+    """GPTQ's column steps c0 .. c1 of one lazy-update block in one native call (`methods.gptq` `_COLUMN_STEPS`),
+    bit for bit the torch steps: W1 (rows, B) and Err1 fp32 contiguous, updated in place; Hinv1 (B, B) fp32 with
+    unit column stride (a block of the factor); scale / zero fp32 (rows, G); group int32 (B,); codes uint8 (rows,
+    in) written at columns col0 + c0 .. col0 + c1. False (nothing done) where these do not fit or the helpers are
+    not built: the torch steps then run."""
+    lib = library()
+    if lib is None:
+        return False
+    rows, B = W1.shape if W1.dim() == 2 else (-1, -1)
+    G = scale.shape[1] if scale.dim() == 2 else -1
+    ok = (W1.dtype == Err1.dtype == Hinv1.dtype == scale.dtype == zero.dtype == torch.float32
+          and codes.dtype == torch.uint8 and group.dtype == torch.int32 and 1 <= maxq <= 255
+          and Err1.shape == W1.shape and Hinv1.shape == (B, B) and Hinv1.stride(1) == 1
+          and scale.shape == zero.shape == (rows, G) and group.shape == (B,) and codes.dim() == 2
+          and codes.shape[0] == rows and 0 <= c0 <= c1 <= B and 0 <= col0 and col0 + c1 <= codes.shape[1]
+          and all(t.is_contiguous() for t in (W1, Err1, scale, zero, group, codes))
+          and all(t.device.type == "cpu" for t in (W1, Hinv1, scale, zero, group, codes, Err1)))
+    if not ok:
+        return False
+    return lib.hfq_gptq_columns(W1.data_ptr(), rows, B, Hinv1.data_ptr(), Hinv1.stride(0), c0, c1, scale.data_ptr(),
+                                zero.data_ptr(), G, group.data_ptr(), maxq, codes.data_ptr(), codes.shape[1], col0,
+                                Err1.data_ptr(), _threads()) == 0
+
+
+gptq.register_column_steps(gptq_columns)
 
 
 def codes_i16_group_size_ok(gs: int, nibbles: bool) -> bool:

@@ -1858,3 +1858,51 @@ int hfq_mse_search(const float *w, int64_t rows, int64_t gs, const float *lo, co
     return 1;
 }
 #endif
+
+/* ---- GPTQ's column steps (hf_quant/methods/gptq.py `column_loop` with its grid step) ------------------------------
+ * Columns c0 .. c1 of one lazy-update block: W1 (rows x B, fp32, row-major), Hinv1 (B x B rows of stride ldh: the
+ * block of the upper Cholesky factor of H^-1), each column's group `group[i]` (i < B) into scale / zero (rows x G,
+ * fp32), maxq. Per column i, as the torch steps do it, bit for bit (IEEE division, round half even, no contraction):
+ *     q = clamp(rint(w / s) + z, 0, maxq)   (maxq 1: q = [w >= 0]);   w_hat = (q - z) s
+ *     err = (w - w_hat) / Hinv1[i, i];   W1[:, i:] -= err Hinv1[i, i:];   Err1[:, i] = err;   codes[:, col0 + i] = q
+ * A row's steps touch only that row, so rows run in parallel, each through all its columns (its B floats stay in
+ * L1). codes: uint8 (rows x ldc). Returns 0, or 1 for an argument out of range (nothing written). */
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")  /* err * h, then the subtraction: two roundings, as torch's two ops */
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+int hfq_gptq_columns(float *W1, int64_t rows, int64_t B, const float *Hinv1, int64_t ldh, int64_t c0, int64_t c1,
+                     const float *scale, const float *zero, int64_t G, const int32_t *group, int maxq, uint8_t *codes,
+                     int64_t ldc, int64_t col0, float *Err1, int nthreads) {
+    if (c0 < 0 || c1 > B || c0 > c1 || ldh < B || maxq < 1 || maxq > 255 || col0 < 0 || col0 + c1 > ldc) return 1;
+    for (int64_t i = c0; i < c1; i++)
+        if (group[i] < 0 || group[i] >= G) return 1;
+    const float mq = (float)maxq;
+    if (rows * (c1 - c0) * B < (1 << 16)) nthreads = 1;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t r = 0; r < rows; r++) {
+        float *w = W1 + r * B;
+        for (int64_t i = c0; i < c1; i++) {
+            const float s = scale[r * G + group[i]], z = zero[r * G + group[i]], x = w[i];
+            float q;
+            if (maxq == 1) {
+                q = x >= 0.0f ? 1.0f : 0.0f;
+            } else {
+                q = rintf(x / s) + z;
+                q = q < 0.0f ? 0.0f : (q > mq ? mq : q);
+            }
+            const float what = (q - z) * s;
+            const float err = (x - what) / Hinv1[i * ldh + i];
+            const float *h = Hinv1 + i * ldh;
+            for (int64_t j = i; j < B; j++) {
+                const float d = err * h[j];
+                w[j] = w[j] - d;
+            }
+            Err1[r * B + i] = err;
+            codes[r * ldc + col0 + i] = q == q ? (uint8_t)q : 0;  /* a NaN weight: code 0 (its error is NaN) */
+        }
+    }
+    return 0;
+}
+#pragma GCC pop_options
