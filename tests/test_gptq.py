@@ -104,6 +104,25 @@ def test_fused_column_steps_are_the_torch_steps_bit_for_bit(spec, kwargs, monkey
         assert (x is None and y is None) or torch.equal(x, y), field
 
 
+def test_refused_fused_column_steps_fall_back_without_a_second_search(monkeypatch):
+    """Fused column steps that refuse (a helper that did not build) leave every column to the torch steps, on the
+    grid already found: one search per group, and the torch steps' result."""
+    from hf_quant.methods import gptq as gptq_module
+
+    spec, W = LayerSpec(4, 32, False), torch.randn(24, 128, generator=torch.Generator().manual_seed(3))
+    X = correlated_inputs(128, 256, seed=3)
+    H = X @ X.t() / 256
+    searches = []
+    find_params = grid.find_params
+    monkeypatch.setattr(grid, "find_params", lambda *a, **k: searches.append(1) or find_params(*a, **k))
+    monkeypatch.setattr(gptq_module, "_COLUMN_STEPS", [lambda *a: False])
+    a = get_method("gptq").quantize(W, spec, torch.float16, H=H, mse=True)
+    assert len(searches) == 4
+    monkeypatch.setattr(gptq_module, "_COLUMN_STEPS", [])
+    b = get_method("gptq").quantize(W, spec, torch.float16, H=H, mse=True)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale) and torch.equal(a.zero, b.zero)
+
+
 def test_act_order_g_idx_follows_the_hessian_diagonal():
     """desc_act forms groups by decreasing diag(H): the group_size largest channels make group 0."""
     in_f, gs = 128, 32

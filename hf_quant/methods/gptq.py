@@ -214,8 +214,11 @@ def quantize_gptq(
 
     codes = torch.empty(out_f, in_f, device=W.device, dtype=torch.uint8)  # integer-valued q: stored exactly
 
+    found_at = [-1]  # the column whose group grid was found last (`run` refusing leaves its column to `step`)
+
     def grids(col: int, ahead: Callable[[int], torch.Tensor]) -> None:
-        if not static_groups and col % gs == 0:  # a new group: its grid from the updated weights
+        if not static_groups and col % gs == 0 and col != found_at[0]:  # a new group: its grid from updated weights
+            found_at[0] = col
             g = groups[col]
             scale[:, g], zero[:, g] = grid.find_params(ahead(gs), spec, scale_dtype, mse,
                                                        None if clip is None else (clip[0][:, g], clip[1][:, g]))
@@ -236,7 +239,7 @@ def quantize_gptq(
         end = W1.shape[1] if static_groups else min(W1.shape[1], i + gs - col % gs)
         grids(col, ahead)
         args = (W1, Hinv1, i, end, scale, zero, group32[i1:i1 + W1.shape[1]], spec.maxq, codes, i1, Err1)
-        return end - i if any(steps(*args) for steps in _COLUMN_STEPS) else 0  # 0: `step` (the same grid again)
+        return end - i if any(steps(*args) for steps in _COLUMN_STEPS) else 0  # 0: `step`, on the grid just found
 
     fused = _COLUMN_STEPS and W.device.type == "cpu" and W.dtype == torch.float32
     column_loop(W, Hinv, block_size, step, run if fused else None)

@@ -256,15 +256,16 @@ def mse_search(W: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scale: torch
     its range [lo, hi] (fp32 (rows,)), each one's grid exactly as `grid._grid` makes it (sym_zero: the fixed zero
     of a symmetric grid, else None), and its error sum |w_hat - w|^norm; the first least error wins. Returns new
     (scale, zero) fp32 (rows,), starting from `scale` / `zero` (kept by a row whose errors are all NaN), and with
-    `chosen` the factor index per row (int32, -1: none) and its error (fp32, inf: none). The errors agree with the oracle's to ~1e-6 (its power
-    is torch's powf, this one fp32 polynomials), so where two factors' errors are that close the choice may
-    differ; the codes each grid gives are the oracle's exactly."""
+    `chosen` the factor index per row (int32, -1: none) and its error (fp32, inf: none). The errors agree with
+    the oracle's to ~1e-6 (its power is torch's powf, this one fp32 polynomials), so where two factors' errors are
+    that close the choice may differ; the codes each grid gives are the oracle's exactly."""
     lib = library()
     if lib is None or not has_mse_search():
         raise RuntimeError(f"native mse_search unavailable: {unavailable_reason() or 'not built (AVX2 + FMA needed)'}")
     rows = W.shape[0] if W.dim() == 2 else -1
     if not (rows >= 0 and W.dtype == torch.float32 and scale_dtype in _KIND and 1 <= maxq < 2**16
-            and 0 <= n <= MSE_MAX_FACTORS and grid > 0 and all(t.dtype == torch.float32 and t.shape == (rows,) for t in (lo, hi, scale, zero))
+            and 0 <= n <= MSE_MAX_FACTORS and grid > 0
+            and all(t.dtype == torch.float32 and t.shape == (rows,) for t in (lo, hi, scale, zero))
             and all(t.device.type == "cpu" for t in (W, lo, hi, scale, zero))):
         raise ValueError(f"native mse_search: bad operands W {tuple(W.shape)} {W.dtype}, scale dtype {scale_dtype}, "
                          f"maxq {maxq}, n {n}, grid {grid}: expected CPU fp32 rows (rows, gs), fp32 (rows,) ranges, "

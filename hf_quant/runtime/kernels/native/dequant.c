@@ -1711,13 +1711,10 @@ int64_t hfq_int8_token_gemm(const void *x, int64_t M, int64_t K, int64_t ldx, in
 #endif
 static inline float mse_bits_f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 static inline uint32_t mse_f_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
-/* v > 0, in kind's normal range: rounded to nearest even in bf16 (kind 1) / fp16 (2), as an fp32 value; fp32: v */
+/* v rounded to nearest even in bf16 (kind 1) / fp16 (2), as store_row rounds, back as an fp32 value; fp32: v */
 static inline float mse_round(float v, int kind) {
     if (kind == 0) return v;
-    const int drop = kind == 1 ? 16 : 13;
-    uint32_t u = mse_f_bits(v);
-    u += ((1u << (drop - 1)) - 1u) + ((u >> drop) & 1u);
-    return mse_bits_f(u & ~((1u << drop) - 1u));
+    return kind == 1 ? mse_bits_f((uint32_t)f32_to_bf16(v) << 16) : (float)(_Float16)v;
 }
 /* the next value of kind above (up) or below v (positive, normal, a value of kind): torch.nextafter in that dtype */
 static inline float mse_step(float v, int kind, int up) {
