@@ -158,3 +158,34 @@ def enable_activation_checkpointing(model: Any, **checkpoint_kwargs: Any) -> Non
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs or None)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs or None)
+
+
+# --- transformers' checkpoint key conversion ----------------------------------------------------------
+
+def checkpoint_key_renamer(model: Any) -> Callable[[str], tuple[str, bool]]:
+    """key -> (the model's name for a checkpoint tensor key, whether a converter made it), as `from_pretrained`
+    renames keys: transformers 5 keeps per-architecture renamings (GPT-NeoX's `embed_out` is the module
+    `lm_head`) and converters (per-expert MoE tensors stacked into one) that `save_pretrained` reverses on the
+    way out. hf_quant reads checkpoint headers and tensors by the model's names before or without
+    `from_pretrained` (its checks, the streaming quantizer), so it needs the same renaming. A converted key
+    names one source of a tensor built from several: it cannot be read as that tensor.
+
+    The module-level `conversion_mapping.get_model_conversion_mapping` and `core_model_loading.rename_source_key`
+    are what `from_pretrained` calls (unchanged from 5.17 through 5.25); they are not documented API. Where they
+    are missing the keys are taken as they are (the behaviour of releases without conversions)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        transforms = get_model_conversion_mapping(model)
+    except (ImportError, AttributeError, TypeError):
+        return lambda key: (key, False)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    if not renamings and not converters:
+        return lambda key: (key, False)
+
+    def rename(key: str) -> tuple[str, bool]:
+        name, converter = rename_source_key(key, renamings, converters)
+        return name, converter is not None
+
+    return rename

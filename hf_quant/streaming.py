@@ -53,6 +53,7 @@ from .calibration.activations import SpilledInputs, Spiller
 from .calibration.data import calibration_windows, describe_dataset
 from .calibration.layer import quantize_layer
 from .config import QuantConfig
+from .compat import checkpoint_key_renamer
 from .core.devices import peak_memory_mb, release_free_memory
 from .core.layers import set_module
 from .integrations import hub
@@ -154,15 +155,31 @@ def _check_unchanged(src: Path, tensors: dict[str, tuple[Path, dict]], before: d
                          "would mix two versions. Let the source settle and run again (the progress is discarded).")
 
 
-def _model_key(name: str, tensors: dict, prefix: str) -> str | None:
-    """The checkpoint's name of the model tensor `name` (also without / with the base model prefix)."""
-    if name in tensors:
-        return name
-    if prefix and name.startswith(prefix + ".") and name[len(prefix) + 1:] in tensors:
-        return name[len(prefix) + 1:]
-    if prefix and f"{prefix}.{name}" in tensors:
-        return f"{prefix}.{name}"
+def _model_key(name: str, by_name: dict[str, str], prefix: str) -> str | None:
+    """The checkpoint's key of the model tensor `name` (also without / with the base model prefix). by_name:
+    the checkpoint's keys by the model name `from_pretrained` gives them (`_keys_by_name`)."""
+    if name in by_name:
+        return by_name[name]
+    if prefix and name.startswith(prefix + ".") and name[len(prefix) + 1:] in by_name:
+        return by_name[name[len(prefix) + 1:]]
+    if prefix and f"{prefix}.{name}" in by_name:
+        return by_name[f"{prefix}.{name}"]
     return None
+
+
+def _keys_by_name(model: nn.Module, tensors: dict) -> dict[str, str]:
+    """checkpoint key by the model's name for it, after transformers' renaming for this architecture (GPT-NeoX's
+    `embed_out` loads as `lm_head`). Keys a converter merges (per-expert tensors stacked into one) are left out:
+    no single key holds the model's tensor, so the blocks that need one are refused below."""
+    rename = checkpoint_key_renamer(model)
+    by_name = {k: k for k in tensors}
+    for k in tensors:
+        name, converted = rename(k)
+        if converted:
+            by_name.pop(k, None)
+        elif name != k:
+            by_name[name] = k
+    return by_name
 
 
 # ---------------------------------------------------------------- progress
@@ -377,8 +394,9 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
                          "keep it in float with modules_to_not_convert, or use method='rtn'.")
     base_prefix = getattr(model, "base_model_prefix", "")
     keys: dict[str, str] = {}
+    by_name = _keys_by_name(model, tensors)
     for name in model.state_dict():
-        key = _model_key(name, tensors, base_prefix)
+        key = _model_key(name, by_name, base_prefix)
         if key is not None:
             keys[name] = key
     loader = OffloadedWeightsLoader(index={k: {"safetensors_file": str(p), "weight_name": k}
@@ -404,6 +422,13 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
         raise ValueError(f"{src_dir}: the checkpoint has no tensor {missing[0]!r} that {type(model).__name__} needs "
                          f"({len(missing)} missing); it is incomplete or was saved with other names. Quantize it in "
                          "memory (from_pretrained(..., quantization_config=...)), which applies transformers' renaming.")
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    absent = [n for n, _ in model.named_parameters() if not n.startswith(prefix + ".") and n not in keys
+              and n not in tied]
+    if absent:
+        raise ValueError(f"{src_dir}: the checkpoint has no tensor {absent[0]!r} that {type(model).__name__} needs "
+                         "outside its blocks; it is incomplete or was saved with other names. Quantize it in memory "
+                         "(from_pretrained(..., quantization_config=...)), which applies transformers' renaming.")
     outside_tensors = [n for n in state_names if not n.startswith(prefix + ".") and n in keys]
     device = work_device(config, torch.device("cpu"))
     compute = compute_dtype(config, model_dtype, device)

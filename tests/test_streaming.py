@@ -92,9 +92,10 @@ def test_spilled_hessians_give_the_same_bytes_and_leave_no_file(tmp_path, monkey
     assert spilled and not any(os.path.exists(p) for p in spilled)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "opt", "llama-fp32"])
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "llama-fp32", "gpt_neox"])
 def test_streaming_other_architectures_and_shards(arch, tiny_models, tmp_path):
-    """GPT-2's Conv1D, OPT's model.decoder.layers, fp32 weights; several output shards with their index."""
+    """GPT-2's Conv1D, OPT's model.decoder.layers, fp32 weights, GPT-NeoX's renamed lm_head (`embed_out` in
+    the files); several output shards with their index."""
     cfg = QuantConfig(method="gptq", bits=4, group_size=32, dataset=_windows(), num_samples=8, seq_len=32)
     ref = in_memory(tiny_models[arch], tmp_path / "a" / "out", cfg, max_shard_size="100KB")
     got = quantize_checkpoint(tiny_models[arch], tmp_path / "b" / "out", cfg, max_shard_size="100KB")

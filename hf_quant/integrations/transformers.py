@@ -25,7 +25,7 @@ from ..io.native import check_checkpoint
 from ..methods import get_method
 from ..runtime import QuantLinear
 from ..runtime.convert import (dequantize_model, find_targets, replace_with_empty_quant_linears,
-                               resolve_modules_to_not_convert)
+                               resolve_modules_to_not_convert, warn_float_expert_weights)
 from .. import training
 from . import hub
 from . import peft as peft_integration
@@ -77,6 +77,7 @@ class HfQuantQuantizer(HfQuantizer):
             config.modules_to_not_convert = skip  # saved resolved, so a reload rebuilds the same layers
         self.targets = find_targets(model, config, skip)
         if not self.pre_quantized:
+            warn_float_expert_weights(model)
             self._blocks = _block_list(model, config)
             if kwargs.get("device_map") is None:
                 _warn_if_too_big(checkpoint_files)

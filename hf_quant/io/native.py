@@ -16,6 +16,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from ..compat import checkpoint_key_renamer
 from ..core import QUANT_BUFFERS, LayerSpec, buffer_specs
 from ..core.layers import FLOAT_LINEARS, linear_shape
 from ..runtime import QuantLinear
@@ -36,8 +37,12 @@ def check_checkpoint(model: nn.Module, targets: dict[str, LayerSpec], checkpoint
     - each module the config quantizes has exactly the tensors its spec stores, of the right shapes;
     - no other module holds quantized tensors (the config would load it as a random float layer);
     - every linear the config keeps in float has its float weight (unless it is tied).
+
+    Keys are compared under the model's names, after transformers' renaming of this architecture's
+    checkpoint keys (`compat.checkpoint_key_renamer`, e.g. GPT-NeoX's `embed_out` -> `lm_head`).
     """
-    entries = index_checkpoint(checkpoint_files)
+    rename = checkpoint_key_renamer(model)
+    entries = {rename(k)[0]: v for k, v in index_checkpoint(checkpoint_files).items()}
     prefix = getattr(model, "base_model_prefix", "")
     prefixes = ["", f"{prefix}."] if prefix else [""]
     quantized = {}  # checkpoint module name -> model module name

@@ -83,13 +83,51 @@ def observe_abs_mean(values: dict, head: str, x: torch.Tensor, n_windows: int) -
     values[head] = values.get(head, 0) + x.sum(0) / max(n_windows * x.shape[0], 1)
 
 
-def _is_foldable_norm(module: nn.Module, width: int) -> bool:
-    """LayerNorm / RMSNorm computing weight * normalised(x) (+ bias): dividing weight (and bias) by s
-    divides the output by s. Gemma-style norms (x * (1 + weight)) are not of that form."""
-    name = type(module).__name__
-    plain = isinstance(module, nn.LayerNorm) or (name.endswith("RMSNorm") and not name.startswith("Gemma"))
+def norm_offset(module: nn.Module, width: int) -> float | None:
+    """c where the module computes n(x) * (c + weight) (+ bias), elementwise over its `width` channels: 0 for
+    LayerNorm / RMSNorm (and Cohere's, OLMo's, ... whatever their class is called), 1 for Gemma's x * (1 +
+    weight); None for anything else. Found by probing the module's own forward on random rows with the
+    weight set to 0, 1 and a random vector (bias 0), then restored: linear in the weight, and the offset
+    constant over channels. Dividing c + weight (and the bias) by s then divides the output by s."""
     w = getattr(module, "weight", None)
-    return plain and isinstance(w, torch.Tensor) and w.shape == (width,)
+    if isinstance(module, FLOAT_LINEARS) or not isinstance(w, torch.Tensor) or w.shape != (width,) \
+            or not w.is_floating_point() or w.device.type == "meta":
+        return None
+    bias = getattr(module, "bias", None)
+    bias = bias if isinstance(bias, torch.Tensor) and bias.shape == (width,) else None
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, width, generator=g) * 3).to(w.device, w.dtype)
+    r = torch.empty(width).uniform_(-1.5, 1.5, generator=g).exp().to(w.device, w.dtype)  # spread out: a
+    # weight acting before a normalisation changes the output by far more than the rounding
+    saved = [(t, t.data) for t in (w, bias) if t is not None]
+    outs = []
+    try:
+        with torch.no_grad():
+            if bias is not None:
+                bias.data = torch.zeros_like(bias)
+            for probe in (torch.zeros_like(w), torch.ones_like(w), r):
+                w.data = probe
+                y = module.forward(x)  # not through __call__: no hook of a calibration pass sees the probe
+                if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+                    return None
+                outs.append(y.float())
+    except Exception:  # noqa: BLE001  (a module this probe cannot drive is simply not a foldable norm)
+        return None
+    finally:
+        for t, data in saved:
+            t.data = data
+    y0, y1, yr = outs
+    a = y1 - y0  # n(x), if the module is n(x) * (c + weight)
+    scale = a.abs().amax().item()
+    if not torch.isfinite(a).all() or scale == 0:
+        return None
+    eps = 4 * torch.finfo(w.dtype).eps  # the module's dtype rounds each output (bf16: 2^-8 relative)
+    for c in (0.0, 1.0):
+        expected = a * (c + r.float())
+        if (y0 - c * a).abs().amax() <= eps * scale and \
+                (yr - expected).abs().amax() <= eps * expected.abs().amax():
+            return c
+    return None
 
 
 def block_producers(ctx: BlockContext) -> dict[str, str]:
@@ -146,31 +184,61 @@ def _get(module: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
-def _fold(ctx: BlockContext, producer: nn.Module, s: torch.Tensor, is_norm: bool) -> None:
-    """Divide the producer's output channels by s (its weight rows / a norm's weight and bias)."""
+def _fold(ctx: BlockContext, target: FoldTarget, s: torch.Tensor) -> torch.Tensor:
+    """Divide the producer's output channels by s (its weight rows / a norm's weight and bias). Returns the
+    scales the group's layers are multiplied by: s, or for a norm with an offset (Gemma: c + weight) the
+    scales that the rounded c + weight actually stored divide by, so that the float function is unchanged
+    to the layers' rounding (near weight = -c, c + weight / s would otherwise lose its precision in bf16)."""
+    producer = target.producer
     params = [producer.weight] + ([producer.bias] if getattr(producer, "bias", None) is not None else [])
     for p in params:
         ctx.undo.append((p, p.detach().clone()))
     with torch.no_grad():
-        if is_norm:
+        if target.is_norm and target.offset:
+            s = _fold_offset_norm(producer.weight, s, target.offset)
+        elif target.is_norm:
             producer.weight.div_(s.to(producer.weight.dtype))
         else:
             W = linear_weight(producer).float() / s.unsqueeze(1)
             set_linear_weight(producer, W)
         if getattr(producer, "bias", None) is not None:
             producer.bias.div_(s.to(producer.bias.dtype))
+    return s
+
+
+def _fold_offset_norm(weight: torch.Tensor, s: torch.Tensor, c: float) -> torch.Tensor:
+    """weight <- (c + weight) / s - c, rounded to its dtype; returns (c + weight) / (c + new weight) per
+    channel, the scale the norm's output really changed by. A channel whose new c + weight would round to 0
+    (or change sign) keeps the nearest representable value of the same sign; a dead channel (c + weight = 0)
+    is left as it is, with scale 1."""
+    m = c + weight.float()
+    target = m / s.float().to(m.device)
+    new = (target - c).to(weight.dtype)
+    stored = c + new.float()
+    bad = (stored == 0) | (torch.sign(stored) != torch.sign(target))
+    if bad.any():  # step one ulp from -c towards the target's sign
+        toward = torch.where(target > 0, torch.full_like(target, float("inf")), torch.full_like(target, -float("inf")))
+        new = torch.where(bad, torch.nextafter(torch.full_like(target, -c).to(weight.dtype), toward.to(weight.dtype)),
+                          new)
+        stored = c + new.float()
+    dead = m == 0
+    new = torch.where(dead, weight, new)
+    weight.copy_(new)
+    return torch.where(dead, torch.ones_like(m), m / torch.where(dead, torch.ones_like(stored), stored))
 
 
 @dataclass
 class FoldTarget:
     """Where a group's per-input-channel scales fold: `producer` (the block module at `local`) makes
     the group's input, channel for channel; `is_norm`: a norm's weight (and bias), else a linear's
-    rows. `producer` None: no such op, `why` says why."""
+    rows; `offset`: the norm's c in n(x) * (c + weight) (`norm_offset`). `producer` None: no such op,
+    `why` says why."""
 
     producer: nn.Module | None
     local: str | None
     is_norm: bool = False
     why: str = ""
+    offset: float = 0.0
 
 
 def fold_target(ctx: BlockContext, head: str, producers: dict[str, str] | None = None) -> FoldTarget:
@@ -180,23 +248,26 @@ def fold_target(ctx: BlockContext, head: str, producers: dict[str, str] | None =
     local = (block_producers(ctx) if producers is None else producers).get(head)
     producer = ctx.block.get_submodule(local) if local else None
     width = linear_shape(ctx.model.get_submodule(head))[0]
-    if producer is not None and _is_foldable_norm(producer, width):
-        return FoldTarget(producer, local, True)
+    offset = None if producer is None else norm_offset(producer, width)
+    if offset is not None:
+        return FoldTarget(producer, local, True, offset=offset)
     local, why = _linear_producer(ctx, head)
     if local is None:
         return FoldTarget(None, None, False, why)
     return FoldTarget(ctx.block.get_submodule(local), local, False)
 
 
-def fold_scales(ctx: BlockContext, producer: nn.Module, is_norm: bool, layers: dict[str, nn.Module],
-                W: dict[str, torch.Tensor], s: torch.Tensor) -> None:
+def fold_scales(ctx: BlockContext, target: FoldTarget, layers: dict[str, nn.Module], W: dict[str, torch.Tensor],
+                s: torch.Tensor) -> torch.Tensor:
     """Fold per-input-channel scales s into a group: the producer's output channels divided by s,
     each layer's weight set to W[name] * s (W: the layers' (out, in) fp32 weights); every tensor
-    changed is recorded in `ctx.undo` first. The float function of the block is unchanged."""
-    _fold(ctx, producer, s, is_norm)
+    changed is recorded in `ctx.undo` first. The float function of the block is unchanged. Returns the
+    scales applied to the layers (s, up to an offset norm's rounding: `_fold`)."""
+    s = _fold(ctx, target, s)
     for n, m in layers.items():
         ctx.undo.append((m.weight, m.weight.detach().clone()))
         set_linear_weight(m, W[n] * s)
+    return s
 
 
 def foldable_groups(ctx: BlockContext, what: str
@@ -242,7 +313,7 @@ def awq_scales(ctx: BlockContext) -> dict[str, dict]:
             raise ValueError(f"{head}: AWQ's scale search gets non-finite block outputs for every scale: the model "
                              "produces NaN/inf activations before this layer (check the checkpoint, e.g. its norm "
                              f"weights), or keep the layer in float with QuantConfig(modules_to_not_convert=[{head!r}]).")
-        fold_scales(ctx, target.producer, target.is_norm, layers, W, best)
+        fold_scales(ctx, target, layers, W, best)
         ctx.notes.append(f"{','.join(n.rsplit('.', 1)[-1] for n in group)} <- {target.local}: alpha={best_alpha:.2f}")
     return {}
 

@@ -95,7 +95,7 @@ def smooth_scales(ctx: BlockContext) -> dict[str, dict]:
                              "channel(s)): the model produces NaN/inf activations before this layer (check the "
                              "checkpoint and the calibration data), or use QuantConfig(smooth=None), or keep the "
                              f"layer in float with QuantConfig(modules_to_not_convert=[{head!r}]).")
-        fold_scales(ctx, target.producer, target.is_norm, layers, W, s)
+        fold_scales(ctx, target, layers, W, s)
         changed = [target.producer.weight] + [m.weight for m in layers.values()]
         if getattr(target.producer, "bias", None) is not None:
             changed.append(target.producer.bias)

@@ -79,6 +79,28 @@ def find_targets(model: nn.Module, config: QuantConfig, modules_to_not_convert: 
     return targets
 
 
+def warn_float_expert_weights(model: nn.Module) -> list[str]:
+    """Log a warning naming the weight tensors of 3 or more dimensions outside convolutions (transformers 5
+    stacks MoE experts that way: `experts.gate_up_proj` (experts, 2 x ffn, hidden)), which no QuantLinear
+    stands for and which stay in float, with their share of the model's parameters. Returns their names."""
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+    names, count = [], 0
+    for mod_name, module in model.named_modules():
+        if isinstance(module, convs):
+            continue
+        for p_name, p in module.named_parameters(recurse=False):
+            if p.dim() >= 3:
+                names.append(f"{mod_name}.{p_name}" if mod_name else p_name)
+                count += p.numel()
+    if names:
+        total = sum(p.numel() for p in model.parameters())
+        logger.warning("hf_quant: %d weight tensor(s) of 3 dimensions (fused MoE experts, e.g. %s) hold %.0f%% of "
+                       "the model's parameters and stay in float: hf_quant quantizes linear layers only.",
+                       len(names), names[0],
+                       100 * count / max(total, 1))
+    return names
+
+
 def activation_spec(config: QuantConfig) -> ActivationSpec | None:
     """The run-time activation quantization of the layers `config` quantizes (None: weight-only)."""
     method = get_method(config.method)

@@ -84,7 +84,9 @@ class _QuantLinearFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, layer: Any) -> torch.Tensor:
         ctx.layer = layer
         with torch.no_grad():
-            return run_kernel(layer, x)
+            # detached: a kernel's output may be a view of its 2-D result, and autograd forbids in-place
+            # ops on a custom Function's view outputs (Falcon's `mlp_output += attention_output`)
+            return run_kernel(layer, x).detach()
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
