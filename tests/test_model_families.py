@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 import hf_quant
 from hf_quant.methods import awq
 
-from .conftest import FAMILIES
+from .conftest import FAMILIES, tiny_family_config
 
 DATA = [torch.arange(256).repeat(2)]
 
@@ -239,3 +239,43 @@ def test_awq_and_smoothing_keep_the_float_block_of_gemma2(tiny_models):
         assert any("<- input_layernorm" in n for n in ctx.notes), ctx.notes
         for a, b in zip(before, ctx.run(ctx.inputs)):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def _deepseek_v3(tmp_path):
+    """DeepSeek-V3's second block is MoE: its router and stacked experts read post_attention_layernorm's output
+    beside the shared experts' gate/up linears (Qwen2-MoE's shared expert likewise)."""
+    cfg = tiny_family_config("deepseek_v3", n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                             first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=16,
+                             qk_nope_head_dim=16, v_head_dim=32, n_group=1, topk_group=1)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "ds")
+    return AutoModelForCausalLM.from_pretrained(tmp_path / "ds", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("stage", ["awq", "w8a8"])
+def test_no_fold_into_a_norm_that_a_router_also_reads(tmp_path, monkeypatch, stage):
+    from hf_quant.methods import w8a8
+
+    from .test_awq import _block_context
+
+    def run(model):
+        ctx = _block_context(model, idx=1)
+        before = ctx.run(ctx.inputs)
+        if stage == "awq":
+            awq.awq_scales(ctx)
+        else:
+            ctx.config.smooth = 0.5
+            w8a8.smooth_scales(ctx)
+        change = max(((a - b).norm() / a.norm()).item() for a, b in zip(before, ctx.run(ctx.inputs)))
+        return change, " ".join(ctx.notes)
+
+    change, notes = run(_deepseek_v3(tmp_path))
+    assert change < 1e-5, notes
+    assert ("mlp.shared_experts.gate_proj: no " in notes and "post_attention_layernorm's output is read by more "
+            "than this group" in notes), notes
+    assert "q_a_proj,kv_a_proj_with_mqa <- input_layernorm" in notes and "down_proj <- mlp.shared_experts.up_proj" \
+        in notes  # the other folds of the block still happen
+    # without the check, the fold would change the block (the router and the experts see scaled inputs)
+    monkeypatch.setattr(awq, "_folds_keep_the_block", lambda ctx, candidates: {g[0]: True for g, _ in candidates})
+    change, notes = run(_deepseek_v3(tmp_path / "again"))
+    assert change > 1e-2 and "gate_proj,up_proj <- post_attention_layernorm" in notes, (change, notes)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -274,19 +275,57 @@ def foldable_groups(ctx: BlockContext, what: str
                     ) -> Iterator[tuple[list[str], FoldTarget, dict[str, nn.Module], dict[str, torch.Tensor]]]:
     """The block's groups whose input scales can fold, in order: (group, fold target, its layers,
     their fp32 (out, in) weights). Each other group gets a note "<layer>: no <what> (why)". The
-    producers are found once, before the first fold."""
+    producers are found, and each fold is checked on the float block (`_folds_keep_the_block`), once,
+    before the first fold."""
     producers = block_producers(ctx)
+    plan: list[tuple[list[str], FoldTarget | None, str]] = []
     for group in ctx.groups:
-        head = group[0]
-        if head not in ctx.observed:  # no calibration window reaches it (e.g. an unrouted expert)
-            ctx.notes.append(f"{head[len(ctx.prefix):]}: no {what} (no calibration input reached it)")
+        if group[0] not in ctx.observed:  # no calibration window reaches it (e.g. an unrouted expert)
+            plan.append((group, None, "no calibration input reached it"))
             continue
-        target = fold_target(ctx, head, producers)
-        if target.producer is None:
-            ctx.notes.append(f"{head[len(ctx.prefix):]}: no {what} ({target.why})")
+        target = fold_target(ctx, group[0], producers)
+        plan.append((group, target if target.producer is not None else None, target.why))
+    exact = _folds_keep_the_block(ctx, [(g, t) for g, t, _ in plan if t is not None])
+    for group, target, why in plan:
+        head = group[0]
+        if target is not None and not exact[head]:
+            target, why = None, (f"{target.local}'s output is read by more than this group (e.g. a MoE router or "
+                                 "fused experts): folding into it changes the block's float output")
+        if target is None:
+            ctx.notes.append(f"{head[len(ctx.prefix):]}: no {what} ({why})")
             continue
         layers = {n: ctx.model.get_submodule(n) for n in group}
         yield group, target, layers, {n: linear_weight(m).detach().float() for n, m in layers.items()}
+
+
+def _folds_keep_the_block(ctx: BlockContext, candidates: list[tuple[list[str], FoldTarget]]) -> dict[str, bool]:
+    """Per group (by its first layer): does folding into its target leave the float block's output as it was?
+    It does not where another op also reads the target's output (a MoE router, stacked experts: consumers that
+    are no linear of the group, or read a view or copy of it). Each fold is tried with scales of 2 and 1/2
+    (exact in floating point: the output must come back bit for bit, up to 1e-5 relative; offset norms, whose
+    fold rounds, to 2%) on the first reference window, against the block's output before, and undone."""
+    if not candidates:
+        return {}
+    window = ctx.inputs[:min(1, len(ctx.reference))]
+    ref = _flat(ctx.run(window)).to(ctx.device)
+    norm = ctx.mean(ref.pow(2))  # every rank calls ctx.mean (a collective); no window anywhere: nan, no check
+    exact = {}
+    for group, target in candidates:
+        layers = {n: ctx.model.get_submodule(n) for n in group}
+        W = {n: linear_weight(m).detach().float() for n, m in layers.items()}
+        width = next(iter(W.values())).shape[1]
+        signs = torch.randint(0, 2, (width,), generator=torch.Generator().manual_seed(width)) * 2 - 1
+        trial = SimpleNamespace(undo=[])
+        try:
+            fold_scales(trial, target, layers, W, torch.pow(2.0, signs.float()).to(next(iter(W.values())).device))
+            got = _flat(ctx.run(window)).to(ctx.device)
+        finally:
+            with torch.no_grad():
+                for tensor, original in reversed(trial.undo):
+                    tensor.copy_(original)
+        err = ctx.mean((got - ref).pow(2))
+        exact[group[0]] = not (norm > 0) or err <= norm * (4e-4 if target.offset else 1e-10)
+    return exact
 
 
 def _flat(outputs: list[torch.Tensor]) -> torch.Tensor:
