@@ -743,7 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "graph (default: only above 1.5 GiB)")
     xo.set_defaults(func=cmd_export_onnx)
 
-    ig = sub.add_parser("import-gguf", help="convert a GGUF file to an hf_quant checkpoint (Llama / Qwen2)")
+    ig = sub.add_parser("import-gguf", help="convert a GGUF file to an hf_quant checkpoint (Llama / Qwen2 / Qwen3)")
     ig.add_argument("src", help="the .gguf file")
     ig.add_argument("out")
     _add_overwrite(ig)

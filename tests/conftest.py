@@ -78,7 +78,7 @@ def tiny_opt_config(**kw) -> OPTConfig:
 
 def tiny_family_config(model_type: str, **kw):
     """A tiny config of another model family by its model_type, sized like the others (test_model_families.py):
-    Gemma 2 ((1 + weight) norms, four norms per block), GPT-NeoX (its lm_head saved as `embed_out`), Falcon
+    Qwen3 (q/k norms), Gemma 2 ((1 + weight) norms, four norms per block), GPT-NeoX (its lm_head saved as `embed_out`), Falcon
     (in-place adds on linear outputs), Cohere (LayerNorm without bias, parallel attention and MLP), Mixtral
     (experts stacked in 3-D tensors)."""
     from transformers import AutoConfig
@@ -86,7 +86,7 @@ def tiny_family_config(model_type: str, **kw):
     cfg = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, pad_token_id=0,
                bos_token_id=1, eos_token_id=2)
-    cfg.update({"gemma2": dict(head_dim=32), "gpt_neox": dict(num_key_value_heads=None),
+    cfg.update({"gemma2": dict(head_dim=32), "qwen3": dict(head_dim=128), "gpt_neox": dict(num_key_value_heads=None),
                 "falcon": dict(num_key_value_heads=None), "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
                 }.get(model_type, {}))
     cfg.update(kw)
@@ -95,7 +95,7 @@ def tiny_family_config(model_type: str, **kw):
 
 _ARCHS = {"llama": (LlamaForCausalLM, tiny_llama_config), "gpt2": (GPT2LMHeadModel, tiny_gpt2_config),
           "qwen2": (Qwen2ForCausalLM, tiny_qwen2_config), "opt": (OPTForCausalLM, tiny_opt_config)}
-FAMILIES = ("gemma2", "gpt_neox", "falcon", "cohere", "mixtral")
+FAMILIES = ("qwen3", "gemma2", "gpt_neox", "falcon", "cohere", "mixtral")
 
 
 def save_random_model(path: Path, arch: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0, **kw) -> Path:

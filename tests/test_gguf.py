@@ -223,9 +223,11 @@ def test_mixed_types_and_requantize(tmp_path):
     assert {t.tensor_type.name for t in gguf.GGUFReader(p8).tensors} == {"Q8_0", "F32"}
 
 
-@pytest.mark.parametrize("arch,type_", [("gpt2", "Q8_0"), ("qwen2", "Q4_0"), ("llama", "Q5_0")])
+@pytest.mark.parametrize("arch,type_", [("gpt2", "Q8_0"), ("qwen2", "Q4_0"), ("llama", "Q5_0"), ("qwen3", "Q8_0")])
 def test_other_architectures_in_transformers(tiny_models, arch, type_, tmp_path):
-    """GPT-2 (fused c_attn from Conv1D), Qwen2 (biases, no q/k permutation), Llama with GQA."""
+    """GPT-2 (fused c_attn from Conv1D), Qwen2 (biases, no q/k permutation), Llama with GQA, Qwen3 (q/k norms,
+    head_dim 128 apart from hidden_size / heads; transformers' GGUF loader reads no head_dim for qwen3 and takes
+    Qwen3's default, 128, as every released Qwen3 has)."""
     model = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32,
                                                  quantization_config=QuantConfig(gguf=type_))
     hf_quant.export_gguf(model, tmp_path / "m.gguf")

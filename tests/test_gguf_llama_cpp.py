@@ -69,10 +69,11 @@ def test_mixes_give_each_tensor_llama_cpps_type(tokenizer, tmp_path, mix, ftype)
     assert len(set(types.values()) - {"F32"}) >= 2  # a mix, not one type
 
 
-@pytest.mark.parametrize("arch,type_", [("llama", "Q8_0"), ("qwen2", "Q4_0"), ("gpt2", "Q8_0"), ("mistral", "Q5_1")])
+@pytest.mark.parametrize("arch,type_", [("llama", "Q8_0"), ("qwen2", "Q4_0"), ("gpt2", "Q8_0"), ("mistral", "Q5_1"),
+                                        ("qwen3", "Q4_0")])
 def test_every_architecture_runs_in_llama_cpp(tiny_models, tmp_path, arch, type_):
-    """Llama (GQA), Qwen2 (q/k/v biases), GPT-2 (fused c_attn from Conv1D, learned positions) and Mistral,
-    written without a vocabulary: llama.cpp's logits on random token ids match hf_quant's."""
+    """Llama (GQA), Qwen2 (q/k/v biases), GPT-2 (fused c_attn from Conv1D, learned positions), Mistral and Qwen3
+    (q/k norms), written without a vocabulary: llama.cpp's logits on random token ids match hf_quant's."""
     import numpy as np
     from transformers import MistralConfig, MistralForCausalLM
 

@@ -43,7 +43,8 @@ def test_family_quantizes_saves_reloads_and_trains_lora(tiny_models, tmp_path, i
     assert linears and all(isinstance(m, hf_quant.QuantLinear) for m in linears)  # every linear of a block
     if method == "awq":
         notes = " ".join(n for r in model.hf_quantizer.calibration_report for n in r["notes"])
-        expected = {"gemma2": ["q_proj,k_proj,v_proj <- input_layernorm", "gate_proj,up_proj <- pre_feedforward_layernorm"],
+        expected = {"qwen3": ["q_proj,k_proj,v_proj <- input_layernorm", "gate_proj,up_proj <- post_attention_layernorm"],
+                    "gemma2": ["q_proj,k_proj,v_proj <- input_layernorm", "gate_proj,up_proj <- pre_feedforward_layernorm"],
                     "gpt_neox": ["query_key_value <- input_layernorm", "dense_h_to_4h <- post_attention_layernorm"],
                     "falcon": ["query_key_value,dense_h_to_4h <- input_layernorm"],
                     "cohere": ["q_proj,k_proj,v_proj,gate_proj,up_proj <- input_layernorm", "down_proj <- mlp.up_proj"],

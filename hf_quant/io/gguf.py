@@ -54,7 +54,7 @@ class Arch:
 
 
 ARCHS = {"llama": Arch("llama", True), "mistral": Arch("llama", True), "qwen2": Arch("qwen2", False),
-         "gpt2": Arch("gpt2", False)}
+         "qwen3": Arch("qwen3", False), "gpt2": Arch("gpt2", False)}  # Qwen3: Qwen2 + q/k norms, no biases
 
 # Pre-tokenizer regexes of byte-level BPE tokenizers -> the name llama.cpp knows them by.
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
@@ -318,7 +318,7 @@ def _tensors(model: nn.Module, arch: Arch, type_: str | None, ternary: str | Non
 
 def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, *, type: str | None = None,
                 ternary: str | None = "TQ2_0") -> Path:
-    """Write `model` (transformers Llama / Mistral / Qwen2 / GPT-2, float or hf_quant-quantized) as one GGUF file.
+    """Write `model` (transformers Llama / Mistral / Qwen2 / Qwen3 / GPT-2, float or hf_quant-quantized) as one GGUF file.
 
     GGUF-grid layers keep their exact blocks. Ternary layers (BitNet b1.58) are written as `ternary` blocks
     ("TQ2_0", llama.cpp's faster ternary type, or "TQ1_0", 1.69 bits per weight), their ternary digits unchanged
@@ -387,7 +387,7 @@ def _file_type(tensors: list) -> Any:
 
 # --- import ---------------------------------------------------------------------------------------
 
-_IMPORT_CONFIG = {"llama": "LlamaConfig", "qwen2": "Qwen2Config"}  # general.architecture -> transformers config
+_IMPORT_CONFIG = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}  # general.architecture -> transformers config
 
 
 def _field(reader: Any, key: str, default: Any = None) -> Any:
@@ -427,7 +427,7 @@ def _config_from_gguf(reader: Any) -> Any:
 
 def import_gguf(path: str | os.PathLike, dst_dir: str | os.PathLike | None = None, *, requantize: str | None = None,
                 dtype: torch.dtype | None = None, tokenizer: Any = None) -> nn.Module | Path:
-    """An hf_quant model (Llama / Qwen2) built from a GGUF file, its linears holding the file's blocks.
+    """An hf_quant model (Llama / Qwen2 / Qwen3) built from a GGUF file, its linears holding the file's blocks.
 
     Linears of a type hf_quant holds (core/gguf.py TYPES) keep their block bytes exactly (export_gguf writes
     them back byte for byte); F32/F16/BF16 tensors load as float in `dtype`. Another quantized type is refused
