@@ -28,7 +28,7 @@ import hf_quant
 from hf_quant import QuantConfig, QuantLinear
 from hf_quant.core.dequant import dequantize_weight
 
-from .conftest import TINY_LLAMA
+from .conftest import TINY_LLAMA, save_random_model
 
 pytest.importorskip("onnxruntime", reason="pip install 'hf_quant[onnx]' to run the ONNX export tests")
 pytest.importorskip("onnxscript", reason="pip install 'hf_quant[onnx]' to run the ONNX export tests")
@@ -178,6 +178,7 @@ def test_bf16_model_is_exported_in_fp32_and_left_as_it_was(tmp_path, tiny_models
 @pytest.mark.parametrize("arch,cfg", [
     ("gpt2", dict(method="gptq", bits=4, group_size=32)),  # Conv1D layers, biases
     ("qwen2", dict(method="rtn", bits=8, group_size=-1, sym=True)),  # biased q/k/v; per channel
+    ("qwen3", dict(method="gptq", bits=4, group_size=64)),  # q/k norms, head_dim 128 apart from hidden / heads
     # llama's layers again (act-order as llama's gptq-w4g128-actorder above): not run by CI
     pytest.param("mistral", dict(method="gptq", bits=8, group_size=64, desc_act=True), marks=pytest.mark.heavy),
 ])
@@ -310,13 +311,19 @@ print(json.dumps(out))
                     "(.ci/run builds one)")
 def test_optimum_ort_model_generates(tmp_path, tiny_models):
     """ORTModelForCausalLM (optimum-onnx, in its own environment) loads each export and its greedy `generate`
-    equals hf_quant's: Llama GPTQ with act-order, GPT-2 (Conv1D) RTN, Qwen2 GPTQ 8-bit."""
+    equals hf_quant's: Llama GPTQ with act-order, GPT-2 (Conv1D) RTN, Qwen2 GPTQ 8-bit, Qwen3 RTN. (optimum-onnx
+    0.1 sizes Qwen3's cache by hidden_size / heads, so its Qwen3 here has head_dim = hidden_size / heads: a
+    released Qwen3 whose head_dim differs, e.g. 0.6B or 4B, fails in optimum whoever exported it.)"""
     cases = [("llama", dict(method="gptq", bits=4, group_size=64, desc_act=True)),
              ("gpt2", dict(method="rtn", bits=4, group_size=128)),
-             ("qwen2", dict(method="gptq", bits=8, group_size=128))]
+             ("qwen2", dict(method="gptq", bits=8, group_size=128)),
+             ("qwen3", dict(method="rtn", bits=4, group_size=64))]
     jobs, expected = [], []
     for i, (arch, cfg) in enumerate(cases):
-        model = _quantized(tiny_models[arch], **cfg)
+        src = tiny_models[arch]
+        if arch == "qwen3":
+            src = save_random_model(tmp_path / "qwen3-src", "qwen3", head_dim=32)
+        model = _quantized(src, **cfg)
         out = hf_quant.export_onnx(model, tmp_path / arch)
         ids = torch.randint(0, 256, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(i))
         expected.append(model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,

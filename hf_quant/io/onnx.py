@@ -57,7 +57,7 @@ from .checkpoint import write_json
 
 logger = logging.getLogger("hf_quant")
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2")  # model types whose export is tested end to end
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")  # model types whose export is tested end to end
 QUANTIZE = ("dynamic-int8",)
 ONNX_NAME = "model.onnx"
 EXTERNAL_DATA_NAME = "model.onnx_data"
