@@ -272,3 +272,19 @@ def test_no_fold_into_a_norm_that_a_router_also_reads(tmp_path, monkeypatch, sta
     monkeypatch.setattr(awq, "_folds_keep_the_block", lambda ctx, candidates: {g[0]: True for g, _ in candidates})
     change, notes = _run_stage(_deepseek_v3(tmp_path / "again"), stage)
     assert change > 1e-2 and "gate_proj,up_proj <- post_attention_layernorm" in notes, (change, notes)
+
+
+def test_calibration_runs_in_eval_mode_and_restores_the_mode(tiny_models):
+    """GPT-BigCode / Seed-OSS-style dropout (here GPT-2's, 0.1) must not reach the statistics: a model quantized in
+    memory while in train mode gets the same layers as in eval mode, and is handed back in train mode."""
+    cfg = dict(method="awq", bits=4, group_size=32, dataset=DATA, num_samples=4, seq_len=32)
+    states = []
+    for train in (True, False):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_models["gpt2"], dtype=torch.float32)
+        assert model.config.attn_pdrop > 0
+        model.train(train)
+        hf_quant.quantize(model, hf_quant.QuantConfig(**cfg))
+        assert all(m.training == train for m in model.modules())
+        states.append(model.state_dict())
+    assert states[0].keys() == states[1].keys() and all(torch.equal(states[0][k], states[1][k]) for k in states[0])

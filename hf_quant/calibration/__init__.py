@@ -34,12 +34,21 @@ def quantize_model(model: nn.Module, config: QuantConfig, targets: dict[str, Lay
     start = time.perf_counter()
     originals = {name: model.get_submodule(name) for name in targets}
     if method.needs_calibration:  # a bool, or a function of the options (the driver asks `calibrates`)
+        modes = [(m, m.training) for m in model.modules()]  # calibrated in eval mode: no dropout in the statistics
+        model.eval()
         try:
             report = quantize_blockwise(model, config, targets)
         except BaseException:
             for name, module in originals.items():
                 set_module(model, name, module)
             raise
+        finally:
+            for m, training in modes:
+                m.training = training
+            known = {id(m) for m, _ in modes}
+            for m in model.modules():  # the new layers take the mode of the model
+                if id(m) not in known:
+                    m.training = model.training
         _keep_onloaded(model)
         return report
     new_layers = {}
