@@ -217,10 +217,10 @@ def _fold_offset_norm(weight: torch.Tensor, s: torch.Tensor, c: float) -> torch.
     new = (target - c).to(weight.dtype)
     stored = c + new.float()
     bad = (stored == 0) | (torch.sign(stored) != torch.sign(target))
-    if bad.any():  # step one ulp from -c towards the target's sign
-        toward = torch.where(target > 0, torch.full_like(target, float("inf")), torch.full_like(target, -float("inf")))
-        new = torch.where(bad, torch.nextafter(torch.full_like(target, -c).to(weight.dtype), toward.to(weight.dtype)),
-                          new)
+    if bad.any():  # step one ulp from -c towards the target's sign (on the CPU: nextafter in any float dtype)
+        start = torch.full(target.shape, -c, dtype=weight.dtype)
+        step = torch.nextafter(start, torch.where(target.cpu() > 0, float("inf"), -float("inf")).to(weight.dtype))
+        new = torch.where(bad, step.to(new.device), new)
         stored = c + new.float()
     dead = m == 0
     new = torch.where(dead, weight, new)
