@@ -189,3 +189,29 @@ def checkpoint_key_renamer(model: Any) -> Callable[[str], tuple[str, bool]]:
         return name, converter is not None
 
     return rename
+
+
+def recompute_non_persistent_buffers(model: Any) -> None:
+    """Compute the model's non-persistent buffers (rotary tables, ...) again, as `from_pretrained` does after
+    loading: it builds the model under the dtype's default-dtype context, then re-initialises every module whose
+    tensors the checkpoint did not fill (its non-persistent buffers) outside that context. A model built with
+    `from_config(config, dtype=...)` keeps the values computed inside it: GPT-J's and CodeGen's sinusoid tables
+    then differ in the last bits from the loaded model's. Parameters on the meta device stay there.
+
+    Needs the module flag `_is_hf_initialized` (private) that `initialize_weights` (public) skips on, and
+    torch's `_non_persistent_buffers_set` (private, unchanged for years). Without them nothing is done."""
+    if not hasattr(model, "initialize_weights"):
+        return
+    touched = False
+    for module in model.modules():
+        names = getattr(module, "_non_persistent_buffers_set", None)
+        if not names:
+            continue
+        module.__dict__.pop("_is_hf_initialized", None)
+        for name in names:
+            buf = module._buffers.get(name)
+            if buf is not None and "_is_hf_initialized" in getattr(buf, "__dict__", {}):
+                del buf._is_hf_initialized
+        touched = True
+    if touched:
+        model.initialize_weights()

@@ -53,7 +53,7 @@ from .calibration.activations import SpilledInputs, Spiller
 from .calibration.data import calibration_windows, describe_dataset
 from .calibration.layer import quantize_layer
 from .config import QuantConfig
-from .compat import checkpoint_key_renamer
+from .compat import checkpoint_key_renamer, recompute_non_persistent_buffers
 from .core.devices import peak_memory_mb, release_free_memory
 from .core.layers import set_module
 from .integrations import hub
@@ -377,6 +377,7 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
     model_dtype = _resolve_dtype(dtype, hf_config, tensors)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(hf_config, dtype=model_dtype)
+    recompute_non_persistent_buffers(model)  # as from_pretrained does: outside the dtype's default-dtype context
     model.eval()
     _load_generation_config(model, src_dir)
     quantizer = HfQuantQuantizer(config, pre_quantized=False)

@@ -80,7 +80,7 @@ def tiny_family_config(model_type: str, **kw):
     """A tiny config of another model family by its model_type, sized like the others (test_model_families.py):
     Qwen3 (q/k norms), Gemma 2 ((1 + weight) norms, four norms per block), GPT-NeoX (its lm_head saved as `embed_out`), Falcon
     (in-place adds on linear outputs), Cohere (LayerNorm without bias, parallel attention and MLP), Mixtral
-    (experts stacked in 3-D tensors)."""
+    (experts stacked in 3-D tensors); GPT-J (a rotary table computed while the model is built)."""
     from transformers import AutoConfig
 
     cfg = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -88,6 +88,9 @@ def tiny_family_config(model_type: str, **kw):
                bos_token_id=1, eos_token_id=2)
     cfg.update({"gemma2": dict(head_dim=32), "qwen3": dict(head_dim=128), "gpt_neox": dict(num_key_value_heads=None),
                 "falcon": dict(num_key_value_heads=None), "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+                "gptj": dict(n_embd=128, n_head=4, n_layer=2, rotary_dim=16, n_positions=128, num_key_value_heads=None,
+                             hidden_size=None, num_hidden_layers=None, num_attention_heads=None,
+                             max_position_embeddings=None, intermediate_size=None),
                 }.get(model_type, {}))
     cfg.update(kw)
     return AutoConfig.for_model(model_type, **{k: v for k, v in cfg.items() if v is not None})
@@ -100,7 +103,7 @@ FAMILIES = ("qwen3", "gemma2", "gpt_neox", "falcon", "cohere", "mixtral")
 
 def save_random_model(path: Path, arch: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0, **kw) -> Path:
     torch.manual_seed(seed)
-    if arch in FAMILIES:
+    if arch not in _ARCHS:  # another family by its model_type (tiny_family_config)
         from transformers import AutoModelForCausalLM
 
         AutoModelForCausalLM.from_config(tiny_family_config(arch, **kw)).to(dtype).save_pretrained(path)
