@@ -418,18 +418,16 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
     block_prefix = [f"{prefix}.{i}." for i in range(len(blocks))]
     state_names = list(model.state_dict())
     in_block = [[n for n in state_names if n.startswith(bp)] for bp in block_prefix]
-    missing = [n for names in in_block for n in names if n not in keys]
-    if missing:
-        raise ValueError(f"{src_dir}: the checkpoint has no tensor {missing[0]!r} that {type(model).__name__} needs "
-                         f"({len(missing)} missing); it is incomplete or was saved with other names. Quantize it in "
-                         "memory (from_pretrained(..., quantization_config=...)), which applies transformers' renaming.")
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    absent = [n for n, _ in model.named_parameters() if not n.startswith(prefix + ".") and n not in keys
-              and n not in tied]
-    if absent:
-        raise ValueError(f"{src_dir}: the checkpoint has no tensor {absent[0]!r} that {type(model).__name__} needs "
-                         "outside its blocks; it is incomplete or was saved with other names. Quantize it in memory "
-                         "(from_pretrained(..., quantization_config=...)), which applies transformers' renaming.")
+    missing = [n for names in in_block for n in names if n not in keys]  # in the blocks, or outside (untied)
+    outside_missing = [n for n, _ in model.named_parameters() if not n.startswith(prefix + ".") and n not in keys
+                       and n not in tied]
+    if missing or outside_missing:
+        where = f"({len(missing)} missing)" if missing else "outside its blocks"
+        raise ValueError(f"{src_dir}: the checkpoint has no tensor {(missing or outside_missing)[0]!r} that "
+                         f"{type(model).__name__} needs {where}; it is incomplete or was saved with other names. "
+                         "Quantize it in memory (from_pretrained(..., quantization_config=...)), which applies "
+                         "transformers' renaming.")
     outside_tensors = [n for n in state_names if not n.startswith(prefix + ".") and n in keys]
     device = work_device(config, torch.device("cpu"))
     compute = compute_dtype(config, model_dtype, device)

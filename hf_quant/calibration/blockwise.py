@@ -33,6 +33,7 @@ from ..core import offload
 from ..core.devices import cpu_flags, device_count, exists, peak_memory_mb, release_free_memory
 from ..core.layers import is_conv1d, linear_shape, linear_weight, map_tensors, set_module
 from ..methods import BlockContext, accumulate_hessian, get_method, hessian
+from ..methods.base import restore
 from . import distributed as ddp
 from .activations import SpilledInputs, Spiller, share_repeats
 from .layer import quantize_layer
@@ -356,9 +357,7 @@ def quantize_blockwise(model: nn.Module, config: QuantConfig, targets: dict[str,
             for note in notes:
                 logger.info("hf_quant:   %s", note)
     except BaseException:
-        with torch.no_grad():
-            for tensor, original in reversed(undo):
-                tensor.copy_(original.to(tensor.device))
+        restore(undo)
         offload.offload_again([(m, h) for m, h in onloaded if not h.offload])  # offloaded again, as loaded
         raise
     logger.info("hf_quant: %s calibrated %d blocks on %s in %.1f s", config.method, len(blocks), device,

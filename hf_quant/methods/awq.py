@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from ..core import LayerSpec, QuantizedWeight, gguf, grid
 from ..core.layers import FLOAT_LINEARS, linear_shape, linear_weight, set_linear_weight
-from .base import BlockContext, register_method
+from .base import BlockContext, register_method, restore
 from .gptq import GPTQOptions, quantize_gptq
 from .rtn import round_to_nearest
 
@@ -320,9 +320,7 @@ def _folds_keep_the_block(ctx: BlockContext, candidates: list[tuple[list[str], F
             fold_scales(trial, target, layers, W, torch.pow(2.0, signs.float()).to(next(iter(W.values())).device))
             got = _flat(ctx.run(window)).to(ctx.device)
         finally:
-            with torch.no_grad():
-                for tensor, original in reversed(trial.undo):
-                    tensor.copy_(original)
+            restore(trial.undo)
         err = ctx.mean((got - ref).pow(2))
         exact[group[0]] = not (norm > 0) or err <= norm * (4e-4 if target.offset else 1e-10)
     return exact

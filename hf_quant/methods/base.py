@@ -129,6 +129,14 @@ def hessian(Hsum: torch.Tensor, rows: int, inplace: bool = False) -> torch.Tenso
 
 # --- block stages ----------------------------------------------------------------------------------
 
+def restore(undo: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Put every tensor an undo log (`BlockContext.undo`: (tensor, its copy before the change)) recorded back, the
+    last change first."""
+    with torch.no_grad():
+        for tensor, original in reversed(undo):
+            tensor.copy_(original.to(tensor.device))
+
+
 @dataclass
 class BlockContext:
     """What a block stage works on. `reference` holds the float block's fp32 outputs on the first
