@@ -23,8 +23,10 @@ from .methods import available_methods, get_method, methods_taking, option_field
 QUANT_METHOD = "hf_quant"
 # Version of the on-disk layout (see README "On-disk format"). Bump on any incompatible change.
 # 1: qweight/scales/qzeros.  2: adds the optional per-layer `g_idx` (act-order GPTQ).  3: adds GGUF layers
-# (`gguf`: qweight holds GGUF blocks, no scales/qzeros). Older versions still load.
-FORMAT_VERSION = 3
+# (`gguf`: qweight holds GGUF blocks, no scales/qzeros). 4: MoE experts quantized as per-expert layers
+# (`experts.<e>.gate_up_proj.*` in place of the fused 3-D `experts.gate_up_proj`; runtime.experts). Older versions
+# still load.
+FORMAT_VERSION = 4
 
 ON_INCOMPATIBLE = ("error", "skip")
 _OVERRIDABLE = ("bits", "group_size", "sym", "gguf")

@@ -24,7 +24,8 @@ from ..io.atomic import recover
 from ..io.native import check_checkpoint
 from ..methods import get_method
 from ..runtime import QuantLinear
-from ..runtime.convert import (dequantize_model, find_targets, replace_with_empty_quant_linears,
+from ..runtime import experts
+from ..runtime.convert import (dequantize_model, find_targets, prepare_experts, replace_with_empty_quant_linears,
                                resolve_modules_to_not_convert, warn_float_expert_weights)
 from .. import training
 from . import hub
@@ -75,9 +76,12 @@ class HfQuantQuantizer(HfQuantizer):
         skip = resolve_modules_to_not_convert(model, config.modules_to_not_convert, keep)
         if config.modules_to_not_convert is None:
             config.modules_to_not_convert = skip  # saved resolved, so a reload rebuilds the same layers
-        self.targets = find_targets(model, config, skip)
+        self._skip = skip
+        # MoE experts: unfused on the meta device where the checkpoint holds them per expert; a float model's are
+        # unfused once its weights are loaded (`_process_model_after_weight_loading`)
+        self.targets = (prepare_experts(model, config, skip, pre_quantized=True) if self.pre_quantized
+                        else find_targets(model, config, skip))
         if not self.pre_quantized:
-            warn_float_expert_weights(model)
             self._blocks = _block_list(model, config)
             if kwargs.get("device_map") is None:
                 _warn_if_too_big(checkpoint_files)
@@ -101,8 +105,14 @@ class HfQuantQuantizer(HfQuantizer):
                 if isinstance(module, QuantLinear):
                     module.check_buffers(name)
         else:
-            # per-block summary of the calibration, readable as `model.hf_quantizer.calibration_report`
-            self.calibration_report = quantize_model(model, config, self.targets)
+            self.targets = prepare_experts(model, config, self._skip)  # MoE experts as per-expert layers
+            warn_float_expert_weights(model, self._skip)
+            try:
+                # per-block summary of the calibration, readable as `model.hf_quantizer.calibration_report`
+                self.calibration_report = quantize_model(model, config, self.targets)
+            except BaseException:
+                experts.fuse(model)  # the layers were put back in float: the experts go back to their 3-D layout
+                raise
             method = get_method(config.method)
             calibration = ("none: data-free method" if not method.calibrates(method.options_from(config))
                            else describe_dataset(config.dataset, config.num_samples, config.seq_len))

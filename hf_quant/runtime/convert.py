@@ -13,6 +13,7 @@ from ..config import LayerSpec, QuantConfig
 from ..core import gguf
 from ..core.layers import FLOAT_LINEARS, float_layer, is_conv1d, linear_shape, set_module
 from ..methods import get_method
+from . import experts
 from .quant_linear import QuantLinear
 from .scheme import ActivationSpec
 
@@ -79,14 +80,58 @@ def find_targets(model: nn.Module, config: QuantConfig, modules_to_not_convert: 
     return targets
 
 
-def warn_float_expert_weights(model: nn.Module) -> list[str]:
+EXPERTS_FORMAT_VERSION = 4  # the on-disk format of a model with per-expert quantized layers (runtime.experts)
+
+
+def prepare_experts(model: nn.Module, config: QuantConfig, modules_to_not_convert: list[str],
+                    pre_quantized: bool = False) -> dict[str, LayerSpec]:
+    """Unfuse the fused MoE experts of `model` (`runtime.experts`) whose projections `config` quantizes, and
+    return the targets (`find_targets`) of the model so prepared.
+
+    Every fused experts module is unfused, the targets are found, and each projection none of whose experts is a
+    target is fused back: its 3-D weight stays in float under its usual name. A projection quantized for some
+    experts only is refused. Quantizing (not `pre_quantized`): an experts module whose weights are not in memory
+    (offloaded to disk by accelerate) stays fused, in float; where experts were unfused, `config.format_version`
+    becomes EXPERTS_FORMAT_VERSION, which is what tells a reload (`pre_quantized`, on the meta device) to unfuse
+    them again. An older checkpoint (lower format_version) had its experts in float: they stay fused."""
+    if not pre_quantized or (config.format_version or 0) >= EXPERTS_FORMAT_VERSION:
+        for name, module in list(model.named_modules()):
+            if not experts.is_fused_experts(module):
+                continue
+            if not pre_quantized and any(p.is_meta for p in module.parameters(recurse=False)):
+                logger.warning("hf_quant: keeping %s in float: its weights are offloaded (not in memory); quantize "
+                               "the model with a device_map that holds the experts, or stream it from disk with "
+                               "hf_quant.quantize_checkpoint.", name)
+                continue
+            experts.unfuse(module)
+    targets = find_targets(model, config, modules_to_not_convert)
+    for name, module in experts.unfused_experts(model).items():
+        for proj in experts.projections(module):
+            layers = [f"{name}.{e}.{proj}" for e in range(module.num_experts)] if experts.expert_layers(
+                module, proj) else []
+            chosen = [n for n in layers if n in targets]
+            if chosen and len(chosen) < len(layers):
+                kept = next(n for n in layers if n not in targets)
+                raise ValueError(
+                    f"{kept}: hf_quant quantizes an MoE projection for all of its experts or for none, and "
+                    f"{len(chosen)} of the {len(layers)} experts' {proj} layers are quantized; make "
+                    f"modules_to_not_convert / dynamic select all of {name}.<expert>.{proj} or none of them.")
+            if not chosen:
+                experts.fuse_projection(module, proj)
+    if experts.unfused_experts(model) and not pre_quantized:
+        config.format_version = max(config.format_version or 0, EXPERTS_FORMAT_VERSION)
+    return targets
+
+
+def warn_float_expert_weights(model: nn.Module, modules_to_not_convert: list[str] = ()) -> list[str]:
     """Log a warning naming the weight tensors of 3 or more dimensions outside convolutions (transformers 5
-    stacks MoE experts that way: `experts.gate_up_proj` (experts, 2 x ffn, hidden)), which no QuantLinear
-    stands for and which stay in float, with their share of the model's parameters. Returns their names."""
+    stacks MoE experts that way: `experts.gate_up_proj` (experts, 2 x ffn, hidden)) that stay in float although
+    no `modules_to_not_convert` entry asked for it (an experts class `runtime.experts` does not know, or offloaded
+    experts), with their share of the model's parameters. Returns their names."""
     convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
     names, count = [], 0
     for mod_name, module in model.named_modules():
-        if isinstance(module, convs):
+        if isinstance(module, convs) or _skipped(mod_name, list(modules_to_not_convert)):
             continue
         for p_name, p in module.named_parameters(recurse=False):
             if p.dim() >= 3:
@@ -95,8 +140,8 @@ def warn_float_expert_weights(model: nn.Module) -> list[str]:
     if names:
         total = sum(p.numel() for p in model.parameters())
         logger.warning("hf_quant: %d weight tensor(s) of 3 dimensions (fused MoE experts, e.g. %s) hold %.0f%% of "
-                       "the model's parameters and stay in float: hf_quant quantizes linear layers only.",
-                       len(names), names[0],
+                       "the model's parameters and stay in float: hf_quant quantizes linear layers, and the "
+                       "experts of transformers' `@use_experts_implementation` classes.", len(names), names[0],
                        100 * count / max(total, 1))
     return names
 
@@ -158,6 +203,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantLinear):
             set_module(model, name, dequantize_layer(module, dtype))
+    experts.fuse(model)  # MoE experts back in transformers' 3-D layout
     return model
 
 
