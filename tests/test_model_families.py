@@ -7,12 +7,11 @@
 - Falcon: adds in place to a linear's output while autograd records (LoRA), which a custom Function's view output
   forbade;
 - Cohere: a LayerNorm without bias under its own class name, q/k/v and the MLP reading one norm;
-- Mixtral: experts stacked in 3-D tensors, which stay in float with a warning.
+- Mixtral: experts stacked in 3-D tensors, quantized per expert (tests/test_moe.py).
 """
 
 from __future__ import annotations
 
-import logging
 import pytest
 import torch
 import torch.nn as nn
@@ -100,23 +99,6 @@ def test_streaming_refuses_a_source_without_a_tensor_outside_the_blocks(tiny_mod
     with pytest.raises(ValueError, match=r"has no tensor 'lm_head.weight' that GPTNeoXForCausalLM needs outside"):
         hf_quant.quantize_checkpoint(src, tmp_path / "out", hf_quant.QuantConfig(bits=4, group_size=32))
     assert not (tmp_path / "out").exists()
-
-
-def test_mixtral_experts_stay_float_with_a_warning(tiny_models, caplog):
-    with caplog.at_level(logging.WARNING, logger="hf_quant"):
-        model = AutoModelForCausalLM.from_pretrained(tiny_models["mixtral"],
-                                                     quantization_config=hf_quant.QuantConfig(bits=4, group_size=32))
-    messages = [r.getMessage() for r in caplog.records if "3 dimensions" in r.getMessage()]
-    assert len(messages) == 1
-    experts = [n for n, p in model.named_parameters() if p.dim() == 3]
-    assert len(experts) == 4 and f"e.g. {experts[0]}" in messages[0] and "stay in float" in messages[0]
-    float_model = AutoModelForCausalLM.from_pretrained(tiny_models["mixtral"])
-    share = sum(p.numel() for p in experts_of(float_model)) / sum(p.numel() for p in float_model.parameters())
-    assert f"hold {100 * share:.0f}% of the model's parameters" in messages[0]
-
-
-def experts_of(model):
-    return [p for p in model.parameters() if p.dim() == 3]
 
 
 # --- the norm probe and the fold into (1 + weight) norms ---------------------------------------------------

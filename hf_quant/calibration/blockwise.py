@@ -34,6 +34,7 @@ from ..core.devices import cpu_flags, device_count, exists, peak_memory_mb, rele
 from ..core.layers import is_conv1d, linear_shape, linear_weight, map_tensors, set_module
 from ..methods import BlockContext, accumulate_hessian, get_method, hessian
 from ..methods.base import restore
+from ..runtime.experts import projection_of
 from . import distributed as ddp
 from .activations import SpilledInputs, Spiller, share_repeats
 from .layer import quantize_layer
@@ -434,7 +435,8 @@ def calibrate_block(model, block, block_prefix, targets, config, options, inputs
     quantized layers' scales (the model's; None: each float layer's own)."""
     names = [n for n in targets if n.startswith(block_prefix)]
     groups = input_groups(block, block_prefix, names, inputs, device) if names else []
-    passes = [[g] for g in groups] if config.true_sequential else [groups]
+    passes = (sequential_passes(model, groups, torch.finfo(getattr(torch, config.hessian_dtype)).bits // 8)
+              if config.true_sequential else [groups])
     n_ref = ddp.first_windows(REFERENCE_WINDOWS, len(inputs))  # this rank's share of the run's first windows
     float_out: list[torch.Tensor] | None = None
     layer_errors: dict[str, float] = {}
@@ -491,6 +493,34 @@ def calibrate_block(model, block, block_prefix, targets, config, options, inputs
     else:
         next_inputs = [((y,) + tuple(args[1:]), kwargs) for y, (args, kwargs) in zip(outs, inputs)]
     return names, groups, error, layer_errors, next_inputs, notes
+
+
+EXPERT_PASS_BYTES = 2 << 30  # the Hessian sums one statistics pass over an MoE layer's experts may hold
+
+
+def sequential_passes(model: nn.Module, groups: list[list[str]], hessian_bytes: int = 4
+                      ) -> list[list[list[str]]]:
+    """One statistics pass per group, in forward order, except that the experts of an MoE layer share passes per
+    projection (`runtime.experts`): expert e's gate_up_proj reads what no other expert's layer computes, so all
+    experts' gate_up_proj are quantized on the same passes, then all their down_proj (a pass per expert and
+    projection would cost a forward of the block each). A pass holds at most EXPERT_PASS_BYTES of Hessian sums
+    (`hessian_bytes` per element; at least one expert): DeepSeek-V3's 256 experts of width 7168 would need 52 GB."""
+    passes: list[list[list[str]]] = []
+    at: dict[tuple[str, str], int] = {}
+    for group in groups:
+        key = projection_of(model, group[0])
+        if key is None:
+            passes.append([group])
+            continue
+        size = hessian_bytes * linear_shape(model.get_submodule(group[0]))[0] ** 2
+        held = sum(hessian_bytes * linear_shape(model.get_submodule(g[0]))[0] ** 2 for g in passes[at[key]]
+                   ) if key in at else None
+        if held is None or held + size > EXPERT_PASS_BYTES:
+            at[key] = len(passes)
+            passes.append([group])
+        else:
+            passes[at[key]].append(group)
+    return passes
 
 
 def block_context(model: nn.Module, block: nn.Module, block_prefix: str, groups: list[list[str]],

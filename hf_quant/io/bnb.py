@@ -46,6 +46,7 @@ from ..config import LayerSpec, QuantConfig
 from ..core import QUANT_BUFFERS
 from ..core.layers import FLOAT_LINEARS, linear_shape
 from ..runtime import QuantLinear
+from ..runtime.experts import refuse_unfused
 from .checkpoint import check_module_tensors, index_checkpoint, write_transformers_checkpoint
 from .gptq import (_check_targets, _model_name, _weight_files, _read_json, _skeleton, _state_dict_without_tied,
                    write_converted)
@@ -279,6 +280,7 @@ def export_bnb8(
     if not layers:
         raise ValueError("export_bnb8: the model has no QuantLinear layers; quantize it with hf_quant "
                          "(method='llm_int8') first.")
+    refuse_unfused(model, "export_bnb8", "transformers + bitsandbytes (load_in_8bit)")
     thresholds = {n: _check_exportable(n, m, method) for n, m in layers.items()}
     distinct = sorted(set(thresholds.values()))
     if len(distinct) > 1:

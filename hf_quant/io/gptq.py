@@ -27,6 +27,7 @@ from ..config import LayerSpec, QuantConfig
 from ..core import QUANT_BUFFERS
 from ..core.layers import FLOAT_LINEARS, linear_shape
 from ..runtime import QuantLinear
+from ..runtime.experts import refuse_unfused
 from ..runtime.convert import find_targets, resolve_modules_to_not_convert
 from .atomic import atomic_directory
 from .checkpoint import check_module_tensors, index_checkpoint, write_json
@@ -79,6 +80,7 @@ def export_gptq(
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise ValueError("export_gptq: the model has no QuantLinear layers; quantize it with hf_quant first.")
+    refuse_unfused(model, "export_gptq", "a GPTQ engine (transformers + GPTQModel, vLLM, TGI)")
     for name, layer in layers.items():  # GPTQ is weight-only: a run-time activation scheme would be lost
         act = layer.scheme.activation
         if act is not None:

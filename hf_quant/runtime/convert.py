@@ -125,13 +125,14 @@ def prepare_experts(model: nn.Module, config: QuantConfig, modules_to_not_conver
 
 def warn_float_expert_weights(model: nn.Module, modules_to_not_convert: list[str] = ()) -> list[str]:
     """Log a warning naming the weight tensors of 3 or more dimensions outside convolutions (transformers 5
-    stacks MoE experts that way: `experts.gate_up_proj` (experts, 2 x ffn, hidden)) that stay in float although
-    no `modules_to_not_convert` entry asked for it (an experts class `runtime.experts` does not know, or offloaded
-    experts), with their share of the model's parameters. Returns their names."""
+    stacks MoE experts that way: `experts.gate_up_proj` (experts, 2 x ffn, hidden)) of modules hf_quant cannot
+    quantize (an experts class `runtime.experts` does not know) and `modules_to_not_convert` does not name, with
+    their share of the model's parameters. Returns their names."""
     convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
     names, count = [], 0
     for mod_name, module in model.named_modules():
-        if isinstance(module, convs) or _skipped(mod_name, list(modules_to_not_convert)):
+        if (isinstance(module, convs) or _skipped(mod_name, list(modules_to_not_convert))
+                or experts.is_fused_experts(module)):  # experts hf_quant could quantize: kept in float as asked
             continue
         for p_name, p in module.named_parameters(recurse=False):
             if p.dim() >= 3:

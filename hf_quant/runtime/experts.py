@@ -164,3 +164,14 @@ def projection_of(model: nn.Module, name: str) -> tuple[str, str] | None:
     except AttributeError:
         return None
     return (experts, proj) if isinstance(module, UnfusedExperts) else None
+
+
+def refuse_unfused(model: nn.Module, who: str, engine: str) -> None:
+    """Raise, naming the first one, if `model` holds MoE experts quantized per expert: the format `who` writes is
+    loaded by `engine`, which builds transformers' fused 3-D experts and reads no per-expert layers."""
+    name = next(iter(unfused_experts(model)), None)
+    if name is not None:
+        raise ValueError(f"{who}: {name} holds MoE experts quantized per expert ({name}.<e>.gate_up_proj, ...), which "
+                         f"{engine} cannot load: it builds the experts as transformers' fused 3-D weights. Save the "
+                         "model in hf_quant's own format (save_pretrained / push_to_hub), or keep the experts in "
+                         "float for this export: QuantConfig(..., dynamic={r'-:\\.experts\\.\\d+\\.': {}}).")
