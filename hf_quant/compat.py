@@ -191,6 +191,44 @@ def checkpoint_key_renamer(model: Any) -> Callable[[str], tuple[str, bool]]:
     return rename
 
 
+def checkpoint_converters(model: Any, keys: Any) -> dict[str, Callable[[Callable[[str], Any]], dict[str, Any]]]:
+    """The model's tensors that transformers builds from several checkpoint keys (per-expert MoE tensors stacked
+    into one 3-D weight: Mixtral's `experts.<e>.w1.weight` and `w3` make `experts.gate_up_proj`): model name ->
+    build(read), where read(key) returns a checkpoint tensor and build returns {model name: tensor} as
+    `from_pretrained` computes it, by transformers' own converter (its operations, e.g. MergeModulelist and
+    Concatenate). For readers that load one block at a time (the streaming quantizer).
+
+    Uses the same calls as `checkpoint_key_renamer` plus `WeightConverter.add_tensor` / `convert` (checked on
+    5.17 and 5.25); where they are missing, nothing is converted (an empty dict)."""
+    import copy
+
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        transforms = get_model_conversion_mapping(model)
+    except (ImportError, AttributeError, TypeError):
+        return {}
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for key in keys:
+        name, pattern = rename_source_key(key, renamings, converters)
+        if pattern is not None and pattern in by_pattern:
+            groups.setdefault(name, []).append((key, pattern))
+
+    def builder(name: str, items: list[tuple[str, str]]):
+        def build(read: Callable[[str], Any]) -> dict[str, Any]:
+            converter = copy.deepcopy(by_pattern[items[0][1]])
+            for key, pattern in items:
+                converter.add_tensor(name, key, pattern, read(key))
+            out = converter.convert(name, model=model, config=getattr(model, "config", None))
+            return {k: v[0] if isinstance(v, list) else v for k, v in out.items()}
+        return build
+
+    return {name: builder(name, items) for name, items in groups.items()}
+
+
 def recompute_non_persistent_buffers(model: Any) -> None:
     """Compute the model's non-persistent buffers (rotary tables, ...) again, as `from_pretrained` does after
     loading: it builds the model under the dtype's default-dtype context, then re-initialises every module whose

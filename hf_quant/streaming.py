@@ -53,16 +53,17 @@ from .calibration.activations import SpilledInputs, Spiller
 from .calibration.data import calibration_windows, describe_dataset
 from .calibration.layer import quantize_layer
 from .config import QuantConfig
-from .compat import checkpoint_key_renamer, recompute_non_persistent_buffers
+from .compat import checkpoint_converters, checkpoint_key_renamer, recompute_non_persistent_buffers
 from .core.devices import peak_memory_mb, release_free_memory
 from .core.layers import set_module
+from .runtime import experts
 from .integrations import hub
 from .integrations.transformers import HfQuantQuantizer, provenance
 from .io.atomic import atomic_write_text
 from .io.checkpoint import corrupt, read_safetensors_header
 from .methods import get_method
 from .runtime import QuantLinear
-from .runtime.convert import replace_with_empty_quant_linears
+from .runtime.convert import prepare_experts, replace_with_empty_quant_linears, warn_float_expert_weights
 from .version import __version__
 
 logger = logging.getLogger("hf_quant")
@@ -291,6 +292,38 @@ def _materialize(model: nn.Module, names: list[str], loader: Any, keys: dict[str
         set_module_tensor_to_device(model, name, "cpu", value=loader[keys[name]], dtype=dtype)
 
 
+def _fused_sources(model: nn.Module, keys: dict[str, str], by_name: dict[str, str], prefix: str,
+                   tensors: dict) -> dict[str, dict[str, Any]]:
+    """For each unfused MoE experts module of the skeleton (`runtime.experts`): {attribute: where its fused 3-D
+    tensor comes from}: a checkpoint key, a converter of several keys (`compat.checkpoint_converters`: Mixtral's
+    per-expert `w1` / `w3` make `gate_up_proj`), or None where the checkpoint has neither."""
+    modules = experts.unfused_experts(model)
+    if not modules:
+        return {}
+    converters = checkpoint_converters(model, tensors)
+    for name in list(converters):  # the converters' names with / without the base model prefix, as `_model_key`
+        if prefix and not name.startswith(prefix + "."):
+            converters.setdefault(f"{prefix}.{name}", converters[name])
+    out = {}
+    for name, module in modules.items():
+        out[name] = {}
+        for attr, full in experts.fused_names(name, module).items():
+            key = _model_key(full, by_name, prefix)
+            out[name][full] = key if key is not None else converters.get(full)
+    return out
+
+
+def _fill_experts(model: nn.Module, fused: dict[str, dict[str, Any]], loader: Any) -> None:
+    """Fill these unfused experts modules from their fused tensors (`_fused_sources`), one module at a time."""
+    for name, sources in fused.items():
+        module = model.get_submodule(name)
+        built: dict[str, torch.Tensor] = {}
+        for full, source in sources.items():
+            if full not in built:
+                built.update({full: loader[source]} if isinstance(source, str) else source(lambda k: loader[k]))
+            experts.load_fused(module, full.rpartition(".")[2], built.pop(full), name)
+
+
 def _release(module: nn.Module) -> None:
     """Every parameter and buffer of `module` back to the meta device (shapes and dtypes kept)."""
     module.to("meta")
@@ -384,7 +417,9 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
     quantizer.preprocess_model(model=model, dtype=model_dtype, device_map=None)
     model.hf_quantizer = quantizer
     model.config.quantization_config = config  # as from_pretrained(src, quantization_config=config) records it
-    targets = quantizer.targets
+    # MoE experts: per-expert layers on the skeleton, filled from the fused tensors block by block (`_fill_experts`)
+    targets = quantizer.targets = prepare_experts(model, config, quantizer._skip, mode="stream")
+    warn_float_expert_weights(model, quantizer._skip)
     method = get_method(config.method)
     options = method.options_from(config)
     calibrates = bool(method.needs_calibration) and method.calibrates(options)
@@ -400,6 +435,7 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
         key = _model_key(name, by_name, base_prefix)
         if key is not None:
             keys[name] = key
+    fused = _fused_sources(model, keys, by_name, base_prefix, tensors)
     loader = OffloadedWeightsLoader(index={k: {"safetensors_file": str(p), "weight_name": k}
                                            for k, (p, _) in tensors.items()})
     windows = None
@@ -417,9 +453,11 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
     progress = _Progress(Path(str(dst) + PARTIAL_SUFFIX), key, resume)
     block_prefix = [f"{prefix}.{i}." for i in range(len(blocks))]
     state_names = list(model.state_dict())
-    in_block = [[n for n in state_names if n.startswith(bp)] for bp in block_prefix]
+    from_fused = {n for n in state_names if any(n.startswith(e + ".") for e in fused)}  # experts: `_fill_experts`
+    in_block = [[n for n in state_names if n.startswith(bp) and n not in from_fused] for bp in block_prefix]
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     missing = [n for names in in_block for n in names if n not in keys]  # in the blocks, or outside (untied)
+    missing += [f for sources in fused.values() for f, source in sources.items() if source is None]
     outside_missing = [n for n, _ in model.named_parameters() if not n.startswith(prefix + ".") and n not in keys
                        and n not in tied]
     if missing or outside_missing:
@@ -449,6 +487,7 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
         block, bp = blocks[i], block_prefix[i]
         t0 = time.perf_counter()
         _materialize(model, in_block[i], loader, keys)
+        _fill_experts(model, {e: sources for e, sources in fused.items() if e.startswith(bp)}, loader)
         entry = None
         if calibrates:
             with block_at_work(block, device, torch.device("cpu"), compute):

@@ -270,3 +270,35 @@ def test_exports_whose_engines_build_fused_experts_refuse_them(tiny_models, tmp_
     with pytest.raises(ValueError, match=r"export_bnb8: .* bitsandbytes"):
         hf_quant.export_bnb8(int8, tmp_path / "b")
     assert not (tmp_path / "g").exists() and not (tmp_path / "b").exists()
+
+
+def test_streaming_quantizes_moe_experts_as_in_memory(tmp_path):
+    """Qwen2-MoE (a shared expert beside the routed ones; `mlp.experts.<e>.gate_proj` / `up_proj` / `down_proj` in
+    the files) through AWQ: the streaming quantizer builds each block's fused experts with transformers' own
+    converter and writes the bytes the in-memory path writes."""
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(moe_config("qwen2_moe")).to(torch.bfloat16).save_pretrained(tmp_path / "src")
+    with safe_open(tmp_path / "src" / "model.safetensors", "pt") as f:
+        assert "model.layers.0.mlp.experts.3.up_proj.weight" in set(f.keys())  # per expert, as on the Hub
+    cfg = dict(method="awq", bits=4, group_size=32, **CALIB)
+    hf_quant.quantize_checkpoint(tmp_path / "src", tmp_path / "stream", hf_quant.QuantConfig(**cfg))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "src", quantization_config=hf_quant.QuantConfig(**cfg))
+    model.save_pretrained(tmp_path / "mem")
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "stream" / name).read_bytes() == (tmp_path / "mem" / name).read_bytes(), name
+    assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path / "stream").model.layers[1].mlp.experts,
+                      X.UnfusedExperts)
+
+
+def test_streaming_refuses_a_source_without_the_experts(tmp_path):
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(moe_config("mixtral")).to(torch.bfloat16).save_pretrained(tmp_path / "src")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tmp_path / "src" / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if ".experts.2." not in k}, tmp_path / "src" / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.experts.gate_up_proj: the checkpoint's tensors make shape "
+                                         r"\(3, 512, 128\), the model needs \(4, 512, 128\) \(4 experts\)"):
+        hf_quant.quantize_checkpoint(tmp_path / "src", tmp_path / "out", hf_quant.QuantConfig(bits=4, group_size=32))
+    assert not (tmp_path / "out").exists()

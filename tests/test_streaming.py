@@ -92,11 +92,13 @@ def test_spilled_hessians_give_the_same_bytes_and_leave_no_file(tmp_path, monkey
     assert spilled and not any(os.path.exists(p) for p in spilled)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "opt", "llama-fp32", "gpt_neox", "gptj"])
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "llama-fp32", "gpt_neox", "gptj", "mixtral"])
 def test_streaming_other_architectures_and_shards(arch, tiny_models, tmp_path):
     """GPT-2's Conv1D, OPT's model.decoder.layers, fp32 weights, GPT-NeoX's renamed lm_head (`embed_out` in
     the files), GPT-J's rotary table (computed while the model is built: from_pretrained computes it again
-    outside the bf16 context, and so must the streaming skeleton); several output shards with their index."""
+    outside the bf16 context, and so must the streaming skeleton), Mixtral's experts (per-expert `w1` / `w3` / `w2`
+    in the files, which transformers stacks into 3-D weights, quantized per expert); several output shards with
+    their index."""
     src = tiny_models[arch] if arch in tiny_models else save_random_model(tmp_path / "src", arch)
     cfg = QuantConfig(method="gptq", bits=4, group_size=32, dataset=_windows(), num_samples=8, seq_len=32)
     ref = in_memory(src, tmp_path / "a" / "out", cfg, max_shard_size="100KB")

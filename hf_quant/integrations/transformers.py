@@ -79,7 +79,7 @@ class HfQuantQuantizer(HfQuantizer):
         self._skip = skip
         # MoE experts: unfused on the meta device where the checkpoint holds them per expert; a float model's are
         # unfused once its weights are loaded (`_process_model_after_weight_loading`)
-        self.targets = (prepare_experts(model, config, skip, pre_quantized=True) if self.pre_quantized
+        self.targets = (prepare_experts(model, config, skip, mode="load") if self.pre_quantized
                         else find_targets(model, config, skip))
         if not self.pre_quantized:
             self._blocks = _block_list(model, config)

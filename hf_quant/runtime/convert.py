@@ -84,21 +84,26 @@ EXPERTS_FORMAT_VERSION = 4  # the on-disk format of a model with per-expert quan
 
 
 def prepare_experts(model: nn.Module, config: QuantConfig, modules_to_not_convert: list[str],
-                    pre_quantized: bool = False) -> dict[str, LayerSpec]:
+                    mode: str = "quantize") -> dict[str, LayerSpec]:
     """Unfuse the fused MoE experts of `model` (`runtime.experts`) whose projections `config` quantizes, and
     return the targets (`find_targets`) of the model so prepared.
 
     Every fused experts module is unfused, the targets are found, and each projection none of whose experts is a
     target is fused back: its 3-D weight stays in float under its usual name. A projection quantized for some
-    experts only is refused. Quantizing (not `pre_quantized`): an experts module whose weights are not in memory
-    (offloaded to disk by accelerate) stays fused, in float; where experts were unfused, `config.format_version`
-    becomes EXPERTS_FORMAT_VERSION, which is what tells a reload (`pre_quantized`, on the meta device) to unfuse
-    them again. An older checkpoint (lower format_version) had its experts in float: they stay fused."""
-    if not pre_quantized or (config.format_version or 0) >= EXPERTS_FORMAT_VERSION:
+    experts only is refused.
+
+    mode: "quantize" (a loaded float model: an experts module whose weights are not in memory, offloaded to disk by
+    accelerate, stays fused, in float), "stream" (the streaming quantizer's meta skeleton, filled block by block:
+    `experts.load_fused`), or "load" (the meta skeleton of an hf_quant checkpoint). Quantizing or streaming, where
+    experts were unfused, `config.format_version` becomes EXPERTS_FORMAT_VERSION, which is what tells a reload to
+    unfuse them again; an older checkpoint (lower format_version) had its experts in float: they stay fused."""
+    if mode not in ("quantize", "stream", "load"):
+        raise ValueError(f"prepare_experts: mode={mode!r} must be 'quantize', 'stream' or 'load'.")
+    if mode != "load" or (config.format_version or 0) >= EXPERTS_FORMAT_VERSION:
         for name, module in list(model.named_modules()):
             if not experts.is_fused_experts(module):
                 continue
-            if not pre_quantized and any(p.is_meta for p in module.parameters(recurse=False)):
+            if mode == "quantize" and any(p.is_meta for p in module.parameters(recurse=False)):
                 logger.warning("hf_quant: keeping %s in float: its weights are offloaded (not in memory); quantize "
                                "the model with a device_map that holds the experts, or stream it from disk with "
                                "hf_quant.quantize_checkpoint.", name)
@@ -118,7 +123,7 @@ def prepare_experts(model: nn.Module, config: QuantConfig, modules_to_not_conver
                     f"modules_to_not_convert / dynamic select all of {name}.<expert>.{proj} or none of them.")
             if not chosen:
                 experts.fuse_projection(module, proj)
-    if experts.unfused_experts(model) and not pre_quantized:
+    if experts.unfused_experts(model) and mode != "load":
         config.format_version = max(config.format_version or 0, EXPERTS_FORMAT_VERSION)
     return targets
 

@@ -175,3 +175,39 @@ def refuse_unfused(model: nn.Module, who: str, engine: str) -> None:
                          f"{engine} cannot load: it builds the experts as transformers' fused 3-D weights. Save the "
                          "model in hf_quant's own format (save_pretrained / push_to_hub), or keep the experts in "
                          "float for this export: QuantConfig(..., dynamic={r'-:\\.experts\\.\\d+\\.': {}}).")
+
+
+def fused_names(name: str, module: UnfusedExperts) -> dict[str, str]:
+    """The 3-D tensors transformers holds for an unfused experts module at `name`: their full names by the
+    per-module attribute (`gate_up_proj`, `gate_up_proj_bias`, `down_proj`, ...)."""
+    attrs = [a for proj in projections(module) for a in (proj, f"{proj}_bias" if module.has_bias else None) if a]
+    return {a: f"{name}.{a}" for a in attrs}
+
+
+def load_fused(module: UnfusedExperts, attr: str, value: torch.Tensor, name: str = "") -> None:
+    """Fill an unfused experts module (e.g. on the meta device) from the fused tensor `attr` (`gate_up_proj`,
+    `down_proj_bias`, ...) as transformers holds it: each expert's layer gets its slice (transposed where the module
+    stores (in, out)), or a projection fused back takes the whole tensor; in the dtype of what it replaces. `name`: the
+    module's, for the error a tensor of another shape gets."""
+    proj = attr.removesuffix("_bias")
+    bias = attr != proj
+    if attr in module._parameters:
+        expected = tuple(module._parameters[attr].shape)
+    else:
+        layer = getattr(module._modules["0"], proj)
+        part = tuple((layer.bias if bias else layer.weight).shape)
+        expected = (module.num_experts, *(part if bias or not module.is_transposed else part[::-1]))
+    if tuple(value.shape) != expected:
+        raise ValueError(f"{name or type(module).__name__}.{attr}: the checkpoint's tensors make shape {tuple(value.shape)}, "
+                         f"the model needs {expected} ({module.num_experts} experts); the checkpoint is incomplete "
+                         "or belongs to another configuration.")
+    if attr in module._parameters:
+        old = module._parameters[attr]
+        module._parameters[attr] = nn.Parameter(value.to(old.dtype), requires_grad=False)
+        return
+    for e in range(module.num_experts):
+        layer = getattr(module._modules[str(e)], proj)
+        old = layer.bias if bias else layer.weight
+        part = value[e] if bias or not module.is_transposed else value[e].t()
+        setattr(layer, "bias" if bias else "weight",
+                nn.Parameter(part.to(old.dtype, copy=True).contiguous(), requires_grad=False))
