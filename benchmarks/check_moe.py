@@ -2,7 +2,7 @@
 quantized experts (RTN / GPTQ / AWQ), the dense model quantized the same way beside it, all in one run.
 
     python benchmarks/check_moe.py [--experts 4] [--top-k 2] [--methods rtn gptq awq] [--config w4g128]
-        [--num-samples 64] [--windows 40]
+        [--num-samples 64] [--windows 40] [--dtype float32]
 
 The upcycled model (built in a temporary directory, nothing downloaded): ref-llama's attention, norms and
 embeddings; each expert is ref-llama's MLP with its intermediate neurons in an order of its own (the same
@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, Mix
 import hf_quant
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_summary  # noqa: E402
 from ppl_ref_llama import SHARED, calibration_text, method_options  # noqa: E402
 
 
@@ -88,7 +89,10 @@ def main() -> None:
     ap.add_argument("--config", default="w4g128")
     ap.add_argument("--num-samples", type=int, default=64)
     ap.add_argument("--windows", type=int, default=40, help="held-out 512-token windows scored")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the models' dtype (float32: CPUs without native bf16 run it several times faster)")
     args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
     bits, gs = map(int, re.fullmatch(r"w(\d)g(-?\d+)", args.config).groups())
     torch.set_num_threads(torch.get_num_threads())
     tok = AutoTokenizer.from_pretrained(args.model)
@@ -99,9 +103,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         moe_dir = upcycle(args.model, Path(tmp) / "moe", args.experts, args.top_k)
-        float_moe = AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.bfloat16)
-        rows = [("bf16", "dense", ppl(AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16)), 0, 0.0),
-                ("bf16", f"MoE {args.experts}x top-{args.top_k}", ppl(float_moe), 0, 0.0)]
+        float_moe = AutoModelForCausalLM.from_pretrained(moe_dir, dtype=dtype)
+        rows = [("float", "dense", ppl(AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)), 0, 0.0),
+                ("float", f"MoE {args.experts}x top-{args.top_k}", ppl(float_moe), 0, 0.0)]
         counts = expert_tokens(float_moe, calib, tok, args.num_samples)
         print(f"calibration tokens per expert of block 0 ({args.num_samples} windows x 512, top-{args.top_k}):",
               counts, flush=True)
@@ -111,15 +115,16 @@ def main() -> None:
                 cfg = hf_quant.QuantConfig(bits=bits, group_size=gs, dataset=calib, num_samples=args.num_samples,
                                            seq_len=512, **method_options(method))
                 start = time.perf_counter()
-                model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16, quantization_config=cfg)
+                model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, quantization_config=cfg)
                 seconds = time.perf_counter() - start
                 quantized = sum(m.qweight.numel() * m.qweight.element_size() for m in model.modules()
                                 if isinstance(m, hf_quant.QuantLinear))
                 rows.append((method, name, ppl(model), quantized, seconds))
                 print(rows[-1], flush=True)
                 del model
-    base = {name: p for m, name, p, _, _ in rows if m == "bf16"}
-    print(f"\n| method ({args.config}) | model | held-out ppl | vs its bf16 | packed codes MiB | quantize s |")
+    base = {name: p for m, name, p, _, _ in rows if m == "float"}
+    print(f"\n{args.dtype}, {cpu_summary()}")
+    print(f"| method ({args.config}) | model | held-out ppl | vs its float | packed codes MiB | quantize s |")
     print("|---|---|---:|---:|---:|---:|")
     for method, name, p, size, s in rows:
         print(f"| {method} | {name} | {p:.3f} | {p / base[name] - 1:+.2%} | {size / 2**20:.1f} | {s:.1f} |")
