@@ -257,6 +257,11 @@ def test_lora_on_the_experts_trains_and_merges(tiny_models, input_ids):
     experts = merged.model.layers[0].mlp.experts
     assert type(experts).__name__ == "MixtralExperts" and experts.down_proj.dim() == 3
     torch.testing.assert_close(logits(merged, input_ids), expected, rtol=1e-4, atol=1e-4)
+    merged_down = experts.down_proj.detach().clone()
+    hf_quant.quantize(merged, hf_quant.QuantConfig(bits=8, group_size=32))  # quantized again: per expert
+    layer = merged.get_submodule("model.layers.0.mlp.experts.3.down_proj")
+    assert isinstance(layer, hf_quant.QuantLinear)
+    torch.testing.assert_close(layer.dequantize().float(), merged_down[3], rtol=0, atol=0.02)
 
 
 def test_exports_whose_engines_build_fused_experts_refuse_them(tiny_models, tmp_path):
@@ -302,3 +307,23 @@ def test_streaming_refuses_a_source_without_the_experts(tmp_path):
                                          r"\(3, 512, 128\), the model needs \(4, 512, 128\) \(4 experts\)"):
         hf_quant.quantize_checkpoint(tmp_path / "src", tmp_path / "out", hf_quant.QuantConfig(bits=4, group_size=32))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_calibration_gives_the_fused_float_model_back(tiny_models, monkeypatch, input_ids):
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["mixtral"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = logits(model, input_ids)
+    real = blockwise._quantize_with_hessian
+
+    def fail_late(name, *args, **kwargs):
+        if name == "model.layers.1.mlp.experts.2.down_proj":
+            raise RuntimeError("boom")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(blockwise, "_quantize_with_hessian", fail_late)
+    with pytest.raises(RuntimeError, match="boom"):
+        hf_quant.quantize(model, hf_quant.QuantConfig(method="gptq", bits=4, group_size=32, **CALIB))
+    assert type(model.model.layers[1].mlp.experts).__name__ == "MixtralExperts"
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert torch.equal(logits(model, input_ids), expected)
