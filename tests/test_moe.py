@@ -327,3 +327,18 @@ def test_a_failed_calibration_gives_the_fused_float_model_back(tiny_models, monk
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
     assert torch.equal(logits(model, input_ids), expected)
+
+
+def test_an_unfused_model_pickles_and_deep_copies(input_ids):
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(moe_config("mixtral")).eval()
+    X.unfuse(model.model.layers[0].mlp.experts)
+    buf = io.BytesIO()
+    torch.save(model, buf)  # the class is made at run time: pickled through its importable base
+    buf.seek(0)
+    for other in (torch.load(buf, weights_only=False), copy.deepcopy(model)):
+        assert type(other.model.layers[0].mlp.experts) is type(model.model.layers[0].mlp.experts)
+        assert torch.equal(logits(other, input_ids), logits(model, input_ids))

@@ -46,6 +46,9 @@ class UnfusedExperts(nn.Module):
     """Mixed in before a transformers experts class (`unfuse`): the experts as children "0", "1", ..., each
     an `Expert`; a projection fused back in float (`fuse_float_projections`) stays a 3-D parameter."""
 
+    def __reduce_ex__(self, protocol):  # pickle / deepcopy: the class is made at run time, its base is importable
+        return _new_unfused, (_fused_class(self),), self.__dict__
+
     def _project(self, e: int, proj: str, x: torch.Tensor) -> torch.Tensor:
         fused = self._parameters.get(proj)
         if fused is None:
@@ -83,6 +86,10 @@ def _unfused_class(cls: type) -> type:
         _CLASSES[cls] = type(f"Unfused{cls.__name__}", (UnfusedExperts, cls),
                              {"__module__": cls.__module__, "__doc__": UnfusedExperts.__doc__})
     return _CLASSES[cls]
+
+
+def _new_unfused(cls: type) -> UnfusedExperts:
+    return object.__new__(_unfused_class(cls))
 
 
 def _fused_class(module: UnfusedExperts) -> type:
