@@ -207,9 +207,15 @@ def test_experts_kept_in_float_stay_fused_and_older_checkpoints_load(tiny_models
 
 def test_some_experts_of_a_projection_in_float_is_refused(tiny_models):
     cfg = hf_quant.QuantConfig(bits=4, group_size=32, dynamic={r"-:.*experts\.1\.down_proj": {}})
-    with pytest.raises(ValueError, match=r"model.layers.0.mlp.experts.1.down_proj: hf_quant quantizes an MoE "
-                                         r"projection for all of its experts or for none"):
+    message = r"model.layers.0.mlp.experts.1.down_proj: hf_quant quantizes an MoE projection for all of its experts or "
+    with pytest.raises(ValueError, match=message + "for none"):
         AutoModelForCausalLM.from_pretrained(tiny_models["mixtral"], quantization_config=cfg)
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["mixtral"])
+    before = model.state_dict()
+    with pytest.raises(ValueError, match=message):
+        hf_quant.quantize(model, cfg)
+    assert type(model.model.layers[0].mlp.experts).__name__ == "MixtralExperts"  # left as it was
+    assert list(model.state_dict()) == list(before)
 
 
 def test_an_unknown_experts_class_stays_float_with_a_warning(tiny_models, monkeypatch, caplog):

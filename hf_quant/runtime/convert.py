@@ -109,20 +109,24 @@ def prepare_experts(model: nn.Module, config: QuantConfig, modules_to_not_conver
                                "hf_quant.quantize_checkpoint.", name)
                 continue
             experts.unfuse(module)
-    targets = find_targets(model, config, modules_to_not_convert)
-    for name, module in experts.unfused_experts(model).items():
-        for proj in experts.projections(module):
-            layers = [f"{name}.{e}.{proj}" for e in range(module.num_experts)] if experts.expert_layers(
-                module, proj) else []
-            chosen = [n for n in layers if n in targets]
-            if chosen and len(chosen) < len(layers):
-                kept = next(n for n in layers if n not in targets)
-                raise ValueError(
-                    f"{kept}: hf_quant quantizes an MoE projection for all of its experts or for none, and "
-                    f"{len(chosen)} of the {len(layers)} experts' {proj} layers are quantized; make "
-                    f"modules_to_not_convert / dynamic select all of {name}.<expert>.{proj} or none of them.")
-            if not chosen:
-                experts.fuse_projection(module, proj)
+    try:
+        targets = find_targets(model, config, modules_to_not_convert)
+        for name, module in experts.unfused_experts(model).items():
+            for proj in experts.projections(module):
+                layers = [f"{name}.{e}.{proj}" for e in range(module.num_experts)] if experts.expert_layers(
+                    module, proj) else []
+                chosen = [n for n in layers if n in targets]
+                if chosen and len(chosen) < len(layers):
+                    kept = next(n for n in layers if n not in targets)
+                    raise ValueError(
+                        f"{kept}: hf_quant quantizes an MoE projection for all of its experts or for none, and "
+                        f"{len(chosen)} of the {len(layers)} experts' {proj} layers are quantized; make "
+                        f"modules_to_not_convert / dynamic select all of {name}.<expert>.{proj} or none of them.")
+                if not chosen:
+                    experts.fuse_projection(module, proj)
+    except BaseException:
+        experts.fuse(model)  # a refused config leaves the model as it was
+        raise
     if experts.unfused_experts(model) and mode != "load":
         config.format_version = max(config.format_version or 0, EXPERTS_FORMAT_VERSION)
     return targets

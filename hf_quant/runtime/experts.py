@@ -11,7 +11,7 @@ hf_quant quantizes a 3-D weight; a linear layer it quantizes with every method, 
 expert's routed tokens, the layers are swapped for `QuantLinear`s like any other, PEFT's
 `target_modules=["down_proj"]` reaches the experts too, and the checkpoint names cannot collide with the
 per-expert names transformers' conversion mapping merges on load. A projection whose experts all stay in
-float is fused back (`fuse_float_projections`): its 3-D weight keeps the name every loader knows. The
+float is fused back (`fuse_projection`): its 3-D weight keeps the name every loader knows. The
 forward is the eager experts loop of transformers (`integrations.moe`), per-expert layer by layer.
 """
 
@@ -44,7 +44,7 @@ class Expert(nn.Module):
 
 class UnfusedExperts(nn.Module):
     """Mixed in before a transformers experts class (`unfuse`): the experts as children "0", "1", ..., each
-    an `Expert`; a projection fused back in float (`fuse_float_projections`) stays a 3-D parameter."""
+    an `Expert`; a projection fused back in float (`fuse_projection`) stays a 3-D parameter."""
 
     def __reduce_ex__(self, protocol):  # pickle / deepcopy: the class is made at run time, its base is importable
         return _new_unfused, (_fused_class(self),), self.__dict__
