@@ -162,6 +162,19 @@ def enable_activation_checkpointing(model: Any, **checkpoint_kwargs: Any) -> Non
 
 # --- transformers' checkpoint key conversion ----------------------------------------------------------
 
+def _conversion_transforms(model: Any) -> tuple[list, list, Callable] | None:
+    """(renamings, converters, rename_source_key) of transformers' conversion mapping for `model`, or None where
+    transformers has none of these calls (`checkpoint_key_renamer` says which and why)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        transforms = get_model_conversion_mapping(model)
+    except (ImportError, AttributeError, TypeError):
+        return None
+    return ([t for t in transforms if isinstance(t, WeightRenaming)],
+            [t for t in transforms if isinstance(t, WeightConverter)], rename_source_key)
+
+
 def checkpoint_key_renamer(model: Any) -> Callable[[str], tuple[str, bool]]:
     """key -> (the model's name for a checkpoint tensor key, whether a converter made it), as `from_pretrained`
     renames keys: transformers 5 keeps per-architecture renamings (GPT-NeoX's `embed_out` is the module
@@ -173,16 +186,10 @@ def checkpoint_key_renamer(model: Any) -> Callable[[str], tuple[str, bool]]:
     The module-level `conversion_mapping.get_model_conversion_mapping` and `core_model_loading.rename_source_key`
     are what `from_pretrained` calls (unchanged from 5.17 through 5.25); they are not documented API. Where they
     are missing the keys are taken as they are (the behaviour of releases without conversions)."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-        transforms = get_model_conversion_mapping(model)
-    except (ImportError, AttributeError, TypeError):
+    found = _conversion_transforms(model)
+    if found is None or not (found[0] or found[1]):
         return lambda key: (key, False)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    if not renamings and not converters:
-        return lambda key: (key, False)
+    renamings, converters, rename_source_key = found
 
     def rename(key: str) -> tuple[str, bool]:
         name, converter = rename_source_key(key, renamings, converters)
@@ -202,14 +209,10 @@ def checkpoint_converters(model: Any, keys: Any) -> dict[str, Callable[[Callable
     5.17 and 5.25); where they are missing, nothing is converted (an empty dict)."""
     import copy
 
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-        transforms = get_model_conversion_mapping(model)
-    except (ImportError, AttributeError, TypeError):
+    found = _conversion_transforms(model)
+    if found is None:
         return {}
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    renamings, converters, rename_source_key = found
     by_pattern = {p: c for c in converters for p in c.source_patterns}
     groups: dict[str, list[tuple[str, str]]] = {}
     for key in keys:

@@ -292,36 +292,39 @@ def _materialize(model: nn.Module, names: list[str], loader: Any, keys: dict[str
         set_module_tensor_to_device(model, name, "cpu", value=loader[keys[name]], dtype=dtype)
 
 
-def _fused_sources(model: nn.Module, keys: dict[str, str], by_name: dict[str, str], prefix: str,
-                   tensors: dict) -> dict[str, dict[str, Any]]:
-    """For each unfused MoE experts module of the skeleton (`runtime.experts`): {attribute: where its fused 3-D
-    tensor comes from}: a checkpoint key, a converter of several keys (`compat.checkpoint_converters`: Mixtral's
-    per-expert `w1` / `w3` make `gate_up_proj`), or None where the checkpoint has neither."""
+def _fused_sources(model: nn.Module, by_name: dict[str, str], prefix: str, tensors: dict
+                   ) -> dict[str, dict[str, Any]]:
+    """For each unfused MoE experts module of the skeleton (`runtime.experts`): {full name of a fused 3-D tensor:
+    where it comes from}: a checkpoint key, read(loader) -> tensor for a converter of several keys
+    (`compat.checkpoint_converters`: Mixtral's per-expert `w1` / `w3` make `gate_up_proj`), or None where the
+    checkpoint has neither. Names with or without the base model prefix, as `_model_key` finds keys."""
     modules = experts.unfused_experts(model)
     if not modules:
         return {}
     converters = checkpoint_converters(model, tensors)
-    for name in list(converters):  # the converters' names with / without the base model prefix, as `_model_key`
-        if prefix and not name.startswith(prefix + "."):
-            converters.setdefault(f"{prefix}.{name}", converters[name])
+
+    def converted(full: str):
+        for name in (full, full.removeprefix(prefix + ".") if prefix else full, f"{prefix}.{full}"):
+            if name in converters:  # the converter names its output as it names the group
+                return lambda loader, build=converters[name], name=name: build(lambda k: loader[k])[name]
+        return None
+
     out = {}
     for name, module in modules.items():
         out[name] = {}
-        for attr, full in experts.fused_names(name, module).items():
+        for full in experts.fused_names(name, module).values():
             key = _model_key(full, by_name, prefix)
-            out[name][full] = key if key is not None else converters.get(full)
+            out[name][full] = key if key is not None else converted(full)
     return out
 
 
 def _fill_experts(model: nn.Module, fused: dict[str, dict[str, Any]], loader: Any) -> None:
-    """Fill these unfused experts modules from their fused tensors (`_fused_sources`), one module at a time."""
+    """Fill these unfused experts modules from their fused tensors (`_fused_sources`), one tensor at a time."""
     for name, sources in fused.items():
         module = model.get_submodule(name)
-        built: dict[str, torch.Tensor] = {}
         for full, source in sources.items():
-            if full not in built:
-                built.update({full: loader[source]} if isinstance(source, str) else source(lambda k: loader[k]))
-            experts.load_fused(module, full.rpartition(".")[2], built.pop(full), name)
+            value = loader[source] if isinstance(source, str) else source(loader)
+            experts.load_fused(module, full.rpartition(".")[2], value, name)
 
 
 def _release(module: nn.Module) -> None:
@@ -435,7 +438,7 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
         key = _model_key(name, by_name, base_prefix)
         if key is not None:
             keys[name] = key
-    fused = _fused_sources(model, keys, by_name, base_prefix, tensors)
+    fused = _fused_sources(model, by_name, base_prefix, tensors)
     loader = OffloadedWeightsLoader(index={k: {"safetensors_file": str(p), "weight_name": k}
                                            for k, (p, _) in tensors.items()})
     windows = None

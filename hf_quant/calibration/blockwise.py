@@ -506,20 +506,19 @@ def sequential_passes(model: nn.Module, groups: list[list[str]], hessian_bytes: 
     projection would cost a forward of the block each). A pass holds at most EXPERT_PASS_BYTES of Hessian sums
     (`hessian_bytes` per element; at least one expert): DeepSeek-V3's 256 experts of width 7168 would need 52 GB."""
     passes: list[list[list[str]]] = []
-    at: dict[tuple[str, str], int] = {}
+    at: dict[tuple[str, str], tuple[int, int]] = {}  # (experts module, projection) -> (its open pass, bytes held)
     for group in groups:
         key = projection_of(model, group[0])
         if key is None:
             passes.append([group])
             continue
         size = hessian_bytes * linear_shape(model.get_submodule(group[0]))[0] ** 2
-        held = sum(hessian_bytes * linear_shape(model.get_submodule(g[0]))[0] ** 2 for g in passes[at[key]]
-                   ) if key in at else None
-        if held is None or held + size > EXPERT_PASS_BYTES:
-            at[key] = len(passes)
-            passes.append([group])
+        if key in at and at[key][1] + size <= EXPERT_PASS_BYTES:
+            passes[at[key][0]].append(group)
+            at[key] = (at[key][0], at[key][1] + size)
         else:
-            passes[at[key]].append(group)
+            at[key] = (len(passes), size)
+            passes.append([group])
     return passes
 
 
