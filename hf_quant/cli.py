@@ -304,13 +304,15 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _load(model: str, args: argparse.Namespace, **kwargs: Any):
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from .runtime.multimodal import auto_class
 
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     if getattr(args, "device", None):
         kwargs["device_map"] = {"": args.device}
-    try:
-        return AutoModelForCausalLM.from_pretrained(model, dtype=dtype, **kwargs)
+    try:  # a vision-language model loads with its own auto class (AutoModelForImageTextToText)
+        return auto_class(AutoConfig.from_pretrained(model)).from_pretrained(model, dtype=dtype, **kwargs)
     except OSError as e:  # a Hub repo that does not exist / is not cached offline, a missing weight file
         raise _fail(args.command, f"MODEL {model}", f"could not be loaded ({_one_line(e)})") from None
 

@@ -48,7 +48,8 @@ from transformers.utils import logging as hf_logging
 
 from .calibration import distributed as ddp
 from .calibration.blockwise import (block_at_work, calibrate_block, capture_block_inputs, check_data_parallel,
-                                    compute_dtype, find_blocks, log_block, tokenizer_for, work_device)
+                                    compute_dtype, find_blocks, log_block, outside_blocks_error, tokenizer_for,
+                                    work_device)
 from .calibration.activations import SpilledInputs, Spiller
 from .calibration.data import calibration_windows, describe_dataset
 from .calibration.layer import quantize_layer
@@ -56,7 +57,7 @@ from .config import QuantConfig
 from .compat import checkpoint_converters, checkpoint_key_renamer, recompute_non_persistent_buffers
 from .core.devices import peak_memory_mb, release_free_memory
 from .core.layers import set_module
-from .runtime import experts
+from .runtime import experts, multimodal
 from .integrations import hub
 from .integrations.transformers import HfQuantQuantizer, provenance
 from .io.atomic import atomic_write_text
@@ -397,7 +398,7 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
     from accelerate import init_empty_weights
     from accelerate.hooks import AlignDevicesHook
     from accelerate.utils import OffloadedWeightsLoader
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     if not isinstance(config, QuantConfig):
         raise TypeError(f"quantize_checkpoint: config must be an hf_quant.QuantConfig, got {type(config).__name__}")
@@ -412,7 +413,7 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
     hf_config._name_or_path = os.fspath(src)  # what from_pretrained(src) records (provenance, tokenizer)
     model_dtype = _resolve_dtype(dtype, hf_config, tensors)
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=model_dtype)
+        model = multimodal.auto_class(hf_config).from_config(hf_config, dtype=model_dtype)
     recompute_non_persistent_buffers(model)  # as from_pretrained does: outside the dtype's default-dtype context
     model.eval()
     _load_generation_config(model, src_dir)
@@ -429,8 +430,7 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
     prefix, blocks = find_blocks(model, config.block_name_to_quantize)
     outside = [n for n in targets if not n.startswith(prefix + ".")]
     if calibrates and outside:
-        raise ValueError(f"{outside[0]}: method {config.method!r} calibrates layers inside the decoder blocks only; "
-                         "keep it in float with modules_to_not_convert, or use method='rtn'.")
+        raise ValueError(outside_blocks_error(model, config, outside[0], prefix))
     base_prefix = getattr(model, "base_model_prefix", "")
     keys: dict[str, str] = {}
     by_name = _keys_by_name(model, tensors)

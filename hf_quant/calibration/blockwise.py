@@ -34,6 +34,7 @@ from ..core.devices import cpu_flags, device_count, exists, peak_memory_mb, rele
 from ..core.layers import is_conv1d, linear_shape, linear_weight, map_tensors, set_module
 from ..methods import BlockContext, accumulate_hessian, get_method, hessian
 from ..methods.base import restore
+from ..runtime import multimodal
 from ..runtime.experts import projection_of
 from . import distributed as ddp
 from .activations import SpilledInputs, Spiller, share_repeats
@@ -55,8 +56,10 @@ class _StopForward(Exception):
 def find_blocks(model: nn.Module, name: str | None = None) -> tuple[str, nn.ModuleList]:
     """The ModuleList of decoder blocks: `name` if given, else optimum's GPTQ block patterns
     (`transformer.h`, `model.layers`, `model.decoder.layers`, ...), else the ModuleList holding the
-    config's number of layers."""
+    config's number of layers. In a multimodal model, only the language model's blocks are searched."""
     n_layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    language_model = multimodal.language_model_name(model)
+    scope = f"{language_model}." if language_model else ""
     if name is not None:
         try:
             module = model.get_submodule(name)
@@ -73,17 +76,30 @@ def find_blocks(model: nn.Module, name: str | None = None) -> tuple[str, nn.Modu
 
         found = get_block_name_with_pattern(model)
         module = model.get_submodule(found)
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and found.startswith(scope):
             return found, module
     except Exception:  # optimum absent or no pattern fits this model: fall back to the config's depth
         pass
     for module_name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers and module_name.startswith(scope):
             return module_name, module
     raise ValueError(
-        f"{type(model).__name__}: found no nn.ModuleList of {n_layers} decoder blocks to calibrate block by block; "
+        f"{type(model).__name__}: found no nn.ModuleList of {n_layers} decoder blocks"
+        f"{f' in its language model {language_model}' if language_model else ''} to calibrate block by block; "
         "name it with QuantConfig(block_name_to_quantize='...')."
     )
+
+
+def outside_blocks_error(model: nn.Module, config: QuantConfig, layer: str, prefix: str) -> str:
+    """The message refusing a calibration method's target outside the decoder blocks `prefix`."""
+    hint = "keep it in float with modules_to_not_convert, or use method='rtn'"
+    outside = [m for m in multimodal.non_text_modules(model) if layer.startswith(m + ".")]
+    if outside:
+        hint = (f"{outside[0]} is outside the language model, which the calibration text runs through; hf_quant "
+                f"keeps it in float when modules_to_not_convert is None (an explicit list replaces those defaults): "
+                f"add {outside[0]!r} to modules_to_not_convert, or quantize it with method='rtn'")
+    return (f"{layer}: method {config.method!r} calibrates layers inside the decoder blocks ({prefix}) only; "
+            f"{hint}.")
 
 
 def _first_output(out: Any) -> torch.Tensor:
@@ -313,10 +329,7 @@ def quantize_blockwise(model: nn.Module, config: QuantConfig, targets: dict[str,
     prefix, blocks = find_blocks(model, config.block_name_to_quantize)
     outside = [n for n in targets if not n.startswith(prefix + ".")]
     if outside:
-        raise ValueError(
-            f"{outside[0]}: method {config.method!r} calibrates layers inside the decoder blocks only; "
-            "keep it in float with modules_to_not_convert, or use method='rtn'."
-        )
+        raise ValueError(outside_blocks_error(model, config, outside[0], prefix))
     check_data_parallel(config)
     windows = ddp.my_windows(calibration_windows(config.dataset, lambda: tokenizer_for(model), config.num_samples,
                                                  config.seq_len, config.seed, model.get_input_embeddings().num_embeddings))

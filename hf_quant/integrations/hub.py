@@ -33,6 +33,7 @@ from ..core import gguf, packed_bytes
 from ..io.checkpoint import WEIGHT_FILE_PATTERNS, index_checkpoint
 from ..io.native import write_checkpoint
 from ..methods import get_method
+from ..runtime import multimodal
 from ..runtime.convert import mix_context
 
 logger = logging.getLogger("hf_quant")
@@ -104,6 +105,16 @@ def checkpoint_summary(directory: str | os.PathLike) -> dict[str, Any]:
             "bf16_bytes": bf16, "safetensors_bytes": files}
 
 
+def _auto_class_name(directory: str | os.PathLike) -> str:
+    """The transformers auto class that loads the checkpoint in `directory` (`multimodal.auto_class`)."""
+    from transformers import AutoConfig
+
+    try:
+        return multimodal.auto_class(AutoConfig.from_pretrained(directory)).__name__
+    except Exception:  # a config this transformers cannot build: the card still names the usual class
+        return "AutoModelForCausalLM"
+
+
 def model_card(directory: str | os.PathLike, repo_id: str | None = None, *, base_model: str | None = None,
                evaluation: dict | None = None) -> ModelCard:
     """A model card for the hf_quant checkpoint saved in `directory`.
@@ -124,7 +135,9 @@ def model_card(directory: str | os.PathLike, repo_id: str | None = None, *, base
     if get_method(qc.method).act_order and qc.desc_act:
         method += " with act-order" + (" (static groups)" if qc.static_groups else "")
     tags = ["hf_quant", *qc.method.split("+"), f"{qc.bits}-bit", "quantized"]
-    data = ModelCardData(library_name="transformers", pipeline_tag="text-generation", tags=tags,
+    auto = _auto_class_name(directory)
+    data = ModelCardData(library_name="transformers", tags=tags,
+                         pipeline_tag="text-generation" if auto == "AutoModelForCausalLM" else "image-text-to-text",
                          base_model=base if _is_hub_id(base) else None,
                          base_model_relation="quantized" if _is_hub_id(base) else None)
     group = "per output channel" if qc.group_size == -1 else str(qc.group_size)
@@ -157,9 +170,9 @@ def model_card(directory: str | os.PathLike, repo_id: str | None = None, *, base
 
 ```python
 import hf_quant  # registers the quantization method with transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import {auto}, AutoTokenizer
 
-model = AutoModelForCausalLM.from_pretrained("{name}", device_map="auto")
+model = {auto}.from_pretrained("{name}", device_map="auto")
 tokenizer = AutoTokenizer.from_pretrained("{name}")
 ```
 

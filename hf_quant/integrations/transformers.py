@@ -26,7 +26,8 @@ from ..methods import get_method
 from ..runtime import QuantLinear
 from ..runtime import experts
 from ..runtime.convert import (dequantize_model, find_targets, prepare_experts, replace_with_empty_quant_linears,
-                               resolve_modules_to_not_convert, warn_float_expert_weights)
+                               resolve_modules_to_not_convert, warn_float_expert_weights,
+                               warn_unmatched_skips)
 from .. import training
 from . import hub
 from . import peft as peft_integration
@@ -76,6 +77,8 @@ class HfQuantQuantizer(HfQuantizer):
         skip = resolve_modules_to_not_convert(model, config.modules_to_not_convert, keep)
         if config.modules_to_not_convert is None:
             config.modules_to_not_convert = skip  # saved resolved, so a reload rebuilds the same layers
+        elif not self.pre_quantized:
+            warn_unmatched_skips(model, config.modules_to_not_convert)
         self._skip = skip
         # MoE experts: unfused on the meta device where the checkpoint holds them per expert; a float model's are
         # unfused once its weights are loaded (`_process_model_after_weight_loading`)

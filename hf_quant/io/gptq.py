@@ -28,6 +28,7 @@ from ..core import QUANT_BUFFERS
 from ..core.layers import FLOAT_LINEARS, linear_shape
 from ..runtime import QuantLinear
 from ..runtime.experts import refuse_unfused
+from ..runtime import multimodal
 from ..runtime.convert import find_targets, resolve_modules_to_not_convert
 from .atomic import atomic_directory
 from .checkpoint import check_module_tensors, index_checkpoint, write_json
@@ -256,13 +257,13 @@ def _weight_files(src_dir: Path, src: Any, importer: str = "import_gptq") -> lis
 
 def _skeleton(src_dir: Path) -> nn.Module:
     """The model built from config.json on the meta device: which linears exist, and of which type."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(src_dir)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # build the float model; the GPTQ quantizer is not involved
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return multimodal.auto_class(config).from_config(config)
 
 
 def _model_name(ckpt_name: str, linears: dict[str, nn.Module], prefix: str, src: Any) -> str:

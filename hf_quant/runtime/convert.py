@@ -13,7 +13,7 @@ from ..config import LayerSpec, QuantConfig
 from ..core import gguf
 from ..core.layers import FLOAT_LINEARS, float_layer, is_conv1d, linear_shape, set_module
 from ..methods import get_method
-from . import experts
+from . import experts, multimodal
 from .quant_linear import QuantLinear
 from .scheme import ActivationSpec
 
@@ -48,6 +48,7 @@ def mix_context(model_config: Any) -> tuple[int | None, int]:
     """(layer count, heads per KV head) of a transformers config: what a GGUF mix's types depend on."""
     if model_config is None:
         return None, 1
+    model_config = multimodal.text_config(model_config)  # a multimodal model's language model
     get = model_config.get if isinstance(model_config, dict) else lambda k, d=None: getattr(model_config, k, d)
     n_layers = get("num_hidden_layers") or get("n_layer")
     heads = get("num_attention_heads") or get("n_head") or 1
@@ -220,13 +221,34 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -
 def resolve_modules_to_not_convert(model: nn.Module, requested: list[str] | None,
                                    keep_in_fp32: list[str] | None) -> list[str]:
     """The modules kept in float: `requested` if given, else transformers' defaults (output embeddings,
-    the last module); plus the model's keep-in-fp32 modules and tied weights, which are never quantized."""
+    the last module) and, in a multimodal model, every module outside its language model (vision / audio
+    encoders and projectors: `multimodal.non_text_modules`); plus the model's keep-in-fp32 modules and tied
+    weights, which are never quantized."""
     from transformers.quantizers import HfQuantizer
 
     skip = HfQuantizer.get_modules_to_not_convert(model, requested, keep_in_fp32)
+    if requested is None:
+        skip += multimodal.non_text_modules(model)
     tied = getattr(model, "all_tied_weights_keys", None) or {}
     skip += [k.removesuffix(".weight") for k in set(tied) | set(tied.values())]
     return sorted(set(skip))
+
+
+def warn_unmatched_skips(model: nn.Module, requested: list[str] | None) -> list[str]:
+    """Warn of each entry of a user's `modules_to_not_convert` that matches no linear layer of `model` (its full
+    name, a dotted suffix of it, or a prefix ending at a module boundary: `_skipped`, as transformers matches
+    them), and return those entries. The usual slip is an inner module's bare name such as 'vision_tower': it
+    names `model.vision_tower` but none of the linears below it, whose names go on (`model.vision_tower.encoder.
+    ...`); the warning names the prefix that keeps them in float."""
+    layers = [n for n, m in model.named_modules() if isinstance(m, FLOAT_LINEARS) or experts.is_fused_experts(m)]
+    unmatched = [k for k in requested or [] if not any(_skipped(n, [k]) for n in layers)]
+    for k in unmatched:
+        above = sorted({n[: n.index(f".{k}.") + len(k) + 1] for n in layers if f".{k}." in n}, key=len)
+        hint = f"to keep the layers below {above[0]} in float, name it in full: {above[0]!r}" if above else (
+            "entries match a layer's full name, a dotted suffix of it, or a prefix ending at a module boundary")
+        logger.warning("hf_quant: QuantConfig.modules_to_not_convert entry %r matches no linear layer of %s; %s.",
+                       k, type(model).__name__, hint)
+    return unmatched
 
 
 def quantized_specs(model: nn.Module) -> dict[str, LayerSpec]:
