@@ -13,7 +13,7 @@ import pytest
 import torch
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import hf_quant
 from hf_quant.cli import main
@@ -50,6 +50,7 @@ def no_loading(monkeypatch):
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(load))
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(load))
+    monkeypatch.setattr(AutoConfig, "from_pretrained", classmethod(load))  # which model class: read before loading
 
 
 @pytest.fixture()
@@ -216,6 +217,7 @@ def test_a_hub_repo_id_is_not_taken_for_a_path(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(load))
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(load))
+    monkeypatch.setattr(AutoConfig, "from_pretrained", classmethod(load))
     assert refused(capsys, "eval", "org/no-such-model") == (
         "hf-quant eval: MODEL org/no-such-model: could not be loaded (OSError: org/no-such-model is not a local "
         "folder and is not a valid model identifier)")
