@@ -127,8 +127,11 @@ class QuantConfig(QuantizationConfigMixin):
             in_features does not fit the group size.
         dataset: calibration data for methods that need it (GPTQ): a list of strings, of token-id
             tensors or of dicts with "input_ids", a `datasets.Dataset`, or None for the packaged
-            public-domain text. Not saved.
-        num_samples, seq_len, seed: calibration windows drawn from `dataset` (without overlap).
+            public-domain text; cut into windows. For a multimodal model, a list of its processor's
+            outputs (dicts with `pixel_values`, `image_grid_thw`, ...: one prompt each, unpadded): each
+            is one whole calibration sample, run through the whole model. Not saved.
+        num_samples, seq_len, seed: calibration windows drawn from `dataset` (without overlap); with
+            whole samples, `num_samples` of them drawn with `seed` (seq_len does not apply).
         damp_percent, block_size: GPTQ's Hessian dampening (fraction of its mean diagonal) and
             lazy-update block width.
         desc_act: GPTQ's act-order: quantize input channels by decreasing Hessian diagonal. Groups

@@ -51,7 +51,7 @@ from .calibration.blockwise import (block_at_work, calibrate_block, capture_bloc
                                     compute_dtype, find_blocks, log_block, outside_blocks_error, tokenizer_for,
                                     work_device)
 from .calibration.activations import SpilledInputs, Spiller
-from .calibration.data import calibration_windows, describe_dataset
+from .calibration.data import calibration_windows, describe_dataset, fingerprint as data_fingerprint
 from .calibration.layer import quantize_layer
 from .config import QuantConfig
 from .compat import checkpoint_converters, checkpoint_key_renamer, recompute_non_persistent_buffers
@@ -449,7 +449,7 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
                                                                                "hessian_dtype": config.hessian_dtype}),
            "dtype": str(model_dtype), "hf_quant": __version__, "processes": ddp.world(),
            "compute": str(compute_dtype(config, model_dtype, work_device(config, torch.device("cpu")))),
-           "data": None if windows is None else hashlib.sha256(windows.numpy().tobytes()).hexdigest()}
+           "data": None if windows is None else data_fingerprint(windows)}
     if windows is not None:
         check_data_parallel(config)
         windows = ddp.my_windows(windows)  # data-parallel: this rank's share

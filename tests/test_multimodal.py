@@ -278,3 +278,143 @@ def test_model_card_of_a_vlm(vlm_dirs, tmp_path):
     assert card.data.pipeline_tag == "image-text-to-text"
     assert "AutoModelForImageTextToText.from_pretrained" in card.text
     assert "model.vision_tower" in card.text
+
+
+# --- calibration on whole multimodal samples (processor outputs) ---------------------------------------------
+
+def image_samples(n: int, seed: int = 3, pixels_seed: int | None = None) -> list[dict]:
+    """n processor-like outputs: text, one image's tokens, text (lengths differ), and the image's pixels."""
+    g = torch.Generator().manual_seed(seed)
+    gp = g if pixels_seed is None else torch.Generator().manual_seed(pixels_seed)
+    samples = []
+    for i in range(n):
+        ids = torch.cat([torch.randint(5, 900, (10 + i,), generator=g), torch.full((16,), IMAGE_TOKEN),
+                         torch.randint(5, 900, (12 + 2 * i,), generator=g)])
+        samples.append({"input_ids": ids[None], "attention_mask": torch.ones(1, ids.numel(), dtype=torch.long),
+                        "pixel_values": torch.randn(1, 3, 32, 32, generator=gp)})
+    return samples
+
+
+def packed(model):
+    return {n: (m.qweight.clone(), m.scales.clone()) for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def test_calibration_on_image_samples_sees_the_image_tokens(vlm_dirs, monkeypatch):
+    from hf_quant.calibration import blockwise
+
+    seen = []
+    real = blockwise.capture_block_inputs
+
+    def capture(model, block, windows, *args, **kwargs):
+        inputs = real(model, block, windows, *args, **kwargs)
+        seen.extend(inputs[i][0][0].shape[1] for i in range(len(inputs)))
+        return inputs
+
+    monkeypatch.setattr(blockwise, "capture_block_inputs", capture)
+    src = vlm_dirs["llava"]
+    samples = image_samples(6)
+
+    def quantize(data, **kw):
+        return AutoModelForImageTextToText.from_pretrained(src, quantization_config=hf_quant.QuantConfig(
+            method="gptq", bits=4, group_size=32, dataset=data, num_samples=4, **kw))
+
+    q = quantize(samples)
+    lengths = [s["input_ids"].shape[1] for s in samples]
+    assert len(seen) == 4 and set(seen) <= set(lengths) and len(set(seen)) == 4  # 4 whole samples, own lengths
+    assert "multimodal sample(s) (attention_mask, input_ids, pixel_values); 4 of them" in (
+        q.config.quantization_config.provenance["calibration"])
+    again = packed(quantize(samples))
+    assert all(torch.equal(again[n][0], v[0]) for n, v in packed(q).items())  # reproducible (seeded choice)
+    # the pixels reach the statistics: other images, same text, other codes
+    other = packed(quantize(image_samples(6, pixels_seed=11)))
+    assert any(not torch.equal(other[n][0], v[0]) for n, v in packed(q).items())
+    ids, pixels = image_prompt("llava")
+    fp = AutoModelForImageTextToText.from_pretrained(src).eval()
+    assert rel(logits(q, ids, pixels), logits(fp, ids, pixels)) < 0.35
+
+
+@pytest.mark.parametrize("method", ["awq", "omniquant", "w8a8"])
+def test_other_calibrating_methods_take_image_samples(vlm_dirs, method):
+    kw = dict(epochs=1) if method == "omniquant" else dict(bits=8, group_size=-1) if method == "w8a8" else {}
+    kw = {"bits": 4, "group_size": 32, **kw}
+    q = AutoModelForImageTextToText.from_pretrained(vlm_dirs["llava"], quantization_config=hf_quant.QuantConfig(
+        method=method, dataset=image_samples(4), num_samples=4, **kw))
+    ids, pixels = image_prompt("llava")
+    fp = AutoModelForImageTextToText.from_pretrained(vlm_dirs["llava"]).eval()
+    assert quantized(q) and rel(logits(q, ids, pixels), logits(fp, ids, pixels)) < 0.35
+
+
+def test_streaming_with_image_samples_writes_the_in_memory_files(vlm_dirs, tmp_path):
+    config = hf_quant.QuantConfig(method="gptq", bits=4, group_size=32, dataset=image_samples(5), num_samples=4)
+    AutoModelForImageTextToText.from_pretrained(vlm_dirs["llava"], quantization_config=config).save_pretrained(
+        tmp_path / "memory")
+    hf_quant.quantize_checkpoint(vlm_dirs["llava"], tmp_path / "stream", config, tokenizer=None)
+    assert (tmp_path / "stream" / "model.safetensors").read_bytes() == (
+        tmp_path / "memory" / "model.safetensors").read_bytes()
+
+
+def test_spilled_activations_of_image_samples_are_bit_identical(vlm_dirs, tmp_path):
+    def quantize(**kw):
+        return packed(AutoModelForImageTextToText.from_pretrained(vlm_dirs["llava"], quantization_config=(
+            hf_quant.QuantConfig(method="gptq", bits=4, group_size=32, dataset=image_samples(4), num_samples=4,
+                                 **kw))))
+
+    memory, spilled = quantize(), quantize(spill_activations=True, spill_dir=str(tmp_path))
+    assert all(torch.equal(spilled[n][0], v[0]) and torch.equal(spilled[n][1], v[1]) for n, v in memory.items())
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda s: s[:2] + ["some text"], r"mixes whole samples .*\(item 2 is a str\)"),
+    (lambda s: [{k: v for k, v in x.items() if k != "input_ids"} for x in s], r"sample 0 has no 'input_ids'"),
+    (lambda s: [{**x, "input_ids": x["input_ids"].repeat(2, 1)} for x in s], r"sample 0 has input_ids of shape \(2, "),
+    (lambda s: [{**x, "attention_mask": torch.zeros_like(x["attention_mask"])} for x in s], r"sample 0 is padded"),
+    (lambda s: [{**x, "input_ids": x["input_ids"] + 5000} for x in s], r"sample 0 has token id \d+, outside"),
+    (lambda s: s[:3], r"has 3 samples, but num_samples=4 asks for more; .* num_samples=3"),
+])
+def test_bad_samples_are_refused_by_name(vlm_dirs, bad, match):
+    from hf_quant.calibration.data import calibration_windows
+
+    with pytest.raises(ValueError, match=match):
+        calibration_windows(bad(image_samples(4)), lambda: None, 4, 64, 0, 1000)
+
+
+def test_samples_are_told_apart_from_text():
+    from hf_quant.calibration.data import CalibrationSamples, calibration_windows, fingerprint, is_sample_dataset
+
+    text = [{"input_ids": torch.arange(300), "attention_mask": torch.ones(300)}]
+    assert not is_sample_dataset(text) and not is_sample_dataset(["a"]) and not is_sample_dataset(None)
+    windows = calibration_windows(text, lambda: None, 4, 64, 0, 1000)
+    assert isinstance(windows, torch.Tensor) and windows.shape == (4, 64)  # token dicts are still cut into windows
+    samples = calibration_windows(image_samples(4), lambda: None, 4, 64, 0, 1000)
+    assert isinstance(samples, CalibrationSamples) and len(samples) == 4
+    assert fingerprint(samples) == fingerprint(calibration_windows(image_samples(4), lambda: None, 4, 64, 0, 1000))
+    assert fingerprint(samples) != fingerprint(calibration_windows(image_samples(4, pixels_seed=5), lambda: None, 4,
+                                                                   64, 0, 1000))
+
+
+def test_qwen2_5_vl_calibrates_on_its_processor_layout(tmp_path):
+    """Qwen2.5-VL's processor gives flattened patches (patches, 3*2*14*14) and `image_grid_thw`, and positions in 3
+    rotary sections: the block inputs of each sample carry them."""
+    text = dict(TEXT, rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 1e6})
+    text.pop("head_dim")
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128,
+                  fullatt_block_indexes=[1])
+    config = AutoConfig.for_model("qwen2_5_vl", text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN,
+                                  video_token_id=998, vision_start_token_id=997, vision_end_token_id=996)
+    torch.manual_seed(0)
+    AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    for i in range(4):
+        ids = torch.cat([torch.randint(5, 900, (8 + i,), generator=g), torch.tensor([997]),
+                         torch.full((4,), IMAGE_TOKEN), torch.tensor([996]), torch.randint(5, 900, (10,), generator=g)])
+        samples.append({"input_ids": ids[None], "attention_mask": torch.ones(1, ids.numel(), dtype=torch.long),
+                        "pixel_values": torch.randn(16, 3 * 2 * 14 * 14, generator=g),
+                        "image_grid_thw": torch.tensor([[1, 4, 4]])})
+    fp = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    q = AutoModelForImageTextToText.from_pretrained(tmp_path, quantization_config=hf_quant.QuantConfig(
+        method="gptq", bits=4, group_size=32, dataset=samples, num_samples=4))
+    assert multimodal.non_text_modules(q) == ["model.visual"] and len(quantized(q)) == 14
+    inputs = {**samples[0], "pixel_values": samples[0]["pixel_values"].to(torch.bfloat16)}
+    with torch.no_grad():
+        assert rel(q(**inputs).logits.float(), fp(**inputs).logits.float()) < 0.35

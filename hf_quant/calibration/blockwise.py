@@ -39,7 +39,7 @@ from ..runtime.experts import projection_of
 from . import distributed as ddp
 from .activations import SpilledInputs, Spiller, share_repeats
 from .layer import quantize_layer
-from .data import calibration_windows
+from .data import CalibrationSamples, calibration_windows, model_inputs
 
 logger = logging.getLogger("hf_quant")
 
@@ -112,7 +112,7 @@ def _to(obj: Any, device: torch.device) -> Any:
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, block: nn.Module, windows: torch.Tensor,
+def capture_block_inputs(model: nn.Module, block: nn.Module, windows: torch.Tensor | CalibrationSamples,
                          dtype: torch.dtype | None = None, spiller: Spiller | None = None
                          ) -> list[tuple[tuple, dict]] | SpilledInputs:
     """(args, kwargs) with which `block` is called for each calibration window; their floating tensors in
@@ -143,10 +143,11 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, windows: torch.Tens
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     device = offload.execution_device(model.get_input_embeddings())
+    model_dtype = getattr(model, "dtype", None)
     try:
-        for window in windows:
+        for window in windows:  # token windows, or whole multimodal samples (`data.CalibrationSamples`)
             try:
-                model(input_ids=window[None].to(device), use_cache=False)
+                model(**model_inputs(window, device, model_dtype), use_cache=False)
             except _StopForward:
                 pass
     finally:

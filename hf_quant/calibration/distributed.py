@@ -53,12 +53,13 @@ def init_from_env() -> bool:
     return active()
 
 
-def my_windows(windows: torch.Tensor) -> torch.Tensor:
-    """This rank's share of the calibration windows (all of them in one process)."""
+def my_windows(windows: Any) -> Any:
+    """This rank's share of the calibration windows (a tensor of token windows, or a list of whole samples; all of
+    them in one process)."""
     if not active():
         return windows
-    if windows.shape[0] < world():
-        raise ValueError(f"QuantConfig.num_samples={windows.shape[0]} is smaller than the {world()} processes "
+    if len(windows) < world():
+        raise ValueError(f"QuantConfig.num_samples={len(windows)} is smaller than the {world()} processes "
                          "calibrating together; use at least one window per process.")
     return windows[rank()::world()]
 
