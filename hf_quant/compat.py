@@ -23,6 +23,15 @@ def keep_in_fp32_modules(model: Any) -> list[str] | None:
     return list(value) if value else None
 
 
+def auto_class_model(auto: Any, config: Any) -> Any:
+    """The model class the transformers auto class `auto` builds for `config`, or None if it does not know the
+    config. The private `_model_mapping` is the only way to ask without building a model: `from_config` would
+    construct it, and the public MODEL_FOR_*_MAPPING constants do not cover every auto class (e.g.
+    AutoModelForMultimodalLM)."""
+    mapping = getattr(auto, "_model_mapping", None)
+    return mapping[type(config)] if mapping is not None and type(config) in mapping else None
+
+
 # --- PEFT --------------------------------------------------------------------------------------------
 # PEFT 0.21 picks a LoRA layer class through a fixed list of dispatchers inside the private
 # `LoraModel._create_new_module`; its only third-party hook, `LoraConfig._register_custom_module`, is

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from .. import compat
 from ..core.layers import FLOAT_LINEARS
 
 
@@ -89,9 +90,9 @@ def auto_class(config: Any) -> Any:
     import transformers
 
     autos = [getattr(transformers, name) for name in _AUTO_CLASSES if hasattr(transformers, name)]
-    knows = [auto for auto in autos if type(config) in auto._model_mapping]
+    knows = [auto for auto in autos if compat.auto_class_model(auto, config) is not None]
     named = set(getattr(config, "architectures", None) or [])
     for auto in knows:
-        if auto._model_mapping[type(config)].__name__ in named:
+        if compat.auto_class_model(auto, config).__name__ in named:
             return auto
     return knows[0] if knows else autos[0]
