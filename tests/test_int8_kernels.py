@@ -233,7 +233,9 @@ def test_exact_split_kernels_are_as_close_as_fp32(m, sym, bias, kind, name):
     x = _split_inputs(m, 512, torch.float32, kind, seed=m)
     out, _, err, err_ref = _errors_against_float64(layer, x, name)
     assert out.dtype == torch.float32
-    assert err <= 1.5 * err_ref + 1e-8, (err, err_ref)
+    # the floor is the fp32 output's own rounding (up to eps/2 per element): on one row of 48 outputs the reference's
+    # error can sit far below it by luck (2.8e-8 against the split kernel's 7.5e-8 on an AVX-512 VNNI Xeon)
+    assert err <= 1.5 * err_ref + torch.finfo(torch.float32).eps, (err, err_ref)
 
 
 @pytest.mark.parametrize("kind", ["plain", "massive"])

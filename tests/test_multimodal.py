@@ -418,3 +418,14 @@ def test_qwen2_5_vl_calibrates_on_its_processor_layout(tmp_path):
     inputs = {**samples[0], "pixel_values": samples[0]["pixel_values"].to(torch.bfloat16)}
     with torch.no_grad():
         assert rel(q(**inputs).logits.float(), fp(**inputs).logits.float()) < 0.35
+
+
+def test_the_command_line_quantizes_a_vlm_whole(vlm_dirs, tmp_path, capsys):
+    from hf_quant.cli import main
+
+    main(["-q", "quantize", str(vlm_dirs["llava"]), str(tmp_path / "q"), "--method", "rtn", "--bits", "4",
+          "--group-size", "32"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    q = AutoModelForImageTextToText.from_pretrained(tmp_path / "q")
+    assert type(q) is LlavaForConditionalGeneration and result["quantized_layers"] == len(quantized(q)) == 14
+    assert all(n.startswith("model.language_model.") for n in quantized(q))

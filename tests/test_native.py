@@ -185,7 +185,7 @@ def test_native_codes_match_the_unrounded_weight(spec, in_f, rows, out_f):
         with kernels.use_kernel("reference"):
             assert rel_err(out, layer(x)) < 1e-2
     y = torch.empty(rows, out_f)  # fp32 output: no output rounding left
-    packed, scale, offset, bias, perm = kernel.prepare(layer, CPU, torch.bfloat16)
+    packed, scale, offset, bias, perm = kernel.operands(layer)
     xs = x if perm is None else x.index_select(1, perm)
     corr = xs.float().view(rows, offset.shape[0], -1).sum(dim=2) @ offset
     native.codes_gemm(xs.contiguous(), packed, scale, corr, bias, y)
@@ -193,6 +193,56 @@ def test_native_codes_match_the_unrounded_weight(spec, in_f, rows, out_f):
     S = scale.repeat_interleave(in_f // scale.shape[1], dim=1)
     size = 144 if spec.bits <= 4 else 16 * 144 + 144
     assert ((y - exact).abs() <= 1e-6 * size * (xs.float().abs() @ S.t()) + 1e-6 * layer.bias.float().abs()).all()
+
+
+needs_codes_amx = pytest.mark.skipif(not native.has_codes_amx(), reason="the AMX codes kernel needs AMX-BF16 (and "
+                                     "Linux granting the tile state)")
+
+
+@needs_codes_amx
+@pytest.mark.parametrize("spec,in_f", [
+    (LayerSpec(4, 128, False), 384), (LayerSpec(4, 128, True, True), 512), (LayerSpec(4, 32, False), 96),
+    (LayerSpec(3, 256, False), 512), (LayerSpec(2, 32, True), 64), (LayerSpec(4, -1, False), 128),
+    (LayerSpec(8, -1, False), 320), (LayerSpec(8, 32, True), 96), (LayerSpec(8, 128, False, True), 384),
+    (LayerSpec(6, 64, False), 192)])
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 64, 70, 133])  # blocks of 16 rows, groups of 4 blocks, remainders
+@pytest.mark.parametrize("out_f", [1, 37])  # a partial block of 16 weight rows
+def test_native_amx_codes_match_the_unrounded_weight(spec, in_f, rows, out_f):
+    """native_int4_amx / native_int8_amx: the AVX-512 kernels' products and sums on AMX tiles, every row count."""
+    layer, _ = make_layer(out_f, in_f, spec, bias=True, dtype=torch.bfloat16, seed=rows + out_f)
+    kernel = KERNELS.get("native_int4_amx" if spec.bits <= 4 else "native_int8_amx")
+    assert kernel in cpu_measure.candidates(layer, CPU, torch.bfloat16)
+    x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+    out = kernel.forward(layer, x, kernel.prepare(layer, CPU, torch.bfloat16))
+    W = dequantize_weight(layer.qweight, layer.scales, layer.qzeros, layer.spec, in_f, torch.float32, layer.g_idx)
+    exact = x.float() @ W.t() + layer.bias.float()
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, out_f)
+    assert rel_err(out, exact) < 4e-3
+    y, y512 = torch.empty(rows, out_f), torch.empty(rows, out_f)
+    gemm, offset, perm = kernel.prepare(layer, CPU, torch.bfloat16)
+    packed, scale, _, bias, _ = kernel.operands(layer)
+    xs = (x if perm is None else x.index_select(1, perm)).contiguous()
+    corr = xs.float().view(rows, offset.shape[0], -1).sum(dim=2) @ offset
+    native.codes_gemm(xs, packed, scale, corr, bias, y, amx=True)
+    S = scale.repeat_interleave(in_f // scale.shape[1], dim=1)
+    size = 144 if spec.bits <= 4 else 16 * 144 + 144
+    assert ((y - exact).abs() <= 1e-6 * size * (xs.float().abs() @ S.t()) + 1e-6 * layer.bias.float().abs()).all()
+    if native.codes_group_size_ok(in_f // scale.shape[1], spec.bits <= 4, torch.bfloat16):  # the AVX-512 kernel too
+        native.codes_gemm(xs, packed, scale, corr, bias, y512)
+        assert ((y - y512).abs() <= 2e-6 * size * (xs.float().abs() @ S.t()) + 1e-6).all()
+
+
+@needs_codes_amx
+def test_native_amx_refusals():
+    layer, _ = make_layer(8, 64, LayerSpec(4, 16, False), bias=False)  # groups of 16
+    assert not KERNELS.get("native_int4_amx").supports(layer, CPU, torch.bfloat16)
+    layer, _ = make_layer(8, 256, LayerSpec(4, 128, False), bias=False)
+    assert not KERNELS.get("native_int4_amx").supports(layer, CPU, torch.float32)  # bf16 tiles only
+    assert KERNELS.get("native_int4_amx_bf16") in cpu_measure.candidates(layer, CPU, torch.float32, allow_bf16=True)
+    assert KERNELS.get("native_int4_amx_bf16") not in cpu_measure.candidates(layer, CPU, torch.float32)
+    x, packed = torch.zeros(2, 256, dtype=torch.bfloat16), torch.zeros(8, 16, 8, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="native codes_gemm: bad operands"):  # groups of 16
+        native.codes_gemm(x, packed, torch.ones(8, 16), torch.zeros(2, 8), None, torch.empty(2, 8), amx=True)
 
 
 @needs_codes_bf16

@@ -536,6 +536,29 @@ class NativeCodesKernel(Kernel):
         return out if x.dim() == 2 else out.view(*x.shape[:-1], N)
 
 
+class NativeAmxKernel(NativeCodesKernel):
+    """The fused codes x bf16 GEMM on AMX tiles ("native_int4_amx", "native_int8_amx"; bf16 activations, CPUs with
+    AMX-BF16 where Linux grants the tile state: Sapphire Rapids and later). The weight's 16 x 32 tiles are made in L1
+    from the codes by the same OR trick as "native_int4" (128 + q; a byte's high nibble as 16 (128 + h)) and meet x,
+    transposed into AMX's pair layout once per call, in `tdpbf16ps`: exact products, fp32 sums, the scale applied to
+    each group's tile. No dequantized weight is written to memory, at any row count: on AMX CPUs bf16 `F.linear`
+    runs on the tiles from 8 rows up, where the AVX-512 kernels fall behind it. Group sizes: multiples of 32 (GGUF
+    sub-blocks of 32 included); act-order layers by the sorted-channel trick. A candidate of the measured dispatch
+    only, at every row count."""
+
+    MAX_ROWS = None
+
+    def group_size_ok(self, gs: int) -> bool:
+        return native.codes_group_size_ok(gs, self.nibbles, self.compute, amx=True)
+
+    def built(self) -> bool:
+        return native.has_codes_amx()
+
+    def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
+        packed, scale, offset, bias, perm = self.operands(layer)
+        return native.CodesGemm(packed, scale, bias, self.compute, amx=True), offset, perm
+
+
 class NativeI16Kernel(NativeCodesKernel):
     """Decoding on CPUs without AVX512-BF16 ("native_int4_i16", "native_int8_i16"; AVX2), in one native call
     (`native.codes_i16_gemv`): each activation row written as int16 codes, x ~ s1 c1 (+ s2 c2), their products with
@@ -615,7 +638,9 @@ def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
 
 for _kernel in (Int4CpuKernel(), Int4x2CpuKernel(), Int8CpuKernel(), DequantTilesKernel(), NativeTilesKernel(),
                 NativeDequantMatmulKernel(), NativeCodesKernel("native_int4", True, torch.bfloat16),
-                NativeCodesKernel("native_int8", False, torch.bfloat16)):
+                NativeCodesKernel("native_int8", False, torch.bfloat16), NativeAmxKernel("native_int4_amx", True,
+                                                                                         torch.bfloat16),
+                NativeAmxKernel("native_int8_amx", False, torch.bfloat16)):
     register_kernel(_kernel)
     register_kernel(Bf16ActivationsKernel(_kernel))
     if isinstance(_kernel, (DequantTilesKernel, _NativeDequant)):  # the prefill paths: fp32 GEMMs for bf16 models

@@ -113,8 +113,9 @@ def _load() -> ctypes.CDLL:
         fn.argtypes, fn.restype = args, ctypes.c_int
     P, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.hfq_caps.argtypes, lib.hfq_caps.restype = [], INT
-    for fn in (lib.hfq_codes_bf16_gemm, lib.hfq_codes_f32_gemm):
+    for fn in (lib.hfq_codes_bf16_gemm, lib.hfq_codes_f32_gemm, lib.hfq_codes_amx_gemm):
         fn.argtypes, fn.restype = [P, I64, I64, P, P, P, P, P, I64, I64, I64, INT, INT, INT], INT
+    lib.hfq_amx_enable.argtypes, lib.hfq_amx_enable.restype = [], INT
     lib.hfq_codes_i16_gemv.argtypes = [P, INT, I64, I64, INT, ctypes.c_float, P, P, P, P, P, INT, I64, I64, I64, INT,
                                        INT]
     lib.hfq_codes_i16_gemv.restype = INT
@@ -211,6 +212,7 @@ CAP_CODES_I16 = 8  # hfq_codes_i16_gemv compiled (AVX2)
 CAP_INT8 = 16  # hfq_int8_gemm compiled (AVX-512 VNNI, or AVX2: CAP_INT8_AVX2 too)
 CAP_INT8_AVX2 = 32  # hfq_int8_gemm in its AVX2 form (vpmaddubsw on |w| and sign(w) * c)
 CAP_MSE = 64  # hfq_mse_search compiled (AVX2 + FMA)
+CAP_CODES_AMX = 128  # hfq_codes_amx_gemm compiled (AMX-TILE + AMX-BF16 + AVX512-BF16)
 # corr's offset per layout: bf16, nibbles 128 + q, bytes 16 (128 + high) + (128 + low) = u + 2176; fp32: q itself
 CODES_OFFSET = {(torch.bfloat16, True): 128.0, (torch.bfloat16, False): 2176.0,
                 (torch.float32, True): 0.0, (torch.float32, False): 0.0}
@@ -228,6 +230,17 @@ def _caps() -> int:
 def has_codes_bf16() -> bool:
     """Whether the fused codes x bf16 kernel (`codes_gemm` with bf16 x) is built for this CPU."""
     return bool(_caps() & CAP_CODES_BF16)
+
+
+def has_codes_amx() -> bool:
+    """Whether the fused codes x bf16 kernel on AMX tiles (`codes_gemm` with amx=True) is built for this CPU and
+    Linux lets this process use the tiles (asked once per process)."""
+    if not _caps() & CAP_CODES_AMX:
+        return False
+    granted = _state.get("amx")
+    if granted is None:
+        granted = _state["amx"] = library().hfq_amx_enable() == 0
+    return granted
 
 
 def has_codes_f32() -> bool:
@@ -687,11 +700,13 @@ def sign_dequantize_into(bits: torch.Tensor, scale: torch.Tensor, out: torch.Ten
     return out
 
 
-def codes_group_size_ok(gs: int, nibbles: bool, compute: torch.dtype) -> bool:
+def codes_group_size_ok(gs: int, nibbles: bool, compute: torch.dtype, amx: bool = False) -> bool:
     """Group sizes `codes_gemm` takes: bf16 nibbles 32 or multiples of 64, bf16 bytes multiples of 32; fp32
-    multiples of twice the vector width (32 with AVX-512, 16 with AVX2)."""
+    multiples of twice the vector width (32 with AVX-512, 16 with AVX2); on AMX tiles, multiples of 32."""
     if gs <= 0:
         return False
+    if amx:
+        return gs % 32 == 0
     if compute == torch.float32:
         width = library().hfq_codes_f32_vector_width() if has_codes_f32() else 0
         return width > 0 and gs % (2 * width) == 0
@@ -699,22 +714,23 @@ def codes_group_size_ok(gs: int, nibbles: bool, compute: torch.dtype) -> bool:
 
 
 def codes_gemm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, corr: torch.Tensor,
-               bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+               bias: torch.Tensor | None, out: torch.Tensor, amx: bool = False) -> torch.Tensor:
     """out (M, N) fp32 or bf16 = x (M, K) @ W.T + bias with W[n, g*gs + j] = (q - zero[n, g]) * scale[n, g]
     computed without W: packed (N, G, gs/2) nibbles or (N, G, gs) bytes (the `dequantize_into` layouts, told
     apart by K), scale (N, G) fp32 and corr (M, N) fp32 = xsum (M, G) @ (scale * (zero + offset)).T, xsum the
     per-group sums of x in fp32 and offset CODES_OFFSET[(x.dtype, nibbles)]. x bf16: AVX512-BF16 dot products
-    (`has_codes_bf16`); x fp32: fp32 FMAs (`has_codes_f32`). A kernel calling it per token binds the weight's
-    operands once instead (`CodesGemm`)."""
-    return CodesGemm(packed, scale, bias, x.dtype)(x, corr, out)
+    (`has_codes_bf16`), or with amx=True AMX tiles (`has_codes_amx`; group sizes: multiples of 32); x fp32: fp32
+    FMAs (`has_codes_f32`). A kernel calling it per token binds the weight's operands once instead (`CodesGemm`)."""
+    return CodesGemm(packed, scale, bias, x.dtype, amx)(x, corr, out)
 
 
-def _codes_library(compute: torch.dtype) -> ctypes.CDLL:
+def _codes_library(compute: torch.dtype, amx: bool = False) -> ctypes.CDLL:
     lib = library()
-    if (lib is None or compute not in (torch.bfloat16, torch.float32)
-            or not (has_codes_bf16() if compute == torch.bfloat16 else has_codes_f32())):
-        raise RuntimeError(f"native codes x {compute} kernel unavailable: "
-                           f"{unavailable_reason() or 'not built for this CPU (bf16: AVX512-BF16; fp32: AVX2 + FMA)'}")
+    if (lib is None or compute not in (torch.bfloat16, torch.float32) or (amx and compute != torch.bfloat16)
+            or not (has_codes_amx() if amx else has_codes_bf16() if compute == torch.bfloat16 else has_codes_f32())):
+        raise RuntimeError(f"native codes x {compute}{' (AMX)' if amx else ''} kernel unavailable: "
+                           f"{unavailable_reason() or 'not built for this CPU (bf16: AVX512-BF16; fp32: AVX2 + FMA; '}"
+                           "AMX: AMX-BF16 and the tile state granted by Linux)")
     return lib
 
 
@@ -722,11 +738,11 @@ class CodesGemm:
     """`codes_gemm` for activations of dtype `compute` (bf16 or fp32) with the weight's operands (packed, scale, bias)
     checked and bound once, for a layer's prepared layout: a call checks only x, corr and out (see `I16Gemv`)."""
 
-    __slots__ = ("compute", "_fn", "_static", "_tail", "_keep")
+    __slots__ = ("compute", "amx", "_fn", "_static", "_tail", "_keep")
 
     def __init__(self, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                 compute: torch.dtype) -> None:
-        lib = _codes_library(compute)
+                 compute: torch.dtype, amx: bool = False) -> None:
+        lib = _codes_library(compute, amx)
         N, G, width = packed.shape if packed.dim() == 3 else (0, 0, 0)
         ok = (packed.dim() == 3 and packed.dtype == torch.uint8 and scale.dtype == torch.float32
               and tuple(scale.shape) == (N, G) and N > 0 and G > 0
@@ -736,8 +752,9 @@ class CodesGemm:
             raise ValueError(f"native codes_gemm: bad operands packed {tuple(packed.shape)} {packed.dtype}, scale "
                              f"{tuple(scale.shape)} {scale.dtype}: expected contiguous CPU tensors, packed uint8 "
                              "(N, G, gs/2) nibbles or (N, G, gs) bytes, scale fp32 (N, G), bias fp32 (N,)")
-        self.compute, self._keep = compute, (packed, scale, bias)
-        self._fn = lib.hfq_codes_bf16_gemm if compute == torch.bfloat16 else lib.hfq_codes_f32_gemm
+        self.compute, self.amx, self._keep = compute, amx, (packed, scale, bias)
+        self._fn = (lib.hfq_codes_amx_gemm if amx else lib.hfq_codes_bf16_gemm if compute == torch.bfloat16
+                    else lib.hfq_codes_f32_gemm)
         self._static = (packed.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr())
         self._tail = (N, G, width)  # nibbles or bytes: told by K at call time (K = 2 G width or G width)
 
@@ -748,7 +765,7 @@ class CodesGemm:
         M, K = x.shape if x.dim() == 2 else (-1, -1)
         nibbles, gs = _group_layout(G, width, K)
         if (x.dtype != self.compute or corr.dtype != torch.float32 or out.dtype not in (torch.float32, torch.bfloat16)
-                or G * gs != K or not codes_group_size_ok(gs, nibbles, self.compute) or corr.shape != (M, N)
+                or G * gs != K or not codes_group_size_ok(gs, nibbles, self.compute, self.amx) or corr.shape != (M, N)
                 or out.shape != (M, N) or not (x.is_contiguous() and corr.is_contiguous() and out.is_contiguous())
                 or not (x.is_cpu and corr.is_cpu and out.is_cpu)):
             raise ValueError(f"native codes_gemm: bad operands x {tuple(x.shape)} {x.dtype}, packed {(N, G, width)}, "

@@ -17,6 +17,11 @@
 #if defined(__AVX512F__) || defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define HFQ_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #if defined(__AVX2__) || defined(__AVX512F__)
 static inline float hsum256(__m256 v) {  /* the sum of 8 floats */
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -205,6 +210,9 @@ int hfq_caps(void) {
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
     caps |= 64;  /* hfq_mse_search is compiled */
+#endif
+#if defined(HFQ_AMX)
+    caps |= 128;  /* hfq_codes_amx_gemm is compiled (Linux may still refuse the tiles: hfq_amx_enable) */
 #endif
     return caps;
 }
@@ -1903,3 +1911,179 @@ int hfq_gptq_columns(float *W1, int64_t rows, int64_t B, const float *Hinv1, int
     return 0;
 }
 #pragma GCC pop_options
+
+/* ---------------------------------------------------------------------------------------------------
+ * Weights of up to 8 bits x bf16 activations on AMX tiles (Sapphire Rapids and later), fused: the operands and
+ * the result of hfq_codes_bf16_gemm, for any M.
+ *
+ * The weight is the A operand: a 16 x 32 bf16 tile of 16 output rows n and 32 channels, made in L1 from the codes
+ * by the OR trick of codes_rows (128 + q; for bytes, 16 (128 + h) = 0x4500 | h, exact in bf16, and 128 + l in a
+ * second tile over the same channels, so that the two sum to u + 2176). A nibble tile takes 16 bytes of a row: the
+ * low nibbles are channels c..c+15 of the group, the high nibbles channels gs/2 + c..; the order of channels inside
+ * a tile does not matter as long as x meets them in the same order. x is the B operand, transposed in AMX's pair
+ * layout (`amx_pack_x`: row r of a tile holds, for each of 16 activation rows m, the two channels of A's columns
+ * 2r and 2r + 1, which are neighbours in x), padded to a multiple of 16 rows with zeros. C = A B is a 16 (n) x 16 (m)
+ * fp32 tile per group; y^T[n, m] += scale[n, g] C[n, m] (AVX-512), then out[m, n] = y^T[n, m] - corr[m, n] + bias[n].
+ * Threads take 16-row blocks of the weight; each dequantizes a group's tiles once and meets them with every block
+ * of 16 activation rows. Products are exact and sums fp32, as in hfq_codes_bf16_gemm (the order of the sums
+ * differs).
+ */
+#if defined(HFQ_AMX)
+#define HFQ_ARCH_REQ_XCOMP_PERM 0x1023
+#define HFQ_XFEATURE_XTILEDATA 18
+
+int hfq_amx_enable(void) {  /* ask Linux for the AMX tile state once per process: 0 granted, else refused */
+    static int state = -1;
+    if (state < 0) state = syscall(SYS_arch_prctl, HFQ_ARCH_REQ_XCOMP_PERM, HFQ_XFEATURE_XTILEDATA) ? 1 : 0;
+    return state;
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} hfq_tilecfg;
+
+static void amx_config(void) {  /* tile 0: C (16 x 16 fp32); 4, 5: A (16 x 32 bf16); 6: B (16 pairs x 16 rows) */
+    hfq_tilecfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) { cfg.colsb[t] = 64; cfg.rows[t] = 16; }
+    _tile_loadconfig(&cfg);
+}
+
+/* xp[(mb * T + t) * 256 + r * 16 + m] (uint32: two bf16) = the channels of A's columns 2r, 2r + 1 in tile t, of x
+ * row 16 mb + m (0 past M). Tile t: nibbles, group g = t / (gs/32), c = t % (gs/32): columns 0..15 are channels
+ * g gs + 16 c + (0..15), columns 16..31 channels g gs + gs/2 + 16 c + (0..15); bytes: channels 32 t + (0..31). */
+static void amx_pack_x(const uint16_t *x, int64_t M, int64_t K, int64_t gs, int wide, uint32_t *xp, int nthreads) {
+    const int64_t T = K / 32, MB = (M + 15) / 16, per = gs / 32;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t i = 0; i < MB * T; i++) {
+        const int64_t mb = i / T, t = i % T;
+        int64_t lo, hi;
+        if (wide) { lo = 32 * t; hi = lo + 16; }
+        else { const int64_t g = t / per, c = t % per; lo = g * gs + 16 * c; hi = g * gs + gs / 2 + 16 * c; }
+        uint32_t *dst = xp + i * 256;
+        for (int m = 0; m < 16; m++) {
+            const int64_t row = mb * 16 + m;
+            if (row >= M) { for (int r = 0; r < 16; r++) dst[r * 16 + m] = 0; continue; }
+            const uint16_t *xl = x + row * K + lo, *xh = x + row * K + hi;
+            for (int r = 0; r < 8; r++) {
+                dst[r * 16 + m] = (uint32_t)xl[2 * r] | ((uint32_t)xl[2 * r + 1] << 16);
+                dst[(r + 8) * 16 + m] = (uint32_t)xh[2 * r] | ((uint32_t)xh[2 * r + 1] << 16);
+            }
+        }
+    }
+}
+
+/* One 16 x 32 A tile (bf16 128 + q) from 16 bytes (nibbles) or 32 bytes (bytes: two tiles, low and 16 x high, the
+ * second 1 KB later) of each of 16 weight rows: row j's codes at rows[j] + off. */
+static inline __attribute__((always_inline)) void amx_a_tile(const uint8_t *const *rows, int64_t off, int wide,
+                                                             uint16_t *a) {
+    for (int j = 0; j < 16; j++) {
+        const uint8_t *p = rows[j] + off;
+        if (wide) {
+            const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
+            _mm512_store_si512((void *)(a + j * 32), codes_lo(w));
+            _mm512_store_si512((void *)(a + 512 + j * 32),
+                               _mm512_or_si512(_mm512_srli_epi16(w, 4), _mm512_set1_epi16(0x4500)));
+        } else {
+            __m512i w = _mm512_cvtepu8_epi16(_mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)p)));
+            w = _mm512_inserti64x4(w, _mm512_castsi512_si256(_mm512_srli_epi16(w, 4)), 1);
+            _mm512_store_si512((void *)(a + j * 32), codes_lo(w));
+        }
+    }
+}
+
+#define HFQ_AMX_MB 4 /* blocks of 16 activation rows met by one A tile: C tiles 0..3 */
+#define HFQ_AMX_CH 8 /* A tiles made at a time (8 or 16 KB of L1) */
+
+int hfq_codes_amx_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *packed, const float *scale,
+                       const float *corr, const float *bias, void *out, int64_t N, int64_t G, int64_t gs, int kind,
+                       int wide, int nthreads) {
+    if (gs % 32 || gs <= 0 || G * gs != K || M <= 0) return 2;
+    if (hfq_amx_enable()) return 3;
+    const int64_t MB = (M + 15) / 16, T = K / 32, per = gs / 32, row_bytes = wide ? K : K / 2;
+    const int64_t NB = (N + 15) / 16, gbytes = wide ? gs : gs / 2, tbytes = wide ? 32 : 16;
+    uint32_t *xp = (uint32_t *)aligned_alloc(64, (size_t)(MB * T * 256 * 4));
+    if (!xp) return 4;
+    amx_pack_x(x, M, K, gs, wide, xp, nthreads);
+    int failed = 0;
+    /* work items: (up to HFQ_AMX_MB blocks of 16 activation rows) x (16 weight rows); within one, each group's
+     * tiles are made one at a time in L1 and met with the blocks' B tiles, the C tiles summing over the group.
+     * Past HFQ_AMX_MB blocks the weight is made into tiles again for each further HFQ_AMX_MB: that costs less than
+     * reading the activations' tiles from beyond L2 for every 16 weight rows. */
+    const int64_t MG = (MB + HFQ_AMX_MB - 1) / HFQ_AMX_MB;
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        uint16_t *a = (uint16_t *)aligned_alloc(64, HFQ_AMX_CH * 2048);
+        float *acc = (float *)aligned_alloc(64, HFQ_AMX_MB * 1024);
+        float *c = (float *)aligned_alloc(64, 1024);
+        const int ok = a && acc && c;
+        if (!ok) failed = 1;
+        else amx_config();
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < NB * MG; item++) {
+            if (!ok) continue;
+            /* consecutive items of a thread share their activation blocks (kept in L2) and walk the weight */
+            const int64_t mg = item / NB, nb = item % NB;
+            const int64_t n0 = nb * 16, rows = N - n0 < 16 ? N - n0 : 16;
+            const int64_t mb0 = mg * HFQ_AMX_MB, nmb = MB - mb0 < HFQ_AMX_MB ? MB - mb0 : HFQ_AMX_MB;
+            /* rows past N read row n0's codes again (their scale is 0) */
+            const uint8_t *rowp[16];
+            for (int j = 0; j < 16; j++) rowp[j] = packed + (n0 + (j < rows ? j : 0)) * row_bytes;
+            memset(acc, 0, (size_t)(nmb * 1024));
+            for (int64_t g = 0; g < G; g++) {
+                _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                /* up to HFQ_AMX_CH tiles made first, then met: a tile load waits for the stores that wrote it */
+                for (int64_t t0 = 0; t0 < per; t0 += HFQ_AMX_CH) {
+                    const int64_t nt = per - t0 < HFQ_AMX_CH ? per - t0 : HFQ_AMX_CH;
+                    for (int64_t t = 0; t < nt; t++)
+                        amx_a_tile(rowp, g * gbytes + (t0 + t) * tbytes, wide, a + t * (wide ? 1024 : 512));
+                    for (int64_t t = 0; t < nt; t++) {
+                        const uint16_t *at = a + t * (wide ? 1024 : 512);
+                        _tile_loadd(4, at, 64);
+                        if (wide) _tile_loadd(5, at + 512, 64);
+                        const uint32_t *xb = xp + (mb0 * T + g * per + t0 + t) * 256;
+#define HFQ_AMX_STEP(C) if (nmb > C) { _tile_loadd(6, xb + (C) * T * 256, 64); _tile_dpbf16ps(C, 4, 6); \
+                                           if (wide) _tile_dpbf16ps(C, 5, 6); }
+                        HFQ_AMX_STEP(0) HFQ_AMX_STEP(1) HFQ_AMX_STEP(2) HFQ_AMX_STEP(3)
+#undef HFQ_AMX_STEP
+                    }
+                }
+                __m512 sc[16];
+                for (int j = 0; j < 16; j++) sc[j] = _mm512_set1_ps(j < rows ? scale[(n0 + j) * G + g] : 0.0f);
+#define HFQ_AMX_ACC(C) if (nmb > C) { _tile_stored(C, c, 64); float *ab = acc + (C) * 256; \
+                    for (int j = 0; j < 16; j++) _mm512_store_ps(ab + j * 16, _mm512_fmadd_ps( \
+                        _mm512_load_ps(c + j * 16), sc[j], _mm512_load_ps(ab + j * 16))); }
+                HFQ_AMX_ACC(0) HFQ_AMX_ACC(1) HFQ_AMX_ACC(2) HFQ_AMX_ACC(3)
+#undef HFQ_AMX_ACC
+            }
+            const int64_t m_end = (mb0 + nmb) * 16 < M ? (mb0 + nmb) * 16 : M;
+            for (int64_t m = mb0 * 16; m < m_end; m++) {
+                const float *ab = acc + (m / 16 - mb0) * 256 + (m % 16);
+                for (int64_t j = 0; j < rows; j++) {
+                    const int64_t n = n0 + j;
+                    float v = ab[j * 16] - corr[m * N + n];
+                    if (bias) v += bias[n];
+                    if (kind == 0) ((float *)out)[m * N + n] = v;
+                    else ((uint16_t *)out)[m * N + n] = f32_to_bf16(v);
+                }
+            }
+        }
+        if (ok) _tile_release();
+        free(a); free(acc); free(c);
+    }
+    free(xp);
+    return failed ? 4 : 0;
+}
+#else
+int hfq_amx_enable(void) { return 1; }
+int hfq_codes_amx_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *packed, const float *scale,
+                       const float *corr, const float *bias, void *out, int64_t N, int64_t G, int64_t gs, int kind,
+                       int wide, int nthreads) {
+    (void)x; (void)M; (void)K; (void)packed; (void)scale; (void)corr; (void)bias; (void)out; (void)N; (void)G;
+    (void)gs; (void)kind; (void)wide; (void)nthreads;
+    return 1;
+}
+#endif
