@@ -365,7 +365,7 @@ def test_spilled_activations_of_image_samples_are_bit_identical(vlm_dirs, tmp_pa
 
 @pytest.mark.parametrize("bad,match", [
     (lambda s: s[:2] + ["some text"], r"mixes whole samples .*\(item 2 is a str\)"),
-    (lambda s: [{k: v for k, v in x.items() if k != "input_ids"} for x in s], r"sample 0 has no 'input_ids'"),
+    (lambda s: [s[0], {k: v for k, v in s[1].items() if k != "input_ids"}, *s[2:]], r"sample 1 has no 'input_ids'"),
     (lambda s: [{**x, "input_ids": x["input_ids"].repeat(2, 1)} for x in s], r"sample 0 has input_ids of shape \(2, "),
     (lambda s: [{**x, "attention_mask": torch.zeros_like(x["attention_mask"])} for x in s], r"sample 0 is padded"),
     (lambda s: [{**x, "input_ids": x["input_ids"] + 5000} for x in s], r"sample 0 has token id \d+, outside"),

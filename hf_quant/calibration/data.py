@@ -84,10 +84,10 @@ class CalibrationSamples(list):
 
 
 def is_sample_dataset(dataset: Any) -> bool:
-    """True if `dataset` holds whole samples: a list with a dict item whose keys go beyond input_ids and
-    attention_mask (a processor's `pixel_values`, `image_grid_thw`, `token_type_ids`, ...)."""
+    """True if `dataset` holds whole samples: a list with a dict item that has input_ids and more keys than
+    input_ids and attention_mask (a processor's `pixel_values`, `image_grid_thw`, `token_type_ids`, ...)."""
     return isinstance(dataset, (list, tuple)) and any(
-        isinstance(item, Mapping) and not set(item) <= TEXT_KEYS for item in dataset)
+        isinstance(item, Mapping) and "input_ids" in item and not set(item) <= TEXT_KEYS for item in dataset)
 
 
 def _as_tensor(value: Any) -> Any:
@@ -98,7 +98,8 @@ def _as_tensor(value: Any) -> Any:
 
 
 def _samples(dataset: list, num_samples: int, seed: int, vocab_size: int | None) -> CalibrationSamples:
-    keys = sorted(next(set(item) for item in dataset if isinstance(item, Mapping) and not set(item) <= TEXT_KEYS))
+    keys = sorted(next(set(item) for item in dataset if isinstance(item, Mapping) and "input_ids" in item
+                       and not set(item) <= TEXT_KEYS))
     samples = []
     for i, item in enumerate(dataset):
         if not isinstance(item, Mapping):
