@@ -228,8 +228,33 @@ def test_native_amx_codes_match_the_unrounded_weight(spec, in_f, rows, out_f):
     size = 144 if spec.bits <= 4 else 16 * 144 + 144
     assert ((y - exact).abs() <= 1e-6 * size * (xs.float().abs() @ S.t()) + 1e-6 * layer.bias.float().abs()).all()
     if native.codes_group_size_ok(in_f // scale.shape[1], spec.bits <= 4, torch.bfloat16):  # the AVX-512 kernel too
-        native.codes_gemm(xs, packed, scale, corr, bias, y512)
+        _, _, offset512, _, _ = KERNELS.get("native_int4" if spec.bits <= 4 else "native_int8").operands(layer)
+        corr512 = xs.float().view(rows, offset512.shape[0], -1).sum(dim=2) @ offset512  # its own code offset
+        native.codes_gemm(xs, packed, scale, corr512, bias, y512)
         assert ((y - y512).abs() <= 2e-6 * size * (xs.float().abs() @ S.t()) + 1e-6).all()
+
+
+@needs_codes_amx
+@pytest.mark.parametrize("spec,in_f", [
+    (LayerSpec(4, 128, False), 384), (LayerSpec(4, 128, True, True), 512), (LayerSpec(3, 256, False), 512),
+    (LayerSpec(4, 32, True), 96), (LayerSpec(8, -1, False), 320), (LayerSpec(8, 64, True), 192)])
+@pytest.mark.parametrize("rows", [1, 17, 70])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_amx_f32_is_as_exact_as_the_fp32_kernels(spec, in_f, rows, dtype):
+    """native_int4_amx_f32 / native_int8_amx_f32: x as three bf16 terms against tiles of the codes themselves:
+    against the float64 product, within a small factor of the reference's own fp32 error, like native_int4_f32 (a
+    candidate of the default mode for fp32 activations)."""
+    layer, _ = make_layer(37, in_f, spec, bias=True, dtype=dtype, seed=rows)
+    kernel = KERNELS.get("native_int4_amx_f32" if spec.bits <= 4 else "native_int8_amx_f32")
+    assert kernel in cpu_measure.candidates(layer, CPU, dtype)
+    x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows))
+    out = kernel.forward(layer, x, kernel.prepare(layer, CPU, torch.float32))
+    W = dequantize_weight(layer.qweight, layer.scales, layer.qzeros, layer.spec, in_f, torch.float64, layer.g_idx)
+    exact = x.double() @ W.t() + layer.bias.double()
+    with kernels.use_kernel("reference"):
+        ref = layer(x.to(dtype)) if dtype == torch.float32 else None
+    fp32_err = rel_err(ref, exact) if ref is not None else 2e-7
+    assert out.dtype == torch.float32 and rel_err(out, exact) < 5 * fp32_err + 2e-7, (rel_err(out, exact), fp32_err)
 
 
 @needs_codes_amx
@@ -237,7 +262,7 @@ def test_native_amx_refusals():
     layer, _ = make_layer(8, 64, LayerSpec(4, 16, False), bias=False)  # groups of 16
     assert not KERNELS.get("native_int4_amx").supports(layer, CPU, torch.bfloat16)
     layer, _ = make_layer(8, 256, LayerSpec(4, 128, False), bias=False)
-    assert not KERNELS.get("native_int4_amx").supports(layer, CPU, torch.float32)  # bf16 tiles only
+    assert not KERNELS.get("native_int4_amx").supports(layer, CPU, torch.float32)  # fp32: native_int4_amx_f32
     assert KERNELS.get("native_int4_amx_bf16") in cpu_measure.candidates(layer, CPU, torch.float32, allow_bf16=True)
     assert KERNELS.get("native_int4_amx_bf16") not in cpu_measure.candidates(layer, CPU, torch.float32)
     x, packed = torch.zeros(2, 256, dtype=torch.bfloat16), torch.zeros(8, 16, 8, dtype=torch.uint8)

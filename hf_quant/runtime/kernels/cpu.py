@@ -539,14 +539,29 @@ class NativeCodesKernel(Kernel):
 class NativeAmxKernel(NativeCodesKernel):
     """The fused codes x bf16 GEMM on AMX tiles ("native_int4_amx", "native_int8_amx"; bf16 activations, CPUs with
     AMX-BF16 where Linux grants the tile state: Sapphire Rapids and later). The weight's 16 x 32 tiles are made in L1
-    from the codes by the same OR trick as "native_int4" (128 + q; a byte's high nibble as 16 (128 + h)) and meet x,
+    from the codes (nibbles by the same OR trick as "native_int4", 128 + q; bytes as u itself, exact in bf16) and meet x,
     transposed into AMX's pair layout once per call, in `tdpbf16ps`: exact products, fp32 sums, the scale applied to
     each group's tile. No dequantized weight is written to memory, at any row count: on AMX CPUs bf16 `F.linear`
     runs on the tiles from 8 rows up, where the AVX-512 kernels fall behind it. Group sizes: multiples of 32 (GGUF
     sub-blocks of 32 included); act-order layers by the sorted-channel trick. A candidate of the measured dispatch
-    only, at every row count."""
+    only, at every row count.
+
+    With fp32 compute ("native_int4_amx_f32", "native_int8_amx_f32"; any activation dtype, widened to fp32): x is
+    split into three bf16 terms, x = t0 + t1 + t2 up to fp32's own rounding, each met by the same weight tile (three
+    `tdpbf16ps`, the tile made once), and the tile holds the codes themselves (a nibble's bf16 q by a table lookup),
+    with no offset whose large sums would cancel: exact products and fp32 sums, the accuracy of `native_int4_f32`, so
+    a candidate in the default mode."""
 
     MAX_ROWS = None
+
+    def operands(self, layer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, Any]:
+        """As `NativeCodesKernel.operands`, with the AMX tiles' code offset (`native.AMX_CODES_OFFSET`)."""
+        nibbles, packed, scale, zero, perm = grouped_codes(layer)
+        scale = scale.float().contiguous()
+        shift = native.AMX_CODES_OFFSET[(self.compute, nibbles)]
+        offset = (scale * (zero.float() + shift)).t().contiguous()
+        bias = None if layer.bias is None else layer.bias.float().contiguous()
+        return packed, scale, offset, bias, perm
 
     def group_size_ok(self, gs: int) -> bool:
         return native.codes_group_size_ok(gs, self.nibbles, self.compute, amx=True)
@@ -647,6 +662,8 @@ for _kernel in (Int4CpuKernel(), Int4x2CpuKernel(), Int8CpuKernel(), DequantTile
         register_kernel(Fp32ActivationsKernel(_kernel))
 for _kernel in (NativeCodesKernel("native_int4_f32", True, torch.float32),
                 NativeCodesKernel("native_int8_f32", False, torch.float32),
+                NativeAmxKernel("native_int4_amx_f32", True, torch.float32),
+                NativeAmxKernel("native_int8_amx_f32", False, torch.float32),
                 NativeI16Kernel("native_int4_i16", True), NativeI16Kernel("native_int8_i16", False)):
     register_kernel(_kernel)  # exact in fp32 for every activation dtype: no bf16-cast variant
 for _kernel in (NativeI16Bf16Kernel("native_int4_i16_bf16", True), NativeI16Bf16Kernel("native_int8_i16_bf16", False)):

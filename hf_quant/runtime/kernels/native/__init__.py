@@ -113,7 +113,7 @@ def _load() -> ctypes.CDLL:
         fn.argtypes, fn.restype = args, ctypes.c_int
     P, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.hfq_caps.argtypes, lib.hfq_caps.restype = [], INT
-    for fn in (lib.hfq_codes_bf16_gemm, lib.hfq_codes_f32_gemm, lib.hfq_codes_amx_gemm):
+    for fn in (lib.hfq_codes_bf16_gemm, lib.hfq_codes_f32_gemm, lib.hfq_codes_amx_gemm, lib.hfq_codes_amx_f32_gemm):
         fn.argtypes, fn.restype = [P, I64, I64, P, P, P, P, P, I64, I64, I64, INT, INT, INT], INT
     lib.hfq_amx_enable.argtypes, lib.hfq_amx_enable.restype = [], INT
     lib.hfq_codes_i16_gemv.argtypes = [P, INT, I64, I64, INT, ctypes.c_float, P, P, P, P, P, INT, I64, I64, I64, INT,
@@ -216,6 +216,9 @@ CAP_CODES_AMX = 128  # hfq_codes_amx_gemm compiled (AMX-TILE + AMX-BF16 + AVX512
 # corr's offset per layout: bf16, nibbles 128 + q, bytes 16 (128 + high) + (128 + low) = u + 2176; fp32: q itself
 CODES_OFFSET = {(torch.bfloat16, True): 128.0, (torch.bfloat16, False): 2176.0,
                 (torch.float32, True): 0.0, (torch.float32, False): 0.0}
+# the AMX kernel's tiles: bf16 x meets nibbles as 128 + q (one OR), fp32 x the codes themselves; bytes are exact
+AMX_CODES_OFFSET = {(torch.bfloat16, True): 128.0, (torch.bfloat16, False): 0.0,
+                    (torch.float32, True): 0.0, (torch.float32, False): 0.0}
 
 
 def _caps() -> int:
@@ -719,14 +722,14 @@ def codes_gemm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, corr:
     computed without W: packed (N, G, gs/2) nibbles or (N, G, gs) bytes (the `dequantize_into` layouts, told
     apart by K), scale (N, G) fp32 and corr (M, N) fp32 = xsum (M, G) @ (scale * (zero + offset)).T, xsum the
     per-group sums of x in fp32 and offset CODES_OFFSET[(x.dtype, nibbles)]. x bf16: AVX512-BF16 dot products
-    (`has_codes_bf16`), or with amx=True AMX tiles (`has_codes_amx`; group sizes: multiples of 32); x fp32: fp32
-    FMAs (`has_codes_f32`). A kernel calling it per token binds the weight's operands once instead (`CodesGemm`)."""
+    (`has_codes_bf16`), or with amx=True AMX tiles (`has_codes_amx`; group sizes: multiples of 32; x fp32 as three
+    bf16 terms; corr's offset AMX_CODES_OFFSET); x fp32: fp32 FMAs (`has_codes_f32`). A kernel calling it per token binds the weight's operands once instead (`CodesGemm`)."""
     return CodesGemm(packed, scale, bias, x.dtype, amx)(x, corr, out)
 
 
 def _codes_library(compute: torch.dtype, amx: bool = False) -> ctypes.CDLL:
     lib = library()
-    if (lib is None or compute not in (torch.bfloat16, torch.float32) or (amx and compute != torch.bfloat16)
+    if (lib is None or compute not in (torch.bfloat16, torch.float32)
             or not (has_codes_amx() if amx else has_codes_bf16() if compute == torch.bfloat16 else has_codes_f32())):
         raise RuntimeError(f"native codes x {compute}{' (AMX)' if amx else ''} kernel unavailable: "
                            f"{unavailable_reason() or 'not built for this CPU (bf16: AVX512-BF16; fp32: AVX2 + FMA; '}"
@@ -753,8 +756,10 @@ class CodesGemm:
                              f"{tuple(scale.shape)} {scale.dtype}: expected contiguous CPU tensors, packed uint8 "
                              "(N, G, gs/2) nibbles or (N, G, gs) bytes, scale fp32 (N, G), bias fp32 (N,)")
         self.compute, self.amx, self._keep = compute, amx, (packed, scale, bias)
-        self._fn = (lib.hfq_codes_amx_gemm if amx else lib.hfq_codes_bf16_gemm if compute == torch.bfloat16
-                    else lib.hfq_codes_f32_gemm)
+        if amx:  # fp32 x: three bf16 terms on the tiles
+            self._fn = lib.hfq_codes_amx_gemm if compute == torch.bfloat16 else lib.hfq_codes_amx_f32_gemm
+        else:
+            self._fn = lib.hfq_codes_bf16_gemm if compute == torch.bfloat16 else lib.hfq_codes_f32_gemm
         self._static = (packed.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr())
         self._tail = (N, G, width)  # nibbles or bytes: told by K at call time (K = 2 G width or G width)
 

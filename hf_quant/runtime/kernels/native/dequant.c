@@ -1917,8 +1917,8 @@ int hfq_gptq_columns(float *W1, int64_t rows, int64_t B, const float *Hinv1, int
  * the result of hfq_codes_bf16_gemm, for any M.
  *
  * The weight is the A operand: a 16 x 32 bf16 tile of 16 output rows n and 32 channels, made in L1 from the codes
- * by the OR trick of codes_rows (128 + q; for bytes, 16 (128 + h) = 0x4500 | h, exact in bf16, and 128 + l in a
- * second tile over the same channels, so that the two sum to u + 2176). A nibble tile takes 16 bytes of a row: the
+ * (`amx_a_tile`: nibbles as 128 + q by the OR trick of codes_rows, or q itself for fp32 x; bytes as u itself, exact in
+ * bf16). A nibble tile takes 16 bytes of a row: the
  * low nibbles are channels c..c+15 of the group, the high nibbles channels gs/2 + c..; the order of channels inside
  * a tile does not matter as long as x meets them in the same order. x is the B operand, transposed in AMX's pair
  * layout (`amx_pack_x`: row r of a tile holds, for each of 16 activation rows m, the two channels of A's columns
@@ -1952,62 +1952,90 @@ static void amx_config(void) {  /* tile 0: C (16 x 16 fp32); 4, 5: A (16 x 32 bf
     _tile_loadconfig(&cfg);
 }
 
-/* xp[(mb * T + t) * 256 + r * 16 + m] (uint32: two bf16) = the channels of A's columns 2r, 2r + 1 in tile t, of x
- * row 16 mb + m (0 past M). Tile t: nibbles, group g = t / (gs/32), c = t % (gs/32): columns 0..15 are channels
- * g gs + 16 c + (0..15), columns 16..31 channels g gs + gs/2 + 16 c + (0..15); bytes: channels 32 t + (0..31). */
-static void amx_pack_x(const uint16_t *x, int64_t M, int64_t K, int64_t gs, int wide, uint32_t *xp, int nthreads) {
-    const int64_t T = K / 32, MB = (M + 15) / 16, per = gs / 32;
+/* xp[((term * MB + mb) * T + t) * 256 + r * 16 + m] (uint32: two bf16) = the channels of A's columns 2r, 2r + 1 in
+ * tile t, of x row 16 mb + m (0 past M). Tile t: nibbles, group g = t / (gs/32), c = t % (gs/32): columns 0..15 are
+ * channels g gs + 16 c + (0..15), columns 16..31 channels g gs + gs/2 + 16 c + (0..15); bytes: channels 32 t + (0..31).
+ * x bf16: one term, x itself. x fp32: three bf16 terms, x = t0 + t1 + t2 + e (each the bf16 rounding of what the
+ * ones before leave; |e| <= 2^-24 |x|, as fp32 itself rounds): with exact products and fp32 sums, the fp32 GEMM. */
+
+static void amx_pack_x(const void *xv, int x_f32, int64_t M, int64_t K, int64_t gs, int wide, uint32_t *xp,
+                       int nthreads) {
+    const int64_t T = K / 32, MB = (M + 15) / 16, per = gs / 32, terms = x_f32 ? 3 : 1, plane = MB * T * 256;
+    /* a row's 16 pair words (r = 0..15) go down column m of the tile: scattered with a stride of 16 words */
+    const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32(16));
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t i = 0; i < MB * T; i++) {
         const int64_t mb = i / T, t = i % T;
         int64_t lo, hi;
         if (wide) { lo = 32 * t; hi = lo + 16; }
         else { const int64_t g = t / per, c = t % per; lo = g * gs + 16 * c; hi = g * gs + gs / 2 + 16 * c; }
-        uint32_t *dst = xp + i * 256;
         for (int m = 0; m < 16; m++) {
             const int64_t row = mb * 16 + m;
-            if (row >= M) { for (int r = 0; r < 16; r++) dst[r * 16 + m] = 0; continue; }
-            const uint16_t *xl = x + row * K + lo, *xh = x + row * K + hi;
-            for (int r = 0; r < 8; r++) {
-                dst[r * 16 + m] = (uint32_t)xl[2 * r] | ((uint32_t)xl[2 * r + 1] << 16);
-                dst[(r + 8) * 16 + m] = (uint32_t)xh[2 * r] | ((uint32_t)xh[2 * r + 1] << 16);
+            if (row >= M) {
+                for (int64_t term = 0; term < terms; term++)
+                    _mm512_i32scatter_epi32(xp + term * plane + i * 256 + m, column, _mm512_setzero_si512(), 4);
+                continue;
+            }
+            if (!x_f32) {  /* the channels' bf16 pairs: 8 words from the low chunk, 8 from the high one */
+                const uint16_t *x = (const uint16_t *)xv + row * K;
+                const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(x + lo))),
+                                                     _mm256_loadu_si256((const __m256i *)(x + hi)), 1);
+                _mm512_i32scatter_epi32(xp + i * 256 + m, column, v, 4);
+                continue;
+            }
+            const float *x = (const float *)xv + row * K;
+            __m512 a = _mm512_loadu_ps(x + lo), b = _mm512_loadu_ps(x + hi);
+            for (int64_t term = 0; term < terms; term++) {
+                const __m512bh h = _mm512_cvtne2ps_pbh(b, a);  /* words 0..15: a's channels, 16..31: b's */
+                _mm512_i32scatter_epi32(xp + term * plane + i * 256 + m, column, (__m512i)h, 4);
+                a = _mm512_sub_ps(a, _mm512_cvtpbh_ps((__m256bh)_mm512_castsi512_si256((__m512i)h)));
+                b = _mm512_sub_ps(b, _mm512_cvtpbh_ps((__m256bh)_mm512_extracti64x4_epi64((__m512i)h, 1)));
             }
         }
     }
 }
 
-/* One 16 x 32 A tile (bf16 128 + q) from 16 bytes (nibbles) or 32 bytes (bytes: two tiles, low and 16 x high, the
- * second 1 KB later) of each of 16 weight rows: row j's codes at rows[j] + off. */
+/* One 16 x 32 A tile from 16 bytes (nibbles) or 32 bytes (bytes) of each of 16 weight rows: row j's codes at
+ * rows[j] + off. Nibbles, exact = 0: bf16 128 + q by one OR, the offset left to `corr`; exact = 1: bf16 q itself,
+ * looked up in a 32-entry table by vpermw, no offset whose large sums would cancel (the fp32 path's accuracy).
+ * Bytes: bf16 u itself (exact: 8 significant bits), converted by way of fp32. */
 static inline __attribute__((always_inline)) void amx_a_tile(const uint8_t *const *rows, int64_t off, int wide,
-                                                             uint16_t *a) {
+                                                             int exact, uint16_t *a) {
+    const __m512i ones = _mm512_set_epi16(  /* bf16(i & 15) for word index i */
+        0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040,
+        0x4000, 0x3F80, 0x0000, 0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40E0, 0x40C0,
+        0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0x0000);
+    const __m512i nib = _mm512_set1_epi16(15);
     for (int j = 0; j < 16; j++) {
         const uint8_t *p = rows[j] + off;
-        if (wide) {
-            const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
-            _mm512_store_si512((void *)(a + j * 32), codes_lo(w));
-            _mm512_store_si512((void *)(a + 512 + j * 32),
-                               _mm512_or_si512(_mm512_srli_epi16(w, 4), _mm512_set1_epi16(0x4500)));
+        if (wide) {  /* a byte u is exact in bf16 (8 significant bits): one tile, by way of fp32 */
+            const __m512 l = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)));
+            const __m512 h = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
+            _mm512_store_si512((void *)(a + j * 32), (__m512i)_mm512_cvtne2ps_pbh(h, l));
         } else {
             __m512i w = _mm512_cvtepu8_epi16(_mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)p)));
             w = _mm512_inserti64x4(w, _mm512_castsi512_si256(_mm512_srli_epi16(w, 4)), 1);
-            _mm512_store_si512((void *)(a + j * 32), codes_lo(w));
+            _mm512_store_si512((void *)(a + j * 32),
+                               exact ? _mm512_permutexvar_epi16(_mm512_and_si512(w, nib), ones) : codes_lo(w));
         }
     }
 }
 
 #define HFQ_AMX_MB 4 /* blocks of 16 activation rows met by one A tile: C tiles 0..3 */
-#define HFQ_AMX_CH 8 /* A tiles made at a time (8 or 16 KB of L1) */
+#define HFQ_AMX_CH 8 /* A tiles made at a time (8 KB of L1) */
 
-int hfq_codes_amx_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *packed, const float *scale,
-                       const float *corr, const float *bias, void *out, int64_t N, int64_t G, int64_t gs, int kind,
-                       int wide, int nthreads) {
+static int codes_amx(const void *x, int x_f32, int64_t M, int64_t K, const uint8_t *packed, const float *scale,
+                     const float *corr, const float *bias, void *out, int64_t N, int64_t G, int64_t gs, int kind,
+                     int wide, int nthreads) {
     if (gs % 32 || gs <= 0 || G * gs != K || M <= 0) return 2;
     if (hfq_amx_enable()) return 3;
     const int64_t MB = (M + 15) / 16, T = K / 32, per = gs / 32, row_bytes = wide ? K : K / 2;
     const int64_t NB = (N + 15) / 16, gbytes = wide ? gs : gs / 2, tbytes = wide ? 32 : 16;
-    uint32_t *xp = (uint32_t *)aligned_alloc(64, (size_t)(MB * T * 256 * 4));
+    const int64_t terms = x_f32 ? 3 : 1, plane = MB * T * 256;
+    uint32_t *xp = (uint32_t *)aligned_alloc(64, (size_t)(terms * plane * 4));
     if (!xp) return 4;
-    amx_pack_x(x, M, K, gs, wide, xp, nthreads);
+    amx_pack_x(x, x_f32, M, K, gs, wide, xp, nthreads);
     int failed = 0;
     /* work items: (up to HFQ_AMX_MB blocks of 16 activation rows) x (16 weight rows); within one, each group's
      * tiles are made one at a time in L1 and met with the blocks' B tiles, the C tiles summing over the group.
@@ -2016,7 +2044,7 @@ int hfq_codes_amx_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *p
     const int64_t MG = (MB + HFQ_AMX_MB - 1) / HFQ_AMX_MB;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
-        uint16_t *a = (uint16_t *)aligned_alloc(64, HFQ_AMX_CH * 2048);
+        uint16_t *a = (uint16_t *)aligned_alloc(64, HFQ_AMX_CH * 1024);
         float *acc = (float *)aligned_alloc(64, HFQ_AMX_MB * 1024);
         float *c = (float *)aligned_alloc(64, 1024);
         const int ok = a && acc && c;
@@ -2039,14 +2067,12 @@ int hfq_codes_amx_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *p
                 for (int64_t t0 = 0; t0 < per; t0 += HFQ_AMX_CH) {
                     const int64_t nt = per - t0 < HFQ_AMX_CH ? per - t0 : HFQ_AMX_CH;
                     for (int64_t t = 0; t < nt; t++)
-                        amx_a_tile(rowp, g * gbytes + (t0 + t) * tbytes, wide, a + t * (wide ? 1024 : 512));
+                        amx_a_tile(rowp, g * gbytes + (t0 + t) * tbytes, wide, x_f32, a + t * 512);
                     for (int64_t t = 0; t < nt; t++) {
-                        const uint16_t *at = a + t * (wide ? 1024 : 512);
-                        _tile_loadd(4, at, 64);
-                        if (wide) _tile_loadd(5, at + 512, 64);
+                        _tile_loadd(4, a + t * 512, 64);
                         const uint32_t *xb = xp + (mb0 * T + g * per + t0 + t) * 256;
-#define HFQ_AMX_STEP(C) if (nmb > C) { _tile_loadd(6, xb + (C) * T * 256, 64); _tile_dpbf16ps(C, 4, 6); \
-                                           if (wide) _tile_dpbf16ps(C, 5, 6); }
+#define HFQ_AMX_STEP(C) if (nmb > C) for (int64_t term = 0; term < terms; term++) { \
+                            _tile_loadd(6, xb + term * plane + (C) * T * 256, 64); _tile_dpbf16ps(C, 4, 6); }
                         HFQ_AMX_STEP(0) HFQ_AMX_STEP(1) HFQ_AMX_STEP(2) HFQ_AMX_STEP(3)
 #undef HFQ_AMX_STEP
                     }
@@ -2077,6 +2103,18 @@ int hfq_codes_amx_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *p
     free(xp);
     return failed ? 4 : 0;
 }
+
+int hfq_codes_amx_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *packed, const float *scale,
+                       const float *corr, const float *bias, void *out, int64_t N, int64_t G, int64_t gs, int kind,
+                       int wide, int nthreads) {  /* bf16 x */
+    return codes_amx(x, 0, M, K, packed, scale, corr, bias, out, N, G, gs, kind, wide, nthreads);
+}
+
+int hfq_codes_amx_f32_gemm(const float *x, int64_t M, int64_t K, const uint8_t *packed, const float *scale,
+                           const float *corr, const float *bias, void *out, int64_t N, int64_t G, int64_t gs, int kind,
+                           int wide, int nthreads) {  /* fp32 x as three bf16 terms */
+    return codes_amx(x, 1, M, K, packed, scale, corr, bias, out, N, G, gs, kind, wide, nthreads);
+}
 #else
 int hfq_amx_enable(void) { return 1; }
 int hfq_codes_amx_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *packed, const float *scale,
@@ -2085,5 +2123,11 @@ int hfq_codes_amx_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *p
     (void)x; (void)M; (void)K; (void)packed; (void)scale; (void)corr; (void)bias; (void)out; (void)N; (void)G;
     (void)gs; (void)kind; (void)wide; (void)nthreads;
     return 1;
+}
+int hfq_codes_amx_f32_gemm(const float *x, int64_t M, int64_t K, const uint8_t *packed, const float *scale,
+                           const float *corr, const float *bias, void *out, int64_t N, int64_t G, int64_t gs, int kind,
+                           int wide, int nthreads) {
+    return hfq_codes_amx_gemm((const uint16_t *)x, M, K, packed, scale, corr, bias, out, N, G, gs, kind, wide,
+                              nthreads);
 }
 #endif
