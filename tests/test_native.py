@@ -159,6 +159,21 @@ def test_builds_without_avx512_or_native_bf16_are_exact_too(monkeypatch, rebuilt
 needs_codes_bf16 = pytest.mark.skipif(not native.has_codes_bf16(), reason="native codes x bf16 kernel needs AVX512-BF16")
 
 
+def _bf16_codes_case(int4: str, int8: str, spec: LayerSpec, in_f: int, rows: int, out_f: int):
+    """(layer, kernel, x, its output, the fp32 product with the unrounded weight) of a fused bf16 codes kernel (the
+    `int4` one for at most 4 bits, else `int8`), a candidate of the layer; the output checked within bf16 rounding."""
+    layer, _ = make_layer(out_f, in_f, spec, bias=True, dtype=torch.bfloat16, seed=rows + out_f)
+    kernel = KERNELS.get(int4 if spec.bits <= 4 else int8)
+    assert kernel in cpu_measure.candidates(layer, CPU, torch.bfloat16)
+    x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+    out = kernel.forward(layer, x, kernel.prepare(layer, CPU, torch.bfloat16))
+    W = dequantize_weight(layer.qweight, layer.scales, layer.qzeros, layer.spec, in_f, torch.float32, layer.g_idx)
+    exact = x.float() @ W.t() + layer.bias.float()
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, out_f)
+    assert rel_err(out, exact) < 4e-3  # the output's own bf16 rounding
+    return layer, kernel, x, out, exact
+
+
 @needs_codes_bf16
 @pytest.mark.parametrize("spec,in_f", [
     (LayerSpec(4, 128, False), 384), (LayerSpec(4, 128, True, True), 512), (LayerSpec(4, 32, False), 96),
@@ -170,17 +185,9 @@ needs_codes_bf16 = pytest.mark.skipif(not native.has_codes_bf16(), reason="nativ
 def test_native_codes_match_the_unrounded_weight(spec, in_f, rows, out_f):
     """native_int4 / native_int8 use the weight (code - zero) * scale unrounded: against x @ W.T in fp32 they are
     exact to fp32 accumulation error; against the bf16 reference (whose W is rounded to bf16) within bf16 rounding."""
-    layer, _ = make_layer(out_f, in_f, spec, bias=True, dtype=torch.bfloat16, seed=rows + out_f)
-    kernel = KERNELS.get("native_int4" if spec.bits <= 4 else "native_int8")
+    layer, kernel, x, out, exact = _bf16_codes_case("native_int4", "native_int8", spec, in_f, rows, out_f)
     assert KERNELS.get("native_int8" if spec.bits <= 4 else "native_int4") not in cpu_measure.candidates(
         layer, CPU, torch.bfloat16)
-    assert kernel in cpu_measure.candidates(layer, CPU, torch.bfloat16)
-    x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
-    out = kernel.forward(layer, x, kernel.prepare(layer, CPU, torch.bfloat16))
-    W = dequantize_weight(layer.qweight, layer.scales, layer.qzeros, layer.spec, in_f, torch.float32, layer.g_idx)
-    exact = x.float() @ W.t() + layer.bias.float()
-    assert out.dtype == torch.bfloat16 and out.shape == (rows, out_f)
-    assert rel_err(out, exact) < 4e-3  # the output's own bf16 rounding
     if out_f > 1:  # a lone output can be a cancellation, where the reference's bf16 weight rounding shows
         with kernels.use_kernel("reference"):
             assert rel_err(out, layer(x)) < 1e-2
@@ -209,15 +216,7 @@ needs_codes_amx = pytest.mark.skipif(not native.has_codes_amx(), reason="the AMX
 @pytest.mark.parametrize("out_f", [1, 37])  # a partial block of 16 weight rows
 def test_native_amx_codes_match_the_unrounded_weight(spec, in_f, rows, out_f):
     """native_int4_amx / native_int8_amx: the AVX-512 kernels' products and sums on AMX tiles, every row count."""
-    layer, _ = make_layer(out_f, in_f, spec, bias=True, dtype=torch.bfloat16, seed=rows + out_f)
-    kernel = KERNELS.get("native_int4_amx" if spec.bits <= 4 else "native_int8_amx")
-    assert kernel in cpu_measure.candidates(layer, CPU, torch.bfloat16)
-    x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
-    out = kernel.forward(layer, x, kernel.prepare(layer, CPU, torch.bfloat16))
-    W = dequantize_weight(layer.qweight, layer.scales, layer.qzeros, layer.spec, in_f, torch.float32, layer.g_idx)
-    exact = x.float() @ W.t() + layer.bias.float()
-    assert out.dtype == torch.bfloat16 and out.shape == (rows, out_f)
-    assert rel_err(out, exact) < 4e-3
+    layer, kernel, x, out, exact = _bf16_codes_case("native_int4_amx", "native_int8_amx", spec, in_f, rows, out_f)
     y, y512 = torch.empty(rows, out_f), torch.empty(rows, out_f)
     gemm, offset, perm = kernel.prepare(layer, CPU, torch.bfloat16)
     packed, scale, _, bias, _ = kernel.operands(layer)
