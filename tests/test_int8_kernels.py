@@ -91,8 +91,8 @@ def test_cpu_dispatch_picks_an_int8_kernel_for_llm_int8():
         x = torch.randn(m, 64, dtype=torch.bfloat16)
         name = kernels.select_kernel(layer, x).name
         torch_int8 = "cpu_int8_fbgemm" if m <= I.FBGEMM_MAX_ROWS else "cpu_int8_onednn"
-        want = "cpu_int8_native" if I.NATIVE.supports(layer, x.device, x.dtype) else \
-            torch_int8 if I.exact_int8_dot() else "cpu_int8_token_w8"
+        native = I.NATIVE.supports(layer, x.device, x.dtype) and I.NATIVE.chosen(layer, m)  # AMX: oneDNN above 16
+        want = "cpu_int8_native" if native else torch_int8 if I.exact_int8_dot() else "cpu_int8_token_w8"
         assert name == want, name
     assert kernels.select_kernel(layer, torch.randn(3, 64)).name != "reference"
 
@@ -452,3 +452,19 @@ def test_transposed_codes_are_made_only_at_the_first_outlier_column(name):
         out = layer(x)
     assert isinstance(outliers._wq_t, torch.Tensor) and outliers._wq_t.shape == (96, 40)
     _check(layer, x, out)
+
+
+def test_fixed_order_prefers_onednn_above_16_rows_on_amx_int8(monkeypatch):
+    """On CPUs with AMX-INT8 the fixed order leaves `cpu_int8_native` (VNNI) for oneDNN's tile GEMM above 16 rows;
+    elsewhere it keeps the native kernel at every row count."""
+    from hf_quant.runtime.kernels import int8 as I8
+
+    kernel = kernels.base.KERNELS.get("cpu_int8_native")
+    monkeypatch.setattr(I8, "cpu_flags", lambda: frozenset({"avx512_vnni", "amx_int8"}))
+    assert kernel.chosen(None, 16) and not kernel.chosen(None, 17) and not kernel.chosen(None, 512)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # oneDNN not exact: the native kernel at every row count
+    assert kernel.chosen(None, 512) == (not I8.exact_int8_dot())
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setattr(I8, "cpu_flags", lambda: frozenset({"avx512_vnni"}))
+    assert kernel.chosen(None, 17) and kernel.chosen(None, 512)
+    assert 16 in kernel.row_cuts(torch.float32)

@@ -432,9 +432,20 @@ class NativeInt8Kernel(_ExactInt8Kernel):
 
     name = "cpu_int8_native"
     priority = 32
+    # the fixed order on CPUs with AMX-INT8: oneDNN's tile GEMM above this many rows (2-core Emerald Rapids, cold
+    # weights: 1.80-2.17x bf16 F.linear at 64 rows and 1.28-1.58x at 512, where this VNNI GEMM ran 1.14-1.30x and
+    # 0.62-0.68x); the measured dispatch times both at every row count
+    AMX_MAX_ROWS = 16
 
     def available(self) -> bool:
         return _native_int8_available()
+
+    def row_cuts(self, dtype: torch.dtype) -> tuple[int, ...]:
+        return (self.AMX_MAX_ROWS,)
+
+    def chosen(self, layer: Any, rows: int) -> bool:
+        return (rows <= self.AMX_MAX_ROWS or "amx_int8" not in cpu_flags()
+                or not (exact_int8_dot() and _onednn_available()))  # oneDNN capped or absent: this one
 
     def exact(self) -> bool:
         return True  # both forms (VNNI, and AVX2's |w| x sign(w) c) are exact by construction
