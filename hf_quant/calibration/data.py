@@ -59,8 +59,8 @@ def calibration_windows(
     if is_sample_dataset(dataset):
         return _samples(list(dataset), num_samples, seed, vocab_size)
     ids = _token_stream(dataset, get_tokenizer)
-    if vocab_size is not None and ids.numel() and (ids.min() < 0 or ids.max() >= vocab_size):
-        bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+    bad = _out_of_vocab(ids, vocab_size)
+    if bad is not None:
         raise ValueError(f"QuantConfig.dataset: token id {bad} is outside the model's vocabulary [0, {vocab_size}); "
                          "tokenize the calibration data with this model's tokenizer.")
     n_windows = ids.numel() // seq_len
@@ -74,20 +74,28 @@ def calibration_windows(
     return windows[torch.randperm(n_windows, generator=g)[:num_samples].sort().values]
 
 
+def _out_of_vocab(ids: torch.Tensor, vocab_size: int | None) -> int | None:
+    """A token id of `ids` outside [0, vocab_size) (the smallest if one is negative, else the largest), or None."""
+    if vocab_size is None or not ids.numel() or (ids.min() >= 0 and ids.max() < vocab_size):
+        return None
+    return int(ids.min()) if ids.min() < 0 else int(ids.max())
+
+
 class CalibrationSamples(list):
     """Whole calibration samples (multimodal processor outputs): each item is the keyword arguments of one forward
     call of the model, batch size 1, its tensors on the CPU. What `calibration_windows` returns for such data, in
     place of a (num_samples, seq_len) tensor of token windows."""
 
-    def tokens(self) -> int:
-        return sum(int(s["input_ids"].numel()) for s in self)
+
+def _is_sample(item: Any) -> bool:
+    """A dict with input_ids and more keys than input_ids and attention_mask (a processor's `pixel_values`,
+    `image_grid_thw`, `token_type_ids`, ...)."""
+    return isinstance(item, Mapping) and "input_ids" in item and not set(item) <= TEXT_KEYS
 
 
 def is_sample_dataset(dataset: Any) -> bool:
-    """True if `dataset` holds whole samples: a list with a dict item that has input_ids and more keys than
-    input_ids and attention_mask (a processor's `pixel_values`, `image_grid_thw`, `token_type_ids`, ...)."""
-    return isinstance(dataset, (list, tuple)) and any(
-        isinstance(item, Mapping) and "input_ids" in item and not set(item) <= TEXT_KEYS for item in dataset)
+    """True if `dataset` holds whole samples: a list with an item that is one (`_is_sample`)."""
+    return isinstance(dataset, (list, tuple)) and any(_is_sample(item) for item in dataset)
 
 
 def _as_tensor(value: Any) -> Any:
@@ -98,8 +106,7 @@ def _as_tensor(value: Any) -> Any:
 
 
 def _samples(dataset: list, num_samples: int, seed: int, vocab_size: int | None) -> CalibrationSamples:
-    keys = sorted(next(set(item) for item in dataset if isinstance(item, Mapping) and "input_ids" in item
-                       and not set(item) <= TEXT_KEYS))
+    keys = sorted(next(set(item) for item in dataset if _is_sample(item)))
     samples = []
     for i, item in enumerate(dataset):
         if not isinstance(item, Mapping):
@@ -122,8 +129,8 @@ def _samples(dataset: list, num_samples: int, seed: int, vocab_size: int | None)
         if isinstance(mask, torch.Tensor) and not bool(mask.all()):
             raise ValueError(f"QuantConfig.dataset: sample {i} is padded (its attention_mask has zeros); pass each "
                              "sample unpadded (padding=False), so that no padding token enters the statistics.")
-        if vocab_size is not None and (ids.min() < 0 or ids.max() >= vocab_size):
-            bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+        bad = _out_of_vocab(ids, vocab_size)
+        if bad is not None:
             raise ValueError(f"QuantConfig.dataset: sample {i} has token id {bad}, outside the model's vocabulary "
                              f"[0, {vocab_size}); process the calibration data with this model's processor.")
         samples.append(sample)

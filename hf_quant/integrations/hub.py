@@ -105,6 +105,10 @@ def checkpoint_summary(directory: str | os.PathLike) -> dict[str, Any]:
             "bf16_bytes": bf16, "safetensors_bytes": files}
 
 
+# the Hub's pipeline tag for the auto class that loads a checkpoint (AutoModelForMultimodalLM: audio, video, ...)
+_PIPELINE_TAGS = {"AutoModelForCausalLM": "text-generation", "AutoModelForImageTextToText": "image-text-to-text"}
+
+
 def _auto_class_name(directory: str | os.PathLike) -> str:
     """The transformers auto class that loads the checkpoint in `directory` (`multimodal.auto_class`)."""
     from transformers import AutoConfig
@@ -136,8 +140,7 @@ def model_card(directory: str | os.PathLike, repo_id: str | None = None, *, base
         method += " with act-order" + (" (static groups)" if qc.static_groups else "")
     tags = ["hf_quant", *qc.method.split("+"), f"{qc.bits}-bit", "quantized"]
     auto = _auto_class_name(directory)
-    data = ModelCardData(library_name="transformers", tags=tags,
-                         pipeline_tag="text-generation" if auto == "AutoModelForCausalLM" else "image-text-to-text",
+    data = ModelCardData(library_name="transformers", tags=tags, pipeline_tag=_PIPELINE_TAGS.get(auto, "any-to-any"),
                          base_model=base if _is_hub_id(base) else None,
                          base_model_relation="quantized" if _is_hub_id(base) else None)
     group = "per output channel" if qc.group_size == -1 else str(qc.group_size)

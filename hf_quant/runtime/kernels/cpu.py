@@ -481,6 +481,7 @@ class NativeCodesKernel(Kernel):
     measured = True
     gguf = True
     MAX_ROWS = 64
+    OFFSETS = native.CODES_OFFSET  # the code offset `corr` subtracts, by (compute dtype, nibbles)
 
     def __init__(self, name: str, nibbles: bool, compute: torch.dtype) -> None:
         self.name, self.nibbles, self.compute = name, nibbles, compute
@@ -510,7 +511,7 @@ class NativeCodesKernel(Kernel):
         None, the act-order permutation or None): the operands of both native GEMV forms."""
         nibbles, packed, scale, zero, perm = grouped_codes(layer)
         scale = scale.float().contiguous()
-        shift = native.CODES_OFFSET[(self.compute, nibbles)]
+        shift = self.OFFSETS[(self.compute, nibbles)]
         offset = (scale * (zero.float() + shift)).t().contiguous()  # (G, N): corr = xsum @ offset
         bias = None if layer.bias is None else layer.bias.float().contiguous()
         return packed, scale, offset, bias, perm
@@ -553,15 +554,7 @@ class NativeAmxKernel(NativeCodesKernel):
     a candidate in the default mode."""
 
     MAX_ROWS = None
-
-    def operands(self, layer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, Any]:
-        """As `NativeCodesKernel.operands`, with the AMX tiles' code offset (`native.AMX_CODES_OFFSET`)."""
-        nibbles, packed, scale, zero, perm = grouped_codes(layer)
-        scale = scale.float().contiguous()
-        shift = native.AMX_CODES_OFFSET[(self.compute, nibbles)]
-        offset = (scale * (zero.float() + shift)).t().contiguous()
-        bias = None if layer.bias is None else layer.bias.float().contiguous()
-        return packed, scale, offset, bias, perm
+    OFFSETS = native.AMX_CODES_OFFSET  # the tiles' codes: bytes exact, fp32 x against q itself
 
     def group_size_ok(self, gs: int) -> bool:
         return native.codes_group_size_ok(gs, self.nibbles, self.compute, amx=True)

@@ -722,8 +722,9 @@ def codes_gemm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, corr:
     computed without W: packed (N, G, gs/2) nibbles or (N, G, gs) bytes (the `dequantize_into` layouts, told
     apart by K), scale (N, G) fp32 and corr (M, N) fp32 = xsum (M, G) @ (scale * (zero + offset)).T, xsum the
     per-group sums of x in fp32 and offset CODES_OFFSET[(x.dtype, nibbles)]. x bf16: AVX512-BF16 dot products
-    (`has_codes_bf16`), or with amx=True AMX tiles (`has_codes_amx`; group sizes: multiples of 32; x fp32 as three
-    bf16 terms; corr's offset AMX_CODES_OFFSET); x fp32: fp32 FMAs (`has_codes_f32`). A kernel calling it per token binds the weight's operands once instead (`CodesGemm`)."""
+    (`has_codes_bf16`); x fp32: fp32 FMAs (`has_codes_f32`). With amx=True, AMX tiles (`has_codes_amx`; group sizes
+    multiples of 32; fp32 x as three bf16 terms; the offset AMX_CODES_OFFSET[(x.dtype, nibbles)]). A kernel calling
+    it per token binds the weight's operands once instead (`CodesGemm`)."""
     return CodesGemm(packed, scale, bias, x.dtype, amx)(x, corr, out)
 
 
@@ -731,9 +732,10 @@ def _codes_library(compute: torch.dtype, amx: bool = False) -> ctypes.CDLL:
     lib = library()
     if (lib is None or compute not in (torch.bfloat16, torch.float32)
             or not (has_codes_amx() if amx else has_codes_bf16() if compute == torch.bfloat16 else has_codes_f32())):
+        needs = ("AMX-BF16, and the tile state granted by Linux" if amx
+                 else "AVX512-BF16" if compute == torch.bfloat16 else "AVX2 + FMA")
         raise RuntimeError(f"native codes x {compute}{' (AMX)' if amx else ''} kernel unavailable: "
-                           f"{unavailable_reason() or 'not built for this CPU (bf16: AVX512-BF16; fp32: AVX2 + FMA; '}"
-                           "AMX: AMX-BF16 and the tile state granted by Linux)")
+                           f"{unavailable_reason() or f'not built for this CPU (it needs {needs})'}")
     return lib
 
 

@@ -1913,20 +1913,18 @@ int hfq_gptq_columns(float *W1, int64_t rows, int64_t B, const float *Hinv1, int
 #pragma GCC pop_options
 
 /* ---------------------------------------------------------------------------------------------------
- * Weights of up to 8 bits x bf16 activations on AMX tiles (Sapphire Rapids and later), fused: the operands and
- * the result of hfq_codes_bf16_gemm, for any M.
+ * Weights of up to 8 bits x bf16 or fp32 activations on AMX tiles (Sapphire Rapids and later), fused: the operands
+ * and the result of hfq_codes_bf16_gemm / hfq_codes_f32_gemm (corr with the offsets of `amx_a_tile`), for any M.
  *
  * The weight is the A operand: a 16 x 32 bf16 tile of 16 output rows n and 32 channels, made in L1 from the codes
  * (`amx_a_tile`: nibbles as 128 + q by the OR trick of codes_rows, or q itself for fp32 x; bytes as u itself, exact in
- * bf16). A nibble tile takes 16 bytes of a row: the
- * low nibbles are channels c..c+15 of the group, the high nibbles channels gs/2 + c..; the order of channels inside
- * a tile does not matter as long as x meets them in the same order. x is the B operand, transposed in AMX's pair
+ * bf16). A nibble tile takes 16 bytes of a row: the low nibbles are channels c..c+15 of the group, the high nibbles
+ * channels gs/2 + c..; the order of channels inside a tile does not matter as long as x meets them in the same order. x is the B operand, transposed in AMX's pair
  * layout (`amx_pack_x`: row r of a tile holds, for each of 16 activation rows m, the two channels of A's columns
  * 2r and 2r + 1, which are neighbours in x), padded to a multiple of 16 rows with zeros. C = A B is a 16 (n) x 16 (m)
  * fp32 tile per group; y^T[n, m] += scale[n, g] C[n, m] (AVX-512), then out[m, n] = y^T[n, m] - corr[m, n] + bias[n].
- * Threads take 16-row blocks of the weight; each dequantizes a group's tiles once and meets them with every block
- * of 16 activation rows. Products are exact and sums fp32, as in hfq_codes_bf16_gemm (the order of the sums
- * differs).
+ * Threads take work items of 16 weight rows x up to HFQ_AMX_MB blocks of 16 activation rows (`codes_amx`). Products
+ * are exact and sums fp32, as in hfq_codes_bf16_gemm (the order of the sums differs).
  */
 #if defined(HFQ_AMX)
 #define HFQ_ARCH_REQ_XCOMP_PERM 0x1023
@@ -1944,7 +1942,7 @@ typedef struct {
     uint8_t rows[16];
 } hfq_tilecfg;
 
-static void amx_config(void) {  /* tile 0: C (16 x 16 fp32); 4, 5: A (16 x 32 bf16); 6: B (16 pairs x 16 rows) */
+static void amx_config(void) {  /* tiles 0-3: C (16 x 16 fp32); 4: A (16 x 32 bf16); 6: B (16 pairs x 16 rows) */
     hfq_tilecfg cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
@@ -1957,7 +1955,6 @@ static void amx_config(void) {  /* tile 0: C (16 x 16 fp32); 4, 5: A (16 x 32 bf
  * channels g gs + 16 c + (0..15), columns 16..31 channels g gs + gs/2 + 16 c + (0..15); bytes: channels 32 t + (0..31).
  * x bf16: one term, x itself. x fp32: three bf16 terms, x = t0 + t1 + t2 + e (each the bf16 rounding of what the
  * ones before leave; |e| <= 2^-24 |x|, as fp32 itself rounds): with exact products and fp32 sums, the fp32 GEMM. */
-
 static void amx_pack_x(const void *xv, int x_f32, int64_t M, int64_t K, int64_t gs, int wide, uint32_t *xp,
                        int nthreads) {
     const int64_t T = K / 32, MB = (M + 15) / 16, per = gs / 32, terms = x_f32 ? 3 : 1, plane = MB * T * 256;
