@@ -8,8 +8,9 @@ Columns: the copies in rotation, the float baselines (ms), then speed-ups of
   and its time over w8a8's (the cost of the outlier decomposition: the two layers share their prepared
   weights, and the ratio is the median over rounds of the two times in the same round, since at one row a
   call's time depends by up to 30% on which copy of the weights, in which pages, it reads);
-- candidates: `cpu_int8_fbgemm`, `cpu_int8_onednn`, `cpu_int8_intmm`, `cpu_int8_native` and `cpu_int8_token_w8`
-  (the registered CPU kernels; `-` where the CPU has no exact int8 dot product for the first four), `torch._int_mm`
+- candidates: `cpu_int8_fbgemm`, `cpu_int8_onednn`, `cpu_int8_intmm`, `cpu_int8_native`, `cpu_int8_native_amx` and
+  `cpu_int8_token_w8` (the registered CPU kernels; `-` where the CPU has no exact int8 dot product for the first
+  four, and no AMX-INT8 for the fifth), `torch._int_mm`
   (int8 GEMM only, no quantization), `_weight_int8pack_mm` bf16 (weight-only, float activations), and
   fbgemm's `quantized::linear_dynamic` (per-*tensor* activation scale; its relative deviation from
   the per-token oracle is printed too).
@@ -55,7 +56,8 @@ from hf_quant.runtime.kernels import int8 as I  # noqa: E402
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (in, out)
 ROWS = [1, 8, 64, 512]
 MAX_ROUNDS = 100  # interleaved rounds per row at most (each function keeps its fastest call)
-KERNEL_COLUMNS = ("cpu_int8_fbgemm", "cpu_int8_onednn", "cpu_int8_intmm", "cpu_int8_native", "cpu_int8_token_w8")
+KERNEL_COLUMNS = ("cpu_int8_fbgemm", "cpu_int8_onednn", "cpu_int8_intmm", "cpu_int8_native", "cpu_int8_native_amx",
+                  "cpu_int8_token_w8")
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 
 
@@ -130,7 +132,7 @@ def main() -> None:
     print(head, flush=True)
     print(f"At the start, {core_sharing()}", flush=True)
     cols = ["shape (in x out)", "M", "copies", "fp32 ms", "bf16 ms", "w8a8", "w8a8 measured", "llm_int8",
-            "llm_int8 / w8a8 time", "outl cols", "fbgemm", "onednn", "intmm", "native", "token_w8", "_int_mm",
+            "llm_int8 / w8a8 time", "outl cols", "fbgemm", "onednn", "intmm", "native", "native_amx", "token_w8", "_int_mm",
             "w8pack bf16", "fbgemm dyn", "fbgemm dev"]
     goals = []  # (M, w8a8 x float, llm_int8 time / w8a8 time)
     rows = []

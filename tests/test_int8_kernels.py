@@ -70,7 +70,7 @@ def test_per_token_codes_are_the_oracles_bit_for_bit(m, dtype, threshold, outlie
 
 
 @pytest.mark.parametrize("name", ["cpu_int8_onednn", "cpu_int8_fbgemm", "cpu_int8_intmm", "cpu_int8_native",
-                                  "cpu_int8_token_w8"])
+                                  "cpu_int8_native_amx", "cpu_int8_token_w8"])
 @pytest.mark.parametrize("m,dtype,threshold,outliers,bias", CASES)
 def test_cpu_kernels_match_the_reference(name, m, dtype, threshold, outliers, bias):
     kernel = kernels.base.KERNELS.get(name)
@@ -91,8 +91,10 @@ def test_cpu_dispatch_picks_an_int8_kernel_for_llm_int8():
         x = torch.randn(m, 64, dtype=torch.bfloat16)
         name = kernels.select_kernel(layer, x).name
         torch_int8 = "cpu_int8_fbgemm" if m <= I.FBGEMM_MAX_ROWS else "cpu_int8_onednn"
+        amx = I.NATIVE_AMX.supports(layer, x.device, x.dtype) and m > I.NATIVE_AMX.AMX_MAX_ROWS  # its tiles above 16
         native = I.NATIVE.supports(layer, x.device, x.dtype) and I.NATIVE.chosen(layer, m)  # AMX: oneDNN above 16
-        want = "cpu_int8_native" if native else torch_int8 if I.exact_int8_dot() else "cpu_int8_token_w8"
+        want = ("cpu_int8_native_amx" if amx else "cpu_int8_native" if native else torch_int8 if I.exact_int8_dot()
+                else "cpu_int8_token_w8")
         assert name == want, name
     assert kernels.select_kernel(layer, torch.randn(3, 64)).name != "reference"
 
@@ -105,8 +107,10 @@ def test_onednn_kernel_not_chosen_where_int8_dot_saturates(monkeypatch):
     assert not I.FBGEMM.supports(layer, torch.device("cpu"), torch.float32)
     assert not I.onednn_isa_capped({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"})
     exact = "cpu_int8_native" if I.NATIVE.supports(layer, torch.device("cpu"), torch.float32) else "cpu_int8_token_w8"
-    for m in (1, 8, 100):  # hf_quant's own GEMM is exact in both its forms (VNNI, AVX2): unaffected by the cap
-        assert kernels.select_kernel(layer, torch.randn(m, 64)).name == exact
+    tiles = I.NATIVE_AMX.supports(layer, torch.device("cpu"), torch.float32)
+    for m in (1, 8, 100):  # hf_quant's own GEMMs are exact in all their forms (VNNI, AVX2, AMX): unaffected by the cap
+        want = "cpu_int8_native_amx" if tiles and m > 16 else exact
+        assert kernels.select_kernel(layer, torch.randn(m, 64)).name == want
 
 
 def test_weight_only_layers_never_pick_int8_kernels():
@@ -207,7 +211,8 @@ def _errors_against_float64(layer, x, name):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("sym,bias", [(True, False), (False, True)])
 @pytest.mark.parametrize("kind", ["plain", "outlier_cols", "massive"])
-@pytest.mark.parametrize("name", ["cpu_int8_split", "cpu_int8_split_intmm", "cpu_int8_split_native"])
+@pytest.mark.parametrize("name", ["cpu_int8_split", "cpu_int8_split_intmm", "cpu_int8_split_native",
+                                  "cpu_int8_split_native_amx"])
 def test_split_int8_weight_only_kernel_is_as_close_as_float(m, dtype, sym, bias, kind, name):
     """cpu_int8_split (8-bit weight-only on the int8 GEMM, activations as 2-3 int8 terms; fbgemm's GEMM, or
     `torch._int_mm`'s): against the float64 product of the same weights, no worse than the reference kernel's
@@ -223,7 +228,8 @@ def test_split_int8_weight_only_kernel_is_as_close_as_float(m, dtype, sym, bias,
 @pytest.mark.parametrize("m", [1, 3, 17, 64])
 @pytest.mark.parametrize("sym,bias", [(True, False), (False, True)])
 @pytest.mark.parametrize("kind", ["plain", "outlier_cols", "massive"])
-@pytest.mark.parametrize("name", ["cpu_int8_split_f32", "cpu_int8_split_intmm_f32", "cpu_int8_split_native_f32"])
+@pytest.mark.parametrize("name", ["cpu_int8_split_f32", "cpu_int8_split_intmm_f32", "cpu_int8_split_native_f32",
+                                  "cpu_int8_split_native_amx_f32"])
 def test_exact_split_kernels_are_as_close_as_fp32(m, sym, bias, kind, name):
     """The `_f32` split kernels (fp32 activations as 3-4 int8 terms, exact int32 products): against the float64
     product of the same weights, no worse than the reference kernel's fp32 arithmetic, which is why they are
@@ -293,7 +299,7 @@ def test_split_gemms_agree(t, k, n):
     if not (I.exact_int8_dot() and I._fbgemm_available() and hasattr(torch, "_int_mm")):
         pytest.skip("no exact int8 GEMM on this CPU")
     exact = (codes.double() @ wq.double().t()) * ws.double()
-    for kernel in (I.SPLIT, I.SPLIT_INTMM, I.SPLIT_NATIVE):
+    for kernel in (I.SPLIT, I.SPLIT_INTMM, I.SPLIT_NATIVE, I.SPLIT_NATIVE_AMX):
         if not kernel.available():
             continue
         z = kernel.gemm(codes, kernel.pack(wq, ws))
@@ -333,8 +339,8 @@ def test_split_kernel_is_only_a_measured_candidate():
     names32_bf16 = {k.name for k in cpu_measure.candidates(layer, torch.device("cpu"), torch.float32, allow_bf16=True)}
     assert "cpu_int8_split" not in names32 and "cpu_int8_split_bf16" not in names32
     assert {n for n in names32 if n.startswith("cpu_int8_split")} <= {
-        "cpu_int8_split_f32", "cpu_int8_split_intmm_f32", "cpu_int8_split_native_f32"}
-    for kernel in (I.SPLIT, I.SPLIT_INTMM, I.SPLIT_NATIVE):
+        "cpu_int8_split_f32", "cpu_int8_split_intmm_f32", "cpu_int8_split_native_f32", "cpu_int8_split_native_amx_f32"}
+    for kernel in (I.SPLIT, I.SPLIT_INTMM, I.SPLIT_NATIVE, I.SPLIT_NATIVE_AMX):
         assert (kernel.name in names) == (kernel.name + "_bf16" in names32_bf16) == (
             kernel.name + "_f32" in names32) == (kernel.name + "_f32" in names32_bf16) == kernel.supports(
             layer, torch.device("cpu"), torch.bfloat16)
@@ -343,8 +349,8 @@ def test_split_kernel_is_only_a_measured_candidate():
 
 
 @pytest.mark.parametrize("name", ["cpu_int8_fbgemm", "cpu_int8_onednn", "cpu_int8_intmm", "cpu_int8_native",
-                                  "cpu_int8_token_w8", "cpu_int8_split", "cpu_int8_split_intmm",
-                                  "cpu_int8_split_native"])
+                                  "cpu_int8_native_amx", "cpu_int8_token_w8", "cpu_int8_split", "cpu_int8_split_intmm",
+                                  "cpu_int8_split_native", "cpu_int8_split_native_amx"])
 def test_cpu_int8_kernels_take_empty_inputs(name):
     """No rows (an empty batch): an empty output of the right shape, as the reference gives."""
     from .test_kernels import make_layer
@@ -359,8 +365,8 @@ def test_cpu_int8_kernels_take_empty_inputs(name):
 
 
 @pytest.mark.parametrize("name", ["cpu_int8_fbgemm", "cpu_int8_onednn", "cpu_int8_intmm", "cpu_int8_native",
-                                  "cpu_int8_token_w8", "cpu_int8_split", "cpu_int8_split_intmm",
-                                  "cpu_int8_split_native"])
+                                  "cpu_int8_native_amx", "cpu_int8_token_w8", "cpu_int8_split", "cpu_int8_split_intmm",
+                                  "cpu_int8_split_native", "cpu_int8_split_native_amx"])
 @pytest.mark.parametrize("m", [5, 1200])  # one fused pass set, and row chunks
 def test_cpu_int8_kernels_take_strided_inputs(name, m):
     """A transposed (non-contiguous) activation view gives the reference's result."""
@@ -400,7 +406,8 @@ def test_bitnet_ternary_layers_run_on_the_int8_kernels(m, dtype):
     assert set(wq.unique().tolist()) <= {-1, 0, 1} and torch.equal(ws, layer.scales.float()[:, 0])
     x = inputs(m, 96, dtype, False, seed=m + 3)
     ran = []
-    for name in ("cpu_int8_onednn", "cpu_int8_fbgemm", "cpu_int8_intmm", "cpu_int8_native", "cpu_int8_token_w8"):
+    for name in ("cpu_int8_onednn", "cpu_int8_fbgemm", "cpu_int8_intmm", "cpu_int8_native", "cpu_int8_native_amx",
+                 "cpu_int8_token_w8"):
         kernel = kernels.base.KERNELS.get(name)
         if kernel.supports(layer, x.device, dtype):
             with kernels.use_kernel(name):
@@ -454,9 +461,27 @@ def test_transposed_codes_are_made_only_at_the_first_outlier_column(name):
     _check(layer, x, out)
 
 
+def test_fixed_order_takes_the_native_amx_gemm_above_16_rows():
+    """`cpu_int8_native_amx` outranks the other int8 kernels and takes the rows above 16 (the VNNI GEMV at and below
+    them): on an AMX-INT8 CPU the fixed choice of a W8A8 layer is the tile GEMM from 17 rows up."""
+    kernel = kernels.base.KERNELS.get("cpu_int8_native_amx")
+    assert kernel.priority > max(I.NATIVE.priority, I.ONEDNN.priority, I.FBGEMM.priority)
+    assert not kernel.chosen(None, 16) and kernel.chosen(None, 17) and kernel.chosen(None, 4096)
+    assert 16 in kernel.row_cuts(torch.bfloat16)
+    layer = int8_layer(40, 128, 0.0, True)
+    if not kernel.supports(layer, torch.device("cpu"), torch.bfloat16):
+        pytest.skip("no AMX-INT8 tiles on this CPU")
+    for m, want in ((1, "cpu_int8_native"), (16, "cpu_int8_native"), (17, "cpu_int8_native_amx"),
+                    (300, "cpu_int8_native_amx")):
+        x = inputs(m, 128, torch.bfloat16, False, seed=m)
+        assert kernels.select_kernel(layer, x).name == want
+        _check(layer, x, layer(x))
+
+
 def test_fixed_order_prefers_onednn_above_16_rows_on_amx_int8(monkeypatch):
-    """On CPUs with AMX-INT8 the fixed order leaves `cpu_int8_native` (VNNI) for oneDNN's tile GEMM above 16 rows;
-    elsewhere it keeps the native kernel at every row count."""
+    """On CPUs with AMX-INT8 the fixed order leaves `cpu_int8_native` (VNNI) for a tile GEMM above 16 rows (its own,
+    `cpu_int8_native_amx`, where Linux grants the tiles; else oneDNN's); elsewhere it keeps the native kernel at every
+    row count."""
     from hf_quant.runtime.kernels import int8 as I8
 
     kernel = kernels.base.KERNELS.get("cpu_int8_native")

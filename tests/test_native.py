@@ -734,6 +734,60 @@ def test_native_int8_tokens_is_quantize_then_gemm(M, dtype, threshold):
         gemm.tokens(torch.zeros(96, 2).t(), threshold, dtype)
 
 
+needs_int8_amx = pytest.mark.skipif(not native.has_int8_amx(), reason="the int8 GEMM on tiles needs AMX-INT8 (and Linux "
+                                    "granting the tile state)")
+
+
+@needs_int8_amx
+@pytest.mark.parametrize("M", [1, 15, 16, 17, 33, 64, 100])  # one or two m-tiles per pass, and every remainder
+@pytest.mark.parametrize("K,N", [(4, 1), (68, 40), (100, 130), (256, 64), (1024, 200)])  # K tails, column tails
+def test_native_int8_amx_gemm_is_the_vnni_gemm_bit_for_bit(M, K, N):
+    """The GEMM on AMX-INT8 tiles (the same packed weight, the same epilogue): exact in int32, and the same bytes as the
+    VNNI GEMM in every form: fp32 out, the fused epilogue with bias, outlier columns and a 16-bit cast, a row stride
+    other than K, one thread and two."""
+    wq, codes, ws = _int8_operands(M, K, N, seed=M * 5 + K, full_range=True)
+    p = native.int8_pack(wq)
+    exact = (codes.long() - 128) @ wq.long().t()
+    y = native.int8_gemm(codes, p, torch.ones(N), amx=True)
+    assert torch.equal(y.double(), exact.double().float().double())
+    g = torch.Generator().manual_seed(M)
+    absmax, bias = torch.rand(M, generator=g) * 5, torch.randn(N, generator=g)
+    x = torch.randn(M, K, generator=g) * 4
+    cols = torch.tensor(sorted({0, K // 3, K - 1}))
+    for dtype in (torch.float32, torch.bfloat16):
+        blocks = native.int8_packed_cols(p, cols, ws, dtype)
+        for args in ((None, None, torch.float32, None), (absmax, bias, dtype, None),
+                     (absmax, None, dtype, (x.index_select(1, cols), blocks))):
+            want = native.int8_gemm(codes, p, ws, *args)
+            assert torch.equal(native.int8_gemm(codes, p, ws, *args, amx=True), want)
+    wide = torch.zeros(M, K + 12, dtype=torch.uint8)
+    wide[:, :K] = codes
+    assert torch.equal(native.int8_gemm(wide[:, :K], p, ws, amx=True), native.int8_gemm(codes, p, ws))
+
+
+@needs_int8_amx
+def test_native_int8_amx_gemm_many_rows_and_threads(monkeypatch):
+    """Many 64-row passes, the column blocks grouped over one thread or split over two: the exact product."""
+    M, K, N = 300, 2048, 520
+    wq, codes, ws = _int8_operands(M, K, N, seed=6)
+    exact = ((codes.long() - 128) @ wq.long().t()).double()
+    p = native.int8_pack(wq)
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(torch, "get_num_threads", lambda t=threads: t)
+        assert torch.equal(native.int8_gemm(codes, p, torch.ones(N), amx=True).double(), exact.float().double())
+
+
+def test_native_int8_amx_refused_where_unavailable(monkeypatch):
+    """Without AMX-INT8 in the build (or the tile state from Linux) asking for the tile GEMM is a clear error."""
+    if not native.has_int8_gemm():
+        pytest.skip("no native int8 GEMM")
+    wq, codes, ws = _int8_operands(3, 64, 16)
+    monkeypatch.setitem(native._state, "caps", native._caps() & ~native.CAP_INT8_AMX)
+    assert not native.has_int8_amx()
+    with pytest.raises(RuntimeError, match="AMX-INT8"):
+        native.Int8Gemm(native.int8_pack(wq), ws, amx=True)
+
+
 @needs_int8_gemm
 def test_native_int8_gemm_refusals():
     wq, codes, ws = _int8_operands(3, 96, 40)
@@ -779,6 +833,7 @@ def test_an_avx2_build_has_the_avx2_int8_gemm_and_an_sse2_build_none(monkeypatch
     monkeypatch.setenv(native.ENV_CFLAGS, "-march=x86-64-v3")
     assert native.library() is not None and native.int8_gemm_form() == "avx2"
     assert int8.NATIVE.available() and int8.SPLIT_NATIVE.available()
+    assert not native.has_int8_amx() and not int8.NATIVE_AMX.available()  # the tile GEMM shares the VNNI epilogue
     wq, codes, ws = _int8_operands(9, 4096, 70, seed=11, full_range=True)
     exact = ((codes.long() - 128) @ wq.long().t()).double()
     assert torch.equal(native.int8_gemm(codes, native.int8_pack(wq), torch.ones(70)).double(), exact.float().double())

@@ -453,18 +453,20 @@ class NativeInt8Kernel(_ExactInt8Kernel):
     def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
         return super().supports(layer, device, dtype) and _native_int8_fits(layer)
 
+    AMX = False  # the GEMM on AMX-INT8 tiles (NativeAmxInt8Kernel)
+
     def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
         wq, ws = cpu.int8_rows(layer)
         packed = native.int8_pack(wq)
         bias = None if layer.bias is None else layer.bias.float().contiguous()
-        return native.Int8Gemm(packed, ws.contiguous(), bias), PackedOutliers(packed, ws)
+        return native.Int8Gemm(packed, ws.contiguous(), bias, amx=self.AMX), PackedOutliers(packed, ws)
 
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
         gemm, outliers = prepared
         t = threshold_of(layer)
         x2 = x.reshape(-1, x.shape[-1])
         unit = x2.shape[1] <= 1 or x2.stride(1) == 1
-        if unit and x2.shape[0] <= gemm.TOKEN_ROWS:  # decoding: quantization and product in one native call ...
+        if unit and not self.AMX and x2.shape[0] <= gemm.TOKEN_ROWS:  # decoding: quantization and product in one native call ...
             last = outliers.last  # (cols, dtype, their W_hat rows): the outlier columns usually repeat
             known = (last[0], last[2]) if last is not None and last[1] == x.dtype else None
             out, parts = gemm.tokens(x2, t, x.dtype, x.shape[:-1], known)
@@ -478,6 +480,30 @@ class NativeInt8Kernel(_ExactInt8Kernel):
         extra = None if cols is None else (x2.index_select(1, cols).float(), outliers.get(cols, x.dtype))
         # the fused epilogue, outlier columns included: the same bytes as finish_tokens of the fp32 product
         return gemm(codes, absmax, x.dtype, extra, x.shape[:-1])
+
+
+def _native_int8_amx_available() -> bool:
+    return _native_int8_available() and native.has_int8_amx()
+
+
+class NativeAmxInt8Kernel(NativeInt8Kernel):
+    """`cpu_int8_native` with its GEMM on AMX-INT8 tiles (`native.Int8Gemm(..., amx=True)`, CPUs with AMX-INT8 where
+    Linux grants the tile state: Sapphire Rapids and later): the same codes, packed weight and fused epilogue, the
+    same bytes. `tdpbusd` takes 16 x 64 codes of 16 tokens against 64 x 16 weight codes per instruction (16384
+    products, 16 times a `vpdpbusd`), so above AMX_MAX_ROWS rows it is the fixed choice on such CPUs (where oneDNN's
+    tile GEMM was before: this one runs the quantization and the epilogue in its own passes, oneDNN's needed
+    separate torch passes for both); at and below them the VNNI GEMV, which streams the weight once per token
+    block, is. A measured candidate at every row count."""
+
+    name = "cpu_int8_native_amx"
+    priority = 33
+    AMX = True
+
+    def available(self) -> bool:
+        return _native_int8_amx_available()
+
+    def chosen(self, layer: Any, rows: int) -> bool:
+        return rows > self.AMX_MAX_ROWS
 
 
 class TokenW8Kernel(Kernel):
@@ -625,6 +651,20 @@ class SplitNativeKernel(SplitInt8Kernel):
         return native.int8_gemm(codes.add(128.0).to(torch.uint8), w, ws)
 
 
+class SplitNativeAmxKernel(SplitNativeKernel):
+    """`cpu_int8_split_native` with its int8 GEMM on AMX-INT8 tiles (`native.int8_gemm(..., amx=True)`). A measured
+    candidate only."""
+
+    name = "cpu_int8_split_native_amx"
+
+    def available(self) -> bool:
+        return _native_int8_amx_available()
+
+    def gemm(self, codes: torch.Tensor, packed: Any) -> torch.Tensor:
+        w, ws = packed
+        return native.int8_gemm(codes.add(128.0).to(torch.uint8), w, ws, amx=True)
+
+
 def _int8_term(r: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
     """One term of `split_terms`: r's per-row int8 codes (as fp32) into `codes`, absmax / 127 into `scales`."""
     a = r.abs().amax(dim=1)
@@ -688,8 +728,9 @@ class ExactSplitKernel(cpu.WrappedKernel):
 ONEDNN, FBGEMM, TOKEN_W8, SPLIT = OneDnnInt8Kernel(), FbgemmInt8Kernel(), TokenW8Kernel(), SplitInt8Kernel()
 INTMM, SPLIT_INTMM = IntMmInt8Kernel(), SplitIntMmKernel()
 NATIVE, SPLIT_NATIVE = NativeInt8Kernel(), SplitNativeKernel()
-for _kernel in (ONEDNN, FBGEMM, INTMM, NATIVE, TOKEN_W8, SPLIT, SPLIT_INTMM, SPLIT_NATIVE):
+NATIVE_AMX, SPLIT_NATIVE_AMX = NativeAmxInt8Kernel(), SplitNativeAmxKernel()
+for _kernel in (ONEDNN, FBGEMM, INTMM, NATIVE, NATIVE_AMX, TOKEN_W8, SPLIT, SPLIT_INTMM, SPLIT_NATIVE, SPLIT_NATIVE_AMX):
     register_kernel(_kernel)
-for _kernel in (SPLIT, SPLIT_INTMM, SPLIT_NATIVE):
+for _kernel in (SPLIT, SPLIT_INTMM, SPLIT_NATIVE, SPLIT_NATIVE_AMX):
     register_kernel(cpu.Bf16ActivationsKernel(_kernel))
     register_kernel(ExactSplitKernel(_kernel))

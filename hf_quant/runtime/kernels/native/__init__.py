@@ -130,8 +130,8 @@ def _load() -> ctypes.CDLL:
     lib.hfq_sign_dequant.argtypes, lib.hfq_sign_dequant.restype = [P, P, P, I64, I64, I64, INT, INT], INT
     lib.hfq_int8_packed_bytes.argtypes, lib.hfq_int8_packed_bytes.restype = [I64, I64], I64
     lib.hfq_int8_pack.argtypes, lib.hfq_int8_pack.restype = [P, I64, I64, P, P, INT], INT
-    lib.hfq_int8_gemm.argtypes = [P, I64, I64, I64, P, I64, P, P, P, P, P, P, I64, P, I64, INT, INT]
-    lib.hfq_int8_gemm.restype = INT
+    for fn in (lib.hfq_int8_gemm, lib.hfq_int8_amx_gemm):
+        fn.argtypes, fn.restype = [P, I64, I64, I64, P, I64, P, P, P, P, P, P, I64, P, I64, INT, INT], INT
     lib.hfq_int8_packed_cols.argtypes, lib.hfq_int8_packed_cols.restype = [P, I64, I64, P, I64, P, INT, P], INT
     lib.hfq_int8_token_gemm.argtypes = [P, I64, I64, I64, INT, ctypes.c_float, P, P, P, P, P, I64, P, P, P, P, INT, P,
                                         I64, P, INT]
@@ -213,6 +213,7 @@ CAP_INT8 = 16  # hfq_int8_gemm compiled (AVX-512 VNNI, or AVX2: CAP_INT8_AVX2 to
 CAP_INT8_AVX2 = 32  # hfq_int8_gemm in its AVX2 form (vpmaddubsw on |w| and sign(w) * c)
 CAP_MSE = 64  # hfq_mse_search compiled (AVX2 + FMA)
 CAP_CODES_AMX = 128  # hfq_codes_amx_gemm compiled (AMX-TILE + AMX-BF16 + AVX512-BF16)
+CAP_INT8_AMX = 256  # hfq_int8_amx_gemm compiled (AMX-TILE + AMX-INT8 and the VNNI int8 GEMM's epilogue)
 # corr's offset per layout: bf16, nibbles 128 + q, bytes 16 (128 + high) + (128 + low) = u + 2176; fp32: q itself
 CODES_OFFSET = {(torch.bfloat16, True): 128.0, (torch.bfloat16, False): 2176.0,
                 (torch.float32, True): 0.0, (torch.float32, False): 0.0}
@@ -238,12 +239,21 @@ def has_codes_bf16() -> bool:
 def has_codes_amx() -> bool:
     """Whether the fused codes x bf16 kernel on AMX tiles (`codes_gemm` with amx=True) is built for this CPU and
     Linux lets this process use the tiles (asked once per process)."""
-    if not _caps() & CAP_CODES_AMX:
-        return False
+    return bool(_caps() & CAP_CODES_AMX) and _amx_granted()
+
+
+def _amx_granted() -> bool:
+    """Whether Linux lets this process use the AMX tiles (asked once per process)."""
     granted = _state.get("amx")
     if granted is None:
         granted = _state["amx"] = library().hfq_amx_enable() == 0
     return granted
+
+
+def has_int8_amx() -> bool:
+    """Whether the exact int8 GEMM on AMX-INT8 tiles (`Int8Gemm(..., amx=True)`) is built for this CPU and Linux
+    lets this process use the tiles."""
+    return bool(_caps() & CAP_INT8_AMX) and _amx_granted()
 
 
 def has_codes_f32() -> bool:
@@ -465,8 +475,8 @@ def int8_pack(wq: torch.Tensor) -> Int8Packed:
 
 def int8_gemm(codes: torch.Tensor, w: Int8Packed, ws: torch.Tensor, absmax: torch.Tensor | None = None,
               bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
-              outliers: tuple[torch.Tensor, torch.Tensor] | None = None, shape: tuple[int, ...] | None = None
-              ) -> torch.Tensor:
+              outliers: tuple[torch.Tensor, torch.Tensor] | None = None, shape: tuple[int, ...] | None = None,
+              amx: bool = False) -> torch.Tensor:
     """codes (M, K) uint8 (the per-token codes + 128, unit column stride) times the packed int8 weight, exact in
     int32, times the row scales ws (N,) fp32: fp32 (M, N) (`fbgemm_int8_mm`'s contract). With `absmax` (M,) fp32
     the epilogue of `finish_tokens` follows in the same pass (* absmax / 127 per row, + bias, + with `outliers` =
@@ -474,19 +484,24 @@ def int8_gemm(codes: torch.Tensor, w: Int8Packed, ws: torch.Tensor, absmax: torc
     them in blocks of 16 columns, zero-padded, `int8_packed_cols`) their product), in `dtype`: the same bytes
     as `finish_tokens` of the fp32 result. `shape`: the output's leading dimensions (M elements in all; default
     (M,)), so that a caller's (..., N) result needs no reshape. A kernel calling it per token binds the weight's
-    operands once instead (`Int8Gemm`)."""
-    return Int8Gemm(w, ws, bias)(codes, absmax, dtype, outliers, shape)
+    operands once instead (`Int8Gemm`). `amx`: the same product on AMX-INT8 tiles (`has_int8_amx`), the same bytes."""
+    return Int8Gemm(w, ws, bias, amx)(codes, absmax, dtype, outliers, shape)
 
 
 class Int8Gemm:
     """`int8_gemm` with the weight's operands (the packed weight, row scales ws, bias) checked and bound once, for a
-    layer's prepared layout: a call checks only the activations' operands (see `I16Gemv`)."""
+    layer's prepared layout: a call checks only the activations' operands (see `I16Gemv`). With `amx` its product
+    runs on AMX-INT8 tiles (`hfq_int8_amx_gemm`: the same operands and bytes; `tokens` stays on the VNNI GEMM)."""
 
-    __slots__ = ("w", "_fn", "_tokens", "_static", "_bias", "_keep")
+    __slots__ = ("w", "_fn", "_tokens", "_static", "_bias", "_keep", "amx")
     TOKEN_ROWS = 64  # `tokens` takes at most this many rows (decoding, short prompts; its buffers are reused per thread)
 
-    def __init__(self, w: Int8Packed, ws: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, w: Int8Packed, ws: torch.Tensor, bias: torch.Tensor | None = None, amx: bool = False) -> None:
         lib = _int8_library()
+        if amx and not has_int8_amx():
+            raise RuntimeError("native int8 GEMM on AMX tiles unavailable: "
+                               + ("Linux refused this process the AMX tile state" if _caps() & CAP_INT8_AMX
+                                  else "not built (a CPU with AMX-INT8 and AVX-512 VNNI is needed)"))
         N = w.n
         if not (ws.dtype == torch.float32 and ws.shape == (N,) and ws.is_contiguous() and ws.is_cpu
                 and (bias is None or (bias.dtype == torch.float32 and bias.shape == (N,) and bias.is_contiguous()
@@ -494,7 +509,8 @@ class Int8Gemm:
             raise ValueError(f"native int8_gemm: bad operands ws {tuple(ws.shape)} {ws.dtype}"
                              + ("" if bias is None else f", bias {tuple(bias.shape)} {bias.dtype}")
                              + f": expected contiguous fp32 ({N},) CPU tensors")
-        self.w, self._fn, self._keep, self._bias = w, lib.hfq_int8_gemm, (ws, bias), bias is not None
+        self.w, self._keep, self._bias, self.amx = w, (ws, bias), bias is not None, amx
+        self._fn = lib.hfq_int8_amx_gemm if amx else lib.hfq_int8_gemm
         self._tokens = lib.hfq_int8_token_gemm
         self._static = (w.packed.data_ptr(), N, w.comp.data_ptr(), ws.data_ptr(),
                         None if bias is None else bias.data_ptr())
@@ -527,7 +543,7 @@ class Int8Gemm:
         rc = self._fn(codes.data_ptr(), M, K, codes.stride(0) if M > 1 else K, packed, N, comp, ws,
                       None if absmax is None else absmax.data_ptr(), bias, None if xo is None else xo.data_ptr(),
                       None if wc is None else wc.data_ptr(), n_out, out.data_ptr(), N, _KIND[dtype], _threads())
-        if rc == 3:
+        if rc == 3 and not self.amx:
             raise ValueError("native int8_gemm: an activation code of -128 (a uint8 0): the AVX2 int8 GEMM takes "
                              "per-token codes in [-127, 127] (codes + 128 in [1, 255]), as quantize_tokens writes them")
         if rc:

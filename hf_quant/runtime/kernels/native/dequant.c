@@ -17,10 +17,13 @@
 #if defined(__AVX512F__) || defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
-#define HFQ_AMX 1
+#if defined(__AMX_TILE__) && defined(__AVX512BW__)
+#define HFQ_AMX_TILE 1  /* the tile state (hfq_amx_enable, amx_config): what both AMX kernels below need */
 #include <sys/syscall.h>
 #include <unistd.h>
+#if defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define HFQ_AMX 1
+#endif
 #endif
 #if defined(__AVX2__) || defined(__AVX512F__)
 static inline float hsum256(__m256 v) {  /* the sum of 8 floats */
@@ -213,6 +216,9 @@ int hfq_caps(void) {
 #endif
 #if defined(HFQ_AMX)
     caps |= 128;  /* hfq_codes_amx_gemm is compiled (Linux may still refuse the tiles: hfq_amx_enable) */
+#endif
+#if defined(HFQ_AMX_TILE) && defined(__AMX_INT8__) && HFQ_I8 == 1
+    caps |= 256;  /* hfq_int8_amx_gemm is compiled (the same proviso) */
 #endif
     return caps;
 }
@@ -1354,42 +1360,57 @@ static inline void i8_store_full(__m512i acc, const hfq_i8_epi *e, int64_t m, in
     _mm512_store_si512(acc + (i * 4 + 1) * 16, c##i##1); _mm512_store_si512(acc + (i * 4 + 2) * 16, c##i##2); \
     _mm512_store_si512(acc + (i * 4 + 3) * 16, c##i##3); }
 
-/* The tile's epilogue from its int32 sums (stored to acc by the tile) where it has outlier columns or reaches past
- * N (masked there: ws and bias hold N entries): inlined into the tile, this general form made gcc spill
- * accumulators of the k loop to the stack (-4%), and a call per 16 outputs cost 3%; the common case
- * (i8_store_full) stays inline. Each 16 columns' W_hat vector of an outlier column serves all rows of the tile. */
-static __attribute__((noinline)) void i8_finish(const int32_t *acc, int mr, const hfq_i8_epi *e, int64_t m0,
-                                                int64_t n0) {
+static inline __attribute__((always_inline)) void i8_finish_rows(const int32_t *acc, const int mr, const hfq_i8_epi *e,
+                                                                 int64_t m0, int64_t n0) {
+    const int64_t n_out = e->n_out, ldo = e->ldo, N = e->N;
+    const float *xo = e->xo + m0 * n_out, *absmax = e->absmax, *bias = e->bias;
     for (int j = 0; j < 4; j++) {
         const int64_t n = n0 + j * 16;
-        if (n >= e->N) break;
-        const __mmask16 k = n + 16 <= e->N ? (__mmask16)0xFFFF : (__mmask16)((1u << (e->N - n)) - 1u);
+        if (n >= N) break;
+        const __mmask16 k = n + 16 <= N ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1u);
         const __m512i comp = _mm512_loadu_si512(e->comp + n);  /* comp is padded to the block */
         const __m512 ws = _mm512_maskz_loadu_ps(k, e->ws + n);  /* ws, bias: N entries */
         __m512 y[HFQ_I8_MR];
         for (int i = 0; i < mr; i++) {
             y[i] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(acc + (i * 4 + j) * 16), comp)),
                                  ws);
-            if (e->absmax) {
-                const __m512 sx = _mm512_set1_ps(e->absmax[m0 + i] / 127.0f);
-                y[i] = e->bias ? _mm512_fmadd_ps(y[i], sx, _mm512_maskz_loadu_ps(k, e->bias + n))
-                               : _mm512_mul_ps(y[i], sx);
+            if (absmax) {
+                const __m512 sx = _mm512_set1_ps(absmax[m0 + i] / 127.0f);
+                y[i] = bias ? _mm512_fmadd_ps(y[i], sx, _mm512_maskz_loadu_ps(k, bias + n)) : _mm512_mul_ps(y[i], sx);
             }
         }
-        for (int64_t o = 0; o < e->n_out; o++) {  /* the outlier columns, in hfq_finish_tokens' order; each row of */
-            const __m512 w = _mm512_loadu_ps(e->wc + (n * e->n_out + o * 16));  /* wc (blocks of 16) read once */
-            for (int i = 0; i < mr; i++)
-                y[i] = _mm512_fmadd_ps(_mm512_set1_ps(e->xo[(m0 + i) * e->n_out + o]), w, y[i]);
+        const float *wn = e->wc + n * n_out;  /* the outlier columns, in hfq_finish_tokens' order; each row of */
+        for (int64_t o = 0; o < n_out; o++) {  /* wc (blocks of 16) read once */
+            const __m512 w = _mm512_loadu_ps(wn + o * 16);
+            for (int i = 0; i < mr; i++) y[i] = _mm512_fmadd_ps(_mm512_set1_ps(xo[i * n_out + o]), w, y[i]);
         }
         for (int i = 0; i < mr; i++) {
             if (k == 0xFFFF) {
-                put16(y[i], e->out, (m0 + i) * e->ldo + n, e->kind);
+                put16(y[i], e->out, (m0 + i) * ldo + n, e->kind);
             } else {
                 float t[16];
                 _mm512_storeu_ps(t, y[i]);
-                store_row(t, (char *)e->out + ((m0 + i) * e->ldo + n) * out_size(e->kind), e->N - n, e->kind);
+                store_row(t, (char *)e->out + ((m0 + i) * ldo + n) * out_size(e->kind), N - n, e->kind);
             }
         }
+    }
+}
+
+/* The tile's epilogue from its int32 sums (stored to acc by the tile) where it has outlier columns or reaches past
+ * N (masked there: ws and bias hold N entries): inlined into the tile, this general form made gcc spill
+ * accumulators of the k loop to the stack (-4%), and a call per 16 outputs cost 3%; the common case
+ * (i8_store_full) stays inline. Each 16 columns' W_hat vector of an outlier column serves all rows of the tile,
+ * whose sums stay in registers (one copy of the loop per row count: with a variable count they lived on the stack,
+ * and the outlier product cost 3x as much). */
+static __attribute__((noinline)) void i8_finish(const int32_t *acc, int mr, const hfq_i8_epi *e, int64_t m0,
+                                                int64_t n0) {
+    switch (mr) {
+        case 1: i8_finish_rows(acc, 1, e, m0, n0); break;
+        case 2: i8_finish_rows(acc, 2, e, m0, n0); break;
+        case 3: i8_finish_rows(acc, 3, e, m0, n0); break;
+        case 4: i8_finish_rows(acc, 4, e, m0, n0); break;
+        case 5: i8_finish_rows(acc, 5, e, m0, n0); break;
+        default: i8_finish_rows(acc, HFQ_I8_MR, e, m0, n0); break;
     }
 }
 
@@ -1926,7 +1947,7 @@ int hfq_gptq_columns(float *W1, int64_t rows, int64_t B, const float *Hinv1, int
  * Threads take work items of 16 weight rows x up to HFQ_AMX_MB blocks of 16 activation rows (`codes_amx`). Products
  * are exact and sums fp32, as in hfq_codes_bf16_gemm (the order of the sums differs).
  */
-#if defined(HFQ_AMX)
+#if defined(HFQ_AMX_TILE)
 #define HFQ_ARCH_REQ_XCOMP_PERM 0x1023
 #define HFQ_XFEATURE_XTILEDATA 18
 
@@ -1942,13 +1963,18 @@ typedef struct {
     uint8_t rows[16];
 } hfq_tilecfg;
 
-static void amx_config(void) {  /* tiles 0-3: C (16 x 16 fp32); 4: A (16 x 32 bf16); 6: B (16 pairs x 16 rows) */
+static void amx_config(void) {  /* all eight tiles 16 rows x 64 bytes (each kernel's use: its own comment) */
     hfq_tilecfg cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
     for (int t = 0; t < 8; t++) { cfg.colsb[t] = 64; cfg.rows[t] = 16; }
     _tile_loadconfig(&cfg);
 }
+#else
+int hfq_amx_enable(void) { return 1; }
+#endif
+
+#if defined(HFQ_AMX)
 
 /* xp[((term * MB + mb) * T + t) * 256 + r * 16 + m] (uint32: two bf16) = the channels of A's columns 2r, 2r + 1 in
  * tile t, of x row 16 mb + m (0 past M). Tile t: nibbles, group g = t / (gs/32), c = t % (gs/32): columns 0..15 are
@@ -2113,7 +2139,6 @@ int hfq_codes_amx_f32_gemm(const float *x, int64_t M, int64_t K, const uint8_t *
     return codes_amx(x, 1, M, K, packed, scale, corr, bias, out, N, G, gs, kind, wide, nthreads);
 }
 #else
-int hfq_amx_enable(void) { return 1; }
 int hfq_codes_amx_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *packed, const float *scale,
                        const float *corr, const float *bias, void *out, int64_t N, int64_t G, int64_t gs, int kind,
                        int wide, int nthreads) {
@@ -2126,5 +2151,147 @@ int hfq_codes_amx_f32_gemm(const float *x, int64_t M, int64_t K, const uint8_t *
                            int wide, int nthreads) {
     return hfq_codes_amx_gemm((const uint16_t *)x, M, K, packed, scale, corr, bias, out, N, G, gs, kind, wide,
                               nthreads);
+}
+#endif
+
+/* ---------------------------------------------------------------------------------------------------
+ * The exact int8 GEMM of hfq_int8_gemm on AMX-INT8 tiles (Sapphire Rapids and later): the same operands (uint8
+ * codes + 128, the packed weight and comp of hfq_int8_pack, unchanged), the same epilogue (i8_store_full /
+ * i8_finish on the int32 sums) and so the same bytes. `tdpbusd` multiplies a 16 x 64 uint8 A tile by a 64 x 16
+ * int8 B tile (16 rows of four codes of 16 columns) into 16 x 16 int32, 16384 products per instruction. B tiles
+ * come straight from the packed weight: row q of a block (256 bytes) holds the four codes k = 4q.. of its 64
+ * columns, so 16 columns' tile is 64 bytes of each of 16 rows, stride 256. A is first copied into tiles
+ * (`ai8_pack_a`: (16 rows x 64 codes) contiguous, rows past M and codes past K zero; each m-block of the
+ * GEMM then reads two sequential streams). A job is 32 rows x 32 columns over all of K in the four C tiles (2 A
+ * x 2 B tiles per step: 4 loads per 4 products); a block of 64 columns takes two, then its epilogue. Where K
+ * is not a multiple of 64 the last step's B tiles are copied (zero past K) instead of read past the block. Work:
+ * groups of up to HFQ_AI8_SB blocks of columns (their panels, 1 MiB at K = 4096, stay in L2) over the threads;
+ * a group runs every 32 rows of A through all of its blocks, so each tile of A is read once per group.
+ */
+#if defined(HFQ_AMX_TILE) && defined(__AMX_INT8__) && HFQ_I8 == 1
+#ifndef HFQ_AI8_SB
+#define HFQ_AI8_SB 4
+#endif
+
+static void ai8_pack_a(const uint8_t *a, int64_t M, int64_t K, int64_t lda, uint8_t *at, int64_t MT, int nthreads) {
+    const int64_t KT = (K + 63) / 64;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t i = 0; i < MT * KT; i++) {
+        const int64_t mt = i / KT, k0 = (i % KT) * 64, n = K - k0 < 64 ? K - k0 : 64;
+        uint8_t *dst = at + i * 1024;
+        for (int r = 0; r < 16; r++) {
+            const int64_t row = mt * 16 + r;
+            if (row < M) {
+                memcpy(dst + r * 64, a + row * lda + k0, (size_t)n);
+                if (n < 64) memset(dst + r * 64 + n, 0, (size_t)(64 - n));
+            } else {
+                memset(dst + r * 64, 0, 64);
+            }
+        }
+    }
+}
+
+/* acc (32 x 64 int32, rows of 256 bytes) columns 32 h.. of the block at b (K/4 rows of 256 bytes) times A's
+ * m-tiles at a0 (and a0 + KT tiles when two) over all of K. */
+static inline __attribute__((always_inline)) void ai8_half(const uint8_t *a0, int64_t KT, int two, const int8_t *b,
+                                                           int64_t K, int h, int32_t *acc, int8_t *btail) {
+    const int8_t *bh = b + h * 128;
+    const uint8_t *a1 = a0 + KT * 1024;
+    const int64_t full = K / 64;
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (int64_t kt = 0; kt < full; kt++) {
+        const int8_t *bp = bh + kt * 16 * 256;
+        _tile_loadd(4, a0 + kt * 1024, 64);
+        _tile_loadd(6, bp, 256);
+        _tile_loadd(7, bp + 64, 256);
+        _tile_dpbusd(0, 4, 6);
+        _tile_dpbusd(1, 4, 7);
+        if (two) {
+            _tile_loadd(5, a1 + kt * 1024, 64);
+            _tile_dpbusd(2, 5, 6);
+            _tile_dpbusd(3, 5, 7);
+        }
+    }
+    if (full < KT) {  /* the last K % 64 codes: rows 16 full.. of the block, the rest of the tile zero */
+        const int64_t q = (K % 64) / 4;
+        memset(btail, 0, 16 * 128);
+        for (int64_t r = 0; r < q; r++) memcpy(btail + r * 128, bh + (full * 16 + r) * 256, 128);
+        _tile_loadd(4, a0 + full * 1024, 64);
+        _tile_loadd(6, btail, 128);
+        _tile_loadd(7, btail + 64, 128);
+        _tile_dpbusd(0, 4, 6);
+        _tile_dpbusd(1, 4, 7);
+        if (two) {
+            _tile_loadd(5, a1 + full * 1024, 64);
+            _tile_dpbusd(2, 5, 6);
+            _tile_dpbusd(3, 5, 7);
+        }
+    }
+    _tile_stored(0, acc + h * 32, 256);
+    _tile_stored(1, acc + h * 32 + 16, 256);
+    if (two) {
+        _tile_stored(2, acc + 16 * 64 + h * 32, 256);
+        _tile_stored(3, acc + 16 * 64 + h * 32 + 16, 256);
+    }
+}
+
+int hfq_int8_amx_gemm(const uint8_t *a, int64_t M, int64_t K, int64_t lda, const int8_t *packed, int64_t N,
+                      const int32_t *comp, const float *ws, const float *absmax, const float *bias, const float *xo,
+                      const float *wc, int64_t n_out, void *out, int64_t ldo, int out_kind, int nthreads) {
+    if (K % 4 || K <= 0 || M <= 0 || (!absmax && (out_kind != 0 || n_out > 0)) || (n_out > 0 && (!xo || !wc))) return 1;
+    if (hfq_amx_enable()) return 3;
+    const hfq_i8_epi e = {comp, ws, absmax, bias, n_out > 0 ? xo : NULL, n_out > 0 ? wc : NULL, out, ldo, N,
+                          n_out > 0 ? n_out : 0, out_kind};
+    const int64_t blocks = (N + HFQ_I8_NR - 1) / HFQ_I8_NR, KT = (K + 63) / 64, MT = (M + 15) / 16;
+    uint8_t *at = (uint8_t *)aligned_alloc(64, (size_t)((MT + 1) * KT * 1024));
+    if (!at) return 4;
+    ai8_pack_a(a, M, K, lda, at, MT, nthreads);
+    int64_t sb = blocks / (nthreads > 0 ? nthreads : 1);  /* blocks per group: at most HFQ_AI8_SB, a group per thread */
+    sb = sb < 1 ? 1 : sb > HFQ_AI8_SB ? HFQ_AI8_SB : sb;
+    const int64_t groups = (blocks + sb - 1) / sb;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        int32_t *acc = (int32_t *)aligned_alloc(64, 32 * 64 * 4);
+        int8_t *btail = (int8_t *)aligned_alloc(64, 16 * 128);
+        const int ok = acc && btail;
+        if (!ok) failed = 1;
+        else amx_config();
+#pragma omp for schedule(static)
+        for (int64_t g = 0; g < groups; g++) {
+            if (!ok) continue;
+            const int64_t nb1 = (g + 1) * sb < blocks ? (g + 1) * sb : blocks;
+            for (int64_t m0 = 0; m0 < M; m0 += 32) {
+                const int rows = M - m0 < 32 ? (int)(M - m0) : 32, two = rows > 16;
+                const uint8_t *a0 = at + (m0 / 16) * KT * 1024;
+                for (int64_t nb = g * sb; nb < nb1; nb++) {
+                    const int8_t *b = packed + nb * HFQ_I8_NR * K;
+                    const int64_t n0 = nb * HFQ_I8_NR;
+                    if (two) { ai8_half(a0, KT, 1, b, K, 0, acc, btail); ai8_half(a0, KT, 1, b, K, 1, acc, btail); }
+                    else { ai8_half(a0, KT, 0, b, K, 0, acc, btail); ai8_half(a0, KT, 0, b, K, 1, acc, btail); }
+                    if (!e.n_out && n0 + HFQ_I8_NR <= N) {
+                        for (int i = 0; i < rows; i++)
+                            for (int j = 0; j < 4; j++)
+                                i8_store_full(_mm512_load_si512(acc + i * 64 + j * 16), &e, m0 + i, n0 + j * 16);
+                    } else {
+                        for (int r = 0; r < rows; r += HFQ_I8_MR)
+                            i8_finish(acc + r * 64, rows - r < HFQ_I8_MR ? rows - r : HFQ_I8_MR, &e, m0 + r, n0);
+                    }
+                }
+            }
+        }
+        if (ok) _tile_release();
+        free(acc); free(btail);
+    }
+    free(at);
+    return failed ? 4 : 0;
+}
+#else
+int hfq_int8_amx_gemm(const uint8_t *a, int64_t M, int64_t K, int64_t lda, const int8_t *packed, int64_t N,
+                      const int32_t *comp, const float *ws, const float *absmax, const float *bias, const float *xo,
+                      const float *wc, int64_t n_out, void *out, int64_t ldo, int out_kind, int nthreads) {
+    (void)a; (void)M; (void)K; (void)lda; (void)packed; (void)N; (void)comp; (void)ws; (void)absmax; (void)bias;
+    (void)xo; (void)wc; (void)n_out; (void)out; (void)ldo; (void)out_kind; (void)nthreads;
+    return 1;
 }
 #endif
