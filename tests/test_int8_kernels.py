@@ -91,7 +91,7 @@ def test_cpu_dispatch_picks_an_int8_kernel_for_llm_int8():
         x = torch.randn(m, 64, dtype=torch.bfloat16)
         name = kernels.select_kernel(layer, x).name
         torch_int8 = "cpu_int8_fbgemm" if m <= I.FBGEMM_MAX_ROWS else "cpu_int8_onednn"
-        amx = I.NATIVE_AMX.supports(layer, x.device, x.dtype) and m > I.NATIVE_AMX.AMX_MAX_ROWS  # its tiles above 16
+        amx = I.NATIVE_AMX.supports(layer, x.device, x.dtype) and m > I.NATIVE_AMX.AMX_MAX_ROWS  # its tiles above 8
         native = I.NATIVE.supports(layer, x.device, x.dtype) and I.NATIVE.chosen(layer, m)  # AMX: oneDNN above 16
         want = ("cpu_int8_native_amx" if amx else "cpu_int8_native" if native else torch_int8 if I.exact_int8_dot()
                 else "cpu_int8_token_w8")
@@ -109,7 +109,7 @@ def test_onednn_kernel_not_chosen_where_int8_dot_saturates(monkeypatch):
     exact = "cpu_int8_native" if I.NATIVE.supports(layer, torch.device("cpu"), torch.float32) else "cpu_int8_token_w8"
     tiles = I.NATIVE_AMX.supports(layer, torch.device("cpu"), torch.float32)
     for m in (1, 8, 100):  # hf_quant's own GEMMs are exact in all their forms (VNNI, AVX2, AMX): unaffected by the cap
-        want = "cpu_int8_native_amx" if tiles and m > 16 else exact
+        want = "cpu_int8_native_amx" if tiles and m > I.NATIVE_AMX.AMX_MAX_ROWS else exact
         assert kernels.select_kernel(layer, torch.randn(m, 64)).name == want
 
 
@@ -462,16 +462,16 @@ def test_transposed_codes_are_made_only_at_the_first_outlier_column(name):
 
 
 def test_fixed_order_takes_the_native_amx_gemm_above_16_rows():
-    """`cpu_int8_native_amx` outranks the other int8 kernels and takes the rows above 16 (the VNNI GEMV at and below
-    them): on an AMX-INT8 CPU the fixed choice of a W8A8 layer is the tile GEMM from 17 rows up."""
+    """`cpu_int8_native_amx` outranks the other int8 kernels and takes the rows above 8 (the VNNI GEMV at and below
+    them): on an AMX-INT8 CPU the fixed choice of a W8A8 layer is the tile GEMM from 9 rows up."""
     kernel = kernels.base.KERNELS.get("cpu_int8_native_amx")
     assert kernel.priority > max(I.NATIVE.priority, I.ONEDNN.priority, I.FBGEMM.priority)
-    assert not kernel.chosen(None, 16) and kernel.chosen(None, 17) and kernel.chosen(None, 4096)
-    assert 16 in kernel.row_cuts(torch.bfloat16)
+    assert not kernel.chosen(None, 8) and kernel.chosen(None, 9) and kernel.chosen(None, 4096)
+    assert 8 in kernel.row_cuts(torch.bfloat16)
     layer = int8_layer(40, 128, 0.0, True)
     if not kernel.supports(layer, torch.device("cpu"), torch.bfloat16):
         pytest.skip("no AMX-INT8 tiles on this CPU")
-    for m, want in ((1, "cpu_int8_native"), (16, "cpu_int8_native"), (17, "cpu_int8_native_amx"),
+    for m, want in ((1, "cpu_int8_native"), (8, "cpu_int8_native"), (9, "cpu_int8_native_amx"),
                     (300, "cpu_int8_native_amx")):
         x = inputs(m, 128, torch.bfloat16, False, seed=m)
         assert kernels.select_kernel(layer, x).name == want
