@@ -777,6 +777,26 @@ def test_native_int8_amx_gemm_many_rows_and_threads(monkeypatch):
         assert torch.equal(native.int8_gemm(codes, p, torch.ones(N), amx=True).double(), exact.float().double())
 
 
+@needs_int8_amx
+def test_native_int8_amx_gemm_in_chunks_of_k(monkeypatch, rebuilt):
+    """A build whose groups keep 16 KiB of weight per chunk of K and pass 64 rows at a time (the large-K path: the
+    partial sums wait in a buffer between the chunks), against the exact product and the VNNI GEMM's epilogue bytes:
+    K tails inside a chunk and at the end, rows over several passes, outlier columns."""
+    monkeypatch.setenv(native.ENV_CFLAGS, "-DHFQ_AI8_PANEL=16384 -DHFQ_AI8_MC=64")
+    for M, K, N in ((150, 1000, 200), (17, 4100, 64)):
+        wq, codes, ws = _int8_operands(M, K, N, seed=K)
+        p = native.int8_pack(wq)
+        exact = ((codes.long() - 128) @ wq.long().t()).double()
+        for threads in (1, 2):
+            monkeypatch.setattr(torch, "get_num_threads", lambda t=threads: t)
+            assert torch.equal(native.int8_gemm(codes, p, torch.ones(N), amx=True).double(), exact.float().double())
+        absmax = torch.rand(M, generator=torch.Generator().manual_seed(1)) * 3
+        cols = torch.tensor([1, K // 2])
+        outliers = (torch.randn(M, 2), native.int8_packed_cols(p, cols, ws, torch.bfloat16))
+        assert torch.equal(native.int8_gemm(codes, p, ws, absmax, None, torch.bfloat16, outliers, amx=True),
+                           native.int8_gemm(codes, p, ws, absmax, None, torch.bfloat16, outliers))
+
+
 def test_native_int8_amx_refused_where_unavailable(monkeypatch):
     """Without AMX-INT8 in the build (or the tile state from Linux) asking for the tile GEMM is a clear error."""
     if not native.has_int8_gemm():

@@ -2172,6 +2172,12 @@ int hfq_codes_amx_f32_gemm(const float *x, int64_t M, int64_t K, const uint8_t *
 #ifndef HFQ_AI8_SB
 #define HFQ_AI8_SB 4
 #endif
+#ifndef HFQ_AI8_PANEL
+#define HFQ_AI8_PANEL (1 << 20)  /* bytes of weight a group of blocks keeps in L2 per chunk of K */
+#endif
+#ifndef HFQ_AI8_MC
+#define HFQ_AI8_MC 512  /* rows per pass of a chunked K (a multiple of 32): their partial sums, MC x 64 x sb int32 */
+#endif
 
 static void ai8_pack_a(const uint8_t *a, int64_t M, int64_t K, int64_t lda, uint8_t *at, int64_t MT, int nthreads) {
     const int64_t KT = (K + 63) / 64;
@@ -2191,15 +2197,24 @@ static void ai8_pack_a(const uint8_t *a, int64_t M, int64_t K, int64_t lda, uint
     }
 }
 
-/* acc (32 x 64 int32, rows of 256 bytes) columns 32 h.. of the block at b (K/4 rows of 256 bytes) times A's
- * m-tiles at a0 (and a0 + KT tiles when two) over all of K. */
+/* Half a job: acc (32 x 64 int32, rows of 256 bytes) columns 32 h.. += A's m-tiles at a0 (and a0 + KT tiles when
+ * two) times the block's columns 32 h.. (b: K/4 rows of 256 bytes), over the tiles [t0, t1) of K (K's last tile, if
+ * partial, included: its codes past K are zero in A, and B's rows are copied to btail, zero past K, instead of read
+ * past the block). first: the sums start at zero instead of acc's. */
 static inline __attribute__((always_inline)) void ai8_half(const uint8_t *a0, int64_t KT, int two, const int8_t *b,
-                                                           int64_t K, int h, int32_t *acc, int8_t *btail) {
+                                                           int64_t K, int64_t t0, int64_t t1, int h, int first,
+                                                           int32_t *acc, int8_t *btail) {
     const int8_t *bh = b + h * 128;
     const uint8_t *a1 = a0 + KT * 1024;
-    const int64_t full = K / 64;
-    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-    for (int64_t kt = 0; kt < full; kt++) {
+    int32_t *c0 = acc + h * 32, *c1 = c0 + 16 * 64;
+    const int64_t full = t1 < K / 64 ? t1 : K / 64;
+    if (first) {
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    } else {
+        _tile_loadd(0, c0, 256); _tile_loadd(1, c0 + 16, 256);
+        if (two) { _tile_loadd(2, c1, 256); _tile_loadd(3, c1 + 16, 256); }
+    }
+    for (int64_t kt = t0; kt < full; kt++) {
         const int8_t *bp = bh + kt * 16 * 256;
         _tile_loadd(4, a0 + kt * 1024, 64);
         _tile_loadd(6, bp, 256);
@@ -2212,7 +2227,7 @@ static inline __attribute__((always_inline)) void ai8_half(const uint8_t *a0, in
             _tile_dpbusd(3, 5, 7);
         }
     }
-    if (full < KT) {  /* the last K % 64 codes: rows 16 full.. of the block, the rest of the tile zero */
+    if (full < t1) {  /* K's last K % 64 codes: rows 16 full.. of the block, the rest of the tile zero */
         const int64_t q = (K % 64) / 4;
         memset(btail, 0, 16 * 128);
         for (int64_t r = 0; r < q; r++) memcpy(btail + r * 128, bh + (full * 16 + r) * 256, 128);
@@ -2227,12 +2242,8 @@ static inline __attribute__((always_inline)) void ai8_half(const uint8_t *a0, in
             _tile_dpbusd(3, 5, 7);
         }
     }
-    _tile_stored(0, acc + h * 32, 256);
-    _tile_stored(1, acc + h * 32 + 16, 256);
-    if (two) {
-        _tile_stored(2, acc + 16 * 64 + h * 32, 256);
-        _tile_stored(3, acc + 16 * 64 + h * 32 + 16, 256);
-    }
+    _tile_stored(0, c0, 256); _tile_stored(1, c0 + 16, 256);
+    if (two) { _tile_stored(2, c1, 256); _tile_stored(3, c1 + 16, 256); }
 }
 
 int hfq_int8_amx_gemm(const uint8_t *a, int64_t M, int64_t K, int64_t lda, const int8_t *packed, int64_t N,
@@ -2249,39 +2260,57 @@ int hfq_int8_amx_gemm(const uint8_t *a, int64_t M, int64_t K, int64_t lda, const
     int64_t sb = blocks / (nthreads > 0 ? nthreads : 1);  /* blocks per group: at most HFQ_AI8_SB, a group per thread */
     sb = sb < 1 ? 1 : sb > HFQ_AI8_SB ? HFQ_AI8_SB : sb;
     const int64_t groups = (blocks + sb - 1) / sb;
+    int64_t ktc = HFQ_AI8_PANEL / (sb * HFQ_I8_NR * 64);  /* tiles of K per chunk: the group's panels in L2 */
+    ktc = ktc < 1 ? 1 : ktc;
+    const int chunked = ktc < KT;  /* then each job's partial sums wait in cbuf between the chunks of K */
+    const int64_t MC = chunked ? HFQ_AI8_MC : M;
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
         int32_t *acc = (int32_t *)aligned_alloc(64, 32 * 64 * 4);
+        int32_t *cbuf = chunked ? (int32_t *)aligned_alloc(64, (size_t)(MC / 32 * sb * 32 * 64 * 4)) : NULL;
         int8_t *btail = (int8_t *)aligned_alloc(64, 16 * 128);
-        const int ok = acc && btail;
+        const int ok = acc && btail && (cbuf || !chunked);
         if (!ok) failed = 1;
         else amx_config();
 #pragma omp for schedule(static)
         for (int64_t g = 0; g < groups; g++) {
             if (!ok) continue;
-            const int64_t nb1 = (g + 1) * sb < blocks ? (g + 1) * sb : blocks;
-            for (int64_t m0 = 0; m0 < M; m0 += 32) {
-                const int rows = M - m0 < 32 ? (int)(M - m0) : 32, two = rows > 16;
-                const uint8_t *a0 = at + (m0 / 16) * KT * 1024;
-                for (int64_t nb = g * sb; nb < nb1; nb++) {
-                    const int8_t *b = packed + nb * HFQ_I8_NR * K;
-                    const int64_t n0 = nb * HFQ_I8_NR;
-                    if (two) { ai8_half(a0, KT, 1, b, K, 0, acc, btail); ai8_half(a0, KT, 1, b, K, 1, acc, btail); }
-                    else { ai8_half(a0, KT, 0, b, K, 0, acc, btail); ai8_half(a0, KT, 0, b, K, 1, acc, btail); }
-                    if (!e.n_out && n0 + HFQ_I8_NR <= N) {
-                        for (int i = 0; i < rows; i++)
-                            for (int j = 0; j < 4; j++)
-                                i8_store_full(_mm512_load_si512(acc + i * 64 + j * 16), &e, m0 + i, n0 + j * 16);
-                    } else {
-                        for (int r = 0; r < rows; r += HFQ_I8_MR)
-                            i8_finish(acc + r * 64, rows - r < HFQ_I8_MR ? rows - r : HFQ_I8_MR, &e, m0 + r, n0);
+            const int64_t nb0 = g * sb, nb1 = nb0 + sb < blocks ? nb0 + sb : blocks;
+            for (int64_t mc0 = 0; mc0 < M; mc0 += MC) {
+                const int64_t mc1 = M - mc0 < MC ? M : mc0 + MC;
+                for (int64_t t0 = 0; t0 < KT; t0 += ktc) {
+                    const int64_t t1 = KT - t0 < ktc ? KT : t0 + ktc;
+                    for (int64_t m0 = mc0; m0 < mc1; m0 += 32) {
+                        const int rows = mc1 - m0 < 32 ? (int)(mc1 - m0) : 32, two = rows > 16;
+                        const uint8_t *a0 = at + (m0 / 16) * KT * 1024;
+                        for (int64_t nb = nb0; nb < nb1; nb++) {
+                            const int8_t *b = packed + nb * HFQ_I8_NR * K;
+                            const int64_t n0 = nb * HFQ_I8_NR;
+                            int32_t *r = chunked ? cbuf + ((m0 - mc0) / 32 * sb + nb - nb0) * 32 * 64 : acc;
+                            if (two) {
+                                ai8_half(a0, KT, 1, b, K, t0, t1, 0, t0 == 0, r, btail);
+                                ai8_half(a0, KT, 1, b, K, t0, t1, 1, t0 == 0, r, btail);
+                            } else {
+                                ai8_half(a0, KT, 0, b, K, t0, t1, 0, t0 == 0, r, btail);
+                                ai8_half(a0, KT, 0, b, K, t0, t1, 1, t0 == 0, r, btail);
+                            }
+                            if (t1 < KT) continue;
+                            if (!e.n_out && n0 + HFQ_I8_NR <= N) {
+                                for (int i = 0; i < rows; i++)
+                                    for (int j = 0; j < 4; j++)
+                                        i8_store_full(_mm512_load_si512(r + i * 64 + j * 16), &e, m0 + i, n0 + j * 16);
+                            } else {
+                                for (int i = 0; i < rows; i += HFQ_I8_MR)
+                                    i8_finish(r + i * 64, rows - i < HFQ_I8_MR ? rows - i : HFQ_I8_MR, &e, m0 + i, n0);
+                            }
+                        }
                     }
                 }
             }
         }
         if (ok) _tile_release();
-        free(acc); free(btail);
+        free(acc); free(cbuf); free(btail);
     }
     free(at);
     return failed ? 4 : 0;
