@@ -797,6 +797,72 @@ def test_native_int8_amx_gemm_in_chunks_of_k(monkeypatch, rebuilt):
                            native.int8_gemm(codes, p, ws, absmax, None, torch.bfloat16, outliers))
 
 
+def _split_truth(x, wq, ws, offset, bias):
+    W = wq.double() * ws.double()[:, None]
+    y = x.double() @ W.t()
+    if offset is not None:
+        y += x.double().sum(1, keepdim=True) * offset.double()
+    return y if bias is None else y + bias.double()
+
+
+@needs_int8_amx
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,K,N", [(1, 64, 16), (37, 200, 70), (64, 1024, 130)])  # K and N tails, 16-row groups
+def test_native_int8_split_amx_terms(dtype, M, K, N):
+    """The fused split kernel: 1-3 terms per row against the float64 product of the same weight (each term cuts the
+    error ~254x, down to fp32's own rounding), the zero-point and bias terms, a row far above its rms taking one
+    more term, a strided x; and a row's result does not depend on the rows beside it (a group's rows that need fewer
+    terms meet the extra tile with code 0 and scale 0), so each row alone gives the same bytes."""
+    g = torch.Generator().manual_seed(M + K)
+    wq = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g)
+    ws, offset, bias = torch.rand(N, generator=g) * 0.01 + 1e-4, torch.randn(N, generator=g) * 0.1, torch.randn(N, generator=g)
+    wide = torch.randn(M, K + 8, generator=g)
+    wide[0, 3] = 500.0  # a "massive" row: absmax / rms ~ 250 / sqrt(K)... enough for the extra term at ratio 8
+    x = wide[:, :K].to(dtype)  # row stride K + 8
+    p = native.int8_pack(wq)
+    truth = _split_truth(x, wq, ws, offset, bias)
+    scale = truth.abs().max()
+    errs = []
+    for terms in (1, 2, 3):
+        y = native.int8_split_amx(x, p, ws, offset, bias, terms, 8.0)
+        assert y.dtype == dtype and y.shape == (M, N)
+        errs.append(float((y.double() - truth).abs().max() / scale))
+    out_eps = {torch.float32: 2**-23, torch.bfloat16: 2**-8, torch.float16: 2**-10}[dtype]
+    assert errs[0] < 2e-2 and errs[1] < max(errs[0] / 30, 2 * out_eps) and errs[2] < max(errs[1] / 30, 2 * out_eps), errs
+    y = native.int8_split_amx(x, p, ws, None, None, 2, 8.0)
+    for m in {0, M // 2, M - 1}:  # alone: the same bytes
+        assert torch.equal(native.int8_split_amx(x[m:m + 1], p, ws, None, None, 2, 8.0)[0], y[m])
+
+
+@needs_int8_amx
+def test_native_int8_split_amx_in_chunks_of_k_and_threads(monkeypatch, rebuilt):
+    """The large-K path (chunks of K, partial sums between them, passes of rows) and one or two threads give the bytes
+    of the default build's single pass."""
+    M, K, N = 70, 1000, 200
+    g = torch.Generator().manual_seed(3)
+    wq = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
+    ws, x = torch.rand(N, generator=g) * 0.01, torch.randn(M, K, generator=g).bfloat16()
+    want = native.int8_split_amx(x, native.int8_pack(wq), ws, None, None, 2, 16.0)
+    monkeypatch.setenv(native.ENV_CFLAGS, "-DHFQ_AI8_PANEL=16384 -DHFQ_AI8_MC=32")
+    native.reset()
+    p = native.int8_pack(wq)
+    for threads in (1, 2):
+        monkeypatch.setattr(torch, "get_num_threads", lambda t=threads: t)
+        assert torch.equal(native.int8_split_amx(x, p, ws, None, None, 2, 16.0), want)
+
+
+@needs_int8_amx
+def test_native_int8_split_amx_refusals():
+    wq = torch.zeros(16, 64, dtype=torch.int8)
+    p, ws = native.int8_pack(wq), torch.ones(16)
+    for bad in (dict(terms=0), dict(terms=4), dict(x=torch.zeros(2, 32)), dict(x=torch.zeros(2, 64, dtype=torch.int8)),
+                dict(ws=torch.ones(15)), dict(x=torch.zeros(64, 2).t())):
+        args = dict(x=torch.zeros(2, 64), w=p, ws=ws, offset=None, bias=None, terms=2, extra_ratio=16.0) | bad
+        with pytest.raises(ValueError, match="native int8_split_amx: bad operands"):
+            native.int8_split_amx(**args)
+    assert native.int8_split_amx(torch.zeros(0, 64), p, ws, None, None, 2, 16.0).shape == (0, 16)
+
+
 def test_native_int8_amx_refused_where_unavailable(monkeypatch):
     """Without AMX-INT8 in the build (or the tile state from Linux) asking for the tile GEMM is a clear error."""
     if not native.has_int8_gemm():

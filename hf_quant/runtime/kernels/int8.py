@@ -655,17 +655,31 @@ class SplitNativeKernel(SplitInt8Kernel):
 
 
 class SplitNativeAmxKernel(SplitNativeKernel):
-    """`cpu_int8_split_native` with its int8 GEMM on AMX-INT8 tiles (`native.int8_gemm(..., amx=True)`). A measured
-    candidate only."""
+    """`cpu_int8_split` fused on AMX-INT8 tiles (`native.int8_split_amx`): the terms of each row written natively
+    into tiles of codes + 128 (one tile row per term for every 16 rows), met by the same B tiles of the packed weight
+    (`int8_pack`), and the exact int32 products combined per row in the GEMM's epilogue (term scales, the asymmetric
+    layer's zero-point term, bias, the cast), where the torch form makes a (terms x M, N) fp32 product and combines it
+    in separate passes. The same terms and extra-term rule, so the same accuracy to fp32 rounding. A measured
+    candidate only; with 2 terms it runs twice W8A8's tile work, which on AMX CPUs is about bf16 `F.linear`'s."""
 
     name = "cpu_int8_split_native_amx"
 
     def available(self) -> bool:
         return _native_int8_amx_available()
 
-    def gemm(self, codes: torch.Tensor, packed: Any) -> torch.Tensor:
-        w, ws = packed
-        return native.int8_gemm(codes.add(128.0).to(torch.uint8), w, ws, amx=True)
+    def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
+        wq, ws = cpu.int8_rows(layer)
+        offset = cpu.int8_zero_offset(layer, ws)
+        bias = None if layer.bias is None else layer.bias.float().contiguous()
+        return native.int8_pack(wq), ws.contiguous(), None if offset is None else offset.contiguous(), bias
+
+    def forward_terms(self, x: torch.Tensor, prepared: Any, terms: int, extra_ratio: float) -> torch.Tensor:
+        w, ws, offset, bias = prepared
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[1] > 1 and x2.stride(1) != 1:
+            x2 = x2.contiguous()
+        y = native.int8_split_amx(x2, w, ws, offset, bias, terms, extra_ratio)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def _int8_term(r: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:

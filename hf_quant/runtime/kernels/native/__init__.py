@@ -132,6 +132,8 @@ def _load() -> ctypes.CDLL:
     lib.hfq_int8_pack.argtypes, lib.hfq_int8_pack.restype = [P, I64, I64, P, P, INT], INT
     for fn in (lib.hfq_int8_gemm, lib.hfq_int8_amx_gemm):
         fn.argtypes, fn.restype = [P, I64, I64, I64, P, I64, P, P, P, P, P, P, I64, P, I64, INT, INT], INT
+    lib.hfq_int8_split_amx.argtypes = [P, I64, I64, I64, INT, INT, ctypes.c_float, P, I64, P, P, P, P, P, INT, INT]
+    lib.hfq_int8_split_amx.restype = INT
     lib.hfq_int8_packed_cols.argtypes, lib.hfq_int8_packed_cols.restype = [P, I64, I64, P, I64, P, INT, P], INT
     lib.hfq_int8_token_gemm.argtypes = [P, I64, I64, I64, INT, ctypes.c_float, P, P, P, P, P, I64, P, P, P, P, INT, P,
                                         I64, P, INT]
@@ -599,6 +601,42 @@ class Int8Gemm:
         if n == -1:
             raise MemoryError("native int8_gemm.tokens: out of memory for a row buffer")
         raise RuntimeError(f"native int8_gemm.tokens failed (code {n})")
+
+
+SPLIT_MAX_TERMS = 3  # `int8_split_amx`: terms per row at most (one more for a row far above its rms)
+
+
+def int8_split_amx(x: torch.Tensor, w: Int8Packed, ws: torch.Tensor, offset: torch.Tensor | None,
+                   bias: torch.Tensor | None, terms: int, extra_ratio: float) -> torch.Tensor:
+    """Weight-only int8 rows times float activations on AMX-INT8 tiles (`cpu_int8_split` fused): each row of x (M, K)
+    fp32/bf16/fp16 with unit column stride written as `terms` int8 terms (x ~ sum_t s_t q_t, each from the residual of
+    the ones before; one more term where a row's absmax passes extra_ratio x its rms), their exact int32 products
+    with the packed weight combined in fp32: y = sum_t s_t (q_t . w^T) ws (+ sum(x) * offset) (+ bias), (M, N) in
+    x's dtype. ws, offset, bias: fp32 (N,) (offset: an asymmetric layer's (128 - zero) * scale)."""
+    if not has_int8_amx():
+        raise RuntimeError("native int8_split_amx unavailable: the int8 GEMM on AMX tiles is not built or not granted")
+    lib = library()
+    N = w.n
+    M, K = x.shape if x.dim() == 2 else (-1, -1)
+    vecs = [v for v in (ws, offset, bias) if v is not None]
+    if not (x.dtype in _KIND and K == w.k and (K <= 1 or x.stride(1) == 1) and x.is_cpu
+            and 1 <= terms <= SPLIT_MAX_TERMS
+            and all(v.dtype == torch.float32 and v.shape == (N,) and v.is_contiguous() for v in vecs)):
+        raise ValueError(f"native int8_split_amx: bad operands x {tuple(x.shape)} {x.dtype}, {terms} terms: expected a "
+                         f"CPU fp32/bf16/fp16 (M, {w.k}) matrix with unit column stride, 1-{SPLIT_MAX_TERMS} terms, "
+                         f"ws / offset / bias contiguous fp32 ({N},)")
+    out = torch.empty(M, N, dtype=x.dtype)
+    if M == 0:
+        return out
+    rc = lib.hfq_int8_split_amx(x.data_ptr(), M, K, x.stride(0) if M > 1 else K, _KIND[x.dtype], terms, extra_ratio,
+                                w.packed.data_ptr(), N, w.comp.data_ptr(), ws.data_ptr(),
+                                None if offset is None else offset.data_ptr(), None if bias is None else bias.data_ptr(),
+                                out.data_ptr(), _KIND[x.dtype], _threads())
+    if rc == 4:
+        raise MemoryError("native int8_split_amx: out of memory for the activation tiles")
+    if rc:
+        raise RuntimeError(f"native int8_split_amx failed (code {rc})")
+    return out
 
 
 def int8_packed_cols(w: Int8Packed, cols: torch.Tensor, ws: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -2246,29 +2246,83 @@ static inline __attribute__((always_inline)) void ai8_half(const uint8_t *a0, in
     if (two) { _tile_stored(2, c1, 256); _tile_stored(3, c1 + 16, 256); }
 }
 
-int hfq_int8_amx_gemm(const uint8_t *a, int64_t M, int64_t K, int64_t lda, const int8_t *packed, int64_t N,
-                      const int32_t *comp, const float *ws, const float *absmax, const float *bias, const float *xo,
-                      const float *wc, int64_t n_out, void *out, int64_t ldo, int out_kind, int nthreads) {
-    if (K % 4 || K <= 0 || M <= 0 || (!absmax && (out_kind != 0 || n_out > 0)) || (n_out > 0 && (!xo || !wc))) return 1;
-    if (hfq_amx_enable()) return 3;
-    const hfq_i8_epi e = {comp, ws, absmax, bias, n_out > 0 ? xo : NULL, n_out > 0 ? wc : NULL, out, ldo, N,
-                          n_out > 0 ? n_out : 0, out_kind};
-    const int64_t blocks = (N + HFQ_I8_NR - 1) / HFQ_I8_NR, KT = (K + 63) / 64, MT = (M + 15) / 16;
-    uint8_t *at = (uint8_t *)aligned_alloc(64, (size_t)((MT + 1) * KT * 1024));
-    if (!at) return 4;
-    ai8_pack_a(a, M, K, lda, at, MT, nthreads);
+/* The work of a tile GEMM: `units` row units, unit u the `tiles(u)` (1..HFQ_AI8_TT) consecutive 16-row tiles of A from
+ * tile row `first(u)` (at: tile rows of KT tiles of 1 KiB), with `rows(u)` output rows; the epilogue of a unit and
+ * a block of 64 columns reads its int32 sums from r (tile t's rows at r + t * 16 * 64, rows of 64). W8A8: units of
+ * 32 tokens (two tiles); the split kernel: 16 tokens, one tile per term. */
+#define HFQ_AI8_TT 4
+typedef struct {
+    int split;  /* 0: W8A8 (hfq_i8_epi), 1: the split kernel's terms */
+    int64_t M, MT;  /* W8A8: rows of A, its 16-row tiles */
+    const int8_t *tt;  /* split: the terms of each 16-token group (its tile count) */
+    int TT;  /* split: tile rows per group in at */
+    const float *st, *rowsum, *offset, *bias;  /* split: the terms' scales (M x TT), sum(x) per row */
+    const int32_t *comp;
+    const float *ws;
+    void *out;
+    int64_t N;
+    int kind;
+} hfq_ai8_work;
+
+static inline int64_t ai8_first(const hfq_ai8_work *w, int64_t u) { return w->split ? u * w->TT : 2 * u; }
+static inline int ai8_tiles(const hfq_ai8_work *w, int64_t u) {
+    return w->split ? w->tt[u] : (w->MT - 2 * u < 2 ? (int)(w->MT - 2 * u) : 2);
+}
+static inline int ai8_rows(const hfq_ai8_work *w, int64_t u, int64_t *m0) {
+    const int64_t per = w->split ? 16 : 32;
+    *m0 = u * per;
+    return w->M - *m0 < per ? (int)(w->M - *m0) : (int)per;
+}
+
+/* The split kernel's epilogue: out[m, n] = sum_t st[m, t] ((acc_t - comp[n]) ws[n]) (+ rowsum[m] offset[n])
+ * (+ bias[n]), terms in order, fp32, rounded once to the output type. */
+static void ai8_split_epilogue(const int32_t *r, int tiles, int rows, int64_t m0, int64_t n0, const hfq_ai8_work *w) {
+    for (int j = 0; j < 4; j++) {
+        const int64_t n = n0 + j * 16;
+        if (n >= w->N) break;
+        const __mmask16 k = n + 16 <= w->N ? (__mmask16)0xFFFF : (__mmask16)((1u << (w->N - n)) - 1u);
+        const __m512i comp = _mm512_loadu_si512(w->comp + n);
+        const __m512 ws = _mm512_maskz_loadu_ps(k, w->ws + n);
+        const __m512 off = w->offset ? _mm512_maskz_loadu_ps(k, w->offset + n) : _mm512_setzero_ps();
+        const __m512 bias = w->bias ? _mm512_maskz_loadu_ps(k, w->bias + n) : _mm512_setzero_ps();
+        for (int i = 0; i < rows; i++) {
+            const int64_t m = m0 + i;
+            const float *st = w->st + m * w->TT;
+            __m512 y = _mm512_setzero_ps();
+            for (int t = 0; t < tiles; t++) {
+                const __m512 z = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(
+                    _mm512_load_si512(r + (t * 16 + i) * 64 + j * 16), comp)), ws);
+                y = t ? _mm512_fmadd_ps(z, _mm512_set1_ps(st[t]), y) : _mm512_mul_ps(z, _mm512_set1_ps(st[0]));
+            }
+            if (w->offset) y = _mm512_fmadd_ps(_mm512_set1_ps(w->rowsum[m]), off, y);
+            if (w->bias) y = _mm512_add_ps(y, bias);
+            if (k == 0xFFFF) {
+                put16(y, w->out, m * w->N + n, w->kind);
+            } else {
+                float t16[16];
+                _mm512_storeu_ps(t16, y);
+                store_row(t16, (char *)w->out + (m * w->N + n) * out_size(w->kind), w->N - n, w->kind);
+            }
+        }
+    }
+}
+
+static int ai8_drive(const uint8_t *at, int64_t KT, int64_t K, int64_t units, const int8_t *packed, int64_t N,
+                     const hfq_i8_epi *e, const hfq_ai8_work *w, int nthreads) {
+    const int64_t blocks = (N + HFQ_I8_NR - 1) / HFQ_I8_NR;
     int64_t sb = blocks / (nthreads > 0 ? nthreads : 1);  /* blocks per group: at most HFQ_AI8_SB, a group per thread */
     sb = sb < 1 ? 1 : sb > HFQ_AI8_SB ? HFQ_AI8_SB : sb;
     const int64_t groups = (blocks + sb - 1) / sb;
     int64_t ktc = HFQ_AI8_PANEL / (sb * HFQ_I8_NR * 64);  /* tiles of K per chunk: the group's panels in L2 */
     ktc = ktc < 1 ? 1 : ktc;
     const int chunked = ktc < KT;  /* then each job's partial sums wait in cbuf between the chunks of K */
-    const int64_t MC = chunked ? HFQ_AI8_MC : M;
+    const int64_t UC = chunked ? HFQ_AI8_MC / (w->split ? 16 : 32) : units;  /* units per pass: HFQ_AI8_MC rows */
+    const int64_t unit_ints = (w->split ? w->TT : 2) * 16 * 64;
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
-        int32_t *acc = (int32_t *)aligned_alloc(64, 32 * 64 * 4);
-        int32_t *cbuf = chunked ? (int32_t *)aligned_alloc(64, (size_t)(MC / 32 * sb * 32 * 64 * 4)) : NULL;
+        int32_t *acc = (int32_t *)aligned_alloc(64, (size_t)(unit_ints * 4));
+        int32_t *cbuf = chunked ? (int32_t *)aligned_alloc(64, (size_t)(UC * sb * unit_ints * 4)) : NULL;
         int8_t *btail = (int8_t *)aligned_alloc(64, 16 * 128);
         const int ok = acc && btail && (cbuf || !chunked);
         if (!ok) failed = 1;
@@ -2277,32 +2331,40 @@ int hfq_int8_amx_gemm(const uint8_t *a, int64_t M, int64_t K, int64_t lda, const
         for (int64_t g = 0; g < groups; g++) {
             if (!ok) continue;
             const int64_t nb0 = g * sb, nb1 = nb0 + sb < blocks ? nb0 + sb : blocks;
-            for (int64_t mc0 = 0; mc0 < M; mc0 += MC) {
-                const int64_t mc1 = M - mc0 < MC ? M : mc0 + MC;
+            for (int64_t uc0 = 0; uc0 < units; uc0 += UC) {
+                const int64_t uc1 = units - uc0 < UC ? units : uc0 + UC;
                 for (int64_t t0 = 0; t0 < KT; t0 += ktc) {
                     const int64_t t1 = KT - t0 < ktc ? KT : t0 + ktc;
-                    for (int64_t m0 = mc0; m0 < mc1; m0 += 32) {
-                        const int rows = mc1 - m0 < 32 ? (int)(mc1 - m0) : 32, two = rows > 16;
-                        const uint8_t *a0 = at + (m0 / 16) * KT * 1024;
+                    for (int64_t u = uc0; u < uc1; u++) {
+                        const int tiles = ai8_tiles(w, u);
+                        int64_t m0;
+                        const int rows = ai8_rows(w, u, &m0);
+                        const uint8_t *a0 = at + ai8_first(w, u) * KT * 1024;
                         for (int64_t nb = nb0; nb < nb1; nb++) {
                             const int8_t *b = packed + nb * HFQ_I8_NR * K;
                             const int64_t n0 = nb * HFQ_I8_NR;
-                            int32_t *r = chunked ? cbuf + ((m0 - mc0) / 32 * sb + nb - nb0) * 32 * 64 : acc;
-                            if (two) {
-                                ai8_half(a0, KT, 1, b, K, t0, t1, 0, t0 == 0, r, btail);
-                                ai8_half(a0, KT, 1, b, K, t0, t1, 1, t0 == 0, r, btail);
-                            } else {
-                                ai8_half(a0, KT, 0, b, K, t0, t1, 0, t0 == 0, r, btail);
-                                ai8_half(a0, KT, 0, b, K, t0, t1, 1, t0 == 0, r, btail);
+                            int32_t *r = chunked ? cbuf + ((u - uc0) * sb + nb - nb0) * unit_ints : acc;
+                            for (int t = 0; t < tiles; t += 2) {  /* pairs of tiles (the last alone if odd) */
+                                const uint8_t *ap = a0 + t * KT * 1024;
+                                int32_t *rp = r + t * 16 * 64;
+                                if (t + 1 < tiles) {
+                                    ai8_half(ap, KT, 1, b, K, t0, t1, 0, t0 == 0, rp, btail);
+                                    ai8_half(ap, KT, 1, b, K, t0, t1, 1, t0 == 0, rp, btail);
+                                } else {
+                                    ai8_half(ap, KT, 0, b, K, t0, t1, 0, t0 == 0, rp, btail);
+                                    ai8_half(ap, KT, 0, b, K, t0, t1, 1, t0 == 0, rp, btail);
+                                }
                             }
                             if (t1 < KT) continue;
-                            if (!e.n_out && n0 + HFQ_I8_NR <= N) {
+                            if (w->split) {
+                                ai8_split_epilogue(r, tiles, rows, m0, n0, w);
+                            } else if (!e->n_out && n0 + HFQ_I8_NR <= N) {
                                 for (int i = 0; i < rows; i++)
                                     for (int j = 0; j < 4; j++)
-                                        i8_store_full(_mm512_load_si512(r + i * 64 + j * 16), &e, m0 + i, n0 + j * 16);
+                                        i8_store_full(_mm512_load_si512(r + i * 64 + j * 16), e, m0 + i, n0 + j * 16);
                             } else {
                                 for (int i = 0; i < rows; i += HFQ_I8_MR)
-                                    i8_finish(r + i * 64, rows - i < HFQ_I8_MR ? rows - i : HFQ_I8_MR, &e, m0 + i, n0);
+                                    i8_finish(r + i * 64, rows - i < HFQ_I8_MR ? rows - i : HFQ_I8_MR, e, m0 + i, n0);
                             }
                         }
                     }
@@ -2312,7 +2374,148 @@ int hfq_int8_amx_gemm(const uint8_t *a, int64_t M, int64_t K, int64_t lda, const
         if (ok) _tile_release();
         free(acc); free(cbuf); free(btail);
     }
+    return failed ? 4 : 0;
+}
+
+int hfq_int8_amx_gemm(const uint8_t *a, int64_t M, int64_t K, int64_t lda, const int8_t *packed, int64_t N,
+                      const int32_t *comp, const float *ws, const float *absmax, const float *bias, const float *xo,
+                      const float *wc, int64_t n_out, void *out, int64_t ldo, int out_kind, int nthreads) {
+    if (K % 4 || K <= 0 || M <= 0 || (!absmax && (out_kind != 0 || n_out > 0)) || (n_out > 0 && (!xo || !wc))) return 1;
+    if (hfq_amx_enable()) return 3;
+    const hfq_i8_epi e = {comp, ws, absmax, bias, n_out > 0 ? xo : NULL, n_out > 0 ? wc : NULL, out, ldo, N,
+                          n_out > 0 ? n_out : 0, out_kind};
+    const int64_t KT = (K + 63) / 64, MT = (M + 15) / 16;
+    hfq_ai8_work w;
+    memset(&w, 0, sizeof w);
+    w.M = M, w.MT = MT;
+    uint8_t *at = (uint8_t *)aligned_alloc(64, (size_t)((MT + 1) * KT * 1024));
+    if (!at) return 4;
+    ai8_pack_a(a, M, K, lda, at, MT, nthreads);
+    const int rc = ai8_drive(at, KT, K, (MT + 1) / 2, packed, N, &e, &w, nthreads);
     free(at);
+    return rc;
+}
+
+/* Weight-only int8 rows (the packed weight of hfq_int8_pack) times float activations written as int8 terms per
+ * row, all on the tiles (`cpu_int8_split` fused): x (M x K, row stride ldx, x_kind 0 fp32 / 1 bf16 / 2 fp16) ~
+ * sum_t s_t q_t, q_1 = round-half-even(x * 127 / absmax(x)), each further term from the residual of the ones
+ * before (r - q s in fp32), `terms` of them, one more for a row whose absmax passes extra_ratio x its rms. Each
+ * group of 16 rows takes one 16 x 64 tile row per term (codes + 128; a row that needs fewer terms than its group
+ * has zero codes there), met by the same B tiles; out[m, n] = sum_t s_t (q_t . w_n) ws[n] (+ sum(x_m) offset[n])
+ * (+ bias[n]) in out_kind, the exact int32 products combined in fp32 in the epilogue. Returns 0, 1 (bad
+ * arguments), 3 (no tiles) or 4 (out of memory). */
+static void ai8_widen(const void *x, int64_t K, int kind, float *dst) {  /* a row of x as fp32 */
+    int64_t k = 0;
+    if (kind == 0) {
+        memcpy(dst, x, (size_t)K * sizeof(float));
+        return;
+    }
+    const uint16_t *h = (const uint16_t *)x;
+    for (; k + 16 <= K; k += 16) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(h + k));
+        _mm512_storeu_ps(dst + k, kind == 1 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16))
+                                            : _mm512_cvtph_ps(v));
+    }
+    for (; k < K; k++) dst[k] = load_x(x, k, kind);
+}
+
+static inline float ai8_absmax(const float *r, int64_t K) {
+    __m512 m = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(r + k)));
+    float a = _mm512_reduce_max_ps(m);
+    for (; k < K; k++) a = fabsf(r[k]) > a ? fabsf(r[k]) : a;
+    return a;
+}
+
+/* One row's terms (r: the row in fp32, overwritten by its residuals) into its 64-byte rows of the term tiles at row0
+ * (term t's at row0 + t * KT KiB, one per tile of K); st[t] the terms' scales, 0 and codes 0 past the row's count.
+ * Returns that count: `terms`, one more where absmax > extra_ratio x rms. */
+static int ai8_split_row(float *r, int64_t K, int64_t KT, int terms, float extra_ratio, int TT, uint8_t *row0,
+                         float *st, float *rowsum) {
+    __m512 vs = _mm512_setzero_ps(), vq = vs;
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        const __m512 v = _mm512_loadu_ps(r + k);
+        vs = _mm512_add_ps(vs, v);
+        vq = _mm512_fmadd_ps(v, v, vq);
+    }
+    float sum = _mm512_reduce_add_ps(vs), sq = _mm512_reduce_add_ps(vq);
+    for (; k < K; k++) sum += r[k], sq += r[k] * r[k];
+    *rowsum = sum;
+    const float amax = ai8_absmax(r, K);
+    const int n = terms + (amax > extra_ratio * sqrtf(sq / (float)K) ? 1 : 0);
+    for (int t = 0; t < TT; t++) {
+        uint8_t *row = row0 + t * KT * 1024;
+        if (t >= n) {
+            st[t] = 0.0f;
+            for (int64_t kt = 0; kt < KT; kt++) memset(row + kt * 1024, 128, 64);  /* code 0 */
+            continue;
+        }
+        const float a = t ? ai8_absmax(r, K) : amax, mul = a > 0.0f ? 127.0f / a : 0.0f, s = a / 127.0f;
+        st[t] = s;
+        const __m512 vm = _mm512_set1_ps(mul), vsc = _mm512_set1_ps(s);
+        const __m512i off = _mm512_set1_epi32(128);
+        for (int64_t kt = 0; kt < KT; kt++) {
+            uint8_t *dst = row + kt * 1024;
+            for (int c = 0; c < 64; c += 16) {
+                const int64_t k0 = kt * 64 + c;
+                const __mmask16 valid = k0 + 16 <= K ? (__mmask16)0xFFFF
+                                        : k0 >= K ? (__mmask16)0 : (__mmask16)((1u << (K - k0)) - 1u);
+                const __m512 v = _mm512_maskz_loadu_ps(valid, r + k0);
+                const __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(v, vm), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                _mm_storeu_si128((__m128i *)(dst + c), _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(q), off)));
+                _mm512_mask_storeu_ps(r + k0, valid, _mm512_fnmadd_ps(q, vsc, v));  /* the residual: v - q s */
+            }
+        }
+    }
+    return n;
+}
+
+int hfq_int8_split_amx(const void *x, int64_t M, int64_t K, int64_t ldx, int x_kind, int terms, float extra_ratio,
+                       const int8_t *packed, int64_t N, const int32_t *comp, const float *ws, const float *offset,
+                       const float *bias, void *out, int out_kind, int nthreads) {
+    if (K % 4 || K <= 0 || M <= 0 || terms < 1 || terms >= HFQ_AI8_TT || x_kind < 0 || x_kind > 2) return 1;
+    if (hfq_amx_enable()) return 3;
+    const int TT = terms + 1;
+    const int64_t KT = (K + 63) / 64, MG = (M + 15) / 16, esize = x_kind == 0 ? 4 : 2;
+    uint8_t *at = (uint8_t *)aligned_alloc(64, (size_t)(MG * TT * KT * 1024));
+    float *st = (float *)calloc((size_t)(M * TT), sizeof(float));
+    float *rowsum = (float *)malloc((size_t)M * sizeof(float));
+    int8_t *need = (int8_t *)malloc((size_t)M);
+    int8_t *tt = (int8_t *)malloc((size_t)MG);
+    int failed = 0;
+    if (!at || !st || !rowsum || !need || !tt) {
+        free(at); free(st); free(rowsum); free(need); free(tt);
+        return 4;
+    }
+#pragma omp parallel num_threads(M < 16 ? 1 : nthreads) reduction(| : failed)
+    {
+        float *r = (float *)malloc((size_t)K * sizeof(float));
+        if (!r) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) {  /* the terms of row m: codes + 128 into its place in every term's tile row */
+            if (!r) continue;
+            ai8_widen((const char *)x + m * ldx * esize, K, x_kind, r);
+            need[m] = (int8_t)ai8_split_row(r, K, KT, terms, extra_ratio, TT,
+                                            at + ((m / 16) * TT * KT) * 1024 + (m % 16) * 64, st + m * TT, rowsum + m);
+        }
+        free(r);
+    }
+    if (!failed) {
+        for (int64_t m = M; m < MG * 16; m++)  /* the rows past M: code 0 in every term */
+            for (int t = 0; t < TT; t++)
+                for (int64_t kt = 0; kt < KT; kt++)
+                    memset(at + ((m / 16 * TT + t) * KT + kt) * 1024 + (m % 16) * 64, 128, 64);
+        for (int64_t g = 0; g < MG; g++) {
+            int8_t most = 0;
+            for (int64_t m = g * 16; m < M && m < g * 16 + 16; m++) most = need[m] > most ? need[m] : most;
+            tt[g] = most;
+        }
+        hfq_ai8_work w = {1, M, MG, tt, TT, st, rowsum, offset, bias, comp, ws, out, N, out_kind};
+        failed = ai8_drive(at, KT, K, MG, packed, N, NULL, &w, nthreads) ? 1 : 0;
+    }
+    free(at); free(st); free(rowsum); free(need); free(tt);
     return failed ? 4 : 0;
 }
 #else
@@ -2321,6 +2524,13 @@ int hfq_int8_amx_gemm(const uint8_t *a, int64_t M, int64_t K, int64_t lda, const
                       const float *wc, int64_t n_out, void *out, int64_t ldo, int out_kind, int nthreads) {
     (void)a; (void)M; (void)K; (void)lda; (void)packed; (void)N; (void)comp; (void)ws; (void)absmax; (void)bias;
     (void)xo; (void)wc; (void)n_out; (void)out; (void)ldo; (void)out_kind; (void)nthreads;
+    return 1;
+}
+int hfq_int8_split_amx(const void *x, int64_t M, int64_t K, int64_t ldx, int x_kind, int terms, float extra_ratio,
+                       const int8_t *packed, int64_t N, const int32_t *comp, const float *ws, const float *offset,
+                       const float *bias, void *out, int out_kind, int nthreads) {
+    (void)x; (void)M; (void)K; (void)ldx; (void)x_kind; (void)terms; (void)extra_ratio; (void)packed; (void)N;
+    (void)comp; (void)ws; (void)offset; (void)bias; (void)out; (void)out_kind; (void)nthreads;
     return 1;
 }
 #endif
