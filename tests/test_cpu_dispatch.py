@@ -328,7 +328,7 @@ def test_activation_schemes_measure_only_their_own_kernels(fresh_table):
         out = layer(x)
     if I.exact_int8_dot():
         assert names <= {"cpu_int8_fbgemm", "cpu_int8_onednn", "cpu_int8_intmm", "cpu_int8_native",
-                         "cpu_int8_token_w8"}
+                         "cpu_int8_native_amx", "cpu_int8_token_w8"}
         assert "cpu_int8_token_w8" in names and chosen in names
         if len(names) >= 2:
             assert cpu_measure.measurement_for(layer, CPU, torch.bfloat16, 3).choice == chosen
