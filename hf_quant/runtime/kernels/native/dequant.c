@@ -644,8 +644,28 @@ static inline float load_x(const void *x, int64_t i, int kind) {
     return (float)v;
 }
 
-static void row_to_f32(const void *x, int64_t K, int kind, float *dst) {
-    for (int64_t k = 0; k < K; k++) dst[k] = load_x(x, k, kind);
+static void row_to_f32(const void *x, int64_t K, int kind, float *dst) {  /* vectorized: a pass of its own per row */
+    if (kind == 0) {
+        memcpy(dst, x, (size_t)K * sizeof(float));
+        return;
+    }
+    int64_t k = 0;
+#if defined(__AVX512F__)
+    const uint16_t *h = (const uint16_t *)x;
+    for (; k + 16 <= K; k += 16) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(h + k));
+        _mm512_storeu_ps(dst + k, kind == 1 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16))
+                                            : _mm512_cvtph_ps(v));
+    }
+#elif defined(__AVX2__) && defined(__F16C__)
+    const uint16_t *h = (const uint16_t *)x;
+    for (; k + 8 <= K; k += 8) {
+        const __m128i v = _mm_loadu_si128((const __m128i *)(h + k));
+        _mm256_storeu_ps(dst + k, kind == 1 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16))
+                                            : _mm256_cvtph_ps(v));
+    }
+#endif
+    for (; k < K; k++) dst[k] = load_x(x, k, kind);
 }
 
 int64_t hfq_quant_tokens(const void *x, int64_t M, int64_t K, int64_t ldx, int in_kind, float threshold,
@@ -2404,21 +2424,6 @@ int hfq_int8_amx_gemm(const uint8_t *a, int64_t M, int64_t K, int64_t lda, const
  * has zero codes there), met by the same B tiles; out[m, n] = sum_t s_t (q_t . w_n) ws[n] (+ sum(x_m) offset[n])
  * (+ bias[n]) in out_kind, the exact int32 products combined in fp32 in the epilogue. Returns 0, 1 (bad
  * arguments), 3 (no tiles) or 4 (out of memory). */
-static void ai8_widen(const void *x, int64_t K, int kind, float *dst) {  /* a row of x as fp32 */
-    int64_t k = 0;
-    if (kind == 0) {
-        memcpy(dst, x, (size_t)K * sizeof(float));
-        return;
-    }
-    const uint16_t *h = (const uint16_t *)x;
-    for (; k + 16 <= K; k += 16) {
-        const __m256i v = _mm256_loadu_si256((const __m256i *)(h + k));
-        _mm512_storeu_ps(dst + k, kind == 1 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16))
-                                            : _mm512_cvtph_ps(v));
-    }
-    for (; k < K; k++) dst[k] = load_x(x, k, kind);
-}
-
 static inline float ai8_absmax(const float *r, int64_t K) {
     __m512 m = _mm512_setzero_ps();
     int64_t k = 0;
@@ -2496,7 +2501,7 @@ int hfq_int8_split_amx(const void *x, int64_t M, int64_t K, int64_t ldx, int x_k
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; m++) {  /* the terms of row m: codes + 128 into its place in every term's tile row */
             if (!r) continue;
-            ai8_widen((const char *)x + m * ldx * esize, K, x_kind, r);
+            row_to_f32((const char *)x + m * ldx * esize, K, x_kind, r);
             need[m] = (int8_t)ai8_split_row(r, K, KT, terms, extra_ratio, TT,
                                             at + ((m / 16) * TT * KT) * 1024 + (m % 16) * 64, st + m * TT, rowsum + m);
         }
