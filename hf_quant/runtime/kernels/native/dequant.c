@@ -2217,6 +2217,22 @@ static void ai8_pack_a(const uint8_t *a, int64_t M, int64_t K, int64_t lda, uint
     }
 }
 
+/* One step of K (64 codes): C0, C1 += A0 B0, A0 B1 (and C2, C3 += A1 B0, A1 B1 when two); B's two tiles at bp and bp +
+ * 64, rows `stride` bytes apart. */
+static inline __attribute__((always_inline)) void ai8_step(const uint8_t *a0, const uint8_t *a1, const int8_t *bp,
+                                                           int64_t stride, int two) {
+    _tile_loadd(4, a0, 64);
+    _tile_loadd(6, bp, stride);
+    _tile_loadd(7, bp + 64, stride);
+    _tile_dpbusd(0, 4, 6);
+    _tile_dpbusd(1, 4, 7);
+    if (two) {
+        _tile_loadd(5, a1, 64);
+        _tile_dpbusd(2, 5, 6);
+        _tile_dpbusd(3, 5, 7);
+    }
+}
+
 /* Half a job: acc (32 x 64 int32, rows of 256 bytes) columns 32 h.. += A's m-tiles at a0 (and a0 + KT tiles when
  * two) times the block's columns 32 h.. (b: K/4 rows of 256 bytes), over the tiles [t0, t1) of K (K's last tile, if
  * partial, included: its codes past K are zero in A, and B's rows are copied to btail, zero past K, instead of read
@@ -2234,33 +2250,12 @@ static inline __attribute__((always_inline)) void ai8_half(const uint8_t *a0, in
         _tile_loadd(0, c0, 256); _tile_loadd(1, c0 + 16, 256);
         if (two) { _tile_loadd(2, c1, 256); _tile_loadd(3, c1 + 16, 256); }
     }
-    for (int64_t kt = t0; kt < full; kt++) {
-        const int8_t *bp = bh + kt * 16 * 256;
-        _tile_loadd(4, a0 + kt * 1024, 64);
-        _tile_loadd(6, bp, 256);
-        _tile_loadd(7, bp + 64, 256);
-        _tile_dpbusd(0, 4, 6);
-        _tile_dpbusd(1, 4, 7);
-        if (two) {
-            _tile_loadd(5, a1 + kt * 1024, 64);
-            _tile_dpbusd(2, 5, 6);
-            _tile_dpbusd(3, 5, 7);
-        }
-    }
+    for (int64_t kt = t0; kt < full; kt++) ai8_step(a0 + kt * 1024, a1 + kt * 1024, bh + kt * 16 * 256, 256, two);
     if (full < t1) {  /* K's last K % 64 codes: rows 16 full.. of the block, the rest of the tile zero */
         const int64_t q = (K % 64) / 4;
         memset(btail, 0, 16 * 128);
         for (int64_t r = 0; r < q; r++) memcpy(btail + r * 128, bh + (full * 16 + r) * 256, 128);
-        _tile_loadd(4, a0 + full * 1024, 64);
-        _tile_loadd(6, btail, 128);
-        _tile_loadd(7, btail + 64, 128);
-        _tile_dpbusd(0, 4, 6);
-        _tile_dpbusd(1, 4, 7);
-        if (two) {
-            _tile_loadd(5, a1 + full * 1024, 64);
-            _tile_dpbusd(2, 5, 6);
-            _tile_dpbusd(3, 5, 7);
-        }
+        ai8_step(a0 + full * 1024, a1 + full * 1024, btail, 128, two);
     }
     _tile_stored(0, c0, 256); _tile_stored(1, c0 + 16, 256);
     if (two) { _tile_stored(2, c1, 256); _tile_stored(3, c1 + 16, 256); }
