@@ -9,13 +9,15 @@ absmax, the outlier columns' codes zero; `quantize_tokens` below is bit-identica
 the only differences are float rounding: ~3e-7 relative in fp32, bf16/fp16 rounding of the
 reference's own GEMM otherwise.
 
-CPU, four exact int8 GEMMs behind one epilogue (`finish_tokens`). The fixed choice where the native helpers are
+CPU, five exact int8 GEMMs behind one epilogue (`finish_tokens`). The fixed choice where the native helpers are
 built with AVX-512 VNNI is hf_quant's own, `cpu_int8_native` (`native.int8_gemm`: 6 x 64 register tiles of
 `vpdpbusd`, the weight packed once per layer, the whole epilogue, outlier columns included, fused into the
 GEMM). On a 2-core Zen 4 its GEMM runs at 98% of the VNNI peak (one `vpdpbusd` per cycle per core: 64
 products, twice a `vdpbf16ps`'s; mixing in `vpmaddwd` lowers the rate, measured), where oneDNN's reaches ~90%:
 W8A8 2.0-2.05x bf16 `F.linear` at M = 512 (oneDNN's kernel 1.92-1.98x), 2.2-2.3x at M = 64, and at M = 1 it is as
-fast as fbgemm's GEMV or faster (its first tile per weight panel prefetches 16 KiB ahead). The others
+fast as fbgemm's GEMV or faster (its first tile per weight panel prefetches 16 KiB ahead). On CPUs with AMX-INT8 the
+same GEMM runs on the tiles above 8 rows (`cpu_int8_native_amx`: the same packed weight and epilogue bytes; 2-core
+Emerald Rapids, W8A8 2.05-2.25x AMX bf16 `F.linear` at 64-512 rows, where oneDNN's tile GEMM ran 1.3-2.2x). The others
 (`cpu_int8_intmm`, `torch._int_mm`, fastest at M >= 64 on a 16-core AMX Xeon, is only a measured candidate):
 - `cpu_int8_onednn`: oneDNN's int8 GEMM `torch.ops.onednn.qlinear_pointwise`, weights prepacked
   once (`onednn.qlinear_prepack`), activations passed as uint8 codes + 128 with x_scale=1 and zero
