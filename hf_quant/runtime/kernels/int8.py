@@ -438,6 +438,7 @@ class NativeInt8Kernel(_ExactInt8Kernel):
     # weights: 1.80-2.17x bf16 F.linear at 64 rows and 1.28-1.58x at 512, where this VNNI GEMM ran 1.14-1.30x and
     # 0.62-0.68x); the measured dispatch times both at every row count
     AMX_MAX_ROWS = 16
+    AMX = False  # the GEMM on AMX-INT8 tiles (NativeAmxInt8Kernel; its `tokens` call would run the VNNI GEMM)
 
     def available(self) -> bool:
         return _native_int8_available()
@@ -455,8 +456,6 @@ class NativeInt8Kernel(_ExactInt8Kernel):
     def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
         return super().supports(layer, device, dtype) and _native_int8_fits(layer)
 
-    AMX = False  # the GEMM on AMX-INT8 tiles (NativeAmxInt8Kernel)
-
     def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
         wq, ws = cpu.int8_rows(layer)
         packed = native.int8_pack(wq)
@@ -468,7 +467,7 @@ class NativeInt8Kernel(_ExactInt8Kernel):
         t = threshold_of(layer)
         x2 = x.reshape(-1, x.shape[-1])
         unit = x2.shape[1] <= 1 or x2.stride(1) == 1
-        if unit and not self.AMX and x2.shape[0] <= gemm.TOKEN_ROWS:  # decoding: quantization and product in one native call ...
+        if unit and not self.AMX and x2.shape[0] <= gemm.TOKEN_ROWS:  # decoding: quantization and product in one call ...
             last = outliers.last  # (cols, dtype, their W_hat rows): the outlier columns usually repeat
             known = (last[0], last[2]) if last is not None and last[1] == x.dtype else None
             out, parts = gemm.tokens(x2, t, x.dtype, x.shape[:-1], known)
