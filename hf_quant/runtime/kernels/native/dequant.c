@@ -92,6 +92,17 @@ static inline void put16(__m512 v, void *out, int64_t i, int kind) {
     }
 }
 
+/* The first n of 16 values (fp32) to out at element offset i: put16 when n >= 16, else through a staging row. */
+static inline void put_first(__m512 v, void *out, int64_t i, int64_t n, int kind) {
+    if (n >= 16) {
+        put16(v, out, i, kind);
+        return;
+    }
+    float t[16];
+    _mm512_storeu_ps(t, v);
+    store_row(t, (char *)out + i * out_size(kind), n, kind);
+}
+
 /* One row of nibbles, groups of gs channels with gs/2 a multiple of 16: no staging buffer. With AVX-512 BW / VL each
  * group's 16 possible values are computed once ((i - zero) * scale in fp32, rounded to the output type as put16
  * rounds them: the same bytes) and the codes look them up, 16 at a time (`vpermw` / `vpermps`): half the vector
@@ -673,27 +684,31 @@ static inline float load_x(const void *x, int64_t i, int kind) {
     return (float)v;
 }
 
-static void row_to_f32(const void *x, int64_t K, int kind, float *dst) {  /* vectorized: a pass of its own per row */
+static void row_to_f32(const void *x, int64_t K, int kind, float *dst) {  /* a row of x (fp32 / bf16 / fp16) as fp32 */
     if (kind == 0) {
         memcpy(dst, x, (size_t)K * sizeof(float));
         return;
     }
+    const uint16_t *h = (const uint16_t *)x;
+    (void)h;  /* (a build without vectors widens element by element) */
     int64_t k = 0;
+    if (kind == 1) {
 #if defined(__AVX512F__)
-    const uint16_t *h = (const uint16_t *)x;
-    for (; k + 16 <= K; k += 16) {
-        const __m256i v = _mm256_loadu_si256((const __m256i *)(h + k));
-        _mm512_storeu_ps(dst + k, kind == 1 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16))
-                                            : _mm512_cvtph_ps(v));
-    }
-#elif defined(__AVX2__) && defined(__F16C__)
-    const uint16_t *h = (const uint16_t *)x;
-    for (; k + 8 <= K; k += 8) {
-        const __m128i v = _mm_loadu_si128((const __m128i *)(h + k));
-        _mm256_storeu_ps(dst + k, kind == 1 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16))
-                                            : _mm256_cvtph_ps(v));
-    }
+        for (; k + 16 <= K; k += 16)
+            _mm512_storeu_ps(dst + k, _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(h + k))), 16)));
+#elif defined(__AVX2__)
+        for (; k + 8 <= K; k += 8)
+            _mm256_storeu_ps(dst + k, _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(h + k))), 16)));
 #endif
+    } else {
+#if defined(__AVX512F__)
+        for (; k + 16 <= K; k += 16) _mm512_storeu_ps(dst + k, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + k))));
+#elif defined(__F16C__)
+        for (; k + 8 <= K; k += 8) _mm256_storeu_ps(dst + k, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + k))));
+#endif
+    }
     for (; k < K; k++) dst[k] = load_x(x, k, kind);
 }
 
@@ -1153,31 +1168,6 @@ static inline __attribute__((always_inline)) void sign_rows(
         for (int m = 0; m < mb; m++) res[r][m] = grouped ? s_hsum(tot[r][m]) : s_hsum(acc[r][m]) * s[r][0];
 }
 
-/* A row of x (fp32 / bf16 / fp16) as fp32. */
-static void sign_widen(const void *x, int64_t K, int kind, float *dst) {
-    int64_t k = 0;
-    if (kind == 1) {
-        const uint16_t *h = (const uint16_t *)x;
-#if defined(__AVX512F__)
-        for (; k + 16 <= K; k += 16)
-            _mm512_storeu_ps(dst + k, _mm512_castsi512_ps(_mm512_slli_epi32(
-                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(h + k))), 16)));
-#else
-        for (; k + 8 <= K; k += 8)
-            _mm256_storeu_ps(dst + k, _mm256_castsi256_ps(_mm256_slli_epi32(
-                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(h + k))), 16)));
-#endif
-    } else if (kind == 2) {
-        const uint16_t *h = (const uint16_t *)x;
-#if defined(__AVX512F__)
-        for (; k + 16 <= K; k += 16) _mm512_storeu_ps(dst + k, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + k))));
-#elif defined(__F16C__)
-        for (; k + 8 <= K; k += 8) _mm256_storeu_ps(dst + k, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + k))));
-#endif
-    }
-    for (; k < K; k++) dst[k] = load_x(x, k, kind);
-}
-
 static void sign_block(const float *x, int64_t K, const float *hx, int mb, const uint8_t *const *p,
                        const float *const *s, int64_t G, int64_t gs, float res[HFQ_SNR][HFQ_SMB]) {
     /* a constant row count per call: the accumulators stay in registers */
@@ -1228,7 +1218,7 @@ int hfq_sign_gemm(const void *x, int64_t M, int64_t K, int64_t ldx, int x_kind, 
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; m++) {  /* widen, and -S_g / 2 per group */
             float *dst = (float *)xf + m * K;
-            if (!direct) sign_widen((const char *)x + m * ldx * esize, K, x_kind, dst);
+            if (!direct) row_to_f32((const char *)x + m * ldx * esize, K, x_kind, dst);
             for (int64_t g = 0; g < G; g++) {
                 hfq_sv a = s_zero();
                 for (int64_t j = 0; j < gs; j += HFQ_SVW) a = s_add(a, s_load(xf + m * K + g * gs + j));
@@ -1433,15 +1423,7 @@ static inline __attribute__((always_inline)) void i8_finish_rows(const int32_t *
             const __m512 w = _mm512_loadu_ps(wn + o * 16);
             for (int i = 0; i < mr; i++) y[i] = _mm512_fmadd_ps(_mm512_set1_ps(xo[i * n_out + o]), w, y[i]);
         }
-        for (int i = 0; i < mr; i++) {
-            if (k == 0xFFFF) {
-                put16(y[i], e->out, (m0 + i) * ldo + n, e->kind);
-            } else {
-                float t[16];
-                _mm512_storeu_ps(t, y[i]);
-                store_row(t, (char *)e->out + ((m0 + i) * ldo + n) * out_size(e->kind), N - n, e->kind);
-            }
-        }
+        for (int i = 0; i < mr; i++) put_first(y[i], e->out, (m0 + i) * ldo + n, N - n, e->kind);
     }
 }
 
@@ -2340,13 +2322,7 @@ static void ai8_split_epilogue(const int32_t *r, int tiles, int rows, int64_t m0
             }
             if (w->offset) y = _mm512_fmadd_ps(_mm512_set1_ps(w->rowsum[m]), off, y);
             if (w->bias) y = _mm512_add_ps(y, bias);
-            if (k == 0xFFFF) {
-                put16(y, w->out, m * w->N + n, w->kind);
-            } else {
-                float t16[16];
-                _mm512_storeu_ps(t16, y);
-                store_row(t16, (char *)w->out + (m * w->N + n) * out_size(w->kind), w->N - n, w->kind);
-            }
+            put_first(y, w->out, m * w->N + n, w->N - n, w->kind);
         }
     }
 }
@@ -2440,14 +2416,6 @@ int hfq_int8_amx_gemm(const uint8_t *a, int64_t M, int64_t K, int64_t lda, const
     return rc;
 }
 
-/* Weight-only int8 rows (the packed weight of hfq_int8_pack) times float activations written as int8 terms per
- * row, all on the tiles (`cpu_int8_split` fused): x (M x K, row stride ldx, x_kind 0 fp32 / 1 bf16 / 2 fp16) ~
- * sum_t s_t q_t, q_1 = round-half-even(x * 127 / absmax(x)), each further term from the residual of the ones
- * before (r - q s in fp32), `terms` of them, one more for a row whose absmax passes extra_ratio x its rms. Each
- * group of 16 rows takes one 16 x 64 tile row per term (codes + 128; a row that needs fewer terms than its group
- * has zero codes there), met by the same B tiles; out[m, n] = sum_t s_t (q_t . w_n) ws[n] (+ sum(x_m) offset[n])
- * (+ bias[n]) in out_kind, the exact int32 products combined in fp32 in the epilogue. Returns 0, 1 (bad
- * arguments), 3 (no tiles) or 4 (out of memory). */
 static inline float ai8_absmax(const float *r, int64_t K) {
     __m512 m = _mm512_setzero_ps();
     int64_t k = 0;
@@ -2462,17 +2430,17 @@ static inline float ai8_absmax(const float *r, int64_t K) {
  * Returns that count: `terms`, one more where absmax > extra_ratio x rms. */
 static int ai8_split_row(float *r, int64_t K, int64_t KT, int terms, float extra_ratio, int TT, uint8_t *row0,
                          float *st, float *rowsum) {
-    __m512 vs = _mm512_setzero_ps(), vq = vs;
+    __m512 vs = _mm512_setzero_ps(), vq = vs, va = vs;  /* sum, sum of squares and absmax in one pass */
     int64_t k = 0;
     for (; k + 16 <= K; k += 16) {
         const __m512 v = _mm512_loadu_ps(r + k);
         vs = _mm512_add_ps(vs, v);
         vq = _mm512_fmadd_ps(v, v, vq);
+        va = _mm512_max_ps(va, _mm512_abs_ps(v));
     }
-    float sum = _mm512_reduce_add_ps(vs), sq = _mm512_reduce_add_ps(vq);
-    for (; k < K; k++) sum += r[k], sq += r[k] * r[k];
+    float sum = _mm512_reduce_add_ps(vs), sq = _mm512_reduce_add_ps(vq), amax = _mm512_reduce_max_ps(va);
+    for (; k < K; k++) sum += r[k], sq += r[k] * r[k], amax = fabsf(r[k]) > amax ? fabsf(r[k]) : amax;
     *rowsum = sum;
-    const float amax = ai8_absmax(r, K);
     const int n = terms + (amax > extra_ratio * sqrtf(sq / (float)K) ? 1 : 0);
     for (int t = 0; t < TT; t++) {
         uint8_t *row = row0 + t * KT * 1024;
@@ -2501,6 +2469,14 @@ static int ai8_split_row(float *r, int64_t K, int64_t KT, int terms, float extra
     return n;
 }
 
+/* Weight-only int8 rows (the packed weight of hfq_int8_pack) times float activations written as int8 terms per
+ * row, all on the tiles (`cpu_int8_split` fused): x (M x K, row stride ldx, x_kind 0 fp32 / 1 bf16 / 2 fp16) ~
+ * sum_t s_t q_t, q_1 = round-half-even(x * 127 / absmax(x)), each further term from the residual of the ones
+ * before (r - q s in fp32), `terms` of them, one more for a row whose absmax passes extra_ratio x its rms. Each
+ * group of 16 rows takes one 16 x 64 tile row per term (codes + 128; a row that needs fewer terms than its group
+ * has zero codes there), met by the same B tiles; out[m, n] = sum_t s_t (q_t . w_n) ws[n] (+ sum(x_m) offset[n])
+ * (+ bias[n]) in out_kind, the exact int32 products combined in fp32 in the epilogue. Returns 0, 1 (bad
+ * arguments), 3 (no tiles) or 4 (out of memory). */
 int hfq_int8_split_amx(const void *x, int64_t M, int64_t K, int64_t ldx, int x_kind, int terms, float extra_ratio,
                        const int8_t *packed, int64_t N, const int32_t *comp, const float *ws, const float *offset,
                        const float *bias, void *out, int out_kind, int nthreads) {
