@@ -239,13 +239,19 @@ def test_native_amx_codes_match_the_unrounded_weight(spec, in_f, rows, out_f):
     (LayerSpec(4, 32, True), 96), (LayerSpec(8, -1, False), 320), (LayerSpec(8, 64, True), 192)])
 @pytest.mark.parametrize("rows", [1, 17, 70])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_amx_f32_is_as_exact_as_the_fp32_kernels(spec, in_f, rows, dtype):
-    """native_int4_amx_f32 / native_int8_amx_f32: x as three bf16 terms against tiles of the codes themselves:
-    against the float64 product, within a small factor of the reference's own fp32 error, like native_int4_f32 (a
-    candidate of the default mode for fp32 activations)."""
+@pytest.mark.parametrize("split", [False, True])
+def test_native_amx_f32_is_as_exact_as_the_fp32_kernels(spec, in_f, rows, dtype, split):
+    """native_int4_amx_f32 / native_int8_amx_f32: x as three bf16 terms against tiles of the codes themselves;
+    native_int4_split_amx_f32 (split): x as three int8 terms on the AMX-INT8 tiles: against the float64 product,
+    within a small factor of the reference's own fp32 error, like native_int4_f32 (candidates of the default mode
+    for fp32 activations)."""
     layer, _ = make_layer(37, in_f, spec, bias=True, dtype=dtype, seed=rows)
-    kernel = KERNELS.get("native_int4_amx_f32" if spec.bits <= 4 else "native_int8_amx_f32")
-    assert kernel in cpu_measure.candidates(layer, CPU, dtype)
+    name = ("native_int4_split_amx_f32" if split else "native_int4_amx_f32") if spec.bits <= 4 else "native_int8_amx_f32"
+    if split and not (spec.bits <= 4 and native.codes_split_group_size_ok(spec.effective_group_size(in_f))
+                      and native.has_int8_amx()):
+        pytest.skip("the split AMX kernel takes nibble codes in groups of a multiple of 64 on AMX-INT8 CPUs")
+    kernel = KERNELS.get(name)
+    assert kernel in cpu_measure.candidates(layer, CPU, torch.float32 if split else dtype)
     x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows))
     out = kernel.forward(layer, x, kernel.prepare(layer, CPU, torch.float32))
     W = dequantize_weight(layer.qweight, layer.scales, layer.qzeros, layer.spec, in_f, torch.float64, layer.g_idx)
@@ -849,6 +855,88 @@ def test_native_int8_split_amx_in_chunks_of_k_and_threads(monkeypatch, rebuilt):
     for threads in (1, 2):
         monkeypatch.setattr(torch, "get_num_threads", lambda t=threads: t)
         assert torch.equal(native.int8_split_amx(x, p, ws, None, None, 2, 16.0), want)
+
+
+def _codes_split_case(M, K, N, gs, seed, dtype=torch.float32, stride_pad=0):
+    g = torch.Generator().manual_seed(seed)
+    G = K // gs
+    q = torch.randint(0, 16, (N, K), dtype=torch.uint8, generator=g)
+    scale = torch.rand(N, G, generator=g) * 0.01 + 1e-4
+    zero = torch.randint(0, 16, (N, G), generator=g).float()
+    bias = torch.randn(N, generator=g)
+    wide = torch.randn(M, K + stride_pad, generator=g)
+    x = wide[:, :K].to(dtype)
+    W = (q.double().view(N, G, gs) - zero.double()[..., None]) * scale.double()[..., None]
+    truth = x.double() @ W.view(N, K).t() + bias.double()
+    corr = (x.float().reshape(M, G, gs).sum(2) @ (scale * zero).t()).contiguous()
+    return q, scale, zero, bias, x, corr, truth, W.view(N, K)
+
+
+@needs_int8_amx
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,K,N,gs", [(1, 64, 16, 64), (37, 256, 70, 128), (70, 512, 33, 512), (22, 384, 16, 192)])
+def test_native_codes_split_amx_terms(dtype, M, K, N, gs):
+    """Nibble codes x int8 terms on AMX-INT8 tiles: 1-3 terms per row against the float64 product (each term cuts
+    the error ~254x, down to the output's own rounding), zero points (corr) and bias, a strided x, a row far above its
+    rms taking one more term, tokens packed across the 16-row tiles; a row's result does not depend on the rows
+    beside it (each row alone gives the same bytes)."""
+    q, scale, zero, bias, x, corr, truth, W = _codes_split_case(M, K, N, gs, M + K, dtype, stride_pad=8)
+    gemm = native.CodesSplitAmx(q, scale, bias)
+    size = truth.abs().max()
+    errs = []
+    for terms in (1, 2, 3):
+        y = gemm(x, corr, torch.empty(M, N, dtype=dtype), terms, 8.0)
+        errs.append(float((y.double() - truth).abs().max() / size))
+    out_eps = {torch.float32: 2**-23, torch.bfloat16: 2**-8, torch.float16: 2**-10}[dtype]
+    assert errs[0] < 2e-2 and errs[1] < max(errs[0] / 30, 2 * out_eps) and errs[2] < max(errs[1] / 30, 4 * out_eps), errs
+    massive = x.clone()
+    massive[0, 3] = 500.0  # absmax far above 8 x rms: a fourth term at 3
+    tm = massive.double() @ W.t() + bias.double()
+    cm = (massive.float().reshape(M, -1, gs).sum(2) @ (scale * zero).t()).contiguous()
+    ym = gemm(massive, cm, torch.empty(M, N, dtype=dtype), 3, 8.0)
+    assert float((ym.double() - tm).abs().max() / tm.abs().max()) < max(4 * out_eps, 1e-6)
+    y = gemm(x, corr, torch.empty(M, N, dtype=dtype), 3, 8.0)
+    for m in {0, M // 2, M - 1}:  # alone: the same bytes
+        assert torch.equal(gemm(x[m:m + 1], corr[m:m + 1], torch.empty(1, N, dtype=dtype), 3, 8.0)[0], y[m])
+
+
+@needs_int8_amx
+def test_native_codes_split_amx_chunks_and_threads(monkeypatch, rebuilt):
+    """Many rows of terms in chunks of work groups (a small chunk in a test build) and one or two threads give the
+    bytes of the default build."""
+    M, K, N, gs = 90, 512, 50, 128
+    q, scale, zero, bias, x, corr, _, _ = _codes_split_case(M, K, N, gs, 5)
+    want = native.CodesSplitAmx(q, scale, bias)(x, corr, torch.empty(M, N), 3, 8.0)
+    monkeypatch.setenv(native.ENV_CFLAGS, "-DHFQ_CS_CHUNK=1")
+    native.reset()
+    gemm = native.CodesSplitAmx(q, scale, bias)
+    for threads in (1, 2):
+        monkeypatch.setattr(torch, "get_num_threads", lambda t=threads: t)
+        assert torch.equal(gemm(x, corr, torch.empty(M, N), 3, 8.0), want)
+
+
+@needs_int8_amx
+def test_native_codes_split_amx_refusals():
+    q, scale = torch.zeros(16, 128, dtype=torch.uint8), torch.ones(16, 2)
+    with pytest.raises(ValueError, match="native codes_split_amx: bad operands"):  # groups of 32
+        native.CodesSplitAmx(torch.zeros(16, 128, dtype=torch.uint8), torch.ones(16, 4), None)
+    gemm = native.CodesSplitAmx(q, scale, None)
+    for bad in (dict(terms=0), dict(terms=4), dict(x=torch.zeros(2, 64)), dict(x=torch.zeros(2, 128, dtype=torch.int8)),
+                dict(corr=torch.zeros(2, 15)), dict(out=torch.empty(2, 15)), dict(x=torch.zeros(128, 2).t())):
+        args = dict(x=torch.zeros(2, 128), corr=torch.zeros(2, 16), out=torch.empty(2, 16), terms=2,
+                    extra_ratio=16.0) | bad
+        with pytest.raises(ValueError, match="native codes_split_amx: bad operands"):
+            gemm(**args)
+    layer, _ = make_layer(8, 128, LayerSpec(4, 32, False), bias=False)  # groups of 32: not a candidate
+    assert not KERNELS.get("native_int4_split_amx_f32").supports(layer, CPU, torch.float32)
+    layer, _ = make_layer(8, 256, LayerSpec(4, 128, False), bias=False)
+    found = {k.name for k in cpu_measure.candidates(layer, CPU, torch.float32)}
+    assert "native_int4_split_amx_f32" in found and "native_int4_split_amx_bf16" not in found
+    assert "native_int4_split_amx_bf16" in {k.name for k in cpu_measure.candidates(layer, CPU, torch.float32,
+                                                                                 allow_bf16=True)}
+    assert "native_int4_split_amx" in {k.name for k in cpu_measure.candidates(layer, CPU, torch.bfloat16)}
+    layer, _ = make_layer(8, 256, LayerSpec(8, 128, False), bias=False)  # 8 bits: not nibbles
+    assert not KERNELS.get("native_int4_split_amx_f32").supports(layer, CPU, torch.float32)
 
 
 @needs_int8_amx

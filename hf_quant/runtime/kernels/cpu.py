@@ -567,6 +567,61 @@ class NativeAmxKernel(NativeCodesKernel):
         return native.CodesGemm(packed, scale, bias, self.compute, amx=True), offset, perm
 
 
+class NativeSplitAmxKernel(NativeCodesKernel):
+    """Codes of at most 4 bits times float activations written as int8 terms, on AMX-INT8 tiles
+    (`native.CodesSplitAmx`): the split kernels' terms (`int8.SplitInt8Kernel`: x ~ s1 q1 + s2 q2 (+ s3 q3), each term
+    from the residual of the ones before, one more for rows far above their rms) for layers with a scale per group.
+    Each group's products with the codes sum exactly in int32 on the tiles (`tdpbsud`, 16384 products per instruction,
+    twice `tdpbf16ps`'s), are scaled per output row in fp32 and summed over the groups; the zero points come off
+    through the fp32 group sums of x, as in `NativeCodesKernel`. Group sizes: multiples of 64; act-order layers by
+    the sorted-channel trick. Measured candidates only, at every row count:
+    - "native_int4_split_amx": bf16 / fp16 activations, two terms (a third above 16 x rms): as close
+      to the float product as the 16-bit arithmetic of the reference, like `cpu_int8_split`;
+    - "native_int4_split_amx_f32": fp32 activations at fp32 precision, three terms (a fourth above 8 x rms), like
+      `cpu_int8_split_*_f32`: where `native_int4_amx_f32` needs three bf16 terms on the tiles, these cost half the
+      tile work per term; a candidate in every mode;
+    - "native_int4_split_amx_bf16": fp32 activations with the two-term rule of 16-bit ones, only where bf16 compute
+      is allowed for fp32 models (mode "measure_bf16")."""
+
+    MAX_ROWS = None
+
+    def __init__(self, name: str, dtypes: tuple[torch.dtype, ...], terms: int, extra_ratio: float,
+                 casts_to_bf16: bool = False) -> None:
+        super().__init__(name, True, torch.float32)  # `operands`: the codes themselves (offset 0)
+        self.dtypes, self.terms, self.extra_ratio, self.casts_to_bf16 = dtypes, terms, extra_ratio, casts_to_bf16
+
+    def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
+        return (device.type == "cpu" and dtype in self.dtypes and layer.spec.bits <= 4
+                and self.group_size_ok(layer.spec.effective_group_size(layer.in_features)) and self.built())
+
+    def group_size_ok(self, gs: int) -> bool:
+        return native.codes_split_group_size_ok(gs)
+
+    def built(self) -> bool:
+        return native.has_int8_amx()
+
+    def prepare(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
+        codes, scale, zero, perm = _codes_scale_zero(layer)
+        scale = scale.float()
+        offset = (scale * zero.float()).t().contiguous()  # (G, N): corr = xsum @ offset
+        bias = None if layer.bias is None else layer.bias.float().contiguous()
+        gemm = native.CodesSplitAmx(codes.reshape(layer.out_features, layer.in_features), scale.contiguous(), bias)
+        return gemm, offset, perm
+
+    def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
+        gemm, offset, perm = prepared
+        K, N = layer.in_features, layer.out_features
+        x2 = x.reshape(-1, K)
+        if perm is not None:
+            x2 = x2.index_select(-1, perm)
+        if K > 1 and x2.stride(1) != 1:
+            x2 = x2.contiguous()
+        M = x2.shape[0]
+        corr = torch.mm(x2.float().reshape(M, offset.shape[0], -1).sum(dim=2), offset)
+        out = gemm(x2, corr, torch.empty(M, N, dtype=x.dtype), self.terms, self.extra_ratio)
+        return out.view(*x.shape[:-1], N)
+
+
 class NativeI16Kernel(NativeCodesKernel):
     """Decoding on CPUs without AVX512-BF16 ("native_int4_i16", "native_int8_i16"; AVX2), in one native call
     (`native.codes_i16_gemv`): each activation row written as int16 codes, x ~ s1 c1 (+ s2 c2), their products with
@@ -661,5 +716,10 @@ for _kernel in (NativeCodesKernel("native_int4_f32", True, torch.float32),
     register_kernel(_kernel)  # exact in fp32 for every activation dtype: no bf16-cast variant
 for _kernel in (NativeI16Bf16Kernel("native_int4_i16_bf16", True), NativeI16Bf16Kernel("native_int8_i16_bf16", False)):
     register_kernel(_kernel)  # the int16 GEMV's own 16-bit rule for fp32 activations (no cast)
+SPLIT_THIRD_TERM_RATIO, SPLIT_FOURTH_TERM_RATIO = 16.0, 8.0  # `int8.SplitInt8Kernel`'s and `int8.ExactSplitKernel`'s
+for _kernel in (NativeSplitAmxKernel("native_int4_split_amx", (torch.bfloat16, torch.float16), 2, SPLIT_THIRD_TERM_RATIO),
+                NativeSplitAmxKernel("native_int4_split_amx_f32", (torch.float32,), 3, SPLIT_FOURTH_TERM_RATIO),
+                NativeSplitAmxKernel("native_int4_split_amx_bf16", (torch.float32,), 2, SPLIT_THIRD_TERM_RATIO, True)):
+    register_kernel(_kernel)
 
 from . import cpu_measure  # noqa: E402,F401  (the measured dispatch: installs itself in kernels.base)

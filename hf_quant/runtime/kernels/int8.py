@@ -559,7 +559,8 @@ class SplitInt8Kernel(Kernel):
     name = "cpu_int8_split"
     priority = 5  # never the fixed choice (`chosen`): the measured dispatch decides
     measured = True
-    THIRD_TERM_RATIO = 16.0  # rows with absmax > this x rms get a third term (their 2-term error would pass ~1.4e-4)
+    THIRD_TERM_RATIO = cpu.SPLIT_THIRD_TERM_RATIO  # rows with absmax > this x rms get a third term (their 2-term
+    # error would pass ~1.4e-4)
 
     def available(self) -> bool:
         """The int8 GEMM of `gemm` exists in this torch."""
@@ -728,7 +729,7 @@ class ExactSplitKernel(cpu.WrappedKernel):
 
     suffix = "f32"
     TERMS = 3
-    FOURTH_TERM_RATIO = 8.0  # above it a row's 3-term error could pass the fp32 GEMM's own (K = 4096)
+    FOURTH_TERM_RATIO = cpu.SPLIT_FOURTH_TERM_RATIO  # above it a row's 3-term error could pass the fp32 GEMM's own
 
     def available(self) -> bool:
         return self.base.available()

@@ -134,6 +134,9 @@ def _load() -> ctypes.CDLL:
         fn.argtypes, fn.restype = [P, I64, I64, I64, P, I64, P, P, P, P, P, P, I64, P, I64, INT, INT], INT
     lib.hfq_int8_split_amx.argtypes = [P, I64, I64, I64, INT, INT, ctypes.c_float, P, I64, P, P, P, P, P, INT, INT]
     lib.hfq_int8_split_amx.restype = INT
+    lib.hfq_codes_vnni.argtypes, lib.hfq_codes_vnni.restype = [P, I64, I64, P, INT], INT
+    lib.hfq_codes_split_amx.argtypes = [P, I64, I64, I64, INT, INT, ctypes.c_float, P, P, P, P, P, I64, I64, INT, INT]
+    lib.hfq_codes_split_amx.restype = INT
     lib.hfq_int8_packed_cols.argtypes, lib.hfq_int8_packed_cols.restype = [P, I64, I64, P, I64, P, INT, P], INT
     lib.hfq_int8_token_gemm.argtypes = [P, I64, I64, I64, INT, ctypes.c_float, P, P, P, P, P, I64, P, P, P, P, INT, P,
                                         I64, P, INT]
@@ -637,6 +640,77 @@ def int8_split_amx(x: torch.Tensor, w: Int8Packed, ws: torch.Tensor, offset: tor
     if rc:
         raise RuntimeError(f"native int8_split_amx failed (code {rc})")
     return out
+
+
+def codes_split_group_size_ok(gs: int) -> bool:
+    """Group sizes `CodesSplitAmx` takes: multiples of 64 (a tile of K lies in one group)."""
+    return gs > 0 and gs % 64 == 0
+
+
+class CodesSplitAmx:
+    """Group-quantized codes of at most 4 bits times float activations written as int8 terms, on AMX-INT8 tiles
+    (`hfq_codes_split_amx`): the weight W[n, k] = (q[n, k] - zero[n, g]) * scale[n, g] (g = k // gs) is bound once
+    from its codes q (N, K) uint8 (0..15), rearranged into the tiles' nibble layout (`hfq_codes_vnni`: K/2 bytes per
+    row, as the packed codes), and scale (N, G) fp32; the zero points are the caller's: corr (M, N) fp32 =
+    sum over g of (sum of x over group g) * scale * zero. A call writes each row of x (M, K) fp32/bf16/fp16 as
+    `terms` int8 terms (x ~ sum_t s_t q_t, each from the residual of the ones before; one more for a row whose
+    absmax passes extra_ratio x its rms), sums each group's products exactly in int32, scales them in fp32 and
+    combines the terms: out = sum_t s_t sum_g scale_g (q_t . q_w over g) - corr + bias, in out's dtype."""
+
+    __slots__ = ("n", "k", "gs", "_wv", "_scale_t", "_bias")
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        if not has_int8_amx():
+            raise RuntimeError("native codes_split_amx unavailable: the int8 GEMM on AMX tiles is not built or not "
+                               "granted (it needs AMX-INT8, AVX-512 VNNI and the tile state from Linux)")
+        N, K = codes.shape if codes.dim() == 2 else (0, 0)
+        G = scale.shape[1] if scale.dim() == 2 else 0
+        gs = K // G if G else 0
+        ok = (codes.dtype == torch.uint8 and scale.dtype == torch.float32 and N > 0 and G > 0 and G * gs == K
+              and tuple(scale.shape) == (N, G) and codes_split_group_size_ok(gs)
+              and (bias is None or (bias.dtype == torch.float32 and tuple(bias.shape) == (N,)))
+              and all(t.device.type == "cpu" for t in (codes, scale, bias) if t is not None))
+        if not ok:
+            raise ValueError(f"native codes_split_amx: bad operands codes {tuple(codes.shape)} {codes.dtype}, scale "
+                             f"{tuple(scale.shape)} {scale.dtype}: expected CPU tensors, codes uint8 (N, K), scale "
+                             "fp32 (N, G) with K / G a multiple of 64, bias fp32 (N,)")
+        NB = (N + 15) // 16
+        self.n, self.k, self.gs = N, K, gs
+        self._wv = torch.empty(NB * (K // 64) * 512, dtype=torch.uint8)
+        if library().hfq_codes_vnni(codes.contiguous().data_ptr(), N, K, self._wv.data_ptr(), _threads()):
+            raise RuntimeError("native codes_split_amx: the weight's tile layout failed")
+        self._scale_t = torch.zeros(G, NB * 16, dtype=torch.float32)  # (G, N padded to 16): a group's 16 at once
+        self._scale_t[:, :N] = scale.t()
+        self._bias = None if bias is None else bias.contiguous()
+
+    def __call__(self, x: torch.Tensor, corr: torch.Tensor | None, out: torch.Tensor, terms: int,
+                 extra_ratio: float) -> torch.Tensor:
+        """out (M, N) fp32/bf16/fp16 = x @ W.T - corr + bias, x (M, K) fp32/bf16/fp16 with unit column stride, corr
+        fp32 (M, N) contiguous or None, 1-SPLIT_MAX_TERMS terms."""
+        N, K = self.n, self.k
+        M = x.shape[0] if x.dim() == 2 else -1
+        if not (x.dim() == 2 and x.shape[1] == K and x.dtype in _KIND and (K <= 1 or x.stride(1) == 1) and x.is_cpu
+                and out.dtype in _KIND and tuple(out.shape) == (M, N) and out.is_contiguous() and out.is_cpu
+                and (corr is None or (corr.dtype == torch.float32 and tuple(corr.shape) == (M, N)
+                                      and corr.is_contiguous() and corr.is_cpu))
+                and 1 <= terms <= SPLIT_MAX_TERMS):
+            raise ValueError(f"native codes_split_amx: bad operands x {tuple(x.shape)} {x.dtype}, corr "
+                             f"{None if corr is None else tuple(corr.shape)}, out {tuple(out.shape)} {out.dtype}, "
+                             f"{terms} terms: expected CPU tensors, x fp32/bf16/fp16 (M, {K}) with unit column stride, "
+                             f"corr fp32 (M, {N}) contiguous or None, out fp32/bf16/fp16 (M, {N}) contiguous, "
+                             f"1-{SPLIT_MAX_TERMS} terms")
+        if M == 0:
+            return out
+        rc = library().hfq_codes_split_amx(
+            x.data_ptr(), M, K, x.stride(0) if M > 1 else K, _KIND[x.dtype], terms, extra_ratio, self._wv.data_ptr(),
+            self._scale_t.data_ptr(), None if corr is None else corr.data_ptr(),
+            None if self._bias is None else self._bias.data_ptr(), out.data_ptr(), N, self.gs, _KIND[out.dtype],
+            _threads())
+        if rc == 4:
+            raise MemoryError("native codes_split_amx: out of memory for the activation tiles")
+        if rc:
+            raise RuntimeError(f"native codes_split_amx failed (code {rc})")
+        return out
 
 
 def int8_packed_cols(w: Int8Packed, cols: torch.Tensor, ws: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

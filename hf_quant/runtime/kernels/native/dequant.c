@@ -2425,12 +2425,9 @@ static inline float ai8_absmax(const float *r, int64_t K) {
     return a;
 }
 
-/* One row's terms (r: the row in fp32, overwritten by its residuals) into its 64-byte rows of the term tiles at row0
- * (term t's at row0 + t * KT KiB, one per tile of K); st[t] the terms' scales, 0 and codes 0 past the row's count.
- * Returns that count: `terms`, one more where absmax > extra_ratio x rms. */
-static int ai8_split_row(float *r, int64_t K, int64_t KT, int terms, float extra_ratio, int TT, uint8_t *row0,
-                         float *st, float *rowsum) {
-    __m512 vs = _mm512_setzero_ps(), vq = vs, va = vs;  /* sum, sum of squares and absmax in one pass */
+/* A row's sum, sum of squares and absmax (fp32), in one pass. */
+static void split_stats(const float *r, int64_t K, float *sum_out, float *sq_out, float *amax_out) {
+    __m512 vs = _mm512_setzero_ps(), vq = vs, va = vs;
     int64_t k = 0;
     for (; k + 16 <= K; k += 16) {
         const __m512 v = _mm512_loadu_ps(r + k);
@@ -2440,8 +2437,44 @@ static int ai8_split_row(float *r, int64_t K, int64_t KT, int terms, float extra
     }
     float sum = _mm512_reduce_add_ps(vs), sq = _mm512_reduce_add_ps(vq), amax = _mm512_reduce_max_ps(va);
     for (; k < K; k++) sum += r[k], sq += r[k] * r[k], amax = fabsf(r[k]) > amax ? fabsf(r[k]) : amax;
-    *rowsum = sum;
-    const int n = terms + (amax > extra_ratio * sqrtf(sq / (float)K) ? 1 : 0);
+    *sum_out = sum, *sq_out = sq, *amax_out = amax;
+}
+
+/* One int8 term of r (fp32, overwritten by its residual r - q s) whose absmax is a: q = round-half-even(r * 127 / a)
+ * + add (add 128: uint8 codes; 0: int8), written in 64-code rows (K's chunk kt at row + kt * stride, zero codes past
+ * K); returns the term's scale s = a / 127. */
+static float split_term(float *r, int64_t K, float a, uint8_t *row, int64_t stride, int add) {
+    const float mul = a > 0.0f ? 127.0f / a : 0.0f, s = a / 127.0f;
+    const __m512 vm = _mm512_set1_ps(mul), vsc = _mm512_set1_ps(s);
+    const __m512i off = _mm512_set1_epi32(add);
+    for (int64_t kt = 0; kt < (K + 63) / 64; kt++) {
+        uint8_t *dst = row + kt * stride;
+        for (int c = 0; c < 64; c += 16) {
+            const int64_t k0 = kt * 64 + c;
+            const __mmask16 valid = k0 + 16 <= K ? (__mmask16)0xFFFF
+                                    : k0 >= K ? (__mmask16)0 : (__mmask16)((1u << (K - k0)) - 1u);
+            const __m512 v = _mm512_maskz_loadu_ps(valid, r + k0);
+            const __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(v, vm), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            _mm_storeu_si128((__m128i *)(dst + c), _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(q), off)));
+            _mm512_mask_storeu_ps(r + k0, valid, _mm512_fnmadd_ps(q, vsc, v));  /* the residual: v - q s */
+        }
+    }
+    return s;
+}
+
+/* How many terms a row with these statistics takes: `terms`, one more where absmax > extra_ratio x rms. */
+static inline int split_count(float sq, float amax, int64_t K, int terms, float extra_ratio) {
+    return terms + (amax > extra_ratio * sqrtf(sq / (float)K) ? 1 : 0);
+}
+
+/* One row's terms (r: the row in fp32, overwritten by its residuals) into its 64-byte rows of the term tiles at row0
+ * (term t's at row0 + t * KT KiB, one per tile of K); st[t] the terms' scales, 0 and codes 0 past the row's count.
+ * Returns that count: `terms`, one more where absmax > extra_ratio x rms. */
+static int ai8_split_row(float *r, int64_t K, int64_t KT, int terms, float extra_ratio, int TT, uint8_t *row0,
+                         float *st, float *rowsum) {
+    float sq, amax;
+    split_stats(r, K, rowsum, &sq, &amax);
+    const int n = split_count(sq, amax, K, terms, extra_ratio);
     for (int t = 0; t < TT; t++) {
         uint8_t *row = row0 + t * KT * 1024;
         if (t >= n) {
@@ -2449,22 +2482,7 @@ static int ai8_split_row(float *r, int64_t K, int64_t KT, int terms, float extra
             for (int64_t kt = 0; kt < KT; kt++) memset(row + kt * 1024, 128, 64);  /* code 0 */
             continue;
         }
-        const float a = t ? ai8_absmax(r, K) : amax, mul = a > 0.0f ? 127.0f / a : 0.0f, s = a / 127.0f;
-        st[t] = s;
-        const __m512 vm = _mm512_set1_ps(mul), vsc = _mm512_set1_ps(s);
-        const __m512i off = _mm512_set1_epi32(128);
-        for (int64_t kt = 0; kt < KT; kt++) {
-            uint8_t *dst = row + kt * 1024;
-            for (int c = 0; c < 64; c += 16) {
-                const int64_t k0 = kt * 64 + c;
-                const __mmask16 valid = k0 + 16 <= K ? (__mmask16)0xFFFF
-                                        : k0 >= K ? (__mmask16)0 : (__mmask16)((1u << (K - k0)) - 1u);
-                const __m512 v = _mm512_maskz_loadu_ps(valid, r + k0);
-                const __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(v, vm), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-                _mm_storeu_si128((__m128i *)(dst + c), _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(q), off)));
-                _mm512_mask_storeu_ps(r + k0, valid, _mm512_fnmadd_ps(q, vsc, v));  /* the residual: v - q s */
-            }
-        }
+        st[t] = split_term(r, K, t ? ai8_absmax(r, K) : amax, row, 1024, 128);
     }
     return n;
 }
@@ -2523,6 +2541,216 @@ int hfq_int8_split_amx(const void *x, int64_t M, int64_t K, int64_t ldx, int x_k
     free(at); free(st); free(rowsum); free(need); free(tt);
     return failed ? 4 : 0;
 }
+
+/* ---------------------------------------------------------------------------------------------------
+ * Group-quantized nibble codes (at most 4 bits) times float activations written as int8 terms, on AMX-INT8 tiles:
+ * the split kernel's terms for layers with a scale per group of channels. The weight is B, in the layout of
+ * `hfq_codes_vnni`: per block of 16 output rows and tile of K (64 channels) 512 bytes, byte 64 p + 4 n + i holding
+ * in its low nibble the code of row n, channel 4 (2 p) + i and in its high one that of channel 4 (2 p + 1) + i of
+ * the tile, so that two AND / shift steps make two 64-byte rows of the B tile (16 rows of four channels of 16
+ * output rows). A holds the activations' terms, one 16 x 64 tile row per term of each token (int8 codes,
+ * `tdpbsud`: signed A by unsigned B, no offset), a token's rows never split between two work groups of 64 (four
+ * tiles, the C tiles 0..3). The C tiles keep running int32 sums over K; at the end of each group of channels they
+ * are stored, and one step of K later (the tiles busy with the next group meanwhile) the group's exact sums, the
+ * difference of two stores, are combined per token with its terms' scales and added, times the scale of each of
+ * the 16 output rows, into the token's fp32 accumulator. Out = that - corr (the zero points, M x N) + bias. Work
+ * items: (a chunk of work groups whose tiles stay in L2) x (16 output rows); the block's B tiles (its panel, K / 64
+ * KiB) are made once per item and met by every group of the chunk, while the next block's codes are prefetched.
+ */
+#ifndef HFQ_CS_CHUNK
+#define HFQ_CS_CHUNK (1 << 20) /* bytes of term tiles a work item's chunk keeps in L2 */
+#endif
+
+/* One group's sums into the tokens' accumulators: acc[j] (16 fp32 lanes: output rows) += scale x sum_t st_t (cur - prev)
+ * over token j's rows of terms, cur and prev two running int32 sums (tile rows of 16 int32: their difference is the
+ * group's exact sums). rows[j]: the token's first row, need[j] its count of terms, st[j * TT + t] their scales. */
+static inline void cs_flush(float *acc, const int32_t *cur, const int32_t *prev, const float *scale, int64_t tokens,
+                            const int64_t *rows, const int8_t *need, const float *st, int TT) {
+    const __m512 sc = _mm512_loadu_ps(scale);
+    for (int64_t j = 0; j < tokens; j++) {
+        const int64_t r = rows[j] * 16;
+#define HFQ_CS_TERM(t) _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(cur + r + (t) * 16), \
+                                                           _mm512_load_si512(prev + r + (t) * 16)))
+        __m512 v = _mm512_mul_ps(HFQ_CS_TERM(0), _mm512_set1_ps(st[j * TT]));
+        for (int t = 1; t < need[j]; t++) v = _mm512_fmadd_ps(HFQ_CS_TERM(t), _mm512_set1_ps(st[j * TT + t]), v);
+#undef HFQ_CS_TERM
+        _mm512_store_ps(acc + j * 16, _mm512_fmadd_ps(v, sc, _mm512_load_ps(acc + j * 16)));
+    }
+}
+
+int hfq_codes_vnni(const uint8_t *q, int64_t N, int64_t K, uint8_t *out, int nthreads) {  /* q: codes, N x K bytes */
+    if (K % 64 || K <= 0 || N <= 0) return 1;
+    const int64_t NB = (N + 15) / 16, KT = K / 64;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t i = 0; i < NB * KT; i++) {
+        const int64_t nb = i / KT, kt = i % KT;
+        uint8_t *dst = out + i * 512;
+        for (int p = 0; p < 8; p++)
+            for (int n = 0; n < 16; n++)
+                for (int c = 0; c < 4; c++) {
+                    const int64_t row = nb * 16 + n, k = kt * 64 + 8 * p + c;
+                    const uint8_t lo = row < N ? q[row * K + k] & 15 : 0, hi = row < N ? q[row * K + k + 4] & 15 : 0;
+                    dst[p * 64 + 4 * n + c] = (uint8_t)(lo | (hi << 4));
+                }
+    }
+    return 0;
+}
+
+int hfq_codes_split_amx(const void *x, int64_t M, int64_t K, int64_t ldx, int x_kind, int terms, float extra_ratio,
+                        const uint8_t *wv, const float *scale_t, const float *corr, const float *bias, void *out,
+                        int64_t N, int64_t gs, int out_kind, int nthreads) {
+    if (K % 64 || K <= 0 || M <= 0 || N <= 0 || gs <= 0 || gs % 64 || K % gs || terms < 1 || terms >= HFQ_AI8_TT
+        || x_kind < 0 || x_kind > 2)
+        return 1;
+    if (hfq_amx_enable()) return 3;
+    const int TT = terms + 1;
+    const int64_t KT = K / 64, per = gs / 64, NB = (N + 15) / 16, NP = NB * 16, esize = x_kind == 0 ? 4 : 2;
+    int8_t *need = (int8_t *)malloc((size_t)M);
+    float *amax = (float *)malloc((size_t)M * sizeof(float));
+    float *st = (float *)calloc((size_t)(M * TT), sizeof(float));
+    int64_t *first = (int64_t *)malloc((size_t)(M + 1) * sizeof(int64_t));
+    int failed = 0;
+    if (!need || !amax || !st || !first) {
+        free(need); free(amax); free(st); free(first);
+        return 4;
+    }
+#pragma omp parallel num_threads(M < 16 ? 1 : nthreads) reduction(| : failed)
+    {
+        float *r = (float *)malloc((size_t)K * sizeof(float));
+        if (!r) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) {  /* each row's count of terms */
+            if (!r) continue;
+            float sum, sq;
+            row_to_f32((const char *)x + m * ldx * esize, K, x_kind, r);
+            split_stats(r, K, &sum, &sq, amax + m);
+            need[m] = (int8_t)split_count(sq, amax[m], K, terms, extra_ratio);
+        }
+        free(r);
+    }
+    int64_t R = 0;  /* rows of terms: a token's never across two work groups of 64 */
+    for (int64_t m = 0; m < M; m++) {
+        if (R / 64 != (R + need[m] - 1) / 64) R = (R / 64 + 1) * 64;
+        first[m] = R;
+        R += need[m];
+    }
+    first[M] = R;
+    const int64_t AT = (R + 15) / 16, AG = (AT + 3) / 4;
+    uint8_t *at = failed ? NULL : (uint8_t *)aligned_alloc(64, (size_t)(AT * KT * 1024));
+    int64_t *gtok = (int64_t *)malloc((size_t)(AG + 1) * sizeof(int64_t));  /* each work group's first token */
+    if (!at || !gtok) {
+        free(need); free(amax); free(st); free(first); free(at); free(gtok);
+        return 4;
+    }
+    for (int64_t g = 0, m = 0; g <= AG; g++) {
+        while (m < M && first[m] < g * 64) m++;
+        gtok[g] = m;
+    }
+    for (int64_t m = 0, row = 0; row < AT * 16; row++) {  /* rows of no token: zero codes */
+        while (m < M && first[m] + need[m] <= row) m++;
+        if (m < M && first[m] <= row) continue;
+        for (int64_t kt = 0; kt < KT; kt++) memset(at + ((row / 16) * KT + kt) * 1024 + (row % 16) * 64, 0, 64);
+    }
+#pragma omp parallel num_threads(M < 16 ? 1 : nthreads) reduction(| : failed)
+    {
+        float *r = (float *)malloc((size_t)K * sizeof(float));
+        if (!r) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) {  /* the terms of row m into their tile rows */
+            if (!r) continue;
+            row_to_f32((const char *)x + m * ldx * esize, K, x_kind, r);
+            for (int t = 0; t < need[m]; t++) {
+                const int64_t row = first[m] + t;
+                st[m * TT + t] = split_term(r, K, t ? ai8_absmax(r, K) : amax[m],
+                                            at + (row / 16) * KT * 1024 + (row % 16) * 64, 1024, 0);
+            }
+        }
+        free(r);
+    }
+    /* work items: (a chunk of groups of 64 rows of terms whose tiles stay in L2) x (16 output rows); the block's B
+     * tiles are made once per item (its panel, KT KiB), then every group of the chunk meets them */
+    int64_t cg = HFQ_CS_CHUNK / (4 * KT * 1024);
+    cg = cg < 1 ? 1 : cg > AG ? AG : cg;
+    const int64_t chunks = (AG + cg - 1) / cg;
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        uint8_t *panel = (uint8_t *)aligned_alloc(64, (size_t)(KT * 1024));
+        float *acc = (float *)aligned_alloc(64, 4 * 1024);  /* per token of a group (at most 64) */
+        int32_t *c = (int32_t *)aligned_alloc(64, 3 * 4 * 1024);  /* two groups' running sums, and zeros */
+        int64_t lrow[64];
+        const int ok = !failed && panel && acc && c;
+        if (!ok) failed = 1;
+        else { amx_config(); memset(c + 2 * 1024, 0, 4 * 1024); }
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < chunks * NB; item++) {
+            if (!ok) continue;
+            const int64_t ch = item / NB, nb = item % NB, n0 = nb * 16;
+            const uint8_t *wb = wv + nb * KT * 512;
+            const __m512i nib = _mm512_set1_epi8(15);
+            for (int64_t kt = 0; kt < KT; kt++) {  /* B tiles: two rows from each 64 bytes */
+                const uint8_t *src = wb + kt * 512;
+                uint8_t *dst = panel + kt * 1024;
+                for (int p = 0; p < 8; p++) {
+                    const __m512i v = _mm512_loadu_si512((const void *)(src + p * 64));
+                    _mm512_store_si512((void *)(dst + p * 128), _mm512_and_si512(v, nib));
+                    _mm512_store_si512((void *)(dst + p * 128 + 64), _mm512_and_si512(_mm512_srli_epi16(v, 4), nib));
+                }
+            }
+            const int64_t ag1 = (ch + 1) * cg < AG ? (ch + 1) * cg : AG;
+            for (int64_t ag = ch * cg; ag < ag1; ag++) {
+                const int ntl = AT - ag * 4 < 4 ? (int)(AT - ag * 4) : 4;
+                const uint8_t *a0 = at + ag * 4 * KT * 1024;
+                const int64_t m0 = gtok[ag], nt = gtok[ag + 1] - m0;  /* the group's tokens */
+                for (int64_t j = 0; j < nt; j++) lrow[j] = first[m0 + j] - ag * 64;
+                memset(acc, 0, (size_t)nt * 64);
+                _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                /* the C tiles keep running int32 sums over K (exact: |sum| <= 127 x 15 x K); at a group's end they
+                 * are stored, and the group's sums (the difference from the last group's) are scaled into acc while
+                 * the tiles go on with the next group */
+                int64_t pending = -1;
+                for (int64_t kt = 0; kt < KT; kt++) {
+                    const uint8_t *ak = a0 + kt * 1024, *bk = panel + kt * 1024;
+                    if (ag == ch * cg)  /* the next block's codes on their way while these tiles run */
+                        for (int i = 0; i < 8; i++)
+                            _mm_prefetch((const char *)(wb + (KT + kt) * 512 + i * 64), _MM_HINT_T1);
+#define HFQ_CS_STEP(BT) _tile_loadd(BT, bk, 64); \
+                    _tile_loadd(6, ak, 64); _tile_dpbsud(0, 6, BT); \
+                    if (ntl > 1) { _tile_loadd(7, ak + KT * 1024, 64); _tile_dpbsud(1, 7, BT); } \
+                    if (ntl > 2) { _tile_loadd(6, ak + 2 * KT * 1024, 64); _tile_dpbsud(2, 6, BT); } \
+                    if (ntl > 3) { _tile_loadd(7, ak + 3 * KT * 1024, 64); _tile_dpbsud(3, 7, BT); }
+                    if (kt & 1) { HFQ_CS_STEP(5) } else { HFQ_CS_STEP(4) }
+#undef HFQ_CS_STEP
+                    if (pending >= 0) {
+                        cs_flush(acc, c + (pending & 1) * 1024, pending ? c + ((pending + 1) & 1) * 1024 : c + 2048,
+                                 scale_t + pending * NP + n0, nt, lrow, need + m0, st + m0 * TT, TT);
+                        pending = -1;
+                    }
+                    if ((kt + 1) % per) continue;
+                    int32_t *cs = c + ((kt / per) & 1) * 1024;
+                    _tile_stored(0, cs, 64);
+                    if (ntl > 1) _tile_stored(1, cs + 256, 64);
+                    if (ntl > 2) _tile_stored(2, cs + 512, 64);
+                    if (ntl > 3) _tile_stored(3, cs + 768, 64);
+                    pending = kt / per;
+                }
+                const int64_t g = KT / per - 1;  /* the last group */
+                cs_flush(acc, c + (g & 1) * 1024, g ? c + ((g + 1) & 1) * 1024 : c + 2048, scale_t + g * NP + n0, nt,
+                         lrow, need + m0, st + m0 * TT, TT);
+                const __mmask16 kn = n0 + 16 <= N ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n0)) - 1u);
+                const __m512 bv = bias ? _mm512_maskz_loadu_ps(kn, bias + n0) : _mm512_setzero_ps();
+                for (int64_t m = m0; m < m0 + nt; m++) {  /* the tokens of this group */
+                    __m512 y = _mm512_load_ps(acc + (m - m0) * 16);
+                    if (corr) y = _mm512_sub_ps(y, _mm512_maskz_loadu_ps(kn, corr + m * N + n0));
+                    put_first(_mm512_add_ps(y, bv), out, m * N + n0, N - n0, out_kind);
+                }
+            }
+        }
+        if (ok) _tile_release();
+        free(panel); free(acc); free(c);
+    }
+    free(need); free(amax); free(st); free(first); free(at); free(gtok);
+    return failed ? 4 : 0;
+}
 #else
 int hfq_int8_amx_gemm(const uint8_t *a, int64_t M, int64_t K, int64_t lda, const int8_t *packed, int64_t N,
                       const int32_t *comp, const float *ws, const float *absmax, const float *bias, const float *xo,
@@ -2536,6 +2764,17 @@ int hfq_int8_split_amx(const void *x, int64_t M, int64_t K, int64_t ldx, int x_k
                        const float *bias, void *out, int out_kind, int nthreads) {
     (void)x; (void)M; (void)K; (void)ldx; (void)x_kind; (void)terms; (void)extra_ratio; (void)packed; (void)N;
     (void)comp; (void)ws; (void)offset; (void)bias; (void)out; (void)out_kind; (void)nthreads;
+    return 1;
+}
+int hfq_codes_vnni(const uint8_t *q, int64_t N, int64_t K, uint8_t *out, int nthreads) {
+    (void)q; (void)N; (void)K; (void)out; (void)nthreads;
+    return 1;
+}
+int hfq_codes_split_amx(const void *x, int64_t M, int64_t K, int64_t ldx, int x_kind, int terms, float extra_ratio,
+                        const uint8_t *wv, const float *scale_t, const float *corr, const float *bias, void *out,
+                        int64_t N, int64_t gs, int out_kind, int nthreads) {
+    (void)x; (void)M; (void)K; (void)ldx; (void)x_kind; (void)terms; (void)extra_ratio; (void)wv; (void)scale_t;
+    (void)corr; (void)bias; (void)out; (void)N; (void)gs; (void)out_kind; (void)nthreads;
     return 1;
 }
 #endif
