@@ -242,14 +242,13 @@ def test_native_amx_codes_match_the_unrounded_weight(spec, in_f, rows, out_f):
 @pytest.mark.parametrize("split", [False, True])
 def test_native_amx_f32_is_as_exact_as_the_fp32_kernels(spec, in_f, rows, dtype, split):
     """native_int4_amx_f32 / native_int8_amx_f32: x as three bf16 terms against tiles of the codes themselves;
-    native_int4_split_amx_f32 (split): x as three int8 terms on the AMX-INT8 tiles: against the float64 product,
+    native_int{4,8}_split_amx_f32 (split): x as three int8 terms on the AMX-INT8 tiles: against the float64 product,
     within a small factor of the reference's own fp32 error, like native_int4_f32 (candidates of the default mode
     for fp32 activations)."""
     layer, _ = make_layer(37, in_f, spec, bias=True, dtype=dtype, seed=rows)
-    name = ("native_int4_split_amx_f32" if split else "native_int4_amx_f32") if spec.bits <= 4 else "native_int8_amx_f32"
-    if split and not (spec.bits <= 4 and native.codes_split_group_size_ok(spec.effective_group_size(in_f))
-                      and native.has_int8_amx()):
-        pytest.skip("the split AMX kernel takes nibble codes in groups of a multiple of 64 on AMX-INT8 CPUs")
+    name = f"native_int{4 if spec.bits <= 4 else 8}_{'split_amx' if split else 'amx'}_f32"
+    if split and not (native.codes_split_group_size_ok(spec.effective_group_size(in_f)) and native.has_int8_amx()):
+        pytest.skip("the split AMX kernels take groups of a multiple of 64 on AMX-INT8 CPUs")
     kernel = KERNELS.get(name)
     assert kernel in cpu_measure.candidates(layer, CPU, torch.float32 if split else dtype)
     x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows))
@@ -857,12 +856,12 @@ def test_native_int8_split_amx_in_chunks_of_k_and_threads(monkeypatch, rebuilt):
         assert torch.equal(native.int8_split_amx(x, p, ws, None, None, 2, 16.0), want)
 
 
-def _codes_split_case(M, K, N, gs, seed, dtype=torch.float32, stride_pad=0):
+def _codes_split_case(M, K, N, gs, seed, dtype=torch.float32, stride_pad=0, levels=16):
     g = torch.Generator().manual_seed(seed)
     G = K // gs
-    q = torch.randint(0, 16, (N, K), dtype=torch.uint8, generator=g)
+    q = torch.randint(0, levels, (N, K), dtype=torch.uint8, generator=g)
     scale = torch.rand(N, G, generator=g) * 0.01 + 1e-4
-    zero = torch.randint(0, 16, (N, G), generator=g).float()
+    zero = torch.randint(0, levels, (N, G), generator=g).float()
     bias = torch.randn(N, generator=g)
     wide = torch.randn(M, K + stride_pad, generator=g)
     x = wide[:, :K].to(dtype)
@@ -875,13 +874,15 @@ def _codes_split_case(M, K, N, gs, seed, dtype=torch.float32, stride_pad=0):
 @needs_int8_amx
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M,K,N,gs", [(1, 64, 16, 64), (37, 256, 70, 128), (70, 512, 33, 512), (22, 384, 16, 192)])
-def test_native_codes_split_amx_terms(dtype, M, K, N, gs):
-    """Nibble codes x int8 terms on AMX-INT8 tiles: 1-3 terms per row against the float64 product (each term cuts
-    the error ~254x, down to the output's own rounding), zero points (corr) and bias, a strided x, a row far above its
-    rms taking one more term, tokens packed across the 16-row tiles; a row's result does not depend on the rows
-    beside it (each row alone gives the same bytes)."""
-    q, scale, zero, bias, x, corr, truth, W = _codes_split_case(M, K, N, gs, M + K, dtype, stride_pad=8)
-    gemm = native.CodesSplitAmx(q, scale, bias)
+@pytest.mark.parametrize("nibbles", [True, False])
+def test_native_codes_split_amx_terms(dtype, M, K, N, gs, nibbles):
+    """Codes (nibbles, or bytes) x int8 terms on AMX-INT8 tiles: 1-3 terms per row against the float64 product (each
+    term cuts the error ~254x, down to the output's own rounding), zero points (corr) and bias, a strided x, a row far
+    above its rms taking one more term, tokens packed across the 16-row tiles; a row's result does not depend on the
+    rows beside it (each row alone gives the same bytes)."""
+    q, scale, zero, bias, x, corr, truth, W = _codes_split_case(M, K, N, gs, M + K, dtype, stride_pad=8,
+                                                                levels=16 if nibbles else 256)
+    gemm = native.CodesSplitAmx(q, scale, bias, nibbles)
     size = truth.abs().max()
     errs = []
     for terms in (1, 2, 3):
@@ -906,13 +907,14 @@ def test_native_codes_split_amx_chunks_and_threads(monkeypatch, rebuilt):
     bytes of the default build."""
     M, K, N, gs = 90, 512, 50, 128
     q, scale, zero, bias, x, corr, _, _ = _codes_split_case(M, K, N, gs, 5)
-    want = native.CodesSplitAmx(q, scale, bias)(x, corr, torch.empty(M, N), 3, 8.0)
+    want = [native.CodesSplitAmx(q, scale, bias, nibbles)(x, corr, torch.empty(M, N), 3, 8.0) for nibbles in (1, 0)]
     monkeypatch.setenv(native.ENV_CFLAGS, "-DHFQ_CS_CHUNK=1")
     native.reset()
-    gemm = native.CodesSplitAmx(q, scale, bias)
-    for threads in (1, 2):
-        monkeypatch.setattr(torch, "get_num_threads", lambda t=threads: t)
-        assert torch.equal(gemm(x, corr, torch.empty(M, N), 3, 8.0), want)
+    for nibbles in (True, False):
+        gemm = native.CodesSplitAmx(q, scale, bias, nibbles)
+        for threads in (1, 2):
+            monkeypatch.setattr(torch, "get_num_threads", lambda t=threads: t)
+            assert torch.equal(gemm(x, corr, torch.empty(M, N), 3, 8.0), want[0])
 
 
 @needs_int8_amx
@@ -920,6 +922,8 @@ def test_native_codes_split_amx_refusals():
     q, scale = torch.zeros(16, 128, dtype=torch.uint8), torch.ones(16, 2)
     with pytest.raises(ValueError, match="native codes_split_amx: bad operands"):  # groups of 32
         native.CodesSplitAmx(torch.zeros(16, 128, dtype=torch.uint8), torch.ones(16, 4), None)
+    with pytest.raises(ValueError, match="at most 15 as nibbles"):
+        native.CodesSplitAmx(torch.full((16, 128), 16, dtype=torch.uint8), scale, None)
     gemm = native.CodesSplitAmx(q, scale, None)
     for bad in (dict(terms=0), dict(terms=4), dict(x=torch.zeros(2, 64)), dict(x=torch.zeros(2, 128, dtype=torch.int8)),
                 dict(corr=torch.zeros(2, 15)), dict(out=torch.empty(2, 15)), dict(x=torch.zeros(128, 2).t())):
@@ -935,8 +939,9 @@ def test_native_codes_split_amx_refusals():
     assert "native_int4_split_amx_bf16" in {k.name for k in cpu_measure.candidates(layer, CPU, torch.float32,
                                                                                  allow_bf16=True)}
     assert "native_int4_split_amx" in {k.name for k in cpu_measure.candidates(layer, CPU, torch.bfloat16)}
-    layer, _ = make_layer(8, 256, LayerSpec(8, 128, False), bias=False)  # 8 bits: not nibbles
+    layer, _ = make_layer(8, 256, LayerSpec(8, 128, False), bias=False)  # 8 bits: bytes
     assert not KERNELS.get("native_int4_split_amx_f32").supports(layer, CPU, torch.float32)
+    assert KERNELS.get("native_int8_split_amx_f32").supports(layer, CPU, torch.float32)
 
 
 @needs_int8_amx

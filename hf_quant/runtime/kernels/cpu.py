@@ -568,30 +568,33 @@ class NativeAmxKernel(NativeCodesKernel):
 
 
 class NativeSplitAmxKernel(NativeCodesKernel):
-    """Codes of at most 4 bits times float activations written as int8 terms, on AMX-INT8 tiles
-    (`native.CodesSplitAmx`): the split kernels' terms (`int8.SplitInt8Kernel`: x ~ s1 q1 + s2 q2 (+ s3 q3), each term
-    from the residual of the ones before, one more for rows far above their rms) for layers with a scale per group.
-    Each group's products with the codes sum exactly in int32 on the tiles (`tdpbsud`, 16384 products per instruction,
-    twice `tdpbf16ps`'s), are scaled per output row in fp32 and summed over the groups; the zero points come off
-    through the fp32 group sums of x, as in `NativeCodesKernel`. Group sizes: multiples of 64; act-order layers by
-    the sorted-channel trick. Measured candidates only, at every row count:
-    - "native_int4_split_amx": bf16 / fp16 activations, two terms (a third above 16 x rms): as close
-      to the float product as the 16-bit arithmetic of the reference, like `cpu_int8_split`;
-    - "native_int4_split_amx_f32": fp32 activations at fp32 precision, three terms (a fourth above 8 x rms), like
+    """Codes times float activations written as int8 terms, on AMX-INT8 tiles (`native.CodesSplitAmx`): the split
+    kernels' terms (`int8.SplitInt8Kernel`: x ~ s1 q1 + s2 q2 (+ s3 q3), each term from the residual of the ones
+    before, one more for rows far above their rms) for layers with a scale per group (or per row). Each group's
+    products with the codes sum exactly in int32 on the tiles (`tdpbsud`, 16384 products per instruction, twice
+    `tdpbf16ps`'s), are scaled per output row in fp32 and summed over the groups; the zero points come off through the
+    fp32 group sums of x, as in `NativeCodesKernel`. int4: codes of at most 4 bits, two per byte, made into tiles in
+    L1; int8: 5-8-bit codes, the weight stored as the B tiles themselves. Group sizes: multiples of 64; act-order
+    layers by the sorted-channel trick. Measured candidates only, at every row count:
+    - "native_int{4,8}_split_amx": bf16 / fp16 activations, two terms (a third above 16 x rms): as close to the
+      float product as the 16-bit arithmetic of the reference, like `cpu_int8_split`;
+    - "native_int{4,8}_split_amx_f32": fp32 activations at fp32 precision, three terms (a fourth above 8 x rms), like
       `cpu_int8_split_*_f32`: where `native_int4_amx_f32` needs three bf16 terms on the tiles, these cost half the
       tile work per term; a candidate in every mode;
-    - "native_int4_split_amx_bf16": fp32 activations with the two-term rule of 16-bit ones, only where bf16 compute
-      is allowed for fp32 models (mode "measure_bf16")."""
+    - "native_int{4,8}_split_amx_bf16": fp32 activations with the two-term rule of 16-bit ones, only where bf16
+      compute is allowed for fp32 models (mode "measure_bf16")."""
 
     MAX_ROWS = None
 
-    def __init__(self, name: str, dtypes: tuple[torch.dtype, ...], terms: int, extra_ratio: float,
+    def __init__(self, name: str, nibbles: bool, dtypes: tuple[torch.dtype, ...], terms: int, extra_ratio: float,
                  casts_to_bf16: bool = False) -> None:
-        super().__init__(name, True, torch.float32)  # `operands`: the codes themselves (offset 0)
+        super().__init__(name, nibbles, torch.float32)  # `operands`: the codes themselves (offset 0)
         self.dtypes, self.terms, self.extra_ratio, self.casts_to_bf16 = dtypes, terms, extra_ratio, casts_to_bf16
 
     def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
-        return (device.type == "cpu" and dtype in self.dtypes and layer.spec.bits <= 4
+        bits = layer.spec.bits
+        return (device.type == "cpu" and dtype in self.dtypes and (bits <= 4) == self.nibbles and bits <= 8
+                and layer.in_features <= native.CODES_SPLIT_MAX_K[self.nibbles]
                 and self.group_size_ok(layer.spec.effective_group_size(layer.in_features)) and self.built())
 
     def group_size_ok(self, gs: int) -> bool:
@@ -605,7 +608,8 @@ class NativeSplitAmxKernel(NativeCodesKernel):
         scale = scale.float()
         offset = (scale * zero.float()).t().contiguous()  # (G, N): corr = xsum @ offset
         bias = None if layer.bias is None else layer.bias.float().contiguous()
-        gemm = native.CodesSplitAmx(codes.reshape(layer.out_features, layer.in_features), scale.contiguous(), bias)
+        gemm = native.CodesSplitAmx(codes.reshape(layer.out_features, layer.in_features), scale.contiguous(), bias,
+                                    self.nibbles)
         return gemm, offset, perm
 
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
@@ -717,9 +721,13 @@ for _kernel in (NativeCodesKernel("native_int4_f32", True, torch.float32),
 for _kernel in (NativeI16Bf16Kernel("native_int4_i16_bf16", True), NativeI16Bf16Kernel("native_int8_i16_bf16", False)):
     register_kernel(_kernel)  # the int16 GEMV's own 16-bit rule for fp32 activations (no cast)
 SPLIT_THIRD_TERM_RATIO, SPLIT_FOURTH_TERM_RATIO = 16.0, 8.0  # `int8.SplitInt8Kernel`'s and `int8.ExactSplitKernel`'s
-for _kernel in (NativeSplitAmxKernel("native_int4_split_amx", (torch.bfloat16, torch.float16), 2, SPLIT_THIRD_TERM_RATIO),
-                NativeSplitAmxKernel("native_int4_split_amx_f32", (torch.float32,), 3, SPLIT_FOURTH_TERM_RATIO),
-                NativeSplitAmxKernel("native_int4_split_amx_bf16", (torch.float32,), 2, SPLIT_THIRD_TERM_RATIO, True)):
-    register_kernel(_kernel)
+for _bits, _nibbles in (("int4", True), ("int8", False)):
+    for _kernel in (
+            NativeSplitAmxKernel(f"native_{_bits}_split_amx", _nibbles, (torch.bfloat16, torch.float16), 2,
+                                 SPLIT_THIRD_TERM_RATIO),
+            NativeSplitAmxKernel(f"native_{_bits}_split_amx_f32", _nibbles, (torch.float32,), 3, SPLIT_FOURTH_TERM_RATIO),
+            NativeSplitAmxKernel(f"native_{_bits}_split_amx_bf16", _nibbles, (torch.float32,), 2, SPLIT_THIRD_TERM_RATIO,
+                                 True)):
+        register_kernel(_kernel)
 
 from . import cpu_measure  # noqa: E402,F401  (the measured dispatch: installs itself in kernels.base)

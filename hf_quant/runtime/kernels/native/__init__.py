@@ -134,8 +134,9 @@ def _load() -> ctypes.CDLL:
         fn.argtypes, fn.restype = [P, I64, I64, I64, P, I64, P, P, P, P, P, P, I64, P, I64, INT, INT], INT
     lib.hfq_int8_split_amx.argtypes = [P, I64, I64, I64, INT, INT, ctypes.c_float, P, I64, P, P, P, P, P, INT, INT]
     lib.hfq_int8_split_amx.restype = INT
-    lib.hfq_codes_vnni.argtypes, lib.hfq_codes_vnni.restype = [P, I64, I64, P, INT], INT
-    lib.hfq_codes_split_amx.argtypes = [P, I64, I64, I64, INT, INT, ctypes.c_float, P, P, P, P, P, I64, I64, INT, INT]
+    lib.hfq_codes_vnni.argtypes, lib.hfq_codes_vnni.restype = [P, I64, I64, INT, P, INT], INT
+    lib.hfq_codes_split_amx.argtypes = [P, I64, I64, I64, INT, INT, ctypes.c_float, P, INT, P, P, P, P, I64, I64, INT,
+                                        INT]
     lib.hfq_codes_split_amx.restype = INT
     lib.hfq_int8_packed_cols.argtypes, lib.hfq_int8_packed_cols.restype = [P, I64, I64, P, I64, P, INT, P], INT
     lib.hfq_int8_token_gemm.argtypes = [P, I64, I64, I64, INT, ctypes.c_float, P, P, P, P, P, I64, P, P, P, P, INT, P,
@@ -647,19 +648,23 @@ def codes_split_group_size_ok(gs: int) -> bool:
     return gs > 0 and gs % 64 == 0
 
 
+CODES_SPLIT_MAX_K = {True: 1 << 20, False: 1 << 16}  # by nibbles: the running int32 sums stay exact below it
+
+
 class CodesSplitAmx:
-    """Group-quantized codes of at most 4 bits times float activations written as int8 terms, on AMX-INT8 tiles
-    (`hfq_codes_split_amx`): the weight W[n, k] = (q[n, k] - zero[n, g]) * scale[n, g] (g = k // gs) is bound once
-    from its codes q (N, K) uint8 (0..15), rearranged into the tiles' nibble layout (`hfq_codes_vnni`: K/2 bytes per
-    row, as the packed codes), and scale (N, G) fp32; the zero points are the caller's: corr (M, N) fp32 =
-    sum over g of (sum of x over group g) * scale * zero. A call writes each row of x (M, K) fp32/bf16/fp16 as
-    `terms` int8 terms (x ~ sum_t s_t q_t, each from the residual of the ones before; one more for a row whose
-    absmax passes extra_ratio x its rms), sums each group's products exactly in int32, scales them in fp32 and
-    combines the terms: out = sum_t s_t sum_g scale_g (q_t . q_w over g) - corr + bias, in out's dtype."""
+    """Group-quantized codes times float activations written as int8 terms, on AMX-INT8 tiles (`hfq_codes_split_amx`):
+    the weight W[n, k] = (q[n, k] - zero[n, g]) * scale[n, g] (g = k // gs) is bound once from its codes q (N, K)
+    uint8 (nibbles: at most 15, two per byte in the tiles' layout; else bytes, the B tiles themselves:
+    `hfq_codes_vnni`) and scale (N, G) fp32; the zero points are the caller's: corr (M, N) fp32 = sum over g of
+    (sum of x over group g) * scale * zero. A call writes each row of x (M, K) fp32/bf16/fp16 as `terms` int8 terms
+    (x ~ sum_t s_t q_t, each from the residual of the ones before; one more for a row whose absmax passes
+    extra_ratio x its rms), sums each group's products exactly in int32, scales them in fp32 and combines the terms:
+    out = sum_t s_t sum_g scale_g (q_t . q_w over g) - corr + bias, in out's dtype."""
 
-    __slots__ = ("n", "k", "gs", "_wv", "_scale_t", "_bias")
+    __slots__ = ("n", "k", "gs", "nibbles", "_wv", "_scale_t", "_bias")
 
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 nibbles: bool = True) -> None:
         if not has_int8_amx():
             raise RuntimeError("native codes_split_amx unavailable: the int8 GEMM on AMX tiles is not built or not "
                                "granted (it needs AMX-INT8, AVX-512 VNNI and the tile state from Linux)")
@@ -667,17 +672,20 @@ class CodesSplitAmx:
         G = scale.shape[1] if scale.dim() == 2 else 0
         gs = K // G if G else 0
         ok = (codes.dtype == torch.uint8 and scale.dtype == torch.float32 and N > 0 and G > 0 and G * gs == K
-              and tuple(scale.shape) == (N, G) and codes_split_group_size_ok(gs)
+              and tuple(scale.shape) == (N, G) and codes_split_group_size_ok(gs) and K <= CODES_SPLIT_MAX_K[nibbles]
               and (bias is None or (bias.dtype == torch.float32 and tuple(bias.shape) == (N,)))
-              and all(t.device.type == "cpu" for t in (codes, scale, bias) if t is not None))
+              and all(t.device.type == "cpu" for t in (codes, scale, bias) if t is not None)
+              and not (nibbles and int(codes.max()) > 15))
         if not ok:
             raise ValueError(f"native codes_split_amx: bad operands codes {tuple(codes.shape)} {codes.dtype}, scale "
-                             f"{tuple(scale.shape)} {scale.dtype}: expected CPU tensors, codes uint8 (N, K), scale "
-                             "fp32 (N, G) with K / G a multiple of 64, bias fp32 (N,)")
+                             f"{tuple(scale.shape)} {scale.dtype}, nibbles={nibbles}: expected CPU tensors, codes uint8 "
+                             f"(N, K) (at most 15 as nibbles) with K <= {CODES_SPLIT_MAX_K[nibbles]}, scale fp32 (N, G) "
+                             "with K / G a multiple of 64, bias fp32 (N,)")
         NB = (N + 15) // 16
-        self.n, self.k, self.gs = N, K, gs
-        self._wv = torch.empty(NB * (K // 64) * 512, dtype=torch.uint8)
-        if library().hfq_codes_vnni(codes.contiguous().data_ptr(), N, K, self._wv.data_ptr(), _threads()):
+        self.n, self.k, self.gs, self.nibbles = N, K, gs, nibbles
+        self._wv = torch.empty(NB * (K // 64) * (512 if nibbles else 1024), dtype=torch.uint8)
+        if library().hfq_codes_vnni(codes.contiguous().data_ptr(), N, K, 0 if nibbles else 1, self._wv.data_ptr(),
+                                    _threads()):
             raise RuntimeError("native codes_split_amx: the weight's tile layout failed")
         self._scale_t = torch.zeros(G, NB * 16, dtype=torch.float32)  # (G, N padded to 16): a group's 16 at once
         self._scale_t[:, :N] = scale.t()
@@ -703,7 +711,7 @@ class CodesSplitAmx:
             return out
         rc = library().hfq_codes_split_amx(
             x.data_ptr(), M, K, x.stride(0) if M > 1 else K, _KIND[x.dtype], terms, extra_ratio, self._wv.data_ptr(),
-            self._scale_t.data_ptr(), None if corr is None else corr.data_ptr(),
+            0 if self.nibbles else 1, self._scale_t.data_ptr(), None if corr is None else corr.data_ptr(),
             None if self._bias is None else self._bias.data_ptr(), out.data_ptr(), N, self.gs, _KIND[out.dtype],
             _threads())
         if rc == 4:

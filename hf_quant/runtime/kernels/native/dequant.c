@@ -2543,23 +2543,26 @@ int hfq_int8_split_amx(const void *x, int64_t M, int64_t K, int64_t ldx, int x_k
 }
 
 /* ---------------------------------------------------------------------------------------------------
- * Group-quantized nibble codes (at most 4 bits) times float activations written as int8 terms, on AMX-INT8 tiles:
- * the split kernel's terms for layers with a scale per group of channels. The weight is B, in the layout of
- * `hfq_codes_vnni`: per block of 16 output rows and tile of K (64 channels) 512 bytes, byte 64 p + 4 n + i holding
- * in its low nibble the code of row n, channel 4 (2 p) + i and in its high one that of channel 4 (2 p + 1) + i of
- * the tile, so that two AND / shift steps make two 64-byte rows of the B tile (16 rows of four channels of 16
- * output rows). A holds the activations' terms, one 16 x 64 tile row per term of each token (int8 codes,
+ * Group-quantized codes (uint8) times float activations written as int8 terms, on AMX-INT8 tiles: the split
+ * kernel's terms for layers with a scale per group of channels. The weight is B, in the layout of `hfq_codes_vnni`:
+ * per block of 16 output rows and tile of K (64 channels) the B tile itself (wide: 1 KiB, byte 64 r + 4 n + i the
+ * code of row n, channel 4 r + i of the tile), or for codes of at most 4 bits 512 bytes, byte 64 p + 4 n + i holding
+ * in its low nibble the code of row n, channel 4 (2 p) + i and in its high one that of channel 4 (2 p + 1) + i,
+ * so that two AND / shift steps make two 64-byte rows of the B tile. A holds the activations' terms, one 16 x 64 tile row per term of each token (int8 codes,
  * `tdpbsud`: signed A by unsigned B, no offset), a token's rows never split between two work groups of 64 (four
  * tiles, the C tiles 0..3). The C tiles keep running int32 sums over K; at the end of each group of channels they
  * are stored, and one step of K later (the tiles busy with the next group meanwhile) the group's exact sums, the
  * difference of two stores, are combined per token with its terms' scales and added, times the scale of each of
  * the 16 output rows, into the token's fp32 accumulator. Out = that - corr (the zero points, M x N) + bias. Work
  * items: (a chunk of work groups whose tiles stay in L2) x (16 output rows); the block's B tiles (its panel, K / 64
- * KiB) are made once per item and met by every group of the chunk, while the next block's codes are prefetched.
+ * KiB: made once per item from nibbles, read in place from bytes) meet every group of the chunk, while the next
+ * block's codes are prefetched.
  */
 #ifndef HFQ_CS_CHUNK
 #define HFQ_CS_CHUNK (1 << 20) /* bytes of term tiles a work item's chunk keeps in L2 */
 #endif
+#define HFQ_CS_MAX_K_NIBBLES (1 << 20) /* the running int32 sums: 127 x 15 x K < 2^31 */
+#define HFQ_CS_MAX_K_BYTES (1 << 16) /* 127 x 255 x K < 2^31 */
 
 /* One group's sums into the tokens' accumulators: acc[j] (16 fp32 lanes: output rows) += scale x sum_t st_t (cur - prev)
  * over token j's rows of terms, cur and prev two running int32 sums (tile rows of 16 int32: their difference is the
@@ -2578,29 +2581,31 @@ static inline void cs_flush(float *acc, const int32_t *cur, const int32_t *prev,
     }
 }
 
-int hfq_codes_vnni(const uint8_t *q, int64_t N, int64_t K, uint8_t *out, int nthreads) {  /* q: codes, N x K bytes */
+int hfq_codes_vnni(const uint8_t *q, int64_t N, int64_t K, int wide, uint8_t *out, int nthreads) {  /* q: N x K codes */
     if (K % 64 || K <= 0 || N <= 0) return 1;
-    const int64_t NB = (N + 15) / 16, KT = K / 64;
+    const int64_t NB = (N + 15) / 16, KT = K / 64, bytes = wide ? 1024 : 512;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t i = 0; i < NB * KT; i++) {
         const int64_t nb = i / KT, kt = i % KT;
-        uint8_t *dst = out + i * 512;
-        for (int p = 0; p < 8; p++)
+        uint8_t *dst = out + i * bytes;
+        memset(dst, 0, (size_t)bytes);
+        for (int r = 0; r < 16; r++)  /* the B tile's row r: channels 4 r + c of the 16 rows n */
             for (int n = 0; n < 16; n++)
                 for (int c = 0; c < 4; c++) {
-                    const int64_t row = nb * 16 + n, k = kt * 64 + 8 * p + c;
-                    const uint8_t lo = row < N ? q[row * K + k] & 15 : 0, hi = row < N ? q[row * K + k + 4] & 15 : 0;
-                    dst[p * 64 + 4 * n + c] = (uint8_t)(lo | (hi << 4));
+                    const int64_t row = nb * 16 + n, k = kt * 64 + 4 * r + c;
+                    const uint8_t v = row < N ? q[row * K + k] : 0;
+                    if (wide) dst[r * 64 + 4 * n + c] = v;
+                    else dst[(r / 2) * 64 + 4 * n + c] |= (uint8_t)((v & 15) << (r % 2 ? 4 : 0));
                 }
     }
     return 0;
 }
 
 int hfq_codes_split_amx(const void *x, int64_t M, int64_t K, int64_t ldx, int x_kind, int terms, float extra_ratio,
-                        const uint8_t *wv, const float *scale_t, const float *corr, const float *bias, void *out,
-                        int64_t N, int64_t gs, int out_kind, int nthreads) {
-    if (K % 64 || K <= 0 || M <= 0 || N <= 0 || gs <= 0 || gs % 64 || K % gs || terms < 1 || terms >= HFQ_AI8_TT
-        || x_kind < 0 || x_kind > 2)
+                        const uint8_t *wv, int wide, const float *scale_t, const float *corr, const float *bias,
+                        void *out, int64_t N, int64_t gs, int out_kind, int nthreads) {
+    if (K % 64 || K <= 0 || K > (wide ? HFQ_CS_MAX_K_BYTES : HFQ_CS_MAX_K_NIBBLES) || M <= 0 || N <= 0 || gs <= 0
+        || gs % 64 || K % gs || terms < 1 || terms >= HFQ_AI8_TT || x_kind < 0 || x_kind > 2)
         return 1;
     if (hfq_amx_enable()) return 3;
     const int TT = terms + 1;
@@ -2685,9 +2690,10 @@ int hfq_codes_split_amx(const void *x, int64_t M, int64_t K, int64_t ldx, int x_
         for (int64_t item = 0; item < chunks * NB; item++) {
             if (!ok) continue;
             const int64_t ch = item / NB, nb = item % NB, n0 = nb * 16;
-            const uint8_t *wb = wv + nb * KT * 512;
+            const int64_t bytes = wide ? 1024 : 512;  /* of weight per tile of B */
+            const uint8_t *wb = wv + nb * KT * bytes, *bb = wide ? wb : panel;
             const __m512i nib = _mm512_set1_epi8(15);
-            for (int64_t kt = 0; kt < KT; kt++) {  /* B tiles: two rows from each 64 bytes */
+            for (int64_t kt = 0; kt < (wide ? 0 : KT); kt++) {  /* nibbles: two rows of B from each 64 bytes */
                 const uint8_t *src = wb + kt * 512;
                 uint8_t *dst = panel + kt * 1024;
                 for (int p = 0; p < 8; p++) {
@@ -2709,10 +2715,10 @@ int hfq_codes_split_amx(const void *x, int64_t M, int64_t K, int64_t ldx, int x_
                  * the tiles go on with the next group */
                 int64_t pending = -1;
                 for (int64_t kt = 0; kt < KT; kt++) {
-                    const uint8_t *ak = a0 + kt * 1024, *bk = panel + kt * 1024;
+                    const uint8_t *ak = a0 + kt * 1024, *bk = bb + kt * 1024;
                     if (ag == ch * cg)  /* the next block's codes on their way while these tiles run */
-                        for (int i = 0; i < 8; i++)
-                            _mm_prefetch((const char *)(wb + (KT + kt) * 512 + i * 64), _MM_HINT_T1);
+                        for (int i = 0; i < bytes; i += 64)
+                            _mm_prefetch((const char *)(wb + (KT + kt) * bytes + i), _MM_HINT_T1);
 #define HFQ_CS_STEP(BT) _tile_loadd(BT, bk, 64); \
                     _tile_loadd(6, ak, 64); _tile_dpbsud(0, 6, BT); \
                     if (ntl > 1) { _tile_loadd(7, ak + KT * 1024, 64); _tile_dpbsud(1, 7, BT); } \
@@ -2766,14 +2772,15 @@ int hfq_int8_split_amx(const void *x, int64_t M, int64_t K, int64_t ldx, int x_k
     (void)comp; (void)ws; (void)offset; (void)bias; (void)out; (void)out_kind; (void)nthreads;
     return 1;
 }
-int hfq_codes_vnni(const uint8_t *q, int64_t N, int64_t K, uint8_t *out, int nthreads) {
-    (void)q; (void)N; (void)K; (void)out; (void)nthreads;
+int hfq_codes_vnni(const uint8_t *q, int64_t N, int64_t K, int wide, uint8_t *out, int nthreads) {
+    (void)q; (void)N; (void)K; (void)wide; (void)out; (void)nthreads;
     return 1;
 }
 int hfq_codes_split_amx(const void *x, int64_t M, int64_t K, int64_t ldx, int x_kind, int terms, float extra_ratio,
-                        const uint8_t *wv, const float *scale_t, const float *corr, const float *bias, void *out,
-                        int64_t N, int64_t gs, int out_kind, int nthreads) {
-    (void)x; (void)M; (void)K; (void)ldx; (void)x_kind; (void)terms; (void)extra_ratio; (void)wv; (void)scale_t;
+                        const uint8_t *wv, int wide, const float *scale_t, const float *corr, const float *bias,
+                        void *out, int64_t N, int64_t gs, int out_kind, int nthreads) {
+    (void)x; (void)M; (void)K; (void)ldx; (void)x_kind; (void)terms; (void)extra_ratio; (void)wv; (void)wide;
+    (void)scale_t;
     (void)corr; (void)bias; (void)out; (void)N; (void)gs; (void)out_kind; (void)nthreads;
     return 1;
 }
