@@ -193,6 +193,22 @@ def test_probes_drop_hopeless_candidates_cheaply(monkeypatch, fresh_table):
     assert calls[-1][0] != "dequant_matmul" and calls[0][0] == "dequant_matmul"  # the fixed choice leads
 
 
+def test_a_slow_spell_in_a_probe_does_not_drop_the_fastest(monkeypatch, fresh_table):
+    """A memory-bound kernel takes about as long on 1 row as on all: a probe that a slow spell made 1.3x slower
+    than its true time reads slower than the best so far, but within PROBE_MARGIN it is still timed, and wins."""
+    def fake(kernel, layer, x, prepared, budget_s, give_up_s=None, flush=None):
+        if kernel.name == "dequant_matmul":  # the fixed choice leads: 1.0 ms on every row count
+            return 1.0e-3
+        if kernel.name == "dequant_tiles":  # 0.8 ms at every row count; its probe hit a slow spell
+            return 0.8e-3 * (1.3 if x.shape[0] < 8 else 1.0)
+        return 1.0
+
+    monkeypatch.setattr(cpu_measure, "time_call", fake)
+    layer, _ = make_layer(64, 256, LayerSpec(4, 128, False), bias=False)
+    with kernels.cpu_dispatch("measure"):
+        assert kernels.select_kernel(layer, torch.randn(8, 256)).name == "dequant_tiles"
+
+
 def test_bf16_candidates_only_when_allowed(fake_timer):
     layer, _ = make_layer(64, 256, LayerSpec(8, -1, False), bias=False)
     x = torch.randn(2, 256)

@@ -14,8 +14,10 @@ A measurement runs on the first call of a layer in a new (shape, dtype, row clas
 process for all layers of that shape: the per-call path stays one dict lookup. Each candidate gets a
 budget of BUDGET_S of repeated calls (at least two; its fastest call counts), on random inputs of
 the class's largest row count. Before the full-size timing, a candidate after the first is probed
-on 1, 8 and 64 rows; it is dropped as soon as a probe is slower than the best time so far (a kernel
-is never faster on more rows), so a path that is hopeless at that size costs little. Candidates
+on 1, 8 and 64 rows; it is dropped as soon as a probe is slower than PROBE_MARGIN x the best time so far
+(a kernel is never faster on more rows), so a path that is hopeless at that size costs little. The margin:
+a memory-bound kernel takes about as long on 1 row as on 8, so without one a single slow spell of a shared
+machine during a probe dropped the fastest kernel (measured on a 2-vCPU VM). Candidates
 within CONFIRM_WITHIN of the best are then timed again in CONFIRM_ROUNDS interleaved rounds (each
 keeps its fastest call): timed one after the other, a close call went to whichever candidate a slow
 spell of a shared machine missed. Up to COLD_MAX_ROWS rows, a layer whose weights are big next to the
@@ -45,6 +47,7 @@ MAX_CALLS = 5
 ROW_CUTS = (1, 8, 64, 256)  # measured row classes end here (and at every kernel's own row_cuts)
 LAST_CLASS_ROWS = 512  # rows timed for the open-ended last class
 PROBE_ROWS = (1, 8, 64)
+PROBE_MARGIN = 1.5  # a probe this many times slower than the best so far drops its candidate
 GIVE_UP = 4.0  # a call this many times slower than the best so far ends a candidate's timing
 CONFIRM_WITHIN, CONFIRM_ROUNDS = 1.5, 3  # candidates within 1.5x of the best are timed again, interleaved
 # Row classes up to COLD_MAX_ROWS are timed with the caches flushed before every call when the layer's weights
@@ -208,7 +211,7 @@ def measure(layer: Any, device: torch.device, dtype: torch.dtype, rows: int, fou
     best = math.inf
     for kernel in order:
         prepared = layouts[kernel.name] = kernel.prepare(layer, device, dtype)  # losers leave no layout behind
-        if any(time_call(kernel, layer, x[:p], prepared, 0.0, GIVE_UP * best, flush) >= best
+        if any(time_call(kernel, layer, x[:p], prepared, 0.0, GIVE_UP * best, flush) >= PROBE_MARGIN * best
                for p in PROBE_ROWS if p < rows and best < math.inf):
             seconds[kernel.name] = None
             continue

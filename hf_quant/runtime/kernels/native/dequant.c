@@ -2550,10 +2550,9 @@ int hfq_int8_split_amx(const void *x, int64_t M, int64_t K, int64_t ldx, int x_k
  * in its low nibble the code of row n, channel 4 (2 p) + i and in its high one that of channel 4 (2 p + 1) + i,
  * so that two AND / shift steps make two 64-byte rows of the B tile. A holds the activations' terms, one 16 x 64 tile row per term of each token (int8 codes,
  * `tdpbsud`: signed A by unsigned B, no offset), a token's rows never split between two work groups of 64 (four
- * tiles, the C tiles 0..3). The C tiles keep running int32 sums over K; at the end of each group of channels they
- * are stored, and one step of K later (the tiles busy with the next group meanwhile) the group's exact sums, the
- * difference of two stores, are combined per token with its terms' scales and added, times the scale of each of
- * the 16 output rows, into the token's fp32 accumulator. Out = that - corr (the zero points, M x N) + bias. Work
+ * tiles, the C tiles 0..3). At the end of each group of channels the C tiles are stored and zeroed, and one step
+ * of K later (the tiles busy with the next group meanwhile) the group's exact int32 sums are combined per token with
+ * its terms' scales and added, times the scale of each of the 16 output rows, into the token's fp32 accumulator. Out = that - corr (the zero points, M x N) + bias. Work
  * items: (a chunk of work groups whose tiles stay in L2) x (16 output rows); the block's B tiles (its panel, K / 64
  * KiB: made once per item from nibbles, read in place from bytes) meet every group of the chunk, while the next
  * block's codes are prefetched.
@@ -2561,22 +2560,20 @@ int hfq_int8_split_amx(const void *x, int64_t M, int64_t K, int64_t ldx, int x_k
 #ifndef HFQ_CS_CHUNK
 #define HFQ_CS_CHUNK (1 << 20) /* bytes of term tiles a work item's chunk keeps in L2 */
 #endif
-#define HFQ_CS_MAX_K_NIBBLES (1 << 20) /* the running int32 sums: 127 x 15 x K < 2^31 */
+#define HFQ_CS_MAX_K_NIBBLES (1 << 20) /* a group's int32 sums: 127 x 15 x K < 2^31 */
 #define HFQ_CS_MAX_K_BYTES (1 << 16) /* 127 x 255 x K < 2^31 */
 
-/* One group's sums into the tokens' accumulators: acc[j] (16 fp32 lanes: output rows) += scale x sum_t st_t (cur - prev)
- * over token j's rows of terms, cur and prev two running int32 sums (tile rows of 16 int32: their difference is the
- * group's exact sums). rows[j]: the token's first row, need[j] its count of terms, st[j * TT + t] their scales. */
-static inline void cs_flush(float *acc, const int32_t *cur, const int32_t *prev, const float *scale, int64_t tokens,
-                            const int64_t *rows, const int8_t *need, const float *st, int TT) {
+/* One group's sums into the tokens' accumulators: acc[j] (16 fp32 lanes: output rows) += scale x sum_t st_t c_t
+ * over token j's rows of terms c_t (the group's exact int32 sums: tile rows of 16). rows[j]: the token's first row,
+ * need[j] its count of terms, st[j * TT + t] their scales. */
+static inline void cs_flush(float *acc, const int32_t *c, const float *scale, int64_t tokens, const int64_t *rows,
+                            const int8_t *need, const float *st, int TT) {
     const __m512 sc = _mm512_loadu_ps(scale);
     for (int64_t j = 0; j < tokens; j++) {
-        const int64_t r = rows[j] * 16;
-#define HFQ_CS_TERM(t) _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(cur + r + (t) * 16), \
-                                                           _mm512_load_si512(prev + r + (t) * 16)))
-        __m512 v = _mm512_mul_ps(HFQ_CS_TERM(0), _mm512_set1_ps(st[j * TT]));
-        for (int t = 1; t < need[j]; t++) v = _mm512_fmadd_ps(HFQ_CS_TERM(t), _mm512_set1_ps(st[j * TT + t]), v);
-#undef HFQ_CS_TERM
+        const int32_t *r = c + rows[j] * 16;
+        __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(r)), _mm512_set1_ps(st[j * TT]));
+        for (int t = 1; t < need[j]; t++)
+            v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(r + t * 16)), _mm512_set1_ps(st[j * TT + t]), v);
         _mm512_store_ps(acc + j * 16, _mm512_fmadd_ps(v, sc, _mm512_load_ps(acc + j * 16)));
     }
 }
@@ -2681,11 +2678,11 @@ int hfq_codes_split_amx(const void *x, int64_t M, int64_t K, int64_t ldx, int x_
     {
         uint8_t *panel = (uint8_t *)aligned_alloc(64, (size_t)(KT * 1024));
         float *acc = (float *)aligned_alloc(64, 4 * 1024);  /* per token of a group (at most 64) */
-        int32_t *c = (int32_t *)aligned_alloc(64, 3 * 4 * 1024);  /* two groups' running sums, and zeros */
+        int32_t *c = (int32_t *)aligned_alloc(64, 2 * 4 * 1024);  /* two groups' sums */
         int64_t lrow[64];
         const int ok = !failed && panel && acc && c;
         if (!ok) failed = 1;
-        else { amx_config(); memset(c + 2 * 1024, 0, 4 * 1024); }
+        else amx_config();
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < chunks * NB; item++) {
             if (!ok) continue;
@@ -2710,9 +2707,8 @@ int hfq_codes_split_amx(const void *x, int64_t M, int64_t K, int64_t ldx, int x_
                 for (int64_t j = 0; j < nt; j++) lrow[j] = first[m0 + j] - ag * 64;
                 memset(acc, 0, (size_t)nt * 64);
                 _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-                /* the C tiles keep running int32 sums over K (exact: |sum| <= 127 x 15 x K); at a group's end they
-                 * are stored, and the group's sums (the difference from the last group's) are scaled into acc while
-                 * the tiles go on with the next group */
+                /* at a group's end the C tiles are stored and zeroed, and the group's sums are scaled into acc one
+                 * step of K later, while the tiles go on with the next group */
                 int64_t pending = -1;
                 for (int64_t kt = 0; kt < KT; kt++) {
                     const uint8_t *ak = a0 + kt * 1024, *bk = bb + kt * 1024;
@@ -2727,21 +2723,20 @@ int hfq_codes_split_amx(const void *x, int64_t M, int64_t K, int64_t ldx, int x_
                     if (kt & 1) { HFQ_CS_STEP(5) } else { HFQ_CS_STEP(4) }
 #undef HFQ_CS_STEP
                     if (pending >= 0) {
-                        cs_flush(acc, c + (pending & 1) * 1024, pending ? c + ((pending + 1) & 1) * 1024 : c + 2048,
-                                 scale_t + pending * NP + n0, nt, lrow, need + m0, st + m0 * TT, TT);
+                        cs_flush(acc, c + (pending & 1) * 1024, scale_t + pending * NP + n0, nt, lrow, need + m0,
+                                 st + m0 * TT, TT);
                         pending = -1;
                     }
                     if ((kt + 1) % per) continue;
                     int32_t *cs = c + ((kt / per) & 1) * 1024;
-                    _tile_stored(0, cs, 64);
-                    if (ntl > 1) _tile_stored(1, cs + 256, 64);
-                    if (ntl > 2) _tile_stored(2, cs + 512, 64);
-                    if (ntl > 3) _tile_stored(3, cs + 768, 64);
+                    _tile_stored(0, cs, 64); _tile_zero(0);
+                    if (ntl > 1) { _tile_stored(1, cs + 256, 64); _tile_zero(1); }
+                    if (ntl > 2) { _tile_stored(2, cs + 512, 64); _tile_zero(2); }
+                    if (ntl > 3) { _tile_stored(3, cs + 768, 64); _tile_zero(3); }
                     pending = kt / per;
                 }
                 const int64_t g = KT / per - 1;  /* the last group */
-                cs_flush(acc, c + (g & 1) * 1024, g ? c + ((g + 1) & 1) * 1024 : c + 2048, scale_t + g * NP + n0, nt,
-                         lrow, need + m0, st + m0 * TT, TT);
+                cs_flush(acc, c + (g & 1) * 1024, scale_t + g * NP + n0, nt, lrow, need + m0, st + m0 * TT, TT);
                 const __mmask16 kn = n0 + 16 <= N ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n0)) - 1u);
                 const __m512 bv = bias ? _mm512_maskz_loadu_ps(kn, bias + n0) : _mm512_setzero_ps();
                 for (int64_t m = m0; m < m0 + nt; m++) {  /* the tokens of this group */
