@@ -681,13 +681,13 @@ class CodesSplitAmx:
                              f"{tuple(scale.shape)} {scale.dtype}, nibbles={nibbles}: expected CPU tensors, codes uint8 "
                              f"(N, K) (at most 15 as nibbles) with K <= {CODES_SPLIT_MAX_K[nibbles]}, scale fp32 (N, G) "
                              "with K / G a multiple of 64, bias fp32 (N,)")
-        NB = (N + 15) // 16
+        NB = 2 * ((N + 31) // 32)  # blocks of 16 output rows, in pairs
         self.n, self.k, self.gs, self.nibbles = N, K, gs, nibbles
         self._wv = torch.empty(NB * (K // 64) * (512 if nibbles else 1024), dtype=torch.uint8)
         if library().hfq_codes_vnni(codes.contiguous().data_ptr(), N, K, 0 if nibbles else 1, self._wv.data_ptr(),
                                     _threads()):
             raise RuntimeError("native codes_split_amx: the weight's tile layout failed")
-        self._scale_t = torch.zeros(G, NB * 16, dtype=torch.float32)  # (G, N padded to 16): a group's 16 at once
+        self._scale_t = torch.zeros(G, NB * 16, dtype=torch.float32)  # (G, N padded to 32): a group's 32 at once
         self._scale_t[:, :N] = scale.t()
         self._bias = None if bias is None else bias.contiguous()
 

@@ -2545,42 +2545,56 @@ int hfq_int8_split_amx(const void *x, int64_t M, int64_t K, int64_t ldx, int x_k
 /* ---------------------------------------------------------------------------------------------------
  * Group-quantized codes (uint8) times float activations written as int8 terms, on AMX-INT8 tiles: the split
  * kernel's terms for layers with a scale per group of channels. The weight is B, in the layout of `hfq_codes_vnni`:
- * per block of 16 output rows and tile of K (64 channels) the B tile itself (wide: 1 KiB, byte 64 r + 4 n + i the
- * code of row n, channel 4 r + i of the tile), or for codes of at most 4 bits 512 bytes, byte 64 p + 4 n + i holding
- * in its low nibble the code of row n, channel 4 (2 p) + i and in its high one that of channel 4 (2 p + 1) + i,
- * so that two AND / shift steps make two 64-byte rows of the B tile. A holds the activations' terms, one 16 x 64 tile row per term of each token (int8 codes,
- * `tdpbsud`: signed A by unsigned B, no offset), a token's rows never split between two work groups of 64 (four
- * tiles, the C tiles 0..3). At the end of each group of channels the C tiles are stored and zeroed, and one step
- * of K later (the tiles busy with the next group meanwhile) the group's exact int32 sums are combined per token with
- * its terms' scales and added, times the scale of each of the 16 output rows, into the token's fp32 accumulator. Out = that - corr (the zero points, M x N) + bias. Work
- * items: (a chunk of work groups whose tiles stay in L2) x (16 output rows); the block's B tiles (its panel, K / 64
- * KiB: made once per item from nibbles, read in place from bytes) meet every group of the chunk, while the next
- * block's codes are prefetched.
+ * per block of 16 output rows (blocks in pairs) and tile of K (64 channels) the B tile itself (wide: 1 KiB, byte
+ * 64 r + 4 n + i the code of row n, channel 4 r + i of the tile), or for codes of at most 4 bits 512 bytes, byte
+ * 64 p + 4 n + i holding in its low nibble the code of row n, channel 4 (2 p) + i and in its high one that of
+ * channel 4 (2 p + 1) + i, so that two AND / shift steps make two 64-byte rows of the B tile. A holds the
+ * activations' terms, one 16 x 64 tile row per term of each token (int8 codes, `tdpbsud`: signed A by unsigned B,
+ * no offset), a token's rows never split between two work groups of 32 (two tiles). Each step of K meets two A
+ * tiles with two B tiles (32 output rows) in the C tiles 0..3. At the end of each group of channels the C tiles are
+ * stored and zeroed, and one step of K later (the tiles busy with the next group meanwhile) the group's exact int32
+ * sums are combined per token with its terms' scales and added, times the scale of each output row, into the
+ * token's fp32 accumulator. Out = that - corr (the zero points, M x N) + bias. Work items: (a chunk of work groups
+ * whose tiles stay in L2; one chunk for all where the tiles take at most HFQ_CS_ONE) x (32 output rows); the
+ * blocks' B tiles (made once per item from nibbles, read in place from bytes) meet every work group of the chunk,
+ * while the next item's codes are prefetched.
  */
 #ifndef HFQ_CS_CHUNK
 #define HFQ_CS_CHUNK (1 << 20) /* bytes of term tiles a work item's chunk keeps in L2 */
 #endif
+#ifndef HFQ_CS_ONE
+#define HFQ_CS_ONE (5 << 19) /* bytes of term tiles that take one chunk, past L2: 2.5 MiB */
+#endif
+#define HFQ_CS_MAX_CG 32 /* work groups per chunk at most (the accumulators: 4 KiB per work group) */
 #define HFQ_CS_MAX_K_NIBBLES (1 << 20) /* a group's int32 sums: 127 x 15 x K < 2^31 */
 #define HFQ_CS_MAX_K_BYTES (1 << 16) /* 127 x 255 x K < 2^31 */
 
-/* One group's sums into the tokens' accumulators: acc[j] (16 fp32 lanes: output rows) += scale x sum_t st_t c_t
- * over token j's rows of terms c_t (the group's exact int32 sums: tile rows of 16). rows[j]: the token's first row,
- * need[j] its count of terms, st[j * TT + t] their scales. */
-static inline void cs_flush(float *acc, const int32_t *c, const float *scale, int64_t tokens, const int64_t *rows,
-                            const int8_t *need, const float *st, int TT) {
-    const __m512 sc = _mm512_loadu_ps(scale);
-    for (int64_t j = 0; j < tokens; j++) {
-        const int32_t *r = c + rows[j] * 16;
-        __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(r)), _mm512_set1_ps(st[j * TT]));
-        for (int t = 1; t < need[j]; t++)
-            v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(r + t * 16)), _mm512_set1_ps(st[j * TT + t]), v);
-        _mm512_store_ps(acc + j * 16, _mm512_fmadd_ps(v, sc, _mm512_load_ps(acc + j * 16)));
+/* One group's sums into the tokens' accumulators: for each piece of a token in the work group (sg: token, its first
+ * row there, its first term there, their count; ns pieces), acc[token] (2 x 16 fp32 lanes: two blocks of output rows)
+ * += scale x sum_t st_t c_t over the piece's rows c_t (the group's exact int32 sums: rows of 32, the blocks' 16 each
+ * side by side). st[token * TT + t]: the token's terms' scales. */
+static inline void cs_flush(float *acc, const int32_t *c, const float *scale, const int64_t *sg, int64_t ns,
+                            const float *st, int TT) {
+    const __m512 s0 = _mm512_loadu_ps(scale), s1 = _mm512_loadu_ps(scale + 16);
+    for (int64_t i = 0; i < ns; i++, sg += 4) {
+        const int64_t m = sg[0], n = sg[3];
+        const int32_t *r = c + sg[1] * 32;
+        const float *sc = st + m * TT + sg[2];
+        __m512 v0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(r)), _mm512_set1_ps(sc[0]));
+        __m512 v1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(r + 16)), _mm512_set1_ps(sc[0]));
+        for (int64_t t = 1; t < n; t++) {
+            v0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(r + t * 32)), _mm512_set1_ps(sc[t]), v0);
+            v1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(r + t * 32 + 16)), _mm512_set1_ps(sc[t]), v1);
+        }
+        float *a = acc + m * 32;
+        _mm512_store_ps(a, _mm512_fmadd_ps(v0, s0, _mm512_load_ps(a)));
+        _mm512_store_ps(a + 16, _mm512_fmadd_ps(v1, s1, _mm512_load_ps(a + 16)));
     }
 }
 
 int hfq_codes_vnni(const uint8_t *q, int64_t N, int64_t K, int wide, uint8_t *out, int nthreads) {  /* q: N x K codes */
     if (K % 64 || K <= 0 || N <= 0) return 1;
-    const int64_t NB = (N + 15) / 16, KT = K / 64, bytes = wide ? 1024 : 512;
+    const int64_t NB = 2 * ((N + 31) / 32), KT = K / 64, bytes = wide ? 1024 : 512;  /* blocks in pairs */
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t i = 0; i < NB * KT; i++) {
         const int64_t nb = i / KT, kt = i % KT;
@@ -2606,7 +2620,9 @@ int hfq_codes_split_amx(const void *x, int64_t M, int64_t K, int64_t ldx, int x_
         return 1;
     if (hfq_amx_enable()) return 3;
     const int TT = terms + 1;
-    const int64_t KT = K / 64, per = gs / 64, NB = (N + 15) / 16, NP = NB * 16, esize = x_kind == 0 ? 4 : 2;
+    const int64_t KT = K / 64, per = gs / 64, NB2 = (N + 31) / 32, NP = NB2 * 32, esize = x_kind == 0 ? 4 : 2;
+    int64_t cg = HFQ_CS_CHUNK / (2 * KT * 1024);  /* work groups (32 rows of terms) per chunk */
+    cg = cg < 1 ? 1 : cg > HFQ_CS_MAX_CG ? HFQ_CS_MAX_CG : cg;
     int8_t *need = (int8_t *)malloc((size_t)M);
     float *amax = (float *)malloc((size_t)M * sizeof(float));
     float *st = (float *)calloc((size_t)(M * TT), sizeof(float));
@@ -2630,23 +2646,39 @@ int hfq_codes_split_amx(const void *x, int64_t M, int64_t K, int64_t ldx, int x_
         }
         free(r);
     }
-    int64_t R = 0;  /* rows of terms: a token's never across two work groups of 64 */
+    /* rows of terms, token after token: a token's never across two work groups (of 32 rows), so that its terms
+     * meet in one sum (a row's result does not depend on the rows beside it) */
+    int64_t R = 0;
     for (int64_t m = 0; m < M; m++) {
-        if (R / 64 != (R + need[m] - 1) / 64) R = (R / 64 + 1) * 64;
+        if (R / 32 != (R + need[m] - 1) / 32) R = (R / 32 + 1) * 32;
         first[m] = R;
         R += need[m];
     }
     first[M] = R;
-    const int64_t AT = (R + 15) / 16, AG = (AT + 3) / 4;
+    const int64_t AT = (R + 15) / 16, WG = (AT + 1) / 2;
+    if (AT * KT * 1024 <= HFQ_CS_ONE && WG <= 4 * HFQ_CS_MAX_CG) cg = WG;  /* few rows: one chunk (each more */
+    const int64_t CR = cg * 32, chunks = (WG + cg - 1) / cg;                 /* makes the B tiles again) */
     uint8_t *at = failed ? NULL : (uint8_t *)aligned_alloc(64, (size_t)(AT * KT * 1024));
-    int64_t *gtok = (int64_t *)malloc((size_t)(AG + 1) * sizeof(int64_t));  /* each work group's first token */
-    if (!at || !gtok) {
-        free(need); free(amax); free(st); free(first); free(at); free(gtok);
+    int64_t *ctok = (int64_t *)malloc((size_t)(chunks + 1) * sizeof(int64_t));  /* each chunk's first token */
+    int64_t *wseg = (int64_t *)malloc((size_t)(WG + 1) * sizeof(int64_t));  /* each work group's first segment */
+    int64_t *seg = (int64_t *)malloc((size_t)(M + WG) * 4 * sizeof(int64_t));  /* token, row, first term, terms */
+    if (!at || !ctok || !wseg || !seg) {
+        free(need); free(amax); free(st); free(first); free(at); free(ctok); free(wseg); free(seg);
         return 4;
     }
-    for (int64_t g = 0, m = 0; g <= AG; g++) {
-        while (m < M && first[m] < g * 64) m++;
-        gtok[g] = m;
+    for (int64_t c = 0, m = 0; c <= chunks; c++) {
+        while (m < M && first[m] < c * CR) m++;
+        ctok[c] = m;
+    }
+    for (int64_t w = 0, m = 0, n = 0; w <= WG; w++) {  /* the pieces of tokens in each work group */
+        wseg[w] = n;
+        if (w == WG) break;
+        while (m < M && first[m] + need[m] <= w * 32) m++;
+        for (int64_t j = m; j < M && first[j] < (w + 1) * 32; j++, n++) {
+            const int64_t lo = first[j] > w * 32 ? first[j] : w * 32;
+            const int64_t hi = first[j] + need[j] < (w + 1) * 32 ? first[j] + need[j] : (w + 1) * 32;
+            seg[n * 4] = j, seg[n * 4 + 1] = lo - w * 32, seg[n * 4 + 2] = lo - first[j], seg[n * 4 + 3] = hi - lo;
+        }
     }
     for (int64_t m = 0, row = 0; row < AT * 16; row++) {  /* rows of no token: zero codes */
         while (m < M && first[m] + need[m] <= row) m++;
@@ -2669,87 +2701,93 @@ int hfq_codes_split_amx(const void *x, int64_t M, int64_t K, int64_t ldx, int x_
         }
         free(r);
     }
-    /* work items: (a chunk of groups of 64 rows of terms whose tiles stay in L2) x (16 output rows); the block's B
-     * tiles are made once per item (its panel, KT KiB), then every group of the chunk meets them */
-    int64_t cg = HFQ_CS_CHUNK / (4 * KT * 1024);
-    cg = cg < 1 ? 1 : cg > AG ? AG : cg;
-    const int64_t chunks = (AG + cg - 1) / cg;
+    /* work items: (a chunk of work groups, their tiles in L2) x (32 output rows: two blocks of 16); the blocks' B
+     * tiles (made once per item from nibbles, read in place from bytes) meet every work group of the chunk, two A
+     * tiles by two B tiles per step of K into C tiles 0..3 */
+    const int64_t bytes = wide ? 1024 : 512;  /* of weight per tile of B */
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
-        uint8_t *panel = (uint8_t *)aligned_alloc(64, (size_t)(KT * 1024));
-        float *acc = (float *)aligned_alloc(64, 4 * 1024);  /* per token of a group (at most 64) */
-        int32_t *c = (int32_t *)aligned_alloc(64, 2 * 4 * 1024);  /* two groups' sums */
-        int64_t lrow[64];
-        const int ok = !failed && panel && acc && c;
+        uint8_t *panel = wide ? NULL : (uint8_t *)aligned_alloc(64, (size_t)(2 * KT * 1024));
+        float *acc = (float *)aligned_alloc(64, (size_t)(CR * 32 * 4));  /* per token of a chunk, 2 x 16 lanes */
+        int32_t *c = (int32_t *)aligned_alloc(64, 2 * 32 * 32 * 4);  /* two groups' sums, 32 rows of 32 */
+        const int ok = !failed && (panel || wide) && acc && c;
         if (!ok) failed = 1;
         else amx_config();
 #pragma omp for schedule(static)
-        for (int64_t item = 0; item < chunks * NB; item++) {
+        for (int64_t item = 0; item < chunks * NB2; item++) {
             if (!ok) continue;
-            const int64_t ch = item / NB, nb = item % NB, n0 = nb * 16;
-            const int64_t bytes = wide ? 1024 : 512;  /* of weight per tile of B */
-            const uint8_t *wb = wv + nb * KT * bytes, *bb = wide ? wb : panel;
+            const int64_t ch = item / NB2, n0 = (item % NB2) * 32;
+            const uint8_t *wb = wv + (n0 / 16) * KT * bytes;  /* the two blocks' codes, one after the other */
             const __m512i nib = _mm512_set1_epi8(15);
-            for (int64_t kt = 0; kt < (wide ? 0 : KT); kt++) {  /* nibbles: two rows of B from each 64 bytes */
-                const uint8_t *src = wb + kt * 512;
-                uint8_t *dst = panel + kt * 1024;
+            for (int64_t t = 0; t < (wide ? 0 : 2 * KT); t++) {  /* nibbles: two rows of B from each 64 bytes */
+                const uint8_t *src = wb + t * 512;
+                uint8_t *dst = panel + t * 1024;
                 for (int p = 0; p < 8; p++) {
                     const __m512i v = _mm512_loadu_si512((const void *)(src + p * 64));
                     _mm512_store_si512((void *)(dst + p * 128), _mm512_and_si512(v, nib));
                     _mm512_store_si512((void *)(dst + p * 128 + 64), _mm512_and_si512(_mm512_srli_epi16(v, 4), nib));
                 }
             }
-            const int64_t ag1 = (ch + 1) * cg < AG ? (ch + 1) * cg : AG;
-            for (int64_t ag = ch * cg; ag < ag1; ag++) {
-                const int ntl = AT - ag * 4 < 4 ? (int)(AT - ag * 4) : 4;
-                const uint8_t *a0 = at + ag * 4 * KT * 1024;
-                const int64_t m0 = gtok[ag], nt = gtok[ag + 1] - m0;  /* the group's tokens */
-                for (int64_t j = 0; j < nt; j++) lrow[j] = first[m0 + j] - ag * 64;
-                memset(acc, 0, (size_t)nt * 64);
+            const uint8_t *b0 = wide ? wb : panel, *b1 = b0 + KT * 1024;
+            const int64_t m0 = ctok[ch], nt = ctok[ch + 1] - m0;  /* the chunk's tokens */
+            memset(acc, 0, (size_t)(nt * 32 * 4));
+            const int64_t w1 = (ch + 1) * cg < WG ? (ch + 1) * cg : WG;
+            for (int64_t w = ch * cg; w < w1; w++) {
+                const int two = AT - w * 2 > 1;
+                const uint8_t *a0 = at + w * 2 * KT * 1024;
+                const int64_t *sg = seg + wseg[w] * 4, ns = wseg[w + 1] - wseg[w];
                 _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
                 /* at a group's end the C tiles are stored and zeroed, and the group's sums are scaled into acc one
                  * step of K later, while the tiles go on with the next group */
                 int64_t pending = -1;
                 for (int64_t kt = 0; kt < KT; kt++) {
-                    const uint8_t *ak = a0 + kt * 1024, *bk = bb + kt * 1024;
-                    if (ag == ch * cg)  /* the next block's codes on their way while these tiles run */
-                        for (int i = 0; i < bytes; i += 64)
-                            _mm_prefetch((const char *)(wb + (KT + kt) * bytes + i), _MM_HINT_T1);
-#define HFQ_CS_STEP(BT) _tile_loadd(BT, bk, 64); \
-                    _tile_loadd(6, ak, 64); _tile_dpbsud(0, 6, BT); \
-                    if (ntl > 1) { _tile_loadd(7, ak + KT * 1024, 64); _tile_dpbsud(1, 7, BT); } \
-                    if (ntl > 2) { _tile_loadd(6, ak + 2 * KT * 1024, 64); _tile_dpbsud(2, 6, BT); } \
-                    if (ntl > 3) { _tile_loadd(7, ak + 3 * KT * 1024, 64); _tile_dpbsud(3, 7, BT); }
-                    if (kt & 1) { HFQ_CS_STEP(5) } else { HFQ_CS_STEP(4) }
-#undef HFQ_CS_STEP
+                    const uint8_t *ak = a0 + kt * 1024;
+                    if (w == ch * cg)  /* the next item's codes on their way while these tiles run */
+                        for (int i = 0; i < 2 * bytes; i += 64)
+                            _mm_prefetch((const char *)(wb + 2 * KT * bytes + (i < bytes ? 0 : KT * bytes - bytes)
+                                                        + kt * bytes + i), _MM_HINT_T1);
+                    _tile_loadd(4, b0 + kt * 1024, 64);
+                    _tile_loadd(5, b1 + kt * 1024, 64);
+                    _tile_loadd(6, ak, 64);
+                    _tile_dpbsud(0, 6, 4);
+                    _tile_dpbsud(1, 6, 5);
+                    if (two) {
+                        _tile_loadd(7, ak + KT * 1024, 64);
+                        _tile_dpbsud(2, 7, 4);
+                        _tile_dpbsud(3, 7, 5);
+                    }
                     if (pending >= 0) {
-                        cs_flush(acc, c + (pending & 1) * 1024, scale_t + pending * NP + n0, nt, lrow, need + m0,
-                                 st + m0 * TT, TT);
+                        cs_flush(acc - m0 * 32, c + (pending & 1) * 1024, scale_t + pending * NP + n0, sg, ns, st, TT);
                         pending = -1;
                     }
                     if ((kt + 1) % per) continue;
                     int32_t *cs = c + ((kt / per) & 1) * 1024;
-                    _tile_stored(0, cs, 64); _tile_zero(0);
-                    if (ntl > 1) { _tile_stored(1, cs + 256, 64); _tile_zero(1); }
-                    if (ntl > 2) { _tile_stored(2, cs + 512, 64); _tile_zero(2); }
-                    if (ntl > 3) { _tile_stored(3, cs + 768, 64); _tile_zero(3); }
+                    _tile_stored(0, cs, 128); _tile_zero(0);
+                    _tile_stored(1, cs + 16, 128); _tile_zero(1);
+                    if (two) {
+                        _tile_stored(2, cs + 512, 128); _tile_zero(2);
+                        _tile_stored(3, cs + 528, 128); _tile_zero(3);
+                    }
                     pending = kt / per;
                 }
                 const int64_t g = KT / per - 1;  /* the last group */
-                cs_flush(acc, c + (g & 1) * 1024, scale_t + g * NP + n0, nt, lrow, need + m0, st + m0 * TT, TT);
-                const __mmask16 kn = n0 + 16 <= N ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n0)) - 1u);
-                const __m512 bv = bias ? _mm512_maskz_loadu_ps(kn, bias + n0) : _mm512_setzero_ps();
-                for (int64_t m = m0; m < m0 + nt; m++) {  /* the tokens of this group */
-                    __m512 y = _mm512_load_ps(acc + (m - m0) * 16);
-                    if (corr) y = _mm512_sub_ps(y, _mm512_maskz_loadu_ps(kn, corr + m * N + n0));
-                    put_first(_mm512_add_ps(y, bv), out, m * N + n0, N - n0, out_kind);
+                cs_flush(acc - m0 * 32, c + (g & 1) * 1024, scale_t + g * NP + n0, sg, ns, st, TT);
+            }
+            for (int h = 0; h < 2 && n0 + h * 16 < N; h++) {  /* the chunk's tokens, one block at a time */
+                const int64_t n = n0 + h * 16;
+                const __mmask16 kn = n + 16 <= N ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1u);
+                const __m512 bv = bias ? _mm512_maskz_loadu_ps(kn, bias + n) : _mm512_setzero_ps();
+                for (int64_t m = m0; m < m0 + nt; m++) {
+                    __m512 y = _mm512_load_ps(acc + (m - m0) * 32 + h * 16);
+                    if (corr) y = _mm512_sub_ps(y, _mm512_maskz_loadu_ps(kn, corr + m * N + n));
+                    put_first(_mm512_add_ps(y, bv), out, m * N + n, N - n, out_kind);
                 }
             }
         }
         if (ok) _tile_release();
         free(panel); free(acc); free(c);
     }
-    free(need); free(amax); free(st); free(first); free(at); free(gtok);
+    free(need); free(amax); free(st); free(first); free(at); free(ctok); free(wseg); free(seg);
     return failed ? 4 : 0;
 }
 #else
