@@ -903,12 +903,12 @@ def test_native_codes_split_amx_terms(dtype, M, K, N, gs, nibbles):
 
 @needs_int8_amx
 def test_native_codes_split_amx_chunks_and_threads(monkeypatch, rebuilt):
-    """Many rows of terms in chunks of work groups (a small chunk in a test build) and one or two threads give the
-    bytes of the default build."""
+    """Many rows of terms in chunks of work groups (one work group per chunk in a test build) and one or two threads
+    give the bytes of the default build."""
     M, K, N, gs = 90, 512, 50, 128
     q, scale, zero, bias, x, corr, _, _ = _codes_split_case(M, K, N, gs, 5)
     want = [native.CodesSplitAmx(q, scale, bias, nibbles)(x, corr, torch.empty(M, N), 3, 8.0) for nibbles in (1, 0)]
-    monkeypatch.setenv(native.ENV_CFLAGS, "-DHFQ_CS_CHUNK=1")
+    monkeypatch.setenv(native.ENV_CFLAGS, "-DHFQ_CS_CHUNK=1 -DHFQ_CS_ONE=0")
     native.reset()
     for nibbles in (True, False):
         gemm = native.CodesSplitAmx(q, scale, bias, nibbles)
