@@ -460,6 +460,11 @@ class NativeDequantMatmulKernel(_NativeDequant):
         return _finish(layer, gemm(None, None), x)
 
 
+def zero_point_corr(x2: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """The native codes kernels' corr (M, N) fp32: the fp32 sums of x2 (M, K) over each group, times offset (G, N)."""
+    return torch.mm(x2.float().reshape(x2.shape[0], offset.shape[0], -1).sum(dim=2), offset)
+
+
 class NativeCodesKernel(Kernel):
     """Codes x activations in one fused native pass (`native.codes_gemm`), for decoding and small batches: no
     dequantized weight is written anywhere. The products of x with the codes times the group's scale are summed
@@ -530,7 +535,7 @@ class NativeCodesKernel(Kernel):
         if not xc.is_contiguous():
             xc = xc.contiguous()
         M, N = xc.shape[0], layer.out_features
-        corr = torch.mm(xc.float().view(M, offset.shape[0], -1).sum(dim=2), offset)
+        corr = zero_point_corr(xc, offset)
         out = torch.empty(M, N, dtype=x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32)
         gemm(xc, corr, out)
         out = out if out.dtype == x.dtype else out.to(x.dtype)
@@ -621,7 +626,7 @@ class NativeSplitAmxKernel(NativeCodesKernel):
         if K > 1 and x2.stride(1) != 1:
             x2 = x2.contiguous()
         M = x2.shape[0]
-        corr = torch.mm(x2.float().reshape(M, offset.shape[0], -1).sum(dim=2), offset)
+        corr = zero_point_corr(x2, offset)
         out = gemm(x2, corr, torch.empty(M, N, dtype=x.dtype), self.terms, self.extra_ratio)
         return out.view(*x.shape[:-1], N)
 

@@ -648,7 +648,7 @@ def codes_split_group_size_ok(gs: int) -> bool:
     return gs > 0 and gs % 64 == 0
 
 
-CODES_SPLIT_MAX_K = {True: 1 << 20, False: 1 << 16}  # by nibbles: the running int32 sums stay exact below it
+CODES_SPLIT_MAX_K = {True: 1 << 20, False: 1 << 16}  # by nibbles: a group's int32 sums stay exact below it
 
 
 class CodesSplitAmx:

@@ -2569,20 +2569,19 @@ int hfq_int8_split_amx(const void *x, int64_t M, int64_t K, int64_t ldx, int x_k
 #define HFQ_CS_MAX_K_NIBBLES (1 << 20) /* a group's int32 sums: 127 x 15 x K < 2^31 */
 #define HFQ_CS_MAX_K_BYTES (1 << 16) /* 127 x 255 x K < 2^31 */
 
-/* One group's sums into the tokens' accumulators: for each piece of a token in the work group (sg: token, its first
- * row there, its first term there, their count; ns pieces), acc[token] (2 x 16 fp32 lanes: two blocks of output rows)
- * += scale x sum_t st_t c_t over the piece's rows c_t (the group's exact int32 sums: rows of 32, the blocks' 16 each
- * side by side). st[token * TT + t]: the token's terms' scales. */
-static inline void cs_flush(float *acc, const int32_t *c, const float *scale, const int64_t *sg, int64_t ns,
-                            const float *st, int TT) {
+/* One group's sums into the accumulators of a work group's tokens m0..m1 - 1: acc[m] (2 x 16 fp32 lanes: two blocks
+ * of output rows) += scale x sum_t st_t c_t over the token's rows of terms c_t (the group's exact int32 sums: rows of
+ * 32, the blocks' 16 each side by side; token m's from row first[m] - row0). st[m * TT + t]: its terms' scales. */
+static inline void cs_flush(float *acc, const int32_t *c, const float *scale, int64_t m0, int64_t m1,
+                            const int64_t *first, int64_t row0, const int8_t *need, const float *st, int TT) {
     const __m512 s0 = _mm512_loadu_ps(scale), s1 = _mm512_loadu_ps(scale + 16);
-    for (int64_t i = 0; i < ns; i++, sg += 4) {
-        const int64_t m = sg[0], n = sg[3];
-        const int32_t *r = c + sg[1] * 32;
-        const float *sc = st + m * TT + sg[2];
+    for (int64_t m = m0; m < m1; m++) {
+        const int n = need[m];
+        const int32_t *r = c + (first[m] - row0) * 32;
+        const float *sc = st + m * TT;
         __m512 v0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(r)), _mm512_set1_ps(sc[0]));
         __m512 v1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(r + 16)), _mm512_set1_ps(sc[0]));
-        for (int64_t t = 1; t < n; t++) {
+        for (int t = 1; t < n; t++) {
             v0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(r + t * 32)), _mm512_set1_ps(sc[t]), v0);
             v1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(r + t * 32 + 16)), _mm512_set1_ps(sc[t]), v1);
         }
@@ -2626,7 +2625,7 @@ int hfq_codes_split_amx(const void *x, int64_t M, int64_t K, int64_t ldx, int x_
     int8_t *need = (int8_t *)malloc((size_t)M);
     float *amax = (float *)malloc((size_t)M * sizeof(float));
     float *st = (float *)calloc((size_t)(M * TT), sizeof(float));
-    int64_t *first = (int64_t *)malloc((size_t)(M + 1) * sizeof(int64_t));
+    int64_t *first = (int64_t *)malloc((size_t)M * sizeof(int64_t));
     int failed = 0;
     if (!need || !amax || !st || !first) {
         free(need); free(amax); free(st); free(first);
@@ -2654,31 +2653,18 @@ int hfq_codes_split_amx(const void *x, int64_t M, int64_t K, int64_t ldx, int x_
         first[m] = R;
         R += need[m];
     }
-    first[M] = R;
     const int64_t AT = (R + 15) / 16, WG = (AT + 1) / 2;
     if (AT * KT * 1024 <= HFQ_CS_ONE && WG <= 4 * HFQ_CS_MAX_CG) cg = WG;  /* few rows: one chunk (each more */
     const int64_t CR = cg * 32, chunks = (WG + cg - 1) / cg;                 /* makes the B tiles again) */
     uint8_t *at = failed ? NULL : (uint8_t *)aligned_alloc(64, (size_t)(AT * KT * 1024));
-    int64_t *ctok = (int64_t *)malloc((size_t)(chunks + 1) * sizeof(int64_t));  /* each chunk's first token */
-    int64_t *wseg = (int64_t *)malloc((size_t)(WG + 1) * sizeof(int64_t));  /* each work group's first segment */
-    int64_t *seg = (int64_t *)malloc((size_t)(M + WG) * 4 * sizeof(int64_t));  /* token, row, first term, terms */
-    if (!at || !ctok || !wseg || !seg) {
-        free(need); free(amax); free(st); free(first); free(at); free(ctok); free(wseg); free(seg);
+    int64_t *wtok = (int64_t *)malloc((size_t)(WG + 1) * sizeof(int64_t));  /* each work group's first token */
+    if (!at || !wtok) {
+        free(need); free(amax); free(st); free(first); free(at); free(wtok);
         return 4;
     }
-    for (int64_t c = 0, m = 0; c <= chunks; c++) {
-        while (m < M && first[m] < c * CR) m++;
-        ctok[c] = m;
-    }
-    for (int64_t w = 0, m = 0, n = 0; w <= WG; w++) {  /* the pieces of tokens in each work group */
-        wseg[w] = n;
-        if (w == WG) break;
-        while (m < M && first[m] + need[m] <= w * 32) m++;
-        for (int64_t j = m; j < M && first[j] < (w + 1) * 32; j++, n++) {
-            const int64_t lo = first[j] > w * 32 ? first[j] : w * 32;
-            const int64_t hi = first[j] + need[j] < (w + 1) * 32 ? first[j] + need[j] : (w + 1) * 32;
-            seg[n * 4] = j, seg[n * 4 + 1] = lo - w * 32, seg[n * 4 + 2] = lo - first[j], seg[n * 4 + 3] = hi - lo;
-        }
+    for (int64_t w = 0, m = 0; w <= WG; w++) {  /* a chunk's tokens: those of its work groups */
+        while (m < M && first[m] < w * 32) m++;
+        wtok[w] = m;
     }
     for (int64_t m = 0, row = 0; row < AT * 16; row++) {  /* rows of no token: zero codes */
         while (m < M && first[m] + need[m] <= row) m++;
@@ -2729,13 +2715,12 @@ int hfq_codes_split_amx(const void *x, int64_t M, int64_t K, int64_t ldx, int x_
                 }
             }
             const uint8_t *b0 = wide ? wb : panel, *b1 = b0 + KT * 1024;
-            const int64_t m0 = ctok[ch], nt = ctok[ch + 1] - m0;  /* the chunk's tokens */
-            memset(acc, 0, (size_t)(nt * 32 * 4));
             const int64_t w1 = (ch + 1) * cg < WG ? (ch + 1) * cg : WG;
+            const int64_t m0 = wtok[ch * cg], nt = wtok[w1] - m0;  /* the chunk's tokens */
+            memset(acc, 0, (size_t)(nt * 32 * 4));
             for (int64_t w = ch * cg; w < w1; w++) {
                 const int two = AT - w * 2 > 1;
                 const uint8_t *a0 = at + w * 2 * KT * 1024;
-                const int64_t *sg = seg + wseg[w] * 4, ns = wseg[w + 1] - wseg[w];
                 _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
                 /* at a group's end the C tiles are stored and zeroed, and the group's sums are scaled into acc one
                  * step of K later, while the tiles go on with the next group */
@@ -2757,7 +2742,8 @@ int hfq_codes_split_amx(const void *x, int64_t M, int64_t K, int64_t ldx, int x_
                         _tile_dpbsud(3, 7, 5);
                     }
                     if (pending >= 0) {
-                        cs_flush(acc - m0 * 32, c + (pending & 1) * 1024, scale_t + pending * NP + n0, sg, ns, st, TT);
+                        cs_flush(acc - m0 * 32, c + (pending & 1) * 1024, scale_t + pending * NP + n0, wtok[w],
+                                 wtok[w + 1], first, w * 32, need, st, TT);
                         pending = -1;
                     }
                     if ((kt + 1) % per) continue;
@@ -2771,7 +2757,8 @@ int hfq_codes_split_amx(const void *x, int64_t M, int64_t K, int64_t ldx, int x_
                     pending = kt / per;
                 }
                 const int64_t g = KT / per - 1;  /* the last group */
-                cs_flush(acc - m0 * 32, c + (g & 1) * 1024, scale_t + g * NP + n0, sg, ns, st, TT);
+                cs_flush(acc - m0 * 32, c + (g & 1) * 1024, scale_t + g * NP + n0, wtok[w], wtok[w + 1], first, w * 32,
+                         need, st, TT);
             }
             for (int h = 0; h < 2 && n0 + h * 16 < N; h++) {  /* the chunk's tokens, one block at a time */
                 const int64_t n = n0 + h * 16;
@@ -2787,7 +2774,7 @@ int hfq_codes_split_amx(const void *x, int64_t M, int64_t K, int64_t ldx, int x_
         if (ok) _tile_release();
         free(panel); free(acc); free(c);
     }
-    free(need); free(amax); free(st); free(first); free(at); free(ctok); free(wseg); free(seg);
+    free(need); free(amax); free(st); free(first); free(at); free(wtok);
     return failed ? 4 : 0;
 }
 #else
