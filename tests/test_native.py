@@ -541,6 +541,7 @@ def test_native_token_quantization_is_bit_identical_to_torch(monkeypatch, dtype,
     x = torch.randn(rows, 3 * 96, generator=g)
     x[:, 5] *= 4  # outlier columns, with elements below the threshold in them too
     x[rows // 2, 77] = -9.0
+    x[0, 100:110] = torch.tensor([254.0, 1, 3, 5, -1, -3, -5, 7, 9, -11])  # products k + 0.5: ties to even
     if rows > 1:
         x[-1] = 0.0  # an all-zero row: codes 0
     x = x.to(dtype)[:, :200]  # strided rows

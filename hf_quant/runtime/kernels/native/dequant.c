@@ -712,12 +712,59 @@ static void row_to_f32(const void *x, int64_t K, int kind, float *dst) {  /* a r
     for (; k < K; k++) dst[k] = load_x(x, k, kind);
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define HFQ_QT_VEC 1
+static inline __m512 qt_load(const void *x, int64_t k, int kind) {  /* 16 values of a row (fp32 / bf16 / fp16) */
+    if (kind == 0) return _mm512_loadu_ps((const float *)x + k);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + k));
+    return kind == 1 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
+}
+
+/* The codes of a row, 16 at a time: the same fp32 product as the scalar loop of hfq_quant_tokens, rounded half to
+ * even by vcvtps2dq as nearbyintf rounds it, truncated to a byte as its casts (a NaN or out-of-range product: the
+ * integer 0x80000000 both ways); outlier columns (flags, or none when NULL) 0. x: a row of kind (0 fp32, 1 bf16,
+ * 2 fp16). code_kind 1: + 128 as uint8. */
+static void qt_codes(const void *x, int kind, int64_t K, float mul, const uint8_t *flags, int code_kind, int8_t *c) {
+    const __m512 vm = _mm512_set1_ps(mul);
+    const __m512i off = _mm512_set1_epi32(code_kind == 1 ? 128 : 0);
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        const __mmask16 keep = flags ? _mm_testn_epi8_mask(_mm_loadu_si128((const __m128i *)(flags + k)),
+                                                           _mm_loadu_si128((const __m128i *)(flags + k)))
+                                     : (__mmask16)0xFFFF;
+        const __m512i q = _mm512_maskz_cvtps_epi32(keep, _mm512_mul_ps(qt_load(x, k, kind), vm));
+        _mm_storeu_si128((__m128i *)(c + k), _mm512_cvtepi32_epi8(_mm512_add_epi32(q, off)));
+    }
+    for (; k < K; k++) {
+        const float v = flags && flags[k] ? 0.0f : nearbyintf(load_x(x, k, kind) * mul);
+        c[k] = code_kind == 1 ? (int8_t)(uint8_t)((int32_t)v + 128) : (int8_t)(int32_t)v;
+    }
+}
+
+/* max |x| over a row read in place (threshold 0: no outlier columns), by the same max operations in the same order
+ * as the first pass of hfq_quant_tokens on the widened row: the same absmax, NaN lanes included. */
+static float qt_absmax(const void *x, int kind, int64_t K) {
+    __m512 am = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) am = _mm512_mask_max_ps(am, (__mmask16)0xFFFF, am, _mm512_abs_ps(qt_load(x, k, kind)));
+    float a = _mm512_reduce_max_ps(am);
+    for (; k < K; k++) {
+        const float v = fabsf(load_x(x, k, kind));
+        a = v > a ? v : a;
+    }
+    return a;
+}
+#else
+#define HFQ_QT_VEC 0
+#endif
+
 int64_t hfq_quant_tokens(const void *x, int64_t M, int64_t K, int64_t ldx, int in_kind, float threshold,
                          void *codes, int code_kind, float *absmax, uint8_t *flags, int64_t *cols, int nthreads) {
     const int64_t esize = in_kind == 0 ? 4 : 2;
     int failed = 0;
     memset(flags, 0, (size_t)K);
     if (M < 64) nthreads = 1;  /* a few rows: one thread, no fork/join */
+    const int fused = HFQ_QT_VEC && threshold <= 0.0f && code_kind <= 1;
 #pragma omp parallel num_threads(nthreads)
     {
         float *buf = (float *)malloc((size_t)K * sizeof(float));
@@ -734,6 +781,15 @@ int64_t hfq_quant_tokens(const void *x, int64_t M, int64_t K, int64_t ldx, int i
         if (ok) {  /* every thread takes the same branch: the worksharing loops below are met by all or none */
 #pragma omp for schedule(static)
             for (int64_t m = 0; m < M; m++) {  /* pass 1: absmax below the threshold, outlier columns */
+#if HFQ_QT_VEC
+                if (fused) {  /* no outliers: each row's absmax and codes at once, the row read in place twice
+                               * (from L1 / L2 the second time, where two passes over x read it from memory twice) */
+                    const void *xr = (const char *)x + m * ldx * esize;
+                    const float a = absmax[m] = qt_absmax(xr, in_kind, K);
+                    qt_codes(xr, in_kind, K, a > 0.0f ? (1.0f / a) * 127.0f : 0.0f, NULL, code_kind, (int8_t *)codes + m * K);
+                    continue;
+                }
+#endif
                 row_to_f32((const char *)x + m * ldx * esize, K, in_kind, buf);
                 float a = 0.0f;
                 int64_t k0 = 0;
@@ -773,8 +829,16 @@ int64_t hfq_quant_tokens(const void *x, int64_t M, int64_t K, int64_t ldx, int i
 #pragma omp barrier
 #pragma omp for schedule(static)
             for (int64_t m = 0; m < M; m++) {  /* pass 2: the codes */
-                row_to_f32((const char *)x + m * ldx * esize, K, in_kind, buf);
+                if (fused) continue;
                 const float a = absmax[m], mul = a > 0.0f ? (1.0f / a) * 127.0f : 0.0f;  /* as torch: 127 / t is reciprocal(t) * 127 */
+#if HFQ_QT_VEC
+                if (code_kind <= 1) {  /* the row read in place */
+                    qt_codes((const char *)x + m * ldx * esize, in_kind, K, mul, threshold > 0.0f ? flags : NULL,
+                             code_kind, (int8_t *)codes + m * K);
+                    continue;
+                }
+#endif
+                row_to_f32((const char *)x + m * ldx * esize, K, in_kind, buf);
                 if (threshold > 0.0f)
                     for (int64_t k = 0; k < K; k++) buf[k] = flags[k] ? 0.0f : nearbyintf(buf[k] * mul);
                 else
