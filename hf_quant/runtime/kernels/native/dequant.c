@@ -722,35 +722,52 @@ static inline __m512 qt_load(const void *x, int64_t k, int kind) {  /* 16 values
 
 /* The codes of a row, 16 at a time: the same fp32 product as the scalar loop of hfq_quant_tokens, rounded half to
  * even by vcvtps2dq as nearbyintf rounds it, truncated to a byte as its casts (a NaN or out-of-range product: the
- * integer 0x80000000 both ways); outlier columns (flags, or none when NULL) 0. x: a row of kind (0 fp32, 1 bf16,
- * 2 fp16). code_kind 1: + 128 as uint8. */
-static void qt_codes(const void *x, int kind, int64_t K, float mul, const uint8_t *flags, int code_kind, int8_t *c) {
-    const __m512 vm = _mm512_set1_ps(mul);
+ * integer 0x80000000 both ways). Code 0 for the outlier columns: those of flags (none when NULL), and with threshold
+ * > 0 those where this row's |x| >= threshold (NaN never). x: a row of kind (0 fp32, 1 bf16, 2 fp16). code_kind 1:
+ * + 128 as uint8. */
+static void qt_codes(const void *x, int kind, int64_t K, float mul, const uint8_t *flags, float threshold,
+                     int code_kind, int8_t *c) {
+    const __m512 vm = _mm512_set1_ps(mul), th = _mm512_set1_ps(threshold);
     const __m512i off = _mm512_set1_epi32(code_kind == 1 ? 128 : 0);
+    const __mmask16 on = threshold > 0.0f ? 0xFFFF : 0;
     int64_t k = 0;
     for (; k + 16 <= K; k += 16) {
-        const __mmask16 keep = flags ? _mm_testn_epi8_mask(_mm_loadu_si128((const __m128i *)(flags + k)),
-                                                           _mm_loadu_si128((const __m128i *)(flags + k)))
-                                     : (__mmask16)0xFFFF;
-        const __m512i q = _mm512_maskz_cvtps_epi32(keep, _mm512_mul_ps(qt_load(x, k, kind), vm));
+        const __m512 v = qt_load(x, k, kind);
+        __mmask16 keep = (__mmask16)~_mm512_mask_cmp_ps_mask(on, _mm512_abs_ps(v), th, _CMP_GE_OQ);
+        if (flags)
+            keep &= _mm_testn_epi8_mask(_mm_loadu_si128((const __m128i *)(flags + k)),
+                                        _mm_loadu_si128((const __m128i *)(flags + k)));
+        const __m512i q = _mm512_maskz_cvtps_epi32(keep, _mm512_mul_ps(v, vm));
         _mm_storeu_si128((__m128i *)(c + k), _mm512_cvtepi32_epi8(_mm512_add_epi32(q, off)));
     }
     for (; k < K; k++) {
-        const float v = flags && flags[k] ? 0.0f : nearbyintf(load_x(x, k, kind) * mul);
+        const float xv = load_x(x, k, kind);
+        const float v = (flags && flags[k]) || (threshold > 0.0f && fabsf(xv) >= threshold) ? 0.0f : nearbyintf(xv * mul);
         c[k] = code_kind == 1 ? (int8_t)(uint8_t)((int32_t)v + 128) : (int8_t)(int32_t)v;
     }
 }
 
-/* max |x| over a row read in place (threshold 0: no outlier columns), by the same max operations in the same order
- * as the first pass of hfq_quant_tokens on the widened row: the same absmax, NaN lanes included. */
-static float qt_absmax(const void *x, int kind, int64_t K) {
+/* max |x| over the columns of a row where |x| < threshold (all of them with threshold 0), read in place, and those
+ * columns where |x| >= threshold marked in mine: the same max operations in the same order as on the widened row
+ * (so the same absmax as torch's amax, NaN lanes as before). */
+static float qt_absmax(const void *x, int kind, int64_t K, float threshold, uint8_t *mine) {
     __m512 am = _mm512_setzero_ps();
+    const __m512 th = _mm512_set1_ps(threshold);
+    const __mmask16 on = threshold > 0.0f ? 0xFFFF : 0;  /* threshold 0: no outliers */
     int64_t k = 0;
-    for (; k + 16 <= K; k += 16) am = _mm512_mask_max_ps(am, (__mmask16)0xFFFF, am, _mm512_abs_ps(qt_load(x, k, kind)));
+    for (; k + 16 <= K; k += 16) {
+        const __m512 v = _mm512_abs_ps(qt_load(x, k, kind));
+        const __mmask16 out = _mm512_mask_cmp_ps_mask(on, v, th, _CMP_GE_OQ);
+        if (out)
+            _mm_storeu_si128((__m128i *)(mine + k), _mm_or_si128(_mm_loadu_si128((const __m128i *)(mine + k)),
+                                                                 _mm_maskz_set1_epi8(out, 1)));
+        am = _mm512_mask_max_ps(am, (__mmask16)~out, am, v);
+    }
     float a = _mm512_reduce_max_ps(am);
     for (; k < K; k++) {
         const float v = fabsf(load_x(x, k, kind));
-        a = v > a ? v : a;
+        if (threshold > 0.0f && v >= threshold) mine[k] = 1;
+        else a = v > a ? v : a;
     }
     return a;
 }
@@ -764,7 +781,10 @@ int64_t hfq_quant_tokens(const void *x, int64_t M, int64_t K, int64_t ldx, int i
     int failed = 0;
     memset(flags, 0, (size_t)K);
     if (M < 64) nthreads = 1;  /* a few rows: one thread, no fork/join */
-    const int fused = HFQ_QT_VEC && threshold <= 0.0f && code_kind <= 1;
+    /* codes (not fake quantization): each row's absmax and codes in one pass, the row read in place twice (from L1 / L2
+     * the second time, where two passes over x read it from memory twice); a row's absmax and its own outliers are
+     * its own, so only the outlier columns other rows found are left: their codes are zeroed at the end */
+    const int fused = HFQ_QT_VEC && code_kind <= 1;
 #pragma omp parallel num_threads(nthreads)
     {
         float *buf = (float *)malloc((size_t)K * sizeof(float));
@@ -782,47 +802,21 @@ int64_t hfq_quant_tokens(const void *x, int64_t M, int64_t K, int64_t ldx, int i
 #pragma omp for schedule(static)
             for (int64_t m = 0; m < M; m++) {  /* pass 1: absmax below the threshold, outlier columns */
 #if HFQ_QT_VEC
-                if (fused) {  /* no outliers: each row's absmax and codes at once, the row read in place twice
-                               * (from L1 / L2 the second time, where two passes over x read it from memory twice) */
-                    const void *xr = (const char *)x + m * ldx * esize;
-                    const float a = absmax[m] = qt_absmax(xr, in_kind, K);
-                    qt_codes(xr, in_kind, K, a > 0.0f ? (1.0f / a) * 127.0f : 0.0f, NULL, code_kind, (int8_t *)codes + m * K);
-                    continue;
-                }
-#endif
+                const void *xr = (const char *)x + m * ldx * esize;
+                const float a = absmax[m] = qt_absmax(xr, in_kind, K, threshold, mine);
+                if (fused)
+                    qt_codes(xr, in_kind, K, a > 0.0f ? (1.0f / a) * 127.0f : 0.0f, NULL, threshold, code_kind,
+                             (int8_t *)codes + m * K);
+#else
                 row_to_f32((const char *)x + m * ldx * esize, K, in_kind, buf);
                 float a = 0.0f;
-                int64_t k0 = 0;
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-                {  /* max is order-independent (no NaN): the same absmax as torch's amax */
-                    __m512 am = _mm512_setzero_ps();
-                    const __m512 th = _mm512_set1_ps(threshold);
-                    const __mmask16 on = threshold > 0.0f ? 0xFFFF : 0;  /* threshold 0: no outliers */
-                    for (; k0 + 16 <= K; k0 += 16) {
-                        const __m512 v = _mm512_abs_ps(_mm512_loadu_ps(buf + k0));
-                        const __mmask16 out = _mm512_mask_cmp_ps_mask(on, v, th, _CMP_GE_OQ);
-                        if (out)
-                            _mm_storeu_si128((__m128i *)(mine + k0),
-                                             _mm_or_si128(_mm_loadu_si128((const __m128i *)(mine + k0)),
-                                                          _mm_maskz_set1_epi8(out, 1)));
-                        am = _mm512_mask_max_ps(am, (__mmask16)~out, am, v);
-                    }
-                    a = _mm512_reduce_max_ps(am);
-                }
-#endif
-                if (threshold > 0.0f) {
-                    for (int64_t k = k0; k < K; k++) {
-                        float v = fabsf(buf[k]);
-                        if (v >= threshold) mine[k] = 1;
-                        else a = v > a ? v : a;
-                    }
-                } else {
-                    for (int64_t k = k0; k < K; k++) {
-                        float v = fabsf(buf[k]);
-                        a = v > a ? v : a;
-                    }
+                for (int64_t k = 0; k < K; k++) {
+                    const float v = fabsf(buf[k]);
+                    if (threshold > 0.0f && v >= threshold) mine[k] = 1;
+                    else a = v > a ? v : a;
                 }
                 absmax[m] = a;
+#endif
             }
 #pragma omp critical
             for (int64_t k = 0; k < K; k++) flags[k] |= mine[k];
@@ -831,13 +825,6 @@ int64_t hfq_quant_tokens(const void *x, int64_t M, int64_t K, int64_t ldx, int i
             for (int64_t m = 0; m < M; m++) {  /* pass 2: the codes */
                 if (fused) continue;
                 const float a = absmax[m], mul = a > 0.0f ? (1.0f / a) * 127.0f : 0.0f;  /* as torch: 127 / t is reciprocal(t) * 127 */
-#if HFQ_QT_VEC
-                if (code_kind <= 1) {  /* the row read in place */
-                    qt_codes((const char *)x + m * ldx * esize, in_kind, K, mul, threshold > 0.0f ? flags : NULL,
-                             code_kind, (int8_t *)codes + m * K);
-                    continue;
-                }
-#endif
                 row_to_f32((const char *)x + m * ldx * esize, K, in_kind, buf);
                 if (threshold > 0.0f)
                     for (int64_t k = 0; k < K; k++) buf[k] = flags[k] ? 0.0f : nearbyintf(buf[k] * mul);
@@ -867,6 +854,9 @@ int64_t hfq_quant_tokens(const void *x, int64_t M, int64_t K, int64_t ldx, int i
     int64_t n = 0;
     for (int64_t k = 0; k < K; k++)
         if (flags[k]) cols[n++] = k;
+    if (fused && n > 0)  /* the columns other rows found: code 0 in every row */
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t j = 0; j < n; j++) ((int8_t *)codes)[m * K + cols[j]] = code_kind == 1 ? (int8_t)(uint8_t)128 : 0;
     return n;
 }
 
