@@ -530,11 +530,7 @@ def test_a_build_without_avx512_bf16_has_no_codes_kernel(monkeypatch, rebuilt):
         assert KERNELS.get(name) not in cpu_measure.candidates(layer, CPU, torch.bfloat16)
 
 
-@needs_native
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows", [1, 7, 130])  # 130: more than one thread
-@pytest.mark.parametrize("threshold", [0.0, 2.5])
-def test_native_token_quantization_is_bit_identical_to_torch(monkeypatch, dtype, rows, threshold):
+def _token_quantization_matches_torch(monkeypatch, dtype, rows, threshold):
     from hf_quant.runtime.kernels import int8
 
     g = torch.Generator().manual_seed(rows)
@@ -547,13 +543,37 @@ def test_native_token_quantization_is_bit_identical_to_torch(monkeypatch, dtype,
     x = x.to(dtype)[:, :200]  # strided rows
     for code_dtype, kw in ((torch.int8, {}), (torch.uint8, {"offset": 128}), (torch.float32, {"as_float": True})):
         codes, absmax, cols = native.quantize_tokens(x, threshold, code_dtype)
-        monkeypatch.setattr(native, "library", lambda: None)
-        ref = int8.quantize_activations(x, threshold, **kw)
-        ref_chunked = int8.quantize_tokens(x, threshold, int8.outlier_index(x, threshold), **kw)
-        monkeypatch.undo()
+        with monkeypatch.context() as mp:
+            mp.setattr(native, "library", lambda: None)
+            ref = int8.quantize_activations(x, threshold, **kw)
+            ref_chunked = int8.quantize_tokens(x, threshold, int8.outlier_index(x, threshold), **kw)
         assert codes.dtype == code_dtype and torch.equal(codes, ref[0]) and torch.equal(codes, ref_chunked[0])
         assert torch.equal(absmax, ref[1])
         assert (cols is None) == (ref[2] is None) == (threshold == 0) and (cols is None or torch.equal(cols, ref[2]))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 7, 130])  # 130: more than one thread
+@pytest.mark.parametrize("threshold", [0.0, 2.5])
+def test_native_token_quantization_is_bit_identical_to_torch(monkeypatch, dtype, rows, threshold):
+    _token_quantization_matches_torch(monkeypatch, dtype, rows, threshold)
+
+
+@needs_native
+def test_native_token_quantization_other_builds(monkeypatch, rebuilt):
+    """The same bytes from the AVX2 build (8 lanes) and from a build without vectors (the two-pass scalar form)."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 flags")
+    for cflags in ("-march=x86-64-v3", "-march=x86-64"):
+        monkeypatch.setenv(native.ENV_CFLAGS, cflags)
+        native.reset()
+        assert native.library() is not None
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for rows, threshold in ((7, 0.0), (130, 2.5), (1, 2.5)):
+                _token_quantization_matches_torch(monkeypatch, dtype, rows, threshold)
 
 
 @needs_native

@@ -771,6 +771,67 @@ static float qt_absmax(const void *x, int kind, int64_t K, float threshold, uint
     }
     return a;
 }
+#elif defined(__AVX2__) && defined(__F16C__)
+#define HFQ_QT_VEC 1
+/* The same two functions 8 lanes at a time (AVX2 + F16C): the same values (vcvtps2dq, the low byte of each integer). */
+static inline __m256 qt_load(const void *x, int64_t k, int kind) {
+    if (kind == 0) return _mm256_loadu_ps((const float *)x + k);
+    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)x + k));
+    return kind == 1 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
+}
+
+static void qt_codes(const void *x, int kind, int64_t K, float mul, const uint8_t *flags, float threshold,
+                     int code_kind, int8_t *c) {
+    const __m256 vm = _mm256_set1_ps(mul), th = _mm256_set1_ps(threshold), sign = _mm256_set1_ps(-0.0f);
+    const __m256i off = _mm256_set1_epi32(code_kind == 1 ? 128 : 0);
+    const __m256i low = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                         0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        const __m256 v = qt_load(x, k, kind);
+        __m256 drop = threshold > 0.0f ? _mm256_cmp_ps(_mm256_andnot_ps(sign, v), th, _CMP_GE_OQ) : _mm256_setzero_ps();
+        if (flags)
+            drop = _mm256_or_ps(drop, _mm256_castsi256_ps(_mm256_cmpgt_epi32(
+                _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(flags + k))), _mm256_setzero_si256())));
+        const __m256i q = _mm256_andnot_si256(_mm256_castps_si256(drop), _mm256_cvtps_epi32(_mm256_mul_ps(v, vm)));
+        const __m256i b = _mm256_shuffle_epi8(_mm256_add_epi32(q, off), low);  /* the low byte of each integer */
+        _mm_storel_epi64((__m128i *)(c + k), _mm_unpacklo_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
+    }
+    for (; k < K; k++) {
+        const float xv = load_x(x, k, kind);
+        const float v = (flags && flags[k]) || (threshold > 0.0f && fabsf(xv) >= threshold) ? 0.0f : nearbyintf(xv * mul);
+        c[k] = code_kind == 1 ? (int8_t)(uint8_t)((int32_t)v + 128) : (int8_t)(int32_t)v;
+    }
+}
+
+static float qt_absmax(const void *x, int kind, int64_t K, float threshold, uint8_t *mine) {
+    const __m256 th = _mm256_set1_ps(threshold), sign = _mm256_set1_ps(-0.0f);
+    __m256 am = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        const __m256 v = _mm256_andnot_ps(sign, qt_load(x, k, kind));
+        if (threshold > 0.0f) {
+            const __m256 out = _mm256_cmp_ps(v, th, _CMP_GE_OQ);
+            const int bits = _mm256_movemask_ps(out);
+            if (bits) {
+                for (int j = 0; j < 8; j++)
+                    if (bits >> j & 1) mine[k + j] = 1;
+                am = _mm256_max_ps(am, _mm256_andnot_ps(out, v));  /* the outliers' lanes as 0: no change */
+                continue;
+            }
+        }
+        am = _mm256_max_ps(am, v);
+    }
+    float lanes[8], a = 0.0f;  /* |x| >= 0: the largest lane (a NaN lane never gets in, as `v > a ? v : a`) */
+    _mm256_storeu_ps(lanes, am);
+    for (int j = 0; j < 8; j++) a = lanes[j] > a ? lanes[j] : a;
+    for (; k < K; k++) {
+        const float v = fabsf(load_x(x, k, kind));
+        if (threshold > 0.0f && v >= threshold) mine[k] = 1;
+        else a = v > a ? v : a;
+    }
+    return a;
+}
 #else
 #define HFQ_QT_VEC 0
 #endif
