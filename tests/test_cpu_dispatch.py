@@ -174,6 +174,27 @@ def test_close_candidates_are_timed_again_interleaved(monkeypatch, fresh_table):
     assert all(a != b for a, b in zip(tail, tail[1:]))  # interleaved
 
 
+def test_close_candidates_are_decided_by_the_interleaved_rounds_alone(monkeypatch, fresh_table):
+    """A first timing taken in a fast spell of the machine does not win against the interleaved rounds: the
+    kernel that reads faster in them, where every contender meets the same spell, is chosen."""
+    calls = []
+    first = {"dequant_tiles": 1.0, "cpu_int4": 0.75}  # cpu_int4 timed first while the machine was fast ...
+    later = {"dequant_tiles": 0.8, "cpu_int4": 1.0}  # ... slower than dequant_tiles side by side
+
+    def fake(kernel, layer, x, prepared, budget_s, give_up_s=None, flush=None):
+        seen = sum(1 for n, r in calls if n == kernel.name and r == x.shape[0])
+        calls.append((kernel.name, x.shape[0]))
+        table = first if seen == 0 else later
+        return table.get(kernel.name, 50.0) * 1e-3 * x.shape[0] / 8
+
+    monkeypatch.setattr(cpu_measure, "time_call", fake)
+    layer, _ = make_layer(64, 256, LayerSpec(4, 128, False), bias=False)
+    with kernels.cpu_dispatch("measure"):
+        assert kernels.select_kernel(layer, torch.randn(5, 256)).name == "dequant_tiles"
+    (entry,) = cpu_measure.measurements().values()
+    assert entry.seconds["cpu_int4"] == pytest.approx(1e-3) and entry.seconds["dequant_tiles"] == pytest.approx(8e-4)
+
+
 def test_probes_drop_hopeless_candidates_cheaply(monkeypatch, fresh_table):
     """A candidate slower on a few rows than the best on all rows is never timed at full size."""
     calls = []

@@ -19,8 +19,9 @@ on 1, 8 and 64 rows; it is dropped as soon as a probe is slower than PROBE_MARGI
 a memory-bound kernel takes about as long on 1 row as on 8, so without one a single slow spell of a shared
 machine during a probe dropped the fastest kernel (measured on a 2-vCPU VM). Candidates
 within CONFIRM_WITHIN of the best are then timed again in CONFIRM_ROUNDS interleaved rounds (each
-keeps its fastest call): timed one after the other, a close call went to whichever candidate a slow
-spell of a shared machine missed. Up to COLD_MAX_ROWS rows, a layer whose weights are big next to the
+keeps its fastest call), and those rounds alone decide between them: timed one after the other, a close
+call went to whichever candidate a slow spell of a shared machine missed (and a fast first timing, kept
+as the minimum, still could). Up to COLD_MAX_ROWS rows, a layer whose weights are big next to the
 last-level cache is timed cold (caches flushed before each call), as it runs inside a model.
 """
 
@@ -218,10 +219,13 @@ def measure(layer: Any, device: torch.device, dtype: torch.dtype, rows: int, fou
         seconds[kernel.name] = t = time_call(kernel, layer, x, prepared, BUDGET_S, GIVE_UP * best, flush)
         best = min(best, t)
     close = [k for k in order if seconds[k.name] is not None and seconds[k.name] <= CONFIRM_WITHIN * best]
-    for _ in range(CONFIRM_ROUNDS if len(close) > 1 else 0):  # close calls: interleaved rounds, so that a
-        for kernel in close:  # slow spell of a shared machine hits every contender alike
-            seconds[kernel.name] = min(seconds[kernel.name], time_call(kernel, layer, x, layouts[kernel.name], 0.0,
+    if len(close) > 1:  # close calls: decided by interleaved rounds alone (each keeps its fastest), so that a slow
+        again = dict.fromkeys((k.name for k in close), math.inf)  # spell of a shared machine hits every contender
+        for _ in range(CONFIRM_ROUNDS):  # alike; their first timings, taken minutes apart at worst, do not count
+            for kernel in close:
+                again[kernel.name] = min(again[kernel.name], time_call(kernel, layer, x, layouts[kernel.name], 0.0,
                                                                        flush=flush))
+        seconds.update(again)
     choice = min((k.name for k in order if seconds[k.name] is not None), key=lambda n: seconds[n])
     cache = getattr(layer, "_prepared", None)
     if isinstance(cache, dict):  # the winner's layout is the one this layer will use: not built twice
