@@ -195,6 +195,26 @@ def test_close_candidates_are_decided_by_the_interleaved_rounds_alone(monkeypatc
     assert entry.seconds["cpu_int4"] == pytest.approx(1e-3) and entry.seconds["dequant_tiles"] == pytest.approx(8e-4)
 
 
+def test_a_slow_spell_in_the_rounds_does_not_hand_the_layer_to_a_distant_candidate(monkeypatch, fresh_table):
+    """A candidate beyond CONFIRM_WITHIN of the best is out: when the interleaved rounds of the close ones meet a slow
+    spell (all of them 3x slower), its first timing, faster than theirs now, does not win."""
+    calls = []
+    first = {"dequant_tiles": 1.0, "cpu_int4": 1.1, "dequant_matmul": 1.8}
+    later = {"dequant_tiles": 3.0, "cpu_int4": 3.3, "dequant_matmul": 5.4}  # the rounds in a slow spell
+
+    def fake(kernel, layer, x, prepared, budget_s, give_up_s=None, flush=None):
+        seen = sum(1 for n, r in calls if n == kernel.name and r == x.shape[0])
+        calls.append((kernel.name, x.shape[0]))
+        table = first if seen == 0 else later
+        return table.get(kernel.name, 50.0) * 1e-3 * x.shape[0] / 8
+
+    monkeypatch.setattr(cpu_measure, "time_call", fake)
+    layer, _ = make_layer(64, 256, LayerSpec(4, 128, False), bias=False)
+    with kernels.cpu_dispatch("measure"):
+        assert kernels.select_kernel(layer, torch.randn(5, 256)).name == "dequant_tiles"
+    assert ("dequant_matmul", 8) in calls and calls.count(("dequant_matmul", 8)) == 1  # timed once, not in the rounds
+
+
 def test_probes_drop_hopeless_candidates_cheaply(monkeypatch, fresh_table):
     """A candidate slower on a few rows than the best on all rows is never timed at full size."""
     calls = []
