@@ -151,12 +151,10 @@ def test_the_winners_layout_is_kept_and_no_losers(fake_timer):
         assert {key[0] for key in layer._prepared} == {"dequant_tiles"}
 
 
-def test_close_candidates_are_timed_again_interleaved(monkeypatch, fresh_table):
-    """Two candidates within CONFIRM_WITHIN of each other get CONFIRM_ROUNDS more calls each, in
-    alternation; each keeps its fastest time, so a slow first timing does not decide."""
+def _two_phase_timer(monkeypatch, first: dict, later: dict) -> list:
+    """A fake `time_call`: a kernel's first call on a row count takes first[name] ms (per 8 rows), every later
+    call later[name] (others 50 ms). Returns the (name, rows) log of the calls."""
     calls = []
-    first = {"dequant_tiles": 1.0, "cpu_int4": 1.2}  # cpu_int4's first timing was unlucky ...
-    later = {"dequant_tiles": 1.0, "cpu_int4": 0.7}  # ... its later calls are faster
 
     def fake(kernel, layer, x, prepared, budget_s, give_up_s=None, flush=None):
         seen = sum(1 for n, r in calls if n == kernel.name and r == x.shape[0])
@@ -165,6 +163,16 @@ def test_close_candidates_are_timed_again_interleaved(monkeypatch, fresh_table):
         return table.get(kernel.name, 50.0) * 1e-3 * x.shape[0] / 8
 
     monkeypatch.setattr(cpu_measure, "time_call", fake)
+    return calls
+
+
+def test_close_candidates_are_timed_again_interleaved(monkeypatch, fresh_table):
+    """Two candidates within CONFIRM_WITHIN of each other get CONFIRM_ROUNDS more calls each, in
+    alternation; each keeps its fastest time, so a slow first timing does not decide."""
+    first = {"dequant_tiles": 1.0, "cpu_int4": 1.2}  # cpu_int4's first timing was unlucky ...
+    later = {"dequant_tiles": 1.0, "cpu_int4": 0.7}  # ... its later calls are faster
+
+    calls = _two_phase_timer(monkeypatch, first, later)
     layer, _ = make_layer(64, 256, LayerSpec(4, 128, False), bias=False)
     with kernels.cpu_dispatch("measure"):
         assert kernels.select_kernel(layer, torch.randn(5, 256)).name == "cpu_int4"
@@ -177,17 +185,10 @@ def test_close_candidates_are_timed_again_interleaved(monkeypatch, fresh_table):
 def test_close_candidates_are_decided_by_the_interleaved_rounds_alone(monkeypatch, fresh_table):
     """A first timing taken in a fast spell of the machine does not win against the interleaved rounds: the
     kernel that reads faster in them, where every contender meets the same spell, is chosen."""
-    calls = []
     first = {"dequant_tiles": 1.0, "cpu_int4": 0.75}  # cpu_int4 timed first while the machine was fast ...
     later = {"dequant_tiles": 0.8, "cpu_int4": 1.0}  # ... slower than dequant_tiles side by side
 
-    def fake(kernel, layer, x, prepared, budget_s, give_up_s=None, flush=None):
-        seen = sum(1 for n, r in calls if n == kernel.name and r == x.shape[0])
-        calls.append((kernel.name, x.shape[0]))
-        table = first if seen == 0 else later
-        return table.get(kernel.name, 50.0) * 1e-3 * x.shape[0] / 8
-
-    monkeypatch.setattr(cpu_measure, "time_call", fake)
+    _two_phase_timer(monkeypatch, first, later)
     layer, _ = make_layer(64, 256, LayerSpec(4, 128, False), bias=False)
     with kernels.cpu_dispatch("measure"):
         assert kernels.select_kernel(layer, torch.randn(5, 256)).name == "dequant_tiles"
@@ -198,17 +199,10 @@ def test_close_candidates_are_decided_by_the_interleaved_rounds_alone(monkeypatc
 def test_a_slow_spell_in_the_rounds_does_not_hand_the_layer_to_a_distant_candidate(monkeypatch, fresh_table):
     """A candidate beyond CONFIRM_WITHIN of the best is out: when the interleaved rounds of the close ones meet a slow
     spell (all of them 3x slower), its first timing, faster than theirs now, does not win."""
-    calls = []
     first = {"dequant_tiles": 1.0, "cpu_int4": 1.1, "dequant_matmul": 1.8}
     later = {"dequant_tiles": 3.0, "cpu_int4": 3.3, "dequant_matmul": 5.4}  # the rounds in a slow spell
 
-    def fake(kernel, layer, x, prepared, budget_s, give_up_s=None, flush=None):
-        seen = sum(1 for n, r in calls if n == kernel.name and r == x.shape[0])
-        calls.append((kernel.name, x.shape[0]))
-        table = first if seen == 0 else later
-        return table.get(kernel.name, 50.0) * 1e-3 * x.shape[0] / 8
-
-    monkeypatch.setattr(cpu_measure, "time_call", fake)
+    calls = _two_phase_timer(monkeypatch, first, later)
     layer, _ = make_layer(64, 256, LayerSpec(4, 128, False), bias=False)
     with kernels.cpu_dispatch("measure"):
         assert kernels.select_kernel(layer, torch.randn(5, 256)).name == "dequant_tiles"
