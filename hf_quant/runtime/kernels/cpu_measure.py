@@ -226,10 +226,9 @@ def measure(layer: Any, device: torch.device, dtype: torch.dtype, rows: int, fou
                 again[kernel.name] = min(again[kernel.name], time_call(kernel, layer, x, layouts[kernel.name], 0.0,
                                                                        flush=flush))
         seconds.update(again)
-    # the choice among the close ones (a candidate beyond CONFIRM_WITHIN lost already, and its first timing must not
-    # meet the rounds' times: a slow spell during the rounds would hand it the layer)
-    choice = min((k.name for k in (close if len(close) > 1 else order) if seconds[k.name] is not None),
-                 key=lambda n: seconds[n])
+    # the choice among the close ones, the best among them (a candidate beyond CONFIRM_WITHIN lost already, and its
+    # first timing must not meet the rounds' times: a slow spell during the rounds would hand it the layer)
+    choice = min((k.name for k in close), key=lambda n: seconds[n])
     cache = getattr(layer, "_prepared", None)
     if isinstance(cache, dict):  # the winner's layout is the one this layer will use: not built twice
         winner = KERNELS.get(choice)

@@ -712,6 +712,27 @@ static void row_to_f32(const void *x, int64_t K, int kind, float *dst) {  /* a r
     for (; k < K; k++) dst[k] = load_x(x, k, kind);
 }
 
+/* The per-token quantization of one row read in place, element by element from channel k on (the vector forms'
+ * tails, and the whole row in builds without vectors): the codes (see qt_codes), and the largest |x| below the
+ * threshold from a on, the columns at or above it marked in mine. */
+static void qt_codes_from(const void *x, int kind, int64_t k, int64_t K, float mul, const uint8_t *flags,
+                          float threshold, int code_kind, int8_t *c) {
+    for (; k < K; k++) {
+        const float xv = load_x(x, k, kind);
+        const float v = (flags && flags[k]) || (threshold > 0.0f && fabsf(xv) >= threshold) ? 0.0f : nearbyintf(xv * mul);
+        c[k] = code_kind == 1 ? (int8_t)(uint8_t)((int32_t)v + 128) : (int8_t)(int32_t)v;
+    }
+}
+
+static float qt_absmax_from(const void *x, int kind, int64_t k, int64_t K, float threshold, uint8_t *mine, float a) {
+    for (; k < K; k++) {
+        const float v = fabsf(load_x(x, k, kind));
+        if (threshold > 0.0f && v >= threshold) mine[k] = 1;
+        else a = v > a ? v : a;
+    }
+    return a;
+}
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define HFQ_QT_VEC 1
 static inline __m512 qt_load(const void *x, int64_t k, int kind) {  /* 16 values of a row (fp32 / bf16 / fp16) */
@@ -740,11 +761,7 @@ static void qt_codes(const void *x, int kind, int64_t K, float mul, const uint8_
         const __m512i q = _mm512_maskz_cvtps_epi32(keep, _mm512_mul_ps(v, vm));
         _mm_storeu_si128((__m128i *)(c + k), _mm512_cvtepi32_epi8(_mm512_add_epi32(q, off)));
     }
-    for (; k < K; k++) {
-        const float xv = load_x(x, k, kind);
-        const float v = (flags && flags[k]) || (threshold > 0.0f && fabsf(xv) >= threshold) ? 0.0f : nearbyintf(xv * mul);
-        c[k] = code_kind == 1 ? (int8_t)(uint8_t)((int32_t)v + 128) : (int8_t)(int32_t)v;
-    }
+    qt_codes_from(x, kind, k, K, mul, flags, threshold, code_kind, c);
 }
 
 /* max |x| over the columns of a row where |x| < threshold (all of them with threshold 0), read in place, and those
@@ -764,12 +781,7 @@ static float qt_absmax(const void *x, int kind, int64_t K, float threshold, uint
         am = _mm512_mask_max_ps(am, (__mmask16)~out, am, v);
     }
     float a = _mm512_reduce_max_ps(am);
-    for (; k < K; k++) {
-        const float v = fabsf(load_x(x, k, kind));
-        if (threshold > 0.0f && v >= threshold) mine[k] = 1;
-        else a = v > a ? v : a;
-    }
-    return a;
+    return qt_absmax_from(x, kind, k, K, threshold, mine, a);
 }
 #elif defined(__AVX2__) && defined(__F16C__)
 #define HFQ_QT_VEC 1
@@ -797,11 +809,7 @@ static void qt_codes(const void *x, int kind, int64_t K, float mul, const uint8_
         const __m256i b = _mm256_shuffle_epi8(_mm256_add_epi32(q, off), low);  /* the low byte of each integer */
         _mm_storel_epi64((__m128i *)(c + k), _mm_unpacklo_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
     }
-    for (; k < K; k++) {
-        const float xv = load_x(x, k, kind);
-        const float v = (flags && flags[k]) || (threshold > 0.0f && fabsf(xv) >= threshold) ? 0.0f : nearbyintf(xv * mul);
-        c[k] = code_kind == 1 ? (int8_t)(uint8_t)((int32_t)v + 128) : (int8_t)(int32_t)v;
-    }
+    qt_codes_from(x, kind, k, K, mul, flags, threshold, code_kind, c);
 }
 
 static float qt_absmax(const void *x, int kind, int64_t K, float threshold, uint8_t *mine) {
@@ -825,12 +833,7 @@ static float qt_absmax(const void *x, int kind, int64_t K, float threshold, uint
     float lanes[8], a = 0.0f;  /* |x| >= 0: the largest lane (a NaN lane never gets in, as `v > a ? v : a`) */
     _mm256_storeu_ps(lanes, am);
     for (int j = 0; j < 8; j++) a = lanes[j] > a ? lanes[j] : a;
-    for (; k < K; k++) {
-        const float v = fabsf(load_x(x, k, kind));
-        if (threshold > 0.0f && v >= threshold) mine[k] = 1;
-        else a = v > a ? v : a;
-    }
-    return a;
+    return qt_absmax_from(x, kind, k, K, threshold, mine, a);
 }
 #else
 #define HFQ_QT_VEC 0
@@ -869,14 +872,7 @@ int64_t hfq_quant_tokens(const void *x, int64_t M, int64_t K, int64_t ldx, int i
                     qt_codes(xr, in_kind, K, a > 0.0f ? (1.0f / a) * 127.0f : 0.0f, NULL, threshold, code_kind,
                              (int8_t *)codes + m * K);
 #else
-                row_to_f32((const char *)x + m * ldx * esize, K, in_kind, buf);
-                float a = 0.0f;
-                for (int64_t k = 0; k < K; k++) {
-                    const float v = fabsf(buf[k]);
-                    if (threshold > 0.0f && v >= threshold) mine[k] = 1;
-                    else a = v > a ? v : a;
-                }
-                absmax[m] = a;
+                absmax[m] = qt_absmax_from((const char *)x + m * ldx * esize, in_kind, 0, K, threshold, mine, 0.0f);
 #endif
             }
 #pragma omp critical
@@ -2365,8 +2361,8 @@ static inline __attribute__((always_inline)) void ai8_step(const uint8_t *a0, co
 /* Half a job: acc (32 x 64 int32, rows of 256 bytes) columns 32 h.. += A's m-tiles at a0 (and a0 + KT tiles when
  * two) times the block's columns 32 h.. (b: K/4 rows of 256 bytes), over the tiles [t0, t1) of K (K's last tile, if
  * partial, included: its codes past K are zero in A, and B's rows are copied to btail, zero past K, instead of read
- * past the block). first: the sums start at zero instead of acc's. pf (the first half of a pass's first unit, whose B
- * comes from memory): each step also prefetches into L2 the whole 4 KiB of the block HFQ_AI8_PF steps ahead (both
+ * past the block). first: the sums start at zero instead of acc's. pf (the caller's: the first half of a pass's
+ * first unit, whose B comes from memory): each step also prefetches into L2 the whole 4 KiB of the block HFQ_AI8_PF steps ahead (both
  * halves' rows; past the block's end, the next block's start). The AMX tile loads alone keep too few lines in flight:
  * cold weights at 64 rows streamed at 4-6 GiB/s against the VM's 15-19 (+25-30% with the prefetch, A/B). */
 static inline __attribute__((always_inline)) void ai8_half(const uint8_t *a0, int64_t KT, int two, const int8_t *b,
@@ -2382,16 +2378,11 @@ static inline __attribute__((always_inline)) void ai8_half(const uint8_t *a0, in
         _tile_loadd(0, c0, 256); _tile_loadd(1, c0 + 16, 256);
         if (two) { _tile_loadd(2, c1, 256); _tile_loadd(3, c1 + 16, 256); }
     }
-#if HFQ_AI8_PF
-    if (pf && h == 0) {
-        for (int64_t kt = t0; kt < full; kt++) {
-            const char *q = (const char *)(b + (kt + HFQ_AI8_PF) * 16 * 256);
-            for (int l = 0; l < 64; l++) _mm_prefetch(q + 64 * l, _MM_HINT_T1);
-            ai8_step(a0 + kt * 1024, a1 + kt * 1024, bh + kt * 16 * 256, 256, two);
-        }
-    } else
-#endif
-    for (int64_t kt = t0; kt < full; kt++) ai8_step(a0 + kt * 1024, a1 + kt * 1024, bh + kt * 16 * 256, 256, two);
+    for (int64_t kt = t0; kt < full; kt++) {
+        if (HFQ_AI8_PF && pf)
+            for (int l = 0; l < 64; l++) _mm_prefetch((const char *)(b + (kt + HFQ_AI8_PF) * 16 * 256) + 64 * l, _MM_HINT_T1);
+        ai8_step(a0 + kt * 1024, a1 + kt * 1024, bh + kt * 16 * 256, 256, two);
+    }
     if (full < t1) {  /* K's last K % 64 codes: rows 16 full.. of the block, the rest of the tile zero */
         const int64_t q = (K % 64) / 4;
         memset(btail, 0, 16 * 128);
@@ -2700,10 +2691,11 @@ int hfq_int8_split_amx(const void *x, int64_t M, int64_t K, int64_t ldx, int x_k
 #define HFQ_CS_MAX_K_NIBBLES (1 << 20) /* a group's int32 sums: 127 x 15 x K < 2^31 */
 #define HFQ_CS_MAX_K_BYTES (1 << 16) /* 127 x 255 x K < 2^31 */
 
-/* One group's sums into the accumulators of a work group's tokens m0..m1 - 1: acc[m] (2 x 16 fp32 lanes: two blocks
- * of output rows) += scale x sum_t st_t c_t over the token's rows of terms c_t (the group's exact int32 sums: rows of
- * 32, the blocks' 16 each side by side; token m's from row first[m] - row0). st[m * TT + t]: its terms' scales. */
-static inline void cs_flush(float *acc, const int32_t *c, const float *scale, int64_t m0, int64_t m1,
+/* One group's sums into the accumulators of a work group's tokens m0..m1 - 1: acc[m - ma] (2 x 16 fp32 lanes: two
+ * blocks of output rows; ma the chunk's first token) += scale x sum_t st_t c_t over the token's rows of terms c_t (the
+ * group's exact int32 sums: rows of 32, the blocks' 16 each side by side; token m's from row first[m] - row0).
+ * st[m * TT + t]: its terms' scales. */
+static inline void cs_flush(float *acc, int64_t ma, const int32_t *c, const float *scale, int64_t m0, int64_t m1,
                             const int64_t *first, int64_t row0, const int8_t *need, const float *st, int TT) {
     const __m512 s0 = _mm512_loadu_ps(scale), s1 = _mm512_loadu_ps(scale + 16);
     for (int64_t m = m0; m < m1; m++) {
@@ -2716,7 +2708,7 @@ static inline void cs_flush(float *acc, const int32_t *c, const float *scale, in
             v0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(r + t * 32)), _mm512_set1_ps(sc[t]), v0);
             v1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(r + t * 32 + 16)), _mm512_set1_ps(sc[t]), v1);
         }
-        float *a = acc + m * 32;
+        float *a = acc + (m - ma) * 32;
         _mm512_store_ps(a, _mm512_fmadd_ps(v0, s0, _mm512_load_ps(a)));
         _mm512_store_ps(a + 16, _mm512_fmadd_ps(v1, s1, _mm512_load_ps(a + 16)));
     }
@@ -2873,7 +2865,7 @@ int hfq_codes_split_amx(const void *x, int64_t M, int64_t K, int64_t ldx, int x_
                         _tile_dpbsud(3, 7, 5);
                     }
                     if (pending >= 0) {
-                        cs_flush(acc - m0 * 32, c + (pending & 1) * 1024, scale_t + pending * NP + n0, wtok[w],
+                        cs_flush(acc, m0, c + (pending & 1) * 1024, scale_t + pending * NP + n0, wtok[w],
                                  wtok[w + 1], first, w * 32, need, st, TT);
                         pending = -1;
                     }
@@ -2888,7 +2880,7 @@ int hfq_codes_split_amx(const void *x, int64_t M, int64_t K, int64_t ldx, int x_
                     pending = kt / per;
                 }
                 const int64_t g = KT / per - 1;  /* the last group */
-                cs_flush(acc - m0 * 32, c + (g & 1) * 1024, scale_t + g * NP + n0, wtok[w], wtok[w + 1], first, w * 32,
+                cs_flush(acc, m0, c + (g & 1) * 1024, scale_t + g * NP + n0, wtok[w], wtok[w + 1], first, w * 32,
                          need, st, TT);
             }
             for (int h = 0; h < 2 && n0 + h * 16 < N; h++) {  /* the chunk's tokens, one block at a time */
