@@ -177,6 +177,56 @@ def test_import_is_exact_and_round_trip_is_byte_identical(tiny_q4k, tokenizer, t
         assert torch.equal(again(_ids()).logits, model(_ids()).logits)
 
 
+def _with_model(tokenizer, edit):
+    """A copy of `tokenizer` whose tokenizers JSON went through `edit` (a function of the parsed spec)."""
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    edit(spec)
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+                                   **{f"{k}_token": getattr(tokenizer, f"{k}_token") for k in ("bos", "eos", "unk", "pad")})
+
+
+def _vocabulary(path):
+    fields = gguf.GGUFReader(path).fields
+    return {k: [bytes(f.parts[i]).decode() for i in f.data] if f.types[-1] == gguf.GGUFValueType.STRING
+            else [int(f.parts[i][0]) for i in f.data]
+            for k, f in fields.items() if k.startswith("tokenizer.ggml.") and k != "tokenizer.ggml.add_bos_token"}
+
+
+def test_byte_fallback_on_a_byte_level_vocabulary_writes_the_same_tokenizer(tiny_q4k, tokenizer, tmp_path):
+    """transformers 5.17's GGUF loader builds GPT-2 tokenizers with byte_fallback (and an unknown token) set: with a
+    byte-level pre-tokenizer and all 256 byte symbols in the vocabulary neither can act, so the export writes the
+    same vocabulary as for the plain tokenizer. Without a byte-level pre-tokenizer byte_fallback does act (and
+    llama.cpp's "gpt2" model would not reproduce it): refused, naming the fix."""
+    def fallback(spec):
+        spec["model"].update(byte_fallback=True, fuse_unk=True)
+
+    plain = hf_quant.export_gguf(tiny_q4k, tmp_path / "plain.gguf", tokenizer)
+    flagged = hf_quant.export_gguf(tiny_q4k, tmp_path / "flagged.gguf", _with_model(tokenizer, fallback))
+    want = _vocabulary(plain)
+    assert len(want["tokenizer.ggml.tokens"]) == 8192 and want == _vocabulary(flagged)
+
+    def metaspace(spec):
+        fallback(spec)
+        spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always",
+                                 "split": False}
+
+    with pytest.raises(ValueError, match="'BPE' with byte_fallback.*tokenizer=None"):
+        hf_quant.export_gguf(tiny_q4k, tmp_path / "m.gguf", _with_model(tokenizer, metaspace))
+    assert not (tmp_path / "m.gguf").exists()
+
+    def missing_byte(spec):  # a byte-level vocabulary without one of its byte symbols: byte_fallback can act
+        fallback(spec)
+        spec["model"]["vocab"].pop("\u0100")
+
+    with pytest.raises(ValueError, match="with byte_fallback"):
+        hf_quant.export_gguf(tiny_q4k, tmp_path / "b.gguf", _with_model(tokenizer, missing_byte))
+
+
 @pytest.mark.parametrize("mix", ["Q4_K_M", "Q2_K_M"])
 def test_mix_round_trip_is_byte_identical_including_quantized_embeddings(tokenizer, tmp_path, mix):
     """A mix quantizes token_embd (a K-quant, whose rounding is not idempotent): the import keeps the file's blocks

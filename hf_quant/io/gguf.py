@@ -147,13 +147,32 @@ def _pre_tokenizer(spec: dict) -> str:
                      "Pass tokenizer=None to write the model without a vocabulary.")
 
 
+def _byte_level_symbols() -> list[str]:
+    """GPT-2's byte-level alphabet: the printable Latin-1 bytes stand for themselves, the other bytes for the
+    code points from 256 on, in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+
+
+def _byte_level_covered(spec: dict) -> bool:
+    """A byte-level pre-tokenizer and all 256 byte symbols in the vocabulary: every piece of text is made of known
+    symbols, so `byte_fallback` (and the unknown token) can never act, and the tokenizer is the plain byte-level
+    BPE that llama.cpp's "gpt2" model reproduces (transformers 5.17's GGUF loader sets byte_fallback on the GPT-2
+    tokenizers it builds)."""
+    pre = spec.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    vocab = spec.get("model", {}).get("vocab") or {}
+    return any(p.get("type") == "ByteLevel" for p in parts) and all(c in vocab for c in _byte_level_symbols())
+
+
 def _write_tokenizer(w: Any, tokenizer: Any, vocab_size: int) -> None:
     import json
 
     gguf = _gguf()
     spec = json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else None
     model = (spec or {}).get("model", {})
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
+    if model.get("type") != "BPE" or (model.get("byte_fallback") and not _byte_level_covered(spec)):
         raise ValueError("GGUF export: only byte-level BPE tokenizers (GPT-2, Llama-3, Qwen2 style) are written so far; "
                          f"this one is {model.get('type')!r}{' with byte_fallback' if model.get('byte_fallback') else ''}. "
                          "Pass tokenizer=None to write the model without a vocabulary.")
