@@ -182,12 +182,25 @@ def test_trainer_refuses_a_quantized_model_without_adapters(q_llama, tmp_path, i
 def test_lora_variants_that_need_float_weights_are_refused(q_llama, kw, match):
     """DoRA, KaSA (which would SVD the packed codes and write them back) and weight-rewriting inits."""
     if kw.get("kasa_config") == "kasa":
+        if not hasattr(peft, "KasaConfig"):
+            pytest.skip(f"peft {peft.__version__} has no KaSA (0.21 and later)")
         kw = {"kasa_config": peft.KasaConfig()}
     model = AutoModelForCausalLM.from_pretrained(q_llama)
     codes = {n: b.clone() for n, b in model.named_buffers()}
     with pytest.raises(ValueError, match=match) as err:
         get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], **kw))
     assert "model.layers.0.self_attn.q_proj" in str(err.value)
+    assert all(torch.equal(b, codes[n]) for n, b in model.named_buffers())
+
+
+def test_an_old_peft_is_named_with_the_fix(q_llama, monkeypatch):
+    """PEFT 0.18 and older build LoRA layers from separate options: a clear error naming the version and the fix,
+    not a TypeError from inside PEFT, and the model is left as it was."""
+    monkeypatch.setattr(peft, "__version__", "0.18.1")
+    model = AutoModelForCausalLM.from_pretrained(q_llama)
+    codes = {n: b.clone() for n, b in model.named_buffers()}
+    with pytest.raises(ImportError, match=r"needs peft >= 0\.19.*this is peft 0\.18\.1: pip install -U 'peft>=0\.19'"):
+        get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))
     assert all(torch.equal(b, codes[n]) for n, b in model.named_buffers())
 
 

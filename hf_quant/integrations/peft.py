@@ -52,10 +52,25 @@ def _refuse_training_layer(target: nn.Module) -> None:
                          "quantized model.")
 
 
+PEFT_MIN = "0.19"  # the LoRA layers' config-object API (`Linear(base, name, config=...)`, `update_layer(..., config)`)
+
+
+def require_peft() -> None:
+    """A clear error where the installed PEFT predates the LoRA layer API hf_quant's layer is built on (PEFT 0.18
+    and older pass each option separately: the layer would fail inside PEFT with a TypeError)."""
+    import peft
+    from packaging.version import Version
+
+    if Version(peft.__version__) < Version(PEFT_MIN):
+        raise ImportError(f"LoRA on hf_quant layers needs peft >= {PEFT_MIN} (its LoRA layers take the config "
+                          f"object); this is peft {peft.__version__}: pip install -U 'peft>={PEFT_MIN}'")
+
+
 def _create_lora_module(lora_config: Any, adapter_name: str, target: nn.Module, **kwargs: Any) -> nn.Module | None:
     _refuse_training_layer(target)
     if not isinstance(base_layer(target), QuantLinear):
         return None
+    require_peft()
     from .peft_lora import QuantLoraLinear
 
     return QuantLoraLinear(target, adapter_name, config=lora_config, **kwargs)
