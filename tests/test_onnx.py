@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 from pathlib import Path
 
@@ -287,6 +288,30 @@ def test_a_failed_export_leaves_nothing(tmp_path, monkeypatch, tiny_models):
     assert isinstance(model.model.layers[0].self_attn.q_proj, QuantLinear)
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_an_onnxscript_too_old_for_torchs_exporter_is_named_with_the_fix(tmp_path, monkeypatch, tiny_models):
+    """torch 2.11+'s exporter imports onnxscript's API for its own version (onnxscript 0.5 has none for torch 2.13:
+    ModuleNotFoundError deep inside torch): an ImportError naming onnxscript's version and the upgrade, nothing
+    written; a missing module that is not onnxscript's propagates as it is."""
+    import onnxscript
+
+    model = _quantized(tiny_models["llama"], method="rtn", bits=4, group_size=128)
+
+    def missing(name):
+        def export(*a, **k):
+            raise ModuleNotFoundError(f"No module named '{name}'", name=name)
+        return export
+
+    monkeypatch.setattr(torch.onnx, "export", missing("onnxscript._framework_apis.torch_9_99"))
+    with pytest.raises(ImportError, match=rf"needs a newer onnxscript than {re.escape(onnxscript.__version__)} "
+                                          r"\(it has no onnxscript\._framework_apis\.torch_9_99\): "
+                                          r"pip install -U 'onnxscript>=0\.6'"):
+        hf_quant.export_onnx(model, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(torch.onnx, "export", missing("somethingelse"))
+    with pytest.raises(ModuleNotFoundError, match="somethingelse"):
+        hf_quant.export_onnx(model, tmp_path / "out")
 
 
 # ---------------------------------------------------------------------------------------------------------

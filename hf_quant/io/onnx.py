@@ -384,9 +384,18 @@ def _export_graph(model: nn.Module, path: Path, external_data: bool, translation
     dynamic = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq},
                tuple({0: batch, 2: past} for _ in range(2 * layers)))
     names_in, names_out = _io_names(layers)
-    program = torch.onnx.export(wrapper, args, dynamic_shapes=dynamic, dynamo=True, opset_version=OPSET,
-                                input_names=names_in, output_names=names_out, verbose=False,
-                                custom_translation_table=translation or None)
+    try:
+        program = torch.onnx.export(wrapper, args, dynamic_shapes=dynamic, dynamo=True, opset_version=OPSET,
+                                    input_names=names_in, output_names=names_out, verbose=False,
+                                    custom_translation_table=translation or None)
+    except ModuleNotFoundError as e:  # torch's exporter imports onnxscript's API for its own torch version
+        if not (e.name or "").startswith("onnxscript"):
+            raise
+        import onnxscript
+
+        raise ImportError(f"export_onnx: torch {torch.__version__}'s ONNX exporter needs a newer onnxscript than "
+                          f"{onnxscript.__version__} (it has no {e.name}): pip install -U 'onnxscript>=0.6' "
+                          f"(torch 2.11 and later)") from e
     if external_data:
         _save_external(program.model_proto, path)
     else:
