@@ -48,6 +48,10 @@ def toolchain() -> tuple[str | None, str]:
         import triton
     except ImportError:
         return None, "Triton is not installed"
+    from hf_quant.runtime.kernels import triton as kernels_triton
+
+    if not kernels_triton.AVAILABLE:
+        return None, kernels_triton.UNAVAILABLE_REASON
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     for tool in ("ptxas", "nvdisasm", "cuobjdump"):
         if not os.path.exists(os.path.join(bin_dir, tool)) and not shutil.which(tool):

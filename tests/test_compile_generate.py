@@ -55,6 +55,10 @@ def test_quantized_model_declares_itself_compileable_and_generate_compiles_the_d
 
 
 pytest.importorskip("triton")
+from hf_quant.runtime.kernels import triton as _triton_kernels  # noqa: E402
+
+if not _triton_kernels.AVAILABLE:
+    pytest.skip(_triton_kernels.UNAVAILABLE_REASON, allow_module_level=True)
 
 
 def _triton_on_cpu():

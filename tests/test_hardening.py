@@ -259,3 +259,23 @@ def test_an_intact_checkpoint_still_loads_identically(q_dir):
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(_logits(q_dir, ids), _logits(q_dir, ids), rtol=0, atol=0)
     assert any(isinstance(m, QuantLinear) for m in AutoModelForCausalLM.from_pretrained(q_dir).modules())
+
+
+def test_an_old_triton_leaves_hf_quant_importable_and_names_the_upgrade(tmp_path):
+    """Triton 3.2-3.4 (torch 2.6-2.8's) lack `triton.constexpr_function`: `import hf_quant` used to fail with an
+    AttributeError. Now it imports, with the Triton kernels unregistered and the reason naming the upgrade."""
+    fake = tmp_path / "triton"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("__version__ = '3.4.0'\n")  # a Triton without constexpr_function
+    code = ("import torch, hf_quant\n"
+            "from hf_quant.runtime.kernels import triton as t\n"
+            "from hf_quant.runtime.kernels.base import KERNELS\n"
+            "print(t.AVAILABLE, '|', t.UNAVAILABLE_REASON, '|', 'triton_gemv' in KERNELS.names())\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    env.pop("TRITON_INTERPRET", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    available, reason, registered = (s.strip() for s in out.stdout.strip().splitlines()[-1].split("|"))
+    assert available == "False" and registered == "False"
+    assert reason == "Triton 3.4.0 is older than 3.5 (the kernels use triton.constexpr_function): " \
+                     "pip install -U 'triton>=3.5'"

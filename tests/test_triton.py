@@ -15,6 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 pytest.importorskip("triton")
+from hf_quant.runtime.kernels import triton as _triton_kernels  # noqa: E402
+
+if not _triton_kernels.AVAILABLE:
+    pytest.skip(_triton_kernels.UNAVAILABLE_REASON, allow_module_level=True)
 
 from hf_quant import kernels  # noqa: E402
 from hf_quant.config import LayerSpec  # noqa: E402
