@@ -23,6 +23,17 @@ def test_ste_grid_is_rtn_forward_and_identity_backward():
     assert torch.equal(W.grad, torch.ones_like(W))
 
 
+def test_clamp_ste_passes_the_gradient_at_the_bounds_whatever_torch_does():
+    """The grid's ends are codes like any other: gradient 1 at the bounds and inside, 0 beyond (torch 2.14's own
+    clamp gives 0 at scalar bounds and 0.5 at tensor ones), for scalar and tensor bounds; the forward is clamp's."""
+    for lo, hi in ((0.0, 7.0), (torch.zeros(6), torch.full((6,), 7.0))):
+        x = torch.tensor([-1.0, 0.0, 1.0, 3.0, 7.0, 8.0], requires_grad=True)
+        y = grid.clamp_ste(x, lo, hi)
+        assert torch.equal(y, x.detach().clamp(lo, hi))
+        y.sum().backward()
+        assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+
+
 @pytest.fixture()
 def float_llama(tiny_models):
     return AutoModelForCausalLM.from_pretrained(tiny_models["llama-fp32"], dtype=torch.float32)

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .grid import clamp_ste
 from .spec import QuantizedWeight
 
 QK_K = 256
@@ -554,12 +555,12 @@ def fake_quantize_ste(W: torch.Tensor, t: BlockType, low: torch.Tensor, high: to
         d = _ste(top, top.to(torch.float16).float()).unsqueeze(-1)
         d = torch.where(d.detach() == 0, torch.ones_like(d), d)
         bounds = (-(t.scale_max + 1), t.scale_max) if signed else (0, t.scale_max)
-        q = torch.clamp(_ste(v3 / d, _round(v3 / d)), *bounds)
+        q = clamp_ste(_ste(v3 / d, _round(v3 / d)), *bounds)
         return (d * q).reshape(N, -1)
 
     scale = stored(scale, t.signed_scales)
     scale = torch.where(scale.detach().abs() < 1e-12, torch.full_like(scale, 1e-12), scale)
     zero = torch.full_like(scale, float(t.zero)) if offset is None else stored(offset, False) / scale
     x = Wg / scale.unsqueeze(-1) + zero.unsqueeze(-1)
-    u = torch.clamp(_ste(x, _round(x)), 0, t.maxq)
+    u = clamp_ste(_ste(x, _round(x)), 0, t.maxq)
     return ((u - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(N, K)

@@ -191,13 +191,21 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+def clamp_ste(x: torch.Tensor, lo: torch.Tensor | float, hi: torch.Tensor | float) -> torch.Tensor:
+    """clamp(x, lo, hi) forward; backward the gradient where lo <= x <= hi, *bounds included*, zero beyond. The codes
+    at a grid's ends (a group's min and max, exactly 0 and maxq after rounding) keep their gradient, as torch's own
+    clamp gave it up to 2.13; torch 2.14 passes none at the bounds (half with tensor bounds), which froze those weights
+    in QAT and changed OmniQuant's clipping gradients."""
+    return torch.where((x >= lo) & (x <= hi), x, x.detach().clamp(lo, hi))
+
+
 def fake_quantize_ste(Wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
     """W_hat of `Wg` (..., group) on the grid (scale, zero) (...,), differentiable: gradients pass the
     rounding unchanged (STE) and reach `Wg`, `scale` and `zero`; clamped codes pass no gradient to `Wg`.
     1 bit: the sign, its gradient passed straight through where |w| <= scale (hardtanh STE)."""
     if maxq == 1:
         return sign_ste(Wg, scale.unsqueeze(-1)) * (scale.unsqueeze(-1) / 2)
-    q = torch.clamp(round_ste(Wg / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, maxq)
+    q = clamp_ste(round_ste(Wg / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, maxq)
     return (q - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
 
 
