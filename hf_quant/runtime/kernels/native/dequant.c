@@ -712,9 +712,18 @@ static void row_to_f32(const void *x, int64_t K, int kind, float *dst) {  /* a r
     for (; k < K; k++) dst[k] = load_x(x, k, kind);
 }
 
+#if defined(__AVX2__)
+static inline float max_lanes8(__m256 v) {  /* the largest of 8 non-negative floats (NaN lanes never get in) */
+    float lanes[8], a = 0.0f;
+    _mm256_storeu_ps(lanes, v);
+    for (int i = 0; i < 8; i++) a = lanes[i] > a ? lanes[i] : a;
+    return a;
+}
+#endif
+
 /* The per-token quantization of one row read in place, element by element from channel k on (the vector forms'
- * tails, and the whole row in builds without vectors): the codes (see qt_codes), and the largest |x| below the
- * threshold from a on, the columns at or above it marked in mine. */
+ * tails, and the whole row in builds without vectors). qt_codes_from: the codes (see qt_codes). qt_absmax_from: the
+ * largest |x| below the threshold, starting from a, the columns at or above it marked in mine. */
 static void qt_codes_from(const void *x, int kind, int64_t k, int64_t K, float mul, const uint8_t *flags,
                           float threshold, int code_kind, int8_t *c) {
     for (; k < K; k++) {
@@ -830,10 +839,7 @@ static float qt_absmax(const void *x, int kind, int64_t K, float threshold, uint
         }
         am = _mm256_max_ps(am, v);
     }
-    float lanes[8], a = 0.0f;  /* |x| >= 0: the largest lane (a NaN lane never gets in, as `v > a ? v : a`) */
-    _mm256_storeu_ps(lanes, am);
-    for (int j = 0; j < 8; j++) a = lanes[j] > a ? lanes[j] : a;
-    return qt_absmax_from(x, kind, k, K, threshold, mine, a);
+    return qt_absmax_from(x, kind, k, K, threshold, mine, max_lanes8(am));  /* NaN lanes never get in, as there */
 }
 #else
 #define HFQ_QT_VEC 0
@@ -922,19 +928,12 @@ int64_t hfq_quant_tokens(const void *x, int64_t M, int64_t K, int64_t ldx, int i
  * ~10% of a 1024x1024 layer's decode call). Same values as the scalar forms: max is order-independent (a NaN is
  * skipped, as `t > a ? t : a` skips it), vcvtps2dq rounds half to even as nearbyintf does, and the double sums are
  * of the same fp32 values (their order differs, far below the float they are rounded to). */
-static inline float i16_max_lanes(__m256 v) {  /* the largest of 8 non-negative floats (NaN lanes never get in) */
-    float lanes[8], a = 0.0f;
-    _mm256_storeu_ps(lanes, v);
-    for (int i = 0; i < 8; i++) a = lanes[i] > a ? lanes[i] : a;
-    return a;
-}
-
 static float i16_absmax(const float *v, int64_t K) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 am = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) am = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(v + k)), am);
-    float a = i16_max_lanes(am);
+    float a = max_lanes8(am);
     for (; k < K; k++) {
         const float t = fabsf(v[k]);
         a = t > a ? t : a;
@@ -963,7 +962,7 @@ static float i16_residual(float *v, const int16_t *c, float s, int64_t K) {  /* 
         _mm256_storeu_ps(v + k, r);
         am = _mm256_max_ps(_mm256_andnot_ps(sign, r), am);
     }
-    float a = i16_max_lanes(am);
+    float a = max_lanes8(am);
     for (; k < K; k++) {
         v[k] = fmaf(-(float)c[k], s, v[k]);
         const float t = fabsf(v[k]);
