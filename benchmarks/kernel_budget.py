@@ -44,14 +44,12 @@ DTYPES = {"fp16": "fp16", "bf16": "bf16"}
 
 def toolchain() -> tuple[str | None, str]:
     """(directory of nvdisasm / cuobjdump / ptxas inside Triton's wheel, or None; why not)."""
-    try:
-        import triton
-    except ImportError:
-        return None, "Triton is not installed"
     from hf_quant.runtime.kernels import triton as kernels_triton
 
-    if not kernels_triton.AVAILABLE:
+    if not kernels_triton.AVAILABLE:  # not installed, or too old
         return None, kernels_triton.UNAVAILABLE_REASON
+    import triton
+
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     for tool in ("ptxas", "nvdisasm", "cuobjdump"):
         if not os.path.exists(os.path.join(bin_dir, tool)) and not shutil.which(tool):

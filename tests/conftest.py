@@ -22,6 +22,12 @@ ASSETS = Path(__file__).parent / "assets"
 TINY_LLAMA = ASSETS / "tiny-llama"
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REF_LLAMA = SHARED / "models" / "ref-llama"
+# Why the Triton kernels cannot run here (not installed, or older than 3.5), or None: the Triton tests skip with it.
+from hf_quant.runtime.kernels import triton as _triton_kernels  # noqa: E402
+
+TRITON_KERNELS_UNAVAILABLE = _triton_kernels.UNAVAILABLE_REASON
+needs_triton_kernels = pytest.mark.skipif(TRITON_KERNELS_UNAVAILABLE is not None,
+                                          reason=f"Triton kernels: {TRITON_KERNELS_UNAVAILABLE}")
 
 
 def pytest_configure(config):

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, CompileConfig
 import hf_quant
 from hf_quant.runtime.kernels import base as kernel_base
 
-from .conftest import TINY_LLAMA
+from .conftest import TINY_LLAMA, needs_triton_kernels
 
 
 def _load(dtype, **config):
@@ -54,17 +54,6 @@ def test_quantized_model_declares_itself_compileable_and_generate_compiles_the_d
     assert ops.count(torch.ops.hf_quant.quant_linear) >= n_linear  # every layer captured as one op
 
 
-def _triton_unavailable() -> str | None:
-    """Why the Triton kernels cannot run here (not installed, or older than 3.5), or None."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "Triton is not installed"
-    from hf_quant.runtime.kernels import triton as kernels_triton
-
-    return kernels_triton.UNAVAILABLE_REASON
-
-
 def _triton_on_cpu():
     """The three Triton kernels registered for CPU (Triton's interpreter), same table, top priority."""
     from hf_quant.runtime.kernels.triton import qgemm
@@ -88,7 +77,7 @@ def _triton_on_cpu():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA run is benchmarks/gpu_session.py's")
-@pytest.mark.skipif(_triton_unavailable() is not None, reason=f"Triton kernels: {_triton_unavailable()}")
+@needs_triton_kernels
 def test_triton_kernels_under_compiled_generate_in_the_interpreter(monkeypatch):
     import os
 

@@ -14,17 +14,10 @@ from hf_quant.runtime import ActivationSpec, QuantLinear
 from hf_quant.runtime.activations import outlier_columns, quantize_rows
 from hf_quant.runtime.kernels import int8 as I
 
+from .conftest import TRITON_KERNELS_UNAVAILABLE, needs_triton_kernels
 from .test_kernels import rel_err
 
 TOL = {torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 3e-3}
-
-
-def _needs_triton_kernels():
-    pytest.importorskip("triton")
-    from hf_quant.runtime.kernels import triton as kernels_triton
-
-    if not kernels_triton.AVAILABLE:
-        pytest.skip(kernels_triton.UNAVAILABLE_REASON)
 
 
 def int8_layer(out_f, in_f, threshold, bias, seed=0):
@@ -136,11 +129,11 @@ def test_gradient_flows_through_the_int8_kernels():
     assert torch.allclose(x.grad, gy @ layer.dequantize().float(), atol=1e-5)
 
 
+@needs_triton_kernels
 @pytest.mark.parametrize("m,dtype,threshold,outliers,bias",
                          [(m, d, t, o, b) for m in (1, 3, 17, 64) for d in (torch.float32, torch.bfloat16)
                           for t, o, b in ((0.0, True, False), (6.0, True, True), (6.0, False, False))])
 def test_triton_int8_matches_the_reference(m, dtype, threshold, outliers, bias):
-    _needs_triton_kernels()
     from hf_quant.runtime.kernels.triton import int8 as T
     layer = int8_layer(40, 96, threshold, bias, seed=m)
     x = inputs(m, 96, dtype, outliers, seed=m + 2)
@@ -158,11 +151,11 @@ def test_triton_int8_matches_the_reference(m, dtype, threshold, outliers, bias):
     assert not T.CUDA_INT8.supports(layer, x.device, dtype)  # never chosen on CPU
 
 
+@needs_triton_kernels
 @pytest.mark.parametrize("m,dtype", [(1, torch.bfloat16), (40, torch.float16), (5, torch.float32)])
 def test_triton_int8_outliers_in_some_k_blocks_only(m, dtype):
     """The CUDA epilogue walks K in blocks and skips the blocks without an outlier column: outlier
     columns in the first, a middle and the ragged last block of K = 200, a strided input, vs the reference."""
-    _needs_triton_kernels()
     from hf_quant.runtime.kernels.triton import int8 as T
     if torch.cuda.is_available():
         pytest.skip("the GPU runs it through the dispatcher (benchmarks/gpu_session.py)")
@@ -176,11 +169,11 @@ def test_triton_int8_outliers_in_some_k_blocks_only(m, dtype):
     _check(layer, x, T.CUDA_INT8.forward(layer, x, T.CUDA_INT8.prepare(layer, x.device, dtype)))
 
 
+@needs_triton_kernels
 @pytest.mark.parametrize("K,cols", [(96, []), (96, [0, 95]), (2500, [3, 1023, 1024, 1025, 2047, 2499]),
                                     (1024, list(range(0, 1024, 3)))])
 def test_triton_outlier_columns_are_listed_on_the_device(K, cols):
     """`compact`: the mask's columns in ascending order and their count, across blocks of 1024."""
-    _needs_triton_kernels()
     from hf_quant.runtime.kernels.triton import int8 as T
     if torch.cuda.is_available():
         pytest.skip("checked in Triton's interpreter")
@@ -423,9 +416,7 @@ def test_bitnet_ternary_layers_run_on_the_int8_kernels(m, dtype):
             ran.append(name)
     assert "cpu_int8_token_w8" in ran
     assert kernels.select_kernel(layer, x).name in ran
-    from hf_quant.runtime.kernels import triton as kernels_triton
-
-    if kernels_triton.AVAILABLE and not torch.cuda.is_available():  # Triton 3.5+ (see its UNAVAILABLE_REASON)
+    if TRITON_KERNELS_UNAVAILABLE is None and not torch.cuda.is_available():
         from hf_quant.runtime.kernels.triton import int8 as T
 
         _check(layer, x, T.CUDA_INT8.forward(layer, x, T.CUDA_INT8.prepare(layer, x.device, dtype)))

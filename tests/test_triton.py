@@ -14,11 +14,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-pytest.importorskip("triton")
-from hf_quant.runtime.kernels import triton as _triton_kernels  # noqa: E402
+from .conftest import TRITON_KERNELS_UNAVAILABLE  # noqa: E402
 
-if not _triton_kernels.AVAILABLE:
-    pytest.skip(_triton_kernels.UNAVAILABLE_REASON, allow_module_level=True)
+if TRITON_KERNELS_UNAVAILABLE:
+    pytest.skip(TRITON_KERNELS_UNAVAILABLE, allow_module_level=True)
 
 from hf_quant import kernels  # noqa: E402
 from hf_quant.config import LayerSpec  # noqa: E402

@@ -10,11 +10,10 @@ import types
 import pytest
 import torch
 
-pytest.importorskip("triton")
-from hf_quant.runtime.kernels import triton as _triton_kernels  # noqa: E402
+from .conftest import TRITON_KERNELS_UNAVAILABLE  # noqa: E402
 
-if not _triton_kernels.AVAILABLE:
-    pytest.skip(_triton_kernels.UNAVAILABLE_REASON, allow_module_level=True)
+if TRITON_KERNELS_UNAVAILABLE:
+    pytest.skip(TRITON_KERNELS_UNAVAILABLE, allow_module_level=True)
 from hf_quant.runtime.kernels.triton import launch  # noqa: E402
 
 

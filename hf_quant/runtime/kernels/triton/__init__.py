@@ -9,25 +9,23 @@ from __future__ import annotations
 
 MIN_VERSION = "3.5"  # `triton.constexpr_function` (the GEMV's compile-time scales); torch 2.9's Triton
 
+try:
+    import triton
+except ImportError:  # pragma: no cover - Triton is optional
+    triton = None
 
-def _unavailable() -> str | None:
-    """Why the Triton kernels are not registered, or None."""
-    try:
-        import triton
-    except ImportError:  # pragma: no cover - Triton is optional
-        return "Triton is not installed"
-    if not hasattr(triton, "constexpr_function"):  # Triton 3.2-3.4 (torch 2.6-2.8 ship them)
-        return (f"Triton {triton.__version__} is older than {MIN_VERSION} (the kernels use "
-                f"triton.constexpr_function): pip install -U 'triton>={MIN_VERSION}'")
-    return None
-
-
-UNAVAILABLE_REASON = _unavailable()
-AVAILABLE = UNAVAILABLE_REASON is None
+if triton is None:
+    UNAVAILABLE_REASON: str | None = "Triton is not installed"
+elif not hasattr(triton, "constexpr_function"):  # Triton 3.2-3.4 (torch 2.6-2.8 ship them)
+    UNAVAILABLE_REASON = (f"Triton {triton.__version__} is older than {MIN_VERSION} (the kernels use "
+                          f"triton.constexpr_function): pip install -U 'triton>={MIN_VERSION}'")
+else:
+    UNAVAILABLE_REASON = None
+AVAILABLE = UNAVAILABLE_REASON is None  # why not: UNAVAILABLE_REASON
 if AVAILABLE:
     from . import qgemm  # noqa: F401  (registers "triton_gemv", "triton_splitk", "triton_dequant")
     from . import int8  # noqa: F401  (registers "cuda_int8_token")
-elif UNAVAILABLE_REASON != "Triton is not installed":  # importing hf_quant still works; CUDA layers use torch paths
+elif triton is not None:  # too old: importing hf_quant still works; CUDA layers use the torch paths
     import logging
 
     import torch
