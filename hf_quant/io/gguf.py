@@ -131,9 +131,14 @@ def _write_metadata(w: Any, config: Any, arch: Arch) -> None:
     w.add_rope_freq_base(_rope_theta(config))
 
 
-def _pre_tokenizer(spec: dict) -> str:
+def _pre_tokenizer_parts(spec: dict) -> list[dict]:
+    """The tokenizer's pre-tokenizers, a Sequence's members in order."""
     pre = spec.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    return pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+
+
+def _pre_tokenizer(spec: dict) -> str:
+    parts = _pre_tokenizer_parts(spec)
     kinds = [p.get("type") for p in parts]
     if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
         return "gpt-2"
@@ -160,10 +165,8 @@ def _byte_level_covered(spec: dict) -> bool:
     symbols, so `byte_fallback` (and the unknown token) can never act, and the tokenizer is the plain byte-level
     BPE that llama.cpp's "gpt2" model reproduces (transformers 5.17's GGUF loader sets byte_fallback on the GPT-2
     tokenizers it builds)."""
-    pre = spec.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     vocab = spec.get("model", {}).get("vocab") or {}
-    return any(p.get("type") == "ByteLevel" for p in parts) and all(c in vocab for c in _byte_level_symbols())
+    return any(p.get("type") == "ByteLevel" for p in _pre_tokenizer_parts(spec)) and all(c in vocab for c in _byte_level_symbols())
 
 
 def _write_tokenizer(w: Any, tokenizer: Any, vocab_size: int) -> None:
