@@ -191,10 +191,7 @@ def _with_model(tokenizer, edit):
 
 
 def _vocabulary(path):
-    fields = gguf.GGUFReader(path).fields
-    return {k: [bytes(f.parts[i]).decode() for i in f.data] if f.types[-1] == gguf.GGUFValueType.STRING
-            else [int(f.parts[i][0]) for i in f.data]
-            for k, f in fields.items() if k.startswith("tokenizer.ggml.") and k != "tokenizer.ggml.add_bos_token"}
+    return {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items() if k.startswith("tokenizer.ggml.")}
 
 
 def test_byte_fallback_on_a_byte_level_vocabulary_writes_the_same_tokenizer(tiny_q4k, tokenizer, tmp_path):
