@@ -262,6 +262,64 @@ def test_native_amx_f32_is_as_exact_as_the_fp32_kernels(spec, in_f, rows, dtype,
 
 
 @needs_codes_amx
+@pytest.mark.parametrize("spec,in_f,out_f", [
+    (LayerSpec(4, 128, False), 384, 37), (LayerSpec(4, 32, True), 96, 130),  # groups of 32: both halves in a tile
+    (LayerSpec(4, 128, True, True), 512, 64), (LayerSpec(3, 256, False), 512, 70), (LayerSpec(2, 32, False), 64, 16),
+    (LayerSpec(4, -1, False), 128, 37), (LayerSpec(8, -1, False), 320, 130), (LayerSpec(8, 32, True), 96, 37),
+    (LayerSpec(6, 64, False), 192, 65),
+    (LayerSpec(4, 128, False), 4224, 130), (LayerSpec(8, -1, True), 4224, 37)])  # K in two chunks of panels
+@pytest.mark.parametrize("rows", [1, 17, 33, 70, 600])  # units of 32 rows, their remainders, two passes of 512
+def test_native_dequant_amx_is_the_bf16_weights_product(spec, in_f, out_f, rows):
+    """native_dequant_amx: the bf16 weight that `dequantize_into` makes (the reference's), met by x on AMX tiles with
+    exact products and fp32 sums: within fp32 summation error of the float64 product of the same bf16 operands, with
+    the output in fp32 and rounded once to bf16 through the kernel."""
+    if in_f > 1024 and rows not in (17, 600):
+        pytest.skip("the chunked K at two row counts is enough")
+    layer, _ = make_layer(out_f, in_f, spec, bias=True, dtype=torch.bfloat16, seed=rows + in_f)
+    kernel = KERNELS.get("native_dequant_amx")
+    assert kernel in cpu_measure.candidates(layer, CPU, torch.bfloat16)
+    nibbles, packed, scale, zero, perm = prepared = kernel.prepare(layer, CPU, torch.bfloat16)
+    x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+    xs = x if perm is None else x.index_select(1, perm)
+    W = torch.empty(out_f, in_f, dtype=torch.bfloat16)
+    native.dequantize_into(packed, scale, zero, W, nibbles)
+    exact = xs.double() @ W.double().t()
+    bound = 1e-6 * (xs.double().abs() @ W.double().abs().t()) * (1 + in_f / 4096)
+    y = torch.empty(rows, out_f)
+    native.dequant_amx_gemm(xs.contiguous(), packed, scale, zero, y, nibbles)
+    assert ((y.double() - exact).abs() <= bound).all()
+    bias = layer.bias.float()
+    native.dequant_amx_gemm(xs.contiguous(), packed, scale, zero, y, nibbles, bias)
+    assert ((y.double() - exact - bias.double()).abs() <= bound + 1e-6 * bias.double().abs()).all()
+    out = kernel.forward(layer, x.view(1, rows, in_f), prepared)  # bf16 out: the fp32 sums rounded once, + bias
+    assert out.shape == (1, rows, out_f) and out.dtype == torch.bfloat16
+    with kernels.use_kernel("reference"):
+        ref = layer(x)
+    assert rel_err(out[0], ref) < 1e-2
+
+
+@needs_codes_amx
+def test_native_dequant_amx_refusals():
+    kernel = KERNELS.get("native_dequant_amx")
+    layer, _ = make_layer(8, 64, LayerSpec(4, 16, False), bias=False)  # groups of 16
+    assert not kernel.supports(layer, CPU, torch.bfloat16)
+    layer, _ = make_layer(8, 48, LayerSpec(8, -1, False), bias=False)  # K = 48: not a multiple of 32
+    assert not kernel.supports(layer, CPU, torch.bfloat16)
+    layer, _ = make_layer(8, 256, LayerSpec(4, 128, False), bias=False)
+    assert kernel.supports(layer, CPU, torch.bfloat16) and not kernel.supports(layer, CPU, torch.float16)
+    assert kernel not in cpu_measure.candidates(layer, CPU, torch.float32)  # fp32: its _bf16 form, when allowed
+    assert KERNELS.get("native_dequant_amx_bf16") in cpu_measure.candidates(layer, CPU, torch.float32, allow_bf16=True)
+    assert KERNELS.get("native_dequant_amx_bf16") not in cpu_measure.candidates(layer, CPU, torch.float32)
+    assert "native_dequant_amx_fp32" not in KERNELS.names()
+    nibbles, packed, scale, zero, _ = kernel.prepare(layer, CPU, torch.bfloat16)
+    with pytest.raises(ValueError, match="native dequant_amx_gemm: bad operands"):  # fp32 x
+        native.dequant_amx_gemm(torch.zeros(2, 256), packed, scale, zero, torch.empty(2, 8), nibbles)
+    with pytest.raises(ValueError, match="native dequant_amx_gemm: bad operands"):  # out of the wrong shape
+        native.dequant_amx_gemm(torch.zeros(2, 256, dtype=torch.bfloat16), packed, scale, zero, torch.empty(2, 9),
+                                nibbles)
+
+
+@needs_codes_amx
 def test_native_amx_refusals():
     layer, _ = make_layer(8, 64, LayerSpec(4, 16, False), bias=False)  # groups of 16
     assert not KERNELS.get("native_int4_amx").supports(layer, CPU, torch.bfloat16)

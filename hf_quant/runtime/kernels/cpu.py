@@ -460,6 +460,36 @@ class NativeDequantMatmulKernel(_NativeDequant):
         return _finish(layer, gemm(None, None), x)
 
 
+class NativeDequantAmxKernel(_NativeDequant):
+    """The prefill GEMM of bf16 activations on AMX tiles with the weight dequantized into L2 (`native.dequant_amx_gemm`):
+    each thread dequantizes its blocks of 64 output rows, a chunk of K at a time, into panels in AMX's pair layout
+    (the same bf16 weight as `native_dequant_matmul`'s, hence the reference's), which every 32 activation rows then
+    read as B tiles: exact products, fp32 sums, rounded once to the output dtype. Where `native_dequant_matmul`
+    writes the whole dequantized weight to memory and oneDNN reads it back, this one reads only the codes (a quarter
+    of the bytes at 4 bits) and dequantizes each once per 512 rows. CPUs with AMX-BF16 where Linux grants the
+    tiles; K and the group size multiples of 32 (GGUF sub-blocks of 32 included); act-order layers by the sorted
+    channels. A candidate of the measured dispatch only."""
+
+    name = "native_dequant_amx"
+
+    def supports(self, layer: Any, device: torch.device, dtype: torch.dtype) -> bool:
+        K = layer.in_features
+        gs = layer.spec.effective_group_size(K)
+        return (device.type == "cpu" and dtype == torch.bfloat16 and K % 32 == 0 and gs % 32 == 0
+                and native.library() is not None and native.has_codes_amx())
+
+    def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
+        nibbles, packed, scale, zero, perm = prepared
+        x2 = x.reshape(-1, x.shape[-1])
+        if perm is not None:
+            x2 = x2.index_select(-1, perm)
+        if x2.shape[0] > 1 and x2.stride(1) != 1:
+            x2 = x2.contiguous()
+        out = torch.empty(x2.shape[0], layer.out_features, dtype=x.dtype)
+        native.dequant_amx_gemm(x2, packed, scale, zero, out, nibbles)
+        return _finish(layer, out, x)
+
+
 def zero_point_corr(x2: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """The native codes kernels' corr (M, N) fp32: the fp32 sums of x2 (M, K) over each group, times offset (G, N)."""
     return torch.mm(x2.float().reshape(x2.shape[0], offset.shape[0], -1).sum(dim=2), offset)
@@ -709,13 +739,15 @@ def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 for _kernel in (Int4CpuKernel(), Int4x2CpuKernel(), Int8CpuKernel(), DequantTilesKernel(), NativeTilesKernel(),
-                NativeDequantMatmulKernel(), NativeCodesKernel("native_int4", True, torch.bfloat16),
+                NativeDequantMatmulKernel(), NativeDequantAmxKernel(),
+                NativeCodesKernel("native_int4", True, torch.bfloat16),
                 NativeCodesKernel("native_int8", False, torch.bfloat16), NativeAmxKernel("native_int4_amx", True,
                                                                                          torch.bfloat16),
                 NativeAmxKernel("native_int8_amx", False, torch.bfloat16)):
     register_kernel(_kernel)
     register_kernel(Bf16ActivationsKernel(_kernel))
-    if isinstance(_kernel, (DequantTilesKernel, _NativeDequant)):  # the prefill paths: fp32 GEMMs for bf16 models
+    if isinstance(_kernel, (DequantTilesKernel, _NativeDequant)) and not isinstance(_kernel, NativeDequantAmxKernel):
+        # the prefill paths: fp32 GEMMs for bf16 models (the AMX one has no fp32 path)
         register_kernel(Fp32ActivationsKernel(_kernel))
 for _kernel in (NativeCodesKernel("native_int4_f32", True, torch.float32),
                 NativeCodesKernel("native_int8_f32", False, torch.float32),

@@ -116,6 +116,8 @@ def _load() -> ctypes.CDLL:
     for fn in (lib.hfq_codes_bf16_gemm, lib.hfq_codes_f32_gemm, lib.hfq_codes_amx_gemm, lib.hfq_codes_amx_f32_gemm):
         fn.argtypes, fn.restype = [P, I64, I64, P, P, P, P, P, I64, I64, I64, INT, INT, INT], INT
     lib.hfq_amx_enable.argtypes, lib.hfq_amx_enable.restype = [], INT
+    lib.hfq_dequant_amx_gemm.argtypes = [P, I64, I64, I64, P, P, P, P, P, I64, I64, I64, INT, INT, INT]
+    lib.hfq_dequant_amx_gemm.restype = INT
     lib.hfq_codes_i16_gemv.argtypes = [P, INT, I64, I64, INT, ctypes.c_float, P, P, P, P, P, INT, I64, I64, I64, INT,
                                        INT]
     lib.hfq_codes_i16_gemv.restype = INT
@@ -208,6 +210,37 @@ def dequantize_into(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     if fn(packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), out.data_ptr(), rows, G, gs, _KIND[out.dtype],
           _threads()):
         raise MemoryError("native dequantize: out of memory for a row buffer")
+    return out
+
+
+def dequant_amx_gemm(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                     out: torch.Tensor, nibbles: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """out (M, N) = x2 (M, K) bf16 @ W^T (+ bias), W the codes dequantized as `dequantize_into` makes them in bf16,
+    on AMX tiles (`hfq_dequant_amx_gemm`: the weight dequantized per thread into L2-sized panels, exact products,
+    fp32 sums, rounded once to out's dtype). packed, scale, zero as for `dequantize_into`; x2 unit column stride;
+    K and the group size multiples of 32; bias fp32 (N,) or None. Needs `has_codes_amx()`."""
+    N, G = scale.shape if scale.dim() == 2 else (-1, -1)
+    M, K = x2.shape if x2.dim() == 2 else (-1, -1)
+    gs = K // G if G > 0 else 0
+    if not (packed.dtype == torch.uint8 and scale.dtype == zero.dtype == torch.float32 and zero.shape == scale.shape
+            and all(t.is_contiguous() and t.is_cpu for t in (packed, scale, zero)) and packed.dim() == 3
+            and tuple(packed.shape) == (N, G, gs // 2 if nibbles else gs)
+            and x2.dtype == torch.bfloat16 and x2.is_cpu and (K <= 1 or x2.stride(1) == 1) and K > 0 and K % 32 == 0
+            and G * gs == K and gs % 32 == 0 and out.shape == (M, N) and out.is_contiguous() and out.dtype in _KIND
+            and (bias is None or (bias.dtype == torch.float32 and bias.shape == (N,) and bias.is_contiguous()))):
+        raise ValueError(f"native dequant_amx_gemm: bad operands x {tuple(x2.shape)} {x2.dtype}, out "
+                         f"{tuple(out.shape)} {out.dtype}, weight ({N}, {K}) in {G} groups: expected bf16 x (M, K) "
+                         "with unit column stride, K and the group size multiples of 32, a contiguous out (M, N) in "
+                         "fp32 / bf16 / fp16, bias fp32 (N,) or None")
+    if M == 0:
+        return out
+    rc = library().hfq_dequant_amx_gemm(x2.data_ptr(), M, K, x2.stride(0) if M > 1 else K, packed.data_ptr(),
+                                        scale.data_ptr(), zero.data_ptr(), None if bias is None else bias.data_ptr(),
+                                        out.data_ptr(), N, G, gs, int(nibbles), _KIND[out.dtype], _threads())
+    if rc == 3:
+        raise RuntimeError("native dequant_amx_gemm: Linux refused this process the AMX tile state")
+    if rc:
+        raise (MemoryError if rc == 4 else RuntimeError)(f"native dequant_amx_gemm failed ({rc})")
     return out
 
 

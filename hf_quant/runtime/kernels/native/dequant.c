@@ -2111,6 +2111,27 @@ static void amx_config(void) {  /* all eight tiles 16 rows x 64 bytes (each kern
     for (int t = 0; t < 8; t++) { cfg.colsb[t] = 64; cfg.rows[t] = 16; }
     _tile_loadconfig(&cfg);
 }
+
+/* A (M x K bytes, rows lda bytes apart) copied into tiles of 16 rows x 64 bytes: tile (mt, kt) at at + (mt * KT + kt)
+ * KiB, KT = ceil(K / 64), bytes past K and rows past M (up to 16 MT) zero. Both tile GEMMs' A operand: int8 codes
+ * (hfq_int8_amx_gemm), bf16 activations as bytes (hfq_dequant_amx_gemm: 32 channels a tile row). */
+static void amx_pack_a(const uint8_t *a, int64_t M, int64_t K, int64_t lda, uint8_t *at, int64_t MT, int nthreads) {
+    const int64_t KT = (K + 63) / 64;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t i = 0; i < MT * KT; i++) {
+        const int64_t mt = i / KT, k0 = (i % KT) * 64, n = K - k0 < 64 ? K - k0 : 64;
+        uint8_t *dst = at + i * 1024;
+        for (int r = 0; r < 16; r++) {
+            const int64_t row = mt * 16 + r;
+            if (row < M) {
+                memcpy(dst + r * 64, a + row * lda + k0, (size_t)n);
+                if (n < 64) memset(dst + r * 64 + n, 0, (size_t)(64 - n));
+            } else {
+                memset(dst + r * 64, 0, 64);
+            }
+        }
+    }
+}
 #else
 int hfq_amx_enable(void) { return 1; }
 #endif
@@ -2279,6 +2300,209 @@ int hfq_codes_amx_f32_gemm(const float *x, int64_t M, int64_t K, const uint8_t *
                            int wide, int nthreads) {  /* fp32 x as three bf16 terms */
     return codes_amx(x, 1, M, K, packed, scale, corr, bias, out, N, G, gs, kind, wide, nthreads);
 }
+
+/* ---------------------------------------------------------------------------------------------------
+ * hfq_dequant_amx_gemm: out (M x N) = x (M x K, bf16) W_hat^T for many rows (prefill), W_hat the grouped codes
+ * dequantized as hfq_dequant_* makes them ((code - zero) * scale in fp32, rounded once to bf16: the same weight as
+ * the reference kernel's), products exact and sums fp32 in `tdpbf16ps`, rounded once to the output type. The codes
+ * are dequantized per thread into panels that stay in L2 and are read straight as B tiles: a block of 64 output
+ * columns over a chunk of K is stored in AMX's pair layout (row p of 256 bytes holds the channels 2p, 2p + 1 of
+ * its 64 columns), made 16 columns x 32 channels at a time (each column's 32 values as 16 pair words, then a 16 x 16
+ * transpose of the words). x is copied into A tiles once per call (amx_pack_a on its bytes: 32 channels a tile row).
+ * Work: groups of up to HFQ_DA_SB blocks over the threads; per chunk of K (HFQ_DA_PANEL bytes of panel per
+ * group) the group's panels are made once and every 32 rows of x (of the pass's HFQ_DA_MC) meet them: 2 A x 2 B
+ * tiles per step into four fp32 C tiles, kept between chunks in the thread's sums buffer. Where torch's bf16
+ * GEMM (oneDNN, AMX) meets a dequantized weight that the dequantization wrote to memory, this one dequantizes
+ * into L2 and reads the codes from memory: a quarter of the bytes at 4 bits.
+ */
+#ifndef HFQ_DA_SB
+#define HFQ_DA_SB 2
+#endif
+#ifndef HFQ_DA_PANEL
+#define HFQ_DA_PANEL (512 << 10)  /* bytes of panel a group keeps per chunk of K */
+#endif
+#ifndef HFQ_DA_MC
+#define HFQ_DA_MC 512  /* rows of x per pass (a multiple of 32): the panels are made once per pass */
+#endif
+
+/* 16 channels from channel c of a group's codes gp (nibbles: half = gs / 2, channel c < half the low nibble of byte c,
+ * else the high nibble of byte c - half; bytes: byte c), dequantized in fp32. */
+static inline __m512 da_16(const uint8_t *gp, int nibbles, int64_t half, int64_t c, __m512 z, __m512 s) {
+    __m512i q;
+    if (nibbles) {
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(gp + (c < half ? c : c - half))));
+        q = c < half ? _mm512_and_si512(b, _mm512_set1_epi32(15)) : _mm512_srli_epi32(b, 4);
+    } else {
+        q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(gp + c)));
+    }
+    return _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(q), z), s);
+}
+
+/* Word j of r[i] into word i of row j (dst + j * stride): the 16 x 16 transpose of 32-bit words. */
+static inline void da_transpose16(const __m512i r[16], uint8_t *dst, int64_t stride) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 8; i++) {  /* per 128-bit lane: words 0, 1 (lo) and 2, 3 (hi) of rows 2i, 2i + 1 */
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int q = 0; q < 4; q++) {  /* u[4q + c], lane L: word 4L + c of rows 4q .. 4q + 3 */
+        u[4 * q] = _mm512_unpacklo_epi64(t[4 * q], t[4 * q + 2]);
+        u[4 * q + 1] = _mm512_unpackhi_epi64(t[4 * q], t[4 * q + 2]);
+        u[4 * q + 2] = _mm512_unpacklo_epi64(t[4 * q + 1], t[4 * q + 3]);
+        u[4 * q + 3] = _mm512_unpackhi_epi64(t[4 * q + 1], t[4 * q + 3]);
+    }
+    for (int c = 0; c < 4; c++) {  /* word w = 4L + c of every row: lane L of u[c], u[4 + c], u[8 + c], u[12 + c] */
+        const __m512i v = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88), w = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xDD);
+        const __m512i v2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88);
+        const __m512i w2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xDD);
+        _mm512_store_si512((__m512i *)(dst + c * stride), _mm512_shuffle_i32x4(v, v2, 0x88));
+        _mm512_store_si512((__m512i *)(dst + (8 + c) * stride), _mm512_shuffle_i32x4(v, v2, 0xDD));
+        _mm512_store_si512((__m512i *)(dst + (4 + c) * stride), _mm512_shuffle_i32x4(w, w2, 0x88));
+        _mm512_store_si512((__m512i *)(dst + (12 + c) * stride), _mm512_shuffle_i32x4(w, w2, 0xDD));
+    }
+}
+
+/* The 16 values (i - z) * s of a group's nibbles i = 0..15 in fp32, rounded once to bf16: words 0..15 (a table for
+ * `vpermw`, which computes each group's values once instead of once per code: the same bytes). */
+static inline __m512i da_table(float s, float z) {
+    const __m512 i = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    return _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_sub_ps(i, _mm512_set1_ps(z)),
+                                                                            _mm512_set1_ps(s))));
+}
+
+/* A group's nibble codes of channels c..c+31 (half = gs / 2: channel c < half the low nibble of byte c, else the high
+ * nibble of byte c - half) as 32 16-bit indices in channel order. */
+static inline __m512i da_nibbles32(const uint8_t *gp, int64_t half, int64_t c) {
+    if (half % 32 == 0) {  /* the 32 channels in one half: one nibble of 32 bytes */
+        const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(gp + (c < half ? c : c - half))));
+        return c < half ? _mm512_and_si512(w, _mm512_set1_epi16(15)) : _mm512_srli_epi16(w, 4);
+    }
+    /* half = 16 (groups of 32): channels 0..15 the low nibbles of the group's 16 bytes, 16..31 the high ones */
+    const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)gp));
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(w, _mm256_set1_epi16(15))),
+                              _mm256_srli_epi16(w, 4), 1);
+}
+
+/* The panel of the block of columns n0.. (64, zero past N) over the tiles of K [t0, t1) (32 channels each): pb +
+ * (t - t0) * 4 KiB, row p (256 bytes) of a tile the pair words of its channels 2p, 2p + 1 for the 64 columns. A
+ * column's 32 values of a tile are 16 pair words (nibbles: looked up in the group's table; bytes: computed), and
+ * the 16 x 16 words of 16 columns are transposed into the tile's rows. */
+static void da_panel(const uint8_t *codes, const float *scale, const float *zero, int64_t N, int64_t G, int64_t gs,
+                     int nibbles, int64_t n0, int64_t t0, int64_t t1, uint8_t *pb) {
+    const int64_t gb = nibbles ? gs / 2 : gs, row_bytes = G * gb, half = gs / 2;
+    __m512i tab[16];
+    for (int jb = 0; jb < 4; jb++) {
+        const int64_t nj = n0 + jb * 16, cols = N - nj < 16 ? N - nj : 16;
+        int64_t gcur = -1;
+        for (int64_t t = t0; t < t1; t++) {
+            const int64_t g = t * 32 / gs, c = t * 32 % gs;
+            __m512i r[16];
+            if (nibbles && g != gcur) {
+                for (int j = 0; j < cols; j++) tab[j] = da_table(scale[(nj + j) * G + g], zero[(nj + j) * G + g]);
+                gcur = g;
+            }
+            for (int j = 0; j < 16; j++) {
+                if (j >= cols) { r[j] = _mm512_setzero_si512(); continue; }
+                const uint8_t *gp = codes + (nj + j) * row_bytes + g * gb;
+                if (nibbles) {
+                    r[j] = _mm512_permutexvar_epi16(da_nibbles32(gp, half, c), tab[j]);
+                } else {
+                    const __m512 sv = _mm512_set1_ps(scale[(nj + j) * G + g]), zv = _mm512_set1_ps(zero[(nj + j) * G + g]);
+                    r[j] = (__m512i)_mm512_cvtne2ps_pbh(da_16(gp, 0, half, c + 16, zv, sv), da_16(gp, 0, half, c, zv, sv));
+                }
+            }
+            da_transpose16(r, pb + (t - t0) * 4096 + jb * 64, 256);
+        }
+    }
+}
+
+int hfq_dequant_amx_gemm(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *codes,
+                         const float *scale, const float *zero, const float *bias, void *out, int64_t N, int64_t G,
+                         int64_t gs, int nibbles, int kind, int nthreads) {
+    if (M <= 0 || N <= 0 || K <= 0 || K % 32 || gs <= 0 || gs % 32 || G * gs != K || ldx < K) return 1;
+    if (hfq_amx_enable()) return 3;
+    if (nthreads < 1) nthreads = 1;
+    const int64_t KT = K / 32, units = (M + 31) / 32, blocks = (N + 63) / 64;
+    int64_t sb = blocks / nthreads;
+    sb = sb < 1 ? 1 : sb > HFQ_DA_SB ? HFQ_DA_SB : sb;
+    const int64_t groups = (blocks + sb - 1) / sb;
+    int64_t ktc = HFQ_DA_PANEL / (sb * 4096);
+    ktc = ktc < 1 ? 1 : ktc > KT ? KT : ktc;
+    const int64_t UC = HFQ_DA_MC / 32;  /* units per pass */
+    uint8_t *at = (uint8_t *)aligned_alloc(64, (size_t)(2 * units * KT * 1024));
+    if (!at) return 4;
+    amx_pack_a((const uint8_t *)x, M, 2 * K, 2 * ldx, at, 2 * units, nthreads);
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        uint8_t *panel = (uint8_t *)aligned_alloc(64, (size_t)(sb * ktc * 4096));
+        float *sums = (float *)aligned_alloc(64, (size_t)(UC * sb * 32 * 64 * 4));
+        const int ok = panel && sums;
+        if (!ok) failed = 1;
+        else amx_config();
+#pragma omp for schedule(static)
+        for (int64_t gi = 0; gi < groups; gi++) {
+            if (!ok) continue;
+            const int64_t nb0 = gi * sb, nb1 = nb0 + sb < blocks ? nb0 + sb : blocks;
+            for (int64_t uc0 = 0; uc0 < units; uc0 += UC) {
+                const int64_t uc1 = units - uc0 < UC ? units : uc0 + UC;
+                for (int64_t t0 = 0; t0 < KT; t0 += ktc) {
+                    const int64_t t1 = KT - t0 < ktc ? KT : t0 + ktc;
+                    for (int64_t nb = nb0; nb < nb1; nb++)
+                        da_panel(codes, scale, zero, N, G, gs, nibbles, nb * 64, t0, t1, panel + (nb - nb0) * ktc * 4096);
+                    for (int64_t u = uc0; u < uc1; u++) {
+                        const uint8_t *a0 = at + 2 * u * KT * 1024, *a1 = a0 + KT * 1024;
+                        for (int64_t nb = nb0; nb < nb1; nb++) {
+                            const uint8_t *pb = panel + (nb - nb0) * ktc * 4096;
+                            float *c = sums + ((u - uc0) * sb + nb - nb0) * 2048;
+                            for (int h = 0; h < 2; h++) {
+                                float *c0 = c + h * 32, *c1 = c0 + 16 * 64;
+                                if (t0 == 0) {
+                                    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                                } else {
+                                    _tile_loadd(0, c0, 256); _tile_loadd(1, c0 + 16, 256);
+                                    _tile_loadd(2, c1, 256); _tile_loadd(3, c1 + 16, 256);
+                                }
+                                for (int64_t t = t0; t < t1; t++) {
+                                    const uint8_t *bp = pb + (t - t0) * 4096 + h * 128;
+                                    _tile_loadd(4, a0 + t * 1024, 64);
+                                    _tile_loadd(6, bp, 256);
+                                    _tile_loadd(7, bp + 64, 256);
+                                    _tile_dpbf16ps(0, 4, 6);
+                                    _tile_dpbf16ps(1, 4, 7);
+                                    _tile_loadd(5, a1 + t * 1024, 64);
+                                    _tile_dpbf16ps(2, 5, 6);
+                                    _tile_dpbf16ps(3, 5, 7);
+                                }
+                                _tile_stored(0, c0, 256); _tile_stored(1, c0 + 16, 256);
+                                _tile_stored(2, c1, 256); _tile_stored(3, c1 + 16, 256);
+                            }
+                        }
+                    }
+                }
+                for (int64_t u = uc0; u < uc1; u++) {  /* the pass's epilogue: its rows of the group's columns */
+                    const int64_t m0 = u * 32, rows = M - m0 < 32 ? M - m0 : 32;
+                    for (int64_t nb = nb0; nb < nb1; nb++) {
+                        const float *c = sums + ((u - uc0) * sb + nb - nb0) * 2048;
+                        for (int j = 0; j < 4; j++) {
+                            const int64_t n = nb * 64 + j * 16;
+                            if (n >= N) break;
+                            const __mmask16 k = n + 16 <= N ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1u);
+                            const __m512 b = bias ? _mm512_maskz_loadu_ps(k, bias + n) : _mm512_setzero_ps();
+                            for (int64_t i = 0; i < rows; i++)
+                                put_first(_mm512_add_ps(_mm512_load_ps(c + i * 64 + j * 16), b), out, (m0 + i) * N + n,
+                                          N - n, kind);
+                        }
+                    }
+                }
+            }
+        }
+        if (ok) _tile_release();
+        free(panel); free(sums);
+    }
+    free(at);
+    return failed ? 4 : 0;
+}
 #else
 int hfq_codes_amx_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *packed, const float *scale,
                        const float *corr, const float *bias, void *out, int64_t N, int64_t G, int64_t gs, int kind,
@@ -2293,6 +2517,13 @@ int hfq_codes_amx_f32_gemm(const float *x, int64_t M, int64_t K, const uint8_t *
     return hfq_codes_amx_gemm((const uint16_t *)x, M, K, packed, scale, corr, bias, out, N, G, gs, kind, wide,
                               nthreads);
 }
+int hfq_dequant_amx_gemm(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *codes,
+                         const float *scale, const float *zero, const float *bias, void *out, int64_t N, int64_t G,
+                         int64_t gs, int nibbles, int kind, int nthreads) {
+    (void)x; (void)M; (void)K; (void)ldx; (void)codes; (void)scale; (void)zero; (void)bias; (void)out; (void)N;
+    (void)G; (void)gs; (void)nibbles; (void)kind; (void)nthreads;
+    return 1;
+}
 #endif
 
 /* ---------------------------------------------------------------------------------------------------
@@ -2302,7 +2533,7 @@ int hfq_codes_amx_f32_gemm(const float *x, int64_t M, int64_t K, const uint8_t *
  * int8 B tile (16 rows of four codes of 16 columns) into 16 x 16 int32, 16384 products per instruction. B tiles
  * come straight from the packed weight: row q of a block (256 bytes) holds the four codes k = 4q.. of its 64
  * columns, so 16 columns' tile is 64 bytes of each of 16 rows, stride 256. A is first copied into tiles
- * (`ai8_pack_a`: (16 rows x 64 codes) contiguous, rows past M and codes past K zero; each m-block of the
+ * (`amx_pack_a`: (16 rows x 64 codes) contiguous, rows past M and codes past K zero; each m-block of the
  * GEMM then reads two sequential streams). A job is 32 rows x 32 columns over all of K in the four C tiles (2 A
  * x 2 B tiles per step: 4 loads per 4 products); a block of 64 columns takes two, then its epilogue. Where K
  * is not a multiple of 64 the last step's B tiles are copied (zero past K) instead of read past the block. Work:
@@ -2322,24 +2553,6 @@ int hfq_codes_amx_f32_gemm(const float *x, int64_t M, int64_t K, const uint8_t *
 #ifndef HFQ_AI8_MC
 #define HFQ_AI8_MC 512  /* rows per pass of a chunked K (a multiple of 32): their partial sums, MC x 64 x sb int32 */
 #endif
-
-static void ai8_pack_a(const uint8_t *a, int64_t M, int64_t K, int64_t lda, uint8_t *at, int64_t MT, int nthreads) {
-    const int64_t KT = (K + 63) / 64;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t i = 0; i < MT * KT; i++) {
-        const int64_t mt = i / KT, k0 = (i % KT) * 64, n = K - k0 < 64 ? K - k0 : 64;
-        uint8_t *dst = at + i * 1024;
-        for (int r = 0; r < 16; r++) {
-            const int64_t row = mt * 16 + r;
-            if (row < M) {
-                memcpy(dst + r * 64, a + row * lda + k0, (size_t)n);
-                if (n < 64) memset(dst + r * 64 + n, 0, (size_t)(64 - n));
-            } else {
-                memset(dst + r * 64, 0, 64);
-            }
-        }
-    }
-}
 
 /* One step of K (64 codes): C0, C1 += A0 B0, A0 B1 (and C2, C3 += A1 B0, A1 B1 when two); B's two tiles at bp and bp +
  * 64, rows `stride` bytes apart. */
@@ -2531,7 +2744,7 @@ int hfq_int8_amx_gemm(const uint8_t *a, int64_t M, int64_t K, int64_t lda, const
     w.M = M, w.MT = MT;
     uint8_t *at = (uint8_t *)aligned_alloc(64, (size_t)((MT + 1) * KT * 1024));
     if (!at) return 4;
-    ai8_pack_a(a, M, K, lda, at, MT, nthreads);
+    amx_pack_a(a, M, K, lda, at, MT, nthreads);
     const int rc = ai8_drive(at, KT, K, (MT + 1) / 2, packed, N, &e, &w, nthreads);
     free(at);
     return rc;
