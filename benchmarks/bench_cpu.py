@@ -36,7 +36,8 @@ in parentheses. The machine's speed drifts during a run (on a cloud VM the two v
 while: `common.core_sharing`, printed at the start and the end), and a compute-bound quantized kernel and the
 memory-bound float GEMV drift differently: a ratio of two times taken minutes apart measured the drift (the same
 kernel read 2.36x as the choice and 3.15x as a candidate in one run on the Zen 1). The candidates are timed one
-after the other, against the float times of the row's start.
+after the other, against the float times of the row's start (`--paired-candidates`: each paired as the choices are,
+`ms (ratio (float ms of its rounds))`).
 
 On a shared machine, other processes wreck CPU timings (with all cores in use, threads wait whole
 scheduler ticks). On Linux the script measures the CPU other processes used during each
@@ -113,6 +114,10 @@ def parse_args() -> argparse.Namespace:
                    help="only the quantized layers of these bits, 1: OneBit, 2: BitNet (default: all)")
     p.add_argument("--lowbit-m", nargs="+", type=int, default=LOWBIT_M,
                    help=f"rows of activations for the OneBit and BitNet layers (default: {' '.join(map(str, LOWBIT_M))})")
+    p.add_argument("--paired-candidates", action="store_true",
+                   help="time every candidate in the same rounds as the best float path too (its paired ratio; the "
+                        "run takes about twice as long): candidates timed one after the other meet the machine's "
+                        "drift, and only paired ratios compare them across a row")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     p.add_argument("--reps", type=int, default=None,
                    help="timed blocks per measurement; the median is reported (default 5; --small: 2)")
@@ -352,8 +357,12 @@ def bench_m(w32s: list[torch.Tensor], quantized: dict[LayerSpec, list[QuantLinea
                         not fp32 or kernel.name.endswith("_bf16"), where)
                 calls = [lambda x, kernel=kernel, c=c, p=c.prepared(kernel, x.device, x.dtype): kernel.forward(c, x, p)
                          for c in layers]
-                t = time_fn(Rotation(calls), xk, args)
-                cells.append(f"{kernel.name} {t} ({speedup(best, t)})")
+                if args.paired_candidates:
+                    p = time_paired(Rotation(calls), xk, best_call[0], best_call[1], args)
+                    cells.append(f"{kernel.name} {p.t} ({paired(p)})")
+                else:
+                    t = time_fn(Rotation(calls), xk, args)
+                    cells.append(f"{kernel.name} {t} ({speedup(best, t)})")
             for c in layers:
                 c.invalidate_kernels()  # drop the candidates' layouts
             results.append((label(spec), m, act, "measure", p_choice.ratio))
