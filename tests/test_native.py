@@ -261,20 +261,22 @@ def test_native_amx_f32_is_as_exact_as_the_fp32_kernels(spec, in_f, rows, dtype,
     assert out.dtype == torch.float32 and rel_err(out, exact) < 5 * fp32_err + 2e-7, (rel_err(out, exact), fp32_err)
 
 
-@needs_codes_amx
-@pytest.mark.parametrize("spec,in_f,out_f", [
+_DEQUANT_AMX_CASES = [(*case, rows) for case in [
     (LayerSpec(4, 128, False), 384, 37), (LayerSpec(4, 32, True), 96, 130),  # groups of 32: both halves in a tile
     (LayerSpec(4, 128, True, True), 512, 64), (LayerSpec(3, 256, False), 512, 70), (LayerSpec(2, 32, False), 64, 16),
     (LayerSpec(4, -1, False), 128, 37), (LayerSpec(8, -1, False), 320, 130), (LayerSpec(8, 32, True), 96, 37),
-    (LayerSpec(6, 64, False), 192, 65),
-    (LayerSpec(4, 128, False), 4224, 130), (LayerSpec(8, -1, True), 4224, 37)])  # K in two chunks of panels
-@pytest.mark.parametrize("rows", [1, 17, 33, 70, 600])  # units of 32 rows, their remainders, two passes of 512
+    (LayerSpec(6, 64, False), 192, 65)]
+    for rows in (1, 17, 33, 70, 600)]  # units of 32 rows, their remainders, two passes of 512
+_DEQUANT_AMX_CASES += [(*case, rows) for case in [(LayerSpec(4, 128, False), 4224, 130), (LayerSpec(8, -1, True), 4224, 37)]
+                       for rows in (17, 600)]  # K in two chunks of panels
+
+
+@needs_codes_amx
+@pytest.mark.parametrize("spec,in_f,out_f,rows", _DEQUANT_AMX_CASES)
 def test_native_dequant_amx_is_the_bf16_weights_product(spec, in_f, out_f, rows):
     """native_dequant_amx: the bf16 weight that `dequantize_into` makes (the reference's), met by x on AMX tiles with
     exact products and fp32 sums: within fp32 summation error of the float64 product of the same bf16 operands, with
     the output in fp32 and rounded once to bf16 through the kernel."""
-    if in_f > 1024 and rows not in (17, 600):
-        pytest.skip("the chunked K at two row counts is enough")
     layer, _ = make_layer(out_f, in_f, spec, bias=True, dtype=torch.bfloat16, seed=rows + in_f)
     kernel = KERNELS.get("native_dequant_amx")
     assert kernel in cpu_measure.candidates(layer, CPU, torch.bfloat16)
