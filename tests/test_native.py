@@ -316,6 +316,11 @@ def test_native_dequant_amx_refusals():
     nibbles, packed, scale, zero, _ = kernel.prepare(layer, CPU, torch.bfloat16)
     with pytest.raises(ValueError, match="native dequant_amx_gemm: bad operands"):  # fp32 x
         native.dequant_amx_gemm(torch.zeros(2, 256), packed, scale, zero, torch.empty(2, 8), nibbles)
+    x = torch.zeros(1, 256, dtype=torch.bfloat16).expand(2, 256)  # rows overlapping (stride 0)
+    with pytest.raises(ValueError, match="native dequant_amx_gemm: bad operands"):
+        native.dequant_amx_gemm(x, packed, scale, zero, torch.empty(2, 8, dtype=torch.bfloat16), nibbles)
+    assert torch.equal(kernel.forward(layer, x, (nibbles, packed, scale, zero, None)),
+                       kernel.forward(layer, x.contiguous(), (nibbles, packed, scale, zero, None)))
     with pytest.raises(ValueError, match="native dequant_amx_gemm: bad operands"):  # out of the wrong shape
         native.dequant_amx_gemm(torch.zeros(2, 256, dtype=torch.bfloat16), packed, scale, zero, torch.empty(2, 9),
                                 nibbles)

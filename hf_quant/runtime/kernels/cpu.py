@@ -483,7 +483,7 @@ class NativeDequantAmxKernel(_NativeDequant):
         x2 = x.reshape(-1, x.shape[-1])
         if perm is not None:
             x2 = x2.index_select(-1, perm)
-        if x2.shape[0] > 1 and x2.stride(1) != 1:
+        if x2.shape[0] > 1 and (x2.stride(1) != 1 or x2.stride(0) < x2.shape[1]):
             x2 = x2.contiguous()
         out = torch.empty(x2.shape[0], layer.out_features, dtype=x.dtype)
         native.dequant_amx_gemm(x2, packed, scale, zero, out, nibbles)

@@ -226,12 +226,17 @@ def dequant_amx_gemm(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor
             and all(t.is_contiguous() and t.is_cpu for t in (packed, scale, zero)) and packed.dim() == 3
             and tuple(packed.shape) == (N, G, gs // 2 if nibbles else gs)
             and x2.dtype == torch.bfloat16 and x2.is_cpu and (K <= 1 or x2.stride(1) == 1) and K > 0 and K % 32 == 0
+            and (M <= 1 or x2.stride(0) >= K)
             and G * gs == K and gs % 32 == 0 and out.shape == (M, N) and out.is_contiguous() and out.dtype in _KIND
             and (bias is None or (bias.dtype == torch.float32 and bias.shape == (N,) and bias.is_contiguous()))):
         raise ValueError(f"native dequant_amx_gemm: bad operands x {tuple(x2.shape)} {x2.dtype}, out "
                          f"{tuple(out.shape)} {out.dtype}, weight ({N}, {K}) in {G} groups: expected bf16 x (M, K) "
-                         "with unit column stride, K and the group size multiples of 32, a contiguous out (M, N) in "
-                         "fp32 / bf16 / fp16, bias fp32 (N,) or None")
+                         "with unit column stride (rows not overlapping), K and the group size multiples of 32, a "
+                         "contiguous out (M, N) in fp32 / bf16 / fp16, bias fp32 (N,) or None")
+    if not has_codes_amx():
+        raise RuntimeError("native dequant_amx_gemm unavailable: "
+                           + (f"native CPU helpers unavailable: {unavailable_reason()}" if library() is None
+                              else "not built (a CPU with AMX-BF16 is needed), or Linux refused the AMX tile state"))
     if M == 0:
         return out
     rc = library().hfq_dequant_amx_gemm(x2.data_ptr(), M, K, x2.stride(0) if M > 1 else K, packed.data_ptr(),
