@@ -476,7 +476,7 @@ class NativeDequantAmxKernel(_NativeDequant):
         K = layer.in_features
         gs = layer.spec.effective_group_size(K)
         return (device.type == "cpu" and dtype == torch.bfloat16 and K % 32 == 0 and gs % 32 == 0
-                and native.library() is not None and native.has_codes_amx())
+                and native.has_codes_amx())
 
     def forward(self, layer: Any, x: torch.Tensor, prepared: Any) -> torch.Tensor:
         nibbles, packed, scale, zero, perm = prepared

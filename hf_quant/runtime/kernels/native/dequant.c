@@ -103,6 +103,13 @@ static inline void put_first(__m512 v, void *out, int64_t i, int64_t n, int kind
     store_row(t, (char *)out + i * out_size(kind), n, kind);
 }
 
+/* The 16 values (i - zero) * scale of a group's nibbles i = 0..15, in fp32: the table that the nibble kernels look
+ * codes up in (`vpermw` / `vpermps`), each group's values computed once instead of once per code. */
+static inline __m512 nibble_values(float scale, float zero) {
+    const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    return _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(zero)), _mm512_set1_ps(scale));
+}
+
 /* One row of nibbles, groups of gs channels with gs/2 a multiple of 16: no staging buffer. With AVX-512 BW / VL each
  * group's 16 possible values are computed once ((i - zero) * scale in fp32, rounded to the output type as put16
  * rounds them: the same bytes) and the codes look them up, 16 at a time (`vpermw` / `vpermps`): half the vector
@@ -112,9 +119,8 @@ static void nibbles_row_avx512(const uint8_t *p, const float *scale, const float
     const int64_t half = gs / 2;
     const __m512i low = _mm512_set1_epi32(15);
 #if defined(__AVX512BW__) && defined(__AVX512VL__)
-    const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     for (int64_t g = 0; g < G; g++) {
-        const __m512 table = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(zero[g])), _mm512_set1_ps(scale[g]));
+        const __m512 table = nibble_values(scale[g], zero[g]);
         const uint8_t *pg = p + g * half;
         if (kind == 0) {
             float *o = (float *)out + g * gs;
@@ -2132,6 +2138,18 @@ static void amx_pack_a(const uint8_t *a, int64_t M, int64_t K, int64_t lda, uint
         }
     }
 }
+
+/* How a tile GEMM splits its blocks of output columns (each `block_bytes` of weight per 64 channels of K, i.e. per A/B
+ * tile row) over the threads: groups of up to max_sb blocks, a group per thread where there are enough (*sb), and K
+ * in chunks of *ktc tiles (at least 1) that keep a group's panels within panel_bytes (in L2). Returns the groups. */
+static int64_t amx_groups(int64_t blocks, int nthreads, int64_t max_sb, int64_t panel_bytes, int64_t block_bytes,
+                          int64_t *sb, int64_t *ktc) {
+    int64_t b = blocks / (nthreads > 0 ? nthreads : 1);
+    b = b < 1 ? 1 : b > max_sb ? max_sb : b;
+    const int64_t k = panel_bytes / (b * block_bytes);
+    *sb = b, *ktc = k < 1 ? 1 : k;
+    return (blocks + b - 1) / b;
+}
 #else
 int hfq_amx_enable(void) { return 1; }
 #endif
@@ -2325,17 +2343,10 @@ int hfq_codes_amx_f32_gemm(const float *x, int64_t M, int64_t K, const uint8_t *
 #define HFQ_DA_MC 512  /* rows of x per pass (a multiple of 32): the panels are made once per pass */
 #endif
 
-/* 16 channels from channel c of a group's codes gp (nibbles: half = gs / 2, channel c < half the low nibble of byte c,
- * else the high nibble of byte c - half; bytes: byte c), dequantized in fp32. */
-static inline __m512 da_16(const uint8_t *gp, int nibbles, int64_t half, int64_t c, __m512 z, __m512 s) {
-    __m512i q;
-    if (nibbles) {
-        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(gp + (c < half ? c : c - half))));
-        q = c < half ? _mm512_and_si512(b, _mm512_set1_epi32(15)) : _mm512_srli_epi32(b, 4);
-    } else {
-        q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(gp + c)));
-    }
-    return _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(q), z), s);
+/* 16 byte codes at p dequantized in fp32: (q - z) * s. */
+static inline __m512 da_bytes16(const uint8_t *p, __m512 z, __m512 s) {
+    const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)));
+    return _mm512_mul_ps(_mm512_sub_ps(q, z), s);
 }
 
 /* Word j of r[i] into word i of row j (dst + j * stride): the 16 x 16 transpose of 32-bit words. */
@@ -2362,12 +2373,9 @@ static inline void da_transpose16(const __m512i r[16], uint8_t *dst, int64_t str
     }
 }
 
-/* The 16 values (i - z) * s of a group's nibbles i = 0..15 in fp32, rounded once to bf16: words 0..15 (a table for
- * `vpermw`, which computes each group's values once instead of once per code: the same bytes). */
+/* nibble_values rounded once to bf16, in words 0..15: a table for `vpermw` (the same bytes as computing each code). */
 static inline __m512i da_table(float s, float z) {
-    const __m512 i = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    return _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_sub_ps(i, _mm512_set1_ps(z)),
-                                                                            _mm512_set1_ps(s))));
+    return _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(nibble_values(s, z)));
 }
 
 /* A group's nibble codes of channels c..c+31 (half = gs / 2: channel c < half the low nibble of byte c, else the high
@@ -2408,7 +2416,7 @@ static void da_panel(const uint8_t *codes, const float *scale, const float *zero
                     r[j] = _mm512_permutexvar_epi16(da_nibbles32(gp, half, c), tab[j]);
                 } else {
                     const __m512 sv = _mm512_set1_ps(scale[(nj + j) * G + g]), zv = _mm512_set1_ps(zero[(nj + j) * G + g]);
-                    r[j] = (__m512i)_mm512_cvtne2ps_pbh(da_16(gp, 0, half, c + 16, zv, sv), da_16(gp, 0, half, c, zv, sv));
+                    r[j] = (__m512i)_mm512_cvtne2ps_pbh(da_bytes16(gp + c + 16, zv, sv), da_bytes16(gp + c, zv, sv));
                 }
             }
             da_transpose16(r, pb + (t - t0) * 4096 + jb * 64, 256);
@@ -2423,11 +2431,9 @@ int hfq_dequant_amx_gemm(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, c
     if (hfq_amx_enable()) return 3;
     if (nthreads < 1) nthreads = 1;
     const int64_t KT = K / 32, units = (M + 31) / 32, blocks = (N + 63) / 64;
-    int64_t sb = blocks / nthreads;
-    sb = sb < 1 ? 1 : sb > HFQ_DA_SB ? HFQ_DA_SB : sb;
-    const int64_t groups = (blocks + sb - 1) / sb;
-    int64_t ktc = HFQ_DA_PANEL / (sb * 4096);
-    ktc = ktc < 1 ? 1 : ktc > KT ? KT : ktc;
+    int64_t sb, ktc;
+    const int64_t groups = amx_groups(blocks, nthreads, HFQ_DA_SB, HFQ_DA_PANEL, 4096, &sb, &ktc);
+    ktc = ktc > KT ? KT : ktc;  /* the panel buffer: no larger than K needs */
     const int64_t UC = HFQ_DA_MC / 32;  /* units per pass */
     uint8_t *at = (uint8_t *)aligned_alloc(64, (size_t)(2 * units * KT * 1024));
     if (!at) return 4;
@@ -2663,11 +2669,8 @@ static void ai8_split_epilogue(const int32_t *r, int tiles, int rows, int64_t m0
 static int ai8_drive(const uint8_t *at, int64_t KT, int64_t K, int64_t units, const int8_t *packed, int64_t N,
                      const hfq_i8_epi *e, const hfq_ai8_work *w, int nthreads) {
     const int64_t blocks = (N + HFQ_I8_NR - 1) / HFQ_I8_NR;
-    int64_t sb = blocks / (nthreads > 0 ? nthreads : 1);  /* blocks per group: at most HFQ_AI8_SB, a group per thread */
-    sb = sb < 1 ? 1 : sb > HFQ_AI8_SB ? HFQ_AI8_SB : sb;
-    const int64_t groups = (blocks + sb - 1) / sb;
-    int64_t ktc = HFQ_AI8_PANEL / (sb * HFQ_I8_NR * 64);  /* tiles of K per chunk: the group's panels in L2 */
-    ktc = ktc < 1 ? 1 : ktc;
+    int64_t sb, ktc;  /* blocks per group (at most HFQ_AI8_SB, a group per thread), tiles of K per chunk (panels in L2) */
+    const int64_t groups = amx_groups(blocks, nthreads, HFQ_AI8_SB, HFQ_AI8_PANEL, HFQ_I8_NR * 64, &sb, &ktc);
     const int chunked = ktc < KT;  /* then each job's partial sums wait in cbuf between the chunks of K */
     const int64_t UC = chunked ? HFQ_AI8_MC / (w->split ? 16 : 32) : units;  /* units per pass: HFQ_AI8_MC rows */
     const int64_t unit_ints = (w->split ? w->TT : 2) * 16 * 64;
